@@ -1,0 +1,327 @@
+"""POST /v1/messages (and count_tokens): auth -> contract -> route -> attempt channels -> meter.
+
+Failover happens only while nothing has reached the client: once the first
+byte went out, an upstream failure becomes an in-band `event: error` (the SDKs
+never retry a started body).  Every request that passed authentication is
+metered exactly once, in `finally`, also when the client or upstream vanished.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Optional, Sequence
+
+import orjson
+
+from ..errors import GatewayError, error_body, error_type_for, sse_error_event
+from ..http.messages import Request
+from ..http.protocol import ClientGone, Responder
+from ..plugin_api import Caller, Channel, Outcome, RequestInfo, UsageRecord
+from ..plugin_host import PluginHost
+from ..settings import Settings
+from ..store.catalog import Catalog
+from ..upstream.connection import UpstreamConnection, UpstreamError
+from ..upstream.pool import Pool, Pools
+from . import contract
+from .headers import downstream_headers, parse_retry_after, upstream_headers
+from .sse import SseSplicer
+from .usage import UsageMeter, error_from_body, price
+
+log = logging.getLogger("apertis_proxy.gateway")
+
+_JSON = (b"content-type", b"application/json")
+_ERROR_BODY_LIMIT = 1024 * 1024
+_RESPONSE_LIMIT = 256 * 1024 * 1024
+# Statuses after which the next channel is tried (only before any byte went out).
+_FAILOVER = frozenset((401, 403, 408, 409, 429, 500, 502, 503, 504, 529))
+
+
+class CatalogRef:
+    """The current price/alias catalogue; swapped whole when the store changes."""
+
+    __slots__ = ("catalog",)
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+
+def parse_body(raw: bytes) -> tuple[Any, Optional[str]]:
+    if not raw:
+        return None, "request body is empty; expected a JSON object"
+    try:
+        return orjson.loads(raw), None
+    except orjson.JSONDecodeError as exc:
+        return None, f"request body is not valid JSON: {exc}"
+
+
+def request_info(req: Request, resp: Responder, body: Any) -> RequestInfo:
+    model = stream = None
+    if isinstance(body, dict):
+        m = body.get("model")
+        model = m if isinstance(m, str) else None
+        stream = body.get("stream") is True
+    return RequestInfo(method=req.method, path=req.path, query=req.query, headers=req.header_map(),
+                       body=body if isinstance(body, dict) else None, model=model, stream=bool(stream),
+                       client=req.client, request_id=resp.request_id)
+
+
+class Attempt:
+    """The failure of one channel attempt, kept to answer the client if all fail."""
+
+    __slots__ = ("status", "error_type", "message", "headers", "body")
+
+    def __init__(self, status: int, error_type: str, message: str,
+                 headers: Optional[list] = None, body: Optional[bytes] = None) -> None:
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.headers = headers or []
+        self.body = body
+
+
+class MessagesForwarder:
+    def __init__(self, settings: Settings, plugins: PluginHost, pools: Pools, catalog: CatalogRef) -> None:
+        self.settings = settings
+        self.plugins = plugins
+        self.pools = pools
+        self.catalog = catalog
+
+    async def handle(self, req: Request, resp: Responder, *, count_tokens: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        record = UsageRecord(request_id=resp.request_id, started_at=time.time(), endpoint=req.path,
+                             client=req.client)
+        caller: Optional[Caller] = None
+        vouched_by = None
+        try:
+            body, parse_error = parse_body(req.body)
+            info = request_info(req, resp, body)
+            caller, vouched_by = await self.plugins.authenticate(info)
+            record.key_id, record.key_name = caller.key_id, caller.key_name
+            if parse_error:
+                raise GatewayError(400, parse_error)
+            if count_tokens:
+                contract.validate(body, thinking_budget_max=self.settings.thinking_budget_max,
+                                  require_max_tokens=False)
+            else:
+                contract.validate(body, thinking_budget_max=self.settings.thinking_budget_max)
+            record.requested_model = info.model
+            record.stream = info.stream and not count_tokens
+            channels = await self.plugins.route(info, caller)
+            if not channels:
+                raise self._unserved(info.model or "", caller)
+            await self._attempt_all(req, resp, info, body, channels, record, count_tokens)
+        except GatewayError as e:
+            record.status = e.status
+            record.error_type = e.error_type
+            if not resp.started:
+                resp.send_error(e.status, e.message, e.error_type,
+                                [(k.encode(), str(v).encode()) for k, v in e.headers.items()])
+        finally:
+            record.duration_ms = round((loop.time() - t0) * 1000, 3)
+            if not record.status:
+                record.status = resp.status
+            if caller is not None:
+                if not count_tokens:
+                    price(record, self.catalog.catalog)
+                await self.plugins.finish(vouched_by, caller, record)
+                await self.plugins.meter(record)
+
+    def _unserved(self, model: str, caller: Caller) -> GatewayError:
+        if not contract.is_claude_model_name(model):
+            return GatewayError(404, f"model: {model} is not available: this endpoint serves "
+                                     f"Anthropic-type channels only (Claude models)", "not_found_error")
+        names = sorted(m.id for m in self.plugins.models(caller))
+        listed = ", ".join(names) if names else "none"
+        return GatewayError(404, f"model: {model} is not served by any channel; "
+                                 f"models this key can use: {listed}", "not_found_error")
+
+    # -- attempts ------------------------------------------------------------
+    async def _attempt_all(self, req: Request, resp: Responder, info: RequestInfo, body: dict,
+                           channels: Sequence[Channel], record: UsageRecord, count_tokens: bool) -> None:
+        client_version = None
+        for name, value in req.headers:
+            if name == b"anthropic-version":
+                client_version = value.decode("latin-1")
+        failure: Optional[Attempt] = None
+        last = len(channels) - 1
+        for i, channel in enumerate(channels):
+            prepared = contract.prepare_for_channel(body, channel, client_version=client_version,
+                                                    default_version=self.settings.default_api_version)
+            failure = await self._attempt(req, resp, info, channel, prepared, record, count_tokens)
+            if failure is None:
+                return
+            if failure.status not in _FAILOVER or i == last:
+                break
+        assert failure is not None
+        record.status = failure.status
+        record.error_type = failure.error_type
+        if failure.body is not None:
+            resp.send(failure.status, [_JSON] + failure.headers, failure.body)
+        else:
+            resp.send_error(failure.status, failure.message, failure.error_type, failure.headers)
+
+    async def _attempt(self, req: Request, resp: Responder, info: RequestInfo, channel: Channel,
+                       prepared: "contract.Prepared", record: UsageRecord,
+                       count_tokens: bool) -> Optional[Attempt]:
+        """One channel.  None when the client got its answer; an Attempt when it failed
+        before anything went out (the caller may try the next channel)."""
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        record.attempts += 1
+        record.channel_id, record.channel_name = channel.id, channel.name
+        upstream_model = prepared.body.get("model") if isinstance(prepared.body, dict) else None
+        record.upstream_model = upstream_model if isinstance(upstream_model, str) else None
+        payload = orjson.dumps(prepared.body) if prepared.changed else req.body
+        try:
+            origin = self.pools.origin(channel.base_url)
+        except ValueError as exc:
+            self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id,
+                                          error_type="connect_error", message=str(exc)))
+            return Attempt(502, "api_error", "upstream channel is misconfigured")
+        pool = self.pools.pool(origin)
+        target = (origin.base_path + req.path + ("?" + req.query if req.query else "")).encode("latin-1")
+        headers = upstream_headers(req.headers, channel, origin.host_header, prepared.api_version, len(payload))
+        t_start = loop.time()
+        conn: Optional[UpstreamConnection] = None
+        for fresh_retry in (False, True):
+            try:
+                conn, reused = await pool.acquire()
+            except UpstreamError as exc:
+                return self._failed(channel, info, exc, t_start)
+            record.reached_upstream = True
+            try:
+                conn.send_request(b"POST", target, headers, payload)
+                head = await conn.read_head(settings.read_timeout)
+                break
+            except UpstreamError as exc:
+                pool.discard(conn)
+                # A reused keep-alive connection the upstream closed meanwhile: one fresh try.
+                if reused and not exc.timeout and not fresh_retry:
+                    continue
+                return self._failed(channel, info, exc, t_start)
+        record.ttfb_ms = round((loop.time() - t_start) * 1000, 3)
+        rid = head.get(b"request-id")
+        record.upstream_request_id = rid.decode("latin-1") if rid else None
+
+        if head.status >= 400:
+            return await self._upstream_error(conn, pool, channel, info, head, t_start)
+
+        down = downstream_headers(head.headers)
+        if prepared.dropped:
+            down.append((b"apertis-dropped-params", contract.dropped_header_value(prepared.dropped).encode()))
+        rename = None
+        if info.model and record.upstream_model and info.model != record.upstream_model:
+            rename = (record.upstream_model, info.model)
+        ctype = head.get(b"content-type") or b""
+        meter = UsageMeter(record)
+        if ctype.startswith(b"text/event-stream"):
+            await self._splice(conn, pool, resp, head.status, down, meter, rename, record)
+        else:
+            await self._relay_body(conn, pool, resp, head.status, down, meter, rename, record, count_tokens)
+        self.plugins.feedback(Outcome(channel, ok=True, request_id=info.request_id, status=head.status,
+                                      duration=loop.time() - t_start))
+        return None
+
+    def _failed(self, channel: Channel, info: RequestInfo, exc: UpstreamError, t_start: float) -> Attempt:
+        etype = "timeout" if exc.timeout else "connect_error"
+        self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, error_type=etype,
+                                      message=str(exc),
+                                      duration=asyncio.get_running_loop().time() - t_start))
+        if exc.timeout:
+            return Attempt(504, "timeout_error", f"upstream timed out: {exc}")
+        return Attempt(502, "api_error", f"upstream unavailable: {exc}")
+
+    async def _upstream_error(self, conn: UpstreamConnection, pool: Pool, channel: Channel,
+                              info: RequestInfo, head, t_start: float) -> Attempt:
+        try:
+            raw = await conn.read_all(self.settings.read_timeout, _ERROR_BODY_LIMIT)
+            pool.release(conn)
+        except UpstreamError:
+            pool.discard(conn)
+            raw = b""
+        etype, message = error_from_body(raw)
+        status = head.status
+        etype = etype or error_type_for(status)
+        retry_after = parse_retry_after(head.get(b"retry-after"))
+        self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, status=status,
+                                      error_type=etype, message=message,
+                                      retry_after=retry_after,
+                                      duration=asyncio.get_running_loop().time() - t_start))
+        if status in (401, 403):
+            # The channel's own key was refused: the caller's key is fine, so do
+            # not hand them an authentication error they cannot fix.
+            return Attempt(502, "api_error", "the upstream channel rejected the gateway's credentials")
+        passed = [(n, v) for n, v in head.headers if n in (b"retry-after", b"retry-after-ms", b"x-should-retry")]
+        return Attempt(status, etype, message or f"upstream answered {status}", passed)
+
+    async def _relay_body(self, conn: UpstreamConnection, pool: Pool, resp: Responder, status: int,
+                          headers: list, meter: UsageMeter, rename: Optional[tuple[str, str]],
+                          record: UsageRecord, count_tokens: bool) -> None:
+        try:
+            data = await conn.read_all(self.settings.read_timeout, _RESPONSE_LIMIT)
+        except UpstreamError as exc:
+            pool.discard(conn)
+            err = Attempt(504 if exc.timeout else 502, "timeout_error" if exc.timeout else "api_error",
+                          f"upstream failed while sending the response: {exc}")
+            record.status, record.error_type = err.status, err.error_type
+            resp.send_error(err.status, err.message, err.error_type)
+            return
+        pool.release(conn)
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            if not count_tokens:
+                meter.body(obj)
+            if rename and obj.get("model") == rename[0]:
+                obj["model"] = rename[1]
+                data = orjson.dumps(obj)
+        record.status = status
+        resp.send(status, headers, data)
+
+    async def _splice(self, conn: UpstreamConnection, pool: Pool, resp: Responder, status: int,
+                      headers: list, meter: UsageMeter, rename: Optional[tuple[str, str]],
+                      record: UsageRecord) -> None:
+        timeout = self.settings.read_timeout
+        splicer = SseSplicer(meter, rename)
+        record.status = status
+        resp.start(status, headers)
+        try:
+            while True:
+                chunk = await conn.read(timeout)
+                if not chunk:
+                    tail = splicer.flush()
+                    if tail:
+                        await resp.write(tail)
+                    break
+                out = splicer.feed(chunk)
+                if out:
+                    await resp.write(out)
+        except ClientGone:
+            record.interrupted = True
+            # Usage already received but not yet forwarded still counts.
+            for chunk in conn.buffered():
+                splicer.feed(chunk)
+            pool.discard(conn)
+            resp.end()
+            return
+        except UpstreamError as exc:
+            pool.discard(conn)
+            splicer.drop_tail()
+            etype = "timeout_error" if exc.timeout else "api_error"
+            record.error_type = etype
+            if not resp.client_gone:
+                try:
+                    await resp.write(sse_error_event(etype, f"upstream stream failed: {exc}"))
+                except ClientGone:
+                    record.interrupted = True
+            resp.keep_alive = False
+            resp.end()
+            return
+        pool.release(conn)
+        if splicer.error is not None:
+            record.error_type = str(splicer.error.get("type") or "api_error")
+        resp.end()

@@ -1,0 +1,61 @@
+"""Which headers cross the gateway, in each direction."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..plugin_api import Channel
+
+# Never forwarded upstream: hop-by-hop, framing (we set our own), the client's
+# credentials (upstream gets the channel's key, as exactly one credential) and
+# the version (upstream gets the channel's).  accept-encoding is dropped so the
+# upstream answers uncompressed: usage has to be read from the body.
+_DROP_UPSTREAM = frozenset((
+    b"host", b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
+    b"trailer", b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"content-length",
+    b"x-api-key", b"authorization", b"anthropic-version", b"accept-encoding", b"expect",
+))
+
+# Forwarded back to the client from an upstream response.  Rate-limit and
+# organisation headers describe the shared upstream account, not the caller.
+_PASS_DOWN = frozenset((b"content-type", b"cache-control", b"retry-after", b"retry-after-ms",
+                        b"x-should-retry"))
+
+
+def upstream_headers(client: list[tuple[bytes, bytes]], channel: Channel, host: bytes,
+                     version: str, length: int) -> list[tuple[bytes, bytes]]:
+    listed: Optional[set[bytes]] = None
+    out: list[tuple[bytes, bytes]] = [(b"host", host)]
+    if channel.auth_header == "authorization":
+        out.append((b"authorization", b"Bearer " + channel.api_key.encode("latin-1")))
+    else:
+        out.append((b"x-api-key", channel.api_key.encode("latin-1")))
+    out.append((b"anthropic-version", version.encode("ascii")))
+    out.append((b"content-length", b"%d" % length))
+    for name, value in client:
+        if name in _DROP_UPSTREAM:
+            if name == b"connection":
+                listed = {t.strip().lower() for t in value.split(b",")}
+            continue
+        out.append((name, value))
+    if listed:
+        out = [(n, v) for n, v in out if n not in listed]
+    return out
+
+
+def downstream_headers(upstream: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    out = []
+    for name, value in upstream:
+        if name in _PASS_DOWN:
+            out.append((name, value))
+        elif name == b"request-id":
+            out.append((b"upstream-request-id", value))
+    return out
+
+
+def parse_retry_after(value: Optional[bytes]) -> Optional[float]:
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        return None  # an HTTP date: rare from this API, treat as unknown

@@ -1,0 +1,87 @@
+"""Token usage from Anthropic responses, and its price.
+
+Rules (protocol notes, section 3): `message_start.message.usage` carries the
+final input and cache counts (its `output_tokens` is a placeholder);
+`message_delta.usage` is cumulative -- a later non-null value replaces an
+earlier one, never adds to it.  A JSON body's `usage` is final as a whole.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from ..plugin_api import UsageRecord
+from ..store.catalog import Catalog
+
+_COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+class UsageMeter:
+    """Writes usage into one UsageRecord as it becomes known."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: UsageRecord) -> None:
+        self.record = record
+
+    def apply(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        rec = self.record
+        for name in _COUNTS:
+            value = usage.get(name)
+            if isinstance(value, int):
+                setattr(rec, name, value)
+        split = usage.get("cache_creation")
+        if isinstance(split, dict):
+            v5 = split.get("ephemeral_5m_input_tokens")
+            v1 = split.get("ephemeral_1h_input_tokens")
+            if isinstance(v5, int):
+                rec.cache_creation_5m_input_tokens = v5
+            if isinstance(v1, int):
+                rec.cache_creation_1h_input_tokens = v1
+        stu = usage.get("server_tool_use")
+        if isinstance(stu, dict) and stu:
+            rec.server_tool_use = dict(stu)
+
+    def message_start(self, message: Mapping[str, Any]) -> None:
+        self.apply(message.get("usage"))
+        mid = message.get("model")
+        if isinstance(mid, str) and not self.record.upstream_model:
+            self.record.upstream_model = mid
+
+    def message_delta(self, event: Mapping[str, Any]) -> None:
+        self.apply(event.get("usage"))
+
+    def body(self, body: Mapping[str, Any]) -> None:
+        self.apply(body.get("usage"))
+
+
+def price(record: UsageRecord, catalog: Catalog) -> None:
+    """Set record.cost and record.prices from the catalogue (USD per million tokens)."""
+    entry = catalog.lookup(record.upstream_model) or catalog.lookup(record.requested_model)
+    if entry is None:
+        record.cost = 0.0
+        record.prices = None
+        return
+    p = entry.prices
+    cw = record.cache_creation_input_tokens
+    c1h = record.cache_creation_1h_input_tokens or 0
+    c5m = record.cache_creation_5m_input_tokens
+    if c5m is None:
+        c5m = max(cw - c1h, 0)   # without a split, cache writes price as 5-minute ones
+    total = (record.input_tokens * p["input"] + record.output_tokens * p["output"]
+             + record.cache_read_input_tokens * p["cache_read"]
+             + c5m * p["cache_write_5m"] + c1h * p["cache_write_1h"])
+    record.cost = round(total / 1_000_000, 10)
+    record.prices = {"model": entry.id, **p}
+
+
+def error_from_body(body: bytes) -> tuple[Optional[str], str]:
+    """(error type, message) from an Anthropic error body, tolerating junk."""
+    import orjson
+    try:
+        obj = orjson.loads(body)
+        err = obj.get("error") or {}
+        return err.get("type"), str(err.get("message", ""))[:500]
+    except Exception:  # noqa: BLE001 - upstream may send HTML or nothing
+        return None, body[:200].decode("utf-8", "replace")

@@ -1,0 +1,76 @@
+"""What the HTTP layer hands to the application: a parsed request, and prebuilt response heads."""
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Iterable, Optional
+
+
+class Request:
+    """One complete HTTP request (head and body), as parsed by h11."""
+
+    __slots__ = ("method", "target", "path", "query", "headers", "body", "client", "http_version")
+
+    def __init__(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
+                 client: str, http_version: bytes) -> None:
+        self.method = method
+        self.target = target
+        path, _, query = target.partition("?")
+        self.path = path
+        self.query = query
+        self.headers = headers          # [(lower-case name, value)], as h11 gives them
+        self.body = body
+        self.client = client
+        self.http_version = http_version
+
+    def header(self, name: bytes) -> Optional[bytes]:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    def header_map(self) -> dict[str, str]:
+        """Lower-case names -> values; repeated headers joined with ', '."""
+        out: dict[str, str] = {}
+        for k, v in self.headers:
+            key = k.decode("latin-1")
+            val = v.decode("latin-1")
+            out[key] = out[key] + ", " + val if key in out else val
+        return out
+
+
+_REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+_REASONS[529] = b"Overloaded"
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
+        _STATUS_LINES[status] = line
+    return line
+
+
+def _check(value: bytes) -> bytes:
+    # Header injection guard: values come from upstreams and plugins.
+    if b"\r" in value or b"\n" in value:
+        raise ValueError("header value contains a line break")
+    return value
+
+
+def build_head(status: int, headers: Iterable[tuple[bytes, bytes]], *, content_length: Optional[int],
+               keep_alive: bool, chunked: bool = True) -> bytes:
+    """Serialize a response head.  Without a content_length the body is chunked,
+    or (chunked=False, HTTP/1.0) delimited by closing the connection."""
+    parts = [status_line(status)]
+    for name, value in headers:
+        parts.append(name + b": " + _check(value) + b"\r\n")
+    if content_length is None:
+        if chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+    else:
+        parts.append(b"content-length: %d\r\n" % content_length)
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)

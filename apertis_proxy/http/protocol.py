@@ -1,0 +1,423 @@
+"""HTTP/1.1 server connection: h11 parses requests, this class does the I/O.
+
+h11 is used for what it is good at -- parsing and validating request heads and
+bodies, and knowing where one request ends.  Responses are written from
+prebuilt bytes (see messages.build_head): h11's response path costs tens of
+microseconds per request and its chunk framing ~3 us per SSE event.  Because
+h11 never sees our responses, a fresh h11.Connection is started per request
+cycle and fed whatever pipelined bytes the previous one had buffered.
+
+One request is handled at a time per connection; pipelined requests wait in
+h11's buffer, so responses go out in order.  Reading pauses when more than a
+high-water mark of pipelined data piles up.  Writing honours pause_writing:
+`Responder.write` waits until the transport drains, so a slow client slows the
+upstream read instead of growing memory.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Awaitable, Callable, Optional
+
+import h11
+
+from ..errors import error_body, error_type_for
+from ..settings import Settings
+from .messages import Request, build_head
+
+log = logging.getLogger("apertis_proxy.http")
+
+Handler = Callable[[Request, "Responder"], Awaitable[None]]
+
+_PIPELINE_HIGH_WATER = 256 * 1024
+_JSON = b"application/json"
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+class ClientGone(Exception):
+    """The client closed the connection while a response was being written."""
+
+
+class ServerState:
+    """Shared by all connections of one listening server: bookkeeping for shutdown."""
+
+    __slots__ = ("connections", "draining")
+
+    def __init__(self) -> None:
+        self.connections: set["HttpConnection"] = set()
+        self.draining = False
+
+
+class Responder:
+    """How a handler answers one request.  Either `send()` once, or
+    `start()` + `write()`* + `end()` for a streamed (chunked) response."""
+
+    __slots__ = ("_conn", "request_id", "started", "finished", "status", "keep_alive", "_chunked",
+                 "bytes_sent")
+
+    def __init__(self, conn: "HttpConnection", request_id: str, keep_alive: bool) -> None:
+        self._conn = conn
+        self.request_id = request_id
+        self.started = False
+        self.finished = False
+        self.status = 0
+        self.keep_alive = keep_alive
+        self._chunked = False
+        self.bytes_sent = 0
+
+    @property
+    def client_gone(self) -> bool:
+        return self._conn.closed
+
+    def _head(self, status: int, headers: list[tuple[bytes, bytes]], length: Optional[int]) -> bytes:
+        if self._conn.state.draining:
+            self.keep_alive = False
+        headers.append((b"request-id", self.request_id.encode()))
+        return build_head(status, headers, content_length=length, keep_alive=self.keep_alive,
+                          chunked=length is None and self._conn.http11)
+
+    def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """A complete response with a content-length."""
+        assert not self.started
+        self.started = True
+        self.status = status
+        head = self._head(status, headers, len(body))
+        self.bytes_sent = len(body)
+        if len(body) < 16384:
+            self._conn.write(head + body)
+        else:
+            self._conn.write(head, body)
+        self.finished = True
+        self._conn.response_done(self)
+
+    def send_error(self, status: int, message: str, error_type: Optional[str] = None,
+                   headers: Optional[list[tuple[bytes, bytes]]] = None) -> None:
+        hdrs = [(b"content-type", _JSON)] + list(headers or ())
+        self.send(status, hdrs, error_body(error_type or error_type_for(status), message, self.request_id))
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Start a streamed response: chunked, or close-delimited for HTTP/1.0 clients."""
+        assert not self.started
+        self.started = True
+        self.status = status
+        self._chunked = self._conn.http11
+        if not self._chunked:
+            self.keep_alive = False
+        self._conn.write(self._head(status, headers, None))
+
+    async def write(self, data: bytes) -> None:
+        """Send one piece of a streamed body; waits while the client is slow."""
+        if not data:
+            return
+        conn = self._conn
+        if conn.closed:
+            raise ClientGone()
+        self.bytes_sent += len(data)
+        if not self._chunked:
+            conn.write(data)
+        elif len(data) < 16384:
+            conn.write(b"%x\r\n" % len(data) + data + b"\r\n")
+        else:
+            conn.write(b"%x\r\n" % len(data), data, b"\r\n")
+        if conn.write_paused:
+            await conn.drain()
+
+    def end(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self._chunked and not self._conn.closed:
+            self._conn.write(b"0\r\n\r\n")
+        self._conn.response_done(self)
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, handler: Handler, settings: Settings, state: ServerState) -> None:
+        self._handler = handler
+        self._settings = settings
+        self.state = state
+        self._loop = asyncio.get_running_loop()
+        self.transport: Optional[asyncio.Transport] = None
+        self._h11 = self._new_h11()
+        self.closed = False
+        self.http11 = True
+        self.write_paused = False
+        self._drain_waiter: Optional[asyncio.Future] = None
+        self._client = ""
+        # Per request cycle.
+        self._request: Optional[h11.Request] = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._responder: Optional[Responder] = None
+        self._task: Optional[asyncio.Task] = None
+        self._buffered = 0          # bytes received while a handler runs
+        self._reading = True
+        self._timer: Optional[asyncio.TimerHandle] = None
+
+    # -- asyncio callbacks -------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self._settings.write_high_water)
+        peer = transport.get_extra_info("peername")
+        self._client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        self.state.connections.add(self)
+        self._arm(self._settings.keepalive_timeout)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        self.state.connections.discard(self)
+        self._cancel_timer()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        # A running handler notices through Responder.client_gone / ClientGone.
+
+    def data_received(self, data: bytes) -> None:
+        if self._responder is not None:
+            # A handler is running: keep the pipelined bytes for later.
+            self._buffered += len(data)
+            if self._buffered > _PIPELINE_HIGH_WATER:
+                self._pause_reading()
+        elif self._request is None:
+            # First bytes of a new request: the head must arrive in time.
+            self._arm(self._settings.header_timeout)
+        try:
+            self._h11.receive_data(data)
+        except h11.RemoteProtocolError as exc:  # pragma: no cover - receive_data rarely raises
+            self._protocol_error(exc)
+            return
+        if self._responder is None:
+            self._process()
+
+    def eof_received(self) -> Optional[bool]:
+        # A client that half-closes has no more requests; if it is waiting for a
+        # response we treat it as gone (HTTP clients do not half-close otherwise).
+        if self._responder is not None:
+            self.closed = True
+        try:
+            self._h11.receive_data(b"")
+        except h11.RemoteProtocolError:
+            pass
+        return None  # let the transport close
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- writing -----------------------------------------------------------
+    def write(self, *parts: bytes) -> None:
+        if self.closed or self.transport is None:
+            return
+        if len(parts) == 1:
+            self.transport.write(parts[0])
+        else:
+            self.transport.writelines(parts)
+
+    async def drain(self) -> None:
+        if not self.write_paused or self.closed:
+            return
+        if self._drain_waiter is None or self._drain_waiter.done():
+            self._drain_waiter = self._loop.create_future()
+        await self._drain_waiter
+        if self.closed:
+            raise ClientGone()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    # -- request cycle -----------------------------------------------------
+    def _new_h11(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self._settings.max_header_bytes)
+
+    def _process(self) -> None:
+        conn = self._h11
+        while not self.closed:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:
+                    self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                return
+            if event is h11.PAUSED:  # pragma: no cover - we swap connections before this happens
+                self._pause_reading()
+                return
+            etype = type(event)
+            if etype is h11.Request:
+                self._on_request(event)
+            elif etype is h11.Data:
+                self._body_size += len(event.data)
+                if self._body_size > self._settings.max_body_bytes:
+                    self._reject_early(413, f"request body exceeds the limit of "
+                                            f"{self._settings.max_body_bytes} bytes", "request_too_large")
+                    return
+                self._body.append(event.data)
+                self._arm(self._settings.body_timeout)
+            elif etype is h11.EndOfMessage:
+                self._dispatch()
+                return
+            elif etype is h11.ConnectionClosed:
+                self.close()
+                return
+
+    def _on_request(self, event: h11.Request) -> None:
+        self._request = event
+        self._body = []
+        self._body_size = 0
+        self.http11 = event.http_version == b"1.1"
+        self._arm(self._settings.body_timeout)
+        for name, value in event.headers:
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self._settings.max_body_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    self._reject_early(413, f"request body exceeds the limit of "
+                                            f"{self._settings.max_body_bytes} bytes", "request_too_large")
+                return
+
+    def _dispatch(self) -> None:
+        self._cancel_timer()
+        ev = self._request
+        assert ev is not None
+        body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
+        self._body = []
+        request = Request(ev.method.decode("ascii"), ev.target.decode("latin-1"), ev.headers, body,
+                          self._client, ev.http_version)
+        keep_alive = _wants_keep_alive(ev) and not self.state.draining
+        responder = Responder(self, new_request_id(), keep_alive)
+        self._responder = responder
+        self._task = self._loop.create_task(self._run(request, responder))
+
+    async def _run(self, request: Request, responder: Responder) -> None:
+        try:
+            await self._handler(request, responder)
+        except ClientGone:
+            pass
+        except Exception:  # noqa: BLE001 - the server must survive any handler bug
+            log.exception("unhandled error while handling %s %s", request.method, request.path)
+            if not responder.started and not self.closed:
+                responder.send_error(500, "internal gateway error", "api_error")
+        finally:
+            if not responder.finished:
+                if responder.started:
+                    # Half-written response: the only honest signal left is closing.
+                    responder.keep_alive = False
+                    responder.end()
+                elif not self.closed:
+                    responder.send_error(500, "internal gateway error: no response", "api_error")
+
+    def response_done(self, responder: Responder) -> None:
+        """Called when a response is complete: close, or start the next cycle."""
+        if responder is not self._responder:
+            return
+        self._task = None
+        if not responder.keep_alive or self.closed:
+            self._responder = None
+            self.close()
+            return
+        self._loop.call_soon(self._next_cycle)
+
+    def _next_cycle(self) -> None:
+        # h11 never saw our response, so carry its leftover bytes to a fresh one.
+        leftover, eof = self._h11.trailing_data
+        self._h11 = self._new_h11()
+        self._request = None
+        self._responder = None
+        self._buffered = 0
+        if self.closed:
+            return
+        if self.state.draining and not leftover:
+            self.close()
+            return
+        if leftover:
+            self._h11.receive_data(leftover)
+            self._arm(self._settings.header_timeout)
+        else:
+            self._arm(self._settings.keepalive_timeout)
+        if eof:
+            self._h11.receive_data(b"")
+        if not self._reading:
+            self._reading = True
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        self._process()
+
+    # -- errors and timers ---------------------------------------------------
+    def _reject_early(self, status: int, message: str, error_type: str) -> None:
+        """Answer before the request was read completely, then close."""
+        self._h11 = self._new_h11()  # the rest of the request is never read
+        responder = self._responder or Responder(self, new_request_id(), keep_alive=False)
+        responder.keep_alive = False
+        self._responder = responder
+        if not responder.started:
+            responder.send_error(status, message, error_type)
+        else:
+            self.close()
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint or 400
+        if self._responder is not None and self._responder.started:
+            self.close()
+            return
+        message = ("request headers too large" if status == 431 else f"malformed HTTP request: {exc}")
+        etype = "request_too_large" if status == 431 else "invalid_request_error"
+        self._reject_early(status, message, etype)
+
+    def _pause_reading(self) -> None:
+        if self._reading and self.transport is not None:
+            self._reading = False
+            self.transport.pause_reading()
+
+    def _arm(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(self._loop.time() + delay, self._on_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self.closed or self._responder is not None and self._responder.started:
+            return
+        if self._request is None and self._body_size == 0 and not self._h11.trailing_data[0]:
+            self.close()  # idle keep-alive connection
+            return
+        self._reject_early(408, "timed out waiting for the request", "timeout_error")
+
+    # -- shutdown ------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Close now if idle; otherwise the current response is the last."""
+        if self._responder is None:
+            self.close()
+        else:
+            self._responder.keep_alive = False
+
+    @property
+    def busy(self) -> bool:
+        return self._responder is not None
+
+
+def _wants_keep_alive(event: h11.Request) -> bool:
+    if event.http_version != b"1.1":
+        return False
+    for name, value in event.headers:
+        if name == b"connection" and b"close" in value.lower():
+            return False
+    return True

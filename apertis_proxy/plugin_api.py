@@ -1,0 +1,225 @@
+"""The whole plugin contract of apertis-proxy, in one module.
+
+A plugin is any object built by a factory registered under one of three
+entry-point groups:
+
+    apertis_proxy.auth    -> AuthPlugin     who is calling? (or reject)
+    apertis_proxy.router  -> RouterPlugin   which channels, in which order?
+    apertis_proxy.meter   -> MeterPlugin    one UsageRecord per finished request
+
+The factory is called once per worker process as ``factory(ctx)`` with a
+:class:`PluginContext`; a class whose ``__init__`` takes ``ctx`` is the usual
+factory.  Every plugin may define ``async start()`` (called before the server
+accepts connections) and ``async close()`` (called at shutdown, after the last
+request finished; meters flush here).
+
+Plugins see only the types defined here: request facts, callers, channels,
+outcomes and usage records.  They never see sockets, h11 state or the
+server's objects.  A plugin that raises anything but :class:`Reject` is
+contained: the error is logged and the request is answered 500 ``api_error``
+(auth, router) or the record is skipped for that meter; the server stays up.
+
+Chains (configured in the ``[plugins]`` table, see docs/plugins.md):
+    auth:   plugins run in order; the first non-None Caller wins; ``Reject``
+            ends the request with that error; all None -> 401.
+    router: plugins run in order; the first non-None list wins (an empty list
+            means "no channel serves this model" -> 404).
+    meter:  every meter receives every record.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
+
+__all__ = [
+    "AUTH_GROUP", "ROUTER_GROUP", "METER_GROUP",
+    "PluginContext", "RequestInfo", "Caller", "Channel", "ModelInfo",
+    "Outcome", "UsageRecord", "Reject",
+    "AuthPlugin", "RouterPlugin", "MeterPlugin",
+]
+
+AUTH_GROUP = "apertis_proxy.auth"
+ROUTER_GROUP = "apertis_proxy.router"
+METER_GROUP = "apertis_proxy.meter"
+
+
+@dataclass(frozen=True, slots=True)
+class PluginContext:
+    """What a plugin factory receives."""
+
+    name: str                      # the entry-point name the plugin was loaded under
+    options: Mapping[str, Any]     # the plugin's table from the config file (may be empty)
+    db_path: str                   # the gateway's SQLite file (first-party plugins keep state there)
+    log: logging.Logger            # a logger named after the plugin
+    worker: int = 0                # 0..workers-1; plugins with in-memory limits may scale by it
+    workers: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """Facts about one client request, read-only."""
+
+    method: str
+    path: str                      # without the query string, e.g. "/v1/messages"
+    query: str                     # raw query string without "?", "" if none
+    headers: Mapping[str, str]     # lower-cased names; repeated headers joined with ", "
+    body: Optional[Mapping[str, Any]]  # parsed JSON body (None for GET); do not mutate
+    model: Optional[str]           # the model name the client asked for
+    stream: bool
+    client: str                    # "ip:port" of the peer
+    request_id: str                # the gateway's request id (also in the response header)
+
+    @property
+    def endpoint(self) -> str:
+        return self.path
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling, as decided by an auth plugin."""
+
+    key_id: Optional[int]
+    key_name: str
+    models: Optional[frozenset[str]] = None   # allowed model names; None = any
+    data: Mapping[str, Any] = field(default_factory=dict)  # plugin-private extras
+
+    def may_use(self, model: str, aliases: Sequence[str] = ()) -> bool:
+        if self.models is None:
+            return True
+        return model in self.models or any(a in self.models for a in aliases)
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """One upstream endpoint that speaks the Anthropic Messages API."""
+
+    id: int
+    name: str
+    base_url: str                          # e.g. "https://api.anthropic.com"
+    api_key: str = field(repr=False)       # never logged, never shown
+    type: str = "anthropic"
+    models: Optional[frozenset[str]] = None    # client-facing names served; None = any
+    aliases: Mapping[str, str] = field(default_factory=dict)  # client name -> upstream id
+    priority: int = 0                      # higher tier is tried first
+    weight: int = 1                        # weighted choice inside a tier
+    api_version: str = "2023-06-01"        # anthropic-version sent upstream
+    forward_client_version: bool = False   # send the client's anthropic-version instead
+    forward_extras: bool = False           # forward OpenAI-style extras unchanged
+    auth_header: str = "x-api-key"         # or "authorization" (sent as Bearer)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def upstream_model(self, model: str) -> str:
+        return self.aliases.get(model, model)
+
+    def serves(self, model: str) -> bool:
+        if self.models is None:
+            return True
+        return model in self.models or self.aliases.get(model, model) in self.models
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """An entry of GET /v1/models."""
+
+    id: str
+    display_name: str
+    created_at: str                # RFC 3339
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened on one attempt against one channel (router feedback)."""
+
+    channel: Channel
+    ok: bool                       # upstream answered 2xx
+    request_id: str = ""           # the gateway request this attempt belongs to
+    status: Optional[int] = None   # upstream HTTP status, None when no response came
+    error_type: Optional[str] = None   # Anthropic error type, or "connect_error" / "timeout"
+    message: str = ""              # upstream error message (never contains the key)
+    retry_after: Optional[float] = None  # seconds, from upstream retry-after
+    duration: float = 0.0          # seconds spent on this attempt
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """One complete record per request, handed to every meter after it ended."""
+
+    request_id: str
+    started_at: float              # unix time
+    endpoint: str
+    client: str = ""
+    key_id: Optional[int] = None
+    key_name: Optional[str] = None
+    channel_id: Optional[int] = None
+    channel_name: Optional[str] = None
+    requested_model: Optional[str] = None
+    upstream_model: Optional[str] = None
+    stream: bool = False
+    status: int = 0                # status the client got (200 also for a stream that failed in-band)
+    error_type: Optional[str] = None
+    interrupted: bool = False      # the client went away before the response ended
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_creation_5m_input_tokens: Optional[int] = None
+    cache_creation_1h_input_tokens: Optional[int] = None
+    server_tool_use: Optional[dict] = None   # e.g. {"web_search_requests": 2}
+    ttfb_ms: Optional[float] = None  # time to the first upstream byte
+    duration_ms: float = 0.0
+    upstream_request_id: Optional[str] = None
+    attempts: int = 0              # channels tried
+    cost: float = 0.0              # USD, computed from `prices`
+    prices: Optional[dict] = None    # USD per million tokens used for `cost`
+    reached_upstream: bool = False   # some attempt got a connection to a channel
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def total_tokens(self) -> int:
+        return (self.input_tokens + self.output_tokens
+                + self.cache_read_input_tokens + self.cache_creation_input_tokens)
+
+
+class Reject(Exception):
+    """Raised by a plugin to answer the client with an Anthropic-shaped error."""
+
+    def __init__(self, status: int, error_type: str, message: str,
+                 headers: Optional[Mapping[str, str]] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+@runtime_checkable
+class AuthPlugin(Protocol):
+    async def authenticate(self, request: RequestInfo) -> Optional[Caller]:
+        """Return the caller, None to let the next auth plugin decide, or raise Reject."""
+
+    async def finish(self, caller: Caller, record: UsageRecord) -> None:
+        """Optional.  Called exactly once for every request this plugin
+        authenticated, after it ended (settle quotas, release concurrency)."""
+
+
+@runtime_checkable
+class RouterPlugin(Protocol):
+    async def route(self, request: RequestInfo, caller: Caller) -> Optional[Sequence[Channel]]:
+        """Candidate channels in failover order, or None to defer to the next router."""
+
+    def feedback(self, outcome: Outcome) -> None:
+        """Optional.  Called after every attempt (cooldowns, health, auto-disable)."""
+
+    def models(self, caller: Caller) -> Sequence[ModelInfo]:
+        """Optional.  The models this caller may use, for GET /v1/models."""
+
+
+@runtime_checkable
+class MeterPlugin(Protocol):
+    async def record(self, record: UsageRecord) -> None:
+        """Called once per finished request, also failed and interrupted ones.
+        Must not block: queue the write and return."""

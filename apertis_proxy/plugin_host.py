@@ -1,0 +1,148 @@
+"""Loads plugins through entry points and runs their chains with containment.
+
+Plugin failures never take the server down: an exception other than Reject
+from auth or router becomes a 500 `api_error` for that request, a failing
+meter is logged and the other meters still get the record.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from importlib.metadata import entry_points
+from typing import Any, Iterable, Optional, Sequence
+
+from .errors import GatewayError
+from .plugin_api import (AUTH_GROUP, METER_GROUP, ROUTER_GROUP, Caller, Channel, ModelInfo, Outcome,
+                         PluginContext, Reject, RequestInfo, UsageRecord)
+from .settings import Settings
+
+log = logging.getLogger("apertis_proxy.plugins")
+
+
+class PluginLoadError(RuntimeError):
+    pass
+
+
+def discover(group: str) -> dict[str, Any]:
+    """Entry-point name -> EntryPoint for one group."""
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def _load(group: str, names: Iterable[str], settings: Settings, worker: int, workers: int) -> list:
+    available = discover(group)
+    plugins = []
+    for name in names:
+        ep = available.get(name)
+        if ep is None:
+            raise PluginLoadError(f"no plugin named {name!r} in entry-point group {group!r} "
+                                  f"(installed: {', '.join(sorted(available)) or 'none'})")
+        factory = ep.load()
+        options = {"poll_interval": settings.config_poll_interval, **settings.plugin_options.get(name, {})}
+        ctx = PluginContext(name=name, options=options,
+                            db_path=settings.db, log=logging.getLogger(f"apertis_proxy.plugin.{name}"),
+                            worker=worker, workers=workers)
+        plugin = factory(ctx)
+        plugins.append((name, plugin))
+    return plugins
+
+
+class PluginHost:
+    def __init__(self, auth: list, routers: list, meters: list) -> None:
+        self.auth = auth          # [(name, plugin)]
+        self.routers = routers
+        self.meters = meters
+        self._finishers = [(n, p) for n, p in auth if callable(getattr(p, "finish", None))]
+        self._feedback = [(n, p) for n, p in routers if callable(getattr(p, "feedback", None))]
+
+    @classmethod
+    def load(cls, settings: Settings, *, worker: int = 0, workers: int = 1) -> "PluginHost":
+        return cls(_load(AUTH_GROUP, settings.auth_plugins, settings, worker, workers),
+                   _load(ROUTER_GROUP, settings.router_plugins, settings, worker, workers),
+                   _load(METER_GROUP, settings.meter_plugins, settings, worker, workers))
+
+    def _all(self):
+        return [*self.auth, *self.routers, *self.meters]
+
+    async def start(self) -> None:
+        for name, plugin in self._all():
+            start = getattr(plugin, "start", None)
+            if start is not None:
+                result = start()
+                if inspect.isawaitable(result):
+                    await result
+
+    async def close(self) -> None:
+        for name, plugin in reversed(self._all()):
+            close = getattr(plugin, "close", None)
+            if close is None:
+                continue
+            try:
+                result = close()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # noqa: BLE001
+                log.exception("plugin %s failed to close", name)
+
+    # -- chains --------------------------------------------------------------
+    async def authenticate(self, request: RequestInfo) -> tuple[Caller, Any]:
+        """The caller and the plugin that vouched for it (for finish())."""
+        for name, plugin in self.auth:
+            try:
+                caller = await plugin.authenticate(request)
+            except Reject as r:
+                raise GatewayError(r.status, r.message, r.error_type, r.headers) from None
+            except Exception:  # noqa: BLE001
+                log.exception("auth plugin %s failed", name)
+                raise GatewayError(500, "authentication failed inside the gateway", "api_error") from None
+            if caller is not None:
+                return caller, plugin
+        raise GatewayError(401, "invalid x-api-key", "authentication_error")
+
+    async def finish(self, plugin: Any, caller: Caller, record: UsageRecord) -> None:
+        finish = getattr(plugin, "finish", None)
+        if finish is None:
+            return
+        try:
+            await finish(caller, record)
+        except Exception:  # noqa: BLE001
+            log.exception("auth plugin finish() failed")
+
+    async def route(self, request: RequestInfo, caller: Caller) -> Optional[Sequence[Channel]]:
+        for name, plugin in self.routers:
+            try:
+                channels = await plugin.route(request, caller)
+            except Reject as r:
+                raise GatewayError(r.status, r.message, r.error_type, r.headers) from None
+            except Exception:  # noqa: BLE001
+                log.exception("router plugin %s failed", name)
+                raise GatewayError(500, "routing failed inside the gateway", "api_error") from None
+            if channels is not None:
+                return channels
+        return None
+
+    def feedback(self, outcome: Outcome) -> None:
+        for name, plugin in self._feedback:
+            try:
+                plugin.feedback(outcome)
+            except Exception:  # noqa: BLE001
+                log.exception("router plugin %s feedback() failed", name)
+
+    def models(self, caller: Caller) -> list[ModelInfo]:
+        seen: dict[str, ModelInfo] = {}
+        for name, plugin in self.routers:
+            fn = getattr(plugin, "models", None)
+            if fn is None:
+                continue
+            try:
+                for m in fn(caller):
+                    seen.setdefault(m.id, m)
+            except Exception:  # noqa: BLE001
+                log.exception("router plugin %s models() failed", name)
+        return list(seen.values())
+
+    async def meter(self, record: UsageRecord) -> None:
+        for name, plugin in self.meters:
+            try:
+                await plugin.record(record)
+            except Exception:  # noqa: BLE001
+                log.exception("meter plugin %s failed to record %s", name, record.request_id)

@@ -1,0 +1,166 @@
+"""Server lifecycle: start a worker, serve, shut down gracefully; fork workers.
+
+`Gateway` is one worker's whole stack (plugins, pools, catalogue watcher,
+listening socket) and is what tests start in-process on port 0.  `run()` is
+the blocking entry point of `apertis-proxy serve`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Optional
+
+from .gateway.forward import CatalogRef, MessagesForwarder
+from .gateway.pipeline import GatewayApp
+from .http.protocol import HttpConnection, ServerState
+from .plugin_host import PluginHost
+from .settings import Settings
+from .store import schema
+from .store.catalog import catalog_from_rows, load_catalog
+from .store.watch import RevisionWatcher
+from .upstream.pool import Pools
+
+log = logging.getLogger("apertis_proxy.server")
+
+
+class Gateway:
+    def __init__(self, settings: Settings, *, worker: int = 0, workers: int = 1) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.workers = workers
+        self.state = ServerState()
+        self.pools = Pools(max_idle=settings.pool_max_idle, idle_timeout=settings.pool_idle_timeout,
+                           connect_timeout=settings.connect_timeout)
+        self.plugins: Optional[PluginHost] = None
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._watcher: Optional[RevisionWatcher] = None
+        self.host = settings.host
+        self.port = settings.port
+
+    async def start(self, sock: Optional[socket.socket] = None) -> None:
+        s = self.settings
+        conn = schema.connect(s.db)           # creates / migrates the store
+        catalog = CatalogRef(load_catalog(conn))
+        conn.close()
+
+        async def reload_catalog(db) -> None:
+            async with db.execute(
+                    "SELECT id, display_name, created_at, aliases, input, output, cache_write_5m,"
+                    " cache_write_1h, cache_read FROM models ORDER BY created_at DESC, id") as cur:
+                catalog.catalog = catalog_from_rows(await cur.fetchall())
+
+        self._watcher = RevisionWatcher(s.db, reload_catalog, s.config_poll_interval)
+        await self._watcher.start()
+        self.plugins = PluginHost.load(s, worker=self.worker, workers=self.workers)
+        await self.plugins.start()
+        app = GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog), self.plugins)
+        loop = asyncio.get_running_loop()
+
+        def factory() -> HttpConnection:
+            return HttpConnection(app, s, self.state)
+
+        if sock is not None:
+            self._server = await loop.create_server(factory, sock=sock, backlog=4096)
+        else:
+            self._server = await loop.create_server(factory, s.host, s.port, backlog=4096,
+                                                    reuse_port=self.workers > 1)
+        name = self._server.sockets[0].getsockname()
+        self.host, self.port = name[0], name[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Stop accepting, let in-flight requests finish up to `timeout`, then close."""
+        timeout = self.settings.shutdown_timeout if timeout is None else timeout
+        self.state.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.state.connections):
+            conn.shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(c.busy for c in self.state.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.state.connections):
+            conn.close()
+        await asyncio.sleep(0)      # let cancelled streams reach their finally blocks
+        while any(c.busy for c in self.state.connections) and loop.time() < deadline + 1.0:
+            await asyncio.sleep(0.01)
+        if self.plugins is not None:
+            await self.plugins.close()   # meters flush here
+        if self._watcher is not None:
+            await self._watcher.close()
+        self.pools.close()
+
+
+def _install_loop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(settings: Settings, worker: int, workers: int) -> int:
+    gw = Gateway(settings, worker=worker, workers=workers)
+    await gw.start()
+    if worker == 0:
+        log.info("apertis-proxy listening on %s (workers: %d, db: %s)", gw.base_url, workers, settings.db)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("worker %d shutting down (grace %.0fs)", worker, settings.shutdown_timeout)
+    await gw.shutdown()
+    return 0
+
+
+def _run_worker(settings: Settings, worker: int, workers: int) -> int:
+    _install_loop()
+    return asyncio.run(_serve(settings, worker, workers))
+
+
+def run(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT.  With workers > 1, fork processes sharing the
+    port through SO_REUSEPORT; the parent forwards signals and waits."""
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.workers <= 1:
+        return _run_worker(settings, 0, 1)
+    children = []
+    for i in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _run_worker(settings, i, settings.workers)
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum, _frame):
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for pid in children:
+        while True:
+            try:
+                _, code = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        status = status or (os.waitstatus_to_exitcode(code) if sys.platform != "win32" else code)
+    return status

@@ -1,0 +1,64 @@
+"""Queries over the usage ledger (the `usage` table the meter writes)."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+# The totals every summary reports, in this order.
+TOTAL_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
+                "cache_creation_input_tokens", "cost")
+# Extra counts a summary also reports.
+COUNT_FIELDS = ("errors", "interrupted")
+
+# --by value -> the SQL expression rows are grouped on.  Days are UTC.
+GROUPINGS = {
+    "key": "key_name",
+    "model": "requested_model",
+    "channel": "channel_name",
+    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
+}
+
+_AGGREGATES = """
+    COUNT(*) AS requests,
+    COALESCE(SUM(input_tokens), 0) AS input_tokens,
+    COALESCE(SUM(output_tokens), 0) AS output_tokens,
+    COALESCE(SUM(cache_read_input_tokens), 0) AS cache_read_input_tokens,
+    COALESCE(SUM(cache_creation_input_tokens), 0) AS cache_creation_input_tokens,
+    COALESCE(SUM(cost), 0.0) AS cost,
+    COALESCE(SUM(status >= 400 OR error_type IS NOT NULL), 0) AS errors,
+    COALESCE(SUM(interrupted != 0), 0) AS interrupted
+"""
+
+
+def summarize(conn, *, key: Optional[str] = None, model: Optional[str] = None,
+              channel: Optional[str] = None, since: Optional[float] = None,
+              until: Optional[float] = None, by: Optional[str] = None) -> dict[str, Any]:
+    """Totals over the rows matching the filters (`since` <= ts < `until`, unix time).
+
+    Returns a dict with TOTAL_FIELDS and COUNT_FIELDS; with `by` (a key of
+    GROUPINGS) also "by": a list of dicts, each holding the group value under
+    the name `by` plus the same fields.  Days come oldest first, other groups
+    by cost and then requests, largest first.
+    """
+    where, params = _filters(key=key, model=model, channel=channel, since=since, until=until)
+    result = dict(conn.execute(f"SELECT {_AGGREGATES} FROM usage {where}", params).fetchone())
+    if by is not None:
+        if by not in GROUPINGS:
+            raise ValueError(f"cannot group by {by!r}; choose one of {', '.join(GROUPINGS)}")
+        order = "grp" if by == "day" else "cost DESC, requests DESC, grp"
+        rows = conn.execute(
+            f"SELECT {GROUPINGS[by]} AS grp, {_AGGREGATES} FROM usage {where}"
+            f" GROUP BY grp ORDER BY {order}", params).fetchall()
+        result["by"] = [{by: r["grp"], **{f: r[f] for f in TOTAL_FIELDS + COUNT_FIELDS}}
+                        for r in rows]
+    return result
+
+
+def _filters(**given: Any) -> tuple[str, list[Any]]:
+    clauses, params = [], []
+    for name, clause in (("key", "key_name = ?"), ("model", "requested_model = ?"),
+                         ("channel", "channel_name = ?"), ("since", "ts >= ?"),
+                         ("until", "ts < ?")):
+        if given[name] is not None:
+            clauses.append(clause)
+            params.append(given[name])
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params

@@ -1,0 +1,224 @@
+"""One HTTP/1.1 connection to an upstream channel: h11 client state + asyncio I/O.
+
+The response body is consumed with `read()`, one network chunk at a time, so
+SSE bytes flow through as they arrive.  When the consumer falls behind (a slow
+client downstream), incoming chunks queue up to a high-water mark and then the
+socket stops being read: backpressure reaches the upstream through TCP.
+
+The read timeout applies between bytes, never to the whole response: streams
+may last many minutes.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Optional
+
+import h11
+
+_QUEUE_HIGH_WATER = 256 * 1024
+
+
+class UpstreamError(Exception):
+    """The upstream connection failed.  `phase` says where: connect, send, head, body."""
+
+    def __init__(self, message: str, phase: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.phase = phase
+        self.timeout = timeout
+
+
+class ResponseHead:
+    __slots__ = ("status", "headers")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.headers = headers
+
+    def get(self, name: bytes) -> Optional[bytes]:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("_loop", "transport", "_h11", "_queue", "_queued", "_waiter", "_error", "_eom",
+                 "_reading", "closed", "idle_since", "requests", "_head")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.transport: Optional[asyncio.Transport] = None
+        self._h11 = h11.Connection(h11.CLIENT)
+        self._queue: collections.deque = collections.deque()
+        self._queued = 0
+        self._waiter: Optional[asyncio.Future] = None
+        self._error: Optional[UpstreamError] = None
+        self._eom = False
+        self._reading = True
+        self._head: Optional[ResponseHead] = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.requests = 0
+
+    # -- asyncio callbacks -------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        try:
+            self._h11.receive_data(b"")
+            self._pump()
+        except h11.RemoteProtocolError:
+            pass
+        if not self._eom and self._error is None:
+            self._fail(UpstreamError("upstream closed the connection", "head" if self._head is None
+                                     else "body"))
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._h11.receive_data(data)
+            self._pump()
+        except h11.RemoteProtocolError as exc:
+            self._fail(UpstreamError(f"invalid HTTP from upstream: {exc}", "head" if self._head is None
+                                     else "body"))
+            self.close()
+        self._wake()
+
+    def eof_received(self) -> Optional[bool]:
+        return None
+
+    # -- parsing -------------------------------------------------------------
+    def _pump(self) -> None:
+        conn = self._h11
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            etype = type(event)
+            if etype is h11.Data:
+                self._queue.append(event.data)
+                self._queued += len(event.data)
+                if self._queued > _QUEUE_HIGH_WATER and self._reading and self.transport is not None:
+                    self._reading = False
+                    self.transport.pause_reading()
+            elif etype is h11.Response:
+                self._head = ResponseHead(event.status_code, event.headers)
+            elif etype is h11.InformationalResponse:
+                continue
+            elif etype is h11.EndOfMessage:
+                self._eom = True
+                return
+            elif etype is h11.ConnectionClosed:
+                return
+
+    def _fail(self, err: UpstreamError) -> None:
+        if self._error is None:
+            self._error = err
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _wait(self, timeout: float, phase: str) -> None:
+        self._waiter = fut = self._loop.create_future()
+        timer = self._loop.call_later(timeout, _expire, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._waiter = None
+        if fut.result() is _TIMED_OUT:
+            self._fail(UpstreamError(f"upstream sent nothing for {timeout:g}s", phase, timeout=True))
+            self.close()
+
+    # -- public API ------------------------------------------------------------
+    def send_request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
+                     body: bytes) -> None:
+        """Write the whole request (head and body) at once."""
+        self.requests += 1
+        try:
+            head = self._h11.send(h11.Request(method=method, target=target, headers=headers))
+            tail = self._h11.send(h11.Data(data=body)) if body else b""
+            end = self._h11.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            raise UpstreamError(f"cannot send request: {exc}", "send") from exc
+        if self.closed or self.transport is None:
+            raise UpstreamError("upstream connection closed before the request was sent", "send")
+        self.transport.writelines((head, tail, end) if len(body) > 16384 else (head + tail + end,))
+
+    async def read_head(self, timeout: float) -> ResponseHead:
+        while self._head is None:
+            if self._error is not None:
+                raise self._error
+            await self._wait(timeout, "head")
+        return self._head
+
+    async def read(self, timeout: float) -> bytes:
+        """The next piece of the body; b"" at its end.  Raises UpstreamError."""
+        while True:
+            if self._queue:
+                chunk = self._queue.popleft()
+                self._queued -= len(chunk)
+                if not self._reading and self._queued < _QUEUE_HIGH_WATER // 2 and not self.closed:
+                    self._reading = True
+                    self.transport.resume_reading()  # type: ignore[union-attr]
+                return chunk
+            if self._eom:
+                return b""
+            if self._error is not None:
+                raise self._error
+            await self._wait(timeout, "body")
+
+    async def read_all(self, timeout: float, limit: int) -> bytes:
+        parts = []
+        size = 0
+        while True:
+            chunk = await self.read(timeout)
+            if not chunk:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > limit:
+                self.close()
+                raise UpstreamError(f"upstream response larger than {limit} bytes", "body")
+            parts.append(chunk)
+
+    def buffered(self) -> list[bytes]:
+        """Body chunks already received but not yet read (used when abandoning a stream)."""
+        chunks = list(self._queue)
+        self._queue.clear()
+        self._queued = 0
+        return chunks
+
+    @property
+    def reusable(self) -> bool:
+        """True when the last exchange finished cleanly and the connection may carry another."""
+        return (not self.closed and self._h11.our_state is h11.DONE
+                and self._h11.their_state is h11.DONE)
+
+    def recycle(self) -> bool:
+        """Prepare for the next request; False when the connection cannot be reused."""
+        if not self.reusable:
+            return False
+        self._h11.start_next_cycle()
+        self._head = None
+        self._eom = False
+        self._queue.clear()
+        self._queued = 0
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+_TIMED_OUT = object()
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(_TIMED_OUT)

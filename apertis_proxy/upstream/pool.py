@@ -1,0 +1,131 @@
+"""Keep-alive connection pools, one per upstream origin (scheme, host, port)."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from typing import Optional
+from urllib.parse import urlsplit
+
+from .connection import UpstreamConnection, UpstreamError
+
+
+class Origin:
+    __slots__ = ("scheme", "host", "port", "base_path", "host_header", "key")
+
+    def __init__(self, base_url: str) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"unsupported channel base URL: {base_url!r}")
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.base_path = parts.path.rstrip("/")
+        default = (self.scheme == "https" and self.port == 443) or (self.scheme == "http" and self.port == 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = (host if default else f"{host}:{self.port}").encode("ascii")
+        self.key = (self.scheme, self.host, self.port)
+
+
+class Pool:
+    """Idle connections to one origin.  Bookkeeping first, I/O after."""
+
+    def __init__(self, origin: Origin, *, max_idle: int, idle_timeout: float, connect_timeout: float,
+                 ssl_context: Optional[ssl.SSLContext]) -> None:
+        self.origin = origin
+        self._idle: collections.deque[UpstreamConnection] = collections.deque()
+        self._max_idle = max_idle
+        self._idle_timeout = idle_timeout
+        self._connect_timeout = connect_timeout
+        self._ssl = ssl_context
+        self.opened = 0          # connections ever opened (tests and stats)
+        self.in_use = 0
+
+    async def acquire(self) -> tuple[UpstreamConnection, bool]:
+        """A connection ready for one request, and whether it was reused."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._idle:
+            conn = self._idle.pop()          # most recently used first: warmest
+            if conn.closed or now - conn.idle_since > self._idle_timeout:
+                conn.close()
+                continue
+            self.in_use += 1
+            return conn, True
+        conn = await self._connect(loop)
+        self.in_use += 1
+        return conn, False
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Return a connection after its response was read to the end (or drop it)."""
+        self.in_use -= 1
+        if len(self._idle) < self._max_idle and conn.recycle():
+            conn.idle_since = asyncio.get_running_loop().time()
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        """Drop a connection whose exchange did not finish (client left, error)."""
+        self.in_use -= 1
+        conn.close()
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
+        o = self.origin
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(UpstreamConnection, o.host, o.port, ssl=self._ssl,
+                                       server_hostname=o.host if self._ssl else None),
+                self._connect_timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamError(f"connect to {o.host}:{o.port} timed out", "connect", timeout=True) from None
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to {o.host}:{o.port}: {exc.strerror or exc}", "connect") from None
+        self.opened += 1
+        return conn
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+
+class Pools:
+    """All pools of one worker, created on first use per origin."""
+
+    def __init__(self, *, max_idle: int = 64, idle_timeout: float = 60.0,
+                 connect_timeout: float = 10.0) -> None:
+        self._pools: dict[tuple, Pool] = {}
+        self._origins: dict[str, Origin] = {}
+        self._max_idle = max_idle
+        self._idle_timeout = idle_timeout
+        self._connect_timeout = connect_timeout
+        self._ssl: Optional[ssl.SSLContext] = None
+
+    def origin(self, base_url: str) -> Origin:
+        o = self._origins.get(base_url)
+        if o is None:
+            o = self._origins[base_url] = Origin(base_url)
+        return o
+
+    def pool(self, origin: Origin) -> Pool:
+        p = self._pools.get(origin.key)
+        if p is None:
+            if origin.scheme == "https" and self._ssl is None:
+                # System CA store; SNI comes from server_hostname.
+                self._ssl = ssl.create_default_context()
+            p = self._pools[origin.key] = Pool(
+                origin, max_idle=self._max_idle, idle_timeout=self._idle_timeout,
+                connect_timeout=self._connect_timeout,
+                ssl_context=self._ssl if origin.scheme == "https" else None)
+        return p
+
+    def all(self) -> list[Pool]:
+        return list(self._pools.values())
+
+    def close(self) -> None:
+        for p in self._pools.values():
+            p.close()

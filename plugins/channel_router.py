@@ -1,0 +1,323 @@
+"""First-party router plugin ``channels``: the enabled rows of the channels table.
+
+Order of the candidate list (the core tries it in order, failing over only
+before any byte reached the client, so its length is the retry budget):
+
+1. channels that serve the model and on which the caller may use it;
+2. priority tiers, higher first; inside a tier a weighted random order
+   (sampling without replacement, so failover tries the rest of the tier
+   before the next tier);
+3. channels cooling down after a failure move to the end, in that same order:
+   if every channel is cooling down they are still tried;
+4. affinity: a request of a session (``x-claude-code-session-id``, else
+   ``metadata.user_id``) goes first to the channel that served the session
+   last, while that channel is healthy, because thinking signatures and prompt
+   caches belong to one upstream account;
+5. the list is cut to ``max_attempts``.
+
+Feedback after every attempt: success clears a cooldown; 429, 529/overloaded,
+5xx, connect errors and timeouts start one (the upstream retry-after wins
+over the defaults; overload never disables a channel); 401 and 403 disable the
+channel in the database with the reason, shown by ``channels list``.
+
+Options (``[plugins.options.channels]``):
+  max_attempts            candidates per request, i.e. 1 + retries (3)
+  poll_interval           seconds between checks for CLI edits (1.0)
+  cooldown_rate_limited   seconds after a 429 without retry-after (30)
+  cooldown_overloaded     ... after a 529 / overloaded_error (5)
+  cooldown_server_error   ... after another 5xx (10)
+  cooldown_connect_error  ... after a connect error or timeout (15)
+  max_cooldown            cap on any cooldown, retry-after included (600)
+  disable_on              upstream statuses that disable a channel ([401, 403])
+  affinity_ttl            seconds a session stays pinned after its last request (3600)
+  affinity_max_sessions   sessions remembered, least recently used dropped first (100000)
+  seed                    seed of the weighted choice (tests)
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import time
+from datetime import datetime, timezone
+from typing import Hashable, Optional, Sequence
+
+import aiosqlite
+
+from apertis_proxy.plugin_api import (Caller, Channel, ModelInfo, Outcome, PluginContext,
+                                      RequestInfo)
+from apertis_proxy.store.catalog import Catalog, catalog_from_rows
+from apertis_proxy.store.channels import CHANNEL_COLUMNS, row_to_channel
+
+from ._sqlite_watch import RevisionWatcher
+
+COOLDOWN_DEFAULTS = {
+    "cooldown_rate_limited": 30.0,
+    "cooldown_overloaded": 5.0,
+    "cooldown_server_error": 10.0,
+    "cooldown_connect_error": 15.0,
+}
+SESSION_HEADER = "x-claude-code-session-id"
+UNKNOWN_CREATED_AT = "1970-01-01T00:00:00Z"
+# With a request id on Outcome, a success re-pins the session to the channel
+# that actually served it (after a failover); without, the first choice is pinned.
+OUTCOME_HAS_REQUEST_ID = "request_id" in getattr(Outcome, "__dataclass_fields__", {})
+
+
+def caller_may_use_on(caller: Caller, channel: Channel, model: str) -> bool:
+    """May the caller send `model` to this channel?  The allow-list names models;
+    on a channel a name means the upstream id it resolves to there."""
+    if caller.models is None:
+        return True
+    upstream = channel.upstream_model(model)
+    if upstream in caller.models:
+        return True
+    return any(channel.upstream_model(name) == upstream for name in caller.models)
+
+
+def channel_serves(channel: Channel, model: str) -> bool:
+    """Channel.serves, plus: a channel listing one name of a model serves its
+    other names too (listing "claude-sonnet-4.5" serves the dated id)."""
+    if channel.serves(model):
+        return True
+    upstream = channel.upstream_model(model)
+    return any(channel.upstream_model(name) == upstream for name in channel.models or ())
+
+
+def session_of(request: RequestInfo, caller: Caller) -> Optional[Hashable]:
+    """The affinity key of a request, scoped to the caller's key."""
+    sid = request.headers.get(SESSION_HEADER)
+    if sid:
+        return (caller.key_id, caller.key_name, "session", sid)
+    body = request.body
+    if isinstance(body, dict):
+        metadata = body.get("metadata")
+        if isinstance(metadata, dict):
+            user = metadata.get("user_id")
+            if isinstance(user, str) and user:
+                return (caller.key_id, caller.key_name, "user", user)
+    return None
+
+
+def weighted_order(channels: Sequence[Channel], rng: random.Random) -> list[Channel]:
+    """A random permutation where each next channel is drawn with probability
+    proportional to its weight among those left (Efraimidis-Spirakis keys).
+    Weight 0 or less: only after every positively weighted channel."""
+    def key(ch: Channel) -> float:
+        if ch.weight <= 0:
+            return -rng.random()
+        return rng.random() ** (1.0 / ch.weight)
+    return sorted(channels, key=key, reverse=True)
+
+
+class Affinity:
+    """A bounded LRU of session -> channel id with a time to live."""
+
+    def __init__(self, ttl: float, max_sessions: int) -> None:
+        self.ttl = ttl
+        self.max_sessions = max(1, max_sessions)
+        self._map: collections.OrderedDict[Hashable, tuple[int, float]] = collections.OrderedDict()
+
+    def get(self, session: Hashable, now: float) -> Optional[int]:
+        hit = self._map.get(session)
+        if hit is None:
+            return None
+        if hit[1] <= now:
+            del self._map[session]
+            return None
+        return hit[0]
+
+    def set(self, session: Hashable, channel_id: int, now: float) -> None:
+        self._map[session] = (channel_id, now + self.ttl)
+        self._map.move_to_end(session)
+        while len(self._map) > self.max_sessions:
+            self._map.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+
+class ChannelRouter:
+    def __init__(self, ctx: PluginContext) -> None:
+        opts = ctx.options
+        self.ctx = ctx
+        self.log = ctx.log
+        self.max_attempts = max(1, int(opts.get("max_attempts", opts.get("retry_budget", 3))))
+        self.cooldowns = {k: float(opts.get(k, v)) for k, v in COOLDOWN_DEFAULTS.items()}
+        self.max_cooldown = float(opts.get("max_cooldown", 600.0))
+        self.disable_on = frozenset(int(s) for s in opts.get("disable_on", (401, 403)))
+        self.rng = random.Random(opts.get("seed"))
+        self.affinity = Affinity(float(opts.get("affinity_ttl", 3600.0)),
+                                 int(opts.get("affinity_max_sessions", 100_000)))
+        self.channels: list[Channel] = []
+        self.catalog = Catalog()
+        self.cool_until: dict[int, float] = {}       # channel id -> monotonic deadline
+        # Channels this process disabled: id -> monotonic time the write
+        # committed (None while writing); kept out of reloads that read older rows.
+        self._disabling: dict[int, Optional[float]] = {}
+        # request id -> session, so a success can re-pin the session to the
+        # channel that served it (used when Outcome carries a request_id).
+        self._sessions: collections.OrderedDict[str, Hashable] = collections.OrderedDict()
+        self._tasks: set[asyncio.Task] = set()
+        self._watch = RevisionWatcher(ctx.db_path, float(opts.get("poll_interval", 1.0)),
+                                      self._tick, self.log)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._watch.start()
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._watch.close()
+
+    async def refresh(self) -> None:
+        """Reload now if the configuration changed."""
+        await self._watch.run_once()
+
+    # -- request path --------------------------------------------------------
+
+    def is_cooling(self, channel: Channel, now: Optional[float] = None) -> bool:
+        until = self.cool_until.get(channel.id)
+        return until is not None and until > (time.monotonic() if now is None else now)
+
+    async def route(self, request: RequestInfo, caller: Caller) -> Optional[Sequence[Channel]]:
+        model = request.model
+        candidates = [c for c in self.channels
+                      if model is None or (channel_serves(c, model) and caller_may_use_on(caller, c, model))]
+        if not candidates:
+            return []
+        now = time.monotonic()
+        tiers: dict[int, list[Channel]] = {}
+        for ch in candidates:
+            tiers.setdefault(ch.priority, []).append(ch)
+        healthy: list[Channel] = []
+        cooling: list[Channel] = []
+        for priority in sorted(tiers, reverse=True):
+            for ch in weighted_order(tiers[priority], self.rng):
+                (cooling if self.is_cooling(ch, now) else healthy).append(ch)
+        session = session_of(request, caller)
+        if session is not None:
+            pinned = self.affinity.get(session, now)
+            for i, ch in enumerate(healthy):
+                if ch.id == pinned:
+                    healthy.insert(0, healthy.pop(i))
+                    break
+        ordered = (healthy + cooling)[: self.max_attempts]
+        if session is not None:
+            # Pin to the first choice now; a success on another channel re-pins.
+            self.affinity.set(session, ordered[0].id, now)
+            if OUTCOME_HAS_REQUEST_ID:
+                self._sessions[request.request_id] = session
+            while len(self._sessions) > self.affinity.max_sessions:
+                self._sessions.popitem(last=False)
+        return ordered
+
+    def feedback(self, outcome: Outcome) -> None:
+        ch = outcome.channel
+        request_id = getattr(outcome, "request_id", None)
+        session = self._sessions.pop(request_id, None) if request_id and outcome.ok else None
+        if outcome.ok:
+            self.cool_until.pop(ch.id, None)
+            if session is not None:
+                self.affinity.set(session, ch.id, time.monotonic())
+            return
+        if outcome.status in self.disable_on:
+            self._auto_disable(ch, outcome)
+            return
+        delay = self.cooldown_for(outcome)
+        if delay:
+            until = time.monotonic() + delay
+            self.cool_until[ch.id] = max(until, self.cool_until.get(ch.id, 0.0))
+            self.log.warning("channel %s cools down for %.1fs after %s %s", ch.name, delay,
+                             outcome.status or "", outcome.error_type or "")
+
+    def cooldown_for(self, outcome: Outcome) -> Optional[float]:
+        """Seconds a channel rests after this failure; None: not the channel's fault."""
+        status, error_type = outcome.status, outcome.error_type
+        if status == 429:
+            default = self.cooldowns["cooldown_rate_limited"]
+        elif status == 529 or error_type == "overloaded_error":
+            default = self.cooldowns["cooldown_overloaded"]
+        elif status is not None and status >= 500:
+            default = self.cooldowns["cooldown_server_error"]
+        elif status is None:       # connect_error, timeout: no response at all
+            default = self.cooldowns["cooldown_connect_error"]
+        else:                      # 400, 404, 413...: the request's fault
+            return None
+        delay = outcome.retry_after if outcome.retry_after and outcome.retry_after > 0 else default
+        return min(delay, self.max_cooldown)
+
+    def models(self, caller: Caller) -> Sequence[ModelInfo]:
+        catalog, channels = self.catalog, self.channels
+        found: dict[str, ModelInfo] = {}
+        for entry in catalog.entries:
+            if any(channel_serves(c, entry.id) and caller_may_use_on(caller, c, entry.id)
+                   for c in channels):
+                found[entry.id] = entry.info()
+        # Names only some channels know: their own aliases and listed models.
+        for ch in channels:
+            for name in (*ch.aliases, *(ch.models or ())):
+                if name in found or name in catalog.by_name:
+                    continue
+                if channel_serves(ch, name) and caller_may_use_on(caller, ch, name):
+                    target = catalog.by_name.get(ch.upstream_model(name))
+                    found[name] = (target.info(as_id=name) if target else
+                                   ModelInfo(id=name, display_name=name, created_at=UNKNOWN_CREATED_AT))
+        return sorted(found.values(), key=lambda m: (m.created_at, m.id), reverse=True)
+
+    # -- auto-disable ----------------------------------------------------------
+
+    def _auto_disable(self, ch: Channel, outcome: Outcome) -> None:
+        if ch.id in self._disabling or all(c.id != ch.id for c in self.channels):
+            return          # already done by a concurrent request
+        self.channels = [c for c in self.channels if c.id != ch.id]
+        self._disabling[ch.id] = None
+        now = time.time()
+        stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        message = " ".join((outcome.message or "").split())[:300]
+        reason = (f"upstream {outcome.status} {outcome.error_type or 'error'}: "
+                  f"{message or 'no message'} at {stamp}")
+        self.log.error("channel %s disabled: %s", ch.name, reason)
+        task = asyncio.get_running_loop().create_task(self._write_disabled(ch, reason, now))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write_disabled(self, ch: Channel, reason: str, at: float) -> None:
+        for attempt in range(5):
+            try:
+                # "AND enabled = 1": several workers may see the same 401; the
+                # first reason stays.
+                await self._watch.conn.execute(
+                    "UPDATE channels SET enabled = 0, disabled_reason = ?, disabled_at = ?"
+                    " WHERE id = ? AND enabled = 1", (reason, at, ch.id))
+                self._disabling[ch.id] = time.monotonic()
+                return
+            except Exception:
+                self.log.exception("could not record that channel %s is disabled (try %d)",
+                                   ch.name, attempt + 1)
+                await asyncio.sleep(0.2 * 2 ** attempt)
+        # Still kept out of this process's memory until a restart.
+
+    # -- background ----------------------------------------------------------
+
+    async def _tick(self, conn: aiosqlite.Connection, changed: bool) -> None:
+        if not changed:
+            return
+        read_at = time.monotonic()
+        catalog = catalog_from_rows(await conn.execute_fetchall(
+            "SELECT id, display_name, created_at, aliases, input, output, cache_write_5m,"
+            " cache_write_1h, cache_read FROM models ORDER BY created_at DESC, id"))
+        rows = await conn.execute_fetchall(
+            f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE enabled = 1 ORDER BY id")
+        channels = [row_to_channel(row, catalog.aliases) for row in rows]
+        for cid, committed in list(self._disabling.items()):
+            if committed is not None and committed < read_at:
+                del self._disabling[cid]     # these rows already say so
+        channels = [c for c in channels if c.id not in self._disabling]
+        ids = {c.id for c in channels}
+        for cid in [cid for cid in self.cool_until if cid not in ids]:
+            del self.cool_until[cid]
+        self.catalog, self.channels = catalog, channels
+        self.log.info("loaded %d enabled channels", len(channels))

@@ -1,0 +1,333 @@
+"""First-party auth plugin ``keys``: the gateway's own API keys, from SQLite.
+
+Everything on the request path is served from memory: a dict from the SHA-256
+of the presented key to that key's state.  A background task (see
+_sqlite_watch) reloads the tables when the CLI changed them, writes settled
+spend to ``key_spend`` and re-reads every key's spend, so quotas see what the
+other worker processes spent.
+
+Rules, in the order they are checked:
+  401 authentication_error  no key, unknown key, disabled key, expired key
+  403 permission_error      the model is not in the key's allow-list
+  402 billing_error         the key's quota (USD or tokens) is used up
+  429 rate_limit_error      too many requests in flight / per minute (retry-after)
+
+Why 402 for an exhausted quota: it is Anthropic's own status for "your
+account cannot pay for this", SDKs and Claude Code do not retry it (they would
+retry 429 and every 5xx), and it tells the user something no retry can fix.
+
+Concurrency: ``authenticate`` never awaits, so its checks and the bookkeeping
+that follows them are atomic on the event loop.  A quota is checked against
+the spend settled so far; requests already admitted when the quota is reached
+may still finish and be charged, no request is admitted after that.
+
+Options (``[plugins.options.keys]``):
+  poll_interval  seconds between checks for CLI edits and spend flushes (1.0)
+  on_unknown     "reject" (default) answers 401 for a missing or unknown key;
+                 "defer" returns None so a later auth plugin may try
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterable, Mapping, Optional
+
+import aiosqlite
+
+from apertis_proxy.plugin_api import Caller, PluginContext, Reject, RequestInfo, UsageRecord
+from apertis_proxy.store.catalog import Catalog, catalog_from_rows
+from apertis_proxy.store.keys import hash_key
+
+from ._sqlite_watch import RevisionWatcher
+
+RPM_WINDOW = 60.0           # seconds: requests per minute is a sliding one-minute window
+CONCURRENCY_RETRY_AFTER = 1  # seconds: a slot usually frees up quickly
+CLOSE_ATTEMPTS = 5
+
+
+@dataclass(slots=True)
+class KeyState:
+    """One key: its configuration (replaced on reload) and its running totals
+    (kept across reloads)."""
+
+    id: int
+    name: str
+    key_hash: str
+    enabled: bool = True
+    expires_at: Optional[float] = None
+    models: Optional[tuple[str, ...]] = None        # the allow-list as configured
+    allowed: Optional[frozenset[str]] = None        # + catalogue ids and aliases, both ways
+    admitted: Optional[frozenset[str]] = None       # + channel alias names resolving to allowed models
+    quota_cost: Optional[float] = None
+    quota_tokens: Optional[int] = None
+    rpm: Optional[int] = None                       # per process (divided by workers)
+    concurrency: Optional[int] = None               # per process (divided by workers)
+    # Spend = settled (read from key_spend) + flushing (being written) + pending.
+    settled_cost: float = 0.0
+    settled_tokens: int = 0
+    flushing_cost: float = 0.0
+    flushing_tokens: int = 0
+    pending_cost: float = 0.0
+    pending_tokens: int = 0
+    in_flight: int = 0
+    recent: collections.deque = field(default_factory=collections.deque)  # admission times
+
+    @property
+    def spent_cost(self) -> float:
+        return self.settled_cost + self.flushing_cost + self.pending_cost
+
+    @property
+    def spent_tokens(self) -> int:
+        return self.settled_tokens + self.flushing_tokens + self.pending_tokens
+
+
+def presented_key(headers: Mapping[str, str]) -> Optional[str]:
+    key = headers.get("x-api-key")
+    if key:
+        return key.strip()
+    auth = headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+def per_process(limit: Optional[int], workers: int) -> Optional[int]:
+    """A limit held in memory is enforced by each worker on its own share."""
+    if limit is None:
+        return None
+    return max(1, int(limit) // max(1, workers))
+
+
+def expand_allowed(models: Iterable[str], catalog: Catalog) -> frozenset[str]:
+    """A key allowed one name of a catalogue model may use all its names."""
+    names = set(models)
+    for name in list(names):
+        entry = catalog.by_name.get(name)
+        if entry is not None:
+            names.add(entry.id)
+            names.update(entry.aliases)
+    return frozenset(names)
+
+
+def admitted_names(allowed: frozenset[str], channel_aliases: Iterable[Mapping[str, str]]) -> frozenset[str]:
+    """Channel-specific alias names (client name -> upstream id) that resolve, on
+    that channel, to a model the key may use.  The router re-checks per channel."""
+    extra = set()
+    for aliases in channel_aliases:
+        targets = {aliases.get(n, n) for n in allowed}
+        extra.update(name for name, upstream in aliases.items()
+                     if upstream in allowed or upstream in targets)
+    return allowed | extra
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class KeysAuth:
+    def __init__(self, ctx: PluginContext) -> None:
+        self.ctx = ctx
+        self.log = ctx.log
+        self.workers = max(1, int(ctx.workers or 1))
+        self.defer_unknown = str(ctx.options.get("on_unknown", "reject")) == "defer"
+        self.by_hash: dict[str, KeyState] = {}
+        self.by_id: dict[int, KeyState] = {}
+        self._watch = RevisionWatcher(ctx.db_path, float(ctx.options.get("poll_interval", 1.0)),
+                                      self._tick, self.log)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._watch.start()
+
+    async def close(self) -> None:
+        await self._watch.stop()
+        if self._watch.started:
+            for attempt in range(CLOSE_ATTEMPTS):
+                try:
+                    await self._sync_spend(self._watch.conn)
+                    break
+                except Exception:
+                    self.log.exception("could not save spend at shutdown (try %d)", attempt + 1)
+                    await asyncio.sleep(0.1 * 2 ** attempt)
+        await self._watch.close()
+
+    async def refresh(self) -> None:
+        """Reload now if the configuration changed, flush and re-read spend."""
+        await self._watch.run_once()
+
+    # -- request path (no awaits: check-then-admit is atomic) -----------------
+
+    async def authenticate(self, request: RequestInfo) -> Optional[Caller]:
+        plain = presented_key(request.headers)
+        if plain is None:
+            if self.defer_unknown:
+                return None
+            raise Reject(401, "authentication_error",
+                         "missing API key: send it in the x-api-key header or as Authorization: Bearer")
+        key = self.by_hash.get(hash_key(plain))
+        if key is None:
+            if self.defer_unknown:
+                return None
+            raise Reject(401, "authentication_error", "invalid API key")
+        if not key.enabled:
+            raise Reject(401, "authentication_error", f"API key '{key.name}' is disabled")
+        now = time.time()
+        if key.expires_at is not None and now >= key.expires_at:
+            raise Reject(401, "authentication_error",
+                         f"API key '{key.name}' expired at {_iso(key.expires_at)}")
+        model = request.model
+        if model and key.admitted is not None and model not in key.admitted:
+            raise Reject(403, "permission_error",
+                         f"API key '{key.name}' may not use model '{model}'; "
+                         f"it may use: {', '.join(key.models or ())}")
+        self._check_quota(key)
+        self._check_concurrency(key)
+        mono = time.monotonic()
+        self._check_rpm(key, mono)
+        key.in_flight += 1
+        if key.rpm is not None:
+            key.recent.append(mono)
+        return Caller(key_id=key.id, key_name=key.name, models=key.allowed)
+
+    def _check_quota(self, key: KeyState) -> None:
+        if key.quota_cost is not None and key.spent_cost >= key.quota_cost:
+            raise Reject(402, "billing_error",
+                         f"API key '{key.name}' has used its quota: "
+                         f"${key.spent_cost:.4f} of ${key.quota_cost:.2f}",
+                         headers={"x-should-retry": "false"})
+        if key.quota_tokens is not None and key.spent_tokens >= key.quota_tokens:
+            raise Reject(402, "billing_error",
+                         f"API key '{key.name}' has used its quota: "
+                         f"{key.spent_tokens} of {key.quota_tokens} tokens",
+                         headers={"x-should-retry": "false"})
+
+    def _check_concurrency(self, key: KeyState) -> None:
+        if key.concurrency is not None and key.in_flight >= key.concurrency:
+            raise Reject(429, "rate_limit_error",
+                         f"API key '{key.name}' already has {key.in_flight} requests in flight, "
+                         f"its concurrency limit",
+                         headers={"retry-after": str(CONCURRENCY_RETRY_AFTER)})
+
+    def _check_rpm(self, key: KeyState, now: float) -> None:
+        if key.rpm is None:
+            return
+        recent = key.recent
+        while recent and recent[0] <= now - RPM_WINDOW:
+            recent.popleft()
+        if len(recent) >= key.rpm:
+            wait = max(1, math.ceil(recent[0] + RPM_WINDOW - now))
+            raise Reject(429, "rate_limit_error",
+                         f"API key '{key.name}' exceeded its limit of {key.rpm} requests per minute"
+                         + (f" (per worker process, {self.workers} workers)" if self.workers > 1 else ""),
+                         headers={"retry-after": str(wait)})
+
+    async def finish(self, caller: Caller, record: UsageRecord) -> None:
+        key = self.by_id.get(caller.key_id) if caller.key_id is not None else None
+        if key is None:       # deleted while the request ran
+            return
+        key.in_flight = max(0, key.in_flight - 1)
+        cost = record.cost if record.cost and record.cost > 0 else 0.0
+        tokens = max(0, record.total_tokens)
+        if cost or tokens:
+            key.pending_cost += cost
+            key.pending_tokens += tokens
+            if key.quota_cost is not None or key.quota_tokens is not None:
+                # A quota may just have been reached: settle soon rather than on
+                # the next interval, so other workers see it too.
+                self._watch.poke()
+
+    # -- background ----------------------------------------------------------
+
+    async def _tick(self, conn: aiosqlite.Connection, changed: bool) -> None:
+        if changed:
+            await self._reload(conn)
+        await self._sync_spend(conn)
+
+    async def _reload(self, conn: aiosqlite.Connection) -> None:
+        catalog = catalog_from_rows(await conn.execute_fetchall(
+            "SELECT id, display_name, created_at, aliases, input, output, cache_write_5m,"
+            " cache_write_1h, cache_read FROM models ORDER BY created_at DESC, id"))
+        channel_aliases = []
+        for row in await conn.execute_fetchall("SELECT aliases FROM channels WHERE enabled = 1"):
+            own = json.loads(row["aliases"] or "{}")
+            if own:
+                channel_aliases.append({**catalog.aliases, **own})
+        rows = await conn.execute_fetchall(
+            "SELECT id, name, key_hash, enabled, expires_at, models, quota_cost, quota_tokens,"
+            " rpm, concurrency FROM keys")
+        by_hash: dict[str, KeyState] = {}
+        by_id: dict[int, KeyState] = {}
+        for row in rows:
+            key = self.by_id.get(row["id"])
+            if key is None or key.key_hash != row["key_hash"]:    # new, or an id reused
+                key = KeyState(id=row["id"], name=row["name"], key_hash=row["key_hash"])
+            models = json.loads(row["models"]) if row["models"] else None
+            key.name = row["name"]
+            key.enabled = bool(row["enabled"])
+            key.expires_at = row["expires_at"]
+            key.models = tuple(models) if models else None
+            key.allowed = expand_allowed(models, catalog) if models else None
+            key.admitted = admitted_names(key.allowed, channel_aliases) if models else None
+            key.quota_cost = row["quota_cost"]
+            key.quota_tokens = row["quota_tokens"]
+            key.rpm = per_process(row["rpm"], self.workers)
+            key.concurrency = per_process(row["concurrency"], self.workers)
+            by_hash[row["key_hash"]] = key
+            by_id[key.id] = key
+        # Swap both maps in one step: the request path never sees a half reload.
+        self.by_hash, self.by_id = by_hash, by_id
+        self.log.info("loaded %d keys", len(by_id))
+
+    async def _sync_spend(self, conn: aiosqlite.Connection) -> None:
+        """Add this process's pending spend to key_spend and re-read everybody's."""
+        batch = []
+        for key in self.by_id.values():
+            if key.pending_cost or key.pending_tokens:
+                key.flushing_cost, key.pending_cost = key.flushing_cost + key.pending_cost, 0.0
+                key.flushing_tokens, key.pending_tokens = key.flushing_tokens + key.pending_tokens, 0
+                batch.append(key)
+        try:
+            if batch:
+                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    await conn.executemany(
+                        # A key deleted meanwhile is skipped, not a foreign-key error
+                        # that would block every other key's spend.
+                        "INSERT INTO key_spend (key_id, cost, tokens)"
+                        " SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM keys WHERE id = ?1)"
+                        " ON CONFLICT (key_id) DO UPDATE SET cost = cost + excluded.cost,"
+                        " tokens = tokens + excluded.tokens",
+                        [(k.id, k.flushing_cost, k.flushing_tokens) for k in batch])
+                    rows = await conn.execute_fetchall("SELECT key_id, cost, tokens FROM key_spend")
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    await _rollback(conn)
+                    raise
+            else:
+                rows = await conn.execute_fetchall("SELECT key_id, cost, tokens FROM key_spend")
+        except BaseException:
+            # Not written: the amounts go back to pending and are retried later.
+            for key in batch:
+                key.pending_cost += key.flushing_cost
+                key.pending_tokens += key.flushing_tokens
+                key.flushing_cost, key.flushing_tokens = 0.0, 0
+            raise
+        spend = {row[0]: (row[1], row[2]) for row in rows}
+        # No await from here on: settled and flushing change together.
+        for key in self.by_id.values():
+            key.settled_cost, key.settled_tokens = spend.get(key.id, (0.0, 0))
+            key.flushing_cost, key.flushing_tokens = 0.0, 0
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    try:
+        await conn.execute("ROLLBACK")
+    except Exception:
+        pass

@@ -1,0 +1,159 @@
+"""First-party meter plugin ``sqlite``: the usage ledger in the ``usage`` table.
+
+``record()`` only appends a row to a list in memory; a background task writes
+what has accumulated with one ``executemany`` per transaction, every
+``flush_interval`` seconds or as soon as ``batch_size`` rows are waiting.  A
+failed write is logged and retried with the same rows (nothing raises into
+the request path); ``close()`` writes everything that is left.
+
+Every UsageRecord field is stored in the column of the same name (``started_at``
+in ``ts``; ``server_tool_use`` and ``prices`` as JSON).  Columns are matched at
+start-up, so a field gains a column by a schema change alone.
+
+Options (``[plugins.options.sqlite]``):
+  flush_interval  seconds between writes (0.5)
+  batch_size      rows that trigger a write before the interval ends (500)
+  max_queue       rows kept in memory while the database refuses writes;
+                  beyond it the oldest are dropped, loudly (200000)
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any, Callable, Optional
+
+import aiosqlite
+import orjson
+
+from apertis_proxy.plugin_api import PluginContext, UsageRecord
+
+from ._sqlite_watch import open_db
+
+COLUMN_OF_FIELD = {"started_at": "ts"}
+JSON_FIELDS = frozenset({"server_tool_use", "prices"})
+BOOL_FIELDS = frozenset({"stream", "interrupted", "reached_upstream"})
+CLOSE_ATTEMPTS = 5
+
+
+def _json(value: Any) -> Optional[str]:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _bool(value: Any) -> int:
+    return 1 if value else 0
+
+
+def _plain(value: Any) -> Any:
+    return value
+
+
+class SqliteMeter:
+    def __init__(self, ctx: PluginContext) -> None:
+        opts = ctx.options
+        self.ctx = ctx
+        self.log = ctx.log
+        self.flush_interval = max(0.01, float(opts.get("flush_interval", 0.5)))
+        self.batch_size = max(1, int(opts.get("batch_size", 500)))
+        self.max_queue = max(self.batch_size, int(opts.get("max_queue", 200_000)))
+        self._queue: list[tuple] = []
+        self._fields: list[tuple[str, Callable[[Any], Any]]] = []
+        self._insert = ""
+        self._conn: Optional[aiosqlite.Connection] = None
+        self._task: Optional[asyncio.Task] = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._lock = asyncio.Lock()   # one transaction at a time on the connection
+        self._failures = 0          # consecutive failed writes, for the back-off
+        self.written = 0            # rows committed since start
+        self.dropped = 0
+
+    async def start(self) -> None:
+        self._conn = await open_db(self.ctx.db_path)
+        columns = {row[1] for row in await self._conn.execute_fetchall("PRAGMA table_info(usage)")}
+        names = []
+        for f in dataclasses.fields(UsageRecord):
+            column = COLUMN_OF_FIELD.get(f.name, f.name)
+            if column not in columns:
+                continue        # e.g. reached_upstream: not part of the ledger (yet)
+            convert = _json if f.name in JSON_FIELDS else _bool if f.name in BOOL_FIELDS else _plain
+            self._fields.append((f.name, convert))
+            names.append(column)
+        self._insert = (f"INSERT INTO usage ({', '.join(names)})"
+                        f" VALUES ({', '.join('?' * len(names))})")
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    # -- request path: no I/O --------------------------------------------------
+
+    async def record(self, record: UsageRecord) -> None:
+        self._queue.append(tuple(convert(getattr(record, name)) for name, convert in self._fields))
+        if len(self._queue) > self.max_queue:
+            excess = len(self._queue) - self.max_queue
+            del self._queue[:excess]
+            self.dropped += excess
+            self.log.error("usage ledger unwritable: dropped %d oldest rows (%d in all)",
+                           excess, self.dropped)
+        if len(self._queue) >= self.batch_size:
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    # -- writer ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            # Back off while the database keeps failing (locked, disk full).
+            delay = self.flush_interval * min(2 ** self._failures, 20)
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> bool:
+        """Write every queued row; False (and the rows kept) if the write failed."""
+        async with self._lock:
+            return await self._flush()
+
+    async def _flush(self) -> bool:
+        if not self._queue or self._conn is None:
+            return True
+        # Swap the list out: record() keeps appending to a fresh one meanwhile.
+        batch, self._queue = self._queue, []
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                await self._conn.executemany(self._insert, batch)
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                try:
+                    await self._conn.execute("ROLLBACK")
+                except Exception:
+                    pass
+                raise
+        except Exception:
+            self._queue[:0] = batch
+            self._failures += 1
+            self.log.exception("writing %d usage rows failed; will retry", len(batch))
+            return False
+        self._failures = 0
+        self.written += len(batch)
+        return True
+
+    async def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task          # never cancelled: it may be mid-transaction
+            self._task = None
+        for attempt in range(CLOSE_ATTEMPTS):
+            if await self.flush():
+                break
+            await asyncio.sleep(0.1 * 2 ** attempt)
+        else:
+            self.log.error("shutting down with %d usage rows unwritten", len(self._queue))
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
