@@ -187,7 +187,7 @@ class MessagesForwarder:
         conn: Optional[UpstreamConnection] = None
         for fresh_retry in (False, True):
             try:
-                conn, reused = await pool.acquire()
+                conn, reused = await pool.acquire(fresh=fresh_retry)
             except UpstreamError as exc:
                 return self._failed(channel, info, exc, t_start)
             record.reached_upstream = True

@@ -159,6 +159,9 @@ class HttpConnection(asyncio.Protocol):
         self._buffered = 0          # bytes received while a handler runs
         self._reading = True
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._head_started = False  # the header timer runs from a request's first byte
+        self._peer_eof = False      # the client half-closed while we owe it a response
+        self._discarding = False    # answered early: swallow the rest of the request, then close
 
     # -- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -178,13 +181,17 @@ class HttpConnection(asyncio.Protocol):
         # A running handler notices through Responder.client_gone / ClientGone.
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         if self._responder is not None:
             # A handler is running: keep the pipelined bytes for later.
             self._buffered += len(data)
             if self._buffered > _PIPELINE_HIGH_WATER:
                 self._pause_reading()
-        elif self._request is None:
-            # First bytes of a new request: the head must arrive in time.
+        elif not self._head_started:
+            # First bytes of a new request: the whole head must arrive in time
+            # (re-arming per packet would let a trickle keep it open forever).
+            self._head_started = True
             self._arm(self._settings.header_timeout)
         try:
             self._h11.receive_data(data)
@@ -195,15 +202,12 @@ class HttpConnection(asyncio.Protocol):
             self._process()
 
     def eof_received(self) -> Optional[bool]:
-        # A client that half-closes has no more requests; if it is waiting for a
-        # response we treat it as gone (HTTP clients do not half-close otherwise).
-        if self._responder is not None:
-            self.closed = True
-        try:
-            self._h11.receive_data(b"")
-        except h11.RemoteProtocolError:
-            pass
-        return None  # let the transport close
+        # A client that half-closes after its request still gets the response
+        # (keep our side open); one that closes fully is noticed on write.
+        if self._responder is not None or self._discarding:
+            self._peer_eof = True
+            return True
+        return None  # idle: let the transport close
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -326,7 +330,18 @@ class HttpConnection(asyncio.Protocol):
         if responder is not self._responder:
             return
         self._task = None
-        if not responder.keep_alive or self.closed:
+        if self._discarding and not self.closed and self.transport is not None:
+            # Closing with unread request bytes would reset the connection and
+            # the client might never see the error: half-close, drain, then close.
+            if self._peer_eof:
+                self.close()
+            elif self.transport.can_write_eof():
+                self.transport.write_eof()
+                self._loop.call_later(2.0, self.close)
+            else:
+                self.close()
+            return
+        if not responder.keep_alive or self.closed or self._peer_eof:
             self._responder = None
             self.close()
             return
@@ -339,6 +354,7 @@ class HttpConnection(asyncio.Protocol):
         self._request = None
         self._responder = None
         self._buffered = 0
+        self._head_started = bool(leftover)
         if self.closed:
             return
         if self.state.draining and not leftover:
@@ -359,7 +375,8 @@ class HttpConnection(asyncio.Protocol):
     # -- errors and timers ---------------------------------------------------
     def _reject_early(self, status: int, message: str, error_type: str) -> None:
         """Answer before the request was read completely, then close."""
-        self._h11 = self._new_h11()  # the rest of the request is never read
+        self._h11 = self._new_h11()  # the rest of the request is never parsed
+        self._discarding = True
         responder = self._responder or Responder(self, new_request_id(), keep_alive=False)
         responder.keep_alive = False
         self._responder = responder

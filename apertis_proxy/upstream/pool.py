@@ -41,11 +41,11 @@ class Pool:
         self.opened = 0          # connections ever opened (tests and stats)
         self.in_use = 0
 
-    async def acquire(self) -> tuple[UpstreamConnection, bool]:
+    async def acquire(self, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
         """A connection ready for one request, and whether it was reused."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        while self._idle:
+        while self._idle and not fresh:
             conn = self._idle.pop()          # most recently used first: warmest
             if conn.closed or now - conn.idle_since > self._idle_timeout:
                 conn.close()

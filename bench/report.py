@@ -1,0 +1,199 @@
+"""Turns the measured rows into the results table (stdout and bench/RESULTS.md)."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+Row = dict[str, Any]
+
+TARGET_LABELS = {
+    "direct": "direct to mock",
+    "nginx": "nginx",
+    "proxy": "apertis (all plugins)",
+    "proxy-nometer": "apertis (no metering)",
+}
+DASH = "—"
+
+
+def _num(v: Optional[float]) -> str:
+    if v is None:
+        return DASH
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    if abs(v) >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def _signed(v: Optional[float]) -> str:
+    return DASH if v is None else ("+" if v >= 0 else "-") + _num(abs(v))
+
+
+def _pct(a: Optional[float], b: Optional[float]) -> str:
+    if a is None or not b:
+        return DASH
+    return f"{100.0 * a / b:.0f}%"
+
+
+def _pair(a: Optional[float], b: Optional[float], fmt=_num) -> str:
+    if a is None and b is None:
+        return DASH
+    return f"{fmt(a)} / {fmt(b)}"
+
+
+def _diff(row: Row, base: Optional[Row], key: str) -> Optional[float]:
+    if not base or row.get(key) is None or base.get(key) is None:
+        return None
+    return row[key] - base[key]
+
+
+def _ok(row: Optional[Row]) -> bool:
+    return bool(row) and row.get("status") == "ok"
+
+
+def _errors(row: Row) -> str:
+    errs = row.get("errors") or {}
+    total = sum(errs.values())
+    if not total:
+        return "0"
+    return f"{total} (" + ", ".join(f"{k} {v}" for k, v in sorted(errs.items())) + ")"
+
+
+def by_scenario(rows: list[Row]) -> dict[str, dict[str, Row]]:
+    out: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        out.setdefault(r["scenario"], {})[r["target"]] = r
+    return out
+
+
+HEADER = ("| scenario | target | req/s | vs nginx | vs direct | latency p50 / p99 ms | added p50 / p99 ms "
+          "| TTFB p50 / p99 ms | added TTFB p50 / p99 ms | CPU µs/req | CPU µs/event | peak RSS MB "
+          "| KB/stream | errors | core busy SUT / load |")
+
+
+def table(rows: list[Row], order: list[str]) -> str:
+    lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
+    grouped = by_scenario(rows)
+    for key in order:
+        targets = grouped.get(key, {})
+        direct = targets.get("direct") if _ok(targets.get("direct")) else None
+        nginx = targets.get("nginx") if _ok(targets.get("nginx")) else None
+        for name in TARGET_LABELS:
+            r = targets.get(name)
+            if r is None:
+                continue
+            label = r["label"]
+            if r["status"] != "ok":
+                lines.append(f"| {key}: {label} | {TARGET_LABELS[name]} | {r['status']}: "
+                             f"{_short(r.get('note', ''))} |" + " |" * 12)
+                continue
+            is_sut = name != "direct"
+            lines.append("| " + " | ".join([
+                f"{key}: {label}", TARGET_LABELS[name], _num(r["rps"]),
+                _pct(r["rps"], nginx["rps"]) if nginx and name not in ("nginx",) else DASH,
+                _pct(r["rps"], direct["rps"]) if direct and is_sut else DASH,
+                _pair(r["p50"], r["p99"]),
+                _pair(_diff(r, direct, "p50"), _diff(r, direct, "p99"), _signed) if is_sut else DASH,
+                _pair(r.get("ttfb50"), r.get("ttfb99")),
+                _pair(_diff(r, direct, "ttfb50"), _diff(r, direct, "ttfb99"), _signed)
+                if is_sut and r.get("ttfb50") is not None else DASH,
+                _num(r.get("cpu_us_req")) if is_sut else DASH,
+                _num(r.get("cpu_us_event")) if is_sut else DASH,
+                _num(r["peak_rss_kb"] / 1024) if is_sut and r.get("peak_rss_kb") else DASH,
+                _num(r.get("kb_per_stream")) if is_sut else DASH,
+                _errors(r),
+                f"{_num(r.get('sut_busy'))}% / {_num(r.get('load_busy'))}%",
+            ]) + " |")
+    return "\n".join(lines)
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split()).replace("|", "/")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def idle_table(idle: dict[str, list[int]]) -> str:
+    lines = ["| target | idle RSS MB (after start and one request; max of the starts) |", "|---|---|"]
+    for name, values in idle.items():
+        if values:
+            lines.append(f"| {TARGET_LABELS.get(name, name)} | {_num(max(values) / 1024)} |")
+    return "\n".join(lines)
+
+
+def metering_table(rows: list[Row], order: list[str]) -> str:
+    grouped = by_scenario(rows)
+    lines = ["| scenario | req/s with metering | without | throughput cost | CPU µs/req with / without |",
+             "|---|---|---|---|---|"]
+    for key in order:
+        full, bare = grouped.get(key, {}).get("proxy"), grouped.get(key, {}).get("proxy-nometer")
+        if not (_ok(full) and _ok(bare)):
+            continue
+        cost = 100.0 * (bare["rps"] - full["rps"]) / bare["rps"] if bare["rps"] else None
+        lines.append(f"| {key}: {full['label']} | {_num(full['rps'])} | {_num(bare['rps'])} | "
+                     f"{_num(cost) + '%' if cost is not None else DASH} | "
+                     f"{_num(full.get('cpu_us_req'))} / {_num(bare.get('cpu_us_req'))} |")
+    return "\n".join(lines) if len(lines) > 2 else "(needs both proxy rows)"
+
+
+def _check(ok: Optional[bool]) -> str:
+    return "not measured" if ok is None else ("PASS" if ok else "MISS")
+
+
+def targets(rows: list[Row], idle: dict[str, list[int]]) -> str:
+    """The goals of issue 5, for one worker on one core, checked against this run."""
+    g = by_scenario(rows)
+
+    def get(key: str, target: str) -> Optional[Row]:
+        r = g.get(key, {}).get(target)
+        return r if _ok(r) else None
+
+    out = []
+
+    def line(text: str, ok: Optional[bool], got: str) -> None:
+        out.append(f"| {text} | {got} | {_check(ok)} |")
+
+    p, n = get("a-c64", "proxy"), get("a-c64", "nginx")
+    line("(a) c=64: req/s at least 15% of nginx (all plugins)",
+         (p["rps"] / n["rps"] >= 0.15) if p and n else None, _pct(p and p["rps"], n and n["rps"]))
+    p, d = get("a-c1", "proxy"), get("a-c1", "direct")
+    added = _diff(p, d, "p50") if p and d else None
+    line("(a) c=1: added p50 latency under 0.3 ms", (added < 0.3) if added is not None else None,
+         f"{_signed(added)} ms")
+    ckey = next((k for k in g if k.startswith("c-")), None)
+    p, n = (get(ckey, "proxy"), get(ckey, "nginx")) if ckey else (None, None)
+    line(f"({ckey or 'c'}) streams/s at least 25% of nginx", (p["rps"] / n["rps"] >= 0.25) if p and n else None,
+         _pct(p and p["rps"], n and n["rps"]))
+    p, d = get("d-5000", "proxy"), get("d-5000", "direct")
+    added = _diff(p, d, "ttfb99") if p and d else None
+    line("(d) 5,000 streams: added p99 TTFB under 20 ms", (added < 20) if added is not None else None,
+         f"{_signed(added)} ms")
+    line("(d) 5,000 streams: CPU under 10 µs per forwarded event",
+         (p["cpu_us_event"] < 10) if p and p.get("cpu_us_event") is not None else None,
+         f"{_num(p and p.get('cpu_us_event'))} µs")
+    line("(d) 5,000 streams: under 25 KB resident per open stream",
+         (p["kb_per_stream"] < 25) if p and p.get("kb_per_stream") is not None else None,
+         f"{_num(p and p.get('kb_per_stream'))} KB")
+    line("(d) 5,000 streams: no errors", (not p["errors"]) if p else None, _errors(p) if p else DASH)
+    full, bare = get("a-c64", "proxy"), get("a-c64", "proxy-nometer")
+    cost = 100.0 * (bare["rps"] - full["rps"]) / bare["rps"] if full and bare and bare["rps"] else None
+    line("metering costs under 5% of throughput (a, c=64)", (cost < 5) if cost is not None else None,
+         f"{_num(cost)}%")
+    vals = idle.get("proxy") or []
+    line("idle resident memory under 60 MB", (max(vals) / 1024 < 60) if vals else None,
+         f"{_num(max(vals) / 1024) if vals else DASH} MB")
+    return "\n".join(["| target | this run | |", "|---|---|---|", *out])
+
+
+def problems(rows: list[Row]) -> str:
+    lines = []
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"- {r['scenario']} / {TARGET_LABELS.get(r['target'], r['target'])}: "
+                         f"{r['status']}: {_short(r.get('note', ''), 600)}")
+        elif r.get("errors"):
+            lines.append(f"- {r['scenario']} / {TARGET_LABELS.get(r['target'], r['target'])}: {_errors(r)}"
+                         + (f"; first: {_short(r['first_error'], 300)}" if r.get("first_error") else ""))
+    return "\n".join(lines) if lines else "none"

@@ -1,0 +1,95 @@
+"""Shared fixtures for the e2e tests.
+
+Upstream   `mock_upstream` (a started MockUpstream, key MOCK_API_KEY), `make_mock_upstream(**kw)` for more of
+           them (e.g. one per channel in failover tests). See mock_upstream.py.
+SDK        `sdk`: an SdkRunner, parametrized over both SDK generations (2.x in process, 1.x in a child process)
+           and both client kinds, so a test using it runs four times; `make_sdk(generation, mode)` for one
+           particular runner. See sdk_harness.py and sdk_scenarios.py.
+Store      `tmp_db`: a SQLite path inside tmp_path (not created).
+Gateway    `gateway_env` (an unstarted GatewayEnv), `gateway` (started: key `alice` in `.key`, channel `main` to
+           `mock_upstream` in `.mock`, `.base_url`). See gateway_env.py.
+Raw HTTP   not a fixture: ``from rawhttp import RawConnection``.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mock_upstream import MOCK_API_KEY, MockUpstream
+from sdk_harness import GENERATIONS, MODES, SdkRunner
+from sdk_legacy import LegacySdkProcess
+from gateway_env import GatewayEnv
+
+# The SDKs read ANTHROPIC_* variables (base URL, custom headers, credentials); a developer's own must not leak
+# into what the tests send.
+for _name in [n for n in os.environ if n.startswith("ANTHROPIC_")]:
+    del os.environ[_name]
+
+
+# -- upstream ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+async def mock_upstream():
+    async with MockUpstream(api_key=MOCK_API_KEY) as mock:
+        yield mock
+
+
+@pytest.fixture
+async def make_mock_upstream():
+    started: list[MockUpstream] = []
+
+    async def make(**kw) -> MockUpstream:
+        mock = await MockUpstream(**kw).start()
+        started.append(mock)
+        return mock
+
+    yield make
+    for mock in started:
+        await mock.stop()
+
+
+# -- SDK -----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def legacy_sdk():
+    process = LegacySdkProcess()  # spawned on first use only: 2.x-only runs never pay for it
+    yield process
+    process.close()
+
+
+@pytest.fixture
+def make_sdk(legacy_sdk):
+    def make(generation: str, mode: str) -> SdkRunner:
+        return SdkRunner(generation, mode, legacy_sdk)
+    return make
+
+
+@pytest.fixture(params=[(g, m) for g in GENERATIONS for m in MODES], ids=lambda p: f"sdk{p[0]}-{p[1]}")
+def sdk(request, make_sdk) -> SdkRunner:
+    return make_sdk(*request.param)
+
+
+# -- store and gateway ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tmp_db(tmp_path) -> str:
+    return str(tmp_path / "apertis.db")
+
+@pytest.fixture
+async def gateway_env(tmp_db):
+    """An unstarted GatewayEnv: add keys and channels, then `await env.start()`."""
+    env = GatewayEnv(tmp_db)
+    yield env
+    await env.stop()
+    env.close()
+
+
+@pytest.fixture
+async def gateway(gateway_env, mock_upstream):
+    """A started gateway with key `alice` (gateway.key) and channel `main` to `mock_upstream`."""
+    gateway_env.key = gateway_env.add_key("alice")
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    gateway_env.mock = mock_upstream
+    return gateway_env
