@@ -47,13 +47,15 @@ class Gateway:
         catalog = CatalogRef(load_catalog(conn))
         conn.close()
 
-        async def reload_catalog(db) -> None:
+        async def reload_catalog(db, changed: bool) -> None:
+            if not changed:
+                return
             async with db.execute(
                     "SELECT id, display_name, created_at, aliases, input, output, cache_write_5m,"
                     " cache_write_1h, cache_read FROM models ORDER BY created_at DESC, id") as cur:
                 catalog.catalog = catalog_from_rows(await cur.fetchall())
 
-        self._watcher = RevisionWatcher(s.db, reload_catalog, s.config_poll_interval)
+        self._watcher = RevisionWatcher(s.db, s.config_poll_interval, reload_catalog, log)
         await self._watcher.start()
         self.plugins = PluginHost.load(s, worker=self.worker, workers=self.workers)
         await self.plugins.start()

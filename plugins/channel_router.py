@@ -49,7 +49,7 @@ from apertis_proxy.plugin_api import (Caller, Channel, ModelInfo, Outcome, Plugi
 from apertis_proxy.store.catalog import Catalog, catalog_from_rows
 from apertis_proxy.store.channels import CHANNEL_COLUMNS, row_to_channel
 
-from ._sqlite_watch import RevisionWatcher
+from apertis_proxy.store.watch import RevisionWatcher
 
 COOLDOWN_DEFAULTS = {
     "cooldown_rate_limited": 30.0,

@@ -2,7 +2,7 @@
 
 Everything on the request path is served from memory: a dict from the SHA-256
 of the presented key to that key's state.  A background task (see
-_sqlite_watch) reloads the tables when the CLI changed them, writes settled
+apertis_proxy.store.watch) reloads the tables when the CLI changed them, writes settled
 spend to ``key_spend`` and re-reads every key's spend, so quotas see what the
 other worker processes spent.
 
@@ -43,7 +43,7 @@ from apertis_proxy.plugin_api import Caller, PluginContext, Reject, RequestInfo,
 from apertis_proxy.store.catalog import Catalog, catalog_from_rows
 from apertis_proxy.store.keys import hash_key
 
-from ._sqlite_watch import RevisionWatcher
+from apertis_proxy.store.watch import RevisionWatcher
 
 RPM_WINDOW = 60.0           # seconds: requests per minute is a sliding one-minute window
 CONCURRENCY_RETRY_AFTER = 1  # seconds: a slot usually frees up quickly

@@ -27,7 +27,7 @@ import orjson
 
 from apertis_proxy.plugin_api import PluginContext, UsageRecord
 
-from ._sqlite_watch import open_db
+from apertis_proxy.store.watch import open_db
 
 COLUMN_OF_FIELD = {"started_at": "ts"}
 JSON_FIELDS = frozenset({"server_tool_use", "prices"})

@@ -147,12 +147,18 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+# WAL lets the CLI and several worker processes read while the meter writes.
+PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA busy_timeout=10000",
+)
+
+
 def apply_pragmas(conn) -> None:
-    # WAL lets the CLI and several worker processes read while the meter writes.
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=10000")
+    for pragma in PRAGMAS:
+        conn.execute(pragma)
 
 
 def migrate(conn: sqlite3.Connection) -> None:
