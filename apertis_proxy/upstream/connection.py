@@ -1,5 +1,9 @@
 """One HTTP/1.1 connection to an upstream channel: h11 client state + asyncio I/O.
 
+h11 writes the request and parses the response head; the body framing is then
+decoded by framing.py (h11's per-chunk events are too slow for SSE), and a
+fresh h11.Connection starts each request cycle on a kept-alive connection.
+
 The response body is consumed with `read()`, one network chunk at a time, so
 SSE bytes flow through as they arrive.  When the consumer falls behind (a slow
 client downstream), incoming chunks queue up to a high-water mark and then the
@@ -15,6 +19,8 @@ import collections
 from typing import Optional
 
 import h11
+
+from .framing import BodyDecoder, FramingError, decoder_for
 
 _QUEUE_HIGH_WATER = 256 * 1024
 
@@ -44,7 +50,7 @@ class ResponseHead:
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("_loop", "transport", "_h11", "_queue", "_queued", "_waiter", "_error", "_eom",
-                 "_reading", "closed", "idle_since", "requests", "_head")
+                 "_reading", "closed", "idle_since", "requests", "_head", "_decoder", "_keep_alive")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -57,6 +63,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._eom = False
         self._reading = True
         self._head: Optional[ResponseHead] = None
+        self._decoder: Optional[BodyDecoder] = None
+        self._keep_alive = True
         self.closed = False
         self.idle_since = 0.0
         self.requests = 0
@@ -68,9 +76,13 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
         try:
-            self._h11.receive_data(b"")
-            self._pump()
-        except h11.RemoteProtocolError:
+            if self._decoder is not None:
+                self._decoder.eof()
+                self._eom = self._decoder.done
+            else:
+                self._h11.receive_data(b"")
+                self._pump()
+        except (h11.RemoteProtocolError, FramingError):
             pass
         if not self._eom and self._error is None:
             self._fail(UpstreamError("upstream closed the connection", "head" if self._head is None
@@ -79,9 +91,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            self._h11.receive_data(data)
-            self._pump()
-        except h11.RemoteProtocolError as exc:
+            if self._decoder is not None:
+                self._body(data)
+            else:
+                self._h11.receive_data(data)
+                self._pump()
+        except (h11.RemoteProtocolError, FramingError) as exc:
             self._fail(UpstreamError(f"invalid HTTP from upstream: {exc}", "head" if self._head is None
                                      else "body"))
             self.close()
@@ -92,27 +107,40 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- parsing -------------------------------------------------------------
     def _pump(self) -> None:
+        """Parse the response head with h11; then hand the rest to a body decoder."""
         conn = self._h11
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
             etype = type(event)
-            if etype is h11.Data:
-                self._queue.append(event.data)
-                self._queued += len(event.data)
-                if self._queued > _QUEUE_HIGH_WATER and self._reading and self.transport is not None:
-                    self._reading = False
-                    self.transport.pause_reading()
-            elif etype is h11.Response:
+            if etype is h11.Response:
                 self._head = ResponseHead(event.status_code, event.headers)
-            elif etype is h11.InformationalResponse:
-                continue
-            elif etype is h11.EndOfMessage:
-                self._eom = True
+                self._keep_alive = event.http_version == b"1.1" and not any(
+                    n == b"connection" and b"close" in v.lower() for n, v in event.headers)
+                self._decoder = decoder_for(event.status_code, event.headers)
+                rest = conn.trailing_data[0]
+                if rest or self._decoder.done:
+                    self._body(rest)
                 return
-            elif etype is h11.ConnectionClosed:
+            if etype is h11.ConnectionClosed:
                 return
+            # InformationalResponse (1xx): keep reading for the final head.
+
+    def _body(self, data: bytes) -> None:
+        decoder = self._decoder
+        assert decoder is not None
+        chunk = decoder.feed(data)
+        if chunk:
+            self._queue.append(chunk)
+            self._queued += len(chunk)
+            if self._queued > _QUEUE_HIGH_WATER and self._reading and self.transport is not None:
+                self._reading = False
+                self.transport.pause_reading()
+        if decoder.done:
+            self._eom = True
+            if decoder.leftover:
+                self._keep_alive = False   # bytes past the response: never reuse
 
     def _fail(self, err: UpstreamError) -> None:
         if self._error is None:
@@ -161,8 +189,11 @@ class UpstreamConnection(asyncio.Protocol):
         """The next piece of the body; b"" at its end.  Raises UpstreamError."""
         while True:
             if self._queue:
-                chunk = self._queue.popleft()
-                self._queued -= len(chunk)
+                # Everything that arrived since the last read, as one piece.
+                queue = self._queue
+                chunk = queue.popleft() if len(queue) == 1 else b"".join(queue)
+                queue.clear()
+                self._queued = 0
                 if not self._reading and self._queued < _QUEUE_HIGH_WATER // 2 and not self.closed:
                     self._reading = True
                     self.transport.resume_reading()  # type: ignore[union-attr]
@@ -196,14 +227,15 @@ class UpstreamConnection(asyncio.Protocol):
     @property
     def reusable(self) -> bool:
         """True when the last exchange finished cleanly and the connection may carry another."""
-        return (not self.closed and self._h11.our_state is h11.DONE
-                and self._h11.their_state is h11.DONE)
+        return (not self.closed and self._eom and self._keep_alive
+                and self._h11.our_state is h11.DONE)
 
     def recycle(self) -> bool:
         """Prepare for the next request; False when the connection cannot be reused."""
         if not self.reusable:
             return False
-        self._h11.start_next_cycle()
+        self._h11 = h11.Connection(h11.CLIENT)
+        self._decoder = None
         self._head = None
         self._eom = False
         self._queue.clear()
