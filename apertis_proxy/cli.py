@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
 from . import __version__
+from .plugin_host import PluginLoadError
 from .store import catalog as catalog_store
 from .store import channels as channel_store
 from .store import keys as key_store
@@ -783,7 +784,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except argparse.ArgumentTypeError as exc:
         _err(str(exc))
         return 2
-    except (ValueError, LookupError, OSError, sqlite3.Error) as exc:
+    except (ValueError, LookupError, OSError, sqlite3.Error, PluginLoadError) as exc:
         _err(str(exc))
         return 1
     except KeyboardInterrupt:

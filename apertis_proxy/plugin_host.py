@@ -28,14 +28,30 @@ def discover(group: str) -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
+def _unknown(name: str, group: str, available: dict[str, Any]) -> PluginLoadError:
+    return PluginLoadError(f"no plugin named {name!r} in entry-point group {group!r} "
+                           f"(installed: {', '.join(sorted(available)) or 'none'})")
+
+
+def check_names(settings: Settings) -> None:
+    """Raise PluginLoadError for a configured plugin no entry point provides.
+    Cheap (nothing is imported); run before forking workers, whose own errors
+    would only show as an exit status."""
+    for group, names in ((AUTH_GROUP, settings.auth_plugins), (ROUTER_GROUP, settings.router_plugins),
+                         (METER_GROUP, settings.meter_plugins)):
+        available = discover(group)
+        for name in names:
+            if name not in available:
+                raise _unknown(name, group, available)
+
+
 def _load(group: str, names: Iterable[str], settings: Settings, worker: int, workers: int) -> list:
     available = discover(group)
     plugins = []
     for name in names:
         ep = available.get(name)
         if ep is None:
-            raise PluginLoadError(f"no plugin named {name!r} in entry-point group {group!r} "
-                                  f"(installed: {', '.join(sorted(available)) or 'none'})")
+            raise _unknown(name, group, available)
         factory = ep.load()
         options = {"poll_interval": settings.config_poll_interval, **settings.plugin_options.get(name, {})}
         ctx = PluginContext(name=name, options=options,

@@ -17,7 +17,7 @@ from typing import Optional
 from .gateway.forward import CatalogRef, MessagesForwarder
 from .gateway.pipeline import GatewayApp
 from .http.protocol import HttpConnection, ServerState
-from .plugin_host import PluginHost
+from .plugin_host import PluginHost, check_names
 from .settings import Settings
 from .store import schema
 from .store.catalog import catalog_from_rows, load_catalog
@@ -55,10 +55,17 @@ class Gateway:
                     " cache_write_1h, cache_read FROM models ORDER BY created_at DESC, id") as cur:
                 catalog.catalog = catalog_from_rows(await cur.fetchall())
 
-        self._watcher = RevisionWatcher(s.db, s.config_poll_interval, reload_catalog, log)
-        await self._watcher.start()
+        # Plugins are built first: a configuration naming an unknown plugin fails
+        # before anything holds a database thread that would keep the process alive.
         self.plugins = PluginHost.load(s, worker=self.worker, workers=self.workers)
-        await self.plugins.start()
+        self._watcher = RevisionWatcher(s.db, s.config_poll_interval, reload_catalog, log)
+        try:
+            await self._watcher.start()
+            await self.plugins.start()
+        except BaseException:
+            await self.plugins.close()
+            await self._watcher.close()
+            raise
         app = GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog), self.plugins)
         loop = asyncio.get_running_loop()
 
@@ -87,13 +94,20 @@ class Gateway:
             conn.shutdown()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while any(c.busy for c in self.state.connections) and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        # Handler tasks, not connections: a handler meters its request after
+        # the last byte went out and its connection closed.
+        while self.state.tasks and loop.time() < deadline:
+            await asyncio.wait(set(self.state.tasks), timeout=deadline - loop.time())
         for conn in list(self.state.connections):
             conn.close()
-        await asyncio.sleep(0)      # let cancelled streams reach their finally blocks
-        while any(c.busy for c in self.state.connections) and loop.time() < deadline + 1.0:
-            await asyncio.sleep(0.01)
+        # Past the deadline.  A closed client goes unnoticed by a handler waiting
+        # on a quiet upstream until its next byte, so cancel the handlers; they
+        # release upstream and meter the request (interrupted) on the way out.
+        pending = set(self.state.tasks)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
         if self.plugins is not None:
             await self.plugins.close()   # meters flush here
         if self._watcher is not None:
@@ -134,6 +148,7 @@ def run(settings: Settings) -> int:
     port through SO_REUSEPORT; the parent forwards signals and waits."""
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_names(settings)      # a bad plugin name: one clear error, not one per worker
     if settings.workers <= 1:
         return _run_worker(settings, 0, 1)
     children = []

@@ -109,6 +109,11 @@ class MessagesForwarder:
             record.requested_model = info.model
             record.stream = info.stream and not count_tokens
             channels = await self.plugins.route(info, caller)
+            if channels and info.model and not contract.is_claude_model_name(info.model):
+                # A channel serving "any model" has not opted into another vendor's name
+                # ("gpt-4o"): only a channel naming it (an alias or a listed model) gets it.
+                channels = [c for c in channels if info.model in c.aliases
+                            or (c.models is not None and info.model in c.models)]
             if not channels:
                 raise self._unserved(info.model or "", caller)
             await self._attempt_all(req, resp, info, body, channels, record, count_tokens)
@@ -118,6 +123,9 @@ class MessagesForwarder:
             if not resp.started:
                 resp.send_error(e.status, e.message, e.error_type,
                                 [(k.encode(), str(v).encode()) for k, v in e.headers.items()])
+        except asyncio.CancelledError:
+            record.interrupted = True     # cut by shutdown past its deadline; still metered below
+            raise
         finally:
             record.duration_ms = round((loop.time() - t0) * 1000, 3)
             if not record.status:
@@ -195,6 +203,9 @@ class MessagesForwarder:
                 conn.send_request(b"POST", target, headers, payload)
                 head = await conn.read_head(settings.read_timeout)
                 break
+            except asyncio.CancelledError:
+                pool.discard(conn)
+                raise
             except UpstreamError as exc:
                 pool.discard(conn)
                 # A reused keep-alive connection the upstream closed meanwhile: one fresh try.
@@ -238,6 +249,9 @@ class MessagesForwarder:
         try:
             raw = await conn.read_all(self.settings.read_timeout, _ERROR_BODY_LIMIT)
             pool.release(conn)
+        except asyncio.CancelledError:
+            pool.discard(conn)
+            raise
         except UpstreamError:
             pool.discard(conn)
             raw = b""
@@ -261,6 +275,9 @@ class MessagesForwarder:
                           record: UsageRecord, count_tokens: bool) -> None:
         try:
             data = await conn.read_all(self.settings.read_timeout, _RESPONSE_LIMIT)
+        except asyncio.CancelledError:
+            pool.discard(conn)
+            raise
         except UpstreamError as exc:
             pool.discard(conn)
             err = Attempt(504 if exc.timeout else 502, "timeout_error" if exc.timeout else "api_error",
@@ -300,13 +317,16 @@ class MessagesForwarder:
                 out = splicer.feed(chunk)
                 if out:
                     await resp.write(out)
-        except ClientGone:
+        except (ClientGone, asyncio.CancelledError) as exc:
+            # The client left, or shutdown cut the stream at its deadline.
             record.interrupted = True
             # Usage already received but not yet forwarded still counts.
             for chunk in conn.buffered():
                 splicer.feed(chunk)
             pool.discard(conn)
             resp.end()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return
         except UpstreamError as exc:
             pool.discard(conn)

@@ -45,11 +45,14 @@ class ClientGone(Exception):
 class ServerState:
     """Shared by all connections of one listening server: bookkeeping for shutdown."""
 
-    __slots__ = ("connections", "draining")
+    __slots__ = ("connections", "draining", "tasks")
 
     def __init__(self) -> None:
         self.connections: set["HttpConnection"] = set()
         self.draining = False
+        # Handler tasks until they return: a handler still meters its request
+        # after the response went out and the connection closed.
+        self.tasks: set[asyncio.Task] = set()
 
 
 class Responder:
@@ -178,7 +181,13 @@ class HttpConnection(asyncio.Protocol):
         self._cancel_timer()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
-        # A running handler notices through Responder.client_gone / ClientGone.
+        # A handler streaming a response may be waiting on a quiet upstream and
+        # would only notice at its next write: stop it now (it meters the request
+        # as interrupted).  One still waiting for a complete answer is left to
+        # finish, so its usage is known exactly.
+        r = self._responder
+        if r is not None and r.started and not r.finished and self._task is not None:
+            self._task.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
@@ -204,6 +213,8 @@ class HttpConnection(asyncio.Protocol):
     def eof_received(self) -> Optional[bool]:
         # A client that half-closes after its request still gets the response
         # (keep our side open); one that closes fully is noticed on write.
+        if self._discarding and self._responder is not None and self._responder.finished:
+            return None  # refused early and answered: the drain is over, close now
         if self._responder is not None or self._discarding:
             self._peer_eof = True
             return True
@@ -262,6 +273,8 @@ class HttpConnection(asyncio.Protocol):
             etype = type(event)
             if etype is h11.Request:
                 self._on_request(event)
+                if self._discarding:  # refused on its head: the rest is never parsed
+                    return
             elif etype is h11.Data:
                 self._body_size += len(event.data)
                 if self._body_size > self._settings.max_body_bytes:
@@ -282,6 +295,11 @@ class HttpConnection(asyncio.Protocol):
         self._body = []
         self._body_size = 0
         self.http11 = event.http_version == b"1.1"
+        # h11 only bounds a head still incomplete in its buffer; one that
+        # arrived whole in a single read must be measured here.
+        if _head_size(event) > self._settings.max_header_bytes:
+            self._reject_early(431, "request headers too large", "request_too_large")
+            return
         self._arm(self._settings.body_timeout)
         for name, value in event.headers:
             if name == b"content-length":
@@ -305,7 +323,9 @@ class HttpConnection(asyncio.Protocol):
         keep_alive = _wants_keep_alive(ev) and not self.state.draining
         responder = Responder(self, new_request_id(), keep_alive)
         self._responder = responder
-        self._task = self._loop.create_task(self._run(request, responder))
+        self._task = task = self._loop.create_task(self._run(request, responder))
+        self.state.tasks.add(task)
+        task.add_done_callback(self.state.tasks.discard)
 
     async def _run(self, request: Request, responder: Responder) -> None:
         try:
@@ -352,6 +372,7 @@ class HttpConnection(asyncio.Protocol):
         leftover, eof = self._h11.trailing_data
         self._h11 = self._new_h11()
         self._request = None
+        self._body_size = 0      # else the idle timer takes the last body for a stalled one (408)
         self._responder = None
         self._buffered = 0
         self._head_started = bool(leftover)
@@ -429,6 +450,14 @@ class HttpConnection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         return self._responder is not None
+
+
+def _head_size(event: h11.Request) -> int:
+    """Bytes of the request head as sent, give or take optional whitespace."""
+    size = len(event.method) + len(event.target) + 12
+    for name, value in event.headers:
+        size += len(name) + len(value) + 4
+    return size
 
 
 def _wants_keep_alive(event: h11.Request) -> bool:
