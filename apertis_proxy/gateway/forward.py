@@ -108,6 +108,10 @@ class MessagesForwarder:
                 contract.validate(body, thinking_budget_max=self.settings.thinking_budget_max)
             record.requested_model = info.model
             record.stream = info.stream and not count_tokens
+            # A client that leaves while a stream is still starting (Claude
+            # Code's Esc) stops the upstream generation; a JSON answer is
+            # awaited regardless so its usage is known exactly.
+            resp.abandon_on_disconnect = record.stream
             channels = await self.plugins.route(info, caller)
             if channels and info.model and not contract.is_claude_model_name(info.model):
                 # A channel serving "any model" has not opted into another vendor's name
@@ -124,7 +128,11 @@ class MessagesForwarder:
                 resp.send_error(e.status, e.message, e.error_type,
                                 [(k.encode(), str(v).encode()) for k, v in e.headers.items()])
         except asyncio.CancelledError:
-            record.interrupted = True     # cut by shutdown past its deadline; still metered below
+            # The client left (see abandon_on_disconnect) or shutdown cut the
+            # request at its deadline; still metered below.
+            record.interrupted = True
+            if not resp.started:
+                record.status, record.error_type = 499, "client_closed_request"
             raise
         finally:
             record.duration_ms = round((loop.time() - t0) * 1000, 3)
@@ -268,6 +276,9 @@ class MessagesForwarder:
             # not hand them an authentication error they cannot fix.
             return Attempt(502, "api_error", "the upstream channel rejected the gateway's credentials")
         passed = [(n, v) for n, v in head.headers if n in (b"retry-after", b"retry-after-ms", b"x-should-retry")]
+        rid = head.get(b"request-id")
+        if rid:
+            passed.append((b"upstream-request-id", rid))
         return Attempt(status, etype, message or f"upstream answered {status}", passed)
 
     async def _relay_body(self, conn: UpstreamConnection, pool: Pool, resp: Responder, status: int,

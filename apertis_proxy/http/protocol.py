@@ -60,7 +60,7 @@ class Responder:
     `start()` + `write()`* + `end()` for a streamed (chunked) response."""
 
     __slots__ = ("_conn", "request_id", "started", "finished", "status", "keep_alive", "_chunked",
-                 "bytes_sent")
+                 "bytes_sent", "abandon_on_disconnect")
 
     def __init__(self, conn: "HttpConnection", request_id: str, keep_alive: bool) -> None:
         self._conn = conn
@@ -71,6 +71,9 @@ class Responder:
         self.keep_alive = keep_alive
         self._chunked = False
         self.bytes_sent = 0
+        # Set by a handler whose work is worthless once the client left, even
+        # before the response starts (a stream nobody will read).
+        self.abandon_on_disconnect = False
 
     @property
     def client_gone(self) -> bool:
@@ -186,7 +189,8 @@ class HttpConnection(asyncio.Protocol):
         # as interrupted).  One still waiting for a complete answer is left to
         # finish, so its usage is known exactly.
         r = self._responder
-        if r is not None and r.started and not r.finished and self._task is not None:
+        if (r is not None and not r.finished and self._task is not None
+                and (r.started or r.abandon_on_disconnect)):
             self._task.cancel()
 
     def data_received(self, data: bytes) -> None:
@@ -217,6 +221,9 @@ class HttpConnection(asyncio.Protocol):
             return None  # refused early and answered: the drain is over, close now
         if self._responder is not None or self._discarding:
             self._peer_eof = True
+            r = self._responder
+            if r is not None and r.abandon_on_disconnect and not r.started and self._task is not None:
+                self._task.cancel()
             return True
         return None  # idle: let the transport close
 
@@ -328,20 +335,25 @@ class HttpConnection(asyncio.Protocol):
         task.add_done_callback(self.state.tasks.discard)
 
     async def _run(self, request: Request, responder: Responder) -> None:
+        cancelled = False
         try:
             await self._handler(request, responder)
         except ClientGone:
             pass
+        except asyncio.CancelledError:
+            cancelled = True        # client gone, or shutdown past its deadline
+            raise
         except Exception:  # noqa: BLE001 - the server must survive any handler bug
             log.exception("unhandled error while handling %s %s", request.method, request.path)
             if not responder.started and not self.closed:
                 responder.send_error(500, "internal gateway error", "api_error")
         finally:
             if not responder.finished:
-                if responder.started:
-                    # Half-written response: the only honest signal left is closing.
-                    responder.keep_alive = False
-                    responder.end()
+                if responder.started or cancelled:
+                    # Cut half-way: close without the last chunk, so the client
+                    # cannot take a truncated body for a complete one.
+                    responder.finished = True
+                    self.close()
                 elif not self.closed:
                     responder.send_error(500, "internal gateway error: no response", "api_error")
 

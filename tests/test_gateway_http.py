@@ -1,0 +1,496 @@
+"""The gateway's HTTP/1.1 server over raw sockets (RawConnection): exact bytes in, exact bytes out.
+
+Pipelining and keep-alive (client side and the upstream pool), limits (413, 431), timeouts (head, body, idle),
+the errors the gateway makes itself, which headers cross to the upstream, and flow control: a client that leaves
+mid-stream, a client that reads slowly, an HTTP/1.0 client. Every test checks what the client got, what the mock
+upstream received and, where a request was metered, the usage row.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+
+import pytest
+
+from mock_replies import REPLY_TAIL
+from mock_upstream import MOCK_API_KEY
+from rawhttp import RawConnection, RawResponse, chunked, parse_sse, request_bytes
+
+MODEL = "claude-haiku-4-5-20251001"
+REQUEST_ID = re.compile(r"req_[0-9a-f]{24}")
+MAX_BODY = 32 * 1024 * 1024
+
+
+def message(text: str = "hi", **fields) -> dict:
+    return {"model": MODEL, "max_tokens": 256, "messages": [{"role": "user", "content": text}], **fields}
+
+
+def expected_text(text: str, turn: int = 1) -> str:
+    return f"Echo: {text} (turn {turn}) {REPLY_TAIL}"
+
+
+def sse_text(events: list) -> str:
+    """The text a stream's text_delta events add up to."""
+    pieces = []
+    for name, data in events:
+        if name == "content_block_delta":
+            pieces.append(json.loads(data)["delta"].get("text", ""))
+    return "".join(pieces)
+
+
+def assert_gateway_error(response: RawResponse, status: int, error_type: str, message_part: str = "") -> dict:
+    """An error in Anthropic's shape, with the request-id header echoed in the body."""
+    assert response.status == status, response.body
+    body = response.json()
+    assert body["type"] == "error" and body["error"]["type"] == error_type, body
+    assert message_part in body["error"]["message"]
+    assert REQUEST_ID.fullmatch(response.header("request-id") or ""), response.headers
+    assert body["request_id"] == response.header("request-id")
+    return body
+
+
+async def connect(env) -> RawConnection:
+    return await RawConnection.open(env.gateway.host, env.gateway.port)
+
+
+@pytest.fixture
+def start_gateway(gateway_env, mock_upstream):
+    """Like the `gateway` fixture, with Settings overrides (timeouts, limits)."""
+    async def start(**overrides):
+        gateway_env.key = gateway_env.add_key("alice")
+        gateway_env.add_channel("main", mock_upstream)
+        gateway_env.mock = mock_upstream
+        await gateway_env.start(**overrides)
+        return gateway_env
+    return start
+
+
+# -- pipelining and keep-alive --------------------------------------------------------------------------------
+
+async def test_pipelined_requests_answered_in_order(gateway):
+    auth = {"x-api-key": gateway.key}
+    batch = b"".join([
+        request_bytes("POST", "/v1/messages", auth, json_body=message("first")),
+        request_bytes("GET", "/health"),
+        request_bytes("POST", "/v1/messages", auth, json_body=message("second", stream=True)),
+        request_bytes("POST", "/v1/nowhere", auth, json_body=message("lost")),
+        request_bytes("POST", "/v1/messages", auth, json_body=message("third")),
+    ])
+    async with await connect(gateway) as conn:
+        await conn.send(batch)                                   # one write: all five requests at once
+        responses = [await conn.read_response() for _ in range(5)]
+
+    assert [r.status for r in responses] == [200, 200, 200, 404, 200]
+    assert responses[0].json()["content"][0]["text"] == expected_text("first")
+    assert responses[1].json() == {"status": "ok"}
+    assert sse_text(responses[2].sse_events()) == expected_text("second")
+    assert_gateway_error(responses[3], 404, "not_found_error")
+    assert responses[4].json()["content"][0]["text"] == expected_text("third")
+    ids = [r.header("request-id") for r in responses]
+    assert all(REQUEST_ID.fullmatch(i) for i in ids) and len(set(ids)) == 5
+    assert all(r.header("connection") != "close" for r in responses)
+
+    # Upstream saw the three messages in order; each was metered under its own request id.
+    assert [r.body["messages"][0]["content"] for r in gateway.mock.requests] == ["first", "second", "third"]
+    rows = await gateway.usage_rows(3)
+    assert [row["request_id"] for row in rows] == [ids[0], ids[2], ids[4]]
+    assert [row["stream"] for row in rows] == [0, 1, 0]
+
+
+async def test_keep_alive_reuses_one_client_and_one_upstream_connection(gateway):
+    auth = {"x-api-key": gateway.key}
+    async with await connect(gateway) as conn:
+        for n, stream in enumerate([False, True, False, True]):
+            response = await conn.request("POST", "/v1/messages", auth, json_body=message(f"n{n}", stream=stream))
+            assert response.status == 200 and response.header("connection") != "close"
+            text = sse_text(response.sse_events()) if stream else response.json()["content"][0]["text"]
+            assert text == expected_text(f"n{n}")
+
+    async with await connect(gateway) as conn:                   # another client, the same upstream connection
+        response = await conn.request("POST", "/v1/messages", auth, json_body=message("other client"))
+        assert response.json()["content"][0]["text"] == expected_text("other client")
+
+    mock = gateway.mock
+    assert len(mock.requests) == 5
+    assert mock.connections_opened == 1                          # the pool kept its one connection alive
+    assert {r.connection_id for r in mock.requests} == {1}
+    assert len(await gateway.usage_rows(5)) == 5
+
+
+# -- limits --------------------------------------------------------------------------------------------------
+
+async def test_declared_oversized_body_is_refused_with_413(gateway):
+    headers = {"x-api-key": gateway.key, "content-type": "application/json", "content-length": str(MAX_BODY + 1)}
+    async with await connect(gateway) as conn:
+        # The head and the first MiB of the body, as a real client would keep sending: the 413 must still arrive.
+        await conn.send(request_bytes("POST", "/v1/messages", headers) + b"x" * (1024 * 1024))
+        response = await conn.read_response()
+        assert_gateway_error(response, 413, "request_too_large", str(MAX_BODY))
+        assert response.header("connection") == "close"
+        assert await conn.wait_closed_by_peer(timeout=5)
+    assert gateway.mock.requests == []
+
+
+async def test_chunked_body_growing_past_the_limit_is_refused_with_413(start_gateway):
+    env = await start_gateway(max_body_bytes=1000)
+    headers = {"x-api-key": env.key, "content-type": "application/json", "transfer-encoding": "chunked"}
+    small = json.dumps(message("fits")).encode()
+    assert len(small) < 1000
+    async with await connect(env) as conn:                       # under the limit, chunked bodies are fine
+        await conn.send(request_bytes("POST", "/v1/messages", headers) + chunked(small[:20], small[20:]))
+        response = await conn.read_response()
+        assert response.status == 200 and response.json()["content"][0]["text"] == expected_text("fits")
+
+    async with await connect(env) as conn:
+        await conn.send(request_bytes("POST", "/v1/messages", headers) + b"258\r\n" + b"a" * 600 + b"\r\n")
+        await conn.send(b"258\r\n" + b"b" * 600 + b"\r\n")      # 1200 bytes: over the limit, no end in sight
+        response = await conn.read_response()
+        assert_gateway_error(response, 413, "request_too_large", "1000")
+        assert response.header("connection") == "close"
+    assert [r.body["messages"][0]["content"] for r in env.mock.requests] == ["fits"]
+
+
+@pytest.mark.parametrize("size", [70_000, 300_000])
+async def test_oversized_headers_get_431(gateway, size):
+    # 70 kB arrives in one read (h11 alone would accept a complete head that size); 300 kB arrives in pieces.
+    headers = {"x-api-key": gateway.key, "x-padding": "p" * size}
+    async with await connect(gateway) as conn:
+        response = await conn.request("POST", "/v1/messages", headers, json_body=message())
+        assert_gateway_error(response, 431, "request_too_large", "headers")
+        assert response.header("connection") == "close"
+    assert gateway.mock.requests == []
+
+
+# -- errors the gateway makes itself --------------------------------------------------------------------------
+
+async def test_malformed_and_empty_bodies_get_400(gateway):
+    auth = {"x-api-key": gateway.key, "content-type": "application/json"}
+    async with await connect(gateway) as conn:
+        bad = await conn.request("POST", "/v1/messages", auth, b'{"model": "claude-haiku-4-5", "messages": [')
+        assert_gateway_error(bad, 400, "invalid_request_error", "JSON")
+        empty = await conn.request("POST", "/v1/messages", auth, b"")
+        assert_gateway_error(empty, 400, "invalid_request_error", "empty")
+        not_object = await conn.request("POST", "/v1/messages", auth, b"[1, 2]")
+        assert_gateway_error(not_object, 400, "invalid_request_error")
+        # A 400 keeps the connection usable.
+        assert (await conn.request("POST", "/v1/messages", auth, json_body=message())).status == 200
+    assert len(gateway.mock.requests) == 1
+    rows = await gateway.usage_rows(4)
+    assert [(r["status"], r["error_type"], r["reached_upstream"]) for r in rows[:3]] == [
+        (400, "invalid_request_error", 0)] * 3
+
+
+async def test_unknown_path_404_and_wrong_method_405(gateway):
+    auth = {"x-api-key": gateway.key}
+    async with await connect(gateway) as conn:
+        for target in ("/v1/complete", "/v2/messages?beta=true", "/v1/messagesX", "/"):
+            assert_gateway_error(await conn.request("POST", target, auth, json_body=message()), 404,
+                                 "not_found_error")
+        wrong = await conn.request("GET", "/v1/messages", auth)
+        assert_gateway_error(wrong, 405, "invalid_request_error", "POST")
+        assert wrong.header("allow") == "POST"
+        put = await conn.request("PUT", "/v1/models", auth, b"{}")
+        assert_gateway_error(put, 405, "invalid_request_error")
+        assert put.header("allow") == "GET"
+    assert gateway.mock.requests == []
+
+
+async def test_bad_key_gets_401_without_reaching_upstream(gateway):
+    async with await connect(gateway) as conn:
+        for headers in ({"x-api-key": "sk-not-a-key"}, {"authorization": "Bearer sk-not-a-key"}, {}):
+            response = await conn.request("POST", "/v1/messages", headers, json_body=message())
+            assert_gateway_error(response, 401, "authentication_error")
+    assert gateway.mock.requests == []
+
+
+async def test_request_id_on_every_response(gateway):
+    """Successes, gateway errors, upstream errors and refusals before the body was read all carry one."""
+    auth = {"x-api-key": gateway.key}
+    gateway.mock.fail_next(529)
+    responses = []
+    async with await connect(gateway) as conn:
+        responses.append(await conn.request("GET", "/health"))
+        responses.append(await conn.request("POST", "/v1/messages", auth, json_body=message()))  # upstream 529
+        responses.append(await conn.request("POST", "/v1/messages", auth, json_body=message()))
+        responses.append(await conn.request("POST", "/v1/messages", auth, json_body=message(stream=True)))
+        responses.append(await conn.request("POST", "/nope", auth))
+        responses.append(await conn.request("GET", "/v1/messages", auth))
+        responses.append(await conn.request("POST", "/v1/messages", auth, b"{"))
+        responses.append(await conn.request("POST", "/v1/messages", {"x-api-key": "wrong"}, json_body=message()))
+    async with await connect(gateway) as conn:
+        responses.append(await conn.request("POST", "/v1/messages", {**auth, "x-big": "b" * 100_000}))
+    async with await connect(gateway) as conn:
+        await conn.send(request_bytes("POST", "/v1/messages", {**auth, "content-length": str(MAX_BODY + 5)}))
+        responses.append(await conn.read_response())
+
+    assert [r.status for r in responses] == [200, 529, 200, 200, 404, 405, 400, 401, 431, 413]
+    ids = [r.header_values("request-id") for r in responses]
+    assert all(len(i) == 1 and REQUEST_ID.fullmatch(i[0]) for i in ids), ids
+    assert len({i[0] for i in ids}) == len(ids)
+    for response in responses:
+        if response.status >= 400:
+            assert response.json()["request_id"] == response.header("request-id")
+    # The gateway's own id, never the upstream's: that one is in the usage row (and, on success, in
+    # upstream-request-id).
+    upstream_ids = [r.request_id for r in gateway.mock.requests]
+    assert len(upstream_ids) == 3
+    assert not {responses[i].header("request-id") for i in (1, 2, 3)} & set(upstream_ids)
+    assert [responses[i].header("upstream-request-id") for i in (2, 3)] == upstream_ids[1:]
+    assert_gateway_error(responses[1], 529, "overloaded_error")
+    rows = {row["request_id"]: row for row in await gateway.usage_rows(4)}
+    assert [rows[responses[i].header("request-id")]["upstream_request_id"] for i in (1, 2, 3)] == upstream_ids
+
+
+# -- headers and query string -----------------------------------------------------------------------------------
+
+async def test_headers_crossing_to_upstream(gateway):
+    user_key = gateway.key
+    sent = [
+        ("x-api-key", user_key),
+        ("authorization", f"Bearer {user_key}"),
+        ("proxy-authorization", "Basic dXNlcjpwYXNz"),
+        ("connection", "keep-alive, x-hop-secret, upgrade"),
+        ("keep-alive", "timeout=30"),
+        ("x-hop-secret", "listed in connection: hop-by-hop"),
+        ("proxy-connection", "keep-alive"),
+        ("te", "trailers"),
+        ("upgrade", "h2c"),
+        ("anthropic-beta", "b-one,b-two"),
+        ("anthropic-workspace-id", "wrkspc_1"),
+        ("x-claude-code-session-id", "sess-42"),
+        ("x-custom-thing", "Keep Me, exactly"),
+        ("user-agent", "claude-cli/2.1.0 (external, cli)"),
+    ]                                                            # no anthropic-version at all
+    async with await connect(gateway) as conn:
+        response = await conn.request("POST", "/v1/messages?beta=true&trace=a%20b", sent, json_body=message())
+        assert response.status == 200, response.body
+        # A client that sends its own version: upstream still gets exactly one (the channel's).
+        response = await conn.request("POST", "/v1/messages", [("x-api-key", user_key),
+                                                               ("anthropic-version", "2026-10-21")],
+                                      json_body=message())
+        assert response.status == 200, response.body
+
+    first, second = gateway.mock.requests
+    assert first.target == "/v1/messages?beta=true&trace=a%20b"
+    assert first.header_values("x-api-key") == [MOCK_API_KEY]   # the channel's key, the only credential
+    for gone in ("authorization", "proxy-authorization", "keep-alive", "x-hop-secret", "proxy-connection",
+                 "te", "upgrade"):
+        assert gone not in first.headers, gone
+    assert "x-hop-secret" not in first.headers.get("connection", "")
+    assert user_key not in json.dumps(first.raw_headers)
+    assert first.header_values("anthropic-version") == ["2023-06-01"]
+    assert first.header_values("anthropic-beta") == ["b-one,b-two"]
+    for name in ("anthropic-workspace-id", "x-claude-code-session-id", "x-custom-thing", "user-agent"):
+        assert first.header_values(name) == [dict(sent)[name]], name
+    assert first.headers["host"] == f"127.0.0.1:{gateway.mock.port}"
+    assert second.header_values("anthropic-version") == ["2023-06-01"]
+    assert second.header_values("x-api-key") == [MOCK_API_KEY] and "authorization" not in second.headers
+    assert second.query == ""
+
+
+async def test_bearer_channel_gets_exactly_one_credential(gateway_env, mock_upstream):
+    key = gateway_env.add_key("bob")
+    gateway_env.add_channel("bearer", mock_upstream, options={"auth_header": "authorization"})
+    await gateway_env.start()
+    async with await connect(gateway_env) as conn:
+        response = await conn.request("POST", "/v1/messages", {"x-api-key": key, "authorization": f"Bearer {key}"},
+                                      json_body=message())
+        assert response.status == 200, response.body
+    upstream = mock_upstream.last_request
+    assert upstream.header_values("authorization") == [f"Bearer {MOCK_API_KEY}"]
+    assert "x-api-key" not in upstream.headers
+
+
+# -- timeouts -------------------------------------------------------------------------------------------------
+
+async def test_half_sent_head_times_out(start_gateway):
+    env = await start_gateway(header_timeout=0.3)
+    async with await connect(env) as conn:
+        await conn.send(b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api-key: " + env.key.encode())
+        try:
+            response = await conn.read_response(timeout=5)
+        except asyncio.IncompleteReadError:
+            response = None                                      # closed without an answer: also acceptable
+        if response is not None:
+            assert_gateway_error(response, 408, "timeout_error")
+            assert response.header("connection") == "close"
+        assert await conn.wait_closed_by_peer(timeout=5)
+    assert env.mock.requests == []
+
+
+async def test_stalled_body_times_out(start_gateway):
+    env = await start_gateway(body_timeout=0.3)
+    body = json.dumps(message()).encode()
+    async with await connect(env) as conn:
+        await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": env.key}, body)[:-10])
+        response = await conn.read_response(timeout=5)
+        assert_gateway_error(response, 408, "timeout_error")
+        assert await conn.wait_closed_by_peer(timeout=5)
+    assert env.mock.requests == []
+
+
+async def test_idle_keep_alive_connection_is_closed(start_gateway):
+    env = await start_gateway(keepalive_timeout=0.3)
+    async with await connect(env) as conn:
+        response = await conn.request("POST", "/v1/messages", {"x-api-key": env.key}, json_body=message())
+        assert response.status == 200 and response.header("connection") != "close"
+        assert await conn.wait_closed_by_peer(timeout=5)
+    async with await connect(env) as conn:                       # a connection that never sends a byte
+        assert await conn.wait_closed_by_peer(timeout=5)
+
+
+# -- flow control -------------------------------------------------------------------------------------------------
+
+async def test_client_leaving_mid_stream_releases_upstream_and_is_metered(gateway):
+    mock = gateway.mock
+    headers = {"x-api-key": gateway.key, "x-mock-scenario": "event-delay=0.05"}
+    async with await connect(gateway) as conn:
+        await conn.send(request_bytes("POST", "/v1/messages", headers,
+                                      json_body=message("a long enough answer to leave early", stream=True)))
+        head = await conn.read_head()
+        assert head.status == 200
+        received = b""
+        async for piece in conn.iter_chunks(head):
+            received += piece
+            if b"content_block_delta" in received:
+                break
+        conn.abort()
+
+    await mock.wait_until(lambda: mock.disconnects == 1)         # the gateway closed its upstream connection
+    assert mock.requests[0].disconnected.is_set()
+    await mock.wait_until(lambda: mock.open_connections == 0)
+    served = mock.served[0]
+    assert not served["completed"]
+
+    rows = await gateway.usage_rows(1)
+    row = rows[0]
+    assert row["interrupted"] == 1 and row["stream"] == 1 and row["status"] == 200
+    assert row["input_tokens"] == served["usage"]["input_tokens"] > 0
+    assert row["output_tokens"] == served["usage"]["output_tokens"]
+    assert row["upstream_request_id"] == mock.requests[0].request_id
+
+    # The server is still up, and a fresh upstream connection serves the next request.
+    async with await connect(gateway) as conn:
+        response = await conn.request("POST", "/v1/messages", {"x-api-key": gateway.key}, json_body=message("next"))
+        assert response.status == 200 and response.json()["content"][0]["text"] == expected_text("next")
+    assert mock.connections_opened == 2
+    assert (await gateway.usage_rows(2))[1]["interrupted"] == 0
+
+
+async def test_upstream_cut_mid_stream_becomes_an_error_event_then_close(gateway):
+    headers = {"x-api-key": gateway.key, "x-mock-scenario": "drop-after=6"}
+    async with await connect(gateway) as conn:
+        response = await conn.request("POST", "/v1/messages", headers, json_body=message("cut", stream=True))
+        assert response.status == 200 and response.is_chunked
+        assert await conn.wait_closed_by_peer(timeout=5)          # the head promised keep-alive; the close says "over"
+    events = response.sse_events()
+    names = [name for name, _ in events]
+    assert names[:6] == ["message_start", "content_block_start", "ping", "content_block_delta",
+                         "content_block_delta", "content_block_delta"]
+    assert names[6:] == ["error"]                                # whole events, then the error, nothing glued on
+    error = json.loads(events[-1][1])
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    [row] = await gateway.usage_rows(1)
+    assert row["status"] == 200 and row["error_type"] == "api_error"
+    assert row["input_tokens"] == gateway.mock.served[0]["usage"]["input_tokens"] > 0
+
+
+async def _slow_connection(env) -> RawConnection:
+    """A client with a tiny receive buffer, so unread data backs up into the gateway at once."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (env.gateway.host, env.gateway.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    return RawConnection(reader, writer)
+
+
+async def _settled(read, interval: float = 0.2, timeout: float = 10.0):
+    """Poll `read()` until two readings `interval` apart agree; that value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = read()
+    while loop.time() < deadline:
+        await asyncio.sleep(interval)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("value never settled")
+
+
+async def test_slow_reader_pauses_the_upstream_and_gets_everything(gateway):
+    # About 20 MB of SSE in 150k events: more than the kernel buffers on the way can absorb, so once the client
+    # stops reading the gateway must stop reading upstream and the mock's writes block.
+    deltas = 150_000
+    mock = gateway.mock
+    conn = await _slow_connection(gateway)
+    async with conn:
+        await conn.send(request_bytes("POST", "/v1/messages",
+                                      {"x-api-key": gateway.key, "x-mock-scenario": f"message-deltas={deltas}"},
+                                      json_body=message("bulk", stream=True)))
+        head = await conn.read_head(timeout=30)
+        assert head.status == 200
+
+        await mock.wait_until(lambda: mock.served and mock.served[0]["events_sent"] > 0)
+        stalled_at = await _settled(lambda: mock.served[0]["events_sent"])
+        assert not mock.served[0]["completed"] and stalled_at < deltas
+        client_side = [c for c in gateway.gateway.state.connections if c.busy]
+        assert len(client_side) == 1 and client_side[0].write_paused
+        # What the gateway holds for this client is bounded by the write high-water mark, not the stream.
+        assert client_side[0].transport.get_write_buffer_size() < 1024 * 1024
+
+        body = b"".join([piece async for piece in conn.iter_chunks(head, timeout=30)])
+
+    assert mock.served[0]["completed"]
+    events = parse_sse(body)
+    names = [name for name, _ in events]
+    assert names[0] == "message_start" and names[-1] == "message_stop"
+    assert names.count("message_delta") == deltas
+    assert all(json.loads(data)["type"] == name for name, data in events)
+    assert sse_text(events) == expected_text("bulk")
+    rows = await gateway.usage_rows(1)
+    assert rows[0]["output_tokens"] == mock.served[0]["usage"]["output_tokens"] > 1
+    assert rows[0]["interrupted"] == 0
+
+
+async def test_http10_client_gets_a_close_delimited_stream(gateway):
+    body = json.dumps(message("old client", stream=True)).encode()
+    head = (f"POST /v1/messages HTTP/1.0\r\nhost: 127.0.0.1\r\nx-api-key: {gateway.key}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode()
+    async with await connect(gateway) as conn:
+        await conn.send(head + body)
+        response = await conn.read_head()
+        assert response.status == 200
+        assert response.header("transfer-encoding") is None and response.header("content-length") is None
+        assert response.header("connection") == "close"
+        data = await conn.read_until_eof()                       # the end of the body is the close
+    events = parse_sse(data)
+    assert events[0][0] == "message_start" and events[-1][0] == "message_stop"
+    assert sse_text(events) == expected_text("old client")
+    rows = await gateway.usage_rows(1)
+    assert rows[0]["output_tokens"] == gateway.mock.served[0]["usage"]["output_tokens"] > 1
+
+
+async def test_http10_client_gets_a_plain_json_answer(gateway):
+    body = json.dumps(message("old json")).encode()
+    head = (f"POST /v1/messages HTTP/1.0\r\nx-api-key: {gateway.key}\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode()
+    async with await connect(gateway) as conn:
+        await conn.send(head + body)
+        response = await conn.read_response()
+        assert response.status == 200 and response.header("connection") == "close"
+        assert response.json()["content"][0]["text"] == expected_text("old json")
+        assert await conn.wait_closed_by_peer(timeout=5)
+
+
+async def test_health(gateway):
+    async with await connect(gateway) as conn:
+        response = await conn.request("GET", "/health")
+    assert response.status == 200 and response.json() == {"status": "ok"}
+    assert response.header("content-type") == "application/json"
+    assert REQUEST_ID.fullmatch(response.header("request-id"))
+    assert gateway.mock.requests == []
+    assert await gateway.usage_rows(0) == []
