@@ -397,6 +397,36 @@ async def test_upstream_cut_mid_stream_becomes_an_error_event_then_close(gateway
     assert row["input_tokens"] == gateway.mock.served[0]["usage"]["input_tokens"] > 0
 
 
+async def test_stream_abandoned_before_its_first_byte_stops_upstream(gateway):
+    # Claude Code's Esc while waiting for the first token: nobody will read the
+    # stream, so the upstream generation is stopped and the request still metered.
+    mock = gateway.mock
+    headers = {"x-api-key": gateway.key, "x-mock-scenario": "first-byte-delay=5"}
+    async with await connect(gateway) as conn:
+        await conn.send(request_bytes("POST", "/v1/messages", headers, json_body=message("never mind", stream=True)))
+        await mock.wait_until(lambda: len(mock.requests) == 1)
+        conn.close()
+
+    await mock.wait_until(lambda: mock.requests[0].disconnected.is_set(), timeout=3)
+    row = (await gateway.usage_rows(1))[0]
+    assert row["interrupted"] == 1 and row["status"] == 499 and row["stream"] == 1
+    assert row["error_type"] == "client_closed_request" and row["channel_name"] == "main"
+
+
+async def test_json_request_completes_after_its_client_half_closed(gateway):
+    # A FIN is ambiguous (half-close or gone); a JSON answer is cheap to finish
+    # and its usage is then exact, so the gateway waits for it and still answers.
+    mock = gateway.mock
+    headers = {"x-api-key": gateway.key, "x-mock-scenario": "first-byte-delay=0.3"}
+    async with await connect(gateway) as conn:
+        await conn.send(request_bytes("POST", "/v1/messages", headers, json_body=message("finish anyway")))
+        conn.writer.write_eof()
+        response = await conn.read_response()
+    assert response.status == 200 and response.json()["content"][0]["text"] == expected_text("finish anyway")
+    row = (await gateway.usage_rows(1))[0]
+    assert row["interrupted"] == 0 and row["output_tokens"] == mock.served[0]["usage"]["output_tokens"] > 0
+
+
 async def _slow_connection(env) -> RawConnection:
     """A client with a tiny receive buffer, so unread data backs up into the gateway at once."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
