@@ -100,19 +100,27 @@ class PluginHost:
                 log.exception("plugin %s failed to close", name)
 
     # -- chains --------------------------------------------------------------
-    async def authenticate(self, request: RequestInfo) -> tuple[Caller, Any]:
-        """The caller and the plugin that vouched for it (for finish())."""
-        for name, plugin in self.auth:
+    async def _first(self, kind: str, plugins: list, call) -> tuple[Any, Any]:
+        """Run a decision chain: the first non-None answer and the plugin that gave it.
+        Reject becomes the client's error; any other exception is contained."""
+        for name, plugin in plugins:
             try:
-                caller = await plugin.authenticate(request)
+                result = await call(plugin)
             except Reject as r:
                 raise GatewayError(r.status, r.message, r.error_type, r.headers) from None
             except Exception:  # noqa: BLE001
-                log.exception("auth plugin %s failed", name)
-                raise GatewayError(500, "authentication failed inside the gateway", "api_error") from None
-            if caller is not None:
-                return caller, plugin
-        raise GatewayError(401, "invalid x-api-key", "authentication_error")
+                log.exception("%s plugin %s failed", kind, name)
+                raise GatewayError(500, f"{kind} failed inside the gateway", "api_error") from None
+            if result is not None:
+                return result, plugin
+        return None, None
+
+    async def authenticate(self, request: RequestInfo) -> tuple[Caller, Any]:
+        """The caller and the plugin that vouched for it (for finish())."""
+        caller, plugin = await self._first("auth", self.auth, lambda p: p.authenticate(request))
+        if caller is None:
+            raise GatewayError(401, "invalid x-api-key", "authentication_error")
+        return caller, plugin
 
     async def finish(self, plugin: Any, caller: Caller, record: UsageRecord) -> None:
         finish = getattr(plugin, "finish", None)
@@ -124,17 +132,8 @@ class PluginHost:
             log.exception("auth plugin finish() failed")
 
     async def route(self, request: RequestInfo, caller: Caller) -> Optional[Sequence[Channel]]:
-        for name, plugin in self.routers:
-            try:
-                channels = await plugin.route(request, caller)
-            except Reject as r:
-                raise GatewayError(r.status, r.message, r.error_type, r.headers) from None
-            except Exception:  # noqa: BLE001
-                log.exception("router plugin %s failed", name)
-                raise GatewayError(500, "routing failed inside the gateway", "api_error") from None
-            if channels is not None:
-                return channels
-        return None
+        channels, _ = await self._first("router", self.routers, lambda p: p.route(request, caller))
+        return channels
 
     def feedback(self, outcome: Outcome) -> None:
         for name, plugin in self._feedback:

@@ -52,6 +52,18 @@ def event_data(event: bytes) -> Optional[bytes]:
     return b"\n".join(lines) if lines else None
 
 
+def event_json(event: bytes) -> Optional[dict]:
+    """The event's data as a JSON object, or None (absent or not an object)."""
+    data = event_data(event)
+    if not data:
+        return None
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def event_name(event: bytes) -> Optional[bytes]:
     for line in event.split(b"\n"):
         if line.startswith(b"event:"):
@@ -107,12 +119,8 @@ class SseSplicer:
             name = event_name(ev)
             if name == b"message_start":
                 self.saw_start = True
-                data = event_data(ev)
-                if data is None:
-                    continue
-                try:
-                    obj = orjson.loads(data)
-                except orjson.JSONDecodeError:
+                obj = event_json(ev)
+                if obj is None:
                     continue
                 message = obj.get("message") or {}
                 self.meter.message_start(message)
@@ -122,23 +130,14 @@ class SseSplicer:
                         rebuilt = list(events)
                     rebuilt[i] = b"event: message_start\ndata: " + orjson.dumps(obj)
             elif name == b"message_delta":
-                data = event_data(ev)
-                if data is None:
-                    continue
-                try:
-                    obj = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    continue
-                self.meter.message_delta(obj)
+                obj = event_json(ev)
+                if obj is not None:
+                    self.meter.message_delta(obj)
             elif name == b"message_stop":
                 self.saw_stop = True
             elif name == b"error":
-                data = event_data(ev)
-                try:
-                    obj = orjson.loads(data) if data else {}
-                except orjson.JSONDecodeError:
-                    obj = {}
-                self.error = (obj.get("error") if isinstance(obj, dict) else None) or {"type": "api_error"}
+                obj = event_json(ev) or {}
+                self.error = obj.get("error") or {"type": "api_error"}
         if rebuilt is None:
             return region
         return b"\n\n".join(rebuilt) + b"\n\n"
