@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, Union
 
@@ -136,6 +137,10 @@ class RawConnection:
 
     def abort(self) -> None:
         """Reset the connection (RST): the harshest way for a client to go away."""
+        sock = self.writer.transport.get_extra_info("socket")
+        if sock is not None:
+            # Linger 0: close() sends RST even when nothing is left unread.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.writer.transport.abort()
 
     # -- reading --------------------------------------------------------------------------------------------

@@ -222,7 +222,7 @@ class HttpConnection(asyncio.Protocol):
         if self._responder is not None or self._discarding:
             self._peer_eof = True
             r = self._responder
-            if r is not None and r.abandon_on_disconnect and not r.started and self._task is not None:
+            if r is not None and r.abandon_on_disconnect and not r.finished and self._task is not None:
                 self._task.cancel()
             return True
         return None  # idle: let the transport close
