@@ -313,21 +313,23 @@ class MessagesForwarder:
     async def _splice(self, conn: UpstreamConnection, pool: Pool, resp: Responder, status: int,
                       headers: list, meter: UsageMeter, rename: Optional[tuple[str, str]],
                       record: UsageRecord) -> None:
-        timeout = self.settings.read_timeout
         splicer = SseSplicer(meter, rename)
         record.status = status
         resp.start(status, headers)
+
+        def sink(piece: bytes) -> bool:
+            # Runs inside the upstream socket callback: splice and write, no task switch.
+            out = splicer.feed(piece)
+            if out and not resp.write_nowait(out):
+                resp.when_writable(conn.resume)
+                return False
+            return True
+
         try:
-            while True:
-                chunk = await conn.read(timeout)
-                if not chunk:
-                    tail = splicer.flush()
-                    if tail:
-                        await resp.write(tail)
-                    break
-                out = splicer.feed(chunk)
-                if out:
-                    await resp.write(out)
+            await conn.pump(sink, self.settings.read_timeout)
+            tail = splicer.flush()
+            if tail:
+                await resp.write(tail)
         except (ClientGone, asyncio.CancelledError) as exc:
             # The client left, or shutdown cut the stream at its deadline.
             record.interrupted = True
@@ -335,9 +337,13 @@ class MessagesForwarder:
             for chunk in conn.buffered():
                 splicer.feed(chunk)
             pool.discard(conn)
-            resp.end()
             if isinstance(exc, asyncio.CancelledError):
+                if not resp.client_gone:
+                    # Shutdown deadline: say so in-band; the connection then closes
+                    # without the final chunk, so the stream never looks complete.
+                    resp.write_nowait(sse_error_event("overloaded_error", "the gateway is shutting down"))
                 raise
+            resp.end()
             return
         except UpstreamError as exc:
             pool.discard(conn)

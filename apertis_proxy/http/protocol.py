@@ -122,15 +122,35 @@ class Responder:
         conn = self._conn
         if conn.closed:
             raise ClientGone()
+        self._frame(data)
+        if conn.write_paused:
+            await conn.drain()
+
+    def write_nowait(self, data: bytes) -> bool:
+        """Send one piece without waiting (for callbacks); False once the client
+        is behind: stop producing and use `when_writable`."""
+        conn = self._conn
+        if conn.closed:
+            return True     # nothing to pace: the handler is being cancelled
+        self._frame(data)
+        return not conn.write_paused
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the client has drained below the high-water mark."""
+        if self._conn.write_paused:
+            self._conn.on_writable = callback
+        else:
+            callback()
+
+    def _frame(self, data: bytes) -> None:
         self.bytes_sent += len(data)
+        conn = self._conn
         if not self._chunked:
             conn.write(data)
         elif len(data) < 16384:
             conn.write(b"%x\r\n" % len(data) + data + b"\r\n")
         else:
             conn.write(b"%x\r\n" % len(data), data, b"\r\n")
-        if conn.write_paused:
-            await conn.drain()
 
     def end(self) -> None:
         if self.finished:
@@ -155,6 +175,7 @@ class HttpConnection(asyncio.Protocol):
         self.http11 = True
         self.write_paused = False
         self._drain_waiter: Optional[asyncio.Future] = None
+        self.on_writable: Optional[Callable[[], None]] = None
         self._client = ""
         # Per request cycle.
         self._request: Optional[h11.Request] = None
@@ -234,6 +255,9 @@ class HttpConnection(asyncio.Protocol):
         self.write_paused = False
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+        callback, self.on_writable = self.on_writable, None
+        if callback is not None:
+            callback()
 
     # -- writing -----------------------------------------------------------
     def write(self, *parts: bytes) -> None:

@@ -10,13 +10,19 @@ client downstream), incoming chunks queue up to a high-water mark and then the
 socket stops being read: backpressure reaches the upstream through TCP.
 
 The read timeout applies between bytes, never to the whole response: streams
-may last many minutes.
+may last many minutes.  It is checked against the time of the last byte, so
+no timer is re-armed per chunk, and time spent paused for a slow client does
+not count.
+
+`pump(sink)` is the streaming fast path: each body piece goes to `sink` right
+from `data_received`, with no task wake-up per SSE event; the awaiting
+coroutine only resumes when the body ends or fails.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Optional
+from typing import Callable, Optional
 
 import h11
 
@@ -50,7 +56,8 @@ class ResponseHead:
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("_loop", "transport", "_h11", "_queue", "_queued", "_waiter", "_error", "_eom",
-                 "_reading", "closed", "idle_since", "requests", "_head", "_decoder", "_keep_alive")
+                 "_reading", "closed", "idle_since", "requests", "_head", "_decoder", "_keep_alive",
+                 "_sink", "_last_rx")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -65,6 +72,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head: Optional[ResponseHead] = None
         self._decoder: Optional[BodyDecoder] = None
         self._keep_alive = True
+        self._sink: Optional[Callable[[bytes], bool]] = None
+        self._last_rx = 0.0
         self.closed = False
         self.idle_since = 0.0
         self.requests = 0
@@ -90,9 +99,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def data_received(self, data: bytes) -> None:
+        self._last_rx = self._loop.time()
         try:
             if self._decoder is not None:
                 self._body(data)
+                if self._sink is not None and not self._eom:
+                    return          # streaming straight to the sink: nobody to wake
             else:
                 self._h11.receive_data(data)
                 self._pump()
@@ -131,7 +143,10 @@ class UpstreamConnection(asyncio.Protocol):
         decoder = self._decoder
         assert decoder is not None
         chunk = decoder.feed(data)
-        if chunk:
+        if chunk and self._sink is not None:
+            if not self._sink(chunk):
+                self.pause()            # the client is slow: stop reading upstream
+        elif chunk:
             self._queue.append(chunk)
             self._queued += len(chunk)
             if self._queued > _QUEUE_HIGH_WATER and self._reading and self.transport is not None:
@@ -153,15 +168,39 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def _wait(self, timeout: float, phase: str) -> None:
         self._waiter = fut = self._loop.create_future()
-        timer = self._loop.call_later(timeout, _expire, fut)
+        self._last_rx = self._loop.time()
+        timer = self._loop.call_later(timeout, self._check_idle, fut, timeout)
         try:
             await fut
         finally:
-            timer.cancel()
             self._waiter = None
         if fut.result() is _TIMED_OUT:
             self._fail(UpstreamError(f"upstream sent nothing for {timeout:g}s", phase, timeout=True))
             self.close()
+        else:
+            timer.cancel()
+
+    def _check_idle(self, fut: asyncio.Future, timeout: float) -> None:
+        if fut.done():
+            return
+        idle = self._loop.time() - self._last_rx
+        if idle >= timeout and self._reading:
+            fut.set_result(_TIMED_OUT)
+        else:
+            # Bytes came meanwhile, or we are paused for a slow client: look again later.
+            delay = timeout - idle if self._reading else timeout
+            self._loop.call_later(max(delay, 0.001), self._check_idle, fut, timeout)
+
+    def pause(self) -> None:
+        if self._reading and self.transport is not None and not self.closed:
+            self._reading = False
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if not self._reading and self.transport is not None and not self.closed:
+            self._reading = True
+            self._last_rx = self._loop.time()
+            self.transport.resume_reading()
 
     # -- public API ------------------------------------------------------------
     def send_request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
@@ -203,6 +242,26 @@ class UpstreamConnection(asyncio.Protocol):
             if self._error is not None:
                 raise self._error
             await self._wait(timeout, "body")
+
+    async def pump(self, sink: Callable[[bytes], bool], timeout: float) -> None:
+        """Hand the rest of the body to `sink` as it arrives; return at its end.
+
+        `sink(piece)` returns False to ask for a pause; call `resume()` when the
+        consumer can take more.  Raises UpstreamError (also on a timeout)."""
+        if self._queue:
+            backlog = b"".join(self._queue)
+            self._queue.clear()
+            self._queued = 0
+            if not sink(backlog):
+                self.pause()
+        self._sink = sink
+        try:
+            while not self._eom:
+                if self._error is not None:
+                    raise self._error
+                await self._wait(timeout, "body")
+        finally:
+            self._sink = None
 
     async def read_all(self, timeout: float, limit: int) -> bytes:
         parts = []
@@ -249,8 +308,3 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 _TIMED_OUT = object()
-
-
-def _expire(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(_TIMED_OUT)
