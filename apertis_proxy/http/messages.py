@@ -51,8 +51,9 @@ def status_line(status: int) -> bytes:
     return line
 
 
-def _check(value: bytes) -> bytes:
-    # Header injection guard: values come from upstreams and plugins.
+def checked(value: bytes) -> bytes:
+    """Header injection guard for values we did not parse ourselves (upstream,
+    plugins, channel settings)."""
     if b"\r" in value or b"\n" in value:
         raise ValueError("header value contains a line break")
     return value
@@ -64,7 +65,7 @@ def build_head(status: int, headers: Iterable[tuple[bytes, bytes]], *, content_l
     or (chunked=False, HTTP/1.0) delimited by closing the connection."""
     parts = [status_line(status)]
     for name, value in headers:
-        parts.append(name + b": " + _check(value) + b"\r\n")
+        parts.append(name + b": " + checked(value) + b"\r\n")
     if content_length is None:
         if chunked:
             parts.append(b"transfer-encoding: chunked\r\n")

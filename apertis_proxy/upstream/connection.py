@@ -1,6 +1,9 @@
 """One HTTP/1.1 connection to an upstream channel: h11 client state + asyncio I/O.
 
-h11 writes the request and parses the response head; the body framing is then
+h11 keeps the connection state and parses the response head.  The request is
+written from bytes (h11's request writer costs ~30 us with an SDK's 15
+headers, measured); h11 is told a request went out through one prebuilt
+minimal event, which is all its state machine needs.  The body framing is
 decoded by framing.py (h11's per-chunk events are too slow for SSE), and a
 fresh h11.Connection starts each request cycle on a kept-alive connection.
 
@@ -26,9 +29,16 @@ from typing import Callable, Optional
 
 import h11
 
+from ..http.messages import checked
 from .framing import BodyDecoder, FramingError, decoder_for
 
 _QUEUE_HIGH_WATER = 256 * 1024
+# What h11 is told about each request: a POST with a delimited body, which is
+# what decides how it frames the response.  Built once: validating an event is
+# most of its cost.
+_SENT_REQUEST = h11.Request(method=b"POST", target=b"/", headers=[(b"host", b"upstream"),
+                                                                   (b"content-length", b"0")])
+_SENT_END = h11.EndOfMessage()
 
 
 class UpstreamError(Exception):
@@ -205,17 +215,27 @@ class UpstreamConnection(asyncio.Protocol):
     # -- public API ------------------------------------------------------------
     def send_request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                      body: bytes) -> None:
-        """Write the whole request (head and body) at once."""
+        """Write the whole request (head and body) at once.  `headers` must carry
+        host and content-length; values are checked for line breaks."""
+        if method != b"POST":
+            raise UpstreamError("only POST requests are forwarded", "send")
         self.requests += 1
         try:
-            head = self._h11.send(h11.Request(method=method, target=target, headers=headers))
-            tail = self._h11.send(h11.Data(data=body)) if body else b""
-            end = self._h11.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as exc:
+            self._h11.send(_SENT_REQUEST)
+            self._h11.send(_SENT_END)
+            parts = [b"POST ", target, b" HTTP/1.1\r\n"]
+            for name, value in headers:
+                parts.append(name + b": " + checked(value) + b"\r\n")
+        except (h11.LocalProtocolError, ValueError) as exc:
             raise UpstreamError(f"cannot send request: {exc}", "send") from exc
         if self.closed or self.transport is None:
             raise UpstreamError("upstream connection closed before the request was sent", "send")
-        self.transport.writelines((head, tail, end) if len(body) > 16384 else (head + tail + end,))
+        parts.append(b"\r\n")
+        if len(body) > 16384:
+            self.transport.writelines((b"".join(parts), body))
+        else:
+            parts.append(body)
+            self.transport.write(b"".join(parts))
 
     async def read_head(self, timeout: float) -> ResponseHead:
         while self._head is None:
