@@ -524,3 +524,33 @@ async def test_health(gateway):
     assert REQUEST_ID.fullmatch(response.header("request-id"))
     assert gateway.mock.requests == []
     assert await gateway.usage_rows(0) == []
+
+
+async def test_stream_ended_without_message_stop_gets_an_error_event(gateway_env):
+    # An upstream (or a proxy in front of it) that ends the body cleanly but early:
+    # the client must not take the partial message for a complete one.
+    start = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
+             b'"role":"assistant","content":[],"model":"claude-haiku-4-5-20251001","stop_reason":null,'
+             b'"stop_sequence":null,"usage":{"input_tokens":7,"output_tokens":1}}}\n\n')
+
+    async def upstream(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     + b"%x\r\n" % len(start) + start + b"\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    try:
+        key = gateway_env.add_key("alice")
+        gateway_env.add_channel("cut", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        await gateway_env.start()
+        async with await connect(gateway_env) as conn:
+            response = await conn.request("POST", "/v1/messages", {"x-api-key": key},
+                                          json_body=message("partial", stream=True))
+        names = [name for name, _ in parse_sse(response.body)]
+        assert names == ["message_start", "error"]
+        row = (await gateway_env.usage_rows(1))[0]
+        assert row["error_type"] == "api_error" and row["input_tokens"] == 7
+    finally:
+        server.close()

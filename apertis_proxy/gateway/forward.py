@@ -361,4 +361,11 @@ class MessagesForwarder:
         pool.release(conn)
         if splicer.error is not None:
             record.error_type = str(splicer.error.get("type") or "api_error")
+        elif not splicer.saw_stop:
+            # A cleanly ended body that lacks message_stop is still a cut message.
+            record.error_type = "api_error"
+            try:
+                await resp.write(sse_error_event("api_error", "upstream ended the stream before message_stop"))
+            except ClientGone:
+                record.interrupted = True
         resp.end()

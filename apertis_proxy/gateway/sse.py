@@ -75,15 +75,13 @@ class SseSplicer:
     """Stateful splice of one stream.  `rename_model` rewrites message_start's
     model (the client sees the name it asked for, not the upstream alias target)."""
 
-    __slots__ = ("_tail", "meter", "rename_model", "events", "error", "saw_stop", "saw_start")
+    __slots__ = ("_tail", "meter", "rename_model", "error", "saw_stop")
 
     def __init__(self, meter: UsageMeter, rename_model: Optional[tuple[str, str]] = None) -> None:
         self._tail = b""
         self.meter = meter
         self.rename_model = rename_model     # (upstream id, client name)
-        self.events = 0
         self.error: Optional[dict] = None    # the in-band error upstream sent, if any
-        self.saw_start = False
         self.saw_stop = False
 
     def feed(self, chunk: bytes) -> bytes:
@@ -96,8 +94,7 @@ class SseSplicer:
             region, self._tail = buf, b""
         else:
             region, self._tail = buf[:end], buf[end:]
-        # Cheap counting for stats; the hot path is just these substring tests.
-        self.events += region.count(b"event:")
+        # The hot path is just these substring tests.
         if b"message_" in region or b"event: error" in region or b"event:error" in region:
             region = self._inspect(region)
         return region
@@ -118,7 +115,6 @@ class SseSplicer:
         for i, ev in enumerate(events):
             name = event_name(ev)
             if name == b"message_start":
-                self.saw_start = True
                 obj = event_json(ev)
                 if obj is None:
                     continue
