@@ -51,12 +51,12 @@ def run_wrk(sc: Scenario, port: int, key: str, body: Path, cpu: Optional[int], w
             seconds: int) -> dict:
     script = workdir / f"wrk-{sc.key}.lua"
     script.write_text(WRK_SCRIPT.format(body=body, key=key, version=API_VERSION))
-    cmd = pinned(["wrk", "-t1", f"-c{sc.connections}", f"-d{seconds}s", f"--timeout", f"{sc.timeout:g}s",
+    cmd = pinned(["wrk", "-t1", f"-c{sc.connections}", f"-d{seconds}s", "--timeout", f"{sc.timeout:g}s",
                   "-s", str(script), url(port, sc)], cpu)
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + sc.timeout + 30)
     except subprocess.TimeoutExpired:
-        raise DriverError(f"wrk did not finish within {seconds + sc.timeout + 30:.0f}s")
+        raise DriverError(f"wrk did not finish within {seconds + sc.timeout + 30:.0f}s") from None
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
     if line is None:
         raise DriverError(f"wrk failed ({res.returncode}): {(res.stdout + res.stderr).strip()[-400:]}")
@@ -86,11 +86,12 @@ def run_loadgen(python: str, sc: Scenario, port: int, key: str, body: Path, cpu:
     try:
         res = subprocess.run(pinned(cmd, cpu), capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired:
-        raise DriverError(f"loadgen did not finish within {limit:.0f}s")
+        raise DriverError(f"loadgen did not finish within {limit:.0f}s") from None
     try:
         out = json.loads(res.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        raise DriverError(f"loadgen failed ({res.returncode}): {(res.stdout + res.stderr).strip()[-400:]}")
+        raise DriverError(
+            f"loadgen failed ({res.returncode}): {(res.stdout + res.stderr).strip()[-400:]}") from None
     lat, ttfb = out["latency_ms"], out["ttfb_ms"]
     return {
         "ok": out["ok"], "errors": out["errors"], "rps": out["rps"],

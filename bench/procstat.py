@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import threading
@@ -103,6 +104,12 @@ class RssSampler:
         while not self._stop.is_set():
             self.peak = max(self.peak, rss_kb(self.pid))
             self._stop.wait(self.interval)
+
+
+def own_cpu_seconds() -> float:
+    """CPU of this process and its waited-for children (the load generators), in seconds."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def core_times() -> dict[int, tuple[int, int]]:

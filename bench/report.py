@@ -105,9 +105,16 @@ def table(rows: list[Row], order: list[str]) -> str:
                 _num(r["peak_rss_kb"] / 1024) if is_sut and r.get("peak_rss_kb") else DASH,
                 _num(r.get("kb_per_stream")) if is_sut else DASH,
                 _errors(r),
-                f"{_num(r.get('sut_busy'))}% / {_num(r.get('load_busy'))}%",
+                f"{_num(r.get('sut_busy'))}% / {_num(r.get('load_busy'))}%" + (" ⚠" if disturbed(r) else ""),
             ]) + " |")
     return "\n".join(lines)
+
+
+FOREIGN_LIMIT = 10.0   # percentage points of a core used by processes not ours
+
+
+def disturbed(r: Row) -> bool:
+    return max(r.get("sut_foreign") or 0.0, r.get("load_foreign") or 0.0) > FOREIGN_LIMIT
 
 
 def _short(text: str, limit: int = 160) -> str:
@@ -125,16 +132,19 @@ def idle_table(idle: dict[str, list[int]]) -> str:
 
 def metering_table(rows: list[Row], order: list[str]) -> str:
     grouped = by_scenario(rows)
-    lines = ["| scenario | req/s with metering | without | throughput cost | CPU µs/req with / without |",
-             "|---|---|---|---|---|"]
+    lines = ["| scenario | req/s with metering | without | throughput cost | CPU µs/req with / without "
+             "| CPU cost |", "|---|---|---|---|---|---|"]
     for key in order:
         full, bare = grouped.get(key, {}).get("proxy"), grouped.get(key, {}).get("proxy-nometer")
         if not (_ok(full) and _ok(bare)):
             continue
         cost = 100.0 * (bare["rps"] - full["rps"]) / bare["rps"] if bare["rps"] else None
+        # CPU per request is the steadier measure when the machine is not quiet.
+        fc, bc = full.get("cpu_us_req"), bare.get("cpu_us_req")
+        cpu_cost = f"{_num(100.0 * (fc - bc) / bc)}%" if fc is not None and bc else DASH
         lines.append(f"| {key}: {full['label']} | {_num(full['rps'])} | {_num(bare['rps'])} | "
                      f"{_num(cost) + '%' if cost is not None else DASH} | "
-                     f"{_num(full.get('cpu_us_req'))} / {_num(bare.get('cpu_us_req'))} |")
+                     f"{_num(full.get('cpu_us_req'))} / {_num(bare.get('cpu_us_req'))} | {cpu_cost} |")
     return "\n".join(lines) if len(lines) > 2 else "(needs both proxy rows)"
 
 
@@ -146,41 +156,44 @@ def targets(rows: list[Row], idle: dict[str, list[int]]) -> str:
     """The goals of issue 5, for one worker on one core, checked against this run."""
     g = by_scenario(rows)
 
-    def get(key: str, target: str) -> Optional[Row]:
-        r = g.get(key, {}).get(target)
+    def get(key: Optional[str], target: str) -> Optional[Row]:
+        r = g.get(key, {}).get(target) if key else None
         return r if _ok(r) else None
 
     out = []
 
-    def line(text: str, ok: Optional[bool], got: str) -> None:
-        out.append(f"| {text} | {got} | {_check(ok)} |")
+    def line(text: str, ok: Optional[bool], got: str, *used: Optional[Row]) -> None:
+        verdict = _check(ok)
+        if ok is not None and any(r and disturbed(r) for r in used):
+            verdict += " ⚠ (disturbed run)"
+        out.append(f"| {text} | {got} | {verdict} |")
 
     p, n = get("a-c64", "proxy"), get("a-c64", "nginx")
     line("(a) c=64: req/s at least 15% of nginx (all plugins)",
-         (p["rps"] / n["rps"] >= 0.15) if p and n else None, _pct(p and p["rps"], n and n["rps"]))
+         (p["rps"] / n["rps"] >= 0.15) if p and n else None, _pct(p and p["rps"], n and n["rps"]), p, n)
     p, d = get("a-c1", "proxy"), get("a-c1", "direct")
     added = _diff(p, d, "p50") if p and d else None
     line("(a) c=1: added p50 latency under 0.3 ms", (added < 0.3) if added is not None else None,
-         f"{_signed(added)} ms")
+         f"{_signed(added)} ms", p, d)
     ckey = next((k for k in g if k.startswith("c-")), None)
-    p, n = (get(ckey, "proxy"), get(ckey, "nginx")) if ckey else (None, None)
+    p, n = get(ckey, "proxy"), get(ckey, "nginx")
     line(f"({ckey or 'c'}) streams/s at least 25% of nginx", (p["rps"] / n["rps"] >= 0.25) if p and n else None,
-         _pct(p and p["rps"], n and n["rps"]))
+         _pct(p and p["rps"], n and n["rps"]), p, n)
     p, d = get("d-5000", "proxy"), get("d-5000", "direct")
     added = _diff(p, d, "ttfb99") if p and d else None
     line("(d) 5,000 streams: added p99 TTFB under 20 ms", (added < 20) if added is not None else None,
-         f"{_signed(added)} ms")
+         f"{_signed(added)} ms", p, d)
     line("(d) 5,000 streams: CPU under 10 µs per forwarded event",
          (p["cpu_us_event"] < 10) if p and p.get("cpu_us_event") is not None else None,
-         f"{_num(p and p.get('cpu_us_event'))} µs")
+         f"{_num(p and p.get('cpu_us_event'))} µs", p)
     line("(d) 5,000 streams: under 25 KB resident per open stream",
          (p["kb_per_stream"] < 25) if p and p.get("kb_per_stream") is not None else None,
-         f"{_num(p and p.get('kb_per_stream'))} KB")
-    line("(d) 5,000 streams: no errors", (not p["errors"]) if p else None, _errors(p) if p else DASH)
+         f"{_num(p and p.get('kb_per_stream'))} KB", p)
+    line("(d) 5,000 streams: no errors", (not p["errors"]) if p else None, _errors(p) if p else DASH, p)
     full, bare = get("a-c64", "proxy"), get("a-c64", "proxy-nometer")
     cost = 100.0 * (bare["rps"] - full["rps"]) / bare["rps"] if full and bare and bare["rps"] else None
     line("metering costs under 5% of throughput (a, c=64)", (cost < 5) if cost is not None else None,
-         f"{_num(cost)}%")
+         f"{_num(cost)}%", full, bare)
     vals = idle.get("proxy") or []
     line("idle resident memory under 60 MB", (max(vals) / 1024 < 60) if vals else None,
          f"{_num(max(vals) / 1024) if vals else DASH} MB")
@@ -193,7 +206,12 @@ def problems(rows: list[Row]) -> str:
         if r.get("status") != "ok":
             lines.append(f"- {r['scenario']} / {TARGET_LABELS.get(r['target'], r['target'])}: "
                          f"{r['status']}: {_short(r.get('note', ''), 600)}")
-        elif r.get("errors"):
+        if r.get("status") == "ok" and disturbed(r):
+            lines.append(f"- {r['scenario']} / {TARGET_LABELS.get(r['target'], r['target'])}: ⚠ other work on the "
+                         f"machine: SUT core {_num(r.get('sut_foreign'))} and load core "
+                         f"{_num(r.get('load_foreign'))} points busier than our processes account for; "
+                         f"run this scenario again (`--scenarios {r['scenario']}`)")
+        if r.get("status") == "ok" and r.get("errors"):
             lines.append(f"- {r['scenario']} / {TARGET_LABELS.get(r['target'], r['target'])}: {_errors(r)}"
                          + (f"; first: {_short(r['first_error'], 300)}" if r.get("first_error") else ""))
     return "\n".join(lines) if lines else "none"

@@ -131,49 +131,62 @@ class Bench:
         return out
 
     # -- running --
-    def run(self, chosen: list[Scenario], targets: list[Target]) -> None:
+    def run(self, chosen: list[Scenario], targets: list[Target], retries: int) -> None:
         for block in blocks(chosen):
             for target in targets:
-                self._run_block(block, target)
+                self._run_block(block, target, retries)
 
     def _row(self, sc: Scenario, target: Target, status: str, note: str = "", **fields) -> dict:
         row = {"scenario": sc.key, "group": sc.group, "label": sc.label, "target": target.name,
                "status": status, "note": note, **fields}
-        self.rows.append(row)
         print(f"  {sc.key:8} {target.name:14} {status:7} " + (_brief(row) if status == "ok" else note[:200]),
               flush=True)
         return row
 
-    def _run_block(self, block: list[Scenario], target: Target) -> None:
+    def _run_block(self, block: list[Scenario], target: Target, retries: int) -> None:
+        """The block's scenarios on one fresh start of the target.  A measurement that other work on the
+        machine disturbed is taken again after a quiet moment (paced streams on a fresh start, so memory
+        per stream starts clean) and the least disturbed attempt is kept."""
         if target.unavailable:
-            for sc in block:
-                self._row(sc, target, "skipped", target.unavailable)
+            self.rows.extend(self._row(sc, target, "skipped", target.unavailable) for sc in block)
             return
-        svc = None
+        svc: Optional[Service] = None
         try:
-            if target.start is not None:
-                try:
-                    svc = target.start()
-                except ServiceError as exc:
-                    for sc in block:
-                        self._row(sc, target, "error", f"start failed: {exc}")
-                    return
-            port = svc.port if svc else target.fixed_port
             for i, sc in enumerate(block):
-                self._measure(sc, target, svc, port, first=(i == 0))
+                best: Optional[dict] = None
+                for attempt in range(1 + retries):
+                    if attempt:
+                        print(f"  ... other work on the machine disturbed {sc.key} on {target.name}; "
+                              f"waiting for a quiet moment, then attempt {attempt + 1}", flush=True)
+                        wait_quiet(60.0)
+                    if target.start is not None and (svc is None or (attempt and sc.paced)):
+                        if svc is not None:
+                            svc.stop()
+                        try:
+                            svc = target.start()
+                        except ServiceError as exc:
+                            svc = None
+                            best = self._row(sc, target, "error", f"start failed: {exc}")
+                            break
+                    port = svc.port if svc else target.fixed_port
+                    row = self._measure(sc, target, svc, port, idle=(i == 0 and attempt == 0))
+                    if best is None or (row["status"] == "ok" and _foreign(row) < _foreign(best)):
+                        best = row
+                    if row["status"] != "ok" or not report.disturbed(row):
+                        break
+                self.rows.append(best)
         finally:
             if svc is not None:
                 svc.stop()
 
-    def _measure(self, sc: Scenario, target: Target, svc: Optional[Service], port: int, first: bool) -> None:
+    def _measure(self, sc: Scenario, target: Target, svc: Optional[Service], port: int, idle: bool) -> dict:
         lay, py = self.layout, self.python
         body = self.bodies[(sc.body, sc.stream)]
         problem = preflight(py, preflight_variant(sc), port, target.key, body, lay.load_cpu)
         if problem:
-            self._row(sc, target, "error", f"preflight: {problem}")
-            return
+            return self._row(sc, target, "error", f"preflight: {problem}")
         pid = svc.pid if svc else None
-        if first and pid:
+        if idle and pid:
             time.sleep(0.5)
             self.idle.setdefault(target.name, []).append(procstat.rss_kb(pid))
         try:
@@ -181,7 +194,7 @@ class Bench:
                 run_wrk(sc, port, target.key, body, lay.load_cpu, self.workdir, sc.warmup)
             cpu0 = procstat.cpu_seconds(pid) if pid else 0.0
             mock0 = procstat.cpu_seconds(self.mock.pid)
-            cores0 = procstat.core_times()
+            cores0, own0, t_start = procstat.core_times(), procstat.own_cpu_seconds(), time.monotonic()
             hwm_ok = procstat.reset_peak(pid) if pid else False
             rss0 = procstat.rss_kb(pid) if pid else 0
             spy = self._start_profile(sc, target, pid)
@@ -194,13 +207,11 @@ class Bench:
                 time.sleep(SETTLE)
             cpu = (procstat.cpu_seconds(pid) - cpu0) if pid else None
             mock_cpu = procstat.cpu_seconds(self.mock.pid) - mock0
-            cores1 = procstat.core_times()
+            cores1, own1, window = procstat.core_times(), procstat.own_cpu_seconds(), time.monotonic() - t_start
         except DriverError as exc:
-            self._row(sc, target, "error", str(exc))
-            return
+            return self._row(sc, target, "error", str(exc))
         if pid and svc.proc.poll() is not None:
-            self._row(sc, target, "error", f"{target.name} exited during the run ({svc.proc.returncode})")
-            return
+            return self._row(sc, target, "error", f"{target.name} exited during the run ({svc.proc.returncode})")
         peak = max(procstat.hwm_kb(pid) if hwm_ok else 0, sampler.peak) if pid else None
         ok, events = res["ok"], res["events"]
         fields = dict(res)
@@ -214,7 +225,12 @@ class Bench:
             sut_busy=procstat.core_busy(cores0, cores1, lay.sut_cpu),
             load_busy=procstat.core_busy(cores0, cores1, lay.load_cpu),
         )
-        self._row(sc, target, "ok", **fields)
+        # Load on a core beyond what our own processes used there: other work on the machine.
+        if fields["sut_busy"] is not None:
+            fields["sut_foreign"] = fields["sut_busy"] - 100.0 * (cpu or 0.0) / window
+        if fields["load_busy"] is not None:
+            fields["load_foreign"] = fields["load_busy"] - 100.0 * (mock_cpu + own1 - own0) / window
+        return self._row(sc, target, "ok", **fields)
 
     # -- optional py-spy profile of the proxy during the measured run --
     def _start_profile(self, sc: Scenario, target: Target, pid: Optional[int]) -> Optional[subprocess.Popen]:
@@ -240,6 +256,22 @@ class Bench:
             spy.wait(30)
         except subprocess.TimeoutExpired:
             spy.kill()
+
+
+def _foreign(r: dict) -> float:
+    return max(r.get("sut_foreign") or 0.0, r.get("load_foreign") or 0.0)
+
+
+def wait_quiet(limit: float, threshold: float = 10.0) -> bool:
+    """Wait up to `limit` seconds for one second in which no core is busier than `threshold` percent."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = procstat.core_times()
+        time.sleep(1.0)
+        after = procstat.core_times()
+        if all((procstat.core_busy(before, after, c) or 0.0) < threshold for c in after):
+            return True
+    return False
 
 
 def _brief(r: dict) -> str:
@@ -287,6 +319,7 @@ def render(args: argparse.Namespace, bench: Bench, chosen: list[Scenario], layou
     facts = procstat.machine_facts(args.python)
     versions = procstat.package_versions(args.python, ["apertis-proxy", "h11", "uvloop", "orjson", "aiosqlite"])
     order = [s.key for s in chosen]
+    packages = ", ".join(f"{k} {v}" for k, v in versions.items())
     command = shlex.join([sys.executable, *sys.argv])
     mode = "quick (smoke run: short, low concurrency; not for comparison)" if args.quick else "full"
     scenario_lines = "\n".join(
@@ -300,7 +333,7 @@ def render(args: argparse.Namespace, bench: Bench, chosen: list[Scenario], layou
 - Command: `{command}`
 - Mode: {mode}
 - Machine: {facts['CPU']}, {facts['cores']} cores, {facts['memory']}; kernel {facts['kernel']}; {facts['OS']}
-- Software: Python {facts['Python']}; {', '.join(f'{k} {v}' for k, v in versions.items())}; {facts['wrk']}; {facts['nginx']}
+- Software: Python {facts['Python']}; {packages}; {facts['wrk']}; {facts['nginx']}
 - CPU layout: {layout.describe()}
 - Background load in the second before the run: {', '.join(f'CPU {c} {v:.0f}%' for c, v in background.items())}
   (other work on the machine skews every figure; the "core busy" column shows it during each run)
@@ -349,6 +382,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--sut-cpu", type=int, help="CPU for the system under test (default: second)")
     p.add_argument("--tick-ms", type=float, default=2.0, help="the mock's timer tick for paced streams")
     p.add_argument("--profile", action="store_true", help="py-spy flame graphs of the proxy into bench/profiles/")
+    p.add_argument("--retries", type=int, help="measure a scenario again when other work on the machine "
+                                               "disturbed it (default 2, 0 with --quick)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, DB, configs)")
     args = p.parse_args(argv)
 
@@ -374,6 +409,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
     workdir = Path(tempfile.mkdtemp(prefix="apertis-bench-"))
     bench = Bench(args, layout, workdir)
+    interrupted = False
     print(f"bench: {len(chosen)} scenario(s), targets {', '.join(wanted)}; {layout.describe()}", flush=True)
     try:
         bench.mock = start_mock(args.python, layout.load_cpu, workdir, args.tick_ms)
@@ -381,9 +417,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         for t in targets:
             if t.unavailable:
                 print(f"bench: {t.name} skipped: {t.unavailable}", flush=True)
-        bench.run(chosen, targets)
+        bench.run(chosen, targets, args.retries if args.retries is not None else (0 if args.quick else 2))
     except KeyboardInterrupt:
         print("bench: interrupted; writing what was measured", file=sys.stderr)
+        interrupted = True
     finally:
         if bench.mock is not None:
             bench.mock.stop()
@@ -400,6 +437,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         Path(args.json).write_text(json.dumps({"rows": bench.rows, "idle_rss_kb": bench.idle}, indent=1))
     if bench.profiles:
         print("bench: profiles: " + ", ".join(str(p) for p in bench.profiles if p.exists()))
+    if interrupted:
+        return 130
     return 0 if all(r["status"] in ("ok", "skipped") and not r.get("errors") for r in bench.rows) else 1
 
 

@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -54,7 +53,7 @@ def ensure_tools() -> None:
         try:
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         except subprocess.TimeoutExpired:
-            raise SystemExit(f"bench: '{' '.join(cmd)}' timed out; {hint}")
+            raise SystemExit(f"bench: '{' '.join(cmd)}' timed out; {hint}") from None
         if res.returncode != 0:
             tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-10:])
             raise SystemExit(f"bench: '{' '.join(cmd)}' failed ({res.returncode}):\n{tail}\n{hint}")
@@ -238,7 +237,3 @@ def raise_nofile() -> int:
 
 def python_has(python: str, module: str) -> bool:
     return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
-
-
-def default_python() -> str:
-    return sys.executable

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import operator
 from typing import Any, Callable, Optional
 
 import aiosqlite
@@ -78,6 +79,10 @@ class SqliteMeter:
             convert = _json if f.name in JSON_FIELDS else _bool if f.name in BOOL_FIELDS else _plain
             self._fields.append((f.name, convert))
             names.append(column)
+        # The request path only snapshots the fields (one C call); converting
+        # them for SQLite happens in the writer task, off the hot path.
+        self._snapshot = operator.attrgetter(*(name for name, _ in self._fields))
+        self._converters = tuple(convert for _, convert in self._fields)
         self._insert = (f"INSERT INTO usage ({', '.join(names)})"
                         f" VALUES ({', '.join('?' * len(names))})")
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -85,7 +90,7 @@ class SqliteMeter:
     # -- request path: no I/O --------------------------------------------------
 
     async def record(self, record: UsageRecord) -> None:
-        self._queue.append(tuple(convert(getattr(record, name)) for name, convert in self._fields))
+        self._queue.append(self._snapshot(record))
         if len(self._queue) > self.max_queue:
             excess = len(self._queue) - self.max_queue
             del self._queue[:excess]
@@ -122,10 +127,13 @@ class SqliteMeter:
             return True
         # Swap the list out: record() keeps appending to a fresh one meanwhile.
         batch, self._queue = self._queue, []
+        converters = self._converters
         try:
+            rows = [tuple(convert(value) for convert, value in zip(converters, snapshot))
+                    for snapshot in batch]
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
-                await self._conn.executemany(self._insert, batch)
+                await self._conn.executemany(self._insert, rows)
                 await self._conn.execute("COMMIT")
             except BaseException:
                 try:

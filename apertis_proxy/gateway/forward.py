@@ -192,13 +192,14 @@ class MessagesForwarder:
         payload = orjson.dumps(prepared.body) if prepared.changed else req.body
         try:
             origin = self.pools.origin(channel.base_url)
-        except ValueError as exc:
+            headers = upstream_headers(req.headers, channel, origin.host_header, prepared.api_version,
+                                       len(payload))
+        except ValueError as exc:   # a bad base URL, or a key/version that cannot be a header
             self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id,
                                           error_type="connect_error", message=str(exc)))
             return Attempt(502, "api_error", "upstream channel is misconfigured")
         pool = self.pools.pool(origin)
         target = (origin.base_path + req.path + ("?" + req.query if req.query else "")).encode("latin-1")
-        headers = upstream_headers(req.headers, channel, origin.host_header, prepared.api_version, len(payload))
         t_start = loop.time()
         conn: Optional[UpstreamConnection] = None
         for fresh_retry in (False, True):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..http.messages import checked
 from ..plugin_api import Channel
 
 # Never forwarded upstream: hop-by-hop, framing (we set our own), the client's
@@ -25,11 +26,13 @@ def upstream_headers(client: list[tuple[bytes, bytes]], channel: Channel, host: 
                      version: str, length: int) -> list[tuple[bytes, bytes]]:
     listed: Optional[set[bytes]] = None
     out: list[tuple[bytes, bytes]] = [(b"host", host)]
+    # The channel's key and version come from settings, not from a parser: check them.
+    key = checked(channel.api_key.encode("latin-1"))
     if channel.auth_header == "authorization":
-        out.append((b"authorization", b"Bearer " + channel.api_key.encode("latin-1")))
+        out.append((b"authorization", b"Bearer " + key))
     else:
-        out.append((b"x-api-key", channel.api_key.encode("latin-1")))
-    out.append((b"anthropic-version", version.encode("ascii")))
+        out.append((b"x-api-key", key))
+    out.append((b"anthropic-version", checked(version.encode("ascii"))))
     out.append((b"content-length", b"%d" % length))
     for name, value in client:
         if name in _DROP_UPSTREAM:

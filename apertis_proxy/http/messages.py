@@ -5,6 +5,17 @@ from http import HTTPStatus
 from typing import Iterable, Optional
 
 
+def header_list(headers) -> list[tuple[bytes, bytes]]:
+    """h11's Headers as a plain list of (lower-case name, value).
+
+    Iterating h11's Headers goes through the Sequence ABC, a Python call per
+    item; this reads its item list once (with a public fallback)."""
+    items = getattr(headers, "_full_items", None)
+    if items is None:
+        return list(headers)
+    return [(name, value) for _, name, value in items]
+
+
 class Request:
     """One complete HTTP request (head and body), as parsed by h11."""
 
