@@ -7,6 +7,7 @@ the blocking entry point of `apertis-proxy serve`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -126,6 +127,11 @@ def _install_loop() -> None:
 async def _serve(settings: Settings, worker: int, workers: int) -> int:
     gw = Gateway(settings, worker=worker, workers=workers)
     await gw.start()
+    # Everything loaded so far lives as long as the process: keep it out of the
+    # cyclic collector's scans, and collect less often (request objects are
+    # short-lived and freed by reference counting; measured ~2% of CPU in GC).
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     if worker == 0:
         log.info("apertis-proxy listening on %s (workers: %d, db: %s)", gw.base_url, workers, settings.db)
     stop = asyncio.Event()

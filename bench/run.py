@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import procstat
+import profile_summary
 import report
 import scenarios as scn
 from drivers import DriverError, preflight, run_loadgen, run_wrk
@@ -241,10 +242,11 @@ class Bench:
             return None
         out_dir = HERE / "profiles"
         out_dir.mkdir(exist_ok=True)
-        out = out_dir / f"{sc.key}-{target.name}.svg"
+        # Collapsed stacks: summarised as text below, and open in speedscope or flamegraph.pl.
+        out = out_dir / f"{sc.key}-{target.name}.txt"
         self.profiles.append(out)
         cmd = pinned([spy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
-                      "--format", "flamegraph", "--output", str(out)], self.layout.load_cpu)
+                      "--format", "raw", "--output", str(out)], self.layout.load_cpu)
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     @staticmethod
@@ -256,6 +258,9 @@ class Bench:
             spy.wait(30)
         except subprocess.TimeoutExpired:
             spy.kill()
+        out = Path(spy.args[spy.args.index("--output") + 1])
+        if out.exists():
+            out.with_suffix(".top.txt").write_text(profile_summary.summarize(out))
 
 
 def _foreign(r: dict) -> float:

@@ -103,6 +103,8 @@ def weighted_order(channels: Sequence[Channel], rng: random.Random) -> list[Chan
     """A random permutation where each next channel is drawn with probability
     proportional to its weight among those left (Efraimidis-Spirakis keys).
     Weight 0 or less: only after every positively weighted channel."""
+    if len(channels) < 2:
+        return list(channels)       # the common tier of one: no draw needed
     def key(ch: Channel) -> float:
         if ch.weight <= 0:
             return -rng.random()

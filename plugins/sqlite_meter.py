@@ -82,7 +82,8 @@ class SqliteMeter:
         # The request path only snapshots the fields (one C call); converting
         # them for SQLite happens in the writer task, off the hot path.
         self._snapshot = operator.attrgetter(*(name for name, _ in self._fields))
-        self._converters = tuple(convert for _, convert in self._fields)
+        self._converters = tuple((i, convert) for i, (_, convert) in enumerate(self._fields)
+                                 if convert is not _plain)
         self._insert = (f"INSERT INTO usage ({', '.join(names)})"
                         f" VALUES ({', '.join('?' * len(names))})")
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -129,8 +130,12 @@ class SqliteMeter:
         batch, self._queue = self._queue, []
         converters = self._converters
         try:
-            rows = [tuple(convert(value) for convert, value in zip(converters, snapshot))
-                    for snapshot in batch]
+            rows = []
+            for snapshot in batch:
+                row = list(snapshot)
+                for i, convert in converters:
+                    row[i] = convert(row[i])
+                rows.append(row)
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
                 await self._conn.executemany(self._insert, rows)

@@ -81,3 +81,16 @@ def test_decoder_choice():
     assert isinstance(decoder_for(200, [(b"content-length", b"3")]), LengthDecoder)
     assert isinstance(decoder_for(200, []), CloseDecoder)
     assert decoder_for(204, []).done
+
+
+@pytest.mark.parametrize("size", [b"0x3", b"+3", b"-3", b"1_0", b" ", b"3 3", b"12345678901234567"])
+def test_chunk_sizes_are_strict_hex(size):
+    """int(x, 16) alone would take several of these; a chunk size is hex digits only."""
+    with pytest.raises(FramingError):
+        ChunkedDecoder().feed(size + b"\r\nabc\r\n0\r\n\r\n")
+
+
+def test_chunk_size_with_extension_and_padding():
+    d = ChunkedDecoder()
+    assert d.feed(b"3 ;name=value\r\nabc\r\nA\r\n0123456789\r\n0\r\n\r\n") == b"abc0123456789"
+    assert d.done

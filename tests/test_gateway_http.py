@@ -99,6 +99,30 @@ async def test_pipelined_requests_answered_in_order(gateway):
     assert [row["stream"] for row in rows] == [0, 1, 0]
 
 
+async def test_pipelined_requests_split_mid_body_and_mid_head(gateway):
+    """Bodies that arrive whole are taken straight from the parser's buffer, ones still
+    arriving are framed by h11; either way the bytes after a body start the next request."""
+    auth = {"x-api-key": gateway.key}
+    padded = message("first", metadata={"user_id": "u" * 3000})   # a body that spans reads
+    first = request_bytes("POST", "/v1/messages", auth, json_body=padded)
+    second = request_bytes("POST", "/v1/messages", auth, json_body=message("second"))
+    third = request_bytes("POST", "/v1/messages", auth, json_body=message("third"))
+    batch = first + second + third
+    cuts = [len(first) - 1500, len(first) + 20, len(first) + len(second) - 5, len(batch)]
+    async with await connect(gateway) as conn:
+        start = 0
+        for cut in cuts:                                         # separate reads on the gateway's side
+            await conn.send(batch[start:cut])
+            start = cut
+            await asyncio.sleep(0.05)
+        responses = [await conn.read_response() for _ in range(3)]
+
+    assert [r.status for r in responses] == [200, 200, 200]
+    texts = [r.json()["content"][0]["text"] for r in responses]
+    assert texts == [expected_text("first"), expected_text("second"), expected_text("third")]
+    assert [r.body for r in gateway.mock.requests] == [padded, message("second"), message("third")]
+
+
 async def test_keep_alive_reuses_one_client_and_one_upstream_connection(gateway):
     auth = {"x-api-key": gateway.key}
     async with await connect(gateway) as conn:

@@ -86,9 +86,13 @@ class MessagesForwarder:
         self.plugins = plugins
         self.pools = pools
         self.catalog = catalog
+        # get_running_loop() costs a getpid() syscall; the loop never changes.
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     async def handle(self, req: Request, resp: Responder, *, count_tokens: bool = False) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         t0 = loop.time()
         record = UsageRecord(request_id=resp.request_id, started_at=time.time(), endpoint=req.path,
                              client=req.client)
@@ -184,7 +188,8 @@ class MessagesForwarder:
         """One channel.  None when the client got its answer; an Attempt when it failed
         before anything went out (the caller may try the next channel)."""
         settings = self.settings
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         record.attempts += 1
         record.channel_id, record.channel_name = channel.id, channel.name
         upstream_model = prepared.body.get("model") if isinstance(prepared.body, dict) else None
@@ -248,7 +253,7 @@ class MessagesForwarder:
         etype = "timeout" if exc.timeout else "connect_error"
         self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, error_type=etype,
                                       message=str(exc),
-                                      duration=asyncio.get_running_loop().time() - t_start))
+                                      duration=self._loop.time() - t_start))
         if exc.timeout:
             return Attempt(504, "timeout_error", f"upstream timed out: {exc}")
         return Attempt(502, "api_error", f"upstream unavailable: {exc}")
@@ -271,7 +276,7 @@ class MessagesForwarder:
         self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, status=status,
                                       error_type=etype, message=message,
                                       retry_after=retry_after,
-                                      duration=asyncio.get_running_loop().time() - t_start))
+                                      duration=self._loop.time() - t_start))
         if status in (401, 403):
             # The channel's own key was refused: the caller's key is fine, so do
             # not hand them an authentication error they cannot fix.

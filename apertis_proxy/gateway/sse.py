@@ -7,10 +7,11 @@ character.  The incomplete tail waits for the next chunk.  That tail is all the
 buffering there is; if the upstream dies mid-event it is dropped, so the
 in-band `event: error` the gateway then sends is never glued onto half an event.
 
-Only three kinds of event are parsed: `message_start` (input and cache usage,
-the model name), `message_delta` (cumulative usage: the last value wins) and
-`error`.  The rest is forwarded as bytes; a substring test decides whether a
-complete region needs a look at all.
+Only a few kinds of event are parsed: `message_start` (input and cache usage,
+the model name), `message_delta` (cumulative usage: the last value wins),
+`message_stop` and `error`.  The rest is forwarded as bytes: substring tests
+decide whether a complete region needs a look at all, and a look visits only
+the events those names start, never every event of a large read.
 """
 from __future__ import annotations
 
@@ -37,10 +38,8 @@ def _last_boundary(buf: bytes) -> int:
     return end
 
 
-def _split_events(region: bytes) -> list[bytes]:
-    if b"\r" in region:
-        region = region.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    return [e for e in region.split(_LF2) if e]
+# The event names the splicer reads: message_start, message_delta, message_stop, error.
+_MARKERS = (b"message_", b"error")
 
 
 def event_data(event: bytes) -> Optional[bytes]:
@@ -64,11 +63,28 @@ def event_json(event: bytes) -> Optional[dict]:
     return obj if isinstance(obj, dict) else None
 
 
-def event_name(event: bytes) -> Optional[bytes]:
-    for line in event.split(b"\n"):
-        if line.startswith(b"event:"):
-            return line[6:].strip()
-    return None
+def _watched_events(text: bytes) -> list[tuple[int, int, bytes]]:
+    """(start, stop, name) of each event whose `event:` line names a
+    message_* event or an error, in stream order.  Two bytes.find scans; a
+    hit inside other text (a delta that says "error") costs one slice compare."""
+    found = []
+    for marker in _MARKERS:
+        pos = text.find(marker)
+        while pos >= 0:
+            # `event: NAME` or `event:NAME` at a line start (SSE allows both)
+            head = pos - 7 if text[pos - 1:pos] == b" " else pos - 6
+            if head >= 0 and text[head:head + 6] == b"event:" and (head == 0 or text[head - 1] == 10):
+                eol = text.find(b"\n", pos)
+                if eol < 0:
+                    eol = len(text)
+                start = text.rfind(_LF2, 0, head)
+                stop = text.find(_LF2, pos)
+                found.append((start + 2 if start >= 0 else 0, stop if stop >= 0 else len(text),
+                              text[pos:eol].rstrip()))
+            pos = text.find(marker, pos + 1)
+    if len(found) > 1:
+        found.sort()
+    return found
 
 
 class SseSplicer:
@@ -94,9 +110,12 @@ class SseSplicer:
             region, self._tail = buf, b""
         else:
             region, self._tail = buf[:end], buf[end:]
-        # The hot path is just these substring tests.
-        if b"message_" in region or b"event: error" in region or b"event:error" in region:
-            region = self._inspect(region)
+        # Parse on LF-only text; CR line endings are legal SSE but rare.
+        text = region.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in region else region
+        # The hot path: two substring scans find nothing worth parsing.
+        watched = _watched_events(text)
+        if watched:
+            return self._inspect(region, text, watched)
         return region
 
     def flush(self) -> bytes:
@@ -109,12 +128,11 @@ class SseSplicer:
         self._tail = b""
         return n
 
-    def _inspect(self, region: bytes) -> bytes:
-        rebuilt: Optional[list[bytes]] = None
-        events = _split_events(region)
-        for i, ev in enumerate(events):
-            name = event_name(ev)
+    def _inspect(self, region: bytes, text: bytes, watched: list[tuple[int, int, bytes]]) -> bytes:
+        renamed: list[tuple[int, int, bytes]] = []
+        for start, stop, name in watched:
             if name == b"message_start":
+                ev = text[start:stop]
                 obj = event_json(ev)
                 if obj is None:
                     continue
@@ -122,21 +140,24 @@ class SseSplicer:
                 self.meter.message_start(message)
                 if self.rename_model and message.get("model") == self.rename_model[0]:
                     message["model"] = self.rename_model[1]
-                    if rebuilt is None:
-                        rebuilt = list(events)
-                    rebuilt[i] = b"event: message_start\ndata: " + orjson.dumps(obj)
+                    renamed.append((start, stop, b"event: message_start\ndata: " + orjson.dumps(obj)))
             elif name == b"message_delta":
-                obj = event_json(ev)
+                obj = event_json(text[start:stop])
                 if obj is not None:
                     self.meter.message_delta(obj)
             elif name == b"message_stop":
                 self.saw_stop = True
             elif name == b"error":
-                obj = event_json(ev) or {}
+                obj = event_json(text[start:stop]) or {}
                 self.error = obj.get("error") or {"type": "api_error"}
-        if rebuilt is None:
+        if not renamed:
             return region
-        return b"\n\n".join(rebuilt) + b"\n\n"
+        parts, last = [], 0
+        for start, stop, new in renamed:
+            parts += (text[last:start], new)
+            last = stop
+        parts.append(text[last:])
+        return b"".join(parts)
 
 
 SpliceFactory = Callable[..., SseSplicer]

@@ -189,11 +189,14 @@ class HttpConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._body_size = 0
+        self._length: Optional[int] = None  # the body's Content-Length (None: chunked)
+        self._consumed = 0          # body bytes taken from h11's buffer by hand
         self._responder: Optional[Responder] = None
         self._task: Optional[asyncio.Task] = None
         self._buffered = 0          # bytes received while a handler runs
         self._reading = True
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._deadline: Optional[float] = None
         self._head_started = False  # the header timer runs from a request's first byte
         self._peer_eof = False      # the client half-closed while we owe it a response
         self._discarding = False    # answered early: swallow the rest of the request, then close
@@ -210,7 +213,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
         self.state.connections.discard(self)
-        self._cancel_timer()
+        self._drop_timer()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
         # A handler streaming a response may be waiting on a quiet upstream and
@@ -230,11 +233,11 @@ class HttpConnection(asyncio.Protocol):
             self._buffered += len(data)
             if self._buffered > _PIPELINE_HIGH_WATER:
                 self._pause_reading()
-        elif not self._head_started:
+        first_bytes = False
+        if self._responder is None and not self._head_started:
             # First bytes of a new request: the whole head must arrive in time
             # (re-arming per packet would let a trickle keep it open forever).
-            self._head_started = True
-            self._arm(self._settings.header_timeout)
+            self._head_started = first_bytes = True
         try:
             self._h11.receive_data(data)
         except h11.RemoteProtocolError as exc:  # pragma: no cover - receive_data rarely raises
@@ -242,6 +245,10 @@ class HttpConnection(asyncio.Protocol):
             return
         if self._responder is None:
             self._process()
+            # Most requests arrive whole in one read: only a head still
+            # incomplete after it needs the header timer.
+            if first_bytes and self._request is None and self._responder is None and not self.closed:
+                self._arm(self._settings.header_timeout)
 
     def eof_received(self) -> Optional[bool]:
         # A client that half-closes after its request still gets the response
@@ -314,6 +321,9 @@ class HttpConnection(asyncio.Protocol):
                 self._on_request(event)
                 if self._discarding:  # refused on its head: the rest is never parsed
                     return
+                if self._take_body(conn):
+                    return
+                self._arm(self._settings.body_timeout)
             elif etype is h11.Data:
                 self._body_size += len(event.data)
                 if self._body_size > self._settings.max_body_bytes:
@@ -340,17 +350,37 @@ class HttpConnection(asyncio.Protocol):
         if _head_size(event, headers) > self._settings.max_header_bytes:
             self._reject_early(431, "request headers too large", "request_too_large")
             return
-        self._arm(self._settings.body_timeout)
+        # h11 has validated the framing headers; without either, a request has no body.
+        length: Optional[int] = 0
         for name, value in headers:
             if name == b"content-length":
-                try:
-                    too_big = int(value) > self._settings.max_body_bytes
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    self._reject_early(413, f"request body exceeds the limit of "
-                                            f"{self._settings.max_body_bytes} bytes", "request_too_large")
-                return
+                length = int(value)
+            elif name == b"transfer-encoding":
+                length = None
+                break
+        self._length = length
+        if length is not None and length > self._settings.max_body_bytes:
+            self._reject_early(413, f"request body exceeds the limit of "
+                                    f"{self._settings.max_body_bytes} bytes", "request_too_large")
+
+    def _take_body(self, conn: h11.Connection) -> bool:
+        """Take a Content-Length body straight from h11's buffer when it is all there.
+
+        h11 parsed and validated the head; its Data and EndOfMessage events would
+        only hand back the same bytes, at a measured ~10% of a small request's
+        CPU.  The connection is replaced before its next request, so its state
+        never needs to see the body (`_next_cycle` skips the consumed bytes)."""
+        length = self._length
+        if length is None:
+            return False
+        data = conn.trailing_data[0]
+        if len(data) < length:
+            return False        # still arriving: let h11 frame it
+        self._body = [data if len(data) == length else data[:length]]
+        self._body_size = length
+        self._consumed = length
+        self._dispatch()
+        return True
 
     def _dispatch(self) -> None:
         self._cancel_timer()
@@ -415,6 +445,9 @@ class HttpConnection(asyncio.Protocol):
     def _next_cycle(self) -> None:
         # h11 never saw our response, so carry its leftover bytes to a fresh one.
         leftover, eof = self._h11.trailing_data
+        if self._consumed:
+            leftover = leftover[self._consumed:]
+            self._consumed = 0
         self._h11 = self._new_h11()
         self._request = None
         self._body_size = 0      # else the idle timer takes the last body for a stalled one (408)
@@ -442,6 +475,7 @@ class HttpConnection(asyncio.Protocol):
     def _reject_early(self, status: int, message: str, error_type: str) -> None:
         """Answer before the request was read completely, then close."""
         self._h11 = self._new_h11()  # the rest of the request is never parsed
+        self._consumed = 0
         self._discarding = True
         responder = self._responder or Responder(self, new_request_id(), keep_alive=False)
         responder.keep_alive = False
@@ -465,20 +499,43 @@ class HttpConnection(asyncio.Protocol):
             self._reading = False
             self.transport.pause_reading()
 
+    # One lazily moved timer per connection: re-arming for a later deadline (the
+    # keep-alive wait after each response) only records it, and the timer, on
+    # firing early, schedules itself again.  A new timer per request cycle was
+    # measured at several percent of a small request's CPU.
     def _arm(self, delay: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(self._loop.time() + delay, self._on_timeout)
+        when = self._loop.time() + delay
+        self._deadline = when
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
 
     def _cancel_timer(self) -> None:
+        self._deadline = None
+
+    def _drop_timer(self) -> None:
+        self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _on_timeout(self) -> None:
+    def _on_timer(self) -> None:
         self._timer = None
-        if self.closed or self._responder is not None and self._responder.started:
+        deadline = self._deadline
+        if deadline is None or self.closed:
             return
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            return
+        self._deadline = None
+        self._on_timeout()
+
+    def _on_timeout(self) -> None:
+        if self.closed or self._responder is not None:
+            return      # a running handler has its own (upstream) timeouts
         if self._request is None and self._body_size == 0 and not self._h11.trailing_data[0]:
             self.close()  # idle keep-alive connection
             return

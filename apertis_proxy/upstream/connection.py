@@ -34,11 +34,11 @@ from .framing import BodyDecoder, FramingError, decoder_for
 
 _QUEUE_HIGH_WATER = 256 * 1024
 # What h11 is told about each request: a POST with a delimited body, which is
-# what decides how it frames the response.  Built once: validating an event is
-# most of its cost.
+# what decides how it reads the response.  Built once: validating an event is
+# most of its cost.  Its EndOfMessage is never sent: h11 reads a response
+# whatever our side's state, and the connection gets a fresh h11 per request.
 _SENT_REQUEST = h11.Request(method=b"POST", target=b"/", headers=[(b"host", b"upstream"),
                                                                    (b"content-length", b"0")])
-_SENT_END = h11.EndOfMessage()
 
 
 class UpstreamError(Exception):
@@ -67,7 +67,7 @@ class ResponseHead:
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("_loop", "transport", "_h11", "_queue", "_queued", "_waiter", "_error", "_eom",
                  "_reading", "closed", "idle_since", "requests", "_head", "_decoder", "_keep_alive",
-                 "_sink", "_last_rx")
+                 "_sink", "_last_rx", "_sent")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -78,6 +78,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._waiter: Optional[asyncio.Future] = None
         self._error: Optional[UpstreamError] = None
         self._eom = False
+        self._sent = False          # the whole request was written
         self._reading = True
         self._head: Optional[ResponseHead] = None
         self._decoder: Optional[BodyDecoder] = None
@@ -224,7 +225,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests += 1
         try:
             self._h11.send(_SENT_REQUEST)
-            self._h11.send(_SENT_END)
             parts = [b"POST ", target, b" HTTP/1.1\r\n"]
             for name, value in headers:
                 parts.append(name + b": " + value + b"\r\n")
@@ -238,6 +238,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             parts.append(body)
             self.transport.write(b"".join(parts))
+        self._sent = True
 
     async def read_head(self, timeout: float) -> ResponseHead:
         while self._head is None:
@@ -309,7 +310,7 @@ class UpstreamConnection(asyncio.Protocol):
     def reusable(self) -> bool:
         """True when the last exchange finished cleanly and the connection may carry another."""
         return (not self.closed and self._eom and self._keep_alive
-                and self._h11.our_state is h11.DONE)
+                and self._sent)
 
     def recycle(self) -> bool:
         """Prepare for the next request; False when the connection cannot be reused."""
@@ -319,9 +320,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._decoder = None
         self._head = None
         self._eom = False
+        self._sent = False
         self._queue.clear()
         self._queued = 0
         return True
+
+    def loop_time(self) -> float:
+        return self._loop.time()
 
     def close(self) -> None:
         self.closed = True

@@ -40,10 +40,14 @@ class Pool:
         self._ssl = ssl_context
         self.opened = 0          # connections ever opened (tests and stats)
         self.in_use = 0
+        # get_running_loop() costs a getpid() syscall; the loop never changes.
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     async def acquire(self, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
         """A connection ready for one request, and whether it was reused."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         now = loop.time()
         while self._idle and not fresh:
             conn = self._idle.pop()          # most recently used first: warmest
@@ -60,7 +64,7 @@ class Pool:
         """Return a connection after its response was read to the end (or drop it)."""
         self.in_use -= 1
         if len(self._idle) < self._max_idle and conn.recycle():
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = conn.loop_time()
             self._idle.append(conn)
         else:
             conn.close()

@@ -1,0 +1,113 @@
+"""SseSplicer on its own: event boundaries kept across any network split, usage read from the
+events that carry it (and only those), the model renamed in message_start, errors noticed."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from apertis_proxy.gateway.sse import SseSplicer
+from apertis_proxy.gateway.usage import UsageMeter
+from apertis_proxy.plugin_api import UsageRecord
+
+
+def event(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+START = event("message_start", {"type": "message_start", "message": {
+    "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-haiku-4-5-20251001", "content": [],
+    "usage": {"input_tokens": 25, "output_tokens": 1, "cache_read_input_tokens": 7,
+              "cache_creation_input_tokens": 5,
+              "cache_creation": {"ephemeral_5m_input_tokens": 2, "ephemeral_1h_input_tokens": 3}}}})
+DELTAS = [event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                        "delta": {"type": "text_delta", "text": t}})
+          # text that mentions the watched names must not confuse the splicer
+          for t in ["event: message_delta", "h\u00e9llo \u2713", "message_start\n\nevent: error", "x" * 500]]
+STREAM = (START + event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                "content_block": {"type": "text", "text": ""}})
+          + b"".join(DELTAS) + event("ping", {"type": "ping"})
+          + event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                    "usage": {"output_tokens": 9}})
+          + event("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 42}})
+          + event("message_future", {"type": "message_future"})      # an event type added later
+          + event("message_stop", {"type": "message_stop"}))
+
+
+def splice(wire: bytes, cuts: list[int], rename=None) -> tuple[list[bytes], SseSplicer, UsageRecord]:
+    record = UsageRecord(request_id="r", started_at=0.0, endpoint="/v1/messages")
+    splicer = SseSplicer(UsageMeter(record), rename)
+    out, last = [], 0
+    for cut in sorted(cuts) + [len(wire)]:
+        piece = splicer.feed(wire[last:cut])
+        if piece:
+            out.append(piece)
+        last = cut
+    tail = splicer.flush()
+    if tail:
+        out.append(tail)
+    return out, splicer, record
+
+
+def assert_usage(record: UsageRecord) -> None:
+    assert (record.input_tokens, record.output_tokens) == (25, 42)          # the last delta wins, no sum
+    assert (record.cache_read_input_tokens, record.cache_creation_input_tokens) == (7, 5)
+    assert (record.cache_creation_5m_input_tokens, record.cache_creation_1h_input_tokens) == (2, 3)
+    assert record.upstream_model == "claude-haiku-4-5-20251001"
+
+
+def test_every_split_keeps_bytes_and_boundaries():
+    step = 7 if len(STREAM) > 2000 else 1
+    for cut in range(0, len(STREAM) + 1, step):
+        pieces, splicer, record = splice(STREAM, [cut])
+        assert b"".join(pieces) == STREAM
+        assert all(p.endswith(b"\n\n") for p in pieces)             # whole events only
+        assert splicer.saw_stop and splicer.error is None
+        assert_usage(record)
+
+
+def test_random_splits_and_one_read():
+    rng = random.Random(3)
+    for _ in range(100):
+        pieces, splicer, record = splice(STREAM, rng.sample(range(len(STREAM)), rng.randint(1, 60)))
+        assert b"".join(pieces) == STREAM and splicer.saw_stop
+        assert_usage(record)
+    pieces, _, record = splice(STREAM, [])
+    assert pieces == [STREAM]                                        # one read: forwarded as is
+    assert_usage(record)
+
+
+@pytest.mark.parametrize("wire", [STREAM.replace(b"\n", b"\r\n"), STREAM.replace(b"event: ", b"event:")],
+                         ids=["crlf", "no-space"])
+def test_other_legal_spellings(wire):
+    pieces, splicer, record = splice(wire, [100, 101, len(wire) // 2])
+    assert b"".join(pieces) == wire and splicer.saw_stop
+    assert_usage(record)
+
+
+def test_model_renamed_in_message_start_only():
+    pieces, _, record = splice(STREAM, [50], rename=("claude-haiku-4-5-20251001", "claude-haiku-4.5"))
+    out = b"".join(pieces)
+    first = out.split(b"\n\n")[0]
+    assert first.startswith(b"event: message_start\ndata: ")
+    assert json.loads(first.split(b"data: ", 1)[1])["message"]["model"] == "claude-haiku-4.5"
+    assert out[len(first):] == STREAM[len(START) - 2:]                  # the rest untouched
+    assert record.upstream_model == "claude-haiku-4-5-20251001"
+
+
+@pytest.mark.parametrize("sep", [b"event: error", b"event:error"])
+def test_in_band_error_is_noticed(sep):
+    err = sep + b'\ndata: {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}\n\n'
+    pieces, splicer, _ = splice(START + DELTAS[0] + err, [10])
+    assert b"".join(pieces).endswith(err)
+    assert splicer.error == {"type": "overloaded_error", "message": "busy"}
+    assert not splicer.saw_stop
+
+
+def test_unterminated_tail_waits_then_flushes():
+    record = UsageRecord(request_id="r", started_at=0.0, endpoint="/v1/messages")
+    splicer = SseSplicer(UsageMeter(record))
+    assert splicer.feed(b"event: ping\ndata: {}") == b""
+    assert splicer.feed(b"\n\nevent: pi") == b"event: ping\ndata: {}\n\n"
+    assert splicer.flush() == b"event: pi"
