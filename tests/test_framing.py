@@ -94,3 +94,28 @@ def test_chunk_size_with_extension_and_padding():
     d = ChunkedDecoder()
     assert d.feed(b"3 ;name=value\r\nabc\r\nA\r\n0123456789\r\n0\r\n\r\n") == b"abc0123456789"
     assert d.done
+
+
+def test_bulk_reads_of_many_chunks():
+    """A stream sent in bulk: hundreds of small chunks per read, decoded in whole-list passes;
+    data holding CRLF, an extension or the last chunk inside a large read fall back to the loop."""
+    events = [b"event: content_block_delta\ndata: {\"i\": %d}\n\n" % i for i in range(300)]
+    odd = list(events)
+    odd[150] = b"data: crlf\r\ninside\r\n\r\n"
+    rng = random.Random(11)
+    for pieces in (events, odd):
+        wire = chunked(pieces)
+        for cuts in ([], [len(wire) // 2], rng.sample(range(len(wire)), 5), list(range(4096, len(wire), 4096))):
+            d = ChunkedDecoder()
+            assert feed_all(d, wire, cuts) == b"".join(pieces)
+            assert d.done and d.leftover == b""
+    wire = chunked(events).replace(b"\r\n", b";x=1\r\n", 1)
+    assert ChunkedDecoder().feed(wire) == b"".join(events)
+
+
+@pytest.mark.parametrize("bad", [b"0x2f", b"+2f", b"2_f"])
+def test_bulk_reads_keep_sizes_strict(bad):
+    events = [b"x" * 0x2f] * 200
+    wire = chunked(events).replace(b"\r\n2f\r\n", b"\r\n" + bad + b"\r\n", 1)
+    with pytest.raises(FramingError):
+        ChunkedDecoder().feed(wire)
