@@ -40,7 +40,7 @@ class Settings:
     # Upstream side (seconds).
     connect_timeout: float = 10.0
     read_timeout: float = 600.0         # between upstream bytes, not total: streams last long
-    pool_max_idle: int = 64             # idle keep-alive connections kept per channel
+    pool_max_idle: int = 1024           # idle keep-alive connections kept per upstream origin
     pool_idle_timeout: float = 60.0
     # Request contract.
     thinking_budget_max: int = 32768

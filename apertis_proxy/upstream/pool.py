@@ -63,9 +63,15 @@ class Pool:
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection after its response was read to the end (or drop it)."""
         self.in_use -= 1
-        if len(self._idle) < self._max_idle and conn.recycle():
-            conn.idle_since = conn.loop_time()
-            self._idle.append(conn)
+        idle = self._idle
+        if len(idle) < self._max_idle and conn.recycle():
+            conn.idle_since = now = conn.loop_time()
+            idle.append(conn)
+            # Trim the cold end, one per release: connections idle past the
+            # timeout, or closed by the upstream meanwhile, do not pile up.
+            oldest = idle[0]
+            if oldest.closed or now - oldest.idle_since > self._idle_timeout:
+                idle.popleft().close()
         else:
             conn.close()
 
@@ -100,7 +106,7 @@ class Pool:
 class Pools:
     """All pools of one worker, created on first use per origin."""
 
-    def __init__(self, *, max_idle: int = 64, idle_timeout: float = 60.0,
+    def __init__(self, *, max_idle: int = 1024, idle_timeout: float = 60.0,
                  connect_timeout: float = 10.0) -> None:
         self._pools: dict[tuple, Pool] = {}
         self._origins: dict[str, Origin] = {}
