@@ -36,6 +36,7 @@ from services import (CHANNEL_KEY, HERE, Service, ServiceError, ensure_tools, pi
 
 ALL_TARGETS = ("direct", "nginx", "proxy", "proxy-nometer")
 SETTLE = 0.3            # seconds after the load before CPU is read: deferred work (meter flushes) counts
+WARMUP_SETTLE = 1.0     # seconds between the warm-up and the measured run
 
 
 @dataclasses.dataclass
@@ -193,6 +194,10 @@ class Bench:
         try:
             if sc.driver == "wrk" and sc.warmup:
                 run_wrk(sc, port, target.key, body, lay.load_cpu, self.workdir, sc.warmup)
+                # wrk leaves with requests in flight; until the target has answered them, their server
+                # sockets linger, and a new connection that reuses a client port collides with one and
+                # waits out a SYN retransmission (1 s): seen as a p99 of 1-2 s at c=256.
+                time.sleep(WARMUP_SETTLE)
             cpu0 = procstat.cpu_seconds(pid) if pid else 0.0
             mock0 = procstat.cpu_seconds(self.mock.pid)
             cores0, own0, t_start = procstat.core_times(), procstat.own_cpu_seconds(), time.monotonic()
