@@ -133,10 +133,16 @@ class Bench:
         return out
 
     # -- running --
-    def run(self, chosen: list[Scenario], targets: list[Target], retries: int) -> None:
+    def run(self, chosen: list[Scenario], targets: list[Target], retries: int, repeat: int = 1) -> None:
+        """Every block on every target; with repeat > 1 the targets take turns (A B C, A B C, ...), so
+        slow drifts of the machine hit them alike, and one row per scenario and target is kept."""
         for block in blocks(chosen):
-            for target in targets:
-                self._run_block(block, target, retries)
+            start = len(self.rows)
+            for _ in range(repeat):
+                for target in targets:
+                    self._run_block(block, target, retries)
+            if repeat > 1:
+                self.rows[start:] = keep_representative(self.rows[start:])
 
     def _row(self, sc: Scenario, target: Target, status: str, note: str = "", **fields) -> dict:
         row = {"scenario": sc.key, "group": sc.group, "label": sc.label, "target": target.name,
@@ -268,6 +274,24 @@ class Bench:
             out.with_suffix(".top.txt").write_text(profile_summary.summarize(out))
 
 
+def keep_representative(rows: list[dict]) -> list[dict]:
+    """One row per (scenario, target) out of repeated runs: the median by requests/s (of an even
+    count, the upper middle one: the best of two).  Error rows count only if nothing else ran."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["scenario"], r["target"]), []).append(r)
+    out = []
+    for group in groups.values():
+        ok = sorted((r for r in group if r["status"] == "ok"), key=lambda r: r["rps"])
+        if ok:
+            chosen = dict(ok[len(ok) // 2])
+            chosen["repeats"] = [round(r["rps"], 1) for r in ok]
+            out.append(chosen)
+        else:
+            out.append(group[-1])
+    return out
+
+
 def _foreign(r: dict) -> float:
     return max(r.get("sut_foreign") or 0.0, r.get("load_foreign") or 0.0)
 
@@ -332,6 +356,9 @@ def render(args: argparse.Namespace, bench: Bench, chosen: list[Scenario], layou
     packages = ", ".join(f"{k} {v}" for k, v in versions.items())
     command = shlex.join([sys.executable, *sys.argv])
     mode = "quick (smoke run: short, low concurrency; not for comparison)" if args.quick else "full"
+    if args.repeat > 1:
+        mode += (f"; every scenario run {args.repeat} times with the targets taking turns, the median row kept "
+                 f"(the upper middle of an even count)")
     scenario_lines = "\n".join(
         f"- `{s.key}`: {s.label} ({s.driver}, {s.connections} connection(s), "
         + (f"{s.duration:g} s measured after {s.warmup} s warm-up" if s.driver == "wrk"
@@ -392,6 +419,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--sut-cpu", type=int, help="CPU for the system under test (default: second)")
     p.add_argument("--tick-ms", type=float, default=2.0, help="the mock's timer tick for paced streams")
     p.add_argument("--profile", action="store_true", help="py-spy flame graphs of the proxy into bench/profiles/")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every scenario N times, the targets taking turns; keep the median row")
     p.add_argument("--retries", type=int, help="measure a scenario again when other work on the machine "
                                                "disturbed it (default 2, 0 with --quick)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, DB, configs)")
@@ -427,7 +456,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for t in targets:
             if t.unavailable:
                 print(f"bench: {t.name} skipped: {t.unavailable}", flush=True)
-        bench.run(chosen, targets, args.retries if args.retries is not None else (0 if args.quick else 2))
+        bench.run(chosen, targets, args.retries if args.retries is not None else (0 if args.quick else 2),
+                  max(1, args.repeat))
     except KeyboardInterrupt:
         print("bench: interrupted; writing what was measured", file=sys.stderr)
         interrupted = True
