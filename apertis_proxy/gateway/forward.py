@@ -226,6 +226,9 @@ class MessagesForwarder:
                 if reused and not exc.timeout and not fresh_retry:
                     continue
                 return self._failed(channel, info, exc, t_start)
+        # Sent and answered: a stream may run for minutes, so do not hold the
+        # request bytes (an orjson output keeps an 8 KB block, measured).
+        payload = headers = None    # noqa: F841
         record.ttfb_ms = round((loop.time() - t_start) * 1000, 3)
         rid = head.get(b"request-id")
         record.upstream_request_id = rid.decode("latin-1") if rid else None

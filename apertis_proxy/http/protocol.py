@@ -190,7 +190,7 @@ class HttpConnection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_size = 0
         self._length: Optional[int] = None  # the body's Content-Length (None: chunked)
-        self._consumed = 0          # body bytes taken from h11's buffer by hand
+        self._fresh = False         # self._h11 is already the next cycle's (see _take_body)
         self._responder: Optional[Responder] = None
         self._task: Optional[asyncio.Task] = None
         self._buffered = 0          # bytes received while a handler runs
@@ -378,7 +378,12 @@ class HttpConnection(asyncio.Protocol):
             return False        # still arriving: let h11 frame it
         self._body = [data if len(data) == length else data[:length]]
         self._body_size = length
-        self._consumed = length
+        # Hand what follows the body (pipelined requests) to a fresh h11 now, so
+        # the request's bytes are not held in h11's buffer for the whole response.
+        self._h11 = fresh = self._new_h11()
+        self._fresh = True
+        if len(data) > length:
+            fresh.receive_data(data[length:])
         self._dispatch()
         return True
 
@@ -386,6 +391,8 @@ class HttpConnection(asyncio.Protocol):
         self._cancel_timer()
         ev = self._request
         assert ev is not None
+        # The h11 event is not needed past this point; a long stream should not hold it.
+        self._request = None
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
         self._body = []
         request = Request(ev.method.decode("ascii"), ev.target.decode("latin-1"), self._headers, body,
@@ -443,29 +450,29 @@ class HttpConnection(asyncio.Protocol):
         self._loop.call_soon(self._next_cycle)
 
     def _next_cycle(self) -> None:
-        # h11 never saw our response, so carry its leftover bytes to a fresh one.
-        leftover, eof = self._h11.trailing_data
-        if self._consumed:
-            leftover = leftover[self._consumed:]
-            self._consumed = 0
-        self._h11 = self._new_h11()
+        # h11 never saw our response, so the next request needs a fresh one
+        # holding the bytes received after the last request.
+        if self._fresh:
+            self._fresh = False     # made in _take_body: it holds just those bytes
+        else:
+            leftover, eof = self._h11.trailing_data
+            self._h11 = self._new_h11()
+            if leftover:
+                self._h11.receive_data(leftover)
+            if eof:
+                self._h11.receive_data(b"")
         self._request = None
         self._body_size = 0      # else the idle timer takes the last body for a stalled one (408)
         self._responder = None
         self._buffered = 0
-        self._head_started = bool(leftover)
+        pending = bool(self._h11.trailing_data[0])
+        self._head_started = pending
         if self.closed:
             return
-        if self.state.draining and not leftover:
+        if self.state.draining and not pending:
             self.close()
             return
-        if leftover:
-            self._h11.receive_data(leftover)
-            self._arm(self._settings.header_timeout)
-        else:
-            self._arm(self._settings.keepalive_timeout)
-        if eof:
-            self._h11.receive_data(b"")
+        self._arm(self._settings.header_timeout if pending else self._settings.keepalive_timeout)
         if not self._reading:
             self._reading = True
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -475,7 +482,7 @@ class HttpConnection(asyncio.Protocol):
     def _reject_early(self, status: int, message: str, error_type: str) -> None:
         """Answer before the request was read completely, then close."""
         self._h11 = self._new_h11()  # the rest of the request is never parsed
-        self._consumed = 0
+        self._fresh = False
         self._discarding = True
         responder = self._responder or Responder(self, new_request_id(), keep_alive=False)
         responder.keep_alive = False

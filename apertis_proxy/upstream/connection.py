@@ -72,7 +72,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.transport: Optional[asyncio.Transport] = None
-        self._h11 = h11.Connection(h11.CLIENT)
+        self._h11: Optional[h11.Connection] = h11.Connection(h11.CLIENT)
         self._queue: collections.deque = collections.deque()
         self._queued = 0
         self._waiter: Optional[asyncio.Future] = None
@@ -144,6 +144,9 @@ class UpstreamConnection(asyncio.Protocol):
                     n == b"connection" and b"close" in v.lower() for n, v in headers)
                 self._decoder = decoder_for(event.status_code, headers)
                 rest = conn.trailing_data[0]
+                # The body is framed by hand from here: let h11's state go for the
+                # rest of a possibly long stream (recycle() makes a fresh one).
+                self._h11 = None
                 if rest or self._decoder.done:
                     self._body(rest)
                 return
