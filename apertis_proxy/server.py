@@ -99,6 +99,9 @@ class Gateway:
         # the last byte went out and its connection closed.
         while self.state.tasks and loop.time() < deadline:
             await asyncio.wait(set(self.state.tasks), timeout=deadline - loop.time())
+            # A task leaves the set from its own code; one cancelled before it
+            # ever ran never does.
+            self.state.tasks.difference_update([t for t in self.state.tasks if t.done()])
         for conn in list(self.state.connections):
             conn.close()
         # Past the deadline.  A closed client goes unnoticed by a handler waiting

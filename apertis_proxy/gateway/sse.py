@@ -28,7 +28,7 @@ def _last_boundary(buf: bytes) -> int:
     """Index just past the last event terminator, or -1."""
     end = buf.rfind(_LF2)
     end = end + 2 if end >= 0 else -1
-    if b"\r" in buf:  # rare: CRLF or CR line endings are legal SSE
+    if buf.find(b"\r") >= 0:  # rare: CRLF or CR line endings are legal SSE (find: see checked())
         crlf = buf.rfind(b"\r\n\r\n")
         if crlf >= 0 and crlf + 4 > end:
             end = crlf + 4
@@ -111,7 +111,7 @@ class SseSplicer:
         else:
             region, self._tail = buf[:end], buf[end:]
         # Parse on LF-only text; CR line endings are legal SSE but rare.
-        text = region.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in region else region
+        text = region.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if region.find(b"\r") >= 0 else region
         # The hot path: two substring scans find nothing worth parsing.
         watched = _watched_events(text)
         if watched:

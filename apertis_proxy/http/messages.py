@@ -65,7 +65,9 @@ def status_line(status: int) -> bytes:
 def checked(value: bytes) -> bytes:
     """Header injection guard for values we did not parse ourselves (upstream,
     plugins, channel settings)."""
-    if b"\r" in value or b"\n" in value:
+    # find(), not `in`: on CPython 3.11 `bytes in bytes` first tries the
+    # operand as an int and raises and clears a TypeError (measured, callgrind).
+    if value.find(b"\r") >= 0 or value.find(b"\n") >= 0:
         raise ValueError("header value contains a line break")
     return value
 

@@ -1,0 +1,122 @@
+"""UpstreamConnection against a scripted upstream on a real socket: response
+heads (with and without interim 1xx responses, split anywhere), keep-alive
+decisions, and malformed heads."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from apertis_proxy.upstream.connection import UpstreamConnection, UpstreamError
+
+BODY = b'{"type":"message","usage":{"input_tokens":3,"output_tokens":5}}'
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(BODY), BODY)
+REQUEST_HEADERS = [(b"host", b"upstream"), (b"content-length", b"2")]
+
+
+class ScriptedUpstream:
+    """Answers each request on a connection with the next script: a list of
+    byte strings, each written separately (so each arrives in its own read)."""
+
+    def __init__(self, scripts: list[list[bytes]]) -> None:
+        self.scripts = scripts
+        self.requests: list[bytes] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> "ScriptedUpstream":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for script in self.scripts:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                self.requests.append(head + await reader.readexactly(length))
+                for piece in script:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+            await reader.read()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def connect(port: int) -> UpstreamConnection:
+    _, conn = await asyncio.get_running_loop().create_connection(UpstreamConnection, "127.0.0.1", port)
+    return conn
+
+
+async def exchange(conn: UpstreamConnection) -> tuple[int, bytes]:
+    conn.send_request(b"POST", b"/v1/messages", REQUEST_HEADERS, b"{}")
+    head = await conn.read_head(5.0)
+    return head.status, await conn.read_all(5.0, 1 << 20)
+
+
+def bytewise(data: bytes) -> list[bytes]:
+    return [data[i:i + 1] for i in range(len(data))]
+
+
+@pytest.mark.parametrize("script", [
+    [OK],
+    [b"HTTP/1.1 100 Continue\r\n\r\n", OK],
+    [b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n" + OK],
+    bytewise(b"HTTP/1.1 100 Continue\r\n\r\n" + OK),
+    bytewise(OK),
+], ids=["plain", "100-then-200", "103-and-200-in-one-read", "1xx-byte-by-byte", "byte-by-byte"])
+async def test_final_response_after_any_interim_responses(script):
+    async with ScriptedUpstream([script, [OK]]) as upstream:
+        conn = await connect(upstream.port)
+        assert await exchange(conn) == (200, BODY)
+        # The same connection carries the next request with a fresh h11.
+        assert conn.recycle()
+        assert await exchange(conn) == (200, BODY)
+        assert len(upstream.requests) == 2
+        assert upstream.requests[0].startswith(b"POST /v1/messages HTTP/1.1\r\nhost: upstream\r\n")
+        conn.close()
+
+
+async def test_connection_close_is_not_reused():
+    closing = OK.replace(b"content-type", b"connection: close\r\ncontent-type", 1)
+    async with ScriptedUpstream([[closing]]) as upstream:
+        conn = await connect(upstream.port)
+        assert await exchange(conn) == (200, BODY)
+        assert not conn.reusable
+        assert not conn.recycle()
+        conn.close()
+
+
+@pytest.mark.parametrize("garbage", [b"garbage\r\n\r\n", b"HTTP/1.1 100 Continue\r\n\r\nnot http\r\n\r\n"])
+async def test_malformed_head_is_an_upstream_error(garbage):
+    async with ScriptedUpstream([[garbage]]) as upstream:
+        conn = await connect(upstream.port)
+        conn.send_request(b"POST", b"/v1/messages", REQUEST_HEADERS, b"{}")
+        with pytest.raises(UpstreamError) as err:
+            await conn.read_head(5.0)
+        assert err.value.phase == "head"
+        assert "invalid HTTP from upstream" in str(err.value)
+        assert conn.closed
+
+
+async def test_read_timeout_between_bytes():
+    async with ScriptedUpstream([[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345"]]) as upstream:
+        conn = await connect(upstream.port)
+        conn.send_request(b"POST", b"/v1/messages", REQUEST_HEADERS, b"{}")
+        head = await conn.read_head(5.0)
+        assert head.status == 200
+        with pytest.raises(UpstreamError) as err:
+            await conn.read_all(0.2, 1 << 20)
+        assert err.value.timeout and err.value.phase == "body"
+        assert conn.closed
