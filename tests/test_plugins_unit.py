@@ -632,6 +632,26 @@ async def test_meter_batches_by_size_and_flushes_the_rest_on_close(db):
     assert [r["request_id"] for r in ledger(conn)] == [f"req_{i:024x}" for i in range(8)]
 
 
+@pytest.mark.parametrize("count", [1, 63, 64, 65, 129, 500])
+async def test_meter_writes_batches_of_any_size_in_order(db, count):
+    """Rows go out in multi-row statements of 64 plus single rows for the rest:
+    every size around those boundaries lands whole, in order, field for field."""
+    path, conn = db
+    meter = SqliteMeter(context("sqlite", path, batch_size=100_000, flush_interval=600))
+    async with running(meter):
+        records = [full_record(i) for i in range(count)]
+        records[count // 2].error_type = "overloaded_error"   # a NULL column that is not NULL
+        for record in records:
+            await meter.record(record)
+        assert await meter.flush() and meter.pending == 0
+        rows = ledger(conn)
+    assert len(rows) == count == meter.written
+    for record, row in zip(records, rows):
+        assert (row["request_id"], row["input_tokens"], row["error_type"], row["ts"]) == (
+            record.request_id, record.input_tokens, record.error_type, record.started_at)
+        assert json.loads(row["prices"]) == record.prices
+
+
 async def test_meter_flushes_on_its_interval(db):
     path, conn = db
     async with running(SqliteMeter(context("sqlite", path, flush_interval=0.02))) as meter:
