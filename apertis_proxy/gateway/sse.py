@@ -101,6 +101,10 @@ class SseSplicer:
         self.saw_stop = False
 
     def feed(self, chunk: bytes) -> bytes:
+        if not self._tail and chunk[-2:] == _LF2 and chunk.find(b"\r") < 0:
+            # The common read: whole events, LF line endings; all of it goes out.
+            watched = _watched_events(chunk)
+            return self._inspect(chunk, chunk, watched) if watched else chunk
         buf = self._tail + chunk if self._tail else chunk
         end = _last_boundary(buf)
         if end < 0:

@@ -151,14 +151,15 @@ class Responder:
             callback()
 
     def _frame(self, data: bytes) -> None:
+        """Write one piece; the caller has checked that the connection is open."""
         self.bytes_sent += len(data)
-        conn = self._conn
+        transport = self._conn.transport
         if not self._chunked:
-            conn.write(data)
+            transport.write(data)
         elif len(data) < 16384:
-            conn.write(b"%x\r\n" % len(data) + data + b"\r\n")
+            transport.write(b"%x\r\n" % len(data) + data + b"\r\n")
         else:
-            conn.write(b"%x\r\n" % len(data), data, b"\r\n")
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
 
     def end(self) -> None:
         if self.finished:

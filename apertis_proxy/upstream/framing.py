@@ -86,6 +86,13 @@ class ChunkedDecoder(BodyDecoder):
         if self.done:
             self.leftover += data
             return b""
+        if not (self._buf or self._remaining or self._crlf or self._trailers):
+            # The common read of a paced stream: exactly one whole chunk.
+            nl = data.find(b"\r\n")
+            if nl > 0:
+                size = _chunk_size(data[:nl])
+                if size and nl + size + 4 == len(data) and data[-2:] == b"\r\n":
+                    return data[nl + 2:-2]
         buf = self._buf + data if self._buf else data
         self._buf = b""
         end = len(buf)
