@@ -120,3 +120,31 @@ async def test_read_timeout_between_bytes():
             await conn.read_all(0.2, 1 << 20)
         assert err.value.timeout and err.value.phase == "body"
         assert conn.closed
+
+
+def sse_body(events: int, size: int) -> bytes:
+    event = b"event: content_block_delta\ndata: " + b"x" * size + b"\n\n"
+    chunk = b"%x\r\n" % len(event) + event + b"\r\n"
+    return chunk * events + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("taken_first", [False, True], ids=["pump-takes-backlog", "caller-takes-buffered"])
+async def test_stream_paused_at_high_water_before_the_consumer_resumes(taken_first):
+    """A body that piles up past the queue's high-water mark before the consumer
+    arrives stops the socket being read; the consumer's pump must start it again."""
+    body = sse_body(events=400, size=2000)          # ~800 KB: far past 256 KB
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    async with ScriptedUpstream([[head + body]]) as upstream:
+        conn = await connect(upstream.port)
+        conn.send_request(b"POST", b"/v1/messages", REQUEST_HEADERS, b"{}")
+        assert (await conn.read_head(5.0)).status == 200
+        for _ in range(100):                          # let the queue fill and reading pause
+            if not conn._reading:
+                break
+            await asyncio.sleep(0.01)
+        assert not conn._reading
+        got = [b"".join(conn.buffered())] if taken_first else []
+        await asyncio.wait_for(conn.pump(lambda piece: got.append(piece) or True, 5.0), 10.0)
+        assert b"".join(got).count(b"event: content_block_delta") == 400
+        assert conn.reusable
+        conn.close()

@@ -324,7 +324,9 @@ class MessagesForwarder:
                       record: UsageRecord) -> None:
         splicer = SseSplicer(meter, rename)
         record.status = status
-        resp.start(status, headers)
+        # What came with the response head (often the opening events) goes out
+        # with ours, in one write.
+        resp.start(status, headers, splicer.feed(b"".join(conn.buffered())))
 
         def sink(piece: bytes) -> bool:
             # Runs inside the upstream socket callback: splice and write, no task switch.

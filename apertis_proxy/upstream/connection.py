@@ -4,12 +4,12 @@ h11 keeps the connection state and parses the response head.  The request is
 written from bytes (h11's request writer costs ~30 us with an SDK's 15
 headers, measured).  h11 is not told about it: a client-side h11 accepts a
 final response from a peer it has sent nothing (its state machine lets a
-server answer first), and telling it cost ~3% of a small request.  Only an
-interim 1xx response needs the request on record; the head's bytes are kept
-until it is parsed so that case is re-read by an h11 that was told.  The body
-framing is decoded by framing.py (h11's per-chunk events are too slow for
-SSE), and a fresh h11.Connection starts each request cycle on a kept-alive
-connection.
+server answer first), and telling it cost ~6% of a small request's
+instructions (bench/instructions.py).  Only an interim 1xx response needs the
+request on record; the head's bytes are kept until it is parsed so that case
+is re-read by an h11 that was told.  The body framing is decoded by
+framing.py (h11's per-chunk events are too slow for SSE), and a fresh
+h11.Connection starts each request cycle on a kept-alive connection.
 
 The response body is consumed with `read()`, one network chunk at a time, so
 SSE bytes flow through as they arrive.  When the consumer falls behind (a slow
@@ -306,12 +306,18 @@ class UpstreamConnection(asyncio.Protocol):
 
         `sink(piece)` returns False to ask for a pause; call `resume()` when the
         consumer can take more.  Raises UpstreamError (also on a timeout)."""
+        accepted = True
         if self._queue:
             backlog = b"".join(self._queue)
             self._queue.clear()
             self._queued = 0
-            if not sink(backlog):
-                self.pause()
+            accepted = sink(backlog)
+        if not accepted:
+            self.pause()
+        elif not self._reading:
+            # Reading stopped at the queue's high-water mark before a consumer
+            # came (or the caller took the queue with buffered()): go on.
+            self.resume()
         self._sink = sink
         try:
             while not self._eom:

@@ -199,22 +199,30 @@ def _split_chunks(buf: bytes, pos: int) -> Optional[tuple[list[bytes], int]]:
     after them, from one split on CRLF and checks over whole lists.  None when
     the bytes do not fit that shape (chunk data holding a CRLF, extensions):
     the per-chunk loop then decodes them, strictly."""
-    parts = buf[pos:].split(b"\r\n")
+    region = buf[pos:] if pos else buf
+    parts = region.split(b"\r\n")
     pairs = (len(parts) - 1) // 2       # (size, data) pairs with the data's CRLF seen
     if pairs < 2:
         return None
     sizes = parts[0:2 * pairs:2]
     datas = parts[1:2 * pairs:2]
-    if (not _HEX_DIGITS.fullmatch(b"".join(sizes)) or min(map(len, sizes)) == 0
-            or max(map(len, sizes)) > 16):
+    # Hex digits only (int() alone would take "0x1f", "+5" or "1_0"); an empty
+    # size fails int(), and one too long to be real fails the length check.
+    if not _HEX_DIGITS.fullmatch(b"".join(sizes)):
         return None
-    lengths = list(map(int, sizes, itertools.repeat(16)))
+    try:
+        lengths = list(map(int, sizes, itertools.repeat(16)))
+    except ValueError:
+        return None
+    taken = pairs
     if 0 in lengths:                        # the last chunk: leave it to the loop
-        cut = lengths.index(0)
-        sizes, datas, lengths = sizes[:cut], datas[:cut], lengths[:cut]
-    if not lengths or list(map(len, datas)) != lengths:
+        taken = lengths.index(0)
+        datas, lengths = datas[:taken], lengths[:taken]
+    if not taken or list(map(len, datas)) != lengths:
         return None
-    return datas, pos + sum(map(len, sizes)) + sum(lengths) + 4 * len(lengths)
+    # The split's pieces rejoin to the region, so what follows the taken chunks
+    # is the rejoined rest (short: the tail of the read), not a sum over them.
+    return datas, pos + len(region) - len(b"\r\n".join(parts[2 * taken:]))
 
 
 def decoder_for(status: int, headers: list[tuple[bytes, bytes]]) -> BodyDecoder:
