@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import orjson
 
-from ..errors import GatewayError, error_body, error_type_for, sse_error_event
+from ..errors import GatewayError, error_type_for, sse_error_event
 from ..http.messages import Request
 from ..http.protocol import ClientGone, Responder
 from ..plugin_api import Caller, Channel, Outcome, RequestInfo, UsageRecord
