@@ -483,7 +483,8 @@ class HttpConnection(asyncio.Protocol):
         self._body_size = 0      # else the idle timer takes the last body for a stalled one (408)
         self._responder = None
         self._buffered = 0
-        pending = bool(self._h11.trailing_data[0])
+        leftover, eof = self._h11.trailing_data
+        pending = bool(leftover)
         self._head_started = pending
         if self.closed:
             return
@@ -494,7 +495,8 @@ class HttpConnection(asyncio.Protocol):
         if not self._reading:
             self._reading = True
             self.transport.resume_reading()  # type: ignore[union-attr]
-        self._process()
+        if pending or eof:
+            self._process()     # nothing buffered: h11 would only say NEED_DATA
 
     # -- errors and timers ---------------------------------------------------
     def _reject_early(self, status: int, message: str, error_type: str) -> None:
