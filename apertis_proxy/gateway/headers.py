@@ -22,18 +22,29 @@ _PASS_DOWN = frozenset((b"content-type", b"cache-control", b"retry-after", b"ret
                         b"x-should-retry"))
 
 
+# (key, auth header, version) -> the two checked header lines they make.  A few
+# entries per channel key ever configured; saves an encode and a check of each
+# per request.
+_CREDENTIALS: dict[tuple[str, str, str], tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
+
+
+def _credential_headers(channel: Channel, version: str) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+    cache_key = (channel.api_key, channel.auth_header, version)
+    pair = _CREDENTIALS.get(cache_key)
+    if pair is None:
+        # The channel's key and version come from settings, not from a parser: check them.
+        key = checked(channel.api_key.encode("latin-1"))
+        auth = ((b"authorization", b"Bearer " + key) if channel.auth_header == "authorization"
+                else (b"x-api-key", key))
+        pair = _CREDENTIALS[cache_key] = (auth, (b"anthropic-version", checked(version.encode("ascii"))))
+    return pair
+
+
 def upstream_headers(client: list[tuple[bytes, bytes]], channel: Channel, host: bytes,
                      version: str, length: int) -> list[tuple[bytes, bytes]]:
     listed: Optional[set[bytes]] = None
-    out: list[tuple[bytes, bytes]] = [(b"host", host)]
-    # The channel's key and version come from settings, not from a parser: check them.
-    key = checked(channel.api_key.encode("latin-1"))
-    if channel.auth_header == "authorization":
-        out.append((b"authorization", b"Bearer " + key))
-    else:
-        out.append((b"x-api-key", key))
-    out.append((b"anthropic-version", checked(version.encode("ascii"))))
-    out.append((b"content-length", b"%d" % length))
+    auth, version_line = _credential_headers(channel, version)
+    out: list[tuple[bytes, bytes]] = [(b"host", host), auth, version_line, (b"content-length", b"%d" % length)]
     for name, value in client:
         if name in _DROP_UPSTREAM:
             if name == b"connection":
