@@ -3,9 +3,9 @@
 ``record()`` only appends a row to a list in memory; a background task writes
 what has accumulated in one transaction of multi-row INSERTs (64 rows per
 statement), every ``flush_interval`` seconds or as soon as ``batch_size``
-rows are waiting.  A
-failed write is logged and retried with the same rows (nothing raises into
-the request path); ``close()`` writes everything that is left.
+rows are waiting.  A failed write is logged and retried with the same rows
+(nothing raises into the request path); ``close()`` writes everything that
+is left.
 
 Every UsageRecord field is stored in the column of the same name (``started_at``
 in ``ts``; ``server_tool_use`` and ``prices`` as JSON).  Columns are matched at
@@ -94,11 +94,11 @@ class SqliteMeter:
         # Multi-row INSERTs: a statement stepped once per row costs ~3k more
         # instructions per row (callgrind).  Two statement texts only, so
         # SQLite's statement cache keeps both compiled.
+        insert = f"INSERT INTO usage ({', '.join(names)}) VALUES "
         values = f"({', '.join('?' * len(names))})"
         self._per_statement = max(1, min(64, MAX_PARAMS // len(names)))
-        self._insert = f"INSERT INTO usage ({', '.join(names)}) VALUES {values}"
-        self._insert_many = (f"INSERT INTO usage ({', '.join(names)}) VALUES "
-                             + ", ".join([values] * self._per_statement))
+        self._insert = insert + values
+        self._insert_many = insert + ", ".join([values] * self._per_statement)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     # -- request path: no I/O --------------------------------------------------

@@ -103,19 +103,20 @@ class SseSplicer:
     def feed(self, chunk: bytes) -> bytes:
         if not self._tail and chunk[-2:] == _LF2 and chunk.find(b"\r") < 0:
             # The common read: whole events, LF line endings; all of it goes out.
-            watched = _watched_events(chunk)
-            return self._inspect(chunk, chunk, watched) if watched else chunk
-        buf = self._tail + chunk if self._tail else chunk
-        end = _last_boundary(buf)
-        if end < 0:
-            self._tail = buf
-            return b""
-        if end == len(buf):
-            region, self._tail = buf, b""
+            region = text = chunk
         else:
-            region, self._tail = buf[:end], buf[end:]
-        # Parse on LF-only text; CR line endings are legal SSE but rare.
-        text = region.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if region.find(b"\r") >= 0 else region
+            buf = self._tail + chunk if self._tail else chunk
+            end = _last_boundary(buf)
+            if end < 0:
+                self._tail = buf
+                return b""
+            if end == len(buf):
+                region, self._tail = buf, b""
+            else:
+                region, self._tail = buf[:end], buf[end:]
+            # Parse on LF-only text; CR line endings are legal SSE but rare.
+            text = (region.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if region.find(b"\r") >= 0
+                    else region)
         # The hot path: two substring scans find nothing worth parsing.
         watched = _watched_events(text)
         if watched:

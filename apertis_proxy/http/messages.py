@@ -62,6 +62,17 @@ def status_line(status: int) -> bytes:
     return line
 
 
+def keeps_alive(http_version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a message (request or response) lets its connection carry another:
+    HTTP/1.1 without `connection: close`."""
+    if http_version != b"1.1":
+        return False
+    for name, value in headers:
+        if name == b"connection" and value.lower().find(b"close") >= 0:
+            return False
+    return True
+
+
 def checked(value: bytes) -> bytes:
     """Header injection guard for values we did not parse ourselves (upstream,
     plugins, channel settings)."""

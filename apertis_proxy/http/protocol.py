@@ -25,7 +25,7 @@ import h11
 
 from ..errors import error_body, error_type_for
 from ..settings import Settings
-from .messages import Request, build_head, header_list
+from .messages import Request, build_head, header_list, keeps_alive
 
 log = logging.getLogger("apertis_proxy.http")
 
@@ -408,7 +408,7 @@ class HttpConnection(asyncio.Protocol):
         self._body = []
         request = Request(ev.method.decode("ascii"), ev.target.decode("latin-1"), self._headers, body,
                           self._client, ev.http_version)
-        keep_alive = _wants_keep_alive(ev.http_version, self._headers) and not self.state.draining
+        keep_alive = keeps_alive(ev.http_version, self._headers) and not self.state.draining
         responder = Responder(self, new_request_id(), keep_alive)
         self._responder = responder
         self._task = task = self._loop.create_task(self._run(request, responder))
@@ -470,10 +470,10 @@ class HttpConnection(asyncio.Protocol):
     def _next_cycle(self) -> None:
         # h11 never saw our response, so the next request needs a fresh one
         # holding the bytes received after the last request.
+        leftover, eof = self._h11.trailing_data
         if self._fresh:
             self._fresh = False     # made in _take_body: it holds just those bytes
         else:
-            leftover, eof = self._h11.trailing_data
             self._h11 = self._new_h11()
             if leftover:
                 self._h11.receive_data(leftover)
@@ -483,7 +483,6 @@ class HttpConnection(asyncio.Protocol):
         self._body_size = 0      # else the idle timer takes the last body for a stalled one (408)
         self._responder = None
         self._buffered = 0
-        leftover, eof = self._h11.trailing_data
         pending = bool(leftover)
         self._head_started = pending
         if self.closed:
@@ -589,11 +588,3 @@ def _head_size(event: h11.Request, headers: list[tuple[bytes, bytes]]) -> int:
         size += len(name) + len(value) + 4
     return size
 
-
-def _wants_keep_alive(http_version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
-    if http_version != b"1.1":
-        return False
-    for name, value in headers:
-        if name == b"connection" and b"close" in value.lower():
-            return False
-    return True

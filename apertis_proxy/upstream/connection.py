@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import h11
 
-from ..http.messages import header_list
+from ..http.messages import header_list, keeps_alive
 from .framing import BodyDecoder, FramingError, decoder_for
 
 _QUEUE_HIGH_WATER = 256 * 1024
@@ -163,11 +163,7 @@ class UpstreamConnection(asyncio.Protocol):
             if etype is h11.Response:
                 headers = header_list(event.headers)
                 self._head = ResponseHead(event.status_code, headers)
-                keep_alive = event.http_version == b"1.1"
-                for name, value in headers:
-                    if name == b"connection" and value.lower().find(b"close") >= 0:
-                        keep_alive = False
-                self._keep_alive = keep_alive
+                self._keep_alive = keeps_alive(event.http_version, headers)
                 self._decoder = decoder_for(event.status_code, headers)
                 rest = conn.trailing_data[0]
                 # The body is framed by hand from here: let h11's state go for the
