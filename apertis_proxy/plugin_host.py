@@ -100,27 +100,19 @@ class PluginHost:
                 log.exception("plugin %s failed to close", name)
 
     # -- chains --------------------------------------------------------------
-    async def _first(self, kind: str, plugins: list, call) -> tuple[Any, Any]:
-        """Run a decision chain: the first non-None answer and the plugin that gave it.
-        Reject becomes the client's error; any other exception is contained."""
-        for name, plugin in plugins:
-            try:
-                result = await call(plugin)
-            except Reject as r:
-                raise GatewayError(r.status, r.message, r.error_type, r.headers) from None
-            except Exception:  # noqa: BLE001
-                log.exception("%s plugin %s failed", kind, name)
-                raise GatewayError(500, f"{kind} failed inside the gateway", "api_error") from None
-            if result is not None:
-                return result, plugin
-        return None, None
-
+    # The two decision chains loop inline: a shared helper taking a lambda cost
+    # two more frames and a closure per request each (callgrind).
     async def authenticate(self, request: RequestInfo) -> tuple[Caller, Any]:
-        """The caller and the plugin that vouched for it (for finish())."""
-        caller, plugin = await self._first("auth", self.auth, lambda p: p.authenticate(request))
-        if caller is None:
-            raise GatewayError(401, "invalid x-api-key", "authentication_error")
-        return caller, plugin
+        """The caller and the plugin that vouched for it (for finish()).
+        The first non-None answer wins; Reject becomes the client's error."""
+        for name, plugin in self.auth:
+            try:
+                caller = await plugin.authenticate(request)
+            except Exception as exc:  # noqa: BLE001 - contained, see _chain_error
+                raise _chain_error("auth", name, exc) from None
+            if caller is not None:
+                return caller, plugin
+        raise GatewayError(401, "invalid x-api-key", "authentication_error")
 
     async def finish(self, plugin: Any, caller: Caller, record: UsageRecord) -> None:
         finish = getattr(plugin, "finish", None)
@@ -132,8 +124,14 @@ class PluginHost:
             log.exception("auth plugin finish() failed")
 
     async def route(self, request: RequestInfo, caller: Caller) -> Optional[Sequence[Channel]]:
-        channels, _ = await self._first("router", self.routers, lambda p: p.route(request, caller))
-        return channels
+        for name, plugin in self.routers:
+            try:
+                channels = await plugin.route(request, caller)
+            except Exception as exc:  # noqa: BLE001 - contained, see _chain_error
+                raise _chain_error("router", name, exc) from None
+            if channels is not None:
+                return channels
+        return None
 
     def feedback(self, outcome: Outcome) -> None:
         for name, plugin in self._feedback:
@@ -161,3 +159,12 @@ class PluginHost:
                 await plugin.record(record)
             except Exception:  # noqa: BLE001
                 log.exception("meter plugin %s failed to record %s", name, record.request_id)
+
+
+def _chain_error(kind: str, name: str, exc: Exception) -> GatewayError:
+    """What a decision plugin's exception becomes: its Reject, as the client's
+    error; anything else is logged and contained as a 500."""
+    if isinstance(exc, Reject):
+        return GatewayError(exc.status, exc.message, exc.error_type, exc.headers)
+    log.error("%s plugin %s failed", kind, name, exc_info=exc)
+    return GatewayError(500, f"{kind} failed inside the gateway", "api_error")

@@ -652,6 +652,37 @@ async def test_meter_writes_batches_of_any_size_in_order(db, count):
         assert json.loads(row["prices"]) == record.prices
 
 
+async def test_meter_writes_each_rows_own_prices(db):
+    """Rows in a batch carry different prices (or none), and a prices dict the
+    caller changes in place after it was written is written anew."""
+    path, conn = db
+    meter = SqliteMeter(context("sqlite", path, batch_size=100_000, flush_interval=600))
+    haiku = {"input": 1.0, "output": 5.0, "cache_write_5m": 1.25, "cache_write_1h": 2.0, "cache_read": 0.1}
+    async with running(meter):
+        records = [full_record(i) for i in range(70)]
+        for i, record in enumerate(records):
+            if i % 3 == 1:
+                record.prices = dict(haiku)
+            elif i % 7 == 5:
+                record.prices = None
+        for record in records:
+            await meter.record(record)
+        assert await meter.flush()
+        expected = [None if r.prices is None else dict(r.prices) for r in records]
+        shared = records[-1].prices      # the last one written
+        later = full_record(70)
+        later.prices = shared
+        shared["output"] = 99.0         # the same dict object, new content
+        await meter.record(later)
+        assert await meter.flush()
+        rows = ledger(conn)
+    assert len(rows) == 71
+    for i, (want, row) in enumerate(zip(expected + [later.prices], rows)):
+        got = None if row["prices"] is None else json.loads(row["prices"])
+        assert got == want, i
+    assert json.loads(rows[-1]["prices"])["output"] == 99.0
+
+
 async def test_meter_flushes_on_its_interval(db):
     path, conn = db
     async with running(SqliteMeter(context("sqlite", path, flush_interval=0.02))) as meter:

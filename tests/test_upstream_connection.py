@@ -122,6 +122,26 @@ async def test_read_timeout_between_bytes():
         assert conn.closed
 
 
+@pytest.mark.parametrize("pieces", [1, 7], ids=["one-read", "several-reads"])
+async def test_read_all_joins_a_body_in_pieces_and_enforces_its_limit(pieces):
+    body = bytes(range(256)) * 40            # 10,240 bytes
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body)
+    cut = len(body) // pieces
+    script = [head] + [body[i * cut:(i + 1) * cut if i < pieces - 1 else None] for i in range(pieces)]
+    async with ScriptedUpstream([script, script]) as upstream:
+        conn = await connect(upstream.port)
+        conn.send_request(b"POST", b"/v1/messages", REQUEST_HEADERS, b"{}")
+        assert (await conn.read_head(5.0)).status == 200
+        assert await conn.read_all(5.0, len(body)) == body     # exactly at the limit
+        assert conn.recycle()
+        conn.send_request(b"POST", b"/v1/messages", REQUEST_HEADERS, b"{}")
+        await conn.read_head(5.0)
+        with pytest.raises(UpstreamError) as err:
+            await conn.read_all(5.0, len(body) - 1)
+        assert err.value.phase == "body" and "larger than" in str(err.value)
+        assert conn.closed
+
+
 def sse_body(events: int, size: int) -> bytes:
     event = b"event: content_block_delta\ndata: " + b"x" * size + b"\n\n"
     chunk = b"%x\r\n" % len(event) + event + b"\r\n"

@@ -12,6 +12,13 @@ import sqlite3
 
 SCHEMA_VERSION = 1
 
+# Binding None, Python's sqlite3 first looks for an adapter: a tuple, a dict
+# miss, and an AttributeError raised and cleared on its protocol type, ~2.5k
+# instructions per NULL (callgrind; the ledger binds a few per row).  An adapter
+# for NoneType answering None binds the same NULL after one dict hit.  It is
+# process-wide and changes nothing for any other sqlite3 user.
+sqlite3.register_adapter(type(None), {}.get)
+
 # Seed catalogue: list prices in USD per million tokens (input, output,
 # cache write 5m, cache write 1h, cache read).  Aliases are the client-facing
 # short names that map to the dated upstream ids.
