@@ -4,6 +4,7 @@
     python bench/instructions.py --no-meter           # the same with metering off
     python bench/instructions.py --stream             # bulk SSE streams: per stream and per event
     python bench/instructions.py --path /health       # the HTTP layer alone (no upstream, no plugins)
+    python bench/instructions.py --h11                # h11 alone: parsing that request and the mock's answer
 
 Wall-clock figures on a shared virtual machine drift 10-20% within minutes, so a
 change worth 2% cannot be seen in `run.py`'s table.  This counts the user-space
@@ -19,6 +20,12 @@ sends N requests over 8 keep-alive connections, waits for the meter's flush,
 switches counting off and divides.  Kernel time (the socket calls) is not
 counted: compare it with `run.py`'s CPU per request to see the split.
 
+`--h11` counts what h11 itself costs, outside the proxy: a fresh h11.Connection
+parsing the same request head (as the server does), and one parsing the mock's
+response head (as the upstream side does), in a loop in a plain Python process
+under callgrind, run for 1 and for N+1 iterations; the difference over N is the
+per-request figure.  It is the floor the proxy pays while h11 parses.
+
 Needs valgrind (Debian: `apt-get install valgrind`).  `--keep` keeps the work
 directory with the callgrind output for `callgrind_annotate`.
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from services import (ServiceError, pinned, proxy_command, setup_proxy_db, start_mock, tail, wait_port,
+from services import (CHANNEL_KEY, ServiceError, pinned, proxy_command, setup_proxy_db, start_mock, tail, wait_port,
                       write_config, free_port, Service)
 
 CONNECTIONS = 8
@@ -115,6 +123,64 @@ def count(python: str, workdir: Path, db: Path, key: str, *, meter: bool, path: 
     return total
 
 
+H11_LOOP = """\
+import gc, sys
+import h11
+side, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data = open(path, "rb").read()
+gc.disable()
+role = h11.SERVER if side == "server" else h11.CLIENT
+for _ in range(n):
+    # What the proxy does per request (http/protocol.py, upstream/connection.py):
+    # a fresh connection, the bytes as read, one event, the bytes after the head.
+    conn = h11.Connection(role)
+    conn.receive_data(data)
+    event = conn.next_event()
+    conn.trailing_data
+assert type(event) is (h11.Request if side == "server" else h11.Response), event
+"""
+
+
+def mock_response(port: int, request: bytes) -> bytes:
+    """The mock's answer to `request`, as raw bytes (head and body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(body) < length:
+            body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def count_loop(python: str, workdir: Path, side: str, data: bytes, n: int) -> int:
+    """Instructions of H11_LOOP over n iterations (process start-up included)."""
+    script, payload = workdir / "h11_loop.py", workdir / f"{side}.bytes"
+    script.write_text(H11_LOOP)
+    payload.write_bytes(data)
+    out = workdir / f"h11-{side}-{n}.out"
+    res = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python, str(script),
+                          side, str(payload), str(n)], capture_output=True, text=True, timeout=900, cwd=workdir)
+    if res.returncode != 0:
+        raise ServiceError(f"h11 loop failed: {res.stderr.strip()[-600:]}")
+    for line in out.read_text(errors="replace").splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise ServiceError(f"callgrind counted nothing for the h11 loop ({out})")
+
+
+def count_h11(python: str, workdir: Path, mock_port: int, key: str, requests: int) -> dict[str, float]:
+    """Per-request instructions of h11 parsing the benchmark's request and the mock's response."""
+    figures = {}
+    answer = mock_response(mock_port, request_bytes(CHANNEL_KEY, "/v1/messages", False))
+    for side, data in (("server", request_bytes(key, "/v1/messages", False)), ("client", answer)):
+        figures[side] = (count_loop(python, workdir, side, data, requests + 1)
+                         - count_loop(python, workdir, side, data, 1)) / requests
+    return figures
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,6 +189,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--stream", action="store_true",
                     help="bulk SSE streams, counted at 10 and at 110 events: per stream and per event")
     ap.add_argument("--path", default="/v1/messages", help="request path (/health: the HTTP layer alone)")
+    ap.add_argument("--h11", action="store_true",
+                    help="count h11 alone: parsing this request (server side) and the mock's response (client side)")
     ap.add_argument("--python", default=sys.executable, help="Python whose environment has apertis-proxy")
     ap.add_argument("--cpu", type=int, default=1, help="CPU for the proxy (the mock and client use CPU 0)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -139,6 +207,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     mock = start_mock(args.python, 0, workdir, tick_ms=10)
     try:
         db, key = setup_proxy_db(cmd, workdir, mock.port)
+        if args.h11:
+            h = count_h11(args.python, workdir, mock.port, key, args.requests)
+            print(f"h11 alone: {h['server']:,.0f} instructions to parse the request head, "
+                  f"{h['client']:,.0f} to parse the mock's response head; {h['server'] + h['client']:,.0f} "
+                  f"per proxied request ({args.requests} iterations each)")
+            return 0
         meter = not args.no_meter
         label = f"{args.path}, {'metering on' if meter else 'metering off'}"
         if not args.stream:

@@ -1,0 +1,71 @@
+"""The benchmark's mock upstream (bench/mock_upstream.py) speaks the Messages API
+well enough for the official SDK: a benchmark against a mock that a real client
+could not read would measure nothing.  Real subprocess, real socket, real SDK;
+no speed is asserted here (that is bench/'s job)."""
+from __future__ import annotations
+
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anthropic
+import pytest
+
+MOCK = Path(__file__).resolve().parent.parent / "bench" / "mock_upstream.py"
+KEY = "sk-bench-test-key"
+
+
+@pytest.fixture(scope="module")
+def mock_url():
+    proc = subprocess.Popen([sys.executable, str(MOCK), "--port", "0", "--api-key", KEY],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        line = proc.stdout.readline() if ready else ""
+        assert line.startswith("listening "), (line, proc.poll())
+        yield "http://" + line.split()[1]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def client(url: str, key: str = KEY, scenario: str = "") -> anthropic.Anthropic:
+    headers = {"x-mock": scenario} if scenario else None
+    return anthropic.Anthropic(base_url=url, api_key=key, max_retries=0, default_headers=headers)
+
+
+ASK = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_json_answer_is_a_message_with_usage(mock_url):
+    msg = client(mock_url).messages.create(**ASK)
+    assert msg.type == "message" and msg.role == "assistant" and msg.stop_reason == "end_turn"
+    assert msg.content[0].type == "text" and msg.content[0].text
+    assert (msg.usage.input_tokens, msg.usage.output_tokens) == (25, 7)
+
+
+@pytest.mark.parametrize("scenario,deltas", [("events=12", 12), ("events=3&ttfb_ms=150&gap_ms=20", 3)],
+                         ids=["bulk", "paced"])
+def test_streams_carry_every_event_type_and_final_usage(mock_url, scenario, deltas):
+    started = time.monotonic()
+    with client(mock_url, scenario=scenario).messages.stream(**ASK) as stream:
+        types = [event.type for event in stream]
+        final = stream.get_final_message()
+    elapsed = time.monotonic() - started
+    assert types[:2] == ["message_start", "content_block_start"]
+    assert types.count("text") == deltas
+    assert types[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert final.stop_reason == "end_turn" and final.content[0].text == "lorem ipsum " * deltas
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (25, deltas * 2)
+    if "ttfb_ms" in scenario:
+        # A lower bound only: the pacing is honoured, however slow the machine.
+        assert elapsed >= 0.15 + 0.02 * deltas - 0.01
+
+
+def test_wrong_key_is_an_anthropic_authentication_error(mock_url):
+    with pytest.raises(anthropic.AuthenticationError) as err:
+        client(mock_url, key="sk-wrong").messages.create(**ASK)
+    assert err.value.status_code == 401
+    assert err.value.body["error"]["type"] == "authentication_error"
