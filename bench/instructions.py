@@ -10,7 +10,7 @@ Wall-clock figures on a shared virtual machine drift 10-20% within minutes, so a
 change worth 2% cannot be seen in `run.py`'s table.  This counts the user-space
 instructions the proxy process executes (every thread: the event loop and the
 SQLite writer) while it serves a fixed number of requests: the same code gives
-the same count to within about 0.1%, whatever else the machine is doing.  Use it
+the same count to within about 0.3%, whatever else the machine is doing.  Use it
 to decide whether an optimisation pays; use `run.py` for what users see.
 
 What it does: starts the mock upstream, then `apertis-proxy serve --workers 1`
@@ -143,15 +143,23 @@ assert type(event) is (h11.Request if side == "server" else h11.Response), event
 
 def mock_response(port: int, request: bytes) -> bytes:
     """The mock's answer to `request`, as raw bytes (head and body)."""
+    def more(sock: socket.socket) -> bytes:
+        piece = sock.recv(65536)
+        if not piece:
+            raise ServiceError("the mock closed the connection before its answer was complete")
+        return piece
+
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(request)
         data = b""
         while b"\r\n\r\n" not in data:
-            data += sock.recv(65536)
+            data += more(sock)
         head, _, body = data.partition(b"\r\n\r\n")
+        if b"content-length:" not in head.lower():
+            raise ServiceError(f"the mock answered without a content-length: {head[:200]!r}")
         length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
         while len(body) < length:
-            body += sock.recv(65536)
+            body += more(sock)
     return head + b"\r\n\r\n" + body
 
 
@@ -190,7 +198,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="bulk SSE streams, counted at 10 and at 110 events: per stream and per event")
     ap.add_argument("--path", default="/v1/messages", help="request path (/health: the HTTP layer alone)")
     ap.add_argument("--h11", action="store_true",
-                    help="count h11 alone: parsing this request (server side) and the mock's response (client side)")
+                    help="count h11 alone: parsing this request (server side) and the mock's response (client "
+                         "side); only --requests and --python apply")
     ap.add_argument("--python", default=sys.executable, help="Python whose environment has apertis-proxy")
     ap.add_argument("--cpu", type=int, default=1, help="CPU for the proxy (the mock and client use CPU 0)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")

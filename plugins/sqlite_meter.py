@@ -45,28 +45,6 @@ def _json(value: Any) -> Optional[str]:
     return None if value is None else orjson.dumps(value).decode()
 
 
-class _RepeatJson:
-    """`_json` that remembers its last answer: a channel's rows carry equal
-    `prices` one after another, and comparing two small dicts is cheaper than
-    serialising one (callgrind)."""
-
-    __slots__ = ("value", "text")
-
-    def __init__(self) -> None:
-        self.value: Any = None
-        self.text: Optional[str] = None
-
-    def __call__(self, value: Any) -> Optional[str]:
-        if value is None:
-            return None
-        if value == self.value and type(value) is dict:
-            return self.text
-        text = _json(value)
-        # A private copy: the caller's dict may still change after this.
-        self.value, self.text = (dict(value) if type(value) is dict else None), text
-        return text
-
-
 def _bool(value: Any) -> int:
     return 1 if value else 0
 
@@ -105,8 +83,7 @@ class SqliteMeter:
             column = COLUMN_OF_FIELD.get(f.name, f.name)
             if column not in columns:
                 continue        # e.g. reached_upstream: not part of the ledger (yet)
-            convert = (_RepeatJson() if f.name == "prices" else _json if f.name in JSON_FIELDS
-                       else _bool if f.name in BOOL_FIELDS else _plain)
+            convert = _json if f.name in JSON_FIELDS else _bool if f.name in BOOL_FIELDS else _plain
             self._fields.append((f.name, convert))
             names.append(column)
         # The request path only snapshots the fields (one C call); converting

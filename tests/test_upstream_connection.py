@@ -142,6 +142,24 @@ async def test_read_all_joins_a_body_in_pieces_and_enforces_its_limit(pieces):
         assert conn.closed
 
 
+async def test_read_all_resumes_a_body_paused_at_the_high_water_mark():
+    """A body that queued past the high-water mark before read_all() was called
+    paused the socket; read_all() must resume it and return every byte."""
+    body = bytes(range(256)) * 4096          # 1 MiB, well past the 256 KB mark
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body)
+    async with ScriptedUpstream([[head + body]]) as upstream:
+        conn = await connect(upstream.port)
+        conn.send_request(b"POST", b"/v1/messages", REQUEST_HEADERS, b"{}")
+        assert (await conn.read_head(5.0)).status == 200
+        for _ in range(100):                # let the body queue up to the mark
+            if not conn._reading:
+                break
+            await asyncio.sleep(0.01)
+        assert not conn._reading, "the queue never reached the high-water mark"
+        assert await asyncio.wait_for(conn.read_all(5.0, 1 << 24), 10) == body
+        conn.close()
+
+
 def sse_body(events: int, size: int) -> bytes:
     event = b"event: content_block_delta\ndata: " + b"x" * size + b"\n\n"
     chunk = b"%x\r\n" % len(event) + event + b"\r\n"

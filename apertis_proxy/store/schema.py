@@ -16,7 +16,9 @@ SCHEMA_VERSION = 1
 # miss, and an AttributeError raised and cleared on its protocol type, ~2.5k
 # instructions per NULL (callgrind; the ledger binds a few per row).  An adapter
 # for NoneType answering None binds the same NULL after one dict hit.  It is
-# process-wide and changes nothing for any other sqlite3 user.
+# process-wide: binding stays the same for every sqlite3 user, but
+# sqlite3.adapt(None) now answers None instead of raising, and another library
+# registering its own NoneType adapter would replace this one (or be replaced).
 sqlite3.register_adapter(type(None), {}.get)
 
 # Seed catalogue: list prices in USD per million tokens (input, output,
