@@ -1,9 +1,12 @@
-"""The benchmark's mock upstream (bench/mock_upstream.py) speaks the Messages API
-well enough for the official SDK: a benchmark against a mock that a real client
-could not read would measure nothing.  Real subprocess, real socket, real SDK;
-no speed is asserted here (that is bench/'s job)."""
+"""The benchmark's tools tell the truth: the mock upstream (bench/mock_upstream.py)
+speaks the Messages API well enough for the official SDK (a benchmark against a
+mock that a real client could not read would measure nothing), and the stream
+load generator (bench/loadgen.py) counts streams, events and failures right.
+Real subprocesses, real sockets, real SDK; no speed is asserted here (that is
+bench/'s job)."""
 from __future__ import annotations
 
+import json
 import select
 import subprocess
 import sys
@@ -13,7 +16,8 @@ from pathlib import Path
 import anthropic
 import pytest
 
-MOCK = Path(__file__).resolve().parent.parent / "bench" / "mock_upstream.py"
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+MOCK = BENCH / "mock_upstream.py"
 KEY = "sk-bench-test-key"
 
 
@@ -81,3 +85,31 @@ def test_wrong_key_is_an_anthropic_authentication_error(mock_url):
         c.messages.create(**ASK)
     assert err.value.status_code == 401
     assert err.value.body["error"]["type"] == "authentication_error"
+
+
+def loadgen(url: str, tmp_path: Path, *args: str, key: str = KEY) -> dict:
+    body = tmp_path / "stream.json"
+    body.write_bytes(json.dumps({**ASK, "stream": True}).encode())
+    res = subprocess.run([sys.executable, str(BENCH / "loadgen.py"), "--url", url, "--body-file", str(body),
+                          "-H", f"x-api-key: {key}", "--timeout", "20", "--max-time", "20", *args],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout)
+
+
+@pytest.mark.parametrize("procs", ["1", "2"])
+def test_loadgen_counts_every_stream_and_event(mock_url, tmp_path, procs):
+    # 5 deltas + 6 fixed events (message_start, content_block_start, ping, stop, delta, message_stop).
+    out = loadgen(f"{mock_url}/v1/messages?events=5&ttfb_ms=100&gap_ms=10", tmp_path, "--connections", "30",
+                  "--requests", "2", "--expect-events", "11", "--procs", procs)
+    assert (out["ok"], out["error_total"], out["statuses"]) == (60, 0, {"200": 60})
+    assert out["events"] == 60 * 11
+    assert out["ttfb_ms"]["p50"] >= 95 and out["latency_ms"]["p50"] >= out["ttfb_ms"]["p50"]
+
+
+def test_loadgen_reports_incomplete_streams_and_refusals(mock_url, tmp_path):
+    short = loadgen(f"{mock_url}/v1/messages?events=5", tmp_path, "--connections", "4", "--expect-events", "12")
+    assert (short["ok"], short["errors"], short["statuses"]) == (0, {"incomplete_stream": 4}, {"200": 4})
+    assert short["first_error"] == "incomplete_stream: 11 events of 12"
+    refused = loadgen(f"{mock_url}/v1/messages?events=5", tmp_path, "--connections", "3", key="sk-wrong")
+    assert (refused["ok"], refused["errors"], refused["statuses"]) == (0, {"status": 3}, {"401": 3})
