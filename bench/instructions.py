@@ -57,6 +57,23 @@ def request_bytes(key: str, path: str, stream: bool) -> bytes:
             b"content-length: %d\r\n\r\n" % len(body) + body)
 
 
+def content_length(head: bytes) -> Optional[int]:
+    lower = head.lower()
+    if b"content-length:" not in lower:
+        return None
+    return int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+
+
+def callgrind_total(paths) -> int:
+    """Instructions recorded in callgrind output files (their `totals:` lines)."""
+    total = 0
+    for path in paths:
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("totals:"):
+                total += int(line.split()[1])
+    return total
+
+
 async def _one_connection(port: int, request: bytes, count: int) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -65,9 +82,9 @@ async def _one_connection(port: int, request: bytes, count: int) -> None:
             head = await reader.readuntil(b"\r\n\r\n")
             if not head.startswith(b"HTTP/1.1 200"):
                 raise RuntimeError(f"the proxy answered {head[:120]!r}")
-            lower = head.lower()
-            if b"content-length:" in lower:
-                await reader.readexactly(int(lower.split(b"content-length:")[1].split(b"\r\n")[0]))
+            length = content_length(head)
+            if length is not None:
+                await reader.readexactly(length)
             else:
                 await reader.readuntil(b"\r\n0\r\n\r\n")
     finally:
@@ -113,11 +130,7 @@ def count(python: str, workdir: Path, db: Path, key: str, *, meter: bool, path: 
     finally:
         svc.stop(grace=60)
     # One file per dump (the one asked for, and the final one at exit).
-    total = 0
-    for part in workdir.glob(out.name + "*"):
-        for line in part.read_text(errors="replace").splitlines():
-            if line.startswith("totals:"):
-                total += int(line.split()[1])
+    total = callgrind_total(workdir.glob(out.name + "*"))
     if total == 0:
         raise ServiceError(f"callgrind counted nothing; see {log}: {tail(log)}")
     return total
@@ -155,9 +168,9 @@ def mock_response(port: int, request: bytes) -> bytes:
         while b"\r\n\r\n" not in data:
             data += more(sock)
         head, _, body = data.partition(b"\r\n\r\n")
-        if b"content-length:" not in head.lower():
+        length = content_length(head)
+        if length is None:
             raise ServiceError(f"the mock answered without a content-length: {head[:200]!r}")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
         while len(body) < length:
             body += more(sock)
     return head + b"\r\n\r\n" + body
@@ -173,10 +186,10 @@ def count_loop(python: str, workdir: Path, side: str, data: bytes, n: int) -> in
                           side, str(payload), str(n)], capture_output=True, text=True, timeout=900, cwd=workdir)
     if res.returncode != 0:
         raise ServiceError(f"h11 loop failed: {res.stderr.strip()[-600:]}")
-    for line in out.read_text(errors="replace").splitlines():
-        if line.startswith("totals:"):
-            return int(line.split()[1])
-    raise ServiceError(f"callgrind counted nothing for the h11 loop ({out})")
+    total = callgrind_total([out])
+    if total == 0:
+        raise ServiceError(f"callgrind counted nothing for the h11 loop ({out})")
+    return total
 
 
 def count_h11(python: str, workdir: Path, mock_port: int, key: str, requests: int) -> dict[str, float]:

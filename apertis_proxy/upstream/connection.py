@@ -283,14 +283,8 @@ class UpstreamConnection(asyncio.Protocol):
         while True:
             if self._queue:
                 # Everything that arrived since the last read, as one piece.
-                queue = self._queue
-                chunk = queue.popleft() if len(queue) == 1 else b"".join(queue)
-                queue.clear()
-                self._queued = 0
-                if not self._reading and self._queued < _QUEUE_HIGH_WATER // 2 and not self.closed:
-                    self._reading = True
-                    self.transport.resume_reading()  # type: ignore[union-attr]
-                return chunk
+                chunks = self._take()
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if self._eom:
                 return b""
             if self._error is not None:
@@ -302,17 +296,12 @@ class UpstreamConnection(asyncio.Protocol):
 
         `sink(piece)` returns False to ask for a pause; call `resume()` when the
         consumer can take more.  Raises UpstreamError (also on a timeout)."""
-        accepted = True
-        if self._queue:
-            backlog = b"".join(self._queue)
-            self._queue.clear()
-            self._queued = 0
-            accepted = sink(backlog)
-        if not accepted:
+        # Reading may have stopped at the queue's high-water mark before a
+        # consumer came (or the caller took the queue with buffered()): _take()
+        # goes on, unless the sink asks for a pause.
+        if self._queue and not sink(b"".join(self._take())):
             self.pause()
-        elif not self._reading:
-            # Reading stopped at the queue's high-water mark before a consumer
-            # came (or the caller took the queue with buffered()): go on.
+        else:
             self.resume()
         self._sink = sink
         try:
@@ -330,18 +319,12 @@ class UpstreamConnection(asyncio.Protocol):
         parts: list[bytes] = []
         size = 0
         while True:
-            queue = self._queue
-            if queue:
+            if self._queue:
                 size += self._queued
                 if size > limit:
                     self.close()
                     raise UpstreamError(f"upstream response larger than {limit} bytes", "body")
-                parts.extend(queue)
-                queue.clear()
-                self._queued = 0
-                if not self._reading and not self.closed:
-                    self._reading = True
-                    self.transport.resume_reading()  # type: ignore[union-attr]
+                parts += self._take()
             if self._eom:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
             if self._error is not None:
@@ -353,6 +336,13 @@ class UpstreamConnection(asyncio.Protocol):
         chunks = list(self._queue)
         self._queue.clear()
         self._queued = 0
+        return chunks
+
+    def _take(self) -> list[bytes]:
+        """Empty the queue for a reader, and read the socket again if the queue
+        had stopped it at its high-water mark."""
+        chunks = self.buffered()
+        self.resume()
         return chunks
 
     @property
