@@ -18,6 +18,7 @@ from typing import Optional
 from .gateway.forward import CatalogRef, MessagesForwarder
 from .gateway.pipeline import GatewayApp
 from .http.protocol import HttpConnection, ServerState
+from .listener import Listener, bind_sockets
 from .plugin_host import PluginHost, check_names
 from .settings import Settings
 from .store import schema
@@ -37,7 +38,7 @@ class Gateway:
         self.pools = Pools(max_idle=settings.pool_max_idle, idle_timeout=settings.pool_idle_timeout,
                            connect_timeout=settings.connect_timeout)
         self.plugins: Optional[PluginHost] = None
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._listener: Optional[Listener] = None
         self._watcher: Optional[RevisionWatcher] = None
         self.host = settings.host
         self.port = settings.port
@@ -74,11 +75,13 @@ class Gateway:
             return HttpConnection(app, s, self.state)
 
         if sock is not None:
-            self._server = await loop.create_server(factory, sock=sock, backlog=4096)
+            sock.setblocking(False)
+            sockets = [sock]
         else:
-            self._server = await loop.create_server(factory, s.host, s.port, backlog=4096,
-                                                    reuse_port=self.workers > 1)
-        name = self._server.sockets[0].getsockname()
+            sockets = bind_sockets(s.host, s.port, backlog=4096, reuse_port=self.workers > 1)
+        self._listener = Listener(sockets, factory, loop)
+        self._listener.start()
+        name = sockets[0].getsockname()
         self.host, self.port = name[0], name[1]
 
     @property
@@ -89,8 +92,8 @@ class Gateway:
         """Stop accepting, let in-flight requests finish up to `timeout`, then close."""
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
         self.state.draining = True
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         for conn in list(self.state.connections):
             conn.shutdown()
         loop = asyncio.get_running_loop()

@@ -1,0 +1,120 @@
+"""Listening sockets that take every pending connection when they become readable.
+
+uvloop's own server (libuv >= 1.45) accepts one connection per readiness
+event, which is once per event-loop iteration.  On a loop busy with thousands
+of streams an iteration takes tens to hundreds of milliseconds, so a burst of
+new clients waits in the kernel's accept queue for seconds (measured: 1,000
+of 5,000 streams opened over 2 s waited ~10 s for their first byte).
+asyncio's selector loop, nginx (`multi_accept`) and this module accept a batch
+per wake-up instead; each socket is then handed to the loop with the public
+`connect_accepted_socket`, so any event loop works.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from typing import Callable, Optional
+
+log = logging.getLogger("apertis_proxy.listener")
+
+# Per wake-up; the rest waits one loop iteration so requests already read are
+# not starved by a connection storm (asyncio's selector loop uses the backlog).
+ACCEPT_BATCH = 512
+# Out of descriptors or memory: stop accepting for a while rather than spin
+# on a socket that stays readable (asyncio waits 1 s too).
+ACCEPT_RETRY_DELAY = 1.0
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def bind_sockets(host: str, port: int, *, backlog: int, reuse_port: bool = False) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every address `host` resolves to."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _, addr in infos:
+            if (family, addr[0]) in seen:
+                continue
+            seen.add((family, addr[0]))
+            if port == 0 and sockets:
+                # One port for every address of "localhost": the first one bound picks it.
+                addr = (addr[0], sockets[0].getsockname()[1], *addr[2:])
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                # Otherwise "::" would also take the IPv4 port bound next to it.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class Listener:
+    """Accepts connections on `sockets` and runs `factory()`'s protocol on each."""
+
+    def __init__(self, sockets: list[socket.socket], factory: Callable[[], asyncio.Protocol],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.sockets = sockets
+        self._factory = factory
+        self._loop = loop
+        self._serving = False
+        self._retry: Optional[asyncio.TimerHandle] = None
+
+    def start(self) -> None:
+        self._serving = True
+        for sock in self.sockets:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def close(self) -> None:
+        """Stop accepting and close the sockets; accepted connections live on."""
+        self._serving = False
+        if self._retry is not None:
+            self._retry.cancel()
+        for sock in self.sockets:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+
+    def _accept(self, sock: socket.socket) -> None:
+        loop = self._loop
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue             # the client gave up while queued
+            except OSError as exc:
+                if exc.errno not in _RESOURCE_ERRORS:
+                    raise
+                log.error("cannot accept connections (%s); pausing for %.0f s", exc.strerror, ACCEPT_RETRY_DELAY)
+                self._pause(ACCEPT_RETRY_DELAY)
+                return
+            conn.setblocking(False)
+            loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except OSError as exc:      # reset between accept() and here: nothing to serve
+            log.debug("accepted connection lost before it started: %s", exc)
+            conn.close()
+
+    def _pause(self, delay: float) -> None:
+        for sock in self.sockets:
+            self._loop.remove_reader(sock.fileno())
+
+        def resume() -> None:
+            self._retry = None
+            if self._serving:
+                self.start()
+        self._retry = self._loop.call_later(delay, resume)
