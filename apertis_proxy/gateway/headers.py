@@ -22,10 +22,11 @@ _PASS_DOWN = frozenset((b"content-type", b"cache-control", b"retry-after", b"ret
                         b"x-should-retry"))
 
 
-# (key, auth header, version) -> the two checked header lines they make.  A few
-# entries per channel key ever configured; saves an encode and a check of each
-# per request.
+# (key, auth header, version) -> the two checked header lines they make; saves
+# an encode and a check of each per request.  Bounded: keys that were rotated
+# or removed must not pile up (nor stay in memory) for the process's life.
 _CREDENTIALS: dict[tuple[str, str, str], tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
+_CREDENTIALS_MAX = 256
 
 
 def _credential_headers(channel: Channel, version: str) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
@@ -36,6 +37,8 @@ def _credential_headers(channel: Channel, version: str) -> tuple[tuple[bytes, by
         key = checked(channel.api_key.encode("latin-1"))
         auth = ((b"authorization", b"Bearer " + key) if channel.auth_header == "authorization"
                 else (b"x-api-key", key))
+        if len(_CREDENTIALS) >= _CREDENTIALS_MAX:
+            _CREDENTIALS.clear()        # rebuilt for the keys in use within a request each
         pair = _CREDENTIALS[cache_key] = (auth, (b"anthropic-version", checked(version.encode("ascii"))))
     return pair
 
