@@ -19,17 +19,27 @@ from typing import Callable, Optional
 
 log = logging.getLogger("apertis_proxy.listener")
 
+BACKLOG = 4096
 # Per wake-up; the rest waits one loop iteration so requests already read are
 # not starved by a connection storm (asyncio's selector loop uses the backlog).
 ACCEPT_BATCH = 512
-# Out of descriptors or memory: stop accepting for a while rather than spin
-# on a socket that stays readable (asyncio waits 1 s too).
+# Out of descriptors or memory, or an error nobody expects: stop accepting for
+# a while rather than spin on a socket that stays readable (asyncio waits 1 s).
 ACCEPT_RETRY_DELAY = 1.0
-_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# accept(2) on Linux passes on pending network errors of the new connection;
+# its manual says to treat them like EAGAIN and retry.  Netfilter adds EPERM.
+_TRANSIENT = frozenset(getattr(errno, name) for name in (
+    "ENETDOWN", "EPROTO", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP",
+    "ENETUNREACH", "EPERM", "ECONNABORTED") if hasattr(errno, name))
 
 
-def bind_sockets(host: str, port: int, *, backlog: int, reuse_port: bool = False) -> list[socket.socket]:
-    """Bound, listening, non-blocking sockets for every address `host` resolves to."""
+def bind_sockets(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
+    """Bound, non-blocking sockets for every address `host` resolves to; the
+    Listener makes them listen.  Binding early claims the port (a port in use
+    fails here) while clients are still refused until the server is ready.
+
+    An address family the kernel does not support (IPv6 disabled) is skipped,
+    as asyncio does; it is an error only if nothing could be bound."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     seen = set()
@@ -41,7 +51,12 @@ def bind_sockets(host: str, port: int, *, backlog: int, reuse_port: bool = False
             if port == 0 and sockets:
                 # One port for every address of "localhost": the first one bound picks it.
                 addr = (addr[0], sockets[0].getsockname()[1], *addr[2:])
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:
+                    continue
+                raise
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
@@ -49,9 +64,13 @@ def bind_sockets(host: str, port: int, *, backlog: int, reuse_port: bool = False
             if family == socket.AF_INET6:
                 # Otherwise "::" would also take the IPv4 port bound next to it.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.listen(backlog)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {addr[0]} port {addr[1]}: {exc.strerror}") from None
             sock.setblocking(False)
+        if not sockets:
+            raise OSError(errno.EAFNOSUPPORT, f"no address of {host!r} can be bound here")
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -60,23 +79,36 @@ def bind_sockets(host: str, port: int, *, backlog: int, reuse_port: bool = False
 
 
 class Listener:
-    """Accepts connections on `sockets` and runs `factory()`'s protocol on each."""
+    """Listens on bound `sockets`, accepts, and runs `factory()`'s protocol on each connection."""
 
     def __init__(self, sockets: list[socket.socket], factory: Callable[[], asyncio.Protocol],
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, *, backlog: int = BACKLOG) -> None:
         self.sockets = sockets
+        self._backlog = backlog
+        self._listening = False
         self._factory = factory
         self._loop = loop
         self._serving = False
+        self._closed = False
         self._retry: Optional[asyncio.TimerHandle] = None
 
     def start(self) -> None:
+        if self._closed:
+            raise RuntimeError("the listener is closed")
         self._serving = True
         for sock in self.sockets:
+            if not self._listening:
+                sock.setblocking(False)
+                sock.listen(self._backlog)
             self._loop.add_reader(sock.fileno(), self._accept, sock)
+        self._listening = True
 
     def close(self) -> None:
-        """Stop accepting and close the sockets; accepted connections live on."""
+        """Stop accepting and close the sockets; accepted connections live on.
+        Connections still in the kernel's queue are reset.  Safe to repeat."""
+        if self._closed:
+            return
+        self._closed = True
         self._serving = False
         if self._retry is not None:
             self._retry.cancel()
@@ -91,22 +123,24 @@ class Listener:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except ConnectionAbortedError:
-                continue             # the client gave up while queued
             except OSError as exc:
-                if exc.errno not in _RESOURCE_ERRORS:
-                    raise
-                log.error("cannot accept connections (%s); pausing for %.0f s", exc.strerror, ACCEPT_RETRY_DELAY)
+                if exc.errno in _TRANSIENT:
+                    continue        # that connection failed; the next may not
+                log.error("cannot accept connections (%s); pausing for %.1f s",
+                          exc.strerror or exc, ACCEPT_RETRY_DELAY)
                 self._pause(ACCEPT_RETRY_DELAY)
                 return
             conn.setblocking(False)
             loop.create_task(self._connect(conn))
 
     async def _connect(self, conn: socket.socket) -> None:
+        if not self._serving:
+            conn.close()            # shutdown began since accept(): as if still queued
+            return
         try:
             await self._loop.connect_accepted_socket(self._factory, conn)
-        except OSError as exc:      # reset between accept() and here: nothing to serve
-            log.debug("accepted connection lost before it started: %s", exc)
+        except Exception:  # noqa: BLE001 - one connection's failure must not go unlogged
+            log.exception("could not start serving an accepted connection")
             conn.close()
 
     def _pause(self, delay: float) -> None:

@@ -44,6 +44,29 @@ class Gateway:
         self.port = settings.port
 
     async def start(self, sock: Optional[socket.socket] = None) -> None:
+        """Bind (or take `sock`, bound), start the store, plugins and watcher, then listen and accept."""
+        s = self.settings
+        # Bind first: a port in use fails at once, before plugins and the
+        # watcher hold threads that would keep the process alive.  Listening
+        # starts only once everything is up (see Listener.start).
+        sockets = [sock] if sock is not None else bind_sockets(s.host, s.port, reuse_port=self.workers > 1)
+        try:
+            app = await self._start_app()
+        except BaseException:
+            for listening in sockets:
+                listening.close()
+            raise
+        state = self.state
+
+        def factory() -> HttpConnection:
+            return HttpConnection(app, s, state)
+
+        self._listener = Listener(sockets, factory, asyncio.get_running_loop())
+        self._listener.start()
+        name = sockets[0].getsockname()
+        self.host, self.port = name[0], name[1]
+
+    async def _start_app(self) -> GatewayApp:
         s = self.settings
         conn = schema.connect(s.db)           # creates / migrates the store
         catalog = CatalogRef(load_catalog(conn))
@@ -68,21 +91,7 @@ class Gateway:
             await self.plugins.close()
             await self._watcher.close()
             raise
-        app = GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog), self.plugins)
-        loop = asyncio.get_running_loop()
-
-        def factory() -> HttpConnection:
-            return HttpConnection(app, s, self.state)
-
-        if sock is not None:
-            sock.setblocking(False)
-            sockets = [sock]
-        else:
-            sockets = bind_sockets(s.host, s.port, backlog=4096, reuse_port=self.workers > 1)
-        self._listener = Listener(sockets, factory, loop)
-        self._listener.start()
-        name = sockets[0].getsockname()
-        self.host, self.port = name[0], name[1]
+        return GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog), self.plugins)
 
     @property
     def base_url(self) -> str:

@@ -8,6 +8,7 @@ connect, on both uvloop and asyncio's own loop, and count the iterations it take
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import uvloop
 
 from apertis_proxy.listener import Listener, bind_sockets
 
-BURST = 200
+# Under 128: kernels before 5.4 cap a listening socket's queue at 128 (net.core.somaxconn), and the burst waits in it.
+BURST = 100
 
 
 class Recorder(asyncio.Protocol):
@@ -79,7 +81,7 @@ def run_on(loop_kind: str, coro_fn):
 @pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
 def test_a_burst_of_connections_is_accepted_in_one_wakeup(loop_kind):
     async def with_listener(proto):
-        sockets = bind_sockets("127.0.0.1", 0, backlog=4096)
+        sockets = bind_sockets("127.0.0.1", 0)
         listener = Listener(sockets, proto, asyncio.get_running_loop())
         listener.start()
         return sockets[0].getsockname()[1], listener.close
@@ -90,33 +92,113 @@ def test_a_burst_of_connections_is_accepted_in_one_wakeup(loop_kind):
     assert iterations <= 5, iterations
 
 
-def test_the_gateway_listens_through_the_batching_listener():
-    """`apertis-proxy serve` binds through bind_sockets/Listener (the uvloop server would take one per iteration)."""
-    from apertis_proxy import server
-    assert server.Listener is Listener and server.bind_sockets is bind_sockets
+def two_addresses(monkeypatch, families=(socket.AF_INET, socket.AF_INET)):
+    """Make every name resolve to two addresses (127.0.0.1 and 127.0.0.2, or an IPv6 one first)."""
+    addrs = {socket.AF_INET: ["127.0.0.1", "127.0.0.2"], socket.AF_INET6: ["::1"]}
+
+    def fake(host, port, *a, **kw):
+        out = []
+        for fam in families:
+            addr = addrs[fam].pop(0)
+            out.append((fam, socket.SOCK_STREAM, 6, "", (addr, port) if fam == socket.AF_INET else (addr, port, 0, 0)))
+        return out
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
 
 
-def test_bind_sockets_gives_every_address_of_a_name_one_port():
-    sockets = bind_sockets("localhost", 0, backlog=16)
+def test_bind_sockets_gives_every_address_of_a_name_one_port(monkeypatch):
+    two_addresses(monkeypatch)
+    sockets = bind_sockets("twice.example", 0)
     try:
+        assert [s.getsockname()[0] for s in sockets] == ["127.0.0.1", "127.0.0.2"]
         ports = {s.getsockname()[1] for s in sockets}
         assert len(ports) == 1 and 0 not in ports
         for s in sockets:
             assert s.getblocking() is False
-            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            # Bound only: clients are refused until a Listener starts (the server is ready).
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0
     finally:
         for s in sockets:
             s.close()
 
 
+def test_bind_sockets_skips_a_family_the_kernel_lacks(monkeypatch):
+    """IPv6 disabled (socket() fails with EAFNOSUPPORT): the IPv4 address is still served, as asyncio does."""
+    two_addresses(monkeypatch, (socket.AF_INET6, socket.AF_INET))
+    real = socket.socket
+
+    def no_ipv6(family=socket.AF_INET, *a, **kw):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, *a, **kw)
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    sockets = bind_sockets("dual.example", 0)
+    try:
+        assert [s.family for s in sockets] == [socket.AF_INET]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_a_port_in_use_is_named_in_the_error():
+    first = bind_sockets("127.0.0.1", 0)
+    first[0].listen()                               # another server, up and running on the port
+    port = first[0].getsockname()[1]
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1 port {port}: Address already in use"):
+            bind_sockets("127.0.0.1", port)
+    finally:
+        first[0].close()
+
+
+class FakeListening:
+    """A listening socket whose accept() fails as told, then has nothing more."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        self.calls = 0
+
+    def accept(self):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        raise BlockingIOError
+
+
+def test_accept_errors_of_one_connection_are_skipped_and_others_pause(caplog):
+    async def main():
+        loop = asyncio.get_running_loop()
+        sockets = bind_sockets("127.0.0.1", 0)
+        listener = Listener(sockets, asyncio.Protocol, loop)
+        listener.start()
+        try:
+            # A connection that failed before we took it (accept(2): treat like EAGAIN): skipped, no pause.
+            fake = FakeListening([OSError(errno.EPROTO, "Protocol error"), ConnectionAbortedError(errno.ECONNABORTED, "")])
+            listener._accept(fake)
+            assert fake.calls == 3 and listener._retry is None
+            # Anything else: logged once, accepting pauses instead of spinning on a readable socket.
+            listener._accept(FakeListening([OSError(errno.EINVAL, "Invalid argument")]))
+            assert listener._retry is not None
+            assert "cannot accept connections (Invalid argument); pausing" in caplog.text
+            # close() during the pause, and again: no restart, no error.
+            listener.close()
+            listener.close()
+            assert listener._retry.cancelled()
+            assert all(s.fileno() == -1 for s in sockets)
+        finally:
+            listener.close()
+    asyncio.run(main())
+
+
 def test_bind_sockets_with_reuse_port_lets_two_listeners_share_a_port():
-    first = bind_sockets("127.0.0.1", 0, backlog=16, reuse_port=True)
+    first = bind_sockets("127.0.0.1", 0, reuse_port=True)
+    first[0].listen()
     try:
         port = first[0].getsockname()[1]
-        second = bind_sockets("127.0.0.1", port, backlog=16, reuse_port=True)
+        second = bind_sockets("127.0.0.1", port, reuse_port=True)
+        second[0].listen()                          # both listening: the kernel spreads connections over them
         second[0].close()
         with pytest.raises(OSError):
-            bind_sockets("127.0.0.1", port, backlog=16)      # without it: address in use
+            bind_sockets("127.0.0.1", port)      # without it: address in use
     finally:
         first[0].close()
 
@@ -139,7 +221,7 @@ def test_running_out_of_descriptors_pauses_accepting_and_recovers(tmp_path):
 
         async def main():
             loop = asyncio.get_running_loop()
-            socks = L.bind_sockets("127.0.0.1", 0, backlog=64)
+            socks = L.bind_sockets("127.0.0.1", 0)
             lst = L.Listener(socks, P, loop)
             lst.start()
             port = socks[0].getsockname()[1]

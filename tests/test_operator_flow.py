@@ -389,3 +389,25 @@ async def test_start_without_channels_explains_and_honours_apertis_db(tmp_path, 
         assert (await usage_with(cli, 2))["requests"] >= 2
         assert await server.stop() == 0
     assert not (tmp_path / "apertis.db").exists()    # the ./apertis.db default was never touched
+
+
+async def test_a_port_in_use_fails_at_once_with_a_clear_error(tmp_path, mock_upstream):
+    """The listening socket is bound before plugins and the watcher start their threads, so `serve` on a taken port
+    exits with an error naming the port instead of hanging with nothing listening."""
+    db = str(tmp_path / "gateway.db")
+    cli = CliRunner(tmp_path, db, clean_env())
+    await cli.add_channel("main", mock_upstream.base_url)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "apertis_proxy", "serve", "--host", "127.0.0.1", "--port", str(port), "--db", db,
+            cwd=tmp_path, env=clean_env(), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), START_TIMEOUT)
+    finally:
+        taken.close()
+    assert proc.returncode != 0
+    assert f"cannot listen on 127.0.0.1 port {port}: Address already in use" in err.decode()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sqlite3
 from pathlib import Path
 from typing import Any, Optional
@@ -320,3 +321,66 @@ async def test_shutdown_deadline_cuts_a_quiet_stream_and_meters_it(gateway):
     assert len(rows) == 1, "the cut stream was not metered before shutdown() returned"
     assert (rows[0]["status"], rows[0]["interrupted"]) == (200, 1)
     assert rows[0]["input_tokens"] == mock.served[-1]["usage"]["input_tokens"] > 0
+
+
+async def test_connections_accepted_as_shutdown_begins_are_reset_not_served_unseen(gateway):
+    """A burst accepted in the same loop iteration as the start of shutdown reaches `connection_made` only after
+    shutdown looked for connections to drain. Those connections are reset, as ones still in the kernel's queue
+    are: nothing is forwarded that shutdown would not wait for (before the fix: 20 upstream requests, no usage
+    rows, handlers still running after shutdown returned)."""
+    gw = gateway.gateway
+    loop = asyncio.get_running_loop()
+    listening = gw._listener.sockets[0]
+    started: list[asyncio.Task] = []
+
+    def accept_then_shut_down(sock):
+        gw._listener._accept(sock)
+        if not started:
+            started.append(loop.create_task(gw.shutdown(timeout=DRAIN_TIMEOUT)))
+    loop.remove_reader(listening.fileno())
+    loop.add_reader(listening.fileno(), accept_then_shut_down, listening)
+
+    request = message_request(gateway.key, "too late", scenario="first-byte-delay=0.2")
+    clients = []
+    for _ in range(20):
+        client = socket.create_connection((gw.host, gw.port), timeout=5)
+        client.sendall(request)
+        clients.append(client)
+    while not started:
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(started[0], DRAIN_TIMEOUT)
+    gateway.gateway = None                          # already shut down
+
+    assert not gw.state.tasks and not gw.state.connections
+    await asyncio.sleep(0.3)                        # what an unseen handler would have sent upstream by now
+    assert gateway.mock.requests == []
+    assert gateway.query("SELECT COUNT(*) AS n FROM usage")[0]["n"] == 0
+
+    def outcome(client: socket.socket) -> str:
+        try:
+            return "eof" if client.recv(65536) == b"" else "answered"
+        except ConnectionResetError:
+            return "reset"
+        finally:
+            client.close()
+    outcomes = await loop.run_in_executor(None, lambda: [outcome(c) for c in clients])
+    assert set(outcomes) <= {"reset", "eof"}, outcomes
+
+
+async def test_a_gateway_serves_on_a_socket_it_is_handed(gateway_env, mock_upstream):
+    """`Gateway.start(sock=...)` (socket activation, tests): a bound socket, listening or not, is served."""
+    from apertis_proxy.server import Gateway
+    key = gateway_env.add_key("alice")
+    gateway_env.add_channel("main", mock_upstream)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))                    # bound, not listening: start() makes it listen
+    gateway_env.gateway = gw = Gateway(gateway_env.settings())
+    await gw.start(sock=sock)
+    assert gw.port == sock.getsockname()[1]
+    conn = await RawConnection.open(gw.host, gw.port)
+    try:
+        await conn.send(message_request(key, "handed a socket"))
+        response = await conn.read_response()
+        assert response.status == 200 and "handed a socket" in response.json()["content"][0]["text"]
+    finally:
+        conn.abort()

@@ -27,9 +27,12 @@ def test_the_channel_credential_replaces_the_clients():
 
 def test_rotated_keys_do_not_pile_up_in_the_credential_cache():
     limit = headers._CREDENTIALS_MAX
-    for i in range(3 * limit):
-        key = f"sk-ant-rotated-{i}"
-        out = headers.upstream_headers([], channel(key), b"h", "2023-06-01", 0)
-        assert (b"x-api-key", key.encode()) in out          # every answer still right
-        assert len(headers._CREDENTIALS) <= limit
-    assert ("sk-ant-rotated-0", "x-api-key", "2023-06-01") not in headers._CREDENTIALS
+    try:
+        for i in range(3 * limit):
+            key = f"sk-ant-rotated-{i}"
+            out = headers.upstream_headers([], channel(key), b"h", "2023-06-01", 0)
+            assert (b"x-api-key", key.encode()) in out          # every answer still right
+            assert len(headers._CREDENTIALS) <= limit
+        assert ("sk-ant-rotated-0", "x-api-key", "2023-06-01") not in headers._CREDENTIALS
+    finally:
+        headers._CREDENTIALS.clear()                            # later tests start from an empty cache

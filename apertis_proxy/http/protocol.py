@@ -215,6 +215,13 @@ class HttpConnection(asyncio.Protocol):
     # -- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
+        if self.state.draining:
+            # Accepted just before shutdown began: shutdown no longer sees it,
+            # so serving it would forward a request nobody waits for.  Reset it,
+            # as the kernel does with connections still in the accept queue.
+            self.closed = self._discarding = True
+            transport.abort()
+            return
         transport.set_write_buffer_limits(high=self._settings.write_high_water)
         peer = transport.get_extra_info("peername")
         self._client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
