@@ -62,7 +62,12 @@ class Gateway:
             return HttpConnection(app, s, state)
 
         self._listener = Listener(sockets, factory, asyncio.get_running_loop())
-        self._listener.start()
+        try:
+            self._listener.start()      # listen() can still find the port taken (another server's race)
+        except BaseException:
+            self._listener.close()
+            await self._stop_app()
+            raise
         name = sockets[0].getsockname()
         self.host, self.port = name[0], name[1]
 
@@ -88,10 +93,16 @@ class Gateway:
             await self._watcher.start()
             await self.plugins.start()
         except BaseException:
-            await self.plugins.close()
-            await self._watcher.close()
+            await self._stop_app()
             raise
         return GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog), self.plugins)
+
+    async def _stop_app(self) -> None:
+        """Let go of what _start_app started: their threads would keep the process alive."""
+        if self.plugins is not None:
+            await self.plugins.close()
+        if self._watcher is not None:
+            await self._watcher.close()
 
     @property
     def base_url(self) -> str:

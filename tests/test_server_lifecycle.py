@@ -384,3 +384,32 @@ async def test_a_gateway_serves_on_a_socket_it_is_handed(gateway_env, mock_upstr
         assert response.status == 200 and "handed a socket" in response.json()["content"][0]["text"]
     finally:
         conn.abort()
+
+
+async def test_a_port_taken_between_bind_and_listen_fails_start_and_lets_go_of_its_threads(gateway_env, mock_upstream):
+    """Two servers racing for a port can both bind (SO_REUSEADDR) and only one listen: the loser's start() fails
+    and closes its plugins and watcher, whose threads would otherwise keep the process alive with nothing served."""
+    import threading
+    from apertis_proxy.server import Gateway
+    gateway_env.add_key("alice")
+    gateway_env.add_channel("main", mock_upstream)
+    winner, loser = socket.socket(), socket.socket()
+    for s in (winner, loser):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    winner.bind(("127.0.0.1", 0))
+    loser.bind(("127.0.0.1", winner.getsockname()[1]))
+    winner.listen()
+    threads = threading.active_count()
+    gw = Gateway(gateway_env.settings())
+    try:
+        with pytest.raises(OSError):
+            await gw.start(sock=loser)
+        assert loser.fileno() == -1                 # closed
+        await wait_for(lambda: _fewer_threads(threads), 5.0, "the plugins' threads to end")
+    finally:
+        winner.close()
+
+
+async def _fewer_threads(limit: int) -> bool:
+    import threading
+    return threading.active_count() <= limit
