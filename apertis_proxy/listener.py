@@ -88,14 +88,12 @@ class Listener:
         self._listening = False
         self._factory = factory
         self._loop = loop
-        self._serving = False
         self._closed = False
         self._retry: Optional[asyncio.TimerHandle] = None
 
     def start(self) -> None:
         if self._closed:
             raise RuntimeError("the listener is closed")
-        self._serving = True
         for sock in self.sockets:
             if not self._listening:
                 sock.setblocking(False)
@@ -109,7 +107,6 @@ class Listener:
         if self._closed:
             return
         self._closed = True
-        self._serving = False
         if self._retry is not None:
             self._retry.cancel()
         for sock in self.sockets:
@@ -134,7 +131,7 @@ class Listener:
             loop.create_task(self._connect(conn))
 
     async def _connect(self, conn: socket.socket) -> None:
-        if not self._serving:
+        if self._closed:
             conn.close()            # shutdown began since accept(): as if still queued
             return
         try:
@@ -149,6 +146,6 @@ class Listener:
 
         def resume() -> None:
             self._retry = None
-            if self._serving:
+            if not self._closed:
                 self.start()
         self._retry = self._loop.call_later(delay, resume)

@@ -15,12 +15,14 @@ import os
 import signal
 import socket
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
 import anthropic
 import pytest
 
+from apertis_proxy.server import Gateway
 from apertis_proxy.store import channels, keys, schema
 from mock_upstream import MOCK_API_KEY
 from rawhttp import RawConnection, parse_sse, request_bytes
@@ -369,7 +371,6 @@ async def test_connections_accepted_as_shutdown_begins_are_reset_not_served_unse
 
 async def test_a_gateway_serves_on_a_socket_it_is_handed(gateway_env, mock_upstream):
     """`Gateway.start(sock=...)` (socket activation, tests): a bound socket, listening or not, is served."""
-    from apertis_proxy.server import Gateway
     key = gateway_env.add_key("alice")
     gateway_env.add_channel("main", mock_upstream)
     sock = socket.socket()
@@ -389,8 +390,6 @@ async def test_a_gateway_serves_on_a_socket_it_is_handed(gateway_env, mock_upstr
 async def test_a_port_taken_between_bind_and_listen_fails_start_and_lets_go_of_its_threads(gateway_env, mock_upstream):
     """Two servers racing for a port can both bind (SO_REUSEADDR) and only one listen: the loser's start() fails
     and closes its plugins and watcher, whose threads would otherwise keep the process alive with nothing served."""
-    import threading
-    from apertis_proxy.server import Gateway
     gateway_env.add_key("alice")
     gateway_env.add_channel("main", mock_upstream)
     winner, loser = socket.socket(), socket.socket()
@@ -411,5 +410,4 @@ async def test_a_port_taken_between_bind_and_listen_fails_start_and_lets_go_of_i
 
 
 async def _fewer_threads(limit: int) -> bool:
-    import threading
     return threading.active_count() <= limit

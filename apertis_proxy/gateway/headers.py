@@ -38,7 +38,7 @@ def _credential_headers(channel: Channel, version: str) -> tuple[tuple[bytes, by
         auth = ((b"authorization", b"Bearer " + key) if channel.auth_header == "authorization"
                 else (b"x-api-key", key))
         if len(_CREDENTIALS) >= _CREDENTIALS_MAX:
-            _CREDENTIALS.clear()        # rebuilt for the keys in use within a request each
+            _CREDENTIALS.clear()        # the keys still in use come back, one miss each
         pair = _CREDENTIALS[cache_key] = (auth, (b"anthropic-version", checked(version.encode("ascii"))))
     return pair
 
