@@ -2,11 +2,12 @@
 
     python bench/run.py [--quick] [--scenarios a,d-5000] [--targets direct,nginx,proxy,proxy-nometer]
 
-Installs wrk and nginx from Debian's packages if missing, starts the mock
-upstream, nginx (plain reverse proxy) and apertis-proxy (one worker; once with
-every first-party plugin, once with metering off), pins them to CPUs, runs the
-scenarios of issue 5 and prints one table, also written to bench/RESULTS.md
-(bench/RESULTS-quick.md for --quick).  See bench/README.md.
+Installs wrk and nginx from Debian's packages if missing (only those the chosen
+scenarios and targets use), starts the mock upstream, nginx (plain reverse
+proxy) and apertis-proxy (one worker; once with every first-party plugin, once
+with metering off), pins them to CPUs, runs the scenarios of issue 5 and prints
+one table, also written to bench/RESULTS.md (bench/RESULTS-quick.md for
+--quick).  See bench/README.md.
 """
 from __future__ import annotations
 
@@ -431,7 +432,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if bad:
         p.error(f"unknown target(s): {', '.join(sorted(bad))}")
     chosen = scn.select(scn.quick() if args.quick else scn.full(), args.scenarios)
-    ensure_tools()
+    # Only what this run uses: a loadgen-only run against the proxy needs neither.
+    ensure_tools(wrk=any(s.driver == "wrk" for s in chosen), nginx="nginx" in wanted)
     if not python_has(args.python, "uvloop"):
         print(f"bench: warning: {args.python} has no uvloop; the mock and loadgen fall back to asyncio "
               f"and may become the bottleneck", file=sys.stderr)

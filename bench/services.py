@@ -37,9 +37,10 @@ def find_nginx() -> Optional[str]:
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
 
 
-def ensure_tools() -> None:
-    """wrk and nginx come from Debian's packages; install them if missing (needs root)."""
-    missing = [pkg for pkg, found in (("wrk", shutil.which("wrk")), ("nginx", find_nginx())) if not found]
+def ensure_tools(wrk: bool = True, nginx: bool = True) -> None:
+    """wrk and nginx come from Debian's packages; install the ones asked for if missing (needs root)."""
+    wanted = [pkg for pkg, asked in (("wrk", wrk), ("nginx", nginx)) if asked]
+    missing = _missing(wanted)
     if not missing:
         return
     hint = f"install them with: apt-get update && apt-get install -y {' '.join(missing)}"
@@ -57,9 +58,14 @@ def ensure_tools() -> None:
         if res.returncode != 0:
             tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-10:])
             raise SystemExit(f"bench: '{' '.join(cmd)}' failed ({res.returncode}):\n{tail}\n{hint}")
-    still = [pkg for pkg, found in (("wrk", shutil.which("wrk")), ("nginx", find_nginx())) if not found]
+    still = _missing(missing)
     if still:
         raise SystemExit(f"bench: {', '.join(still)} still missing after apt-get install; {hint}")
+
+
+def _missing(packages: list[str]) -> list[str]:
+    found = {"wrk": lambda: shutil.which("wrk"), "nginx": find_nginx}
+    return [pkg for pkg in packages if not found[pkg]()]
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
