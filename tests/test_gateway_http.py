@@ -578,3 +578,54 @@ async def test_stream_ended_without_message_stop_gets_an_error_event(gateway_env
         assert row["error_type"] == "api_error" and row["input_tokens"] == 7
     finally:
         server.close()
+
+
+class _RecordingTransport:
+    """A client transport that notes each write call (what one socket call sends) and passes it on."""
+
+    def __init__(self, transport, log: list) -> None:
+        self._transport = transport
+        self.log = log
+
+    def write(self, data) -> None:
+        self.log.append(bytes(data))
+        self._transport.write(data)
+
+    def writelines(self, parts) -> None:
+        parts = list(parts)
+        self.log.append(b"".join(parts))
+        self._transport.writelines(parts)
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
+@pytest.mark.parametrize("scenario,paced", [("", False), ("event-delay=0.02", True)], ids=["whole", "paced"])
+async def test_stream_end_goes_out_with_the_last_events(gateway, monkeypatch, scenario, paced):
+    """The stream's final events and the end of the chunked body leave in one write (one socket call and one
+    wake-up of the client less per stream); a stream that came whole with the upstream's head leaves in the
+    write of our head.  The bytes are the same as ever."""
+    from apertis_proxy.http.protocol import HttpConnection
+    writes: list[bytes] = []
+    made = HttpConnection.connection_made
+
+    def recording(self, transport):
+        made(self, transport)
+        self.transport = _RecordingTransport(self.transport, writes)
+    monkeypatch.setattr(HttpConnection, "connection_made", recording)
+
+    headers = {"x-api-key": gateway.key, **({"x-mock-scenario": scenario} if scenario else {})}
+    async with await connect(gateway) as conn:
+        response = await conn.request("POST", "/v1/messages", headers, json_body=message("one write", stream=True))
+    assert response.status == 200 and response.is_chunked
+    events = response.sse_events()
+    assert [name for name, _ in events][-1] == "message_stop"
+    assert sse_text(events) == expected_text("one write")
+    assert writes[-1].endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n\r\n0\r\n\r\n'), writes[-1][-200:]
+    if paced:       # the head and the early events went out as they came; only the last write ends the body
+        assert len(writes) > 3 and not any(w.endswith(b"0\r\n\r\n") for w in writes[:-1])
+    else:
+        assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    [row] = await gateway.usage_rows(1)
+    assert row["interrupted"] == 0 and row["error_type"] is None
+    assert row["output_tokens"] == gateway.mock.served[0]["usage"]["output_tokens"] > 1

@@ -325,25 +325,37 @@ class MessagesForwarder:
         splicer = SseSplicer(meter, rename)
         record.status = status
         # What came with the response head (often the opening events) goes out
-        # with ours, in one write.
-        resp.start(status, headers, splicer.feed(b"".join(conn.buffered())))
+        # with ours, in one write; a whole stream that came with it, ends in it.
+        first = splicer.feed(b"".join(conn.buffered()))
+        if conn.body_complete:
+            pool.release(conn)
+            resp.start(status, headers, first + self._stream_end(splicer, record), complete=True)
+            return
+        resp.start(status, headers, first)
+        # The body's last piece (message_stop, usually) is held back for the
+        # write that ends our chunked body.
+        held: list[bytes] = []
 
         def sink(piece: bytes) -> bool:
             # Runs inside the upstream socket callback: splice and write, no task switch.
             out = splicer.feed(piece)
-            if out and not resp.write_nowait(out):
+            if not out:
+                return True
+            if conn.body_complete:
+                held.append(out)
+                return True
+            if not resp.write_nowait(out):
                 resp.when_writable(conn.resume)
                 return False
             return True
 
         try:
             await conn.pump(sink, self.settings.read_timeout)
-            tail = splicer.flush()
-            if tail:
-                await resp.write(tail)
         except (ClientGone, asyncio.CancelledError) as exc:
             # The client left, or shutdown cut the stream at its deadline.
             record.interrupted = True
+            if held and not resp.client_gone:
+                resp.write_nowait(b"".join(held))
             # Usage already received but not yet forwarded still counts.
             for chunk in conn.buffered():
                 splicer.feed(chunk)
@@ -370,13 +382,19 @@ class MessagesForwarder:
             resp.end()
             return
         pool.release(conn)
+        last = b"".join(held) + self._stream_end(splicer, record)
+        if last and resp.client_gone:
+            record.interrupted = True       # the stream's end found nobody to take it
+        resp.end(last)
+
+    @staticmethod
+    def _stream_end(splicer: SseSplicer, record: UsageRecord) -> bytes:
+        """What a stream the upstream ended cleanly still needs to send, and its outcome."""
+        tail = splicer.flush()
         if splicer.error is not None:
             record.error_type = str(splicer.error.get("type") or "api_error")
         elif not splicer.saw_stop:
             # A cleanly ended body that lacks message_stop is still a cut message.
             record.error_type = "api_error"
-            try:
-                await resp.write(sse_error_event("api_error", "upstream ended the stream before message_stop"))
-            except ClientGone:
-                record.interrupted = True
-        resp.end()
+            tail += sse_error_event("api_error", "upstream ended the stream before message_stop")
+        return tail

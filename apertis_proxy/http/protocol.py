@@ -113,10 +113,12 @@ class Responder:
         hdrs = [(b"content-type", _JSON)] + list(headers or ())
         self.send(status, hdrs, error_body(error_type or error_type_for(status), message, self.request_id))
 
-    def start(self, status: int, headers: list[tuple[bytes, bytes]], first: bytes = b"") -> None:
+    def start(self, status: int, headers: list[tuple[bytes, bytes]], first: bytes = b"", *,
+              complete: bool = False) -> None:
         """Start a streamed response: chunked, or close-delimited for HTTP/1.0 clients.
         `first`, the body's first piece if already at hand, goes out in the same
-        write as the head (one socket call less)."""
+        write as the head (one socket call less); with `complete` it is the whole
+        body, and the response ends in that write too."""
         assert not self.started
         self.started = True
         self.status = status
@@ -124,12 +126,12 @@ class Responder:
         if not self._chunked:
             self.keep_alive = False
         head = self._head(status, headers, None)
+        if complete:
+            self._finish(head, first)
+            return
         if first:
             self.bytes_sent += len(first)
-            if self._chunked:
-                head += b"%x\r\n" % len(first) + first + b"\r\n"
-            else:
-                head += first
+            head += self._piece(first)
         self._conn.write(head)
 
     async def write(self, data: bytes) -> None:
@@ -159,23 +161,35 @@ class Responder:
         else:
             callback()
 
+    def _piece(self, data: bytes) -> bytes:
+        """One piece of the body as it goes on the wire (a chunk, or as is for HTTP/1.0)."""
+        return b"%x\r\n" % len(data) + data + b"\r\n" if self._chunked else data
+
     def _frame(self, data: bytes) -> None:
         """Write one piece; the caller has checked that the connection is open."""
         self.bytes_sent += len(data)
         transport = self._conn.transport
-        if not self._chunked:
-            transport.write(data)
-        elif len(data) < 16384:
-            transport.write(b"%x\r\n" % len(data) + data + b"\r\n")
+        if not self._chunked or len(data) < 16384:
+            transport.write(self._piece(data))
         else:
             transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
 
-    def end(self) -> None:
-        if self.finished:
-            return
+    def end(self, last: bytes = b"") -> None:
+        """End a streamed response.  `last`, the body's final piece if any, goes
+        out in the same write as the end of the chunked body (one socket call,
+        and one wake-up of the client, less per stream)."""
+        if not self.finished:
+            self._finish(b"", last)
+
+    def _finish(self, head: bytes, last: bytes) -> None:
         self.finished = True
-        if self._chunked and not self._conn.closed:
-            self._conn.write(b"0\r\n\r\n")
+        if not self._conn.closed:
+            self.bytes_sent += len(last)
+            end = b"0\r\n\r\n" if self._chunked else b""
+            if len(last) >= 16384 and self._chunked:
+                self._conn.write(head + b"%x\r\n" % len(last), last, b"\r\n" + end)
+            elif head or last or end:
+                self._conn.write(head + (self._piece(last) if last else b"") + end)
         self._conn.response_done(self)
 
 

@@ -346,6 +346,11 @@ class UpstreamConnection(asyncio.Protocol):
         return chunks
 
     @property
+    def body_complete(self) -> bool:
+        """The body's last byte is in: true inside the sink call for its last piece."""
+        return self._eom or (self._decoder is not None and self._decoder.done)
+
+    @property
     def reusable(self) -> bool:
         """True when the last exchange finished cleanly and the connection may carry another."""
         return (not self.closed and self._eom and self._keep_alive
