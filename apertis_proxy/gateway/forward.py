@@ -329,6 +329,8 @@ class MessagesForwarder:
         first = splicer.feed(b"".join(conn.buffered()))
         if conn.body_complete:
             pool.release(conn)
+            if resp.client_gone:
+                record.interrupted = True
             resp.start(status, headers, first + self._stream_end(splicer, record), complete=True)
             return
         resp.start(status, headers, first)
