@@ -1,8 +1,14 @@
-"""The upstream pool's bookkeeping: reuse order, the idle bound, trimming of stale connections."""
+"""The upstream pool's bookkeeping: reuse order, the idle bound, trimming of stale connections; the connect
+timeout."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 
+import pytest
+
+from apertis_proxy.upstream.connection import UpstreamError
 from apertis_proxy.upstream.pool import Origin, Pool
 
 
@@ -56,3 +62,31 @@ async def test_stale_connections_are_trimmed_from_the_cold_end():
         pool.release(c)                        # each release trims one from the cold end
     assert all(c.closed for c in old) and pool.idle == 3
     assert not any(c.closed for c in fresh)
+
+
+async def test_connect_that_gets_no_answer_times_out():
+    """A channel that never answers the handshake: a timeout error after connect_timeout, not a hang.  A
+    listening socket whose accept queue is full drops further SYNs, which is such a channel on 127.0.0.1."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):      # fill the accept queue (backlog 0 admits one, kernels differ a little)
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        await asyncio.sleep(0.1)
+        pool = Pool(Origin(f"http://127.0.0.1:{port}"), max_idle=3, idle_timeout=60.0,
+                    connect_timeout=0.3, ssl_context=None)
+        started = time.monotonic()
+        with pytest.raises(UpstreamError) as err:
+            await pool.acquire()
+        assert err.value.timeout and "timed out" in str(err.value), err.value
+        assert 0.25 <= time.monotonic() - started < 3
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()

@@ -83,10 +83,11 @@ class Pool:
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
         o = self.origin
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(UpstreamConnection, o.host, o.port, ssl=self._ssl,
-                                       server_hostname=o.host if self._ssl else None),
-                self._connect_timeout)
+            # asyncio.timeout, not wait_for: wait_for runs the connect in a task
+            # of its own (a task and two more loop callbacks per connection).
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await loop.create_connection(UpstreamConnection, o.host, o.port, ssl=self._ssl,
+                                                       server_hostname=o.host if self._ssl else None)
         except asyncio.TimeoutError:
             raise UpstreamError(f"connect to {o.host}:{o.port} timed out", "connect", timeout=True) from None
         except OSError as exc:
