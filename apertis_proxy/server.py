@@ -125,16 +125,17 @@ class Gateway:
             # A task leaves the set from its own code; one cancelled before it
             # ever ran never does.
             self.state.tasks.difference_update([t for t in self.state.tasks if t.done()])
-        for conn in list(self.state.connections):
-            conn.close()
-        # Past the deadline.  A closed client goes unnoticed by a handler waiting
-        # on a quiet upstream until its next byte, so cancel the handlers; they
-        # release upstream and meter the request (interrupted) on the way out.
+        # Past the deadline.  Cancel the handlers while their clients are still
+        # connected: a stream cut here tells its client so in-band (an error
+        # event) before the connection closes, and each handler releases its
+        # upstream and meters the request (interrupted) on the way out.
         pending = set(self.state.tasks)
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=1.0)
+        for conn in list(self.state.connections):
+            conn.close()
         if self.plugins is not None:
             await self.plugins.close()   # meters flush here
         if self._watcher is not None:

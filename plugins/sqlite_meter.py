@@ -74,6 +74,7 @@ class SqliteMeter:
         self._failures = 0          # consecutive failed writes, for the back-off
         self.written = 0            # rows committed since start
         self.dropped = 0
+        self.rejected = 0           # rows SQLite would not take (dropped, each logged)
 
     async def start(self) -> None:
         self._conn = await open_db(self.ctx.db_path)
@@ -141,14 +142,10 @@ class SqliteMeter:
             return True
         # Swap the list out: record() keeps appending to a fresh one meanwhile.
         batch, self._queue = self._queue, []
-        converters = self._converters
         try:
             values: list = []          # every row's values, one after another
             for snapshot in batch:
-                row = list(snapshot)
-                for i, convert in converters:
-                    row[i] = convert(row[i])
-                values += row
+                values += self._row(snapshot)
             width = len(self._fields)
             step = self._per_statement * width
             whole = len(values) - len(values) % step
@@ -167,13 +164,64 @@ class SqliteMeter:
                 except Exception:
                     pass
                 raise
+        except sqlite3.OperationalError:
+            # The database refused (locked, disk full, read-only): keep the rows, retry later.
+            self._queue[:0] = batch
+            self._failures += 1
+            self.log.exception("writing %d usage rows failed; will retry", len(batch))
+            return False
+        except Exception:
+            # Something in the rows themselves: one bad row must not hold back the rest
+            # (retried with them, it would stop the ledger for good).
+            return await self._flush_one_by_one(batch)
+        self._failures = 0
+        self.written += len(batch)
+        return True
+
+    def _row(self, snapshot: tuple) -> list:
+        row = list(snapshot)
+        for i, convert in self._converters:
+            row[i] = convert(row[i])
+        return row
+
+    async def _flush_one_by_one(self, batch: list[tuple]) -> bool:
+        """Write the rows that can be written and drop, loudly, the ones that cannot.
+        When no row can be written the database is refusing, not the rows: keep
+        them all for the retry."""
+        assert self._conn is not None
+        written = 0
+        bad: list[tuple[tuple, Exception]] = []
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for snapshot in batch:
+                    try:
+                        await self._conn.execute(self._insert, self._row(snapshot))
+                        written += 1
+                    except sqlite3.OperationalError:
+                        raise
+                    except Exception as exc:     # noqa: BLE001 - this row only
+                        bad.append((snapshot, exc))
+                if not written:
+                    raise bad[0][1]
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                try:
+                    await self._conn.execute("ROLLBACK")
+                except Exception:
+                    pass
+                raise
         except Exception:
             self._queue[:0] = batch
             self._failures += 1
             self.log.exception("writing %d usage rows failed; will retry", len(batch))
             return False
+        for snapshot, exc in bad:
+            self.rejected += 1
+            self.log.error("usage row for request %s rejected and dropped (%s: %s)",
+                           snapshot[0], type(exc).__name__, exc)    # [0]: request_id
         self._failures = 0
-        self.written += len(batch)
+        self.written += written
         return True
 
     async def close(self) -> None:

@@ -704,3 +704,38 @@ async def test_meter_write_failures_are_retried_not_raised(db):
         conn.execute("DROP TRIGGER refuse")
         await eventually(lambda: len(ledger(conn)) == 3)
     assert sorted(r["request_id"] for r in ledger(conn)) == [f"req_{i:024x}" for i in range(3)]
+
+
+async def test_a_row_sqlite_cannot_store_is_dropped_loudly_and_the_ledger_goes_on(db, caplog):
+    """A value past SQLite's 64-bit integers fails the whole multi-row INSERT. Retried with its batch, such a row
+    would stop the ledger for good (every later row joining the failing batch, all lost at shutdown); instead
+    the batch is written row by row, the bad row dropped with an error naming its request, the rest kept."""
+    path, conn = db
+    meter = SqliteMeter(context("sqlite", path, batch_size=100_000, flush_interval=600))
+    async with running(meter):
+        records = [full_record(i) for i in range(5)]
+        records[2].attempts = 2 ** 64                   # no int column can hold it
+        for record in records:
+            await meter.record(record)
+        with caplog.at_level(logging.ERROR, logger="test.plugin.sqlite"):
+            assert await meter.flush()
+        assert [r["request_id"] for r in ledger(conn)] == [records[i].request_id for i in (0, 1, 3, 4)]
+        assert meter.rejected == 1 and meter.pending == 0 and meter.written == 4
+        assert records[2].request_id in caplog.text and "OverflowError" in caplog.text
+        await meter.record(full_record(5))              # and the ledger goes on
+        assert await meter.flush() and len(ledger(conn)) == 5
+
+
+async def test_a_refusing_database_keeps_every_row_even_when_the_error_is_not_operational(db):
+    """A trigger refusing every INSERT raises IntegrityError, not OperationalError: it is the database, not the
+    rows, when no row at all can be written, so nothing is dropped and the batch is retried."""
+    path, conn = db
+    conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON usage BEGIN SELECT RAISE(ABORT, 'no'); END")
+    meter = SqliteMeter(context("sqlite", path, batch_size=100_000, flush_interval=600))
+    async with running(meter):
+        for i in range(3):
+            await meter.record(full_record(i))
+        assert not await meter.flush()
+        assert meter.pending == 3 and meter.rejected == 0
+        conn.execute("DROP TRIGGER refuse")
+        assert await meter.flush() and len(ledger(conn)) == 3

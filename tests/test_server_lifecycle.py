@@ -11,6 +11,7 @@ started during the drain says `connection: close`.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -133,7 +134,10 @@ async def test_stream_outliving_the_shutdown_deadline_is_cut_and_metered(tmp_pat
         server.send_signal(signal.SIGTERM)
         await stream.finished()
         assert "message_stop" not in stream.events and stream.final is None
-        assert stream.error is not None
+        # Told in-band, as Anthropic's API says overload mid-stream: the SDK raises its API error, not a
+        # transport error about an incomplete body.
+        assert isinstance(stream.error, anthropic.APIStatusError), repr(stream.error)
+        assert "shutting down" in str(stream.error)
         assert await server.wait() == 0
         await mock_upstream.wait_until(lambda: mock_upstream.disconnects == 1)   # upstream was let go
 
@@ -141,7 +145,7 @@ async def test_stream_outliving_the_shutdown_deadline_is_cut_and_metered(tmp_pat
     assert len(rows) == 1
     row, served = rows[0], mock_upstream.served[-1]
     assert not served["completed"]
-    assert (row["status"], row["interrupted"]) == (200, 1)
+    assert (row["status"], row["interrupted"], row["error_type"]) == (200, 1, "overloaded_error")
     assert row["input_tokens"] == served["usage"]["input_tokens"] > 0
 
 
@@ -316,12 +320,16 @@ async def test_shutdown_deadline_cuts_a_quiet_stream_and_meters_it(gateway):
                 received.append(chunk)
     finally:
         conn.abort()
-    assert b"message_stop" not in b"".join(received)
+    body = b"".join(received)
+    assert b"message_stop" not in body
+    # The last thing before the close is the in-band error event, whole.
+    assert parse_sse(body)[-1][0] == "error"
+    assert json.loads(parse_sse(body)[-1][1])["error"]["type"] == "overloaded_error"
     await mock.wait_until(lambda: mock.disconnects == 1)     # the upstream connection was let go
 
     rows = [dict(r) for r in gateway.query("SELECT * FROM usage")]
     assert len(rows) == 1, "the cut stream was not metered before shutdown() returned"
-    assert (rows[0]["status"], rows[0]["interrupted"]) == (200, 1)
+    assert (rows[0]["status"], rows[0]["interrupted"], rows[0]["error_type"]) == (200, 1, "overloaded_error")
     assert rows[0]["input_tokens"] == mock.served[-1]["usage"]["input_tokens"] > 0
 
 

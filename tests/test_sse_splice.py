@@ -111,3 +111,20 @@ def test_unterminated_tail_waits_then_flushes():
     assert splicer.feed(b"event: ping\ndata: {}") == b""
     assert splicer.feed(b"\n\nevent: pi") == b"event: ping\ndata: {}\n\n"
     assert splicer.flush() == b"event: pi"
+
+
+@pytest.mark.parametrize("bad", [2 ** 63, 2 ** 53, -5, True, 1.5, "12", None])
+def test_usage_counts_out_of_range_or_of_the_wrong_type_are_ignored(bad):
+    """An upstream's count that no real request has (or SQLite could not store) is ignored like a missing one:
+    a single such row would otherwise fail the ledger's INSERT."""
+    record = UsageRecord(request_id="r", started_at=0.0, endpoint="/v1/messages")
+    meter = UsageMeter(record)
+    meter.apply({"input_tokens": 10, "output_tokens": 3})
+    meter.apply({"input_tokens": bad, "output_tokens": bad, "cache_read_input_tokens": bad,
+                 "cache_creation": {"ephemeral_5m_input_tokens": bad, "ephemeral_1h_input_tokens": bad},
+                 "server_tool_use": {"web_search_requests": bad}})
+    assert (record.input_tokens, record.output_tokens, record.cache_read_input_tokens) == (10, 3, 0)
+    assert record.cache_creation_5m_input_tokens is None and record.cache_creation_1h_input_tokens is None
+    assert record.server_tool_use is None
+    meter.apply({"output_tokens": 2 ** 53 - 1, "server_tool_use": {"web_search_requests": 2, "x": "y"}})
+    assert record.output_tokens == 2 ** 53 - 1 and record.server_tool_use == {"web_search_requests": 2}

@@ -366,6 +366,7 @@ class MessagesForwarder:
                 if not resp.client_gone:
                     # Shutdown deadline: say so in-band; the connection then closes
                     # without the final chunk, so the stream never looks complete.
+                    record.error_type = "overloaded_error"
                     resp.write_nowait(sse_error_event("overloaded_error", "the gateway is shutting down"))
                 raise
             resp.end()

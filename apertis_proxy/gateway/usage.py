@@ -13,6 +13,13 @@ from ..plugin_api import UsageRecord
 from ..store.catalog import Catalog
 
 _COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+# Counts beyond this are not real (and past 2**63 SQLite cannot even store them:
+# one such row would stop the ledger); they are ignored like a missing count.
+_MAX_COUNT = 2 ** 53
+
+
+def _count(value: Any) -> Optional[int]:
+    return value if type(value) is int and 0 <= value < _MAX_COUNT else None
 
 
 class UsageMeter:
@@ -28,20 +35,23 @@ class UsageMeter:
             return
         rec = self.record
         for name in _COUNTS:
-            value = usage.get(name)
-            if isinstance(value, int):
+            value = _count(usage.get(name))
+            if value is not None:
                 setattr(rec, name, value)
         split = usage.get("cache_creation")
         if isinstance(split, dict):
-            v5 = split.get("ephemeral_5m_input_tokens")
-            v1 = split.get("ephemeral_1h_input_tokens")
-            if isinstance(v5, int):
+            v5 = _count(split.get("ephemeral_5m_input_tokens"))
+            v1 = _count(split.get("ephemeral_1h_input_tokens"))
+            if v5 is not None:
                 rec.cache_creation_5m_input_tokens = v5
-            if isinstance(v1, int):
+            if v1 is not None:
                 rec.cache_creation_1h_input_tokens = v1
         stu = usage.get("server_tool_use")
         if isinstance(stu, dict) and stu:
-            rec.server_tool_use = dict(stu)
+            # Counts per server tool ({"web_search_requests": 2}); anything else is not kept.
+            counts = {k: v for k, v in list(stu.items())[:16] if isinstance(k, str) and _count(v) is not None}
+            if counts:
+                rec.server_tool_use = counts
 
     def message_start(self, message: Mapping[str, Any]) -> None:
         self.apply(message.get("usage"))
