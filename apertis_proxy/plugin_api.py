@@ -133,7 +133,7 @@ class Outcome:
     """What happened on one attempt against one channel (router feedback)."""
 
     channel: Channel
-    ok: bool                       # upstream answered 2xx
+    ok: bool                       # upstream answered 2xx and delivered the whole body
     request_id: str = ""           # the gateway request this attempt belongs to
     status: Optional[int] = None   # upstream HTTP status, None when no response came
     error_type: Optional[str] = None   # Anthropic error type, or "connect_error" / "timeout"

@@ -246,6 +246,8 @@ class ChannelRouter:
             default = self.cooldowns["cooldown_server_error"]
         elif status is None:       # connect_error, timeout: no response at all
             default = self.cooldowns["cooldown_connect_error"]
+        elif status < 300:         # a 2xx whose body failed: stream cut, stalled, in-band api_error
+            default = self.cooldowns["cooldown_server_error"]
         else:                      # 400, 404, 413...: the request's fault
             return None
         delay = outcome.retry_after if outcome.retry_after and outcome.retry_after > 0 else default

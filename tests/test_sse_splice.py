@@ -7,9 +7,11 @@ import random
 
 import pytest
 
+from apertis_proxy.gateway import sse
 from apertis_proxy.gateway.sse import SseSplicer
 from apertis_proxy.gateway.usage import UsageMeter
 from apertis_proxy.plugin_api import UsageRecord
+from rawhttp import parse_sse
 
 
 def event(name: str, data: dict) -> bytes:
@@ -110,7 +112,49 @@ def test_unterminated_tail_waits_then_flushes():
     splicer = SseSplicer(UsageMeter(record))
     assert splicer.feed(b"event: ping\ndata: {}") == b""
     assert splicer.feed(b"\n\nevent: pi") == b"event: ping\ndata: {}\n\n"
-    assert splicer.flush() == b"event: pi"
+    assert splicer.flush() == b"event: pi\n\n"        # ended, so nothing can be glued onto it
+    assert splicer.flush() == b""
+
+
+@pytest.mark.parametrize("ending", [b"", b"\n", b"\r\n", b"\r"])
+def test_last_event_without_its_blank_line_is_ended_and_read(ending):
+    """An upstream that ends its body right after message_stop's data line: the event is complete but for its
+    blank line. It is ended and read like any other (message_stop seen, usage taken), not forwarded raw with
+    the gateway's own error event glued on."""
+    record = UsageRecord(request_id="r", started_at=0.0, endpoint="/v1/messages")
+    splicer = SseSplicer(UsageMeter(record))
+    body = (b'event: message_delta\ndata: {"type":"message_delta","delta":{},"usage":{"output_tokens":7}}\n\n'
+            b'event: message_stop\ndata: {"type":"message_stop"}' + ending)
+    out = splicer.feed(body) + splicer.flush()
+    assert out.startswith(body) and [name for name, _ in parse_sse(out)] == ["message_delta", "message_stop"]
+    assert splicer.saw_stop and record.output_tokens == 7
+
+
+def test_an_event_that_never_ends_is_refused_past_the_limit(monkeypatch):
+    """Held whole until its end (never half forwarded), but not without bound: past MAX_EVENT_BYTES the
+    splicer gives up on the stream."""
+    monkeypatch.setattr(sse, "MAX_EVENT_BYTES", 1000)
+    record = UsageRecord(request_id="r", started_at=0.0, endpoint="/v1/messages")
+    splicer = SseSplicer(UsageMeter(record))
+    assert splicer.feed(b"event: content_block_delta\ndata: ") == b""
+    for _ in range(9):
+        assert splicer.feed(b"x" * 100) == b""
+    with pytest.raises(sse.EventTooLarge):
+        splicer.feed(b"x" * 100)
+
+
+@pytest.mark.parametrize("terminator", [b"\n\n", b"\r\n\r\n", b"\r\r"])
+def test_a_terminator_split_across_reads_of_a_long_event_is_found(terminator):
+    """A held event is searched only where a new terminator can be, which includes one begun at the very end
+    of the bytes already held."""
+    record = UsageRecord(request_id="r", started_at=0.0, endpoint="/v1/messages")
+    for cut in range(1, len(terminator)):
+        splicer = SseSplicer(UsageMeter(record))
+        event = b"event: content_block_delta\ndata: " + b"y" * 5000
+        assert splicer.feed(event[:2000]) == b""
+        assert splicer.feed(event[2000:] + terminator[:cut]) == b""
+        assert splicer.feed(terminator[cut:] + b"event: ping") == event + terminator
+        assert splicer.flush() == b"event: ping\n\n"
 
 
 @pytest.mark.parametrize("bad", [2 ** 63, 2 ** 53, -5, True, 1.5, "12", None])

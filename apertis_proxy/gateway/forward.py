@@ -25,14 +25,19 @@ from ..upstream.connection import UpstreamConnection, UpstreamError
 from ..upstream.pool import Pool, Pools
 from . import contract
 from .headers import downstream_headers, parse_retry_after, upstream_headers
-from .sse import SseSplicer
-from .usage import UsageMeter, error_from_body, price
+from .sse import EventTooLarge, SseSplicer
+from .usage import UsageMeter, error_from_body, price, redact
 
 log = logging.getLogger("apertis_proxy.gateway")
 
 _JSON = (b"content-type", b"application/json")
 _ERROR_BODY_LIMIT = 1024 * 1024
 _RESPONSE_LIMIT = 256 * 1024 * 1024
+# After message_stop the upstream's body should end at once; a channel that
+# goes quiet instead is not waited for (read_timeout is minutes).
+_END_AFTER_STOP = 5.0
+# Request timings for the ledger: uvloop's loop.time() ticks in whole milliseconds.
+_clock = time.perf_counter
 # Statuses after which the next channel is tried (only before any byte went out).
 _FAILOVER = frozenset((401, 403, 408, 409, 429, 500, 502, 503, 504, 529))
 
@@ -86,14 +91,9 @@ class MessagesForwarder:
         self.plugins = plugins
         self.pools = pools
         self.catalog = catalog
-        # get_running_loop() costs a getpid() syscall; the loop never changes.
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     async def handle(self, req: Request, resp: Responder, *, count_tokens: bool = False) -> None:
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        t0 = loop.time()
+        t0 = _clock()
         record = UsageRecord(request_id=resp.request_id, started_at=time.time(), endpoint=req.path,
                              client=req.client)
         caller: Optional[Caller] = None
@@ -139,7 +139,7 @@ class MessagesForwarder:
                 record.status, record.error_type = 499, "client_closed_request"
             raise
         finally:
-            record.duration_ms = round((loop.time() - t0) * 1000, 3)
+            record.duration_ms = round((_clock() - t0) * 1000, 3)
             if not record.status:
                 record.status = resp.status
             if caller is not None:
@@ -188,8 +188,6 @@ class MessagesForwarder:
         """One channel.  None when the client got its answer; an Attempt when it failed
         before anything went out (the caller may try the next channel)."""
         settings = self.settings
-        loop = self._loop
-        assert loop is not None
         record.attempts += 1
         record.channel_id, record.channel_name = channel.id, channel.name
         upstream_model = prepared.body.get("model") if isinstance(prepared.body, dict) else None
@@ -205,7 +203,7 @@ class MessagesForwarder:
             return Attempt(502, "api_error", "upstream channel is misconfigured")
         pool = self.pools.pool(origin)
         target = (origin.base_path + req.path + ("?" + req.query if req.query else "")).encode("latin-1")
-        t_start = loop.time()
+        t_start = _clock()
         conn: Optional[UpstreamConnection] = None
         for fresh_retry in (False, True):
             try:
@@ -229,7 +227,7 @@ class MessagesForwarder:
         # Sent and answered: a stream may run for minutes, so do not hold the
         # request bytes (an orjson output keeps an 8 KB block, measured).
         payload = headers = None    # noqa: F841
-        record.ttfb_ms = round((loop.time() - t_start) * 1000, 3)
+        record.ttfb_ms = round((_clock() - t_start) * 1000, 3)
         rid = head.get(b"request-id")
         record.upstream_request_id = rid.decode("latin-1") if rid else None
 
@@ -245,18 +243,23 @@ class MessagesForwarder:
         ctype = head.get(b"content-type") or b""
         meter = UsageMeter(record)
         if ctype.startswith(b"text/event-stream"):
-            await self._splice(conn, pool, resp, head.status, down, meter, rename, record)
+            await self._splice(conn, pool, resp, head.status, down, SseSplicer(meter, rename, channel.api_key),
+                               record)
         else:
             await self._relay_body(conn, pool, resp, head.status, down, meter, rename, record, count_tokens)
-        self.plugins.feedback(Outcome(channel, ok=True, request_id=info.request_id, status=head.status,
-                                      duration=loop.time() - t_start))
+        # A body that failed after a 2xx head (an in-band error, a cut or stalled
+        # stream) is the channel's failure too; a client that left is not.
+        failed = record.error_type is not None and record.error_type != "client_closed_request"
+        self.plugins.feedback(Outcome(channel, ok=not failed, request_id=info.request_id, status=head.status,
+                                      error_type=record.error_type if failed else None,
+                                      duration=_clock() - t_start))
         return None
 
     def _failed(self, channel: Channel, info: RequestInfo, exc: UpstreamError, t_start: float) -> Attempt:
         etype = "timeout" if exc.timeout else "connect_error"
         self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, error_type=etype,
                                       message=str(exc),
-                                      duration=self._loop.time() - t_start))
+                                      duration=_clock() - t_start))
         if exc.timeout:
             return Attempt(504, "timeout_error", f"upstream timed out: {exc}")
         return Attempt(502, "api_error", f"upstream unavailable: {exc}")
@@ -273,13 +276,16 @@ class MessagesForwarder:
             pool.discard(conn)
             raw = b""
         etype, message = error_from_body(raw)
+        # Some relays quote the credential they were sent; it must not reach
+        # the client, the log or `channels list` (a disable reason).
+        message = redact(message, channel.api_key)
         status = head.status
         etype = etype or error_type_for(status)
         retry_after = parse_retry_after(head.get(b"retry-after"))
         self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, status=status,
                                       error_type=etype, message=message,
                                       retry_after=retry_after,
-                                      duration=self._loop.time() - t_start))
+                                      duration=_clock() - t_start))
         if status in (401, 403):
             # The channel's own key was refused: the caller's key is fine, so do
             # not hand them an authentication error they cannot fix.
@@ -317,16 +323,22 @@ class MessagesForwarder:
                 obj["model"] = rename[1]
                 data = orjson.dumps(obj)
         record.status = status
+        if resp.client_gone:
+            # Answered and billed upstream, but nobody took it.
+            record.interrupted = True
+            record.status, record.error_type = 499, "client_closed_request"
         resp.send(status, headers, data)
 
     async def _splice(self, conn: UpstreamConnection, pool: Pool, resp: Responder, status: int,
-                      headers: list, meter: UsageMeter, rename: Optional[tuple[str, str]],
-                      record: UsageRecord) -> None:
-        splicer = SseSplicer(meter, rename)
+                      headers: list, splicer: SseSplicer, record: UsageRecord) -> None:
         record.status = status
         # What came with the response head (often the opening events) goes out
         # with ours, in one write; a whole stream that came with it, ends in it.
-        first = splicer.feed(b"".join(conn.buffered()))
+        try:
+            first = splicer.feed(b"".join(conn.buffered()))
+        except EventTooLarge as exc:
+            conn.abort(UpstreamError(str(exc), "body"))
+            first = b""
         if conn.body_complete:
             pool.release(conn)
             if resp.client_gone:
@@ -340,7 +352,14 @@ class MessagesForwarder:
 
         def sink(piece: bytes) -> bool:
             # Runs inside the upstream socket callback: splice and write, no task switch.
-            out = splicer.feed(piece)
+            try:
+                out = splicer.feed(piece)
+            except EventTooLarge as exc:
+                conn.abort(UpstreamError(str(exc), "body"))
+                return False
+            if splicer.saw_stop:
+                # The message is complete: the body's end should follow at once.
+                conn.expect_end(_END_AFTER_STOP)
             if not out:
                 return True
             if conn.body_complete:
@@ -359,8 +378,11 @@ class MessagesForwarder:
             if held and not resp.client_gone:
                 resp.write_nowait(b"".join(held))
             # Usage already received but not yet forwarded still counts.
-            for chunk in conn.buffered():
-                splicer.feed(chunk)
+            try:
+                for chunk in conn.buffered():
+                    splicer.feed(chunk)
+            except EventTooLarge:
+                pass
             pool.discard(conn)
             if isinstance(exc, asyncio.CancelledError):
                 if not resp.client_gone:
@@ -374,6 +396,16 @@ class MessagesForwarder:
         except UpstreamError as exc:
             pool.discard(conn)
             splicer.drop_tail()
+            if splicer.saw_stop or splicer.error is not None:
+                # The message was complete, or the upstream already said in-band what
+                # went wrong: a transport failure after that tells the client nothing.
+                if splicer.error is not None:
+                    record.error_type = str(splicer.error.get("type") or "api_error")
+                last = b"".join(held)
+                if last and resp.client_gone:
+                    record.interrupted = True
+                resp.end(last)
+                return
             etype = "timeout_error" if exc.timeout else "api_error"
             record.error_type = etype
             if not resp.client_gone:

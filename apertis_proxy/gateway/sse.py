@@ -24,15 +24,25 @@ from .usage import UsageMeter
 _LF2 = b"\n\n"
 
 
-def _last_boundary(buf: bytes) -> int:
-    """Index just past the last event terminator, or -1."""
-    end = buf.rfind(_LF2)
+# An event is held until its end arrives (so nothing is ever glued onto half
+# of one); one that has not ended by this size is not an SSE event worth
+# waiting for.  Generous: a server tool's result (a fetched PDF) can be large.
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+
+
+class EventTooLarge(ValueError):
+    """The upstream sent more than MAX_EVENT_BYTES without ending an event."""
+
+
+def _last_boundary(buf: bytes, start: int = 0) -> int:
+    """Index just past the last event terminator at or after `start`, or -1."""
+    end = buf.rfind(_LF2, start)
     end = end + 2 if end >= 0 else -1
-    if buf.find(b"\r") >= 0:  # rare: CRLF or CR line endings are legal SSE (find: see checked())
-        crlf = buf.rfind(b"\r\n\r\n")
+    if buf.find(b"\r", start) >= 0:  # rare: CRLF or CR line endings are legal SSE (find: see checked())
+        crlf = buf.rfind(b"\r\n\r\n", start)
         if crlf >= 0 and crlf + 4 > end:
             end = crlf + 4
-        cr = buf.rfind(b"\r\r")
+        cr = buf.rfind(b"\r\r", start)
         if cr >= 0 and cr + 2 > end:
             end = cr + 2
     return end
@@ -91,29 +101,52 @@ class SseSplicer:
     """Stateful splice of one stream.  `rename_model` rewrites message_start's
     model (the client sees the name it asked for, not the upstream alias target)."""
 
-    __slots__ = ("_tail", "meter", "rename_model", "error", "saw_stop")
+    __slots__ = ("_tail", "_held", "meter", "rename_model", "_secret", "error", "saw_stop")
 
-    def __init__(self, meter: UsageMeter, rename_model: Optional[tuple[str, str]] = None) -> None:
-        self._tail = b""
+    def __init__(self, meter: UsageMeter, rename_model: Optional[tuple[str, str]] = None,
+                 secret: Optional[str] = None) -> None:
+        self._tail: list[bytes] = []    # the pieces of an event not yet ended
+        self._held = 0                  # their length
         self.meter = meter
         self.rename_model = rename_model     # (upstream id, client name)
+        # The channel's key: an in-band error quoting it is forwarded without it.
+        self._secret = secret.encode() if secret and len(secret) >= 8 else None
         self.error: Optional[dict] = None    # the in-band error upstream sent, if any
         self.saw_stop = False
 
     def feed(self, chunk: bytes) -> bytes:
+        """The complete events so far, to forward; raises EventTooLarge."""
         if not self._tail and chunk[-2:] == _LF2 and chunk.find(b"\r") < 0:
             # The common read: whole events, LF line endings; all of it goes out.
             region = text = chunk
         else:
-            buf = self._tail + chunk if self._tail else chunk
-            end = _last_boundary(buf)
-            if end < 0:
-                self._tail = buf
-                return b""
-            if end == len(buf):
-                region, self._tail = buf, b""
+            tail = self._tail
+            if tail:
+                # The held bytes have no terminator: look only where a new one can
+                # be (the new bytes, and a terminator begun in the last 3 held),
+                # and join only once there is one, so a long event costs linear time.
+                probe = tail[-1][-3:] + chunk
+                found = _last_boundary(probe)
+                if found < 0:
+                    tail.append(chunk)
+                    self._held += len(chunk)
+                    if self._held > MAX_EVENT_BYTES:
+                        raise EventTooLarge(f"upstream sent an SSE event longer than {MAX_EVENT_BYTES} bytes")
+                    return b""
+                buf = b"".join(tail) + chunk
+                end = len(buf) - len(probe) + found
             else:
-                region, self._tail = buf[:end], buf[end:]
+                buf = chunk
+                end = _last_boundary(buf)
+                if end < 0:
+                    self._tail, self._held = [buf], len(buf)
+                    return b""
+            if end == len(buf):
+                region = buf
+                self._tail, self._held = [], 0
+            else:
+                region, rest = buf[:end], buf[end:]
+                self._tail, self._held = [rest], len(rest)
             # Parse on LF-only text; CR line endings are legal SSE but rare.
             text = (region.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if region.find(b"\r") >= 0
                     else region)
@@ -124,13 +157,21 @@ class SseSplicer:
         return region
 
     def flush(self) -> bytes:
-        """Whatever is left when upstream ended cleanly (an unterminated last event)."""
-        tail, self._tail = self._tail, b""
-        return tail
+        """The unterminated last event when the upstream ended cleanly, ended
+        (an event at the very end can lack only its blank line) and read like
+        any other, so nothing the gateway adds is glued onto it."""
+        tail = b"".join(self._tail)
+        self._tail, self._held = [], 0
+        if not tail.strip(b"\r\n"):
+            return b""
+        for eol in (b"\r\n", b"\n", b"\r"):        # its last line ended: one empty line more
+            if tail.endswith(eol):
+                return self.feed(tail + eol)
+        return self.feed(tail + b"\n\n")
 
     def drop_tail(self) -> int:
-        n = len(self._tail)
-        self._tail = b""
+        n = self._held
+        self._tail, self._held = [], 0
         return n
 
     def _inspect(self, region: bytes, text: bytes, watched: list[tuple[int, int, bytes]]) -> bytes:
@@ -153,8 +194,12 @@ class SseSplicer:
             elif name == b"message_stop":
                 self.saw_stop = True
             elif name == b"error":
-                obj = event_json(text[start:stop]) or {}
+                ev = text[start:stop]
+                obj = event_json(ev) or {}
                 self.error = obj.get("error") or {"type": "api_error"}
+                if self._secret is not None and ev.find(self._secret) >= 0:
+                    renamed.append((start, stop, ev.replace(self._secret, b"[redacted]")))
+                    self.error = orjson.loads(orjson.dumps(self.error).replace(self._secret, b"[redacted]"))
         if not renamed:
             return region
         parts, last = [], 0

@@ -87,11 +87,28 @@ def price(record: UsageRecord, catalog: Catalog) -> None:
 
 
 def error_from_body(body: bytes) -> tuple[Optional[str], str]:
-    """(error type, message) from an Anthropic error body, tolerating junk."""
+    """(error type, message) from an Anthropic error body, tolerating junk
+    (HTML, nothing, or the error as an SSE event: some relays answer a
+    streaming request's error that way)."""
     import orjson
-    try:
-        obj = orjson.loads(body)
-        err = obj.get("error") or {}
-        return err.get("type"), str(err.get("message", ""))[:500]
-    except Exception:  # noqa: BLE001 - upstream may send HTML or nothing
-        return None, body[:200].decode("utf-8", "replace")
+    candidates = [body]
+    if body.lstrip().startswith((b"event:", b"data:")):
+        candidates = [line[5:] for line in body.splitlines() if line.startswith(b"data:")]
+    for candidate in candidates:
+        try:
+            obj = orjson.loads(candidate)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            err = obj.get("error")
+            if isinstance(err, dict):
+                etype = err.get("type")
+                return (etype if isinstance(etype, str) else None), str(err.get("message", ""))[:500]
+    return None, body[:200].decode("utf-8", "replace")
+
+
+def redact(text: str, secret: Optional[str]) -> str:
+    """`text` without `secret` in it (an upstream quoting the key it was sent)."""
+    if secret and len(secret) >= 8 and secret in text:
+        return text.replace(secret, "[redacted]")
+    return text

@@ -345,6 +345,26 @@ class UpstreamConnection(asyncio.Protocol):
         self.resume()
         return chunks
 
+    def abort(self, error: UpstreamError) -> None:
+        """Give up on this response (the consumer found its body unusable): the
+        reader gets `error`, and the connection is closed."""
+        self._fail(error)
+        self.close()
+        self._wake()
+
+    def expect_end(self, timeout: float) -> None:
+        """The body should end within `timeout` of its last byte: wait no longer
+        than that for the rest, whatever the read timeout was."""
+        if timeout >= self._timeout or self._eom:
+            return
+        self._timeout = timeout
+        due = self._last_rx + timeout
+        timer = self._timer
+        if timer is None or timer.when() > due:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(due, self._on_timer)
+
     @property
     def body_complete(self) -> bool:
         """The body's last byte is in: true inside the sink call for its last piece."""
