@@ -314,6 +314,32 @@ async def test_headers_crossing_to_upstream(gateway):
     assert second.query == ""
 
 
+async def test_connection_header_cannot_strip_the_gateways_own_upstream_lines(gateway):
+    """Connection names hop-by-hop headers of the client's own request. Applied to the gateway's lines too, a
+    client could strip the channel's credential (an upstream 401: the channel disabled for everyone) or the
+    framing (its body read upstream as the next request on a pooled connection, answered to another user).
+    Every Connection header counts, not only the last."""
+    sent = [("x-api-key", gateway.key),
+            ("connection", "x-api-key, content-length, x-drop-one"),
+            ("connection", "host, anthropic-version, authorization, X-Drop-Two"),
+            ("x-drop-one", "1"), ("x-drop-two", "2"), ("x-kept", "3")]
+    async with await connect(gateway) as conn:
+        for text in ("first", "second"):      # the second goes over the same pooled upstream connection
+            response = await conn.request("POST", "/v1/messages", sent, json_body=message(text))
+            assert response.status == 200, response.body
+            assert response.json()["content"][0]["text"] == expected_text(text)
+    for request in gateway.mock.requests:
+        assert request.header_values("x-api-key") == [MOCK_API_KEY]
+        assert request.header_values("anthropic-version") == ["2023-06-01"]
+        assert request.headers["host"] == f"127.0.0.1:{gateway.mock.port}"
+        assert request.header_values("content-length") == [str(len(request.raw_body))]
+        assert "x-drop-one" not in request.headers and "x-drop-two" not in request.headers
+        assert request.header_values("x-kept") == ["3"]
+    assert len(gateway.mock.requests) == 2 and gateway.mock.connections_opened == 1
+    [(enabled,)] = gateway.query("SELECT enabled FROM channels WHERE name = 'main'")
+    assert enabled == 1
+
+
 async def test_bearer_channel_gets_exactly_one_credential(gateway_env, mock_upstream):
     key = gateway_env.add_key("bob")
     gateway_env.add_channel("bearer", mock_upstream, options={"auth_header": "authorization"})

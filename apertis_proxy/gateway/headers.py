@@ -50,13 +50,20 @@ def upstream_headers(client: list[tuple[bytes, bytes]], channel: Channel, host: 
     out: list[tuple[bytes, bytes]] = [(b"host", host), auth, version_line, (b"content-length", b"%d" % length)]
     for name, value in client:
         if name in _DROP_UPSTREAM:
-            if name == b"connection":
-                listed = {t.strip().lower() for t in value.split(b",")}
+            if name == b"connection":     # every Connection header's names, merged
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                listed = tokens if listed is None else listed | tokens
             continue
         out.append((name, value))
     if listed:
-        out = [(n, v) for n, v in out if n not in listed]
+        # Hop-by-hop names the client listed go from the client's own headers only:
+        # never from the gateway's four lines (a client listing x-api-key or
+        # content-length would strip the channel's credential or the framing).
+        out[_OWN:] = [(n, v) for n, v in out[_OWN:] if n not in listed]
     return out
+
+
+_OWN = 4    # upstream_headers' own lines come first: host, credential, version, content-length
 
 
 def downstream_headers(upstream: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
