@@ -123,6 +123,34 @@ async def test_pipelined_requests_split_mid_body_and_mid_head(gateway):
     assert [r.body for r in gateway.mock.requests] == [padded, message("second"), message("third")]
 
 
+async def test_a_client_pipelining_without_reading_holds_bounded_memory(gateway):
+    """One client pipelines far more than any buffer while reading none of the answers. The gateway stops
+    reading at its pipelining high-water mark (which used to reset every request, so it read, held and
+    re-copied the whole backlog: RSS +270 MB for 66 MB sent) and stops answering while the client does not read
+    (answers piled up in memory). Once the client reads, every request is answered, in order."""
+    from apertis_proxy.http import protocol
+    count = 25_000
+    request = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"        # 33 bytes: 0.8 MB in all
+    conn = await connect(gateway)
+    sender = asyncio.create_task(conn.send(request * count))
+    await asyncio.sleep(1.0)
+    [server_side] = gateway.gateway.state.connections
+    backlog = len(server_side._h11.trailing_data[0])
+    unsent = server_side.transport.get_write_buffer_size()
+    assert backlog <= protocol._PIPELINE_HIGH_WATER + 256 * 1024, backlog
+    assert unsent <= 2 * gateway.gateway.settings.write_high_water, unsent
+    answered = 0
+    tail = b""
+    while answered < count:
+        piece = await asyncio.wait_for(conn.reader.read(1 << 20), 30)
+        assert piece, f"closed after {answered} answers"
+        answered += (tail + piece).count(b"HTTP/1.1 200 OK\r\n") - tail.count(b"HTTP/1.1 200 OK\r\n")
+        tail = piece[-20:]
+    await sender
+    conn.close()
+    assert answered == count
+
+
 async def test_keep_alive_reuses_one_client_and_one_upstream_connection(gateway):
     auth = {"x-api-key": gateway.key}
     async with await connect(gateway) as conn:

@@ -414,8 +414,11 @@ class HttpConnection(asyncio.Protocol):
         # the request's bytes are not held in h11's buffer for the whole response.
         self._h11 = fresh = self._new_h11()
         self._fresh = True
-        if len(data) > length:
-            fresh.receive_data(data[length:])
+        self._buffered = len(data) - length     # pipelined bytes already here
+        if self._buffered:
+            fresh.receive_data(memoryview(data)[length:])
+            if self._buffered > _PIPELINE_HIGH_WATER:
+                self._pause_reading()
         self._dispatch()
         return True
 
@@ -484,6 +487,11 @@ class HttpConnection(asyncio.Protocol):
             self._responder = None
             self.close()
             return
+        if self.write_paused:
+            # The client is not reading its answers: serve its next pipelined
+            # request only once it does, or answers pile up in memory.
+            self.on_writable = self._next_cycle
+            return
         # At once, not via call_soon (one loop trip less per request): a pipelined
         # request found here starts a new task, so nothing recurses.
         self._next_cycle()
@@ -512,11 +520,15 @@ class HttpConnection(asyncio.Protocol):
             self.close()
             return
         self._arm(self._settings.header_timeout if pending else self._settings.keepalive_timeout)
-        if not self._reading:
-            self._reading = True
-            self.transport.resume_reading()  # type: ignore[union-attr]
         if pending or eof:
             self._process()     # nothing buffered: h11 would only say NEED_DATA
+        # Read on unless the request just started leaves a backlog over the
+        # high-water mark (_take_body counted it): one client cannot make the
+        # gateway hold (and re-copy, each cycle) all it pipelines.
+        if not self._reading and not self.closed and (
+                self._responder is None or self._buffered <= _PIPELINE_HIGH_WATER):
+            self._reading = True
+            self.transport.resume_reading()  # type: ignore[union-attr]
 
     # -- errors and timers ---------------------------------------------------
     def _reject_early(self, status: int, message: str, error_type: str) -> None:
