@@ -245,8 +245,24 @@ async def test_unknown_path_404_and_wrong_method_405(gateway):
         assert wrong.header("allow") == "POST"
         put = await conn.request("PUT", "/v1/models", auth, b"{}")
         assert_gateway_error(put, 405, "invalid_request_error")
-        assert put.header("allow") == "GET"
+        assert put.header("allow") == "GET, HEAD"
     assert gateway.mock.requests == []
+
+
+async def test_head_requests_get_the_head_only_and_the_connection_stays_usable(gateway):
+    """A HEAD answer carries the head the GET would get and no body: body bytes would be read as the start of the
+    next response on a keep-alive connection (they were, for every HEAD, errors included)."""
+    auth = {"x-api-key": gateway.key}
+    async with await connect(gateway) as conn:
+        for target, status in (("/health", 200), ("/v1/models", 200), ("/v1/messages", 405), ("/nowhere", 404)):
+            await conn.send(request_bytes("HEAD", target, auth))
+            head = await conn.read_response(method="HEAD")
+            assert head.status == status, target
+            assert int(head.header("content-length")) > 0 and head.body == b"", target
+            after = await conn.request("GET", "/health")                # the same connection, in step
+            assert (after.status, after.json()) == (200, {"status": "ok"}), target
+        models = await conn.request("GET", "/v1/models", auth)
+    assert models.json()["data"]
 
 
 async def test_bad_key_gets_401_without_reaching_upstream(gateway):

@@ -33,8 +33,8 @@ class GatewayApp:
                 return _method_not_allowed(resp, "POST")
             return await self.forwarder.handle(req, resp, count_tokens=True)
         if path == "/v1/models" or path.startswith("/v1/models/"):
-            if req.method != "GET":
-                return _method_not_allowed(resp, "GET")
+            if req.method not in ("GET", "HEAD"):
+                return _method_not_allowed(resp, "GET, HEAD")
             return await self._models(req, resp)
         if path in ("/health", "/healthz"):
             return resp.send(200, [_JSON], b'{"status":"ok"}')

@@ -64,14 +64,20 @@ class ServerState:
 
 class Responder:
     """How a handler answers one request.  Either `send()` once, or
-    `start()` + `write()`* + `end()` for a streamed (chunked) response."""
+    `start()` + `write()`* + `end()` for a streamed (chunked) response.
+    To a HEAD request `send()` and `start()` write the head only (no route
+    streams to HEAD: only POST endpoints stream)."""
 
     __slots__ = ("_conn", "request_id", "started", "finished", "status", "keep_alive", "_chunked",
-                 "bytes_sent", "abandon_on_disconnect", "_task")
+                 "bytes_sent", "abandon_on_disconnect", "_task", "head_only")
 
-    def __init__(self, conn: "HttpConnection", request_id: str, keep_alive: bool) -> None:
+    def __init__(self, conn: "HttpConnection", request_id: str, keep_alive: bool,
+                 head_only: bool = False) -> None:
         self._conn = conn
         self.request_id = request_id
+        # A HEAD request: its answer is the head the same GET would get, without
+        # the body (a body here would be read as the start of the next response).
+        self.head_only = head_only
         self.started = False
         self.finished = False
         self.status = 0
@@ -100,6 +106,8 @@ class Responder:
         self.started = True
         self.status = status
         head = self._head(status, headers, len(body))
+        if self.head_only:
+            body = b""
         self.bytes_sent = len(body)
         if len(body) < 16384:
             self._conn.write(head + body)
@@ -126,8 +134,8 @@ class Responder:
         if not self._chunked:
             self.keep_alive = False
         head = self._head(status, headers, None)
-        if complete:
-            self._finish(head, first)
+        if complete or self.head_only:
+            self._finish(head, b"" if self.head_only else first)
             return
         if first:
             self.bytes_sent += len(first)
@@ -185,7 +193,7 @@ class Responder:
         self.finished = True
         if not self._conn.closed:
             self.bytes_sent += len(last)
-            end = b"0\r\n\r\n" if self._chunked else b""
+            end = b"0\r\n\r\n" if self._chunked and not self.head_only else b""
             if len(last) >= 16384 and self._chunked:
                 self._conn.write(head + b"%x\r\n" % len(last), last, b"\r\n" + end)
             elif head or last or end:
@@ -433,7 +441,7 @@ class HttpConnection(asyncio.Protocol):
         request = Request(ev.method.decode("ascii"), ev.target.decode("latin-1"), self._headers, body,
                           self._client, ev.http_version)
         keep_alive = keeps_alive(ev.http_version, self._headers) and not self.state.draining
-        responder = Responder(self, new_request_id(), keep_alive)
+        responder = Responder(self, new_request_id(), keep_alive, ev.method == b"HEAD")
         self._responder = responder
         self._task = task = self._loop.create_task(self._run(request, responder))
         # The task leaves state.tasks from its own `finally` (a done callback
