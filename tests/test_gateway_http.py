@@ -699,3 +699,37 @@ async def test_stream_end_goes_out_with_the_last_events(gateway, monkeypatch, sc
     [row] = await gateway.usage_rows(1)
     assert row["interrupted"] == 0 and row["error_type"] is None
     assert row["output_tokens"] == gateway.mock.served[0]["usage"]["output_tokens"] > 1
+
+
+async def test_content_length_with_transfer_encoding_is_refused_and_closed(gateway):
+    """Both framings in one request is the request-smuggling shape: a front end framing by Content-Length would
+    see one request where the gateway (framing by Transfer-Encoding) saw two. Refused with a 400 and the
+    connection closed: the bytes after it are never read as a request."""
+    smuggled = b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n"
+    head = (b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api-key: " + gateway.key.encode() +
+            b"\r\ncontent-length: %d\r\ntransfer-encoding: chunked\r\n\r\n" % len(smuggled))
+    async with await connect(gateway) as conn:
+        await conn.send(head + smuggled)
+        response = await conn.read_response()
+        assert_gateway_error(response, 400, "invalid_request_error", "Transfer-Encoding")
+        assert await conn.wait_closed_by_peer(timeout=5)
+        assert b"smuggled" not in response.raw
+    assert gateway.mock.requests == []
+
+
+async def test_absolute_form_target_other_http_versions_and_error_wording(gateway):
+    """RFC 9112: a server must accept the absolute-form target; HTTP/2.0 on an HTTP/1.1 connection is a 505;
+    a malformed head is named without Python's repr of the bytes."""
+    async with await connect(gateway) as conn:
+        response = await conn.request("POST", f"http://127.0.0.1:{gateway.gateway.port}/v1/messages?x=1",
+                                      {"x-api-key": gateway.key}, json_body=message("absolute"))
+        assert response.status == 200 and response.json()["content"][0]["text"] == expected_text("absolute")
+    assert gateway.mock.requests[-1].path == "/v1/messages" and gateway.mock.requests[-1].query == "x=1"
+    async with await connect(gateway) as conn:
+        await conn.send(b"GET /health HTTP/2.0\r\nhost: x\r\n\r\n")
+        assert_gateway_error(await conn.read_response(method="GET"), 505, "invalid_request_error", "HTTP/1.1")
+    async with await connect(gateway) as conn:
+        await conn.send(b"GET /health HTTP/1.1\r\nhost: x\r\nx-foo: a\x00b\r\n\r\n")
+        body = assert_gateway_error(await conn.read_response(method="GET"), 400, "invalid_request_error",
+                                    "malformed HTTP request")
+        assert "bytearray" not in body["error"]["message"] and "x-foo" not in body["error"]["message"].lower()

@@ -32,6 +32,19 @@ log = logging.getLogger("apertis_proxy.http")
 Handler = Callable[[Request, "Responder"], Awaitable[None]]
 
 _PIPELINE_HIGH_WATER = 256 * 1024
+
+
+def _origin_form(target: bytes) -> bytes:
+    """`/path?query` of an absolute-form target (`http://host/path?query`), which
+    RFC 9112 says a server must accept; any other target as it is."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return target
+    slash = rest.find(b"/")
+    query = rest.find(b"?")
+    if slash < 0 or 0 <= query < slash:
+        return b"/" + rest[query:] if query >= 0 else b"/"
+    return rest[slash:]
 _JSON = b"application/json"
 
 
@@ -390,14 +403,27 @@ class HttpConnection(asyncio.Protocol):
         if _head_size(event, headers) > self._settings.max_header_bytes:
             self._reject_early(431, "request headers too large", "request_too_large")
             return
+        if event.http_version not in (b"1.1", b"1.0"):
+            self._reject_early(505, f"HTTP/{event.http_version.decode('ascii', 'replace')} is not supported; "
+                                    f"use HTTP/1.1", "invalid_request_error")
+            return
         # h11 has validated the framing headers; without either, a request has no body.
         length: Optional[int] = 0
+        chunked = False
         for name, value in headers:
             if name == b"content-length":
                 length = int(value)
             elif name == b"transfer-encoding":
-                length = None
-                break
+                chunked = True
+        if chunked:
+            if length:
+                # Both: the classic request-smuggling shape (a front end framing by
+                # Content-Length would see another request than we do).  RFC 9112
+                # allows refusing it; the connection is closed either way.
+                self._reject_early(400, "a request must not have both Content-Length and Transfer-Encoding",
+                                   "invalid_request_error")
+                return
+            length = None
         self._length = length
         if length is not None and length > self._settings.max_body_bytes:
             self._reject_early(413, f"request body exceeds the limit of "
@@ -438,7 +464,10 @@ class HttpConnection(asyncio.Protocol):
         self._request = None
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
         self._body = []
-        request = Request(ev.method.decode("ascii"), ev.target.decode("latin-1"), self._headers, body,
+        target = ev.target
+        if target[:1] != b"/" and target[:4].lower() == b"http":
+            target = _origin_form(target)
+        request = Request(ev.method.decode("ascii"), target.decode("latin-1"), self._headers, body,
                           self._client, ev.http_version)
         keep_alive = keeps_alive(ev.http_version, self._headers) and not self.state.draining
         responder = Responder(self, new_request_id(), keep_alive, ev.method == b"HEAD")
@@ -557,7 +586,10 @@ class HttpConnection(asyncio.Protocol):
         if self._responder is not None and self._responder.started:
             self.close()
             return
-        message = ("request headers too large" if status == 431 else f"malformed HTTP request: {exc}")
+        # h11's text quotes the offending bytes as a bytearray repr (up to the
+        # whole line): say what was wrong, not Python's view of it.
+        reason = str(exc).split(": bytearray(")[0].split(": b'")[0].split(': b"')[0][:200]
+        message = ("request headers too large" if status == 431 else f"malformed HTTP request: {reason}")
         etype = "request_too_large" if status == 431 else "invalid_request_error"
         self._reject_early(status, message, etype)
 
