@@ -142,10 +142,14 @@ class SqliteMeter:
             return True
         # Swap the list out: record() keeps appending to a fresh one meanwhile.
         batch, self._queue = self._queue, []
+        converters = self._converters
         try:
             values: list = []          # every row's values, one after another
             for snapshot in batch:
-                values += self._row(snapshot)
+                row = list(snapshot)   # _row(), inline: a call per row was measurable
+                for i, convert in converters:
+                    row[i] = convert(row[i])
+                values += row
             width = len(self._fields)
             step = self._per_statement * width
             whole = len(values) - len(values) % step

@@ -35,8 +35,8 @@ class UsageMeter:
             return
         rec = self.record
         for name in _COUNTS:
-            value = _count(usage.get(name))
-            if value is not None:
+            value = usage.get(name)
+            if type(value) is int and 0 <= value < _MAX_COUNT:     # _count(), inline: every response
                 setattr(rec, name, value)
         split = usage.get("cache_creation")
         if isinstance(split, dict):
