@@ -20,10 +20,11 @@ Options (``[plugins.options.sqlite]``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import operator
 import sqlite3
-from typing import Any, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 import aiosqlite
 import orjson
@@ -153,27 +154,16 @@ class SqliteMeter:
             width = len(self._fields)
             step = self._per_statement * width
             whole = len(values) - len(values) % step
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
+            async with self._transaction():
                 if whole:
                     await self._conn.executemany(
                         self._insert_many, [values[i:i + step] for i in range(0, whole, step)])
                 if whole < len(values):
                     await self._conn.executemany(
                         self._insert, [values[i:i + width] for i in range(whole, len(values), width)])
-                await self._conn.execute("COMMIT")
-            except BaseException:
-                try:
-                    await self._conn.execute("ROLLBACK")
-                except Exception:
-                    pass
-                raise
         except sqlite3.OperationalError:
             # The database refused (locked, disk full, read-only): keep the rows, retry later.
-            self._queue[:0] = batch
-            self._failures += 1
-            self.log.exception("writing %d usage rows failed; will retry", len(batch))
-            return False
+            return self._retry_later(batch)
         except Exception:
             # Something in the rows themselves: one bad row must not hold back the rest
             # (retried with them, it would stop the ledger for good).
@@ -181,6 +171,26 @@ class SqliteMeter:
         self._failures = 0
         self.written += len(batch)
         return True
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        assert self._conn is not None
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            try:
+                await self._conn.execute("ROLLBACK")
+            except Exception:
+                pass
+            raise
+
+    def _retry_later(self, batch: list[tuple]) -> bool:
+        self._queue[:0] = batch
+        self._failures += 1
+        self.log.exception("writing %d usage rows failed; will retry", len(batch))
+        return False
 
     def _row(self, snapshot: tuple) -> list:
         row = list(snapshot)
@@ -196,8 +206,7 @@ class SqliteMeter:
         written = 0
         bad: list[tuple[tuple, Exception]] = []
         try:
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
+            async with self._transaction():
                 for snapshot in batch:
                     try:
                         await self._conn.execute(self._insert, self._row(snapshot))
@@ -208,18 +217,8 @@ class SqliteMeter:
                         bad.append((snapshot, exc))
                 if not written:
                     raise bad[0][1]
-                await self._conn.execute("COMMIT")
-            except BaseException:
-                try:
-                    await self._conn.execute("ROLLBACK")
-                except Exception:
-                    pass
-                raise
         except Exception:
-            self._queue[:0] = batch
-            self._failures += 1
-            self.log.exception("writing %d usage rows failed; will retry", len(batch))
-            return False
+            return self._retry_later(batch)
         for snapshot, exc in bad:
             self.rejected += 1
             self.log.error("usage row for request %s rejected and dropped (%s: %s)",
