@@ -10,7 +10,7 @@ import logging
 import anthropic
 import pytest
 
-from apertis_proxy.gateway import forward
+from apertis_proxy.gateway import relay
 from rawhttp import RawConnection, request_bytes
 from scripted_channel import (CLOSE, HANG, HEAD_SSE, MESSAGE_STOP, ScriptedChannel, chunk, event, full_stream,
                               json_response, message_start, text_events)
@@ -61,7 +61,7 @@ async def test_upstream_closing_after_message_stop_still_delivers_a_complete_str
 async def test_upstream_silent_after_message_stop_is_not_waited_for(scripted, monkeypatch):
     """After message_stop the body's end should follow at once; a channel that goes quiet instead is given
     _END_AFTER_STOP, not the read timeout (minutes), and the SDK gets its complete message."""
-    monkeypatch.setattr(forward, "_END_AFTER_STOP", 0.3)
+    monkeypatch.setattr(relay, "_END_AFTER_STOP", 0.3)
     await scripted.start(read_timeout=60.0)
     scripted.channel.queue(OPENING + [chunk(MESSAGE_STOP), HANG])
     async with anthropic.AsyncAnthropic(base_url=scripted.base_url, api_key=scripted.key, max_retries=0,

@@ -14,9 +14,9 @@ from typing import Any, Optional, Sequence
 
 import orjson
 
-from ..errors import GatewayError, error_type_for, sse_error_event
+from ..errors import GatewayError, error_type_for
 from ..http.messages import Request
-from ..http.protocol import ClientGone, Responder
+from ..http.protocol import Responder
 from ..plugin_api import Caller, Channel, Outcome, RequestInfo, UsageRecord
 from ..plugin_host import PluginHost
 from ..settings import Settings
@@ -25,17 +25,14 @@ from ..upstream.connection import UpstreamConnection, UpstreamError
 from ..upstream.pool import Pool, Pools
 from . import contract
 from .headers import downstream_headers, parse_retry_after, upstream_headers
-from .sse import EventTooLarge, SseSplicer
+from .relay import relay_json, relay_stream
+from .sse import SseSplicer
 from .usage import UsageMeter, error_from_body, price, redact
 
 log = logging.getLogger("apertis_proxy.gateway")
 
 _JSON = (b"content-type", b"application/json")
 _ERROR_BODY_LIMIT = 1024 * 1024
-_RESPONSE_LIMIT = 256 * 1024 * 1024
-# After message_stop the upstream's body should end at once; a channel that
-# goes quiet instead is not waited for (read_timeout is minutes).
-_END_AFTER_STOP = 5.0
 # Request timings for the ledger: uvloop's loop.time() ticks in whole milliseconds.
 _clock = time.perf_counter
 # Statuses after which the next channel is tried (only before any byte went out).
@@ -243,10 +240,11 @@ class MessagesForwarder:
         ctype = head.get(b"content-type") or b""
         meter = UsageMeter(record)
         if ctype.startswith(b"text/event-stream"):
-            await self._splice(conn, pool, resp, head.status, down, SseSplicer(meter, rename, channel.api_key),
-                               record)
+            await relay_stream(conn, pool, resp, head.status, down, SseSplicer(meter, rename, channel.api_key),
+                               record, settings.read_timeout)
         else:
-            await self._relay_body(conn, pool, resp, head.status, down, meter, rename, record, count_tokens)
+            await relay_json(conn, pool, resp, head.status, down, meter, rename, record, count_tokens,
+                             settings.read_timeout)
         # A body that failed after a 2xx head (an in-band error, a cut or stalled
         # stream) is the channel's failure too; a client that left is not.
         failed = record.error_type is not None and record.error_type != "client_closed_request"
@@ -295,141 +293,3 @@ class MessagesForwarder:
         if rid:
             passed.append((b"upstream-request-id", rid))
         return Attempt(status, etype, message or f"upstream answered {status}", passed)
-
-    async def _relay_body(self, conn: UpstreamConnection, pool: Pool, resp: Responder, status: int,
-                          headers: list, meter: UsageMeter, rename: Optional[tuple[str, str]],
-                          record: UsageRecord, count_tokens: bool) -> None:
-        try:
-            data = await conn.read_all(self.settings.read_timeout, _RESPONSE_LIMIT)
-        except asyncio.CancelledError:
-            pool.discard(conn)
-            raise
-        except UpstreamError as exc:
-            pool.discard(conn)
-            err = Attempt(504 if exc.timeout else 502, "timeout_error" if exc.timeout else "api_error",
-                          f"upstream failed while sending the response: {exc}")
-            record.status, record.error_type = err.status, err.error_type
-            resp.send_error(err.status, err.message, err.error_type)
-            return
-        pool.release(conn)
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            obj = None
-        if isinstance(obj, dict):
-            if not count_tokens:
-                meter.body(obj)
-            if rename and obj.get("model") == rename[0]:
-                obj["model"] = rename[1]
-                data = orjson.dumps(obj)
-        record.status = status
-        if resp.client_gone:
-            # Answered and billed upstream, but nobody took it.
-            record.interrupted = True
-            record.status, record.error_type = 499, "client_closed_request"
-        resp.send(status, headers, data)
-
-    async def _splice(self, conn: UpstreamConnection, pool: Pool, resp: Responder, status: int,
-                      headers: list, splicer: SseSplicer, record: UsageRecord) -> None:
-        record.status = status
-        # What came with the response head (often the opening events) goes out
-        # with ours, in one write; a whole stream that came with it, ends in it.
-        try:
-            first = splicer.feed(b"".join(conn.buffered()))
-        except EventTooLarge as exc:
-            conn.abort(UpstreamError(str(exc), "body"))
-            first = b""
-        if conn.body_complete:
-            pool.release(conn)
-            if resp.client_gone:
-                record.interrupted = True
-            resp.start(status, headers, first + self._stream_end(splicer, record), complete=True)
-            return
-        resp.start(status, headers, first)
-        # The body's last piece (message_stop, usually) is held back for the
-        # write that ends our chunked body.
-        held: list[bytes] = []
-
-        def sink(piece: bytes) -> bool:
-            # Runs inside the upstream socket callback: splice and write, no task switch.
-            try:
-                out = splicer.feed(piece)
-            except EventTooLarge as exc:
-                conn.abort(UpstreamError(str(exc), "body"))
-                return False
-            if splicer.saw_stop:
-                # The message is complete: the body's end should follow at once.
-                conn.expect_end(_END_AFTER_STOP)
-            if not out:
-                return True
-            if conn.body_complete:
-                held.append(out)
-                return True
-            if not resp.write_nowait(out):
-                resp.when_writable(conn.resume)
-                return False
-            return True
-
-        try:
-            await conn.pump(sink, self.settings.read_timeout)
-        except (ClientGone, asyncio.CancelledError) as exc:
-            # The client left, or shutdown cut the stream at its deadline.
-            record.interrupted = True
-            if held and not resp.client_gone:
-                resp.write_nowait(b"".join(held))
-            # Usage already received but not yet forwarded still counts.
-            try:
-                for chunk in conn.buffered():
-                    splicer.feed(chunk)
-            except EventTooLarge:
-                pass
-            pool.discard(conn)
-            if isinstance(exc, asyncio.CancelledError):
-                if not resp.client_gone:
-                    # Shutdown deadline: say so in-band; the connection then closes
-                    # without the final chunk, so the stream never looks complete.
-                    record.error_type = "overloaded_error"
-                    resp.write_nowait(sse_error_event("overloaded_error", "the gateway is shutting down"))
-                raise
-            resp.end()
-            return
-        except UpstreamError as exc:
-            pool.discard(conn)
-            splicer.drop_tail()
-            if splicer.saw_stop or splicer.error is not None:
-                # The message was complete, or the upstream already said in-band what
-                # went wrong: a transport failure after that tells the client nothing.
-                if splicer.error is not None:
-                    record.error_type = str(splicer.error.get("type") or "api_error")
-                last = b"".join(held)
-                if last and resp.client_gone:
-                    record.interrupted = True
-                resp.end(last)
-                return
-            etype = "timeout_error" if exc.timeout else "api_error"
-            record.error_type = etype
-            if not resp.client_gone:
-                try:
-                    await resp.write(sse_error_event(etype, f"upstream stream failed: {exc}"))
-                except ClientGone:
-                    record.interrupted = True
-            resp.keep_alive = False
-            resp.end()
-            return
-        pool.release(conn)
-        last = b"".join(held) + self._stream_end(splicer, record)
-        if last and resp.client_gone:
-            record.interrupted = True       # the stream's end found nobody to take it
-        resp.end(last)
-
-    @staticmethod
-    def _stream_end(splicer: SseSplicer, record: UsageRecord) -> bytes:
-        """What a stream the upstream ended cleanly still needs to send, and its outcome."""
-        tail = splicer.flush()
-        if splicer.error is not None:
-            record.error_type = str(splicer.error.get("type") or "api_error")
-        elif not splicer.saw_stop:
-            # A cleanly ended body that lacks message_stop is still a cut message.
-            record.error_type = "api_error"
-            tail += sse_error_event("api_error", "upstream ended the stream before message_stop")
-        return tail
