@@ -6,6 +6,7 @@ meter is logged and the other meters still get the record.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from importlib.metadata import entry_points
@@ -17,6 +18,8 @@ from .plugin_api import (AUTH_GROUP, METER_GROUP, ROUTER_GROUP, Caller, Channel,
 from .settings import Settings
 
 log = logging.getLogger("apertis_proxy.plugins")
+# How long one plugin's close() may take at shutdown before the next is closed.
+CLOSE_TIMEOUT = 10.0
 
 
 class PluginLoadError(RuntimeError):
@@ -87,7 +90,10 @@ class PluginHost:
                 if inspect.isawaitable(result):
                     await result
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close every plugin, last loaded first; one that fails or takes longer
+        than `timeout` is logged and left, so the ones after it (the meter's
+        final flush) still close."""
         for name, plugin in reversed(self._all()):
             close = getattr(plugin, "close", None)
             if close is None:
@@ -95,7 +101,10 @@ class PluginHost:
             try:
                 result = close()
                 if inspect.isawaitable(result):
-                    await result
+                    async with asyncio.timeout(timeout):
+                        await result
+            except TimeoutError:
+                log.error("plugin %s did not close within %gs; left behind", name, timeout)
             except Exception:  # noqa: BLE001
                 log.exception("plugin %s failed to close", name)
 
@@ -111,6 +120,9 @@ class PluginHost:
             except Exception as exc:  # noqa: BLE001 - contained, see _chain_error
                 raise _chain_error("auth", name, exc) from None
             if caller is not None:
+                if not isinstance(caller, Caller):
+                    raise _chain_error("auth", name, TypeError(
+                        f"authenticate() returned {type(caller).__name__}, not a Caller or None"))
                 return caller, plugin
         raise GatewayError(401, "invalid x-api-key", "authentication_error")
 
@@ -130,6 +142,9 @@ class PluginHost:
             except Exception as exc:  # noqa: BLE001 - contained, see _chain_error
                 raise _chain_error("router", name, exc) from None
             if channels is not None:
+                if not isinstance(channels, (list, tuple)) or not all(isinstance(c, Channel) for c in channels):
+                    raise _chain_error("router", name, TypeError(
+                        f"route() returned {type(channels).__name__}, not a list of Channel or None"))
                 return channels
         return None
 
@@ -165,6 +180,8 @@ def _chain_error(kind: str, name: str, exc: Exception) -> GatewayError:
     """What a decision plugin's exception becomes: its Reject, as the client's
     error; anything else is logged and contained as a 500."""
     if isinstance(exc, Reject):
-        return GatewayError(exc.status, exc.message, exc.error_type, exc.headers)
+        if isinstance(exc.status, int) and 400 <= exc.status <= 599:
+            return GatewayError(exc.status, exc.message, exc.error_type, exc.headers)
+        exc = ValueError(f"Reject with status {exc.status!r}; an error status is 400..599")
     log.error("%s plugin %s failed", kind, name, exc_info=exc)
     return GatewayError(500, f"{kind} failed inside the gateway", "api_error")

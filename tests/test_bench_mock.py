@@ -51,9 +51,10 @@ def test_paced_events_arrive_spread_out(mock_url):
                 if event.type == "text":
                     arrivals.append(time.monotonic() - started)
     assert len(arrivals) == 4
-    assert arrivals[0] >= 0.14
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    assert min(gaps) >= 0.04, gaps
+    # Event i leaves the mock at ttfb + i * gap (tick-rounded), so it cannot arrive earlier. Only these lower
+    # bounds hold on a busy machine: a late reader sees events bunched, so the gaps between two arrivals do not.
+    for i, arrived in enumerate(arrivals):
+        assert arrived >= 0.14 + i * 0.055, arrivals
 
 
 ASK = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}

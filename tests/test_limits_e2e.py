@@ -242,3 +242,18 @@ async def test_model_allow_list_is_403_for_other_models(gateway_env, mock_upstre
     assert {r.body["model"] for r in mock_upstream.requests} == {HAIKU}
     streamed = await post(gateway_env, key, message(model="claude-sonnet-4.5", stream=True))
     assert_error(streamed, 403, "permission_error")
+
+
+async def test_model_listings_give_their_concurrency_slot_back(gateway_env, mock_upstream):
+    """GET /v1/models is admitted by the auth plugin like any request; it used to never call finish(), so a key
+    with --concurrency N was locked out (429) after N listings until the server restarted."""
+    key = gateway_env.add_key("alice", concurrency=1)
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    async with await RawConnection.open(gateway_env.gateway.host, gateway_env.gateway.port) as conn:
+        for _ in range(3):
+            listing = await conn.request("GET", "/v1/models", {"x-api-key": key})
+            assert listing.status == 200 and listing.json()["data"]
+    response = await post(gateway_env, key, message())
+    assert response.status == 200, response.body
+    assert [r["endpoint"] for r in await gateway_env.usage_rows(1)] == ["/v1/messages"]   # listings: no usage

@@ -18,7 +18,8 @@ import anthropic
 import pytest
 
 from apertis_proxy import cli, plugin_host
-from apertis_proxy.plugin_api import AUTH_GROUP, METER_GROUP, ROUTER_GROUP
+from apertis_proxy.errors import GatewayError
+from apertis_proxy.plugin_api import AUTH_GROUP, METER_GROUP, ROUTER_GROUP, Reject
 from apertis_proxy.plugin_host import PluginLoadError
 from apertis_plugins.channel_router import ChannelRouter
 from apertis_plugins.keys_auth import KeysAuth
@@ -503,3 +504,77 @@ async def test_cli_edits_reach_the_running_gateway(gateway_env, make_mock_upstre
         response, tag = await post(gateway_env, key, message())
         assert response.status == 200 and receivers(tag, mocks) == ["new"]
     assert len(old.requests) == seen_by_old
+
+
+# -- plugin answers and plugin lifecycles the host must contain -------------------------------------------------
+
+class _Plugin:
+    def __init__(self, **methods):
+        for name, fn in methods.items():
+            setattr(self, name, fn)
+
+
+async def _answer(value):
+    return value
+
+
+@pytest.mark.parametrize("answer", ["alice", 0, {"key_id": 1}], ids=["str", "int", "dict"])
+async def test_an_auth_plugin_answering_junk_is_a_500_naming_the_plugin(answer, caplog):
+    host = plugin_host.PluginHost([("junk-auth", _Plugin(authenticate=lambda request: _answer(answer)))], [], [])
+    with pytest.raises(GatewayError) as err:
+        await host.authenticate(None)
+    assert err.value.status == 500 and "auth failed" in err.value.message
+    assert "junk-auth" in caplog.text and "not a Caller" in caplog.text
+
+
+@pytest.mark.parametrize("answer", ["main", ["main"], 5], ids=["str", "list-of-str", "int"])
+async def test_a_router_answering_junk_is_a_500_naming_the_plugin(answer, caplog):
+    host = plugin_host.PluginHost([], [("junk-router", _Plugin(route=lambda request, caller: _answer(answer)))], [])
+    with pytest.raises(GatewayError) as err:
+        await host.route(None, None)
+    assert err.value.status == 500 and "junk-router" in caplog.text and "not a list of Channel" in caplog.text
+
+
+async def test_a_reject_with_a_success_status_is_not_sent_as_one(caplog):
+    async def authenticate(request):
+        raise Reject(200, "invalid_request_error", "nope")
+    host = plugin_host.PluginHost([("odd-auth", _Plugin(authenticate=authenticate))], [], [])
+    with pytest.raises(GatewayError) as err:
+        await host.authenticate(None)
+    assert err.value.status == 500 and "400..599" in caplog.text
+
+
+async def test_a_plugin_whose_close_hangs_does_not_keep_the_others_from_closing(caplog):
+    closed = []
+
+    async def hang():
+        await asyncio.Event().wait()
+
+    async def close_meter():
+        closed.append("meter")
+    host = plugin_host.PluginHost([("stuck", _Plugin(close=hang))], [],
+                                  [("meter", _Plugin(close=close_meter, record=lambda r: _answer(None)))])
+    await asyncio.wait_for(host.close(timeout=0.2), 5)
+    assert closed == ["meter"] and "stuck did not close within 0.2s" in caplog.text
+
+
+async def test_a_request_is_metered_even_when_its_auth_plugins_finish_hangs_until_shutdown(gateway):
+    """finish() then the meter run after the response; an auth plugin hanging in finish() used to cost the
+    usage row: shutdown cancelled the handler inside finish() and the meter was never called."""
+    [(_, keys)] = gateway.gateway.plugins.auth
+    entered = asyncio.Event()
+
+    async def hanging_finish(caller, record):
+        entered.set()
+        await asyncio.Event().wait()
+    keys.finish = hanging_finish
+    async with await RawConnection.open(gateway.gateway.host, gateway.gateway.port) as conn:
+        response = await conn.request("POST", "/v1/messages", {"x-api-key": gateway.key},
+                                      json_body={"model": "claude-haiku-4-5-20251001", "max_tokens": 16,
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status == 200
+    await asyncio.wait_for(entered.wait(), 5)
+    await gateway.gateway.shutdown(timeout=0.3)
+    gateway.gateway = None
+    [row] = gateway.query("SELECT status, input_tokens FROM usage")
+    assert row["status"] == 200 and row["input_tokens"] > 0

@@ -142,8 +142,12 @@ class MessagesForwarder:
             if caller is not None:
                 if not count_tokens:
                     price(record, self.catalog.catalog)
-                await self.plugins.finish(vouched_by, caller, record)
-                await self.plugins.meter(record)
+                try:
+                    await self.plugins.finish(vouched_by, caller, record)
+                finally:
+                    # Metered even when finish() is cut short (shutdown cancels a
+                    # handler whose auth plugin hangs there).
+                    await self.plugins.meter(record)
 
     def _unserved(self, model: str, caller: Caller) -> GatewayError:
         if not contract.is_claude_model_name(model):

@@ -1,6 +1,7 @@
 """Path routing: which endpoint handles a request.  Everything else is 404/405."""
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import orjson
@@ -8,7 +9,7 @@ import orjson
 from ..errors import GatewayError
 from ..http.messages import Request
 from ..http.protocol import Responder
-from ..plugin_api import ModelInfo
+from ..plugin_api import Caller, ModelInfo, UsageRecord
 from ..plugin_host import PluginHost
 from .forward import MessagesForwarder, request_info
 
@@ -46,6 +47,18 @@ class GatewayApp:
         except GatewayError as e:
             return resp.send_error(e.status, e.message, e.error_type,
                                    [(k.encode(), str(v).encode()) for k, v in e.headers.items()])
+        # Every request an auth plugin admitted is finished, as the plugin API
+        # promises (a listing held a concurrency slot for good without it).
+        # Listings are not usage: nothing is metered.
+        record = UsageRecord(request_id=resp.request_id, started_at=time.time(), endpoint=req.path,
+                             client=req.client, key_id=caller.key_id, key_name=caller.key_name)
+        try:
+            self._list_models(req, resp, caller)
+        finally:
+            record.status = resp.status
+            await self.plugins.finish(vouched_by, caller, record)
+
+    def _list_models(self, req: Request, resp: Responder, caller: Caller) -> None:
         models = sorted(self.plugins.models(caller), key=lambda m: (m.created_at, m.id), reverse=True)
         if req.path == "/v1/models":
             try:
