@@ -12,14 +12,15 @@ import logging
 import os
 import signal
 import socket
-import sys
-from typing import Optional
+import sqlite3
+import time
+from typing import Any, Optional
 
 from .gateway.forward import CatalogRef, MessagesForwarder
 from .gateway.pipeline import GatewayApp
 from .http.protocol import HttpConnection, ServerState
 from .listener import Listener, bind_sockets
-from .plugin_host import PluginHost, check_names
+from .plugin_host import PluginHost, PluginLoadError, check_names
 from .settings import Settings
 from .store import schema
 from .store.catalog import catalog_from_rows, load_catalog
@@ -178,39 +179,76 @@ def _run_worker(settings: Settings, worker: int, workers: int) -> int:
 
 def run(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT.  With workers > 1, fork processes sharing the
-    port through SO_REUSEPORT; the parent forwards signals and waits."""
+    port through SO_REUSEPORT; the parent forwards signals and looks after them:
+    a worker that fails while starting stops the whole server (exit 1), one that
+    dies later is logged and replaced."""
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_names(settings)      # a bad plugin name: one clear error, not one per worker
     if settings.workers <= 1:
         return _run_worker(settings, 0, 1)
-    children = []
-    for i in range(settings.workers):
+    children: dict[int, tuple[int, float]] = {}     # pid -> (worker index, started at)
+    stopping = False
+
+    def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:
-            code = 1
-            try:
-                code = _run_worker(settings, i, settings.workers)
-            finally:
-                os._exit(code)
-        children.append(pid)
+            os._exit(_child(settings, index))
+        children[pid] = (index, time.monotonic())
 
-    def forward(signum, _frame):
-        for pid in children:
+    def stop(signum: int, _frame: Any = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for index in range(settings.workers):
+        spawn(index)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     status = 0
-    for pid in children:
-        while True:
-            try:
-                _, code = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-        status = status or (os.waitstatus_to_exitcode(code) if sys.platform != "win32" else code)
+    while children:
+        try:
+            pid, wait_status = os.waitpid(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        index, started = children.pop(pid)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if stopping:
+            status = status or code
+            continue
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        if time.monotonic() - started < WORKER_START_GRACE:
+            log.error("worker %d stopped while starting (%s); stopping the server", index, how)
+            status = 1
+            stop(signal.SIGTERM)
+            continue
+        log.error("worker %d (pid %d) ended unexpectedly (%s); starting a new one", index, pid, how)
+        spawn(index)
     return status
+
+
+# A worker that ends sooner than this after its fork failed to start (it would
+# fail again); a later death is replaced.
+WORKER_START_GRACE = 5.0
+
+
+def _child(settings: Settings, index: int) -> int:
+    """A forked worker's whole life; its exit code.  It reports its own failure:
+    os._exit() leaves no interpreter to print one."""
+    try:
+        return _run_worker(settings, index, settings.workers)
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ValueError, LookupError, sqlite3.Error, PluginLoadError) as exc:
+        log.error("worker %d: %s", index, exc)
+    except BaseException:  # noqa: BLE001 - the last word of a process
+        log.exception("worker %d failed", index)
+    return 1

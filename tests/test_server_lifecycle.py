@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sqlite3
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +24,7 @@ from typing import Any, Optional
 import anthropic
 import pytest
 
+from apertis_proxy import server as server_module
 from apertis_proxy.server import Gateway
 from apertis_proxy.store import channels, keys, schema
 from mock_upstream import MOCK_API_KEY
@@ -239,6 +241,55 @@ async def test_two_workers_share_the_port(tmp_path, mock_upstream):
     assert all(not Path(f"/proc/{w}").exists() for w in workers)
     assert connect_refused(server.port)
     assert sorted(r["status"] for r in usage_rows(db)) == [200] * n
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets and processes from Linux /proc")
+async def test_a_worker_that_dies_is_replaced_and_says_so(tmp_path, mock_upstream):
+    """kill -9 of one worker: the parent logs it and starts another with the same share of the limits (it used to
+    notice nothing, leaving half the capacity and half the per-worker limits gone until restart)."""
+    db = str(tmp_path / "gateway.db")
+    key = prepare_db(db, mock_upstream.base_url)
+    async with ServeProcess(tmp_path, db, "--workers", "2") as server:
+        workers: list[int] = []
+
+        async def listening(n: int) -> bool:
+            workers[:] = children_of(server.proc.pid)
+            return len(workers) == n and all(
+                sockets_of(w, local_port=server.port, state=TCP_LISTEN) == 1 for w in workers)
+        await wait_for(lambda: listening(2), DRAIN_TIMEOUT, "two workers listening")
+        await asyncio.sleep(server_module.WORKER_START_GRACE)      # past start-up: a death now is a crash
+        victim = workers[0]
+        os.kill(victim, signal.SIGKILL)
+        await wait_for(lambda: listening(2) if victim not in children_of(server.proc.pid) else False,
+                       DRAIN_TIMEOUT, "a new worker in place of the killed one")
+        assert victim not in workers
+        async with sdk_client(server.base_url, key) as client:
+            for i in range(6):
+                reply = await client.messages.create(
+                    model=MODEL, max_tokens=32, messages=[{"role": "user", "content": f"after the crash {i}"}],
+                    extra_headers={"connection": "close"})
+                assert f"after the crash {i}" in reply.content[0].text
+        assert await server.stop(signal.SIGTERM) == 0
+    assert f"(pid {victim}) ended unexpectedly (signal 9); starting a new one" in server.stderr
+    assert all(not Path(f"/proc/{w}").exists() for w in workers)
+
+
+async def test_workers_that_fail_to_start_stop_the_server_and_say_why(tmp_path, mock_upstream):
+    """Every worker failing to start (the port is taken) used to exit 1 with no word of why: a child's os._exit()
+    leaves no interpreter to print the error."""
+    db = str(tmp_path / "gateway.db")
+    prepare_db(db, mock_upstream.base_url)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        server = ServeProcess(tmp_path, db, "--workers", "2", port=taken.getsockname()[1])
+        with open(server._err_path, "wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "apertis_proxy", *server.argv, cwd=tmp_path, env=server.env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=err)
+            assert await asyncio.wait_for(proc.wait(), DRAIN_TIMEOUT) == 1
+    assert "Address already in use" in server.stderr
+    assert "stopped while starting (exit code 1); stopping the server" in server.stderr
 
 
 # -- Gateway.shutdown() in process -----------------------------------------------------------------------------------
