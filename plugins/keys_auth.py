@@ -76,6 +76,7 @@ class KeyState:
     pending_tokens: int = 0
     in_flight: int = 0
     recent: collections.deque = field(default_factory=collections.deque)  # admission times
+    caller: Optional[Caller] = None     # what authenticate() answers; rebuilt after a reload
 
     @property
     def spent_cost(self) -> float:
@@ -194,7 +195,13 @@ class KeysAuth:
         key.in_flight += 1
         if key.rpm is not None:
             key.recent.append(mono)
-        return Caller(key_id=key.id, key_name=key.name, models=key.allowed)
+        caller = key.caller
+        if caller is None:
+            # The hash tells finish() this key from a later one given the same id
+            # (SQLite reuses the highest id after a delete).
+            caller = key.caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed,
+                                         data={"key_hash": key.key_hash})
+        return caller
 
     def _check_quota(self, key: KeyState) -> None:
         if key.quota_cost is not None and key.spent_cost >= key.quota_cost:
@@ -230,8 +237,8 @@ class KeysAuth:
 
     async def finish(self, caller: Caller, record: UsageRecord) -> None:
         key = self.by_id.get(caller.key_id) if caller.key_id is not None else None
-        if key is None:       # deleted while the request ran
-            return
+        if key is None or key.key_hash != caller.data.get("key_hash"):
+            return      # deleted while the request ran (and its id perhaps given to a new key)
         key.in_flight = max(0, key.in_flight - 1)
         cost = record.cost if record.cost and record.cost > 0 else 0.0
         tokens = max(0, record.total_tokens)
@@ -279,6 +286,7 @@ class KeysAuth:
             key.quota_tokens = row["quota_tokens"]
             key.rpm = per_process(row["rpm"], self.workers)
             key.concurrency = per_process(row["concurrency"], self.workers)
+            key.caller = None       # name or allow-list may have changed
             by_hash[row["key_hash"]] = key
             by_id[key.id] = key
         # Swap both maps in one step: the request path never sees a half reload.

@@ -24,7 +24,7 @@ from apertis_proxy.plugin_api import (Caller, Outcome, PluginContext, Reject, Re
                                       UsageRecord)
 from apertis_proxy.store import schema
 from apertis_proxy.store.channels import add_channel
-from apertis_proxy.store.keys import create_key
+from apertis_proxy.store.keys import create_key, delete_key
 
 SONNET = "claude-sonnet-4-5-20250929"
 HAIKU = "claude-haiku-4-5-20251001"
@@ -195,6 +195,30 @@ async def test_cost_quota_is_settled_after_the_call_then_enforced(db):
         assert row["cost"] == pytest.approx(0.012) and row["tokens"] == 240
         err = await rejected(auth, with_key(plain))      # still over after re-reading the table
         assert err.status == 402
+
+
+async def test_a_deleted_keys_last_request_is_not_charged_to_the_key_that_reuses_its_id(db):
+    """SQLite gives the highest id again after a delete: a request of the deleted key that ends after a new key
+    took its id must not spend the new key's quota nor free one of its concurrency slots."""
+    path, conn = db
+    create_key(conn, "keeper")
+    old_id, old_plain = create_key(conn, "temp")
+    async with running(KeysAuth(context("keys", path))) as auth:
+        in_flight = await auth.authenticate(with_key(old_plain))
+        delete_key(conn, "temp")
+        new_id, new_plain = create_key(conn, "newbie", quota_cost=0.001, concurrency=1)
+        assert new_id == old_id
+        await auth.refresh()
+        held = await auth.authenticate(with_key(new_plain))          # newbie's one slot
+        await auth.finish(in_flight, usage(cost=0.5, input_tokens=1000, output_tokens=100))
+        err = await rejected(auth, with_key(new_plain))             # the slot is still held, by newbie
+        assert err.status == 429, err.message
+        await auth.finish(held, usage())
+        again = await auth.authenticate(with_key(new_plain))         # and no spend was charged to it
+        assert again.key_name == "newbie"
+        await auth.refresh()
+    row = conn.execute("SELECT cost FROM key_spend WHERE key_id = ?", (new_id,)).fetchone()
+    assert row is None or row["cost"] == 0
 
 
 async def test_token_quota_counts_every_kind_of_token(db):
