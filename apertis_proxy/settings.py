@@ -74,11 +74,17 @@ def load(path: Optional[str] = None, **overrides: Any) -> Settings:
             elif key != "plugins":
                 flat[key] = value
         plugins = data.get("plugins", {})
+        if not isinstance(plugins, dict):
+            raise ValueError(f"{path}: [plugins] must be a table")
+        stray = set(plugins) - {"auth", "router", "meter", "options"}
+        if stray:
+            raise ValueError(f"unknown key(s) under [plugins] in {path}: {', '.join(sorted(stray))} "
+                             f"(known: auth, router, meter, options)")
         for group in ("auth", "router", "meter"):
             if group in plugins:
-                flat[f"{group}_plugins"] = list(plugins[group])
+                flat[f"{group}_plugins"] = plugins[group]
         if "options" in plugins:
-            flat["plugin_options"] = dict(plugins["options"])
+            flat["plugin_options"] = plugins["options"]
         known = {f.name for f in dataclasses.fields(Settings)}
         unknown = set(flat) - known
         if unknown:
@@ -86,4 +92,58 @@ def load(path: Optional[str] = None, **overrides: Any) -> Settings:
         s = s.replace(**flat)
     if os.environ.get("APERTIS_DB"):
         s.db = os.environ["APERTIS_DB"]
-    return s.replace(**overrides)
+    s = s.replace(**overrides)
+    check(s, path or "the settings")
+    return s
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# field -> (kind, lowest allowed); a wrong type or value is refused at start-up,
+# not found out by the first request (a timeout of "10s" failed every request).
+_RULES: dict[str, tuple[str, float]] = {
+    "port": ("int", 0), "workers": ("int", 1), "max_header_bytes": ("int", 1024),
+    "max_body_bytes": ("int", 1), "write_high_water": ("int", 1024), "pool_max_idle": ("int", 0),
+    "thinking_budget_max": ("int", 1024),
+    "header_timeout": ("seconds", 0), "body_timeout": ("seconds", 0), "keepalive_timeout": ("seconds", 0),
+    "connect_timeout": ("seconds", 0), "read_timeout": ("seconds", 0), "pool_idle_timeout": ("seconds", 0),
+    "config_poll_interval": ("seconds", 0), "shutdown_timeout": ("seconds or 0", 0),
+}
+
+
+def check(s: Settings, where: str) -> None:
+    """Raise ValueError naming the first setting of the wrong type or out of range."""
+    for name, (kind, low) in _RULES.items():
+        value = getattr(s, name)
+        if kind == "int":
+            if type(value) is not int or value < low:
+                raise ValueError(f"{where}: {name} must be a whole number >= {low:g}, not {value!r}")
+        elif (type(value) not in (int, float) or value != value
+              or not (value >= 0 if kind == "seconds or 0" else value > 0)):
+            raise ValueError(f"{where}: {name} must be a number of seconds "
+                             f"{'>= 0' if kind == 'seconds or 0' else '> 0'}, not {value!r}")
+    if s.port > 65535:
+        raise ValueError(f"{where}: port must be 0..65535, not {s.port}")
+    for name in ("host", "db", "default_api_version", "log_level"):
+        if not isinstance(getattr(s, name), str) or not getattr(s, name):
+            raise ValueError(f"{where}: {name} must be a non-empty string, not {getattr(s, name)!r}")
+    if s.log_level.upper() not in _LOG_LEVELS:
+        raise ValueError(f"{where}: log_level must be one of {', '.join(_LOG_LEVELS)}, not {s.log_level!r}")
+    if not _is_api_version(s.default_api_version):
+        raise ValueError(f"{where}: default_api_version must be a date like 2023-06-01, "
+                         f"not {s.default_api_version!r}")
+    for group in ("auth", "router", "meter"):
+        names = getattr(s, f"{group}_plugins")
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"{where}: [plugins] {group} must be a list of plugin names, "
+                             f"like {group} = [\"name\"], not {names!r}")
+    options = s.plugin_options
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise ValueError(f"{where}: [plugins.options.NAME] must be tables of options, one per plugin")
+
+
+def _is_api_version(value: str) -> bool:
+    import datetime
+    try:
+        return datetime.date.fromisoformat(value).isoformat() == value
+    except ValueError:
+        return False

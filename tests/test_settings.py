@@ -1,0 +1,70 @@
+"""The configuration file: what it may say, and the one-line error for what it may not (a wrong type or value is
+refused at start-up instead of failing every request later)."""
+from __future__ import annotations
+
+import pytest
+
+from apertis_proxy import cli, settings
+
+
+def load(tmp_path, text: str) -> settings.Settings:
+    path = tmp_path / "apertis.toml"
+    path.write_text(text)
+    return settings.load(str(path))
+
+
+def test_a_full_valid_file_loads(tmp_path):
+    s = load(tmp_path, """
+[server]
+port = 9090
+workers = 2
+max_body_bytes = 1048576
+header_timeout = 5
+shutdown_timeout = 0
+[upstream]
+read_timeout = 120.5
+[contract]
+default_api_version = "2023-06-01"
+[logging]
+log_level = "debug"
+[plugins]
+auth = ["keys"]
+meter = []
+[plugins.options.channels]
+max_attempts = 2
+""")
+    assert (s.port, s.workers, s.read_timeout, s.shutdown_timeout, s.meter_plugins) == (9090, 2, 120.5, 0, [])
+    assert s.plugin_options == {"channels": {"max_attempts": 2}}
+
+
+@pytest.mark.parametrize("text,says", [
+    ("[server]\nport = 110659", "port must be 0..65535"),
+    ('[server]\nport = "http"', "port must be a whole number"),
+    ('[upstream]\nconnect_timeout = "10s"', "connect_timeout must be a number of seconds > 0"),
+    ('[server]\nmax_body_bytes = "32MB"', "max_body_bytes must be a whole number"),
+    ("[upstream]\nread_timeout = -1", "read_timeout must be a number of seconds > 0"),
+    ("[server]\nmax_body_bytes = -1", "max_body_bytes must be a whole number >= 1"),
+    ("[server]\nheader_timeout = true", "header_timeout must be a number of seconds"),
+    ("[server]\nshutdown_timeout = -5", "shutdown_timeout must be a number of seconds >= 0"),
+    ("[server]\nworkers = -2", "workers must be a whole number >= 1"),
+    ('[server]\nworkers = "two"', "workers must be a whole number"),
+    ('[logging]\nlog_level = "LOUD"', "log_level must be one of"),
+    ('[contract]\ndefault_api_version = "yesterday"', "default_api_version must be a date"),
+    ('[plugins]\nauth = "keys"', "[plugins] auth must be a list of plugin names"),
+    ('[plugins]\nauht = ["keys"]', "unknown key(s) under [plugins]"),
+    ("[plugins]\noptions = 5", "[plugins.options.NAME] must be tables"),
+    ("[server]\nmax_bodybytes = 5", "unknown setting(s)"),
+])
+def test_a_wrong_value_is_refused_with_one_line_naming_it(tmp_path, text, says):
+    with pytest.raises(ValueError) as err:
+        load(tmp_path, text)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_serve_with_a_bad_config_exits_with_that_line(tmp_path, capsys):
+    path = tmp_path / "apertis.toml"
+    path.write_text('[upstream]\nconnect_timeout = "10s"\n')
+    code = cli.main(["serve", "--db", str(tmp_path / "g.db"), "--config", str(path)])
+    out = capsys.readouterr()
+    assert code == 1 and "connect_timeout must be a number of seconds > 0" in out.err
+    assert "Traceback" not in out.err + out.out
