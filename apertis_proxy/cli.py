@@ -424,6 +424,8 @@ def cmd_channels_set(args) -> int:
         kwargs["models"] = None
     elif args.models is not None:
         kwargs["models"] = args.models
+    if "models" not in kwargs and all(v is None or v is False or v == () or v == {} for v in kwargs.values()):
+        raise argparse.ArgumentTypeError("nothing to change")   # as `keys set` says
     with _open(args) as conn:
         channel_store.update_channel(conn, args.name, **kwargs)
     print(f"updated channel {args.name!r}")
@@ -783,6 +785,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.handler(args)
     except argparse.ArgumentTypeError as exc:
         _err(str(exc))
+        return 2
+    except OverflowError:          # an integer option past what SQLite stores
+        _err("a number given is too large")
         return 2
     except (ValueError, LookupError, OSError, sqlite3.Error, PluginLoadError) as exc:
         _err(str(exc))

@@ -114,9 +114,16 @@ class Channel:
         return self.aliases.get(model, model)
 
     def serves(self, model: str) -> bool:
+        """Whether this channel takes `model`: any model when `models` is None;
+        else a listed name, a name whose alias is listed, or another name of a
+        listed model (listing "claude-sonnet-4.5" serves the dated id too)."""
         if self.models is None:
             return True
-        return model in self.models or self.aliases.get(model, model) in self.models
+        aliases = self.aliases
+        upstream = aliases.get(model, model)
+        if model in self.models or upstream in self.models:
+            return True
+        return any(aliases.get(name, name) == upstream for name in self.models)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,15 +75,6 @@ def caller_may_use_on(caller: Caller, channel: Channel, model: str) -> bool:
     return any(channel.upstream_model(name) == upstream for name in caller.models)
 
 
-def channel_serves(channel: Channel, model: str) -> bool:
-    """Channel.serves, plus: a channel listing one name of a model serves its
-    other names too (listing "claude-sonnet-4.5" serves the dated id)."""
-    if channel.serves(model):
-        return True
-    upstream = channel.upstream_model(model)
-    return any(channel.upstream_model(name) == upstream for name in channel.models or ())
-
-
 def session_of(request: RequestInfo, caller: Caller) -> Optional[Hashable]:
     """The affinity key of a request, scoped to the caller's key."""
     sid = request.headers.get(SESSION_HEADER)
@@ -187,7 +178,7 @@ class ChannelRouter:
     async def route(self, request: RequestInfo, caller: Caller) -> Optional[Sequence[Channel]]:
         model = request.model
         candidates = [c for c in self.channels
-                      if model is None or (channel_serves(c, model) and caller_may_use_on(caller, c, model))]
+                      if model is None or (c.serves(model) and caller_may_use_on(caller, c, model))]
         if not candidates:
             return []
         now = time.monotonic()
@@ -257,7 +248,7 @@ class ChannelRouter:
         catalog, channels = self.catalog, self.channels
         found: dict[str, ModelInfo] = {}
         for entry in catalog.entries:
-            if any(channel_serves(c, entry.id) and caller_may_use_on(caller, c, entry.id)
+            if any(c.serves(entry.id) and caller_may_use_on(caller, c, entry.id)
                    for c in channels):
                 found[entry.id] = entry.info()
         # Names only some channels know: their own aliases and listed models.
@@ -265,7 +256,7 @@ class ChannelRouter:
             for name in (*ch.aliases, *(ch.models or ())):
                 if name in found or name in catalog.by_name:
                     continue
-                if channel_serves(ch, name) and caller_may_use_on(caller, ch, name):
+                if ch.serves(name) and caller_may_use_on(caller, ch, name):
                     target = catalog.by_name.get(ch.upstream_model(name))
                     found[name] = (target.info(as_id=name) if target else
                                    ModelInfo(id=name, display_name=name, created_at=UNKNOWN_CREATED_AT))

@@ -207,7 +207,7 @@ class KeysAuth:
         if key.quota_cost is not None and key.spent_cost >= key.quota_cost:
             raise Reject(402, "billing_error",
                          f"API key '{key.name}' has used its quota: "
-                         f"${key.spent_cost:.4f} of ${key.quota_cost:.2f}",
+                         f"${key.spent_cost:.4f} of ${key.quota_cost:.4f}",
                          headers={"x-should-retry": "false"})
         if key.quota_tokens is not None and key.spent_tokens >= key.quota_tokens:
             raise Reject(402, "billing_error",

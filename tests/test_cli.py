@@ -251,6 +251,20 @@ def test_channels_add_rejects_bad_input(cli, db):
     assert code == 1 and "already exists" in err
 
 
+def test_numbers_too_large_and_empty_changes_are_one_line_errors(cli, db):
+    """An integer past SQLite's 64 bits was a traceback (OverflowError); `channels set NAME` with no option said
+    "updated" where `keys set` says there is nothing to change."""
+    for args in (("keys", "create", "x", "--rpm", "9" * 25),
+                 ("channels", "add", "c", "--base-url", "https://h", "--api-key", "k", "--priority", "9" * 25)):
+        code, out, err = cli(*args)
+        assert code == 2 and err.strip() == "error: a number given is too large" and "Traceback" not in out + err
+    assert cli("channels", "add", "c", "--base-url", "https://h", "--api-key", "k")[0] == 0
+    code, out, err = cli("channels", "set", "c")
+    assert code == 2 and "nothing to change" in err and "updated" not in out
+    code, out, _ = cli("channels", "set", "c", "--priority", "0")
+    assert code == 0 and "updated" in out
+
+
 def test_channels_add_reads_key_from_stdin(cli, db, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(UPSTREAM_KEY + "\n"))
     code, out, err = cli("channels", "add", "piped", "--base-url", "https://h", "--api-key", "-")

@@ -763,3 +763,19 @@ async def test_a_refusing_database_keeps_every_row_even_when_the_error_is_not_op
         assert meter.pending == 3 and meter.rejected == 0
         conn.execute("DROP TRIGGER refuse")
         assert await meter.flush() and len(ledger(conn)) == 3
+
+
+def test_channel_serves_every_name_of_a_listed_model():
+    """Channel.serves is what any router plugin calls (the example plugin does): a channel listing one name of a
+    model serves its other names too, as the first-party router always did with its own helper."""
+    from apertis_proxy.plugin_api import Channel
+    aliases = {"claude-haiku-4.5": HAIKU, "claude-haiku-4-5": HAIKU, "fast": HAIKU}
+    listed_short = Channel(id=1, name="eu", base_url="http://x", api_key="k",
+                           models=frozenset({"claude-haiku-4.5"}), aliases=aliases)
+    listed_dated = Channel(id=2, name="us", base_url="http://x", api_key="k", models=frozenset({HAIKU}),
+                           aliases=aliases)
+    for channel in (listed_short, listed_dated):
+        for name in ("claude-haiku-4.5", "claude-haiku-4-5", HAIKU, "fast"):
+            assert channel.serves(name), (channel.name, name)
+        assert not channel.serves(SONNET) and not channel.serves("claude-sonnet-4.5")
+    assert Channel(id=3, name="any", base_url="http://x", api_key="k").serves("anything")
