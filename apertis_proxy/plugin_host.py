@@ -36,6 +36,13 @@ def _unknown(name: str, group: str, available: dict[str, Any]) -> PluginLoadErro
                            f"(installed: {', '.join(sorted(available)) or 'none'})")
 
 
+def _failed(name: str, group: str, stage: str, exc: Exception) -> PluginLoadError:
+    """One line for the operator; the traceback, for the plugin's author, at DEBUG."""
+    log.debug("plugin %s (%s) failed to %s", name, group, stage, exc_info=exc)
+    return PluginLoadError(f"plugin {name!r} ({group}) failed to {stage}: {type(exc).__name__}: {exc} "
+                           f"(log_level = \"DEBUG\" shows the traceback)")
+
+
 def check_names(settings: Settings) -> None:
     """Raise PluginLoadError for a configured plugin no entry point provides.
     Cheap (nothing is imported); run before forking workers, whose own errors
@@ -55,12 +62,14 @@ def _load(group: str, names: Iterable[str], settings: Settings, worker: int, wor
         ep = available.get(name)
         if ep is None:
             raise _unknown(name, group, available)
-        factory = ep.load()
         options = {"poll_interval": settings.config_poll_interval, **settings.plugin_options.get(name, {})}
         ctx = PluginContext(name=name, options=options,
                             db_path=settings.db, log=logging.getLogger(f"apertis_proxy.plugin.{name}"),
                             worker=worker, workers=workers)
-        plugin = factory(ctx)
+        try:
+            plugin = ep.load()(ctx)
+        except Exception as exc:  # noqa: BLE001 - the plugin's own failure, reported in one line
+            raise _failed(name, group, "load", exc) from exc
         plugins.append((name, plugin))
     return plugins
 
@@ -83,12 +92,18 @@ class PluginHost:
         return [*self.auth, *self.routers, *self.meters]
 
     async def start(self) -> None:
-        for name, plugin in self._all():
+        groups = [(AUTH_GROUP, p) for p in self.auth] + [(ROUTER_GROUP, p) for p in self.routers] + [
+            (METER_GROUP, p) for p in self.meters]
+        for group, (name, plugin) in groups:
             start = getattr(plugin, "start", None)
-            if start is not None:
+            if start is None:
+                continue
+            try:
                 result = start()
                 if inspect.isawaitable(result):
                     await result
+            except Exception as exc:  # noqa: BLE001 - reported in one line, as a load failure
+                raise _failed(name, group, "start", exc) from exc
 
     async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Close every plugin, last loaded first; one that fails or takes longer

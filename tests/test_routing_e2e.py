@@ -181,6 +181,38 @@ async def test_a_plugin_that_raises_is_contained(gateway_env, mock_upstream, mon
     assert broken.calls == 2      # the request refused inside auth has no caller: nobody meters it
 
 
+class UnstartableMeter:
+    def __init__(self, ctx):
+        pass
+
+    async def start(self):
+        raise RuntimeError("cannot reach the billing service")
+
+    async def record(self, record):
+        pass
+
+
+def _broken_factory(ctx):
+    raise ImportError("No module named 'billing_sdk'")
+
+
+@pytest.mark.parametrize("entry,says", [
+    (EntryPoint("unstartable", f"{__name__}:UnstartableMeter", METER_GROUP),
+     "plugin 'unstartable' (apertis_proxy.meter) failed to start: RuntimeError: cannot reach the billing service"),
+    (EntryPoint("unloadable", f"{__name__}:_broken_factory", METER_GROUP),
+     "plugin 'unloadable' (apertis_proxy.meter) failed to load: ImportError: No module named 'billing_sdk'"),
+], ids=["start", "load"])
+async def test_a_plugin_that_cannot_load_or_start_stops_start_up_with_one_line(gateway_env, monkeypatch, entry,
+                                                                                says):
+    """Said in one line naming the plugin, the stage and the cause (it was a 40-line traceback with one worker,
+    and nothing at all with several); the traceback is logged at DEBUG for the plugin's author."""
+    real_discover = plugin_host.discover
+    monkeypatch.setattr(plugin_host, "discover", lambda group: {**real_discover(group), entry.name: entry})
+    with pytest.raises(PluginLoadError) as err:
+        await gateway_env.start(meter_plugins=[entry.name, "sqlite"])
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
 # -- order and weights ---------------------------------------------------------------------------------------------
 
 async def test_higher_priority_tier_serves_and_lower_tier_is_the_fallback(gateway_env, make_mock_upstream):
