@@ -2,9 +2,10 @@
 
 Upstream   `mock_upstream` (a started MockUpstream, key MOCK_API_KEY), `make_mock_upstream(**kw)` for more of
            them (e.g. one per channel in failover tests). See mock_upstream.py.
-SDK        `sdk`: an SdkRunner, parametrized over both SDK generations (2.x in process, 1.x in a child process)
-           and both client kinds, so a test using it runs four times; `make_sdk(generation, mode)` for one
-           particular runner. See sdk_harness.py and sdk_scenarios.py.
+SDK        `sdk`: an SdkRunner, parametrized over the SDK generations and their client kinds (2.x in process and
+           1.x in a child process, sync and async each; the JavaScript SDK, async, in a Node child process), so a
+           test using it runs five times; `make_sdk(generation, mode)` for one particular runner. The JS runs skip
+           where Node.js is missing. See sdk_harness.py, sdk_scenarios.py and sdk_js.py.
 Store      `tmp_db`: a SQLite path inside tmp_path (not created).
 Gateway    `gateway_env` (an unstarted GatewayEnv), `gateway` (started: key `alice` in `.key`, channel `main` to
            `mock_upstream` in `.mock`, `.base_url`). See gateway_env.py.
@@ -17,7 +18,8 @@ import os
 import pytest
 
 from mock_upstream import MOCK_API_KEY, MockUpstream
-from sdk_harness import GENERATIONS, MODES, SdkRunner
+from sdk_harness import GENERATION_MODES, GENERATIONS, SdkRunner
+from sdk_js import JsSdkProcess, unavailable_reason
 from sdk_legacy import LegacySdkProcess
 from gateway_env import GatewayEnv
 
@@ -58,14 +60,24 @@ def legacy_sdk():
     process.close()
 
 
+@pytest.fixture(scope="session")
+def js_sdk():
+    process = JsSdkProcess()  # installed and spawned on first use only
+    yield process
+    process.close()
+
+
 @pytest.fixture
-def make_sdk(legacy_sdk):
+def make_sdk(legacy_sdk, js_sdk):
     def make(generation: str, mode: str) -> SdkRunner:
-        return SdkRunner(generation, mode, legacy_sdk)
+        if generation == "js" and (reason := unavailable_reason()):
+            pytest.skip(reason)
+        return SdkRunner(generation, mode, legacy_sdk, js_sdk)
     return make
 
 
-@pytest.fixture(params=[(g, m) for g in GENERATIONS for m in MODES], ids=lambda p: f"sdk{p[0]}-{p[1]}")
+@pytest.fixture(params=[(g, m) for g in GENERATIONS for m in GENERATION_MODES[g]],
+                ids=lambda p: f"sdk{p[0]}-{p[1]}")
 def sdk(request, make_sdk) -> SdkRunner:
     return make_sdk(*request.param)
 

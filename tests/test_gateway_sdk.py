@@ -1,9 +1,10 @@
-"""The official `anthropic` SDK, both generations (2.x in process, 1.x in a child process), sync and async, through
-the gateway to the mock upstream.
+"""The official `anthropic` SDK, both generations (2.x in process, 1.x in a child process), sync and async, and the
+official JavaScript SDK (`@anthropic-ai/sdk`, async, in a Node child process), through the gateway to the mock
+upstream.
 
 Each test checks three things: what the SDK produced, what the upstream received (the channel's credential and
 version, the body as sent) and the usage row the meter wrote (equal to the usage the mock reported). Tests that
-use the `sdk` fixture run four times; behaviour that does not depend on the client generation uses one runner.
+use the `sdk` fixture run five times; behaviour that does not depend on the client generation uses one runner.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 
 from mock_replies import REPLY_TAIL, thinking_signature
 from mock_upstream import MOCK_API_KEY
-from rawhttp import RawConnection, parse_sse, request_bytes
+from rawhttp import RawConnection
 from sdk_scenarios import DEFAULT_MODEL as MODEL
 from sdk_scenarios import PDF_TINY, PNG_1X1
 
@@ -53,7 +54,7 @@ async def test_plain_message(sdk, gateway):
     upstream = gateway.mock.last_request
     assert_upstream_credentials(upstream)
     assert upstream.query == "" and upstream.body["messages"] == [{"role": "user", "content": "Hello gateway"}]
-    assert upstream.header_values("x-stainless-lang") == ["python"]     # the SDK's own headers pass through
+    assert upstream.header_values("x-stainless-lang") == [sdk.lang]     # the SDK's own headers pass through
     # The client sees the gateway's request id; the upstream's is kept beside it.
     assert REQUEST_ID.fullmatch(result["request_id"]) and result["request_id"] != upstream.request_id
     assert result["headers"]["upstream-request-id"] == upstream.request_id
@@ -223,7 +224,8 @@ async def test_bad_or_missing_key(sdk, gateway):
         error = result["error"]
         assert error["status"] == 401 and error["type"] == "authentication_error"
         assert error["class"] == "AuthenticationError"
-        assert re.search(r"'request_id': 'req_[0-9a-f]{24}'", error["message"]), error["message"]
+        # The body's request id is in the message: a Python dict's repr, or JSON for the JS SDK.
+        assert re.search(r"""(['"])request_id\1: ?(['"])req_[0-9a-f]{24}\2""", error["message"]), error["message"]
     assert gateway.mock.requests == []
 
 
@@ -248,7 +250,7 @@ async def test_upstream_drops_mid_stream(sdk, gateway):
                            headers={"x-mock-scenario": "drop-after=5"})
     error = result["error"]
     # The gateway turned the cut into an in-band error event, which the SDK raises as an API error.
-    assert error["class"] == "APIStatusError" and error["type"] == "api_error", error
+    assert error["class"] == sdk.stream_error_class and error["type"] == "api_error", error
     # message_start, content_block_start, ping and two text deltas went out before the cut.
     assert error["partial"]["pieces"] == ["Echo: ", "cut "]
     served = gateway.mock.served[-1]
