@@ -260,8 +260,9 @@ async def test_a_worker_that_dies_is_replaced_and_says_so(tmp_path, mock_upstrea
         await asyncio.sleep(server_module.WORKER_START_GRACE)      # past start-up: a death now is a crash
         victim = workers[0]
         os.kill(victim, signal.SIGKILL)
-        await wait_for(lambda: listening(2) if victim not in children_of(server.proc.pid) else False,
-                       DRAIN_TIMEOUT, "a new worker in place of the killed one")
+        async def replaced() -> bool:
+            return victim not in children_of(server.proc.pid) and await listening(2)
+        await wait_for(replaced, DRAIN_TIMEOUT, "a new worker in place of the killed one")
         assert victim not in workers
         async with sdk_client(server.base_url, key) as client:
             for i in range(6):
