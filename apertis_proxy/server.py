@@ -190,10 +190,12 @@ def run(settings: Settings) -> int:
     children: dict[int, tuple[int, float]] = {}     # pid -> (worker index, started at)
     stopping = False
 
+    parent = os.getpid()
+
     def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:
-            os._exit(_child(settings, index))
+            os._exit(_child(settings, index, parent))
         children[pid] = (index, time.monotonic())
 
     def stop(signum: int, _frame: Any = None) -> None:
@@ -235,14 +237,29 @@ def run(settings: Settings) -> int:
     return status
 
 
+def _terminate_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGTERM) where the platform has it (Linux)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)      # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):               # not Linux: the parent's death goes unnoticed
+        pass
+
+
 # A worker that ends sooner than this after its fork failed to start (it would
 # fail again); a later death is replaced.
 WORKER_START_GRACE = 5.0
 
 
-def _child(settings: Settings, index: int) -> int:
+def _child(settings: Settings, index: int, parent: int) -> int:
     """A forked worker's whole life; its exit code.  It reports its own failure:
     os._exit() leaves no interpreter to print one."""
+    # Orphaned workers would go on serving with nobody to stop them: the kernel
+    # sends SIGTERM (a graceful shutdown) when the parent dies, even by SIGKILL.
+    _terminate_with_parent()
+    if os.getppid() != parent:
+        return 0        # the parent died before that was in place
     try:
         return _run_worker(settings, index, settings.workers)
     except KeyboardInterrupt:

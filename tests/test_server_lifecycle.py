@@ -275,6 +275,35 @@ async def test_a_worker_that_dies_is_replaced_and_says_so(tmp_path, mock_upstrea
     assert all(not Path(f"/proc/{w}").exists() for w in workers)
 
 
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets and processes from Linux /proc")
+async def test_workers_end_when_their_parent_is_killed(tmp_path, mock_upstream):
+    """SIGKILL of the parent (nothing forwards the signal then) used to leave the workers serving, orphaned, with
+    nobody to stop them; they now get SIGTERM from the kernel (PR_SET_PDEATHSIG) and shut down."""
+    db = str(tmp_path / "gateway.db")
+    prepare_db(db, mock_upstream.base_url)
+    async with ServeProcess(tmp_path, db, "--workers", "2") as server:
+        workers: list[int] = []
+
+        async def both_listening() -> bool:
+            workers[:] = children_of(server.proc.pid)
+            return len(workers) == 2 and all(
+                sockets_of(w, local_port=server.port, state=TCP_LISTEN) == 1 for w in workers)
+        await wait_for(both_listening, DRAIN_TIMEOUT, "two workers listening")
+        server.send_signal(signal.SIGKILL)
+        await server.wait()
+
+        def running(pid: int) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1] != "Z"
+            except (OSError, IndexError):
+                return False
+
+        async def all_gone() -> bool:
+            return not any(running(w) for w in workers)
+        await wait_for(all_gone, DRAIN_TIMEOUT, "the orphaned workers to exit")
+    assert connect_refused(server.port)
+
+
 async def test_workers_that_fail_to_start_stop_the_server_and_say_why(tmp_path, mock_upstream):
     """Every worker failing to start (the port is taken) used to exit 1 with no word of why: a child's os._exit()
     leaves no interpreter to print the error."""
