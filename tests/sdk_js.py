@@ -19,7 +19,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -142,6 +141,8 @@ class JsSdkProcess(LegacySdkProcess):
     """The Node child process running JS SDK scenarios; started (and the SDK installed) on first use, shared by
     the whole test session. Same interface as LegacySdkProcess: `await run("async", name, args)`, `close()`."""
 
+    label = "JS SDK"
+
     def _start(self) -> subprocess.Popen:
         with self._lock:
             if self._proc is not None and self._proc.poll() is None:
@@ -172,21 +173,4 @@ class JsSdkProcess(LegacySdkProcess):
                 proc.kill()
                 proc.wait()
                 raise RuntimeError(problem)
-            self._reader = threading.Thread(target=self._read_replies, args=(proc,), daemon=True)
-            self._reader.start()
-            self._proc = proc
-            return proc
-
-    def _read_replies(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            message = json.loads(line)
-            future = self._pending.pop(message["id"], None)
-            if future is None:
-                continue
-            if "crash" in message:
-                future.set_exception(RuntimeError("JS SDK scenario crashed:\n" + message["crash"]))
-            else:
-                future.set_result(message["result"])
-        for future in list(self._pending.values()):
-            future.set_exception(RuntimeError("JS SDK process exited"))
-        self._pending.clear()
+            return self._serve(proc)

@@ -63,6 +63,8 @@ class LegacySdkProcess:
 
     `run` is a coroutine and many may be in flight at once (the child runs each in its own thread)."""
 
+    label = "legacy SDK"     # in error messages; sdk_js.JsSdkProcess runs another child over the same protocol
+
     def __init__(self) -> None:
         self.version: Optional[str] = None
         self._proc: Optional[subprocess.Popen] = None
@@ -87,10 +89,14 @@ class LegacySdkProcess:
             if self.version != LEGACY_VERSION:
                 proc.kill()
                 raise RuntimeError(f"legacy SDK process imported anthropic {self.version}, not {LEGACY_VERSION}")
-            self._reader = threading.Thread(target=self._read_replies, args=(proc,), daemon=True)
-            self._reader.start()
-            self._proc = proc
-            return proc
+            return self._serve(proc)
+
+    def _serve(self, proc: subprocess.Popen) -> subprocess.Popen:
+        """Take `proc`, started and greeted, as the child: its replies are read from now on."""
+        self._reader = threading.Thread(target=self._read_replies, args=(proc,), daemon=True)
+        self._reader.start()
+        self._proc = proc
+        return proc
 
     def _read_replies(self, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
@@ -99,11 +105,11 @@ class LegacySdkProcess:
             if future is None:
                 continue
             if "crash" in message:
-                future.set_exception(RuntimeError("legacy SDK scenario crashed:\n" + message["crash"]))
+                future.set_exception(RuntimeError(f"{self.label} scenario crashed:\n" + message["crash"]))
             else:
                 future.set_result(message["result"])
         for future in list(self._pending.values()):
-            future.set_exception(RuntimeError("legacy SDK process exited"))
+            future.set_exception(RuntimeError(f"{self.label} process exited"))
         self._pending.clear()
 
     async def run(self, mode: str, name: str, args: dict[str, Any], timeout: float = 60.0) -> dict:

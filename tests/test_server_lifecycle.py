@@ -206,18 +206,24 @@ def sockets_of(pid: int, *, local_port: Optional[int] = None, remote_port: Optio
                and (local_port is None or lport == local_port) and (remote_port is None or rport == remote_port))
 
 
+async def listening_workers(server, n: int) -> list[int]:
+    """The pids of the server's `n` workers, once each of them listens on the port."""
+    workers: list[int] = []
+
+    async def all_listening() -> bool:
+        workers[:] = children_of(server.proc.pid)
+        return len(workers) == n and all(sockets_of(w, local_port=server.port, state=TCP_LISTEN) == 1
+                                         for w in workers)
+    await wait_for(all_listening, DRAIN_TIMEOUT, f"{n} workers listening on the port")
+    return workers
+
+
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets and processes from Linux /proc")
 async def test_two_workers_share_the_port(tmp_path, mock_upstream):
     db = str(tmp_path / "gateway.db")
     key = prepare_db(db, mock_upstream.base_url)
     async with ServeProcess(tmp_path, db, "--workers", "2") as server:
-        workers: list[int] = []
-
-        async def both_listening() -> bool:
-            workers[:] = children_of(server.proc.pid)
-            return len(workers) == 2 and all(
-                sockets_of(w, local_port=server.port, state=TCP_LISTEN) == 1 for w in workers)
-        await wait_for(both_listening, DRAIN_TIMEOUT, "two workers listening on the port")
+        workers = await listening_workers(server, 2)
         assert sockets_of(server.proc.pid, local_port=server.port, state=TCP_LISTEN) == 0
 
         # Every request on a new connection: the kernel spreads connections over the two listening sockets.
@@ -250,19 +256,14 @@ async def test_a_worker_that_dies_is_replaced_and_says_so(tmp_path, mock_upstrea
     db = str(tmp_path / "gateway.db")
     key = prepare_db(db, mock_upstream.base_url)
     async with ServeProcess(tmp_path, db, "--workers", "2") as server:
-        workers: list[int] = []
-
-        async def listening(n: int) -> bool:
-            workers[:] = children_of(server.proc.pid)
-            return len(workers) == n and all(
-                sockets_of(w, local_port=server.port, state=TCP_LISTEN) == 1 for w in workers)
-        await wait_for(lambda: listening(2), DRAIN_TIMEOUT, "two workers listening")
+        workers = await listening_workers(server, 2)
         await asyncio.sleep(server_module.WORKER_START_GRACE)      # past start-up: a death now is a crash
         victim = workers[0]
         os.kill(victim, signal.SIGKILL)
-        async def replaced() -> bool:
-            return victim not in children_of(server.proc.pid) and await listening(2)
-        await wait_for(replaced, DRAIN_TIMEOUT, "a new worker in place of the killed one")
+        async def reaped() -> bool:
+            return victim not in children_of(server.proc.pid)
+        await wait_for(reaped, DRAIN_TIMEOUT, "the killed worker to be reaped")
+        workers = await listening_workers(server, 2)           # a new one in its place
         assert victim not in workers
         async with sdk_client(server.base_url, key) as client:
             for i in range(6):
@@ -282,13 +283,7 @@ async def test_workers_end_when_their_parent_is_killed(tmp_path, mock_upstream):
     db = str(tmp_path / "gateway.db")
     prepare_db(db, mock_upstream.base_url)
     async with ServeProcess(tmp_path, db, "--workers", "2") as server:
-        workers: list[int] = []
-
-        async def both_listening() -> bool:
-            workers[:] = children_of(server.proc.pid)
-            return len(workers) == 2 and all(
-                sockets_of(w, local_port=server.port, state=TCP_LISTEN) == 1 for w in workers)
-        await wait_for(both_listening, DRAIN_TIMEOUT, "two workers listening")
+        workers = await listening_workers(server, 2)
         server.send_signal(signal.SIGKILL)
         await server.wait()
 
