@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
 from . import __version__
+from . import settings as settings_module
 from .plugin_host import PluginLoadError
 from .store import catalog as catalog_store
 from .store import channels as channel_store
@@ -251,7 +252,6 @@ def _open_path(path: str):
 # --------------------------------------------------------------------------- serve
 
 def cmd_serve(args) -> int:
-    from . import settings as settings_module
     overrides = {k: getattr(args, k) for k in ("host", "port", "workers", "log_level")
                  if getattr(args, k) is not None}
     if getattr(args, "db", None):
@@ -655,8 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, help="port to listen on (default 8080)")
     p.add_argument("--workers", type=_positive_int, help="worker processes sharing the port")
     p.add_argument("--config", metavar="FILE", help="TOML settings file (default: env APERTIS_CONFIG)")
-    p.add_argument("--log-level", type=str.upper,
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    p.add_argument("--log-level", type=str.upper, choices=settings_module.LOG_LEVELS)
 
     _add_key_commands(commands, sub, db)
     _add_channel_commands(commands, sub, db)

@@ -88,13 +88,14 @@ class PluginHost:
                    _load(ROUTER_GROUP, settings.router_plugins, settings, worker, workers),
                    _load(METER_GROUP, settings.meter_plugins, settings, worker, workers))
 
-    def _all(self):
-        return [*self.auth, *self.routers, *self.meters]
+    def _all(self) -> list[tuple[str, str, Any]]:
+        """(group, name, plugin) of every plugin, in load order."""
+        return [(group, name, plugin) for group, chain in
+                ((AUTH_GROUP, self.auth), (ROUTER_GROUP, self.routers), (METER_GROUP, self.meters))
+                for name, plugin in chain]
 
     async def start(self) -> None:
-        groups = [(AUTH_GROUP, p) for p in self.auth] + [(ROUTER_GROUP, p) for p in self.routers] + [
-            (METER_GROUP, p) for p in self.meters]
-        for group, (name, plugin) in groups:
+        for group, name, plugin in self._all():
             start = getattr(plugin, "start", None)
             if start is None:
                 continue
@@ -109,7 +110,7 @@ class PluginHost:
         """Close every plugin, last loaded first; one that fails or takes longer
         than `timeout` is logged and left, so the ones after it (the meter's
         final flush) still close."""
-        for name, plugin in reversed(self._all()):
+        for _, name, plugin in reversed(self._all()):
             close = getattr(plugin, "close", None)
             if close is None:
                 continue

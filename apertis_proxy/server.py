@@ -189,7 +189,6 @@ def run(settings: Settings) -> int:
         return _run_worker(settings, 0, 1)
     children: dict[int, tuple[int, float]] = {}     # pid -> (worker index, started at)
     stopping = False
-
     parent = os.getpid()
 
     def spawn(index: int) -> None:

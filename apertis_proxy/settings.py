@@ -17,6 +17,7 @@ fields; plugin selection lives under ``[plugins]``:
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ def load(path: Optional[str] = None, **overrides: Any) -> Settings:
     return s
 
 
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # field -> (kind, lowest allowed); a wrong type or value is refused at start-up,
 # not found out by the first request (a timeout of "10s" failed every request).
 _RULES: dict[str, tuple[str, float]] = {
@@ -126,8 +127,8 @@ def check(s: Settings, where: str) -> None:
     for name in ("host", "db", "default_api_version", "log_level"):
         if not isinstance(getattr(s, name), str) or not getattr(s, name):
             raise ValueError(f"{where}: {name} must be a non-empty string, not {getattr(s, name)!r}")
-    if s.log_level.upper() not in _LOG_LEVELS:
-        raise ValueError(f"{where}: log_level must be one of {', '.join(_LOG_LEVELS)}, not {s.log_level!r}")
+    if s.log_level.upper() not in LOG_LEVELS:
+        raise ValueError(f"{where}: log_level must be one of {', '.join(LOG_LEVELS)}, not {s.log_level!r}")
     if not _is_api_version(s.default_api_version):
         raise ValueError(f"{where}: default_api_version must be a date like 2023-06-01, "
                          f"not {s.default_api_version!r}")
@@ -142,7 +143,6 @@ def check(s: Settings, where: str) -> None:
 
 
 def _is_api_version(value: str) -> bool:
-    import datetime
     try:
         return datetime.date.fromisoformat(value).isoformat() == value
     except ValueError:

@@ -62,17 +62,14 @@ async def relay_json(conn: UpstreamConnection, pool: Pool, resp: Responder, stat
         record.status, record.error_type = 499, "client_closed_request"
     resp.send(status, headers, data)
 
+
 async def relay_stream(conn: UpstreamConnection, pool: Pool, resp: Responder, status: int, headers: list,
                        splicer: SseSplicer, record: UsageRecord, read_timeout: float) -> None:
     """An SSE body, spliced event by event as it arrives (see the module's docstring)."""
     record.status = status
     # What came with the response head (often the opening events) goes out
     # with ours, in one write; a whole stream that came with it, ends in it.
-    try:
-        first = splicer.feed(b"".join(conn.buffered()))
-    except EventTooLarge as exc:
-        conn.abort(UpstreamError(str(exc), "body"))
-        first = b""
+    first = _feed(splicer, conn, b"".join(conn.buffered())) or b""
     if conn.body_complete:
         pool.release(conn)
         if resp.client_gone:
@@ -86,7 +83,7 @@ async def relay_stream(conn: UpstreamConnection, pool: Pool, resp: Responder, st
 
     def sink(piece: bytes) -> bool:
         # Runs inside the upstream socket callback: splice and write, no task switch.
-        try:
+        try:                    # _feed(), inline: a call per read on the per-event path
             out = splicer.feed(piece)
         except EventTooLarge as exc:
             conn.abort(UpstreamError(str(exc), "body"))
@@ -134,7 +131,7 @@ async def relay_stream(conn: UpstreamConnection, pool: Pool, resp: Responder, st
             # The message was complete, or the upstream already said in-band what
             # went wrong: a transport failure after that tells the client nothing.
             if splicer.error is not None:
-                record.error_type = str(splicer.error.get("type") or "api_error")
+                record.error_type = splicer.error_type
             last = b"".join(held)
             if last and resp.client_gone:
                 record.interrupted = True
@@ -156,13 +153,24 @@ async def relay_stream(conn: UpstreamConnection, pool: Pool, resp: Responder, st
         record.interrupted = True       # the stream's end found nobody to take it
     resp.end(last)
 
+
 def _stream_end(splicer: SseSplicer, record: UsageRecord) -> bytes:
     """What a stream the upstream ended cleanly still needs to send, and its outcome."""
     tail = splicer.flush()
     if splicer.error is not None:
-        record.error_type = str(splicer.error.get("type") or "api_error")
+        record.error_type = splicer.error_type
     elif not splicer.saw_stop:
         # A cleanly ended body that lacks message_stop is still a cut message.
         record.error_type = "api_error"
         tail += sse_error_event("api_error", "upstream ended the stream before message_stop")
     return tail
+
+
+def _feed(splicer: SseSplicer, conn: UpstreamConnection, piece: bytes) -> Optional[bytes]:
+    """The splicer's output for `piece`; None when the upstream overran the event
+    size limit, and the connection is then failed (the stream ends in-band)."""
+    try:
+        return splicer.feed(piece)
+    except EventTooLarge as exc:
+        conn.abort(UpstreamError(str(exc), "body"))
+        return None

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import orjson
 
-from .usage import UsageMeter
+from .usage import UsageMeter, redactable
 
 _LF2 = b"\n\n"
 
@@ -110,7 +110,7 @@ class SseSplicer:
         self.meter = meter
         self.rename_model = rename_model     # (upstream id, client name)
         # The channel's key: an in-band error quoting it is forwarded without it.
-        self._secret = secret.encode() if secret and len(secret) >= 8 else None
+        self._secret = secret.encode() if redactable(secret) else None
         self.error: Optional[dict] = None    # the in-band error upstream sent, if any
         self.saw_stop = False
 
@@ -168,6 +168,11 @@ class SseSplicer:
             if tail.endswith(eol):
                 return self.feed(tail + eol)
         return self.feed(tail + b"\n\n")
+
+    @property
+    def error_type(self) -> str:
+        """The type of the in-band error upstream sent (check `error` first)."""
+        return str((self.error or {}).get("type") or "api_error")
 
     def drop_tail(self) -> int:
         n = self._held

@@ -107,8 +107,13 @@ def error_from_body(body: bytes) -> tuple[Optional[str], str]:
     return None, body[:200].decode("utf-8", "replace")
 
 
+def redactable(secret: Optional[str]) -> bool:
+    """Long enough to look for: a very short "key" would redact ordinary words."""
+    return bool(secret) and len(secret) >= 8
+
+
 def redact(text: str, secret: Optional[str]) -> str:
     """`text` without `secret` in it (an upstream quoting the key it was sent)."""
-    if secret and len(secret) >= 8 and secret in text:
+    if redactable(secret) and secret in text:
         return text.replace(secret, "[redacted]")
     return text

@@ -32,6 +32,7 @@ log = logging.getLogger("apertis_proxy.http")
 Handler = Callable[[Request, "Responder"], Awaitable[None]]
 
 _PIPELINE_HIGH_WATER = 256 * 1024
+_JSON = b"application/json"
 
 
 def _origin_form(target: bytes) -> bytes:
@@ -45,7 +46,6 @@ def _origin_form(target: bytes) -> bytes:
     if slash < 0 or 0 <= query < slash:
         return b"/" + rest[query:] if query >= 0 else b"/"
     return rest[slash:]
-_JSON = b"application/json"
 
 
 # Request ids need to be unique, not secret: a random per-process prefix and a

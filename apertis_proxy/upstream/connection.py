@@ -211,11 +211,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._timeout = timeout
         # One lazily moved timer per connection (as the server side does): a
         # timer made and cancelled per wait was measured at ~2% of a request.
-        timer = self._timer
-        if timer is None or timer.when() > now + timeout:
-            if timer is not None:
-                timer.cancel()
-            self._timer = loop.call_at(now + timeout, self._on_timer)
+        self._arm_by(now + timeout)
         try:
             await fut
         finally:
@@ -358,7 +354,11 @@ class UpstreamConnection(asyncio.Protocol):
         if timeout >= self._timeout or self._eom:
             return
         self._timeout = timeout
-        due = self._last_rx + timeout
+        self._arm_by(self._last_rx + timeout)
+
+    def _arm_by(self, due: float) -> None:
+        """Have the timer fire by `due`: an earlier one is kept (it re-checks and
+        moves itself on when it fires early), a later one is replaced."""
         timer = self._timer
         if timer is None or timer.when() > due:
             if timer is not None:
