@@ -10,7 +10,6 @@ Use it through those fixtures rather than directly.
 """
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
@@ -18,12 +17,11 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import sdk_scenarios
-from sdk_legacy import LegacySdkProcess
+from sdk_legacy import LegacySdkProcess, install_atomically
 
 TESTS_DIR = Path(__file__).resolve().parent
 SOURCE = TESTS_DIR / "js_sdk"                 # committed: package.json, package-lock.json, runner.mjs
@@ -99,16 +97,11 @@ def ensure_installed() -> Path:
 
 
 def _install(target: Path) -> Path:
-    JS_ROOT.mkdir(exist_ok=True)
-    with open(JS_ROOT / ".install.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _installed(target):
-            return target
+    def npm_install(staging: Path) -> tuple[bool, str]:
         npm = shutil.which("npm")
         if npm is None:
             raise JsSdkUnavailable(f"npm is not installed: cannot install {PACKAGE} {JS_SDK_VERSION}")
         digest = _source_digest()
-        staging = Path(tempfile.mkdtemp(dir=JS_ROOT, prefix="staging-"))
         for name in ("package.json", "package-lock.json"):
             if (SOURCE / name).exists():
                 shutil.copyfile(SOURCE / name, staging / name)
@@ -118,17 +111,11 @@ def _install(target: Path) -> Path:
                                    "--loglevel=error"], capture_output=True, text=True, env=env,
                                   cwd=str(staging), timeout=INSTALL_TIMEOUT)
         except subprocess.TimeoutExpired as exc:
-            shutil.rmtree(staging, ignore_errors=True)
             raise RuntimeError(f"npm install of {PACKAGE} {JS_SDK_VERSION} took over {INSTALL_TIMEOUT:.0f}s") from exc
         (staging / MARKER).write_text(digest + "\n")
-        if done.returncode != 0 or not _installed(staging):
-            shutil.rmtree(staging, ignore_errors=True)
-            raise RuntimeError(f"could not install {PACKAGE} {JS_SDK_VERSION} into {JS_ROOT} "
-                               f"(npm exit code {done.returncode}):\n{done.stdout}\n{done.stderr}")
-        shutil.rmtree(target, ignore_errors=True)
-        staging.chmod(0o755)  # mkdtemp made it private
-        staging.rename(target)
-    return target
+        return done.returncode == 0, (f"could not install {PACKAGE} {JS_SDK_VERSION} into {JS_ROOT} "
+                                      f"(npm exit code {done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return install_atomically(JS_ROOT, target, _installed, npm_install)
 
 
 def scenario_constants() -> dict:

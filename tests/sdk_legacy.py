@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 LEGACY_VERSION = "1.17.0"
 TESTS_DIR = Path(__file__).resolve().parent
@@ -38,20 +38,35 @@ def ensure_installed() -> Path:
     target = LEGACY_ROOT / f"anthropic-{LEGACY_VERSION}"
     if _installed(target):
         return target
-    LEGACY_ROOT.mkdir(exist_ok=True)
-    with open(LEGACY_ROOT / ".install.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _installed(target):
-            return target
-        staging = Path(tempfile.mkdtemp(dir=LEGACY_ROOT, prefix="staging-"))
+
+    def pip_install(staging: Path) -> tuple[bool, str]:
         done = subprocess.run(
             [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "--quiet",
              "--target", str(staging), f"anthropic=={LEGACY_VERSION}"],
             capture_output=True, text=True)
-        if done.returncode != 0 or not _installed(staging):
+        return done.returncode == 0, (f"could not install anthropic=={LEGACY_VERSION} into {LEGACY_ROOT}:\n"
+                                      f"{done.stdout}\n{done.stderr}")
+    return install_atomically(LEGACY_ROOT, target, _installed, pip_install)
+
+
+def install_atomically(root: Path, target: Path, installed: Callable[[Path], bool],
+                       install: Callable[[Path], tuple[bool, str]]) -> Path:
+    """`target` under `root`, made by `install(staging)` in a staging folder and swapped in whole, under a lock
+    shared by every test process; `install` answers (ok, the error to raise if not). Also used by sdk_js.py."""
+    root.mkdir(exist_ok=True)
+    with open(root / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if installed(target):
+            return target
+        staging = Path(tempfile.mkdtemp(dir=root, prefix="staging-"))
+        try:
+            ok, failure = install(staging)
+        except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
-            raise RuntimeError(f"could not install anthropic=={LEGACY_VERSION} into {LEGACY_ROOT}:\n"
-                               f"{done.stdout}\n{done.stderr}")
+            raise
+        if not ok or not installed(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RuntimeError(failure)
         shutil.rmtree(target, ignore_errors=True)
         staging.chmod(0o755)  # mkdtemp made it private
         staging.rename(target)
