@@ -28,7 +28,9 @@ SOURCE = TESTS_DIR / "js_sdk"                 # committed: package.json, package
 RUNNER = SOURCE / "runner.mjs"
 JS_ROOT = TESTS_DIR / ".js-sdk"               # gitignored: the installs
 PACKAGE = "@anthropic-ai/sdk"
-JS_SDK_VERSION: str = json.loads((SOURCE / "package.json").read_text())["dependencies"][PACKAGE]
+PINNED_VERSION: str = json.loads((SOURCE / "package.json").read_text())["dependencies"][PACKAGE]
+# .ci/latest-sdks sets APERTIS_TEST_JS_SDK to try another release (installed without the committed lock).
+JS_SDK_VERSION: str = os.environ.get("APERTIS_TEST_JS_SDK") or PINNED_VERSION
 MIN_NODE = 18                                  # the SDK needs a global fetch
 INSTALL_TIMEOUT = 600.0
 MARKER = ".installed-from"                     # the digest of the package.json and lock an install came from
@@ -39,7 +41,7 @@ class JsSdkUnavailable(RuntimeError):
 
 
 def _source_digest() -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(JS_SDK_VERSION.encode() + b"\0")
     for name in ("package.json", "package-lock.json"):
         path = SOURCE / name
         digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b"") + b"\0")
@@ -105,10 +107,13 @@ def _install(target: Path) -> Path:
         for name in ("package.json", "package-lock.json"):
             if (SOURCE / name).exists():
                 shutil.copyfile(SOURCE / name, staging / name)
+        command = [npm, "install", "--prefix", str(staging), "--no-audit", "--no-fund", "--loglevel=error"]
+        if JS_SDK_VERSION != PINNED_VERSION:            # another release than the lock holds
+            (staging / "package-lock.json").unlink(missing_ok=True)
+            command.append(f"{PACKAGE}@{JS_SDK_VERSION}")
         env = {**os.environ, "NPM_CONFIG_UPDATE_NOTIFIER": "false"}
         try:
-            done = subprocess.run([npm, "install", "--prefix", str(staging), "--no-audit", "--no-fund",
-                                   "--loglevel=error"], capture_output=True, text=True, env=env,
+            done = subprocess.run(command, capture_output=True, text=True, env=env,
                                   cwd=str(staging), timeout=INSTALL_TIMEOUT)
         except subprocess.TimeoutExpired as exc:
             raise RuntimeError(f"npm install of {PACKAGE} {JS_SDK_VERSION} took over {INSTALL_TIMEOUT:.0f}s") from exc

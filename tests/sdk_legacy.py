@@ -22,7 +22,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-LEGACY_VERSION = "1.17.0"
+# The pinned 1.x release; .ci/latest-sdks sets APERTIS_TEST_LEGACY_SDK to try the newest one instead.
+LEGACY_VERSION = os.environ.get("APERTIS_TEST_LEGACY_SDK") or "1.17.0"
 TESTS_DIR = Path(__file__).resolve().parent
 LEGACY_ROOT = TESTS_DIR / ".legacy-sdk"
 RUNNER = TESTS_DIR / "legacy_sdk_runner.py"
@@ -34,7 +35,7 @@ def _installed(target: Path) -> bool:
 
 
 def ensure_installed() -> Path:
-    """The folder holding anthropic==1.17.0, installing it on first use (under a lock, atomically)."""
+    """The folder holding anthropic==LEGACY_VERSION, installing it on first use (under a lock, atomically)."""
     target = LEGACY_ROOT / f"anthropic-{LEGACY_VERSION}"
     if _installed(target):
         return target

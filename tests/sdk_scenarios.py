@@ -23,8 +23,10 @@ What a call produces (the dict the scenario gets back, and mostly returns):
 - count_tokens: ``{"input_tokens"}``;  list_models: ``{"ids": [...]}`` (auto-paginated)
 
 Failures never raise out of `run_sync`/`run_async`: an SDK error (``anthropic.APIError``) or a transport error
-(``httpx2.HTTPError``, e.g. a stream cut mid-body) becomes ``{"error": {"class", "status", "type", "message",
-"partial"}}``; ``partial`` holds what a stream produced before it failed (``{"pieces": [...]}``).
+(``httpx2.HTTPError``, e.g. a stream cut mid-body) becomes ``{"error": {"class", "status", "type", "body",
+"request_id", "message", "partial"}}``: ``body`` is the error body the SDK parsed and ``request_id`` the one it read
+from the head; ``message`` is the SDK's own text, which changes between releases, so tests assert on ``body``;
+``partial`` holds what a stream produced before it failed (``{"pieces": [...]}``).
 """
 from __future__ import annotations
 
@@ -308,10 +310,15 @@ def client_kwargs(base_url: str, api_key: str, auth: str = "default", options: O
 
 
 def _describe(exc: BaseException) -> dict:
+    """What a test may assert of an SDK failure: the class, the status, and the body the SDK parsed (with the
+    request id it read from the response head). `message` is the SDK's own formatting, kept for failure reports
+    only: it changes between releases, so no test matches it."""
     body = getattr(exc, "body", None)
     error = body.get("error") if isinstance(body, dict) else None
     return {"class": type(exc).__name__, "status": getattr(exc, "status_code", None),
             "type": error.get("type") if isinstance(error, dict) else None,
+            "body": body if isinstance(body, dict) else None,
+            "request_id": getattr(exc, "request_id", None),
             "message": str(exc)[:500], "partial": getattr(exc, "partial", None)}
 
 

@@ -67,9 +67,11 @@ def sdk_400(result: dict, field: str, *fragments: str) -> None:
     error = result.get("error")
     assert error is not None, result
     assert (error["class"], error["status"], error["type"]) == ("BadRequestError", 400, "invalid_request_error")
-    assert f"'{field}: " in error["message"] or f'"{field}: ' in error["message"], error["message"]
+    message = error["body"]["error"]["message"]           # the body the SDK parsed, not its formatting of it
+    assert message.startswith(f"{field}: "), message
     for fragment in fragments:
-        assert fragment in error["message"], error["message"]
+        assert fragment in message, message
+    assert error["request_id"] == error["body"]["request_id"]
 
 
 def ok(result: dict) -> dict:
@@ -493,10 +495,11 @@ async def test_model_no_channel_serves_is_404_listing_the_keys_models(gateway_en
     result = await sdk2.run("plain", env.base_url, env.key, model="claude-opus-4.5")
     error = result["error"]
     assert (error["class"], error["status"], error["type"]) == ("NotFoundError", 404, "not_found_error")
-    assert "claude-opus-4.5" in error["message"]
-    assert f"models this key can use: team-fast, {HAIKU}" in error["message"] or \
-        f"models this key can use: {HAIKU}, team-fast" in error["message"], error["message"]
-    assert SONNET not in error["message"] and OPUS not in error["message"]
+    message = error["body"]["error"]["message"]
+    assert "claude-opus-4.5" in message
+    assert f"models this key can use: team-fast, {HAIKU}" in message or \
+        f"models this key can use: {HAIKU}, team-fast" in message, message
+    assert SONNET not in message and OPUS not in message
     assert strict_mock.requests == []
 
 

@@ -248,6 +248,8 @@ function describe(error, partial = null) {
     class: error.name || error.constructor.name,
     status: error.status ?? null,
     type: inner && typeof inner === 'object' ? (inner.type ?? null) : null,
+    body: body && typeof body === 'object' ? body : null,
+    request_id: error.requestID ?? null,
     message: String(error.message).slice(0, 500),
     partial,
   };
