@@ -570,7 +570,7 @@ def sse_bytes(event: dict[str, Any]) -> bytes:
         data = '{"type": "ping"}'  # upstream's own spacing
     else:
         data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {event['type']}\ndata: {data}\n\n".encode("utf-8")
+    return f"event: {event['type']}\ndata: {data}\n\n".encode()
 
 
 def reported_usage(usage: dict[str, Any], event: dict[str, Any]) -> None:

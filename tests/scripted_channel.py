@@ -92,7 +92,7 @@ class ScriptedChannel:
     @property
     def base_url(self) -> str:
         assert self.server is not None
-        return "http://127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)

@@ -691,7 +691,8 @@ async def test_stream_end_goes_out_with_the_last_events(gateway, monkeypatch, sc
     events = response.sse_events()
     assert [name for name, _ in events][-1] == "message_stop"
     assert sse_text(events) == expected_text("one write")
-    assert writes[-1].endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n\r\n0\r\n\r\n'), writes[-1][-200:]
+    assert writes[-1].endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n\r\n0\r\n\r\n'), \
+        writes[-1][-200:]
     if paced:       # the head and the early events went out as they came; only the last write ends the body
         assert len(writes) > 3 and not any(w.endswith(b"0\r\n\r\n") for w in writes[:-1])
     else:

@@ -299,7 +299,8 @@ async def test_usage_rows_with_prompt_cache(make_sdk, gateway):
     """Cache writes (with their 5m/1h split) and reads land in the rows exactly as the mock reported them, for
     JSON and SSE answers, and the cost follows from the catalogue's Haiku 4.5 prices."""
     sdk = make_sdk("2.x", "async")
-    tool = {"name": "lookup", "description": "Look a thing up " * 20, "cache_control": {"type": "ephemeral", "ttl": "1h"},
+    tool = {"name": "lookup", "description": "Look a thing up " * 20,
+            "cache_control": {"type": "ephemeral", "ttl": "1h"},
             "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}
     system = [{"type": "text", "text": "You answer from the handbook. " * 40, "cache_control": {"type": "ephemeral"}}]
     calls = [("plain", "first"), ("stream_text", "second"), ("stream_text", "third"), ("plain", "fourth")]

@@ -172,7 +172,8 @@ def test_accept_errors_of_one_connection_are_skipped_and_others_pause(caplog):
         listener.start()
         try:
             # A connection that failed before we took it (accept(2): treat like EAGAIN): skipped, no pause.
-            fake = FakeListening([OSError(errno.EPROTO, "Protocol error"), ConnectionAbortedError(errno.ECONNABORTED, "")])
+            fake = FakeListening([OSError(errno.EPROTO, "Protocol error"),
+                                  ConnectionAbortedError(errno.ECONNABORTED, "")])
             listener._accept(fake)
             assert fake.calls == 3 and listener._retry is None
             # Anything else: logged once, accepting pauses instead of spinning on a readable socket.

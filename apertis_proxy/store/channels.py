@@ -42,7 +42,7 @@ def normalize_base_url(url: str) -> str:
     """Check that `url` is an absolute http(s) URL with a host; drop a trailing slash."""
     try:
         parts = urlsplit(url.strip())
-        parts.port  # raises ValueError on a malformed port
+        parts.port  # raises ValueError on a malformed port  # noqa: B018
     except ValueError as exc:
         raise ValueError(f"invalid base URL {url!r}: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
