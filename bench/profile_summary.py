@@ -2,7 +2,7 @@
 stack, frames joined by ';', then a sample count) as two tables: where the
 time is spent (self) and what it is spent under (inclusive).
 
-    python bench/profile_summary.py bench/profiles/a-c64-proxy.txt [--top 30]
+    python bench/profile_summary.py bench/.work/profiles/a-c64-proxy.txt [--top 30]
 
 The collapsed file itself opens in speedscope or inferno/flamegraph.pl for a
 flame graph."""

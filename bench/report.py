@@ -1,4 +1,4 @@
-"""Turns the measured rows into the results table (stdout and bench/RESULTS.md)."""
+"""Turns the measured rows into the results table (stdout and the markdown file run.py writes)."""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -165,7 +165,7 @@ def _check(ok: Optional[bool]) -> str:
 
 
 def targets(rows: list[Row], idle: dict[str, list[int]]) -> str:
-    """The goals of issue 5, for one worker on one core, checked against this run."""
+    """The performance targets, for one worker on one core, checked against this run."""
     g = by_scenario(rows)
 
     def get(key: Optional[str], target: str) -> Optional[Row]:

@@ -5,9 +5,10 @@
 Installs wrk and nginx from Debian's packages if missing (only those the chosen
 scenarios and targets use), starts the mock upstream, nginx (plain reverse
 proxy) and apertis-proxy (one worker; once with every first-party plugin, once
-with metering off), pins them to CPUs, runs the scenarios of issue 5 and prints
-one table, also written to bench/RESULTS.md (bench/RESULTS-quick.md for
---quick).  See bench/README.md.
+with metering off), pins them to CPUs, runs the scenarios and prints one
+table, also written to bench/.work/RESULTS.md (RESULTS-quick.md for --quick;
+the folder is git-ignored, `--output bench/RESULTS.md` replaces the committed
+figures).  See bench/README.md.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import report
 import scenarios as scn
 from drivers import DriverError, preflight, run_loadgen, run_wrk
 from scenarios import Scenario
-from services import (CHANNEL_KEY, HERE, Service, ServiceError, ensure_tools, pinned, proxy_command,
+from services import (CHANNEL_KEY, WORK, Service, ServiceError, ensure_tools, pinned, proxy_command,
                       python_has, raise_nofile, setup_proxy_db, start_mock, start_nginx, start_proxy,
                       write_config)
 
@@ -252,8 +253,8 @@ class Bench:
         spy = _py_spy(self.python)
         if spy is None:
             return None
-        out_dir = HERE / "profiles"
-        out_dir.mkdir(exist_ok=True)
+        out_dir = WORK / "profiles"
+        out_dir.mkdir(parents=True, exist_ok=True)
         # Collapsed stacks: summarised as text below, and open in speedscope or flamegraph.pl.
         out = out_dir / f"{sc.key}-{target.name}.txt"
         self.profiles.append(out)
@@ -393,7 +394,7 @@ For streams, req/s counts whole streams.
 
 {report.metering_table(bench.rows, order)}
 
-## Targets of issue 5 (one worker process on one core)
+## Targets (one worker process on one core)
 
 {report.targets(bench.rows, bench.idle)}
 
@@ -412,14 +413,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: short durations, lower concurrency")
     p.add_argument("--scenarios", default="", help="groups (a..e) or keys (a-c64, d-5000) to run; default all")
     p.add_argument("--targets", default=",".join(ALL_TARGETS), help=f"subset of {','.join(ALL_TARGETS)}")
-    p.add_argument("--output", help="markdown file (default bench/RESULTS.md, or RESULTS-quick.md with --quick)")
+    p.add_argument("--output", help="markdown file (default bench/.work/RESULTS.md, or RESULTS-quick.md with "
+                                    "--quick); bench/RESULTS.md replaces the committed figures")
     p.add_argument("--json", help="also write the raw rows here")
     p.add_argument("--python", default=sys.executable, help="Python with uvloop for the mock and loadgen, "
                                                             "and whose bin/ holds apertis-proxy")
     p.add_argument("--load-cpu", type=int, help="CPU for the mock and the load generators (default: first)")
     p.add_argument("--sut-cpu", type=int, help="CPU for the system under test (default: second)")
     p.add_argument("--tick-ms", type=float, default=2.0, help="the mock's timer tick for paced streams")
-    p.add_argument("--profile", action="store_true", help="py-spy flame graphs of the proxy into bench/profiles/")
+    p.add_argument("--profile", action="store_true", help="py-spy flame graphs of the proxy into bench/.work/profiles/")
     p.add_argument("--repeat", type=int, default=1,
                    help="run every scenario N times, the targets taking turns; keep the median row")
     p.add_argument("--retries", type=int, help="measure a scenario again when other work on the machine "
@@ -441,7 +443,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     layout = choose_layout(args)
     if layout.load_cpu is not None:
         os.sched_setaffinity(0, {layout.load_cpu})     # the harness's own sampling stays off the SUT core
-    output = Path(args.output) if args.output else HERE / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
+    output = Path(args.output) if args.output else WORK / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
+    output.parent.mkdir(parents=True, exist_ok=True)
     started, t0 = procstat.now_utc(), time.monotonic()
     background = background_load(layout)
     busy = [f"CPU {c} {v:.0f}%" for c, v in background.items() if v > 10]

@@ -1,4 +1,4 @@
-"""The scenarios of issue 5, in a full and a quick (smoke) flavour, and the request bodies they send.
+"""The benchmark scenarios, in a full and a quick (smoke) flavour, and the request bodies they send.
 
 A scenario's ``block`` groups scenarios that share one fresh start of the
 system under test: memory figures of a block start from a clean process.
@@ -15,7 +15,7 @@ SSE_FIXED_EVENTS = 6   # message_start, content_block_start, ping ... content_bl
 @dataclass(frozen=True)
 class Scenario:
     key: str               # unique, used in --scenarios and file names
-    group: str             # a..e, as in issue 5
+    group: str             # a..e: the kind of load (see bench/README.md)
     label: str
     driver: str            # "wrk" (throughput) or "loadgen" (long streams)
     connections: int

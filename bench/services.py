@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 HERE = Path(__file__).resolve().parent
+WORK = HERE / ".work"     # git-ignored: results and profiles of runs; bench/RESULTS.md is the committed one
 CHANNEL_KEY = "sk-bench-channel-key"      # what upstream (the mock) expects; not a real secret
 
 
