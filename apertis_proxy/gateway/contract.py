@@ -12,28 +12,8 @@ keys the body actually has; preparation copies only the containers it changes
 the body untouched when no rule applies, so the caller can forward the
 client's bytes as they came.
 
-Facts checked against the public docs and the official SDK (2026-11), not guessed:
-- Structured outputs: the request field is ``output_config.format =
-  {"type": "json_schema", "schema": {...}}`` (the beta-era top-level
-  ``output_format`` moved there); ``output_config`` also carries ``effort``.
-  The SDK's ``OutputConfigParam``/``JSONOutputFormatParam`` have that shape.
-- Anthropic accepts no schema meaning "any object": every object schema must
-  set ``additionalProperties: false`` explicitly (``{"type": "object"}`` is
-  answered 400 "For 'object' type, 'additionalProperties' must be explicitly
-  set to false", and ``true`` is rejected too), and a closed object without
-  properties only admits ``{}``.  So OpenAI's ``{"type": "json_object"}`` has
-  no faithful structured-output equivalent: it is removed (and reported in the
-  dropped-params header) instead of being turned into a schema that either
-  fails upstream or forces an empty object.  JSON mode on OpenAI already
-  requires the prompt to ask for JSON, so that instruction still reaches Claude.
-- ``json_schema`` schemas are forwarded as given; OpenAI's strict mode already
-  requires ``additionalProperties: false``, which is what Anthropic needs.
-- Stop sequences: OpenAI's ``stop`` takes a string or up to 4 strings;
-  Anthropic documents no count limit for ``stop_sequences``, so the merged
-  list is not capped.
-- ``search_result`` blocks carry their own ``citations`` *config*
-  (``{"enabled": bool}``); only ``citations`` arrays on ``text`` blocks are
-  what ``2026-10-21`` rejects in user messages.
+The protocol facts these rules rest on (structured outputs, stop sequences,
+citations) are stated, with their sources, in docs/request-contract.md.
 """
 from __future__ import annotations
 
@@ -450,7 +430,7 @@ def _translate_extra(key: str, out: dict) -> None:
         if type(value) is dict and value.get("type") == "json_schema":
             _set_output_format(out, _json_schema_of(value))
         # "text" is the default; "json_object" has no accepted equivalent
-        # (see the module docstring): both are simply removed.
+        # (see docs/request-contract.md): both are simply removed.
     # n == 1, penalties, logit_bias, seed: nothing to carry over.
 
 
