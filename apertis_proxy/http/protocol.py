@@ -16,9 +16,7 @@ upstream read instead of growing memory.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 from typing import Awaitable, Callable, Optional
 
 import h11
@@ -26,6 +24,7 @@ import h11
 from ..errors import error_body, error_type_for
 from ..settings import Settings
 from .messages import Request, build_head, header_list, keeps_alive
+from .request_ids import new_request_id
 
 log = logging.getLogger("apertis_proxy.http")
 
@@ -46,16 +45,6 @@ def _origin_form(target: bytes) -> bytes:
     if slash < 0 or 0 <= query < slash:
         return b"/" + rest[query:] if query >= 0 else b"/"
     return rest[slash:]
-
-
-# Request ids need to be unique, not secret: a random per-process prefix and a
-# counter (os.urandom per request was a syscall on every request, measured 3.7%).
-_ID_PREFIX = "req_" + os.urandom(6).hex()
-_id_counter = itertools.count(1)
-
-
-def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
 class ClientGone(Exception):
