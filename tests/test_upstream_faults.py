@@ -199,3 +199,47 @@ async def test_never_ending_event_fails_the_stream_in_band(scripted, monkeypatch
     assert "longer than" in json.loads(response.sse_events()[-1][1])["error"]["message"]
     [row] = await scripted.usage_rows(1)
     assert row["error_type"] == "api_error"
+
+
+# -- the keep-alive pool: a connection carries one exchange at a time ---------------------------------------------
+
+def answer(text: str, input_tokens: int, output_tokens: int) -> bytes:
+    return json_response(200, {"id": "msg_" + text, "type": "message", "role": "assistant", "model": MODEL,
+                               "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                               "stop_sequence": None,
+                               "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}})
+
+
+@pytest.mark.parametrize("late", [answer("stray", 900, 900), b"HTTP/1.1 200 OK\r\n"],
+                         ids=["a-whole-response", "a-partial-head"])
+async def test_bytes_written_on_an_idle_connection_never_answer_the_next_request(scripted, late):
+    """The upstream writes on a keep-alive connection after its response was read whole: those bytes must not
+    become the answer to the next request sent on it (another client's, billed for it), nor shift every later
+    answer by one. A connection that received anything while idle is never reused."""
+    await scripted.start()
+    scripted.channel.queue([answer("first", 10, 1), late], [answer("second", 20, 2)], [answer("third", 30, 3)])
+    assert (await post(scripted, ask(False))).json()["content"][0]["text"] == "first"
+    await scripted.channel.wait_finished(1)          # the late bytes are out
+    await asyncio.sleep(0.1)
+    texts = [(await post(scripted, ask(False))).json()["content"][0]["text"] for _ in range(2)]
+    assert texts == ["second", "third"]
+    rows = await scripted.usage_rows(3)
+    assert [(r["status"], r["input_tokens"], r["output_tokens"]) for r in rows] == [(200, 10, 1), (200, 20, 2),
+                                                                                   (200, 30, 3)]
+
+
+async def test_a_storm_of_interim_responses_is_refused(scripted):
+    """Thousands of 1xx heads before the final one: the gateway reads a few, then gives up on that upstream
+    connection with a 502 (it used to parse them all, stalling every other request on the worker)."""
+    await scripted.start()
+    storm = b"HTTP/1.1 100 Continue\r\n\r\n" * 2000
+    scripted.channel.queue([storm, storm, answer("after the storm", 10, 1)])
+    response = await post(scripted, ask(False))
+    assert response.status == 502
+    assert response.json()["error"]["type"] == "api_error"
+    assert "interim" in response.json()["error"]["message"]
+    [row] = await scripted.usage_rows(1)
+    assert (row["status"], row["error_type"]) == (502, "api_error")
+    health = await RawConnection.open(scripted.gateway.host, scripted.gateway.port)
+    async with health:
+        assert (await health.request("GET", "/health")).status == 200
