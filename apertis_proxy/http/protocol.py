@@ -235,6 +235,9 @@ class HttpConnection(asyncio.Protocol):
         self._head_started = False  # the header timer runs from a request's first byte
         self._peer_eof = False      # the client half-closed while we owe it a response
         self._discarding = False    # answered early: swallow the rest of the request, then close
+        # The reads a request head came in, as sent: h11 unfolds obs-fold and
+        # lower-cases Transfer-Encoding, which framing_refusal() must see.
+        self._head_reads: list[bytes] = []
 
     # -- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -276,10 +279,13 @@ class HttpConnection(asyncio.Protocol):
             if self._buffered > _PIPELINE_HIGH_WATER:
                 self._pause_reading()
         first_bytes = False
-        if self._responder is None and not self._head_started:
-            # First bytes of a new request: the whole head must arrive in time
-            # (re-arming per packet would let a trickle keep it open forever).
-            self._head_started = first_bytes = True
+        if self._responder is None:
+            if not self._head_started:
+                # First bytes of a new request: the whole head must arrive in time
+                # (re-arming per packet would let a trickle keep it open forever).
+                self._head_started = first_bytes = True
+            if self._request is None:
+                self._head_reads.append(data)
         try:
             self._h11.receive_data(data)
         except h11.RemoteProtocolError as exc:  # pragma: no cover - receive_data rarely raises
@@ -396,22 +402,26 @@ class HttpConnection(asyncio.Protocol):
             self._reject_early(505, f"HTTP/{event.http_version.decode('ascii', 'replace')} is not supported; "
                                     f"use HTTP/1.1", "invalid_request_error")
             return
+        reads, self._head_reads = self._head_reads, []
         # h11 has validated the framing headers; without either, a request has no body.
         length: Optional[int] = 0
-        chunked = False
+        has_length = chunked = False
         for name, value in headers:
             if name == b"content-length":
                 length = int(value)
+                has_length = True
             elif name == b"transfer-encoding":
                 chunked = True
+        refusal = framing_refusal(reads[0] if len(reads) == 1 else b"".join(reads), chunked)
+        if refusal is None and chunked and has_length:
+            # Both, even Content-Length: 0: the classic request-smuggling shape (a
+            # front end framing by Content-Length would see another request than
+            # we do).  RFC 9112 allows refusing it; the connection is closed.
+            refusal = "a request must not have both Content-Length and Transfer-Encoding"
+        if refusal is not None:
+            self._reject_early(400, refusal, "invalid_request_error")
+            return
         if chunked:
-            if length:
-                # Both: the classic request-smuggling shape (a front end framing by
-                # Content-Length would see another request than we do).  RFC 9112
-                # allows refusing it; the connection is closed either way.
-                self._reject_early(400, "a request must not have both Content-Length and Transfer-Encoding",
-                                   "invalid_request_error")
-                return
             length = None
         self._length = length
         if length is not None and length > self._settings.max_body_bytes:
@@ -540,6 +550,7 @@ class HttpConnection(asyncio.Protocol):
         self._buffered = 0
         pending = bool(leftover)
         self._head_started = pending
+        self._head_reads = [leftover] if pending else []
         if self.closed:
             return
         if self.state.draining and not pending:
@@ -641,6 +652,27 @@ class HttpConnection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         return self._responder is not None
+
+
+def framing_refusal(received: bytes, chunked: bool) -> Optional[str]:
+    """Why a request head h11 accepted is still refused, or None.  `received`
+    starts with the head as sent.  h11 unfolds obs-fold and lower-cases the
+    Transfer-Encoding value; a front end that does neither would frame the
+    request differently, so both are refused rather than guessed at."""
+    received = received.lstrip(b"\r\n")
+    end = received.find(b"\n\r\n")
+    bare = received.find(b"\n\n")
+    if end < 0 or 0 <= bare < end:
+        end = bare
+    head = received[:end] if end >= 0 else received
+    if head.find(b"\n ") >= 0 or head.find(b"\n\t") >= 0:
+        return "malformed HTTP request: obsolete line folding (a header line starting with whitespace)"
+    if chunked:
+        for line in head.split(b"\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.lower() == b"transfer-encoding" and value.strip(b" \t\r") != b"chunked":
+                return "malformed HTTP request: Transfer-Encoding must be written exactly as \"chunked\""
+    return None
 
 
 def _head_size(event: h11.Request, headers: list[tuple[bytes, bytes]]) -> int:
