@@ -77,6 +77,8 @@ class ScriptedChannel:
         self.server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.finished = 0                        # scripts run to their end (or to CLOSE / HANG)
+        self.connections = 0                     # connections the gateway opened
+        self.hung_up = 0                         # connections the gateway closed
         self._progress = asyncio.Event()
 
     def queue(self, *scripts: list[Step]) -> None:
@@ -110,6 +112,7 @@ class ScriptedChannel:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        self.connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -127,6 +130,7 @@ class ScriptedChannel:
                     if step == HANG:
                         self._script_done()
                         await reader.read()
+                        self.hung_up += 1
                         return
                     if isinstance(step, float):
                         await asyncio.sleep(step)
@@ -136,7 +140,7 @@ class ScriptedChannel:
                     await asyncio.sleep(0.005)
                 self._script_done()
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            self.hung_up += 1
         finally:
             self._writers.discard(writer)
             writer.close()

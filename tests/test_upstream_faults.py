@@ -243,3 +243,87 @@ async def test_a_storm_of_interim_responses_is_refused(scripted):
     health = await RawConnection.open(scripted.gateway.host, scripted.gateway.port)
     async with health:
         assert (await health.request("GET", "/health")).status == 200
+
+
+# -- a client that leaves a stream: billed for what the upstream generated ----------------------------------------
+
+PING = event("ping", {"type": "ping"})
+STAGES = ["head", "message_start", "ping", "content_block_start", "content_block_delta", "content_block_stop",
+          "message_delta"]
+
+
+def paused_stream(after: str, pause: float = 0.4) -> list:
+    """A whole stream (input 12, output 17) with a pause after the event `after` (or after the head)."""
+    events = [message_start(12), PING, *text_events("generated whole", 17), MESSAGE_STOP]
+    script: list = [HEAD_SSE]
+    if after == "head":
+        script.append(pause)
+    for e in events:
+        script.append(chunk(e))
+        if e.startswith(b"event: " + after.encode() + b"\n"):
+            script.append(pause)
+    return script + [b"0\r\n\r\n"]
+
+
+async def leave_after(env, after: str) -> None:
+    """Stream a request, read until the event `after` (or the head) arrived, then close the connection."""
+    conn = await RawConnection.open(env.gateway.host, env.gateway.port)
+    try:
+        await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": env.key}, json_body=ask()))
+        head = await conn.read_head()
+        assert head.status == 200
+        seen = b""
+        if after != "head":
+            async for piece in conn.iter_chunks(head):
+                seen += piece
+                if (b"event: " + after.encode() + b"\n") in seen:
+                    break
+        assert b"message_stop" not in seen
+    finally:
+        conn.abort()
+
+
+@pytest.mark.parametrize("after", STAGES)
+async def test_a_client_leaving_a_stream_is_billed_what_the_upstream_sent(scripted, after):
+    """The client leaves at each stage of a stream: the gateway reads on until the upstream's usage is final and
+    meters that (output 17, not the placeholder 1 of message_start), then puts the connection back in the pool."""
+    await scripted.start()
+    scripted.channel.queue(paused_stream(after), full_stream(output_tokens=3))
+    await leave_after(scripted, after)
+    [row] = await scripted.usage_rows(1)
+    assert (row["status"], row["interrupted"], row["error_type"]) == (200, 1, None)
+    assert (row["input_tokens"], row["output_tokens"]) == (12, 17)
+    assert (await post(scripted, ask())).status == 200
+    assert scripted.channel.connections == 1 and scripted.channel.hung_up == 0     # read whole, then reused
+
+
+async def test_the_drain_after_a_client_left_is_bounded_in_time(scripted, monkeypatch):
+    """An upstream that goes quiet after the client left is not waited for past DRAIN_SECONDS: the connection is
+    closed and what was seen is metered."""
+    monkeypatch.setattr(relay, "DRAIN_SECONDS", 0.3)
+    await scripted.start(read_timeout=60.0)
+    scripted.channel.queue([HEAD_SSE, chunk(message_start(12)), chunk(PING), HANG])
+    await leave_after(scripted, "ping")
+    [row] = await scripted.usage_rows(1)
+    assert (row["status"], row["interrupted"], row["input_tokens"], row["output_tokens"]) == (200, 1, 12, 1)
+    await asyncio.wait_for(_until(lambda: scripted.channel.hung_up == 1), 10)
+
+
+async def test_the_drain_after_a_client_left_is_bounded_in_bytes(scripted, monkeypatch):
+    """Past DRAIN_BYTES after the client left, the upstream connection is closed (the gateway never reads an
+    endless stream for nobody); the usage seen by then is metered."""
+    monkeypatch.setattr(relay, "DRAIN_BYTES", 64 * 1024)
+    await scripted.start()
+    filler = chunk(event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                 "delta": {"type": "text_delta", "text": "z" * 16384}}))
+    scripted.channel.queue([HEAD_SSE, chunk(message_start(12)), chunk(PING), 0.4] + [filler] * 8
+                           + [chunk(e) for e in text_events("late", 99)] + [HANG])
+    await leave_after(scripted, "ping")
+    [row] = await scripted.usage_rows(1)
+    assert (row["status"], row["interrupted"], row["input_tokens"], row["output_tokens"]) == (200, 1, 12, 1)
+    await asyncio.wait_for(_until(lambda: scripted.channel.hung_up == 1), 10)
+
+
+async def _until(predicate) -> None:
+    while not predicate():
+        await asyncio.sleep(0.02)

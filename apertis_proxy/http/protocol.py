@@ -71,7 +71,7 @@ class Responder:
     streams to HEAD: only POST endpoints stream)."""
 
     __slots__ = ("_conn", "request_id", "started", "finished", "status", "keep_alive", "_chunked",
-                 "bytes_sent", "abandon_on_disconnect", "_task", "head_only")
+                 "bytes_sent", "abandon_on_disconnect", "_task", "head_only", "_left")
 
     def __init__(self, conn: "HttpConnection", request_id: str, keep_alive: bool,
                  head_only: bool = False) -> None:
@@ -90,10 +90,20 @@ class Responder:
         # before the response starts (a stream nobody will read).
         self.abandon_on_disconnect = False
         self._task: Optional[asyncio.Task] = None   # the handler's, set by the connection
+        self._left = False      # the handler was cancelled because the client went away
 
     @property
     def client_gone(self) -> bool:
-        return self._conn.closed
+        """The client went away: closed, or (for work abandoned on disconnect) half-closed.
+        A handler cancelled while this is false was cancelled by shutdown."""
+        return self._left or self._conn.closed
+
+    def client_left(self) -> None:
+        """Cancel the handler, once, because its client went away: it can still
+        finish its own bookkeeping (client_gone tells it why it was cancelled)."""
+        if not self._left and not self.finished and self._task is not None:
+            self._left = True
+            self._task.cancel()
 
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], length: Optional[int]) -> bytes:
         if self._conn.state.draining:
@@ -266,9 +276,8 @@ class HttpConnection(asyncio.Protocol):
         # as interrupted).  One still waiting for a complete answer is left to
         # finish, so its usage is known exactly.
         r = self._responder
-        if (r is not None and not r.finished and self._task is not None
-                and (r.started or r.abandon_on_disconnect)):
-            self._task.cancel()
+        if r is not None and self._task is not None and (r.started or r.abandon_on_disconnect):
+            r.client_left()
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
@@ -306,8 +315,8 @@ class HttpConnection(asyncio.Protocol):
         if self._responder is not None or self._discarding:
             self._peer_eof = True
             r = self._responder
-            if r is not None and r.abandon_on_disconnect and not r.finished and self._task is not None:
-                self._task.cancel()
+            if r is not None and r.abandon_on_disconnect and self._task is not None:
+                r.client_left()
             return True
         return None  # idle: let the transport close
 
