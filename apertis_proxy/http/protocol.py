@@ -21,7 +21,7 @@ from typing import Awaitable, Callable, Optional
 
 import h11
 
-from ..errors import error_body, error_type_for
+from ..errors import GatewayError, error_body, error_type_for
 from ..settings import Settings
 from .messages import Request, build_head, header_list, keeps_alive
 from .request_ids import new_request_id
@@ -29,6 +29,9 @@ from .request_ids import new_request_id
 log = logging.getLogger("apertis_proxy.http")
 
 Handler = Callable[[Request, "Responder"], Awaitable[None]]
+# A handler may also have `admit(head) -> Optional[GatewayError]`: called with a
+# request's head (its body b"") when the body still has to be read, so that a
+# request its credential will not admit is refused before its body is read.
 
 _PIPELINE_HIGH_WATER = 256 * 1024
 _JSON = b"application/json"
@@ -218,6 +221,7 @@ class HttpConnection(asyncio.Protocol):
 
     def __init__(self, handler: Handler, settings: Settings, state: ServerState) -> None:
         self._handler = handler
+        self._admit: Optional[Callable[[Request], Optional[GatewayError]]] = getattr(handler, "admit", None)
         self._settings = settings
         self.state = state
         self._loop = asyncio.get_running_loop()
@@ -380,6 +384,8 @@ class HttpConnection(asyncio.Protocol):
                     return
                 if self._take_body(conn):
                     return
+                if not self._admitted(event):   # the body is still to come: not for a refused caller
+                    return
                 self._arm(self._settings.body_timeout)
             elif etype is h11.Data:
                 self._body_size += len(event.data)
@@ -436,6 +442,22 @@ class HttpConnection(asyncio.Protocol):
         if length is not None and length > self._settings.max_body_bytes:
             self._reject_early(413, f"request body exceeds the limit of "
                                     f"{self._settings.max_body_bytes} bytes", "request_too_large")
+
+    def _admitted(self, event: h11.Request) -> bool:
+        """Ask the handler whether the request's head admits reading its body;
+        refuse it (and close) if not.  Only for a body not already whole in the
+        buffer: one that came with its head cost nothing to read, and the
+        handler authenticates before anything else anyway."""
+        admit = self._admit
+        if admit is None:
+            return True
+        head = Request(event.method.decode("ascii"), event.target.decode("latin-1"), self._headers, b"",
+                       self._client, event.http_version)
+        refusal = admit(head)
+        if refusal is None:
+            return True
+        self._reject_early(refusal.status, refusal.message, refusal.error_type)
+        return False
 
     def _take_body(self, conn: h11.Connection) -> bool:
         """Take a Content-Length body straight from h11's buffer when it is all there.
