@@ -54,17 +54,51 @@ class ClientGone(Exception):
     """The client closed the connection while a response was being written."""
 
 
+# How often the connection cap is reported in the log, at most (seconds).
+_CAP_LOG_INTERVAL = 10.0
+
+
 class ServerState:
-    """Shared by all connections of one listening server: bookkeeping for shutdown."""
+    """Shared by all connections of one listening server: bookkeeping for shutdown
+    and for the connection cap."""
 
-    __slots__ = ("connections", "draining", "tasks")
+    __slots__ = ("connections", "draining", "tasks", "max_connections", "_shed", "_refused", "_logged_at")
 
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int = 10_000) -> None:
         self.connections: set["HttpConnection"] = set()
         self.draining = False
         # Handler tasks until they return: a handler still meters its request
         # after the response went out and the connection closed.
         self.tasks: set[asyncio.Task] = set()
+        self.max_connections = max_connections
+        self._shed = self._refused = 0     # since the last log line
+        self._logged_at = -_CAP_LOG_INTERVAL
+
+    def make_room(self, now: float) -> bool:
+        """At the cap: close idle connections (keep-alive between requests, or
+        not yet sending), a sixteenth of the cap at a time so that a stream of
+        new connections does not scan the set each time.  False when every
+        connection is busy: the new one is refused."""
+        batch = max(1, self.max_connections // 16)
+        idle = []
+        for conn in self.connections:
+            if conn.idle:
+                idle.append(conn)
+                if len(idle) == batch:
+                    break
+        for conn in idle:
+            conn.close()
+            self.connections.discard(conn)
+        if idle:
+            self._shed += len(idle)
+        else:
+            self._refused += 1
+        if now - self._logged_at >= _CAP_LOG_INTERVAL:
+            self._logged_at = now
+            log.warning("connection cap of %d reached: closed %d idle connections, refused %d new ones "
+                        "(all busy)", self.max_connections, self._shed, self._refused)
+            self._shed = self._refused = 0
+        return bool(idle)
 
 
 class Responder:
@@ -263,10 +297,22 @@ class HttpConnection(asyncio.Protocol):
             self.closed = self._discarding = True
             transport.abort()
             return
+        state = self.state
+        if len(state.connections) >= state.max_connections and not state.make_room(self._loop.time()):
+            # Every connection is busy: answer (the SDKs retry a 503 after
+            # retry-after) and close, before reading anything.
+            self.closed = self._discarding = True
+            rid = new_request_id()
+            body = error_body("overloaded_error", "the gateway is at its connection limit; retry shortly", rid)
+            head = build_head(503, [(b"content-type", _JSON), (b"retry-after", b"1"), (b"request-id", rid.encode())],
+                              content_length=len(body), keep_alive=False)
+            transport.write(head + body)
+            transport.close()
+            return
         transport.set_write_buffer_limits(high=self._settings.write_high_water)
         peer = transport.get_extra_info("peername")
         self._client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
-        self.state.connections.add(self)
+        state.connections.add(self)
         self._arm(self._settings.keepalive_timeout)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
@@ -683,6 +729,11 @@ class HttpConnection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         return self._responder is not None
+
+    @property
+    def idle(self) -> bool:
+        """Open with no request under way: between requests, or not sending yet."""
+        return self._responder is None and not self._head_started and not self.closed
 
 
 def framing_refusal(received: bytes, chunked: bool) -> Optional[str]:
