@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Awaitable, Callable, Optional
 
 import h11
@@ -736,21 +737,25 @@ class HttpConnection(asyncio.Protocol):
         return self._responder is None and not self._head_started and not self.closed
 
 
+# The first line break followed by whitespace (obs-fold) or by the blank line
+# that ends the head: one scan decides (three bytes.find calls cost ~3 us).
+_FOLD_OR_HEAD_END = re.compile(rb"\n(?:[ \t]|\r?\n)")
+
+
 def framing_refusal(received: bytes, chunked: bool) -> Optional[str]:
     """Why a request head h11 accepted is still refused, or None.  `received`
     starts with the head as sent.  h11 unfolds obs-fold and lower-cases the
     Transfer-Encoding value; a front end that does neither would frame the
     request differently, so both are refused rather than guessed at."""
-    received = received.lstrip(b"\r\n")
-    end = received.find(b"\n\r\n")
-    bare = received.find(b"\n\n")
-    if end < 0 or 0 <= bare < end:
-        end = bare
-    head = received[:end] if end >= 0 else received
-    if head.find(b"\n ") >= 0 or head.find(b"\n\t") >= 0:
+    start = 0
+    if received[:1] in (b"\r", b"\n"):         # empty lines before the request line
+        start = len(received) - len(received.lstrip(b"\r\n"))
+    found = _FOLD_OR_HEAD_END.search(received, start)
+    end = len(received) if found is None else found.start()
+    if found is not None and received[end + 1] in b" \t":
         return "malformed HTTP request: obsolete line folding (a header line starting with whitespace)"
     if chunked:
-        for line in head.split(b"\n")[1:]:
+        for line in received[start:end].split(b"\n")[1:]:
             name, _, value = line.partition(b":")
             if name.lower() == b"transfer-encoding" and value.strip(b" \t\r") != b"chunked":
                 return "malformed HTTP request: Transfer-Encoding must be written exactly as \"chunked\""
