@@ -57,13 +57,17 @@ class ClientGone(Exception):
 
 # How often the connection cap is reported in the log, at most (seconds).
 _CAP_LOG_INTERVAL = 10.0
+# After a scan at the cap found every connection busy, newcomers are refused
+# without another scan for this long (a scan of 10,000 costs ~0.5 ms).
+_ALL_BUSY_RESCAN = 0.1
 
 
 class ServerState:
     """Shared by all connections of one listening server: bookkeeping for shutdown
     and for the connection cap."""
 
-    __slots__ = ("connections", "draining", "tasks", "max_connections", "_shed", "_refused", "_logged_at")
+    __slots__ = ("connections", "draining", "tasks", "max_connections", "_shed", "_refused", "_logged_at",
+                 "_all_busy_until")
 
     def __init__(self, max_connections: int = 10_000) -> None:
         self.connections: set["HttpConnection"] = set()
@@ -74,19 +78,24 @@ class ServerState:
         self.max_connections = max_connections
         self._shed = self._refused = 0     # since the last log line
         self._logged_at = -_CAP_LOG_INTERVAL
+        self._all_busy_until = 0.0
 
     def make_room(self, now: float) -> bool:
         """At the cap: close idle connections (keep-alive between requests, or
         not yet sending), a sixteenth of the cap at a time so that a stream of
         new connections does not scan the set each time.  False when every
-        connection is busy: the new one is refused."""
+        connection is busy: the new one is refused (and, for a tenth of a
+        second, the ones after it without another scan)."""
         batch = max(1, self.max_connections // 16)
         idle = []
-        for conn in self.connections:
-            if conn.idle:
-                idle.append(conn)
-                if len(idle) == batch:
-                    break
+        if now >= self._all_busy_until:
+            for conn in self.connections:
+                if conn.idle:
+                    idle.append(conn)
+                    if len(idle) == batch:
+                        break
+            if not idle:
+                self._all_busy_until = now + _ALL_BUSY_RESCAN
         for conn in idle:
             conn.close()
             self.connections.discard(conn)
