@@ -212,6 +212,14 @@ class AuthPlugin(Protocol):
         """Optional.  Called exactly once for every request this plugin
         authenticated, after it ended (settle quotas, release concurrency)."""
 
+    def check_head(self, request: RequestInfo) -> Optional[bool]:
+        """Optional.  The credential alone, from the request head (``body`` and
+        ``model`` are None), before the body is read: a request no plugin would
+        admit is then refused without reading or parsing its body.  True: the
+        credential is this plugin's and usable; None: not this plugin's to say;
+        raise Reject to refuse.  Synchronous and without side effects:
+        authenticate() still runs once the body is in."""
+
 
 @runtime_checkable
 class RouterPlugin(Protocol):

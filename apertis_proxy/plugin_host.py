@@ -142,6 +142,21 @@ class PluginHost:
                 return caller, plugin
         raise GatewayError(401, "invalid x-api-key", "authentication_error")
 
+    def check_head(self, request: RequestInfo) -> None:
+        """Raise GatewayError when the request head alone shows that no auth
+        plugin will admit it (see AuthPlugin.check_head).  A plugin without the
+        hook may admit anything, so it ends the check in the request's favour."""
+        for name, plugin in self.auth:
+            check = getattr(plugin, "check_head", None)
+            if check is None:
+                return
+            try:
+                if check(request):
+                    return
+            except Exception as exc:  # noqa: BLE001 - contained, see _chain_error
+                raise _chain_error("auth", name, exc) from None
+        raise GatewayError(401, "invalid x-api-key", "authentication_error")
+
     async def finish(self, plugin: Any, caller: Caller, record: UsageRecord) -> None:
         finish = getattr(plugin, "finish", None)
         if finish is None:

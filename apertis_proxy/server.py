@@ -16,6 +16,7 @@ import sqlite3
 import time
 from typing import Any, Optional
 
+from .fd_limits import connection_cap, raise_nofile_limit
 from .gateway.forward import CatalogRef, MessagesForwarder
 from .gateway.pipeline import GatewayApp
 from .http.protocol import HttpConnection, ServerState
@@ -35,7 +36,7 @@ class Gateway:
         self.settings = settings
         self.worker = worker
         self.workers = workers
-        self.state = ServerState()
+        self.state = ServerState(settings.max_connections)
         self.pools = Pools(max_idle=settings.pool_max_idle, idle_timeout=settings.pool_idle_timeout,
                            connect_timeout=settings.connect_timeout)
         self.plugins: Optional[PluginHost] = None
@@ -47,6 +48,10 @@ class Gateway:
     async def start(self, sock: Optional[socket.socket] = None) -> None:
         """Bind (or take `sock`, bound), start the store, plugins and watcher, then listen and accept."""
         s = self.settings
+        self.state.max_connections = connection_cap(s.max_connections, raise_nofile_limit())
+        if self.state.max_connections < s.max_connections and self.worker == 0:
+            log.info("client connections capped at %d per worker (max_connections %d) to fit the open file limit",
+                     self.state.max_connections, s.max_connections)
         # Bind first: a port in use fails at once, before plugins and the
         # watcher hold threads that would keep the process alive.  Listening
         # starts only once everything is up (see Listener.start).

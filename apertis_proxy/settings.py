@@ -38,6 +38,7 @@ class Settings:
     keepalive_timeout: float = 75.0     # idle connection between requests
     shutdown_timeout: float = 30.0      # in-flight work gets this long after SIGTERM
     write_high_water: int = 64 * 1024   # pause upstream reads above this much unsent client data
+    max_connections: int = 10_000       # client connections per worker (lowered to fit the descriptor limit)
     # Upstream side (seconds).
     connect_timeout: float = 10.0
     read_timeout: float = 600.0         # between upstream bytes, not total: streams last long
@@ -104,6 +105,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _RULES: dict[str, tuple[str, float]] = {
     "port": ("int", 0), "workers": ("int", 1), "max_header_bytes": ("int", 1024),
     "max_body_bytes": ("int", 1), "write_high_water": ("int", 1024), "pool_max_idle": ("int", 0),
+    "max_connections": ("int", 1),
     "thinking_budget_max": ("int", 1024),
     "header_timeout": ("seconds", 0), "body_timeout": ("seconds", 0), "keepalive_timeout": ("seconds", 0),
     "connect_timeout": ("seconds", 0), "read_timeout": ("seconds", 0), "pool_idle_timeout": ("seconds", 0),

@@ -165,7 +165,12 @@ class KeysAuth:
 
     # -- request path (no awaits: check-then-admit is atomic) -----------------
 
-    async def authenticate(self, request: RequestInfo) -> Optional[Caller]:
+    def check_head(self, request: RequestInfo) -> Optional[bool]:
+        return self._usable_key(request) is not None or None
+
+    def _usable_key(self, request: RequestInfo) -> Optional[KeyState]:
+        """The presented key if it is known, enabled and unexpired; None when it
+        is not this plugin's to judge (on_unknown = "defer"); else Reject."""
         plain = presented_key(request.headers)
         if plain is None:
             if self.defer_unknown:
@@ -179,10 +184,15 @@ class KeysAuth:
             raise Reject(401, "authentication_error", "invalid API key")
         if not key.enabled:
             raise Reject(401, "authentication_error", f"API key '{key.name}' is disabled")
-        now = time.time()
-        if key.expires_at is not None and now >= key.expires_at:
+        if key.expires_at is not None and time.time() >= key.expires_at:
             raise Reject(401, "authentication_error",
                          f"API key '{key.name}' expired at {_iso(key.expires_at)}")
+        return key
+
+    async def authenticate(self, request: RequestInfo) -> Optional[Caller]:
+        key = self._usable_key(request)
+        if key is None:
+            return None
         model = request.model
         if model and key.admitted is not None and model not in key.admitted:
             raise Reject(403, "permission_error",

@@ -8,7 +8,9 @@ test says, including what no real upstream should send.
 
 A script is a list of steps: bytes are written as they are (each its own write, a short pause after each so they
 arrive as separate reads); a float sleeps that long; CLOSE closes the connection; HANG waits until the gateway goes
-away. A script that ends without CLOSE keeps the connection for the next request.
+away. A script that ends without CLOSE keeps the connection for the next request; bytes written after the
+response (a late write) land on what the gateway holds as an idle keep-alive connection. `wait_finished(n)` waits
+until n scripts have run to their end.
 """
 from __future__ import annotations
 
@@ -74,9 +76,23 @@ class ScriptedChannel:
         self.requests: list[bytes] = []          # each request's head and body, as received
         self.server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self.finished = 0                        # scripts run to their end (or to CLOSE / HANG)
+        self.connections = 0                     # connections the gateway opened
+        self.hung_up = 0                         # connections the gateway closed
+        self._progress = asyncio.Event()
 
     def queue(self, *scripts: list[Step]) -> None:
         self.scripts.extend(scripts)
+
+    async def wait_finished(self, n: int, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while self.finished < n:
+                self._progress.clear()
+                await self._progress.wait()
+
+    def _script_done(self) -> None:
+        self.finished += 1
+        self._progress.set()
 
     async def __aenter__(self) -> "ScriptedChannel":
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -96,6 +112,7 @@ class ScriptedChannel:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        self.connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -108,9 +125,12 @@ class ScriptedChannel:
                     "type": "error", "error": {"type": "api_error", "message": "no script queued"}})]
                 for step in script:
                     if step == CLOSE:
+                        self._script_done()
                         return
                     if step == HANG:
+                        self._script_done()
                         await reader.read()
+                        self.hung_up += 1
                         return
                     if isinstance(step, float):
                         await asyncio.sleep(step)
@@ -118,8 +138,9 @@ class ScriptedChannel:
                     writer.write(step)
                     await writer.drain()
                     await asyncio.sleep(0.005)
+                self._script_done()
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            self.hung_up += 1
         finally:
             self._writers.discard(writer)
             writer.close()

@@ -722,3 +722,27 @@ async def test_query_string_is_kept_upstream(old_gw):
     resp = await post(old_gw, body(top_k=-3), path="/v1/messages?beta=true")
     assert resp.status == 400 and resp.json()["error"]["message"].startswith("top_k: ")
     assert len(old_gw.mock.requests) == sent
+
+
+@pytest.mark.parametrize("model", ["Claude-Haiku-4-5-20251001", "CLAUDE-HAIKU-4-5-20251001", f" {HAIKU}", f"{HAIKU} ",
+                                   f"{HAIKU}\n", f"{HAIKU}\x00", "claude-haiku\u200b-4-5-20251001",
+                                   "\ufeffclaude-haiku-4-5-20251001", "claude haiku 4.5", f"{HAIKU}\r\nx-a: b"],
+                         ids=["mixed-case", "upper-case", "leading-space", "trailing-space", "newline", "nul",
+                              "zero-width-space", "byte-order-mark", "inner-spaces", "header-injection"])
+async def test_a_model_name_that_is_not_a_plain_model_id_is_refused(gateway, model):
+    """A name that only looks like a model id (another case, whitespace, control or invisible characters) is
+    refused before routing: forwarded verbatim it would miss the allow-list's and the price list's entries."""
+    message = gateway_400(await post(gateway, body(model=model)), gateway.mock, "model", "plain model id")
+    assert "\x00" not in message and "\n" not in message and "\u200b" not in message
+    count = await post(gateway, body(model=model), path="/v1/messages/count_tokens")
+    gateway_400(count, gateway.mock, "model", "plain model id")
+
+
+@pytest.mark.parametrize("model", ["claude-haiku-4.5", "anthropic/claude-haiku-4.5", "claude-3-5-sonnet@20240620",
+                                   "anthropic.claude-3-5-sonnet-20240620-v1:0", "claude_custom-1"])
+async def test_plain_model_ids_of_every_form_pass_the_check(gateway, model):
+    """Aliases, vendor/model, Vertex (@) and Bedrock (. and :) ids are plain: they reach routing."""
+    response = await post(gateway, body(model=model))
+    assert response.status in (200, 404), response.body
+    if response.status == 404:
+        assert response.json()["error"]["type"] == "not_found_error"

@@ -104,8 +104,9 @@ class ServeProcess:
     """`python -m apertis_proxy serve` on a free port, its output in files under `workdir`."""
 
     def __init__(self, workdir: Path, db: Optional[str], *extra: str, env: Optional[dict[str, str]] = None,
-                 port: Optional[int] = None) -> None:
+                 port: Optional[int] = None, preexec_fn: Optional[Callable[[], None]] = None) -> None:
         self.workdir = workdir
+        self.preexec_fn = preexec_fn        # run in the child before exec (e.g. to set its resource limits)
         self.port = port or free_port()
         self.argv = ["serve", "--host", "127.0.0.1", "--port", str(self.port), *(["--db", db] if db else []),
                      *extra]
@@ -130,7 +131,7 @@ class ServeProcess:
         with open(self._out_path, "wb") as out, open(self._err_path, "wb") as err:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "apertis_proxy", *self.argv, cwd=self.workdir, env=self.env,
-                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err)
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err, preexec_fn=self.preexec_fn)
         await wait_for(self._accepting, START_TIMEOUT, f"serve to accept connections on port {self.port}")
         return self
 

@@ -567,6 +567,20 @@ async def test_a_router_answering_junk_is_a_500_naming_the_plugin(answer, caplog
     assert err.value.status == 500 and "junk-router" in caplog.text and "not a list of Channel" in caplog.text
 
 
+def test_the_head_check_chain_defers_refuses_and_admits():
+    """check_head: None defers to the next plugin, True admits, Reject refuses; a plugin without the hook may
+    admit anything, so it admits; all deferring is a 401, as for authenticate()."""
+    def refuse(request):
+        raise Reject(401, "authentication_error", "not yours")
+    defer, admit, no_hook = _Plugin(check_head=lambda r: None), _Plugin(check_head=lambda r: True), _Plugin()
+    plugin_host.PluginHost([("a", defer), ("b", admit)], [], []).check_head(None)
+    plugin_host.PluginHost([("a", defer), ("c", no_hook)], [], []).check_head(None)
+    for chain, message in ([("a", defer)], "invalid x-api-key"), ([("r", _Plugin(check_head=refuse))], "not yours"):
+        with pytest.raises(GatewayError) as err:
+            plugin_host.PluginHost(chain, [], []).check_head(None)
+        assert (err.value.status, err.value.error_type, err.value.message) == (401, "authentication_error", message)
+
+
 async def test_a_reject_with_a_success_status_is_not_sent_as_one(caplog):
     async def authenticate(request):
         raise Reject(200, "invalid_request_error", "nope")

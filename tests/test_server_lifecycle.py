@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -246,7 +247,11 @@ async def test_two_workers_share_the_port(tmp_path, mock_upstream):
         assert await server.stop(signal.SIGTERM) == 0
     assert all(not Path(f"/proc/{w}").exists() for w in workers)
     assert connect_refused(server.port)
-    assert sorted(r["status"] for r in usage_rows(db)) == [200] * n
+    rows = usage_rows(db)
+    assert sorted(r["status"] for r in rows) == [200] * n
+    # Both workers served: their request ids (the ledger's key) must still never repeat.
+    ids = [r["request_id"] for r in rows]
+    assert len(set(ids)) == n and all(re.fullmatch(r"req_[0-9a-f]{24}", i) for i in ids), ids
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets and processes from Linux /proc")

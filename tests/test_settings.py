@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from apertis_proxy import cli, settings
+from apertis_proxy.fd_limits import connection_cap
 
 
 def load(tmp_path, text: str) -> settings.Settings:
@@ -19,6 +20,7 @@ def test_a_full_valid_file_loads(tmp_path):
 port = 9090
 workers = 2
 max_body_bytes = 1048576
+max_connections = 500
 header_timeout = 5
 shutdown_timeout = 0
 [upstream]
@@ -34,6 +36,7 @@ meter = []
 max_attempts = 2
 """)
     assert (s.port, s.workers, s.read_timeout, s.shutdown_timeout, s.meter_plugins) == (9090, 2, 120.5, 0, [])
+    assert s.max_connections == 500
     assert s.plugin_options == {"channels": {"max_attempts": 2}}
 
 
@@ -48,6 +51,7 @@ max_attempts = 2
     ("[server]\nshutdown_timeout = -5", "shutdown_timeout must be a number of seconds >= 0"),
     ("[server]\nworkers = -2", "workers must be a whole number >= 1"),
     ('[server]\nworkers = "two"', "workers must be a whole number"),
+    ("[server]\nmax_connections = 0", "max_connections must be a whole number >= 1"),
     ('[logging]\nlog_level = "LOUD"', "log_level must be one of"),
     ('[contract]\ndefault_api_version = "yesterday"', "default_api_version must be a date"),
     ('[plugins]\nauth = "keys"', "[plugins] auth must be a list of plugin names"),
@@ -59,6 +63,12 @@ def test_a_wrong_value_is_refused_with_one_line_naming_it(tmp_path, text, says):
     with pytest.raises(ValueError) as err:
         load(tmp_path, text)
     assert says in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("configured,nofile,cap", [(10_000, 1024, 480), (10_000, 1_048_576, 10_000), (300, 1024, 300),
+                                                   (10_000, 0, 10_000), (10_000, 40, 16)])
+def test_the_connection_cap_leaves_a_descriptor_per_connection_for_its_upstream(configured, nofile, cap):
+    assert connection_cap(configured, nofile) == cap
 
 
 def test_serve_with_a_bad_config_exits_with_that_line(tmp_path, capsys):

@@ -199,3 +199,131 @@ async def test_never_ending_event_fails_the_stream_in_band(scripted, monkeypatch
     assert "longer than" in json.loads(response.sse_events()[-1][1])["error"]["message"]
     [row] = await scripted.usage_rows(1)
     assert row["error_type"] == "api_error"
+
+
+# -- the keep-alive pool: a connection carries one exchange at a time ---------------------------------------------
+
+def answer(text: str, input_tokens: int, output_tokens: int) -> bytes:
+    return json_response(200, {"id": "msg_" + text, "type": "message", "role": "assistant", "model": MODEL,
+                               "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                               "stop_sequence": None,
+                               "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}})
+
+
+@pytest.mark.parametrize("late", [answer("stray", 900, 900), b"HTTP/1.1 200 OK\r\n"],
+                         ids=["a-whole-response", "a-partial-head"])
+async def test_bytes_written_on_an_idle_connection_never_answer_the_next_request(scripted, late):
+    """The upstream writes on a keep-alive connection after its response was read whole: those bytes must not
+    become the answer to the next request sent on it (another client's, billed for it), nor shift every later
+    answer by one. A connection that received anything while idle is never reused."""
+    await scripted.start()
+    scripted.channel.queue([answer("first", 10, 1), late], [answer("second", 20, 2)], [answer("third", 30, 3)])
+    assert (await post(scripted, ask(False))).json()["content"][0]["text"] == "first"
+    await scripted.channel.wait_finished(1)          # the late bytes are out
+    await asyncio.sleep(0.1)
+    texts = [(await post(scripted, ask(False))).json()["content"][0]["text"] for _ in range(2)]
+    assert texts == ["second", "third"]
+    rows = await scripted.usage_rows(3)
+    assert [(r["status"], r["input_tokens"], r["output_tokens"]) for r in rows] == [(200, 10, 1), (200, 20, 2),
+                                                                                   (200, 30, 3)]
+
+
+async def test_a_storm_of_interim_responses_is_refused(scripted):
+    """Thousands of 1xx heads before the final one: the gateway reads a few, then gives up on that upstream
+    connection with a 502 (it used to parse them all, stalling every other request on the worker)."""
+    await scripted.start()
+    storm = b"HTTP/1.1 100 Continue\r\n\r\n" * 2000
+    scripted.channel.queue([storm, storm, answer("after the storm", 10, 1)])
+    response = await post(scripted, ask(False))
+    assert response.status == 502
+    assert response.json()["error"]["type"] == "api_error"
+    assert "interim" in response.json()["error"]["message"]
+    [row] = await scripted.usage_rows(1)
+    assert (row["status"], row["error_type"]) == (502, "api_error")
+    health = await RawConnection.open(scripted.gateway.host, scripted.gateway.port)
+    async with health:
+        assert (await health.request("GET", "/health")).status == 200
+
+
+# -- a client that leaves a stream: billed for what the upstream generated ----------------------------------------
+
+PING = event("ping", {"type": "ping"})
+STAGES = ["head", "message_start", "ping", "content_block_start", "content_block_delta", "content_block_stop",
+          "message_delta"]
+
+
+def paused_stream(after: str, pause: float = 0.4) -> list:
+    """A whole stream (input 12, output 17) with a pause after the event `after` (or after the head)."""
+    events = [message_start(12), PING, *text_events("generated whole", 17), MESSAGE_STOP]
+    script: list = [HEAD_SSE]
+    if after == "head":
+        script.append(pause)
+    for e in events:
+        script.append(chunk(e))
+        if e.startswith(b"event: " + after.encode() + b"\n"):
+            script.append(pause)
+    return script + [b"0\r\n\r\n"]
+
+
+async def leave_after(env, after: str) -> None:
+    """Stream a request, read until the event `after` (or the head) arrived, then close the connection."""
+    conn = await RawConnection.open(env.gateway.host, env.gateway.port)
+    try:
+        await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": env.key}, json_body=ask()))
+        head = await conn.read_head()
+        assert head.status == 200
+        seen = b""
+        if after != "head":
+            async for piece in conn.iter_chunks(head):
+                seen += piece
+                if (b"event: " + after.encode() + b"\n") in seen:
+                    break
+        assert b"message_stop" not in seen
+    finally:
+        conn.abort()
+
+
+@pytest.mark.parametrize("after", STAGES)
+async def test_a_client_leaving_a_stream_is_billed_what_the_upstream_sent(scripted, after):
+    """The client leaves at each stage of a stream: the gateway reads on until the upstream's usage is final and
+    meters that (output 17, not the placeholder 1 of message_start), then puts the connection back in the pool."""
+    await scripted.start()
+    scripted.channel.queue(paused_stream(after), full_stream(output_tokens=3))
+    await leave_after(scripted, after)
+    [row] = await scripted.usage_rows(1)
+    assert (row["status"], row["interrupted"], row["error_type"]) == (200, 1, None)
+    assert (row["input_tokens"], row["output_tokens"]) == (12, 17)
+    assert (await post(scripted, ask())).status == 200
+    assert scripted.channel.connections == 1 and scripted.channel.hung_up == 0     # read whole, then reused
+
+
+async def test_the_drain_after_a_client_left_is_bounded_in_time(scripted, monkeypatch):
+    """An upstream that goes quiet after the client left is not waited for past DRAIN_SECONDS: the connection is
+    closed and what was seen is metered."""
+    monkeypatch.setattr(relay, "DRAIN_SECONDS", 0.3)
+    await scripted.start(read_timeout=60.0)
+    scripted.channel.queue([HEAD_SSE, chunk(message_start(12)), chunk(PING), HANG])
+    await leave_after(scripted, "ping")
+    [row] = await scripted.usage_rows(1)
+    assert (row["status"], row["interrupted"], row["input_tokens"], row["output_tokens"]) == (200, 1, 12, 1)
+    await asyncio.wait_for(_until(lambda: scripted.channel.hung_up == 1), 10)
+
+
+async def test_the_drain_after_a_client_left_is_bounded_in_bytes(scripted, monkeypatch):
+    """Past DRAIN_BYTES after the client left, the upstream connection is closed (the gateway never reads an
+    endless stream for nobody); the usage seen by then is metered."""
+    monkeypatch.setattr(relay, "DRAIN_BYTES", 64 * 1024)
+    await scripted.start()
+    filler = chunk(event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                 "delta": {"type": "text_delta", "text": "z" * 16384}}))
+    scripted.channel.queue([HEAD_SSE, chunk(message_start(12)), chunk(PING), 0.4] + [filler] * 8
+                           + [chunk(e) for e in text_events("late", 99)] + [HANG])
+    await leave_after(scripted, "ping")
+    [row] = await scripted.usage_rows(1)
+    assert (row["status"], row["interrupted"], row["input_tokens"], row["output_tokens"]) == (200, 1, 12, 1)
+    await asyncio.wait_for(_until(lambda: scripted.channel.hung_up == 1), 10)
+
+
+async def _until(predicate) -> None:
+    while not predicate():
+        await asyncio.sleep(0.02)

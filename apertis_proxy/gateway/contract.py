@@ -86,6 +86,9 @@ def validate(body: object, *, thinking_budget_max: int = 32768,
         raise _bad("model", "field required")
     if type(model) is not str or not model:
         raise _bad("model", "must be a non-empty string")
+    if not _PLAIN_MODEL_ID.fullmatch(model):
+        raise _bad("model", f"must be a plain model id: lowercase letters, digits and . _ - : @ / only "
+                            f"(got {model[:100]!r})")
 
     _check_messages(body.get("messages"))
 
@@ -301,6 +304,12 @@ _OPTIONAL_CHECKS: dict[str, Callable[[Any], None]] = {
 
 
 # ---------------------------------------------------------------- model names
+
+# What a model id is made of: Anthropic's ids and aliases, Vertex's
+# (`claude-x@date`), Bedrock's (`anthropic.claude-x-v1:0`), `vendor/model`.
+# Another case, whitespace, control or invisible characters would miss the
+# allow-list and the price list while an upstream might still accept them.
+_PLAIN_MODEL_ID = re.compile(r"[a-z0-9][a-z0-9._:@/-]{0,255}")
 
 # Other vendors' model families, as name prefixes.  Anything else (including
 # operator aliases such as "fast") may be Claude behind an alias, so it is not

@@ -9,7 +9,7 @@ import orjson
 from ..errors import GatewayError
 from ..http.messages import Request
 from ..http.protocol import Responder
-from ..plugin_api import Caller, ModelInfo, UsageRecord
+from ..plugin_api import Caller, ModelInfo, RequestInfo, UsageRecord
 from ..plugin_host import PluginHost
 from .forward import MessagesForwarder, request_info
 
@@ -22,6 +22,19 @@ class GatewayApp:
     def __init__(self, forwarder: MessagesForwarder, plugins: PluginHost) -> None:
         self.forwarder = forwarder
         self.plugins = plugins
+
+    def admit(self, head: Request) -> Optional[GatewayError]:
+        """The HTTP layer asks before reading a body: a /v1/ request whose
+        credential no auth plugin will admit is refused from its head alone."""
+        if not head.path.startswith("/v1/"):
+            return None
+        info = RequestInfo(method=head.method, path=head.path, query=head.query, headers=head.header_map(),
+                           body=None, model=None, stream=False, client=head.client, request_id="")
+        try:
+            self.plugins.check_head(info)
+        except GatewayError as e:
+            return e
+        return None
 
     async def __call__(self, req: Request, resp: Responder) -> None:
         path = req.path

@@ -5,8 +5,10 @@ splices an SSE body event by event as it arrives, inside the upstream socket's
 callback: complete events go out as they come, the read that completes the
 upstream's body goes out in the write that ends ours, and any failure after the
 first byte becomes an in-band `event: error` (nothing is added after
-message_stop: the answer was complete).  Both record the outcome in the
-request's UsageRecord; neither knows about channels or plugins.
+message_stop: the answer was complete).  A stream whose client leaves is
+still read to its end (bounded: `drain_stream`), because the upstream bills
+what it generated.  Both record the outcome in the request's UsageRecord;
+neither knows about channels or plugins.
 """
 from __future__ import annotations
 
@@ -27,6 +29,11 @@ _RESPONSE_LIMIT = 256 * 1024 * 1024
 # After message_stop the upstream's body should end at once; a channel that
 # goes quiet instead is not waited for (read_timeout is minutes).
 _END_AFTER_STOP = 5.0
+# A stream whose client left is read on until its usage is final, for at most
+# this long and this many bytes; past either bound the upstream connection is
+# closed and the usage seen so far is what gets metered.
+DRAIN_SECONDS = 30.0
+DRAIN_BYTES = 4 * 1024 * 1024
 
 
 async def relay_json(conn: UpstreamConnection, pool: Pool, resp: Responder, status: int, headers: list,
@@ -106,7 +113,17 @@ async def relay_stream(conn: UpstreamConnection, pool: Pool, resp: Responder, st
     except (ClientGone, asyncio.CancelledError) as exc:
         # The client left, or shutdown cut the stream at its deadline.
         record.interrupted = True
-        if held and not resp.client_gone:
+        if resp.client_gone:
+            if isinstance(exc, asyncio.CancelledError):
+                # The cancellation only said the client left: the drain below is
+                # this task's work now (and shutdown may still cancel it).
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+            await drain_stream(conn, pool, splicer, read_timeout)
+            resp.end()
+            return
+        if held:
             resp.write_nowait(b"".join(held))
         # Usage already received but not yet forwarded still counts.
         try:
@@ -116,11 +133,10 @@ async def relay_stream(conn: UpstreamConnection, pool: Pool, resp: Responder, st
             pass
         pool.discard(conn)
         if isinstance(exc, asyncio.CancelledError):
-            if not resp.client_gone:
-                # Shutdown deadline: say so in-band; the connection then closes
-                # without the final chunk, so the stream never looks complete.
-                record.error_type = "overloaded_error"
-                resp.write_nowait(sse_error_event("overloaded_error", "the gateway is shutting down"))
+            # Shutdown deadline: say so in-band; the connection then closes
+            # without the final chunk, so the stream never looks complete.
+            record.error_type = "overloaded_error"
+            resp.write_nowait(sse_error_event("overloaded_error", "the gateway is shutting down"))
             raise
         resp.end()
         return
@@ -152,6 +168,41 @@ async def relay_stream(conn: UpstreamConnection, pool: Pool, resp: Responder, st
     if last and resp.client_gone:
         record.interrupted = True       # the stream's end found nobody to take it
     resp.end(last)
+
+
+async def drain_stream(conn: UpstreamConnection, pool: Pool, splicer: SseSplicer, read_timeout: float) -> None:
+    """Read the rest of a stream nobody will take, for its usage: the upstream
+    bills what it generated, not what the client read.  Nothing is kept but the
+    splicer's event tail.  Ends at the body's end (the connection goes back to
+    the pool), or after DRAIN_SECONDS or DRAIN_BYTES, or on an upstream failure
+    (the connection is closed); the usage seen by then is what counts."""
+    drained = 0
+
+    def sink(piece: bytes) -> bool:
+        nonlocal drained
+        drained += len(piece)
+        try:
+            splicer.feed(piece)
+        except EventTooLarge as exc:
+            conn.abort(UpstreamError(str(exc), "body"))
+            return False
+        if drained > DRAIN_BYTES:
+            conn.abort(UpstreamError(f"more than {DRAIN_BYTES} bytes after the client left", "body"))
+            return False
+        if splicer.saw_stop:
+            conn.expect_end(_END_AFTER_STOP)
+        return True
+
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            await conn.pump(sink, read_timeout)
+    except (UpstreamError, TimeoutError):
+        pool.discard(conn)
+    except asyncio.CancelledError:
+        pool.discard(conn)          # shutdown's deadline: meter what was seen
+        raise
+    else:
+        pool.release(conn)
 
 
 def _stream_end(splicer: SseSplicer, record: UsageRecord) -> bytes:

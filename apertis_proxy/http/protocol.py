@@ -16,20 +16,23 @@ upstream read instead of growing memory.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
+import re
 from typing import Awaitable, Callable, Optional
 
 import h11
 
-from ..errors import error_body, error_type_for
+from ..errors import GatewayError, error_body, error_type_for
 from ..settings import Settings
 from .messages import Request, build_head, header_list, keeps_alive
+from .request_ids import new_request_id
 
 log = logging.getLogger("apertis_proxy.http")
 
 Handler = Callable[[Request, "Responder"], Awaitable[None]]
+# A handler may also have `admit(head) -> Optional[GatewayError]`: called with a
+# request's head (its body b"") when the body still has to be read, so that a
+# request its credential will not admit is refused before its body is read.
 
 _PIPELINE_HIGH_WATER = 256 * 1024
 _JSON = b"application/json"
@@ -48,31 +51,64 @@ def _origin_form(target: bytes) -> bytes:
     return rest[slash:]
 
 
-# Request ids need to be unique, not secret: a random per-process prefix and a
-# counter (os.urandom per request was a syscall on every request, measured 3.7%).
-_ID_PREFIX = "req_" + os.urandom(6).hex()
-_id_counter = itertools.count(1)
-
-
-def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_id_counter):012x}"
-
-
 class ClientGone(Exception):
     """The client closed the connection while a response was being written."""
 
 
+# How often the connection cap is reported in the log, at most (seconds).
+_CAP_LOG_INTERVAL = 10.0
+# After a scan at the cap found every connection busy, newcomers are refused
+# without another scan for this long (a scan of 10,000 costs ~0.5 ms).
+_ALL_BUSY_RESCAN = 0.1
+
+
 class ServerState:
-    """Shared by all connections of one listening server: bookkeeping for shutdown."""
+    """Shared by all connections of one listening server: bookkeeping for shutdown
+    and for the connection cap."""
 
-    __slots__ = ("connections", "draining", "tasks")
+    __slots__ = ("connections", "draining", "tasks", "max_connections", "_shed", "_refused", "_logged_at",
+                 "_all_busy_until")
 
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int = 10_000) -> None:
         self.connections: set["HttpConnection"] = set()
         self.draining = False
         # Handler tasks until they return: a handler still meters its request
         # after the response went out and the connection closed.
         self.tasks: set[asyncio.Task] = set()
+        self.max_connections = max_connections
+        self._shed = self._refused = 0     # since the last log line
+        self._logged_at = -_CAP_LOG_INTERVAL
+        self._all_busy_until = 0.0
+
+    def make_room(self, now: float) -> bool:
+        """At the cap: close idle connections (keep-alive between requests, or
+        not yet sending), a sixteenth of the cap at a time so that a stream of
+        new connections does not scan the set each time.  False when every
+        connection is busy: the new one is refused (and, for a tenth of a
+        second, the ones after it without another scan)."""
+        batch = max(1, self.max_connections // 16)
+        idle = []
+        if now >= self._all_busy_until:
+            for conn in self.connections:
+                if conn.idle:
+                    idle.append(conn)
+                    if len(idle) == batch:
+                        break
+            if not idle:
+                self._all_busy_until = now + _ALL_BUSY_RESCAN
+        for conn in idle:
+            conn.close()
+            self.connections.discard(conn)
+        if idle:
+            self._shed += len(idle)
+        else:
+            self._refused += 1
+        if now - self._logged_at >= _CAP_LOG_INTERVAL:
+            self._logged_at = now
+            log.warning("connection cap of %d reached: closed %d idle connections, refused %d new ones "
+                        "(all busy)", self.max_connections, self._shed, self._refused)
+            self._shed = self._refused = 0
+        return bool(idle)
 
 
 class Responder:
@@ -82,7 +118,7 @@ class Responder:
     streams to HEAD: only POST endpoints stream)."""
 
     __slots__ = ("_conn", "request_id", "started", "finished", "status", "keep_alive", "_chunked",
-                 "bytes_sent", "abandon_on_disconnect", "_task", "head_only")
+                 "bytes_sent", "abandon_on_disconnect", "_task", "head_only", "_left")
 
     def __init__(self, conn: "HttpConnection", request_id: str, keep_alive: bool,
                  head_only: bool = False) -> None:
@@ -101,10 +137,20 @@ class Responder:
         # before the response starts (a stream nobody will read).
         self.abandon_on_disconnect = False
         self._task: Optional[asyncio.Task] = None   # the handler's, set by the connection
+        self._left = False      # the handler was cancelled because the client went away
 
     @property
     def client_gone(self) -> bool:
-        return self._conn.closed
+        """The client went away: closed, or (for work abandoned on disconnect) half-closed.
+        A handler cancelled while this is false was cancelled by shutdown."""
+        return self._left or self._conn.closed
+
+    def client_left(self) -> None:
+        """Cancel the handler, once, because its client went away: it can still
+        finish its own bookkeeping (client_gone tells it why it was cancelled)."""
+        if not self._left and not self.finished and self._task is not None:
+            self._left = True
+            self._task.cancel()
 
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], length: Optional[int]) -> bytes:
         if self._conn.state.draining:
@@ -219,6 +265,7 @@ class HttpConnection(asyncio.Protocol):
 
     def __init__(self, handler: Handler, settings: Settings, state: ServerState) -> None:
         self._handler = handler
+        self._admit: Optional[Callable[[Request], Optional[GatewayError]]] = getattr(handler, "admit", None)
         self._settings = settings
         self.state = state
         self._loop = asyncio.get_running_loop()
@@ -246,6 +293,9 @@ class HttpConnection(asyncio.Protocol):
         self._head_started = False  # the header timer runs from a request's first byte
         self._peer_eof = False      # the client half-closed while we owe it a response
         self._discarding = False    # answered early: swallow the rest of the request, then close
+        # The reads a request head came in, as sent: h11 unfolds obs-fold and
+        # lower-cases Transfer-Encoding, which framing_refusal() must see.
+        self._head_reads: list[bytes] = []
 
     # -- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -257,10 +307,22 @@ class HttpConnection(asyncio.Protocol):
             self.closed = self._discarding = True
             transport.abort()
             return
+        state = self.state
+        if len(state.connections) >= state.max_connections and not state.make_room(self._loop.time()):
+            # Every connection is busy: answer (the SDKs retry a 503 after
+            # retry-after) and close, before reading anything.
+            self.closed = self._discarding = True
+            rid = new_request_id()
+            body = error_body("overloaded_error", "the gateway is at its connection limit; retry shortly", rid)
+            head = build_head(503, [(b"content-type", _JSON), (b"retry-after", b"1"), (b"request-id", rid.encode())],
+                              content_length=len(body), keep_alive=False)
+            transport.write(head + body)
+            transport.close()
+            return
         transport.set_write_buffer_limits(high=self._settings.write_high_water)
         peer = transport.get_extra_info("peername")
         self._client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
-        self.state.connections.add(self)
+        state.connections.add(self)
         self._arm(self._settings.keepalive_timeout)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
@@ -274,9 +336,8 @@ class HttpConnection(asyncio.Protocol):
         # as interrupted).  One still waiting for a complete answer is left to
         # finish, so its usage is known exactly.
         r = self._responder
-        if (r is not None and not r.finished and self._task is not None
-                and (r.started or r.abandon_on_disconnect)):
-            self._task.cancel()
+        if r is not None and self._task is not None and (r.started or r.abandon_on_disconnect):
+            r.client_left()
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
@@ -287,10 +348,13 @@ class HttpConnection(asyncio.Protocol):
             if self._buffered > _PIPELINE_HIGH_WATER:
                 self._pause_reading()
         first_bytes = False
-        if self._responder is None and not self._head_started:
-            # First bytes of a new request: the whole head must arrive in time
-            # (re-arming per packet would let a trickle keep it open forever).
-            self._head_started = first_bytes = True
+        if self._responder is None:
+            if not self._head_started:
+                # First bytes of a new request: the whole head must arrive in time
+                # (re-arming per packet would let a trickle keep it open forever).
+                self._head_started = first_bytes = True
+            if self._request is None:
+                self._head_reads.append(data)
         try:
             self._h11.receive_data(data)
         except h11.RemoteProtocolError as exc:  # pragma: no cover - receive_data rarely raises
@@ -311,8 +375,8 @@ class HttpConnection(asyncio.Protocol):
         if self._responder is not None or self._discarding:
             self._peer_eof = True
             r = self._responder
-            if r is not None and r.abandon_on_disconnect and not r.finished and self._task is not None:
-                self._task.cancel()
+            if r is not None and r.abandon_on_disconnect and self._task is not None:
+                r.client_left()
             return True
         return None  # idle: let the transport close
 
@@ -376,6 +440,8 @@ class HttpConnection(asyncio.Protocol):
                     return
                 if self._take_body(conn):
                     return
+                if not self._admitted(event):   # the body is still to come: not for a refused caller
+                    return
                 self._arm(self._settings.body_timeout)
             elif etype is h11.Data:
                 self._body_size += len(event.data)
@@ -407,27 +473,47 @@ class HttpConnection(asyncio.Protocol):
             self._reject_early(505, f"HTTP/{event.http_version.decode('ascii', 'replace')} is not supported; "
                                     f"use HTTP/1.1", "invalid_request_error")
             return
+        reads, self._head_reads = self._head_reads, []
         # h11 has validated the framing headers; without either, a request has no body.
         length: Optional[int] = 0
-        chunked = False
+        has_length = chunked = False
         for name, value in headers:
             if name == b"content-length":
                 length = int(value)
+                has_length = True
             elif name == b"transfer-encoding":
                 chunked = True
+        refusal = framing_refusal(reads[0] if len(reads) == 1 else b"".join(reads), chunked)
+        if refusal is None and chunked and has_length:
+            # Both, even Content-Length: 0: the classic request-smuggling shape (a
+            # front end framing by Content-Length would see another request than
+            # we do).  RFC 9112 allows refusing it; the connection is closed.
+            refusal = "a request must not have both Content-Length and Transfer-Encoding"
+        if refusal is not None:
+            self._reject_early(400, refusal, "invalid_request_error")
+            return
         if chunked:
-            if length:
-                # Both: the classic request-smuggling shape (a front end framing by
-                # Content-Length would see another request than we do).  RFC 9112
-                # allows refusing it; the connection is closed either way.
-                self._reject_early(400, "a request must not have both Content-Length and Transfer-Encoding",
-                                   "invalid_request_error")
-                return
             length = None
         self._length = length
         if length is not None and length > self._settings.max_body_bytes:
             self._reject_early(413, f"request body exceeds the limit of "
                                     f"{self._settings.max_body_bytes} bytes", "request_too_large")
+
+    def _admitted(self, event: h11.Request) -> bool:
+        """Ask the handler whether the request's head admits reading its body;
+        refuse it (and close) if not.  Only for a body not already whole in the
+        buffer: one that came with its head cost nothing to read, and the
+        handler authenticates before anything else anyway."""
+        admit = self._admit
+        if admit is None:
+            return True
+        head = Request(event.method.decode("ascii"), event.target.decode("latin-1"), self._headers, b"",
+                       self._client, event.http_version)
+        refusal = admit(head)
+        if refusal is None:
+            return True
+        self._reject_early(refusal.status, refusal.message, refusal.error_type)
+        return False
 
     def _take_body(self, conn: h11.Connection) -> bool:
         """Take a Content-Length body straight from h11's buffer when it is all there.
@@ -551,6 +637,7 @@ class HttpConnection(asyncio.Protocol):
         self._buffered = 0
         pending = bool(leftover)
         self._head_started = pending
+        self._head_reads = [leftover] if pending else []
         if self.closed:
             return
         if self.state.draining and not pending:
@@ -652,6 +739,36 @@ class HttpConnection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         return self._responder is not None
+
+    @property
+    def idle(self) -> bool:
+        """Open with no request under way: between requests, or not sending yet."""
+        return self._responder is None and not self._head_started and not self.closed
+
+
+# The first line break followed by whitespace (obs-fold) or by the blank line
+# that ends the head: one scan decides (three bytes.find calls cost ~3 us).
+_FOLD_OR_HEAD_END = re.compile(rb"\n(?:[ \t]|\r?\n)")
+
+
+def framing_refusal(received: bytes, chunked: bool) -> Optional[str]:
+    """Why a request head h11 accepted is still refused, or None.  `received`
+    starts with the head as sent.  h11 unfolds obs-fold and lower-cases the
+    Transfer-Encoding value; a front end that does neither would frame the
+    request differently, so both are refused rather than guessed at."""
+    start = 0
+    if received[:1] in (b"\r", b"\n"):         # empty lines before the request line
+        start = len(received) - len(received.lstrip(b"\r\n"))
+    found = _FOLD_OR_HEAD_END.search(received, start)
+    end = len(received) if found is None else found.start()
+    if found is not None and received[end + 1] in b" \t":
+        return "malformed HTTP request: obsolete line folding (a header line starting with whitespace)"
+    if chunked:
+        for line in received[start:end].split(b"\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.lower() == b"transfer-encoding" and value.strip(b" \t\r") != b"chunked":
+                return "malformed HTTP request: Transfer-Encoding must be written exactly as \"chunked\""
+    return None
 
 
 def _head_size(event: h11.Request, headers: list[tuple[bytes, bytes]]) -> int:

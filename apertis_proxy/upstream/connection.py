@@ -37,6 +37,9 @@ from ..http.messages import header_list, keeps_alive
 from .framing import BodyDecoder, FramingError, decoder_for
 
 _QUEUE_HIGH_WATER = 256 * 1024
+# Interim (1xx) responses read before the final one; a real upstream sends
+# none or one.  A storm of them is a broken or hostile peer, not a slow one.
+MAX_INTERIM_RESPONSES = 8
 # What h11 is told about a request whose response begins with a 1xx: a POST
 # with a delimited body, which is what decides how it reads the response.
 # Its EndOfMessage is never sent: h11 reads a response whatever our side's
@@ -71,7 +74,7 @@ class ResponseHead:
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("_loop", "transport", "_h11", "_queue", "_queued", "_waiter", "_error", "_eom",
                  "_reading", "closed", "idle_since", "requests", "_head", "_decoder", "_keep_alive",
-                 "_sink", "_last_rx", "_sent", "_timer", "_timeout", "_head_bytes", "_told")
+                 "_sink", "_last_rx", "_sent", "_timer", "_timeout", "_head_bytes", "_told", "_interim")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -79,6 +82,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._h11: Optional[h11.Connection] = h11.Connection(h11.CLIENT)
         self._head_bytes = b""      # the response head so far (see the module docstring)
         self._told = False          # self._h11 knows a request went out
+        self._interim = 0           # 1xx responses read for this request
         self._queue: collections.deque = collections.deque()
         self._queued = 0
         self._waiter: Optional[asyncio.Future] = None
@@ -127,8 +131,16 @@ class UpstreamConnection(asyncio.Protocol):
                 self._body(data)
                 if self._sink is not None and not self._eom:
                     return          # streaming straight to the sink: nobody to wake
+            elif not self._sent:
+                # Bytes on an idle keep-alive connection (or before our request):
+                # they would be read as the answer to the next request sent here,
+                # and every later answer would be one behind.  Never reuse it.
+                self._keep_alive = False
+                self.close()
+                return
             else:
-                self._head_bytes += data
+                if not self._told:
+                    self._head_bytes += data
                 self._h11.receive_data(data)
                 self._pump()
         except (h11.RemoteProtocolError, FramingError) as exc:
@@ -156,6 +168,7 @@ class UpstreamConnection(asyncio.Protocol):
                 conn.send(_SENT_REQUEST)
                 self._told = True
                 conn.receive_data(self._head_bytes)
+                self._head_bytes = b""      # h11 holds them now
                 continue
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
@@ -176,6 +189,9 @@ class UpstreamConnection(asyncio.Protocol):
             if etype is h11.ConnectionClosed:
                 return
             # InformationalResponse (1xx): keep reading for the final head.
+            self._interim += 1
+            if self._interim > MAX_INTERIM_RESPONSES:
+                raise FramingError(f"more than {MAX_INTERIM_RESPONSES} interim (1xx) responses")
 
     def _body(self, data: bytes) -> None:
         decoder = self._decoder
@@ -382,6 +398,7 @@ class UpstreamConnection(asyncio.Protocol):
             return False
         self._h11 = h11.Connection(h11.CLIENT)
         self._told = False
+        self._interim = 0
         self._head_bytes = b""
         self._decoder = None
         self._head = None
@@ -389,6 +406,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._sent = False
         self._queue.clear()
         self._queued = 0
+        # Read while idle, so that anything the upstream writes meanwhile is
+        # seen (data_received closes the connection) before it is reused.
+        self.resume()
         return True
 
     def loop_time(self) -> float:
