@@ -38,6 +38,7 @@ __all__ = [
     "PluginContext", "RequestInfo", "Caller", "Channel", "ModelInfo",
     "Outcome", "UsageRecord", "Reject",
     "AuthPlugin", "RouterPlugin", "MeterPlugin",
+    "CAUSE_REQUEST", "CAUSE_CREDENTIAL", "CAUSE_EXHAUSTED", "CAUSE_TRANSIENT",
 ]
 
 AUTH_GROUP = "apertis_proxy.auth"
@@ -135,6 +136,13 @@ class ModelInfo:
     created_at: str                # RFC 3339
 
 
+# Why an attempt failed (Outcome.cause), decided by the gateway from the upstream's answer.
+CAUSE_REQUEST = "request"          # the request was at fault: not the channel's failure
+CAUSE_CREDENTIAL = "credential"    # the channel's own key was refused (401; a 403 saying so)
+CAUSE_EXHAUSTED = "exhausted"      # the account hit a spend or ramp limit (402, some 429s): hours, not seconds
+CAUSE_TRANSIENT = "transient"      # 429, 5xx, 529, timeouts, connect errors, a body that failed mid-way
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What happened on one attempt against one channel (router feedback)."""
@@ -147,6 +155,8 @@ class Outcome:
     message: str = ""              # upstream error message (never contains the key)
     retry_after: Optional[float] = None  # seconds, from upstream retry-after
     duration: float = 0.0          # seconds spent on this attempt
+    error_code: Optional[str] = None   # upstream `error.details.error_code`, e.g. "ramp_limit_exceeded"
+    cause: Optional[str] = None    # one of the CAUSE_* values when ok is False
 
 
 @dataclass(slots=True)

@@ -70,10 +70,13 @@ def error_type_for(status: int) -> str:
 
 
 def error_body(status: int, request_id: str, error_type: Optional[str] = None,
-               message: Optional[str] = None) -> dict[str, Any]:
+               message: Optional[str] = None, error_code: Optional[str] = None) -> dict[str, Any]:
+    """Anthropic's error body; with `error_code`, the `error.details` that SDK 2.17 types its errors by."""
     etype = error_type or error_type_for(status)
-    return {"type": "error", "error": {"type": etype, "message": message or ERROR_MESSAGES.get(etype, "Error")},
-            "request_id": request_id}
+    error: dict[str, Any] = {"type": etype, "message": message or ERROR_MESSAGES.get(etype, "Error")}
+    if error_code:
+        error["details"] = {"error_code": error_code}
+    return {"type": "error", "error": error, "request_id": request_id}
 
 
 class RequestRejected(Exception):

@@ -35,8 +35,8 @@ Scenarios (how to misbehave), merged in this order, later wins: the instance def
 queued one (``mock.queue(...)`` / ``mock.fail_next(...)``, consumed by POSTs to the messages endpoints that passed
 validation), the request's ``x-mock-scenario`` header (the gateway forwards unknown headers). Header syntax:
 ``item; item=value; ...``; items (``Scenario`` fields, dashes for underscores):
-    status=529 [error-type=.. message=.. retry-after=2 retry-after-ms=.. should-retry=false]
-                           HTTP error before any byte, Anthropic error body
+    status=529 [error-type=.. error-code=.. message=.. retry-after=2 retry-after-ms=.. should-retry=false]
+                           HTTP error before any byte, Anthropic error body (error-code: error.details.error_code)
     drop-after=N           close the connection after N SSE events (JSON: after half the body), no error event
     error-event-after=N    after N events send ``event: error`` (error-type, default overloaded_error) and end
     first-byte-delay=S     wait S seconds before the response head;  event-delay=S  between events
@@ -80,6 +80,7 @@ class Scenario:
     """How to answer one request; None means "not set" so scenarios can be layered (see `merged`)."""
     status: Optional[int] = None
     error_type: Optional[str] = None
+    error_code: Optional[str] = None
     message: Optional[str] = None
     retry_after: Optional[str] = None
     retry_after_ms: Optional[str] = None
@@ -232,9 +233,10 @@ class MockUpstream:
         self._queued.extend([_as_scenario(scenario)] * times)
 
     def fail_next(self, status: int = 529, times: int = 1, *, retry_after: Optional[float] = None,
-                  error_type: Optional[str] = None, message: Optional[str] = None) -> None:
+                  error_type: Optional[str] = None, message: Optional[str] = None,
+                  error_code: Optional[str] = None) -> None:
         """The next `times` valid POSTs to the messages endpoints get HTTP `status` before any byte."""
-        self.queue(Scenario(status=status, error_type=error_type, message=message,
+        self.queue(Scenario(status=status, error_type=error_type, message=message, error_code=error_code,
                             retry_after=None if retry_after is None else str(retry_after)), times)
 
     def refuse_connections(self, times: int = 1) -> None:
@@ -554,9 +556,10 @@ class _Connection:
         await self._write_response(status, self._headers(request, "application/json") + (extra_headers or []), body)
 
     async def send_error(self, request: RecordedRequest, status: int, error_type: Optional[str] = None,
-                         message: Optional[str] = None, extra_headers: Optional[list] = None) -> None:
-        await self.send_json(request, status, error_body(status, request.request_id, error_type, message),
-                             extra_headers)
+                         message: Optional[str] = None, extra_headers: Optional[list] = None,
+                         error_code: Optional[str] = None) -> None:
+        await self.send_json(request, status, error_body(status, request.request_id, error_type, message,
+                                                         error_code), extra_headers)
 
     async def misbehave_before_answer(self, request: RecordedRequest, scenario: Scenario) -> bool:
         """Apply the scenario's effects that come before a 200; True when the request is answered (or never)."""
@@ -577,7 +580,8 @@ class _Connection:
             extra = [(name, value) for name, value in (("retry-after", scenario.retry_after),
                                                         ("retry-after-ms", scenario.retry_after_ms),
                                                         ("x-should-retry", scenario.should_retry)) if value]
-            await self.send_error(request, scenario.status, scenario.error_type, scenario.message, extra)
+            await self.send_error(request, scenario.status, scenario.error_type, scenario.message, extra,
+                                  scenario.error_code)
             return True
         return False
 

@@ -14,10 +14,11 @@ from typing import Any, Optional, Sequence
 
 import orjson
 
-from ..errors import GatewayError, error_type_for
+from ..errors import GatewayError
 from ..http.messages import Request
 from ..http.protocol import Responder
-from ..plugin_api import Caller, Channel, Outcome, RequestInfo, UsageRecord
+from ..plugin_api import (CAUSE_CREDENTIAL, CAUSE_TRANSIENT, Caller, Channel, Outcome, RequestInfo,
+                          UsageRecord)
 from ..plugin_host import PluginHost
 from ..settings import Settings
 from ..store.catalog import Catalog
@@ -27,7 +28,8 @@ from . import contract
 from .headers import downstream_headers, parse_retry_after, upstream_headers
 from .relay import relay_json, relay_stream
 from .sse import SseSplicer
-from .usage import UsageMeter, error_from_body, price, redact
+from .upstream_errors import fails_over, read_error
+from .usage import UsageMeter, price
 
 log = logging.getLogger("apertis_proxy.gateway")
 
@@ -35,8 +37,6 @@ _JSON = (b"content-type", b"application/json")
 _ERROR_BODY_LIMIT = 1024 * 1024
 # Request timings for the ledger: uvloop's loop.time() ticks in whole milliseconds.
 _clock = time.perf_counter
-# Statuses after which the next channel is tried (only before any byte went out).
-_FAILOVER = frozenset((401, 403, 408, 409, 429, 500, 502, 503, 504, 529))
 
 
 class CatalogRef:
@@ -71,15 +71,17 @@ def request_info(req: Request, resp: Responder, body: Any) -> RequestInfo:
 class Attempt:
     """The failure of one channel attempt, kept to answer the client if all fail."""
 
-    __slots__ = ("status", "error_type", "message", "headers", "body")
+    __slots__ = ("status", "error_type", "message", "headers", "body", "cause")
 
     def __init__(self, status: int, error_type: str, message: str,
-                 headers: Optional[list] = None, body: Optional[bytes] = None) -> None:
+                 headers: Optional[list] = None, body: Optional[bytes] = None,
+                 cause: str = CAUSE_TRANSIENT) -> None:
         self.status = status
         self.error_type = error_type
         self.message = message
         self.headers = headers or []
         self.body = body
+        self.cause = cause      # whether the next channel may be tried (upstream_errors.fails_over)
 
 
 class MessagesForwarder:
@@ -173,7 +175,7 @@ class MessagesForwarder:
             failure = await self._attempt(req, resp, info, channel, prepared, record, count_tokens)
             if failure is None:
                 return
-            if failure.status not in _FAILOVER or i == last:
+            if not fails_over(failure.cause) or i == last:
                 break
         assert failure is not None
         record.status = failure.status
@@ -200,7 +202,7 @@ class MessagesForwarder:
                                        len(payload))
         except ValueError as exc:   # a bad base URL, or a key/version that cannot be a header
             self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id,
-                                          error_type="connect_error", message=str(exc)))
+                                          error_type="connect_error", message=str(exc), cause=CAUSE_TRANSIENT))
             return Attempt(502, "api_error", "upstream channel is misconfigured")
         pool = self.pools.pool(origin)
         target = (origin.base_path + req.path + ("?" + req.query if req.query else "")).encode("latin-1")
@@ -254,14 +256,13 @@ class MessagesForwarder:
         failed = record.error_type is not None and record.error_type != "client_closed_request"
         self.plugins.feedback(Outcome(channel, ok=not failed, request_id=info.request_id, status=head.status,
                                       error_type=record.error_type if failed else None,
-                                      duration=_clock() - t_start))
+                                      duration=_clock() - t_start, cause=CAUSE_TRANSIENT if failed else None))
         return None
 
     def _failed(self, channel: Channel, info: RequestInfo, exc: UpstreamError, t_start: float) -> Attempt:
         etype = "timeout" if exc.timeout else "connect_error"
         self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, error_type=etype,
-                                      message=str(exc),
-                                      duration=_clock() - t_start))
+                                      message=str(exc), duration=_clock() - t_start, cause=CAUSE_TRANSIENT))
         if exc.timeout:
             return Attempt(504, "timeout_error", f"upstream timed out: {exc}")
         return Attempt(502, "api_error", f"upstream unavailable: {exc}")
@@ -277,23 +278,21 @@ class MessagesForwarder:
         except UpstreamError:
             pool.discard(conn)
             raw = b""
-        etype, message = error_from_body(raw)
-        # Some relays quote the credential they were sent; it must not reach
-        # the client, the log or `channels list` (a disable reason).
-        message = redact(message, channel.api_key)
-        status = head.status
-        etype = etype or error_type_for(status)
+        # The client gets the upstream's body (its error_code and request_id), without
+        # the channel's key: some relays quote the credential they were sent.
+        error = read_error(head.status, raw, channel.api_key)
         retry_after = parse_retry_after(head.get(b"retry-after"))
-        self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, status=status,
-                                      error_type=etype, message=message,
-                                      retry_after=retry_after,
-                                      duration=_clock() - t_start))
-        if status in (401, 403):
+        self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, status=error.status,
+                                      error_type=error.error_type, message=error.message,
+                                      retry_after=retry_after, duration=_clock() - t_start,
+                                      error_code=error.error_code, cause=error.cause))
+        if error.cause == CAUSE_CREDENTIAL:
             # The channel's own key was refused: the caller's key is fine, so do
             # not hand them an authentication error they cannot fix.
-            return Attempt(502, "api_error", "the upstream channel rejected the gateway's credentials")
+            return Attempt(502, "api_error", "the upstream channel rejected the gateway's credentials",
+                           cause=error.cause)
         passed = [(n, v) for n, v in head.headers if n in (b"retry-after", b"retry-after-ms", b"x-should-retry")]
         rid = head.get(b"request-id")
         if rid:
             passed.append((b"upstream-request-id", rid))
-        return Attempt(status, etype, message or f"upstream answered {status}", passed)
+        return Attempt(error.status, error.error_type, error.message, passed, error.body, error.cause)

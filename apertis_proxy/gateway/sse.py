@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import orjson
 
-from .usage import UsageMeter, redactable
+from .usage import UsageMeter, redact_bytes, redactable
 
 _LF2 = b"\n\n"
 
@@ -110,7 +110,7 @@ class SseSplicer:
         self.meter = meter
         self.rename_model = rename_model     # (upstream id, client name)
         # The channel's key: an in-band error quoting it is forwarded without it.
-        self._secret = secret.encode() if redactable(secret) else None
+        self._secret = secret if redactable(secret) else None
         self.error: Optional[dict] = None    # the in-band error upstream sent, if any
         self.saw_stop = False
 
@@ -202,9 +202,10 @@ class SseSplicer:
                 ev = text[start:stop]
                 obj = event_json(ev) or {}
                 self.error = obj.get("error") or {"type": "api_error"}
-                if self._secret is not None and ev.find(self._secret) >= 0:
-                    renamed.append((start, stop, ev.replace(self._secret, b"[redacted]")))
-                    self.error = orjson.loads(orjson.dumps(self.error).replace(self._secret, b"[redacted]"))
+                clean = redact_bytes(ev, self._secret)
+                if clean is not ev:
+                    renamed.append((start, stop, clean))
+                    self.error = orjson.loads(redact_bytes(orjson.dumps(self.error), self._secret))
         if not renamed:
             return region
         parts, last = [], 0

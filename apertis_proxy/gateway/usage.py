@@ -86,34 +86,42 @@ def price(record: UsageRecord, catalog: Catalog) -> None:
     record.prices = {"model": entry.id, **p}
 
 
-def error_from_body(body: bytes) -> tuple[Optional[str], str]:
-    """(error type, message) from an Anthropic error body, tolerating junk
-    (HTML, nothing, or the error as an SSE event: some relays answer a
-    streaming request's error that way)."""
-    import orjson
-    candidates = [body]
-    if body.lstrip().startswith((b"event:", b"data:")):
-        candidates = [line[5:] for line in body.splitlines() if line.startswith(b"data:")]
-    for candidate in candidates:
-        try:
-            obj = orjson.loads(candidate)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            err = obj.get("error")
-            if isinstance(err, dict):
-                etype = err.get("type")
-                return (etype if isinstance(etype, str) else None), str(err.get("message", ""))[:500]
-    return None, body[:200].decode("utf-8", "replace")
-
-
 def redactable(secret: Optional[str]) -> bool:
     """Long enough to look for: a very short "key" would redact ordinary words."""
-    return bool(secret) and len(secret) >= 8
+    return bool(secret) and len(secret) >= _REDACT_MIN
+
+
+_REDACT_MIN = 8
 
 
 def redact(text: str, secret: Optional[str]) -> str:
-    """`text` without `secret` in it (an upstream quoting the key it was sent)."""
-    if redactable(secret) and secret in text:
-        return text.replace(secret, "[redacted]")
-    return text
+    """`text` without `secret` in it (an upstream quoting the key it was sent), nor any
+    prefix of it of _REDACT_MIN characters or more (a quote cut short, ours or theirs)."""
+    if not redactable(secret):
+        return text
+    return _redacted(text, secret, "[redacted]")
+
+
+def redact_bytes(data: bytes, secret: Optional[str]) -> bytes:
+    if not redactable(secret):
+        return data
+    return _redacted(data, secret.encode("utf-8"), b"[redacted]")
+
+
+def _redacted(text, secret, mark):
+    head = secret[:_REDACT_MIN]
+    at = text.find(head)
+    if at < 0:
+        return text
+    out = []
+    start = 0
+    while at >= 0:
+        end = at + _REDACT_MIN
+        limit = min(len(text), at + len(secret))
+        while end < limit and text[end] == secret[end - at]:
+            end += 1
+        out += (text[start:at], mark)
+        start = end
+        at = text.find(head, end)
+    out.append(text[start:])
+    return mark[:0].join(out)
