@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import orjson
 
-from ..errors import GatewayError
+from ..errors import GatewayError, error_body
 from ..http.messages import Request
 from ..http.protocol import Responder
 from ..plugin_api import (CAUSE_CREDENTIAL, CAUSE_TRANSIENT, Caller, Channel, Outcome, RequestInfo,
@@ -25,6 +25,7 @@ from ..store.catalog import Catalog
 from ..upstream.connection import UpstreamConnection, UpstreamError
 from ..upstream.pool import Pool, Pools
 from . import contract
+from .body_encoding import decode_body
 from .headers import downstream_headers, parse_retry_after, upstream_headers
 from .relay import relay_json, relay_stream
 from .sse import SseSplicer
@@ -98,10 +99,19 @@ class MessagesForwarder:
         caller: Optional[Caller] = None
         vouched_by = None
         try:
-            body, parse_error = parse_body(req.body)
+            decode_error = None
+            try:
+                decoded = decode_body(req.body, req.headers, self.settings.max_body_bytes)
+                if decoded is not None:
+                    req.body = decoded      # forwarded decoded: content-encoding is not sent upstream
+            except GatewayError as e:
+                decode_error = e
+            body, parse_error = parse_body(req.body) if decode_error is None else (None, None)
             info = request_info(req, resp, body)
             caller, vouched_by = await self.plugins.authenticate(info)
             record.key_id, record.key_name = caller.key_id, caller.key_name
+            if decode_error is not None:
+                raise decode_error
             if parse_error:
                 raise GatewayError(400, parse_error)
             if count_tokens:
@@ -128,8 +138,12 @@ class MessagesForwarder:
             record.status = e.status
             record.error_type = e.error_type
             if not resp.started:
-                resp.send_error(e.status, e.message, e.error_type,
-                                [(k.encode(), str(v).encode()) for k, v in e.headers.items()])
+                headers = [(k.encode(), str(v).encode()) for k, v in e.headers.items()]
+                if e.error_code:
+                    resp.send(e.status, [_JSON] + headers,
+                              error_body(e.error_type, e.message, resp.request_id, e.error_code))
+                else:
+                    resp.send_error(e.status, e.message, e.error_type, headers)
         except asyncio.CancelledError:
             # The client left (see abandon_on_disconnect) or shutdown cut the
             # request at its deadline; still metered below.

@@ -9,11 +9,13 @@ from ..plugin_api import Channel
 # Never forwarded upstream: hop-by-hop, framing (we set our own), the client's
 # credentials (upstream gets the channel's key, as exactly one credential) and
 # the version (upstream gets the channel's).  accept-encoding is dropped so the
-# upstream answers uncompressed: usage has to be read from the body.
+# upstream answers uncompressed: usage has to be read from the body.  A
+# compressed request body is decoded here, so content-encoding goes too.
 _DROP_UPSTREAM = frozenset((
     b"host", b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
     b"trailer", b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"content-length",
     b"x-api-key", b"authorization", b"anthropic-version", b"accept-encoding", b"expect",
+    b"content-encoding",
 ))
 
 # Forwarded back to the client from an upstream response.  Rate-limit and
