@@ -354,8 +354,9 @@ async def test_headers_crossing_to_upstream(gateway):
     assert user_key not in json.dumps(first.raw_headers)
     assert first.header_values("anthropic-version") == ["2023-06-01"]
     assert first.header_values("anthropic-beta") == ["b-one,b-two"]
-    for name in ("anthropic-workspace-id", "x-claude-code-session-id", "x-custom-thing", "user-agent"):
+    for name in ("x-claude-code-session-id", "x-custom-thing", "user-agent"):
         assert first.header_values(name) == [dict(sent)[name]], name
+    assert "anthropic-workspace-id" not in first.headers       # who pays is the operator's choice
     assert first.headers["host"] == f"127.0.0.1:{gateway.mock.port}"
     assert second.header_values("anthropic-version") == ["2023-06-01"]
     assert second.header_values("x-api-key") == [MOCK_API_KEY] and "authorization" not in second.headers

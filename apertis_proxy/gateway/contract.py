@@ -299,6 +299,16 @@ def _check_seed(v: Any) -> None:
         raise _bad("seed", "must be an integer")
 
 
+def _check_billing_policy(v: Any) -> None:
+    # Who pays is the operator's choice: the gateway's accounts pay, and the
+    # user profile that "user_profile" would bill is never forwarded.
+    if type(v) is not dict:
+        raise _bad("billing_policy", 'must be an object such as {"type": "billing_policy", "bill_to": "self"}')
+    bill_to = v.get("bill_to")
+    if bill_to is not None and bill_to != "self":
+        raise _bad("billing_policy.bill_to", f'only "self" is accepted through this gateway (got {_json(bill_to)})')
+
+
 _OPTIONAL_CHECKS: dict[str, Callable[[Any], None]] = {
     "temperature": _unit_interval("temperature"),
     "top_p": _unit_interval("top_p"),
@@ -317,6 +327,7 @@ _OPTIONAL_CHECKS: dict[str, Callable[[Any], None]] = {
     "frequency_penalty": _penalty("frequency_penalty"),
     "logit_bias": _check_logit_bias,
     "seed": _check_seed,
+    "billing_policy": _check_billing_policy,
 }
 
 

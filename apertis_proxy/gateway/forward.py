@@ -29,7 +29,7 @@ from .body_encoding import decode_body
 from .headers import downstream_headers, parse_retry_after, upstream_headers
 from .relay import relay_json, relay_stream
 from .sse import SseSplicer
-from .upstream_errors import fails_over, read_error
+from .upstream_errors import fails_over, read_error, request_secrets
 from .usage import UsageMeter, price
 
 log = logging.getLogger("apertis_proxy.gateway")
@@ -294,7 +294,7 @@ class MessagesForwarder:
             raw = b""
         # The client gets the upstream's body (its error_code and request_id), without
         # the channel's key: some relays quote the credential they were sent.
-        error = read_error(head.status, raw, channel.api_key)
+        error = read_error(head.status, raw, [channel.api_key, *request_secrets(info.body)])
         retry_after = parse_retry_after(head.get(b"retry-after"))
         self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, status=error.status,
                                       error_type=error.error_type, message=error.message,

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import orjson
 
 from ..errors import error_type_for
 from ..plugin_api import CAUSE_CREDENTIAL, CAUSE_EXHAUSTED, CAUSE_REQUEST, CAUSE_TRANSIENT
-from .usage import redact, redact_bytes
+from .usage import redact_bytes
 
 # 429s (and 402s) that will not clear in seconds: the account, not the moment.
 EXHAUSTED_CODES = frozenset(("contract_spend_limit_reached", "enforced_spend_limit_reached",
@@ -51,12 +51,24 @@ class UpstreamErrorReply:
     body: bytes                   # what the client gets: the upstream body, redacted, or one in its shape
 
 
-def read_error(status: int, raw: bytes, secret: Optional[str]) -> UpstreamErrorReply:
-    """Parse an upstream error body (tolerating HTML, nothing, or an SSE `error` event)."""
-    raw = redact_bytes(raw, secret)
+def request_secrets(body: Any) -> list[str]:
+    """Secrets a request body carries for the upstream (MCP servers' authorization tokens):
+    an error quoting one must not reach a log or a listing."""
+    servers = body.get("mcp_servers") if isinstance(body, dict) else None
+    if not isinstance(servers, list):
+        return []
+    return [s["authorization_token"] for s in servers
+            if isinstance(s, dict) and isinstance(s.get("authorization_token"), str)]
+
+
+def read_error(status: int, raw: bytes, secrets: Sequence[Optional[str]]) -> UpstreamErrorReply:
+    """Parse an upstream error body (tolerating HTML, nothing, or an SSE `error` event)
+    with every one of `secrets` (the channel's key first) redacted."""
+    for secret in secrets:
+        raw = redact_bytes(raw, secret)
     parsed = _error_object(raw)
     if parsed is None:
-        text = redact(raw[:200].decode("utf-8", "replace"), secret)
+        text = raw[:200].decode("utf-8", "replace")
         etype = error_type_for(status)
         message = text.strip() or f"upstream answered {status}"
         body = orjson.dumps({"type": "error", "error": {"type": etype, "message": message}})
