@@ -29,6 +29,7 @@ Chains (configured in the ``[plugins]`` table, see docs/plugins.md):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
@@ -71,6 +72,9 @@ class RequestInfo:
     stream: bool
     client: str                    # "ip:port" of the peer
     request_id: str                # the gateway's request id (also in the response header)
+    # The upstream account (Channel.account) holding state this request refers to
+    # (a thread, a container, files): only channels of that account can serve it.
+    account: Optional[str] = None
 
     @property
     def endpoint(self) -> str:
@@ -113,6 +117,12 @@ class Channel:
 
     def upstream_model(self, model: str) -> str:
         return self.aliases.get(model, model)
+
+    @property
+    def account(self) -> str:
+        """Which upstream account this channel uses: channels sharing a base URL and
+        key share threads, containers and files.  A fingerprint, not the key."""
+        return hashlib.sha256(f"{self.base_url}\0{self.api_key}".encode()).hexdigest()[:24]
 
     def serves(self, model: str) -> bool:
         """Whether this channel takes `model`: any model when `models` is None;

@@ -15,6 +15,9 @@ before any byte reached the client, so its length is the retry budget):
    caches belong to one upstream account;
 5. the list is cut to ``max_attempts``.
 
+A request whose thread, container or files live on one upstream account
+(``RequestInfo.account``) gets only the channels of that account.
+
 Feedback after every attempt (``Outcome.cause``, decided by the gateway):
 success clears a cooldown; a transient failure (429, 529/overloaded, 5xx,
 connect errors, timeouts) starts one (the upstream retry-after wins over the
@@ -182,8 +185,10 @@ class ChannelRouter:
 
     async def route(self, request: RequestInfo, caller: Caller) -> Optional[Sequence[Channel]]:
         model = request.model
+        account = getattr(request, "account", None)
         candidates = [c for c in self.channels
-                      if model is None or (c.serves(model) and caller_may_use_on(caller, c, model))]
+                      if (model is None or (c.serves(model) and caller_may_use_on(caller, c, model)))
+                      and (account is None or c.account == account)]
         if not candidates:
             return []
         now = time.monotonic()

@@ -89,11 +89,13 @@ def error_body(status: int, request_id: str, error_type: Optional[str] = None,
 class RequestRejected(Exception):
     """A request the real API would refuse: carries the status, error type and message to answer with."""
 
-    def __init__(self, status: int, message: str, error_type: Optional[str] = None):
+    def __init__(self, status: int, message: str, error_type: Optional[str] = None,
+                 error_code: Optional[str] = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type or error_type_for(status)
+        self.error_code = error_code
 
 
 def new_id(prefix: str) -> str:

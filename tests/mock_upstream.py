@@ -61,6 +61,7 @@ from urllib.parse import parse_qs
 
 import h11
 
+from mock_account import AccountState
 from mock_replies import (API_VERSIONS, PromptCache, RequestRejected, awkward_pieces, count_input_tokens,
                           error_body, message_json, new_id, plan_reply, reported_usage, sse_bytes, stream_events,
                           validate_request)
@@ -194,6 +195,7 @@ class MockUpstream:
         self.open_connections = 0
         self.disconnects = 0
         self.cache = PromptCache()
+        self.account = AccountState()     # threads, containers, files: see mock_account.py
         self._queued: list[Scenario] = []
         self._refuse = 0
         self._server: Optional[asyncio.AbstractServer] = None
@@ -295,7 +297,7 @@ class MockUpstream:
             version = self._check_version(request)
             await route(conn, request, version)
         except RequestRejected as rej:
-            await conn.send_error(request, rej.status, rej.error_type, rej.message)
+            await conn.send_error(request, rej.status, rej.error_type, rej.message, error_code=rej.error_code)
 
     def _route(self, request: RecordedRequest) -> Optional[Callable]:
         if request.method == "POST" and request.path == "/v1/messages":
@@ -366,10 +368,13 @@ class MockUpstream:
 
     async def _messages(self, conn: "_Connection", request: RecordedRequest, version: str) -> None:
         body = self._parsed_body(request, version, is_messages=True)
+        self.account.check_references(body)
         scenario = self._scenario_for(request, consume_queue=True)
         if await conn.misbehave_before_answer(request, scenario):
             return
         reply = plan_reply(body, self.cache, self.api_key, force_tool=bool(scenario.tool))
+        container = self.account.container_for(body)
+        self.account.answered(body, reply.message_id)
         served = {"request_id": request.request_id, "message_id": reply.message_id, "model": body["model"],
                   "stream": body.get("stream") is True, "usage": _zero_usage(), "full_usage": reply.usage,
                   "completed": False, "events_sent": 0}
@@ -377,9 +382,14 @@ class MockUpstream:
         if served["stream"]:
             events = stream_events(reply, body["model"], message_deltas=scenario.message_deltas or 1,
                                    unknown_event=bool(scenario.unknown_event))
+            if container is not None:
+                next(e for e in reversed(events) if e["type"] == "message_delta")["delta"]["container"] = container
             await conn.send_stream(request, scenario, events, served)
         else:
-            await conn.send_message(request, scenario, message_json(reply, body["model"]), served)
+            message = message_json(reply, body["model"])
+            if container is not None:
+                message["container"] = container
+            await conn.send_message(request, scenario, message, served)
 
 
 def _zero_usage() -> dict[str, Any]:

@@ -8,6 +8,7 @@ metered exactly once, in `finally`, also when the client or upstream vanished.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, Optional, Sequence
@@ -22,11 +23,13 @@ from ..plugin_api import (CAUSE_CREDENTIAL, CAUSE_TRANSIENT, Caller, Channel, Ou
 from ..plugin_host import PluginHost
 from ..settings import Settings
 from ..store.catalog import Catalog
+from ..store.owned_state import OwnedState
 from ..upstream.connection import UpstreamConnection, UpstreamError
 from ..upstream.pool import Pool, Pools
 from . import contract
 from .body_encoding import decode_body
 from .headers import downstream_headers, parse_retry_after, upstream_headers
+from .ownership import CONTAINER, CREDIT, THREAD, StateCapture, not_found, owner_of, references, resolve
 from .relay import relay_json, relay_stream
 from .sse import SseSplicer
 from .upstream_errors import fails_over, read_error, request_secrets
@@ -86,11 +89,13 @@ class Attempt:
 
 
 class MessagesForwarder:
-    def __init__(self, settings: Settings, plugins: PluginHost, pools: Pools, catalog: CatalogRef) -> None:
+    def __init__(self, settings: Settings, plugins: PluginHost, pools: Pools, catalog: CatalogRef,
+                 owned: Optional[OwnedState] = None) -> None:
         self.settings = settings
         self.plugins = plugins
         self.pools = pools
         self.catalog = catalog
+        self.owned = owned        # account-bound state and its owners; None: not tracked
 
     async def handle(self, req: Request, resp: Responder, *, count_tokens: bool = False) -> None:
         t0 = _clock()
@@ -125,15 +130,25 @@ class MessagesForwarder:
             # Code's Esc) stops the upstream generation; a JSON answer is
             # awaited regardless so its usage is known exactly.
             resp.abandon_on_disconnect = record.stream
+            refs = references(body) if self.owned is not None else []
+            if refs:
+                account = await resolve(self.owned, refs, caller)
+                if account is not None:
+                    info = dataclasses.replace(info, account=account)
             channels = await self.plugins.route(info, caller)
             if channels and info.model and not contract.is_claude_model_name(info.model):
                 # A channel serving "any model" has not opted into another vendor's name
                 # ("gpt-4o"): only a channel naming it (an alias or a listed model) gets it.
                 channels = [c for c in channels if info.model in c.aliases
                             or (c.models is not None and info.model in c.models)]
+            if info.account is not None:
+                # The state lives on one upstream account: only its channels can serve it.
+                channels = [c for c in channels if c.account == info.account]
+                if not channels:
+                    raise not_found(*refs[0])
             if not channels:
                 raise self._unserved(info.model or "", caller)
-            await self._attempt_all(req, resp, info, body, channels, record, count_tokens)
+            await self._attempt_all(req, resp, info, body, channels, record, count_tokens, owner_of(caller))
         except GatewayError as e:
             record.status = e.status
             record.error_type = e.error_type
@@ -176,7 +191,8 @@ class MessagesForwarder:
 
     # -- attempts ------------------------------------------------------------
     async def _attempt_all(self, req: Request, resp: Responder, info: RequestInfo, body: dict,
-                           channels: Sequence[Channel], record: UsageRecord, count_tokens: bool) -> None:
+                           channels: Sequence[Channel], record: UsageRecord, count_tokens: bool,
+                           owner: str) -> None:
         client_version = None
         for name, value in req.headers:
             if name == b"anthropic-version":
@@ -186,7 +202,7 @@ class MessagesForwarder:
         for i, channel in enumerate(channels):
             prepared = contract.prepare_for_channel(body, channel, client_version=client_version,
                                                     default_version=self.settings.default_api_version)
-            failure = await self._attempt(req, resp, info, channel, prepared, record, count_tokens)
+            failure = await self._attempt(req, resp, info, channel, prepared, record, count_tokens, owner)
             if failure is None:
                 return
             if not fails_over(failure.cause) or i == last:
@@ -201,7 +217,7 @@ class MessagesForwarder:
 
     async def _attempt(self, req: Request, resp: Responder, info: RequestInfo, channel: Channel,
                        prepared: "contract.Prepared", record: UsageRecord,
-                       count_tokens: bool) -> Optional[Attempt]:
+                       count_tokens: bool, owner: str) -> Optional[Attempt]:
         """One channel.  None when the client got its answer; an Attempt when it failed
         before anything went out (the caller may try the next channel)."""
         settings = self.settings
@@ -258,7 +274,7 @@ class MessagesForwarder:
         if info.model and record.upstream_model and info.model != record.upstream_model:
             rename = (record.upstream_model, info.model)
         ctype = head.get(b"content-type") or b""
-        meter = UsageMeter(record)
+        meter = StateCapture(record) if self.owned is not None and not count_tokens else UsageMeter(record)
         if ctype.startswith(b"text/event-stream"):
             await relay_stream(conn, pool, resp, head.status, down, SseSplicer(meter, rename, channel.api_key),
                                record, settings.read_timeout)
@@ -271,7 +287,21 @@ class MessagesForwarder:
         self.plugins.feedback(Outcome(channel, ok=not failed, request_id=info.request_id, status=head.status,
                                       error_type=record.error_type if failed else None,
                                       duration=_clock() - t_start, cause=CAUSE_TRANSIENT if failed else None))
+        if isinstance(meter, StateCapture):
+            self._remember(meter, info, channel, owner)
         return None
+
+    def _remember(self, created: StateCapture, info: RequestInfo, channel: Channel, owner: str) -> None:
+        """Record the ids this answer created, with their account and owner."""
+        owned = self.owned
+        assert owned is not None
+        thread = info.body.get("thread") if info.body is not None else None
+        if created.message_id and isinstance(thread, dict):
+            owned.remember(THREAD, created.message_id, owner, channel.account, channel.id)
+        if created.container_id:
+            owned.remember(CONTAINER, created.container_id, owner, channel.account, channel.id)
+        if created.credit_token:
+            owned.remember(CREDIT, created.credit_token, owner, channel.account, channel.id)
 
     def _failed(self, channel: Channel, info: RequestInfo, exc: UpstreamError, t_start: float) -> Attempt:
         etype = "timeout" if exc.timeout else "connect_error"

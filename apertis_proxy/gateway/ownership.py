@@ -1,0 +1,129 @@
+"""Account-bound state: threads, containers, files and fallback credit tokens live on the
+upstream account that created them and belong to the key that created them.
+
+`references(body)` lists the ids a Messages request refers to; `resolve()` checks
+them against the owned_state records: an id another key owns is answered 404 in
+Anthropic's shape (the id is not disclosed as existing), and a known id pins the
+request to its account.  `StateCapture` notes the ids an answer creates (the
+message id of a threaded turn, a container, a fallback credit token) so the
+forwarder can record them.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from ..errors import GatewayError
+from ..plugin_api import Caller, UsageRecord
+from ..store.owned_state import OwnedState
+from .usage import UsageMeter
+
+THREAD, CONTAINER, FILE, BATCH, SKILL, CREDIT = "thread", "container", "file", "batch", "skill", "credit"
+_FIELD = {THREAD: "thread.previous_message_id", CONTAINER: "container", FILE: "file_id",
+          CREDIT: "fallback_credit_token", BATCH: "batch", SKILL: "skill_id"}
+_MAX_DEPTH = 6          # file ids sit in blocks, in tool results, in sources
+
+
+def owner_of(caller: Caller) -> str:
+    return f"{caller.key_id}/{caller.key_name}"
+
+
+def references(body: Any) -> list[tuple[str, str]]:
+    """(kind, id) of the account-bound state a Messages body refers to."""
+    if not isinstance(body, dict):
+        return []
+    refs: list[tuple[str, str]] = []
+    thread = body.get("thread")
+    if isinstance(thread, dict) and thread.get("type") == "continue":
+        previous = thread.get("previous_message_id")
+        if isinstance(previous, str) and previous:
+            refs.append((THREAD, previous))
+    container = body.get("container")
+    if isinstance(container, dict):
+        container = container.get("id")
+    if isinstance(container, str) and container:
+        refs.append((CONTAINER, container))
+    token = body.get("fallback_credit_token")
+    if isinstance(token, dict):
+        token = token.get("token")
+    if isinstance(token, str) and token:
+        refs.append((CREDIT, token))
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, dict):
+                _file_ids(message.get("content"), refs, 0)
+    return refs
+
+
+def _file_ids(value: Any, refs: list, depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        return
+    if isinstance(value, list):
+        for item in value:
+            _file_ids(item, refs, depth + 1)
+    elif isinstance(value, dict):
+        file_id = value.get("file_id")
+        if isinstance(file_id, str) and file_id:
+            refs.append((FILE, file_id))
+        for key in ("source", "content"):
+            if key in value:
+                _file_ids(value[key], refs, depth + 1)
+
+
+def not_found(kind: str, ident: str) -> GatewayError:
+    """The API's own answer for an id this caller cannot use."""
+    code = "thread_not_found" if kind == THREAD else None
+    return GatewayError(404, f"{_FIELD[kind]}: {ident} not found", "not_found_error", error_code=code)
+
+
+async def resolve(store: OwnedState, refs: list[tuple[str, str]], caller: Caller) -> Optional[str]:
+    """The account the referred state lives on (None: no recorded state); GatewayError 404
+    for an id another key owns, 400 when the ids live on different accounts."""
+    found = await store.find(refs)
+    owner = owner_of(caller)
+    accounts = set()
+    for (kind, ident), owned in found.items():
+        if owned.owner != owner:
+            raise not_found(kind, ident)
+        accounts.add(owned.account)
+    if len(accounts) > 1:
+        raise GatewayError(400, "the request refers to threads, containers or files of different upstream "
+                                "accounts, which no single channel can serve together")
+    return accounts.pop() if accounts else None
+
+
+class StateCapture(UsageMeter):
+    """A UsageMeter that also notes the ids an answer creates."""
+
+    __slots__ = ("message_id", "container_id", "credit_token")
+
+    def __init__(self, record: UsageRecord) -> None:
+        super().__init__(record)
+        self.message_id: Optional[str] = None
+        self.container_id: Optional[str] = None
+        self.credit_token: Optional[str] = None
+
+    def message_start(self, message: Mapping[str, Any]) -> None:
+        super().message_start(message)
+        self._note(message)
+
+    def message_delta(self, event: Mapping[str, Any]) -> None:
+        super().message_delta(event)
+        delta = event.get("delta")
+        if isinstance(delta, dict):
+            self._note(delta)
+
+    def body(self, body: Mapping[str, Any]) -> None:
+        super().body(body)
+        self._note(body)
+
+    def _note(self, obj: Mapping[str, Any]) -> None:
+        mid = obj.get("id")
+        if isinstance(mid, str) and mid.startswith("msg"):
+            self.message_id = mid
+        container = obj.get("container")
+        if isinstance(container, dict) and isinstance(container.get("id"), str):
+            self.container_id = container["id"]
+        details = obj.get("stop_details")
+        if isinstance(details, dict) and isinstance(details.get("fallback_credit_token"), str):
+            self.credit_token = details["fallback_credit_token"]

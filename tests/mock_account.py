@@ -1,0 +1,71 @@
+"""State one upstream account holds, as the mock keeps it: thread anchors, containers and files. Each MockUpstream is
+one account, so an id created on one mock is unknown to another, as it is between two real accounts.
+
+Requests: ``thread: {"type": "continue", "previous_message_id"}`` must name a reply of this account (else 404
+``thread_not_found``); ``container`` (an id, or ``{"id"}``) must be one of its containers (else 404); a content block
+whose ``source`` (or itself) has a ``file_id`` must name one of its files (else 404 ``not_found_error``). Answers: a
+threaded turn's message id becomes a thread anchor; a request with a ``code_execution_*`` tool and no container gets a
+new container, reported as ``container`` in the JSON body and in the final ``message_delta``'s ``delta``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from mock_replies import RequestRejected, new_id
+
+
+class AccountState:
+    def __init__(self) -> None:
+        self.threads: set[str] = set()
+        self.containers: set[str] = set()
+        self.files: dict[str, dict[str, Any]] = {}      # id -> file metadata (with "content" bytes)
+
+    def check_references(self, body: dict) -> None:
+        thread = body.get("thread")
+        if isinstance(thread, dict) and thread.get("type") == "continue":
+            previous = thread.get("previous_message_id")
+            if previous not in self.threads:
+                raise RequestRejected(404, f"thread: no thread continues from {previous}", "not_found_error",
+                                      error_code="thread_not_found")
+        container = _container_id(body)
+        if container is not None and container not in self.containers:
+            raise RequestRejected(404, f"container: {container} not found", "not_found_error")
+        for file_id in _file_ids(body.get("messages")):
+            if file_id not in self.files:
+                raise RequestRejected(404, f"File not found: {file_id}", "not_found_error")
+
+    def container_for(self, body: dict) -> Optional[dict[str, Any]]:
+        """The container an answer reports: the request's own, or a new one for a code execution tool."""
+        container = _container_id(body)
+        if container is None and any(isinstance(t, dict) and str(t.get("type", "")).startswith("code_execution")
+                                     for t in body.get("tools") or ()):
+            container = new_id("container_")
+            self.containers.add(container)
+        if container is None:
+            return None
+        return {"id": container, "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))}
+
+    def answered(self, body: dict, message_id: str) -> None:
+        if isinstance(body.get("thread"), dict):
+            self.threads.add(message_id)
+
+
+def _container_id(body: dict) -> Optional[str]:
+    container = body.get("container")
+    if isinstance(container, dict):
+        container = container.get("id")
+    return container if isinstance(container, str) and container else None
+
+
+def _file_ids(value: Any) -> list[str]:
+    found: list[str] = []
+    if isinstance(value, list):
+        for item in value:
+            found += _file_ids(item)
+    elif isinstance(value, dict):
+        if isinstance(value.get("file_id"), str):
+            found.append(value["file_id"])
+        for key in ("content", "source"):
+            found += _file_ids(value.get(key))
+    return found

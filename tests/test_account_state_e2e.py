@@ -1,0 +1,106 @@
+"""Account-bound state through the real gateway with two channels on two upstream accounts (two MockUpstreams):
+threads and containers stay on the account that created them, and only the key that created them can use them."""
+from __future__ import annotations
+
+import json
+
+import anthropic
+from anthropic import beta_async_tool
+
+from test_routing_e2e import message, post
+
+THREADS_BETA = {"anthropic-beta": "message-threads-2026-08-12"}
+
+
+async def two_accounts(gateway_env, make_mock_upstream, **start):
+    mocks = {"a": await make_mock_upstream(), "b": await make_mock_upstream()}
+    keys = {"alice": gateway_env.add_key("alice"), "bob": gateway_env.add_key("bob")}
+    for name, mock in mocks.items():
+        gateway_env.add_channel(name, mock)        # one tier, equal weights: a free choice for each request
+    await gateway_env.start(plugin_options={"channels": {"seed": 7}}, **start)
+    return keys, mocks
+
+
+def served_by(mocks, message_id: str) -> str:
+    return next(name for name, mock in mocks.items() if any(s["message_id"] == message_id for s in mock.served))
+
+
+async def test_a_thread_continues_on_its_channel_and_is_refused_to_another_key(gateway_env, make_mock_upstream):
+    keys, mocks = await two_accounts(gateway_env, make_mock_upstream)
+    response, _ = await post(gateway_env, keys["alice"], message(thread={"type": "create"}), THREADS_BETA)
+    assert response.status == 200
+    previous = response.json()["id"]
+    home = served_by(mocks, previous)
+    for turn in range(8):
+        response, _ = await post(gateway_env, keys["alice"], message(
+            f"turn {turn}", thread={"type": "continue", "previous_message_id": previous}), THREADS_BETA)
+        assert response.status == 200, response.body
+        previous = response.json()["id"]
+        assert served_by(mocks, previous) == home
+    before = sum(len(m.requests) for m in mocks.values())
+    response, _ = await post(gateway_env, keys["bob"], message(
+        thread={"type": "continue", "previous_message_id": previous}), THREADS_BETA)
+    assert response.status == 404
+    error = response.json()["error"]
+    assert error["type"] == "not_found_error" and error["details"] == {"error_code": "thread_not_found"}
+    assert sum(len(m.requests) for m in mocks.values()) == before      # never sent with the channel's key
+    rows = await gateway_env.usage_rows(10)
+    assert rows[-1]["status"] == 404 and rows[-1]["key_name"] == "bob"
+
+
+async def test_a_tool_runner_loop_through_two_channels_stays_on_one(gateway_env, make_mock_upstream):
+    keys, mocks = await two_accounts(gateway_env, make_mock_upstream)
+
+    @beta_async_tool
+    async def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return f"sunny in {city}"
+
+    async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=keys["alice"],
+                                        max_retries=0) as client:
+        for run in range(6):
+            runner = client.beta.messages.tool_runner(
+                model="claude-haiku-4-5-20251001", max_tokens=256, tools=[get_weather],
+                messages=[{"role": "user", "content": f"Use the tool: weather in Paris ({run})"}])
+            replies = [reply async for reply in runner]
+            assert [r.stop_reason for r in replies] == ["tool_use", "end_turn"]
+            assert {served_by(mocks, r.id) for r in replies} == {served_by(mocks, replies[0].id)}
+    threaded = [r for m in mocks.values() for r in m.requests if isinstance((r.body or {}).get("thread"), dict)]
+    assert len(threaded) == 12 and all(r.status == 200 for r in threaded)   # no thread_not_found, no replay
+    assert {served_by(mocks, s["message_id"]) for m in mocks.values() for s in m.served} == {"a", "b"}
+
+
+async def test_a_container_stays_on_its_account_and_with_its_owner(gateway_env, make_mock_upstream):
+    keys, mocks = await two_accounts(gateway_env, make_mock_upstream)
+    tools = [{"type": "code_execution_20250825", "name": "code_execution"}]
+    response, _ = await post(gateway_env, keys["alice"], message(tools=tools, stream=True))
+    events = dict(response.sse_events())
+    container = json.loads(events["message_delta"])["delta"]["container"]["id"]
+    home = served_by(mocks, json.loads(events["message_start"])["message"]["id"])
+    for _ in range(6):
+        response, _ = await post(gateway_env, keys["alice"], message(tools=tools, container=container))
+        assert response.status == 200, response.body
+        assert served_by(mocks, response.json()["id"]) == home
+    before = sum(len(m.requests) for m in mocks.values())
+    response, _ = await post(gateway_env, keys["bob"], message(tools=tools, container={"id": container}))
+    assert response.status == 404 and response.json()["error"]["type"] == "not_found_error"
+    assert container in response.json()["error"]["message"]
+    assert sum(len(m.requests) for m in mocks.values()) == before
+
+
+async def test_a_threaded_turn_fails_over_only_to_a_channel_of_the_same_account(gateway_env, make_mock_upstream):
+    account_a, account_b = await make_mock_upstream(), await make_mock_upstream()
+    key = gateway_env.add_key("alice")
+    gateway_env.add_channel("a-main", account_a, priority=2)
+    gateway_env.add_channel("b", account_b, priority=1)
+    gateway_env.add_channel("a-spare", account_a, priority=0)       # the same account: its threads are here too
+    await gateway_env.start()
+    response, _ = await post(gateway_env, key, message(thread={"type": "create"}), THREADS_BETA)
+    previous = response.json()["id"]
+    account_a.fail_next(529)
+    response, _ = await post(gateway_env, key, message(
+        thread={"type": "continue", "previous_message_id": previous}), THREADS_BETA)
+    assert response.status == 200, response.body
+    assert [r.status for r in account_a.requests] == [200, 529, 200] and account_b.requests == []
+    rows = await gateway_env.usage_rows(2)
+    assert (rows[-1]["channel_name"], rows[-1]["attempts"]) == ("a-spare", 2)
