@@ -15,6 +15,25 @@ from .forward import MessagesForwarder, request_info
 
 _JSON = (b"content-type", b"application/json")
 
+# API paths that act for a whole upstream account, never forwarded with a
+# channel's key: first path segment after /v1/ -> why.
+_ACCOUNT_WIDE = {
+    "organizations": "the Admin API manages the whole upstream organisation",
+    "user_profiles": "user profiles choose who the upstream account bills",
+    "compliance": "compliance exports cover every user of the upstream account",
+    "skills": "skills are shared by everyone on the upstream account",
+    **dict.fromkeys(("agents", "sessions", "environments", "vaults", "memory_stores", "deployments",
+                     "deployment_runs", "dreams", "tunnels", "webhooks"),
+                    "managed agents run with the upstream account's own credentials and data"),
+}
+
+
+def account_wide(path: str) -> Optional[str]:
+    """Why `path` is not served, when it is one of the account-wide APIs."""
+    if not path.startswith("/v1/"):
+        return None
+    return _ACCOUNT_WIDE.get(path[4:].split("/", 1)[0])
+
 
 class GatewayApp:
     """The application behind the HTTP layer: `await app(request, responder)`."""
@@ -39,6 +58,10 @@ class GatewayApp:
             return await self._models(req, resp)
         if path in ("/health", "/healthz"):
             return resp.send(200, [_JSON], b'{"status":"ok"}')
+        refused = account_wide(path)
+        if refused is not None:
+            return resp.send_error(404, f"{path} is not available through this gateway: {refused}",
+                                   "not_found_error")
         resp.send_error(404, f"Not found: {req.method} {path}", "not_found_error")
 
     async def _models(self, req: Request, resp: Responder) -> None:
