@@ -8,9 +8,10 @@
     # (conftest.py has the fixtures `mock_upstream` and `make_mock_upstream`)
 
 Endpoints: ``POST /v1/messages`` (any query string, e.g. ``?beta=true``), ``POST /v1/messages/count_tokens``,
-``GET /v1/models`` (``limit``/``after_id``/``before_id`` paging), ``GET /v1/models/{id}``. HTTP/1.1 through h11 with
-keep-alive and pipelining; request bodies by content-length or chunked; JSON answers with content-length, streams
-chunked. Every response has a ``request-id: req_...`` header; errors have Anthropic's body shape.
+``GET /v1/models`` (``limit``/``after_id``/``before_id`` paging), ``GET /v1/models/{id}``, ``/v1/messages/batches``
+(mock_batches.py). One mock is one upstream account: its threads, containers and files are its own
+(mock_account.py). HTTP/1.1 through h11 with keep-alive and pipelining; request bodies by content-length or
+chunked; JSON answers with content-length, streams chunked. Every response has a ``request-id: req_...`` header; errors have Anthropic's body shape.
 
 Checks, in the real API's order: path (404) -> body size (413 over ``max_body_bytes``, 32 MiB) -> credential (401
 unless exactly one of ``x-api-key`` / ``Authorization: Bearer`` equals the key) -> ``anthropic-version`` present and
@@ -62,6 +63,7 @@ from urllib.parse import parse_qs
 import h11
 
 from mock_account import AccountState
+from mock_batches import Batches
 from mock_replies import (API_VERSIONS, PromptCache, RequestRejected, awkward_pieces, count_input_tokens,
                           error_body, message_json, new_id, plan_reply, reported_usage, sse_bytes, stream_events,
                           validate_request)
@@ -196,6 +198,7 @@ class MockUpstream:
         self.disconnects = 0
         self.cache = PromptCache()
         self.account = AccountState()     # threads, containers, files: see mock_account.py
+        self.batches = Batches(self)      # /v1/messages/batches: see mock_batches.py
         self._queued: list[Scenario] = []
         self._refuse = 0
         self._server: Optional[asyncio.AbstractServer] = None
@@ -306,7 +309,7 @@ class MockUpstream:
             return self._count_tokens
         if request.method == "GET" and (request.path == "/v1/models" or request.path.startswith("/v1/models/")):
             return self._models
-        return None
+        return self.batches.route(request.method, request.path)
 
     def _check_auth(self, request: RecordedRequest) -> None:
         keys = request.header_values("x-api-key")
@@ -564,6 +567,10 @@ class _Connection:
         request.status = status
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         await self._write_response(status, self._headers(request, "application/json") + (extra_headers or []), body)
+
+    async def send_raw(self, request: RecordedRequest, status: int, content_type: str, body: bytes) -> None:
+        request.status = status
+        await self._write_response(status, self._headers(request, content_type), body)
 
     async def send_error(self, request: RecordedRequest, status: int, error_type: Optional[str] = None,
                          message: Optional[str] = None, extra_headers: Optional[list] = None,

@@ -3,6 +3,8 @@ in Anthropic's shape and never forwarded with a channel's key; batches and files
 them."""
 from __future__ import annotations
 
+import json
+
 import anthropic
 import pytest
 
@@ -36,3 +38,64 @@ async def test_the_current_sdk_gets_a_not_found_error_for_an_account_wide_api(ga
             await client.beta.skills.list()
     assert err.value.body["error"]["type"] == "not_found_error"
     assert gateway.mock.requests == []
+
+
+# -- batches -------------------------------------------------------------------------------------------------------
+
+HAIKU = "claude-haiku-4-5-20251001"
+HAIKU_PRICES = {"input": 1.0, "output": 5.0, "cache_read": 0.10, "cache_write_5m": 1.25}
+
+
+def batch_request(custom_id: str, text: str, **params) -> dict:
+    return {"custom_id": custom_id, "params": {"model": HAIKU, "max_tokens": 64,
+                                               "messages": [{"role": "user", "content": text}], **params}}
+
+
+def half_price(usage: dict) -> float:
+    """The batch price of one result: half the list rates (USD per million tokens)."""
+    return (usage["input_tokens"] * HAIKU_PRICES["input"] + usage["output_tokens"] * HAIKU_PRICES["output"]
+            + usage["cache_read_input_tokens"] * HAIKU_PRICES["cache_read"]
+            + usage["cache_creation_input_tokens"] * HAIKU_PRICES["cache_write_5m"]) / 1_000_000 * 0.5
+
+
+async def test_a_batch_is_its_owners_and_its_results_are_billed_once_at_half_price(gateway_env, mock_upstream):
+    keys = {"alice": gateway_env.add_key("alice"), "bob": gateway_env.add_key("bob")}
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    clients = {name: anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0)
+               for name, key in keys.items()}
+    broken_image = {"type": "image", "source": {"type": "bogus"}}   # passes the gateway; upstream errors it
+    async with clients["alice"], clients["bob"]:
+        batch = await clients["alice"].messages.batches.create(requests=[
+            batch_request("one", "first question"), batch_request("two", "second question"),
+            {"custom_id": "bad", "params": {"model": HAIKU, "max_tokens": 64,
+                                            "messages": [{"role": "user", "content": [broken_image]}]}}])
+        bobs = await clients["bob"].messages.batches.create(requests=[batch_request("b", "bob's own")])
+        assert batch.results_url == f"{gateway_env.base_url}/v1/messages/batches/{batch.id}/results"
+        assert (batch.request_counts.succeeded, batch.request_counts.errored) == (2, 1)
+
+        assert [b.id async for b in clients["alice"].messages.batches.list()] == [batch.id]
+        assert [b.id async for b in clients["bob"].messages.batches.list()] == [bobs.id]
+        for call in (clients["bob"].messages.batches.retrieve, clients["bob"].messages.batches.cancel):
+            with pytest.raises(anthropic.NotFoundError):
+                await call(batch.id)
+        requests_before = len(mock_upstream.requests)
+        with pytest.raises(anthropic.NotFoundError):
+            await clients["bob"].messages.batches.delete(batch.id)
+        assert len(mock_upstream.requests) == requests_before           # a foreign batch never goes upstream
+
+        results = {r.custom_id: r.result async for r in await clients["alice"].messages.batches.results(batch.id)}
+        again = [r async for r in await clients["alice"].messages.batches.results(batch.id)]
+    assert {k: r.type for k, r in results.items()} == {"one": "succeeded", "two": "succeeded", "bad": "errored"}
+    assert len(again) == 3
+    usages = [r.message.usage.model_dump() for r in results.values() if r.type == "succeeded"]
+    # two creates, two lists, three refusals, and twice a retrieve plus the results
+    rows = [r for r in await gateway_env.usage_rows(11) if r["endpoint"] == "/v1/messages/batches"]
+    assert len(rows) == 11
+    billed = [r for r in rows if r["cost"] > 0]
+    assert len(billed) == 1 and billed[0]["key_name"] == "alice"       # the first results fetch, once
+    assert billed[0]["cost"] == pytest.approx(sum(half_price(u) for u in usages), abs=1e-12)
+    assert billed[0]["input_tokens"] == sum(u["input_tokens"] for u in usages)
+    assert billed[0]["output_tokens"] == sum(u["output_tokens"] for u in usages)
+    assert json.loads(billed[0]["prices"])["input"] == HAIKU_PRICES["input"] * 0.5
+    assert all(r["cost"] == 0 for r in rows if r is not billed[0])

@@ -32,6 +32,7 @@ from .headers import downstream_headers, parse_retry_after, upstream_headers
 from .ownership import CONTAINER, CREDIT, THREAD, StateCapture, not_found, owner_of, references, resolve
 from .relay import relay_json, relay_stream
 from .sse import SseSplicer
+from .upstream_call import exchange
 from .upstream_errors import fails_over, read_error, request_secrets
 from .usage import UsageMeter, price
 
@@ -237,26 +238,14 @@ class MessagesForwarder:
         pool = self.pools.pool(origin)
         target = (origin.base_path + req.path + ("?" + req.query if req.query else "")).encode("latin-1")
         t_start = _clock()
-        conn: Optional[UpstreamConnection] = None
-        for fresh_retry in (False, True):
-            try:
-                conn, reused = await pool.acquire(fresh=fresh_retry)
-            except UpstreamError as exc:
-                return self._failed(channel, info, exc, t_start)
+
+        def connected() -> None:
             record.reached_upstream = True
-            try:
-                conn.send_request(b"POST", target, headers, payload)
-                head = await conn.read_head(settings.read_timeout)
-                break
-            except asyncio.CancelledError:
-                pool.discard(conn)
-                raise
-            except UpstreamError as exc:
-                pool.discard(conn)
-                # A reused keep-alive connection the upstream closed meanwhile: one fresh try.
-                if reused and not exc.timeout and not fresh_retry:
-                    continue
-                return self._failed(channel, info, exc, t_start)
+
+        try:
+            conn, head = await exchange(pool, b"POST", target, headers, payload, settings.read_timeout, connected)
+        except UpstreamError as exc:
+            return self._failed(channel, info, exc, t_start)
         # Sent and answered: a stream may run for minutes, so do not hold the
         # request bytes (an orjson output keeps an 8 KB block, measured).
         payload = headers = None    # noqa: F841

@@ -11,7 +11,9 @@ from ..http.messages import Request
 from ..http.protocol import Responder
 from ..plugin_api import Caller, ModelInfo, UsageRecord
 from ..plugin_host import PluginHost
+from .batches import PREFIX as BATCHES, BatchesEndpoint
 from .forward import MessagesForwarder, request_info
+from .paging import page
 
 _JSON = (b"content-type", b"application/json")
 
@@ -41,6 +43,7 @@ class GatewayApp:
     def __init__(self, forwarder: MessagesForwarder, plugins: PluginHost) -> None:
         self.forwarder = forwarder
         self.plugins = plugins
+        self.batches = BatchesEndpoint(forwarder) if forwarder.owned is not None else None
 
     async def __call__(self, req: Request, resp: Responder) -> None:
         path = req.path
@@ -56,6 +59,8 @@ class GatewayApp:
             if req.method not in ("GET", "HEAD"):
                 return _method_not_allowed(resp, "GET, HEAD")
             return await self._models(req, resp)
+        if (path == BATCHES or path.startswith(BATCHES + "/")) and self.batches is not None:
+            return await self.batches.handle(req, resp)
         if path in ("/health", "/healthz"):
             return resp.send(200, [_JSON], b'{"status":"ok"}')
         refused = account_wide(path)
@@ -102,31 +107,9 @@ def _model_json(m: ModelInfo) -> dict:
 
 def paginate(models: list[ModelInfo], query: str) -> dict:
     """Anthropic's list shape: data, has_more, first_id, last_id; after_id/before_id/limit."""
-    params = dict(p.split("=", 1) if "=" in p else (p, "") for p in query.split("&") if p)
-    try:
-        limit = int(params.get("limit", "20"))
-    except ValueError:
-        raise GatewayError(400, "limit: must be an integer") from None
-    if not 1 <= limit <= 1000:
-        raise GatewayError(400, "limit: must be between 1 and 1000")
-    ids = [m.id for m in models]
-    start, end = 0, len(models)
-    after: Optional[str] = params.get("after_id")
-    before: Optional[str] = params.get("before_id")
-    if after:
-        if after not in ids:
-            raise GatewayError(400, f"after_id: unknown model id {after}")
-        start = ids.index(after) + 1
-    if before:
-        if before not in ids:
-            raise GatewayError(400, f"before_id: unknown model id {before}")
-        end = ids.index(before)
-    window = models[start:end]
-    # Paging backwards (before_id alone) takes the page nearest to before_id.
-    page = window[-limit:] if before and not after else window[:limit]
-    has_more = len(window) > limit
-    return {"data": [_model_json(m) for m in page], "has_more": has_more,
-            "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+    chosen, has_more = page(models, [m.id for m in models], query, "model")
+    return {"data": [_model_json(m) for m in chosen], "has_more": has_more,
+            "first_id": chosen[0].id if chosen else None, "last_id": chosen[-1].id if chosen else None}
 
 
 def _method_not_allowed(resp: Responder, allowed: str) -> None:

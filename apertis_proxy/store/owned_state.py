@@ -69,12 +69,21 @@ class OwnedState:
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def owned_by(self, kind: str, owner: str) -> set[str]:
-        """Every id of `kind` the owner has (for filtering lists)."""
+    async def owned_by(self, kind: str, owner: str) -> list[tuple[str, str]]:
+        """(id, account) of every `kind` the owner has, newest first (for lists)."""
         await self.settle()
-        async with self._conn.execute("SELECT id FROM owned_state WHERE kind = ? AND owner = ?",
-                                      (kind, owner)) as cur:
-            return {row[0] for row in await cur.fetchall()}
+        async with self._conn.execute(
+                "SELECT id, account FROM owned_state WHERE owner = ? AND kind = ? ORDER BY created_at DESC, id",
+                (owner, kind)) as cur:
+            return [(row[0], row[1]) for row in await cur.fetchall()]
+
+    async def settle_once(self, kind: str, ident: str) -> bool:
+        """True exactly once per id, across processes: for billing a batch's results once."""
+        await self.settle()
+        async with self._conn.execute(
+                "UPDATE owned_state SET settled_at = ? WHERE kind = ? AND id = ? AND settled_at IS NULL",
+                (time.time(), kind, ident)) as cur:
+            return cur.rowcount == 1
 
     async def settle(self) -> None:
         """Wait for the writes in flight (before shutdown, or before reading lists)."""

@@ -139,8 +139,10 @@ CREATE TABLE IF NOT EXISTS owned_state (
     account     TEXT NOT NULL,       -- fingerprint of the upstream account (Channel.account)
     channel_id  INTEGER,             -- the channel that created it
     created_at  REAL NOT NULL,
+    settled_at  REAL,                -- a batch: when its results were billed (once)
     PRIMARY KEY (kind, id)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS owned_state_owner ON owned_state (owner, kind, created_at);
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 CREATE INDEX IF NOT EXISTS usage_key ON usage (key_name, ts);
 """
