@@ -6,9 +6,12 @@ Requests: ``thread: {"type": "continue", "previous_message_id"}`` must name a re
 whose ``source`` (or itself) has a ``file_id`` must name one of its files (else 404 ``not_found_error``). Answers: a
 threaded turn's message id becomes a thread anchor; a request with a ``code_execution_*`` tool and no container gets a
 new container, reported as ``container`` in the JSON body and in the final ``message_delta``'s ``delta``.
+``Files`` serves the account's ``/v1/files``.
 """
 from __future__ import annotations
 
+import email
+import email.policy
 import time
 from typing import Any, Optional
 
@@ -69,3 +72,66 @@ def _file_ids(value: Any) -> list[str]:
         for key in ("content", "source"):
             found += _file_ids(value.get(key))
     return found
+
+
+class Files:
+    """``/v1/files`` of one account: upload (multipart, field ``file``), list, metadata, content, delete."""
+
+    PREFIX = "/v1/files"
+
+    def __init__(self, account: AccountState) -> None:
+        self.account = account
+
+    def route(self, method: str, path: str) -> Optional[Any]:
+        if path == self.PREFIX:
+            return {"POST": self._upload, "GET": self._list}.get(method)
+        rest = path[len(self.PREFIX) + 1:].split("/") if path.startswith(self.PREFIX + "/") else None
+        if rest is None or len(rest) > 2 or (len(rest) == 2 and rest[1] != "content"):
+            return None
+        if len(rest) == 2:
+            return self._content if method == "GET" else None
+        return {"GET": self._metadata, "DELETE": self._delete}.get(method)
+
+    def _file(self, request: Any) -> dict[str, Any]:
+        file_id = request.path[len(self.PREFIX) + 1:].split("/")[0]
+        found = self.account.files.get(file_id)
+        if found is None:
+            raise RequestRejected(404, f"File not found: {file_id}", "not_found_error")
+        return found
+
+    async def _upload(self, conn: Any, request: Any, version: str) -> None:
+        ctype = request.headers.get("content-type", "")
+        parsed = email.message_from_bytes(f"Content-Type: {ctype}\r\n\r\n".encode() + request.raw_body,
+                                          policy=email.policy.HTTP)
+        part = next((p for p in parsed.iter_parts() if p.get_param("name", header="content-disposition") == "file"),
+                    None) if parsed.is_multipart() else None
+        if part is None:
+            raise RequestRejected(400, "file: Field required")
+        content = part.get_payload(decode=True) or b""
+        meta = {"id": new_id("file_"), "type": "file", "filename": part.get_filename() or "upload",
+                "mime_type": part.get_content_type(), "size_bytes": len(content),
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "downloadable": True}
+        self.account.files[meta["id"]] = {**meta, "content": content}
+        await conn.send_json(request, 200, meta)
+
+    async def _list(self, conn: Any, request: Any, version: str) -> None:
+        data = [_public(f) for f in reversed(self.account.files.values())]
+        await conn.send_json(request, 200, {"data": data, "has_more": False,
+                                            "first_id": data[0]["id"] if data else None,
+                                            "last_id": data[-1]["id"] if data else None})
+
+    async def _metadata(self, conn: Any, request: Any, version: str) -> None:
+        await conn.send_json(request, 200, _public(self._file(request)))
+
+    async def _content(self, conn: Any, request: Any, version: str) -> None:
+        found = self._file(request)
+        await conn.send_raw(request, 200, found["mime_type"], found["content"])
+
+    async def _delete(self, conn: Any, request: Any, version: str) -> None:
+        found = self._file(request)
+        del self.account.files[found["id"]]
+        await conn.send_json(request, 200, {"id": found["id"], "type": "file_deleted"})
+
+
+def _public(found: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in found.items() if k != "content"}

@@ -9,7 +9,7 @@
 
 Endpoints: ``POST /v1/messages`` (any query string, e.g. ``?beta=true``), ``POST /v1/messages/count_tokens``,
 ``GET /v1/models`` (``limit``/``after_id``/``before_id`` paging), ``GET /v1/models/{id}``, ``/v1/messages/batches``
-(mock_batches.py). One mock is one upstream account: its threads, containers and files are its own
+(mock_batches.py), ``/v1/files`` (mock_account.py). One mock is one upstream account: its threads, containers and files are its own
 (mock_account.py). HTTP/1.1 through h11 with keep-alive and pipelining; request bodies by content-length or
 chunked; JSON answers with content-length, streams chunked. Every response has a ``request-id: req_...`` header; errors have Anthropic's body shape.
 
@@ -62,7 +62,7 @@ from urllib.parse import parse_qs
 
 import h11
 
-from mock_account import AccountState
+from mock_account import AccountState, Files
 from mock_batches import Batches
 from mock_replies import (API_VERSIONS, PromptCache, RequestRejected, awkward_pieces, count_input_tokens,
                           error_body, message_json, new_id, plan_reply, reported_usage, sse_bytes, stream_events,
@@ -199,6 +199,7 @@ class MockUpstream:
         self.cache = PromptCache()
         self.account = AccountState()     # threads, containers, files: see mock_account.py
         self.batches = Batches(self)      # /v1/messages/batches: see mock_batches.py
+        self.files = Files(self.account)  # /v1/files: see mock_account.py
         self._queued: list[Scenario] = []
         self._refuse = 0
         self._server: Optional[asyncio.AbstractServer] = None
@@ -309,7 +310,7 @@ class MockUpstream:
             return self._count_tokens
         if request.method == "GET" and (request.path == "/v1/models" or request.path.startswith("/v1/models/")):
             return self._models
-        return self.batches.route(request.method, request.path)
+        return self.batches.route(request.method, request.path) or self.files.route(request.method, request.path)
 
     def _check_auth(self, request: RecordedRequest) -> None:
         keys = request.header_values("x-api-key")

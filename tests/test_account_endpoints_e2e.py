@@ -99,3 +99,54 @@ async def test_a_batch_is_its_owners_and_its_results_are_billed_once_at_half_pri
     assert billed[0]["output_tokens"] == sum(u["output_tokens"] for u in usages)
     assert json.loads(billed[0]["prices"])["input"] == HAIKU_PRICES["input"] * 0.5
     assert all(r["cost"] == 0 for r in rows if r is not billed[0])
+
+
+# -- files ---------------------------------------------------------------------------------------------------------
+
+def with_file(file_id: str) -> dict:
+    return {"model": HAIKU, "max_tokens": 64, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "file", "file_id": file_id}},
+        {"type": "text", "text": "Summarise the file"}]}]}
+
+
+async def test_files_are_their_uploaders_and_a_message_naming_one_goes_to_its_account(gateway_env,
+                                                                                      make_mock_upstream):
+    mocks = {"a": await make_mock_upstream(), "b": await make_mock_upstream()}
+    keys = {"alice": gateway_env.add_key("alice"), "bob": gateway_env.add_key("bob")}
+    for name, mock in mocks.items():
+        gateway_env.add_channel(name, mock)
+    await gateway_env.start(plugin_options={"channels": {"seed": 3}})
+    clients = {name: anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0)
+               for name, key in keys.items()}
+    async with clients["alice"], clients["bob"]:
+        uploaded = await clients["alice"].beta.files.upload(file=("notes.txt", b"the quarterly notes", "text/plain"))
+        home = next(name for name, mock in mocks.items() if uploaded.id in mock.account.files)
+        assert [f.id async for f in clients["alice"].beta.files.list()] == [uploaded.id]
+        assert [f.id async for f in clients["bob"].beta.files.list()] == []
+        assert (await clients["alice"].beta.files.retrieve_metadata(uploaded.id)).filename == "notes.txt"
+        assert await (await clients["alice"].beta.files.download(uploaded.id)).read() == b"the quarterly notes"
+        for _ in range(6):                       # the file exists on one account only: every turn goes there
+            reply = await clients["alice"].beta.messages.create(**with_file(uploaded.id))
+            assert any(s["message_id"] == reply.id for s in mocks[home].served)
+        requests_before = sum(len(m.requests) for m in mocks.values())
+        with pytest.raises(anthropic.NotFoundError) as err:
+            await clients["bob"].beta.messages.create(**with_file(uploaded.id))
+        assert err.value.body["error"]["type"] == "not_found_error" and uploaded.id in err.value.body["error"]["message"]
+        for call in (clients["bob"].beta.files.retrieve_metadata, clients["bob"].beta.files.download,
+                     clients["bob"].beta.files.delete):
+            with pytest.raises(anthropic.NotFoundError):
+                await call(uploaded.id)
+        assert sum(len(m.requests) for m in mocks.values()) == requests_before   # a foreign id never goes upstream
+        assert (await clients["alice"].beta.files.delete(uploaded.id)).id == uploaded.id
+        assert [f.id async for f in clients["alice"].beta.files.list()] == []
+
+
+async def test_an_upload_over_the_body_limit_is_a_413(gateway_env, mock_upstream):
+    key = gateway_env.add_key("alice")
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start(max_body_bytes=64 * 1024)
+    async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0) as client:
+        with pytest.raises(anthropic.APIStatusError) as err:
+            await client.beta.files.upload(file=("big.bin", b"x" * (128 * 1024), "application/octet-stream"))
+    assert err.value.status_code == 413 and err.value.body["error"]["type"] == "request_too_large"
+    assert mock_upstream.requests == []

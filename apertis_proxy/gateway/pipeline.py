@@ -11,7 +11,8 @@ from ..http.messages import Request
 from ..http.protocol import Responder
 from ..plugin_api import Caller, ModelInfo, UsageRecord
 from ..plugin_host import PluginHost
-from .batches import PREFIX as BATCHES, BatchesEndpoint
+from .batches import BatchesEndpoint
+from .files import FilesEndpoint
 from .forward import MessagesForwarder, request_info
 from .paging import page
 
@@ -43,7 +44,9 @@ class GatewayApp:
     def __init__(self, forwarder: MessagesForwarder, plugins: PluginHost) -> None:
         self.forwarder = forwarder
         self.plugins = plugins
-        self.batches = BatchesEndpoint(forwarder) if forwarder.owned is not None else None
+        # Account-bound resources need the ownership records.
+        self.owned_endpoints = ([BatchesEndpoint(forwarder), FilesEndpoint(forwarder)]
+                                if forwarder.owned is not None else [])
 
     async def __call__(self, req: Request, resp: Responder) -> None:
         path = req.path
@@ -59,8 +62,9 @@ class GatewayApp:
             if req.method not in ("GET", "HEAD"):
                 return _method_not_allowed(resp, "GET, HEAD")
             return await self._models(req, resp)
-        if (path == BATCHES or path.startswith(BATCHES + "/")) and self.batches is not None:
-            return await self.batches.handle(req, resp)
+        for endpoint in self.owned_endpoints:
+            if endpoint.serves(path):
+                return await endpoint.handle(req, resp)
         if path in ("/health", "/healthz"):
             return resp.send(200, [_JSON], b'{"status":"ok"}')
         refused = account_wide(path)
