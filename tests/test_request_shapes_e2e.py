@@ -45,6 +45,7 @@ async def test_new_fields_block_types_and_tool_versions_pass_byte_for_byte(gatew
         tools=[{"type": "web_fetch_20260101", "name": "web_fetch"}, {"type": "memory_20250818", "name": "memory"}],
         messages=[{"role": "user", "content": [{"type": "text", "text": "hi"},
                                                {"type": "future_block_2026", "payload": {"k": "v"}}]}])
+    gateway.mock.account.containers.add("container_011CUy")    # one this upstream account holds
     for thinking in ({"type": "adaptive"}, {"type": "between_tools"}):
         raw = json.dumps({**body, "thinking": thinking}, separators=(",", ":")).encode()
         response = await post_raw(gateway, gateway.key, raw)
