@@ -104,3 +104,29 @@ async def test_a_threaded_turn_fails_over_only_to_a_channel_of_the_same_account(
     assert [r.status for r in account_a.requests] == [200, 529, 200] and account_b.requests == []
     rows = await gateway_env.usage_rows(2)
     assert (rows[-1]["channel_name"], rows[-1]["attempts"]) == ("a-spare", 2)
+
+
+async def test_a_conversation_with_thinking_blocks_stays_on_the_account_that_signed_them(gateway_env,
+                                                                                        make_mock_upstream):
+    """Each mock signs thinking blocks with its own key, so a block is valid on its own account only."""
+    mocks = {name: await make_mock_upstream(api_key=f"sk-ant-account-{name}-0123456789") for name in ("a", "b")}
+    key = gateway_env.add_key("alice")
+    for name, mock in mocks.items():
+        gateway_env.add_channel(name, mock, api_key=mock.api_key)
+    await gateway_env.start(plugin_options={"channels": {"seed": 11}})
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    history = [{"role": "user", "content": "Think about it"}]
+    async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0) as client:
+        for turn in range(8):
+            params = dict(model="claude-haiku-4-5-20251001", max_tokens=2048, thinking=thinking, messages=history)
+            if turn % 2:
+                async with client.messages.stream(**params) as stream:
+                    reply = await stream.get_final_message()
+            else:
+                reply = await client.messages.create(**params)
+            assert reply.content[0].type == "thinking"
+            history += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in reply.content]},
+                        {"role": "user", "content": f"And then? ({turn})"}]
+    homes = {name for name, mock in mocks.items() for s in mock.served}
+    assert len(homes) == 1                                   # every turn on the account that signed the first
+    assert all(r.status == 200 for m in mocks.values() for r in m.requests)

@@ -29,7 +29,8 @@ from ..upstream.pool import Pool, Pools
 from . import contract
 from .body_encoding import decode_body
 from .headers import downstream_headers, parse_retry_after, upstream_headers
-from .ownership import CONTAINER, CREDIT, THREAD, StateCapture, not_found, owner_of, references, resolve
+from .ownership import (CONTAINER, CREDIT, THINKING, THREAD, StateCapture, asks_for_thinking, not_found,
+                        owner_of, references, resolve)
 from .relay import relay_json, relay_stream
 from .sse import SseSplicer
 from .upstream_call import exchange
@@ -263,7 +264,8 @@ class MessagesForwarder:
         if info.model and record.upstream_model and info.model != record.upstream_model:
             rename = (record.upstream_model, info.model)
         ctype = head.get(b"content-type") or b""
-        meter = StateCapture(record) if self.owned is not None and not count_tokens else UsageMeter(record)
+        meter = (StateCapture(record, asks_for_thinking(info.body)) if self.owned is not None and not count_tokens
+                 else UsageMeter(record))
         if ctype.startswith(b"text/event-stream"):
             await relay_stream(conn, pool, resp, head.status, down, SseSplicer(meter, rename, channel.api_key),
                                record, settings.read_timeout)
@@ -291,6 +293,8 @@ class MessagesForwarder:
             owned.remember(CONTAINER, created.container_id, owner, channel.account, channel.id)
         if created.credit_token:
             owned.remember(CREDIT, created.credit_token, owner, channel.account, channel.id)
+        for fingerprint in created.signatures:
+            owned.remember(THINKING, fingerprint, owner, channel.account, channel.id)
 
     def _failed(self, channel: Channel, info: RequestInfo, exc: UpstreamError, t_start: float) -> Attempt:
         etype = "timeout" if exc.timeout else "connect_error"

@@ -1,15 +1,19 @@
 """Account-bound state: threads, containers, files and fallback credit tokens live on the
-upstream account that created them and belong to the key that created them.
+upstream account that created them and belong to the key that created them; thinking
+blocks are valid only on the account that wrote them.
 
 `references(body)` lists the ids a Messages request refers to; `resolve()` checks
 them against the owned_state records: an id another key owns is answered 404 in
 Anthropic's shape (the id is not disclosed as existing), and a known id pins the
 request to its account.  `StateCapture` notes the ids an answer creates (the
-message id of a threaded turn, a container, a fallback credit token) so the
-forwarder can record them.
+message id of a threaded turn, a container, a fallback credit token, the
+signatures of its thinking blocks) so the forwarder can record them.  Thinking
+blocks are recorded by a fingerprint of their signature and pin a conversation
+to its account without an owner check (the signature is the conversation's own).
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Mapping, Optional
 
 from ..errors import GatewayError
@@ -18,9 +22,19 @@ from ..store.owned_state import OwnedState
 from .usage import UsageMeter
 
 THREAD, CONTAINER, FILE, BATCH, SKILL, CREDIT = "thread", "container", "file", "batch", "skill", "credit"
+THINKING = "thinking"
 _FIELD = {THREAD: "thread.previous_message_id", CONTAINER: "container", FILE: "file_id",
-          CREDIT: "fallback_credit_token", BATCH: "batch", SKILL: "skill_id"}
+          CREDIT: "fallback_credit_token", BATCH: "batch", SKILL: "skill_id", THINKING: "thinking.signature"}
 _MAX_DEPTH = 6          # file ids sit in blocks, in tool results, in sources
+
+
+def signature_fingerprint(signature: str) -> str:
+    return hashlib.sha256(signature.encode("utf-8", "replace")).hexdigest()[:32]
+
+
+def asks_for_thinking(body: Any) -> bool:
+    thinking = body.get("thinking") if isinstance(body, dict) else None
+    return isinstance(thinking, dict) and thinking.get("type") != "disabled"
 
 
 def owner_of(caller: Caller) -> str:
@@ -52,7 +66,21 @@ def references(body: Any) -> list[tuple[str, str]]:
         for message in messages:
             if isinstance(message, dict):
                 _file_ids(message.get("content"), refs, 0)
+        _thinking(messages, refs)
     return refs
+
+
+def _thinking(messages: list, refs: list) -> None:
+    """The thinking blocks of the last assistant turn: they pin the conversation's account."""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            content = message.get("content")
+            for block in content if isinstance(content, list) else ():
+                if isinstance(block, dict) and block.get("type") in ("thinking", "redacted_thinking"):
+                    signed = block.get("signature") if block["type"] == "thinking" else block.get("data")
+                    if isinstance(signed, str) and signed:
+                        refs.append((THINKING, signature_fingerprint(signed)))
+            return
 
 
 def _file_ids(value: Any, refs: list, depth: int) -> None:
@@ -83,7 +111,7 @@ async def resolve(store: OwnedState, refs: list[tuple[str, str]], caller: Caller
     owner = owner_of(caller)
     accounts = set()
     for (kind, ident), owned in found.items():
-        if owned.owner != owner:
+        if owned.owner != owner and kind != THINKING:
             raise not_found(kind, ident)
         accounts.add(owned.account)
     if len(accounts) > 1:
@@ -95,13 +123,20 @@ async def resolve(store: OwnedState, refs: list[tuple[str, str]], caller: Caller
 class StateCapture(UsageMeter):
     """A UsageMeter that also notes the ids an answer creates."""
 
-    __slots__ = ("message_id", "container_id", "credit_token")
+    __slots__ = ("message_id", "container_id", "credit_token", "signatures", "signature_hook")
 
-    def __init__(self, record: UsageRecord) -> None:
+    def __init__(self, record: UsageRecord, thinking: bool = False) -> None:
         super().__init__(record)
+        # The splicer scans a stream for signatures only when the request asked for thinking.
+        self.signature_hook = self.signature if thinking else None
         self.message_id: Optional[str] = None
         self.container_id: Optional[str] = None
         self.credit_token: Optional[str] = None
+        self.signatures: list[str] = []      # fingerprints of the answer's thinking blocks
+
+    def signature(self, signature: str) -> None:
+        """A thinking block's signature, from a stream's signature_delta."""
+        self.signatures.append(signature_fingerprint(signature))
 
     def message_start(self, message: Mapping[str, Any]) -> None:
         super().message_start(message)
@@ -116,6 +151,12 @@ class StateCapture(UsageMeter):
     def body(self, body: Mapping[str, Any]) -> None:
         super().body(body)
         self._note(body)
+        content = body.get("content")
+        for block in content if isinstance(content, list) else ():
+            if isinstance(block, dict) and block.get("type") == "thinking" and isinstance(block.get("signature"), str):
+                self.signature(block["signature"])
+            elif isinstance(block, dict) and block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
+                self.signature(block["data"])
 
     def _note(self, obj: Mapping[str, Any]) -> None:
         mid = obj.get("id")
