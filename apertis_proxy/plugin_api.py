@@ -194,6 +194,9 @@ class UsageRecord:
     cache_creation_5m_input_tokens: Optional[int] = None
     cache_creation_1h_input_tokens: Optional[int] = None
     server_tool_use: Optional[dict] = None   # e.g. {"web_search_requests": 2}
+    # Upstream usage.iterations billed outside the top-level counts (compaction,
+    # advisor and fallback iterations), each {"type", "model"?, the four counts}; in `cost`.
+    iterations: Optional[list] = None
     ttfb_ms: Optional[float] = None  # time to the first upstream byte
     duration_ms: float = 0.0
     upstream_request_id: Optional[str] = None
