@@ -5,13 +5,16 @@ Requests: ``thread: {"type": "continue", "previous_message_id"}`` must name a re
 ``thread_not_found``); ``container`` (an id, or ``{"id"}``) must be one of its containers (else 404); a content block
 whose ``source`` (or itself) has a ``file_id`` must name one of its files (else 404 ``not_found_error``). Answers: a
 threaded turn's message id becomes a thread anchor; a request with a ``code_execution_*`` tool and no container gets a
-new container, reported as ``container`` in the JSON body and in the final ``message_delta``'s ``delta``.
+new container, reported as ``container`` in the JSON body and in the final ``message_delta``'s ``delta``; a last user
+message saying "please refuse" is refused (``stop_reason`` refusal, ``stop_details`` with a fallback credit token of
+this account, which a later ``fallback_credit_token`` must name, else 400).
 ``Files`` serves the account's ``/v1/files``.
 """
 from __future__ import annotations
 
 import email
 import email.policy
+import json
 import time
 from typing import Any, Optional
 
@@ -23,6 +26,7 @@ class AccountState:
         self.threads: set[str] = set()
         self.containers: set[str] = set()
         self.files: dict[str, dict[str, Any]] = {}      # id -> file metadata (with "content" bytes)
+        self.credit_tokens: set[str] = set()
 
     def check_references(self, body: dict) -> None:
         thread = body.get("thread")
@@ -34,6 +38,10 @@ class AccountState:
         container = _container_id(body)
         if container is not None and container not in self.containers:
             raise RequestRejected(404, f"container: {container} not found", "not_found_error")
+        token = body.get("fallback_credit_token")
+        token = token.get("token") if isinstance(token, dict) else token
+        if token is not None and token not in self.credit_tokens:
+            raise RequestRejected(400, "fallback_credit_token: the token is invalid or expired")
         for file_id in _file_ids(body.get("messages")):
             if file_id not in self.files:
                 raise RequestRejected(404, f"File not found: {file_id}", "not_found_error")
@@ -48,6 +56,17 @@ class AccountState:
         if container is None:
             return None
         return {"id": container, "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))}
+
+    def refusal_for(self, body: dict) -> Optional[dict[str, Any]]:
+        """A refusal's stop_details, with a fallback credit token of this account, when the last user message
+        asks to be refused ("please refuse")."""
+        messages = body.get("messages") or [{}]
+        if "please refuse" not in json.dumps(messages[-1].get("content")):
+            return None
+        token = new_id("fct_")
+        self.credit_tokens.add(token)
+        return {"type": "refusal", "category": "general_harms", "explanation": "mock refusal",
+                "fallback_credit_token": token}
 
     def answered(self, body: dict, message_id: str) -> None:
         if isinstance(body.get("thread"), dict):

@@ -378,7 +378,10 @@ class MockUpstream:
             return
         reply = plan_reply(body, self.cache, self.api_key, force_tool=bool(scenario.tool))
         container = self.account.container_for(body)
+        refusal = self.account.refusal_for(body)
         self.account.answered(body, reply.message_id)
+        if refusal is not None:
+            reply.stop_reason = "refusal"
         served = {"request_id": request.request_id, "message_id": reply.message_id, "model": body["model"],
                   "stream": body.get("stream") is True, "usage": _zero_usage(), "full_usage": reply.usage,
                   "completed": False, "events_sent": 0}
@@ -386,13 +389,18 @@ class MockUpstream:
         if served["stream"]:
             events = stream_events(reply, body["model"], message_deltas=scenario.message_deltas or 1,
                                    unknown_event=bool(scenario.unknown_event))
+            final_delta = next(e for e in reversed(events) if e["type"] == "message_delta")["delta"]
             if container is not None:
-                next(e for e in reversed(events) if e["type"] == "message_delta")["delta"]["container"] = container
+                final_delta["container"] = container
+            if refusal is not None:
+                final_delta["stop_details"] = refusal
             await conn.send_stream(request, scenario, events, served)
         else:
             message = message_json(reply, body["model"])
             if container is not None:
                 message["container"] = container
+            if refusal is not None:
+                message["stop_details"] = refusal
             await conn.send_message(request, scenario, message, served)
 
 

@@ -130,3 +130,24 @@ async def test_a_conversation_with_thinking_blocks_stays_on_the_account_that_sig
     homes = {name for name, mock in mocks.items() for s in mock.served}
     assert len(homes) == 1                                   # every turn on the account that signed the first
     assert all(r.status == 200 for m in mocks.values() for r in m.requests)
+
+
+async def test_a_fallback_credit_token_is_redeemed_on_its_account_by_its_owner(gateway_env, make_mock_upstream):
+    keys, mocks = await two_accounts(gateway_env, make_mock_upstream)
+    for turn in range(4):
+        response, _ = await post(gateway_env, keys["alice"], message("please refuse", stream=bool(turn % 2)))
+        assert response.status == 200
+        if turn % 2:
+            delta = json.loads(dict(response.sse_events())["message_delta"])["delta"]
+            token, reply_id = delta["stop_details"]["fallback_credit_token"], None
+            home = next(n for n, m in mocks.items() if token in m.account.credit_tokens)
+        else:
+            token, reply_id = response.json()["stop_details"]["fallback_credit_token"], response.json()["id"]
+            home = served_by(mocks, reply_id)
+        retried, _ = await post(gateway_env, keys["alice"], message("try again", fallback_credit_token=token))
+        assert retried.status == 200, retried.body
+        assert served_by(mocks, retried.json()["id"]) == home
+    before = sum(len(m.requests) for m in mocks.values())
+    stolen, _ = await post(gateway_env, keys["bob"], message("mine now", fallback_credit_token={"token": token}))
+    assert stolen.status == 404 and stolen.json()["error"]["type"] == "not_found_error"
+    assert sum(len(m.requests) for m in mocks.values()) == before
