@@ -132,7 +132,7 @@ class MessagesForwarder:
             # Code's Esc) stops the upstream generation; a JSON answer is
             # awaited regardless so its usage is known exactly.
             resp.abandon_on_disconnect = record.stream
-            refs = references(body) if self.owned is not None else []
+            refs = references(body, req.body) if self.owned is not None else []
             if refs:
                 account = await resolve(self.owned, refs, caller)
                 if account is not None:
