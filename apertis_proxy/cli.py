@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from . import __version__
 from . import settings as settings_module
+from .gateway.usage import redact
 from .plugin_host import PluginLoadError
 from .store import catalog as catalog_store
 from .store import channels as channel_store
@@ -219,10 +220,6 @@ def _quota_text(cost: Optional[float], tokens: Optional[int]) -> str:
     return " + ".join(parts) or "-"
 
 
-def _redact(text: str, secret: str) -> str:
-    return text.replace(secret, "[redacted]") if secret else text
-
-
 def _err(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
@@ -380,6 +377,12 @@ def _read_api_key(value: Optional[str]) -> Optional[str]:
     return value
 
 
+def _header_value(value: str) -> str:
+    if not all(33 <= ord(c) < 127 for c in value.strip()):
+        raise argparse.ArgumentTypeError("must be printable ASCII without spaces")
+    return value
+
+
 def _channel_options(args) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if args.forward_client_version is not None:
@@ -388,6 +391,10 @@ def _channel_options(args) -> dict[str, Any]:
         options["forward_extras"] = args.forward_extras
     if args.auth_header is not None:
         options["auth_header"] = "x-api-key" if args.auth_header == "x-api-key" else "authorization"
+    for option in ("workspace_id", "user_profile_id"):
+        value = getattr(args, option)
+        if value is not None:
+            options[option] = value.strip()      # "" clears it
     return options
 
 
@@ -440,6 +447,10 @@ def _options_text(options: dict[str, Any]) -> str:
         flags.append("fwd-version")
     if options.get("forward_extras"):
         flags.append("fwd-extras")
+    if options.get("workspace_id"):
+        flags.append("workspace=" + options["workspace_id"])
+    if options.get("user_profile_id"):
+        flags.append("profile=" + options["user_profile_id"])
     return ",".join(flags)
 
 
@@ -539,13 +550,13 @@ def probe_channel(channel, upstream_model: str, *, timeout: float = 30.0) -> Pro
         request_id = response.getheader("request-id")
     except Exception as exc:   # any failure is reported, never raised with the key inside
         elapsed = (time.perf_counter() - started) * 1000
-        return ProbeResult(False, None, elapsed, _redact(f"{type(exc).__name__}: {exc}", key))
+        return ProbeResult(False, None, elapsed, redact(f"{type(exc).__name__}: {exc}", key))
     finally:
         conn.close()
     elapsed = (time.perf_counter() - started) * 1000
     ok = 200 <= response.status < 300
     return ProbeResult(ok, response.status, elapsed,
-                       _redact(_describe_reply(raw, ok, request_id), key))
+                       redact(_describe_reply(raw, ok, request_id), key))
 
 
 def _describe_reply(raw: bytes, ok: bool, request_id: Optional[str]) -> str:
@@ -730,6 +741,10 @@ def _add_channel_options(p, *, adding: bool) -> None:
                    help="forward OpenAI-style extras unchanged")
     p.add_argument("--auth-header", choices=("x-api-key", "bearer", "authorization"),
                    help="how the key is sent upstream (default x-api-key)")
+    p.add_argument("--workspace-id", type=_header_value, metavar="ID",
+                   help="anthropic-workspace-id sent upstream (clients' own is never forwarded; '' clears)")
+    p.add_argument("--user-profile-id", type=_header_value, metavar="ID",
+                   help="anthropic-user-profile-id sent upstream (clients' own is never forwarded; '' clears)")
 
 
 def _add_channel_commands(commands, sub, db) -> None:

@@ -34,16 +34,20 @@ class GatewayError(Exception):
     """Raised anywhere on the request path to answer with an Anthropic error."""
 
     def __init__(self, status: int, message: str, error_type: Optional[str] = None,
-                 headers: Optional[Mapping[str, str]] = None) -> None:
+                 headers: Optional[Mapping[str, str]] = None, *, error_code: Optional[str] = None) -> None:
         super().__init__(message)
         self.status = status
         self.error_type = error_type or error_type_for(status)
         self.message = message
         self.headers = dict(headers or {})
+        self.error_code = error_code      # sent as error.details.error_code, as the API does
 
 
-def error_body(error_type: str, message: str, request_id: Optional[str]) -> bytes:
-    body = {"type": "error", "error": {"type": error_type, "message": message}}
+def error_body(error_type: str, message: str, request_id: Optional[str],
+               error_code: Optional[str] = None) -> bytes:
+    body: dict = {"type": "error", "error": {"type": error_type, "message": message}}
+    if error_code:
+        body["error"]["details"] = {"error_code": error_code}
     if request_id:
         body["request_id"] = request_id
     return orjson.dumps(body)

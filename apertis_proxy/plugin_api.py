@@ -29,6 +29,7 @@ Chains (configured in the ``[plugins]`` table, see docs/plugins.md):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
@@ -38,6 +39,7 @@ __all__ = [
     "PluginContext", "RequestInfo", "Caller", "Channel", "ModelInfo",
     "Outcome", "UsageRecord", "Reject",
     "AuthPlugin", "RouterPlugin", "MeterPlugin",
+    "CAUSE_REQUEST", "CAUSE_CREDENTIAL", "CAUSE_EXHAUSTED", "CAUSE_TRANSIENT",
 ]
 
 AUTH_GROUP = "apertis_proxy.auth"
@@ -70,6 +72,9 @@ class RequestInfo:
     stream: bool
     client: str                    # "ip:port" of the peer
     request_id: str                # the gateway's request id (also in the response header)
+    # The upstream account (Channel.account) holding state this request refers to
+    # (a thread, a container, files): only channels of that account can serve it.
+    account: Optional[str] = None
 
     @property
     def endpoint(self) -> str:
@@ -113,6 +118,12 @@ class Channel:
     def upstream_model(self, model: str) -> str:
         return self.aliases.get(model, model)
 
+    @property
+    def account(self) -> str:
+        """Which upstream account this channel uses: channels sharing a base URL and
+        key share threads, containers and files.  A fingerprint, not the key."""
+        return hashlib.sha256(f"{self.base_url}\0{self.api_key}".encode()).hexdigest()[:24]
+
     def serves(self, model: str) -> bool:
         """Whether this channel takes `model`: any model when `models` is None;
         else a listed name, a name whose alias is listed, or another name of a
@@ -135,6 +146,13 @@ class ModelInfo:
     created_at: str                # RFC 3339
 
 
+# Why an attempt failed (Outcome.cause), decided by the gateway from the upstream's answer.
+CAUSE_REQUEST = "request"          # the request was at fault: not the channel's failure
+CAUSE_CREDENTIAL = "credential"    # the channel's own key was refused (401; a 403 saying so)
+CAUSE_EXHAUSTED = "exhausted"      # the account hit a spend or ramp limit (402, some 429s): hours, not seconds
+CAUSE_TRANSIENT = "transient"      # 429, 5xx, 529, timeouts, connect errors, a body that failed mid-way
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What happened on one attempt against one channel (router feedback)."""
@@ -147,6 +165,8 @@ class Outcome:
     message: str = ""              # upstream error message (never contains the key)
     retry_after: Optional[float] = None  # seconds, from upstream retry-after
     duration: float = 0.0          # seconds spent on this attempt
+    error_code: Optional[str] = None   # upstream `error.details.error_code`, e.g. "ramp_limit_exceeded"
+    cause: Optional[str] = None    # one of the CAUSE_* values when ok is False
 
 
 @dataclass(slots=True)
@@ -174,6 +194,9 @@ class UsageRecord:
     cache_creation_5m_input_tokens: Optional[int] = None
     cache_creation_1h_input_tokens: Optional[int] = None
     server_tool_use: Optional[dict] = None   # e.g. {"web_search_requests": 2}
+    # Upstream usage.iterations billed outside the top-level counts (compaction,
+    # advisor and fallback iterations), each {"type", "model"?, the four counts}; in `cost`.
+    iterations: Optional[list] = None
     ttfb_ms: Optional[float] = None  # time to the first upstream byte
     duration_ms: float = 0.0
     upstream_request_id: Optional[str] = None

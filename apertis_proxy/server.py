@@ -25,6 +25,7 @@ from .plugin_host import PluginHost, PluginLoadError, check_names
 from .settings import Settings
 from .store import schema
 from .store.catalog import catalog_from_rows, load_catalog
+from .store.owned_state import OwnedState
 from .store.watch import RevisionWatcher
 from .upstream.pool import Pools
 
@@ -42,6 +43,7 @@ class Gateway:
         self.plugins: Optional[PluginHost] = None
         self._listener: Optional[Listener] = None
         self._watcher: Optional[RevisionWatcher] = None
+        self.owned: Optional[OwnedState] = None
         self.host = settings.host
         self.port = settings.port
 
@@ -101,12 +103,15 @@ class Gateway:
         except BaseException:
             await self._stop_app()
             raise
-        return GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog), self.plugins)
+        self.owned = OwnedState(self._watcher.conn)
+        return GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog, self.owned), self.plugins)
 
     async def _stop_app(self) -> None:
         """Let go of what _start_app started: their threads would keep the process alive."""
         if self.plugins is not None:
             await self.plugins.close()
+        if self.owned is not None:
+            await self.owned.settle()       # ownership records still being written
         if self._watcher is not None:
             await self._watcher.close()
 

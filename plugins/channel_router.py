@@ -15,10 +15,16 @@ before any byte reached the client, so its length is the retry budget):
    caches belong to one upstream account;
 5. the list is cut to ``max_attempts``.
 
-Feedback after every attempt: success clears a cooldown; 429, 529/overloaded,
-5xx, connect errors and timeouts start one (the upstream retry-after wins
-over the defaults; overload never disables a channel); 401 and 403 disable the
-channel in the database with the reason, shown by ``channels list``.
+A request whose thread, container or files live on one upstream account
+(``RequestInfo.account``) gets only the channels of that account.
+
+Feedback after every attempt (``Outcome.cause``, decided by the gateway):
+success clears a cooldown; a transient failure (429, 529/overloaded, 5xx,
+connect errors, timeouts) starts one (the upstream retry-after wins over the
+defaults; overload never disables a channel); an exhausted account (spend or
+ramp limit) rests for ``cooldown_exhausted``; a refused credential (401, a 403
+saying the key or organisation is refused) disables the channel in the database
+with the reason, shown by ``channels list``; a request at fault changes nothing.
 
 Options (``[plugins.options.channels]``):
   max_attempts            candidates per request, i.e. 1 + retries (3)
@@ -27,8 +33,9 @@ Options (``[plugins.options.channels]``):
   cooldown_overloaded     ... after a 529 / overloaded_error (5)
   cooldown_server_error   ... after another 5xx (10)
   cooldown_connect_error  ... after a connect error or timeout (15)
-  max_cooldown            cap on any cooldown, retry-after included (600)
-  disable_on              upstream statuses that disable a channel ([401, 403])
+  cooldown_exhausted      ... after a spend or ramp limit (3600; not capped by max_cooldown)
+  max_cooldown            cap on any other cooldown, retry-after included (600)
+  disable_on              statuses of a refused credential that disable a channel ([401, 403])
   affinity_ttl            seconds a session stays pinned after its last request (3600)
   affinity_max_sessions   sessions remembered, least recently used dropped first (100000)
   seed                    seed of the weighted choice (tests)
@@ -44,8 +51,8 @@ from typing import Hashable, Optional, Sequence
 
 import aiosqlite
 
-from apertis_proxy.plugin_api import (Caller, Channel, ModelInfo, Outcome, PluginContext,
-                                      RequestInfo)
+from apertis_proxy.plugin_api import (CAUSE_CREDENTIAL, CAUSE_EXHAUSTED, CAUSE_REQUEST, Caller,
+                                      Channel, ModelInfo, Outcome, PluginContext, RequestInfo)
 from apertis_proxy.store.catalog import Catalog, catalog_from_rows
 from apertis_proxy.store.channels import CHANNEL_COLUMNS, row_to_channel
 
@@ -56,6 +63,7 @@ COOLDOWN_DEFAULTS = {
     "cooldown_overloaded": 5.0,
     "cooldown_server_error": 10.0,
     "cooldown_connect_error": 15.0,
+    "cooldown_exhausted": 3600.0,
 }
 SESSION_HEADER = "x-claude-code-session-id"
 UNKNOWN_CREATED_AT = "1970-01-01T00:00:00Z"
@@ -177,8 +185,10 @@ class ChannelRouter:
 
     async def route(self, request: RequestInfo, caller: Caller) -> Optional[Sequence[Channel]]:
         model = request.model
+        account = getattr(request, "account", None)
         candidates = [c for c in self.channels
-                      if model is None or (c.serves(model) and caller_may_use_on(caller, c, model))]
+                      if (model is None or (c.serves(model) and caller_may_use_on(caller, c, model)))
+                      and (account is None or c.account == account)]
         if not candidates:
             return []
         now = time.monotonic()
@@ -216,7 +226,7 @@ class ChannelRouter:
             if session is not None:
                 self.affinity.set(session, ch.id, time.monotonic())
             return
-        if outcome.status in self.disable_on:
+        if outcome.cause == CAUSE_CREDENTIAL and outcome.status in self.disable_on:
             self._auto_disable(ch, outcome)
             return
         delay = self.cooldown_for(outcome)
@@ -229,6 +239,10 @@ class ChannelRouter:
     def cooldown_for(self, outcome: Outcome) -> Optional[float]:
         """Seconds a channel rests after this failure; None: not the channel's fault."""
         status, error_type = outcome.status, outcome.error_type
+        if outcome.cause == CAUSE_REQUEST:
+            return None
+        if outcome.cause == CAUSE_EXHAUSTED:
+            return max(self.cooldowns["cooldown_exhausted"], outcome.retry_after or 0.0)
         if status == 429:
             default = self.cooldowns["cooldown_rate_limited"]
         elif status == 529 or error_type == "overloaded_error":

@@ -36,6 +36,13 @@ NEW_API_VERSION = "2026-10-21"
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 REPLY_TAIL = "héllo ✓"
 
+# Models that refuse non-default sampling parameters, and those that refuse thinking.type "enabled", whatever
+# the API version (the API's rule as of December 2026).
+NO_SAMPLING_MODELS = frozenset(("claude-opus-4-7", "claude-opus-4-8", "claude-opus-5", "claude-opus-5-5",
+                                "claude-sonnet-5", "claude-sonnet-5-5", "claude-haiku-5-5"))
+ADAPTIVE_ONLY_MODELS = frozenset(("claude-sonnet-5", "claude-sonnet-5-5"))
+SAMPLING_DEFAULTS = {"temperature": 1}
+
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -70,20 +77,25 @@ def error_type_for(status: int) -> str:
 
 
 def error_body(status: int, request_id: str, error_type: Optional[str] = None,
-               message: Optional[str] = None) -> dict[str, Any]:
+               message: Optional[str] = None, error_code: Optional[str] = None) -> dict[str, Any]:
+    """Anthropic's error body; with `error_code`, the `error.details` that SDK 2.17 types its errors by."""
     etype = error_type or error_type_for(status)
-    return {"type": "error", "error": {"type": etype, "message": message or ERROR_MESSAGES.get(etype, "Error")},
-            "request_id": request_id}
+    error: dict[str, Any] = {"type": etype, "message": message or ERROR_MESSAGES.get(etype, "Error")}
+    if error_code:
+        error["details"] = {"error_code": error_code}
+    return {"type": "error", "error": error, "request_id": request_id}
 
 
 class RequestRejected(Exception):
     """A request the real API would refuse: carries the status, error type and message to answer with."""
 
-    def __init__(self, status: int, message: str, error_type: Optional[str] = None):
+    def __init__(self, status: int, message: str, error_type: Optional[str] = None,
+                 error_code: Optional[str] = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type or error_type_for(status)
+        self.error_code = error_code
 
 
 def new_id(prefix: str) -> str:
@@ -122,6 +134,13 @@ def validate_request(body: Any, version: str, *, needs_max_tokens: bool, signatu
         for name in ("temperature", "top_p", "top_k"):
             if name in body:
                 raise _bad(f"{name}: Extra inputs are not permitted")
+    if body["model"] in NO_SAMPLING_MODELS:
+        for name in ("temperature", "top_p", "top_k"):
+            if body.get(name) not in (None, SAMPLING_DEFAULTS.get(name)):
+                raise _bad(f"{name}: is not supported by {body['model']}; only the default value is accepted")
+    thinking = body.get("thinking")
+    if body["model"] in ADAPTIVE_ONLY_MODELS and isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        raise _bad(f"thinking.type.enabled: is not supported by {body['model']}; use adaptive thinking")
     else:
         for name in ("temperature", "top_p"):
             value = body.get(name)
@@ -152,8 +171,8 @@ def _validate_message(i: int, message: Any, version: str, signature_key: Optiona
     if not isinstance(message, dict):
         raise _bad(f"{where}: Input should be a valid dictionary")
     role = message.get("role")
-    if role not in ("user", "assistant"):
-        raise _bad(f"{where}.role: Input should be 'user' or 'assistant'")
+    if role not in ("user", "assistant", "system"):     # "system" mid-conversation, as SDK 2.17 sends it
+        raise _bad(f"{where}.role: Input should be 'user', 'assistant' or 'system'")
     content = message.get("content")
     if isinstance(content, str):
         return

@@ -8,9 +8,10 @@
     # (conftest.py has the fixtures `mock_upstream` and `make_mock_upstream`)
 
 Endpoints: ``POST /v1/messages`` (any query string, e.g. ``?beta=true``), ``POST /v1/messages/count_tokens``,
-``GET /v1/models`` (``limit``/``after_id``/``before_id`` paging), ``GET /v1/models/{id}``. HTTP/1.1 through h11 with
-keep-alive and pipelining; request bodies by content-length or chunked; JSON answers with content-length, streams
-chunked. Every response has a ``request-id: req_...`` header; errors have Anthropic's body shape.
+``GET /v1/models`` (``limit``/``after_id``/``before_id`` paging), ``GET /v1/models/{id}``, ``/v1/messages/batches``
+(mock_batches.py), ``/v1/files`` (mock_account.py). One mock is one upstream account: its threads, containers and files are its own
+(mock_account.py). HTTP/1.1 through h11 with keep-alive and pipelining; request bodies by content-length or
+chunked; JSON answers with content-length, streams chunked. Every response has a ``request-id: req_...`` header; errors have Anthropic's body shape.
 
 Checks, in the real API's order: path (404) -> body size (413 over ``max_body_bytes``, 32 MiB) -> credential (401
 unless exactly one of ``x-api-key`` / ``Authorization: Bearer`` equals the key) -> ``anthropic-version`` present and
@@ -35,8 +36,8 @@ Scenarios (how to misbehave), merged in this order, later wins: the instance def
 queued one (``mock.queue(...)`` / ``mock.fail_next(...)``, consumed by POSTs to the messages endpoints that passed
 validation), the request's ``x-mock-scenario`` header (the gateway forwards unknown headers). Header syntax:
 ``item; item=value; ...``; items (``Scenario`` fields, dashes for underscores):
-    status=529 [error-type=.. message=.. retry-after=2 retry-after-ms=.. should-retry=false]
-                           HTTP error before any byte, Anthropic error body
+    status=529 [error-type=.. error-code=.. message=.. retry-after=2 retry-after-ms=.. should-retry=false]
+                           HTTP error before any byte, Anthropic error body (error-code: error.details.error_code)
     drop-after=N           close the connection after N SSE events (JSON: after half the body), no error event
     error-event-after=N    after N events send ``event: error`` (error-type, default overloaded_error) and end
     first-byte-delay=S     wait S seconds before the response head;  event-delay=S  between events
@@ -61,6 +62,8 @@ from urllib.parse import parse_qs
 
 import h11
 
+from mock_account import AccountState, Files
+from mock_batches import Batches
 from mock_replies import (API_VERSIONS, PromptCache, RequestRejected, awkward_pieces, count_input_tokens,
                           error_body, message_json, new_id, plan_reply, reported_usage, sse_bytes, stream_events,
                           validate_request)
@@ -80,6 +83,7 @@ class Scenario:
     """How to answer one request; None means "not set" so scenarios can be layered (see `merged`)."""
     status: Optional[int] = None
     error_type: Optional[str] = None
+    error_code: Optional[str] = None
     message: Optional[str] = None
     retry_after: Optional[str] = None
     retry_after_ms: Optional[str] = None
@@ -193,6 +197,9 @@ class MockUpstream:
         self.open_connections = 0
         self.disconnects = 0
         self.cache = PromptCache()
+        self.account = AccountState()     # threads, containers, files: see mock_account.py
+        self.batches = Batches(self)      # /v1/messages/batches: see mock_batches.py
+        self.files = Files(self.account)  # /v1/files: see mock_account.py
         self._queued: list[Scenario] = []
         self._refuse = 0
         self._server: Optional[asyncio.AbstractServer] = None
@@ -232,9 +239,10 @@ class MockUpstream:
         self._queued.extend([_as_scenario(scenario)] * times)
 
     def fail_next(self, status: int = 529, times: int = 1, *, retry_after: Optional[float] = None,
-                  error_type: Optional[str] = None, message: Optional[str] = None) -> None:
+                  error_type: Optional[str] = None, message: Optional[str] = None,
+                  error_code: Optional[str] = None) -> None:
         """The next `times` valid POSTs to the messages endpoints get HTTP `status` before any byte."""
-        self.queue(Scenario(status=status, error_type=error_type, message=message,
+        self.queue(Scenario(status=status, error_type=error_type, message=message, error_code=error_code,
                             retry_after=None if retry_after is None else str(retry_after)), times)
 
     def refuse_connections(self, times: int = 1) -> None:
@@ -293,7 +301,7 @@ class MockUpstream:
             version = self._check_version(request)
             await route(conn, request, version)
         except RequestRejected as rej:
-            await conn.send_error(request, rej.status, rej.error_type, rej.message)
+            await conn.send_error(request, rej.status, rej.error_type, rej.message, error_code=rej.error_code)
 
     def _route(self, request: RecordedRequest) -> Optional[Callable]:
         if request.method == "POST" and request.path == "/v1/messages":
@@ -302,7 +310,7 @@ class MockUpstream:
             return self._count_tokens
         if request.method == "GET" and (request.path == "/v1/models" or request.path.startswith("/v1/models/")):
             return self._models
-        return None
+        return self.batches.route(request.method, request.path) or self.files.route(request.method, request.path)
 
     def _check_auth(self, request: RecordedRequest) -> None:
         keys = request.header_values("x-api-key")
@@ -364,10 +372,16 @@ class MockUpstream:
 
     async def _messages(self, conn: "_Connection", request: RecordedRequest, version: str) -> None:
         body = self._parsed_body(request, version, is_messages=True)
+        self.account.check_references(body)
         scenario = self._scenario_for(request, consume_queue=True)
         if await conn.misbehave_before_answer(request, scenario):
             return
         reply = plan_reply(body, self.cache, self.api_key, force_tool=bool(scenario.tool))
+        container = self.account.container_for(body)
+        refusal = self.account.refusal_for(body)
+        self.account.answered(body, reply.message_id)
+        if refusal is not None:
+            reply.stop_reason = "refusal"
         served = {"request_id": request.request_id, "message_id": reply.message_id, "model": body["model"],
                   "stream": body.get("stream") is True, "usage": _zero_usage(), "full_usage": reply.usage,
                   "completed": False, "events_sent": 0}
@@ -375,9 +389,19 @@ class MockUpstream:
         if served["stream"]:
             events = stream_events(reply, body["model"], message_deltas=scenario.message_deltas or 1,
                                    unknown_event=bool(scenario.unknown_event))
+            final_delta = next(e for e in reversed(events) if e["type"] == "message_delta")["delta"]
+            if container is not None:
+                final_delta["container"] = container
+            if refusal is not None:
+                final_delta["stop_details"] = refusal
             await conn.send_stream(request, scenario, events, served)
         else:
-            await conn.send_message(request, scenario, message_json(reply, body["model"]), served)
+            message = message_json(reply, body["model"])
+            if container is not None:
+                message["container"] = container
+            if refusal is not None:
+                message["stop_details"] = refusal
+            await conn.send_message(request, scenario, message, served)
 
 
 def _zero_usage() -> dict[str, Any]:
@@ -553,10 +577,15 @@ class _Connection:
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         await self._write_response(status, self._headers(request, "application/json") + (extra_headers or []), body)
 
+    async def send_raw(self, request: RecordedRequest, status: int, content_type: str, body: bytes) -> None:
+        request.status = status
+        await self._write_response(status, self._headers(request, content_type), body)
+
     async def send_error(self, request: RecordedRequest, status: int, error_type: Optional[str] = None,
-                         message: Optional[str] = None, extra_headers: Optional[list] = None) -> None:
-        await self.send_json(request, status, error_body(status, request.request_id, error_type, message),
-                             extra_headers)
+                         message: Optional[str] = None, extra_headers: Optional[list] = None,
+                         error_code: Optional[str] = None) -> None:
+        await self.send_json(request, status, error_body(status, request.request_id, error_type, message,
+                                                         error_code), extra_headers)
 
     async def misbehave_before_answer(self, request: RecordedRequest, scenario: Scenario) -> bool:
         """Apply the scenario's effects that come before a 200; True when the request is answered (or never)."""
@@ -577,7 +606,8 @@ class _Connection:
             extra = [(name, value) for name, value in (("retry-after", scenario.retry_after),
                                                         ("retry-after-ms", scenario.retry_after_ms),
                                                         ("x-should-retry", scenario.should_retry)) if value]
-            await self.send_error(request, scenario.status, scenario.error_type, scenario.message, extra)
+            await self.send_error(request, scenario.status, scenario.error_type, scenario.message, extra,
+                                  scenario.error_code)
             return True
         return False
 

@@ -319,6 +319,7 @@ def _describe(exc: BaseException) -> dict:
             "type": error.get("type") if isinstance(error, dict) else None,
             "body": body if isinstance(body, dict) else None,
             "request_id": getattr(exc, "request_id", None),
+            "error_code": getattr(exc, "error_code", None),    # SDK 2.17: error.details.error_code
             "message": str(exc)[:500], "partial": getattr(exc, "partial", None)}
 
 

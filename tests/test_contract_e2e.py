@@ -126,8 +126,8 @@ REJECTED = [
     ("messages-missing", body(messages=_ABSENT), "messages", ["field required"]),
     ("messages-not-array", body(messages="hi"), "messages", ["must be an array"]),
     ("messages-empty", body(messages=[]), "messages", ["at least one message is required"]),
-    ("message-role-system", body(messages=[{"role": "system", "content": "be brief"}]), "messages[0].role",
-     ['must be "user" or "assistant" (got "system")', '"system" field']),
+    ("message-role-tool", body(messages=[{"role": "tool", "content": "be brief"}]), "messages[0].role",
+     ['must be "user", "assistant" or "system" (got "tool")']),
     ("message-content-missing", body(messages=[{"role": "user"}]), "messages[0].content", ["field required"]),
     ("message-content-number", body(messages=[{"role": "user", "content": 7}]), "messages[0].content",
      ["must be a string or an array of content blocks"]),
@@ -222,7 +222,7 @@ ACCEPTED = [
     ("thinking-budget-1024", body(max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024})),
     ("thinking-budget-32768", body(max_tokens=40000, thinking={"type": "enabled", "budget_tokens": 32768})),
     ("null-means-absent", body(temperature=None, top_k=None, metadata=None)),
-    ("unknown-top-level-fields", body(service_tier="auto", container="container_123",
+    ("unknown-top-level-fields", body(service_tier="auto",
                                       output_config={"effort": "low"}, context_management={"edits": []},
                                       mcp_servers=[{"type": "url", "url": "https://mcp.example", "name": "m"}],
                                       future_param_2031={"nested": [1, {"deep": True}]})),
@@ -676,7 +676,7 @@ async def test_failover_prepares_the_original_body_for_each_channel(gateway_env,
 # Headers and routes
 # =====================================================================================================================
 
-async def test_anthropic_headers_are_forwarded_as_sent(old_gw):
+async def test_anthropic_headers_are_forwarded_as_sent_except_who_pays(old_gw):
     sent = [("anthropic-beta", "context-management-2025-06-27,  files-api-2025-04-14"),
             ("anthropic-beta", "mock-beta-2025-01-01"),
             ("anthropic-workspace-id", "wrkspc_01ABC"),
@@ -685,17 +685,18 @@ async def test_anthropic_headers_are_forwarded_as_sent(old_gw):
     resp = await post(old_gw, body(), headers=sent)
     assert resp.status == 200, resp.body
     upstream = old_gw.mock.requests[-1]
-    for name in ("anthropic-beta", "anthropic-workspace-id", "anthropic-user-profile-id", "anthropic-future-header"):
+    for name in ("anthropic-beta", "anthropic-future-header"):
         assert upstream.header_values(name) == [v for n, v in sent if n == name]
+    # The headers that choose who pays are the operator's (a channel option), never a client's.
+    assert "anthropic-workspace-id" not in upstream.headers and "anthropic-user-profile-id" not in upstream.headers
 
 
-async def test_sdk_workspace_and_user_profile_headers_are_forwarded(old_gw, sdk2):
+async def test_sdk_workspace_and_user_profile_headers_are_not_forwarded(old_gw, sdk2):
     ok(await sdk2.run("beta_message", old_gw.base_url, old_gw.key, betas=("mock-beta-2025-01-01",),
                       workspace_id="wrkspc_01ABC", user_profile_id="uprof_01XYZ"))
     upstream = old_gw.mock.requests[-1]
     assert upstream.headers["anthropic-beta"] == "mock-beta-2025-01-01"
-    assert upstream.headers["anthropic-workspace-id"] == "wrkspc_01ABC"
-    assert upstream.headers["anthropic-user-profile-id"] == "uprof_01XYZ"
+    assert "anthropic-workspace-id" not in upstream.headers and "anthropic-user-profile-id" not in upstream.headers
 
 
 @pytest.mark.parametrize("generation", ["1.x", "2.x"])

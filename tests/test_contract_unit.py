@@ -18,6 +18,7 @@ from apertis_proxy.gateway.contract import (
     upstream_api_version,
     validate,
 )
+from apertis_proxy.gateway.model_rules import SAMPLING, THINKING_ENABLED, refused_by
 from apertis_proxy.plugin_api import Channel
 
 NEW = "2026-10-21"
@@ -77,9 +78,9 @@ def test_model_required_non_empty_string(model, message):
     ({"role": "user", "content": "x"}, "messages: must be an array of messages"),
     ([], "messages: at least one message is required"),
     (["Hello"], "messages[0]: must be an object with role and content"),
-    ([{"content": "x"}], 'messages[0].role: must be "user" or "assistant" (got null)'),
+    ([{"content": "x"}], 'messages[0].role: must be "user", "assistant" or "system" (got null)'),
     ([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}],
-     'messages[1].role: must be "user" or "assistant" (got "tool")'),
+     'messages[1].role: must be "user", "assistant" or "system" (got "tool")'),
     ([{"role": "user"}], "messages[0].content: field required"),
     ([{"role": "user", "content": 5}],
      "messages[0].content: must be a string or an array of content blocks"),
@@ -96,11 +97,13 @@ def test_messages_rules(messages, message):
     assert rejected(body(messages=messages)).message == message
 
 
-def test_system_role_in_messages_points_to_the_system_field():
-    err = rejected(body(messages=[{"role": "system", "content": "Be brief"},
-                                  {"role": "user", "content": "Hi"}]))
-    assert err.message.startswith('messages[0].role: must be "user" or "assistant" (got "system")')
-    assert 'top-level "system" field' in err.message
+def test_system_messages_mid_conversation_are_accepted_and_forwarded_unchanged():
+    payload = body(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                             {"role": "system", "content": [{"type": "text", "text": "Now be brief"}]},
+                             {"role": "user", "content": "Why?"}])
+    validate(payload)
+    for version in (OLD, NEW):
+        assert not prepare_for_channel(payload, channel(api_version=version), client_version=None).changed
 
 
 def test_messages_accept_strings_blocks_and_unknown_block_types():
@@ -726,3 +729,43 @@ def test_failover_prepares_each_channel_from_the_clients_body():
     assert first.body == {**body(model="a-id"), "stop_sequences": ["X"]}
     assert first.dropped == ["temperature", "stop"]
     assert second.body is payload and second.dropped == []
+
+
+# ------------------------------------------------------------------ model rules
+
+@pytest.mark.parametrize("model, refuses_sampling, refuses_enabled_thinking", [
+    ("claude-opus-4-5-20251101", False, False), ("claude-opus-4-6", False, False),
+    ("claude-opus-4-7", True, False), ("claude-opus-4-8", True, False), ("claude-opus-5", True, False),
+    ("claude-opus-5-5", True, False), ("claude-sonnet-4-6", False, False), ("claude-sonnet-5", True, True),
+    ("claude-sonnet-5-5", True, True), ("claude-haiku-4-5-20251001", False, False),
+    ("claude-haiku-5-5", True, False), ("claude-3-5-sonnet-20241022", False, False), ("my-model", False, False),
+])
+def test_model_rules_follow_the_family_and_version(model, refuses_sampling, refuses_enabled_thinking):
+    rules = refused_by(model)
+    assert (SAMPLING in rules, THINKING_ENABLED in rules) == (refuses_sampling, refuses_enabled_thinking)
+
+
+def test_sampling_parameters_are_removed_for_a_model_that_refuses_them_on_either_version():
+    payload = body(model="claude-opus-4-8", temperature=0.7, top_p=0.9, top_k=5)
+    for version in (OLD, NEW):
+        result = prepare_for_channel(payload, channel(api_version=version), client_version=None)
+        assert result.dropped == ["temperature", "top_p", "top_k"]
+        assert not {"temperature", "top_p", "top_k"} & result.body.keys()
+    kept = prepare_for_channel(body(model="claude-opus-4-6", temperature=0.7), channel(), client_version=None)
+    assert kept.body["temperature"] == 0.7 and not kept.dropped
+
+
+def test_model_rules_apply_to_the_upstream_id_an_alias_resolves_to():
+    aliased = channel(aliases={"smart": "claude-sonnet-5"})
+    result = prepare_for_channel(body(model="smart", temperature=0.7), aliased, client_version=None)
+    assert result.body["model"] == "claude-sonnet-5" and result.dropped == ["temperature"]
+
+
+def test_enabled_thinking_to_a_model_that_thinks_adaptively_is_a_400_naming_the_field():
+    with pytest.raises(GatewayError) as info:
+        prepare_for_channel(body(model="claude-sonnet-5", thinking={"type": "enabled", "budget_tokens": 1024}),
+                            channel(), client_version=None)
+    assert info.value.status == 400 and info.value.message.startswith("thinking.type: ")
+    for thinking in ({"type": "adaptive"}, {"type": "between_tools"}, {"type": "disabled"}):
+        assert not prepare_for_channel(body(model="claude-sonnet-5", thinking=thinking), channel(),
+                                       client_version=None).changed

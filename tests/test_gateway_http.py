@@ -299,14 +299,18 @@ async def test_request_id_on_every_response(gateway):
     assert len({i[0] for i in ids}) == len(ids)
     for response in responses:
         if response.status >= 400:
-            assert response.json()["request_id"] == response.header("request-id")
-    # The gateway's own id, never the upstream's: that one is in the usage row (and, on success, in
+            # An upstream's error body comes whole, with its own request_id (also in upstream-request-id);
+            # the gateway's own errors carry the gateway's.
+            expected = response.header("upstream-request-id") or response.header("request-id")
+            assert response.json()["request_id"] == expected
+    # The head has the gateway's own id, never the upstream's: that one is in the usage row (and in
     # upstream-request-id).
     upstream_ids = [r.request_id for r in gateway.mock.requests]
     assert len(upstream_ids) == 3
     assert not {responses[i].header("request-id") for i in (1, 2, 3)} & set(upstream_ids)
     assert [responses[i].header("upstream-request-id") for i in (2, 3)] == upstream_ids[1:]
-    assert_gateway_error(responses[1], 529, "overloaded_error")
+    assert responses[1].json()["error"]["type"] == "overloaded_error"
+    assert responses[1].json()["request_id"] == upstream_ids[0]       # the upstream's body, whole
     rows = {row["request_id"]: row for row in await gateway.usage_rows(4)}
     assert [rows[responses[i].header("request-id")]["upstream_request_id"] for i in (1, 2, 3)] == upstream_ids
 
@@ -350,8 +354,9 @@ async def test_headers_crossing_to_upstream(gateway):
     assert user_key not in json.dumps(first.raw_headers)
     assert first.header_values("anthropic-version") == ["2023-06-01"]
     assert first.header_values("anthropic-beta") == ["b-one,b-two"]
-    for name in ("anthropic-workspace-id", "x-claude-code-session-id", "x-custom-thing", "user-agent"):
+    for name in ("x-claude-code-session-id", "x-custom-thing", "user-agent"):
         assert first.header_values(name) == [dict(sent)[name]], name
+    assert "anthropic-workspace-id" not in first.headers       # who pays is the operator's choice
     assert first.headers["host"] == f"127.0.0.1:{gateway.mock.port}"
     assert second.header_values("anthropic-version") == ["2023-06-01"]
     assert second.header_values("x-api-key") == [MOCK_API_KEY] and "authorization" not in second.headers

@@ -20,7 +20,8 @@ import pytest
 from apertis_plugins.channel_router import ChannelRouter
 from apertis_plugins.keys_auth import KeysAuth
 from apertis_plugins.sqlite_meter import SqliteMeter
-from apertis_proxy.plugin_api import (Caller, Outcome, PluginContext, Reject, RequestInfo,
+from apertis_proxy.gateway.upstream_errors import classify
+from apertis_proxy.plugin_api import (CAUSE_TRANSIENT, Caller, Outcome, PluginContext, Reject, RequestInfo,
                                       UsageRecord)
 from apertis_proxy.store import schema
 from apertis_proxy.store.channels import add_channel
@@ -434,9 +435,12 @@ async def test_only_channels_serving_the_model_for_this_caller(db):
 
 # -- channels: failover health ----------------------------------------------------------------
 
-def outcome(channel, status=None, error_type=None, message="", retry_after=None, ok=False):
+def outcome(channel, status=None, error_type=None, message="", retry_after=None, ok=False, error_code=None):
+    """The Outcome the gateway reports, its cause decided as the gateway decides it."""
+    cause = None if ok else (classify(status, error_type, error_code, message) if status and status >= 400
+                             else CAUSE_TRANSIENT)
     return Outcome(channel=channel, ok=ok, status=status, error_type=error_type, message=message,
-                   retry_after=retry_after)
+                   retry_after=retry_after, error_code=error_code, cause=cause)
 
 
 async def test_failing_channel_cools_down_to_the_end_of_the_list(db):
@@ -494,25 +498,52 @@ async def test_overload_never_disables_a_channel(db):
     assert conn.execute("SELECT enabled FROM channels WHERE id = ?", (ids["busy"],)).fetchone()[0] == 1
 
 
-@pytest.mark.parametrize("status,error_type", [(401, "authentication_error"),
-                                               (403, "permission_error")])
-async def test_upstream_401_or_403_disables_the_channel_with_the_reason(db, status, error_type):
+@pytest.mark.parametrize("status,error_type,message", [
+    (401, "authentication_error", "invalid x-api-key"),
+    (403, "permission_error", "This organization has been disabled.")])
+async def test_a_refused_credential_disables_the_channel_with_the_reason(db, status, error_type, message):
     path, conn = db
     ids = make_channels(conn, ("revoked", 10, 1), ("good", 0, 1))
     async with running(ChannelRouter(context("channels", path, poll_interval=0.02))) as router:
         revoked, _ = await router.route(request(), ANYONE)
-        router.feedback(outcome(revoked, status, error_type, message="invalid x-api-key"))
+        router.feedback(outcome(revoked, status, error_type, message=message))
         assert [c.name for c in await router.route(request(), ANYONE)] == ["good"]
         row = await eventually(lambda: conn.execute(
             "SELECT enabled, disabled_reason, disabled_at FROM channels WHERE id = ? AND enabled = 0",
             (ids["revoked"],)).fetchone())
-        assert row["disabled_reason"].startswith(f"upstream {status} {error_type}: invalid x-api-key at ")
+        assert row["disabled_reason"].startswith(f"upstream {status} {error_type}: {message} at ")
         assert abs(row["disabled_at"] - time.time()) < 60
         # Our own write bumped the revision; the reload keeps it out.
         await router.refresh()
         assert [c.name for c in await router.route(request(), ANYONE)] == ["good"]
         conn.execute("UPDATE channels SET enabled = 1, disabled_reason = NULL WHERE name = 'revoked'")
         await eventually(lambda: len(router.channels) == 2)
+
+
+async def test_a_403_about_the_request_neither_disables_nor_cools_the_channel(db):
+    path, conn = db
+    ids = make_channels(conn, ("a", 10, 1), ("b", 0, 1))
+    async with running(ChannelRouter(context("channels", path))) as router:
+        a, _ = await router.route(request(), ANYONE)
+        router.feedback(outcome(a, 403, "permission_error",
+                                message="Your API key does not have permission to use the specified resource."))
+        assert [c.name for c in await router.route(request(), ANYONE)] == ["a", "b"]
+        assert not router.is_cooling(a)
+    assert conn.execute("SELECT enabled FROM channels WHERE id = ?", (ids["a"],)).fetchone()[0] == 1
+
+
+@pytest.mark.parametrize("code", ["contract_spend_limit_reached", "enforced_spend_limit_reached",
+                                  "ramp_limit_exceeded"])
+async def test_a_spend_or_ramp_limit_rests_the_channel_for_long(db, code):
+    path, conn = db
+    make_channels(conn, ("a", 10, 1), ("b", 0, 1))
+    async with running(ChannelRouter(context("channels", path, max_cooldown=60))) as router:
+        a, _ = await router.route(request(), ANYONE)
+        limited = outcome(a, 429, "rate_limit_error", retry_after=5, error_code=code)
+        assert router.cooldown_for(limited) == 3600
+        assert router.cooldown_for(outcome(a, 429, "rate_limit_error", retry_after=5)) == 5
+        router.feedback(limited)
+        assert [c.name for c in await router.route(request(), ANYONE)] == ["b", "a"]
 
 
 # -- channels: affinity ----------------------------------------------------------------------
@@ -637,6 +668,7 @@ async def test_meter_writes_every_field(db):
     for name in ("server_tool_use", "prices"):
         assert json.loads(row.pop(name)) == expected.pop(name)
     expected.pop("reached_upstream")       # no column for it in the ledger
+    expected.pop("iterations")             # nor for this one: it is in the cost
     assert {k: row[k] for k in expected} == expected
     row = dict(rows[1])
     assert (row["status"], row["error_type"], row["stream"], row["server_tool_use"],

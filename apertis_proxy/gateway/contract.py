@@ -25,6 +25,7 @@ import orjson
 
 from ..errors import GatewayError
 from ..plugin_api import Channel
+from .model_rules import SAMPLING, THINKING_ENABLED, refused_by
 
 __all__ = [
     "DROPPED_PARAMS_HEADER", "NEW_API_VERSION", "OPENAI_EXTRAS", "SAMPLING_PARAMS",
@@ -122,11 +123,10 @@ def _check_messages(messages: Any) -> None:
         if type(msg) is not dict:
             raise _bad(f"messages[{i}]", "must be an object with role and content")
         role = msg.get("role")
-        if role != "user" and role != "assistant":
-            hint = (' (put system prompts in the top-level "system" field)'
-                    if role == "system" else "")
+        if role != "user" and role != "assistant" and role != "system":
+            # "system" mid-conversation: SDK 2.17's MessageParam allows it.
             raise _bad(f"messages[{i}].role",
-                       f'must be "user" or "assistant" (got {_json(role)}){hint}')
+                       f'must be "user", "assistant" or "system" (got {_json(role)})')
         content = msg.get("content")
         if type(content) is str:
             continue
@@ -282,6 +282,16 @@ def _check_seed(v: Any) -> None:
         raise _bad("seed", "must be an integer")
 
 
+def _check_billing_policy(v: Any) -> None:
+    # Who pays is the operator's choice: the gateway's accounts pay, and the
+    # user profile that "user_profile" would bill is never forwarded.
+    if type(v) is not dict:
+        raise _bad("billing_policy", 'must be an object such as {"type": "billing_policy", "bill_to": "self"}')
+    bill_to = v.get("bill_to")
+    if bill_to is not None and bill_to != "self":
+        raise _bad("billing_policy.bill_to", f'only "self" is accepted through this gateway (got {_json(bill_to)})')
+
+
 _OPTIONAL_CHECKS: dict[str, Callable[[Any], None]] = {
     "temperature": _unit_interval("temperature"),
     "top_p": _unit_interval("top_p"),
@@ -300,6 +310,7 @@ _OPTIONAL_CHECKS: dict[str, Callable[[Any], None]] = {
     "frequency_penalty": _penalty("frequency_penalty"),
     "logit_bias": _check_logit_bias,
     "seed": _check_seed,
+    "billing_policy": _check_billing_policy,
 }
 
 
@@ -385,11 +396,16 @@ def prepare_for_channel(body: dict, channel: Channel, *, client_version: Optiona
     dropped: list[str] = []
 
     model = body.get("model")
+    refused: frozenset[str] = frozenset()
     if type(model) is str:
         upstream_model = channel.upstream_model(model)
         if upstream_model != model:
             out = dict(body)
             out["model"] = upstream_model
+        refused = refused_by(upstream_model)
+        if THINKING_ENABLED in refused:
+            _check_thinking_allowed(body.get("thinking"), upstream_model)
+    strip_sampling = new_version or SAMPLING in refused
 
     for key in body:                 # body order -> stable, readable header
         if translate_extras and key in OPENAI_EXTRAS:
@@ -397,7 +413,7 @@ def prepare_for_channel(body: dict, channel: Channel, *, client_version: Optiona
                 out = dict(body)
             _translate_extra(key, out)
             dropped.append(key)
-        elif new_version and key in SAMPLING_PARAMS:
+        elif strip_sampling and key in SAMPLING_PARAMS:
             if out is None:
                 out = dict(body)
             del out[key]
@@ -415,6 +431,12 @@ def prepare_for_channel(body: dict, channel: Channel, *, client_version: Optiona
     if out is None:
         return Prepared(body=body, dropped=dropped, api_version=api_version, changed=False)
     return Prepared(body=out, dropped=dropped, api_version=api_version, changed=True)
+
+
+def _check_thinking_allowed(thinking: Any, model: str) -> None:
+    if type(thinking) is dict and thinking.get("type") == "enabled":
+        raise _bad("thinking.type", f'"enabled" is not supported by {model}, which thinks adaptively; '
+                                    f'send {{"type": "adaptive"}} (with output_config.effort) instead')
 
 
 def _translate_extra(key: str, out: dict) -> None:

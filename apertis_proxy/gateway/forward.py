@@ -8,26 +8,34 @@ metered exactly once, in `finally`, also when the client or upstream vanished.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, Optional, Sequence
 
 import orjson
 
-from ..errors import GatewayError, error_type_for
+from ..errors import GatewayError, error_body
 from ..http.messages import Request
 from ..http.protocol import Responder
-from ..plugin_api import Caller, Channel, Outcome, RequestInfo, UsageRecord
+from ..plugin_api import (CAUSE_CREDENTIAL, CAUSE_TRANSIENT, Caller, Channel, Outcome, RequestInfo,
+                          UsageRecord)
 from ..plugin_host import PluginHost
 from ..settings import Settings
 from ..store.catalog import Catalog
+from ..store.owned_state import OwnedState
 from ..upstream.connection import UpstreamConnection, UpstreamError
 from ..upstream.pool import Pool, Pools
 from . import contract
+from .body_encoding import decode_body
 from .headers import downstream_headers, parse_retry_after, upstream_headers
+from .ownership import (CONTAINER, CREDIT, THINKING, THREAD, StateCapture, asks_for_thinking, not_found,
+                        owner_of, references, resolve)
 from .relay import relay_json, relay_stream
 from .sse import SseSplicer
-from .usage import UsageMeter, error_from_body, price, redact
+from .upstream_call import exchange
+from .upstream_errors import fails_over, read_error, request_secrets
+from .usage import UsageMeter, price
 
 log = logging.getLogger("apertis_proxy.gateway")
 
@@ -35,8 +43,6 @@ _JSON = (b"content-type", b"application/json")
 _ERROR_BODY_LIMIT = 1024 * 1024
 # Request timings for the ledger: uvloop's loop.time() ticks in whole milliseconds.
 _clock = time.perf_counter
-# Statuses after which the next channel is tried (only before any byte went out).
-_FAILOVER = frozenset((401, 403, 408, 409, 429, 500, 502, 503, 504, 529))
 
 
 class CatalogRef:
@@ -71,23 +77,27 @@ def request_info(req: Request, resp: Responder, body: Any) -> RequestInfo:
 class Attempt:
     """The failure of one channel attempt, kept to answer the client if all fail."""
 
-    __slots__ = ("status", "error_type", "message", "headers", "body")
+    __slots__ = ("status", "error_type", "message", "headers", "body", "cause")
 
     def __init__(self, status: int, error_type: str, message: str,
-                 headers: Optional[list] = None, body: Optional[bytes] = None) -> None:
+                 headers: Optional[list] = None, body: Optional[bytes] = None,
+                 cause: str = CAUSE_TRANSIENT) -> None:
         self.status = status
         self.error_type = error_type
         self.message = message
         self.headers = headers or []
         self.body = body
+        self.cause = cause      # whether the next channel may be tried (upstream_errors.fails_over)
 
 
 class MessagesForwarder:
-    def __init__(self, settings: Settings, plugins: PluginHost, pools: Pools, catalog: CatalogRef) -> None:
+    def __init__(self, settings: Settings, plugins: PluginHost, pools: Pools, catalog: CatalogRef,
+                 owned: Optional[OwnedState] = None) -> None:
         self.settings = settings
         self.plugins = plugins
         self.pools = pools
         self.catalog = catalog
+        self.owned = owned        # account-bound state and its owners; None: not tracked
 
     async def handle(self, req: Request, resp: Responder, *, count_tokens: bool = False) -> None:
         t0 = _clock()
@@ -96,10 +106,19 @@ class MessagesForwarder:
         caller: Optional[Caller] = None
         vouched_by = None
         try:
-            body, parse_error = parse_body(req.body)
+            decode_error = None
+            try:
+                decoded = decode_body(req.body, req.headers, self.settings.max_body_bytes)
+                if decoded is not None:
+                    req.body = decoded      # forwarded decoded: content-encoding is not sent upstream
+            except GatewayError as e:
+                decode_error = e
+            body, parse_error = parse_body(req.body) if decode_error is None else (None, None)
             info = request_info(req, resp, body)
             caller, vouched_by = await self.plugins.authenticate(info)
             record.key_id, record.key_name = caller.key_id, caller.key_name
+            if decode_error is not None:
+                raise decode_error
             if parse_error:
                 raise GatewayError(400, parse_error)
             if count_tokens:
@@ -113,21 +132,35 @@ class MessagesForwarder:
             # Code's Esc) stops the upstream generation; a JSON answer is
             # awaited regardless so its usage is known exactly.
             resp.abandon_on_disconnect = record.stream
+            refs = references(body, req.body) if self.owned is not None else []
+            if refs:
+                account = await resolve(self.owned, refs, caller)
+                if account is not None:
+                    info = dataclasses.replace(info, account=account)
             channels = await self.plugins.route(info, caller)
             if channels and info.model and not contract.is_claude_model_name(info.model):
                 # A channel serving "any model" has not opted into another vendor's name
                 # ("gpt-4o"): only a channel naming it (an alias or a listed model) gets it.
                 channels = [c for c in channels if info.model in c.aliases
                             or (c.models is not None and info.model in c.models)]
+            if info.account is not None:
+                # The state lives on one upstream account: only its channels can serve it.
+                channels = [c for c in channels if c.account == info.account]
+                if not channels:
+                    raise not_found(*refs[0])
             if not channels:
                 raise self._unserved(info.model or "", caller)
-            await self._attempt_all(req, resp, info, body, channels, record, count_tokens)
+            await self._attempt_all(req, resp, info, body, channels, record, count_tokens, owner_of(caller))
         except GatewayError as e:
             record.status = e.status
             record.error_type = e.error_type
             if not resp.started:
-                resp.send_error(e.status, e.message, e.error_type,
-                                [(k.encode(), str(v).encode()) for k, v in e.headers.items()])
+                headers = [(k.encode(), str(v).encode()) for k, v in e.headers.items()]
+                if e.error_code:
+                    resp.send(e.status, [_JSON] + headers,
+                              error_body(e.error_type, e.message, resp.request_id, e.error_code))
+                else:
+                    resp.send_error(e.status, e.message, e.error_type, headers)
         except asyncio.CancelledError:
             # The client left (see abandon_on_disconnect) or shutdown cut the
             # request at its deadline; still metered below.
@@ -160,7 +193,8 @@ class MessagesForwarder:
 
     # -- attempts ------------------------------------------------------------
     async def _attempt_all(self, req: Request, resp: Responder, info: RequestInfo, body: dict,
-                           channels: Sequence[Channel], record: UsageRecord, count_tokens: bool) -> None:
+                           channels: Sequence[Channel], record: UsageRecord, count_tokens: bool,
+                           owner: str) -> None:
         client_version = None
         for name, value in req.headers:
             if name == b"anthropic-version":
@@ -170,10 +204,10 @@ class MessagesForwarder:
         for i, channel in enumerate(channels):
             prepared = contract.prepare_for_channel(body, channel, client_version=client_version,
                                                     default_version=self.settings.default_api_version)
-            failure = await self._attempt(req, resp, info, channel, prepared, record, count_tokens)
+            failure = await self._attempt(req, resp, info, channel, prepared, record, count_tokens, owner)
             if failure is None:
                 return
-            if failure.status not in _FAILOVER or i == last:
+            if not fails_over(failure.cause) or i == last:
                 break
         assert failure is not None
         record.status = failure.status
@@ -185,7 +219,7 @@ class MessagesForwarder:
 
     async def _attempt(self, req: Request, resp: Responder, info: RequestInfo, channel: Channel,
                        prepared: "contract.Prepared", record: UsageRecord,
-                       count_tokens: bool) -> Optional[Attempt]:
+                       count_tokens: bool, owner: str) -> Optional[Attempt]:
         """One channel.  None when the client got its answer; an Attempt when it failed
         before anything went out (the caller may try the next channel)."""
         settings = self.settings
@@ -200,31 +234,19 @@ class MessagesForwarder:
                                        len(payload))
         except ValueError as exc:   # a bad base URL, or a key/version that cannot be a header
             self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id,
-                                          error_type="connect_error", message=str(exc)))
+                                          error_type="connect_error", message=str(exc), cause=CAUSE_TRANSIENT))
             return Attempt(502, "api_error", "upstream channel is misconfigured")
         pool = self.pools.pool(origin)
         target = (origin.base_path + req.path + ("?" + req.query if req.query else "")).encode("latin-1")
         t_start = _clock()
-        conn: Optional[UpstreamConnection] = None
-        for fresh_retry in (False, True):
-            try:
-                conn, reused = await pool.acquire(fresh=fresh_retry)
-            except UpstreamError as exc:
-                return self._failed(channel, info, exc, t_start)
+
+        def connected() -> None:
             record.reached_upstream = True
-            try:
-                conn.send_request(b"POST", target, headers, payload)
-                head = await conn.read_head(settings.read_timeout)
-                break
-            except asyncio.CancelledError:
-                pool.discard(conn)
-                raise
-            except UpstreamError as exc:
-                pool.discard(conn)
-                # A reused keep-alive connection the upstream closed meanwhile: one fresh try.
-                if reused and not exc.timeout and not fresh_retry:
-                    continue
-                return self._failed(channel, info, exc, t_start)
+
+        try:
+            conn, head = await exchange(pool, b"POST", target, headers, payload, settings.read_timeout, connected)
+        except UpstreamError as exc:
+            return self._failed(channel, info, exc, t_start)
         # Sent and answered: a stream may run for minutes, so do not hold the
         # request bytes (an orjson output keeps an 8 KB block, measured).
         payload = headers = None    # noqa: F841
@@ -242,7 +264,8 @@ class MessagesForwarder:
         if info.model and record.upstream_model and info.model != record.upstream_model:
             rename = (record.upstream_model, info.model)
         ctype = head.get(b"content-type") or b""
-        meter = UsageMeter(record)
+        meter = (StateCapture(record, asks_for_thinking(info.body)) if self.owned is not None and not count_tokens
+                 else UsageMeter(record))
         if ctype.startswith(b"text/event-stream"):
             await relay_stream(conn, pool, resp, head.status, down, SseSplicer(meter, rename, channel.api_key),
                                record, settings.read_timeout)
@@ -254,14 +277,29 @@ class MessagesForwarder:
         failed = record.error_type is not None and record.error_type != "client_closed_request"
         self.plugins.feedback(Outcome(channel, ok=not failed, request_id=info.request_id, status=head.status,
                                       error_type=record.error_type if failed else None,
-                                      duration=_clock() - t_start))
+                                      duration=_clock() - t_start, cause=CAUSE_TRANSIENT if failed else None))
+        if isinstance(meter, StateCapture):
+            self._remember(meter, info, channel, owner)
         return None
+
+    def _remember(self, created: StateCapture, info: RequestInfo, channel: Channel, owner: str) -> None:
+        """Record the ids this answer created, with their account and owner."""
+        owned = self.owned
+        assert owned is not None
+        thread = info.body.get("thread") if info.body is not None else None
+        if created.message_id and isinstance(thread, dict):
+            owned.remember(THREAD, created.message_id, owner, channel.account, channel.id)
+        if created.container_id:
+            owned.remember(CONTAINER, created.container_id, owner, channel.account, channel.id)
+        if created.credit_token:
+            owned.remember(CREDIT, created.credit_token, owner, channel.account, channel.id)
+        for fingerprint in created.signatures:
+            owned.remember(THINKING, fingerprint, owner, channel.account, channel.id)
 
     def _failed(self, channel: Channel, info: RequestInfo, exc: UpstreamError, t_start: float) -> Attempt:
         etype = "timeout" if exc.timeout else "connect_error"
         self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, error_type=etype,
-                                      message=str(exc),
-                                      duration=_clock() - t_start))
+                                      message=str(exc), duration=_clock() - t_start, cause=CAUSE_TRANSIENT))
         if exc.timeout:
             return Attempt(504, "timeout_error", f"upstream timed out: {exc}")
         return Attempt(502, "api_error", f"upstream unavailable: {exc}")
@@ -277,23 +315,21 @@ class MessagesForwarder:
         except UpstreamError:
             pool.discard(conn)
             raw = b""
-        etype, message = error_from_body(raw)
-        # Some relays quote the credential they were sent; it must not reach
-        # the client, the log or `channels list` (a disable reason).
-        message = redact(message, channel.api_key)
-        status = head.status
-        etype = etype or error_type_for(status)
+        # The client gets the upstream's body (its error_code and request_id), without
+        # the channel's key: some relays quote the credential they were sent.
+        error = read_error(head.status, raw, [channel.api_key, *request_secrets(info.body)])
         retry_after = parse_retry_after(head.get(b"retry-after"))
-        self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, status=status,
-                                      error_type=etype, message=message,
-                                      retry_after=retry_after,
-                                      duration=_clock() - t_start))
-        if status in (401, 403):
+        self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, status=error.status,
+                                      error_type=error.error_type, message=error.message,
+                                      retry_after=retry_after, duration=_clock() - t_start,
+                                      error_code=error.error_code, cause=error.cause))
+        if error.cause == CAUSE_CREDENTIAL:
             # The channel's own key was refused: the caller's key is fine, so do
             # not hand them an authentication error they cannot fix.
-            return Attempt(502, "api_error", "the upstream channel rejected the gateway's credentials")
+            return Attempt(502, "api_error", "the upstream channel rejected the gateway's credentials",
+                           cause=error.cause)
         passed = [(n, v) for n, v in head.headers if n in (b"retry-after", b"retry-after-ms", b"x-should-retry")]
         rid = head.get(b"request-id")
         if rid:
             passed.append((b"upstream-request-id", rid))
-        return Attempt(status, etype, message or f"upstream answered {status}", passed)
+        return Attempt(error.status, error.error_type, error.message, passed, error.body, error.cause)

@@ -9,11 +9,16 @@ from ..plugin_api import Channel
 # Never forwarded upstream: hop-by-hop, framing (we set our own), the client's
 # credentials (upstream gets the channel's key, as exactly one credential) and
 # the version (upstream gets the channel's).  accept-encoding is dropped so the
-# upstream answers uncompressed: usage has to be read from the body.
+# upstream answers uncompressed: usage has to be read from the body.  A
+# compressed request body is decoded here, so content-encoding goes too.
+# The headers that choose who pays (the upstream workspace, the billed user
+# profile) are the operator's: a channel may set them, a client may not.
+_OPERATOR_HEADERS = ((b"anthropic-workspace-id", "workspace_id"), (b"anthropic-user-profile-id", "user_profile_id"))
 _DROP_UPSTREAM = frozenset((
     b"host", b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
     b"trailer", b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"content-length",
     b"x-api-key", b"authorization", b"anthropic-version", b"accept-encoding", b"expect",
+    b"content-encoding", *(name for name, _ in _OPERATOR_HEADERS),
 ))
 
 # Forwarded back to the client from an upstream response.  Rate-limit and
@@ -60,6 +65,11 @@ def upstream_headers(client: list[tuple[bytes, bytes]], channel: Channel, host: 
         # never from the gateway's four lines (a client listing x-api-key or
         # content-length would strip the channel's credential or the framing).
         out[_OWN:] = [(n, v) for n, v in out[_OWN:] if n not in listed]
+    if channel.options:
+        for name, option in _OPERATOR_HEADERS:
+            value = channel.options.get(option)
+            if value:
+                out.append((name, checked(str(value).encode("latin-1"))))
     return out
 
 

@@ -11,9 +11,31 @@ from ..http.messages import Request
 from ..http.protocol import Responder
 from ..plugin_api import Caller, ModelInfo, RequestInfo, UsageRecord
 from ..plugin_host import PluginHost
+from .batches import BatchesEndpoint
+from .files import FilesEndpoint
 from .forward import MessagesForwarder, request_info
+from .paging import page
 
 _JSON = (b"content-type", b"application/json")
+
+# API paths that act for a whole upstream account, never forwarded with a
+# channel's key: first path segment after /v1/ -> why.
+_ACCOUNT_WIDE = {
+    "organizations": "the Admin API manages the whole upstream organisation",
+    "user_profiles": "user profiles choose who the upstream account bills",
+    "compliance": "compliance exports cover every user of the upstream account",
+    "skills": "skills are shared by everyone on the upstream account",
+    **dict.fromkeys(("agents", "sessions", "environments", "vaults", "memory_stores", "deployments",
+                     "deployment_runs", "dreams", "tunnels", "webhooks"),
+                    "managed agents run with the upstream account's own credentials and data"),
+}
+
+
+def account_wide(path: str) -> Optional[str]:
+    """Why `path` is not served, when it is one of the account-wide APIs."""
+    if not path.startswith("/v1/"):
+        return None
+    return _ACCOUNT_WIDE.get(path[4:].split("/", 1)[0])
 
 
 class GatewayApp:
@@ -22,6 +44,9 @@ class GatewayApp:
     def __init__(self, forwarder: MessagesForwarder, plugins: PluginHost) -> None:
         self.forwarder = forwarder
         self.plugins = plugins
+        # Account-bound resources need the ownership records.
+        self.owned_endpoints = ([BatchesEndpoint(forwarder), FilesEndpoint(forwarder)]
+                                if forwarder.owned is not None else [])
 
     def admit(self, head: Request) -> Optional[GatewayError]:
         """The HTTP layer asks before reading a body: a /v1/ request whose
@@ -50,8 +75,15 @@ class GatewayApp:
             if req.method not in ("GET", "HEAD"):
                 return _method_not_allowed(resp, "GET, HEAD")
             return await self._models(req, resp)
+        for endpoint in self.owned_endpoints:
+            if endpoint.serves(path):
+                return await endpoint.handle(req, resp)
         if path in ("/health", "/healthz"):
             return resp.send(200, [_JSON], b'{"status":"ok"}')
+        refused = account_wide(path)
+        if refused is not None:
+            return resp.send_error(404, f"{path} is not available through this gateway: {refused}",
+                                   "not_found_error")
         resp.send_error(404, f"Not found: {req.method} {path}", "not_found_error")
 
     async def _models(self, req: Request, resp: Responder) -> None:
@@ -92,31 +124,9 @@ def _model_json(m: ModelInfo) -> dict:
 
 def paginate(models: list[ModelInfo], query: str) -> dict:
     """Anthropic's list shape: data, has_more, first_id, last_id; after_id/before_id/limit."""
-    params = dict(p.split("=", 1) if "=" in p else (p, "") for p in query.split("&") if p)
-    try:
-        limit = int(params.get("limit", "20"))
-    except ValueError:
-        raise GatewayError(400, "limit: must be an integer") from None
-    if not 1 <= limit <= 1000:
-        raise GatewayError(400, "limit: must be between 1 and 1000")
-    ids = [m.id for m in models]
-    start, end = 0, len(models)
-    after: Optional[str] = params.get("after_id")
-    before: Optional[str] = params.get("before_id")
-    if after:
-        if after not in ids:
-            raise GatewayError(400, f"after_id: unknown model id {after}")
-        start = ids.index(after) + 1
-    if before:
-        if before not in ids:
-            raise GatewayError(400, f"before_id: unknown model id {before}")
-        end = ids.index(before)
-    window = models[start:end]
-    # Paging backwards (before_id alone) takes the page nearest to before_id.
-    page = window[-limit:] if before and not after else window[:limit]
-    has_more = len(window) > limit
-    return {"data": [_model_json(m) for m in page], "has_more": has_more,
-            "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+    chosen, has_more = page(models, [m.id for m in models], query, "model")
+    return {"data": [_model_json(m) for m in chosen], "has_more": has_more,
+            "first_id": chosen[0].id if chosen else None, "last_id": chosen[-1].id if chosen else None}
 
 
 def _method_not_allowed(resp: Responder, allowed: str) -> None:

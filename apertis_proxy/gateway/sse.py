@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import orjson
 
-from .usage import UsageMeter, redactable
+from .usage import UsageMeter, redact_bytes, redactable
 
 _LF2 = b"\n\n"
 
@@ -97,11 +97,26 @@ def _watched_events(text: bytes) -> list[tuple[int, int, bytes]]:
     return found
 
 
+def _signatures(text: bytes, note: Callable[[str], None]) -> None:
+    """Hand `note` the signature of each thinking block completed in `text` (whole events)."""
+    for marker in (b'"signature_delta"', b'"redacted_thinking"'):
+        pos = text.find(marker)
+        while pos >= 0:
+            start = text.rfind(_LF2, 0, pos)
+            stop = text.find(_LF2, pos)
+            obj = event_json(text[start + 2 if start >= 0 else 0:stop if stop >= 0 else len(text)]) or {}
+            part = obj.get("delta") if marker == b'"signature_delta"' else obj.get("content_block")
+            signed = part.get("signature" if marker == b'"signature_delta"' else "data") if isinstance(part, dict) else None
+            if isinstance(signed, str) and signed:
+                note(signed)
+            pos = text.find(marker, pos + 1)
+
+
 class SseSplicer:
     """Stateful splice of one stream.  `rename_model` rewrites message_start's
     model (the client sees the name it asked for, not the upstream alias target)."""
 
-    __slots__ = ("_tail", "_held", "meter", "rename_model", "_secret", "error", "saw_stop")
+    __slots__ = ("_tail", "_held", "meter", "rename_model", "_secret", "error", "saw_stop", "_signatures")
 
     def __init__(self, meter: UsageMeter, rename_model: Optional[tuple[str, str]] = None,
                  secret: Optional[str] = None) -> None:
@@ -110,9 +125,12 @@ class SseSplicer:
         self.meter = meter
         self.rename_model = rename_model     # (upstream id, client name)
         # The channel's key: an in-band error quoting it is forwarded without it.
-        self._secret = secret.encode() if redactable(secret) else None
+        self._secret = secret if redactable(secret) else None
         self.error: Optional[dict] = None    # the in-band error upstream sent, if any
         self.saw_stop = False
+        # A meter that records thinking signatures (ownership.StateCapture, for a
+        # request that asked for thinking) gets them; other streams never pay for the scan.
+        self._signatures = getattr(meter, "signature_hook", None)
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events so far, to forward; raises EventTooLarge."""
@@ -150,6 +168,9 @@ class SseSplicer:
             # Parse on LF-only text; CR line endings are legal SSE but rare.
             text = (region.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if region.find(b"\r") >= 0
                     else region)
+        if self._signatures is not None and (text.find(b"signature_delta") >= 0
+                                             or text.find(b"redacted_thinking") >= 0):
+            _signatures(text, self._signatures)
         # The hot path: two substring scans find nothing worth parsing.
         watched = _watched_events(text)
         if watched:
@@ -202,9 +223,10 @@ class SseSplicer:
                 ev = text[start:stop]
                 obj = event_json(ev) or {}
                 self.error = obj.get("error") or {"type": "api_error"}
-                if self._secret is not None and ev.find(self._secret) >= 0:
-                    renamed.append((start, stop, ev.replace(self._secret, b"[redacted]")))
-                    self.error = orjson.loads(orjson.dumps(self.error).replace(self._secret, b"[redacted]"))
+                clean = redact_bytes(ev, self._secret)
+                if clean is not ev:
+                    renamed.append((start, stop, clean))
+                    self.error = orjson.loads(redact_bytes(orjson.dumps(self.error), self._secret))
         if not renamed:
             return region
         parts, last = [], 0

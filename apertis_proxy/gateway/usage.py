@@ -22,6 +22,22 @@ def _count(value: Any) -> Optional[int]:
     return value if type(value) is int and 0 <= value < _MAX_COUNT else None
 
 
+# Iteration types whose tokens are not in the top-level counts: each is billed on its own.
+_SEPARATE_ITERATIONS = frozenset(("compaction", "advisor_message", "fallback_message"))
+
+
+def _iteration(item: Any) -> Optional[dict]:
+    """One usage.iterations entry billed apart from the top-level counts, or None."""
+    if not isinstance(item, dict) or item.get("type") not in _SEPARATE_ITERATIONS:
+        return None
+    out: dict = {"type": item["type"]}
+    if isinstance(item.get("model"), str):
+        out["model"] = item["model"]
+    for name in _COUNTS:
+        out[name] = _count(item.get(name)) or 0
+    return out
+
+
 class UsageMeter:
     """Writes usage into one UsageRecord as it becomes known."""
 
@@ -46,6 +62,10 @@ class UsageMeter:
                 rec.cache_creation_5m_input_tokens = v5
             if v1 is not None:
                 rec.cache_creation_1h_input_tokens = v1
+        iterations = usage.get("iterations")
+        if isinstance(iterations, list) and iterations:
+            billed = [it for it in map(_iteration, iterations[:64]) if it is not None]
+            rec.iterations = billed or None
         stu = usage.get("server_tool_use")
         if isinstance(stu, dict) and stu:
             # Counts per server tool ({"web_search_requests": 2}); anything else is not kept.
@@ -82,38 +102,52 @@ def price(record: UsageRecord, catalog: Catalog) -> None:
     total = (record.input_tokens * p["input"] + record.output_tokens * p["output"]
              + record.cache_read_input_tokens * p["cache_read"]
              + c5m * p["cache_write_5m"] + c1h * p["cache_write_1h"])
+    for it in record.iterations or ():
+        # An iteration runs at its own model when it names one (advisor, fallback), else the request's.
+        q = (catalog.lookup(it.get("model")) or entry).prices
+        total += (it["input_tokens"] * q["input"] + it["output_tokens"] * q["output"]
+                  + it["cache_read_input_tokens"] * q["cache_read"]
+                  + it["cache_creation_input_tokens"] * q["cache_write_5m"])
     record.cost = round(total / 1_000_000, 10)
     record.prices = {"model": entry.id, **p}
 
 
-def error_from_body(body: bytes) -> tuple[Optional[str], str]:
-    """(error type, message) from an Anthropic error body, tolerating junk
-    (HTML, nothing, or the error as an SSE event: some relays answer a
-    streaming request's error that way)."""
-    import orjson
-    candidates = [body]
-    if body.lstrip().startswith((b"event:", b"data:")):
-        candidates = [line[5:] for line in body.splitlines() if line.startswith(b"data:")]
-    for candidate in candidates:
-        try:
-            obj = orjson.loads(candidate)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            err = obj.get("error")
-            if isinstance(err, dict):
-                etype = err.get("type")
-                return (etype if isinstance(etype, str) else None), str(err.get("message", ""))[:500]
-    return None, body[:200].decode("utf-8", "replace")
-
-
 def redactable(secret: Optional[str]) -> bool:
     """Long enough to look for: a very short "key" would redact ordinary words."""
-    return bool(secret) and len(secret) >= 8
+    return bool(secret) and len(secret) >= _REDACT_MIN
+
+
+_REDACT_MIN = 8
 
 
 def redact(text: str, secret: Optional[str]) -> str:
-    """`text` without `secret` in it (an upstream quoting the key it was sent)."""
-    if redactable(secret) and secret in text:
-        return text.replace(secret, "[redacted]")
-    return text
+    """`text` without `secret` in it (an upstream quoting the key it was sent), nor any
+    prefix of it of _REDACT_MIN characters or more (a quote cut short, ours or theirs)."""
+    if not redactable(secret):
+        return text
+    return _redacted(text, secret, "[redacted]")
+
+
+def redact_bytes(data: bytes, secret: Optional[str]) -> bytes:
+    if not redactable(secret):
+        return data
+    return _redacted(data, secret.encode("utf-8"), b"[redacted]")
+
+
+def _redacted(text, secret, mark):
+    head = secret[:_REDACT_MIN]
+    at = text.find(head)
+    if at < 0:
+        return text
+    out = []
+    start = 0
+    while at >= 0:
+        end = at + _REDACT_MIN
+        limit = min(len(text), at + len(secret))
+        while end < limit and text[end] == secret[end - at]:
+            end += 1
+        out += (text[start:at], mark)
+        start = end
+        at = text.find(head, end)
+    out.append(text[start:])
+    return mark[:0].join(out)

@@ -129,6 +129,20 @@ CREATE TABLE IF NOT EXISTS usage (
     cost                        REAL NOT NULL DEFAULT 0,
     prices                      TEXT             -- JSON, USD per million tokens used
 );
+-- Upstream state bound to the account that created it and to the key that
+-- owns it: thread anchors (message ids), containers, files, batches, skills,
+-- fallback credit tokens.  Written by the gateway as it sees them created.
+CREATE TABLE IF NOT EXISTS owned_state (
+    kind        TEXT NOT NULL,       -- thread, container, file, batch, skill, credit
+    id          TEXT NOT NULL,       -- the upstream's id
+    owner       TEXT NOT NULL,       -- the key that created it ("<key id>/<key name>")
+    account     TEXT NOT NULL,       -- fingerprint of the upstream account (Channel.account)
+    channel_id  INTEGER,             -- the channel that created it
+    created_at  REAL NOT NULL,
+    settled_at  REAL,                -- a batch: when its results were billed (once)
+    PRIMARY KEY (kind, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS owned_state_owner ON owned_state (owner, kind, created_at);
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 CREATE INDEX IF NOT EXISTS usage_key ON usage (key_name, ts);
 """

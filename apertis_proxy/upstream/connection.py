@@ -48,6 +48,9 @@ _SENT_REQUEST = h11.Request(method=b"POST", target=b"/", headers=[(b"host", b"up
                                                                    (b"content-length", b"0")])
 
 
+_METHODS = frozenset((b"POST", b"GET", b"DELETE"))
+
+
 class UpstreamError(Exception):
     """The upstream connection failed.  `phase` says where: connect, send, head, body."""
 
@@ -267,10 +270,10 @@ class UpstreamConnection(asyncio.Protocol):
         """Write the whole request (head and body) at once.  `headers` must carry
         host and content-length, and be valid: values from the client were
         validated by h11, the gateway's own by gateway.headers."""
-        if method != b"POST":
-            raise UpstreamError("only POST requests are forwarded", "send")
+        if method not in _METHODS:      # a HEAD answer has no body: the framing here would wait for one
+            raise UpstreamError("only POST, GET and DELETE requests are forwarded", "send")
         self.requests += 1
-        parts = [b"POST ", target, b" HTTP/1.1\r\n"]
+        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
         for name, value in headers:
             parts.append(name + b": " + value + b"\r\n")
         if self.closed or self.transport is None:

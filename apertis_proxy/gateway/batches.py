@@ -1,0 +1,164 @@
+"""/v1/messages/batches, scoped to the key that created each batch (see owned_endpoint.py).
+
+A batch goes to one channel serving all its models, each request's params
+fitted to that channel like a Messages body.  `results_url` is rewritten to
+the gateway.  Results are billed once, at the batch price (half the list
+rates), and only for `succeeded` results: the first fetch of an ended batch's
+results carries their usage and cost, later fetches cost nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import orjson
+
+from ..errors import GatewayError
+from ..http.messages import Request
+from ..http.protocol import Responder
+from ..plugin_api import Caller, Channel, UsageRecord
+from . import contract
+from .forward import request_info
+from .owned_endpoint import OwnedEndpoint, header
+from .ownership import BATCH
+from .upstream_call import Answer
+from .upstream_errors import fails_over, read_error
+from .usage import UsageMeter, price
+
+PREFIX = "/v1/messages/batches"
+BATCH_PRICE = 0.5          # batch requests cost half the list rates, every token kind
+_JSON = (b"content-type", b"application/json")
+
+
+class BatchesEndpoint(OwnedEndpoint):
+    prefix = PREFIX
+    kind = BATCH
+    noun = "message_batch_id"
+
+    async def item(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord,
+                   rest: list[str]) -> None:
+        method = req.method
+        batch_id = rest[0]
+        if (len(rest) == 1 and method in ("GET", "DELETE")) or (rest[1:] == ["cancel"] and method == "POST"):
+            return await self._one(req, resp, caller, record, batch_id)
+        if rest[1:] == ["results"] and method == "GET":
+            return await self._results(req, resp, caller, record, batch_id)
+        raise GatewayError(404, f"Not found: {method} {req.path}", "not_found_error")
+
+    # -- create ---------------------------------------------------------------
+
+    async def create(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord) -> None:
+        fw = self.fw
+        try:
+            body = orjson.loads(req.body)
+        except orjson.JSONDecodeError as exc:
+            raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
+        requests = body.get("requests") if isinstance(body, dict) else None
+        if not isinstance(requests, list) or not requests:
+            raise GatewayError(400, "requests: must be a non-empty array of {custom_id, params}")
+        for i, item in enumerate(requests):
+            if not isinstance(item, dict) or not isinstance(item.get("custom_id"), str):
+                raise GatewayError(400, f"requests[{i}].custom_id: must be a string")
+            params = item.get("params")
+            if not isinstance(params, dict) or not isinstance(params.get("model"), str):
+                raise GatewayError(400, f"requests[{i}].params: must be a Messages body with a model")
+        client_version = header(req, b"anthropic-version")
+        last: Optional[Answer] = None
+        for channel in await self._channels_for(req, resp, caller, {r["params"]["model"] for r in requests}):
+            fitted = []
+            version = contract.upstream_api_version(channel, client_version, fw.settings.default_api_version)
+            for i, item in enumerate(requests):
+                try:
+                    prepared = contract.prepare_for_channel(item["params"], channel, client_version=client_version,
+                                                            default_version=fw.settings.default_api_version)
+                except GatewayError as e:
+                    raise GatewayError(400, f"requests[{i}].params.{e.message}") from None
+                fitted.append({**item, "params": prepared.body})
+            payload = orjson.dumps({**body, "requests": fitted})
+            last = await self.call(channel, "POST", PREFIX, req, payload, record, version)
+            if last is None:
+                continue
+            if last.status == 200:
+                batch = orjson.loads(last.body)
+                self.remember(batch["id"], caller, channel)
+                return self._send_batch(req, resp, last, batch)
+            if not fails_over(read_error(last.status, last.body, [channel.api_key]).cause):
+                break
+        self.send_answer(resp, last)
+
+    async def _channels_for(self, req: Request, resp: Responder, caller: Caller, models: set[str]) -> list[Channel]:
+        """The channels that serve every model of the batch, in the router's order for the first."""
+        chosen: Optional[list[Channel]] = None
+        for model in sorted(models):
+            info = dataclasses.replace(request_info(req, resp, None), model=model)
+            routed = list(await self.fw.plugins.route(info, caller) or [])
+            if chosen is None:
+                chosen = routed
+            else:
+                ids = {c.id for c in routed}
+                chosen = [c for c in chosen if c.id in ids]
+        if not chosen:
+            raise GatewayError(404, f"model: no channel serves every model of this batch "
+                                    f"({', '.join(sorted(models))}) for this key", "not_found_error")
+        return chosen
+
+    async def _one(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord, batch_id: str) -> None:
+        answer = await self.forward_item(req, resp, caller, record, batch_id)
+        if answer is not None and answer.status == 200 and req.method != "DELETE":
+            return self._send_batch(req, resp, answer, orjson.loads(answer.body))
+        self.send_answer(resp, answer)
+
+    # -- results --------------------------------------------------------------
+
+    async def _results(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord,
+                       batch_id: str) -> None:
+        channel = await self.owned_channel(req, resp, caller, batch_id)
+        answer = await self.call(channel, "GET", f"{PREFIX}/{batch_id}/results", req, b"", record)
+        if answer is None:
+            raise GatewayError(502, "upstream unavailable", "api_error")
+        if answer.status == 200 and await self.fw.owned.settle_once(BATCH, batch_id):
+            bill_results(answer.body, record, self.fw.catalog.catalog)
+        self.send_answer(resp, answer)
+
+    # -- helpers --------------------------------------------------------------
+
+    def shown(self, req: Request, batch: dict) -> dict:
+        """The batch with its results_url on the gateway."""
+        if batch.get("results_url"):
+            host = (header(req, b"host") or "127.0.0.1").strip()
+            batch["results_url"] = f"http://{host}{PREFIX}/{batch['id']}/results"
+        return batch
+
+    def _send_batch(self, req: Request, resp: Responder, answer: Answer, batch: dict) -> None:
+        resp.send(answer.status, [_JSON], orjson.dumps(self.shown(req, batch)))
+
+
+def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any) -> None:
+    """Usage and cost of the succeeded results, at the batch price, into `record`."""
+    cost = 0.0
+    models = set()
+    for line in jsonl.splitlines():
+        try:
+            item = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        result = item.get("result") if isinstance(item, dict) else None
+        if not isinstance(result, dict) or result.get("type") != "succeeded":
+            continue
+        message = result.get("message")
+        if not isinstance(message, dict):
+            continue
+        one = UsageRecord(request_id=record.request_id, started_at=record.started_at, endpoint=record.endpoint,
+                          upstream_model=message.get("model") if isinstance(message.get("model"), str) else None)
+        UsageMeter(one).body(message)
+        price(one, catalog)
+        cost += one.cost * BATCH_PRICE
+        models.add(one.upstream_model)
+        for name in ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
+            setattr(record, name, getattr(record, name) + getattr(one, name))
+        if len(models) == 1 and one.prices:
+            record.prices = {k: (v * BATCH_PRICE if isinstance(v, float) else v) for k, v in one.prices.items()}
+    record.cost = round(cost, 10)
+    record.upstream_model = models.pop() if len(models) == 1 else None
+    if record.upstream_model is None:
+        record.prices = {"batch_price": BATCH_PRICE} if cost else None

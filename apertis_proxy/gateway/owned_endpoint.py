@@ -1,0 +1,178 @@
+"""What the endpoints for account-bound resources (batches, files) share.
+
+Each request is authenticated, finished and metered once like a Messages
+request.  A resource id is served only to the key that created it, from the
+account that holds it (owned_state); any other id is a 404 that never goes
+upstream.  Lists show the caller's own resources only, newest first, each
+fetched from its account.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Optional
+
+import orjson
+
+from ..errors import GatewayError
+from ..http.messages import Request
+from ..http.protocol import Responder
+from ..plugin_api import Caller, Channel, UsageRecord
+from ..upstream.connection import UpstreamError
+from . import contract
+from .forward import request_info
+from .ownership import owner_of
+from .paging import page
+from .upstream_call import Answer, call
+from .upstream_errors import read_error
+
+_JSON = (b"content-type", b"application/json")
+
+
+class OwnedEndpoint:
+    prefix = ""          # "/v1/files"
+    kind = ""            # the owned_state kind
+    noun = ""            # for messages: "file"
+
+    def __init__(self, forwarder: Any) -> None:
+        self.fw = forwarder          # MessagesForwarder: settings, plugins, pools, catalog, owned
+
+    def serves(self, path: str) -> bool:
+        return path == self.prefix or path.startswith(self.prefix + "/")
+
+    async def handle(self, req: Request, resp: Responder) -> None:
+        fw = self.fw
+        record = UsageRecord(request_id=resp.request_id, started_at=time.time(), endpoint=self.prefix,
+                             client=req.client)
+        t0 = time.perf_counter()
+        try:
+            caller, vouched_by = await fw.plugins.authenticate(request_info(req, resp, None))
+        except GatewayError as e:
+            return send_error(resp, e)
+        record.key_id, record.key_name = caller.key_id, caller.key_name
+        try:
+            rest = req.path[len(self.prefix):].strip("/")
+            await self.dispatch(req, resp, caller, record, rest.split("/") if rest else [])
+        except GatewayError as e:
+            record.status, record.error_type = e.status, e.error_type
+            if not resp.started:
+                send_error(resp, e)
+        finally:
+            record.duration_ms = round((time.perf_counter() - t0) * 1000, 3)
+            record.status = record.status or resp.status
+            try:
+                await fw.plugins.finish(vouched_by, caller, record)
+            finally:
+                await fw.plugins.meter(record)
+
+    async def dispatch(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord,
+                       rest: list[str]) -> None:
+        if rest:
+            return await self.item(req, resp, caller, record, rest)
+        if req.method == "POST":
+            return await self.create(req, resp, caller, record)
+        if req.method == "GET":
+            return await self.list_owned(req, resp, caller, record)
+        raise not_allowed("GET, POST")
+
+    async def create(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord) -> None:
+        raise NotImplementedError
+
+    async def item(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord,
+                   rest: list[str]) -> None:
+        """A request on one resource: `rest` is its id and what follows it in the path."""
+        raise NotImplementedError
+
+    def shown(self, req: Request, resource: dict) -> dict:
+        """A resource as the client sees it."""
+        return resource
+
+    # -- ownership ------------------------------------------------------------
+
+    def not_found(self, ident: str) -> GatewayError:
+        return GatewayError(404, f"{self.noun}: {ident} not found", "not_found_error")
+
+    async def owned_channel(self, req: Request, resp: Responder, caller: Caller, ident: str) -> Channel:
+        """A channel of the account holding `ident`; 404 unless the caller created it."""
+        found = (await self.fw.owned.find([(self.kind, ident)])).get((self.kind, ident))
+        if found is None or found.owner != owner_of(caller):
+            raise self.not_found(ident)
+        info = dataclasses.replace(request_info(req, resp, None), model=None, account=found.account)
+        channels = [c for c in await self.fw.plugins.route(info, caller) or [] if c.account == found.account]
+        if not channels:
+            raise GatewayError(503, f"the upstream account holding this {self.noun} has no enabled channel",
+                               "overloaded_error")
+        return channels[0]
+
+    async def forward_item(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord,
+                           ident: str) -> Optional[Answer]:
+        """The request as it came, on the account holding `ident`; a deletion is forgotten."""
+        channel = await self.owned_channel(req, resp, caller, ident)
+        answer = await self.call(channel, req.method, req.path, req, b"", record)
+        if answer is not None and answer.status == 200 and req.method == "DELETE":
+            self.fw.owned.forget(self.kind, ident)
+        return answer
+
+    def remember(self, ident: str, caller: Caller, channel: Channel) -> None:
+        self.fw.owned.remember(self.kind, ident, owner_of(caller), channel.account, channel.id)
+
+    async def list_owned(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord) -> None:
+        """The caller's own resources, paged like the API's lists, each as its account shows it."""
+        owned = await self.fw.owned.owned_by(self.kind, owner_of(caller))
+        chosen, has_more = page(owned, [i for i, _ in owned], req.query, self.noun)
+        data = []
+        for ident, _ in chosen:
+            channel = await self.owned_channel(req, resp, caller, ident)
+            answer = await self.call(channel, "GET", f"{self.prefix}/{ident}", req, b"", record)
+            if answer is not None and answer.status == 200:
+                data.append(self.shown(req, orjson.loads(answer.body)))
+        record.status = 200
+        resp.send(200, [_JSON], orjson.dumps({"data": data, "has_more": has_more,
+                                              "first_id": data[0]["id"] if data else None,
+                                              "last_id": data[-1]["id"] if data else None}))
+
+    # -- upstream -------------------------------------------------------------
+
+    async def call(self, channel: Channel, method: str, target: str, req: Request, body: bytes,
+                   record: UsageRecord, version: Optional[str] = None) -> Optional[Answer]:
+        """One call on the channel (None: no answer came); an error answer is redacted."""
+        fw = self.fw
+        record.channel_id, record.channel_name = channel.id, channel.name
+        record.attempts += 1
+        if version is None:
+            version = contract.upstream_api_version(channel, header(req, b"anthropic-version"),
+                                                    fw.settings.default_api_version)
+        try:
+            answer = await call(fw.pools, channel, method, target, req.headers, body,
+                                read_timeout=fw.settings.read_timeout, api_version=version)
+        except (UpstreamError, ValueError):
+            return None
+        record.reached_upstream = True
+        rid = answer.get(b"request-id")
+        record.upstream_request_id = rid.decode("latin-1") if rid else None
+        if answer.status >= 400:
+            error = read_error(answer.status, answer.body, [channel.api_key])
+            answer.body = error.body
+            record.error_type = error.error_type
+        record.status = answer.status
+        return answer
+
+    @staticmethod
+    def send_answer(resp: Responder, answer: Optional[Answer]) -> None:
+        if answer is None:
+            raise GatewayError(502, "upstream unavailable", "api_error")
+        passed = [(n, v) for n, v in answer.headers if n in (b"content-type", b"content-disposition")]
+        resp.send(answer.status, passed or [_JSON], answer.body)
+
+
+def header(req: Request, name: bytes) -> Optional[str]:
+    value = req.header(name)
+    return value.decode("latin-1") if value is not None else None
+
+
+def not_allowed(allowed: str) -> GatewayError:
+    return GatewayError(405, f"method not allowed; use {allowed}", "invalid_request_error", {"allow": allowed})
+
+
+def send_error(resp: Responder, e: GatewayError) -> None:
+    resp.send_error(e.status, e.message, e.error_type, [(k.encode(), str(v).encode()) for k, v in e.headers.items()])

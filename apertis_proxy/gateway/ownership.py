@@ -1,0 +1,172 @@
+"""Account-bound state: threads, containers, files and fallback credit tokens live on the
+upstream account that created them and belong to the key that created them; thinking
+blocks are valid only on the account that wrote them.
+
+`references(body)` lists the ids a Messages request refers to; `resolve()` checks
+them against the owned_state records: an id another key owns is answered 404 in
+Anthropic's shape (the id is not disclosed as existing), and a known id pins the
+request to its account.  `StateCapture` notes the ids an answer creates (the
+message id of a threaded turn, a container, a fallback credit token, the
+signatures of its thinking blocks) so the forwarder can record them.  Thinking
+blocks are recorded by a fingerprint of their signature and pin a conversation
+to its account without an owner check (the signature is the conversation's own).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping, Optional
+
+from ..errors import GatewayError
+from ..plugin_api import Caller, UsageRecord
+from ..store.owned_state import OwnedState
+from .usage import UsageMeter
+
+THREAD, CONTAINER, FILE, BATCH, SKILL, CREDIT = "thread", "container", "file", "batch", "skill", "credit"
+THINKING = "thinking"
+_FIELD = {THREAD: "thread.previous_message_id", CONTAINER: "container", FILE: "file_id",
+          CREDIT: "fallback_credit_token", BATCH: "batch", SKILL: "skill_id", THINKING: "thinking.signature"}
+_MAX_DEPTH = 6          # file ids sit in blocks, in tool results, in sources
+
+
+def signature_fingerprint(signature: str) -> str:
+    return hashlib.sha256(signature.encode("utf-8", "replace")).hexdigest()[:32]
+
+
+def asks_for_thinking(body: Any) -> bool:
+    thinking = body.get("thinking") if isinstance(body, dict) else None
+    return isinstance(thinking, dict) and thinking.get("type") != "disabled"
+
+
+def owner_of(caller: Caller) -> str:
+    return f"{caller.key_id}/{caller.key_name}"
+
+
+def references(body: Any, raw: bytes = b'"file_id"') -> list[tuple[str, str]]:
+    """(kind, id) of the account-bound state a Messages body refers to.  `raw`, the body's
+    bytes, spares the walk through every message's blocks when no file id is in it."""
+    if not isinstance(body, dict):
+        return []
+    refs: list[tuple[str, str]] = []
+    thread = body.get("thread")
+    if isinstance(thread, dict) and thread.get("type") == "continue":
+        previous = thread.get("previous_message_id")
+        if isinstance(previous, str) and previous:
+            refs.append((THREAD, previous))
+    container = body.get("container")
+    if isinstance(container, dict):
+        container = container.get("id")
+    if isinstance(container, str) and container:
+        refs.append((CONTAINER, container))
+    token = body.get("fallback_credit_token")
+    if isinstance(token, dict):
+        token = token.get("token")
+    if isinstance(token, str) and token:
+        refs.append((CREDIT, token))
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        if raw.find(b'"file_id"') >= 0:
+            for message in messages:
+                if isinstance(message, dict):
+                    _file_ids(message.get("content"), refs, 0)
+        _thinking(messages, refs)
+    return refs
+
+
+def _thinking(messages: list, refs: list) -> None:
+    """The thinking blocks of the last assistant turn: they pin the conversation's account."""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            content = message.get("content")
+            for block in content if isinstance(content, list) else ():
+                if isinstance(block, dict) and block.get("type") in ("thinking", "redacted_thinking"):
+                    signed = block.get("signature") if block["type"] == "thinking" else block.get("data")
+                    if isinstance(signed, str) and signed:
+                        refs.append((THINKING, signature_fingerprint(signed)))
+            return
+
+
+def _file_ids(value: Any, refs: list, depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        return
+    if isinstance(value, list):
+        for item in value:
+            _file_ids(item, refs, depth + 1)
+    elif isinstance(value, dict):
+        file_id = value.get("file_id")
+        if isinstance(file_id, str) and file_id:
+            refs.append((FILE, file_id))
+        for key in ("source", "content"):
+            if key in value:
+                _file_ids(value[key], refs, depth + 1)
+
+
+def not_found(kind: str, ident: str) -> GatewayError:
+    """The API's own answer for an id this caller cannot use."""
+    code = "thread_not_found" if kind == THREAD else None
+    return GatewayError(404, f"{_FIELD[kind]}: {ident} not found", "not_found_error", error_code=code)
+
+
+async def resolve(store: OwnedState, refs: list[tuple[str, str]], caller: Caller) -> Optional[str]:
+    """The account the referred state lives on (None: no recorded state); GatewayError 404
+    for an id another key owns, 400 when the ids live on different accounts."""
+    found = await store.find(refs)
+    owner = owner_of(caller)
+    accounts = set()
+    for (kind, ident), owned in found.items():
+        if owned.owner != owner and kind != THINKING:
+            raise not_found(kind, ident)
+        accounts.add(owned.account)
+    if len(accounts) > 1:
+        raise GatewayError(400, "the request refers to threads, containers or files of different upstream "
+                                "accounts, which no single channel can serve together")
+    return accounts.pop() if accounts else None
+
+
+class StateCapture(UsageMeter):
+    """A UsageMeter that also notes the ids an answer creates."""
+
+    __slots__ = ("message_id", "container_id", "credit_token", "signatures", "signature_hook")
+
+    def __init__(self, record: UsageRecord, thinking: bool = False) -> None:
+        super().__init__(record)
+        # The splicer scans a stream for signatures only when the request asked for thinking.
+        self.signature_hook = self.signature if thinking else None
+        self.message_id: Optional[str] = None
+        self.container_id: Optional[str] = None
+        self.credit_token: Optional[str] = None
+        self.signatures: list[str] = []      # fingerprints of the answer's thinking blocks
+
+    def signature(self, signature: str) -> None:
+        """A thinking block's signature, from a stream's signature_delta."""
+        self.signatures.append(signature_fingerprint(signature))
+
+    def message_start(self, message: Mapping[str, Any]) -> None:
+        super().message_start(message)
+        self._note(message)
+
+    def message_delta(self, event: Mapping[str, Any]) -> None:
+        super().message_delta(event)
+        delta = event.get("delta")
+        if isinstance(delta, dict):
+            self._note(delta)
+
+    def body(self, body: Mapping[str, Any]) -> None:
+        super().body(body)
+        self._note(body)
+        content = body.get("content")
+        for block in content if isinstance(content, list) else ():
+            if isinstance(block, dict) and block.get("type") == "thinking" and isinstance(block.get("signature"), str):
+                self.signature(block["signature"])
+            elif isinstance(block, dict) and block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
+                self.signature(block["data"])
+
+    def _note(self, obj: Mapping[str, Any]) -> None:
+        mid = obj.get("id")
+        if isinstance(mid, str) and mid.startswith("msg"):
+            self.message_id = mid
+        container = obj.get("container")
+        if isinstance(container, dict) and isinstance(container.get("id"), str):
+            self.container_id = container["id"]
+        details = obj.get("stop_details")
+        if isinstance(details, dict) and isinstance(details.get("fallback_credit_token"), str):
+            self.credit_token = details["fallback_credit_token"]

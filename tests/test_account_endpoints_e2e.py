@@ -1,0 +1,152 @@
+"""The API's other endpoints through the real gateway: what acts for the whole upstream account is refused with a 404
+in Anthropic's shape and never forwarded with a channel's key; batches and files are scoped to the key that made
+them."""
+from __future__ import annotations
+
+import json
+
+import anthropic
+import pytest
+
+from rawhttp import RawConnection
+
+
+async def request(env, key: str, method: str, target: str, **kw):
+    async with await RawConnection.open(env.gateway.host, env.gateway.port) as conn:
+        return await conn.request(method, target, {"x-api-key": key, **kw.pop("headers", {})}, **kw)
+
+
+@pytest.mark.parametrize("method, target", [
+    ("GET", "/v1/organizations/api_keys"), ("POST", "/v1/organizations/invites"),
+    ("GET", "/v1/organizations/usage_report/messages?starting_at=2026-12-01T00:00:00Z"),
+    ("GET", "/v1/user_profiles"), ("GET", "/v1/compliance/activities"), ("POST", "/v1/agents"),
+    ("POST", "/v1/sessions"), ("GET", "/v1/environments"), ("GET", "/v1/skills"), ("GET", "/v1/vaults"),
+])
+async def test_account_wide_paths_are_refused_and_never_forwarded(gateway, method, target):
+    response = await request(gateway, gateway.key, method, target, json_body={} if method == "POST" else None)
+    assert response.status == 404
+    body = response.json()
+    assert body["type"] == "error" and body["error"]["type"] == "not_found_error"
+    assert "not available through this gateway" in body["error"]["message"]
+    assert body["request_id"] == response.header("request-id")
+    assert gateway.mock.requests == []
+
+
+async def test_the_current_sdk_gets_a_not_found_error_for_an_account_wide_api(gateway):
+    async with anthropic.AsyncAnthropic(base_url=gateway.base_url, api_key=gateway.key, max_retries=0) as client:
+        with pytest.raises(anthropic.NotFoundError) as err:
+            await client.beta.skills.list()
+    assert err.value.body["error"]["type"] == "not_found_error"
+    assert gateway.mock.requests == []
+
+
+# -- batches -------------------------------------------------------------------------------------------------------
+
+HAIKU = "claude-haiku-4-5-20251001"
+HAIKU_PRICES = {"input": 1.0, "output": 5.0, "cache_read": 0.10, "cache_write_5m": 1.25}
+
+
+def batch_request(custom_id: str, text: str, **params) -> dict:
+    return {"custom_id": custom_id, "params": {"model": HAIKU, "max_tokens": 64,
+                                               "messages": [{"role": "user", "content": text}], **params}}
+
+
+def half_price(usage: dict) -> float:
+    """The batch price of one result: half the list rates (USD per million tokens)."""
+    return (usage["input_tokens"] * HAIKU_PRICES["input"] + usage["output_tokens"] * HAIKU_PRICES["output"]
+            + usage["cache_read_input_tokens"] * HAIKU_PRICES["cache_read"]
+            + usage["cache_creation_input_tokens"] * HAIKU_PRICES["cache_write_5m"]) / 1_000_000 * 0.5
+
+
+async def test_a_batch_is_its_owners_and_its_results_are_billed_once_at_half_price(gateway_env, mock_upstream):
+    keys = {"alice": gateway_env.add_key("alice"), "bob": gateway_env.add_key("bob")}
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    clients = {name: anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0)
+               for name, key in keys.items()}
+    broken_image = {"type": "image", "source": {"type": "bogus"}}   # passes the gateway; upstream errors it
+    async with clients["alice"], clients["bob"]:
+        batch = await clients["alice"].messages.batches.create(requests=[
+            batch_request("one", "first question"), batch_request("two", "second question"),
+            {"custom_id": "bad", "params": {"model": HAIKU, "max_tokens": 64,
+                                            "messages": [{"role": "user", "content": [broken_image]}]}}])
+        bobs = await clients["bob"].messages.batches.create(requests=[batch_request("b", "bob's own")])
+        assert batch.results_url == f"{gateway_env.base_url}/v1/messages/batches/{batch.id}/results"
+        assert (batch.request_counts.succeeded, batch.request_counts.errored) == (2, 1)
+
+        assert [b.id async for b in clients["alice"].messages.batches.list()] == [batch.id]
+        assert [b.id async for b in clients["bob"].messages.batches.list()] == [bobs.id]
+        for call in (clients["bob"].messages.batches.retrieve, clients["bob"].messages.batches.cancel):
+            with pytest.raises(anthropic.NotFoundError):
+                await call(batch.id)
+        requests_before = len(mock_upstream.requests)
+        with pytest.raises(anthropic.NotFoundError):
+            await clients["bob"].messages.batches.delete(batch.id)
+        assert len(mock_upstream.requests) == requests_before           # a foreign batch never goes upstream
+
+        results = {r.custom_id: r.result async for r in await clients["alice"].messages.batches.results(batch.id)}
+        again = [r async for r in await clients["alice"].messages.batches.results(batch.id)]
+    assert {k: r.type for k, r in results.items()} == {"one": "succeeded", "two": "succeeded", "bad": "errored"}
+    assert len(again) == 3
+    usages = [r.message.usage.model_dump() for r in results.values() if r.type == "succeeded"]
+    # two creates, two lists, three refusals, and twice a retrieve plus the results
+    rows = [r for r in await gateway_env.usage_rows(11) if r["endpoint"] == "/v1/messages/batches"]
+    assert len(rows) == 11
+    billed = [r for r in rows if r["cost"] > 0]
+    assert len(billed) == 1 and billed[0]["key_name"] == "alice"       # the first results fetch, once
+    assert billed[0]["cost"] == pytest.approx(sum(half_price(u) for u in usages), abs=1e-12)
+    assert billed[0]["input_tokens"] == sum(u["input_tokens"] for u in usages)
+    assert billed[0]["output_tokens"] == sum(u["output_tokens"] for u in usages)
+    assert json.loads(billed[0]["prices"])["input"] == HAIKU_PRICES["input"] * 0.5
+    assert all(r["cost"] == 0 for r in rows if r is not billed[0])
+
+
+# -- files ---------------------------------------------------------------------------------------------------------
+
+def with_file(file_id: str) -> dict:
+    return {"model": HAIKU, "max_tokens": 64, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "file", "file_id": file_id}},
+        {"type": "text", "text": "Summarise the file"}]}]}
+
+
+async def test_files_are_their_uploaders_and_a_message_naming_one_goes_to_its_account(gateway_env,
+                                                                                      make_mock_upstream):
+    mocks = {"a": await make_mock_upstream(), "b": await make_mock_upstream()}
+    keys = {"alice": gateway_env.add_key("alice"), "bob": gateway_env.add_key("bob")}
+    for name, mock in mocks.items():
+        gateway_env.add_channel(name, mock)
+    await gateway_env.start(plugin_options={"channels": {"seed": 3}})
+    clients = {name: anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0)
+               for name, key in keys.items()}
+    async with clients["alice"], clients["bob"]:
+        uploaded = await clients["alice"].beta.files.upload(file=("notes.txt", b"the quarterly notes", "text/plain"))
+        home = next(name for name, mock in mocks.items() if uploaded.id in mock.account.files)
+        assert [f.id async for f in clients["alice"].beta.files.list()] == [uploaded.id]
+        assert [f.id async for f in clients["bob"].beta.files.list()] == []
+        assert (await clients["alice"].beta.files.retrieve_metadata(uploaded.id)).filename == "notes.txt"
+        assert await (await clients["alice"].beta.files.download(uploaded.id)).read() == b"the quarterly notes"
+        for _ in range(6):                       # the file exists on one account only: every turn goes there
+            reply = await clients["alice"].beta.messages.create(**with_file(uploaded.id))
+            assert any(s["message_id"] == reply.id for s in mocks[home].served)
+        requests_before = sum(len(m.requests) for m in mocks.values())
+        with pytest.raises(anthropic.NotFoundError) as err:
+            await clients["bob"].beta.messages.create(**with_file(uploaded.id))
+        assert err.value.body["error"]["type"] == "not_found_error" and uploaded.id in err.value.body["error"]["message"]
+        for call in (clients["bob"].beta.files.retrieve_metadata, clients["bob"].beta.files.download,
+                     clients["bob"].beta.files.delete):
+            with pytest.raises(anthropic.NotFoundError):
+                await call(uploaded.id)
+        assert sum(len(m.requests) for m in mocks.values()) == requests_before   # a foreign id never goes upstream
+        assert (await clients["alice"].beta.files.delete(uploaded.id)).id == uploaded.id
+        assert [f.id async for f in clients["alice"].beta.files.list()] == []
+
+
+async def test_an_upload_over_the_body_limit_is_a_413(gateway_env, mock_upstream):
+    key = gateway_env.add_key("alice")
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start(max_body_bytes=64 * 1024)
+    async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0) as client:
+        with pytest.raises(anthropic.APIStatusError) as err:
+            await client.beta.files.upload(file=("big.bin", b"x" * (128 * 1024), "application/octet-stream"))
+    assert err.value.status_code == 413 and err.value.body["error"]["type"] == "request_too_large"
+    assert mock_upstream.requests == []
