@@ -442,7 +442,8 @@ async def test_forward_extras_still_fits_the_body_to_2026_10_21(gateway_env, str
 # Models
 # =====================================================================================================================
 
-SEED_NAMES = {"claude-opus-4-5-20251101": OPUS, "claude-sonnet-4.5": SONNET, "claude-haiku-4.5": HAIKU,
+# claude-sonnet-4.5 names a retired model: by default it goes to the documented successor.
+SEED_NAMES = {"claude-opus-4-5-20251101": OPUS, "claude-sonnet-4.5": "claude-sonnet-5-5", "claude-haiku-4.5": HAIKU,
               "claude-opus-4.5": OPUS}
 
 

@@ -8,6 +8,7 @@ metered exactly once, in `finally`, also when the client or upstream vanished.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, Optional, Sequence
@@ -23,11 +24,12 @@ from ..settings import Settings
 from ..store.catalog import Catalog
 from ..upstream.connection import UpstreamConnection, UpstreamError
 from ..upstream.pool import Pool, Pools
-from . import contract
+from . import contract, model_policy
 from .headers import downstream_headers, parse_retry_after, upstream_headers
 from .relay import relay_json, relay_stream
 from .sse import SseSplicer
-from .usage import UsageMeter, error_from_body, price, redact
+from .pricing import price
+from .usage import UsageMeter, error_from_body, redact
 
 log = logging.getLogger("apertis_proxy.gateway")
 
@@ -109,6 +111,10 @@ class MessagesForwarder:
                 contract.validate(body, thinking_budget_max=self.settings.thinking_budget_max)
             record.requested_model = info.model
             record.stream = info.stream and not count_tokens
+            # Retired models go to their successor or are refused here (model_policy.py).
+            resolved = model_policy.resolve(self.catalog.catalog, info.model, record.started_at)
+            if resolved.redirected:
+                info, caller = self._redirect(req, info, caller, resolved.model)
             # A client that leaves while a stream is still starting (Claude
             # Code's Esc) stops the upstream generation; a JSON answer is
             # awaited regardless so its usage is known exactly.
@@ -121,7 +127,11 @@ class MessagesForwarder:
                             or (c.models is not None and info.model in c.models)]
             if not channels:
                 raise self._unserved(info.model or "", caller)
-            await self._attempt_all(req, resp, info, body, channels, record, count_tokens)
+            if not count_tokens:
+                channels = model_policy.admit_unpriced(self.catalog.catalog, channels, info.model, caller,
+                                                       self.settings.allow_unpriced, record.started_at)
+            await self._attempt_all(req, resp, info, info.body, channels, record, count_tokens,
+                                    resolved.headers)
         except GatewayError as e:
             record.status = e.status
             record.error_type = e.error_type
@@ -149,6 +159,15 @@ class MessagesForwarder:
                     # handler whose auth plugin hangs there).
                     await self.plugins.meter(record)
 
+    @staticmethod
+    def _redirect(req: Request, info: RequestInfo, caller: Caller, model: str) -> tuple[RequestInfo, Caller]:
+        """The request as sent to `model` instead; a key allowed the retired model may use it."""
+        body = {**info.body, "model": model}
+        req.body = orjson.dumps(body)
+        if caller.models is not None:
+            caller = dataclasses.replace(caller, models=caller.models | {model})
+        return dataclasses.replace(info, model=model, body=body), caller
+
     def _unserved(self, model: str, caller: Caller) -> GatewayError:
         if not contract.is_claude_model_name(model):
             return GatewayError(404, f"model: {model} is not available: this endpoint serves "
@@ -160,7 +179,8 @@ class MessagesForwarder:
 
     # -- attempts ------------------------------------------------------------
     async def _attempt_all(self, req: Request, resp: Responder, info: RequestInfo, body: dict,
-                           channels: Sequence[Channel], record: UsageRecord, count_tokens: bool) -> None:
+                           channels: Sequence[Channel], record: UsageRecord, count_tokens: bool,
+                           notices: Sequence[tuple[bytes, bytes]] = ()) -> None:
         client_version = None
         for name, value in req.headers:
             if name == b"anthropic-version":
@@ -170,7 +190,7 @@ class MessagesForwarder:
         for i, channel in enumerate(channels):
             prepared = contract.prepare_for_channel(body, channel, client_version=client_version,
                                                     default_version=self.settings.default_api_version)
-            failure = await self._attempt(req, resp, info, channel, prepared, record, count_tokens)
+            failure = await self._attempt(req, resp, info, channel, prepared, record, count_tokens, notices)
             if failure is None:
                 return
             if failure.status not in _FAILOVER or i == last:
@@ -185,7 +205,7 @@ class MessagesForwarder:
 
     async def _attempt(self, req: Request, resp: Responder, info: RequestInfo, channel: Channel,
                        prepared: "contract.Prepared", record: UsageRecord,
-                       count_tokens: bool) -> Optional[Attempt]:
+                       count_tokens: bool, notices: Sequence[tuple[bytes, bytes]] = ()) -> Optional[Attempt]:
         """One channel.  None when the client got its answer; an Attempt when it failed
         before anything went out (the caller may try the next channel)."""
         settings = self.settings
@@ -236,11 +256,14 @@ class MessagesForwarder:
             return await self._upstream_error(conn, pool, channel, info, head, t_start)
 
         down = downstream_headers(head.headers)
+        down.extend(notices)
         if prepared.dropped:
             down.append((b"apertis-dropped-params", contract.dropped_header_value(prepared.dropped).encode()))
         rename = None
-        if info.model and record.upstream_model and info.model != record.upstream_model:
-            rename = (record.upstream_model, info.model)
+        # The response names the model the client asked for (an alias, or a retired model's old name).
+        asked = record.requested_model
+        if asked and record.upstream_model and asked != record.upstream_model:
+            rename = (record.upstream_model, asked)
         ctype = head.get(b"content-type") or b""
         meter = UsageMeter(record)
         if ctype.startswith(b"text/event-stream"):
