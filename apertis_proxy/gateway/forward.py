@@ -113,13 +113,21 @@ class MessagesForwarder:
             record.stream = info.stream and not count_tokens
             # Retired models go to their successor or are refused here (model_policy.py).
             resolved = model_policy.resolve(self.catalog.catalog, info.model, record.started_at)
-            if resolved.redirected:
-                info, caller = self._redirect(req, info, caller, resolved.model)
             # A client that leaves while a stream is still starting (Claude
             # Code's Esc) stops the upstream generation; a JSON answer is
             # awaited regardless so its usage is known exactly.
             resp.abandon_on_disconnect = record.stream
             channels = await self.plugins.route(info, caller)
+            if resolved.redirected or resolved.error:
+                channels = model_policy.pinned(self.catalog.catalog, channels or (), info.model,
+                                               record.started_at)
+                if channels:
+                    resolved = model_policy.Resolution(info.model)   # a channel alias decides
+                elif resolved.error:
+                    raise resolved.error
+                else:
+                    info, caller = self._redirect(req, info, caller, resolved.model)
+                    channels = await self.plugins.route(info, caller)
             if channels and info.model and not contract.is_claude_model_name(info.model):
                 # A channel serving "any model" has not opted into another vendor's name
                 # ("gpt-4o"): only a channel naming it (an alias or a listed model) gets it.

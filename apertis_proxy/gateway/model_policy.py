@@ -1,9 +1,10 @@
 """What the gateway decides about a model before a request goes upstream.
 
-- A retired model is answered here, not sent upstream to fail: it goes to the
-  successor the operator chose (`prices set OLD --successor NEW`), or, when the
-  client used one of its aliases, to its documented successor; otherwise 404
-  `not_found_error` naming the successor.  Either way the response says so.
+- A retired model is answered here, not sent upstream to fail: a channel whose
+  own alias sends the name to a live model serves it as usual; else it goes to
+  the successor the operator chose (`prices set OLD --successor NEW`), or, when
+  the client used one of its aliases, to its documented successor (the response
+  says so); otherwise 404 `not_found_error` naming the successor.
 - A deprecated model is served with a header giving its end-of-life date.
 - A model without a price is refused (fail closed) unless the operator allowed
   unpriced models (setting `allow_unpriced`, or channel option of that name);
@@ -27,6 +28,7 @@ _MAX_HOPS = 8
 class Resolution:
     model: Optional[str]                        # the name to route and send upstream
     headers: list = field(default_factory=list)  # response headers telling the client why
+    error: Optional[GatewayError] = None        # a retired model with nowhere to go
 
     @property
     def redirected(self) -> bool:
@@ -38,7 +40,7 @@ def _day(stamp: Optional[str]) -> str:
 
 
 def resolve(catalog: Catalog, name: Optional[str], now: float) -> Resolution:
-    """Where a request for `name` goes; GatewayError 404 for a retired model with nowhere to go."""
+    """Where a request for `name` goes by the catalogue (channels' own aliases aside: see `pinned`)."""
     resolution = Resolution(name)
     current = name
     for _ in range(_MAX_HOPS):
@@ -57,12 +59,23 @@ def resolve(catalog: Catalog, name: Optional[str], now: float) -> Resolution:
         target = entry.redirect_to or (entry.successor if current in entry.aliases else None)
         if not target:
             hint = (f"; its successor is {entry.successor}" if entry.successor else "")
-            raise GatewayError(404, f"model: {current} was retired on {_day(entry.retires_at)}{hint}",
-                               "not_found_error")
+            resolution.error = GatewayError(
+                404, f"model: {current} was retired on {_day(entry.retires_at)}{hint}", "not_found_error")
+            return resolution
         resolution.headers.append((REDIRECT_HEADER, (
             f"{current} -> {target} ({entry.id} retired {_day(entry.retires_at)})").encode()))
         resolution.model = current = target
     return resolution
+
+
+def pinned(catalog: Catalog, channels: Sequence[Channel], name: Optional[str], now: float) -> list[Channel]:
+    """The channels whose own alias sends `name` (a retired model's name) to a model that is not retired."""
+    kept = []
+    for channel in channels:
+        entry = catalog.lookup(channel.upstream_model(name)) if name else None
+        if entry is None or entry.lifecycle_at(now) != "retired":
+            kept.append(channel)
+    return kept
 
 
 def admit_unpriced(catalog: Catalog, channels: Sequence[Channel], model: Optional[str], caller: Caller,
