@@ -72,11 +72,11 @@ MOCK_API_KEY = "sk-ant-test"
 # What upstream serves as of December 2026 (anthropic 2.17 types/model.py; claude-sonnet-4-5-20250929 is retired).
 DEFAULT_MODELS = (
     ("claude-haiku-5-5", "Claude Haiku 5.5", "2026-10-07T00:00:00Z"),
-    ("claude-sonnet-5-5", "Claude Sonnet 5.5", "2026-09-24T00:00:00Z"),
+    ("claude-sonnet-5-5", "Claude Sonnet 5.5", "1970-01-01T00:00:00Z"),      # release date not published
     ("claude-opus-5-5", "Claude Opus 5.5", "2026-09-24T00:00:00Z"),
     ("claude-opus-5", "Claude Opus 5", "2026-07-24T00:00:00Z"),
     ("claude-sonnet-5", "Claude Sonnet 5", "2026-06-30T00:00:00Z"),
-    ("claude-opus-4-8", "Claude Opus 4.8", "2026-05-28T00:00:00Z"),
+    ("claude-opus-4-8", "Claude Opus 4.8", "1970-01-01T00:00:00Z"),
     ("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-01T00:00:00Z"),
     ("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-01T00:00:00Z"),
 )

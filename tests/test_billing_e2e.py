@@ -17,7 +17,7 @@ from decimal import Decimal
 import anthropic
 import pytest
 
-from apertis_proxy import cli
+from apertis_proxy import cli, settings
 from apertis_proxy.store import catalog as catalog_store
 from apertis_proxy.store import schema
 from rawhttp import RawConnection, RawResponse
@@ -204,6 +204,21 @@ async def test_unpriced_model_when_allowed(gateway_env, mock_upstream):
     await gateway_env.stop()
     spent = gateway_env.query("SELECT k.name, s.tokens, s.cost FROM key_spend s JOIN keys k ON k.id = s.key_id")
     assert [tuple(r) for r in spent] == [("counted", 60_000, 0.0)]
+
+
+async def test_unpriced_models_allowed_globally_from_the_config_file(gateway_env, mock_upstream, tmp_path):
+    config = tmp_path / "apertis.toml"
+    config.write_text("[billing]\nallow_unpriced = true\n")
+    key = gateway_env.add_key("alice")
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start(allow_unpriced=settings.load(str(config)).allow_unpriced)
+    assert (await post(gateway_env, key, body("claude-opus-9", stream=True), scenario(**KNOWN))).status == 200
+    row = (await gateway_env.usage_rows(1))[0]
+    assert row["cost"] is None and row["cache_creation_1h_input_tokens"] == 3_000
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[billing]\nallow_unpriced = \"yes\"\n")
+    with pytest.raises(ValueError, match="allow_unpriced"):
+        settings.load(str(bad))
 
 
 def test_usage_and_prices_list_report_unpriced_requests(gateway_env, capsys):

@@ -98,18 +98,24 @@ def _quote(record: UsageRecord, entry: Optional[ModelEntry], catalog: Catalog, d
     write_5m, write_1h = cache_split(total_writes, record.cache_creation_1h_input_tokens)
     tokens = token_charge(rates, input_tokens=record.input_tokens, output_tokens=record.output_tokens,
                           cache_read=record.cache_read_input_tokens, write_5m=write_5m, write_1h=write_1h)
-    speed = _ONE
+    multipliers: dict[str, str] = {}      # only those that apply (not 1)
+    cost = tokens
     if record.speed == "fast":
         if entry.fast_multiplier is None:
             raise Unpriced(f"model {entry.id} has no fast-mode multiplier")
-        speed = entry.fast_multiplier
-    geo = entry.geo_multipliers.get(record.inference_geo or "", _ONE)
+        cost *= entry.fast_multiplier
+        multipliers["speed"] = str(entry.fast_multiplier)
+    if record.inference_geo in entry.geo_multipliers:
+        geo = entry.geo_multipliers[record.inference_geo]
+        cost *= geo
+        multipliers["geo"] = str(geo)
     tier = catalog.rates.service_tiers.get(record.service_tier or "standard", _ONE)
-    detail.update({f: float(rates[f]) for f in PRICE_FIELDS})
+    if tier != _ONE:
+        cost *= tier
+        multipliers["tier"] = str(tier)
+    detail.update(row.listed[band])
     detail.update(effective_from=row.effective_from, origin=row.origin, band_above=band,
-                  cache_write_5m_tokens=write_5m, cache_write_1h_tokens=write_1h,
-                  multipliers={"speed": str(speed), "geo": str(geo), "tier": str(tier)})
-    cost = tokens * speed * geo * tier
+                  cache_write_5m_tokens=write_5m, cache_write_1h_tokens=write_1h, multipliers=multipliers)
     if record.web_search_requests:
         per_search = catalog.rates.web_search_per_request
         if per_search is None:

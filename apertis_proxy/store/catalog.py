@@ -51,9 +51,17 @@ class PriceRow:
     rates: Mapping[str, Decimal]        # keys = PRICE_FIELDS
     bands: tuple = ()                   # ((above_prompt_tokens, rates), ...) ascending
     source: str = ""
+    # The same rates as floats, for the ledger row's record of them (built once, not per request).
+    listed: Mapping[Any, Mapping[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        listed = {None: {f: float(v) for f, v in self.rates.items()}}
+        listed.update((above, {f: float(v) for f, v in rates.items()}) for above, rates in self.bands)
+        object.__setattr__(self, "listed", listed)
 
     def for_prompt(self, prompt_tokens: int) -> tuple[Mapping[str, Decimal], Optional[int]]:
-        """The rates for a request with this many prompt tokens, and the band's threshold."""
+        """The rates for a request with this many prompt tokens, and the band's threshold
+        (None: the base rates; `listed[threshold]` has them as floats)."""
         chosen, threshold = self.rates, None
         for above, rates in self.bands:
             if prompt_tokens > above:
@@ -83,6 +91,7 @@ class ModelEntry:
     fast_multiplier: Optional[Decimal] = None
     geo_multipliers: Mapping[str, Decimal] = field(default_factory=dict)
     operator_fields: tuple[str, ...] = ()
+    retires_ts: Optional[float] = None      # retires_at as unix time (parsed once, read per request)
 
     def price_at(self, ts: float) -> Optional[PriceRow]:
         """The row in force at `ts`: the operator's latest if any applies, else the catalogue's."""
@@ -100,7 +109,7 @@ class ModelEntry:
 
     def lifecycle_at(self, ts: float) -> str:
         """"retired" once `retires_at` has passed, whatever the stored state says."""
-        if self.lifecycle == "retired" or (self.retires_at and _unix(self.retires_at) <= ts):
+        if self.lifecycle == "retired" or (self.retires_ts is not None and self.retires_ts <= ts):
             return "retired"
         return self.lifecycle
 
@@ -185,6 +194,7 @@ def catalog_from_rows(model_rows, price_rows=(), rates_row=None) -> Catalog:
             display_name=meta["display_name"], created_at=meta["created_at"], line=meta["line"],
             lifecycle=meta["lifecycle"] or "active", deprecated_at=meta["deprecated_at"],
             retires_at=meta["retires_at"], successor=meta["successor"],
+            retires_ts=_unix(meta["retires_at"]) if meta["retires_at"] else None,
             max_input_tokens=meta["max_input_tokens"], max_tokens=meta["max_tokens"],
             capabilities=meta["capabilities"], rules=meta["rules"] or {},
             fast_multiplier=money(meta["fast_multiplier"]) if meta["fast_multiplier"] else None,

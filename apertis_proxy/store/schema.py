@@ -1,13 +1,15 @@
 """The SQLite schema shared by the CLI, the core and the first-party plugins.
 
 One file holds keys, channels, the model/price catalogue and the usage ledger.
-Every change to keys, channels or models bumps ``config_rev.rev`` (by trigger),
+Every change to keys, channels, models or model prices bumps ``config_rev.rev`` (by trigger),
 so a running server notices a CLI edit by polling one integer.  Spend and usage
 live in their own tables so metering never bumps the revision.
 """
 from __future__ import annotations
 
 import sqlite3
+
+from .catalog import sync_shipped_catalog
 
 SCHEMA_VERSION = 2
 
@@ -195,7 +197,6 @@ def migrate(conn: sqlite3.Connection) -> None:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-    from .catalog import sync_shipped_catalog
     sync_shipped_catalog(conn)
 
 
