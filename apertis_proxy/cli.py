@@ -175,6 +175,10 @@ def _since(text: str) -> float:
     return parse_time(text)
 
 
+def _effective(text: str) -> float:
+    return parse_time(text, relative_sign=+1)
+
+
 def _until(text: str) -> float:
     return parse_time(text, date_is_end_of_day=True)
 
@@ -395,6 +399,8 @@ def _channel_options(args) -> dict[str, Any]:
         value = getattr(args, option)
         if value is not None:
             options[option] = value.strip()      # "" clears it
+    if args.allow_unpriced is not None:
+        options["allow_unpriced"] = args.allow_unpriced
     return options
 
 
@@ -451,6 +457,8 @@ def _options_text(options: dict[str, Any]) -> str:
         flags.append("workspace=" + options["workspace_id"])
     if options.get("user_profile_id"):
         flags.append("profile=" + options["user_profile_id"])
+    if options.get("allow_unpriced"):
+        flags.append("allow-unpriced")
     return ",".join(flags)
 
 
@@ -580,14 +588,52 @@ def _describe_reply(raw: bytes, ok: bool, request_id: Optional[str]) -> str:
 
 # --------------------------------------------------------------------------- prices
 
+def _day(stamp: Optional[str]) -> str:
+    return (stamp or "?")[:10]
+
+
+def _lifecycle_text(entry, now: float) -> str:
+    state = entry.lifecycle_at(now)
+    if state == "deprecated":
+        return f"deprecated, end of life {_day(entry.retires_at)}"
+    if state == "retired":
+        target = entry.redirect_to or entry.successor
+        arrow = "->" if entry.redirect_to else "successor"
+        return f"retired {_day(entry.retires_at)}" + (f", {arrow} {target}" if target else "")
+    return "active"
+
+
 def cmd_prices_list(args) -> int:
+    now = time.time()
     with _open(args) as conn:
         entries = catalog_store.load_catalog(conn).entries
-    rows = [(e.id, ",".join(e.aliases), e.display_name,
-             *(_num(e.prices[f]) for f in catalog_store.PRICE_FIELDS)) for e in entries]
-    print(table(("MODEL", "ALIASES", "DISPLAY NAME", "INPUT", "OUTPUT", "CACHE WRITE 5M",
+        unpriced = usage_store.unpriced_requests(conn)
+    rows = []
+    for e in entries:
+        prices = e.prices
+        cells = (tuple(_num(prices[f]) for f in catalog_store.PRICE_FIELDS) if prices
+                 else ("unpriced",) + ("",) * (len(catalog_store.PRICE_FIELDS) - 1))
+        rows.append((e.id, ",".join(e.aliases), _lifecycle_text(e, now), *cells))
+    print(table(("MODEL", "ALIASES", "LIFECYCLE", "INPUT", "OUTPUT", "CACHE WRITE 5M",
                  "CACHE WRITE 1H", "CACHE READ"), rows, right=(3, 4, 5, 6, 7)))
-    print("(USD per million tokens)")
+    print("(USD per million tokens, in force now; price history and sources: prices show MODEL)")
+    for model, count in unpriced:
+        print(f"{model}: unpriced, {count:,} requests in the ledger without a cost")
+    return 0
+
+
+def cmd_prices_show(args) -> int:
+    with _open(args) as conn:
+        entry = catalog_store.load_catalog(conn).lookup(args.model)
+    if entry is None:
+        _err(f"no model {args.model!r} in the catalogue")
+        return 1
+    print(f"{entry.id} ({entry.display_name}): {_lifecycle_text(entry, time.time())}; "
+          f"aliases: {','.join(entry.aliases) or '-'}")
+    rows = [(_when(r.effective_from) if r.effective_from else "(start)", r.origin,
+             *(_num(r.rates[f]) for f in catalog_store.PRICE_FIELDS), r.source) for r in entry.price_rows]
+    print(table(("FROM", "ORIGIN", "INPUT", "OUTPUT", "CACHE WRITE 5M", "CACHE WRITE 1H", "CACHE READ",
+                 "SOURCE"), rows, right=(2, 3, 4, 5, 6)) if rows else "unpriced")
     return 0
 
 
@@ -597,10 +643,26 @@ def cmd_prices_set(args) -> int:
     with _open(args) as conn:
         entry, created = catalog_store.set_model(
             conn, args.model, prices=prices, add_aliases=args.alias or (),
-            remove_aliases=args.remove_alias or (), display_name=args.display_name)
-    print(f"{'added' if created else 'updated'} {entry.id}: "
-          + ", ".join(f"{f} {_num(entry.prices[f])}" for f in catalog_store.PRICE_FIELDS)
-          + f"; aliases: {','.join(entry.aliases) or '-'}")
+            remove_aliases=args.remove_alias or (), display_name=args.display_name,
+            effective_from=args.effective_from, successor=args.successor)
+    row = entry.price_at(args.effective_from if args.effective_from is not None else time.time())
+    priced = (", ".join(f"{f} {_num(row.rates[f])}" for f in catalog_store.PRICE_FIELDS)
+              if row else "unpriced")
+    since = f" from {_when(args.effective_from)}" if args.effective_from is not None else ""
+    print(f"{'added' if created else 'updated'} {entry.id}{since}: {priced}"
+          + f"; aliases: {','.join(entry.aliases) or '-'}"
+          + (f"; once retired, requests go to {entry.redirect_to}" if entry.redirect_to else ""))
+    return 0
+
+
+def cmd_prices_import(args) -> int:
+    with _open(args) as conn:
+        doc = catalog_store.read_catalog_file(args.file)
+        conn.execute("BEGIN IMMEDIATE")
+        with conn:
+            added, updated = catalog_store.import_catalog(conn, doc)
+    print(f"imported catalogue {doc['version']} from {args.file}: {added} models added, {updated} updated "
+          "(prices and fields set with `prices set` are kept)")
     return 0
 
 
@@ -619,9 +681,10 @@ def cmd_usage(args) -> int:
                                         since=args.since, until=args.until, by=args.by)
     if args.json:
         out = {f: summary[f] for f in usage_store.TOTAL_FIELDS}
+        out["unpriced_requests"] = summary["unpriced"]      # rows whose cost is unknown (not in `cost`)
         if args.by:
-            out["by"] = [{args.by: r[args.by], **{f: r[f] for f in usage_store.TOTAL_FIELDS}}
-                         for r in summary["by"]]
+            out["by"] = [{args.by: r[args.by], **{f: r[f] for f in usage_store.TOTAL_FIELDS},
+                          "unpriced_requests": r["unpriced"]} for r in summary["by"]]
         print(json.dumps(out))
         return 0
     headers = ("REQUESTS", "INPUT", "OUTPUT", "CACHE READ", "CACHE WRITE", "COST", "ERRORS",
@@ -637,6 +700,9 @@ def cmd_usage(args) -> int:
         print(table((args.by.upper(), *headers), rows, right=range(1, len(headers) + 1)))
     else:
         print(table(headers, [cells(summary)], right=range(len(headers))))
+    if summary["unpriced"]:
+        print(f"cost excludes unpriced, {summary['unpriced']:,} requests (models without a price: "
+              "see prices list)")
     return 0
 
 
@@ -745,6 +811,8 @@ def _add_channel_options(p, *, adding: bool) -> None:
                    help="anthropic-workspace-id sent upstream (clients' own is never forwarded; '' clears)")
     p.add_argument("--user-profile-id", type=_header_value, metavar="ID",
                    help="anthropic-user-profile-id sent upstream (clients' own is never forwarded; '' clears)")
+    p.add_argument("--allow-unpriced", action=argparse.BooleanOptionalAction,
+                   help="serve models the catalogue has no price for (cost recorded as unknown)")
 
 
 def _add_channel_commands(commands, sub, db) -> None:
@@ -784,6 +852,15 @@ def _add_price_commands(commands, sub, db) -> None:
     p.add_argument("--alias", action="extend", nargs="+", metavar="NAME", help="add client-facing names")
     p.add_argument("--remove-alias", action="extend", nargs="+", metavar="NAME")
     p.add_argument("--display-name")
+    p.add_argument("--from", dest="effective_from", type=_effective, metavar="TIME",
+                   help="the prices apply from this time on (ISO date or datetime, UTC; default now); "
+                        "earlier requests keep the prices they were charged")
+    p.add_argument("--successor", metavar="MODEL",
+                   help="once this model is retired, send its requests to MODEL (the response says so)")
+    sub(prices, "show", cmd_prices_show, "one model's price history, with sources").add_argument("model")
+    sub(prices, "import", cmd_prices_import,
+        "load a catalogue file (the shape of the shipped catalog.json); operator edits are kept"
+        ).add_argument("file")
     sub(prices, "remove", cmd_prices_remove, "remove a model from the catalogue").add_argument("model")
 
 

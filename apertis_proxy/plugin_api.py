@@ -89,6 +89,7 @@ class Caller:
     key_name: str
     models: Optional[frozenset[str]] = None   # allowed model names; None = any
     data: Mapping[str, Any] = field(default_factory=dict)  # plugin-private extras
+    cost_limited: bool = False     # spend is limited in USD: requests that cannot be priced are refused
 
     def may_use(self, model: str, aliases: Sequence[str] = ()) -> bool:
         if self.models is None:
@@ -144,6 +145,13 @@ class ModelInfo:
     id: str
     display_name: str
     created_at: str                # RFC 3339
+    lifecycle: str = "active"      # active, deprecated or retired
+    deprecated_at: Optional[str] = None    # RFC 3339
+    retires_at: Optional[str] = None       # RFC 3339
+    line: Optional[str] = None             # opus, sonnet, haiku, fable, mythos
+    max_input_tokens: Optional[int] = None
+    max_tokens: Optional[int] = None
+    capabilities: Optional[Mapping[str, Any]] = None
 
 
 # Why an attempt failed (Outcome.cause), decided by the gateway from the upstream's answer.
@@ -194,15 +202,19 @@ class UsageRecord:
     cache_creation_5m_input_tokens: Optional[int] = None
     cache_creation_1h_input_tokens: Optional[int] = None
     server_tool_use: Optional[dict] = None   # e.g. {"web_search_requests": 2}
-    # Upstream usage.iterations billed outside the top-level counts (compaction,
-    # advisor and fallback iterations), each {"type", "model"?, the four counts}; in `cost`.
-    iterations: Optional[list] = None
+    web_search_requests: int = 0
+    web_fetch_requests: int = 0
+    service_tier: Optional[str] = None   # standard, priority, batch (as upstream reported)
+    speed: Optional[str] = None          # standard, fast
+    inference_geo: Optional[str] = None  # where inference ran, e.g. "us"
+    iterations: Optional[list] = None    # beta usage.iterations[], as upstream reported
+    raw_usage: Optional[dict] = None     # the final usage object, for audits and repricing
     ttfb_ms: Optional[float] = None  # time to the first upstream byte
     duration_ms: float = 0.0
     upstream_request_id: Optional[str] = None
     attempts: int = 0              # channels tried
-    cost: float = 0.0              # USD, computed from `prices`
-    prices: Optional[dict] = None    # USD per million tokens used for `cost`
+    cost: Optional[float] = 0.0    # USD, computed from `prices`; None = the model has no price
+    prices: Optional[dict] = None    # the rates and multipliers `cost` was computed with
     reached_upstream: bool = False   # some attempt got a connection to a channel
 
     def as_dict(self) -> dict:

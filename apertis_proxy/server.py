@@ -24,7 +24,7 @@ from .listener import Listener, bind_sockets
 from .plugin_host import PluginHost, PluginLoadError, check_names
 from .settings import Settings
 from .store import schema
-from .store.catalog import catalog_from_rows, load_catalog
+from .store.catalog import load_catalog, read_catalog
 from .store.owned_state import OwnedState
 from .store.watch import RevisionWatcher
 from .upstream.pool import Pools
@@ -88,10 +88,7 @@ class Gateway:
         async def reload_catalog(db, changed: bool) -> None:
             if not changed:
                 return
-            async with db.execute(
-                    "SELECT id, display_name, created_at, aliases, input, output, cache_write_5m,"
-                    " cache_write_1h, cache_read FROM models ORDER BY created_at DESC, id") as cur:
-                catalog.catalog = catalog_from_rows(await cur.fetchall())
+            catalog.catalog = await read_catalog(db)
 
         # Plugins are built first: a configuration naming an unknown plugin fails
         # before anything holds a database thread that would keep the process alive.

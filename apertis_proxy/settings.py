@@ -47,6 +47,9 @@ class Settings:
     # Request contract.
     thinking_budget_max: int = 32768
     default_api_version: str = "2023-06-01"
+    # Billing: serve models the catalogue has no price for (recorded with cost
+    # unknown; refused for keys with a USD quota).  Per channel: --allow-unpriced.
+    allow_unpriced: bool = False
     # Plugins: entry-point names per group, in chain order, and their options.
     auth_plugins: list[str] = field(default_factory=lambda: ["keys"])
     router_plugins: list[str] = field(default_factory=lambda: ["channels"])
@@ -59,7 +62,7 @@ class Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-_SECTIONS = ("server", "upstream", "contract", "logging")
+_SECTIONS = ("server", "upstream", "contract", "billing", "logging")
 
 
 def load(path: Optional[str] = None, **overrides: Any) -> Settings:
@@ -129,6 +132,8 @@ def check(s: Settings, where: str) -> None:
     for name in ("host", "db", "default_api_version", "log_level"):
         if not isinstance(getattr(s, name), str) or not getattr(s, name):
             raise ValueError(f"{where}: {name} must be a non-empty string, not {getattr(s, name)!r}")
+    if type(s.allow_unpriced) is not bool:
+        raise ValueError(f"{where}: allow_unpriced must be true or false, not {s.allow_unpriced!r}")
     if s.log_level.upper() not in LOG_LEVELS:
         raise ValueError(f"{where}: log_level must be one of {', '.join(LOG_LEVELS)}, not {s.log_level!r}")
     if not _is_api_version(s.default_api_version):

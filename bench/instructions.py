@@ -49,7 +49,7 @@ CONNECTIONS = 8
 
 
 def request_bytes(key: str, path: str, stream: bool) -> bytes:
-    body = (b'{"model": "claude-sonnet-4.5", "max_tokens": 64, '
+    body = (b'{"model": "claude-sonnet-5-5", "max_tokens": 64, '
             + (b'"stream": true, ' if stream else b"")
             + b'"messages": [{"role": "user", "content": "' + b"x" * 900 + b'"}]}')
     return (b"POST " + path.encode() + b" HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"

@@ -62,7 +62,7 @@ def record(name: str, ns: Optional[float], note: str = "") -> None:
 # ----------------------------------------------------------------- test data
 
 def request_body(size: int, stream: bool = False) -> bytes:
-    head = {"model": "claude-sonnet-4-5", "max_tokens": 1024, **({"stream": True} if stream else {})}
+    head = {"model": "claude-sonnet-5-5", "max_tokens": 1024, **({"stream": True} if stream else {})}
     filler = "The quick brown fox jumps over the lazy dog. " * (size // 45 + 1)
     text = filler[:max(0, size - 110)]
     return orjson.dumps({**head, "messages": [{"role": "user", "content": text}]})
@@ -88,7 +88,7 @@ def sse_events(deltas: int = 100) -> list[bytes]:
     out = [
         ev("message_start", {"type": "message_start", "message": {
             "id": "msg_01", "type": "message", "role": "assistant", "content": [],
-            "model": "claude-sonnet-4-5-20250929", "stop_reason": None, "stop_sequence": None,
+            "model": "claude-sonnet-5-5", "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": 25, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
                       "output_tokens": 1}}}),
         ev("content_block_start", {"type": "content_block_start", "index": 0,

@@ -38,7 +38,7 @@ from urllib.parse import parse_qsl
 # --- prebuilt response bytes -------------------------------------------------
 
 REQUEST_ID = b"req_0000mock0000000000000000"
-MODEL = b"claude-sonnet-4-5-20250929"
+MODEL = b"claude-sonnet-5-5"
 
 MESSAGE_BODY = (
     b'{"id":"msg_01MockMockMockMockMockMock","type":"message","role":"assistant",'

@@ -109,7 +109,7 @@ _WORDS = ("The quick brown fox jumps over the lazy dog while the gateway forward
 
 
 def _body(size: int, stream: bool) -> bytes:
-    head = {"model": "claude-sonnet-4-5", "max_tokens": 1024}
+    head = {"model": "claude-sonnet-5-5", "max_tokens": 1024}
     if stream:
         head["stream"] = True
     shell = json.dumps({**head, "messages": [{"role": "user", "content": ""}]}).encode()

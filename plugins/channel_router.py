@@ -53,7 +53,7 @@ import aiosqlite
 
 from apertis_proxy.plugin_api import (CAUSE_CREDENTIAL, CAUSE_EXHAUSTED, CAUSE_REQUEST, Caller,
                                       Channel, ModelInfo, Outcome, PluginContext, RequestInfo)
-from apertis_proxy.store.catalog import Catalog, catalog_from_rows
+from apertis_proxy.store.catalog import Catalog, read_catalog
 from apertis_proxy.store.channels import CHANNEL_COLUMNS, row_to_channel
 
 from apertis_proxy.store.watch import RevisionWatcher
@@ -315,9 +315,7 @@ class ChannelRouter:
         if not changed:
             return
         read_at = time.monotonic()
-        catalog = catalog_from_rows(await conn.execute_fetchall(
-            "SELECT id, display_name, created_at, aliases, input, output, cache_write_5m,"
-            " cache_write_1h, cache_read FROM models ORDER BY created_at DESC, id"))
+        catalog = await read_catalog(conn)
         rows = await conn.execute_fetchall(
             f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE enabled = 1 ORDER BY id")
         channels = [row_to_channel(row, catalog.aliases) for row in rows]

@@ -40,7 +40,7 @@ from typing import Iterable, Mapping, Optional
 import aiosqlite
 
 from apertis_proxy.plugin_api import Caller, PluginContext, Reject, RequestInfo, UsageRecord
-from apertis_proxy.store.catalog import Catalog, catalog_from_rows
+from apertis_proxy.store.catalog import Catalog, read_catalog
 from apertis_proxy.store.keys import hash_key
 
 from apertis_proxy.store.watch import RevisionWatcher
@@ -210,7 +210,8 @@ class KeysAuth:
             # The hash tells finish() this key from a later one given the same id
             # (SQLite reuses the highest id after a delete).
             caller = key.caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed,
-                                         data={"key_hash": key.key_hash})
+                                         data={"key_hash": key.key_hash},
+                                         cost_limited=key.quota_cost is not None)
         return caller
 
     def _check_quota(self, key: KeyState) -> None:
@@ -268,9 +269,7 @@ class KeysAuth:
         await self._sync_spend(conn)
 
     async def _reload(self, conn: aiosqlite.Connection) -> None:
-        catalog = catalog_from_rows(await conn.execute_fetchall(
-            "SELECT id, display_name, created_at, aliases, input, output, cache_write_5m,"
-            " cache_write_1h, cache_read FROM models ORDER BY created_at DESC, id"))
+        catalog = await read_catalog(conn)
         channel_aliases = []
         for row in await conn.execute_fetchall("SELECT aliases FROM channels WHERE enabled = 1"):
             own = json.loads(row["aliases"] or "{}")

@@ -8,7 +8,7 @@ rows are waiting.  A failed write is logged and retried with the same rows
 is left.
 
 Every UsageRecord field is stored in the column of the same name (``started_at``
-in ``ts``; ``server_tool_use`` and ``prices`` as JSON).  Columns are matched at
+in ``ts``; ``server_tool_use``, ``iterations``, ``raw_usage`` and ``prices`` as JSON).  Columns are matched at
 start-up, so a field gains a column by a schema change alone.
 
 Options (``[plugins.options.sqlite]``):
@@ -34,7 +34,7 @@ from apertis_proxy.plugin_api import PluginContext, UsageRecord
 from apertis_proxy.store.watch import open_db
 
 COLUMN_OF_FIELD = {"started_at": "ts"}
-JSON_FIELDS = frozenset({"server_tool_use", "prices"})
+JSON_FIELDS = frozenset({"server_tool_use", "prices", "iterations", "raw_usage"})
 BOOL_FIELDS = frozenset({"stream", "interrupted", "reached_upstream"})
 CLOSE_ATTEMPTS = 5
 # Host parameters one statement may bind: SQLite's default limit since 3.32,

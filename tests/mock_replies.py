@@ -500,6 +500,9 @@ def plan_reply(body: dict, cache: PromptCache, signature_key: str, *, force_tool
     usage = cache.usage_for(body)
     usage["output_tokens"] = sum(b.tokens for b in blocks)
     usage["service_tier"] = "standard"
+    for echoed in ("speed", "inference_geo"):     # upstream reports what the request asked for
+        if isinstance(body.get(echoed), str):
+            usage[echoed] = body[echoed]
     if server_tool_uses:
         usage["server_tool_use"] = {"web_search_requests": server_tool_uses}
     return Reply(blocks=blocks, stop_reason=stop_reason, stop_sequence=stop_sequence, usage=usage)
@@ -543,7 +546,9 @@ INPUT_USAGE_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_i
 def stream_events(reply: Reply, model: str, *, message_deltas: int = 1,
                   unknown_event: bool = False) -> list[dict[str, Any]]:
     """The SSE events of the reply, in the order upstream sends them (see anthropic-protocol.md section 3)."""
-    start_usage = {k: reply.usage[k] for k in (*INPUT_USAGE_KEYS, "cache_creation", "service_tier")}
+    # What only message_start carries: the TTL split, tier, speed and geo.
+    start_usage = {k: reply.usage[k] for k in (*INPUT_USAGE_KEYS, "cache_creation", "service_tier",
+                                                "speed", "inference_geo") if k in reply.usage}
     start_usage["output_tokens"] = START_OUTPUT_PLACEHOLDER
     events: list[dict[str, Any]] = [{"type": "message_start", "message": {
         "id": reply.message_id, "type": "message", "role": "assistant", "content": [], "model": model,
@@ -569,8 +574,9 @@ def stream_events(reply: Reply, model: str, *, message_deltas: int = 1,
                        "usage": {"output_tokens": final_output * n // message_deltas}})
     final_usage = {k: reply.usage[k] for k in INPUT_USAGE_KEYS}
     final_usage["output_tokens"] = final_output
-    if "server_tool_use" in reply.usage:
-        final_usage["server_tool_use"] = reply.usage["server_tool_use"]
+    for key in ("server_tool_use", "iterations"):
+        if key in reply.usage:
+            final_usage[key] = reply.usage[key]
     events.append({"type": "message_delta",
                    "delta": {"stop_reason": reply.stop_reason, "stop_sequence": reply.stop_sequence},
                    "usage": final_usage})

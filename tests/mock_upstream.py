@@ -48,6 +48,9 @@ validation), the request's ``x-mock-scenario`` header (the gateway forwards unkn
     message-deltas=N       N cumulative message_delta events instead of one
     unknown-event          add an event type clients must ignore
     connection-close       answer with ``connection: close`` and close after the response
+    usage={"input_tokens": 10, ...}
+                           report this usage (JSON, merged over the planned one): billing tests' known counts,
+                           service_tier, iterations, ...; in a stream each field goes where upstream puts it
 Per connection: ``mock.refuse_connections(n)`` closes the next n connections as soon as they are accepted.
 """
 from __future__ import annotations
@@ -69,10 +72,16 @@ from mock_replies import (API_VERSIONS, PromptCache, RequestRejected, awkward_pi
                           validate_request)
 
 MOCK_API_KEY = "sk-ant-test"
+# What upstream serves as of December 2026 (anthropic 2.17 types/model.py; claude-sonnet-4-5-20250929 is retired).
 DEFAULT_MODELS = (
+    ("claude-haiku-5-5", "Claude Haiku 5.5", "2026-10-07T00:00:00Z"),
+    ("claude-sonnet-5-5", "Claude Sonnet 5.5", "1970-01-01T00:00:00Z"),      # release date not published
+    ("claude-opus-5-5", "Claude Opus 5.5", "2026-09-24T00:00:00Z"),
+    ("claude-opus-5", "Claude Opus 5", "2026-07-24T00:00:00Z"),
+    ("claude-sonnet-5", "Claude Sonnet 5", "2026-06-30T00:00:00Z"),
+    ("claude-opus-4-8", "Claude Opus 4.8", "1970-01-01T00:00:00Z"),
     ("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-01T00:00:00Z"),
     ("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-01T00:00:00Z"),
-    ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z"),
 )
 MAX_BODY_BYTES = 32 * 1024 * 1024
 SPLIT_PAUSE = 0.002  # between pieces of a split write, so they reach the reader as separate reads
@@ -99,6 +108,7 @@ class Scenario:
     message_deltas: Optional[int] = None
     unknown_event: Optional[bool] = None
     connection_close: Optional[bool] = None
+    usage: Optional[dict] = None
 
     @classmethod
     def parse(cls, text: str) -> "Scenario":
@@ -135,7 +145,7 @@ def _split_mode(raw: str) -> Union[str, int]:
 _FLAGS = {"hang", "close", "tool", "unknown_event", "connection_close"}
 _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "status": int, "drop_after": int, "error_event_after": int, "message_deltas": int,
-    "first_byte_delay": float, "event_delay": float, "split": _split_mode}
+    "first_byte_delay": float, "event_delay": float, "split": _split_mode, "usage": json.loads}
 ScenarioLike = Union[Scenario, str, None]
 
 
@@ -377,6 +387,8 @@ class MockUpstream:
         if await conn.misbehave_before_answer(request, scenario):
             return
         reply = plan_reply(body, self.cache, self.api_key, force_tool=bool(scenario.tool))
+        if scenario.usage:
+            reply = dataclasses.replace(reply, usage={**reply.usage, **scenario.usage})
         container = self.account.container_for(body)
         refusal = self.account.refusal_for(body)
         self.account.answered(body, reply.message_id)

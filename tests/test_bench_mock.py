@@ -57,7 +57,7 @@ def test_paced_events_arrive_spread_out(mock_url):
         assert arrived >= 0.14 + i * 0.055, arrivals
 
 
-ASK = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+ASK = {"model": "claude-sonnet-5-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
 
 
 def test_json_answer_is_a_message_with_usage(mock_url):

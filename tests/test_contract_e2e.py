@@ -20,7 +20,7 @@ from rawhttp import RawConnection, RawResponse
 
 OLD, NEW = "2023-06-01", "2026-10-21"
 HAIKU = "claude-haiku-4-5-20251001"
-SONNET = "claude-sonnet-4-5-20250929"
+SONNET = "claude-sonnet-5-5"
 OPUS = "claude-opus-4-5-20251101"
 DROPPED = "apertis-dropped-params"
 UPSTREAM_KEY = "sk-ant-test"
@@ -442,7 +442,8 @@ async def test_forward_extras_still_fits_the_body_to_2026_10_21(gateway_env, str
 # Models
 # =====================================================================================================================
 
-SEED_NAMES = {"claude-opus-4-5-20251101": OPUS, "claude-sonnet-4.5": SONNET, "claude-haiku-4.5": HAIKU,
+# claude-sonnet-4.5 names a retired model: by default it goes to the documented successor.
+SEED_NAMES = {"claude-opus-4-5-20251101": OPUS, "claude-sonnet-4.5": "claude-sonnet-5-5", "claude-haiku-4.5": HAIKU,
               "claude-opus-4.5": OPUS}
 
 
@@ -470,7 +471,9 @@ async def test_models_endpoint_lists_the_seed_models(old_gw, sdk2):
 async def test_operator_adds_a_channel_alias(gateway_env, strict_mock, sdk2):
     env = await start(gateway_env, strict_mock)
     before = await sdk2.run("plain", env.base_url, env.key, model="team-fast")
-    assert before["error"]["status"] == 404                          # unknown upstream (strict mock)
+    assert before["error"]["status"] == 400                          # no price: refused, not sent upstream
+    assert "prices set team-fast" in before["error"]["body"]["error"]["message"]
+    assert strict_mock.requests == []
 
     channel_store.update_channel(env.conn, "main", set_aliases={"team-fast": HAIKU})
     for _ in range(100):                                              # the gateway polls the store

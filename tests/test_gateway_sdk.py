@@ -277,7 +277,7 @@ async def test_awkward_chunk_splits_still_parse(sdk, gateway):
 # -- model aliases and usage ------------------------------------------------------------------------------------
 
 async def test_model_alias_resolved_upstream_and_kept_for_the_client(make_sdk, gateway):
-    alias, dated = "claude-sonnet-4.5", "claude-sonnet-4-5-20250929"
+    alias, dated = "claude-haiku-4.5", "claude-haiku-4-5-20251001"
     sdk = make_sdk("2.x", "async")
     created = await sdk.run("plain", gateway.base_url, gateway.key, model=alias, text="alias json")
     streamed = await sdk.run("raw_stream", gateway.base_url, gateway.key, model=alias, text="alias stream")

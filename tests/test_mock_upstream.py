@@ -405,7 +405,7 @@ async def test_models_pagination(mock_upstream):
     first = (await call(mock_upstream, method="GET", path="/v1/models?limit=2")).json()
     assert [m["id"] for m in first["data"]] == ids[:2] and first["has_more"]
     assert (first["first_id"], first["last_id"]) == (ids[0], ids[1])
-    rest = (await call(mock_upstream, method="GET", path=f"/v1/models?limit=2&after_id={ids[1]}")).json()
+    rest = (await call(mock_upstream, method="GET", path=f"/v1/models?limit={len(ids)}&after_id={ids[1]}")).json()
     assert [m["id"] for m in rest["data"]] == ids[2:] and not rest["has_more"]
     before = (await call(mock_upstream, method="GET", path=f"/v1/models?before_id={ids[2]}")).json()
     assert [m["id"] for m in before["data"]] == ids[:2]

@@ -16,7 +16,7 @@ from mock_upstream import MOCK_API_KEY
 from rawhttp import RawConnection, RawResponse
 
 HAIKU = "claude-haiku-4-5-20251001"
-SONNET = "claude-sonnet-4-5-20250929"
+SONNET = "claude-sonnet-4-6"
 
 
 async def get(env, key: Optional[str], target: str) -> RawResponse:
@@ -30,11 +30,15 @@ async def count(env, key: str, body: dict) -> RawResponse:
         return await conn.request("POST", "/v1/messages/count_tokens", {"x-api-key": key}, json_body=body)
 
 
-def catalogue(env, only: Optional[set] = None) -> list[dict]:
-    """The catalogue as /v1/models should list it: newest first."""
-    rows = env.query("SELECT id, display_name, created_at FROM models ORDER BY created_at DESC, id DESC")
-    return [{"type": "model", "id": r["id"], "display_name": r["display_name"], "created_at": r["created_at"]}
-            for r in rows if only is None or r["id"] in only]
+def catalogue(env, only: Optional[set] = None, lifecycles=("active", "deprecated")) -> list[dict]:
+    """The catalogue as /v1/models should list it: newest first, retired models hidden by default."""
+    rows = env.query("SELECT id, display_name, created_at, lifecycle, deprecated_at, retires_at, line,"
+                     " max_input_tokens, max_tokens, capabilities FROM models ORDER BY created_at DESC, id DESC")
+    return [{"type": "model", "id": r["id"], "display_name": r["display_name"], "created_at": r["created_at"],
+             "lifecycle": r["lifecycle"], "deprecated_at": r["deprecated_at"], "retires_at": r["retires_at"],
+             "line": r["line"], "max_input_tokens": r["max_input_tokens"], "max_tokens": r["max_tokens"],
+             "capabilities": r["capabilities"]}
+            for r in rows if (only is None or r["id"] in only) and r["lifecycle"] in lifecycles]
 
 
 async def add_models(env, capsys, *names: str) -> None:

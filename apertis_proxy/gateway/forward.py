@@ -26,16 +26,17 @@ from ..store.catalog import Catalog
 from ..store.owned_state import OwnedState
 from ..upstream.connection import UpstreamConnection, UpstreamError
 from ..upstream.pool import Pool, Pools
-from . import contract
+from . import contract, model_policy
 from .body_encoding import decode_body
 from .headers import downstream_headers, parse_retry_after, upstream_headers
 from .ownership import (CONTAINER, CREDIT, THINKING, THREAD, StateCapture, asks_for_thinking, not_found,
                         owner_of, references, resolve)
 from .relay import relay_json, relay_stream
 from .sse import SseSplicer
+from .pricing import price
 from .upstream_call import exchange
 from .upstream_errors import fails_over, read_error, request_secrets
-from .usage import UsageMeter, price
+from .usage import UsageMeter
 
 log = logging.getLogger("apertis_proxy.gateway")
 
@@ -128,6 +129,8 @@ class MessagesForwarder:
                 contract.validate(body, thinking_budget_max=self.settings.thinking_budget_max)
             record.requested_model = info.model
             record.stream = info.stream and not count_tokens
+            # Retired models go to their successor or are refused here (model_policy.py).
+            resolved = model_policy.resolve(self.catalog.catalog, info.model, record.started_at)
             # A client that leaves while a stream is still starting (Claude
             # Code's Esc) stops the upstream generation; a JSON answer is
             # awaited regardless so its usage is known exactly.
@@ -138,6 +141,16 @@ class MessagesForwarder:
                 if account is not None:
                     info = dataclasses.replace(info, account=account)
             channels = await self.plugins.route(info, caller)
+            if resolved.redirected or resolved.error:
+                channels = model_policy.pinned(self.catalog.catalog, channels or (), info.model,
+                                               record.started_at)
+                if channels:
+                    resolved = model_policy.Resolution(info.model)   # a channel alias decides
+                elif resolved.error:
+                    raise resolved.error
+                else:
+                    info, caller = self._redirect(req, info, caller, resolved.model)
+                    channels = await self.plugins.route(info, caller)
             if channels and info.model and not contract.is_claude_model_name(info.model):
                 # A channel serving "any model" has not opted into another vendor's name
                 # ("gpt-4o"): only a channel naming it (an alias or a listed model) gets it.
@@ -150,7 +163,11 @@ class MessagesForwarder:
                     raise not_found(*refs[0])
             if not channels:
                 raise self._unserved(info.model or "", caller)
-            await self._attempt_all(req, resp, info, body, channels, record, count_tokens, owner_of(caller))
+            if not count_tokens:
+                channels = model_policy.admit_unpriced(self.catalog.catalog, channels, info.model, caller,
+                                                       self.settings.allow_unpriced, record.started_at)
+            await self._attempt_all(req, resp, info, info.body, channels, record, count_tokens,
+                                    owner_of(caller), resolved.headers)
         except GatewayError as e:
             record.status = e.status
             record.error_type = e.error_type
@@ -182,6 +199,15 @@ class MessagesForwarder:
                     # handler whose auth plugin hangs there).
                     await self.plugins.meter(record)
 
+    @staticmethod
+    def _redirect(req: Request, info: RequestInfo, caller: Caller, model: str) -> tuple[RequestInfo, Caller]:
+        """The request as sent to `model` instead; a key allowed the retired model may use it."""
+        body = {**info.body, "model": model}
+        req.body = orjson.dumps(body)
+        if caller.models is not None:
+            caller = dataclasses.replace(caller, models=caller.models | {model})
+        return dataclasses.replace(info, model=model, body=body), caller
+
     def _unserved(self, model: str, caller: Caller) -> GatewayError:
         if not contract.is_claude_model_name(model):
             return GatewayError(404, f"model: {model} is not available: this endpoint serves "
@@ -194,7 +220,7 @@ class MessagesForwarder:
     # -- attempts ------------------------------------------------------------
     async def _attempt_all(self, req: Request, resp: Responder, info: RequestInfo, body: dict,
                            channels: Sequence[Channel], record: UsageRecord, count_tokens: bool,
-                           owner: str) -> None:
+                           owner: str, notices: Sequence[tuple[bytes, bytes]] = ()) -> None:
         client_version = None
         for name, value in req.headers:
             if name == b"anthropic-version":
@@ -204,7 +230,8 @@ class MessagesForwarder:
         for i, channel in enumerate(channels):
             prepared = contract.prepare_for_channel(body, channel, client_version=client_version,
                                                     default_version=self.settings.default_api_version)
-            failure = await self._attempt(req, resp, info, channel, prepared, record, count_tokens, owner)
+            failure = await self._attempt(req, resp, info, channel, prepared, record, count_tokens, owner,
+                                          notices)
             if failure is None:
                 return
             if not fails_over(failure.cause) or i == last:
@@ -219,7 +246,8 @@ class MessagesForwarder:
 
     async def _attempt(self, req: Request, resp: Responder, info: RequestInfo, channel: Channel,
                        prepared: "contract.Prepared", record: UsageRecord,
-                       count_tokens: bool, owner: str) -> Optional[Attempt]:
+                       count_tokens: bool, owner: str,
+                       notices: Sequence[tuple[bytes, bytes]] = ()) -> Optional[Attempt]:
         """One channel.  None when the client got its answer; an Attempt when it failed
         before anything went out (the caller may try the next channel)."""
         settings = self.settings
@@ -258,11 +286,14 @@ class MessagesForwarder:
             return await self._upstream_error(conn, pool, channel, info, head, t_start)
 
         down = downstream_headers(head.headers)
+        down.extend(notices)
         if prepared.dropped:
             down.append((b"apertis-dropped-params", contract.dropped_header_value(prepared.dropped).encode()))
         rename = None
-        if info.model and record.upstream_model and info.model != record.upstream_model:
-            rename = (record.upstream_model, info.model)
+        # The response names the model the client asked for (an alias, or a retired model's old name).
+        asked = record.requested_model
+        if asked and record.upstream_model and asked != record.upstream_model:
+            rename = (record.upstream_model, asked)
         ctype = head.get(b"content-type") or b""
         meter = (StateCapture(record, asks_for_thinking(info.body)) if self.owned is not None and not count_tokens
                  else UsageMeter(record))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from typing import Optional, Sequence, TypeVar
+from urllib.parse import parse_qsl
 
 from ..errors import GatewayError
 
@@ -10,7 +11,7 @@ T = TypeVar("T")
 
 def page(items: Sequence[T], ids: Sequence[str], query: str, noun: str) -> tuple[list[T], bool]:
     """The page of `items` (whose ids are `ids`, in list order) the query asks for, and has_more."""
-    params = dict(p.split("=", 1) if "=" in p else (p, "") for p in query.split("&") if p)
+    params = dict(parse_qsl(query, keep_blank_values=True))
     try:
         limit = int(params.get("limit", "20"))
     except ValueError:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from typing import Optional
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -107,7 +108,7 @@ class GatewayApp:
         models = sorted(self.plugins.models(caller), key=lambda m: (m.created_at, m.id), reverse=True)
         if req.path == "/v1/models":
             try:
-                page = paginate(models, req.query)
+                page = paginate(filter_lifecycle(models, req.query), req.query)
             except GatewayError as e:
                 return resp.send_error(e.status, e.message, e.error_type)
             return resp.send(200, [_JSON], orjson.dumps(page))
@@ -119,7 +120,29 @@ class GatewayApp:
 
 
 def _model_json(m: ModelInfo) -> dict:
-    return {"type": "model", "id": m.id, "display_name": m.display_name, "created_at": m.created_at}
+    """The fields the current SDK reads (types/model_info.py); unknown ones are null."""
+    return {"type": "model", "id": m.id, "display_name": m.display_name, "created_at": m.created_at,
+            "lifecycle": m.lifecycle, "deprecated_at": m.deprecated_at, "retires_at": m.retires_at,
+            "line": m.line, "max_input_tokens": m.max_input_tokens, "max_tokens": m.max_tokens,
+            "capabilities": m.capabilities}
+
+
+LIFECYCLES = ("active", "deprecated", "retired")
+
+
+def filter_lifecycle(models: list[ModelInfo], query: str) -> list[ModelInfo]:
+    """`lifecycle` (repeated, `lifecycle[]` as the SDK sends it, or comma-separated):
+    the stages to list; without it, active and deprecated models (retired ones are hidden)."""
+    wanted: set[str] = set()
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in ("lifecycle", "lifecycle[]"):
+            wanted.update(v for v in value.split(",") if v)
+    unknown = wanted - set(LIFECYCLES)
+    if unknown:
+        raise GatewayError(400, f"lifecycle: unknown value(s) {', '.join(sorted(unknown))}; "
+                                f"use {', '.join(LIFECYCLES)}")
+    wanted = wanted or {"active", "deprecated"}
+    return [m for m in models if m.lifecycle in wanted]
 
 
 def paginate(models: list[ModelInfo], query: str) -> dict:

@@ -1,18 +1,22 @@
-"""Token usage from Anthropic responses, and its price.
+"""Token usage from Anthropic responses.
 
 Rules (protocol notes, section 3): `message_start.message.usage` carries the
-final input and cache counts (its `output_tokens` is a placeholder);
+final input and cache counts (its `output_tokens` is a placeholder) and the
+fields only it has (the cache TTL split, service tier, speed, inference geo);
 `message_delta.usage` is cumulative -- a later non-null value replaces an
 earlier one, never adds to it.  A JSON body's `usage` is final as a whole.
+Pricing is in pricing.py.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
 from ..plugin_api import UsageRecord
-from ..store.catalog import Catalog
 
 _COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+_LABELS = ("service_tier", "speed", "inference_geo")
+_MAX_ITERATIONS = 256
+_MAX_RAW_KEYS = 64
 # Counts beyond this are not real (and past 2**63 SQLite cannot even store them:
 # one such row would stop the ledger); they are ignored like a missing count.
 _MAX_COUNT = 2 ** 53
@@ -20,22 +24,6 @@ _MAX_COUNT = 2 ** 53
 
 def _count(value: Any) -> Optional[int]:
     return value if type(value) is int and 0 <= value < _MAX_COUNT else None
-
-
-# Iteration types whose tokens are not in the top-level counts: each is billed on its own.
-_SEPARATE_ITERATIONS = frozenset(("compaction", "advisor_message", "fallback_message"))
-
-
-def _iteration(item: Any) -> Optional[dict]:
-    """One usage.iterations entry billed apart from the top-level counts, or None."""
-    if not isinstance(item, dict) or item.get("type") not in _SEPARATE_ITERATIONS:
-        return None
-    out: dict = {"type": item["type"]}
-    if isinstance(item.get("model"), str):
-        out["model"] = item["model"]
-    for name in _COUNTS:
-        out[name] = _count(item.get(name)) or 0
-    return out
 
 
 class UsageMeter:
@@ -62,16 +50,26 @@ class UsageMeter:
                 rec.cache_creation_5m_input_tokens = v5
             if v1 is not None:
                 rec.cache_creation_1h_input_tokens = v1
-        iterations = usage.get("iterations")
-        if isinstance(iterations, list) and iterations:
-            billed = [it for it in map(_iteration, iterations[:64]) if it is not None]
-            rec.iterations = billed or None
         stu = usage.get("server_tool_use")
         if isinstance(stu, dict) and stu:
             # Counts per server tool ({"web_search_requests": 2}); anything else is not kept.
             counts = {k: v for k, v in list(stu.items())[:16] if isinstance(k, str) and _count(v) is not None}
             if counts:
                 rec.server_tool_use = counts
+                rec.web_search_requests = counts.get("web_search_requests", rec.web_search_requests)
+                rec.web_fetch_requests = counts.get("web_fetch_requests", rec.web_fetch_requests)
+        for name in _LABELS:
+            value = usage.get(name)
+            if isinstance(value, str) and len(value) <= 64:
+                setattr(rec, name, value)
+        iterations = usage.get("iterations")
+        if isinstance(iterations, list):
+            rec.iterations = [i for i in iterations[:_MAX_ITERATIONS] if isinstance(i, dict)]
+        # The usage object as last reported, field by field (a delta lacks
+        # what only message_start carries).
+        raw = rec.raw_usage
+        rec.raw_usage = {**(raw or {}), **{k: v for k, v in list(usage.items())[:_MAX_RAW_KEYS]
+                                          if v is not None}}
 
     def message_start(self, message: Mapping[str, Any]) -> None:
         self.apply(message.get("usage"))
@@ -86,30 +84,6 @@ class UsageMeter:
         self.apply(body.get("usage"))
 
 
-def price(record: UsageRecord, catalog: Catalog) -> None:
-    """Set record.cost and record.prices from the catalogue (USD per million tokens)."""
-    entry = catalog.lookup(record.upstream_model) or catalog.lookup(record.requested_model)
-    if entry is None:
-        record.cost = 0.0
-        record.prices = None
-        return
-    p = entry.prices
-    cw = record.cache_creation_input_tokens
-    c1h = record.cache_creation_1h_input_tokens or 0
-    c5m = record.cache_creation_5m_input_tokens
-    if c5m is None:
-        c5m = max(cw - c1h, 0)   # without a split, cache writes price as 5-minute ones
-    total = (record.input_tokens * p["input"] + record.output_tokens * p["output"]
-             + record.cache_read_input_tokens * p["cache_read"]
-             + c5m * p["cache_write_5m"] + c1h * p["cache_write_1h"])
-    for it in record.iterations or ():
-        # An iteration runs at its own model when it names one (advisor, fallback), else the request's.
-        q = (catalog.lookup(it.get("model")) or entry).prices
-        total += (it["input_tokens"] * q["input"] + it["output_tokens"] * q["output"]
-                  + it["cache_read_input_tokens"] * q["cache_read"]
-                  + it["cache_creation_input_tokens"] * q["cache_write_5m"])
-    record.cost = round(total / 1_000_000, 10)
-    record.prices = {"model": entry.id, **p}
 
 
 def redactable(secret: Optional[str]) -> bool:

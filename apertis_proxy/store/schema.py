@@ -1,16 +1,17 @@
 """The SQLite schema shared by the CLI, the core and the first-party plugins.
 
 One file holds keys, channels, the model/price catalogue and the usage ledger.
-Every change to keys, channels or models bumps ``config_rev.rev`` (by trigger),
+Every change to keys, channels, models or model prices bumps ``config_rev.rev`` (by trigger),
 so a running server notices a CLI edit by polling one integer.  Spend and usage
 live in their own tables so metering never bumps the revision.
 """
 from __future__ import annotations
 
-import json
 import sqlite3
 
-SCHEMA_VERSION = 1
+from .catalog import sync_shipped_catalog
+
+SCHEMA_VERSION = 2
 
 # Binding None, Python's sqlite3 first looks for an adapter: a tuple, a dict
 # miss, and an AttributeError raised and cleared on its protocol type, ~2.5k
@@ -20,19 +21,6 @@ SCHEMA_VERSION = 1
 # sqlite3.adapt(None) now answers None instead of raising, and another library
 # registering its own NoneType adapter would replace this one (or be replaced).
 sqlite3.register_adapter(type(None), {}.get)
-
-# Seed catalogue: list prices in USD per million tokens (input, output,
-# cache write 5m, cache write 1h, cache read).  Aliases are the client-facing
-# short names that map to the dated upstream ids.
-SEED_MODELS = [
-    # id, display name, created_at, aliases, input, output, cw5m, cw1h, cread
-    ("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-24T00:00:00Z",
-     ["claude-opus-4.5", "claude-opus-4-5"], 5.0, 25.0, 6.25, 10.0, 0.50),
-    ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z",
-     ["claude-sonnet-4.5", "claude-sonnet-4-5"], 3.0, 15.0, 3.75, 6.0, 0.30),
-    ("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z",
-     ["claude-haiku-4.5", "claude-haiku-4-5"], 1.0, 5.0, 1.25, 2.0, 0.10),
-]
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -86,12 +74,14 @@ CREATE TABLE IF NOT EXISTS channels (
     created_at      REAL NOT NULL
 );
 
+-- Prices live in model_prices (migration 2); the price columns here are the
+-- version-1 ones, no longer read.
 CREATE TABLE IF NOT EXISTS models (
     id             TEXT PRIMARY KEY,         -- upstream model id
     display_name   TEXT NOT NULL,
     created_at     TEXT NOT NULL,            -- RFC 3339
     aliases        TEXT NOT NULL DEFAULT '[]',   -- JSON list of client-facing names
-    input          REAL NOT NULL DEFAULT 0,  -- USD per million tokens
+    input          REAL NOT NULL DEFAULT 0,
     output         REAL NOT NULL DEFAULT 0,
     cache_write_5m REAL NOT NULL DEFAULT 0,
     cache_write_1h REAL NOT NULL DEFAULT 0,
@@ -184,32 +174,152 @@ def apply_pragmas(conn) -> None:
         conn.execute(pragma)
 
 
-def migrate(conn: sqlite3.Connection) -> None:
-    row = None
+def schema_version(conn: sqlite3.Connection) -> int:
     try:
         row = conn.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone()
     except sqlite3.OperationalError:
-        pass
-    if row is not None and int(row[0]) >= SCHEMA_VERSION:
-        return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for stmt in _split(DDL + "\n" + _trigger_ddl()):
-            conn.execute(stmt)
-        seeded = conn.execute("SELECT v FROM meta WHERE k = 'seeded'").fetchone()
-        if seeded is None:
-            for (mid, disp, created, aliases, inp, out, cw5, cw1, cr) in SEED_MODELS:
-                conn.execute(
-                    "INSERT OR IGNORE INTO models (id, display_name, created_at, aliases, input, output,"
-                    " cache_write_5m, cache_write_1h, cache_read) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (mid, disp, created, json.dumps(aliases), inp, out, cw5, cw1, cr))
-            conn.execute("INSERT INTO meta (k, v) VALUES ('seeded', '1')")
-        conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('schema_version', ?)",
-                     (str(SCHEMA_VERSION),))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+        return 0
+    return int(row[0]) if row else 0
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the store to SCHEMA_VERSION, then load the shipped catalogue if it is newer.
+
+    Version 1 is DDL; each later version is one step of MIGRATIONS, applied
+    once, in its own transaction, in order.
+    """
+    if schema_version(conn) < SCHEMA_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = schema_version(conn)       # another process may have migrated meanwhile
+            for stmt in _split(DDL + "\n" + _trigger_ddl()):
+                conn.execute(stmt)
+            version = max(version, 1)
+            _set_version(conn, version)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        for number, step in MIGRATIONS:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if schema_version(conn) < number:
+                    for stmt in step:
+                        conn.execute(stmt)
+                    _set_version(conn, number)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+    sync_shipped_catalog(conn)
+
+
+def _set_version(conn: sqlite3.Connection, version: int) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('schema_version', ?)", (str(version),))
+
+
+# The version-1 usage table, with cost nullable (NULL = the model had no
+# price) and every billed dimension of the usage object in its own column.
+_USAGE_V2 = """
+CREATE TABLE usage_v2 (
+    id                          INTEGER PRIMARY KEY,
+    request_id                  TEXT NOT NULL,
+    ts                          REAL NOT NULL,   -- unix time the request started
+    endpoint                    TEXT NOT NULL,
+    client                      TEXT,
+    key_id                      INTEGER,
+    key_name                    TEXT,
+    channel_id                  INTEGER,
+    channel_name                TEXT,
+    requested_model             TEXT,            -- the name the client asked for
+    upstream_model              TEXT,            -- the model that answered (a retired model's successor)
+    stream                      INTEGER NOT NULL,
+    status                      INTEGER NOT NULL,
+    error_type                  TEXT,
+    interrupted                 INTEGER NOT NULL DEFAULT 0,
+    input_tokens                INTEGER NOT NULL DEFAULT 0,
+    output_tokens               INTEGER NOT NULL DEFAULT 0,
+    cache_read_input_tokens     INTEGER NOT NULL DEFAULT 0,
+    cache_creation_input_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_creation_5m_input_tokens INTEGER,
+    cache_creation_1h_input_tokens INTEGER,
+    server_tool_use             TEXT,            -- JSON
+    web_search_requests         INTEGER NOT NULL DEFAULT 0,
+    web_fetch_requests          INTEGER NOT NULL DEFAULT 0,
+    service_tier                TEXT,
+    speed                       TEXT,
+    inference_geo               TEXT,
+    iterations                  TEXT,            -- JSON: beta usage.iterations[]
+    raw_usage                   TEXT,            -- JSON: the final usage object
+    ttfb_ms                     REAL,
+    duration_ms                 REAL NOT NULL,
+    upstream_request_id         TEXT,
+    attempts                    INTEGER NOT NULL DEFAULT 0,
+    reached_upstream            INTEGER NOT NULL DEFAULT 0,
+    cost                        REAL,            -- USD; NULL = unpriced
+    prices                      TEXT             -- JSON: rates and multipliers `cost` used
+)"""
+_USAGE_V1_COLUMNS = (
+    "id, request_id, ts, endpoint, client, key_id, key_name, channel_id, channel_name, requested_model,"
+    " upstream_model, stream, status, error_type, interrupted, input_tokens, output_tokens,"
+    " cache_read_input_tokens, cache_creation_input_tokens, cache_creation_5m_input_tokens,"
+    " cache_creation_1h_input_tokens, server_tool_use, ttfb_ms, duration_ms, upstream_request_id,"
+    " attempts, reached_upstream, cost, prices")
+# The version-1 seed, to tell its prices (catalogue data) from operator edits.
+_V1_SEED_PRICES = (
+    "('claude-opus-4-5-20251101', 5.0, 25.0, 6.25, 10.0, 0.5),"
+    " ('claude-sonnet-4-5-20250929', 3.0, 15.0, 3.75, 6.0, 0.3),"
+    " ('claude-haiku-4-5-20251001', 1.0, 5.0, 1.25, 2.0, 0.1)")
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (2, [
+        # Effective-dated prices: a change applies from its time on.
+        """CREATE TABLE model_prices (
+            model_id       TEXT NOT NULL,
+            effective_from REAL NOT NULL DEFAULT 0,  -- unix time; 0 = from the beginning
+            origin         TEXT NOT NULL,            -- 'catalog' (shipped/imported) or 'operator'
+            input          REAL NOT NULL,            -- USD per million tokens
+            output         REAL NOT NULL,
+            cache_write_5m REAL NOT NULL,
+            cache_write_1h REAL NOT NULL,
+            cache_read     REAL NOT NULL,
+            bands          TEXT,                     -- JSON: prompt-size bands [{above_prompt_tokens, rates}]
+            source         TEXT,
+            PRIMARY KEY (model_id, origin, effective_from)
+        )""",
+        *(f"CREATE TRIGGER model_prices_{op.lower()}_rev AFTER {op} ON model_prices "
+          f"BEGIN UPDATE config_rev SET rev = rev + 1 WHERE id = 1; END"
+          for op in ("INSERT", "UPDATE", "DELETE")),
+        "ALTER TABLE models ADD COLUMN line TEXT",
+        "ALTER TABLE models ADD COLUMN lifecycle TEXT NOT NULL DEFAULT 'active'",
+        "ALTER TABLE models ADD COLUMN deprecated_at TEXT",
+        "ALTER TABLE models ADD COLUMN retires_at TEXT",
+        "ALTER TABLE models ADD COLUMN successor TEXT",         # documented successor
+        "ALTER TABLE models ADD COLUMN redirect_to TEXT",       # operator's choice for a retired model
+        "ALTER TABLE models ADD COLUMN max_input_tokens INTEGER",
+        "ALTER TABLE models ADD COLUMN max_tokens INTEGER",
+        "ALTER TABLE models ADD COLUMN capabilities TEXT",      # JSON
+        "ALTER TABLE models ADD COLUMN rules TEXT",             # JSON
+        "ALTER TABLE models ADD COLUMN fast_multiplier REAL",
+        "ALTER TABLE models ADD COLUMN geo_multipliers TEXT",   # JSON {geo: multiplier}
+        "ALTER TABLE models ADD COLUMN operator_fields TEXT NOT NULL DEFAULT '[]'",
+        # Version-1 prices: the seed's stay catalogue data, anything else was the operator's.
+        f"""INSERT INTO model_prices (model_id, effective_from, origin, input, output, cache_write_5m,
+                cache_write_1h, cache_read, source)
+            SELECT m.id, 0, CASE WHEN s.id IS NULL THEN 'operator' ELSE 'catalog' END,
+                m.input, m.output, m.cache_write_5m, m.cache_write_1h, m.cache_read, 'schema version 1'
+            FROM models m LEFT JOIN (SELECT column1 AS id, column2 AS i, column3 AS o, column4 AS w5,
+                column5 AS w1, column6 AS r FROM (VALUES {_V1_SEED_PRICES})) s
+            ON s.id = m.id AND s.i = m.input AND s.o = m.output AND s.w5 = m.cache_write_5m
+                AND s.w1 = m.cache_write_1h AND s.r = m.cache_read""",
+        _USAGE_V2,
+        f"INSERT INTO usage_v2 ({_USAGE_V1_COLUMNS}) SELECT {_USAGE_V1_COLUMNS} FROM usage",
+        "DROP TABLE usage",
+        "ALTER TABLE usage_v2 RENAME TO usage",
+        "CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts)",
+        "CREATE INDEX IF NOT EXISTS usage_key ON usage (key_name, ts)",
+    ]),
+]
 
 
 def _split(script: str) -> list[str]:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 TOTAL_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
                 "cache_creation_input_tokens", "cost")
 # Extra counts a summary also reports.
-COUNT_FIELDS = ("errors", "interrupted")
+COUNT_FIELDS = ("errors", "interrupted", "unpriced")
 
 # --by value -> the SQL expression rows are grouped on.  Days are UTC.
 GROUPINGS = {
@@ -23,9 +23,10 @@ _AGGREGATES = """
     COALESCE(SUM(output_tokens), 0) AS output_tokens,
     COALESCE(SUM(cache_read_input_tokens), 0) AS cache_read_input_tokens,
     COALESCE(SUM(cache_creation_input_tokens), 0) AS cache_creation_input_tokens,
-    COALESCE(SUM(cost), 0.0) AS cost,
+    COALESCE(SUM(cost), 0.0) AS cost,            -- unpriced rows (cost NULL) are counted apart
     COALESCE(SUM(status >= 400 OR error_type IS NOT NULL), 0) AS errors,
-    COALESCE(SUM(interrupted != 0), 0) AS interrupted
+    COALESCE(SUM(interrupted != 0), 0) AS interrupted,
+    COALESCE(SUM(cost IS NULL), 0) AS unpriced
 """
 
 
@@ -51,6 +52,13 @@ def summarize(conn, *, key: Optional[str] = None, model: Optional[str] = None,
         result["by"] = [{by: r["grp"], **{f: r[f] for f in TOTAL_FIELDS + COUNT_FIELDS}}
                         for r in rows]
     return result
+
+
+def unpriced_requests(conn) -> list[tuple[str, int]]:
+    """(model, rows) for every model with ledger rows whose cost is unknown."""
+    return [(r[0] or "(none)", r[1]) for r in conn.execute(
+        "SELECT COALESCE(upstream_model, requested_model), COUNT(*) FROM usage WHERE cost IS NULL"
+        " GROUP BY 1 ORDER BY 2 DESC, 1")]
 
 
 def _filters(**given: Any) -> tuple[str, list[Any]]:

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import aiosqlite
 
 from apertis_proxy.plugin_api import Caller, Channel, PluginContext, Reject, RequestInfo
-from apertis_proxy.store.catalog import catalog_from_rows
+from apertis_proxy.store.catalog import read_catalog
 from apertis_proxy.store.channels import CHANNEL_COLUMNS, row_to_channel
 
 DEFAULT_HEADER = "x-apertis-channel"
@@ -62,9 +62,7 @@ class HeaderRoute:
         (rev,), = await self._conn.execute_fetchall("SELECT rev FROM config_rev")
         if rev == self._rev:
             return
-        catalog = catalog_from_rows(await self._conn.execute_fetchall(
-            "SELECT id, display_name, created_at, aliases, input, output, cache_write_5m,"
-            " cache_write_1h, cache_read FROM models"))
+        catalog = await read_catalog(self._conn)
         rows = await self._conn.execute_fetchall(
             f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE enabled = 1")
         self.channels = {row["name"]: row_to_channel(row, catalog.aliases) for row in rows}

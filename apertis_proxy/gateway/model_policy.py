@@ -1,0 +1,106 @@
+"""What the gateway decides about a model before a request goes upstream.
+
+- A retired model is answered here, not sent upstream to fail: a channel whose
+  own alias sends the name to a live model serves it as usual; else it goes to
+  the successor the operator chose (`prices set OLD --successor NEW`), or, when
+  the client used one of its aliases, to its documented successor (the response
+  says so); otherwise 404 `not_found_error` naming the successor.
+- A deprecated model is served with a header giving its end-of-life date.
+- A model without a price is refused (fail closed) unless the operator allowed
+  unpriced models (setting `allow_unpriced`, or channel option of that name);
+  even then a key with a USD quota is refused, since its spend cannot be counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from ..errors import GatewayError
+from ..plugin_api import Caller, Channel
+from ..store.catalog import Catalog
+
+REDIRECT_HEADER = b"apertis-model-redirected"
+DEPRECATED_HEADER = b"apertis-model-deprecated"
+_MAX_HOPS = 8
+
+
+@dataclass(slots=True)
+class Resolution:
+    model: Optional[str]                        # the name to route and send upstream
+    headers: list = field(default_factory=list)  # response headers telling the client why
+    error: Optional[GatewayError] = None        # a retired model with nowhere to go
+
+    @property
+    def redirected(self) -> bool:
+        return any(name == REDIRECT_HEADER for name, _ in self.headers)
+
+
+def _day(stamp: Optional[str]) -> str:
+    return (stamp or "")[:10] or "an earlier date"
+
+
+def resolve(catalog: Catalog, name: Optional[str], now: float) -> Resolution:
+    """Where a request for `name` goes by the catalogue (channels' own aliases aside: see `pinned`)."""
+    resolution = Resolution(name)
+    current = name
+    for _ in range(_MAX_HOPS):
+        entry = catalog.lookup(current)
+        if entry is None or current is None:
+            return resolution
+        state = entry.lifecycle_at(now)
+        if state == "deprecated":
+            note = f"{entry.id} is deprecated; end of life {_day(entry.retires_at)}"
+            if entry.successor:
+                note += f"; successor {entry.successor}"
+            resolution.headers.append((DEPRECATED_HEADER, note.encode()))
+            return resolution
+        if state != "retired":
+            return resolution
+        target = entry.redirect_to or (entry.successor if current in entry.aliases else None)
+        if not target:
+            hint = (f"; its successor is {entry.successor}" if entry.successor else "")
+            resolution.error = GatewayError(
+                404, f"model: {current} was retired on {_day(entry.retires_at)}{hint}", "not_found_error")
+            return resolution
+        resolution.headers.append((REDIRECT_HEADER, (
+            f"{current} -> {target} ({entry.id} retired {_day(entry.retires_at)})").encode()))
+        resolution.model = current = target
+    return resolution
+
+
+def pinned(catalog: Catalog, channels: Sequence[Channel], name: Optional[str], now: float) -> list[Channel]:
+    """The channels whose own alias sends `name` (a retired model's name) to a model that is not retired."""
+    kept = []
+    for channel in channels:
+        entry = catalog.lookup(channel.upstream_model(name)) if name else None
+        if entry is None or entry.lifecycle_at(now) != "retired":
+            kept.append(channel)
+    return kept
+
+
+def admit_unpriced(catalog: Catalog, channels: Sequence[Channel], model: Optional[str], caller: Caller,
+                   allow_unpriced: bool, now: float) -> list[Channel]:
+    """The channels that may take `model` as far as billing goes; GatewayError if none."""
+    admitted: list[Channel] = []
+    refusal: Optional[GatewayError] = None
+    for channel in channels:
+        upstream = channel.upstream_model(model) if model else model
+        entry = catalog.lookup(upstream) or catalog.lookup(model)
+        if entry is not None and entry.price_at(now) is not None:
+            admitted.append(channel)
+        elif not (allow_unpriced or channel.options.get("allow_unpriced")):
+            refusal = refusal or GatewayError(
+                400, f"model: {upstream} has no price in this gateway's catalogue, so it cannot be "
+                     f"billed; an operator can price it with `apertis-proxy prices set {upstream} "
+                     f"--input USD --output USD` (per million tokens)", "invalid_request_error")
+        elif caller.cost_limited:
+            refusal = refusal or GatewayError(
+                402, f"model: {upstream} has no price in this gateway's catalogue and API key "
+                     f"'{caller.key_name}' has a USD quota, so its spend could not be counted; "
+                     f"an operator can price it with `apertis-proxy prices set {upstream} "
+                     f"--input USD --output USD`", "billing_error", {"x-should-retry": "false"})
+        else:
+            admitted.append(channel)
+    if not admitted and refusal is not None:
+        raise refusal
+    return admitted

@@ -1,0 +1,152 @@
+"""The price of one request: its usage times the catalogue's rates, in exact decimals.
+
+What is billed (USD per million tokens unless said otherwise):
+- input, output and cache reads at the model's rates in force when the
+  request started (a later price change never reprices it);
+- cache writes split by TTL from the final counts: 1 h = min(ephemeral_1h,
+  total), the rest at the 5 m rate;
+- prompt-size bands: above a band's threshold (input + cache reads + cache
+  writes) the whole request takes the band's rates;
+- multipliers on all token charges: `speed: "fast"` (the model's fast
+  multiplier), `inference_geo` (the model's multiplier for that geo, if any),
+  `service_tier` (batch 0.5; priority is recorded, billed at list price);
+- web searches at the per-request price; web fetches are recorded, not charged;
+- beta `usage.iterations[]`: advisor, compaction and fallback iterations are
+  billed outside the top-level counts, each at its own model's rates (a
+  compaction at the request's model) and the service tier's multiplier.
+
+A request whose usage needs a price the catalogue lacks gets cost None
+(unpriced), never 0.
+"""
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, Mapping, Optional
+
+from ..plugin_api import UsageRecord
+from ..store.catalog import Catalog, ModelEntry, PRICE_FIELDS
+
+MILLION = Decimal(1_000_000)
+# Ledger precision: far below a cent, so sums of rows stay exact to the cent.
+_QUANTUM = Decimal("1e-10")
+# Iteration types billed outside the top-level usage ("message" ones are inside it).
+SEPARATE_ITERATIONS = frozenset({"advisor_message", "compaction", "fallback_message"})
+_ONE = Decimal(1)
+
+
+class Unpriced(Exception):
+    """Some billed part of a request has no price; the message says which."""
+
+
+def _int(value: Any) -> int:
+    return value if type(value) is int and value >= 0 else 0
+
+
+def cache_split(total: int, ephemeral_1h: Optional[int]) -> tuple[int, int]:
+    """(5-minute, 1-hour) cache-write tokens from the final total and the 1 h count."""
+    c1h = min(ephemeral_1h or 0, total)
+    return total - c1h, c1h
+
+
+def token_charge(rates: Mapping[str, Decimal], *, input_tokens: int, output_tokens: int,
+                 cache_read: int, write_5m: int, write_1h: int) -> Decimal:
+    """USD for these counts at these rates (USD per million tokens)."""
+    return (input_tokens * rates["input"] + output_tokens * rates["output"]
+            + cache_read * rates["cache_read"] + write_5m * rates["cache_write_5m"]
+            + write_1h * rates["cache_write_1h"]) / MILLION
+
+
+def billable(record: UsageRecord) -> bool:
+    """Whether the request consumed anything upstream bills."""
+    return bool(record.total_tokens or record.web_search_requests or record.iterations)
+
+
+def price(record: UsageRecord, catalog: Catalog) -> None:
+    """Set record.cost (USD, None when unpriced) and record.prices (what it was computed with)."""
+    if not billable(record):
+        record.cost, record.prices = 0.0, None
+        return
+    entry = catalog.lookup(record.upstream_model) or catalog.lookup(record.requested_model)
+    detail: dict[str, Any] = {"model": entry.id if entry else (record.upstream_model or record.requested_model)}
+    try:
+        cost = _quote(record, entry, catalog, detail)
+    except Unpriced as exc:
+        record.cost = None
+        detail["unpriced"] = str(exc)
+        record.prices = detail
+        return
+    detail["cost"] = str(cost)
+    record.cost = float(cost.quantize(_QUANTUM))
+    record.prices = detail
+
+
+def _rates_at(entry: Optional[ModelEntry], name: Optional[str], ts: float):
+    if entry is None:
+        raise Unpriced(f"model {name} is not in the catalogue")
+    row = entry.price_at(ts)
+    if row is None:
+        raise Unpriced(f"model {entry.id} has no price")
+    return row
+
+
+def _quote(record: UsageRecord, entry: Optional[ModelEntry], catalog: Catalog, detail: dict) -> Decimal:
+    row = _rates_at(entry, detail["model"], record.started_at)
+    assert entry is not None
+    total_writes = record.cache_creation_input_tokens
+    prompt = record.input_tokens + record.cache_read_input_tokens + total_writes
+    rates, band = row.for_prompt(prompt)
+    write_5m, write_1h = cache_split(total_writes, record.cache_creation_1h_input_tokens)
+    tokens = token_charge(rates, input_tokens=record.input_tokens, output_tokens=record.output_tokens,
+                          cache_read=record.cache_read_input_tokens, write_5m=write_5m, write_1h=write_1h)
+    multipliers: dict[str, str] = {}      # only those that apply (not 1)
+    cost = tokens
+    if record.speed == "fast":
+        if entry.fast_multiplier is None:
+            raise Unpriced(f"model {entry.id} has no fast-mode multiplier")
+        cost *= entry.fast_multiplier
+        multipliers["speed"] = str(entry.fast_multiplier)
+    if record.inference_geo in entry.geo_multipliers:
+        geo = entry.geo_multipliers[record.inference_geo]
+        cost *= geo
+        multipliers["geo"] = str(geo)
+    tier = catalog.rates.service_tiers.get(record.service_tier or "standard", _ONE)
+    if tier != _ONE:
+        cost *= tier
+        multipliers["tier"] = str(tier)
+    detail.update(row.listed[band])
+    detail.update(effective_from=row.effective_from, origin=row.origin, band_above=band,
+                  cache_write_5m_tokens=write_5m, cache_write_1h_tokens=write_1h, multipliers=multipliers)
+    if record.web_search_requests:
+        per_search = catalog.rates.web_search_per_request
+        if per_search is None:
+            raise Unpriced("web search has no price")
+        detail["web_search_per_request"] = str(per_search)
+        cost += record.web_search_requests * per_search
+    if record.iterations:
+        cost += _iterations(record, entry, catalog, tier, detail)
+    return cost
+
+
+def _iterations(record: UsageRecord, entry: ModelEntry, catalog: Catalog, tier: Decimal,
+                detail: dict) -> Decimal:
+    total = Decimal(0)
+    billed = []
+    for it in record.iterations or ():
+        if it.get("type") not in SEPARATE_ITERATIONS:
+            continue
+        name = it.get("model") if isinstance(it.get("model"), str) else None
+        own = catalog.lookup(name) if name else entry
+        row = _rates_at(own, name, record.started_at)
+        writes = _int(it.get("cache_creation_input_tokens"))
+        split = it.get("cache_creation") if isinstance(it.get("cache_creation"), dict) else {}
+        write_5m, write_1h = cache_split(writes, _int(split.get("ephemeral_1h_input_tokens")))
+        input_tokens, cache_read = _int(it.get("input_tokens")), _int(it.get("cache_read_input_tokens"))
+        rates, _ = row.for_prompt(input_tokens + cache_read + writes)
+        charge = token_charge(rates, input_tokens=input_tokens, output_tokens=_int(it.get("output_tokens")),
+                              cache_read=cache_read, write_5m=write_5m, write_1h=write_1h) * tier
+        billed.append({"type": it["type"], "model": own.id if own else name,
+                       **{f: float(rates[f]) for f in PRICE_FIELDS}, "cost": str(charge)})
+        total += charge
+    if billed:
+        detail["iterations"] = billed
+    return total
