@@ -25,6 +25,7 @@ from . import __version__
 from . import settings as settings_module
 from .plugin_host import PluginLoadError
 from .store import catalog as catalog_store
+from .store import dbfile
 from .store import channels as channel_store
 from .store import keys as key_store
 from .store import usage as usage_store
@@ -233,8 +234,15 @@ def _db_path(args) -> str:
     return getattr(args, "db", None) or os.environ.get("APERTIS_DB") or DEFAULT_DB
 
 
+# Commands that may create the database; every other one refuses a missing file.
+_CREATING = {("keys", "create"), ("channels", "add"), ("prices", "set")}
+
+
 def _open(args):
-    return _open_path(_db_path(args))
+    path = _db_path(args)
+    if (args.command, getattr(args, "action", None)) not in _CREATING:
+        dbfile.require_existing(path)
+    return _open_path(path)
 
 
 @contextlib.contextmanager
@@ -258,6 +266,9 @@ def cmd_serve(args) -> int:
         overrides["db"] = args.db
     settings = settings_module.load(args.config, **overrides)
     with _open_path(settings.db) as conn:   # creates or migrates the schema before workers start
+        if dbfile.readable_by_others(settings.db):
+            print(f"warning: {settings.db} holds upstream keys and other users may read it;"
+                  f" restrict it with: chmod 600 {shlex.quote(settings.db)}", file=sys.stderr)
         created = channel_store.bootstrap_default_channel(conn, os.environ)
         if created:
             print(created, flush=True)
@@ -629,6 +640,15 @@ def cmd_usage(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- db
+
+def cmd_db_backup(args) -> int:
+    with _open(args) as conn:
+        size = dbfile.backup(conn, args.file)
+    print(f"backed up {os.path.abspath(_db_path(args))} to {args.file} ({size:,} bytes)")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -660,6 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_commands(commands, sub, db)
     _add_channel_commands(commands, sub, db)
     _add_price_commands(commands, sub, db)
+    _add_db_commands(commands, sub, db)
 
     p = sub(commands, "usage", cmd_usage, "totals from the usage ledger")
     p.add_argument("--key", metavar="NAME", help="only this key")
@@ -770,6 +791,13 @@ def _add_price_commands(commands, sub, db) -> None:
     p.add_argument("--remove-alias", action="extend", nargs="+", metavar="NAME")
     p.add_argument("--display-name")
     sub(prices, "remove", cmd_prices_remove, "remove a model from the catalogue").add_argument("model")
+
+
+def _add_db_commands(commands, sub, db) -> None:
+    group = _group(commands, "db", "the database file", db)
+    p = sub(group, "backup", cmd_db_backup,
+            "copy the database to FILE (consistent, also while the server runs)")
+    p.add_argument("file", metavar="FILE", help="a new file (an existing one is not overwritten)")
 
 
 # --------------------------------------------------------------------------- entry point

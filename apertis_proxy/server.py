@@ -24,6 +24,7 @@ from .plugin_host import PluginHost, PluginLoadError, check_names
 from .settings import Settings
 from .store import schema
 from .store.catalog import catalog_from_rows, load_catalog
+from .store.retention import LedgerRetention
 from .store.watch import RevisionWatcher
 from .upstream.pool import Pools
 
@@ -41,6 +42,7 @@ class Gateway:
         self.plugins: Optional[PluginHost] = None
         self._listener: Optional[Listener] = None
         self._watcher: Optional[RevisionWatcher] = None
+        self.retention: Optional[LedgerRetention] = None
         self.host = settings.host
         self.port = settings.port
 
@@ -96,10 +98,15 @@ class Gateway:
         except BaseException:
             await self._stop_app()
             raise
+        if s.keep_days > 0 and self.worker == 0:    # one process prunes for all
+            self.retention = LedgerRetention(s.db, s.keep_days, log)
+            self.retention.start()
         return GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog), self.plugins)
 
     async def _stop_app(self) -> None:
         """Let go of what _start_app started: their threads would keep the process alive."""
+        if self.retention is not None:
+            await self.retention.close()
         if self.plugins is not None:
             await self.plugins.close()
         if self._watcher is not None:
@@ -137,6 +144,8 @@ class Gateway:
             await asyncio.wait(pending, timeout=1.0)
         for conn in list(self.state.connections):
             conn.close()
+        if self.retention is not None:
+            await self.retention.close()
         if self.plugins is not None:
             await self.plugins.close()   # meters flush here
         if self._watcher is not None:

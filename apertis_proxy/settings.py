@@ -53,12 +53,14 @@ class Settings:
     plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     config_poll_interval: float = 1.0   # how often the store is checked for CLI edits
     log_level: str = "INFO"
+    # Usage rows older than this many days are deleted in the background; 0 keeps them all.
+    keep_days: float = 0.0
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-_SECTIONS = ("server", "upstream", "contract", "logging")
+_SECTIONS = ("server", "upstream", "contract", "logging", "ledger")
 
 
 def load(path: Optional[str] = None, **overrides: Any) -> Settings:
@@ -122,6 +124,9 @@ def check(s: Settings, where: str) -> None:
               or not (value >= 0 if kind == "seconds or 0" else value > 0)):
             raise ValueError(f"{where}: {name} must be a number of seconds "
                              f"{'>= 0' if kind == 'seconds or 0' else '> 0'}, not {value!r}")
+    if type(s.keep_days) not in (int, float) or not 0 <= s.keep_days < float("inf"):
+        raise ValueError(f"{where}: keep_days must be a number of days >= 0 (0 keeps every row), "
+                         f"not {s.keep_days!r}")
     if s.port > 65535:
         raise ValueError(f"{where}: port must be 0..65535, not {s.port}")
     for name in ("host", "db", "default_api_version", "log_level"):

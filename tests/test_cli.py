@@ -315,7 +315,8 @@ def test_channels_enable_disable_set_remove(cli, db):
     assert code == 1 and "no channel named 'c1'" in err
 
 
-def test_channels_list_empty_says_how_to_add_one(cli):
+def test_channels_list_empty_says_how_to_add_one(cli, db):
+    connect(db).close()
     code, out, _ = cli("channels", "list")
     assert code == 0
     assert "apertis-proxy channels add" in out and "--base-url" in out
@@ -462,7 +463,8 @@ def test_channels_test_via_subprocess(db, upstream):
 
 # --------------------------------------------------------------------------- prices
 
-def test_prices_list_shows_the_seed(cli):
+def test_prices_list_shows_the_seed(cli, db):
+    connect(db).close()
     code, out, err = cli("prices", "list")
     assert code == 0, err
     line = next(line for line in out.splitlines() if line.startswith("claude-sonnet-4-5-20250929"))

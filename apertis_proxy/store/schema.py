@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sqlite3
 
+from .dbfile import create_private
+
 SCHEMA_VERSION = 1
 
 # Binding None, Python's sqlite3 first looks for an adapter: a tuple, a dict
@@ -148,7 +150,11 @@ def _trigger_ddl() -> str:
 
 
 def connect(path: str) -> sqlite3.Connection:
-    """Open the database synchronously (CLI, start-up) and make sure the schema exists."""
+    """Open the database synchronously (CLI, start-up) and make sure the schema exists.
+
+    A new file is created readable by its owner only: it holds upstream keys.
+    """
+    create_private(path)
     conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
     conn.row_factory = sqlite3.Row
     apply_pragmas(conn)
