@@ -26,6 +26,7 @@ from . import settings as settings_module
 from .plugin_host import PluginLoadError
 from .store import catalog as catalog_store
 from .store import dbfile
+from .store import key_encryption
 from .store import channels as channel_store
 from .store import keys as key_store
 from .store import usage as usage_store
@@ -272,6 +273,7 @@ def cmd_serve(args) -> int:
         created = channel_store.bootstrap_default_channel(conn, os.environ)
         if created:
             print(created, flush=True)
+        _check_key_storage(conn)
         if channel_store.channel_count(conn) == 0:
             print(_no_channel_help(settings.db), flush=True)
         elif not key_store.list_keys(conn):
@@ -279,6 +281,22 @@ def cmd_serve(args) -> int:
             print(f"no user key exists yet; create one with:\n  {create}", flush=True)
     from .server import run   # imported late: the CLI's other commands do not need the server
     return int(run(settings) or 0)
+
+
+def _check_key_storage(conn) -> None:
+    """Refuse to serve channels whose keys cannot be opened; point out plain-text ones."""
+    storage = channel_store.key_storage(conn)
+    box = key_encryption.from_environment()
+    sealed = [c["name"] for c in storage if c["storage"] == "encrypted" and c["opens"] is not True]
+    if sealed:
+        raise key_encryption.SecretKeyError(
+            f"the upstream keys of channel(s) {', '.join(sealed)} are encrypted and "
+            + ("no key in" if box is not None else "not set:") + f" {key_encryption.ENV_KEY}"
+            + (" opens them" if box is not None else ""))
+    plain = [c["name"] for c in storage if c["storage"] == "plain text"]
+    if box is not None and plain:
+        print(f"warning: the upstream keys of channel(s) {', '.join(plain)} are stored in plain text;"
+              " encrypt them with: apertis-proxy db reencrypt", file=sys.stderr)
 
 
 def _command(db: str, *words: str) -> str:
@@ -291,7 +309,8 @@ def _no_channel_help(db: str) -> str:
                    "--api-key", "YOUR_ANTHROPIC_KEY")
     return ("no upstream channel is configured: requests will fail until you add one.\n"
             f"  {add}\n"
-            "(or start once with ANTHROPIC_API_KEY set; the server picks up new channels without a restart)")
+            f"(or start once with {channel_store.BOOTSTRAP_KEY_ENV} set; the server picks up new channels"
+            " without a restart)")
 
 
 # --------------------------------------------------------------------------- keys
@@ -460,7 +479,7 @@ def cmd_channels_list(args) -> int:
     if not channels:
         print(_no_channel_help(_db_path(args)))
         return 0
-    rows = [(c["name"], c["type"], c["base_url"], "set" if c["key_set"] else "missing",
+    rows = [(c["name"], c["type"], c["base_url"], c["key_storage"],
              ",".join(c["models"]) if c["models"] else "any",
              ",".join(f"{k}={v}" for k, v in sorted(c["aliases"].items())),
              c["priority"], c["weight"], "yes" if c["enabled"] else "no", c["api_version"],
@@ -649,6 +668,40 @@ def cmd_db_backup(args) -> int:
     return 0
 
 
+def cmd_db_secret_key(args) -> int:
+    print(key_encryption.new_secret_key())
+    return 0
+
+
+def cmd_db_secrets(args) -> int:
+    with _open(args) as conn:
+        storage = channel_store.key_storage(conn)
+    box = key_encryption.from_environment()
+    opens = {True: "yes", False: "NO", None: "-"}
+    print(table(("CHANNEL", "KEY STORED", "OPENS WITH THE SECRET KEY"),
+                [(c["name"], c["storage"], opens[c["opens"]]) for c in storage]))
+    plain = sum(c["storage"] == "plain text" for c in storage)
+    if box is None:
+        print(f"no secret key configured ({key_encryption.ENV_KEY} or {key_encryption.ENV_KEY_FILE}):"
+              " new upstream keys are stored in plain text")
+    elif plain:
+        print(f"{plain} key(s) in plain text: encrypt them with apertis-proxy db reencrypt")
+    return 1 if any(c["opens"] is False for c in storage) else 0
+
+
+def cmd_db_reencrypt(args) -> int:
+    box = key_encryption.from_environment()
+    if box is None:
+        raise key_encryption.SecretKeyError(
+            f"set {key_encryption.ENV_KEY} (or {key_encryption.ENV_KEY_FILE}) first: the new key first,"
+            " then the old ones, separated by commas")
+    with _open(args) as conn:
+        count = channel_store.reencrypt_keys(conn, box)
+    print(f"encrypted {count} upstream key(s) under the first key of {key_encryption.ENV_KEY};"
+          " older keys may now be removed from it")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -798,6 +851,12 @@ def _add_db_commands(commands, sub, db) -> None:
     p = sub(group, "backup", cmd_db_backup,
             "copy the database to FILE (consistent, also while the server runs)")
     p.add_argument("file", metavar="FILE", help="a new file (an existing one is not overwritten)")
+    sub(group, "secret-key", cmd_db_secret_key,
+        f"print a new random key for {key_encryption.ENV_KEY}")
+    sub(group, "secrets", cmd_db_secrets,
+        "how each channel's upstream key is stored (encrypted or plain text)")
+    sub(group, "reencrypt", cmd_db_reencrypt,
+        f"store every upstream key encrypted under the first key of {key_encryption.ENV_KEY}")
 
 
 # --------------------------------------------------------------------------- entry point

@@ -232,7 +232,7 @@ def test_channels_add_list_never_shows_the_key(cli, db):
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["NAME", "TYPE", "BASE"]
     main_line = next(line for line in lines if line.startswith("main "))
-    for expected in ("https://api.anthropic.com", "set", "claude-haiku-4.5,claude-sonnet-4.5",
+    for expected in ("https://api.anthropic.com", "plain text", "claude-haiku-4.5,claude-sonnet-4.5",
                      "fast=claude-haiku-4-5-20251001", "2026-10-21", "bearer,fwd-extras"):
         assert expected in main_line
     any_line = next(line for line in lines if line.startswith("any "))
