@@ -172,6 +172,13 @@ def _expiry(text: str) -> float:
     return when
 
 
+def _duration(text: str) -> float:
+    m = _DURATION_RE.match(text.strip().lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use 30m, 24h, 7d, 2w or 0s")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
 def _since(text: str) -> float:
     return parse_time(text)
 
@@ -318,6 +325,7 @@ def _no_channel_help(db: str) -> str:
 def cmd_keys_create(args) -> int:
     quota_cost, quota_tokens = args.quota if args.quota else (None, None)
     with _open(args) as conn:
+        _warn_unknown_models(conn, args.models)
         key_id, plain = key_store.create_key(
             conn, args.name, models=args.models, quota_cost=quota_cost, quota_tokens=quota_tokens,
             rpm=args.rpm, concurrency=args.concurrency, expires_at=args.expires, note=args.note)
@@ -334,6 +342,10 @@ def cmd_keys_create(args) -> int:
 def cmd_keys_list(args) -> int:
     with _open(args) as conn:
         keys = key_store.list_keys(conn)
+        old_secrets = key_store.old_secrets(conn)
+    if args.json:
+        print(json.dumps([{**k, "old_secrets": old_secrets.get(k["name"], [])} for k in keys]))
+        return 0
     if not keys:
         print("no keys; create one with: apertis-proxy keys create NAME")
         return 0
@@ -346,13 +358,15 @@ def cmd_keys_list(args) -> int:
             state = "expired"
         else:
             state = "yes"
-        rows.append((k["name"], k["key_prefix"], state, _when(k["created_at"]), _when(k["expires_at"]),
+        prefix = k["key_prefix"] + "".join(f" (+{o['key_prefix']} until {_when(o['until'])})"
+                                           for o in old_secrets.get(k["name"], []))
+        rows.append((k["name"], prefix, state, _when(k["created_at"]), _when(k["expires_at"]),
                      ",".join(k["models"]) if k["models"] else "any",
                      _quota_text(k["quota_cost"], k["quota_tokens"]),
                      f"{money(k['spent_cost'])} / {k['spent_tokens']:,} tok",
-                     k["rpm"], k["concurrency"]))
+                     k["rpm"], k["concurrency"], k["note"]))
     print(table(("NAME", "KEY", "ENABLED", "CREATED", "EXPIRES", "MODELS", "QUOTA", "SPENT", "RPM",
-                 "CONCURRENCY"), rows, right=(8, 9)))
+                 "CONCURRENCY", "NOTE"), rows, right=(8, 9)))
     return 0
 
 
@@ -375,6 +389,7 @@ def cmd_keys_set(args) -> int:
     if not changes:
         raise argparse.ArgumentTypeError("nothing to change")   # turned into a usage error below
     with _open(args) as conn:
+        _warn_unknown_models(conn, changes.get("models"))
         key_store.update_key(conn, args.name, **changes)
     print(f"updated key {args.name!r}")
     return 0
@@ -390,10 +405,52 @@ def _keys_toggle(enabled: bool) -> Callable[[Any], int]:
 
 
 def cmd_keys_delete(args) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise argparse.ArgumentTypeError(
+                f"deleting key {args.name!r} needs confirmation: run it in a terminal or add --yes")
+        answer = input(f"delete key {args.name!r}? Its limits and settled spend go; the usage ledger"
+                       " keeps its rows under its name. [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted")
+            return 1
     with _open(args) as conn:
         key_store.delete_key(conn, args.name)
     print(f"deleted key {args.name!r}")
     return 0
+
+
+def cmd_keys_rotate(args) -> int:
+    with _open(args) as conn:
+        plain, until = key_store.rotate_key(conn, args.name, args.grace)
+    print(f"rotated key {args.name!r}: name, limits, spend and history are unchanged")
+    if args.grace:
+        print(f"  the old secret keeps working until {_when(until)}")
+    else:
+        print("  the old secret is refused from now on")
+    print("the new key is shown only this once (only its hash is stored):")
+    print(plain)
+    return 0
+
+
+def _warn_unknown_models(conn, models, *, channel: bool = False) -> None:
+    """Warn about model names nobody knows: a typo in a key's list is a 403 later, and a
+    channel's model missing from the catalogue is metered without prices."""
+    if not models:
+        return
+    catalog = catalog_store.load_catalog(conn)
+    listed = set()
+    for row in channel_store.list_channels(conn):
+        listed.update(row["models"] or ())
+        listed.update(row["aliases"])
+    for name in sorted(n for n in set(models) if catalog.lookup(n) is None):
+        if channel:
+            print(f"warning: model {name!r} has no prices in the catalogue, so its usage is metered"
+                  f" at $0; add them with: apertis-proxy prices set {name} --input USD --output USD",
+                  file=sys.stderr)
+        elif name not in listed:
+            print(f"warning: no channel lists model {name!r} and the catalogue does not know it",
+                  file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- channels
@@ -431,6 +488,7 @@ def cmd_channels_add(args) -> int:
     api_key = _read_api_key(args.api_key)
     _warn_versioned_path(args.base_url)
     with _open(args) as conn:
+        _warn_unknown_models(conn, args.models, channel=True)
         channel_store.add_channel(
             conn, args.name, args.base_url, api_key, models=args.models,
             priority=args.priority if args.priority is not None else 0,
@@ -457,6 +515,7 @@ def cmd_channels_set(args) -> int:
     if "models" not in kwargs and all(v is None or v is False or v == () or v == {} for v in kwargs.values()):
         raise argparse.ArgumentTypeError("nothing to change")   # as `keys set` says
     with _open(args) as conn:
+        _warn_unknown_models(conn, kwargs.get("models"), channel=True)
         channel_store.update_channel(conn, args.name, **kwargs)
     print(f"updated channel {args.name!r}")
     return 0
@@ -476,6 +535,9 @@ def _options_text(options: dict[str, Any]) -> str:
 def cmd_channels_list(args) -> int:
     with _open(args) as conn:
         channels = channel_store.list_channels(conn)
+    if args.json:
+        print(json.dumps(channels))
+        return 0
     if not channels:
         print(_no_channel_help(_db_path(args)))
         return 0
@@ -602,6 +664,10 @@ def _describe_reply(raw: bytes, ok: bool, request_id: Optional[str]) -> str:
 def cmd_prices_list(args) -> int:
     with _open(args) as conn:
         entries = catalog_store.load_catalog(conn).entries
+    if args.json:
+        print(json.dumps([{"id": e.id, "aliases": list(e.aliases), "display_name": e.display_name,
+                           **e.prices} for e in entries]))
+        return 0
     rows = [(e.id, ",".join(e.aliases), e.display_name,
              *(_num(e.prices[f]) for f in catalog_store.PRICE_FIELDS)) for e in entries]
     print(table(("MODEL", "ALIASES", "DISPLAY NAME", "INPUT", "OUTPUT", "CACHE WRITE 5M",
@@ -779,11 +845,23 @@ def _add_key_commands(commands, sub, db) -> None:
     p.add_argument("--expires", type=_or_none(_expiry), default=_KEEP, metavar="WHEN|none")
     p.add_argument("--note", default=_KEEP)
 
-    sub(keys, "list", cmd_keys_list, "list keys (never the key itself)")
+    _json_flag(sub(keys, "list", cmd_keys_list, "list keys (never the key itself)"))
     for action, handler, help_text in (("enable", _keys_toggle(True), "enable a key"),
-                                       ("disable", _keys_toggle(False), "disable a key"),
-                                       ("delete", cmd_keys_delete, "delete a key and its spend")):
+                                       ("disable", _keys_toggle(False), "disable a key")):
         sub(keys, action, handler, help_text).add_argument("name")
+    p = sub(keys, "delete", cmd_keys_delete,
+            "delete a key and its spend (asks first; the ledger keeps its rows under its name)")
+    p.add_argument("name")
+    p.add_argument("--yes", action="store_true", help="do not ask (for scripts)")
+    p = sub(keys, "rotate", cmd_keys_rotate,
+            "give a key a new secret, keeping its name, limits, spend and history; prints it once")
+    p.add_argument("name")
+    p.add_argument("--grace", type=_duration, default=0.0, metavar="DURATION",
+                   help="how long the old secret keeps working (24h, 7d; default: not at all)")
+
+
+def _json_flag(p) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _add_channel_options(p, *, adding: bool) -> None:
@@ -819,7 +897,7 @@ def _add_channel_commands(commands, sub, db) -> None:
     p.add_argument("--remove-alias", action="extend", nargs="+", metavar="CLIENT")
     p.add_argument("--clear-aliases", action="store_true")
 
-    sub(channels, "list", cmd_channels_list, "list channels (never the upstream key)")
+    _json_flag(sub(channels, "list", cmd_channels_list, "list channels (never the upstream key)"))
     for action, handler, help_text in (("enable", _channels_toggle(True), "enable a channel"),
                                        ("disable", _channels_toggle(False), "disable a channel"),
                                        ("remove", cmd_channels_remove, "remove a channel")):
@@ -834,7 +912,7 @@ def _add_channel_commands(commands, sub, db) -> None:
 
 def _add_price_commands(commands, sub, db) -> None:
     prices = _group(commands, "prices", "the model catalogue and its prices", db)
-    sub(prices, "list", cmd_prices_list, "list models and prices (USD per million tokens)")
+    _json_flag(sub(prices, "list", cmd_prices_list, "list models and prices (USD per million tokens)"))
     p = sub(prices, "set", cmd_prices_set,
             "change a model's prices or aliases, or add a model (then --input and --output are required)")
     p.add_argument("model", help="model id or alias")

@@ -175,7 +175,7 @@ def test_keys_list_enable_disable_delete(cli, db):
     assert cli("keys", "enable", "alice")[0] == 0
     assert query(db, "SELECT enabled FROM keys")[0]["enabled"] == 1
 
-    assert cli("keys", "delete", "alice")[0] == 0
+    assert cli("keys", "delete", "alice", "--yes")[0] == 0
     assert query(db, "SELECT * FROM keys") == [] and query(db, "SELECT * FROM key_spend") == []
     code, _, err = cli("keys", "disable", "alice")
     assert code == 1 and "no key named 'alice'" in err

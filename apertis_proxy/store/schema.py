@@ -159,7 +159,36 @@ def connect(path: str) -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
     apply_pragmas(conn)
     migrate(conn)
+    ensure_key_history_tables(conn)
     return conn
+
+
+# A key's life after creation: the old secrets of rotated keys (accepted until
+# `until`) and deleted keys (their ids are never given to a new key, so ledger
+# rows stay attributable).  Created on every open, so files from before get them.
+KEY_HISTORY_DDL = """
+CREATE TABLE IF NOT EXISTS key_grace (
+    key_hash    TEXT PRIMARY KEY,            -- sha256 hex of a rotated-out secret
+    key_id      INTEGER NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    key_prefix  TEXT NOT NULL,
+    until       REAL NOT NULL                -- unix time the old secret stops working
+);
+CREATE TABLE IF NOT EXISTS deleted_keys (
+    id          INTEGER PRIMARY KEY,         -- the id ledger rows carry
+    name        TEXT NOT NULL,
+    key_prefix  TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    deleted_at  REAL NOT NULL,
+    note        TEXT
+);
+"""
+
+
+def ensure_key_history_tables(conn: sqlite3.Connection) -> None:
+    have = {r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('key_grace', 'deleted_keys')")}
+    if len(have) < 2:
+        conn.executescript(KEY_HISTORY_DDL)
 
 
 # WAL lets the CLI and several worker processes read while the meter writes.
