@@ -16,6 +16,7 @@ import sqlite3
 import time
 from typing import Any, Optional
 
+from .gateway.client_address import ClientAddress
 from .gateway.forward import CatalogRef, MessagesForwarder
 from .gateway.pipeline import GatewayApp
 from .http.protocol import HttpConnection, ServerState
@@ -26,6 +27,7 @@ from .store import schema
 from .store.catalog import catalog_from_rows, load_catalog
 from .store.retention import LedgerRetention
 from .store.watch import RevisionWatcher
+from .tls import ServerCertificate
 from .upstream.pool import Pools
 
 log = logging.getLogger("apertis_proxy.server")
@@ -43,12 +45,15 @@ class Gateway:
         self._listener: Optional[Listener] = None
         self._watcher: Optional[RevisionWatcher] = None
         self.retention: Optional[LedgerRetention] = None
+        self.certificate: Optional[ServerCertificate] = None
         self.host = settings.host
         self.port = settings.port
 
     async def start(self, sock: Optional[socket.socket] = None) -> None:
         """Bind (or take `sock`, bound), start the store, plugins and watcher, then listen and accept."""
         s = self.settings
+        if s.tls_cert and s.tls_key:
+            self.certificate = ServerCertificate(s.tls_cert, s.tls_key)
         # Bind first: a port in use fails at once, before plugins and the
         # watcher hold threads that would keep the process alive.  Listening
         # starts only once everything is up (see Listener.start).
@@ -64,7 +69,7 @@ class Gateway:
         def factory() -> HttpConnection:
             return HttpConnection(app, s, state)
 
-        self._listener = Listener(sockets, factory, asyncio.get_running_loop())
+        self._listener = Listener(sockets, factory, asyncio.get_running_loop(), tls=self.certificate)
         try:
             self._listener.start()      # listen() can still find the port taken (another server's race)
         except BaseException:
@@ -101,7 +106,8 @@ class Gateway:
         if s.keep_days > 0 and self.worker == 0:    # one process prunes for all
             self.retention = LedgerRetention(s.db, s.keep_days, log)
             self.retention.start()
-        return GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog), self.plugins)
+        return GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog), self.plugins,
+                          ClientAddress(s.trusted_proxies) if s.trusted_proxies else None)
 
     async def _stop_app(self) -> None:
         """Let go of what _start_app started: their threads would keep the process alive."""
@@ -114,7 +120,12 @@ class Gateway:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.certificate else 'http'}://{self.host}:{self.port}"
+
+    def reload_certificate(self) -> None:
+        """SIGHUP: new connections get the certificate now in the files."""
+        if self.certificate is not None:
+            self.certificate.reload()
 
     async def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, let in-flight requests finish up to `timeout`, then close."""
@@ -175,6 +186,7 @@ async def _serve(settings: Settings, worker: int, workers: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gw.reload_certificate)
     await stop.wait()
     log.info("worker %d shutting down (grace %.0fs)", worker, settings.shutdown_timeout)
     await gw.shutdown()
@@ -206,19 +218,23 @@ def run(settings: Settings) -> int:
             os._exit(_child(settings, index, parent))
         children[pid] = (index, time.monotonic())
 
-    def stop(signum: int, _frame: Any = None) -> None:
-        nonlocal stopping
-        stopping = True
+    def forward(signum: int, _frame: Any = None) -> None:
         for pid in list(children):
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
+    def stop(signum: int, _frame: Any = None) -> None:
+        nonlocal stopping
+        stopping = True
+        forward(signum)
+
     for index in range(settings.workers):
         spawn(index)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, forward)       # workers reload their TLS certificate
     status = 0
     while children:
         try:

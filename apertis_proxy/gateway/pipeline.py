@@ -11,6 +11,7 @@ from ..http.messages import Request
 from ..http.protocol import Responder
 from ..plugin_api import Caller, ModelInfo, UsageRecord
 from ..plugin_host import PluginHost
+from .client_address import ClientAddress
 from .forward import MessagesForwarder, request_info
 
 _JSON = (b"content-type", b"application/json")
@@ -19,11 +20,15 @@ _JSON = (b"content-type", b"application/json")
 class GatewayApp:
     """The application behind the HTTP layer: `await app(request, responder)`."""
 
-    def __init__(self, forwarder: MessagesForwarder, plugins: PluginHost) -> None:
+    def __init__(self, forwarder: MessagesForwarder, plugins: PluginHost,
+                 client_address: Optional[ClientAddress] = None) -> None:
         self.forwarder = forwarder
         self.plugins = plugins
+        self.client_address = client_address     # set when requests come through trusted proxies
 
     async def __call__(self, req: Request, resp: Responder) -> None:
+        if self.client_address is not None:
+            req.client = self.client_address.resolve(req.client, req.headers)
         path = req.path
         if path == "/v1/messages":
             if req.method != "POST":
