@@ -206,6 +206,8 @@ def run(settings: Settings) -> int:
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_names(settings)      # a bad plugin name: one clear error, not one per worker
+    # SIGHUP would end a process whose loop does not handle it yet (it reloads TLS).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if settings.workers <= 1:
         return _run_worker(settings, 0, 1)
     children: dict[int, tuple[int, float]] = {}     # pid -> (worker index, started at)
@@ -282,6 +284,7 @@ def _child(settings: Settings, index: int, parent: int) -> int:
     # Orphaned workers would go on serving with nobody to stop them: the kernel
     # sends SIGTERM (a graceful shutdown) when the parent dies, even by SIGKILL.
     _terminate_with_parent()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)    # not the parent's forwarder: the loop takes it over
     if os.getppid() != parent:
         return 0        # the parent died before that was in place
     try:

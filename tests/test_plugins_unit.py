@@ -198,8 +198,8 @@ async def test_cost_quota_is_settled_after_the_call_then_enforced(db):
 
 
 async def test_a_deleted_keys_last_request_is_not_charged_to_the_key_that_reuses_its_id(db):
-    """SQLite gives the highest id again after a delete: a request of the deleted key that ends after a new key
-    took its id must not spend the new key's quota nor free one of its concurrency slots."""
+    """A request of a deleted key that ends after a new key was created must not spend the new key's quota nor
+    free one of its concurrency slots (the store never gives a new key a deleted key's id)."""
     path, conn = db
     create_key(conn, "keeper")
     old_id, old_plain = create_key(conn, "temp")
@@ -207,7 +207,7 @@ async def test_a_deleted_keys_last_request_is_not_charged_to_the_key_that_reuses
         in_flight = await auth.authenticate(with_key(old_plain))
         delete_key(conn, "temp")
         new_id, new_plain = create_key(conn, "newbie", quota_cost=0.001, concurrency=1)
-        assert new_id == old_id
+        assert new_id != old_id
         await auth.refresh()
         held = await auth.authenticate(with_key(new_plain))          # newbie's one slot
         await auth.finish(in_flight, usage(cost=0.5, input_tokens=1000, output_tokens=100))
