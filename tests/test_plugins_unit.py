@@ -24,7 +24,7 @@ from apertis_proxy.plugin_api import (Caller, Outcome, PluginContext, Reject, Re
                                       UsageRecord)
 from apertis_proxy.store import schema
 from apertis_proxy.store.channels import add_channel
-from apertis_proxy.store.keys import create_key, delete_key
+from apertis_proxy.store.keys import create_key, delete_key, rotate_key
 
 SONNET = "claude-sonnet-4-5-20250929"
 HAIKU = "claude-haiku-4-5-20251001"
@@ -219,6 +219,25 @@ async def test_a_deleted_keys_last_request_is_not_charged_to_the_key_that_reuses
         await auth.refresh()
     row = conn.execute("SELECT cost FROM key_spend WHERE key_id = ?", (new_id,)).fetchone()
     assert row is None or row["cost"] == 0
+
+
+async def test_a_request_in_flight_across_a_rotation_is_charged_and_frees_its_slot(db):
+    """Rotation keeps the key: a request admitted with the old secret finishes on the same key state."""
+    path, conn = db
+    key_id, old_plain = create_key(conn, "alice", concurrency=1)
+    async with running(KeysAuth(context("keys", path))) as auth:
+        in_flight = await auth.authenticate(with_key(old_plain))
+        new_plain, _ = rotate_key(conn, "alice", 3600)
+        await auth.refresh()
+        err = await rejected(auth, with_key(new_plain))              # the one slot is still held
+        assert err.status == 429, err.message
+        await auth.finish(in_flight, usage(cost=0.25, input_tokens=10, output_tokens=5))
+        caller = await auth.authenticate(with_key(new_plain))        # the slot came back
+        assert (caller.key_id, caller.key_name) == (key_id, "alice")
+        await auth.finish(caller, usage())
+        await auth.refresh()
+    row = conn.execute("SELECT cost, tokens FROM key_spend WHERE key_id = ?", (key_id,)).fetchone()
+    assert (row["cost"], row["tokens"]) == (0.25, 15)
 
 
 async def test_token_quota_counts_every_kind_of_token(db):
