@@ -26,6 +26,8 @@ from . import settings as settings_module
 from .gateway.usage import redact
 from .plugin_host import PluginLoadError
 from .store import catalog as catalog_store
+from .store import dbfile
+from .store import key_encryption
 from .store import channels as channel_store
 from .store import keys as key_store
 from .store import usage as usage_store
@@ -171,6 +173,13 @@ def _expiry(text: str) -> float:
     return when
 
 
+def _duration(text: str) -> float:
+    m = _DURATION_RE.match(text.strip().lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use 30m, 24h, 7d, 2w or 0s")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
 def _since(text: str) -> float:
     return parse_time(text)
 
@@ -234,8 +243,15 @@ def _db_path(args) -> str:
     return getattr(args, "db", None) or os.environ.get("APERTIS_DB") or DEFAULT_DB
 
 
+# Commands that may create the database; every other one refuses a missing file.
+_CREATING = {("keys", "create"), ("channels", "add"), ("prices", "set")}
+
+
 def _open(args):
-    return _open_path(_db_path(args))
+    path = _db_path(args)
+    if (args.command, getattr(args, "action", None)) not in _CREATING:
+        dbfile.require_existing(path)
+    return _open_path(path)
 
 
 @contextlib.contextmanager
@@ -259,9 +275,13 @@ def cmd_serve(args) -> int:
         overrides["db"] = args.db
     settings = settings_module.load(args.config, **overrides)
     with _open_path(settings.db) as conn:   # creates or migrates the schema before workers start
+        if dbfile.readable_by_others(settings.db):
+            print(f"warning: {settings.db} holds upstream keys and other users may read it;"
+                  f" restrict it with: chmod 600 {shlex.quote(settings.db)}", file=sys.stderr)
         created = channel_store.bootstrap_default_channel(conn, os.environ)
         if created:
             print(created, flush=True)
+        _check_key_storage(conn)
         if channel_store.channel_count(conn) == 0:
             print(_no_channel_help(settings.db), flush=True)
         elif not key_store.list_keys(conn):
@@ -269,6 +289,22 @@ def cmd_serve(args) -> int:
             print(f"no user key exists yet; create one with:\n  {create}", flush=True)
     from .server import run   # imported late: the CLI's other commands do not need the server
     return int(run(settings) or 0)
+
+
+def _check_key_storage(conn) -> None:
+    """Refuse to serve channels whose keys cannot be opened; point out plain-text ones."""
+    storage = channel_store.key_storage(conn)
+    box = key_encryption.from_environment()
+    sealed = [c["name"] for c in storage if c["storage"] == "encrypted" and c["opens"] is not True]
+    if sealed:
+        raise key_encryption.SecretKeyError(
+            f"the upstream keys of channel(s) {', '.join(sealed)} are encrypted and "
+            + ("no key in" if box is not None else "not set:") + f" {key_encryption.ENV_KEY}"
+            + (" opens them" if box is not None else ""))
+    plain = [c["name"] for c in storage if c["storage"] == "plain text"]
+    if box is not None and plain:
+        print(f"warning: the upstream keys of channel(s) {', '.join(plain)} are stored in plain text;"
+              " encrypt them with: apertis-proxy db reencrypt", file=sys.stderr)
 
 
 def _command(db: str, *words: str) -> str:
@@ -281,7 +317,8 @@ def _no_channel_help(db: str) -> str:
                    "--api-key", "YOUR_ANTHROPIC_KEY")
     return ("no upstream channel is configured: requests will fail until you add one.\n"
             f"  {add}\n"
-            "(or start once with ANTHROPIC_API_KEY set; the server picks up new channels without a restart)")
+            f"(or start once with {channel_store.BOOTSTRAP_KEY_ENV} set; the server picks up new channels"
+            " without a restart)")
 
 
 # --------------------------------------------------------------------------- keys
@@ -289,6 +326,7 @@ def _no_channel_help(db: str) -> str:
 def cmd_keys_create(args) -> int:
     quota_cost, quota_tokens = args.quota if args.quota else (None, None)
     with _open(args) as conn:
+        _warn_unknown_models(conn, args.models)
         key_id, plain = key_store.create_key(
             conn, args.name, models=args.models, quota_cost=quota_cost, quota_tokens=quota_tokens,
             rpm=args.rpm, concurrency=args.concurrency, expires_at=args.expires, note=args.note)
@@ -305,6 +343,10 @@ def cmd_keys_create(args) -> int:
 def cmd_keys_list(args) -> int:
     with _open(args) as conn:
         keys = key_store.list_keys(conn)
+        old_secrets = key_store.old_secrets(conn)
+    if args.json:
+        print(json.dumps([{**k, "old_secrets": old_secrets.get(k["name"], [])} for k in keys]))
+        return 0
     if not keys:
         print("no keys; create one with: apertis-proxy keys create NAME")
         return 0
@@ -317,13 +359,15 @@ def cmd_keys_list(args) -> int:
             state = "expired"
         else:
             state = "yes"
-        rows.append((k["name"], k["key_prefix"], state, _when(k["created_at"]), _when(k["expires_at"]),
+        prefix = k["key_prefix"] + "".join(f" (+{o['key_prefix']} until {_when(o['until'])})"
+                                           for o in old_secrets.get(k["name"], []))
+        rows.append((k["name"], prefix, state, _when(k["created_at"]), _when(k["expires_at"]),
                      ",".join(k["models"]) if k["models"] else "any",
                      _quota_text(k["quota_cost"], k["quota_tokens"]),
                      f"{money(k['spent_cost'])} / {k['spent_tokens']:,} tok",
-                     k["rpm"], k["concurrency"]))
+                     k["rpm"], k["concurrency"], k["note"]))
     print(table(("NAME", "KEY", "ENABLED", "CREATED", "EXPIRES", "MODELS", "QUOTA", "SPENT", "RPM",
-                 "CONCURRENCY"), rows, right=(8, 9)))
+                 "CONCURRENCY", "NOTE"), rows, right=(8, 9)))
     return 0
 
 
@@ -346,6 +390,7 @@ def cmd_keys_set(args) -> int:
     if not changes:
         raise argparse.ArgumentTypeError("nothing to change")   # turned into a usage error below
     with _open(args) as conn:
+        _warn_unknown_models(conn, changes.get("models"))
         key_store.update_key(conn, args.name, **changes)
     print(f"updated key {args.name!r}")
     return 0
@@ -361,10 +406,52 @@ def _keys_toggle(enabled: bool) -> Callable[[Any], int]:
 
 
 def cmd_keys_delete(args) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise argparse.ArgumentTypeError(
+                f"deleting key {args.name!r} needs confirmation: run it in a terminal or add --yes")
+        answer = input(f"delete key {args.name!r}? Its limits and settled spend go; the usage ledger"
+                       " keeps its rows under its name. [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted")
+            return 1
     with _open(args) as conn:
         key_store.delete_key(conn, args.name)
     print(f"deleted key {args.name!r}")
     return 0
+
+
+def cmd_keys_rotate(args) -> int:
+    with _open(args) as conn:
+        plain, until = key_store.rotate_key(conn, args.name, args.grace)
+    print(f"rotated key {args.name!r}: name, limits, spend and history are unchanged")
+    if args.grace:
+        print(f"  the old secret keeps working until {_when(until)}")
+    else:
+        print("  the old secret is refused from now on")
+    print("the new key is shown only this once (only its hash is stored):")
+    print(plain)
+    return 0
+
+
+def _warn_unknown_models(conn, models, *, channel: bool = False) -> None:
+    """Warn about model names nobody knows: a typo in a key's list is a 403 later, and a
+    channel's model missing from the catalogue is metered without prices."""
+    if not models:
+        return
+    catalog = catalog_store.load_catalog(conn)
+    listed = set()
+    for row in channel_store.list_channels(conn):
+        listed.update(row["models"] or ())
+        listed.update(row["aliases"])
+    for name in sorted(n for n in set(models) if catalog.lookup(n) is None):
+        if channel:
+            print(f"warning: model {name!r} has no prices in the catalogue, so its usage is metered"
+                  f" at $0; add them with: apertis-proxy prices set {name} --input USD --output USD",
+                  file=sys.stderr)
+        elif name not in listed:
+            print(f"warning: no channel lists model {name!r} and the catalogue does not know it",
+                  file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- channels
@@ -414,6 +501,7 @@ def cmd_channels_add(args) -> int:
     api_key = _read_api_key(args.api_key)
     _warn_versioned_path(args.base_url)
     with _open(args) as conn:
+        _warn_unknown_models(conn, args.models, channel=True)
         channel_store.add_channel(
             conn, args.name, args.base_url, api_key, models=args.models,
             priority=args.priority if args.priority is not None else 0,
@@ -440,6 +528,7 @@ def cmd_channels_set(args) -> int:
     if "models" not in kwargs and all(v is None or v is False or v == () or v == {} for v in kwargs.values()):
         raise argparse.ArgumentTypeError("nothing to change")   # as `keys set` says
     with _open(args) as conn:
+        _warn_unknown_models(conn, kwargs.get("models"), channel=True)
         channel_store.update_channel(conn, args.name, **kwargs)
     print(f"updated channel {args.name!r}")
     return 0
@@ -465,10 +554,13 @@ def _options_text(options: dict[str, Any]) -> str:
 def cmd_channels_list(args) -> int:
     with _open(args) as conn:
         channels = channel_store.list_channels(conn)
+    if args.json:
+        print(json.dumps(channels))
+        return 0
     if not channels:
         print(_no_channel_help(_db_path(args)))
         return 0
-    rows = [(c["name"], c["type"], c["base_url"], "set" if c["key_set"] else "missing",
+    rows = [(c["name"], c["type"], c["base_url"], c["key_storage"],
              ",".join(c["models"]) if c["models"] else "any",
              ",".join(f"{k}={v}" for k, v in sorted(c["aliases"].items())),
              c["priority"], c["weight"], "yes" if c["enabled"] else "no", c["api_version"],
@@ -608,6 +700,19 @@ def cmd_prices_list(args) -> int:
     with _open(args) as conn:
         entries = catalog_store.load_catalog(conn).entries
         unpriced = usage_store.unpriced_requests(conn)
+    if args.json:
+        # One object a model; price fields are decimal strings (exact), null when unpriced.
+        counts = dict(unpriced)
+        out = [{"id": e.id, "aliases": list(e.aliases), "display_name": e.display_name,
+                "lifecycle": e.lifecycle_at(now), "retires_at": e.retires_at, "successor": e.successor,
+                "redirect_to": e.redirect_to,
+                **{f: (str(e.prices[f]) if e.prices else None) for f in catalog_store.PRICE_FIELDS},
+                "unpriced_requests": counts.pop(e.id, 0)} for e in entries]
+        out += [{"id": model, "aliases": [], "display_name": None, "lifecycle": None, "retires_at": None,
+                 "successor": None, "redirect_to": None, **dict.fromkeys(catalog_store.PRICE_FIELDS),
+                 "unpriced_requests": count} for model, count in counts.items()]
+        print(json.dumps(out))
+        return 0
     rows = []
     for e in entries:
         prices = e.prices
@@ -706,6 +811,49 @@ def cmd_usage(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- db
+
+def cmd_db_backup(args) -> int:
+    with _open(args) as conn:
+        size = dbfile.backup(conn, args.file)
+    print(f"backed up {os.path.abspath(_db_path(args))} to {args.file} ({size:,} bytes)")
+    return 0
+
+
+def cmd_db_secret_key(args) -> int:
+    print(key_encryption.new_secret_key())
+    return 0
+
+
+def cmd_db_secrets(args) -> int:
+    with _open(args) as conn:
+        storage = channel_store.key_storage(conn)
+    box = key_encryption.from_environment()
+    opens = {True: "yes", False: "NO", None: "-"}
+    print(table(("CHANNEL", "KEY STORED", "OPENS WITH THE SECRET KEY"),
+                [(c["name"], c["storage"], opens[c["opens"]]) for c in storage]))
+    plain = sum(c["storage"] == "plain text" for c in storage)
+    if box is None:
+        print(f"no secret key configured ({key_encryption.ENV_KEY} or {key_encryption.ENV_KEY_FILE}):"
+              " new upstream keys are stored in plain text")
+    elif plain:
+        print(f"{plain} key(s) in plain text: encrypt them with apertis-proxy db reencrypt")
+    return 1 if any(c["opens"] is False for c in storage) else 0
+
+
+def cmd_db_reencrypt(args) -> int:
+    box = key_encryption.from_environment()
+    if box is None:
+        raise key_encryption.SecretKeyError(
+            f"set {key_encryption.ENV_KEY} (or {key_encryption.ENV_KEY_FILE}) first: the new key first,"
+            " then the old ones, separated by commas")
+    with _open(args) as conn:
+        count = channel_store.reencrypt_keys(conn, box)
+    print(f"encrypted {count} upstream key(s) under the first key of {key_encryption.ENV_KEY};"
+          " older keys may now be removed from it")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -737,6 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_commands(commands, sub, db)
     _add_channel_commands(commands, sub, db)
     _add_price_commands(commands, sub, db)
+    _add_db_commands(commands, sub, db)
 
     p = sub(commands, "usage", cmd_usage, "totals from the usage ledger")
     p.add_argument("--key", metavar="NAME", help="only this key")
@@ -782,11 +931,23 @@ def _add_key_commands(commands, sub, db) -> None:
     p.add_argument("--expires", type=_or_none(_expiry), default=_KEEP, metavar="WHEN|none")
     p.add_argument("--note", default=_KEEP)
 
-    sub(keys, "list", cmd_keys_list, "list keys (never the key itself)")
+    _json_flag(sub(keys, "list", cmd_keys_list, "list keys (never the key itself)"))
     for action, handler, help_text in (("enable", _keys_toggle(True), "enable a key"),
-                                       ("disable", _keys_toggle(False), "disable a key"),
-                                       ("delete", cmd_keys_delete, "delete a key and its spend")):
+                                       ("disable", _keys_toggle(False), "disable a key")):
         sub(keys, action, handler, help_text).add_argument("name")
+    p = sub(keys, "delete", cmd_keys_delete,
+            "delete a key and its spend (asks first; the ledger keeps its rows under its name)")
+    p.add_argument("name")
+    p.add_argument("--yes", action="store_true", help="do not ask (for scripts)")
+    p = sub(keys, "rotate", cmd_keys_rotate,
+            "give a key a new secret, keeping its name, limits, spend and history; prints it once")
+    p.add_argument("name")
+    p.add_argument("--grace", type=_duration, default=0.0, metavar="DURATION",
+                   help="how long the old secret keeps working (24h, 7d; default: not at all)")
+
+
+def _json_flag(p) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _add_channel_options(p, *, adding: bool) -> None:
@@ -828,7 +989,7 @@ def _add_channel_commands(commands, sub, db) -> None:
     p.add_argument("--remove-alias", action="extend", nargs="+", metavar="CLIENT")
     p.add_argument("--clear-aliases", action="store_true")
 
-    sub(channels, "list", cmd_channels_list, "list channels (never the upstream key)")
+    _json_flag(sub(channels, "list", cmd_channels_list, "list channels (never the upstream key)"))
     for action, handler, help_text in (("enable", _channels_toggle(True), "enable a channel"),
                                        ("disable", _channels_toggle(False), "disable a channel"),
                                        ("remove", cmd_channels_remove, "remove a channel")):
@@ -843,7 +1004,7 @@ def _add_channel_commands(commands, sub, db) -> None:
 
 def _add_price_commands(commands, sub, db) -> None:
     prices = _group(commands, "prices", "the model catalogue and its prices", db)
-    sub(prices, "list", cmd_prices_list, "list models and prices (USD per million tokens)")
+    _json_flag(sub(prices, "list", cmd_prices_list, "list models and prices (USD per million tokens)"))
     p = sub(prices, "set", cmd_prices_set,
             "change a model's prices or aliases, or add a model (then --input and --output are required)")
     p.add_argument("model", help="model id or alias")
@@ -862,6 +1023,19 @@ def _add_price_commands(commands, sub, db) -> None:
         "load a catalogue file (the shape of the shipped catalog.json); operator edits are kept"
         ).add_argument("file")
     sub(prices, "remove", cmd_prices_remove, "remove a model from the catalogue").add_argument("model")
+
+
+def _add_db_commands(commands, sub, db) -> None:
+    group = _group(commands, "db", "the database file", db)
+    p = sub(group, "backup", cmd_db_backup,
+            "copy the database to FILE (consistent, also while the server runs)")
+    p.add_argument("file", metavar="FILE", help="a new file (an existing one is not overwritten)")
+    sub(group, "secret-key", cmd_db_secret_key,
+        f"print a new random key for {key_encryption.ENV_KEY}")
+    sub(group, "secrets", cmd_db_secrets,
+        "how each channel's upstream key is stored (encrypted or plain text)")
+    sub(group, "reencrypt", cmd_db_reencrypt,
+        f"store every upstream key encrypted under the first key of {key_encryption.ENV_KEY}")
 
 
 # --------------------------------------------------------------------------- entry point

@@ -15,6 +15,7 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
 from typing import Callable, Optional
 
 log = logging.getLogger("apertis_proxy.listener")
@@ -82,8 +83,10 @@ class Listener:
     """Listens on bound `sockets`, accepts, and runs `factory()`'s protocol on each connection."""
 
     def __init__(self, sockets: list[socket.socket], factory: Callable[[], asyncio.Protocol],
-                 loop: asyncio.AbstractEventLoop, *, backlog: int = BACKLOG) -> None:
+                 loop: asyncio.AbstractEventLoop, *, backlog: int = BACKLOG,
+                 tls: Optional[Callable[[], ssl.SSLContext]] = None) -> None:
         self.sockets = sockets
+        self._tls = tls         # the current SSL context, asked for each connection (see tls.py)
         self._backlog = backlog
         self._listening = False
         self._factory = factory
@@ -135,7 +138,13 @@ class Listener:
             conn.close()            # shutdown began since accept(): as if still queued
             return
         try:
-            await self._loop.connect_accepted_socket(self._factory, conn)
+            await self._loop.connect_accepted_socket(
+                self._factory, conn, ssl=self._tls() if self._tls is not None else None)
+        except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            # A client that failed the TLS handshake (plain HTTP, an untrusted
+            # certificate) or left during it: its problem, not the server's.
+            log.debug("TLS handshake with a new connection failed: %s", exc)
+            conn.close()
         except Exception:  # noqa: BLE001 - one connection's failure must not go unlogged
             log.exception("could not start serving an accepted connection")
             conn.close()

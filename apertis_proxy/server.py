@@ -17,6 +17,7 @@ import time
 from typing import Any, Optional
 
 from .fd_limits import connection_cap, raise_nofile_limit
+from .gateway.client_address import ClientAddress
 from .gateway.forward import CatalogRef, MessagesForwarder
 from .gateway.pipeline import GatewayApp
 from .http.protocol import HttpConnection, ServerState
@@ -26,7 +27,9 @@ from .settings import Settings
 from .store import schema
 from .store.catalog import load_catalog, read_catalog
 from .store.owned_state import OwnedState
+from .store.retention import LedgerRetention
 from .store.watch import RevisionWatcher
+from .tls import ServerCertificate
 from .upstream.pool import Pools
 
 log = logging.getLogger("apertis_proxy.server")
@@ -44,6 +47,8 @@ class Gateway:
         self._listener: Optional[Listener] = None
         self._watcher: Optional[RevisionWatcher] = None
         self.owned: Optional[OwnedState] = None
+        self.retention: Optional[LedgerRetention] = None
+        self.certificate: Optional[ServerCertificate] = None
         self.host = settings.host
         self.port = settings.port
 
@@ -54,6 +59,8 @@ class Gateway:
         if self.state.max_connections < s.max_connections and self.worker == 0:
             log.info("client connections capped at %d per worker (max_connections %d) to fit the open file limit",
                      self.state.max_connections, s.max_connections)
+        if s.tls_cert and s.tls_key:
+            self.certificate = ServerCertificate(s.tls_cert, s.tls_key)
         # Bind first: a port in use fails at once, before plugins and the
         # watcher hold threads that would keep the process alive.  Listening
         # starts only once everything is up (see Listener.start).
@@ -69,7 +76,7 @@ class Gateway:
         def factory() -> HttpConnection:
             return HttpConnection(app, s, state)
 
-        self._listener = Listener(sockets, factory, asyncio.get_running_loop())
+        self._listener = Listener(sockets, factory, asyncio.get_running_loop(), tls=self.certificate)
         try:
             self._listener.start()      # listen() can still find the port taken (another server's race)
         except BaseException:
@@ -101,10 +108,16 @@ class Gateway:
             await self._stop_app()
             raise
         self.owned = OwnedState(self._watcher.conn)
-        return GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog, self.owned), self.plugins)
+        if s.keep_days > 0 and self.worker == 0:    # one process prunes for all
+            self.retention = LedgerRetention(s.db, s.keep_days, log)
+            self.retention.start()
+        return GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog, self.owned), self.plugins,
+                          ClientAddress(s.trusted_proxies) if s.trusted_proxies else None)
 
     async def _stop_app(self) -> None:
         """Let go of what _start_app started: their threads would keep the process alive."""
+        if self.retention is not None:
+            await self.retention.close()
         if self.plugins is not None:
             await self.plugins.close()
         if self.owned is not None:
@@ -114,7 +127,12 @@ class Gateway:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.certificate else 'http'}://{self.host}:{self.port}"
+
+    def reload_certificate(self) -> None:
+        """SIGHUP: new connections get the certificate now in the files."""
+        if self.certificate is not None:
+            self.certificate.reload()
 
     async def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, let in-flight requests finish up to `timeout`, then close."""
@@ -144,6 +162,8 @@ class Gateway:
             await asyncio.wait(pending, timeout=1.0)
         for conn in list(self.state.connections):
             conn.close()
+        if self.retention is not None:
+            await self.retention.close()
         if self.plugins is not None:
             await self.plugins.close()   # meters flush here
         if self._watcher is not None:
@@ -173,6 +193,7 @@ async def _serve(settings: Settings, worker: int, workers: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gw.reload_certificate)
     await stop.wait()
     log.info("worker %d shutting down (grace %.0fs)", worker, settings.shutdown_timeout)
     await gw.shutdown()
@@ -192,6 +213,8 @@ def run(settings: Settings) -> int:
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_names(settings)      # a bad plugin name: one clear error, not one per worker
+    # SIGHUP would end a process whose loop does not handle it yet (it reloads TLS).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if settings.workers <= 1:
         return _run_worker(settings, 0, 1)
     children: dict[int, tuple[int, float]] = {}     # pid -> (worker index, started at)
@@ -204,19 +227,23 @@ def run(settings: Settings) -> int:
             os._exit(_child(settings, index, parent))
         children[pid] = (index, time.monotonic())
 
-    def stop(signum: int, _frame: Any = None) -> None:
-        nonlocal stopping
-        stopping = True
+    def forward(signum: int, _frame: Any = None) -> None:
         for pid in list(children):
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
+    def stop(signum: int, _frame: Any = None) -> None:
+        nonlocal stopping
+        stopping = True
+        forward(signum)
+
     for index in range(settings.workers):
         spawn(index)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, forward)       # workers reload their TLS certificate
     status = 0
     while children:
         try:
@@ -264,6 +291,7 @@ def _child(settings: Settings, index: int, parent: int) -> int:
     # Orphaned workers would go on serving with nobody to stop them: the kernel
     # sends SIGTERM (a graceful shutdown) when the parent dies, even by SIGKILL.
     _terminate_with_parent()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)    # not the parent's forwarder: the loop takes it over
     if os.getppid() != parent:
         return 0        # the parent died before that was in place
     try:

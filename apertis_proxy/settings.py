@@ -23,6 +23,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .gateway.client_address import parse_networks
+
 
 @dataclass(slots=True)
 class Settings:
@@ -39,6 +41,11 @@ class Settings:
     shutdown_timeout: float = 30.0      # in-flight work gets this long after SIGTERM
     write_high_water: int = 64 * 1024   # pause upstream reads above this much unsent client data
     max_connections: int = 10_000       # client connections per worker (lowered to fit the descriptor limit)
+    # TLS on the listener: both files or neither (PEM); reloaded on SIGHUP.
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    # Peers whose X-Forwarded-For / Forwarded headers name the client (CIDRs).
+    trusted_proxies: list[str] = field(default_factory=list)
     # Upstream side (seconds).
     connect_timeout: float = 10.0
     read_timeout: float = 600.0         # between upstream bytes, not total: streams last long
@@ -57,12 +64,14 @@ class Settings:
     plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     config_poll_interval: float = 1.0   # how often the store is checked for CLI edits
     log_level: str = "INFO"
+    # Usage rows older than this many days are deleted in the background; 0 keeps them all.
+    keep_days: float = 0.0
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-_SECTIONS = ("server", "upstream", "contract", "billing", "logging")
+_SECTIONS = ("server", "upstream", "contract", "billing", "logging", "ledger")
 
 
 def load(path: Optional[str] = None, **overrides: Any) -> Settings:
@@ -127,6 +136,17 @@ def check(s: Settings, where: str) -> None:
               or not (value >= 0 if kind == "seconds or 0" else value > 0)):
             raise ValueError(f"{where}: {name} must be a number of seconds "
                              f"{'>= 0' if kind == 'seconds or 0' else '> 0'}, not {value!r}")
+    if type(s.keep_days) not in (int, float) or not 0 <= s.keep_days < float("inf"):
+        raise ValueError(f"{where}: keep_days must be a number of days >= 0 (0 keeps every row), "
+                         f"not {s.keep_days!r}")
+    _check_tls(s, where)
+    if not isinstance(s.trusted_proxies, list):
+        raise ValueError(f"{where}: trusted_proxies must be a list of CIDRs, like [\"10.0.0.0/8\"], "
+                         f"not {s.trusted_proxies!r}")
+    try:
+        parse_networks(s.trusted_proxies)
+    except ValueError as exc:
+        raise ValueError(f"{where}: trusted_proxies: {exc}") from None
     if s.port > 65535:
         raise ValueError(f"{where}: port must be 0..65535, not {s.port}")
     for name in ("host", "db", "default_api_version", "log_level"):
@@ -147,6 +167,17 @@ def check(s: Settings, where: str) -> None:
     options = s.plugin_options
     if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
         raise ValueError(f"{where}: [plugins.options.NAME] must be tables of options, one per plugin")
+
+
+def _check_tls(s: Settings, where: str) -> None:
+    for name in ("tls_cert", "tls_key"):
+        value = getattr(s, name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"{where}: {name} must be the path of a PEM file, not {value!r}")
+        if value is not None and not os.path.isfile(value):
+            raise ValueError(f"{where}: {name} {value!r} is not a readable file")
+    if (s.tls_cert is None) != (s.tls_key is None):
+        raise ValueError(f"{where}: tls_cert and tls_key go together: set both or neither")
 
 
 def _is_api_version(value: str) -> bool:

@@ -55,6 +55,7 @@ from apertis_proxy.plugin_api import (CAUSE_CREDENTIAL, CAUSE_EXHAUSTED, CAUSE_R
                                       Channel, ModelInfo, Outcome, PluginContext, RequestInfo)
 from apertis_proxy.store.catalog import Catalog, read_catalog
 from apertis_proxy.store.channels import CHANNEL_COLUMNS, row_to_channel
+from apertis_proxy.store.key_encryption import SecretKeyError
 
 from apertis_proxy.store.watch import RevisionWatcher
 
@@ -318,7 +319,12 @@ class ChannelRouter:
         catalog = await read_catalog(conn)
         rows = await conn.execute_fetchall(
             f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE enabled = 1 ORDER BY id")
-        channels = [row_to_channel(row, catalog.aliases) for row in rows]
+        channels = []
+        for row in rows:
+            try:
+                channels.append(row_to_channel(row, catalog.aliases))
+            except SecretKeyError as exc:   # a key sealed under a secret key this process lacks
+                self.log.error("channel %s left out: %s", row["name"], exc)
         for cid, committed in list(self._disabling.items()):
             if committed is not None and committed < read_at:
                 del self._disabling[cid]     # these rows already say so

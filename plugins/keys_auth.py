@@ -7,7 +7,8 @@ spend to ``key_spend`` and re-reads every key's spend, so quotas see what the
 other worker processes spent.
 
 Rules, in the order they are checked:
-  401 authentication_error  no key, unknown key, disabled key, expired key
+  401 authentication_error  no key, unknown key, disabled key, expired key, a rotated-out
+                            secret past its grace period
   403 permission_error      the model is not in the key's allow-list
   402 billing_error         the key's quota (USD or tokens) is used up
   429 rate_limit_error      too many requests in flight / per minute (retry-after)
@@ -77,6 +78,7 @@ class KeyState:
     in_flight: int = 0
     recent: collections.deque = field(default_factory=collections.deque)  # admission times
     caller: Optional[Caller] = None     # what authenticate() answers; rebuilt after a reload
+    previous_hashes: frozenset = frozenset()    # rotated-out secrets (requests may still finish)
 
     @property
     def spent_cost(self) -> float:
@@ -139,6 +141,8 @@ class KeysAuth:
         self.defer_unknown = str(ctx.options.get("on_unknown", "reject")) == "defer"
         self.by_hash: dict[str, KeyState] = {}
         self.by_id: dict[int, KeyState] = {}
+        # Rotated-out secrets: hash -> (the key, unix time it stops working).
+        self.grace: dict[str, tuple[KeyState, float]] = {}
         self._watch = RevisionWatcher(ctx.db_path, float(ctx.options.get("poll_interval", 1.0)),
                                       self._tick, self.log)
 
@@ -177,7 +181,10 @@ class KeysAuth:
                 return None
             raise Reject(401, "authentication_error",
                          "missing API key: send it in the x-api-key header or as Authorization: Bearer")
-        key = self.by_hash.get(hash_key(plain))
+        key_hash = hash_key(plain)
+        key = self.by_hash.get(key_hash)
+        if key is None:
+            key = self._rotated_key(key_hash)
         if key is None:
             if self.defer_unknown:
                 return None
@@ -214,6 +221,17 @@ class KeysAuth:
                                          cost_limited=key.quota_cost is not None)
         return caller
 
+    def _rotated_key(self, key_hash: str) -> Optional[KeyState]:
+        """The key an old secret belongs to, while its grace period lasts."""
+        entry = self.grace.get(key_hash)
+        if entry is None:
+            return None
+        key, until = entry
+        if time.time() >= until:
+            raise Reject(401, "authentication_error",
+                         f"API key '{key.name}' was rotated; its old secret stopped working at {_iso(until)}")
+        return key
+
     def _check_quota(self, key: KeyState) -> None:
         if key.quota_cost is not None and key.spent_cost >= key.quota_cost:
             raise Reject(402, "billing_error",
@@ -248,8 +266,9 @@ class KeysAuth:
 
     async def finish(self, caller: Caller, record: UsageRecord) -> None:
         key = self.by_id.get(caller.key_id) if caller.key_id is not None else None
-        if key is None or key.key_hash != caller.data.get("key_hash"):
-            return      # deleted while the request ran (and its id perhaps given to a new key)
+        presented = caller.data.get("key_hash")
+        if key is None or (key.key_hash != presented and presented not in key.previous_hashes):
+            return      # deleted while the request ran
         key.in_flight = max(0, key.in_flight - 1)
         cost = record.cost if record.cost and record.cost > 0 else 0.0
         tokens = max(0, record.total_tokens)
@@ -278,10 +297,18 @@ class KeysAuth:
         rows = await conn.execute_fetchall(
             "SELECT id, name, key_hash, enabled, expires_at, models, quota_cost, quota_tokens,"
             " rpm, concurrency FROM keys")
+        grace_rows = await conn.execute_fetchall("SELECT key_hash, key_id, until FROM key_grace")
+        rotated: dict[int, set[str]] = {}
+        for grace_row in grace_rows:
+            rotated.setdefault(grace_row["key_id"], set()).add(grace_row["key_hash"])
         by_hash: dict[str, KeyState] = {}
         by_id: dict[int, KeyState] = {}
         for row in rows:
             key = self.by_id.get(row["id"])
+            old = rotated.get(row["id"], set())
+            if key is not None and key.key_hash in old:
+                # Rotated: the same key with a new secret; running totals and in-flight counts stay.
+                key.key_hash = row["key_hash"]
             if key is None or key.key_hash != row["key_hash"]:    # new, or an id reused
                 key = KeyState(id=row["id"], name=row["name"], key_hash=row["key_hash"])
             models = json.loads(row["models"]) if row["models"] else None
@@ -296,10 +323,12 @@ class KeysAuth:
             key.rpm = per_process(row["rpm"], self.workers)
             key.concurrency = per_process(row["concurrency"], self.workers)
             key.caller = None       # name or allow-list may have changed
+            key.previous_hashes = frozenset(old)
             by_hash[row["key_hash"]] = key
             by_id[key.id] = key
-        # Swap both maps in one step: the request path never sees a half reload.
-        self.by_hash, self.by_id = by_hash, by_id
+        grace = {r["key_hash"]: (by_id[r["key_id"]], r["until"]) for r in grace_rows if r["key_id"] in by_id}
+        # Swap the maps in one step: the request path never sees a half reload.
+        self.by_hash, self.by_id, self.grace = by_hash, by_id, grace
         self.log.info("loaded %d keys", len(by_id))
 
     async def _sync_spend(self, conn: aiosqlite.Connection) -> None:

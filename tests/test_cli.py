@@ -175,7 +175,7 @@ def test_keys_list_enable_disable_delete(cli, db):
     assert cli("keys", "enable", "alice")[0] == 0
     assert query(db, "SELECT enabled FROM keys")[0]["enabled"] == 1
 
-    assert cli("keys", "delete", "alice")[0] == 0
+    assert cli("keys", "delete", "alice", "--yes")[0] == 0
     assert query(db, "SELECT * FROM keys") == [] and query(db, "SELECT * FROM key_spend") == []
     code, _, err = cli("keys", "disable", "alice")
     assert code == 1 and "no key named 'alice'" in err
@@ -232,7 +232,7 @@ def test_channels_add_list_never_shows_the_key(cli, db):
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["NAME", "TYPE", "BASE"]
     main_line = next(line for line in lines if line.startswith("main "))
-    for expected in ("https://api.anthropic.com", "set", "claude-haiku-4.5,claude-sonnet-4.5",
+    for expected in ("https://api.anthropic.com", "plain text", "claude-haiku-4.5,claude-sonnet-4.5",
                      "fast=claude-haiku-4-5-20251001", "2026-10-21", "bearer,fwd-extras"):
         assert expected in main_line
     any_line = next(line for line in lines if line.startswith("any "))
@@ -315,7 +315,8 @@ def test_channels_enable_disable_set_remove(cli, db):
     assert code == 1 and "no channel named 'c1'" in err
 
 
-def test_channels_list_empty_says_how_to_add_one(cli):
+def test_channels_list_empty_says_how_to_add_one(cli, db):
+    connect(db).close()
     code, out, _ = cli("channels", "list")
     assert code == 0
     assert "apertis-proxy channels add" in out and "--base-url" in out
@@ -462,7 +463,8 @@ def test_channels_test_via_subprocess(db, upstream):
 
 # --------------------------------------------------------------------------- prices
 
-def test_prices_list_shows_the_seed(cli):
+def test_prices_list_shows_the_seed(cli, db):
+    connect(db).close()
     code, out, err = cli("prices", "list")
     assert code == 0, err
     line = next(line for line in out.splitlines() if line.startswith("claude-sonnet-4-5-20250929"))

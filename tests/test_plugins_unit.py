@@ -25,7 +25,7 @@ from apertis_proxy.plugin_api import (CAUSE_TRANSIENT, Caller, Outcome, PluginCo
                                       UsageRecord)
 from apertis_proxy.store import schema
 from apertis_proxy.store.channels import add_channel
-from apertis_proxy.store.keys import create_key, delete_key
+from apertis_proxy.store.keys import create_key, delete_key, rotate_key
 
 SONNET = "claude-sonnet-4-5-20250929"
 HAIKU = "claude-haiku-4-5-20251001"
@@ -199,8 +199,8 @@ async def test_cost_quota_is_settled_after_the_call_then_enforced(db):
 
 
 async def test_a_deleted_keys_last_request_is_not_charged_to_the_key_that_reuses_its_id(db):
-    """SQLite gives the highest id again after a delete: a request of the deleted key that ends after a new key
-    took its id must not spend the new key's quota nor free one of its concurrency slots."""
+    """A request of a deleted key that ends after a new key was created must not spend the new key's quota nor
+    free one of its concurrency slots (the store never gives a new key a deleted key's id)."""
     path, conn = db
     create_key(conn, "keeper")
     old_id, old_plain = create_key(conn, "temp")
@@ -208,7 +208,7 @@ async def test_a_deleted_keys_last_request_is_not_charged_to_the_key_that_reuses
         in_flight = await auth.authenticate(with_key(old_plain))
         delete_key(conn, "temp")
         new_id, new_plain = create_key(conn, "newbie", quota_cost=0.001, concurrency=1)
-        assert new_id == old_id
+        assert new_id != old_id
         await auth.refresh()
         held = await auth.authenticate(with_key(new_plain))          # newbie's one slot
         await auth.finish(in_flight, usage(cost=0.5, input_tokens=1000, output_tokens=100))
@@ -220,6 +220,25 @@ async def test_a_deleted_keys_last_request_is_not_charged_to_the_key_that_reuses
         await auth.refresh()
     row = conn.execute("SELECT cost FROM key_spend WHERE key_id = ?", (new_id,)).fetchone()
     assert row is None or row["cost"] == 0
+
+
+async def test_a_request_in_flight_across_a_rotation_is_charged_and_frees_its_slot(db):
+    """Rotation keeps the key: a request admitted with the old secret finishes on the same key state."""
+    path, conn = db
+    key_id, old_plain = create_key(conn, "alice", concurrency=1)
+    async with running(KeysAuth(context("keys", path))) as auth:
+        in_flight = await auth.authenticate(with_key(old_plain))
+        new_plain, _ = rotate_key(conn, "alice", 3600)
+        await auth.refresh()
+        err = await rejected(auth, with_key(new_plain))              # the one slot is still held
+        assert err.status == 429, err.message
+        await auth.finish(in_flight, usage(cost=0.25, input_tokens=10, output_tokens=5))
+        caller = await auth.authenticate(with_key(new_plain))        # the slot came back
+        assert (caller.key_id, caller.key_name) == (key_id, "alice")
+        await auth.finish(caller, usage())
+        await auth.refresh()
+    row = conn.execute("SELECT cost, tokens FROM key_spend WHERE key_id = ?", (key_id,)).fetchone()
+    assert (row["cost"], row["tokens"]) == (0.25, 15)
 
 
 async def test_token_quota_counts_every_kind_of_token(db):

@@ -14,6 +14,7 @@ from ..plugin_api import Caller, ModelInfo, RequestInfo, UsageRecord
 from ..plugin_host import PluginHost
 from .batches import BatchesEndpoint
 from .files import FilesEndpoint
+from .client_address import ClientAddress
 from .forward import MessagesForwarder, request_info
 from .paging import page
 
@@ -42,9 +43,11 @@ def account_wide(path: str) -> Optional[str]:
 class GatewayApp:
     """The application behind the HTTP layer: `await app(request, responder)`."""
 
-    def __init__(self, forwarder: MessagesForwarder, plugins: PluginHost) -> None:
+    def __init__(self, forwarder: MessagesForwarder, plugins: PluginHost,
+                 client_address: Optional[ClientAddress] = None) -> None:
         self.forwarder = forwarder
         self.plugins = plugins
+        self.client_address = client_address     # set when requests come through trusted proxies
         # Account-bound resources need the ownership records.
         self.owned_endpoints = ([BatchesEndpoint(forwarder), FilesEndpoint(forwarder)]
                                 if forwarder.owned is not None else [])
@@ -63,6 +66,8 @@ class GatewayApp:
         return None
 
     async def __call__(self, req: Request, resp: Responder) -> None:
+        if self.client_address is not None:
+            req.client = self.client_address.resolve(req.client, req.headers)
         path = req.path
         if path == "/v1/messages":
             if req.method != "POST":

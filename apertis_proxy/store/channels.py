@@ -8,6 +8,8 @@ from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
 
 from ..plugin_api import Channel
+from . import key_encryption
+from .keys import KEY_PREFIX as GATEWAY_KEY_PREFIX
 
 CHANNEL_COLUMNS = ("id, name, type, base_url, api_key, models, aliases, priority, weight, enabled,"
                    " disabled_reason, disabled_at, api_version, options, created_at")
@@ -18,6 +20,11 @@ OPTION_FLAGS = ("forward_client_version", "forward_extras")
 
 DEFAULT_CHANNEL_NAME = "anthropic"
 DEFAULT_BASE_URL = "https://api.anthropic.com"
+# The first start's channel key; ANTHROPIC_API_KEY is read too, with a warning:
+# clients export it for their gateway key, so a shell that has both set would
+# otherwise turn a user's own key into the channel key.
+BOOTSTRAP_KEY_ENV = "APERTIS_UPSTREAM_API_KEY"
+LEGACY_BOOTSTRAP_KEY_ENV = "ANTHROPIC_API_KEY"
 
 
 def row_to_channel(row, default_aliases: Optional[Mapping[str, str]] = None) -> Channel:
@@ -31,7 +38,7 @@ def row_to_channel(row, default_aliases: Optional[Mapping[str, str]] = None) -> 
     models = json.loads(row["models"]) if row["models"] else None
     return Channel(
         id=row["id"], name=row["name"], type=row["type"], base_url=row["base_url"].rstrip("/"),
-        api_key=row["api_key"], models=frozenset(models) if models else None, aliases=aliases,
+        api_key=key_encryption.open_stored(row["api_key"]), models=frozenset(models) if models else None, aliases=aliases,
         priority=row["priority"], weight=row["weight"], api_version=row["api_version"],
         forward_client_version=bool(options.get("forward_client_version", False)),
         forward_extras=bool(options.get("forward_extras", False)),
@@ -64,6 +71,14 @@ def _models_json(models) -> Optional[str]:
     return json.dumps(sorted(set(models))) if models else None
 
 
+def _stored_key(api_key: str) -> str:
+    """The value stored for an upstream key: never a gateway key; encrypted when configured."""
+    if api_key.startswith(GATEWAY_KEY_PREFIX):
+        raise ValueError(f"that is a gateway key ({GATEWAY_KEY_PREFIX}...), which clients send to this "
+                         "gateway; a channel needs the upstream provider's key")
+    return key_encryption.seal_for_storage(api_key) if api_key else api_key
+
+
 def add_channel(conn, name: str, base_url: str, api_key: str, *, models=None, priority: int = 0,
                 weight: int = 1, aliases: Optional[Mapping[str, str]] = None,
                 api_version: str = "2023-06-01", options: Optional[Mapping] = None,
@@ -75,7 +90,7 @@ def add_channel(conn, name: str, base_url: str, api_key: str, *, models=None, pr
         cur = conn.execute(
             "INSERT INTO channels (name, type, base_url, api_key, models, aliases, priority, weight,"
             " enabled, api_version, options, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (name, type, base_url, api_key, _models_json(models), json.dumps(dict(aliases or {})),
+            (name, type, base_url, _stored_key(api_key), _models_json(models), json.dumps(dict(aliases or {})),
              priority, weight, 1 if enabled else 0, api_version, json.dumps(dict(options or {})),
              time.time()))
     except sqlite3.IntegrityError:
@@ -102,10 +117,17 @@ def get_channel(conn, name: str, default_aliases: Optional[Mapping[str, str]] = 
     return row_to_channel(row, default_aliases)
 
 
+# How each upstream key is stored, for listings: "missing", "encrypted" or "plain text".
+_KEY_STORAGE = (f"CASE WHEN api_key = '' THEN 'missing'"
+                f" WHEN substr(api_key, 1, {len(key_encryption.ENCRYPTED_PREFIX)})"
+                f" = '{key_encryption.ENCRYPTED_PREFIX}' THEN 'encrypted' ELSE 'plain text' END")
+
+
 def list_channels(conn) -> list[dict[str, Any]]:
     """Every channel for display: the upstream key is replaced by `key_set`."""
     rows = conn.execute(
-        "SELECT id, name, type, base_url, api_key != '' AS key_set, models, aliases, priority,"
+        "SELECT id, name, type, base_url, api_key != '' AS key_set,"
+        f" {_KEY_STORAGE} AS key_storage, models, aliases, priority,"
         " weight, enabled, disabled_reason, disabled_at, api_version, options, created_at"
         " FROM channels ORDER BY priority DESC, id").fetchall()
     out = []
@@ -153,6 +175,8 @@ def update_channel(conn, name: str, *, base_url: Optional[str] = None,
     """
     if base_url is not None:
         base_url = normalize_base_url(base_url)
+    if api_key is not None:
+        api_key = _stored_key(api_key)
     _check_options(api_version, options or {})
     conn.execute("BEGIN IMMEDIATE")
     with conn:   # commits, or rolls back on an exception
@@ -178,21 +202,64 @@ def update_channel(conn, name: str, *, base_url: Optional[str] = None,
 
 
 def bootstrap_default_channel(conn, env: Mapping[str, str]) -> Optional[str]:
-    """First start: with ANTHROPIC_API_KEY set and no channel at all, create one.
+    """First start: with APERTIS_UPSTREAM_API_KEY (or ANTHROPIC_API_KEY) set and no
+    channel at all, create one.
 
     Returns a message for the operator (never containing the key), or None
-    when nothing was created.
+    when there was nothing to say.
     """
-    api_key = (env.get("ANTHROPIC_API_KEY") or "").strip()
+    source = BOOTSTRAP_KEY_ENV
+    api_key = (env.get(BOOTSTRAP_KEY_ENV) or "").strip()
+    if not api_key:
+        source = LEGACY_BOOTSTRAP_KEY_ENV
+        api_key = (env.get(LEGACY_BOOTSTRAP_KEY_ENV) or "").strip()
     if not api_key:
         return None
     conn.execute("BEGIN IMMEDIATE")
     with conn:   # the check and the insert are one step, even with several starters
         if channel_count(conn):
             return None
+        if api_key.startswith(GATEWAY_KEY_PREFIX):
+            return (f"warning: {source} holds a gateway key ({GATEWAY_KEY_PREFIX}...), not an upstream "
+                    f"key: no channel created; set {BOOTSTRAP_KEY_ENV} to the upstream provider's key")
         add_channel(conn, DEFAULT_CHANNEL_NAME, DEFAULT_BASE_URL, api_key)
-    return (f"created channel {DEFAULT_CHANNEL_NAME!r} -> {DEFAULT_BASE_URL} "
-            f"with the key from ANTHROPIC_API_KEY")
+    message = (f"created channel {DEFAULT_CHANNEL_NAME!r} -> {DEFAULT_BASE_URL} "
+               f"with the key from {source}")
+    if source == LEGACY_BOOTSTRAP_KEY_ENV:
+        message += (f"\nwarning: {LEGACY_BOOTSTRAP_KEY_ENV} is also what clients use for their gateway key;"
+                    f" give the first start its own variable, {BOOTSTRAP_KEY_ENV}")
+    return message
+
+
+def key_storage(conn) -> list[dict[str, Any]]:
+    """Per channel: name and how its key is stored ("missing", "encrypted", "plain text"),
+    and for encrypted ones whether the configured secret key opens it."""
+    box = key_encryption.from_environment()
+    out = []
+    for row in conn.execute(f"SELECT name, api_key, {_KEY_STORAGE} AS storage FROM channels ORDER BY id"):
+        opens = None
+        if row["storage"] == "encrypted" and box is not None:
+            try:
+                box.open(row["api_key"])
+                opens = True
+            except key_encryption.SecretKeyError:
+                opens = False
+        out.append({"name": row["name"], "storage": row["storage"], "opens": opens})
+    return out
+
+
+def reencrypt_keys(conn, box: "key_encryption.KeyBox") -> int:
+    """Store every upstream key encrypted under `box`'s first key; returns how many were written.
+
+    One transaction: a key that no configured secret key opens stops it with
+    nothing changed.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    with conn:
+        rows = conn.execute("SELECT id, api_key FROM channels WHERE api_key != ''").fetchall()
+        for row in rows:
+            conn.execute("UPDATE channels SET api_key = ? WHERE id = ?", (box.reseal(row["api_key"]), row["id"]))
+    return len(rows)
 
 
 def _require_one(cur, name: str) -> None:

@@ -41,8 +41,9 @@ def create_key(conn, name: str, *, models=None, quota_cost=None, quota_tokens=No
     plain = generate_key()
     try:
         cur = conn.execute(
-            "INSERT INTO keys (name, key_hash, key_prefix, enabled, created_at, expires_at, models,"
-            " quota_cost, quota_tokens, rpm, concurrency, note) VALUES (?,?,?,1,?,?,?,?,?,?,?,?)",
+            "INSERT INTO keys (id, name, key_hash, key_prefix, enabled, created_at, expires_at, models,"
+            " quota_cost, quota_tokens, rpm, concurrency, note)"
+            f" VALUES ({_NEXT_ID},?,?,?,1,?,?,?,?,?,?,?,?)",
             (name, hash_key(plain), display_prefix(plain), time.time(), expires_at,
              _models_json(models), quota_cost, quota_tokens, rpm, concurrency, note))
     except sqlite3.IntegrityError:
@@ -50,6 +51,11 @@ def create_key(conn, name: str, *, models=None, quota_cost=None, quota_tokens=No
             raise ValueError(f"a key named {name!r} already exists") from None
         raise
     return cur.lastrowid, plain
+
+
+# Never a deleted key's id: the ledger's rows of that key must not become another's.
+_NEXT_ID = ("(SELECT MAX(m) + 1 FROM (SELECT COALESCE(MAX(id), 0) AS m FROM keys"
+            " UNION ALL SELECT COALESCE(MAX(id), 0) FROM deleted_keys))")
 
 
 def get_key(conn, name: str) -> Optional[dict[str, Any]]:
@@ -85,9 +91,49 @@ def set_key_enabled(conn, name: str, enabled: bool) -> None:
 
 
 def delete_key(conn, name: str) -> None:
-    """Delete a key; its settled spend goes with it (usage rows keep the name)."""
-    cur = conn.execute("DELETE FROM keys WHERE name = ?", (name,))
-    _require_one(cur, name)
+    """Delete a key; its settled spend goes with it.  Its id, name and dates stay in
+    `deleted_keys`, and the ledger's rows keep naming it."""
+    conn.execute("BEGIN IMMEDIATE")
+    with conn:
+        cur = conn.execute(
+            "INSERT OR REPLACE INTO deleted_keys (id, name, key_prefix, created_at, deleted_at, note)"
+            " SELECT id, name, key_prefix, created_at, ?, note FROM keys WHERE name = ?",
+            (time.time(), name))
+        _require_one(cur, name)
+        conn.execute("DELETE FROM keys WHERE name = ?", (name,))
+
+
+def rotate_key(conn, name: str, grace_seconds: float = 0.0) -> tuple[str, float]:
+    """Give the key a new secret; everything else about it stays.
+
+    The old secret keeps working until the returned time (now + grace).  Returns
+    (new plain key, until).
+    """
+    plain = generate_key()
+    now = time.time()
+    until = now + max(0.0, grace_seconds)
+    conn.execute("BEGIN IMMEDIATE")
+    with conn:
+        row = conn.execute("SELECT id, key_hash, key_prefix FROM keys WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise LookupError(f"no key named {name!r}")
+        conn.execute("DELETE FROM key_grace WHERE key_id = ? AND until < ?", (row["id"], now))
+        # Recorded even without a grace period: it tells a running server that
+        # this is the same key with a new secret, not a new key.
+        conn.execute("INSERT OR REPLACE INTO key_grace (key_hash, key_id, key_prefix, until)"
+                     " VALUES (?,?,?,?)", (row["key_hash"], row["id"], row["key_prefix"], until))
+        conn.execute("UPDATE keys SET key_hash = ?, key_prefix = ? WHERE id = ?",
+                     (hash_key(plain), display_prefix(plain), row["id"]))
+    return plain, until
+
+
+def old_secrets(conn) -> dict[str, list[dict[str, Any]]]:
+    """Key name -> its rotated-out secrets still accepted (prefix, until), for listings."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in conn.execute("SELECT k.name, g.key_prefix, g.until FROM key_grace g JOIN keys k"
+                          " ON k.id = g.key_id WHERE g.until > ? ORDER BY g.until", (time.time(),)):
+        out.setdefault(r["name"], []).append({"key_prefix": r["key_prefix"], "until": r["until"]})
+    return out
 
 
 def update_key(conn, name: str, **changes: Any) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import sqlite3
 
 from .catalog import sync_shipped_catalog
+from .dbfile import create_private
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Binding None, Python's sqlite3 first looks for an adapter: a tuple, a dict
 # miss, and an AttributeError raised and cleared on its protocol type, ~2.5k
@@ -152,7 +153,11 @@ def _trigger_ddl() -> str:
 
 
 def connect(path: str) -> sqlite3.Connection:
-    """Open the database synchronously (CLI, start-up) and make sure the schema exists."""
+    """Open the database synchronously (CLI, start-up) and make sure the schema exists.
+
+    A new file is created readable by its owner only: it holds upstream keys.
+    """
+    create_private(path)
     conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
     conn.row_factory = sqlite3.Row
     apply_pragmas(conn)
@@ -318,6 +323,25 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE usage_v2 RENAME TO usage",
         "CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts)",
         "CREATE INDEX IF NOT EXISTS usage_key ON usage (key_name, ts)",
+    ]),
+    (3, [
+        # A key's life after creation: the old secrets of rotated keys (accepted
+        # until `until`) and deleted keys (their ids are never given to a new
+        # key, so ledger rows stay attributable).
+        """CREATE TABLE IF NOT EXISTS key_grace (
+            key_hash    TEXT PRIMARY KEY,            -- sha256 hex of a rotated-out secret
+            key_id      INTEGER NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+            key_prefix  TEXT NOT NULL,
+            until       REAL NOT NULL                -- unix time the old secret stops working
+        )""",
+        """CREATE TABLE IF NOT EXISTS deleted_keys (
+            id          INTEGER PRIMARY KEY,         -- the id ledger rows carry
+            name        TEXT NOT NULL,
+            key_prefix  TEXT NOT NULL,
+            created_at  REAL NOT NULL,
+            deleted_at  REAL NOT NULL,
+            note        TEXT
+        )""",
     ]),
 ]
 
