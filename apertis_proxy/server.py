@@ -20,6 +20,9 @@ from .gateway.forward import CatalogRef, MessagesForwarder
 from .gateway.pipeline import GatewayApp
 from .http.protocol import HttpConnection, ServerState
 from .listener import Listener, bind_sockets
+from .observe import logs as log_setup
+from .observe import shared as metrics_share
+from .observe.app import Observability, ObservedApp, run_dir_for
 from .plugin_host import PluginHost, PluginLoadError, check_names
 from .settings import Settings
 from .store import schema
@@ -39,6 +42,7 @@ class Gateway:
         self.pools = Pools(max_idle=settings.pool_max_idle, idle_timeout=settings.pool_idle_timeout,
                            connect_timeout=settings.connect_timeout)
         self.plugins: Optional[PluginHost] = None
+        self.observe: Optional[Observability] = None
         self._listener: Optional[Listener] = None
         self._watcher: Optional[RevisionWatcher] = None
         self.host = settings.host
@@ -72,7 +76,7 @@ class Gateway:
         name = sockets[0].getsockname()
         self.host, self.port = name[0], name[1]
 
-    async def _start_app(self) -> GatewayApp:
+    async def _start_app(self) -> ObservedApp:
         s = self.settings
         conn = schema.connect(s.db)           # creates / migrates the store
         catalog = CatalogRef(load_catalog(conn))
@@ -96,7 +100,10 @@ class Gateway:
         except BaseException:
             await self._stop_app()
             raise
-        return GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog), self.plugins)
+        self.observe = Observability(s, self.plugins, catalog, run_dir=run_dir_for(self.workers))
+        self.plugins.observer = self.observe.recorder
+        self.observe.start()
+        return self.observe.wrap(GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog), self.plugins))
 
     async def _stop_app(self) -> None:
         """Let go of what _start_app started: their threads would keep the process alive."""
@@ -112,6 +119,12 @@ class Gateway:
     async def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, let in-flight requests finish up to `timeout`, then close."""
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
+        if self.observe is not None:
+            # /ready says 503 at once; serving goes on for drain_delay so that
+            # load balancers stop sending before the port closes.
+            self.observe.readiness.draining = True
+            if self.settings.drain_delay > 0:
+                await asyncio.sleep(self.settings.drain_delay)
         self.state.draining = True
         if self._listener is not None:
             self._listener.close()
@@ -139,6 +152,8 @@ class Gateway:
             conn.close()
         if self.plugins is not None:
             await self.plugins.close()   # meters flush here
+        if self.observe is not None:
+            await self.observe.close()   # after the meters: their last rows are counted
         if self._watcher is not None:
             await self._watcher.close()
         self.pools.close()
@@ -182,11 +197,18 @@ def run(settings: Settings) -> int:
     port through SO_REUSEPORT; the parent forwards signals and looks after them:
     a worker that fails while starting stops the whole server (exit 1), one that
     dies later is logged and replaced."""
-    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_setup.configure(settings.log_level, settings.log_format)
     check_names(settings)      # a bad plugin name: one clear error, not one per worker
     if settings.workers <= 1:
         return _run_worker(settings, 0, 1)
+    run_dir = os.environ[metrics_share.RUN_DIR_ENV] = metrics_share.create_run_dir()
+    try:
+        return _run_workers(settings, run_dir)
+    finally:
+        metrics_share.remove_run_dir(run_dir)
+
+
+def _run_workers(settings: Settings, run_dir: str) -> int:
     children: dict[int, tuple[int, float]] = {}     # pid -> (worker index, started at)
     stopping = False
     parent = os.getpid()
@@ -221,6 +243,7 @@ def run(settings: Settings) -> int:
         if pid not in children:
             continue
         index, started = children.pop(pid)
+        metrics_share.mark_dead(run_dir, pid)
         code = os.waitstatus_to_exitcode(wait_status)
         if stopping:
             status = status or code
