@@ -218,6 +218,20 @@ async def listening_workers(server, n: int) -> list[int]:
     return workers
 
 
+async def crash_and_replace(server, victim: int) -> list[int]:
+    """SIGKILL one worker once past start-up (a death then is a crash); the pids of the two workers listening
+    after the parent replaced it."""
+    await asyncio.sleep(server_module.WORKER_START_GRACE)
+    os.kill(victim, signal.SIGKILL)
+
+    async def reaped() -> bool:
+        return victim not in children_of(server.proc.pid)
+    await wait_for(reaped, DRAIN_TIMEOUT, "the killed worker to be reaped")
+    workers = await listening_workers(server, 2)           # a new one in its place
+    assert victim not in workers
+    return workers
+
+
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets and processes from Linux /proc")
 async def test_two_workers_share_the_port(tmp_path, mock_upstream):
     db = str(tmp_path / "gateway.db")
@@ -257,14 +271,8 @@ async def test_a_worker_that_dies_is_replaced_and_says_so(tmp_path, mock_upstrea
     key = prepare_db(db, mock_upstream.base_url)
     async with ServeProcess(tmp_path, db, "--workers", "2") as server:
         workers = await listening_workers(server, 2)
-        await asyncio.sleep(server_module.WORKER_START_GRACE)      # past start-up: a death now is a crash
         victim = workers[0]
-        os.kill(victim, signal.SIGKILL)
-        async def reaped() -> bool:
-            return victim not in children_of(server.proc.pid)
-        await wait_for(reaped, DRAIN_TIMEOUT, "the killed worker to be reaped")
-        workers = await listening_workers(server, 2)           # a new one in its place
-        assert victim not in workers
+        workers = await crash_and_replace(server, victim)
         async with sdk_client(server.base_url, key) as client:
             for i in range(6):
                 reply = await client.messages.create(
