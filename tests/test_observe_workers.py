@@ -15,7 +15,8 @@ import pytest
 
 from test_observe_metrics import COST_UNIT, Samples, parse, scrape, total, value
 from test_operator_flow import MODEL, ServeProcess, sdk_client, wait_for
-from test_server_lifecycle import DRAIN_TIMEOUT, crash_and_replace, listening_workers, prepare_db, usage_rows
+from test_server_lifecycle import (DRAIN_TIMEOUT, configured_server, crash_and_replace, listening_workers,
+                                   usage_rows)
 
 FLUSH_INTERVAL = 0.1
 SETTLE = 10 * FLUSH_INTERVAL        # long enough for every worker to have shared its figures several times
@@ -75,11 +76,9 @@ async def run_dir_of(workers: list[int]) -> Path:
 
 @pytest.mark.skipif(not Path("/proc").exists(), reason="finds the workers in Linux /proc")
 async def test_one_scrape_covers_every_worker_and_survives_a_replaced_one(tmp_path, mock_upstream):
-    db = str(tmp_path / "gateway.db")
-    key = prepare_db(db, mock_upstream.base_url)
-    config = tmp_path / "apertis.toml"
-    config.write_text(f"[metrics]\nflush_interval = {FLUSH_INTERVAL}\n")
-    async with ServeProcess(tmp_path, db, "--workers", "2", "--config", str(config)) as server:
+    server, db, key = configured_server(tmp_path, mock_upstream.base_url,
+                                        f"[metrics]\nflush_interval = {FLUSH_INTERVAL}\n", "--workers", "2")
+    async with server:
         workers = await listening_workers(server, 2)
         run_dir = await run_dir_of(workers)
         await send(server, key, 12, "before")

@@ -46,6 +46,16 @@ def prepare_db(db: str, upstream_url: str) -> str:
         conn.close()
 
 
+def configured_server(tmp_path: Path, upstream_url: str, config: str, *args: str) -> tuple[ServeProcess, str, str]:
+    """(an unstarted ServeProcess with `config` as its TOML file, its store, the key): the store has one channel
+    to `upstream_url` and one key."""
+    db = str(tmp_path / "gateway.db")
+    key = prepare_db(db, upstream_url)
+    path = tmp_path / "apertis.toml"
+    path.write_text(config)
+    return ServeProcess(tmp_path, db, "--config", str(path), *args), db, key
+
+
 def usage_rows(db: str) -> list[dict]:
     conn = sqlite3.connect(db)
     conn.row_factory = sqlite3.Row
@@ -125,12 +135,9 @@ async def test_signal_drains_an_in_flight_stream(tmp_path, mock_upstream, signum
 
 
 async def test_stream_outliving_the_shutdown_deadline_is_cut_and_metered(tmp_path, mock_upstream):
-    db = str(tmp_path / "gateway.db")
-    key = prepare_db(db, mock_upstream.base_url)
-    config = tmp_path / "apertis.toml"
-    config.write_text("[server]\nshutdown_timeout = 1\n")
+    server, db, key = configured_server(tmp_path, mock_upstream.base_url, "[server]\nshutdown_timeout = 1\n")
     # Upstream goes quiet for longer than the deadline: the gateway is waiting on it, not on the client.
-    async with ServeProcess(tmp_path, db, "--config", str(config)) as server:
+    async with server:
         stream = StreamWatcher(server.base_url, key, "event-delay=4")
         await stream.started()
         server.send_signal(signal.SIGTERM)
