@@ -159,6 +159,8 @@ class PluginHost:
         raise GatewayError(401, "invalid x-api-key", "authentication_error")
 
     async def finish(self, plugin: Any, caller: Caller, record: UsageRecord) -> None:
+        # Every record reaches finish() (metered requests and model listings),
+        # priced, and goes unchanged to the meters after it.
         self.observer.finished(record)
         finish = getattr(plugin, "finish", None)
         if finish is None:
@@ -204,7 +206,6 @@ class PluginHost:
         return list(seen.values())
 
     async def meter(self, record: UsageRecord) -> None:
-        self.observer.finished(record)
         for name, plugin in self.meters:
             try:
                 await plugin.record(record)

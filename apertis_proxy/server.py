@@ -101,7 +101,8 @@ class Gateway:
             await self._stop_app()
             raise
         self.observe = Observability(s, self.plugins, catalog, run_dir=run_dir_for(self.workers))
-        self.plugins.observer = self.observe.recorder
+        if self.observe.recorder is not None:
+            self.plugins.observer = self.observe.recorder
         self.observe.start()
         return self.observe.wrap(GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog), self.plugins))
 

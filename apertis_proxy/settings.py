@@ -58,6 +58,7 @@ class Settings:
     log_format: str = "text"            # [logging] format: "text" or "json" (one object per line)
     access_log: bool = True             # one line per request
     # [metrics]: GET /metrics answers clients in these networks only.
+    metrics_enabled: bool = True
     metrics_allow: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     metrics_per_key: bool = False       # a `key` label on request, token and cost series
     metrics_flush_interval: float = 1.0  # with --workers: how often each worker shares its figures
@@ -70,7 +71,7 @@ _SECTIONS = ("server", "upstream", "contract", "logging", "metrics")
 # Keys whose field name differs from the key in its section.
 _RENAMED = {
     "logging": {"format": "log_format"},
-    "metrics": {"allow": "metrics_allow", "per_key": "metrics_per_key", "flush_interval": "metrics_flush_interval"},
+    "metrics": {"enabled": "metrics_enabled", "allow": "metrics_allow", "per_key": "metrics_per_key", "flush_interval": "metrics_flush_interval"},
 }
 
 
@@ -150,7 +151,7 @@ def check(s: Settings, where: str) -> None:
                          f"not {s.default_api_version!r}")
     if s.log_format not in LOG_FORMATS:
         raise ValueError(f"{where}: [logging] format must be one of {', '.join(LOG_FORMATS)}, not {s.log_format!r}")
-    for name in ("access_log", "metrics_per_key"):
+    for name in ("access_log", "metrics_enabled", "metrics_per_key"):
         if type(getattr(s, name)) is not bool:
             raise ValueError(f"{where}: {name} must be true or false, not {getattr(s, name)!r}")
     _check_networks(s.metrics_allow, where)

@@ -17,10 +17,10 @@ from rawhttp import RawConnection
 from test_operator_flow import MODEL, ServeProcess, sdk_client, wait_for
 from test_server_lifecycle import DRAIN_TIMEOUT, configured_server, usage_rows
 
-ACCESS_FIELDS = {"time", "level", "logger", "message", "request_id", "key", "client", "method", "path", "model",
-                 "upstream_model", "channel", "attempts", "status", "error_type", "stream", "ttfb_ms", "duration_ms",
-                 "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
-                 "cost_usd"}
+ACCESS_FIELDS = {"time", "level", "logger", "message", "request_id", "key_name", "client", "method", "path",
+                 "requested_model", "upstream_model", "channel_name", "attempts", "status", "error_type", "stream",
+                 "ttfb_ms", "duration_ms", "input_tokens", "output_tokens", "cache_read_input_tokens",
+                 "cache_creation_input_tokens", "cost"}
 
 
 async def traffic(server: ServeProcess, key: str) -> None:
@@ -69,19 +69,19 @@ async def test_json_access_log_has_one_line_per_request_and_no_secrets(tmp_path,
     by_id = {a["request_id"]: a for a in access}
     for row in rows:                                # the three metered requests agree with the ledger
         line = by_id[row["request_id"]]
-        assert (line["key"], line["model"], line["upstream_model"], line["channel"]) == (
+        assert (line["key_name"], line["requested_model"], line["upstream_model"], line["channel_name"]) == (
             "alice", row["requested_model"], row["upstream_model"], "main")
         assert (line["status"], line["error_type"], line["stream"], line["attempts"]) == (
             row["status"], row["error_type"], bool(row["stream"]), row["attempts"])
         for name in ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
             assert line[name] == row[name], name
-        assert line["cost_usd"] == row["cost"]
+        assert line["cost"] == row["cost"]
         assert line["ttfb_ms"] == row["ttfb_ms"] and line["duration_ms"] > 0
         assert line["client"].startswith("127.0.0.1:")
     assert [a["stream"] for a in access[:2]] == [False, True]
     assert access[2]["error_type"] == "overloaded_error"
-    assert (access[3]["key"], access[3]["error_type"]) == (None, "authentication_error")
-    assert access[0]["input_tokens"] > 0 and access[0]["cost_usd"] > 0
+    assert (access[3]["key_name"], access[3]["error_type"]) == (None, "authentication_error")
+    assert access[0]["input_tokens"] > 0 and access[0]["cost"] > 0
 
     assert key not in stderr and "sk-apx-not-a-key" not in stderr and MOCK_API_KEY not in stderr
 
@@ -92,7 +92,7 @@ async def test_text_access_log_is_the_default(tmp_path, mock_upstream):
     assert len(access) == 5
     first = access[0]
     assert '"POST /v1/messages 200"' in first
-    for pair in (f"request_id={rows[0]['request_id']}", "key=alice", f"model={MODEL}", "channel=main",
+    for pair in (f"request_id={rows[0]['request_id']}", "key_name=alice", f"requested_model={MODEL}", "channel_name=main",
                  "status=200", "stream=false", f"input_tokens={rows[0]['input_tokens']}"):
         assert pair in first.split(), pair
     assert key not in stderr and MOCK_API_KEY not in stderr

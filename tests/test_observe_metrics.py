@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from apertis_proxy.observe.app import client_ip
 from apertis_proxy.observe.recorder import COST_UNIT
+from apertis_proxy.plugin_host import NoObserver
 from rawhttp import RawConnection
 from test_operator_flow import MODEL, sdk_client
 
@@ -224,6 +225,19 @@ async def test_scrapes_from_outside_the_allowed_networks_are_refused(gateway_env
     host, port = gateway_env.gateway.host, gateway_env.gateway.port
     async with await RawConnection.open(host, port) as conn:       # the server is still up
         assert (await conn.request("GET", "/health")).status == 200
+
+
+async def test_metrics_can_be_turned_off(gateway_env, mock_upstream):
+    key = gateway_env.add_key("alice")
+    gateway_env.add_channel("main", mock_upstream)
+    gw = await gateway_env.start(metrics_enabled=False, access_log=False)
+    assert isinstance(gw.plugins.observer, NoObserver)        # nothing follows the requests
+    async with sdk_client(gateway_env.base_url, key) as client:
+        await ask(client, "still served")
+    status, _, text = await scrape(gateway_env.base_url)
+    assert status == 404 and "not_found_error" in text
+    async with await RawConnection.open(gw.host, gw.port) as conn:
+        assert (await conn.request("GET", "/ready")).status == 200
 
 
 def test_only_loopback_may_scrape_by_default(gateway_env):

@@ -16,27 +16,38 @@ import orjson
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class UtcClock:
-    """RFC 3339 UTC timestamps with milliseconds; the seconds part is formatted once per second."""
+class Clock:
+    """Timestamps with milliseconds, the seconds part formatted once per second: RFC 3339 in UTC
+    (2026-12-05T09:30:00.123Z, the JSON format's) or local time as logging's text format writes it
+    (2026-12-05 09:30:00,123)."""
 
-    __slots__ = ("_second", "_prefix")
+    __slots__ = ("_second", "_prefix", "_utc", "_millis", "_stamp")
 
-    def __init__(self) -> None:
+    def __init__(self, utc: bool = True) -> None:
         self._second = -1
         self._prefix = ""
+        self._utc = utc
+        self._millis = -1
+        self._stamp = ""
 
     def __call__(self, t: float) -> str:
-        second = int(t)
+        millis = int(t * 1000)
+        if millis == self._millis:          # busy: several lines in one millisecond
+            return self._stamp
+        self._millis = millis
+        second = millis // 1000
         if second != self._second:
             self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((t - second) * 1000):03d}Z"
+            self._prefix = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) if self._utc
+                            else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+        self._stamp = ("%s.%03dZ" if self._utc else "%s,%03d") % (self._prefix, millis % 1000)
+        return self._stamp
 
 
 class JsonFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
-        self._clock = UtcClock()
+        self._clock = Clock()
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self._clock(record.created), "level": record.levelname, "logger": record.name,

@@ -93,10 +93,11 @@ class Recorder:
         self.per_key = per_key
         self.on_end = on_end            # the access log: (request, responder, cycle, status, seconds)
         self.cycles: dict[str, Cycle] = {}
+        # Model names already reported as themselves (the catalogue's, and those a channel answered 2xx for).
         self.learned_models: set[str] = set()
-        self.requests: dict[tuple, int] = {}        # endpoint, model, channel, code[, key]
-        self.tokens: dict[tuple, int] = {}          # model, type[, key]
-        self.cost: dict[tuple, int] = {}            # model[, key] -> units of COST_UNIT
+        self.requests: dict[tuple, int] = {}        # endpoint, model, channel, code (an int)[, key]
+        # model[, key] -> [input, output, cache_read, cache_write tokens, cost in units of COST_UNIT]
+        self.usage: dict[tuple, list[int]] = {}
         self.attempts: dict[tuple, int] = {}        # channel, outcome
         self.duration = Histogram(DURATION_BUCKETS)             # endpoint, stream
         self.ttfb = Histogram(TTFB_BUCKETS)                     # channel (streams)
@@ -126,11 +127,12 @@ class Recorder:
             if cycle.failed_status_channel is not None:
                 self._count_attempt(cycle.failed_status_channel, "failover")
                 cycle.failed_status_channel = None
-        label = outcome_label(outcome)
+        label = "ok" if outcome.ok else outcome_label(outcome)
         if label == "status" and cycle is not None:
             cycle.failed_status_channel = channel
         else:
-            self._count_attempt(channel, label)
+            key = (channel, label)
+            self.attempts[key] = self.attempts.get(key, 0) + 1
         self.upstream_duration.observe((channel,), outcome.duration)
 
     def finished(self, record: UsageRecord) -> None:
@@ -148,19 +150,22 @@ class Recorder:
         if cycle.failed_status_channel is not None:
             self._count_attempt(cycle.failed_status_channel, "status")
         record = cycle.record
-        endpoint = endpoint_label(req.path)
+        path = req.path
+        endpoint = path if path in ENDPOINTS else endpoint_label(path)
         if record is None:
             status = resp.status or 500
-            labels = (endpoint, NONE, NONE, str(status))
-            if self.per_key:
-                labels += (NONE,)
+            labels = (endpoint, NONE, NONE, status, NONE) if self.per_key else (endpoint, NONE, NONE, status)
         else:
             status = record.status or resp.status or 500
             model = self._model_label(record)
             channel = record.channel_name or NONE
-            key = (record.key_name or NONE,) if self.per_key else ()
-            labels = (endpoint, model, channel, str(status)) + key
-            self._count_usage(record, model, key)
+            if self.per_key:
+                key = record.key_name or NONE
+                labels = (endpoint, model, channel, status, key)
+                self._count_usage(record, (model, key))
+            else:
+                labels = (endpoint, model, channel, status)
+                self._count_usage(record, (model,))
             if record.attempts > cycle.outcomes and record.channel_name:
                 # The client left while this channel was answering: no outcome came.
                 self._count_attempt(record.channel_name, "abandoned")
@@ -168,7 +173,7 @@ class Recorder:
                 self.ttfb.observe((channel,), record.ttfb_ms / 1000)
         requests = self.requests
         requests[labels] = requests.get(labels, 0) + 1
-        self.duration.observe((endpoint, "true" if cycle.stream else "false"), seconds)
+        self.duration.observe((endpoint, "true") if cycle.stream else (endpoint, "false"), seconds)
         if self.on_end is not None:
             self.on_end(req, resp, cycle, status, seconds)
 
@@ -177,23 +182,26 @@ class Recorder:
         key = (channel, outcome)
         self.attempts[key] = self.attempts.get(key, 0) + 1
 
-    def _count_usage(self, record: UsageRecord, model: str, key: tuple) -> None:
-        tokens = self.tokens
-        for kind, n in (("input", record.input_tokens), ("output", record.output_tokens),
-                        ("cache_read", record.cache_read_input_tokens),
-                        ("cache_write", record.cache_creation_input_tokens)):
-            if n:
-                labels = (model, kind) + key
-                tokens[labels] = tokens.get(labels, 0) + n
+    def _count_usage(self, record: UsageRecord, labels: tuple) -> None:
+        usage = self.usage.get(labels)
+        if usage is None:
+            usage = self.usage[labels] = [0, 0, 0, 0, 0]
+        usage[0] += record.input_tokens
+        usage[1] += record.output_tokens
+        usage[2] += record.cache_read_input_tokens
+        usage[3] += record.cache_creation_input_tokens
         if record.cost:
-            labels = (model,) + key
-            self.cost[labels] = self.cost.get(labels, 0) + round(record.cost / COST_UNIT)
+            usage[4] += round(record.cost / COST_UNIT)
 
     def _model_label(self, record: UsageRecord) -> str:
         name = record.requested_model
+        if name in self.learned_models:
+            return name         # type: ignore[return-value]
         if not name:
             return NONE
-        if name in self.learned_models or self._known_model(name):
+        if self._known_model(name):
+            if len(self.learned_models) < MAX_LEARNED_MODELS:
+                self.learned_models.add(name)   # catalogue names too: one set lookup next time
             return name
         if (record.status < 400 and record.reached_upstream and record.error_type is None
                 and len(self.learned_models) < MAX_LEARNED_MODELS):
@@ -206,11 +214,16 @@ class Recorder:
         """Everything counted so far, as JSON-able data (see exposition.py for the
         shape), with `counters` and `gauges` kept elsewhere (plugins' figures)."""
         key = ["key"] if self.per_key else []
+        requests = [[[endpoint, model, channel, str(code), *rest], n]
+                    for (endpoint, model, channel, code, *rest), n in self.requests.items()]
+        tokens = [[[model, kind, *rest], usage[i]] for (model, *rest), usage in self.usage.items()
+                  for i, kind in enumerate(TOKEN_TYPES)]
+        cost = [[list(labels), usage[4]] for labels, usage in self.usage.items()]
         return {
             "counters": {
-                "apertis_requests": [["endpoint", "model", "channel", "code"] + key, _series(self.requests)],
-                "apertis_tokens": [["model", "type"] + key, _series(self.tokens)],
-                "apertis_cost_usd": [["model"] + key, _series(self.cost)],
+                "apertis_requests": [["endpoint", "model", "channel", "code"] + key, requests],
+                "apertis_tokens": [["model", "type"] + key, tokens],
+                "apertis_cost_usd": [["model"] + key, cost],
                 "apertis_upstream_attempts": [["channel", "outcome"], _series(self.attempts)],
                 **(counters or {}),
             },
