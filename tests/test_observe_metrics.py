@@ -8,7 +8,6 @@ back at 0. Clients outside `[metrics] allow` get 403.
 """
 from __future__ import annotations
 
-import asyncio
 from typing import Optional
 
 import anthropic

@@ -4,7 +4,6 @@ seconds, while the port still accepts; `/health` stays 200 all along (liveness).
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 

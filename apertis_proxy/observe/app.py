@@ -95,9 +95,7 @@ class Observability:
         gauges["apertis_channel_up"] = [["channel"], "min", [
             [[name], int(enabled and (serving is None or name in serving))] for name, enabled in channels]]
         assert self.recorder is not None
-        snapshot = self.recorder.snapshot(counters, gauges)
-        snapshot["gauges"]["apertis_requests_in_flight"][2][0][1] -= not_counted
-        return snapshot
+        return self.recorder.snapshot(counters, gauges, not_counted)
 
     def _serving(self) -> Optional[set[str]]:
         """Names of the channels the first router that tells would send traffic to now

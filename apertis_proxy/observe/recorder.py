@@ -210,9 +210,10 @@ class Recorder:
         return OTHER
 
     # -- figures ---------------------------------------------------------------
-    def snapshot(self, counters: Optional[dict] = None, gauges: Optional[dict] = None) -> dict:
+    def snapshot(self, counters: Optional[dict] = None, gauges: Optional[dict] = None, not_counted: int = 0) -> dict:
         """Everything counted so far, as JSON-able data (see exposition.py for the
-        shape), with `counters` and `gauges` kept elsewhere (plugins' figures)."""
+        shape), with `counters` and `gauges` kept elsewhere (plugins' figures).
+        `not_counted` requests are left out of the in-flight gauge (the scrape asking)."""
         key = ["key"] if self.per_key else []
         requests = [[[endpoint, model, channel, str(code), *rest], n]
                     for (endpoint, model, channel, code, *rest), n in self.requests.items()]
@@ -236,7 +237,7 @@ class Recorder:
                                                       _series(self.upstream_duration.series)],
             },
             "gauges": {
-                "apertis_requests_in_flight": [[], "sum", [[[], self.in_flight]]],
+                "apertis_requests_in_flight": [[], "sum", [[[], self.in_flight - not_counted]]],
                 "apertis_streams_open": [[], "sum", [[[], self.streams_open]]],
                 **(gauges or {}),
             },
