@@ -42,7 +42,7 @@ _NO_USAGE = UsageRecord(request_id="", started_at=0.0, endpoint="")
 _PLAIN = re.compile(r'[^\s"=\\]+').fullmatch
 _TEXT = ("%s INFO " + LOGGER + ": %s request_id=%s key_name=%s client=%s method=%s path=%s requested_model=%s"
          " upstream_model=%s channel_name=%s attempts=%d status=%d error_type=%s stream=%s ttfb_ms=%s duration_ms=%s"
-         " input_tokens=%d output_tokens=%d cache_read_input_tokens=%d cache_creation_input_tokens=%d cost=%r\n")
+         " input_tokens=%d output_tokens=%d cache_read_input_tokens=%d cache_creation_input_tokens=%d cost=%s\n")
 
 
 # Text-format values already written once: the same few key, model and channel names recur on every line.
@@ -107,8 +107,9 @@ class AccessLog:
                 written.get(r.upstream_model) or quoted(r.upstream_model),
                 written.get(r.channel_name) or quoted(r.channel_name), r.attempts, status,
                 written.get(error_type) or quoted(error_type), "true" if r.stream else "false",
-                "-" if r.ttfb_ms is None else r.ttfb_ms, duration_ms, r.input_tokens, r.output_tokens,
-                r.cache_read_input_tokens, r.cache_creation_input_tokens, r.cost)).encode())
+                "-" if r.ttfb_ms is None else dumps(r.ttfb_ms).decode(), dumps(duration_ms).decode(),
+                r.input_tokens, r.output_tokens, r.cache_read_input_tokens, r.cache_creation_input_tokens,
+                dumps(r.cost).decode())).encode())
         return out
 
     def flush(self) -> None:
