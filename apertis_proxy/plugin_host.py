@@ -74,11 +74,27 @@ def _load(group: str, names: Iterable[str], settings: Settings, worker: int, wor
     return plugins
 
 
+class NoObserver:
+    """What the chains tell about each request when nobody observes them (see observe/recorder.py)."""
+
+    def routed(self, request: RequestInfo) -> None:
+        pass
+
+    def attempt(self, outcome: Outcome) -> None:
+        pass
+
+    def finished(self, record: UsageRecord) -> None:
+        pass
+
+
 class PluginHost:
     def __init__(self, auth: list, routers: list, meters: list) -> None:
         self.auth = auth          # [(name, plugin)]
         self.routers = routers
         self.meters = meters
+        # Sees every request routed, every attempt's outcome and every finished
+        # record, beside the plugins (metrics, access log).
+        self.observer: Any = NoObserver()
         self._finishers = [(n, p) for n, p in auth if callable(getattr(p, "finish", None))]
         self._feedback = [(n, p) for n, p in routers if callable(getattr(p, "feedback", None))]
 
@@ -158,6 +174,9 @@ class PluginHost:
         raise GatewayError(401, "invalid x-api-key", "authentication_error")
 
     async def finish(self, plugin: Any, caller: Caller, record: UsageRecord) -> None:
+        # Every record reaches finish() (metered requests and model listings),
+        # priced, and goes unchanged to the meters after it.
+        self.observer.finished(record)
         finish = getattr(plugin, "finish", None)
         if finish is None:
             return
@@ -167,6 +186,7 @@ class PluginHost:
             log.exception("auth plugin finish() failed")
 
     async def route(self, request: RequestInfo, caller: Caller) -> Optional[Sequence[Channel]]:
+        self.observer.routed(request)
         for name, plugin in self.routers:
             try:
                 channels = await plugin.route(request, caller)
@@ -180,6 +200,7 @@ class PluginHost:
         return None
 
     def feedback(self, outcome: Outcome) -> None:
+        self.observer.attempt(outcome)
         for name, plugin in self._feedback:
             try:
                 plugin.feedback(outcome)

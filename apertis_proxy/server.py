@@ -22,6 +22,9 @@ from .gateway.forward import CatalogRef, MessagesForwarder
 from .gateway.pipeline import GatewayApp
 from .http.protocol import HttpConnection, ServerState
 from .listener import Listener, bind_sockets
+from .observe import logs as log_setup
+from .observe import shared as metrics_share
+from .observe.app import Observability, ObservedApp, run_dir_for
 from .plugin_host import PluginHost, PluginLoadError, check_names
 from .settings import Settings
 from .store import schema
@@ -44,6 +47,7 @@ class Gateway:
         self.pools = Pools(max_idle=settings.pool_max_idle, idle_timeout=settings.pool_idle_timeout,
                            connect_timeout=settings.connect_timeout)
         self.plugins: Optional[PluginHost] = None
+        self.observe: Optional[Observability] = None
         self._listener: Optional[Listener] = None
         self._watcher: Optional[RevisionWatcher] = None
         self.owned: Optional[OwnedState] = None
@@ -86,7 +90,7 @@ class Gateway:
         name = sockets[0].getsockname()
         self.host, self.port = name[0], name[1]
 
-    async def _start_app(self) -> GatewayApp:
+    async def _start_app(self) -> ObservedApp:
         s = self.settings
         conn = schema.connect(s.db)           # creates / migrates the store
         catalog = CatalogRef(load_catalog(conn))
@@ -111,8 +115,13 @@ class Gateway:
         if s.keep_days > 0 and self.worker == 0:    # one process prunes for all
             self.retention = LedgerRetention(s.db, s.keep_days, log)
             self.retention.start()
-        return GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog, self.owned), self.plugins,
-                          ClientAddress(s.trusted_proxies) if s.trusted_proxies else None)
+        self.observe = Observability(s, self.plugins, catalog, run_dir=run_dir_for(self.workers))
+        if self.observe.recorder is not None:
+            self.plugins.observer = self.observe.recorder
+        self.observe.start()
+        app = GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog, self.owned), self.plugins,
+                         ClientAddress(s.trusted_proxies) if s.trusted_proxies else None)
+        return self.observe.wrap(app)
 
     async def _stop_app(self) -> None:
         """Let go of what _start_app started: their threads would keep the process alive."""
@@ -137,6 +146,12 @@ class Gateway:
     async def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, let in-flight requests finish up to `timeout`, then close."""
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
+        if self.observe is not None:
+            # /ready says 503 at once; serving goes on for drain_delay so that
+            # load balancers stop sending before the port closes.
+            self.observe.readiness.draining = True
+            if self.settings.drain_delay > 0:
+                await asyncio.sleep(self.settings.drain_delay)
         self.state.draining = True
         if self._listener is not None:
             self._listener.close()
@@ -166,6 +181,8 @@ class Gateway:
             await self.retention.close()
         if self.plugins is not None:
             await self.plugins.close()   # meters flush here
+        if self.observe is not None:
+            await self.observe.close()   # after the meters: their last rows are counted
         if self._watcher is not None:
             await self._watcher.close()
         self.pools.close()
@@ -210,13 +227,20 @@ def run(settings: Settings) -> int:
     port through SO_REUSEPORT; the parent forwards signals and looks after them:
     a worker that fails while starting stops the whole server (exit 1), one that
     dies later is logged and replaced."""
-    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_setup.configure(settings.log_level, settings.log_format)
     check_names(settings)      # a bad plugin name: one clear error, not one per worker
     # SIGHUP would end a process whose loop does not handle it yet (it reloads TLS).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if settings.workers <= 1:
         return _run_worker(settings, 0, 1)
+    run_dir = os.environ[metrics_share.RUN_DIR_ENV] = metrics_share.create_run_dir()
+    try:
+        return _run_workers(settings, run_dir)
+    finally:
+        metrics_share.remove_run_dir(run_dir)
+
+
+def _run_workers(settings: Settings, run_dir: str) -> int:
     children: dict[int, tuple[int, float]] = {}     # pid -> (worker index, started at)
     stopping = False
     parent = os.getpid()
@@ -255,6 +279,7 @@ def run(settings: Settings) -> int:
         if pid not in children:
             continue
         index, started = children.pop(pid)
+        metrics_share.mark_dead(run_dir, pid)
         code = os.waitstatus_to_exitcode(wait_status)
         if stopping:
             status = status or code

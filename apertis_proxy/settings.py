@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class Settings:
     body_timeout: float = 60.0          # between body bytes
     keepalive_timeout: float = 75.0     # idle connection between requests
     shutdown_timeout: float = 30.0      # in-flight work gets this long after SIGTERM
+    drain_delay: float = 0.0            # after SIGTERM, /ready says 503 and serving goes on this long
     write_high_water: int = 64 * 1024   # pause upstream reads above this much unsent client data
     max_connections: int = 10_000       # client connections per worker (lowered to fit the descriptor limit)
     # TLS on the listener: both files or neither (PEM); reloaded on SIGHUP.
@@ -66,12 +68,25 @@ class Settings:
     log_level: str = "INFO"
     # Usage rows older than this many days are deleted in the background; 0 keeps them all.
     keep_days: float = 0.0
+    log_format: str = "text"            # [logging] format: "text" or "json" (one object per line)
+    access_log: bool = True             # one line per request
+    # [metrics]: GET /metrics answers clients in these networks only.
+    metrics_enabled: bool = True
+    metrics_allow: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    metrics_per_key: bool = False       # a `key` label on request, token and cost series
+    metrics_flush_interval: float = 1.0  # with --workers: how often each worker shares its figures
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-_SECTIONS = ("server", "upstream", "contract", "billing", "logging", "ledger")
+_SECTIONS = ("server", "upstream", "contract", "billing", "logging", "ledger", "metrics")
+# Keys whose field name differs from the key in its section.
+_RENAMED = {
+    "logging": {"format": "log_format"},
+    "metrics": {"enabled": "metrics_enabled", "allow": "metrics_allow", "per_key": "metrics_per_key",
+                "flush_interval": "metrics_flush_interval"},
+}
 
 
 def load(path: Optional[str] = None, **overrides: Any) -> Settings:
@@ -84,7 +99,8 @@ def load(path: Optional[str] = None, **overrides: Any) -> Settings:
         flat: dict[str, Any] = {}
         for key, value in data.items():
             if key in _SECTIONS and isinstance(value, dict):
-                flat.update(value)
+                renamed = _RENAMED.get(key, {})
+                flat.update({renamed.get(k, k): v for k, v in value.items()})
             elif key != "plugins":
                 flat[key] = value
         plugins = data.get("plugins", {})
@@ -122,7 +138,9 @@ _RULES: dict[str, tuple[str, float]] = {
     "header_timeout": ("seconds", 0), "body_timeout": ("seconds", 0), "keepalive_timeout": ("seconds", 0),
     "connect_timeout": ("seconds", 0), "read_timeout": ("seconds", 0), "pool_idle_timeout": ("seconds", 0),
     "config_poll_interval": ("seconds", 0), "shutdown_timeout": ("seconds or 0", 0),
+    "drain_delay": ("seconds or 0", 0), "metrics_flush_interval": ("seconds", 0),
 }
+LOG_FORMATS = ("text", "json")
 
 
 def check(s: Settings, where: str) -> None:
@@ -159,6 +177,12 @@ def check(s: Settings, where: str) -> None:
     if not _is_api_version(s.default_api_version):
         raise ValueError(f"{where}: default_api_version must be a date like 2023-06-01, "
                          f"not {s.default_api_version!r}")
+    if s.log_format not in LOG_FORMATS:
+        raise ValueError(f"{where}: [logging] format must be one of {', '.join(LOG_FORMATS)}, not {s.log_format!r}")
+    for name in ("access_log", "metrics_enabled", "metrics_per_key"):
+        if type(getattr(s, name)) is not bool:
+            raise ValueError(f"{where}: {name} must be true or false, not {getattr(s, name)!r}")
+    _check_networks(s.metrics_allow, where)
     for group in ("auth", "router", "meter"):
         names = getattr(s, f"{group}_plugins")
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
@@ -178,6 +202,17 @@ def _check_tls(s: Settings, where: str) -> None:
             raise ValueError(f"{where}: {name} {value!r} is not a readable file")
     if (s.tls_cert is None) != (s.tls_key is None):
         raise ValueError(f"{where}: tls_cert and tls_key go together: set both or neither")
+
+
+def _check_networks(networks: Any, where: str) -> None:
+    if not isinstance(networks, list):
+        raise ValueError(f"{where}: [metrics] allow must be a list of networks, like [\"10.0.0.0/8\"], "
+                         f"not {networks!r}")
+    for net in networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: [metrics] allow: {net!r} is not a network like 10.0.0.0/8") from None
 
 
 def _is_api_version(value: str) -> bool:

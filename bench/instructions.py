@@ -2,6 +2,7 @@
 
     python bench/instructions.py                      # 2,000 small JSON requests, every plugin on
     python bench/instructions.py --no-meter           # the same with metering off
+    python bench/instructions.py --no-observe         # the same with metrics and the access log off
     python bench/instructions.py --stream             # bulk SSE streams: per stream and per event
     python bench/instructions.py --path /health       # the HTTP layer alone (no upstream, no plugins)
     python bench/instructions.py --h11                # h11 alone: parsing that request and the mock's answer
@@ -104,9 +105,10 @@ def callgrind_control(*args: str) -> None:
 
 
 def count(python: str, workdir: Path, db: Path, key: str, *, meter: bool, path: str,
-          stream: bool, requests: int, cpu: Optional[int]) -> int:
+          stream: bool, requests: int, cpu: Optional[int], observe: bool = True) -> int:
     """Instructions the proxy executed while serving `requests` requests."""
-    config = write_config(workdir, "meter" if meter else "nometer", meter)
+    config = write_config(workdir, f"{'meter' if meter else 'nometer'}-{'observe' if observe else 'noobserve'}",
+                          meter, observe)
     out = workdir / f"callgrind-{time.monotonic_ns()}.out"
     port = free_port()
     log = workdir / "proxy-valgrind.log"
@@ -207,6 +209,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=2000, help="requests (or streams) counted (2000)")
     ap.add_argument("--no-meter", action="store_true", help="metering off ([plugins] meter = [])")
+    ap.add_argument("--no-observe", action="store_true", help="metrics and the access log off")
     ap.add_argument("--stream", action="store_true",
                     help="bulk SSE streams, counted at 10 and at 110 events: per stream and per event")
     ap.add_argument("--path", default="/v1/messages", help="request path (/health: the HTTP layer alone)")
@@ -235,18 +238,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"{h['client']:,.0f} to parse the mock's response head; {h['server'] + h['client']:,.0f} "
                   f"per proxied request ({args.requests} iterations each)")
             return 0
-        meter = not args.no_meter
-        label = f"{args.path}, {'metering on' if meter else 'metering off'}"
+        meter, observe = not args.no_meter, not args.no_observe
+        label = (f"{args.path}, {'metering on' if meter else 'metering off'}, "
+                 f"{'metrics and access log on' if observe else 'metrics and access log off'}")
         if not args.stream:
             n = count(args.python, workdir, db, key, meter=meter, path=args.path, stream=False,
-                      requests=args.requests, cpu=args.cpu)
+                      requests=args.requests, cpu=args.cpu, observe=observe)
             print(f"{label}: {n / args.requests:,.0f} instructions per request ({args.requests} requests)")
             return 0
         figures = {}
         for events in (10, 110):
             path = f"{args.path}?events={events}&ttfb_ms=0&gap_ms=0"
             figures[events] = count(args.python, workdir, db, key, meter=meter, path=path, stream=True,
-                                    requests=args.requests, cpu=args.cpu) / args.requests
+                                    requests=args.requests, cpu=args.cpu, observe=observe) / args.requests
         per_event = (figures[110] - figures[10]) / 100
         print(f"{label}, bulk SSE: {figures[10]:,.0f} instructions per stream of 10 events, "
               f"{figures[110]:,.0f} per stream of 110; {per_event:,.0f} per event ({args.requests} streams each)")

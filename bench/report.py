@@ -10,6 +10,7 @@ TARGET_LABELS = {
     "nginx": "nginx",
     "proxy": "apertis (all plugins)",
     "proxy-nometer": "apertis (no metering)",
+    "proxy-noobserve": "apertis (no metrics, no access log)",
 }
 DASH = "—"
 
@@ -143,20 +144,34 @@ def idle_table(idle: dict[str, list[int]]) -> str:
 
 
 def metering_table(rows: list[Row], order: list[str]) -> str:
+    return paired_table(rows, order, "proxy-nometer", "metering")
+
+
+def observe_table(rows: list[Row], order: list[str]) -> str:
+    """All plugins with metrics and the access log on (the default) against the same with both off; for paced
+    streams the CPU per forwarded event is the figure that matters."""
+    return paired_table(rows, order, "proxy-noobserve", "metrics and access log", per_event=True)
+
+
+def paired_table(rows: list[Row], order: list[str], without: str, what: str, per_event: bool = False) -> str:
+    """The `proxy` rows against the `without` rows of the same scenarios: what `what` costs."""
     grouped = by_scenario(rows)
-    lines = ["| scenario | req/s with metering | without | throughput cost | CPU µs/req with / without "
-             "| CPU cost |", "|---|---|---|---|---|---|"]
+    event = " | CPU µs/event with / without" if per_event else ""
+    lines = [f"| scenario | req/s with {what} | without | throughput cost | CPU µs/req with / without "
+             f"| CPU cost{event} |", "|---|---|---|---|---|---|" + ("---|" if per_event else "")]
     for key in order:
-        full, bare = grouped.get(key, {}).get("proxy"), grouped.get(key, {}).get("proxy-nometer")
+        full, bare = grouped.get(key, {}).get("proxy"), grouped.get(key, {}).get(without)
         if not (_ok(full) and _ok(bare)):
             continue
         cost = 100.0 * (bare["rps"] - full["rps"]) / bare["rps"] if bare["rps"] else None
         # CPU per request is the steadier measure when the machine is not quiet.
         fc, bc = full.get("cpu_us_req"), bare.get("cpu_us_req")
         cpu_cost = f"{_num(100.0 * (fc - bc) / bc)}%" if fc is not None and bc else DASH
+        events = (f" {_num(full.get('cpu_us_event'))} / {_num(bare.get('cpu_us_event'))} |"
+                  if per_event else "")
         lines.append(f"| {key}: {full['label']} | {_num(full['rps'])} | {_num(bare['rps'])} | "
                      f"{_num(cost) + '%' if cost is not None else DASH} | "
-                     f"{_num(full.get('cpu_us_req'))} / {_num(bare.get('cpu_us_req'))} | {cpu_cost} |")
+                     f"{_num(full.get('cpu_us_req'))} / {_num(bare.get('cpu_us_req'))} | {cpu_cost} |{events}")
     return "\n".join(lines) if len(lines) > 2 else "(needs both proxy rows)"
 
 
@@ -208,6 +223,10 @@ def targets(rows: list[Row], idle: dict[str, list[int]]) -> str:
     full, bare = get("a-c64", "proxy"), get("a-c64", "proxy-nometer")
     cost = 100.0 * (bare["rps"] - full["rps"]) / bare["rps"] if full and bare and bare["rps"] else None
     line("metering costs under 5% of throughput (a, c=64)", (cost < 5) if cost is not None else None,
+         f"{_num(cost)}%", full, bare)
+    bare = get("a-c64", "proxy-noobserve")
+    cost = 100.0 * (bare["rps"] - full["rps"]) / bare["rps"] if full and bare and bare["rps"] else None
+    line("metrics and access log cost under 3% of throughput (a, c=64)", (cost < 3) if cost is not None else None,
          f"{_num(cost)}%", full, bare)
     vals = idle.get("proxy") or []
     line("idle resident memory under 60 MB", (max(vals) / 1024 < 60) if vals else None,

@@ -1,14 +1,15 @@
 """Benchmark apertis-proxy beside direct-to-mock and nginx, in one command.
 
-    python bench/run.py [--quick] [--scenarios a,d-5000] [--targets direct,nginx,proxy,proxy-nometer]
+    python bench/run.py [--quick] [--scenarios a,d-5000] [--targets direct,nginx,proxy,proxy-nometer,proxy-noobserve]
 
 Installs wrk and nginx from Debian's packages if missing (only those the chosen
 scenarios and targets use), starts the mock upstream, nginx (plain reverse
 proxy) and apertis-proxy (one worker; once with every first-party plugin, once
-with metering off), pins them to CPUs, runs the scenarios and prints one
-table, also written to bench/.work/RESULTS.md (RESULTS-quick.md for --quick;
-the folder is git-ignored, `--output bench/RESULTS.md` replaces the committed
-figures).  See bench/README.md.
+with metering off, once with metrics and the access log off), pins them to
+CPUs, runs the scenarios and prints one table, also written to
+bench/.work/RESULTS.md (RESULTS-quick.md for --quick; the folder is
+git-ignored, `--output bench/RESULTS.md` replaces the committed figures).
+See bench/README.md.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from services import (CHANNEL_KEY, WORK, Service, ServiceError, ensure_tools, pi
                       python_has, raise_nofile, setup_proxy_db, start_mock, start_nginx, start_proxy,
                       write_config)
 
-ALL_TARGETS = ("direct", "nginx", "proxy", "proxy-nometer")
+ALL_TARGETS = ("direct", "nginx", "proxy", "proxy-nometer", "proxy-noobserve")
 SETTLE = 0.3            # seconds after the load before CPU is read: deferred work (meter flushes) counts
 WARMUP_SETTLE = 1.0     # seconds between the warm-up and the measured run
 
@@ -129,7 +130,8 @@ class Bench:
                 if reason:
                     out.append(Target(name, "", None, unavailable=reason))
                     continue
-                config = write_config(self.workdir, name, meter=(name == "proxy"))
+                config = write_config(self.workdir, name, meter=(name != "proxy-nometer"),
+                                      observe=(name != "proxy-noobserve"))
                 out.append(Target(name, key, (lambda n=name, c=config: start_proxy(
                     cmd, n, self.layout.sut_cpu, self.workdir, db, c))))
         return out
@@ -393,6 +395,10 @@ For streams, req/s counts whole streams.
 ## Cost of metering (apertis with and without the SQLite meter)
 
 {report.metering_table(bench.rows, order)}
+
+## Cost of metrics and the access log (apertis with and without them)
+
+{report.observe_table(bench.rows, order)}
 
 ## Targets (one worker process on one core)
 

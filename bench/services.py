@@ -212,9 +212,13 @@ def setup_proxy_db(cmd: list[str], workdir: Path, mock_port: int) -> tuple[Path,
     return db, lines[-1].strip()
 
 
-def write_config(workdir: Path, name: str, meter: bool) -> Path:
+def write_config(workdir: Path, name: str, meter: bool, observe: bool = True) -> Path:
+    """The proxy's config file: metering off unless `meter`; metrics and the access log off unless `observe`."""
     path = workdir / f"{name}.toml"
-    path.write_text("" if meter else "[plugins]\nmeter = []\n")
+    text = "" if meter else "[plugins]\nmeter = []\n"
+    if not observe:
+        text += "[metrics]\nenabled = false\n[logging]\naccess_log = false\n"
+    path.write_text(text)
     return path
 
 

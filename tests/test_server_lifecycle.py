@@ -47,6 +47,16 @@ def prepare_db(db: str, upstream_url: str) -> str:
         conn.close()
 
 
+def configured_server(tmp_path: Path, upstream_url: str, config: str, *args: str) -> tuple[ServeProcess, str, str]:
+    """(an unstarted ServeProcess with `config` as its TOML file, its store, the key): the store has one channel
+    to `upstream_url` and one key."""
+    db = str(tmp_path / "gateway.db")
+    key = prepare_db(db, upstream_url)
+    path = tmp_path / "apertis.toml"
+    path.write_text(config)
+    return ServeProcess(tmp_path, db, "--config", str(path), *args), db, key
+
+
 def usage_rows(db: str) -> list[dict]:
     conn = sqlite3.connect(db)
     conn.row_factory = sqlite3.Row
@@ -126,12 +136,9 @@ async def test_signal_drains_an_in_flight_stream(tmp_path, mock_upstream, signum
 
 
 async def test_stream_outliving_the_shutdown_deadline_is_cut_and_metered(tmp_path, mock_upstream):
-    db = str(tmp_path / "gateway.db")
-    key = prepare_db(db, mock_upstream.base_url)
-    config = tmp_path / "apertis.toml"
-    config.write_text("[server]\nshutdown_timeout = 1\n")
+    server, db, key = configured_server(tmp_path, mock_upstream.base_url, "[server]\nshutdown_timeout = 1\n")
     # Upstream goes quiet for longer than the deadline: the gateway is waiting on it, not on the client.
-    async with ServeProcess(tmp_path, db, "--config", str(config)) as server:
+    async with server:
         stream = StreamWatcher(server.base_url, key, "event-delay=4")
         await stream.started()
         server.send_signal(signal.SIGTERM)
@@ -219,6 +226,20 @@ async def listening_workers(server, n: int) -> list[int]:
     return workers
 
 
+async def crash_and_replace(server, victim: int) -> list[int]:
+    """SIGKILL one worker once past start-up (a death then is a crash); the pids of the two workers listening
+    after the parent replaced it."""
+    await asyncio.sleep(server_module.WORKER_START_GRACE)
+    os.kill(victim, signal.SIGKILL)
+
+    async def reaped() -> bool:
+        return victim not in children_of(server.proc.pid)
+    await wait_for(reaped, DRAIN_TIMEOUT, "the killed worker to be reaped")
+    workers = await listening_workers(server, 2)           # a new one in its place
+    assert victim not in workers
+    return workers
+
+
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets and processes from Linux /proc")
 async def test_two_workers_share_the_port(tmp_path, mock_upstream):
     db = str(tmp_path / "gateway.db")
@@ -262,14 +283,8 @@ async def test_a_worker_that_dies_is_replaced_and_says_so(tmp_path, mock_upstrea
     key = prepare_db(db, mock_upstream.base_url)
     async with ServeProcess(tmp_path, db, "--workers", "2") as server:
         workers = await listening_workers(server, 2)
-        await asyncio.sleep(server_module.WORKER_START_GRACE)      # past start-up: a death now is a crash
         victim = workers[0]
-        os.kill(victim, signal.SIGKILL)
-        async def reaped() -> bool:
-            return victim not in children_of(server.proc.pid)
-        await wait_for(reaped, DRAIN_TIMEOUT, "the killed worker to be reaped")
-        workers = await listening_workers(server, 2)           # a new one in its place
-        assert victim not in workers
+        workers = await crash_and_replace(server, victim)
         async with sdk_client(server.base_url, key) as client:
             for i in range(6):
                 reply = await client.messages.create(

@@ -40,6 +40,27 @@ max_attempts = 2
     assert s.plugin_options == {"channels": {"max_attempts": 2}}
 
 
+def test_metrics_and_logging_sections_load(tmp_path):
+    s = load(tmp_path, """
+[server]
+drain_delay = 5
+[logging]
+format = "json"
+access_log = false
+[metrics]
+enabled = true
+allow = ["127.0.0.0/8", "10.0.0.0/8", "fd00::/8"]
+per_key = true
+flush_interval = 0.5
+""")
+    assert (s.drain_delay, s.log_format, s.access_log) == (5, "json", False)
+    assert (s.metrics_enabled, s.metrics_allow, s.metrics_per_key, s.metrics_flush_interval) == (
+        True, ["127.0.0.0/8", "10.0.0.0/8", "fd00::/8"], True, 0.5)
+    defaults = settings.Settings()
+    assert (defaults.log_format, defaults.access_log, defaults.metrics_allow) == (
+        "text", True, ["127.0.0.0/8", "::1/128"])
+
+
 @pytest.mark.parametrize("text,says", [
     ("[server]\nport = 110659", "port must be 0..65535"),
     ('[server]\nport = "http"', "port must be a whole number"),
@@ -58,6 +79,12 @@ max_attempts = 2
     ('[plugins]\nauht = ["keys"]', "unknown key(s) under [plugins]"),
     ("[plugins]\noptions = 5", "[plugins.options.NAME] must be tables"),
     ("[server]\nmax_bodybytes = 5", "unknown setting(s)"),
+    ('[logging]\nformat = "xml"', "[logging] format must be one of text, json"),
+    ('[logging]\naccess_log = "yes"', "access_log must be true or false"),
+    ('[metrics]\nallow = "10.0.0.0/8"', "[metrics] allow must be a list of networks"),
+    ('[metrics]\nallow = ["10.0.0.0/33"]', "[metrics] allow: '10.0.0.0/33' is not a network"),
+    ("[metrics]\nflush_interval = 0", "metrics_flush_interval must be a number of seconds > 0"),
+    ("[server]\ndrain_delay = -1", "drain_delay must be a number of seconds >= 0"),
 ])
 def test_a_wrong_value_is_refused_with_one_line_naming_it(tmp_path, text, says):
     with pytest.raises(ValueError) as err:

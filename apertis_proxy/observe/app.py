@@ -1,0 +1,161 @@
+"""Observability of one worker, and the wrapper that puts it around the gateway's application.
+
+The wrapper brackets every request (Recorder.begin/end: in-flight gauge,
+duration, request counter, access log) and answers two paths itself:
+
+    GET /metrics   Prometheus text, or OpenMetrics when the Accept header asks for
+                   it; only to clients in the `[metrics] allow` networks (loopback
+                   by default), others get 403 permission_error
+    GET /ready     200 {"status":"ready"}, or 503 {"status":"unavailable","reason":...}
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any, Optional
+
+import orjson
+
+from ..http.messages import Request
+from ..http.protocol import Responder
+from ..plugin_host import PluginHost
+from ..settings import Settings
+from . import exposition, shared
+from .access_log import AccessLog
+from .readiness import Readiness, StoreUnreachable
+from .recorder import Recorder
+
+_JSON = (b"content-type", b"application/json")
+
+
+def client_ip(client: str) -> Optional[ipaddress._BaseAddress]:
+    """The address of an "ip:port" (or "[v6]:port") peer; None if it is not an IP address."""
+    host = client.rpartition(":")[0].strip("[]") if ":" in client else client
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped or ip
+
+
+class Observability:
+    def __init__(self, settings: Settings, plugins: PluginHost, catalog: Any, *,
+                 run_dir: Optional[str] = None) -> None:
+        self.plugins = plugins
+        self.metrics_enabled = settings.metrics_enabled
+        self.access_log = AccessLog(settings.log_format) if settings.access_log else None
+        # The access log's lines come from the recorder's end of a request: with
+        # either on, every request is followed; with both off, none is.
+        self.recorder: Optional[Recorder] = None
+        if settings.metrics_enabled or self.access_log is not None:
+            self.recorder = Recorder(lambda name: name in catalog.catalog.by_name,
+                                     per_key=settings.metrics_per_key, on_end=self.access_log)
+        self.readiness = Readiness(settings.db)
+        self.allowed = [ipaddress.ip_network(n, strict=False) for n in settings.metrics_allow]
+        self.share = (shared.WorkerShare(run_dir, self.snapshot, settings.metrics_flush_interval)
+                      if run_dir and settings.metrics_enabled else None)
+
+    def start(self) -> None:
+        if self.share is not None:
+            self.share.start()
+
+    async def close(self) -> None:
+        if self.share is not None:
+            await self.share.close()
+        if self.access_log is not None:
+            self.access_log.close()
+
+    def wrap(self, app: Any) -> "ObservedApp":
+        return ObservedApp(app, self)
+
+    def may_scrape(self, client: str) -> bool:
+        ip = client_ip(client)
+        return ip is not None and any(ip in net for net in self.allowed)
+
+    async def snapshot(self, not_counted: int = 0) -> dict:
+        """This worker's figures, with the plugins' (meters' rows, channels' state).
+        `not_counted` requests are left out of the in-flight gauge (the scrape asking)."""
+        counters: dict = {}
+        gauges: dict = {}
+        written, pending = [], []
+        for name, meter in self.plugins.meters:
+            rows_written, rows_pending = getattr(meter, "written", None), getattr(meter, "pending", None)
+            if isinstance(rows_written, int):
+                written.append([[name], rows_written])
+            if isinstance(rows_pending, int):
+                pending.append([[name], rows_pending])
+        counters["apertis_ledger_rows_written"] = [["meter"], written]
+        gauges["apertis_ledger_pending_rows"] = [["meter"], "sum", pending]
+        try:
+            channels = await self.readiness.channels()
+        except StoreUnreachable:
+            channels = []
+        serving = self._serving()
+        gauges["apertis_channel_up"] = [["channel"], "min", [
+            [[name], int(enabled and (serving is None or name in serving))] for name, enabled in channels]]
+        assert self.recorder is not None
+        return self.recorder.snapshot(counters, gauges, not_counted)
+
+    def _serving(self) -> Optional[set[str]]:
+        """Names of the channels the first router that tells would send traffic to now
+        (enabled and not cooling down); None if no router tells."""
+        for _, router in self.plugins.routers:
+            channels, is_cooling = getattr(router, "channels", None), getattr(router, "is_cooling", None)
+            if isinstance(channels, list) and callable(is_cooling):
+                return {c.name for c in channels if not is_cooling(c)}
+        return None
+
+    # -- endpoints -------------------------------------------------------------
+    async def metrics(self, req: Request, resp: Responder) -> None:
+        if not self.may_scrape(req.client):
+            return resp.send_error(403, "GET /metrics is served only to clients in the networks of "
+                                        "[metrics] allow (loopback by default)", "permission_error")
+        snapshots = [(await self.snapshot(not_counted=1), True)]
+        if self.share is not None:
+            snapshots += self.share.others()
+        body, content_type = exposition.render(snapshots, (req.header(b"accept") or b"").decode("latin-1"))
+        resp.send(200, [(b"content-type", content_type.encode())], body)
+
+    async def ready(self, req: Request, resp: Responder) -> None:
+        problem = await self.readiness.problem()
+        if problem is None:
+            return resp.send(200, [_JSON], b'{"status":"ready"}')
+        resp.send(503, [_JSON], orjson.dumps({"status": "unavailable", "reason": problem}))
+
+
+class ObservedApp:
+    """`await app(request, responder)`, with every request counted and logged once."""
+
+    def __init__(self, app: Any, observe: Observability) -> None:
+        self.app = app
+        self.observe = observe
+        self.recorder = observe.recorder
+        self._own = {"/ready": observe.ready}
+        if observe.metrics_enabled:
+            self._own["/metrics"] = observe.metrics
+
+    async def __call__(self, req: Request, resp: Responder) -> None:
+        own = self._own.get(req.path)
+        recorder = self.recorder
+        if recorder is None:
+            return await (self.app(req, resp) if own is None else self._answer(own, req, resp))
+        request_id = resp.request_id
+        cycle = recorder.begin(request_id)
+        try:
+            # The gateway's application awaited directly: a coroutine less per request.
+            await (self.app(req, resp) if own is None else self._answer(own, req, resp))
+        finally:
+            recorder.end(request_id, cycle, req, resp)
+
+    @staticmethod
+    async def _answer(own: Any, req: Request, resp: Responder) -> None:
+        if req.method not in ("GET", "HEAD"):
+            return resp.send_error(405, "method not allowed; use GET, HEAD", "invalid_request_error",
+                                   [(b"allow", b"GET, HEAD")])
+        await own(req, resp)
+
+
+def run_dir_for(workers: int) -> Optional[str]:
+    """The run directory `serve` made for its workers (None with one worker)."""
+    return os.environ.get(shared.RUN_DIR_ENV) if workers > 1 else None

@@ -1,0 +1,64 @@
+"""The process's log format: human-readable text (the default) or one JSON object per line.
+
+Both the gateway's own messages and the access log (access_log.py) use it, so
+a log shipper needs one parser.  A JSON line always has `time` (UTC, RFC 3339
+with milliseconds), `level`, `logger` and `message`; a traceback comes as
+`exc_info`.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import orjson
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class Clock:
+    """Timestamps with milliseconds, the seconds part formatted once per second: RFC 3339 in UTC
+    (2026-12-05T09:30:00.123Z, the JSON format's) or local time as logging's text format writes it
+    (2026-12-05 09:30:00,123)."""
+
+    __slots__ = ("_second", "_prefix", "_utc", "_millis", "_stamp")
+
+    def __init__(self, utc: bool = True) -> None:
+        self._second = -1
+        self._prefix = ""
+        self._utc = utc
+        self._millis = -1
+        self._stamp = ""
+
+    def __call__(self, t: float) -> str:
+        millis = int(t * 1000)
+        if millis == self._millis:          # busy: several lines in one millisecond
+            return self._stamp
+        self._millis = millis
+        second = millis // 1000
+        if second != self._second:
+            self._second = second
+            self._prefix = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) if self._utc
+                            else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+        self._stamp = ("%s.%03dZ" if self._utc else "%s,%03d") % (self._prefix, millis % 1000)
+        return self._stamp
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = Clock()
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self._clock(record.created), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def configure(level: str, fmt: str) -> None:
+    """Log to stderr at `level`, in `fmt` ("text" or "json")."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)

@@ -1,0 +1,248 @@
+"""This process's figures: counters, histograms and gauges kept in plain dicts.
+
+The request path calls `begin()` and `end()` around every request and, through
+the plugin host, `routed()`, `attempt()` and `finished()` in between.  Each is
+a few dictionary updates: prometheus_client's own metric objects cost ~30 us
+per request here (labels() lookups, a lock and, across workers, an mmap write
+per value), several times the whole budget.  `snapshot()` hands the figures to
+the exposition (and, with --workers, to the other workers) as plain data.
+
+Label values come from bounded sets, so a client cannot create series at will:
+an endpoint the gateway does not serve is `other`, a model name neither the
+catalogue knows nor a channel has answered 2xx for is `other`, a request that
+reached no channel has channel `none`.
+"""
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from typing import Any, Callable, Optional
+
+from ..plugin_api import Outcome, RequestInfo, UsageRecord
+
+# Seconds.  Requests range from a cached count_tokens to streams of many minutes.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TTFB_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# Cost is counted in whole units of 1e-10 USD, the ledger's precision, so sums are exact.
+COST_UNIT = 1e-10
+TOKEN_TYPES = ("input", "output", "cache_read", "cache_write")
+ENDPOINTS = frozenset(("/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/health", "/healthz",
+                       "/ready", "/metrics"))
+# Model names learned from a channel's 2xx (names the catalogue does not know):
+# bounded by what upstreams accept, and capped besides.
+MAX_LEARNED_MODELS = 1000
+NONE = "none"
+OTHER = "other"
+
+_clock = time.perf_counter
+
+
+def endpoint_label(path: str) -> str:
+    if path in ENDPOINTS:
+        return path
+    return "/v1/models" if path.startswith("/v1/models/") else OTHER
+
+
+def outcome_label(outcome: Outcome) -> str:
+    """ok, timeout, refused (no connection), or status (an error answer; it
+    becomes failover once the next channel is tried).  The fifth, abandoned,
+    is an attempt that was still running when the client left (see end())."""
+    if outcome.ok:
+        return "ok"
+    if outcome.status is None:
+        return "timeout" if outcome.error_type == "timeout" else "refused"
+    return "status"
+
+
+class Histogram:
+    """Per label tuple: one count per bucket (not cumulative; the last is +Inf) and the sum."""
+
+    __slots__ = ("bounds", "series")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.series: dict[tuple, list] = {}
+
+    def observe(self, labels: tuple, value: float) -> None:
+        counts = self.series.get(labels)
+        if counts is None:
+            counts = self.series[labels] = [0] * (len(self.bounds) + 1) + [0.0]
+        counts[bisect_left(self.bounds, value)] += 1
+        counts[-1] += value
+
+
+class Cycle:
+    """One request while it runs: what the hooks learn about it before it ends."""
+
+    __slots__ = ("t0", "stream", "record", "outcomes", "failed_status_channel")
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.stream = False
+        self.outcomes = 0
+        self.record: Optional[UsageRecord] = None
+        # The channel of the last attempt that got an error status: `failover`
+        # if another attempt follows, `status` if the request ends there.
+        self.failed_status_channel: Optional[str] = None
+
+
+class Recorder:
+    def __init__(self, known_model: Callable[[str], bool], *, per_key: bool = False,
+                 on_end: Optional[Callable[[Any, Any, Cycle, int, float], None]] = None) -> None:
+        self._known_model = known_model
+        self.per_key = per_key
+        self.on_end = on_end            # the access log: (request, responder, cycle, status, seconds)
+        self.cycles: dict[str, Cycle] = {}
+        # Model names already reported as themselves (the catalogue's, and those a channel answered 2xx for).
+        self.learned_models: set[str] = set()
+        self.requests: dict[tuple, int] = {}        # endpoint, model, channel, code (an int)[, key]
+        # model[, key] -> [input, output, cache_read, cache_write tokens, cost in units of COST_UNIT]
+        self.usage: dict[tuple, list[int]] = {}
+        self.attempts: dict[tuple, int] = {}        # channel, outcome
+        self.duration = Histogram(DURATION_BUCKETS)             # endpoint, stream
+        self.ttfb = Histogram(TTFB_BUCKETS)                     # channel (streams)
+        self.upstream_duration = Histogram(DURATION_BUCKETS)    # channel
+        self.in_flight = 0
+        self.streams_open = 0
+
+    # -- hooks on the request path --------------------------------------------
+    def begin(self, request_id: str) -> Cycle:
+        cycle = self.cycles[request_id] = Cycle(_clock())
+        self.in_flight += 1
+        return cycle
+
+    def routed(self, info: RequestInfo) -> None:
+        """A request about to go upstream: a stream is open from here to its end."""
+        if info.stream and info.path == "/v1/messages":
+            cycle = self.cycles.get(info.request_id)
+            if cycle is not None and not cycle.stream:
+                cycle.stream = True
+                self.streams_open += 1
+
+    def attempt(self, outcome: Outcome) -> None:
+        channel = outcome.channel.name
+        cycle = self.cycles.get(outcome.request_id)
+        if cycle is not None:
+            cycle.outcomes += 1
+            if cycle.failed_status_channel is not None:
+                self._count_attempt(cycle.failed_status_channel, "failover")
+                cycle.failed_status_channel = None
+        label = "ok" if outcome.ok else outcome_label(outcome)
+        if label == "status" and cycle is not None:
+            cycle.failed_status_channel = channel
+        else:
+            key = (channel, label)
+            self.attempts[key] = self.attempts.get(key, 0) + 1
+        self.upstream_duration.observe((channel,), outcome.duration)
+
+    def finished(self, record: UsageRecord) -> None:
+        cycle = self.cycles.get(record.request_id)
+        if cycle is not None:
+            cycle.record = record
+
+    def end(self, request_id: str, cycle: Cycle, req: Any, resp: Any) -> None:
+        """The request is over: count it once, with what the hooks learned."""
+        seconds = _clock() - cycle.t0
+        self.cycles.pop(request_id, None)
+        self.in_flight -= 1
+        if cycle.stream:
+            self.streams_open -= 1
+        if cycle.failed_status_channel is not None:
+            self._count_attempt(cycle.failed_status_channel, "status")
+        record = cycle.record
+        path = req.path
+        endpoint = path if path in ENDPOINTS else endpoint_label(path)
+        if record is None:
+            status = resp.status or 500
+            labels = (endpoint, NONE, NONE, status, NONE) if self.per_key else (endpoint, NONE, NONE, status)
+        else:
+            status = record.status or resp.status or 500
+            model = self._model_label(record)
+            channel = record.channel_name or NONE
+            if self.per_key:
+                key = record.key_name or NONE
+                labels = (endpoint, model, channel, status, key)
+                self._count_usage(record, (model, key))
+            else:
+                labels = (endpoint, model, channel, status)
+                self._count_usage(record, (model,))
+            if record.attempts > cycle.outcomes and record.channel_name:
+                # The client left while this channel was answering: no outcome came.
+                self._count_attempt(record.channel_name, "abandoned")
+            if cycle.stream and record.ttfb_ms is not None:
+                self.ttfb.observe((channel,), record.ttfb_ms / 1000)
+        requests = self.requests
+        requests[labels] = requests.get(labels, 0) + 1
+        self.duration.observe((endpoint, "true") if cycle.stream else (endpoint, "false"), seconds)
+        if self.on_end is not None:
+            self.on_end(req, resp, cycle, status, seconds)
+
+    # -- helpers ---------------------------------------------------------------
+    def _count_attempt(self, channel: str, outcome: str) -> None:
+        key = (channel, outcome)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+
+    def _count_usage(self, record: UsageRecord, labels: tuple) -> None:
+        usage = self.usage.get(labels)
+        if usage is None:
+            usage = self.usage[labels] = [0, 0, 0, 0, 0]
+        usage[0] += record.input_tokens
+        usage[1] += record.output_tokens
+        usage[2] += record.cache_read_input_tokens
+        usage[3] += record.cache_creation_input_tokens
+        if record.cost:
+            usage[4] += round(record.cost / COST_UNIT)
+
+    def _model_label(self, record: UsageRecord) -> str:
+        name = record.requested_model
+        if name in self.learned_models:
+            return name         # type: ignore[return-value]
+        if not name:
+            return NONE
+        if self._known_model(name):
+            if len(self.learned_models) < MAX_LEARNED_MODELS:
+                self.learned_models.add(name)   # catalogue names too: one set lookup next time
+            return name
+        if (record.status < 400 and record.reached_upstream and record.error_type is None
+                and len(self.learned_models) < MAX_LEARNED_MODELS):
+            self.learned_models.add(name)      # a channel accepted it: a real model
+            return name
+        return OTHER
+
+    # -- figures ---------------------------------------------------------------
+    def snapshot(self, counters: Optional[dict] = None, gauges: Optional[dict] = None, not_counted: int = 0) -> dict:
+        """Everything counted so far, as JSON-able data (see exposition.py for the
+        shape), with `counters` and `gauges` kept elsewhere (plugins' figures).
+        `not_counted` requests are left out of the in-flight gauge (the scrape asking)."""
+        key = ["key"] if self.per_key else []
+        requests = [[[endpoint, model, channel, str(code), *rest], n]
+                    for (endpoint, model, channel, code, *rest), n in self.requests.items()]
+        tokens = [[[model, kind, *rest], usage[i]] for (model, *rest), usage in self.usage.items()
+                  for i, kind in enumerate(TOKEN_TYPES)]
+        cost = [[list(labels), usage[4]] for labels, usage in self.usage.items()]
+        return {
+            "counters": {
+                "apertis_requests": [["endpoint", "model", "channel", "code"] + key, requests],
+                "apertis_tokens": [["model", "type"] + key, tokens],
+                "apertis_cost_usd": [["model"] + key, cost],
+                "apertis_upstream_attempts": [["channel", "outcome"], _series(self.attempts)],
+                **(counters or {}),
+            },
+            "histograms": {
+                "apertis_request_duration_seconds": [["endpoint", "stream"], list(self.duration.bounds),
+                                                     _series(self.duration.series)],
+                "apertis_time_to_first_byte_seconds": [["channel"], list(self.ttfb.bounds),
+                                                       _series(self.ttfb.series)],
+                "apertis_upstream_duration_seconds": [["channel"], list(self.upstream_duration.bounds),
+                                                      _series(self.upstream_duration.series)],
+            },
+            "gauges": {
+                "apertis_requests_in_flight": [[], "sum", [[[], self.in_flight - not_counted]]],
+                "apertis_streams_open": [[], "sum", [[[], self.streams_open]]],
+                **(gauges or {}),
+            },
+        }
+
+
+def _series(values: dict[tuple, Any]) -> list:
+    return [[list(labels), value] for labels, value in values.items()]
