@@ -9,9 +9,11 @@
 
 Endpoints: ``POST /v1/messages`` (any query string, e.g. ``?beta=true``), ``POST /v1/messages/count_tokens``,
 ``GET /v1/models`` (``limit``/``after_id``/``before_id`` paging), ``GET /v1/models/{id}``, ``/v1/messages/batches``
-(mock_batches.py), ``/v1/files`` (mock_account.py). One mock is one upstream account: its threads, containers and files are its own
+(mock_batches.py), ``/v1/files`` (mock_account.py). One mock is one upstream account: its threads,
+containers and files are its own
 (mock_account.py). HTTP/1.1 through h11 with keep-alive and pipelining; request bodies by content-length or
-chunked; JSON answers with content-length, streams chunked. Every response has a ``request-id: req_...`` header; errors have Anthropic's body shape.
+chunked; JSON answers with content-length, streams chunked. Every response has a ``request-id: req_...``
+header; errors have Anthropic's body shape.
 
 Checks, in the real API's order: path (404) -> body size (413 over ``max_body_bytes``, 32 MiB) -> credential (401
 unless exactly one of ``x-api-key`` / ``Authorization: Bearer`` equals the key) -> ``anthropic-version`` present and

@@ -92,8 +92,8 @@ async def test_text_access_log_is_the_default(tmp_path, mock_upstream):
     assert len(access) == 5
     first = access[0]
     assert '"POST /v1/messages 200"' in first
-    for pair in (f"request_id={rows[0]['request_id']}", "key_name=alice", f"requested_model={MODEL}", "channel_name=main",
-                 "status=200", "stream=false", f"input_tokens={rows[0]['input_tokens']}"):
+    for pair in (f"request_id={rows[0]['request_id']}", "key_name=alice", f"requested_model={MODEL}",
+                 "channel_name=main", "status=200", "stream=false", f"input_tokens={rows[0]['input_tokens']}"):
         assert pair in first.split(), pair
     assert key not in stderr and MOCK_API_KEY not in stderr
 

@@ -97,7 +97,8 @@ async def test_a_batch_is_its_owners_and_its_results_are_billed_once_at_half_pri
     assert billed[0]["cost"] == pytest.approx(sum(half_price(u) for u in usages), abs=1e-12)
     assert billed[0]["input_tokens"] == sum(u["input_tokens"] for u in usages)
     assert billed[0]["output_tokens"] == sum(u["output_tokens"] for u in usages)
-    assert json.loads(billed[0]["prices"])["input"] == HAIKU_PRICES["input"] * 0.5
+    prices = json.loads(billed[0]["prices"])
+    assert prices["input"] == HAIKU_PRICES["input"] and prices["multipliers"] == {"tier": "0.5"}
     assert all(r["cost"] == 0 for r in rows if r is not billed[0])
 
 
@@ -131,7 +132,8 @@ async def test_files_are_their_uploaders_and_a_message_naming_one_goes_to_its_ac
         requests_before = sum(len(m.requests) for m in mocks.values())
         with pytest.raises(anthropic.NotFoundError) as err:
             await clients["bob"].beta.messages.create(**with_file(uploaded.id))
-        assert err.value.body["error"]["type"] == "not_found_error" and uploaded.id in err.value.body["error"]["message"]
+        error = err.value.body["error"]
+        assert error["type"] == "not_found_error" and uploaded.id in error["message"]
         for call in (clients["bob"].beta.files.retrieve_metadata, clients["bob"].beta.files.download,
                      clients["bob"].beta.files.delete):
             with pytest.raises(anthropic.NotFoundError):

@@ -349,7 +349,7 @@ async def test_models_list_read_by_the_official_sdk_with_lifecycle_and_limit_100
         await client.close()
 
 
-# -- store upgrade and catalogue import ---------------------------------------------------------------------------------
+# -- store upgrade and catalogue import ----------------------------------------
 
 def make_v1_store(path: str) -> None:
     """A version-1 file as the old code left it: its DDL, its seed (one price edited), one ledger row."""

@@ -73,7 +73,8 @@ async def test_the_current_sdk_reads_such_a_stream_through_the_gateway(scripted)
 
 
 def test_an_advisor_iteration_is_billed_at_its_own_model(tmp_db):
-    from apertis_proxy.gateway.usage import UsageMeter, price
+    from apertis_proxy.gateway.pricing import price
+    from apertis_proxy.gateway.usage import UsageMeter
     from apertis_proxy.plugin_api import UsageRecord
     from apertis_proxy.store import schema
     from apertis_proxy.store.catalog import load_catalog

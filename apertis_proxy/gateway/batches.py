@@ -9,6 +9,7 @@ results carries their usage and cost, later fetches cost nothing.
 from __future__ import annotations
 
 import dataclasses
+from decimal import Decimal
 from typing import Any, Optional
 
 import orjson
@@ -21,12 +22,12 @@ from . import contract
 from .forward import request_info
 from .owned_endpoint import OwnedEndpoint, header
 from .ownership import BATCH
+from .pricing import price
 from .upstream_call import Answer
 from .upstream_errors import fails_over, read_error
-from .usage import UsageMeter, price
+from .usage import UsageMeter
 
 PREFIX = "/v1/messages/batches"
-BATCH_PRICE = 0.5          # batch requests cost half the list rates, every token kind
 _JSON = (b"content-type", b"application/json")
 
 
@@ -134,8 +135,12 @@ class BatchesEndpoint(OwnedEndpoint):
 
 
 def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any) -> None:
-    """Usage and cost of the succeeded results, at the batch price, into `record`."""
-    cost = 0.0
+    """Usage and cost of the succeeded results, at the batch tier's price, into `record`.
+
+    Each result is priced as its own request (service tier "batch"); the sum is
+    exact, and unknown (None) if any result's model has no price."""
+    total = Decimal(0)
+    unpriced = False
     models = set()
     for line in jsonl.splitlines():
         try:
@@ -151,14 +156,20 @@ def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any) -> None:
         one = UsageRecord(request_id=record.request_id, started_at=record.started_at, endpoint=record.endpoint,
                           upstream_model=message.get("model") if isinstance(message.get("model"), str) else None)
         UsageMeter(one).body(message)
+        one.service_tier = "batch"
         price(one, catalog)
-        cost += one.cost * BATCH_PRICE
+        if one.cost is None:
+            unpriced = True
+        elif one.prices and "cost" in one.prices:
+            total += Decimal(one.prices["cost"])
         models.add(one.upstream_model)
-        for name in ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
+        for name in ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
+                     "web_search_requests", "web_fetch_requests"):
             setattr(record, name, getattr(record, name) + getattr(one, name))
-        if len(models) == 1 and one.prices:
-            record.prices = {k: (v * BATCH_PRICE if isinstance(v, float) else v) for k, v in one.prices.items()}
-    record.cost = round(cost, 10)
+        if len(models) == 1:
+            record.prices = one.prices
+    record.service_tier = "batch" if models else record.service_tier
+    record.cost = None if unpriced else float(total.quantize(Decimal("1e-10")))
     record.upstream_model = models.pop() if len(models) == 1 else None
     if record.upstream_model is None:
-        record.prices = {"batch_price": BATCH_PRICE} if cost else None
+        record.prices = {"service_tier": "batch", "cost": str(total)} if models or total else None

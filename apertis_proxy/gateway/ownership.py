@@ -157,7 +157,8 @@ class StateCapture(UsageMeter):
         for block in content if isinstance(content, list) else ():
             if isinstance(block, dict) and block.get("type") == "thinking" and isinstance(block.get("signature"), str):
                 self.signature(block["signature"])
-            elif isinstance(block, dict) and block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
+            elif (isinstance(block, dict) and block.get("type") == "redacted_thinking"
+                  and isinstance(block.get("data"), str)):
                 self.signature(block["data"])
 
     def _note(self, obj: Mapping[str, Any]) -> None:

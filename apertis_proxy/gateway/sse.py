@@ -106,7 +106,8 @@ def _signatures(text: bytes, note: Callable[[str], None]) -> None:
             stop = text.find(_LF2, pos)
             obj = event_json(text[start + 2 if start >= 0 else 0:stop if stop >= 0 else len(text)]) or {}
             part = obj.get("delta") if marker == b'"signature_delta"' else obj.get("content_block")
-            signed = part.get("signature" if marker == b'"signature_delta"' else "data") if isinstance(part, dict) else None
+            field = "signature" if marker == b'"signature_delta"' else "data"
+            signed = part.get(field) if isinstance(part, dict) else None
             if isinstance(signed, str) and signed:
                 note(signed)
             pos = text.find(marker, pos + 1)

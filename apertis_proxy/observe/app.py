@@ -124,6 +124,16 @@ class Observability:
         resp.send(503, [_JSON], orjson.dumps({"status": "unavailable", "reason": problem}))
 
 
+class _RefusedFromHead:
+    """What the recorder reads of a responder, for a request answered before its body was read."""
+
+    __slots__ = ("status",)
+    request_id = "-"
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
 class ObservedApp:
     """`await app(request, responder)`, with every request counted and logged once."""
 
@@ -134,6 +144,18 @@ class ObservedApp:
         self._own = {"/ready": observe.ready}
         if observe.metrics_enabled:
             self._own["/metrics"] = observe.metrics
+        # The HTTP layer's head check (see http/protocol.py), passed through; a
+        # request refused from its head is counted and logged too.
+        self._admit = getattr(app, "admit", None)
+        if self._admit is not None:
+            self.admit = self._admit if self.recorder is None else self._observed_admit
+
+    def _observed_admit(self, head: Request):
+        refusal = self._admit(head)
+        if refusal is not None:
+            answered = _RefusedFromHead(refusal.status)
+            self.recorder.end(answered.request_id, self.recorder.begin(answered.request_id), head, answered)
+        return refusal
 
     async def __call__(self, req: Request, resp: Responder) -> None:
         own = self._own.get(req.path)

@@ -38,7 +38,8 @@ def row_to_channel(row, default_aliases: Optional[Mapping[str, str]] = None) -> 
     models = json.loads(row["models"]) if row["models"] else None
     return Channel(
         id=row["id"], name=row["name"], type=row["type"], base_url=row["base_url"].rstrip("/"),
-        api_key=key_encryption.open_stored(row["api_key"]), models=frozenset(models) if models else None, aliases=aliases,
+        api_key=key_encryption.open_stored(row["api_key"]), models=frozenset(models) if models else None,
+        aliases=aliases,
         priority=row["priority"], weight=row["weight"], api_version=row["api_version"],
         forward_client_version=bool(options.get("forward_client_version", False)),
         forward_extras=bool(options.get("forward_extras", False)),
