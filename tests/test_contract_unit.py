@@ -769,3 +769,31 @@ def test_enabled_thinking_to_a_model_that_thinks_adaptively_is_a_400_naming_the_
     for thinking in ({"type": "adaptive"}, {"type": "between_tools"}, {"type": "disabled"}):
         assert not prepare_for_channel(body(model="claude-sonnet-5", thinking=thinking), channel(),
                                        client_version=None).changed
+
+
+def test_the_catalogues_rules_decide_for_a_model_it_lists():
+    catalog = {"claude-opus-4-6": {"sampling_defaults_only": True}, "claude-sonnet-5": {}}
+    rules_of = catalog.get
+    strict = prepare_for_channel(body(model="claude-opus-4-6", temperature=0.7), channel(), client_version=None,
+                                 catalog_rules=rules_of)
+    assert strict.dropped == ["temperature"] and "temperature" not in strict.body
+    relaxed = prepare_for_channel(body(model="claude-sonnet-5", temperature=0.7,
+                                       thinking={"type": "enabled", "budget_tokens": 1024}),
+                                  channel(), client_version=None, catalog_rules=rules_of)
+    assert relaxed.body["temperature"] == 0.7 and not relaxed.dropped
+    # A model the catalogue does not list falls back to the family table.
+    unlisted = prepare_for_channel(body(model="claude-opus-4-9", temperature=0.7), channel(), client_version=None,
+                                   catalog_rules=rules_of)
+    assert unlisted.dropped == ["temperature"]
+
+
+def test_the_shipped_catalogue_agrees_with_the_family_table(tmp_path):
+    """Every model the shipped catalogue lists refuses what its family and version say."""
+    from apertis_proxy.store import schema
+    from apertis_proxy.store.catalog import load_catalog
+    conn = schema.connect(str(tmp_path / "a.db"))
+    entries = load_catalog(conn).entries
+    conn.close()
+    assert len(entries) >= 10
+    for entry in entries:
+        assert refused_by(entry.id, entry.rules) == refused_by(entry.id), entry.id

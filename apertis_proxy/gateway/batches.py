@@ -71,7 +71,8 @@ class BatchesEndpoint(OwnedEndpoint):
             for i, item in enumerate(requests):
                 try:
                     prepared = contract.prepare_for_channel(item["params"], channel, client_version=client_version,
-                                                            default_version=fw.settings.default_api_version)
+                                                            default_version=fw.settings.default_api_version,
+                                                            catalog_rules=fw.catalog.rules_of)
                 except GatewayError as e:
                     raise GatewayError(400, f"requests[{i}].params.{e.message}") from None
                 fitted.append({**item, "params": prepared.body})

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import orjson
 
@@ -385,9 +385,12 @@ def _is_new_version(version: str) -> bool:
 
 
 def prepare_for_channel(body: dict, channel: Channel, *, client_version: Optional[str],
-                        default_version: str = "2023-06-01") -> Prepared:
+                        default_version: str = "2023-06-01",
+                        catalog_rules: Optional[Callable[[str], Optional[Mapping[str, Any]]]] = None) -> Prepared:
     """Fit a validated body to one channel.  Called per attempt: failover
-    prepares the client's original body again for the next channel."""
+    prepares the client's original body again for the next channel.
+    `catalog_rules(model)` gives the catalogue's request rules for an upstream
+    model id (None: not in the catalogue; see model_rules.py)."""
     api_version = upstream_api_version(channel, client_version, default_version)
     new_version = _is_new_version(api_version)
     translate_extras = not channel.forward_extras
@@ -402,7 +405,7 @@ def prepare_for_channel(body: dict, channel: Channel, *, client_version: Optiona
         if upstream_model != model:
             out = dict(body)
             out["model"] = upstream_model
-        refused = refused_by(upstream_model)
+        refused = refused_by(upstream_model, catalog_rules(upstream_model) if catalog_rules else None)
         if THINKING_ENABLED in refused:
             _check_thinking_allowed(body.get("thinking"), upstream_model)
     strip_sampling = new_version or SAMPLING in refused

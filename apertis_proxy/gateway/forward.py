@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import orjson
 
@@ -53,6 +53,11 @@ class CatalogRef:
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
+
+    def rules_of(self, model: str) -> Optional[Mapping[str, Any]]:
+        """The catalogue's request rules for a model id; None when it has no entry."""
+        entry = self.catalog.lookup(model)
+        return entry.rules if entry is not None else None
 
 
 def parse_body(raw: bytes) -> tuple[Any, Optional[str]]:
@@ -229,7 +234,8 @@ class MessagesForwarder:
         last = len(channels) - 1
         for i, channel in enumerate(channels):
             prepared = contract.prepare_for_channel(body, channel, client_version=client_version,
-                                                    default_version=self.settings.default_api_version)
+                                                    default_version=self.settings.default_api_version,
+                                                    catalog_rules=self.catalog.rules_of)
             failure = await self._attempt(req, resp, info, channel, prepared, record, count_tokens, owner,
                                           notices)
             if failure is None:
