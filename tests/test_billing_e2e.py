@@ -98,15 +98,16 @@ async def test_every_shipped_model_priced_to_the_cent(gateway, stream):
 
 async def test_claude_code_default_models_through_the_gateway_are_priced(gateway, sdk):
     # Claude Code 2.1.x sends these by default.
-    for model, expected in (("claude-opus-4-8", "0.18125"), ("claude-sonnet-5", "0.0725"),
-                            ("claude-haiku-4-5-20251001", "0.03625")):
+    models = (("claude-opus-4-8", "0.18125"), ("claude-sonnet-5", "0.0725"), ("claude-haiku-4-5-20251001", "0.03625"))
+    for n, (model, expected) in enumerate(models, 1):
         gateway.mock.queue("usage=" + json.dumps(KNOWN))
         result = await sdk.run("plain", gateway.base_url, gateway.key, model=model)
         assert "error" not in result, result
-        row = (await gateway.usage_rows(1))[-1]
+        rows = await gateway.usage_rows(n)
+        assert len(rows) == n
+        row = rows[-1]
         assert (row["requested_model"], row["status"]) == (model, 200)
         assert charged(row) == Decimal(expected)
-        gateway.query("DELETE FROM usage")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
