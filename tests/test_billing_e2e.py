@@ -357,12 +357,16 @@ def make_v1_store(path: str) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     for stmt in schema._split(schema.DDL + "\n" + schema._trigger_ddl()):      # the version-1 DDL
         conn.execute(stmt)
-    for row in (("claude-opus-4-5-20251101", 5.0, 25.0, 6.25, 10.0, 0.5),
-                ("claude-sonnet-4-5-20250929", 3.0, 15.0, 3.75, 6.0, 0.3),
-                ("claude-haiku-4-5-20251001", 0.8, 4.0, 1.0, 1.6, 0.08)):      # the operator's own price
+    # The seed as version 1 wrote it, with the operator's edits: an alias, a display name, a price.
+    for row in (("claude-opus-4-5-20251101", "Claude Opus 4.5", ["claude-opus-4.5", "claude-opus-4-5", "opus"],
+                 5.0, 25.0, 6.25, 10.0, 0.5),
+                ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", ["claude-sonnet-4.5", "claude-sonnet-4-5"],
+                 3.0, 15.0, 3.75, 6.0, 0.3),
+                ("claude-haiku-4-5-20251001", "Quick Haiku", ["claude-haiku-4.5", "claude-haiku-4-5"],
+                 0.8, 4.0, 1.0, 1.6, 0.08)):
         conn.execute("INSERT INTO models (id, display_name, created_at, aliases, input, output, cache_write_5m,"
-                     " cache_write_1h, cache_read) VALUES (?, ?, '2025-10-01T00:00:00Z', '[]', ?, ?, ?, ?, ?)",
-                     (row[0], row[0], *row[1:]))
+                     " cache_write_1h, cache_read) VALUES (?, ?, '2025-10-01T00:00:00Z', ?, ?, ?, ?, ?, ?)",
+                     (row[0], row[1], json.dumps(row[2]), *row[3:]))
     conn.execute("INSERT INTO usage (request_id, ts, endpoint, stream, status, duration_ms, cost, prices)"
                  " VALUES ('old', 1, '/v1/messages', 0, 200, 1, 0.25, '{}')")
     conn.execute("INSERT INTO meta (k, v) VALUES ('schema_version', '1'), ('seeded', '1')")
@@ -380,6 +384,9 @@ def test_a_version_1_store_upgrades_in_place(tmp_path):
     catalog = catalog_store.load_catalog(conn)
     haiku = catalog.lookup("claude-haiku-4-5-20251001")
     assert haiku.prices["input"] == Decimal("0.8")      # the operator's edit survives as an override
+    assert haiku.display_name == "Quick Haiku"           # so do their names
+    assert catalog.lookup("opus").id == "claude-opus-4-5-20251101"
+    assert catalog.lookup("claude-opus-4-5-20251101").display_name == "Claude Opus 4.5"
     assert catalog.lookup("claude-sonnet-4-5-20250929").lifecycle == "retired"
     assert catalog.lookup("claude-opus-5-5") is not None
     conn.close()

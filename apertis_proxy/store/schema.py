@@ -276,6 +276,12 @@ _V1_SEED_PRICES = (
     " ('claude-sonnet-4-5-20250929', 3.0, 15.0, 3.75, 6.0, 0.3),"
     " ('claude-haiku-4-5-20251001', 1.0, 5.0, 1.25, 2.0, 0.1)")
 
+# The version-1 seed's names, to tell them from the operator's (json.dumps of the alias list, as stored).
+_V1_SEED_NAMES = """
+    ('claude-opus-4-5-20251101', 'Claude Opus 4.5', '["claude-opus-4.5", "claude-opus-4-5"]'),
+    ('claude-sonnet-4-5-20250929', 'Claude Sonnet 4.5', '["claude-sonnet-4.5", "claude-sonnet-4-5"]'),
+    ('claude-haiku-4-5-20251001', 'Claude Haiku 4.5', '["claude-haiku-4.5", "claude-haiku-4-5"]')"""
+
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (2, [
         # Effective-dated prices: a change applies from its time on.
@@ -308,6 +314,17 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE models ADD COLUMN fast_multiplier REAL",
         "ALTER TABLE models ADD COLUMN geo_multipliers TEXT",   # JSON {geo: multiplier}
         "ALTER TABLE models ADD COLUMN operator_fields TEXT NOT NULL DEFAULT '[]'",
+        # Names that differ from the version-1 seed (or models it did not have) are the operator's:
+        # the catalogue import must not overwrite them.
+        f"""UPDATE models SET operator_fields = (
+                SELECT json_group_array(f) FROM (
+                    SELECT 'aliases' AS f WHERE NOT EXISTS (
+                        SELECT 1 FROM (VALUES {_V1_SEED_NAMES}) s
+                        WHERE s.column1 = models.id AND s.column3 = models.aliases)
+                    UNION ALL
+                    SELECT 'display_name' WHERE NOT EXISTS (
+                        SELECT 1 FROM (VALUES {_V1_SEED_NAMES}) s
+                        WHERE s.column1 = models.id AND s.column2 = models.display_name)))""",
         # Version-1 prices: the seed's stay catalogue data, anything else was the operator's.
         f"""INSERT INTO model_prices (model_id, effective_from, origin, input, output, cache_write_5m,
                 cache_write_1h, cache_read, source)
