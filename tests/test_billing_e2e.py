@@ -412,3 +412,27 @@ def test_import_keeps_operator_overrides(tmp_path, capsys):
     assert catalog.lookup("claude-opus-5").prices["input"] == Decimal("4.5")     # operator's price kept
     assert catalog.lookup("claude-sonnet-5").prices["input"] == Decimal("7")     # catalogue updated
     conn.close()
+
+
+def test_an_operators_price_keeps_the_prompt_size_band(tmp_path):
+    """`prices set` on Haiku 5.5: the band above 100k stays, moved by the same factor as the base rate."""
+    from apertis_proxy.gateway.pricing import price
+    from apertis_proxy.plugin_api import UsageRecord
+    db = str(tmp_path / "store.db")
+    big = {"input_tokens": 120_000, "output_tokens": 1_000}
+
+    def cost_now() -> Decimal:
+        conn = schema.connect(db)
+        catalog = catalog_store.load_catalog(conn)
+        conn.close()
+        record = UsageRecord(request_id="r", started_at=time.time(), endpoint="/v1/messages",
+                             upstream_model="claude-haiku-5-5", **big)
+        price(record, catalog)
+        return Decimal(record.prices["cost"])
+
+    # The shipped band: (120000*0.50 + 1000*2.50)/1e6 = 0.0625.
+    assert cli.main(["prices", "set", "claude-haiku-5-5", "--cache-read", "0.01", "--db", db]) == 0
+    assert cost_now() == Decimal("0.0625")          # input and output untouched: their band rates too
+    assert cli.main(["prices", "set", "claude-haiku-5-5", "--input", "0.2", "--db", db]) == 0
+    # Input doubled (0.10 -> 0.20): the band's input doubles too (0.50 -> 1.00): (120000*1 + 2500)/1e6.
+    assert cost_now() == Decimal("0.1225")

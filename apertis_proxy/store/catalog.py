@@ -332,8 +332,9 @@ def set_model(conn, name: str, *, prices: Optional[Mapping[str, float]] = None,
 
     Returns (entry, created).  Prices apply from `effective_from` (unix time,
     default now) on and never reprice earlier requests; fields left out keep
-    the price in force then (an operator's price has no prompt-size bands),
-    and a model without one needs `input` and
+    the price in force then, and its prompt-size bands stay, each band's
+    rate for a changed field scaled by the same factor as the base rate
+    (`_scaled_bands`); a model without a price needs `input` and
     `output` (cache prices then follow the usual ratios to the input price:
     write 5m x1.25, write 1h x2, read x0.1).  `successor` is where requests
     for the model go once it is retired.  An alias naming another model
@@ -376,6 +377,7 @@ def set_model(conn, name: str, *, prices: Optional[Mapping[str, float]] = None,
                 base = {"cache_write_5m": prices["input"] * Decimal("1.25"),
                         "cache_write_1h": prices["input"] * 2, "cache_read": prices["input"] / 10}
             full = {**base, **prices}
+            bands = _scaled_bands(current, full) if current else None
         if created:
             aliases = [a for a in dict.fromkeys(add_aliases) if a not in remove_aliases and a != model_id]
             conn.execute(
@@ -401,9 +403,28 @@ def set_model(conn, name: str, *, prices: Optional[Mapping[str, float]] = None,
             conn.execute(
                 "INSERT OR REPLACE INTO model_prices (model_id, effective_from, origin, input, output,"
                 " cache_write_5m, cache_write_1h, cache_read, bands, source)"
-                " VALUES (?, ?, 'operator', ?, ?, ?, ?, ?, NULL, 'prices set')",
-                (model_id, when, *(str(full[f]) for f in PRICE_FIELDS)))
+                " VALUES (?, ?, 'operator', ?, ?, ?, ?, ?, ?, 'prices set')",
+                (model_id, when, *(str(full[f]) for f in PRICE_FIELDS), bands))
         return load_catalog(conn).by_name[model_id], created
+
+
+# Band rates derived from an operator's change keep this many decimals (USD per million tokens).
+_BAND_QUANTUM = Decimal("1e-6")
+
+
+def _scaled_bands(current: PriceRow, rates: Mapping[str, Decimal]) -> Optional[str]:
+    """The prompt-size bands of `current` for new base `rates` (JSON, None without bands):
+    a band's rate moves by the same factor as the base rate of its field."""
+    if not current.bands:
+        return None
+    out = []
+    for above, band in current.bands:
+        scaled = {}
+        for f in PRICE_FIELDS:
+            old, new = current.rates[f], rates[f]
+            scaled[f] = band[f] if old == new or not old else (band[f] * new / old).quantize(_BAND_QUANTUM)
+        out.append({"above_prompt_tokens": above, **{f: str(v) for f, v in scaled.items()}})
+    return json.dumps(out)
 
 
 def remove_model(conn, name: str) -> str:
