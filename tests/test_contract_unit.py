@@ -772,7 +772,9 @@ def test_enabled_thinking_to_a_model_that_thinks_adaptively_is_a_400_naming_the_
 
 
 def test_the_catalogues_rules_decide_for_a_model_it_lists():
-    catalog = {"claude-opus-4-6": {"sampling_defaults_only": True}, "claude-sonnet-5": {}}
+    catalog = {"claude-opus-4-6": {"sampling_defaults_only": True},
+               "claude-sonnet-5": {"sampling_defaults_only": False, "thinking_enabled_refused": False},
+               "claude-opus-6": {}}     # priced by the operator: no rules stated
     rules_of = catalog.get
     strict = prepare_for_channel(body(model="claude-opus-4-6", temperature=0.7), channel(), client_version=None,
                                  catalog_rules=rules_of)
@@ -781,10 +783,11 @@ def test_the_catalogues_rules_decide_for_a_model_it_lists():
                                        thinking={"type": "enabled", "budget_tokens": 1024}),
                                   channel(), client_version=None, catalog_rules=rules_of)
     assert relaxed.body["temperature"] == 0.7 and not relaxed.dropped
-    # A model the catalogue does not list falls back to the family table.
-    unlisted = prepare_for_channel(body(model="claude-opus-4-9", temperature=0.7), channel(), client_version=None,
-                                   catalog_rules=rules_of)
-    assert unlisted.dropped == ["temperature"]
+    # A model the catalogue does not list, or lists without rules, falls back to the family table.
+    for model in ("claude-opus-4-9", "claude-opus-6"):
+        fallback = prepare_for_channel(body(model=model, temperature=0.7), channel(), client_version=None,
+                                       catalog_rules=rules_of)
+        assert fallback.dropped == ["temperature"], model
 
 
 def test_the_shipped_catalogue_agrees_with_the_family_table(tmp_path):

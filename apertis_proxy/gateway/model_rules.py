@@ -4,8 +4,8 @@ The API answers 400 when Opus 4.7 and later, Sonnet 5 and later or Haiku 5.5
 and later get a non-default `temperature`, `top_p` or `top_k`, and when
 Sonnet 5 and later get `thinking.type: "enabled"` (they think adaptively).
 `refused_by(model, catalog_rules)` says which of these a model refuses: from
-the catalogue's `rules` when the catalogue knows the model (operators can
-change them with `prices import`), else from the small table below keyed by
+the catalogue's `rules` when they state any (operators can change them with
+`prices import`), else from the small table below keyed by
 model family and first version, so a new model of a known line is covered
 before the catalogue lists it.  The contract removes the sampling parameters
 (listed in `apertis-dropped-params`) and answers 400 for `thinking.type:
@@ -43,9 +43,12 @@ def family_version(model: str) -> Optional[tuple[str, tuple[int, int]]]:
 
 
 def refused_by(model: str, catalog_rules: Optional[Mapping[str, Any]] = None) -> frozenset[str]:
-    """The rules (SAMPLING, THINKING_ENABLED) that apply to this upstream model id;
-    `catalog_rules` is the catalogue entry's `rules`, None when it has no entry."""
-    if catalog_rules is not None:
+    """The rules (SAMPLING, THINKING_ENABLED) that apply to this upstream model id.
+
+    `catalog_rules` is the catalogue entry's `rules`: when it states any rule
+    (true or false) it decides; empty or None (a model the operator priced,
+    or one the catalogue does not list) leaves it to the family table."""
+    if catalog_rules:
         return frozenset(rule for name, rule in CATALOG_RULES.items() if catalog_rules.get(name))
     return _by_family(model)
 
