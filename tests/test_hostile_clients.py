@@ -49,6 +49,15 @@ async def test_an_upload_without_a_valid_key_is_refused_before_its_body_is_read(
     assert rows[0][0] == 0
 
 
+async def test_an_absolute_form_target_is_refused_before_its_body_is_read_too(gateway):
+    headers = {"x-api-key": "sk-apx-not-a-key", "content-type": "application/json", "content-length": str(BIG)}
+    async with await connect(gateway) as conn:
+        await conn.send(request_bytes("POST", "http://gateway.example/v1/messages", headers, content_length=False))
+        response = await conn.read_response(timeout=ANSWER_WITHIN)
+        assert_gateway_error(response, 401, "authentication_error")
+    assert gateway.mock.requests == []
+
+
 async def test_a_valid_key_still_sends_its_body_in_pieces(gateway):
     """The head check admits a known key: a body that arrives in several pieces is read and served."""
     body = request_bytes("POST", "/v1/messages", {"x-api-key": gateway.key},

@@ -51,6 +51,11 @@ def _origin_form(target: bytes) -> bytes:
     return rest[slash:]
 
 
+def _request_target(target: bytes) -> bytes:
+    """The target as the application sees it (origin-form)."""
+    return _origin_form(target) if target[:1] != b"/" and target[:4].lower() == b"http" else target
+
+
 class ClientGone(Exception):
     """The client closed the connection while a response was being written."""
 
@@ -507,8 +512,8 @@ class HttpConnection(asyncio.Protocol):
         admit = self._admit
         if admit is None:
             return True
-        head = Request(event.method.decode("ascii"), event.target.decode("latin-1"), self._headers, b"",
-                       self._client, event.http_version)
+        target = _request_target(event.target).decode("latin-1")
+        head = Request(event.method.decode("ascii"), target, self._headers, b"", self._client, event.http_version)
         refusal = admit(head)
         if refusal is None:
             return True
@@ -550,11 +555,8 @@ class HttpConnection(asyncio.Protocol):
         self._request = None
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
         self._body = []
-        target = ev.target
-        if target[:1] != b"/" and target[:4].lower() == b"http":
-            target = _origin_form(target)
-        request = Request(ev.method.decode("ascii"), target.decode("latin-1"), self._headers, body,
-                          self._client, ev.http_version)
+        target = _request_target(ev.target).decode("latin-1")
+        request = Request(ev.method.decode("ascii"), target, self._headers, body, self._client, ev.http_version)
         keep_alive = keeps_alive(ev.http_version, self._headers) and not self.state.draining
         responder = Responder(self, new_request_id(), keep_alive, ev.method == b"HEAD")
         self._responder = responder
