@@ -227,6 +227,18 @@ async def test_scrapes_from_outside_the_allowed_networks_are_refused(gateway_env
         assert (await conn.request("GET", "/health")).status == 200
 
 
+async def test_behind_a_trusted_proxy_the_forwarded_client_is_judged(gateway_env, mock_upstream):
+    """A local reverse proxy forwards outside clients: /metrics sees them, not the proxy's loopback address."""
+    gateway_env.add_channel("main", mock_upstream)
+    gw = await gateway_env.start(trusted_proxies=["127.0.0.1/32"])
+    async with await RawConnection.open(gw.host, gw.port) as conn:
+        outside = await conn.request("GET", "/metrics", {"x-forwarded-for": "203.0.113.5"})
+    assert outside.status == 403 and b"permission_error" in outside.body
+    async with await RawConnection.open(gw.host, gw.port) as conn:
+        local = await conn.request("GET", "/metrics", {"x-forwarded-for": "127.0.0.1"})
+    assert local.status == 200
+
+
 async def test_metrics_can_be_turned_off(gateway_env, mock_upstream):
     key = gateway_env.add_key("alice")
     gateway_env.add_channel("main", mock_upstream)

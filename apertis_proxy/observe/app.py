@@ -144,6 +144,8 @@ class ObservedApp:
         self._own = {"/ready": observe.ready}
         if observe.metrics_enabled:
             self._own["/metrics"] = observe.metrics
+        # Behind trusted proxies, the paths answered here judge the client they name too.
+        self._client_address = getattr(app, "client_address", None)
         # The HTTP layer's head check (see http/protocol.py), passed through; a
         # request refused from its head is counted and logged too.
         self._admit = getattr(app, "admit", None)
@@ -159,6 +161,8 @@ class ObservedApp:
 
     async def __call__(self, req: Request, resp: Responder) -> None:
         own = self._own.get(req.path)
+        if own is not None and self._client_address is not None:
+            req.client = self._client_address.resolve(req.client, req.headers)
         recorder = self.recorder
         if recorder is None:
             return await (self.app(req, resp) if own is None else self._answer(own, req, resp))
