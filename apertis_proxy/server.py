@@ -183,6 +183,8 @@ class Gateway:
             await self.plugins.close()   # meters flush here
         if self.observe is not None:
             await self.observe.close()   # after the meters: their last rows are counted
+        if self.owned is not None:
+            await self.owned.settle()    # ownership records still being written (on the watcher's connection)
         if self._watcher is not None:
             await self._watcher.close()
         self.pools.close()

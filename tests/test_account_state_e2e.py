@@ -151,3 +151,13 @@ async def test_a_fallback_credit_token_is_redeemed_on_its_account_by_its_owner(g
     stolen, _ = await post(gateway_env, keys["bob"], message("mine now", fallback_credit_token={"token": token}))
     assert stolen.status == 404 and stolen.json()["error"]["type"] == "not_found_error"
     assert sum(len(m.requests) for m in mocks.values()) == before
+
+
+async def test_ownership_noted_just_before_shutdown_is_written(gateway_env, mock_upstream):
+    """An id created as the gateway stops (a file, a batch) keeps its owner: shutdown waits for the write."""
+    gateway_env.add_channel("main", mock_upstream)
+    gw = await gateway_env.start()
+    gw.owned.remember("file", "file_made_at_shutdown", "key:1", "account-a", None)
+    await gateway_env.stop()
+    rows = gateway_env.query("SELECT owner, account FROM owned_state WHERE id = 'file_made_at_shutdown'")
+    assert [tuple(r) for r in rows] == [("key:1", "account-a")]
