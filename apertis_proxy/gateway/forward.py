@@ -24,14 +24,14 @@ from ..plugin_host import PluginHost
 from ..settings import Settings
 from ..store.catalog import Catalog
 from ..store.owned_state import OwnedState
-from ..upstream.connection import UpstreamConnection, UpstreamError
-from ..upstream.pool import Pool, Pools
+from ..upstream.connection import ResponseHead, UpstreamConnection, UpstreamError
+from ..upstream.pool import Pools
 from . import contract, model_policy
 from .body_encoding import decode_body
 from .headers import downstream_headers, parse_retry_after, upstream_headers
 from .ownership import (CONTAINER, CREDIT, THINKING, THREAD, StateCapture, asks_for_thinking, not_found,
                         owner_of, references, resolve)
-from .relay import relay_json, relay_stream
+from .relay import JsonRelay, StreamRelay
 from .sse import SseSplicer
 from .pricing import price
 from .upstream_call import exchange
@@ -89,6 +89,22 @@ class Attempt:
         self.headers = headers or []
         self.body = body
         self.cause = cause      # whether the next channel may be tried (upstream_errors.fails_over)
+
+
+class Forwarding:
+    """One request on its way through the channels: what each attempt needs."""
+
+    __slots__ = ("req", "resp", "info", "record", "count_tokens", "owner", "notices")
+
+    def __init__(self, req: Request, resp: Responder, info: RequestInfo, record: UsageRecord, count_tokens: bool,
+                 owner: str, notices: Sequence[tuple[bytes, bytes]]) -> None:
+        self.req = req
+        self.resp = resp
+        self.info = info
+        self.record = record
+        self.count_tokens = count_tokens
+        self.owner = owner              # whose account-bound state an answer creates
+        self.notices = notices          # response headers about the model's resolution
 
 
 class MessagesForwarder:
@@ -166,8 +182,8 @@ class MessagesForwarder:
             if not count_tokens:
                 channels = model_policy.admit_unpriced(self.catalog.catalog, channels, info.model, caller,
                                                        self.settings.allow_unpriced, record.started_at)
-            await self._attempt_all(req, resp, info, info.body, channels, record, count_tokens,
-                                    owner_of(caller), resolved.headers)
+            await self._attempt_all(Forwarding(req, resp, info, record, count_tokens, owner_of(caller),
+                                               resolved.headers), channels)
         except GatewayError as e:
             record.status = e.status
             record.error_type = e.error_type
@@ -218,25 +234,23 @@ class MessagesForwarder:
                                  f"models this key can use: {listed}", "not_found_error")
 
     # -- attempts ------------------------------------------------------------
-    async def _attempt_all(self, req: Request, resp: Responder, info: RequestInfo, body: dict,
-                           channels: Sequence[Channel], record: UsageRecord, count_tokens: bool,
-                           owner: str, notices: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    async def _attempt_all(self, fwd: "Forwarding", channels: Sequence[Channel]) -> None:
         client_version = None
-        for name, value in req.headers:
+        for name, value in fwd.req.headers:
             if name == b"anthropic-version":
                 client_version = value.decode("latin-1")
         failure: Optional[Attempt] = None
         last = len(channels) - 1
         for i, channel in enumerate(channels):
-            prepared = contract.prepare_for_channel(body, channel, client_version=client_version,
+            prepared = contract.prepare_for_channel(fwd.info.body, channel, client_version=client_version,
                                                     default_version=self.settings.default_api_version)
-            failure = await self._attempt(req, resp, info, channel, prepared, record, count_tokens, owner,
-                                          notices)
+            failure = await self._attempt(fwd, channel, prepared)
             if failure is None:
                 return
             if not fails_over(failure.cause) or i == last:
                 break
         assert failure is not None
+        record, resp = fwd.record, fwd.resp
         record.status = failure.status
         record.error_type = failure.error_type
         if failure.body is not None:
@@ -244,13 +258,10 @@ class MessagesForwarder:
         else:
             resp.send_error(failure.status, failure.message, failure.error_type, failure.headers)
 
-    async def _attempt(self, req: Request, resp: Responder, info: RequestInfo, channel: Channel,
-                       prepared: "contract.Prepared", record: UsageRecord,
-                       count_tokens: bool, owner: str,
-                       notices: Sequence[tuple[bytes, bytes]] = ()) -> Optional[Attempt]:
+    async def _attempt(self, fwd: "Forwarding", channel: Channel, prepared: "contract.Prepared") -> Optional[Attempt]:
         """One channel.  None when the client got its answer; an Attempt when it failed
         before anything went out (the caller may try the next channel)."""
-        settings = self.settings
+        req, info, record = fwd.req, fwd.info, fwd.record
         record.attempts += 1
         record.channel_id, record.channel_name = channel.id, channel.name
         upstream_model = prepared.body.get("model") if isinstance(prepared.body, dict) else None
@@ -264,29 +275,43 @@ class MessagesForwarder:
             self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id,
                                           error_type="connect_error", message=str(exc), cause=CAUSE_TRANSIENT))
             return Attempt(502, "api_error", "upstream channel is misconfigured")
-        pool = self.pools.pool(origin)
         target = (origin.base_path + req.path + ("?" + req.query if req.query else "")).encode("latin-1")
         t_start = _clock()
 
         def connected() -> None:
             record.reached_upstream = True
 
-        try:
-            conn, head = await exchange(pool, b"POST", target, headers, payload, settings.read_timeout, connected)
-        except UpstreamError as exc:
-            return self._failed(channel, info, exc, t_start)
-        # Sent and answered: a stream may run for minutes, so do not hold the
-        # request bytes (an orjson output keeps an 8 KB block, measured).
-        payload = headers = None    # noqa: F841
-        record.ttfb_ms = round((_clock() - t_start) * 1000, 3)
-        rid = head.get(b"request-id")
-        record.upstream_request_id = rid.decode("latin-1") if rid else None
+        async with self.pools.pool(origin).lease() as lease:
+            try:
+                head = await exchange(lease, b"POST", target, headers, payload, self.settings.read_timeout,
+                                      connected)
+            except UpstreamError as exc:
+                return self._failed(channel, info, exc, t_start)
+            # Sent and answered: a stream may run for minutes, so do not hold the
+            # request bytes (an orjson output keeps an 8 KB block, measured).
+            payload = headers = None    # noqa: F841
+            record.ttfb_ms = round((_clock() - t_start) * 1000, 3)
+            rid = head.get(b"request-id")
+            record.upstream_request_id = rid.decode("latin-1") if rid else None
+            if head.status >= 400:
+                return await self._upstream_error(lease.conn, channel, info, head, t_start)
+            meter = await self._relay(fwd, channel, prepared, lease.conn, head)
+        # A body that failed after a 2xx head (an in-band error, a cut or stalled
+        # stream) is the channel's failure too; a client that left is not.
+        failed = record.error_type is not None and record.error_type != "client_closed_request"
+        self.plugins.feedback(Outcome(channel, ok=not failed, request_id=info.request_id, status=head.status,
+                                      error_type=record.error_type if failed else None,
+                                      duration=_clock() - t_start, cause=CAUSE_TRANSIENT if failed else None))
+        if isinstance(meter, StateCapture):
+            self._remember(meter, info, channel, fwd.owner)
+        return None
 
-        if head.status >= 400:
-            return await self._upstream_error(conn, pool, channel, info, head, t_start)
-
+    async def _relay(self, fwd: "Forwarding", channel: Channel, prepared: "contract.Prepared",
+                     conn: UpstreamConnection, head: ResponseHead) -> UsageMeter:
+        """Move a 2xx answer to the client; the meter that took its usage."""
+        record = fwd.record
         down = downstream_headers(head.headers)
-        down.extend(notices)
+        down.extend(fwd.notices)
         if prepared.dropped:
             down.append((b"apertis-dropped-params", contract.dropped_header_value(prepared.dropped).encode()))
         rename = None
@@ -295,23 +320,16 @@ class MessagesForwarder:
         if asked and record.upstream_model and asked != record.upstream_model:
             rename = (record.upstream_model, asked)
         ctype = head.get(b"content-type") or b""
-        meter = (StateCapture(record, asks_for_thinking(info.body)) if self.owned is not None and not count_tokens
-                 else UsageMeter(record))
+        meter = (StateCapture(record, asks_for_thinking(fwd.info.body))
+                 if self.owned is not None and not fwd.count_tokens else UsageMeter(record))
+        timeout = self.settings.read_timeout
         if ctype.startswith(b"text/event-stream"):
-            await relay_stream(conn, pool, resp, head.status, down, SseSplicer(meter, rename, channel.api_key),
-                               record, settings.read_timeout)
+            await StreamRelay(conn, fwd.resp, head.status, down, record, timeout,
+                              SseSplicer(meter, rename, channel.api_key)).run()
         else:
-            await relay_json(conn, pool, resp, head.status, down, meter, rename, record, count_tokens,
-                             settings.read_timeout)
-        # A body that failed after a 2xx head (an in-band error, a cut or stalled
-        # stream) is the channel's failure too; a client that left is not.
-        failed = record.error_type is not None and record.error_type != "client_closed_request"
-        self.plugins.feedback(Outcome(channel, ok=not failed, request_id=info.request_id, status=head.status,
-                                      error_type=record.error_type if failed else None,
-                                      duration=_clock() - t_start, cause=CAUSE_TRANSIENT if failed else None))
-        if isinstance(meter, StateCapture):
-            self._remember(meter, info, channel, owner)
-        return None
+            await JsonRelay(conn, fwd.resp, head.status, down, record, timeout, meter, rename,
+                            fwd.count_tokens).run()
+        return meter
 
     def _remember(self, created: StateCapture, info: RequestInfo, channel: Channel, owner: str) -> None:
         """Record the ids this answer created, with their account and owner."""
@@ -335,16 +353,11 @@ class MessagesForwarder:
             return Attempt(504, "timeout_error", f"upstream timed out: {exc}")
         return Attempt(502, "api_error", f"upstream unavailable: {exc}")
 
-    async def _upstream_error(self, conn: UpstreamConnection, pool: Pool, channel: Channel,
-                              info: RequestInfo, head, t_start: float) -> Attempt:
+    async def _upstream_error(self, conn: UpstreamConnection, channel: Channel,
+                              info: RequestInfo, head: ResponseHead, t_start: float) -> Attempt:
         try:
             raw = await conn.read_all(self.settings.read_timeout, _ERROR_BODY_LIMIT)
-            pool.release(conn)
-        except asyncio.CancelledError:
-            pool.discard(conn)
-            raise
         except UpstreamError:
-            pool.discard(conn)
             raw = b""
         # The client gets the upstream's body (its error_code and request_id), without
         # the channel's key: some relays quote the credential they were sent.

@@ -27,8 +27,49 @@ class Origin:
         self.key = (self.scheme, self.host, self.port)
 
 
+class Lease:
+    """One pool slot held for one request and its response, as `async with
+    pool.lease() as lease`.  The connection in it goes back to the pool on
+    every way out of the block: kept for reuse when its exchange finished
+    cleanly, closed otherwise (and always when the block raised).  Whoever
+    holds a lease never returns a connection by hand."""
+
+    __slots__ = ("_pool", "conn", "reused")
+
+    def __init__(self, pool: "Pool") -> None:
+        self._pool = pool
+        self.conn: Optional[UpstreamConnection] = None
+        self.reused = False         # `conn` came from the idle set
+
+    async def connect(self, fresh: bool = False) -> UpstreamConnection:
+        """A connection for the request (a new one when `fresh`); one held
+        before is closed first."""
+        self.drop()
+        self.conn, self.reused = await self._pool.acquire(fresh)
+        return self.conn
+
+    def drop(self) -> None:
+        """Close the connection held, if any, and free its slot."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            self._pool.discard(conn)
+
+    async def __aenter__(self) -> "Lease":
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        if exc_type is None:
+            self._pool.release(conn)
+        else:
+            self._pool.discard(conn)
+
+
 class Pool:
-    """Idle connections to one origin.  Bookkeeping first, I/O after."""
+    """Idle connections to one origin.  Bookkeeping first, I/O after.
+    Connections are taken with `lease()`."""
 
     def __init__(self, origin: Origin, *, max_idle: int, idle_timeout: float, connect_timeout: float,
                  ssl_context: Optional[ssl.SSLContext]) -> None:
@@ -42,6 +83,9 @@ class Pool:
         self.in_use = 0
         # get_running_loop() costs a getpid() syscall; the loop never changes.
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def lease(self) -> Lease:
+        return Lease(self)
 
     async def acquire(self, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
         """A connection ready for one request, and whether it was reused."""
@@ -61,7 +105,8 @@ class Pool:
         return conn, False
 
     def release(self, conn: UpstreamConnection) -> None:
-        """Return a connection after its response was read to the end (or drop it)."""
+        """Take a connection back: idle for reuse when its exchange finished
+        cleanly (`conn.recycle()`), closed otherwise."""
         self.in_use -= 1
         idle = self._idle
         if len(idle) < self._max_idle and conn.recycle():
