@@ -16,6 +16,7 @@ import sqlite3
 import time
 from typing import Any, Optional
 
+from .errors import render_error
 from .fd_limits import connection_cap, raise_nofile_limit
 from .gateway.client_address import ClientAddress
 from .gateway.forward import CatalogRef, MessagesForwarder
@@ -43,7 +44,7 @@ class Gateway:
         self.settings = settings
         self.worker = worker
         self.workers = workers
-        self.state = ServerState(settings.max_connections)
+        self.state = ServerState(render_error, settings.max_connections)
         self.pools = Pools(max_idle=settings.pool_max_idle, idle_timeout=settings.pool_idle_timeout,
                            connect_timeout=settings.connect_timeout)
         self.plugins: Optional[PluginHost] = None

@@ -16,7 +16,7 @@ import orjson
 
 from ..errors import GatewayError
 from ..http.messages import Request
-from ..http.protocol import Responder
+from ..http.responder import Responder
 from ..plugin_api import Caller, Channel, UsageRecord
 from . import contract
 from .forward import request_info

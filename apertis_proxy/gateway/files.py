@@ -13,7 +13,7 @@ import orjson
 
 from ..errors import GatewayError
 from ..http.messages import Request
-from ..http.protocol import Responder
+from ..http.responder import Responder
 from ..plugin_api import Caller, UsageRecord
 from .forward import request_info
 from .owned_endpoint import OwnedEndpoint

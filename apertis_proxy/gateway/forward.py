@@ -17,7 +17,7 @@ import orjson
 
 from ..errors import GatewayError, error_body
 from ..http.messages import Request
-from ..http.protocol import Responder
+from ..http.responder import Responder
 from ..plugin_api import (CAUSE_CREDENTIAL, CAUSE_TRANSIENT, Caller, Channel, Outcome, RequestInfo,
                           UsageRecord)
 from ..plugin_host import PluginHost

@@ -18,7 +18,7 @@ from typing import Optional
 import orjson
 
 from ..errors import sse_error_event
-from ..http.protocol import ClientGone, Responder
+from ..http.responder import ClientGone, Responder
 from ..plugin_api import UsageRecord
 from ..upstream.connection import UpstreamConnection, UpstreamError
 from .sse import EventTooLarge, SseSplicer

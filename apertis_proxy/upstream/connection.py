@@ -33,6 +33,7 @@ from typing import Callable, Optional
 
 import h11
 
+from ..flow_control import SMALL_WRITE
 from ..http.messages import header_list, keeps_alive
 from .framing import BodyDecoder, FramingError, decoder_for
 
@@ -279,11 +280,11 @@ class UpstreamConnection(asyncio.Protocol):
         if self.closed or self.transport is None:
             raise UpstreamError("upstream connection closed before the request was sent", "send")
         parts.append(b"\r\n")
-        if len(body) > 16384:
-            self.transport.writelines((b"".join(parts), body))
-        else:
+        if len(body) < SMALL_WRITE:
             parts.append(body)
             self.transport.write(b"".join(parts))
+        else:
+            self.transport.writelines((b"".join(parts), body))
         self._sent = True
 
     async def read_head(self, timeout: float) -> ResponseHead:
