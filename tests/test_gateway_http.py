@@ -565,7 +565,7 @@ async def test_slow_reader_pauses_the_upstream_and_gets_everything(gateway):
         stalled_at = await _settled(lambda: mock.served[0]["events_sent"])
         assert not mock.served[0]["completed"] and stalled_at < deltas
         client_side = [c for c in gateway.gateway.state.connections if c.busy]
-        assert len(client_side) == 1 and client_side[0].write_paused
+        assert len(client_side) == 1 and client_side[0].flow.write_paused
         # What the gateway holds for this client is bounded by the write high-water mark, not the stream.
         assert client_side[0].transport.get_write_buffer_size() < 1024 * 1024
 

@@ -152,10 +152,10 @@ async def test_read_all_resumes_a_body_paused_at_the_high_water_mark():
         conn.send_request(b"POST", b"/v1/messages", REQUEST_HEADERS, b"{}")
         assert (await conn.read_head(5.0)).status == 200
         for _ in range(100):                # let the body queue up to the mark
-            if not conn._reading:
+            if not conn._flow.reading:
                 break
             await asyncio.sleep(0.01)
-        assert not conn._reading, "the queue never reached the high-water mark"
+        assert not conn._flow.reading, "the queue never reached the high-water mark"
         assert await asyncio.wait_for(conn.read_all(5.0, 1 << 24), 10) == body
         conn.close()
 
@@ -177,10 +177,10 @@ async def test_stream_paused_at_high_water_before_the_consumer_resumes(taken_fir
         conn.send_request(b"POST", b"/v1/messages", REQUEST_HEADERS, b"{}")
         assert (await conn.read_head(5.0)).status == 200
         for _ in range(100):                          # let the queue fill and reading pause
-            if not conn._reading:
+            if not conn._flow.reading:
                 break
             await asyncio.sleep(0.01)
-        assert not conn._reading
+        assert not conn._flow.reading
         got = [b"".join(conn.buffered())] if taken_first else []
         await asyncio.wait_for(conn.pump(lambda piece: got.append(piece) or True, 5.0), 10.0)
         assert b"".join(got).count(b"event: content_block_delta") == 400

@@ -22,6 +22,8 @@ from typing import Awaitable, Callable, Optional, Protocol
 
 import h11
 
+from ..deadline import Deadline
+from ..flow_control import FlowControl
 from ..settings import Settings
 from .messages import Request, build_head, header_list, keeps_alive
 from .request_ids import new_request_id
@@ -129,9 +131,7 @@ class HttpConnection(asyncio.Protocol):
         self._h11 = self._new_h11()
         self.closed = False
         self.http11 = True
-        self.write_paused = False
-        self._drain_waiter: Optional[asyncio.Future] = None
-        self.on_writable: Optional[Callable[[], None]] = None
+        self.flow = FlowControl()
         self._client = ""
         # Per request cycle.
         self._request: Optional[h11.Request] = None
@@ -143,9 +143,7 @@ class HttpConnection(asyncio.Protocol):
         self._responder: Optional[Responder] = None
         self._task: Optional[asyncio.Task] = None
         self._buffered = 0          # bytes received while a handler runs
-        self._reading = True
-        self._timer: Optional[asyncio.TimerHandle] = None
-        self._deadline: Optional[float] = None
+        self._deadline = Deadline(self._loop, self._on_timeout)
         self._head_started = False  # the header timer runs from a request's first byte
         self._peer_eof = False      # the client half-closed while we owe it a response
         self._discarding = False    # answered early: swallow the rest of the request, then close
@@ -177,6 +175,7 @@ class HttpConnection(asyncio.Protocol):
             transport.close()
             return
         transport.set_write_buffer_limits(high=self._settings.write_high_water)
+        self.flow.transport = transport
         peer = transport.get_extra_info("peername")
         self._client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         state.connections.add(self)
@@ -185,9 +184,8 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
         self.state.connections.discard(self)
-        self._drop_timer()
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self._deadline.cancel()
+        self.flow.wake_writers()
         # A handler streaming a response may be waiting on a quiet upstream and
         # would only notice at its next write: stop it now (it meters the request
         # as interrupted).  One still waiting for a complete answer is left to
@@ -203,7 +201,7 @@ class HttpConnection(asyncio.Protocol):
             # A handler is running: keep the pipelined bytes for later.
             self._buffered += len(data)
             if self._buffered > _PIPELINE_HIGH_WATER:
-                self._pause_reading()
+                self.flow.pause_reading()
         first_bytes = False
         if self._responder is None:
             if not self._head_started:
@@ -238,15 +236,10 @@ class HttpConnection(asyncio.Protocol):
         return None  # idle: let the transport close
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        self.flow.pause_writing()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
-        callback, self.on_writable = self.on_writable, None
-        if callback is not None:
-            callback()
+        self.flow.resume_writing()
 
     # -- writing -----------------------------------------------------------
     def write(self, *parts: bytes) -> None:
@@ -258,11 +251,9 @@ class HttpConnection(asyncio.Protocol):
             self.transport.writelines(parts)
 
     async def drain(self) -> None:
-        if not self.write_paused or self.closed:
+        if not self.flow.write_paused or self.closed:
             return
-        if self._drain_waiter is None or self._drain_waiter.done():
-            self._drain_waiter = self._loop.create_future()
-        await self._drain_waiter
+        await self.flow.drain()
         if self.closed:
             raise ClientGone()
 
@@ -288,7 +279,7 @@ class HttpConnection(asyncio.Protocol):
                     self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 return
             if event is h11.PAUSED:  # pragma: no cover - we swap connections before this happens
-                self._pause_reading()
+                self.flow.pause_reading()
                 return
             etype = type(event)
             if etype is h11.Request:
@@ -395,12 +386,12 @@ class HttpConnection(asyncio.Protocol):
         if self._buffered:
             fresh.receive_data(memoryview(data)[length:])
             if self._buffered > _PIPELINE_HIGH_WATER:
-                self._pause_reading()
+                self.flow.pause_reading()
         self._dispatch()
         return True
 
     def _dispatch(self) -> None:
-        self._disarm()
+        self._deadline.clear()
         ev = self._request
         assert ev is not None
         # The h11 event is not needed past this point; a long stream should not hold it.
@@ -467,10 +458,10 @@ class HttpConnection(asyncio.Protocol):
             self._responder = None
             self.close()
             return
-        if self.write_paused:
+        if self.flow.write_paused:
             # The client is not reading its answers: serve its next pipelined
             # request only once it does, or answers pile up in memory.
-            self.on_writable = self._next_cycle
+            self.flow.on_writable = self._next_cycle
             return
         # At once, not via call_soon (one loop trip less per request): a pipelined
         # request found here starts a new task, so nothing recurses.
@@ -506,10 +497,9 @@ class HttpConnection(asyncio.Protocol):
         # Read on unless the request just started leaves a backlog over the
         # high-water mark (_take_body counted it): one client cannot make the
         # gateway hold (and re-copy, each cycle) all it pipelines.
-        if not self._reading and not self.closed and (
+        if not self.flow.reading and not self.closed and (
                 self._responder is None or self._buffered <= _PIPELINE_HIGH_WATER):
-            self._reading = True
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            self.flow.resume_reading()
 
     # -- errors and timers ---------------------------------------------------
     def _reject_early(self, status: int, message: str, error_type: str) -> None:
@@ -537,45 +527,8 @@ class HttpConnection(asyncio.Protocol):
         etype = "request_too_large" if status == 431 else "invalid_request_error"
         self._reject_early(status, message, etype)
 
-    def _pause_reading(self) -> None:
-        if self._reading and self.transport is not None:
-            self._reading = False
-            self.transport.pause_reading()
-
-    # One lazily moved timer per connection: re-arming for a later deadline (the
-    # keep-alive wait after each response) only records it, and the timer, on
-    # firing early, schedules itself again.  A new timer per request cycle was
-    # measured at several percent of a small request's CPU.
     def _arm(self, delay: float) -> None:
-        when = self._loop.time() + delay
-        self._deadline = when
-        timer = self._timer
-        if timer is not None:
-            if timer.when() <= when:
-                return
-            timer.cancel()
-        self._timer = self._loop.call_at(when, self._on_timer)
-
-    def _disarm(self) -> None:
-        """No deadline for now; the timer, if it fires, finds none."""
-        self._deadline = None
-
-    def _drop_timer(self) -> None:
-        self._deadline = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None or self.closed:
-            return
-        if self._loop.time() < deadline:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-            return
-        self._deadline = None
-        self._on_timeout()
+        self._deadline.set(self._loop.time() + delay)
 
     def _on_timeout(self) -> None:
         if self.closed or self._responder is not None:

@@ -118,7 +118,7 @@ class Responder:
         if conn.closed:
             raise ClientGone()
         self._frame(data)
-        if conn.write_paused:
+        if conn.flow.write_paused:
             await conn.drain()
 
     def write_nowait(self, data: bytes) -> bool:
@@ -128,12 +128,13 @@ class Responder:
         if conn.closed:
             return True     # nothing to pace: the handler is being cancelled
         self._frame(data)
-        return not conn.write_paused
+        return not conn.flow.write_paused
 
     def when_writable(self, callback: Callable[[], None]) -> None:
         """Call `callback` once the client has drained below the high-water mark."""
-        if self._conn.write_paused:
-            self._conn.on_writable = callback
+        flow = self._conn.flow
+        if flow.write_paused:
+            flow.on_writable = callback
         else:
             callback()
 
