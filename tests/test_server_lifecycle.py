@@ -25,7 +25,7 @@ from typing import Any, Optional
 import anthropic
 import pytest
 
-from apertis_proxy import server as server_module
+from apertis_proxy import supervisor
 from apertis_proxy.server import Gateway
 from apertis_proxy.store import channels, keys, schema
 from mock_upstream import MOCK_API_KEY
@@ -229,7 +229,7 @@ async def listening_workers(server, n: int) -> list[int]:
 async def crash_and_replace(server, victim: int) -> list[int]:
     """SIGKILL one worker once past start-up (a death then is a crash); the pids of the two workers listening
     after the parent replaced it."""
-    await asyncio.sleep(server_module.WORKER_START_GRACE)
+    await asyncio.sleep(supervisor.WORKER_START_GRACE)
     os.kill(victim, signal.SIGKILL)
 
     async def reaped() -> bool:
