@@ -12,7 +12,7 @@ from typing import Optional
 import orjson
 
 from ..errors import GatewayError
-from ..http.messages import Request
+from ..http.request import Request
 from ..http.responder import Responder
 from ..plugin_api import Caller, UsageRecord
 from .forward import request_info

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import orjson
 
 from ..errors import GatewayError, error_body
-from ..http.messages import Request
+from ..http.request import Request
 from ..http.responder import Responder
 from ..plugin_api import (CAUSE_CREDENTIAL, CAUSE_TRANSIENT, Caller, Channel, Outcome, RequestInfo,
                           UsageRecord)
@@ -75,7 +75,7 @@ def request_info(req: Request, resp: Responder, body: Any) -> RequestInfo:
                        client=req.client, request_id=resp.request_id)
 
 
-class Attempt:
+class FailedAttempt:
     """The failure of one channel attempt, kept to answer the client if all fail."""
 
     __slots__ = ("status", "error_type", "message", "headers", "body", "cause")
@@ -239,7 +239,7 @@ class MessagesForwarder:
         for name, value in fwd.req.headers:
             if name == b"anthropic-version":
                 client_version = value.decode("latin-1")
-        failure: Optional[Attempt] = None
+        failure: Optional[FailedAttempt] = None
         last = len(channels) - 1
         for i, channel in enumerate(channels):
             prepared = contract.prepare_for_channel(fwd.info.body, channel, client_version=client_version,
@@ -258,8 +258,9 @@ class MessagesForwarder:
         else:
             resp.send_error(failure.status, failure.message, failure.error_type, failure.headers)
 
-    async def _attempt(self, fwd: "Forwarding", channel: Channel, prepared: "contract.Prepared") -> Optional[Attempt]:
-        """One channel.  None when the client got its answer; an Attempt when it failed
+    async def _attempt(self, fwd: "Forwarding", channel: Channel,
+                       prepared: "contract.Prepared") -> Optional[FailedAttempt]:
+        """One channel.  None when the client got its answer; a FailedAttempt when it failed
         before anything went out (the caller may try the next channel)."""
         req, info, record = fwd.req, fwd.info, fwd.record
         record.attempts += 1
@@ -274,7 +275,7 @@ class MessagesForwarder:
         except ValueError as exc:   # a bad base URL, or a key/version that cannot be a header
             self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id,
                                           error_type="connect_error", message=str(exc), cause=CAUSE_TRANSIENT))
-            return Attempt(502, "api_error", "upstream channel is misconfigured")
+            return FailedAttempt(502, "api_error", "upstream channel is misconfigured")
         target = (origin.base_path + req.path + ("?" + req.query if req.query else "")).encode("latin-1")
         t_start = _clock()
 
@@ -345,16 +346,16 @@ class MessagesForwarder:
         for fingerprint in created.signatures:
             owned.remember(THINKING, fingerprint, owner, channel.account, channel.id)
 
-    def _failed(self, channel: Channel, info: RequestInfo, exc: UpstreamError, t_start: float) -> Attempt:
+    def _failed(self, channel: Channel, info: RequestInfo, exc: UpstreamError, t_start: float) -> FailedAttempt:
         etype = "timeout" if exc.timeout else "connect_error"
         self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, error_type=etype,
                                       message=str(exc), duration=_clock() - t_start, cause=CAUSE_TRANSIENT))
         if exc.timeout:
-            return Attempt(504, "timeout_error", f"upstream timed out: {exc}")
-        return Attempt(502, "api_error", f"upstream unavailable: {exc}")
+            return FailedAttempt(504, "timeout_error", f"upstream timed out: {exc}")
+        return FailedAttempt(502, "api_error", f"upstream unavailable: {exc}")
 
     async def _upstream_error(self, conn: UpstreamConnection, channel: Channel,
-                              info: RequestInfo, head: ResponseHead, t_start: float) -> Attempt:
+                              info: RequestInfo, head: ResponseHead, t_start: float) -> FailedAttempt:
         try:
             raw = await conn.read_all(self.settings.read_timeout, _ERROR_BODY_LIMIT)
         except UpstreamError:
@@ -370,10 +371,10 @@ class MessagesForwarder:
         if error.cause == CAUSE_CREDENTIAL:
             # The channel's own key was refused: the caller's key is fine, so do
             # not hand them an authentication error they cannot fix.
-            return Attempt(502, "api_error", "the upstream channel rejected the gateway's credentials",
+            return FailedAttempt(502, "api_error", "the upstream channel rejected the gateway's credentials",
                            cause=error.cause)
         passed = [(n, v) for n, v in head.headers if n in (b"retry-after", b"retry-after-ms", b"x-should-retry")]
         rid = head.get(b"request-id")
         if rid:
             passed.append((b"upstream-request-id", rid))
-        return Attempt(error.status, error.error_type, error.message, passed, error.body, error.cause)
+        return FailedAttempt(error.status, error.error_type, error.message, passed, error.body, error.cause)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import orjson
 
 from ..errors import GatewayError
-from ..http.messages import Request
+from ..http.request import Request
 from ..http.responder import Responder
 from ..plugin_api import Caller, Channel, UsageRecord
 from ..upstream.connection import UpstreamError

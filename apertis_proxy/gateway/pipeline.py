@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from ..errors import GatewayError
-from ..http.messages import Request
+from ..http.request import Request
 from ..http.responder import Responder
 from ..plugin_api import Caller, ModelInfo, RequestInfo, UsageRecord
 from ..plugin_host import PluginHost

@@ -2,7 +2,7 @@
 
 h11 is used for what it is good at -- parsing and validating request heads and
 bodies, and knowing where one request ends.  Responses are written from
-prebuilt bytes (see messages.build_head): h11's response path costs tens of
+prebuilt bytes (see heads.build_head): h11's response path costs tens of
 microseconds per request and its chunk framing ~3 us per SSE event.  Because
 h11 never sees our responses, a fresh h11.Connection is started per request
 cycle and fed whatever pipelined bytes the previous one had buffered.
@@ -25,7 +25,8 @@ import h11
 from ..deadline import Deadline
 from ..flow_control import FlowControl
 from ..settings import Settings
-from .messages import Request, build_head, header_list, keeps_alive
+from .heads import build_head, header_list, keeps_alive
+from .request import Request
 from .request_ids import new_request_id
 from .responder import ClientGone, ErrorRenderer, Responder
 

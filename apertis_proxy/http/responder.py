@@ -5,7 +5,7 @@ import asyncio
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..flow_control import SMALL_WRITE
-from .messages import build_head
+from .heads import build_head
 
 if TYPE_CHECKING:
     from .protocol import HttpConnection

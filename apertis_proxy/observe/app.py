@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import orjson
 
-from ..http.messages import Request
+from ..http.request import Request
 from ..http.responder import Responder
 from ..plugin_host import PluginHost
 from ..settings import Settings

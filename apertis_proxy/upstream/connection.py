@@ -35,7 +35,7 @@ import h11
 
 from ..deadline import Deadline
 from ..flow_control import SMALL_WRITE, FlowControl
-from ..http.messages import header_list, keeps_alive
+from ..http.heads import header_list, keeps_alive
 from .framing import BodyDecoder, FramingError, decoder_for
 
 _QUEUE_HIGH_WATER = 256 * 1024
@@ -50,7 +50,9 @@ _SENT_REQUEST = h11.Request(method=b"POST", target=b"/", headers=[(b"host", b"up
                                                                    (b"content-length", b"0")])
 
 
-_METHODS = frozenset((b"POST", b"GET", b"DELETE"))
+# The methods send_request writes: their answers are framed as the body
+# decoder expects (a HEAD answer has no body: the decoder would wait for one).
+_FORWARDED_METHODS = frozenset((b"POST", b"GET", b"DELETE"))
 
 
 class UpstreamError(Exception):
@@ -119,7 +121,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._eom = self._decoder.done
             else:
                 self._h11.receive_data(b"")
-                self._pump()
+                self._parse_head()
         except (h11.RemoteProtocolError, FramingError):
             pass
         if not self._eom and self._error is None:
@@ -145,7 +147,7 @@ class UpstreamConnection(asyncio.Protocol):
                 if not self._told:
                     self._head_bytes += data
                 self._h11.receive_data(data)
-                self._pump()
+                self._parse_head()
         except (h11.RemoteProtocolError, FramingError) as exc:
             self._fail(UpstreamError(f"invalid HTTP from upstream: {exc}", "head" if self._head is None
                                      else "body"))
@@ -156,7 +158,7 @@ class UpstreamConnection(asyncio.Protocol):
         return None
 
     # -- parsing -------------------------------------------------------------
-    def _pump(self) -> None:
+    def _parse_head(self) -> None:
         """Parse the response head with h11; then hand the rest to a body decoder."""
         conn = self._h11
         while True:
@@ -259,10 +261,11 @@ class UpstreamConnection(asyncio.Protocol):
     # -- public API ------------------------------------------------------------
     def send_request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                      body: bytes) -> None:
-        """Write the whole request (head and body) at once.  `headers` must carry
-        host and content-length, and be valid: values from the client were
-        validated by h11, the gateway's own by gateway.headers."""
-        if method not in _METHODS:      # a HEAD answer has no body: the framing here would wait for one
+        """Write a POST, GET or DELETE request, head and body, at once (any
+        other method raises UpstreamError).  `headers` must carry host and
+        content-length, and be valid: values from the client were validated
+        by h11, the gateway's own by gateway.headers."""
+        if method not in _FORWARDED_METHODS:
             raise UpstreamError("only POST, GET and DELETE requests are forwarded", "send")
         self.requests += 1
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
