@@ -27,7 +27,7 @@ class Responder:
     streams to HEAD: only POST endpoints stream)."""
 
     __slots__ = ("_conn", "request_id", "started", "finished", "status", "keep_alive", "_chunked",
-                 "bytes_sent", "abandon_on_disconnect", "_task", "head_only", "_left")
+                 "abandon_on_disconnect", "_task", "head_only", "_left")
 
     def __init__(self, conn: "HttpConnection", request_id: str, keep_alive: bool,
                  head_only: bool = False) -> None:
@@ -41,7 +41,6 @@ class Responder:
         self.status = 0
         self.keep_alive = keep_alive
         self._chunked = False
-        self.bytes_sent = 0
         # Set by a handler whose work is worthless once the client left, even
         # before the response starts (a stream nobody will read).
         self.abandon_on_disconnect = False
@@ -76,7 +75,6 @@ class Responder:
         head = self._head(status, headers, len(body))
         if self.head_only:
             body = b""
-        self.bytes_sent = len(body)
         if len(body) < SMALL_WRITE:
             self._conn.write(head + body)
         else:
@@ -106,7 +104,6 @@ class Responder:
             self._finish(head, b"" if self.head_only else first)
             return
         if first:
-            self.bytes_sent += len(first)
             head += self._piece(first)
         self._conn.write(head)
 
@@ -144,7 +141,6 @@ class Responder:
 
     def _frame(self, data: bytes) -> None:
         """Write one piece; the caller has checked that the connection is open."""
-        self.bytes_sent += len(data)
         transport = self._conn.transport
         if not self._chunked or len(data) < SMALL_WRITE:
             transport.write(self._piece(data))
@@ -161,7 +157,6 @@ class Responder:
     def _finish(self, head: bytes, last: bytes) -> None:
         self.finished = True
         if not self._conn.closed:
-            self.bytes_sent += len(last)
             end = b"0\r\n\r\n" if self._chunked and not self.head_only else b""
             if len(last) >= SMALL_WRITE and self._chunked:
                 self._conn.write(head + b"%x\r\n" % len(last), last, b"\r\n" + end)

@@ -11,10 +11,11 @@ is re-read by an h11 that was told.  The body framing is decoded by
 framing.py (h11's per-chunk events are too slow for SSE), and a fresh
 h11.Connection starts each request cycle on a kept-alive connection.
 
-The response body is consumed with `read()`, one network chunk at a time, so
-SSE bytes flow through as they arrive.  When the consumer falls behind (a slow
-client downstream), incoming chunks queue up to a high-water mark and then the
-socket stops being read: backpressure reaches the upstream through TCP.
+The response body is consumed whole with `read_all()`, or piece by piece as
+it arrives with `pump(sink)`.  Until a consumer takes them (or while it falls
+behind: a slow client downstream), incoming chunks queue up to a high-water
+mark and then the socket stops being read: backpressure reaches the upstream
+through TCP.
 
 The read timeout applies between bytes, never to the whole response: streams
 may last many minutes.  It is checked against the time of the last byte, so
@@ -80,7 +81,7 @@ class ResponseHead:
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("_loop", "transport", "_h11", "_queue", "_queued", "_waiter", "_error", "_eom",
-                 "_flow", "closed", "idle_since", "requests", "_head", "_decoder", "_keep_alive",
+                 "_flow", "closed", "idle_since", "_head", "_decoder", "_keep_alive",
                  "_sink", "_last_rx", "_sent", "_deadline", "_timeout", "_head_bytes", "_told", "_interim")
 
     def __init__(self) -> None:
@@ -106,7 +107,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._timeout = 0.0
         self.closed = False
         self.idle_since = 0.0
-        self.requests = 0
 
     # -- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -267,7 +267,6 @@ class UpstreamConnection(asyncio.Protocol):
         by h11, the gateway's own by gateway.headers."""
         if method not in _FORWARDED_METHODS:
             raise UpstreamError("only POST, GET and DELETE requests are forwarded", "send")
-        self.requests += 1
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
         for name, value in headers:
             parts.append(name + b": " + value + b"\r\n")
@@ -287,19 +286,6 @@ class UpstreamConnection(asyncio.Protocol):
                 raise self._error
             await self._wait(timeout, "head")
         return self._head
-
-    async def read(self, timeout: float) -> bytes:
-        """The next piece of the body; b"" at its end.  Raises UpstreamError."""
-        while True:
-            if self._queue:
-                # Everything that arrived since the last read, as one piece.
-                chunks = self._take()
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            if self._eom:
-                return b""
-            if self._error is not None:
-                raise self._error
-            await self._wait(timeout, "body")
 
     async def pump(self, sink: Callable[[bytes], bool], timeout: float) -> None:
         """Hand the rest of the body to `sink` as it arrives; return at its end.
@@ -324,8 +310,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def read_all(self, timeout: float, limit: int) -> bytes:
         """The rest of the body, whole; at most `limit` bytes.  Raises UpstreamError.
-        (Not a loop over read(): a small body is usually here already, and two
-        coroutines per response for it were measurable.)"""
+        (A small body is usually here already: it is returned without a wait.)"""
         parts: list[bytes] = []
         size = 0
         while True:

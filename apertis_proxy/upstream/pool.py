@@ -179,9 +179,6 @@ class Pools:
                 ssl_context=self._ssl if origin.scheme == "https" else None)
         return p
 
-    def all(self) -> list[Pool]:
-        return list(self._pools.values())
-
     def close(self) -> None:
         for p in self._pools.values():
             p.close()
