@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from apertis_proxy.upstream.connection import UpstreamConnection, UpstreamError
+from apertis_proxy.upstream.connection import Phase, UpstreamConnection, UpstreamError
 
 BODY = b'{"type":"message","usage":{"input_tokens":3,"output_tokens":5}}'
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(BODY), BODY)
@@ -86,6 +86,23 @@ async def test_final_response_after_any_interim_responses(script):
         assert len(upstream.requests) == 2
         assert upstream.requests[0].startswith(b"POST /v1/messages HTTP/1.1\r\nhost: upstream\r\n")
         conn.close()
+
+
+async def test_the_phase_follows_the_exchange_and_decides_reuse():
+    head, body = OK.split(b"\r\n\r\n")
+    async with ScriptedUpstream([[head + b"\r\n\r\n", body], [OK]]) as upstream:
+        conn = await connect(upstream.port)
+        assert conn.phase is Phase.IDLE and not conn.reusable
+        conn.send_request(b"POST", b"/v1/messages", REQUEST_HEADERS, b"{}")
+        assert conn.phase is Phase.AWAITING_HEAD
+        assert (await conn.read_head(5.0)).status == 200
+        assert conn.phase is Phase.READING_BODY and not conn.reusable      # the body came in a later write
+        assert await conn.read_all(5.0, 1 << 20) == BODY
+        assert conn.phase is Phase.DONE and conn.reusable
+        assert conn.recycle() and conn.phase is Phase.IDLE
+        assert await exchange(conn) == (200, BODY)
+        conn.close()
+        assert not conn.reusable
 
 
 async def test_connection_close_is_not_reused():

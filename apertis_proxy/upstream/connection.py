@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 from typing import Callable, Optional
 
 import h11
@@ -56,6 +57,19 @@ _SENT_REQUEST = h11.Request(method=b"POST", target=b"/", headers=[(b"host", b"up
 _FORWARDED_METHODS = frozenset((b"POST", b"GET", b"DELETE"))
 
 
+class Phase(enum.Enum):
+    """Where a connection is in its request/response exchange."""
+
+    IDLE = "idle"                       # nothing sent since it opened or was recycled
+    AWAITING_HEAD = "awaiting head"     # the request is written; the response head is incomplete
+    READING_BODY = "reading body"       # the head is parsed; the body is arriving
+    DONE = "done"                       # the body's last byte is in
+
+
+# Module globals: compared by identity on the per-read path.
+_IDLE, _AWAITING_HEAD, _READING_BODY, _DONE = Phase
+
+
 class UpstreamError(Exception):
     """The upstream connection failed.  `phase` says where: connect, send, head, body."""
 
@@ -80,9 +94,9 @@ class ResponseHead:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("_loop", "transport", "_h11", "_queue", "_queued", "_waiter", "_error", "_eom",
+    __slots__ = ("_loop", "transport", "_h11", "_queue", "_queued", "_waiter", "_error", "_phase",
                  "_flow", "closed", "idle_since", "_head", "_decoder", "_keep_alive",
-                 "_sink", "_last_rx", "_sent", "_deadline", "_timeout", "_head_bytes", "_told", "_interim")
+                 "_sink", "_last_rx", "_deadline", "_timeout", "_head_bytes", "_told", "_interim")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -95,8 +109,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._queued = 0
         self._waiter: Optional[asyncio.Future] = None
         self._error: Optional[UpstreamError] = None
-        self._eom = False
-        self._sent = False          # the whole request was written
+        self._phase = _IDLE
         self._flow = FlowControl()
         self._head: Optional[ResponseHead] = None
         self._decoder: Optional[BodyDecoder] = None
@@ -118,13 +131,14 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             if self._decoder is not None:
                 self._decoder.eof()
-                self._eom = self._decoder.done
+                if self._decoder.done:
+                    self._phase = _DONE
             else:
                 self._h11.receive_data(b"")
                 self._parse_head()
         except (h11.RemoteProtocolError, FramingError):
             pass
-        if not self._eom and self._error is None:
+        if self._phase is not _DONE and self._error is None:
             self._fail(UpstreamError("upstream closed the connection", "head" if self._head is None
                                      else "body"))
         self._wake()
@@ -134,9 +148,9 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             if self._decoder is not None:
                 self._body(data)
-                if self._sink is not None and not self._eom:
+                if self._sink is not None and self._phase is not _DONE:
                     return          # streaming straight to the sink: nobody to wake
-            elif not self._sent:
+            elif self._phase is _IDLE:
                 # Bytes on an idle keep-alive connection (or before our request):
                 # they would be read as the answer to the next request sent here,
                 # and every later answer would be one behind.  Never reuse it.
@@ -183,6 +197,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._head = ResponseHead(event.status_code, headers)
                 self._keep_alive = keeps_alive(event.http_version, headers)
                 self._decoder = decoder_for(event.status_code, headers)
+                self._phase = _READING_BODY
                 rest = conn.trailing_data[0]
                 # The body is framed by hand from here: let h11's state go for the
                 # rest of a possibly long stream (recycle() makes a fresh one).
@@ -211,7 +226,7 @@ class UpstreamConnection(asyncio.Protocol):
             if self._queued > _QUEUE_HIGH_WATER:
                 self._flow.pause_reading()
         if decoder.done:
-            self._eom = True
+            self._phase = _DONE
             if decoder.leftover:
                 self._keep_alive = False   # bytes past the response: never reuse
 
@@ -278,7 +293,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(b"".join(parts))
         else:
             self.transport.writelines((b"".join(parts), body))
-        self._sent = True
+        self._phase = _AWAITING_HEAD
 
     async def read_head(self, timeout: float) -> ResponseHead:
         while self._head is None:
@@ -301,7 +316,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.resume()
         self._sink = sink
         try:
-            while not self._eom:
+            while self._phase is not _DONE:
                 if self._error is not None:
                     raise self._error
                 await self._wait(timeout, "body")
@@ -320,7 +335,7 @@ class UpstreamConnection(asyncio.Protocol):
                     self.close()
                     raise UpstreamError(f"upstream response larger than {limit} bytes", "body")
                 parts += self._take()
-            if self._eom:
+            if self._phase is _DONE:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
             if self._error is not None:
                 raise self._error
@@ -350,21 +365,24 @@ class UpstreamConnection(asyncio.Protocol):
     def expect_end(self, timeout: float) -> None:
         """The body should end within `timeout` of its last byte: wait no longer
         than that for the rest, whatever the read timeout was."""
-        if timeout >= self._timeout or self._eom:
+        if timeout >= self._timeout or self._phase is _DONE:
             return
         self._timeout = timeout
         self._deadline.set(self._last_rx + timeout)
 
     @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
     def body_complete(self) -> bool:
         """The body's last byte is in: true inside the sink call for its last piece."""
-        return self._eom or (self._decoder is not None and self._decoder.done)
+        return self._phase is _DONE or (self._decoder is not None and self._decoder.done)
 
     @property
     def reusable(self) -> bool:
         """True when the last exchange finished cleanly and the connection may carry another."""
-        return (not self.closed and self._eom and self._keep_alive
-                and self._sent)
+        return not self.closed and self._phase is _DONE and self._keep_alive
 
     def recycle(self) -> bool:
         """Prepare for the next request; False when the connection cannot be reused."""
@@ -376,8 +394,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_bytes = b""
         self._decoder = None
         self._head = None
-        self._eom = False
-        self._sent = False
+        self._phase = _IDLE
         self._queue.clear()
         self._queued = 0
         # Read while idle, so that anything the upstream writes meanwhile is
