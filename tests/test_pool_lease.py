@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from apertis_proxy.gateway import forward, ownership, sse
+from apertis_proxy.upstream.connection import UpstreamError
 from apertis_proxy.upstream.pool import Origin, Pool
 from rawhttp import RawConnection
 
@@ -64,12 +65,23 @@ async def test_a_relay_that_fails_gives_its_connection_back(gateway, monkeypatch
 
 
 class Conn:
-    """Stands in for UpstreamConnection where only the pool's bookkeeping is under test."""
+    """Stands in for UpstreamConnection where only the lease's bookkeeping is under test: `answers` are what
+    read_head() does, one per request (a status, or an UpstreamError to raise)."""
 
-    def __init__(self, finished: bool) -> None:
+    def __init__(self, finished: bool = True, answers=(200, 200)) -> None:
         self.finished = finished
+        self.answers = list(answers)
         self.closed = False
         self.idle_since = 0.0
+
+    def send_request(self, *request) -> None:
+        pass
+
+    async def read_head(self, timeout: float):
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def recycle(self) -> bool:
         return self.finished and not self.closed
@@ -91,33 +103,56 @@ def fake_pool(monkeypatch, conns: list[Conn]) -> Pool:
     return pool
 
 
-async def test_a_lease_keeps_a_finished_exchange_and_closes_the_rest(monkeypatch):
-    done, cut, raised, retried = Conn(True), Conn(False), Conn(True), Conn(True)
-    pool = fake_pool(monkeypatch, [done, cut, raised, retried, Conn(True)])
+async def send(lease) -> int:
+    return await lease.send(b"POST", b"/v1/messages", [], b"{}", 5.0)
 
-    async with pool.lease() as lease:
-        assert await lease.connect() is done and pool.in_use == 1
+
+async def test_a_lease_keeps_a_finished_exchange_and_closes_the_rest(monkeypatch):
+    done, cut, raised = Conn(), Conn(finished=False), Conn()
+    pool = fake_pool(monkeypatch, [done, cut, raised])
+
+    with pool.lease() as lease:
+        assert await send(lease) == 200 and lease.conn is done and pool.in_use == 1
     assert (pool.in_use, pool.idle, done.closed) == (0, 1, False)       # idle, for the next request
 
-    async with pool.lease() as lease:
-        assert await lease.connect(fresh=True) is cut
-    assert (pool.in_use, pool.idle, cut.closed) == (0, 1, True)         # its response was not read to the end
+    with pool.lease() as lease:
+        assert await send(lease) == 200 and lease.conn is done and lease.reused
+        done.finished = False                                           # its response is not read to the end
+    assert (pool.in_use, pool.idle, done.closed) == (0, 0, True)
+
+    with pool.lease() as lease:
+        await send(lease)
+    assert (pool.in_use, pool.idle, cut.closed) == (0, 0, True)
 
     with pytest.raises(Fault):
-        async with pool.lease() as lease:
-            await lease.connect(fresh=True)
+        with pool.lease() as lease:
+            await send(lease)
             fail()
-    assert (pool.in_use, pool.idle, raised.closed) == (0, 1, True)      # whatever the connection's state
+    assert (pool.in_use, pool.idle, raised.closed) == (0, 0, True)      # whatever the connection's state
 
-    async with pool.lease() as lease:
-        await lease.connect(fresh=True)
-        assert await lease.connect(fresh=True) is not retried           # a second connect drops the first
-        assert pool.in_use == 1
-    assert retried.closed and pool.in_use == 0
+
+async def test_a_reused_connection_the_upstream_closed_is_retried_once_on_a_fresh_one(monkeypatch):
+    stale, fresh = Conn(answers=[200, UpstreamError("upstream closed the connection", "head")]), Conn()
+    pool = fake_pool(monkeypatch, [stale, fresh])
+    with pool.lease() as lease:
+        await send(lease)                   # stale goes idle
+    with pool.lease() as lease:
+        assert await send(lease) == 200 and lease.conn is fresh and not lease.reused
+        assert stale.closed and pool.in_use == 1
+    assert (pool.in_use, pool.idle) == (0, 1)
+
+
+async def test_a_failed_send_frees_its_slot(monkeypatch):
+    broken = Conn(answers=[UpstreamError("upstream sent nothing for 5s", "head", timeout=True)])
+    pool = fake_pool(monkeypatch, [broken])
+    with pytest.raises(UpstreamError):
+        with pool.lease() as lease:
+            await send(lease)
+    assert broken.closed and (pool.in_use, pool.idle) == (0, 0)
 
 
 async def test_a_lease_that_never_connected_holds_nothing(monkeypatch):
     pool = fake_pool(monkeypatch, [])
-    async with pool.lease():
+    with pool.lease():
         pass
     assert pool.in_use == 0

@@ -31,10 +31,9 @@ from .body_encoding import decode_body
 from .headers import downstream_headers, parse_retry_after, upstream_headers
 from .ownership import (CONTAINER, CREDIT, THINKING, THREAD, StateCapture, asks_for_thinking, not_found,
                         owner_of, references, resolve)
-from .relay import JsonRelay, StreamRelay
+from .relay import JsonRelay, Relay, StreamRelay
 from .sse import SseSplicer
 from .pricing import price
-from .upstream_call import exchange
 from .upstream_errors import fails_over, read_error, request_secrets
 from .usage import UsageMeter
 
@@ -282,10 +281,9 @@ class MessagesForwarder:
         def connected() -> None:
             record.reached_upstream = True
 
-        async with self.pools.pool(origin).lease() as lease:
+        with self.pools.pool(origin).lease() as lease:
             try:
-                head = await exchange(lease, b"POST", target, headers, payload, self.settings.read_timeout,
-                                      connected)
+                head = await lease.send(b"POST", target, headers, payload, self.settings.read_timeout, connected)
             except UpstreamError as exc:
                 return self._failed(channel, info, exc, t_start)
             # Sent and answered: a stream may run for minutes, so do not hold the
@@ -296,7 +294,8 @@ class MessagesForwarder:
             record.upstream_request_id = rid.decode("latin-1") if rid else None
             if head.status >= 400:
                 return await self._upstream_error(lease.conn, channel, info, head, t_start)
-            meter = await self._relay(fwd, channel, prepared, lease.conn, head)
+            relay, meter = self._relay(fwd, channel, prepared, lease.conn, head)
+            await relay.run()
         # A body that failed after a 2xx head (an in-band error, a cut or stalled
         # stream) is the channel's failure too; a client that left is not.
         failed = record.error_type is not None and record.error_type != "client_closed_request"
@@ -307,9 +306,9 @@ class MessagesForwarder:
             self._remember(meter, info, channel, fwd.owner)
         return None
 
-    async def _relay(self, fwd: "Forwarding", channel: Channel, prepared: "contract.Prepared",
-                     conn: UpstreamConnection, head: ResponseHead) -> UsageMeter:
-        """Move a 2xx answer to the client; the meter that took its usage."""
+    def _relay(self, fwd: "Forwarding", channel: Channel, prepared: "contract.Prepared",
+               conn: UpstreamConnection, head: ResponseHead) -> tuple[Relay, UsageMeter]:
+        """What moves a 2xx answer to the client, and the meter that takes its usage."""
         record = fwd.record
         down = downstream_headers(head.headers)
         down.extend(fwd.notices)
@@ -325,12 +324,9 @@ class MessagesForwarder:
                  if self.owned is not None and not fwd.count_tokens else UsageMeter(record))
         timeout = self.settings.read_timeout
         if ctype.startswith(b"text/event-stream"):
-            await StreamRelay(conn, fwd.resp, head.status, down, record, timeout,
-                              SseSplicer(meter, rename, channel.api_key)).run()
-        else:
-            await JsonRelay(conn, fwd.resp, head.status, down, record, timeout, meter, rename,
-                            fwd.count_tokens).run()
-        return meter
+            return StreamRelay(conn, fwd.resp, head.status, down, record, timeout,
+                               SseSplicer(meter, rename, channel.api_key)), meter
+        return JsonRelay(conn, fwd.resp, head.status, down, record, timeout, meter, rename, fwd.count_tokens), meter
 
     def _remember(self, created: StateCapture, info: RequestInfo, channel: Channel, owner: str) -> None:
         """Record the ids this answer created, with their account and owner."""

@@ -42,16 +42,10 @@ class Relay:
     pool lease: a relay reads it, or closes it when its body is unusable, and
     never hands it back."""
 
-    __slots__ = ("conn", "resp", "status", "headers", "record", "read_timeout")
+    __slots__ = ("conn", "resp", "status", "headers", "record", "read_timeout")     # set by each kind
 
-    def __init__(self, conn: UpstreamConnection, resp: Responder, status: int, headers: list,
-                 record: UsageRecord, read_timeout: float) -> None:
-        self.conn = conn
-        self.resp = resp
-        self.status = status
-        self.headers = headers
-        self.record = record
-        self.read_timeout = read_timeout
+    async def run(self) -> None:
+        raise NotImplementedError
 
 
 class JsonRelay(Relay):
@@ -62,7 +56,8 @@ class JsonRelay(Relay):
     def __init__(self, conn: UpstreamConnection, resp: Responder, status: int, headers: list,
                  record: UsageRecord, read_timeout: float, meter: UsageMeter,
                  rename: Optional[tuple[str, str]], count_tokens: bool) -> None:
-        super().__init__(conn, resp, status, headers, record, read_timeout)
+        self.conn, self.resp, self.status, self.headers = conn, resp, status, headers
+        self.record, self.read_timeout = record, read_timeout
         self.meter = meter
         self.rename = rename            # (upstream's model name, the client's)
         self.count_tokens = count_tokens
@@ -110,7 +105,8 @@ class StreamRelay(Relay):
 
     def __init__(self, conn: UpstreamConnection, resp: Responder, status: int, headers: list,
                  record: UsageRecord, read_timeout: float, splicer: SseSplicer) -> None:
-        super().__init__(conn, resp, status, headers, record, read_timeout)
+        self.conn, self.resp, self.status, self.headers = conn, resp, status, headers
+        self.record, self.read_timeout = record, read_timeout
         self.splicer = splicer
         # The body's last piece (message_stop, usually) is held back for the
         # write that ends our chunked body.

@@ -3,11 +3,10 @@ Messages (batches, files): no streaming, no splicing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from ..plugin_api import Channel
-from ..upstream.connection import ResponseHead, UpstreamError
-from ..upstream.pool import Lease, Pools
+from ..upstream.pool import Pools
 from .headers import upstream_headers
 
 RESPONSE_LIMIT = 256 * 1024 * 1024     # batch results and file contents come whole
@@ -26,34 +25,14 @@ class Answer:
         return None
 
 
-async def exchange(lease: Lease, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
-                   read_timeout: float, connected: Optional[Callable[[], None]] = None) -> ResponseHead:
-    """Send a request on a connection taken into `lease` and read the answer's
-    head; the body is then read from `lease.conn`.  A reused keep-alive
-    connection the upstream closed meanwhile gets one fresh retry.  Raises
-    UpstreamError when it fails; `connected()` is called once a connection is
-    held."""
-    for fresh in (False, True):
-        conn = await lease.connect(fresh)
-        if connected is not None:
-            connected()
-        try:
-            conn.send_request(method, target, headers, body)
-            return await conn.read_head(read_timeout)
-        except UpstreamError as exc:
-            if not lease.reused or exc.timeout or fresh:
-                raise
-    raise AssertionError("unreachable")
-
-
 async def call(pools: Pools, channel: Channel, method: str, target: str, client_headers: list[tuple[bytes, bytes]],
                body: bytes, *, read_timeout: float, api_version: str) -> Answer:
     """`method target` on the channel, answered whole; UpstreamError when no answer came
     (or ValueError for a channel that cannot be reached as configured)."""
     origin = pools.origin(channel.base_url)
     headers = upstream_headers(client_headers, channel, origin.host_header, api_version, len(body))
-    async with pools.pool(origin).lease() as lease:
-        head = await exchange(lease, method.encode(), (origin.base_path + target).encode("latin-1"), headers, body,
-                              read_timeout)
+    with pools.pool(origin).lease() as lease:
+        head = await lease.send(method.encode(), (origin.base_path + target).encode("latin-1"), headers, body,
+                                read_timeout)
         raw = await lease.conn.read_all(read_timeout, RESPONSE_LIMIT)
     return Answer(head.status, head.headers, raw)

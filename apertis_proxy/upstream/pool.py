@@ -4,10 +4,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import urlsplit
 
-from .connection import UpstreamConnection, UpstreamError
+from .connection import ResponseHead, UpstreamConnection, UpstreamError
 
 
 class Origin:
@@ -28,11 +28,12 @@ class Origin:
 
 
 class Lease:
-    """One pool slot held for one request and its response, as `async with
+    """One pool slot held for one request and its response, as `with
     pool.lease() as lease`.  The connection in it goes back to the pool on
     every way out of the block: kept for reuse when its exchange finished
     cleanly, closed otherwise (and always when the block raised).  Whoever
-    holds a lease never returns a connection by hand."""
+    holds a lease never returns a connection by hand.  (A plain context
+    manager: giving a connection back never waits.)"""
 
     __slots__ = ("_pool", "conn", "reused")
 
@@ -41,12 +42,28 @@ class Lease:
         self.conn: Optional[UpstreamConnection] = None
         self.reused = False         # `conn` came from the idle set
 
-    async def connect(self, fresh: bool = False) -> UpstreamConnection:
-        """A connection for the request (a new one when `fresh`); one held
-        before is closed first."""
-        self.drop()
-        self.conn, self.reused = await self._pool.acquire(fresh)
-        return self.conn
+    async def send(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
+                   read_timeout: float, connected: Optional[Callable[[], None]] = None) -> ResponseHead:
+        """Send a request on a connection taken into the lease and read the
+        answer's head; the body is then read from `conn`.  A reused keep-alive
+        connection the upstream closed meanwhile gets one fresh retry.  Raises
+        UpstreamError when it fails; `connected()` is called once a connection
+        is held."""
+        pool = self._pool
+        for fresh in (False, True):
+            if self.conn is not None:
+                self.drop()             # the stale connection of a retry
+            conn, self.reused = await pool.acquire(fresh)
+            self.conn = conn
+            if connected is not None:
+                connected()
+            try:
+                conn.send_request(method, target, headers, body)
+                return await conn.read_head(read_timeout)
+            except UpstreamError as exc:
+                if not self.reused or exc.timeout or fresh:
+                    raise
+        raise AssertionError("unreachable")
 
     def drop(self) -> None:
         """Close the connection held, if any, and free its slot."""
@@ -54,10 +71,10 @@ class Lease:
         if conn is not None:
             self._pool.discard(conn)
 
-    async def __aenter__(self) -> "Lease":
+    def __enter__(self) -> "Lease":
         return self
 
-    async def __aexit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         conn, self.conn = self.conn, None
         if conn is None:
             return
