@@ -53,6 +53,11 @@ def error_body(error_type: str, message: str, request_id: Optional[str],
     return orjson.dumps(body)
 
 
+def render_error(status: int, message: str, error_type: Optional[str], request_id: str) -> tuple[bytes, bytes]:
+    """An error answer's content type and body, for the HTTP layer (http.responder.ErrorRenderer)."""
+    return b"application/json", error_body(error_type or error_type_for(status), message, request_id)
+
+
 def sse_error_event(error_type: str, message: str) -> bytes:
     data = orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
     return b"event: error\ndata: " + data + b"\n\n"

@@ -76,10 +76,6 @@ class RequestInfo:
     # (a thread, a container, files): only channels of that account can serve it.
     account: Optional[str] = None
 
-    @property
-    def endpoint(self) -> str:
-        return self.path
-
 
 @dataclass(frozen=True, slots=True)
 class Caller:
@@ -97,6 +93,11 @@ class Caller:
         return model in self.models or any(a in self.models for a in aliases)
 
 
+# The anthropic-version sent upstream when neither the channel nor the
+# gateway's settings name another.
+DEFAULT_API_VERSION = "2023-06-01"
+
+
 @dataclass(frozen=True, slots=True)
 class Channel:
     """One upstream endpoint that speaks the Anthropic Messages API."""
@@ -110,7 +111,7 @@ class Channel:
     aliases: Mapping[str, str] = field(default_factory=dict)  # client name -> upstream id
     priority: int = 0                      # higher tier is tried first
     weight: int = 1                        # weighted choice inside a tier
-    api_version: str = "2023-06-01"        # anthropic-version sent upstream
+    api_version: str = DEFAULT_API_VERSION     # anthropic-version sent upstream
     forward_client_version: bool = False   # send the client's anthropic-version instead
     forward_extras: bool = False           # forward OpenAI-style extras unchanged
     auth_header: str = "x-api-key"         # or "authorization" (sent as Bearer)

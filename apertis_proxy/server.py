@@ -1,4 +1,4 @@
-"""Server lifecycle: start a worker, serve, shut down gracefully; fork workers.
+"""Server lifecycle: start a worker, serve, shut down gracefully.
 
 `Gateway` is one worker's whole stack (plugins, pools, catalogue watcher,
 listening socket) and is what tests start in-process on port 0.  `run()` is
@@ -13,9 +13,9 @@ import os
 import signal
 import socket
 import sqlite3
-import time
-from typing import Any, Optional
+from typing import Optional
 
+from .errors import render_error
 from .fd_limits import connection_cap, raise_nofile_limit
 from .gateway.client_address import ClientAddress
 from .gateway.forward import CatalogRef, MessagesForwarder
@@ -32,6 +32,7 @@ from .store.catalog import load_catalog, read_catalog
 from .store.owned_state import OwnedState
 from .store.retention import LedgerRetention
 from .store.watch import RevisionWatcher
+from .supervisor import supervise
 from .tls import ServerCertificate
 from .upstream.pool import Pools
 
@@ -43,7 +44,7 @@ class Gateway:
         self.settings = settings
         self.worker = worker
         self.workers = workers
-        self.state = ServerState(settings.max_connections)
+        self.state = ServerState(render_error, settings.max_connections)
         self.pools = Pools(max_idle=settings.pool_max_idle, idle_timeout=settings.pool_idle_timeout,
                            connect_timeout=settings.connect_timeout)
         self.plugins: Optional[PluginHost] = None
@@ -225,10 +226,8 @@ def _run_worker(settings: Settings, worker: int, workers: int) -> int:
 
 
 def run(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT.  With workers > 1, fork processes sharing the
-    port through SO_REUSEPORT; the parent forwards signals and looks after them:
-    a worker that fails while starting stops the whole server (exit 1), one that
-    dies later is logged and replaced."""
+    """Serve until SIGTERM/SIGINT: in this process, or with workers > 1 in
+    forked workers the parent looks after (supervisor.py)."""
     log_setup.configure(settings.log_level, settings.log_format)
     check_names(settings)      # a bad plugin name: one clear error, not one per worker
     # SIGHUP would end a process whose loop does not handle it yet (it reloads TLS).
@@ -237,90 +236,15 @@ def run(settings: Settings) -> int:
         return _run_worker(settings, 0, 1)
     run_dir = os.environ[metrics_share.RUN_DIR_ENV] = metrics_share.create_run_dir()
     try:
-        return _run_workers(settings, run_dir)
+        return supervise(settings.workers, lambda index: _worker_life(settings, index),
+                         lambda pid: metrics_share.mark_dead(run_dir, pid))
     finally:
         metrics_share.remove_run_dir(run_dir)
 
 
-def _run_workers(settings: Settings, run_dir: str) -> int:
-    children: dict[int, tuple[int, float]] = {}     # pid -> (worker index, started at)
-    stopping = False
-    parent = os.getpid()
-
-    def spawn(index: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            os._exit(_child(settings, index, parent))
-        children[pid] = (index, time.monotonic())
-
-    def forward(signum: int, _frame: Any = None) -> None:
-        for pid in list(children):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-
-    def stop(signum: int, _frame: Any = None) -> None:
-        nonlocal stopping
-        stopping = True
-        forward(signum)
-
-    for index in range(settings.workers):
-        spawn(index)
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, forward)       # workers reload their TLS certificate
-    status = 0
-    while children:
-        try:
-            pid, wait_status = os.waitpid(-1, 0)
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            break
-        if pid not in children:
-            continue
-        index, started = children.pop(pid)
-        metrics_share.mark_dead(run_dir, pid)
-        code = os.waitstatus_to_exitcode(wait_status)
-        if stopping:
-            status = status or code
-            continue
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        if time.monotonic() - started < WORKER_START_GRACE:
-            log.error("worker %d stopped while starting (%s); stopping the server", index, how)
-            status = 1
-            stop(signal.SIGTERM)
-            continue
-        log.error("worker %d (pid %d) ended unexpectedly (%s); starting a new one", index, pid, how)
-        spawn(index)
-    return status
-
-
-def _terminate_with_parent() -> None:
-    """prctl(PR_SET_PDEATHSIG, SIGTERM) where the platform has it (Linux)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)      # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):               # not Linux: the parent's death goes unnoticed
-        pass
-
-
-# A worker that ends sooner than this after its fork failed to start (it would
-# fail again); a later death is replaced.
-WORKER_START_GRACE = 5.0
-
-
-def _child(settings: Settings, index: int, parent: int) -> int:
+def _worker_life(settings: Settings, index: int) -> int:
     """A forked worker's whole life; its exit code.  It reports its own failure:
     os._exit() leaves no interpreter to print one."""
-    # Orphaned workers would go on serving with nobody to stop them: the kernel
-    # sends SIGTERM (a graceful shutdown) when the parent dies, even by SIGKILL.
-    _terminate_with_parent()
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)    # not the parent's forwarder: the loop takes it over
-    if os.getppid() != parent:
-        return 0        # the parent died before that was in place
     try:
         return _run_worker(settings, index, settings.workers)
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .gateway.client_address import parse_networks
+from .plugin_api import DEFAULT_API_VERSION
 
 
 @dataclass(slots=True)
@@ -55,7 +56,7 @@ class Settings:
     pool_idle_timeout: float = 60.0
     # Request contract.
     thinking_budget_max: int = 32768
-    default_api_version: str = "2023-06-01"
+    default_api_version: str = DEFAULT_API_VERSION
     # Billing: serve models the catalogue has no price for (recorded with cost
     # unknown; refused for keys with a USD quota).  Per channel: --allow-unpriced.
     allow_unpriced: bool = False

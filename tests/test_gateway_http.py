@@ -125,9 +125,9 @@ async def test_pipelined_requests_split_mid_body_and_mid_head(gateway):
 
 async def test_a_client_pipelining_without_reading_holds_bounded_memory(gateway):
     """One client pipelines far more than any buffer while reading none of the answers. The gateway stops
-    reading at its pipelining high-water mark (which used to reset every request, so it read, held and
-    re-copied the whole backlog: RSS +270 MB for 66 MB sent) and stops answering while the client does not read
-    (answers piled up in memory). Once the client reads, every request is answered, in order."""
+    reading at its pipelining high-water mark, which holds across requests (else it would read, hold and re-copy
+    the whole backlog), and stops answering while the client does not read (else answers pile up in memory).
+    Once the client reads, every request is answered, in order."""
     from apertis_proxy.http import protocol
     count = 25_000
     request = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"        # 33 bytes: 0.8 MB in all
@@ -565,7 +565,7 @@ async def test_slow_reader_pauses_the_upstream_and_gets_everything(gateway):
         stalled_at = await _settled(lambda: mock.served[0]["events_sent"])
         assert not mock.served[0]["completed"] and stalled_at < deltas
         client_side = [c for c in gateway.gateway.state.connections if c.busy]
-        assert len(client_side) == 1 and client_side[0].write_paused
+        assert len(client_side) == 1 and client_side[0].flow.write_paused
         # What the gateway holds for this client is bounded by the write high-water mark, not the stream.
         assert client_side[0].transport.get_write_buffer_size() < 1024 * 1024
 

@@ -30,7 +30,7 @@ async def connect(env) -> RawConnection:
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 async def test_an_upload_without_a_valid_key_is_refused_before_its_body_is_read(gateway, credential, framing):
     """The head announces 30 MB and the first 64 KB follow: the 401 comes at once, the connection closes, and the
-    body is never buffered or parsed (it used to be read whole, then parsed, then refused)."""
+    body is never buffered or parsed."""
     headers = {**credential, "content-type": "application/json"}
     if framing == "chunked":
         headers["transfer-encoding"] = "chunked"
@@ -162,7 +162,7 @@ def low_descriptor_limit() -> None:
 async def test_idle_connections_beyond_the_descriptor_limit_do_not_lock_anyone_out(tmp_path, mock_upstream):
     """A server started with a soft limit of 256 descriptors raises it to the hard limit (320), caps its client
     connections to fit (128: each may also need an upstream socket), and sheds idle ones for newcomers: 400 idle
-    connections used to exhaust the descriptors, and accept() then failed for everyone."""
+    connections would otherwise exhaust the descriptors, and accept() then fail for everyone."""
     db = str(tmp_path / "gateway.db")
     key = prepare_db(db, mock_upstream.base_url)
     async with ServeProcess(tmp_path, db, preexec_fn=low_descriptor_limit) as server:

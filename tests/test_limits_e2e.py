@@ -246,8 +246,8 @@ async def test_model_allow_list_is_403_for_other_models(gateway_env, mock_upstre
 
 
 async def test_model_listings_give_their_concurrency_slot_back(gateway_env, mock_upstream):
-    """GET /v1/models is admitted by the auth plugin like any request; it used to never call finish(), so a key
-    with --concurrency N was locked out (429) after N listings until the server restarted."""
+    """GET /v1/models is admitted by the auth plugin like any request, so it calls finish() too: otherwise a key
+    with --concurrency N would be locked out (429) after N listings until the server restarted."""
     key = gateway_env.add_key("alice", concurrency=1)
     gateway_env.add_channel("main", mock_upstream)
     await gateway_env.start()

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import anthropic
 import pytest
 
-from apertis_proxy import server as server_module
+from apertis_proxy import supervisor
 from apertis_proxy.server import Gateway
 from apertis_proxy.store import channels, keys, schema
 from mock_upstream import MOCK_API_KEY
@@ -229,7 +229,7 @@ async def listening_workers(server, n: int) -> list[int]:
 async def crash_and_replace(server, victim: int) -> list[int]:
     """SIGKILL one worker once past start-up (a death then is a crash); the pids of the two workers listening
     after the parent replaced it."""
-    await asyncio.sleep(server_module.WORKER_START_GRACE)
+    await asyncio.sleep(supervisor.WORKER_START_GRACE)
     os.kill(victim, signal.SIGKILL)
 
     async def reaped() -> bool:
@@ -277,8 +277,8 @@ async def test_two_workers_share_the_port(tmp_path, mock_upstream):
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets and processes from Linux /proc")
 async def test_a_worker_that_dies_is_replaced_and_says_so(tmp_path, mock_upstream):
-    """kill -9 of one worker: the parent logs it and starts another with the same share of the limits (it used to
-    notice nothing, leaving half the capacity and half the per-worker limits gone until restart)."""
+    """kill -9 of one worker: the parent logs it and starts another with the same share of the limits, so the
+    capacity and the per-worker limits are whole again."""
     db = str(tmp_path / "gateway.db")
     key = prepare_db(db, mock_upstream.base_url)
     async with ServeProcess(tmp_path, db, "--workers", "2") as server:
@@ -298,8 +298,8 @@ async def test_a_worker_that_dies_is_replaced_and_says_so(tmp_path, mock_upstrea
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets and processes from Linux /proc")
 async def test_workers_end_when_their_parent_is_killed(tmp_path, mock_upstream):
-    """SIGKILL of the parent (nothing forwards the signal then) used to leave the workers serving, orphaned, with
-    nobody to stop them; they now get SIGTERM from the kernel (PR_SET_PDEATHSIG) and shut down."""
+    """SIGKILL of the parent (nothing forwards the signal then) does not leave the workers serving, orphaned,
+    with nobody to stop them: they get SIGTERM from the kernel (PR_SET_PDEATHSIG) and shut down."""
     db = str(tmp_path / "gateway.db")
     prepare_db(db, mock_upstream.base_url)
     async with ServeProcess(tmp_path, db, "--workers", "2") as server:
@@ -320,8 +320,8 @@ async def test_workers_end_when_their_parent_is_killed(tmp_path, mock_upstream):
 
 
 async def test_workers_that_fail_to_start_stop_the_server_and_say_why(tmp_path, mock_upstream):
-    """Every worker failing to start (the port is taken) used to exit 1 with no word of why: a child's os._exit()
-    leaves no interpreter to print the error."""
+    """Every worker failing to start (the port is taken) stops the server with exit 1 and says why: a child's
+    os._exit() leaves no interpreter to print the error, so the worker logs it itself."""
     db = str(tmp_path / "gateway.db")
     prepare_db(db, mock_upstream.base_url)
     with socket.socket() as taken:
@@ -432,8 +432,8 @@ async def test_shutdown_deadline_cuts_a_quiet_stream_and_meters_it(gateway):
 async def test_connections_accepted_as_shutdown_begins_are_reset_not_served_unseen(gateway):
     """A burst accepted in the same loop iteration as the start of shutdown reaches `connection_made` only after
     shutdown looked for connections to drain. Those connections are reset, as ones still in the kernel's queue
-    are: nothing is forwarded that shutdown would not wait for (before the fix: 20 upstream requests, no usage
-    rows, handlers still running after shutdown returned)."""
+    are: nothing is forwarded that shutdown would not wait for (no upstream request without its usage row, no
+    handler still running after shutdown returned)."""
     gw = gateway.gateway
     loop = asyncio.get_running_loop()
     listening = gw._listener.sockets[0]

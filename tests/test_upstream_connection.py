@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from apertis_proxy.upstream.connection import UpstreamConnection, UpstreamError
+from apertis_proxy.upstream.connection import Phase, UpstreamConnection, UpstreamError
 
 BODY = b'{"type":"message","usage":{"input_tokens":3,"output_tokens":5}}'
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(BODY), BODY)
@@ -88,6 +88,23 @@ async def test_final_response_after_any_interim_responses(script):
         conn.close()
 
 
+async def test_the_phase_follows_the_exchange_and_decides_reuse():
+    head, body = OK.split(b"\r\n\r\n")
+    async with ScriptedUpstream([[head + b"\r\n\r\n", body], [OK]]) as upstream:
+        conn = await connect(upstream.port)
+        assert conn.phase is Phase.IDLE and not conn.reusable
+        conn.send_request(b"POST", b"/v1/messages", REQUEST_HEADERS, b"{}")
+        assert conn.phase is Phase.AWAITING_HEAD
+        assert (await conn.read_head(5.0)).status == 200
+        assert conn.phase is Phase.READING_BODY and not conn.reusable      # the body came in a later write
+        assert await conn.read_all(5.0, 1 << 20) == BODY
+        assert conn.phase is Phase.DONE and conn.reusable
+        assert conn.recycle() and conn.phase is Phase.IDLE
+        assert await exchange(conn) == (200, BODY)
+        conn.close()
+        assert not conn.reusable
+
+
 async def test_connection_close_is_not_reused():
     closing = OK.replace(b"content-type", b"connection: close\r\ncontent-type", 1)
     async with ScriptedUpstream([[closing]]) as upstream:
@@ -152,10 +169,10 @@ async def test_read_all_resumes_a_body_paused_at_the_high_water_mark():
         conn.send_request(b"POST", b"/v1/messages", REQUEST_HEADERS, b"{}")
         assert (await conn.read_head(5.0)).status == 200
         for _ in range(100):                # let the body queue up to the mark
-            if not conn._reading:
+            if not conn._flow.reading:
                 break
             await asyncio.sleep(0.01)
-        assert not conn._reading, "the queue never reached the high-water mark"
+        assert not conn._flow.reading, "the queue never reached the high-water mark"
         assert await asyncio.wait_for(conn.read_all(5.0, 1 << 24), 10) == body
         conn.close()
 
@@ -177,10 +194,10 @@ async def test_stream_paused_at_high_water_before_the_consumer_resumes(taken_fir
         conn.send_request(b"POST", b"/v1/messages", REQUEST_HEADERS, b"{}")
         assert (await conn.read_head(5.0)).status == 200
         for _ in range(100):                          # let the queue fill and reading pause
-            if not conn._reading:
+            if not conn._flow.reading:
                 break
             await asyncio.sleep(0.01)
-        assert not conn._reading
+        assert not conn._flow.reading
         got = [b"".join(conn.buffered())] if taken_first else []
         await asyncio.wait_for(conn.pump(lambda piece: got.append(piece) or True, 5.0), 10.0)
         assert b"".join(got).count(b"event: content_block_delta") == 400

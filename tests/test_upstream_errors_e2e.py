@@ -100,8 +100,8 @@ async def test_retryable_errors_still_fail_over(gateway_env, make_mock_upstream,
 @pytest.mark.parametrize("status", [500, 401])
 async def test_a_key_quoted_late_in_a_long_message_is_redacted_whole(gateway_env, make_mock_upstream, caplog,
                                                                     capsys, status):
-    """The key at character 465 of the message: cutting the message first used to leave 35 of its 42
-    characters for the client, the log and the disable reason."""
+    """The key at character 465 of the message: the key is redacted before the message is cut (cutting first
+    would leave 35 of its 42 characters for the client, the log and the disable reason)."""
     quoting = await make_mock_upstream(api_key=CHANNEL_KEY)
     key = gateway_env.add_key("alice")
     gateway_env.add_channel("quoting", quoting, api_key=CHANNEL_KEY)

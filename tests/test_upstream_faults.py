@@ -100,7 +100,7 @@ async def test_upstream_error_event_then_close_is_told_once_and_kept_as_its_type
 
 async def test_a_stream_that_fails_mid_way_cools_its_channel_down(gateway_env):
     """A 2xx head followed by a cut stream is the channel's failure: the router cools it down and the next
-    request goes to the healthy channel (it used to be reported as a success, clearing any cooldown)."""
+    request goes to the healthy channel (reported as a success, it would clear any cooldown)."""
     async with ScriptedChannel() as flaky, ScriptedChannel() as healthy:
         gateway_env.key = gateway_env.add_key("alice")
         gateway_env.add_channel("flaky", flaky.base_url, priority=10)
@@ -145,8 +145,8 @@ async def test_channel_key_quoted_by_the_upstream_never_reaches_client_log_or_li
 
 
 async def test_absurd_token_counts_do_not_stop_the_ledger(scripted):
-    """An output_tokens SQLite cannot store (>= 2**63) used to fail the meter's batch for good: every later row
-    lost too. The count is ignored; this row and the ones after it land."""
+    """An output_tokens SQLite cannot store (>= 2**63) would fail the meter's batch for good, and every later row
+    with it. The count is ignored; this row and the ones after it land."""
     await scripted.start()
     events = [message_start(), *text_events("x", output_tokens=2 ** 63), MESSAGE_STOP]
     scripted.channel.queue([HEAD_SSE, *(chunk(e) for e in events), b"0\r\n\r\n"], full_stream(output_tokens=9))
@@ -230,7 +230,7 @@ async def test_bytes_written_on_an_idle_connection_never_answer_the_next_request
 
 async def test_a_storm_of_interim_responses_is_refused(scripted):
     """Thousands of 1xx heads before the final one: the gateway reads a few, then gives up on that upstream
-    connection with a 502 (it used to parse them all, stalling every other request on the worker)."""
+    connection with a 502 (parsing them all would stall every other request on the worker)."""
     await scripted.start()
     storm = b"HTTP/1.1 100 Continue\r\n\r\n" * 2000
     scripted.channel.queue([storm, storm, answer("after the storm", 10, 1)])

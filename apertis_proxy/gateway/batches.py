@@ -15,8 +15,8 @@ from typing import Any, Optional
 import orjson
 
 from ..errors import GatewayError
-from ..http.messages import Request
-from ..http.protocol import Responder
+from ..http.request import Request
+from ..http.responder import Responder
 from ..plugin_api import Caller, Channel, UsageRecord
 from . import contract
 from .forward import request_info

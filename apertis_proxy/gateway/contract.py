@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Optional
 import orjson
 
 from ..errors import GatewayError
-from ..plugin_api import Channel
+from ..plugin_api import DEFAULT_API_VERSION, Channel
 from .model_rules import SAMPLING, THINKING_ENABLED, refused_by
 
 __all__ = [
@@ -367,7 +367,7 @@ class Prepared:
 
 
 def upstream_api_version(channel: Channel, client_version: Optional[str],
-                         default_version: str = "2023-06-01") -> str:
+                         default_version: str = DEFAULT_API_VERSION) -> str:
     if channel.forward_client_version and client_version:
         return client_version
     return channel.api_version or default_version
@@ -385,7 +385,7 @@ def _is_new_version(version: str) -> bool:
 
 
 def prepare_for_channel(body: dict, channel: Channel, *, client_version: Optional[str],
-                        default_version: str = "2023-06-01",
+                        default_version: str = DEFAULT_API_VERSION,
                         catalog_rules: Optional[Callable[[str], Optional[Mapping[str, Any]]]] = None) -> Prepared:
     """Fit a validated body to one channel.  Called per attempt: failover
     prepares the client's original body again for the next channel.

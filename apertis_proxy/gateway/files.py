@@ -12,8 +12,8 @@ from typing import Optional
 import orjson
 
 from ..errors import GatewayError
-from ..http.messages import Request
-from ..http.protocol import Responder
+from ..http.request import Request
+from ..http.responder import Responder
 from ..plugin_api import Caller, UsageRecord
 from .forward import request_info
 from .owned_endpoint import OwnedEndpoint

@@ -16,25 +16,24 @@ from typing import Any, Mapping, Optional, Sequence
 import orjson
 
 from ..errors import GatewayError, error_body
-from ..http.messages import Request
-from ..http.protocol import Responder
+from ..http.request import Request
+from ..http.responder import Responder
 from ..plugin_api import (CAUSE_CREDENTIAL, CAUSE_TRANSIENT, Caller, Channel, Outcome, RequestInfo,
                           UsageRecord)
 from ..plugin_host import PluginHost
 from ..settings import Settings
 from ..store.catalog import Catalog
 from ..store.owned_state import OwnedState
-from ..upstream.connection import UpstreamConnection, UpstreamError
-from ..upstream.pool import Pool, Pools
+from ..upstream.connection import ResponseHead, UpstreamConnection, UpstreamError
+from ..upstream.pool import Pools
 from . import contract, model_policy
 from .body_encoding import decode_body
 from .headers import downstream_headers, parse_retry_after, upstream_headers
 from .ownership import (CONTAINER, CREDIT, THINKING, THREAD, StateCapture, asks_for_thinking, not_found,
                         owner_of, references, resolve)
-from .relay import relay_json, relay_stream
+from .relay import JsonRelay, Relay, StreamRelay
 from .sse import SseSplicer
 from .pricing import price
-from .upstream_call import exchange
 from .upstream_errors import fails_over, read_error, request_secrets
 from .usage import UsageMeter
 
@@ -80,7 +79,7 @@ def request_info(req: Request, resp: Responder, body: Any) -> RequestInfo:
                        client=req.client, request_id=resp.request_id)
 
 
-class Attempt:
+class FailedAttempt:
     """The failure of one channel attempt, kept to answer the client if all fail."""
 
     __slots__ = ("status", "error_type", "message", "headers", "body", "cause")
@@ -94,6 +93,22 @@ class Attempt:
         self.headers = headers or []
         self.body = body
         self.cause = cause      # whether the next channel may be tried (upstream_errors.fails_over)
+
+
+class Forwarding:
+    """One request on its way through the channels: what each attempt needs."""
+
+    __slots__ = ("req", "resp", "info", "record", "count_tokens", "owner", "notices")
+
+    def __init__(self, req: Request, resp: Responder, info: RequestInfo, record: UsageRecord, count_tokens: bool,
+                 owner: str, notices: Sequence[tuple[bytes, bytes]]) -> None:
+        self.req = req
+        self.resp = resp
+        self.info = info
+        self.record = record
+        self.count_tokens = count_tokens
+        self.owner = owner              # whose account-bound state an answer creates
+        self.notices = notices          # response headers about the model's resolution
 
 
 class MessagesForwarder:
@@ -171,8 +186,8 @@ class MessagesForwarder:
             if not count_tokens:
                 channels = model_policy.admit_unpriced(self.catalog.catalog, channels, info.model, caller,
                                                        self.settings.allow_unpriced, record.started_at)
-            await self._attempt_all(req, resp, info, info.body, channels, record, count_tokens,
-                                    owner_of(caller), resolved.headers)
+            await self._attempt_all(Forwarding(req, resp, info, record, count_tokens, owner_of(caller),
+                                               resolved.headers), channels)
         except GatewayError as e:
             record.status = e.status
             record.error_type = e.error_type
@@ -223,26 +238,24 @@ class MessagesForwarder:
                                  f"models this key can use: {listed}", "not_found_error")
 
     # -- attempts ------------------------------------------------------------
-    async def _attempt_all(self, req: Request, resp: Responder, info: RequestInfo, body: dict,
-                           channels: Sequence[Channel], record: UsageRecord, count_tokens: bool,
-                           owner: str, notices: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    async def _attempt_all(self, fwd: "Forwarding", channels: Sequence[Channel]) -> None:
         client_version = None
-        for name, value in req.headers:
+        for name, value in fwd.req.headers:
             if name == b"anthropic-version":
                 client_version = value.decode("latin-1")
-        failure: Optional[Attempt] = None
+        failure: Optional[FailedAttempt] = None
         last = len(channels) - 1
         for i, channel in enumerate(channels):
-            prepared = contract.prepare_for_channel(body, channel, client_version=client_version,
+            prepared = contract.prepare_for_channel(fwd.info.body, channel, client_version=client_version,
                                                     default_version=self.settings.default_api_version,
                                                     catalog_rules=self.catalog.rules_of)
-            failure = await self._attempt(req, resp, info, channel, prepared, record, count_tokens, owner,
-                                          notices)
+            failure = await self._attempt(fwd, channel, prepared)
             if failure is None:
                 return
             if not fails_over(failure.cause) or i == last:
                 break
         assert failure is not None
+        record, resp = fwd.record, fwd.resp
         record.status = failure.status
         record.error_type = failure.error_type
         if failure.body is not None:
@@ -250,13 +263,11 @@ class MessagesForwarder:
         else:
             resp.send_error(failure.status, failure.message, failure.error_type, failure.headers)
 
-    async def _attempt(self, req: Request, resp: Responder, info: RequestInfo, channel: Channel,
-                       prepared: "contract.Prepared", record: UsageRecord,
-                       count_tokens: bool, owner: str,
-                       notices: Sequence[tuple[bytes, bytes]] = ()) -> Optional[Attempt]:
-        """One channel.  None when the client got its answer; an Attempt when it failed
+    async def _attempt(self, fwd: "Forwarding", channel: Channel,
+                       prepared: "contract.Prepared") -> Optional[FailedAttempt]:
+        """One channel.  None when the client got its answer; a FailedAttempt when it failed
         before anything went out (the caller may try the next channel)."""
-        settings = self.settings
+        req, info, record = fwd.req, fwd.info, fwd.record
         record.attempts += 1
         record.channel_id, record.channel_name = channel.id, channel.name
         upstream_model = prepared.body.get("model") if isinstance(prepared.body, dict) else None
@@ -269,30 +280,44 @@ class MessagesForwarder:
         except ValueError as exc:   # a bad base URL, or a key/version that cannot be a header
             self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id,
                                           error_type="connect_error", message=str(exc), cause=CAUSE_TRANSIENT))
-            return Attempt(502, "api_error", "upstream channel is misconfigured")
-        pool = self.pools.pool(origin)
+            return FailedAttempt(502, "api_error", "upstream channel is misconfigured")
         target = (origin.base_path + req.path + ("?" + req.query if req.query else "")).encode("latin-1")
         t_start = _clock()
 
         def connected() -> None:
             record.reached_upstream = True
 
-        try:
-            conn, head = await exchange(pool, b"POST", target, headers, payload, settings.read_timeout, connected)
-        except UpstreamError as exc:
-            return self._failed(channel, info, exc, t_start)
-        # Sent and answered: a stream may run for minutes, so do not hold the
-        # request bytes (an orjson output keeps an 8 KB block, measured).
-        payload = headers = None    # noqa: F841
-        record.ttfb_ms = round((_clock() - t_start) * 1000, 3)
-        rid = head.get(b"request-id")
-        record.upstream_request_id = rid.decode("latin-1") if rid else None
+        with self.pools.pool(origin).lease() as lease:
+            try:
+                head = await lease.send(b"POST", target, headers, payload, self.settings.read_timeout, connected)
+            except UpstreamError as exc:
+                return self._failed(channel, info, exc, t_start)
+            # Sent and answered: a stream may run for minutes, so do not hold the
+            # request bytes (an orjson output keeps an 8 KB block, measured).
+            payload = headers = None    # noqa: F841
+            record.ttfb_ms = round((_clock() - t_start) * 1000, 3)
+            rid = head.get(b"request-id")
+            record.upstream_request_id = rid.decode("latin-1") if rid else None
+            if head.status >= 400:
+                return await self._upstream_error(lease.conn, channel, info, head, t_start)
+            relay, meter = self._relay(fwd, channel, prepared, lease.conn, head)
+            await relay.run()
+        # A body that failed after a 2xx head (an in-band error, a cut or stalled
+        # stream) is the channel's failure too; a client that left is not.
+        failed = record.error_type is not None and record.error_type != "client_closed_request"
+        self.plugins.feedback(Outcome(channel, ok=not failed, request_id=info.request_id, status=head.status,
+                                      error_type=record.error_type if failed else None,
+                                      duration=_clock() - t_start, cause=CAUSE_TRANSIENT if failed else None))
+        if isinstance(meter, StateCapture):
+            self._remember(meter, info, channel, fwd.owner)
+        return None
 
-        if head.status >= 400:
-            return await self._upstream_error(conn, pool, channel, info, head, t_start)
-
+    def _relay(self, fwd: "Forwarding", channel: Channel, prepared: "contract.Prepared",
+               conn: UpstreamConnection, head: ResponseHead) -> tuple[Relay, UsageMeter]:
+        """What moves a 2xx answer to the client, and the meter that takes its usage."""
+        record = fwd.record
         down = downstream_headers(head.headers)
-        down.extend(notices)
+        down.extend(fwd.notices)
         if prepared.dropped:
             down.append((b"apertis-dropped-params", contract.dropped_header_value(prepared.dropped).encode()))
         rename = None
@@ -301,23 +326,13 @@ class MessagesForwarder:
         if asked and record.upstream_model and asked != record.upstream_model:
             rename = (record.upstream_model, asked)
         ctype = head.get(b"content-type") or b""
-        meter = (StateCapture(record, asks_for_thinking(info.body)) if self.owned is not None and not count_tokens
-                 else UsageMeter(record))
+        meter = (StateCapture(record, asks_for_thinking(fwd.info.body))
+                 if self.owned is not None and not fwd.count_tokens else UsageMeter(record))
+        timeout = self.settings.read_timeout
         if ctype.startswith(b"text/event-stream"):
-            await relay_stream(conn, pool, resp, head.status, down, SseSplicer(meter, rename, channel.api_key),
-                               record, settings.read_timeout)
-        else:
-            await relay_json(conn, pool, resp, head.status, down, meter, rename, record, count_tokens,
-                             settings.read_timeout)
-        # A body that failed after a 2xx head (an in-band error, a cut or stalled
-        # stream) is the channel's failure too; a client that left is not.
-        failed = record.error_type is not None and record.error_type != "client_closed_request"
-        self.plugins.feedback(Outcome(channel, ok=not failed, request_id=info.request_id, status=head.status,
-                                      error_type=record.error_type if failed else None,
-                                      duration=_clock() - t_start, cause=CAUSE_TRANSIENT if failed else None))
-        if isinstance(meter, StateCapture):
-            self._remember(meter, info, channel, owner)
-        return None
+            return StreamRelay(conn, fwd.resp, head.status, down, record, timeout,
+                               SseSplicer(meter, rename, channel.api_key)), meter
+        return JsonRelay(conn, fwd.resp, head.status, down, record, timeout, meter, rename, fwd.count_tokens), meter
 
     def _remember(self, created: StateCapture, info: RequestInfo, channel: Channel, owner: str) -> None:
         """Record the ids this answer created, with their account and owner."""
@@ -333,24 +348,19 @@ class MessagesForwarder:
         for fingerprint in created.signatures:
             owned.remember(THINKING, fingerprint, owner, channel.account, channel.id)
 
-    def _failed(self, channel: Channel, info: RequestInfo, exc: UpstreamError, t_start: float) -> Attempt:
+    def _failed(self, channel: Channel, info: RequestInfo, exc: UpstreamError, t_start: float) -> FailedAttempt:
         etype = "timeout" if exc.timeout else "connect_error"
         self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, error_type=etype,
                                       message=str(exc), duration=_clock() - t_start, cause=CAUSE_TRANSIENT))
         if exc.timeout:
-            return Attempt(504, "timeout_error", f"upstream timed out: {exc}")
-        return Attempt(502, "api_error", f"upstream unavailable: {exc}")
+            return FailedAttempt(504, "timeout_error", f"upstream timed out: {exc}")
+        return FailedAttempt(502, "api_error", f"upstream unavailable: {exc}")
 
-    async def _upstream_error(self, conn: UpstreamConnection, pool: Pool, channel: Channel,
-                              info: RequestInfo, head, t_start: float) -> Attempt:
+    async def _upstream_error(self, conn: UpstreamConnection, channel: Channel,
+                              info: RequestInfo, head: ResponseHead, t_start: float) -> FailedAttempt:
         try:
             raw = await conn.read_all(self.settings.read_timeout, _ERROR_BODY_LIMIT)
-            pool.release(conn)
-        except asyncio.CancelledError:
-            pool.discard(conn)
-            raise
         except UpstreamError:
-            pool.discard(conn)
             raw = b""
         # The client gets the upstream's body (its error_code and request_id), without
         # the channel's key: some relays quote the credential they were sent.
@@ -363,10 +373,10 @@ class MessagesForwarder:
         if error.cause == CAUSE_CREDENTIAL:
             # The channel's own key was refused: the caller's key is fine, so do
             # not hand them an authentication error they cannot fix.
-            return Attempt(502, "api_error", "the upstream channel rejected the gateway's credentials",
+            return FailedAttempt(502, "api_error", "the upstream channel rejected the gateway's credentials",
                            cause=error.cause)
         passed = [(n, v) for n, v in head.headers if n in (b"retry-after", b"retry-after-ms", b"x-should-retry")]
         rid = head.get(b"request-id")
         if rid:
             passed.append((b"upstream-request-id", rid))
-        return Attempt(error.status, error.error_type, error.message, passed, error.body, error.cause)
+        return FailedAttempt(error.status, error.error_type, error.message, passed, error.body, error.cause)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..http.messages import checked
+from ..http.heads import checked
 from ..plugin_api import Channel
 
 # Never forwarded upstream: hop-by-hop, framing (we set our own), the client's

@@ -8,8 +8,8 @@ from urllib.parse import parse_qsl
 import orjson
 
 from ..errors import GatewayError
-from ..http.messages import Request
-from ..http.protocol import Responder
+from ..http.request import Request
+from ..http.responder import Responder
 from ..plugin_api import Caller, ModelInfo, RequestInfo, UsageRecord
 from ..plugin_host import PluginHost
 from .batches import BatchesEndpoint

@@ -1,6 +1,6 @@
 """Moving an upstream's answer to the client, once its head said 2xx.
 
-`relay_json` reads a whole body, takes its usage and sends it.  `relay_stream`
+`JsonRelay` reads a whole body, takes its usage and sends it.  `StreamRelay`
 splices an SSE body event by event as it arrives, inside the upstream socket's
 callback: complete events go out as they come, the read that completes the
 upstream's body goes out in the write that ends ours, and any failure after the
@@ -8,7 +8,7 @@ first byte becomes an in-band `event: error` (nothing is added after
 message_stop: the answer was complete).  A stream whose client leaves is
 still read to its end (bounded: `drain_stream`), because the upstream bills
 what it generated.  Both record the outcome in the request's UsageRecord;
-neither knows about channels or plugins.
+neither knows about channels, plugins or the connection pool.
 """
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ from typing import Optional
 import orjson
 
 from ..errors import sse_error_event
-from ..http.protocol import ClientGone, Responder
+from ..http.responder import ClientGone, Responder
 from ..plugin_api import UsageRecord
 from ..upstream.connection import UpstreamConnection, UpstreamError
-from ..upstream.pool import Pool
 from .sse import EventTooLarge, SseSplicer
 from .usage import UsageMeter
 
@@ -36,119 +35,172 @@ DRAIN_SECONDS = 30.0
 DRAIN_BYTES = 4 * 1024 * 1024
 
 
-async def relay_json(conn: UpstreamConnection, pool: Pool, resp: Responder, status: int, headers: list,
-                     meter: UsageMeter, rename: Optional[tuple[str, str]], record: UsageRecord,
-                     count_tokens: bool, read_timeout: float) -> None:
+class Relay:
+    """One 2xx answer on its way to the client: the upstream connection it is
+    read from, the client's Responder, the head that goes out, and the request's
+    UsageRecord the outcome goes to.  The connection belongs to the caller's
+    pool lease: a relay reads it, or closes it when its body is unusable, and
+    never hands it back."""
+
+    __slots__ = ("conn", "resp", "status", "headers", "record", "read_timeout")     # set by each kind
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+
+class JsonRelay(Relay):
     """A whole (JSON) body: read it, take its usage, rename the model back, send it."""
-    try:
-        data = await conn.read_all(read_timeout, _RESPONSE_LIMIT)
-    except asyncio.CancelledError:
-        pool.discard(conn)
-        raise
-    except UpstreamError as exc:
-        pool.discard(conn)
+
+    __slots__ = ("meter", "rename", "count_tokens")
+
+    def __init__(self, conn: UpstreamConnection, resp: Responder, status: int, headers: list,
+                 record: UsageRecord, read_timeout: float, meter: UsageMeter,
+                 rename: Optional[tuple[str, str]], count_tokens: bool) -> None:
+        self.conn, self.resp, self.status, self.headers = conn, resp, status, headers
+        self.record, self.read_timeout = record, read_timeout
+        self.meter = meter
+        self.rename = rename            # (upstream's model name, the client's)
+        self.count_tokens = count_tokens
+
+    async def run(self) -> None:
+        try:
+            data = await self.conn.read_all(self.read_timeout, _RESPONSE_LIMIT)
+        except UpstreamError as exc:
+            self.upstream_failed(exc)
+            return
+        self.finish(data)
+
+    def upstream_failed(self, exc: UpstreamError) -> None:
         status, etype = (504, "timeout_error") if exc.timeout else (502, "api_error")
-        record.status, record.error_type = status, etype
-        resp.send_error(status, f"upstream failed while sending the response: {exc}", etype)
-        return
-    pool.release(conn)
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        obj = None
-    if isinstance(obj, dict):
-        if not count_tokens:
-            meter.body(obj)
-        if rename and obj.get("model") == rename[0]:
-            obj["model"] = rename[1]
-            data = orjson.dumps(obj)
-    record.status = status
-    if resp.client_gone:
-        # Answered and billed upstream, but nobody took it.
-        record.interrupted = True
-        record.status, record.error_type = 499, "client_closed_request"
-    resp.send(status, headers, data)
+        self.record.status, self.record.error_type = status, etype
+        self.resp.send_error(status, f"upstream failed while sending the response: {exc}", etype)
 
-
-async def relay_stream(conn: UpstreamConnection, pool: Pool, resp: Responder, status: int, headers: list,
-                       splicer: SseSplicer, record: UsageRecord, read_timeout: float) -> None:
-    """An SSE body, spliced event by event as it arrives (see the module's docstring)."""
-    record.status = status
-    # What came with the response head (often the opening events) goes out
-    # with ours, in one write; a whole stream that came with it, ends in it.
-    first = _feed(splicer, conn, b"".join(conn.buffered())) or b""
-    if conn.body_complete:
-        pool.release(conn)
-        if resp.client_gone:
+    def finish(self, data: bytes) -> None:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            if not self.count_tokens:
+                self.meter.body(obj)
+            rename = self.rename
+            if rename and obj.get("model") == rename[0]:
+                obj["model"] = rename[1]
+                data = orjson.dumps(obj)
+        record = self.record
+        record.status = self.status
+        if self.resp.client_gone:
+            # Answered and billed upstream, but nobody took it.
             record.interrupted = True
-        resp.start(status, headers, first + _stream_end(splicer, record), complete=True)
-        return
-    resp.start(status, headers, first)
-    # The body's last piece (message_stop, usually) is held back for the
-    # write that ends our chunked body.
-    held: list[bytes] = []
+            record.status, record.error_type = 499, "client_closed_request"
+        self.resp.send(self.status, self.headers, data)
 
-    def sink(piece: bytes) -> bool:
-        # Runs inside the upstream socket callback: splice and write, no task switch.
+
+class StreamRelay(Relay):
+    """An SSE body, spliced event by event as it arrives (see the module's
+    docstring).  `run()` pumps the body into `piece()` and ends in one of
+    `client_gone()`, `shutdown_cut()`, `upstream_failed()` or `finish()`."""
+
+    __slots__ = ("splicer", "held")
+
+    def __init__(self, conn: UpstreamConnection, resp: Responder, status: int, headers: list,
+                 record: UsageRecord, read_timeout: float, splicer: SseSplicer) -> None:
+        self.conn, self.resp, self.status, self.headers = conn, resp, status, headers
+        self.record, self.read_timeout = record, read_timeout
+        self.splicer = splicer
+        # The body's last piece (message_stop, usually) is held back for the
+        # write that ends our chunked body.
+        self.held: list[bytes] = []
+
+    async def run(self) -> None:
+        conn, resp = self.conn, self.resp
+        self.record.status = self.status
+        # What came with the response head (often the opening events) goes out
+        # with ours, in one write; a whole stream that came with it, ends in it.
+        first = _feed(self.splicer, conn, b"".join(conn.buffered())) or b""
+        if conn.body_complete:
+            if resp.client_gone:
+                self.record.interrupted = True
+            resp.start(self.status, self.headers, first + _stream_end(self.splicer, self.record), complete=True)
+            return
+        resp.start(self.status, self.headers, first)
+        try:
+            await conn.pump(self.piece, self.read_timeout)
+        except ClientGone:
+            await self.client_gone()
+            return
+        except asyncio.CancelledError:
+            if not resp.client_gone:
+                self.shutdown_cut()
+                raise
+            # The cancellation only said the client left: the drain is this
+            # task's work now (and shutdown may still cancel it).
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            await self.client_gone()
+            return
+        except UpstreamError as exc:
+            await self.upstream_failed(exc)
+            return
+        self.finish()
+
+    def piece(self, piece: bytes) -> bool:
+        """A piece of the body, inside the upstream socket callback: splice and
+        write, no task switch.  False asks the connection to pause reading."""
+        conn = self.conn
         try:                    # _feed(), inline: a call per read on the per-event path
-            out = splicer.feed(piece)
+            out = self.splicer.feed(piece)
         except EventTooLarge as exc:
             conn.abort(UpstreamError(str(exc), "body"))
             return False
-        if splicer.saw_stop:
+        if self.splicer.saw_stop:
             # The message is complete: the body's end should follow at once.
             conn.expect_end(_END_AFTER_STOP)
         if not out:
             return True
         if conn.body_complete:
-            held.append(out)
+            self.held.append(out)
             return True
+        resp = self.resp
         if not resp.write_nowait(out):
             resp.when_writable(conn.resume)
             return False
         return True
 
-    try:
-        await conn.pump(sink, read_timeout)
-    except (ClientGone, asyncio.CancelledError) as exc:
-        # The client left, or shutdown cut the stream at its deadline.
+    async def client_gone(self) -> None:
+        """The client left: the rest is read for its usage (bounded), not sent."""
+        self.record.interrupted = True
+        await drain_stream(self.conn, self.splicer, self.read_timeout)
+        self.resp.end()
+
+    def shutdown_cut(self) -> None:
+        """Shutdown's deadline cut the stream while the client still reads it:
+        say so in-band; the connection then closes without the final chunk, so
+        the stream never looks complete."""
+        resp, record, splicer = self.resp, self.record, self.splicer
         record.interrupted = True
-        if resp.client_gone:
-            if isinstance(exc, asyncio.CancelledError):
-                # The cancellation only said the client left: the drain below is
-                # this task's work now (and shutdown may still cancel it).
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
-            await drain_stream(conn, pool, splicer, read_timeout)
-            resp.end()
-            return
-        if held:
-            resp.write_nowait(b"".join(held))
+        if self.held:
+            resp.write_nowait(b"".join(self.held))
         # Usage already received but not yet forwarded still counts.
         try:
-            for chunk in conn.buffered():
+            for chunk in self.conn.buffered():
                 splicer.feed(chunk)
         except EventTooLarge:
             pass
-        pool.discard(conn)
-        if isinstance(exc, asyncio.CancelledError):
-            # Shutdown deadline: say so in-band; the connection then closes
-            # without the final chunk, so the stream never looks complete.
-            record.error_type = "overloaded_error"
-            resp.write_nowait(sse_error_event("overloaded_error", "the gateway is shutting down"))
-            raise
-        resp.end()
-        return
-    except UpstreamError as exc:
-        pool.discard(conn)
+        self.conn.close()
+        record.error_type = "overloaded_error"
+        resp.write_nowait(sse_error_event("overloaded_error", "the gateway is shutting down"))
+
+    async def upstream_failed(self, exc: UpstreamError) -> None:
+        resp, record, splicer = self.resp, self.record, self.splicer
         splicer.drop_tail()
         if splicer.saw_stop or splicer.error is not None:
             # The message was complete, or the upstream already said in-band what
             # went wrong: a transport failure after that tells the client nothing.
             if splicer.error is not None:
                 record.error_type = splicer.error_type
-            last = b"".join(held)
+            last = b"".join(self.held)
             if last and resp.client_gone:
                 record.interrupted = True
             resp.end(last)
@@ -162,20 +214,21 @@ async def relay_stream(conn: UpstreamConnection, pool: Pool, resp: Responder, st
                 record.interrupted = True
         resp.keep_alive = False
         resp.end()
-        return
-    pool.release(conn)
-    last = b"".join(held) + _stream_end(splicer, record)
-    if last and resp.client_gone:
-        record.interrupted = True       # the stream's end found nobody to take it
-    resp.end(last)
+
+    def finish(self) -> None:
+        """The upstream ended the body cleanly."""
+        last = b"".join(self.held) + _stream_end(self.splicer, self.record)
+        if last and self.resp.client_gone:
+            self.record.interrupted = True       # the stream's end found nobody to take it
+        self.resp.end(last)
 
 
-async def drain_stream(conn: UpstreamConnection, pool: Pool, splicer: SseSplicer, read_timeout: float) -> None:
+async def drain_stream(conn: UpstreamConnection, splicer: SseSplicer, read_timeout: float) -> None:
     """Read the rest of a stream nobody will take, for its usage: the upstream
     bills what it generated, not what the client read.  Nothing is kept but the
-    splicer's event tail.  Ends at the body's end (the connection goes back to
-    the pool), or after DRAIN_SECONDS or DRAIN_BYTES, or on an upstream failure
-    (the connection is closed); the usage seen by then is what counts."""
+    splicer's event tail.  Ends at the body's end (the connection can be reused),
+    or after DRAIN_SECONDS or DRAIN_BYTES, or on an upstream failure (the
+    connection is closed); the usage seen by then is what counts."""
     drained = 0
 
     def sink(piece: bytes) -> bool:
@@ -197,12 +250,7 @@ async def drain_stream(conn: UpstreamConnection, pool: Pool, splicer: SseSplicer
         async with asyncio.timeout(DRAIN_SECONDS):
             await conn.pump(sink, read_timeout)
     except (UpstreamError, TimeoutError):
-        pool.discard(conn)
-    except asyncio.CancelledError:
-        pool.discard(conn)          # shutdown's deadline: meter what was seen
-        raise
-    else:
-        pool.release(conn)
+        conn.close()
 
 
 def _stream_end(splicer: SseSplicer, record: UsageRecord) -> bytes:

@@ -237,5 +237,3 @@ class SseSplicer:
         parts.append(text[last:])
         return b"".join(parts)
 
-
-SpliceFactory = Callable[..., SseSplicer]

@@ -2,7 +2,7 @@
 
 h11 is used for what it is good at -- parsing and validating request heads and
 bodies, and knowing where one request ends.  Responses are written from
-prebuilt bytes (see messages.build_head): h11's response path costs tens of
+prebuilt bytes (see heads.build_head): h11's response path costs tens of
 microseconds per request and its chunk framing ~3 us per SSE event.  Because
 h11 never sees our responses, a fresh h11.Connection is started per request
 cycle and fed whatever pipelined bytes the previous one had buffered.
@@ -18,24 +18,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Optional, Protocol
 
 import h11
 
-from ..errors import GatewayError, error_body, error_type_for
+from ..deadline import Deadline
+from ..flow_control import FlowControl
 from ..settings import Settings
-from .messages import Request, build_head, header_list, keeps_alive
+from .heads import build_head, header_list, keeps_alive
+from .request import Request
 from .request_ids import new_request_id
+from .responder import ClientGone, ErrorRenderer, Responder
 
 log = logging.getLogger("apertis_proxy.http")
 
 Handler = Callable[[Request, "Responder"], Awaitable[None]]
-# A handler may also have `admit(head) -> Optional[GatewayError]`: called with a
+
+
+class Refusal(Protocol):
+    """Why a request is refused (the application's error type has these)."""
+    status: int
+    message: str
+    error_type: str
+
+
+# A handler may also have `admit(head) -> Optional[Refusal]`: called with a
 # request's head (its body b"") when the body still has to be read, so that a
 # request its credential will not admit is refused before its body is read.
 
 _PIPELINE_HIGH_WATER = 256 * 1024
-_JSON = b"application/json"
 
 
 def _origin_form(target: bytes) -> bytes:
@@ -56,10 +67,6 @@ def _request_target(target: bytes) -> bytes:
     return _origin_form(target) if target[:1] != b"/" and target[:4].lower() == b"http" else target
 
 
-class ClientGone(Exception):
-    """The client closed the connection while a response was being written."""
-
-
 # How often the connection cap is reported in the log, at most (seconds).
 _CAP_LOG_INTERVAL = 10.0
 # After a scan at the cap found every connection busy, newcomers are refused
@@ -71,10 +78,11 @@ class ServerState:
     """Shared by all connections of one listening server: bookkeeping for shutdown
     and for the connection cap."""
 
-    __slots__ = ("connections", "draining", "tasks", "max_connections", "_shed", "_refused", "_logged_at",
-                 "_all_busy_until")
+    __slots__ = ("connections", "draining", "tasks", "max_connections", "render_error", "_shed", "_refused",
+                 "_logged_at", "_all_busy_until")
 
-    def __init__(self, max_connections: int = 10_000) -> None:
+    def __init__(self, render_error: ErrorRenderer, max_connections: int = 10_000) -> None:
+        self.render_error = render_error
         self.connections: set["HttpConnection"] = set()
         self.draining = False
         # Handler tasks until they return: a handler still meters its request
@@ -116,161 +124,12 @@ class ServerState:
         return bool(idle)
 
 
-class Responder:
-    """How a handler answers one request.  Either `send()` once, or
-    `start()` + `write()`* + `end()` for a streamed (chunked) response.
-    To a HEAD request `send()` and `start()` write the head only (no route
-    streams to HEAD: only POST endpoints stream)."""
-
-    __slots__ = ("_conn", "request_id", "started", "finished", "status", "keep_alive", "_chunked",
-                 "bytes_sent", "abandon_on_disconnect", "_task", "head_only", "_left")
-
-    def __init__(self, conn: "HttpConnection", request_id: str, keep_alive: bool,
-                 head_only: bool = False) -> None:
-        self._conn = conn
-        self.request_id = request_id
-        # A HEAD request: its answer is the head the same GET would get, without
-        # the body (a body here would be read as the start of the next response).
-        self.head_only = head_only
-        self.started = False
-        self.finished = False
-        self.status = 0
-        self.keep_alive = keep_alive
-        self._chunked = False
-        self.bytes_sent = 0
-        # Set by a handler whose work is worthless once the client left, even
-        # before the response starts (a stream nobody will read).
-        self.abandon_on_disconnect = False
-        self._task: Optional[asyncio.Task] = None   # the handler's, set by the connection
-        self._left = False      # the handler was cancelled because the client went away
-
-    @property
-    def client_gone(self) -> bool:
-        """The client went away: closed, or (for work abandoned on disconnect) half-closed.
-        A handler cancelled while this is false was cancelled by shutdown."""
-        return self._left or self._conn.closed
-
-    def client_left(self) -> None:
-        """Cancel the handler, once, because its client went away: it can still
-        finish its own bookkeeping (client_gone tells it why it was cancelled)."""
-        if not self._left and not self.finished and self._task is not None:
-            self._left = True
-            self._task.cancel()
-
-    def _head(self, status: int, headers: list[tuple[bytes, bytes]], length: Optional[int]) -> bytes:
-        if self._conn.state.draining:
-            self.keep_alive = False
-        headers.append((b"request-id", self.request_id.encode()))
-        return build_head(status, headers, content_length=length, keep_alive=self.keep_alive,
-                          chunked=length is None and self._conn.http11)
-
-    def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """A complete response with a content-length."""
-        assert not self.started
-        self.started = True
-        self.status = status
-        head = self._head(status, headers, len(body))
-        if self.head_only:
-            body = b""
-        self.bytes_sent = len(body)
-        if len(body) < 16384:
-            self._conn.write(head + body)
-        else:
-            self._conn.write(head, body)
-        self.finished = True
-        self._conn.response_done(self)
-
-    def send_error(self, status: int, message: str, error_type: Optional[str] = None,
-                   headers: Optional[list[tuple[bytes, bytes]]] = None) -> None:
-        hdrs = [(b"content-type", _JSON)] + list(headers or ())
-        self.send(status, hdrs, error_body(error_type or error_type_for(status), message, self.request_id))
-
-    def start(self, status: int, headers: list[tuple[bytes, bytes]], first: bytes = b"", *,
-              complete: bool = False) -> None:
-        """Start a streamed response: chunked, or close-delimited for HTTP/1.0 clients.
-        `first`, the body's first piece if already at hand, goes out in the same
-        write as the head (one socket call less); with `complete` it is the whole
-        body, and the response ends in that write too."""
-        assert not self.started
-        self.started = True
-        self.status = status
-        self._chunked = self._conn.http11
-        if not self._chunked:
-            self.keep_alive = False
-        head = self._head(status, headers, None)
-        if complete or self.head_only:
-            self._finish(head, b"" if self.head_only else first)
-            return
-        if first:
-            self.bytes_sent += len(first)
-            head += self._piece(first)
-        self._conn.write(head)
-
-    async def write(self, data: bytes) -> None:
-        """Send one piece of a streamed body; waits while the client is slow."""
-        if not data:
-            return
-        conn = self._conn
-        if conn.closed:
-            raise ClientGone()
-        self._frame(data)
-        if conn.write_paused:
-            await conn.drain()
-
-    def write_nowait(self, data: bytes) -> bool:
-        """Send one piece without waiting (for callbacks); False once the client
-        is behind: stop producing and use `when_writable`."""
-        conn = self._conn
-        if conn.closed:
-            return True     # nothing to pace: the handler is being cancelled
-        self._frame(data)
-        return not conn.write_paused
-
-    def when_writable(self, callback: Callable[[], None]) -> None:
-        """Call `callback` once the client has drained below the high-water mark."""
-        if self._conn.write_paused:
-            self._conn.on_writable = callback
-        else:
-            callback()
-
-    def _piece(self, data: bytes) -> bytes:
-        """One piece of the body as it goes on the wire (a chunk, or as is for HTTP/1.0)."""
-        return b"%x\r\n" % len(data) + data + b"\r\n" if self._chunked else data
-
-    def _frame(self, data: bytes) -> None:
-        """Write one piece; the caller has checked that the connection is open."""
-        self.bytes_sent += len(data)
-        transport = self._conn.transport
-        if not self._chunked or len(data) < 16384:
-            transport.write(self._piece(data))
-        else:
-            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
-
-    def end(self, last: bytes = b"") -> None:
-        """End a streamed response.  `last`, the body's final piece if any, goes
-        out in the same write as the end of the chunked body (one socket call,
-        and one wake-up of the client, less per stream)."""
-        if not self.finished:
-            self._finish(b"", last)
-
-    def _finish(self, head: bytes, last: bytes) -> None:
-        self.finished = True
-        if not self._conn.closed:
-            self.bytes_sent += len(last)
-            end = b"0\r\n\r\n" if self._chunked and not self.head_only else b""
-            if len(last) >= 16384 and self._chunked:
-                self._conn.write(head + b"%x\r\n" % len(last), last, b"\r\n" + end)
-            elif head or last or end:
-                self._conn.write(head + (self._piece(last) if last else b"") + end)
-        self._conn.response_done(self)
-
-
 class HttpConnection(asyncio.Protocol):
     """One client connection."""
 
     def __init__(self, handler: Handler, settings: Settings, state: ServerState) -> None:
         self._handler = handler
-        self._admit: Optional[Callable[[Request], Optional[GatewayError]]] = getattr(handler, "admit", None)
+        self._admit: Optional[Callable[[Request], Optional[Refusal]]] = getattr(handler, "admit", None)
         self._settings = settings
         self.state = state
         self._loop = asyncio.get_running_loop()
@@ -278,9 +137,7 @@ class HttpConnection(asyncio.Protocol):
         self._h11 = self._new_h11()
         self.closed = False
         self.http11 = True
-        self.write_paused = False
-        self._drain_waiter: Optional[asyncio.Future] = None
-        self.on_writable: Optional[Callable[[], None]] = None
+        self.flow = FlowControl()
         self._client = ""
         # Per request cycle.
         self._request: Optional[h11.Request] = None
@@ -292,9 +149,7 @@ class HttpConnection(asyncio.Protocol):
         self._responder: Optional[Responder] = None
         self._task: Optional[asyncio.Task] = None
         self._buffered = 0          # bytes received while a handler runs
-        self._reading = True
-        self._timer: Optional[asyncio.TimerHandle] = None
-        self._deadline: Optional[float] = None
+        self._deadline = Deadline(self._loop, self._on_timeout)
         self._head_started = False  # the header timer runs from a request's first byte
         self._peer_eof = False      # the client half-closed while we owe it a response
         self._discarding = False    # answered early: swallow the rest of the request, then close
@@ -318,13 +173,15 @@ class HttpConnection(asyncio.Protocol):
             # retry-after) and close, before reading anything.
             self.closed = self._discarding = True
             rid = new_request_id()
-            body = error_body("overloaded_error", "the gateway is at its connection limit; retry shortly", rid)
-            head = build_head(503, [(b"content-type", _JSON), (b"retry-after", b"1"), (b"request-id", rid.encode())],
+            ctype, body = state.render_error(503, "the gateway is at its connection limit; retry shortly",
+                                             "overloaded_error", rid)
+            head = build_head(503, [(b"content-type", ctype), (b"retry-after", b"1"), (b"request-id", rid.encode())],
                               content_length=len(body), keep_alive=False)
             transport.write(head + body)
             transport.close()
             return
         transport.set_write_buffer_limits(high=self._settings.write_high_water)
+        self.flow.transport = transport
         peer = transport.get_extra_info("peername")
         self._client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         state.connections.add(self)
@@ -333,9 +190,8 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
         self.state.connections.discard(self)
-        self._drop_timer()
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self._deadline.cancel()
+        self.flow.wake_writers()
         # A handler streaming a response may be waiting on a quiet upstream and
         # would only notice at its next write: stop it now (it meters the request
         # as interrupted).  One still waiting for a complete answer is left to
@@ -351,7 +207,7 @@ class HttpConnection(asyncio.Protocol):
             # A handler is running: keep the pipelined bytes for later.
             self._buffered += len(data)
             if self._buffered > _PIPELINE_HIGH_WATER:
-                self._pause_reading()
+                self.flow.pause_reading()
         first_bytes = False
         if self._responder is None:
             if not self._head_started:
@@ -386,15 +242,10 @@ class HttpConnection(asyncio.Protocol):
         return None  # idle: let the transport close
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        self.flow.pause_writing()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
-        callback, self.on_writable = self.on_writable, None
-        if callback is not None:
-            callback()
+        self.flow.resume_writing()
 
     # -- writing -----------------------------------------------------------
     def write(self, *parts: bytes) -> None:
@@ -406,11 +257,9 @@ class HttpConnection(asyncio.Protocol):
             self.transport.writelines(parts)
 
     async def drain(self) -> None:
-        if not self.write_paused or self.closed:
+        if not self.flow.write_paused or self.closed:
             return
-        if self._drain_waiter is None or self._drain_waiter.done():
-            self._drain_waiter = self._loop.create_future()
-        await self._drain_waiter
+        await self.flow.drain()
         if self.closed:
             raise ClientGone()
 
@@ -436,7 +285,7 @@ class HttpConnection(asyncio.Protocol):
                     self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 return
             if event is h11.PAUSED:  # pragma: no cover - we swap connections before this happens
-                self._pause_reading()
+                self.flow.pause_reading()
                 return
             etype = type(event)
             if etype is h11.Request:
@@ -543,12 +392,12 @@ class HttpConnection(asyncio.Protocol):
         if self._buffered:
             fresh.receive_data(memoryview(data)[length:])
             if self._buffered > _PIPELINE_HIGH_WATER:
-                self._pause_reading()
+                self.flow.pause_reading()
         self._dispatch()
         return True
 
     def _dispatch(self) -> None:
-        self._disarm()
+        self._deadline.clear()
         ev = self._request
         assert ev is not None
         # The h11 event is not needed past this point; a long stream should not hold it.
@@ -612,10 +461,10 @@ class HttpConnection(asyncio.Protocol):
             self._responder = None
             self.close()
             return
-        if self.write_paused:
+        if self.flow.write_paused:
             # The client is not reading its answers: serve its next pipelined
             # request only once it does, or answers pile up in memory.
-            self.on_writable = self._next_cycle
+            self.flow.on_writable = self._next_cycle
             return
         # At once, not via call_soon (one loop trip less per request): a pipelined
         # request found here starts a new task, so nothing recurses.
@@ -651,10 +500,9 @@ class HttpConnection(asyncio.Protocol):
         # Read on unless the request just started leaves a backlog over the
         # high-water mark (_take_body counted it): one client cannot make the
         # gateway hold (and re-copy, each cycle) all it pipelines.
-        if not self._reading and not self.closed and (
+        if not self.flow.reading and not self.closed and (
                 self._responder is None or self._buffered <= _PIPELINE_HIGH_WATER):
-            self._reading = True
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            self.flow.resume_reading()
 
     # -- errors and timers ---------------------------------------------------
     def _reject_early(self, status: int, message: str, error_type: str) -> None:
@@ -682,45 +530,8 @@ class HttpConnection(asyncio.Protocol):
         etype = "request_too_large" if status == 431 else "invalid_request_error"
         self._reject_early(status, message, etype)
 
-    def _pause_reading(self) -> None:
-        if self._reading and self.transport is not None:
-            self._reading = False
-            self.transport.pause_reading()
-
-    # One lazily moved timer per connection: re-arming for a later deadline (the
-    # keep-alive wait after each response) only records it, and the timer, on
-    # firing early, schedules itself again.  A new timer per request cycle was
-    # measured at several percent of a small request's CPU.
     def _arm(self, delay: float) -> None:
-        when = self._loop.time() + delay
-        self._deadline = when
-        timer = self._timer
-        if timer is not None:
-            if timer.when() <= when:
-                return
-            timer.cancel()
-        self._timer = self._loop.call_at(when, self._on_timer)
-
-    def _disarm(self) -> None:
-        """No deadline for now; the timer, if it fires, finds none."""
-        self._deadline = None
-
-    def _drop_timer(self) -> None:
-        self._deadline = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None or self.closed:
-            return
-        if self._loop.time() < deadline:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-            return
-        self._deadline = None
-        self._on_timeout()
+        self._deadline.set(self._loop.time() + delay)
 
     def _on_timeout(self) -> None:
         if self.closed or self._responder is not None:

@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import orjson
 
-from ..http.messages import Request
-from ..http.protocol import Responder
+from ..http.request import Request
+from ..http.responder import Responder
 from ..plugin_host import PluginHost
 from ..settings import Settings
 from . import exposition, shared

@@ -11,10 +11,11 @@ is re-read by an h11 that was told.  The body framing is decoded by
 framing.py (h11's per-chunk events are too slow for SSE), and a fresh
 h11.Connection starts each request cycle on a kept-alive connection.
 
-The response body is consumed with `read()`, one network chunk at a time, so
-SSE bytes flow through as they arrive.  When the consumer falls behind (a slow
-client downstream), incoming chunks queue up to a high-water mark and then the
-socket stops being read: backpressure reaches the upstream through TCP.
+The response body is consumed whole with `read_all()`, or piece by piece as
+it arrives with `pump(sink)`.  Until a consumer takes them (or while it falls
+behind: a slow client downstream), incoming chunks queue up to a high-water
+mark and then the socket stops being read: backpressure reaches the upstream
+through TCP.
 
 The read timeout applies between bytes, never to the whole response: streams
 may last many minutes.  It is checked against the time of the last byte, so
@@ -29,11 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 from typing import Callable, Optional
 
 import h11
 
-from ..http.messages import header_list, keeps_alive
+from ..deadline import Deadline
+from ..flow_control import SMALL_WRITE, FlowControl
+from ..http.heads import header_list, keeps_alive
 from .framing import BodyDecoder, FramingError, decoder_for
 
 _QUEUE_HIGH_WATER = 256 * 1024
@@ -48,7 +52,22 @@ _SENT_REQUEST = h11.Request(method=b"POST", target=b"/", headers=[(b"host", b"up
                                                                    (b"content-length", b"0")])
 
 
-_METHODS = frozenset((b"POST", b"GET", b"DELETE"))
+# The methods send_request writes: their answers are framed as the body
+# decoder expects (a HEAD answer has no body: the decoder would wait for one).
+_FORWARDED_METHODS = frozenset((b"POST", b"GET", b"DELETE"))
+
+
+class Phase(enum.Enum):
+    """Where a connection is in its request/response exchange."""
+
+    IDLE = "idle"                       # nothing sent since it opened or was recycled
+    AWAITING_HEAD = "awaiting head"     # the request is written; the response head is incomplete
+    READING_BODY = "reading body"       # the head is parsed; the body is arriving
+    DONE = "done"                       # the body's last byte is in
+
+
+# Module globals: compared by identity on the per-read path.
+_IDLE, _AWAITING_HEAD, _READING_BODY, _DONE = Phase
 
 
 class UpstreamError(Exception):
@@ -75,9 +94,9 @@ class ResponseHead:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("_loop", "transport", "_h11", "_queue", "_queued", "_waiter", "_error", "_eom",
-                 "_reading", "closed", "idle_since", "requests", "_head", "_decoder", "_keep_alive",
-                 "_sink", "_last_rx", "_sent", "_timer", "_timeout", "_head_bytes", "_told", "_interim")
+    __slots__ = ("_loop", "transport", "_h11", "_queue", "_queued", "_waiter", "_error", "_phase",
+                 "_flow", "closed", "idle_since", "_head", "_decoder", "_keep_alive",
+                 "_sink", "_last_rx", "_deadline", "_timeout", "_head_bytes", "_told", "_interim")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -90,39 +109,36 @@ class UpstreamConnection(asyncio.Protocol):
         self._queued = 0
         self._waiter: Optional[asyncio.Future] = None
         self._error: Optional[UpstreamError] = None
-        self._eom = False
-        self._sent = False          # the whole request was written
-        self._reading = True
+        self._phase = _IDLE
+        self._flow = FlowControl()
         self._head: Optional[ResponseHead] = None
         self._decoder: Optional[BodyDecoder] = None
         self._keep_alive = True
         self._sink: Optional[Callable[[bytes], bool]] = None
         self._last_rx = 0.0
-        self._timer: Optional[asyncio.TimerHandle] = None
+        self._deadline = Deadline(self._loop, self._on_deadline)
         self._timeout = 0.0
         self.closed = False
         self.idle_since = 0.0
-        self.requests = 0
 
     # -- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.transport = transport
+        self.transport = self._flow.transport = transport
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.cancel()
         try:
             if self._decoder is not None:
                 self._decoder.eof()
-                self._eom = self._decoder.done
+                if self._decoder.done:
+                    self._phase = _DONE
             else:
                 self._h11.receive_data(b"")
-                self._pump()
+                self._parse_head()
         except (h11.RemoteProtocolError, FramingError):
             pass
-        if not self._eom and self._error is None:
+        if self._phase is not _DONE and self._error is None:
             self._fail(UpstreamError("upstream closed the connection", "head" if self._head is None
                                      else "body"))
         self._wake()
@@ -132,9 +148,9 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             if self._decoder is not None:
                 self._body(data)
-                if self._sink is not None and not self._eom:
+                if self._sink is not None and self._phase is not _DONE:
                     return          # streaming straight to the sink: nobody to wake
-            elif not self._sent:
+            elif self._phase is _IDLE:
                 # Bytes on an idle keep-alive connection (or before our request):
                 # they would be read as the answer to the next request sent here,
                 # and every later answer would be one behind.  Never reuse it.
@@ -145,7 +161,7 @@ class UpstreamConnection(asyncio.Protocol):
                 if not self._told:
                     self._head_bytes += data
                 self._h11.receive_data(data)
-                self._pump()
+                self._parse_head()
         except (h11.RemoteProtocolError, FramingError) as exc:
             self._fail(UpstreamError(f"invalid HTTP from upstream: {exc}", "head" if self._head is None
                                      else "body"))
@@ -156,7 +172,7 @@ class UpstreamConnection(asyncio.Protocol):
         return None
 
     # -- parsing -------------------------------------------------------------
-    def _pump(self) -> None:
+    def _parse_head(self) -> None:
         """Parse the response head with h11; then hand the rest to a body decoder."""
         conn = self._h11
         while True:
@@ -181,6 +197,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._head = ResponseHead(event.status_code, headers)
                 self._keep_alive = keeps_alive(event.http_version, headers)
                 self._decoder = decoder_for(event.status_code, headers)
+                self._phase = _READING_BODY
                 rest = conn.trailing_data[0]
                 # The body is framed by hand from here: let h11's state go for the
                 # rest of a possibly long stream (recycle() makes a fresh one).
@@ -206,11 +223,10 @@ class UpstreamConnection(asyncio.Protocol):
         elif chunk:
             self._queue.append(chunk)
             self._queued += len(chunk)
-            if self._queued > _QUEUE_HIGH_WATER and self._reading and self.transport is not None:
-                self._reading = False
-                self.transport.pause_reading()
+            if self._queued > _QUEUE_HIGH_WATER:
+                self._flow.pause_reading()
         if decoder.done:
-            self._eom = True
+            self._phase = _DONE
             if decoder.leftover:
                 self._keep_alive = False   # bytes past the response: never reuse
 
@@ -228,9 +244,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._waiter = fut = loop.create_future()
         now = self._last_rx = loop.time()
         self._timeout = timeout
-        # One lazily moved timer per connection (as the server side does): a
-        # timer made and cancelled per wait was measured at ~2% of a request.
-        self._arm_by(now + timeout)
+        self._deadline.set(now + timeout)
         try:
             await fut
         finally:
@@ -239,52 +253,47 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamError(f"upstream sent nothing for {timeout:g}s", phase, timeout=True))
             self.close()
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _on_deadline(self) -> None:
         fut = self._waiter
         if fut is None or fut.done() or self.closed:
-            return      # nobody is waiting: stay unarmed until the next wait
-        timeout = self._timeout
-        idle = self._loop.time() - self._last_rx
-        if idle >= timeout and self._reading:
+            return      # nobody is waiting: no deadline until the next wait
+        reading = self._flow.reading
+        if reading and self._loop.time() - self._last_rx >= self._timeout:
             fut.set_result(_TIMED_OUT)
             return
         # Bytes came meanwhile, or we are paused for a slow client: look again later.
-        delay = timeout - idle if self._reading else timeout
-        self._timer = self._loop.call_later(max(delay, 0.001), self._on_timer)
+        self._deadline.set((self._last_rx if reading else self._loop.time()) + self._timeout)
 
     def pause(self) -> None:
-        if self._reading and self.transport is not None and not self.closed:
-            self._reading = False
-            self.transport.pause_reading()
+        if not self.closed:
+            self._flow.pause_reading()
 
     def resume(self) -> None:
-        if not self._reading and self.transport is not None and not self.closed:
-            self._reading = True
-            self._last_rx = self._loop.time()
-            self.transport.resume_reading()
+        if not self._flow.reading and not self.closed:
+            self._last_rx = self._loop.time()   # time paused for the consumer is not idle time
+            self._flow.resume_reading()
 
     # -- public API ------------------------------------------------------------
     def send_request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                      body: bytes) -> None:
-        """Write the whole request (head and body) at once.  `headers` must carry
-        host and content-length, and be valid: values from the client were
-        validated by h11, the gateway's own by gateway.headers."""
-        if method not in _METHODS:      # a HEAD answer has no body: the framing here would wait for one
+        """Write a POST, GET or DELETE request, head and body, at once (any
+        other method raises UpstreamError).  `headers` must carry host and
+        content-length, and be valid: values from the client were validated
+        by h11, the gateway's own by gateway.headers."""
+        if method not in _FORWARDED_METHODS:
             raise UpstreamError("only POST, GET and DELETE requests are forwarded", "send")
-        self.requests += 1
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
         for name, value in headers:
             parts.append(name + b": " + value + b"\r\n")
         if self.closed or self.transport is None:
             raise UpstreamError("upstream connection closed before the request was sent", "send")
         parts.append(b"\r\n")
-        if len(body) > 16384:
-            self.transport.writelines((b"".join(parts), body))
-        else:
+        if len(body) < SMALL_WRITE:
             parts.append(body)
             self.transport.write(b"".join(parts))
-        self._sent = True
+        else:
+            self.transport.writelines((b"".join(parts), body))
+        self._phase = _AWAITING_HEAD
 
     async def read_head(self, timeout: float) -> ResponseHead:
         while self._head is None:
@@ -292,19 +301,6 @@ class UpstreamConnection(asyncio.Protocol):
                 raise self._error
             await self._wait(timeout, "head")
         return self._head
-
-    async def read(self, timeout: float) -> bytes:
-        """The next piece of the body; b"" at its end.  Raises UpstreamError."""
-        while True:
-            if self._queue:
-                # Everything that arrived since the last read, as one piece.
-                chunks = self._take()
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            if self._eom:
-                return b""
-            if self._error is not None:
-                raise self._error
-            await self._wait(timeout, "body")
 
     async def pump(self, sink: Callable[[bytes], bool], timeout: float) -> None:
         """Hand the rest of the body to `sink` as it arrives; return at its end.
@@ -320,7 +316,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.resume()
         self._sink = sink
         try:
-            while not self._eom:
+            while self._phase is not _DONE:
                 if self._error is not None:
                     raise self._error
                 await self._wait(timeout, "body")
@@ -329,8 +325,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def read_all(self, timeout: float, limit: int) -> bytes:
         """The rest of the body, whole; at most `limit` bytes.  Raises UpstreamError.
-        (Not a loop over read(): a small body is usually here already, and two
-        coroutines per response for it were measurable.)"""
+        (A small body is usually here already: it is returned without a wait.)"""
         parts: list[bytes] = []
         size = 0
         while True:
@@ -340,7 +335,7 @@ class UpstreamConnection(asyncio.Protocol):
                     self.close()
                     raise UpstreamError(f"upstream response larger than {limit} bytes", "body")
                 parts += self._take()
-            if self._eom:
+            if self._phase is _DONE:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
             if self._error is not None:
                 raise self._error
@@ -370,30 +365,24 @@ class UpstreamConnection(asyncio.Protocol):
     def expect_end(self, timeout: float) -> None:
         """The body should end within `timeout` of its last byte: wait no longer
         than that for the rest, whatever the read timeout was."""
-        if timeout >= self._timeout or self._eom:
+        if timeout >= self._timeout or self._phase is _DONE:
             return
         self._timeout = timeout
-        self._arm_by(self._last_rx + timeout)
+        self._deadline.set(self._last_rx + timeout)
 
-    def _arm_by(self, due: float) -> None:
-        """Have the timer fire by `due`: an earlier one is kept (it re-checks and
-        moves itself on when it fires early), a later one is replaced."""
-        timer = self._timer
-        if timer is None or timer.when() > due:
-            if timer is not None:
-                timer.cancel()
-            self._timer = self._loop.call_at(due, self._on_timer)
+    @property
+    def phase(self) -> Phase:
+        return self._phase
 
     @property
     def body_complete(self) -> bool:
         """The body's last byte is in: true inside the sink call for its last piece."""
-        return self._eom or (self._decoder is not None and self._decoder.done)
+        return self._phase is _DONE or (self._decoder is not None and self._decoder.done)
 
     @property
     def reusable(self) -> bool:
         """True when the last exchange finished cleanly and the connection may carry another."""
-        return (not self.closed and self._eom and self._keep_alive
-                and self._sent)
+        return not self.closed and self._phase is _DONE and self._keep_alive
 
     def recycle(self) -> bool:
         """Prepare for the next request; False when the connection cannot be reused."""
@@ -405,8 +394,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_bytes = b""
         self._decoder = None
         self._head = None
-        self._eom = False
-        self._sent = False
+        self._phase = _IDLE
         self._queue.clear()
         self._queued = 0
         # Read while idle, so that anything the upstream writes meanwhile is

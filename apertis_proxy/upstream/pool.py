@@ -4,10 +4,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import urlsplit
 
-from .connection import UpstreamConnection, UpstreamError
+from .connection import ResponseHead, UpstreamConnection, UpstreamError
 
 
 class Origin:
@@ -27,8 +27,66 @@ class Origin:
         self.key = (self.scheme, self.host, self.port)
 
 
+class Lease:
+    """One pool slot held for one request and its response, as `with
+    pool.lease() as lease`.  The connection in it goes back to the pool on
+    every way out of the block: kept for reuse when its exchange finished
+    cleanly, closed otherwise (and always when the block raised).  Whoever
+    holds a lease never returns a connection by hand.  (A plain context
+    manager: giving a connection back never waits.)"""
+
+    __slots__ = ("_pool", "conn", "reused")
+
+    def __init__(self, pool: "Pool") -> None:
+        self._pool = pool
+        self.conn: Optional[UpstreamConnection] = None
+        self.reused = False         # `conn` came from the idle set
+
+    async def send(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
+                   read_timeout: float, connected: Optional[Callable[[], None]] = None) -> ResponseHead:
+        """Send a request on a connection taken into the lease and read the
+        answer's head; the body is then read from `conn`.  A reused keep-alive
+        connection the upstream closed meanwhile gets one fresh retry.  Raises
+        UpstreamError when it fails; `connected()` is called once a connection
+        is held."""
+        pool = self._pool
+        for fresh in (False, True):
+            if self.conn is not None:
+                self.drop()             # the stale connection of a retry
+            conn, self.reused = await pool.acquire(fresh)
+            self.conn = conn
+            if connected is not None:
+                connected()
+            try:
+                conn.send_request(method, target, headers, body)
+                return await conn.read_head(read_timeout)
+            except UpstreamError as exc:
+                if not self.reused or exc.timeout or fresh:
+                    raise
+        raise AssertionError("unreachable")
+
+    def drop(self) -> None:
+        """Close the connection held, if any, and free its slot."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            self._pool.discard(conn)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        if exc_type is None:
+            self._pool.release(conn)
+        else:
+            self._pool.discard(conn)
+
+
 class Pool:
-    """Idle connections to one origin.  Bookkeeping first, I/O after."""
+    """Idle connections to one origin.  Bookkeeping first, I/O after.
+    Connections are taken with `lease()`."""
 
     def __init__(self, origin: Origin, *, max_idle: int, idle_timeout: float, connect_timeout: float,
                  ssl_context: Optional[ssl.SSLContext]) -> None:
@@ -42,6 +100,9 @@ class Pool:
         self.in_use = 0
         # get_running_loop() costs a getpid() syscall; the loop never changes.
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def lease(self) -> Lease:
+        return Lease(self)
 
     async def acquire(self, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
         """A connection ready for one request, and whether it was reused."""
@@ -61,7 +122,8 @@ class Pool:
         return conn, False
 
     def release(self, conn: UpstreamConnection) -> None:
-        """Return a connection after its response was read to the end (or drop it)."""
+        """Take a connection back: idle for reuse when its exchange finished
+        cleanly (`conn.recycle()`), closed otherwise."""
         self.in_use -= 1
         idle = self._idle
         if len(idle) < self._max_idle and conn.recycle():
@@ -133,9 +195,6 @@ class Pools:
                 connect_timeout=self._connect_timeout,
                 ssl_context=self._ssl if origin.scheme == "https" else None)
         return p
-
-    def all(self) -> list[Pool]:
-        return list(self._pools.values())
 
     def close(self) -> None:
         for p in self._pools.values():

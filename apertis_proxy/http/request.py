@@ -1,0 +1,37 @@
+"""What the HTTP layer hands to the application: one parsed request."""
+from __future__ import annotations
+
+from typing import Optional
+
+
+class Request:
+    """One complete HTTP request (head and body), as parsed by h11."""
+
+    __slots__ = ("method", "target", "path", "query", "headers", "body", "client", "http_version")
+
+    def __init__(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
+                 client: str, http_version: bytes) -> None:
+        self.method = method
+        self.target = target
+        path, _, query = target.partition("?")
+        self.path = path
+        self.query = query
+        self.headers = headers          # [(lower-case name, value)], as h11 gives them
+        self.body = body
+        self.client = client
+        self.http_version = http_version
+
+    def header(self, name: bytes) -> Optional[bytes]:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    def header_map(self) -> dict[str, str]:
+        """Lower-case names -> values; repeated headers joined with ', '."""
+        out: dict[str, str] = {}
+        for k, v in self.headers:
+            key = k.decode("latin-1")
+            val = v.decode("latin-1")
+            out[key] = out[key] + ", " + val if key in out else val
+        return out
