@@ -152,3 +152,20 @@ async def test_an_upload_over_the_body_limit_is_a_413(gateway_env, mock_upstream
             await client.beta.files.upload(file=("big.bin", b"x" * (128 * 1024), "application/octet-stream"))
     assert err.value.status_code == 413 and err.value.body["error"]["type"] == "request_too_large"
     assert mock_upstream.requests == []
+
+
+async def test_a_file_id_key_written_with_a_json_escape_is_still_checked(gateway_env, mock_upstream):
+    """`"file\\u005fid"` is the key `file_id` once parsed: another key's file named so is still refused."""
+    keys = {"alice": gateway_env.add_key("alice"), "bob": gateway_env.add_key("bob")}
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=keys["alice"], max_retries=0) as alice:
+        uploaded = await alice.beta.files.upload(file=("notes.txt", b"alice's notes", "text/plain"))
+    escaped = json.dumps(with_file(uploaded.id)).replace('"file_id"', '"file\\u005fid"').encode()
+    assert json.loads(escaped) == with_file(uploaded.id)
+    requests_before = len(mock_upstream.requests)
+    response = await request(gateway_env, keys["bob"], "POST", "/v1/messages", body=escaped,
+                             headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})
+    assert response.status == 404 and response.json()["error"]["type"] == "not_found_error"
+    assert uploaded.id in response.json()["error"]["message"]
+    assert len(mock_upstream.requests) == requests_before
