@@ -3,6 +3,7 @@ in Anthropic's shape and never forwarded with a channel's key; batches and files
 them."""
 from __future__ import annotations
 
+import gzip
 import json
 
 import anthropic
@@ -168,4 +169,36 @@ async def test_a_file_id_key_written_with_a_json_escape_is_still_checked(gateway
                              headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})
     assert response.status == 404 and response.json()["error"]["type"] == "not_found_error"
     assert uploaded.id in response.json()["error"]["message"]
+    assert len(mock_upstream.requests) == requests_before
+
+
+def gzipped_upload(content: bytes) -> tuple[bytes, dict]:
+    """A multipart upload of `content`, gzip-compressed, and its headers."""
+    boundary = "apertis-test-boundary"
+    form = (f'--{boundary}\r\ncontent-disposition: form-data; name="file"; filename="notes.txt"\r\n'
+            f"content-type: text/plain\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return gzip.compress(form), {"content-type": f"multipart/form-data; boundary={boundary}",
+                                 "content-encoding": "gzip", "anthropic-version": "2023-06-01"}
+
+
+async def test_compressed_uploads_and_batch_creates_are_decoded_within_the_body_limit(gateway_env, mock_upstream):
+    key = gateway_env.add_key("alice")
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start(max_body_bytes=64 * 1024)
+    body, headers = gzipped_upload(b"the quarterly notes")
+    response = await request(gateway_env, key, "POST", "/v1/files", body=body, headers=headers)
+    assert response.status == 200
+    assert mock_upstream.account.files[response.json()["id"]]["content"] == b"the quarterly notes"
+
+    batch = gzip.compress(json.dumps({"requests": [batch_request("one", "a question")]}).encode())
+    response = await request(gateway_env, key, "POST", "/v1/messages/batches", body=batch, headers={
+        "content-type": "application/json", "content-encoding": "gzip", "anthropic-version": "2023-06-01"})
+    assert response.status == 200 and response.json()["request_counts"]["succeeded"] == 1
+
+    requests_before = len(mock_upstream.requests)
+    body, headers = gzipped_upload(b"x" * (128 * 1024))            # small compressed, over the limit decoded
+    assert len(body) < 64 * 1024
+    response = await request(gateway_env, key, "POST", "/v1/files", body=body, headers=headers)
+    assert response.status == 413
+    assert response.json()["error"]["details"] == {"error_code": "request_body_too_large_after_decoding"}
     assert len(mock_upstream.requests) == requests_before

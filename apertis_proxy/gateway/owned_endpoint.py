@@ -1,10 +1,11 @@
 """What the endpoints for account-bound resources (batches, files) share.
 
 Each request is authenticated, finished and metered once like a Messages
-request.  A resource id is served only to the key that created it, from the
-account that holds it (owned_state); any other id is a 404 that never goes
-upstream.  Lists show the caller's own resources only, newest first, each
-fetched from its account.
+request, its body decoded like one (`Content-Encoding`, body_encoding.py).
+A resource id is served only to the key that created it, from the account
+that holds it (owned_state); any other id is a 404 that never goes upstream.
+Lists show the caller's own resources only, newest first, each fetched from
+its account.
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from typing import Any, Optional
 
 import orjson
 
-from ..errors import GatewayError
+from ..errors import GatewayError, error_body
 from ..http.messages import Request
 from ..http.protocol import Responder
 from ..plugin_api import Caller, Channel, UsageRecord
 from ..upstream.connection import UpstreamError
 from . import contract
+from .body_encoding import decode_body
 from .forward import request_info
 from .ownership import owner_of
 from .paging import page
@@ -51,6 +53,9 @@ class OwnedEndpoint:
             return send_error(resp, e)
         record.key_id, record.key_name = caller.key_id, caller.key_name
         try:
+            decoded = decode_body(req.body, req.headers, fw.settings.max_body_bytes)
+            if decoded is not None:
+                req.body = decoded      # forwarded decoded: content-encoding is not sent upstream
             rest = req.path[len(self.prefix):].strip("/")
             await self.dispatch(req, resp, caller, record, rest.split("/") if rest else [])
         except GatewayError as e:
@@ -175,4 +180,8 @@ def not_allowed(allowed: str) -> GatewayError:
 
 
 def send_error(resp: Responder, e: GatewayError) -> None:
-    resp.send_error(e.status, e.message, e.error_type, [(k.encode(), str(v).encode()) for k, v in e.headers.items()])
+    headers = [(k.encode(), str(v).encode()) for k, v in e.headers.items()]
+    if e.error_code:
+        resp.send(e.status, [_JSON] + headers, error_body(e.error_type, e.message, resp.request_id, e.error_code))
+    else:
+        resp.send_error(e.status, e.message, e.error_type, headers)
