@@ -9,7 +9,10 @@ import json
 import anthropic
 import pytest
 
+from apertis_proxy.store import channels
 from rawhttp import RawConnection
+from test_observe_metrics import scrape_samples, total, value
+from test_routing_e2e import poll
 
 
 async def request(env, key: str, method: str, target: str, **kw):
@@ -202,3 +205,48 @@ async def test_compressed_uploads_and_batch_creates_are_decoded_within_the_body_
     assert response.status == 413
     assert response.json()["error"]["details"] == {"error_code": "request_body_too_large_after_decoding"}
     assert len(mock_upstream.requests) == requests_before
+
+
+async def test_an_item_whose_account_has_no_channel_is_not_found_and_left_out_of_lists(gateway_env,
+                                                                                       make_mock_upstream, caplog):
+    first, second = await make_mock_upstream(), await make_mock_upstream()
+    key = gateway_env.add_key("alice")
+    gateway_env.add_channel("first", first, priority=1)
+    gateway_env.add_channel("second", second, priority=0)
+    gateway = await gateway_env.start()
+    router = gateway.plugins.routers[0][1]
+    async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0) as client:
+        stranded = await client.beta.files.upload(file=("a.txt", b"on the first account", "text/plain"))
+        assert stranded.id in first.account.files
+        channels.set_channel_enabled(gateway_env.conn, "first", False)
+        await poll(lambda: [c.name for c in router.channels] == ["second"])
+        served = await client.beta.files.upload(file=("b.txt", b"on the second account", "text/plain"))
+        assert served.id in second.account.files
+        requests_before = len(first.requests)
+        for call in (client.beta.files.retrieve_metadata, client.beta.files.download, client.beta.files.delete):
+            with pytest.raises(anthropic.NotFoundError) as err:
+                await call(stranded.id)
+            assert err.value.body["error"]["type"] == "not_found_error"
+        assert [f.id async for f in client.beta.files.list()] == [served.id]
+    assert len(first.requests) == requests_before
+    assert sum("no enabled channel" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_files_calls_report_their_outcome_to_the_router_and_the_metrics(gateway_env, make_mock_upstream):
+    first, second = await make_mock_upstream(), await make_mock_upstream()
+    key = gateway_env.add_key("alice")
+    gateway_env.add_channel("first", first, priority=1)
+    gateway_env.add_channel("second", second, priority=0)
+    gateway = await gateway_env.start()
+    first.refuse_connections(2)                   # the first channel cannot be reached: the upload fails over
+    async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0) as client:
+        uploaded = await client.beta.files.upload(file=("a.txt", b"notes", "text/plain"))
+        assert uploaded.id in second.account.files
+        await client.beta.files.retrieve_metadata(uploaded.id)
+    [first_id] = gateway_env.query("SELECT id FROM channels WHERE name = 'first'")[0]
+    assert first_id in gateway.plugins.routers[0][1].cool_until          # the refused channel rests
+    await gateway_env.usage_rows(2)
+    samples = await scrape_samples(gateway_env.base_url)
+    assert value(samples, "apertis_upstream_attempts_total", channel="first", outcome="refused") == 1
+    assert value(samples, "apertis_upstream_attempts_total", channel="second", outcome="ok") == 2
+    assert total(samples, "apertis_upstream_attempts_total", outcome="abandoned") == 0
