@@ -1,25 +1,25 @@
 """/v1/messages/batches, scoped to the key that created each batch (see owned_endpoint.py).
 
-A batch goes to one channel serving all its models, each request's params
-fitted to that channel like a Messages body.  `results_url` is rewritten to
+Every request of a batch is held to the rules of a Messages request
+(batch_admission.py); the batch goes to one channel serving all its models,
+each request's params fitted to that channel like a Messages body.  `results_url` is rewritten to
 the gateway.  Results are billed once, at the batch price (half the list
 rates), and only for `succeeded` results: the first fetch of an ended batch's
 results carries their usage and cost, later fetches cost nothing.
 """
 from __future__ import annotations
 
-import dataclasses
 from decimal import Decimal
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import orjson
 
 from ..errors import GatewayError
 from ..http.messages import Request
 from ..http.protocol import Responder
-from ..plugin_api import Caller, Channel, UsageRecord
+from ..plugin_api import Caller, UsageRecord
 from . import contract
-from .forward import request_info
+from .batch_admission import admit, named, refuse_quota
 from .owned_endpoint import OwnedEndpoint, header
 from .ownership import BATCH
 from .pricing import price
@@ -63,18 +63,20 @@ class BatchesEndpoint(OwnedEndpoint):
             params = item.get("params")
             if not isinstance(params, dict) or not isinstance(params.get("model"), str):
                 raise GatewayError(400, f"requests[{i}].params: must be a Messages body with a model")
+        refuse_quota(caller)
+        admitted = await admit(fw, req, resp, caller, requests, record.started_at)
         client_version = header(req, b"anthropic-version")
         last: Optional[Answer] = None
-        for channel in await self._channels_for(req, resp, caller, {r["params"]["model"] for r in requests}):
+        for channel in admitted.channels:
             fitted = []
             version = contract.upstream_api_version(channel, client_version, fw.settings.default_api_version)
-            for i, item in enumerate(requests):
+            for i, item in enumerate(admitted.requests):
                 try:
                     prepared = contract.prepare_for_channel(item["params"], channel, client_version=client_version,
                                                             default_version=fw.settings.default_api_version,
                                                             catalog_rules=fw.catalog.rules_of)
                 except GatewayError as e:
-                    raise GatewayError(400, f"requests[{i}].params.{e.message}") from None
+                    raise named(i, e) from None
                 fitted.append({**item, "params": prepared.body})
             payload = orjson.dumps({**body, "requests": fitted})
             last = await self.call(channel, "POST", PREFIX, req, payload, record, version)
@@ -83,26 +85,10 @@ class BatchesEndpoint(OwnedEndpoint):
             if last.status == 200:
                 batch = orjson.loads(last.body)
                 self.remember(batch["id"], caller, channel)
-                return self._send_batch(req, resp, last, batch)
+                return self._send_batch(req, resp, last, batch, admitted.headers)
             if not fails_over(read_error(last.status, last.body, [channel.api_key]).cause):
                 break
         self.send_answer(resp, last)
-
-    async def _channels_for(self, req: Request, resp: Responder, caller: Caller, models: set[str]) -> list[Channel]:
-        """The channels that serve every model of the batch, in the router's order for the first."""
-        chosen: Optional[list[Channel]] = None
-        for model in sorted(models):
-            info = dataclasses.replace(request_info(req, resp, None), model=model)
-            routed = list(await self.fw.plugins.route(info, caller) or [])
-            if chosen is None:
-                chosen = routed
-            else:
-                ids = {c.id for c in routed}
-                chosen = [c for c in chosen if c.id in ids]
-        if not chosen:
-            raise GatewayError(404, f"model: no channel serves every model of this batch "
-                                    f"({', '.join(sorted(models))}) for this key", "not_found_error")
-        return chosen
 
     async def _one(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord, batch_id: str) -> None:
         answer = await self.forward_item(req, resp, caller, record, batch_id)
@@ -131,8 +117,9 @@ class BatchesEndpoint(OwnedEndpoint):
             batch["results_url"] = f"http://{host}{PREFIX}/{batch['id']}/results"
         return batch
 
-    def _send_batch(self, req: Request, resp: Responder, answer: Answer, batch: dict) -> None:
-        resp.send(answer.status, [_JSON], orjson.dumps(self.shown(req, batch)))
+    def _send_batch(self, req: Request, resp: Responder, answer: Answer, batch: dict,
+                    notices: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        resp.send(answer.status, [_JSON, *notices], orjson.dumps(self.shown(req, batch)))
 
 
 def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any) -> None:
