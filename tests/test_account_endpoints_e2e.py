@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
+from decimal import Decimal
 
 import anthropic
 import pytest
 
+from apertis_proxy import cli
 from apertis_proxy.store import channels
 from rawhttp import RawConnection
 from test_observe_metrics import scrape_samples, total, value
@@ -101,8 +104,12 @@ async def test_a_batch_is_its_owners_and_its_results_are_billed_once_at_half_pri
     assert billed[0]["cost"] == pytest.approx(sum(half_price(u) for u in usages), abs=1e-12)
     assert billed[0]["input_tokens"] == sum(u["input_tokens"] for u in usages)
     assert billed[0]["output_tokens"] == sum(u["output_tokens"] for u in usages)
-    prices = json.loads(billed[0]["prices"])
-    assert prices["input"] == HAIKU_PRICES["input"] and prices["multipliers"] == {"tier": "0.5"}
+    prices = json.loads(billed[0]["prices"])        # the whole batch: total, tier, per model counts and cost
+    assert prices["service_tier"] == "batch" and float(prices["cost"]) == pytest.approx(billed[0]["cost"], abs=1e-10)
+    assert list(prices["models"]) == [HAIKU]
+    assert prices["models"][HAIKU]["input_tokens"] == billed[0]["input_tokens"]
+    assert prices["models"][HAIKU]["output_tokens"] == billed[0]["output_tokens"]
+    assert prices["models"][HAIKU]["cost"] == prices["cost"]
     assert all(r["cost"] == 0 for r in rows if r is not billed[0])
 
 
@@ -319,3 +326,31 @@ async def test_a_key_with_a_quota_may_not_create_batches(gateway_env, mock_upstr
     error = err.value.body["error"]
     assert error["type"] == "permission_error" and "quota" in error["message"]
     assert mock_upstream.requests == []
+
+
+async def test_batch_results_are_priced_as_of_the_batch_creation(gateway_env, mock_upstream):
+    """A price change between a batch's creation and its results fetch does not reprice it."""
+    key = gateway_env.add_key("alice")
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0) as client:
+        batch = await client.messages.batches.create(requests=[batch_request("one", "first question"),
+                                                               {"custom_id": "two", "params": {
+                                                                   "model": "claude-sonnet-5-5", "max_tokens": 64,
+                                                                   "messages": [{"role": "user", "content": "hi"}]}}])
+        yesterday = time.time() - 86_400
+        mock_upstream.batches.batches[batch.id]["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                              time.gmtime(yesterday))
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        assert cli.main(["prices", "set", HAIKU, "--input", "100", "--output", "500", "--from", today,
+                         "--db", gateway_env.db_path]) == 0
+        results = [r async for r in await client.messages.batches.results(batch.id)]
+    usages = {r.custom_id: r.result.message.usage.model_dump() for r in results}
+    [billed] = [r for r in await gateway_env.usage_rows(3) if r["cost"]]    # create, retrieve, results
+    prices = json.loads(billed["prices"])
+    haiku = prices["models"][HAIKU]
+    assert float(haiku["cost"]) == pytest.approx(half_price(usages["one"]), abs=1e-12)     # yesterday's price
+    assert set(prices["models"]) == {HAIKU, "claude-sonnet-5-5"}
+    assert Decimal(prices["cost"]) == Decimal(haiku["cost"]) + Decimal(prices["models"]["claude-sonnet-5-5"]["cost"])
+    assert float(prices["cost"]) == pytest.approx(billed["cost"], abs=1e-10)
+    assert billed["input_tokens"] == sum(u["input_tokens"] for u in usages.values())
