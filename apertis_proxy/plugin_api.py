@@ -86,6 +86,7 @@ class Caller:
     models: Optional[frozenset[str]] = None   # allowed model names; None = any
     data: Mapping[str, Any] = field(default_factory=dict)  # plugin-private extras
     cost_limited: bool = False     # spend is limited in USD: requests that cannot be priced are refused
+    token_limited: bool = False    # spend is limited in tokens
 
     def may_use(self, model: str, aliases: Sequence[str] = ()) -> bool:
         if self.models is None:

@@ -218,7 +218,8 @@ class KeysAuth:
             # (SQLite reuses the highest id after a delete).
             caller = key.caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed,
                                          data={"key_hash": key.key_hash},
-                                         cost_limited=key.quota_cost is not None)
+                                         cost_limited=key.quota_cost is not None,
+                                         token_limited=key.quota_tokens is not None)
         return caller
 
     def _rotated_key(self, key_hash: str) -> Optional[KeyState]:

@@ -87,6 +87,21 @@ async def test_a_spend_or_ramp_limit_fails_over_and_rests_the_channel_for_long(g
     assert gateway_env.query("SELECT enabled FROM channels WHERE name = 'first'")[0][0] == 1
 
 
+async def test_an_account_out_of_credit_fails_over_and_rests_the_channel_for_long(gateway_env, make_mock_upstream):
+    """The API refuses an account without credit with a 400 invalid_request_error: the account's fault, not the
+    request's, so the next channel serves it and the empty one rests."""
+    key, first, second = await two_channels(gateway_env, make_mock_upstream)
+    first.fail_next(400, error_type="invalid_request_error",
+                    message="Your credit balance is too low to access the Anthropic API. "
+                            "Please go to Plans & Billing to upgrade or purchase credits.")
+    response, _ = await post(gateway_env, key, message())
+    assert response.status == 200 and len(second.served) == 1
+    [first_id] = gateway_env.query("SELECT id FROM channels WHERE name = 'first'")[0]
+    assert router_of(gateway_env).cool_until[first_id] - time.monotonic() > 3000
+    response, _ = await post(gateway_env, key, message())
+    assert response.status == 200 and len(second.served) == 2 and len(first.requests) == 1
+
+
 @pytest.mark.parametrize("status, error_type", [(504, "timeout_error"), (529, "overloaded_error"),
                                                 (500, "api_error")])
 async def test_retryable_errors_still_fail_over(gateway_env, make_mock_upstream, status, error_type):

@@ -1,16 +1,18 @@
 """/v1/messages/batches, scoped to the key that created each batch (see owned_endpoint.py).
 
-A batch goes to one channel serving all its models, each request's params
-fitted to that channel like a Messages body.  `results_url` is rewritten to
+Every request of a batch is held to the rules of a Messages request
+(batch_admission.py); the batch goes to one channel serving all its models,
+each request's params fitted to that channel like a Messages body.  `results_url` is rewritten to
 the gateway.  Results are billed once, at the batch price (half the list
-rates), and only for `succeeded` results: the first fetch of an ended batch's
+rates) in force when the batch was created, and only for `succeeded` results: the first fetch of an ended batch's
 results carries their usage and cost, later fetches cost nothing.
 """
 from __future__ import annotations
 
-import dataclasses
+import time
+from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import orjson
 
@@ -19,7 +21,7 @@ from ..http.request import Request
 from ..http.responder import Responder
 from ..plugin_api import Caller, Channel, UsageRecord
 from . import contract
-from .forward import request_info
+from .batch_admission import admit, named, refuse_quota
 from .owned_endpoint import OwnedEndpoint, header
 from .ownership import BATCH
 from .pricing import price
@@ -63,18 +65,20 @@ class BatchesEndpoint(OwnedEndpoint):
             params = item.get("params")
             if not isinstance(params, dict) or not isinstance(params.get("model"), str):
                 raise GatewayError(400, f"requests[{i}].params: must be a Messages body with a model")
+        refuse_quota(caller)
+        admitted = await admit(fw, req, resp, caller, requests, record.started_at)
         client_version = header(req, b"anthropic-version")
         last: Optional[Answer] = None
-        for channel in await self._channels_for(req, resp, caller, {r["params"]["model"] for r in requests}):
+        for channel in admitted.channels:
             fitted = []
             version = contract.upstream_api_version(channel, client_version, fw.settings.default_api_version)
-            for i, item in enumerate(requests):
+            for i, item in enumerate(admitted.requests):
                 try:
                     prepared = contract.prepare_for_channel(item["params"], channel, client_version=client_version,
                                                             default_version=fw.settings.default_api_version,
                                                             catalog_rules=fw.catalog.rules_of)
                 except GatewayError as e:
-                    raise GatewayError(400, f"requests[{i}].params.{e.message}") from None
+                    raise named(i, e) from None
                 fitted.append({**item, "params": prepared.body})
             payload = orjson.dumps({**body, "requests": fitted})
             last = await self.call(channel, "POST", PREFIX, req, payload, record, version)
@@ -83,26 +87,10 @@ class BatchesEndpoint(OwnedEndpoint):
             if last.status == 200:
                 batch = orjson.loads(last.body)
                 self.remember(batch["id"], caller, channel)
-                return self._send_batch(req, resp, last, batch)
+                return self._send_batch(req, resp, last, batch, admitted.headers)
             if not fails_over(read_error(last.status, last.body, [channel.api_key]).cause):
                 break
         self.send_answer(resp, last)
-
-    async def _channels_for(self, req: Request, resp: Responder, caller: Caller, models: set[str]) -> list[Channel]:
-        """The channels that serve every model of the batch, in the router's order for the first."""
-        chosen: Optional[list[Channel]] = None
-        for model in sorted(models):
-            info = dataclasses.replace(request_info(req, resp, None), model=model)
-            routed = list(await self.fw.plugins.route(info, caller) or [])
-            if chosen is None:
-                chosen = routed
-            else:
-                ids = {c.id for c in routed}
-                chosen = [c for c in chosen if c.id in ids]
-        if not chosen:
-            raise GatewayError(404, f"model: no channel serves every model of this batch "
-                                    f"({', '.join(sorted(models))}) for this key", "not_found_error")
-        return chosen
 
     async def _one(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord, batch_id: str) -> None:
         answer = await self.forward_item(req, resp, caller, record, batch_id)
@@ -119,8 +107,21 @@ class BatchesEndpoint(OwnedEndpoint):
         if answer is None:
             raise GatewayError(502, "upstream unavailable", "api_error")
         if answer.status == 200 and await self.fw.owned.settle_once(BATCH, batch_id):
-            bill_results(answer.body, record, self.fw.catalog.catalog)
+            created = await self._created_at(channel, req, record, batch_id)
+            bill_results(answer.body, record, self.fw.catalog.catalog, created)
+            record.status, record.error_type = 200, None      # the results were served, whatever the lookup
         self.send_answer(resp, answer)
+
+    async def _created_at(self, channel: Channel, req: Request, record: UsageRecord, batch_id: str) -> float:
+        """When the batch was created (the prices of that moment apply), as its account says;
+        the owned_state record keeps no time the gateway can read.  Now, if the account
+        does not answer."""
+        answer = await self.call(channel, "GET", f"{PREFIX}/{batch_id}", req, b"", record)
+        try:
+            stamp = orjson.loads(answer.body)["created_at"] if answer is not None and answer.status == 200 else None
+            return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
+            return time.time()
 
     # -- helpers --------------------------------------------------------------
 
@@ -131,18 +132,26 @@ class BatchesEndpoint(OwnedEndpoint):
             batch["results_url"] = f"http://{host}{PREFIX}/{batch['id']}/results"
         return batch
 
-    def _send_batch(self, req: Request, resp: Responder, answer: Answer, batch: dict) -> None:
-        resp.send(answer.status, [_JSON], orjson.dumps(self.shown(req, batch)))
+    def _send_batch(self, req: Request, resp: Responder, answer: Answer, batch: dict,
+                    notices: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        resp.send(answer.status, [_JSON, *notices], orjson.dumps(self.shown(req, batch)))
 
 
-def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any) -> None:
-    """Usage and cost of the succeeded results, at the batch tier's price, into `record`.
+_COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
+           "web_search_requests", "web_fetch_requests")
 
-    Each result is priced as its own request (service tier "batch"); the sum is
-    exact, and unknown (None) if any result's model has no price."""
+
+def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any, created_at: float) -> None:
+    """Usage and cost of the succeeded results, at the batch tier's price when the batch was
+    created (`created_at`, unix time), into `record`.
+
+    Each result is priced as its own request (service tier "batch"); the sum is exact, and
+    unknown (None) if any result's model has no price.  `record.prices` describes the whole:
+    the total cost (an exact decimal string), the tier, the pricing time and, per model, the
+    summed counts and cost."""
     total = Decimal(0)
     unpriced = False
-    models = set()
+    per_model: dict[str, dict[str, Any]] = {}
     for line in jsonl.splitlines():
         try:
             item = orjson.loads(line)
@@ -154,23 +163,31 @@ def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any) -> None:
         message = result.get("message")
         if not isinstance(message, dict):
             continue
-        one = UsageRecord(request_id=record.request_id, started_at=record.started_at, endpoint=record.endpoint,
+        one = UsageRecord(request_id=record.request_id, started_at=created_at, endpoint=record.endpoint,
                           upstream_model=message.get("model") if isinstance(message.get("model"), str) else None)
         UsageMeter(one).body(message)
         one.service_tier = "batch"
         price(one, catalog)
+        model = per_model.setdefault(str(one.upstream_model), {**{name: 0 for name in _COUNTS}, "cost": Decimal(0)})
         if one.cost is None:
             unpriced = True
-        elif one.prices and "cost" in one.prices:
-            total += Decimal(one.prices["cost"])
-        models.add(one.upstream_model)
-        for name in ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
-                     "web_search_requests", "web_fetch_requests"):
+            model["cost"] = None
+        else:
+            cost = Decimal(one.prices["cost"]) if one.prices and "cost" in one.prices else Decimal(0)
+            total += cost
+            if model["cost"] is not None:
+                model["cost"] += cost
+        for name in _COUNTS:
+            model[name] += getattr(one, name)
             setattr(record, name, getattr(record, name) + getattr(one, name))
-        if len(models) == 1:
-            record.prices = one.prices
-    record.service_tier = "batch" if models else record.service_tier
+    if not per_model:
+        record.cost, record.prices = 0.0, None
+        return
+    record.service_tier = "batch"
     record.cost = None if unpriced else float(total.quantize(Decimal("1e-10")))
-    record.upstream_model = models.pop() if len(models) == 1 else None
-    if record.upstream_model is None:
-        record.prices = {"service_tier": "batch", "cost": str(total)} if models or total else None
+    record.upstream_model = next(iter(per_model)) if len(per_model) == 1 else None
+    for model in per_model.values():
+        model["cost"] = None if model["cost"] is None else str(model["cost"])
+    record.prices = {"cost": None if unpriced else str(total), "service_tier": "batch",
+                     "priced_at": datetime.fromtimestamp(created_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                     "models": per_model}

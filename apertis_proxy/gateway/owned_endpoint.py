@@ -1,25 +1,29 @@
 """What the endpoints for account-bound resources (batches, files) share.
 
 Each request is authenticated, finished and metered once like a Messages
-request.  A resource id is served only to the key that created it, from the
-account that holds it (owned_state); any other id is a 404 that never goes
-upstream.  Lists show the caller's own resources only, newest first, each
-fetched from its account.
+request, its body decoded like one (`Content-Encoding`, body_encoding.py).
+A resource id is served only to the key that created it, from the account
+that holds it (owned_state); any other id is a 404 that never goes upstream.
+Lists show the caller's own resources only, newest first, each fetched from
+its account.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any, Optional
 
 import orjson
 
-from ..errors import GatewayError
+from ..errors import GatewayError, error_body
 from ..http.request import Request
 from ..http.responder import Responder
-from ..plugin_api import Caller, Channel, UsageRecord
+from ..plugin_api import CAUSE_TRANSIENT, Caller, Channel, Outcome, UsageRecord
 from ..upstream.connection import UpstreamError
 from . import contract
+from .body_encoding import decode_body
+from .headers import parse_retry_after
 from .forward import request_info
 from .ownership import owner_of
 from .paging import page
@@ -27,6 +31,7 @@ from .upstream_call import Answer, call
 from .upstream_errors import read_error
 
 _JSON = (b"content-type", b"application/json")
+log = logging.getLogger(__name__)
 
 
 class OwnedEndpoint:
@@ -51,6 +56,9 @@ class OwnedEndpoint:
             return send_error(resp, e)
         record.key_id, record.key_name = caller.key_id, caller.key_name
         try:
+            decoded = decode_body(req.body, req.headers, fw.settings.max_body_bytes)
+            if decoded is not None:
+                req.body = decoded      # forwarded decoded: content-encoding is not sent upstream
             rest = req.path[len(self.prefix):].strip("/")
             await self.dispatch(req, resp, caller, record, rest.split("/") if rest else [])
         except GatewayError as e:
@@ -100,8 +108,8 @@ class OwnedEndpoint:
         info = dataclasses.replace(request_info(req, resp, None), model=None, account=found.account)
         channels = [c for c in await self.fw.plugins.route(info, caller) or [] if c.account == found.account]
         if not channels:
-            raise GatewayError(503, f"the upstream account holding this {self.noun} has no enabled channel",
-                               "overloaded_error")
+            raise NoChannel(f"{self.noun}: {ident} not found: no enabled channel serves the upstream "
+                            f"account holding it", found.account)
         return channels[0]
 
     async def forward_item(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord,
@@ -121,11 +129,19 @@ class OwnedEndpoint:
         owned = await self.fw.owned.owned_by(self.kind, owner_of(caller))
         chosen, has_more = page(owned, [i for i, _ in owned], req.query, self.noun)
         data = []
+        unserved: set[str] = set()
         for ident, _ in chosen:
-            channel = await self.owned_channel(req, resp, caller, ident)
+            try:
+                channel = await self.owned_channel(req, resp, caller, ident)
+            except NoChannel as e:
+                unserved.add(e.account)
+                continue
             answer = await self.call(channel, "GET", f"{self.prefix}/{ident}", req, b"", record)
             if answer is not None and answer.status == 200:
                 data.append(self.shown(req, orjson.loads(answer.body)))
+        if unserved:
+            log.warning("%s list left out the items of account(s) %s: no enabled channel serves them",
+                        self.prefix, ", ".join(sorted(unserved)))
         record.status = 200
         resp.send(200, [_JSON], orjson.dumps({"data": data, "has_more": has_more,
                                               "first_id": data[0]["id"] if data else None,
@@ -135,25 +151,39 @@ class OwnedEndpoint:
 
     async def call(self, channel: Channel, method: str, target: str, req: Request, body: bytes,
                    record: UsageRecord, version: Optional[str] = None) -> Optional[Answer]:
-        """One call on the channel (None: no answer came); an error answer is redacted."""
+        """One call on the channel (None: no answer came); an error answer is redacted.  Its
+        outcome goes to the router and the metrics like a Messages attempt's."""
         fw = self.fw
         record.channel_id, record.channel_name = channel.id, channel.name
         record.attempts += 1
         if version is None:
             version = contract.upstream_api_version(channel, header(req, b"anthropic-version"),
                                                     fw.settings.default_api_version)
+        t_start = time.perf_counter()
         try:
             answer = await call(fw.pools, channel, method, target, req.headers, body,
                                 read_timeout=fw.settings.read_timeout, api_version=version)
-        except (UpstreamError, ValueError):
+        except (UpstreamError, ValueError) as exc:
+            timeout = isinstance(exc, UpstreamError) and exc.timeout
+            fw.plugins.feedback(Outcome(channel, ok=False, request_id=record.request_id,
+                                        error_type="timeout" if timeout else "connect_error", message=str(exc),
+                                        duration=time.perf_counter() - t_start, cause=CAUSE_TRANSIENT))
             return None
         record.reached_upstream = True
         rid = answer.get(b"request-id")
         record.upstream_request_id = rid.decode("latin-1") if rid else None
+        duration = time.perf_counter() - t_start
         if answer.status >= 400:
             error = read_error(answer.status, answer.body, [channel.api_key])
             answer.body = error.body
             record.error_type = error.error_type
+            fw.plugins.feedback(Outcome(channel, ok=False, request_id=record.request_id, status=error.status,
+                                        error_type=error.error_type, message=error.message,
+                                        retry_after=parse_retry_after(answer.get(b"retry-after")),
+                                        duration=duration, error_code=error.error_code, cause=error.cause))
+        else:
+            fw.plugins.feedback(Outcome(channel, ok=True, request_id=record.request_id, status=answer.status,
+                                        duration=duration))
         record.status = answer.status
         return answer
 
@@ -163,6 +193,15 @@ class OwnedEndpoint:
             raise GatewayError(502, "upstream unavailable", "api_error")
         passed = [(n, v) for n, v in answer.headers if n in (b"content-type", b"content-disposition")]
         resp.send(answer.status, passed or [_JSON], answer.body)
+
+
+class NoChannel(GatewayError):
+    """No enabled channel of the account holding an item: the item cannot be reached, so
+    it is answered as not found (a list leaves it out)."""
+
+    def __init__(self, message: str, account: str) -> None:
+        super().__init__(404, message, "not_found_error")
+        self.account = account
 
 
 def header(req: Request, name: bytes) -> Optional[str]:
@@ -175,4 +214,8 @@ def not_allowed(allowed: str) -> GatewayError:
 
 
 def send_error(resp: Responder, e: GatewayError) -> None:
-    resp.send_error(e.status, e.message, e.error_type, [(k.encode(), str(v).encode()) for k, v in e.headers.items()])
+    headers = [(k.encode(), str(v).encode()) for k, v in e.headers.items()]
+    if e.error_code:
+        resp.send(e.status, [_JSON] + headers, error_body(e.error_type, e.message, resp.request_id, e.error_code))
+    else:
+        resp.send_error(e.status, e.message, e.error_type, headers)

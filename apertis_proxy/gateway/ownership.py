@@ -41,9 +41,9 @@ def owner_of(caller: Caller) -> str:
     return f"{caller.key_id}/{caller.key_name}"
 
 
-def references(body: Any, raw: bytes = b'"file_id"') -> list[tuple[str, str]]:
+def references(body: Any, raw: Optional[bytes] = None) -> list[tuple[str, str]]:
     """(kind, id) of the account-bound state a Messages body refers to.  `raw`, the body's
-    bytes, spares the walk through every message's blocks when no file id is in it."""
+    bytes, spares the walk through every message's blocks when no file id can be in it."""
     if not isinstance(body, dict):
         return []
     refs: list[tuple[str, str]] = []
@@ -64,12 +64,18 @@ def references(body: Any, raw: bytes = b'"file_id"') -> list[tuple[str, str]]:
         refs.append((CREDIT, token))
     messages = body.get("messages")
     if isinstance(messages, list):
-        if raw.find(b'"file_id"') >= 0:
+        if raw is None or may_name_file(raw):
             for message in messages:
                 if isinstance(message, dict):
                     _file_ids(message.get("content"), refs, 0)
         _thinking(messages, refs)
     return refs
+
+
+def may_name_file(raw: bytes) -> bool:
+    """Whether JSON bytes may hold a `file_id` key: written plainly, or with a \\u escape
+    anywhere (`"file\\u005fid"` parses to the same key)."""
+    return raw.find(b'"file_id"') >= 0 or raw.find(b"\\u") >= 0
 
 
 def _thinking(messages: list, refs: list) -> None:

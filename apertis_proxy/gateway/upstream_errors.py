@@ -10,8 +10,9 @@ what the router learns:
                to the client at once, never failed over, no cooldown;
   credential   the channel's key itself was refused (401, or a 403 saying so): the
                channel is disabled, the next one is tried;
-  exhausted    the channel's account is out of money or ramp (spend-limit 429s, 402):
-               a long cooldown, the next one is tried;
+  exhausted    the channel's account is out of money or ramp (spend-limit 429s, 402, the
+               400 `invalid_request_error` saying its credit balance is too low): a long
+               cooldown, the next one is tried;
   transient    429, 408, 409, 5xx, 529, `overloaded_error`, `timeout_error`: a short
                cooldown, the next one is tried.
 """
@@ -37,6 +38,9 @@ REQUEST_CODE_PREFIXES = ("thread_", "file_", "compaction_", "tool_", "image_", "
 _KEY_REFUSED = re.compile(r"\b(organization|workspace|api key|key)\b[^.]{0,40}\b(is|has been|was)\s+"
                           r"(disabled|revoked|deactivated|archived|suspended)", re.I)
 _KEY_REFUSED_CODES = frozenset(("api_key_requester_unconfirmed",))
+# An account without prepaid credit is refused with a 400 invalid_request_error and no code:
+# "Your credit balance is too low to access the Anthropic API. ..."
+_NO_CREDIT = re.compile(r"\bcredit\s+balance\s+is\s+(too\s+)?low\b", re.I)
 _TRANSIENT_STATUSES = frozenset((408, 409, 429))
 MESSAGE_LIMIT = 500
 
@@ -102,7 +106,7 @@ def _error_object(raw: bytes) -> Optional[tuple[bool, dict]]:
 
 def classify(status: int, error_type: Optional[str], error_code: Optional[str], message: str) -> str:
     """The cause of an upstream error answer (see the module's docstring)."""
-    if error_code in EXHAUSTED_CODES:
+    if error_code in EXHAUSTED_CODES or (status in (400, 402, 403) and _NO_CREDIT.search(message)):
         return CAUSE_EXHAUSTED
     if status == 401:
         return CAUSE_CREDENTIAL
