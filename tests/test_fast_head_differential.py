@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from apertis_proxy.http import fast_head
 from apertis_proxy.http.messages import header_list, keeps_alive
+from apertis_proxy.http.protocol import _head_size, framing_refusal
 from apertis_proxy.http.head_check import difference, fast_reading, h11_request, h11_response
 from test_smuggling import VECTORS
 
@@ -57,7 +58,8 @@ HOSTILE_LINES = [
     b"content-length: 99999999999999999999", b"content-length : 5",
     b"host: other", b"Host:", b"x-note: a\x00b", b"x-note: a\rb", b"x-note: a\nb", b"x note: a", b": empty-name",
     b"x-note: \x7f", b"x-note: caf\xc3\xa9", b"x-note: \x01", b"expect: 100-continue", b"upgrade: websocket",
-    b"connection: close", b"connection: keep-alive, Upgrade", b"x-long: " + b"a" * 4096, b"x-longer: " + b"b" * 17000,
+    b"connection: close", b"connection: keep-alive, Upgrade", b"x-long: " + b"a" * 4096,
+    b"x-near: " + b"c" * 3900, b"x-longer: " + b"b" * 17000,
 ]
 
 
@@ -161,6 +163,9 @@ def assert_request_agrees(data: bytes) -> None:
         return
     reading = fast_reading(fast)
     assert difference(reading, oracle) is None, (data, difference(reading, oracle))
+    # The server's checks on an h11 head (size, framing as sent) that the fast path skips would pass.
+    assert _head_size(fast, fast.headers) <= MAX_HEAD
+    assert framing_refusal(data, False) is None
     assert_request_framing(data, fast)
     assert_declined_until_whole(data, fast.end, fast_request)
     # Fed one byte at a time, h11 reads it the same way.
@@ -175,6 +180,7 @@ def assert_request_agrees(data: bytes) -> None:
 def assert_request_framing(data: bytes, fast: fast_head.FastRequest) -> None:
     """h11 frames the body by what the protocol reads from the fast head: Content-Length, or none."""
     length = int(dict(fast.headers).get(b"content-length", b"0"))
+    assert fast.length == length
     body = b"x" * length
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     conn.receive_data(data[:fast.end] + body + b"GET /next HTTP/1.1\r\nhost: x\r\n\r\n")

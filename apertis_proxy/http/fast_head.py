@@ -28,12 +28,11 @@ from typing import Optional
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 # A value: visible ASCII with inner spaces and tabs; the optional whitespace around it is not part of it.
 _VALUE = rb"(?:[\x21-\x7e](?:[\x21-\x7e \t]*[\x21-\x7e])?)?"
-_FIELD = rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n"
-_FIELDS = rb"(?:" + _TOKEN + rb":[ \t]*" + _VALUE + rb"[ \t]*\r\n)*"
-_FIELD_RE = re.compile(_FIELD)
-_REQUEST_RE = re.compile(rb"(GET|POST|HEAD|DELETE|PUT|PATCH|OPTIONS) (/[\x21-\x7e]*) HTTP/(1\.[01])\r\n("
-                         + _FIELDS + rb")\r\n")
-_RESPONSE_RE = re.compile(rb"HTTP/(1\.[01]) ([2-5][0-9][0-9])(?: [\x21-\x7e \t]*)?\r\n(" + _FIELDS + rb")\r\n")
+# One header line, from the start of a line (the lookbehind) to its CRLF: findall() over the header block
+# yields as many as the block has lines only if every line is of this shape.
+_FIELD_RE = re.compile(rb"(?<=\n)(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n")
+_REQUEST_LINE_RE = re.compile(rb"(GET|POST|HEAD|DELETE|PUT|PATCH|OPTIONS) (/[\x21-\x7e]*) HTTP/(1\.[01])")
+_STATUS_LINE_RE = re.compile(rb"HTTP/(1\.[01]) ([2-5][0-9][0-9])(?: [\x21-\x7e \t]*)?")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 # The upstream client's h11 bounds an incomplete response head at its default, 16 KiB.
 RESPONSE_HEAD_LIMIT = 16 * 1024
@@ -42,15 +41,16 @@ RESPONSE_HEAD_LIMIT = 16 * 1024
 class FastRequest:
     """A request head as h11.Request gives it to the server: bytes, names lower-cased."""
 
-    __slots__ = ("method", "target", "http_version", "headers", "end")
+    __slots__ = ("method", "target", "http_version", "headers", "end", "length")
 
     def __init__(self, method: bytes, target: bytes, http_version: bytes, headers: list[tuple[bytes, bytes]],
-                 end: int) -> None:
+                 end: int, length: int) -> None:
         self.method = method
         self.target = target
         self.http_version = http_version
         self.headers = headers
         self.end = end          # where the head ends in the bytes parsed: the body starts here
+        self.length = length    # the body's Content-Length (0 without one)
 
 
 class FastResponse:
@@ -65,67 +65,83 @@ class FastResponse:
         self.end = end
 
 
-def _fields(data: bytes, start: int, stop: int) -> list[tuple[bytes, bytes]]:
-    return [(name.lower(), value) for name, value in _FIELD_RE.findall(data, start, stop)]
+def _fields(data: bytes, start: int, stop: int) -> Optional[tuple[list[tuple[bytes, bytes]], list[bytes]]]:
+    """The header lines in data[start:stop] (each ended by CRLF) as (lower-case name, value), and the
+    lower-case names alone (to count them in C); None if a line is not of the strict shape."""
+    pairs = _FIELD_RE.findall(data, start, stop)
+    lines = data.count(b"\r\n", start, stop)
+    # A bare LF would start a line the count of CRLFs does not see.
+    if len(pairs) != lines or data.count(b"\n", start, stop) != lines:
+        return None
+    if not pairs:
+        return [], []
+    # Lower-case every name in one call, and pair them up again, without a Python step per header.
+    names, values = zip(*pairs)
+    lowered = b"\n".join(names).lower().split(b"\n")
+    return list(zip(lowered, values)), lowered
 
 
 def parse_request(data: bytes, limit: int) -> Optional[FastRequest]:
     """The request head at the start of `data` if it is of the common shape, complete
     and at most `limit` bytes long, else None."""
-    m = _REQUEST_RE.match(data, 0, limit)
+    end = data.find(b"\r\n\r\n", 0, limit) + 2
+    line = data.find(b"\r\n", 0, end)
+    m = _REQUEST_LINE_RE.fullmatch(data, 0, line) if end > 1 else None
     if m is None:
         return None
-    start, stop = m.span(4)
-    # Each header line starts after a CRLF, and no value holds one: counting
-    # "\r\nname:" in the lower-cased head counts that header (C-level, no loop).
-    lowered = data[m.start(4) - 2:stop].lower()
-    if (lowered.find(b"\r\ntransfer-encoding:") >= 0 or lowered.find(b"\r\nexpect:") >= 0
-            or lowered.find(b"\r\nupgrade:") >= 0):
+    fields = _fields(data, line + 2, end)
+    if fields is None:
+        return None
+    headers, names = fields
+    if b"transfer-encoding" in names or b"expect" in names or b"upgrade" in names:
         return None
     version = m.group(3)
-    hosts = lowered.count(b"\r\nhost:")
+    hosts = names.count(b"host")
     if hosts > 1 or (not hosts and version == b"1.1"):      # h11 refuses both
         return None
-    headers = _fields(data, start, stop)
-    if not _length_ok(lowered, headers):
+    # The server measures a head as its names, values and 4 bytes each, plus the request line: at most the
+    # head's length and one byte per header.  Near the limit, h11's path decides.
+    if end + len(headers) > limit:
         return None
-    return FastRequest(m.group(1), m.group(2), version, headers, m.end())
+    length = _content_length(names, headers)
+    if length < 0:
+        return None
+    return FastRequest(m.group(1), m.group(2), version, headers, end + 2, length)
 
 
 def parse_response(data: bytes, limit: int = RESPONSE_HEAD_LIMIT) -> Optional[FastResponse]:
     """The final response head at the start of `data` if it is of the common shape,
     complete and at most `limit` bytes long, else None."""
-    m = _RESPONSE_RE.match(data, 0, limit)
+    end = data.find(b"\r\n\r\n", 0, limit) + 2
+    line = data.find(b"\r\n", 0, end)
+    m = _STATUS_LINE_RE.fullmatch(data, 0, line) if end > 1 else None
     if m is None:
         return None
-    start, stop = m.span(3)
-    lowered = data[start - 2:stop].lower()
-    headers = _fields(data, start, stop)
-    chunked = lowered.count(b"\r\ntransfer-encoding:")
-    if chunked:
-        if chunked != 1 or lowered.find(b"\r\ncontent-length:") >= 0:
-            return None
-        for name, value in headers:
-            if name == b"transfer-encoding":
-                if value != b"chunked":
-                    return None
-                break
-    elif not _length_ok(lowered, headers):
+    fields = _fields(data, line + 2, end)
+    if fields is None:
         return None
-    return FastResponse(int(m.group(2)), m.group(1), headers, m.end())
+    headers, names = fields
+    chunked = names.count(b"transfer-encoding")
+    if chunked:
+        if chunked != 1 or b"content-length" in names:
+            return None
+        if headers[names.index(b"transfer-encoding")][1] != b"chunked":
+            return None
+    elif _content_length(names, headers) < 0:
+        return None
+    return FastResponse(int(m.group(2)), m.group(1), headers, end + 2)
 
 
-def _length_ok(lowered: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
-    """No Content-Length, or one of 1-18 digits (h11 folds repeats and lists, and caps the digits)."""
-    count = lowered.count(b"\r\ncontent-length:")
+def _content_length(names: list[bytes], headers: list[tuple[bytes, bytes]]) -> int:
+    """The one Content-Length, of 1-18 digits; 0 without one; -1 for anything else (h11 folds repeats and
+    lists, and caps the digits: left to it)."""
+    count = names.count(b"content-length")
     if not count:
-        return True
+        return 0
     if count != 1:
-        return False
-    for name, value in headers:
-        if name == b"content-length":
-            return _DIGITS.fullmatch(value) is not None
-    return False  # pragma: no cover - counted above
+        return -1
+    value = headers[names.index(b"content-length")][1]
+    return int(value) if _DIGITS.fullmatch(value) is not None else -1
 
 
 class HeadCounts:

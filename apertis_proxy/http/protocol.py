@@ -518,15 +518,22 @@ class HttpConnection(asyncio.Protocol):
         fast_head.COUNTS.request_fast += 1
         if self._settings.fast_heads_check:
             head_check.check("request", event, head_check.h11_request(data, self._settings.max_header_bytes))
+        # What _on_request checks holds by construction here: the head is within the size
+        # limit, HTTP/1.1 or 1.0, framed by at most one Content-Length, with no obs-fold.
         self._head_started = True
-        self._head_reads = [data]
-        self._on_request(event)     # type: ignore[arg-type] - it reads the fields h11.Request has
-        if self._discarding:
+        self._request = event           # type: ignore[assignment] - it has the fields of h11.Request used
+        self._headers = event.headers
+        self._body = []
+        self._body_size = 0
+        self.http11 = event.http_version == b"1.1"
+        self._length = length = event.length
+        if length > self._settings.max_body_bytes:
+            self._reject_early(413, f"request body exceeds the limit of "
+                                    f"{self._settings.max_body_bytes} bytes", "request_too_large")
             return True
         # self._h11 is untouched: it takes whatever follows the body (pipelined requests).
         self._fresh = True
         end = event.end
-        length = self._length or 0          # never chunked: the fast parser declines Transfer-Encoding
         if len(data) - end < length and not self._admitted(event):   # type: ignore[arg-type]
             return True
         self._body_left = length
