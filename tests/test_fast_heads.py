@@ -14,9 +14,12 @@ import pytest
 
 from apertis_proxy.http import head_check
 from apertis_proxy.http.fast_head import COUNTS, parse_request
+from apertis_proxy.upstream.connection import UpstreamConnection, UpstreamError
 from rawhttp import RawConnection, request_bytes
 from test_observe_metrics import scrape_samples, value
 from test_smuggling import BODY
+from test_upstream_connection import BODY as UPSTREAM_BODY
+from test_upstream_connection import OK, ScriptedUpstream, connect, exchange
 
 
 def counts() -> dict[str, int]:
@@ -147,3 +150,44 @@ def test_a_difference_is_logged_without_credentials(caplog):
     text = record.getMessage()
     assert "disagrees" in text and "headers" in text and "b'xx'" in text     # host differs: shown
     assert "sk-secret" not in text and "Bearer" not in text
+
+
+CHUNKED = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n%s: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize("script,parsers", [
+    ([OK], {"response_fast": 2}),
+    ([CHUNKED % (b"transfer-encoding", len(UPSTREAM_BODY), UPSTREAM_BODY)], {"response_fast": 2}),
+    # h11 reads these: a value it lower-cases, an interim response, a head split over reads.
+    ([CHUNKED % (b"Transfer-Encoding: x\r\nx-y", len(UPSTREAM_BODY), UPSTREAM_BODY)], None),
+    ([CHUNKED.replace(b": chunked", b": Chunked") % (b"transfer-encoding", len(UPSTREAM_BODY), UPSTREAM_BODY)],
+     {"response_h11": 1, "response_fast": 1}),
+    ([b"HTTP/1.1 100 Continue\r\n\r\n", OK], {"response_h11": 1, "response_fast": 1}),
+    ([OK[:20], OK[20:]], {"response_h11": 1, "response_fast": 1}),
+], ids=["length", "chunked", "bad-transfer-encoding", "chunked-capitalised", "interim-first", "split-head"])
+async def test_upstream_heads_fast_or_h11(script, parsers):
+    """The upstream client reads each head with the parser the shape calls for, with the same result."""
+    before = counts()
+    async with ScriptedUpstream([script, [OK]]) as upstream:
+        conn = await connect(upstream.port)
+        if parsers is None:                 # h11 refuses it: an upstream error, as without the fast path
+            with pytest.raises(UpstreamError):
+                await exchange(conn)
+            conn.close()
+            assert moved(before) == {}
+            return
+        assert await exchange(conn) == (200, UPSTREAM_BODY)
+        assert conn.recycle()
+        assert await exchange(conn) == (200, UPSTREAM_BODY)
+        conn.close()
+    assert moved(before) == parsers
+
+
+async def test_upstream_fast_heads_switch(monkeypatch):
+    monkeypatch.setattr(UpstreamConnection, "fast_heads", False)
+    before = counts()
+    async with ScriptedUpstream([[OK]]) as upstream:
+        conn = await connect(upstream.port)
+        assert await exchange(conn) == (200, UPSTREAM_BODY)
+        conn.close()
+    assert moved(before) == {"response_h11": 1}
