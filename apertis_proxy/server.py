@@ -34,6 +34,7 @@ from .store.retention import LedgerRetention
 from .store.watch import RevisionWatcher
 from .supervisor import supervise
 from .tls import ServerCertificate
+from .upstream.connection import UpstreamConnection
 from .upstream.pool import Pools
 
 log = logging.getLogger("apertis_proxy.server")
@@ -61,6 +62,9 @@ class Gateway:
         """Bind (or take `sock`, bound), start the store, plugins and watcher, then listen and accept."""
         s = self.settings
         self.state.max_connections = connection_cap(s.max_connections, raise_nofile_limit())
+        # The upstream connections' switches are per process (client connections read the settings).
+        UpstreamConnection.fast_heads = s.fast_heads
+        UpstreamConnection.fast_heads_check = s.fast_heads_check
         if self.state.max_connections < s.max_connections and self.worker == 0:
             log.info("client connections capped at %d per worker (max_connections %d) to fit the open file limit",
                      self.state.max_connections, s.max_connections)

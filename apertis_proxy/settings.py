@@ -44,6 +44,11 @@ class Settings:
     drain_delay: float = 0.0            # after SIGTERM, /ready says 503 and serving goes on this long
     write_high_water: int = 64 * 1024   # pause upstream reads above this much unsent client data
     max_connections: int = 10_000       # client connections per worker (lowered to fit the descriptor limit)
+    # Well-formed heads (requests and upstream responses) are parsed by a strict
+    # fast parser, anything else by h11; the check parses each both ways and logs
+    # any difference (for debugging: it costs more than h11 alone).
+    fast_heads: bool = True
+    fast_heads_check: bool = False
     # TLS on the listener: both files or neither (PEM); reloaded on SIGHUP.
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
@@ -180,7 +185,7 @@ def check(s: Settings, where: str) -> None:
                          f"not {s.default_api_version!r}")
     if s.log_format not in LOG_FORMATS:
         raise ValueError(f"{where}: [logging] format must be one of {', '.join(LOG_FORMATS)}, not {s.log_format!r}")
-    for name in ("access_log", "metrics_enabled", "metrics_per_key"):
+    for name in ("access_log", "metrics_enabled", "metrics_per_key", "fast_heads", "fast_heads_check"):
         if type(getattr(s, name)) is not bool:
             raise ValueError(f"{where}: {name} must be true or false, not {getattr(s, name)!r}")
     _check_networks(s.metrics_allow, where)

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-from scenarios import Scenario
+from scenarios import SDK_HEADERS, Scenario
 from services import HERE, pinned
 
 API_VERSION = "2023-06-01"
@@ -23,9 +23,7 @@ wrk.method = "POST"
 local fh = io.open("{body}", "rb")
 wrk.body = fh:read("*a")
 fh:close()
-wrk.headers["content-type"] = "application/json"
-wrk.headers["x-api-key"] = "{key}"
-wrk.headers["anthropic-version"] = "{version}"
+{headers}
 
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -50,7 +48,12 @@ def url(port: int, sc: Scenario) -> str:
 def run_wrk(sc: Scenario, port: int, key: str, body: Path, cpu: Optional[int], workdir: Path,
             seconds: int) -> dict:
     script = workdir / f"wrk-{sc.key}.lua"
-    script.write_text(WRK_SCRIPT.format(body=body, key=key, version=API_VERSION))
+    if sc.realistic:
+        pairs = [*SDK_HEADERS, ("Authorization", f"Bearer {key}")]
+    else:
+        pairs = [("content-type", "application/json"), ("x-api-key", key), ("anthropic-version", API_VERSION)]
+    headers = "\n".join(f'wrk.headers["{name}"] = "{value}"' for name, value in pairs)
+    script.write_text(WRK_SCRIPT.format(body=body, headers=headers))
     cmd = pinned(["wrk", "-t1", f"-c{sc.connections}", f"-d{seconds}s", "--timeout", f"{sc.timeout:g}s",
                   "-s", str(script), url(port, sc)], cpu)
     try:

@@ -5,7 +5,9 @@
     python bench/instructions.py --no-observe         # the same with metrics and the access log off
     python bench/instructions.py --stream             # bulk SSE streams: per stream and per event
     python bench/instructions.py --path /health       # the HTTP layer alone (no upstream, no plugins)
-    python bench/instructions.py --h11                # h11 alone: parsing that request and the mock's answer
+    python bench/instructions.py --realistic          # the SDK's request head, the API's ~25-header answer
+    python bench/instructions.py --no-fast-heads      # every head parsed by h11 ([server] fast_heads = false)
+    python bench/instructions.py --h11 [--realistic]  # the heads alone: h11 and the fast parser on both heads
 
 Wall-clock figures on a shared virtual machine drift 10-20% within minutes, so a
 change worth 2% cannot be seen in `run.py`'s table.  This counts the user-space
@@ -21,11 +23,14 @@ sends N requests over 8 keep-alive connections, waits for the meter's flush,
 switches counting off and divides.  Kernel time (the socket calls) is not
 counted: compare it with `run.py`'s CPU per request to see the split.
 
-`--h11` counts what h11 itself costs, outside the proxy: a fresh h11.Connection
-parsing the same request head (as the server does), and one parsing the mock's
-response head (as the upstream side does), in a loop in a plain Python process
+`--h11` counts what parsing the heads costs, outside the proxy: a fresh
+h11.Connection parsing the request head (as the server does), one parsing the
+mock's response head (as the upstream side does), and the fast parsers
+(http/fast_head.py) on the same bytes, each in a loop in a plain Python process
 under callgrind, run for 1 and for N+1 iterations; the difference over N is the
-per-request figure.  It is the floor the proxy pays while h11 parses.
+per-request figure.  `--realistic` uses the official SDK's request head (16
+headers, bench/scenarios.py SDK_HEADERS) and the mock's answer with an API-like
+head of 25 headers (`real_head=1`) instead of the benchmark's small heads.
 
 Needs valgrind (Debian: `apt-get install valgrind`).  `--keep` keeps the work
 directory with the callgrind output for `callgrind_annotate`.
@@ -43,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from scenarios import SDK_HEADERS
 from services import (CHANNEL_KEY, ServiceError, pinned, proxy_command, setup_proxy_db, start_mock, tail, wait_port,
                       write_config, free_port, Service)
 
@@ -56,6 +62,17 @@ def request_bytes(key: str, path: str, stream: bool) -> bytes:
     return (b"POST " + path.encode() + b" HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
             b"x-api-key: " + key.encode() + b"\r\nanthropic-version: 2023-06-01\r\n"
             b"content-length: %d\r\n\r\n" % len(body) + body)
+
+
+def sdk_request_bytes(key: str, path: str, stream: bool) -> bytes:
+    """The same request as the official Python SDK writes it (its headers, a bearer credential), asking the
+    mock for its answer with an API-like head."""
+    plain = request_bytes(key, path, stream)
+    body = plain[plain.index(b"\r\n\r\n") + 4:]
+    path += ("&" if "?" in path else "?") + "real_head=1"
+    headers = [("Host", "127.0.0.1"), *SDK_HEADERS, ("Authorization", f"Bearer {key}"),
+               ("Content-Length", str(len(body)))]
+    return (f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)).encode() + b"\r\n" + body
 
 
 def content_length(head: bytes) -> Optional[int]:
@@ -105,10 +122,11 @@ def callgrind_control(*args: str) -> None:
 
 
 def count(python: str, workdir: Path, db: Path, key: str, *, meter: bool, path: str,
-          stream: bool, requests: int, cpu: Optional[int], observe: bool = True) -> int:
+          stream: bool, requests: int, cpu: Optional[int], observe: bool = True, realistic: bool = False,
+          fast_heads: bool = True) -> int:
     """Instructions the proxy executed while serving `requests` requests."""
-    config = write_config(workdir, f"{'meter' if meter else 'nometer'}-{'observe' if observe else 'noobserve'}",
-                          meter, observe)
+    config = write_config(workdir, f"{'meter' if meter else 'nometer'}-{'observe' if observe else 'noobserve'}"
+                                   f"-{'fast' if fast_heads else 'h11'}", meter, observe, fast_heads)
     out = workdir / f"callgrind-{time.monotonic_ns()}.out"
     port = free_port()
     log = workdir / "proxy-valgrind.log"
@@ -121,7 +139,7 @@ def count(python: str, workdir: Path, db: Path, key: str, *, meter: bool, path: 
     svc = Service("proxy", proc, port, log)
     try:
         wait_port(port, proc, 180, "apertis-proxy under valgrind", log)
-        request = request_bytes(key, path, stream)
+        request = (sdk_request_bytes if realistic else request_bytes)(key, path, stream)
         send(port, request, 200)                      # warm-up: imports, pools, caches
         time.sleep(1.0)
         callgrind_control("-i", "on", str(proc.pid))
@@ -138,21 +156,27 @@ def count(python: str, workdir: Path, db: Path, key: str, *, meter: bool, path: 
     return total
 
 
-H11_LOOP = """\
+HEAD_LOOP = """\
 import gc, sys
-import h11
-side, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+side, parser, path, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 data = open(path, "rb").read()
 gc.disable()
-role = h11.SERVER if side == "server" else h11.CLIENT
-for _ in range(n):
-    # What the proxy does per request (http/protocol.py, upstream/connection.py):
-    # a fresh connection, the bytes as read, one event, the bytes after the head.
-    conn = h11.Connection(role)
-    conn.receive_data(data)
-    event = conn.next_event()
-    conn.trailing_data
-assert type(event) is (h11.Request if side == "server" else h11.Response), event
+if parser == "h11":
+    import h11
+    role = h11.SERVER if side == "server" else h11.CLIENT
+    for _ in range(n):
+        # What the proxy does per request (http/protocol.py, upstream/connection.py):
+        # a fresh connection, the bytes as read, one event, the bytes after the head.
+        conn = h11.Connection(role)
+        conn.receive_data(data)
+        event = conn.next_event()
+        conn.trailing_data
+    assert type(event) is (h11.Request if side == "server" else h11.Response), event
+else:
+    from apertis_proxy.http.fast_head import parse_request, parse_response
+    for _ in range(n):
+        event = parse_request(data, 65536) if side == "server" else parse_response(data)
+    assert event is not None, "the fast parser declined the head"
 """
 
 
@@ -178,29 +202,33 @@ def mock_response(port: int, request: bytes) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
-def count_loop(python: str, workdir: Path, side: str, data: bytes, n: int) -> int:
-    """Instructions of H11_LOOP over n iterations (process start-up included)."""
-    script, payload = workdir / "h11_loop.py", workdir / f"{side}.bytes"
-    script.write_text(H11_LOOP)
+def count_loop(python: str, workdir: Path, side: str, parser: str, data: bytes, n: int) -> int:
+    """Instructions of HEAD_LOOP over n iterations (process start-up included)."""
+    script, payload = workdir / "head_loop.py", workdir / f"{side}.bytes"
+    script.write_text(HEAD_LOOP)
     payload.write_bytes(data)
-    out = workdir / f"h11-{side}-{n}.out"
+    out = workdir / f"head-{side}-{parser}-{n}.out"
     res = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python, str(script),
-                          side, str(payload), str(n)], capture_output=True, text=True, timeout=900, cwd=workdir)
+                          side, parser, str(payload), str(n)], capture_output=True, text=True, timeout=900,
+                         cwd=workdir)
     if res.returncode != 0:
-        raise ServiceError(f"h11 loop failed: {res.stderr.strip()[-600:]}")
+        raise ServiceError(f"head loop failed: {res.stderr.strip()[-600:]}")
     total = callgrind_total([out])
     if total == 0:
-        raise ServiceError(f"callgrind counted nothing for the h11 loop ({out})")
+        raise ServiceError(f"callgrind counted nothing for the head loop ({out})")
     return total
 
 
-def count_h11(python: str, workdir: Path, mock_port: int, key: str, requests: int) -> dict[str, float]:
-    """Per-request instructions of h11 parsing the benchmark's request and the mock's response."""
+def count_heads(python: str, workdir: Path, mock_port: int, key: str, requests: int,
+                realistic: bool) -> dict[tuple[str, str], float]:
+    """Per-request instructions of h11 and of the fast parser on the request head and the mock's response head."""
+    build = sdk_request_bytes if realistic else request_bytes
+    answer = mock_response(mock_port, build(CHANNEL_KEY, "/v1/messages", False))
     figures = {}
-    answer = mock_response(mock_port, request_bytes(CHANNEL_KEY, "/v1/messages", False))
-    for side, data in (("server", request_bytes(key, "/v1/messages", False)), ("client", answer)):
-        figures[side] = (count_loop(python, workdir, side, data, requests + 1)
-                         - count_loop(python, workdir, side, data, 1)) / requests
+    for side, data in (("server", build(key, "/v1/messages", False)), ("client", answer)):
+        for parser in ("h11", "fast"):
+            figures[side, parser] = (count_loop(python, workdir, side, parser, data, requests + 1)
+                                     - count_loop(python, workdir, side, parser, data, 1)) / requests
     return figures
 
 
@@ -214,8 +242,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="bulk SSE streams, counted at 10 and at 110 events: per stream and per event")
     ap.add_argument("--path", default="/v1/messages", help="request path (/health: the HTTP layer alone)")
     ap.add_argument("--h11", action="store_true",
-                    help="count h11 alone: parsing this request (server side) and the mock's response (client "
-                         "side); only --requests and --python apply")
+                    help="count the heads alone: h11 and the fast parser on this request's head (server side) and "
+                         "the mock's response head (client side); only --requests, --realistic and --python apply")
+    ap.add_argument("--realistic", action="store_true",
+                    help="the official SDK's request head and the mock's answer with an API-like 25-header head")
+    ap.add_argument("--no-fast-heads", action="store_true",
+                    help="every head parsed by h11 ([server] fast_heads = false)")
     ap.add_argument("--python", default=sys.executable, help="Python whose environment has apertis-proxy")
     ap.add_argument("--cpu", type=int, default=1, help="CPU for the proxy (the mock and client use CPU 0)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -232,25 +264,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     mock = start_mock(args.python, 0, workdir, tick_ms=10)
     try:
         db, key = setup_proxy_db(cmd, workdir, mock.port)
+        heads = "the SDK's request head and an API-like answer" if args.realistic else "the benchmark's heads"
         if args.h11:
-            h = count_h11(args.python, workdir, mock.port, key, args.requests)
-            print(f"h11 alone: {h['server']:,.0f} instructions to parse the request head, "
-                  f"{h['client']:,.0f} to parse the mock's response head; {h['server'] + h['client']:,.0f} "
-                  f"per proxied request ({args.requests} iterations each)")
+            h = count_heads(args.python, workdir, mock.port, key, args.requests, args.realistic)
+            print(f"{heads}, instructions per head ({args.requests} iterations each):")
+            for parser in ("h11", "fast"):
+                print(f"  {parser:>4}: request head {h['server', parser]:,.0f}, response head "
+                      f"{h['client', parser]:,.0f}; {h['server', parser] + h['client', parser]:,.0f} per "
+                      f"proxied request")
             return 0
-        meter, observe = not args.no_meter, not args.no_observe
-        label = (f"{args.path}, {'metering on' if meter else 'metering off'}, "
-                 f"{'metrics and access log on' if observe else 'metrics and access log off'}")
+        meter, observe, fast = not args.no_meter, not args.no_observe, not args.no_fast_heads
+        label = (f"{args.path}, {heads}, {'metering on' if meter else 'metering off'}, "
+                 f"{'metrics and access log on' if observe else 'metrics and access log off'}, "
+                 f"{'fast heads' if fast else 'h11 for every head'}")
         if not args.stream:
             n = count(args.python, workdir, db, key, meter=meter, path=args.path, stream=False,
-                      requests=args.requests, cpu=args.cpu, observe=observe)
+                      requests=args.requests, cpu=args.cpu, observe=observe, realistic=args.realistic,
+                      fast_heads=fast)
             print(f"{label}: {n / args.requests:,.0f} instructions per request ({args.requests} requests)")
             return 0
         figures = {}
         for events in (10, 110):
             path = f"{args.path}?events={events}&ttfb_ms=0&gap_ms=0"
             figures[events] = count(args.python, workdir, db, key, meter=meter, path=path, stream=True,
-                                    requests=args.requests, cpu=args.cpu, observe=observe) / args.requests
+                                    requests=args.requests, cpu=args.cpu, observe=observe,
+                                    realistic=args.realistic, fast_heads=fast) / args.requests
         per_event = (figures[110] - figures[10]) / 100
         print(f"{label}, bulk SSE: {figures[10]:,.0f} instructions per stream of 10 events, "
               f"{figures[110]:,.0f} per stream of 110; {per_event:,.0f} per event ({args.requests} streams each)")

@@ -53,6 +53,23 @@ MESSAGE_RESPONSE = (
     + b"\r\ncontent-length: %d\r\n\r\n" % len(MESSAGE_BODY) + MESSAGE_BODY
 )
 
+# The same answer with a head as the real API sends it: ~25 headers (the request id, the rate-limit set, the
+# organisation, Cloudflare's and the load balancer's), for the scenarios with realistic heads (real_head=1).
+REAL_MESSAGE_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\ndate: Sat, 05 Dec 2026 12:00:00 GMT\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: keep-alive\r\n" % len(MESSAGE_BODY)
+    + b"".join(b"anthropic-ratelimit-%s-%s: %s\r\n" % (kind, field, value)
+               for kind, limit, left in ((b"input-tokens", b"2000000", b"1999000"),
+                                         (b"output-tokens", b"400000", b"400000"),
+                                         (b"requests", b"4000", b"3999"), (b"tokens", b"2400000", b"2399000"))
+               for field, value in ((b"limit", limit), (b"remaining", left), (b"reset", b"2026-12-05T12:00:01Z")))
+    + b"request-id: " + REQUEST_ID + b"\r\n"
+    b"strict-transport-security: max-age=31536000; includeSubDomains; preload\r\n"
+    b"anthropic-organization-id: 0b7c3e52-8f1d-4d6a-9c2e-5a4f3b2d1c0e\r\nvia: 1.1 google\r\n"
+    b"cf-cache-status: DYNAMIC\r\nx-robots-tag: none\r\nserver: cloudflare\r\n"
+    b"cf-ray: 8f0a1b2c3d4e5f60-FRA\r\nx-envoy-upstream-service-time: 812\r\n\r\n" + MESSAGE_BODY
+)
+
 SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
     b"cache-control: no-cache\r\nrequest-id: " + REQUEST_ID + b"\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -124,20 +141,21 @@ def closing_for(deltas: int) -> bytes:
 # --- scenarios ---------------------------------------------------------------
 
 class Scenario:
-    __slots__ = ("events", "ttfb", "gap", "delay")
+    __slots__ = ("events", "ttfb", "gap", "delay", "message")
 
-    def __init__(self, events: int, ttfb_ms: float, gap_ms: float, delay_ms: float) -> None:
+    def __init__(self, events: int, ttfb_ms: float, gap_ms: float, delay_ms: float, real_head: int = 0) -> None:
         self.events = events          # content_block_delta events per stream
         self.ttfb = ttfb_ms / 1000.0
         self.gap = gap_ms / 1000.0
         self.delay = delay_ms / 1000.0
+        self.message = REAL_MESSAGE_RESPONSE if real_head else MESSAGE_RESPONSE     # the JSON answer
 
     @property
     def paced(self) -> bool:
         return self.ttfb > 0 or self.gap > 0
 
 
-_PARAMS = {"events": int, "ttfb_ms": float, "gap_ms": float, "delay_ms": float}
+_PARAMS = {"events": int, "ttfb_ms": float, "gap_ms": float, "delay_ms": float, "real_head": int}
 
 
 class ScenarioBook:
@@ -154,7 +172,7 @@ class ScenarioBook:
         if found is None:
             d = self.default
             values = {"events": d.events, "ttfb_ms": d.ttfb * 1000, "gap_ms": d.gap * 1000,
-                      "delay_ms": d.delay * 1000}
+                      "delay_ms": d.delay * 1000, "real_head": int(d.message is REAL_MESSAGE_RESPONSE)}
             for name, value in parse_qsl(spec.decode("latin-1")):
                 if name in _PARAMS:
                     values[name] = _PARAMS[name](value)
@@ -390,9 +408,9 @@ class MockConnection(asyncio.Protocol):
         if _STREAM_TRUE.search(body) is None:
             if sc.delay > 0:
                 self._hold()
-                self.loop.call_later(sc.delay, self.finish_response, MESSAGE_RESPONSE)
+                self.loop.call_later(sc.delay, self.finish_response, sc.message)
                 return None
-            return self._send(MESSAGE_RESPONSE)
+            return self._send(sc.message)
         server.stats.streams += 1
         if not sc.paced:
             return self._send(bulk_sse(sc.events))

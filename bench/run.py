@@ -1,11 +1,13 @@
 """Benchmark apertis-proxy beside direct-to-mock and nginx, in one command.
 
-    python bench/run.py [--quick] [--scenarios a,d-5000] [--targets direct,nginx,proxy,proxy-nometer,proxy-noobserve]
+    python bench/run.py [--quick] [--scenarios a,d-5000]
+                        [--targets direct,nginx,proxy,proxy-nometer,proxy-noobserve,proxy-h11]
 
 Installs wrk and nginx from Debian's packages if missing (only those the chosen
 scenarios and targets use), starts the mock upstream, nginx (plain reverse
 proxy) and apertis-proxy (one worker; once with every first-party plugin, once
-with metering off, once with metrics and the access log off), pins them to
+with metering off, once with metrics and the access log off, once with h11
+for every head), pins them to
 CPUs, runs the scenarios and prints one table, also written to
 bench/.work/RESULTS.md (RESULTS-quick.md for --quick; the folder is
 git-ignored, `--output bench/RESULTS.md` replaces the committed figures).
@@ -37,7 +39,7 @@ from services import (CHANNEL_KEY, WORK, Service, ServiceError, ensure_tools, pi
                       python_has, raise_nofile, setup_proxy_db, start_mock, start_nginx, start_proxy,
                       write_config)
 
-ALL_TARGETS = ("direct", "nginx", "proxy", "proxy-nometer", "proxy-noobserve")
+ALL_TARGETS = ("direct", "nginx", "proxy", "proxy-nometer", "proxy-noobserve", "proxy-h11")
 SETTLE = 0.3            # seconds after the load before CPU is read: deferred work (meter flushes) counts
 WARMUP_SETTLE = 1.0     # seconds between the warm-up and the measured run
 
@@ -131,7 +133,7 @@ class Bench:
                     out.append(Target(name, "", None, unavailable=reason))
                     continue
                 config = write_config(self.workdir, name, meter=(name != "proxy-nometer"),
-                                      observe=(name != "proxy-noobserve"))
+                                      observe=(name != "proxy-noobserve"), fast_heads=(name != "proxy-h11"))
                 out.append(Target(name, key, (lambda n=name, c=config: start_proxy(
                     cmd, n, self.layout.sut_cpu, self.workdir, db, c))))
         return out
@@ -399,6 +401,10 @@ For streams, req/s counts whole streams.
 ## Cost of metrics and the access log (apertis with and without them)
 
 {report.observe_table(bench.rows, order)}
+
+## The fast head parsers (apertis with them, and with h11 for every head: `[server] fast_heads = false`)
+
+{report.fast_heads_table(bench.rows, order)}
 
 ## Targets (one worker process on one core)
 

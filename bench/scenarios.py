@@ -10,6 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SSE_FIXED_EVENTS = 6   # message_start, content_block_start, ping ... content_block_stop, message_delta, message_stop
+# The headers the official Python SDK (2.x, sync client) sends beside host, content-length and its credential, in its
+# order and spelling: the realistic scenarios' requests.
+SDK_HEADERS = (
+    ("Accept-Encoding", "gzip, deflate"), ("Connection", "keep-alive"), ("x-stainless-timeout", "600"),
+    ("x-stainless-retry-count", "0"), ("x-stainless-read-timeout", "600"), ("Accept", "application/json"),
+    ("Content-Type", "application/json"), ("User-Agent", "Anthropic/Python 2.17.0"), ("X-Stainless-Lang", "python"),
+    ("X-Stainless-Package-Version", "2.17.0"), ("X-Stainless-OS", "Linux"), ("X-Stainless-Arch", "x64"),
+    ("X-Stainless-Runtime", "CPython"), ("X-Stainless-Runtime-Version", "3.11.7"), ("X-Stainless-Async", "false"),
+    ("anthropic-version", "2023-06-01"),
+)
 
 
 @dataclass(frozen=True)
@@ -31,11 +41,13 @@ class Scenario:
     warmup: int = 1        # wrk: seconds of unmeasured load first (0: none)
     timeout: float = 10.0  # per request
     block: str = ""
+    # The SDK's request headers (SDK_HEADERS, a bearer credential) and the mock's ~25-header answer (real_head=1).
+    realistic: bool = False
 
     @property
     def query(self) -> str:
         """Mock parameters, sent in the URL query (every proxy forwards it)."""
-        params = []
+        params = ["real_head=1"] if self.realistic else []
         if self.stream:
             params.append(f"events={self.deltas}")
         if self.ttfb_ms:
@@ -72,6 +84,8 @@ def _latency(n: int, requests: int, ramp: float, block: str) -> Scenario:
 def full() -> list[Scenario]:
     out = [Scenario(f"a-c{c}", "a", f"1 KB request, c={c}", "wrk", c, 10, "small", block="a")
            for c in (1, 16, 64, 256)]
+    out.append(Scenario("f-c64", "f", "1 KB request, SDK and API heads, c=64", "wrk", 64, 10, "small", block="a",
+                        realistic=True))
     out.append(Scenario("b-c64", "b", "30 KB request, c=64", "wrk", 64, 10, "large", block="b"))
     out.append(Scenario("c-c64", "c", "SSE 300 deltas bulk, c=64", "wrk", 64, 10, "small", stream=True,
                         deltas=300, block="c"))
@@ -84,6 +98,8 @@ def quick() -> list[Scenario]:
     """Under two minutes: short runs, lower concurrency, one SUT start for the throughput scenarios."""
     out = [Scenario(f"a-c{c}", "a", f"1 KB request, c={c}", "wrk", c, 2, "small", block="q")
            for c in (1, 64)]
+    out.append(Scenario("f-c64", "f", "1 KB request, SDK and API heads, c=64", "wrk", 64, 2, "small", block="q",
+                        realistic=True))
     out.append(Scenario("b-c64", "b", "30 KB request, c=64", "wrk", 64, 2, "large", block="q"))
     out.append(Scenario("c-c16", "c", "SSE 300 deltas bulk, c=16", "wrk", 16, 2, "small", stream=True,
                         deltas=300, block="q"))

@@ -98,10 +98,11 @@ async def gateway_env(tmp_db):
 
 
 @pytest.fixture
-async def gateway(gateway_env, mock_upstream):
-    """A started gateway with key `alice` (gateway.key) and channel `main` to `mock_upstream`."""
+async def gateway(request, gateway_env, mock_upstream):
+    """A started gateway with key `alice` (gateway.key) and channel `main` to `mock_upstream`; settings
+    overrides as an indirect parameter (`@pytest.mark.parametrize("gateway", [{...}], indirect=True)`)."""
     gateway_env.key = gateway_env.add_key("alice")
     gateway_env.add_channel("main", mock_upstream)
-    await gateway_env.start()
+    await gateway_env.start(**getattr(request, "param", {}))
     gateway_env.mock = mock_upstream
     return gateway_env

@@ -68,6 +68,17 @@ def test_json_answer_is_a_message_with_usage(mock_url):
     assert (msg.usage.input_tokens, msg.usage.output_tokens) == (25, 7)
 
 
+def test_realistic_head_is_read_by_the_sdk(mock_url):
+    """real_head=1: the same message under a head as the API sends it (request id, rate limits, Cloudflare's)."""
+    with client(mock_url, scenario="real_head=1") as c:
+        raw = c.messages.with_raw_response.create(**ASK)
+    msg = raw.parse()
+    assert msg.type == "message" and (msg.usage.input_tokens, msg.usage.output_tokens) == (25, 7)
+    assert len(raw.headers.raw) == 25
+    for name in ("request-id", "cf-ray", "anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-tokens-reset"):
+        assert raw.headers.get(name), name
+
+
 @pytest.mark.parametrize("scenario,deltas", [("events=12", 12), ("events=3&ttfb_ms=150&gap_ms=20", 3)],
                          ids=["bulk", "paced"])
 def test_streams_carry_every_event_type_and_final_usage(mock_url, scenario, deltas):

@@ -57,6 +57,12 @@ VECTORS = {
 }
 
 
+# Both head parsers: the fast one declines each of these, and h11 alone must refuse them either way.
+BOTH_PATHS = pytest.mark.parametrize("gateway", [{}, {"fast_heads": False}], ids=["fast-heads", "h11-only"],
+                                     indirect=True)
+
+
+@BOTH_PATHS
 @pytest.mark.parametrize("vector", list(VECTORS.values()), ids=list(VECTORS))
 async def test_smuggling_vector_is_refused_and_its_connection_closed(gateway, vector):
     async with await RawConnection.open(gateway.gateway.host, gateway.gateway.port) as conn:
@@ -81,6 +87,7 @@ ACCEPTED = {
 }
 
 
+@BOTH_PATHS
 @pytest.mark.parametrize("request_", list(ACCEPTED.values()), ids=list(ACCEPTED))
 async def test_canonical_framing_is_served_and_kept_alive(gateway, request_):
     async with await RawConnection.open(gateway.gateway.host, gateway.gateway.port) as conn:

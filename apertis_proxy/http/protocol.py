@@ -25,6 +25,7 @@ import h11
 from ..deadline import Deadline
 from ..flow_control import FlowControl
 from ..settings import Settings
+from . import fast_head, head_check
 from .heads import build_head, header_list, keeps_alive
 from .request import Request
 from .request_ids import new_request_id
@@ -156,6 +157,8 @@ class HttpConnection(asyncio.Protocol):
         # The reads a request head came in, as sent: h11 unfolds obs-fold and
         # lower-cases Transfer-Encoding, which framing_refusal() must see.
         self._head_reads: list[bytes] = []
+        # Body bytes still to come for a head the fast parser took (None: h11 frames the body).
+        self._body_left: Optional[int] = None
 
     # -- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -202,6 +205,12 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
+            return
+        if self._body_left is not None:
+            self._fast_body(data)
+            return
+        if (self._responder is None and self._request is None and not self._head_reads
+                and self._settings.fast_heads and self._fast_request(data)):
             return
         if self._responder is not None:
             # A handler is running: keep the pipelined bytes for later.
@@ -289,6 +298,7 @@ class HttpConnection(asyncio.Protocol):
                 return
             etype = type(event)
             if etype is h11.Request:
+                fast_head.COUNTS.request_h11 += 1
                 self._on_request(event)
                 if self._discarding:  # refused on its head: the rest is never parsed
                     return
@@ -352,6 +362,60 @@ class HttpConnection(asyncio.Protocol):
         if length is not None and length > self._settings.max_body_bytes:
             self._reject_early(413, f"request body exceeds the limit of "
                                     f"{self._settings.max_body_bytes} bytes", "request_too_large")
+
+    def _fast_request(self, data: bytes) -> bool:
+        """Serve a request whose head came whole in this first read, and is of the
+        common shape, without h11 (see fast_head.py); False leaves it to h11."""
+        event = fast_head.parse_request(data, self._settings.max_header_bytes)
+        if event is None:
+            return False
+        fast_head.COUNTS.request_fast += 1
+        if self._settings.fast_heads_check:
+            head_check.check("request", event, head_check.h11_request(data, self._settings.max_header_bytes))
+        # What _on_request checks holds by construction here: the head is within the size
+        # limit, HTTP/1.1 or 1.0, framed by at most one Content-Length, with no obs-fold.
+        self._head_started = True
+        self._request = event           # type: ignore[assignment] - it has the fields of h11.Request used
+        self._headers = event.headers
+        self._body = []
+        self._body_size = 0
+        self.http11 = event.http_version == b"1.1"
+        self._length = length = event.length
+        if length > self._settings.max_body_bytes:
+            self._reject_early(413, f"request body exceeds the limit of "
+                                    f"{self._settings.max_body_bytes} bytes", "request_too_large")
+            return True
+        # self._h11 is untouched: it takes whatever follows the body (pipelined requests).
+        self._fresh = True
+        end = event.end
+        if len(data) - end < length and not self._admitted(event):   # type: ignore[arg-type]
+            return True
+        self._body_left = length
+        self._fast_body(data[end:] if end < len(data) else b"")
+        return True
+
+    def _fast_body(self, data: bytes) -> None:
+        """Body bytes of a fast-parsed request: kept until its Content-Length is
+        in, with the body timeout between reads as h11's path has it."""
+        left = self._body_left
+        assert left is not None
+        if len(data) < left:
+            if data:
+                self._body.append(data)
+                self._body_size += len(data)
+                self._body_left = left - len(data)
+            self._arm(self._settings.body_timeout)
+            return
+        self._body_left = None
+        self._body.append(data if len(data) == left else data[:left])
+        self._body_size += left
+        rest = len(data) - left
+        self._buffered = rest       # pipelined bytes already here
+        if rest:
+            self._h11.receive_data(memoryview(data)[left:])
+            if rest > _PIPELINE_HIGH_WATER:
+                self.flow.pause_reading()
+        self._dispatch()
 
     def _admitted(self, event: h11.Request) -> bool:
         """Ask the handler whether the request's head admits reading its body;

@@ -31,6 +31,8 @@ HELP = {
     "apertis_upstream_attempts": "Attempts on upstream channels, by outcome: ok, failover (an error answer after "
                                  "which the next channel was tried), timeout, refused (no connection), status "
                                  "(an error answer passed on), abandoned (the client left while it ran).",
+    "apertis_http_heads": "HTTP heads parsed, by side (request: from clients, response: from upstreams) and parser "
+                          "(fast: the strict parser of well-formed heads, h11: everything else).",
     "apertis_ledger_rows_written": "Usage rows the meter has written.",
     "apertis_request_duration_seconds": "Time from a request's arrival to its end.",
     "apertis_time_to_first_byte_seconds": "Streams: time from sending a request upstream to the first byte of "

@@ -18,6 +18,7 @@ import time
 from bisect import bisect_left
 from typing import Any, Callable, Optional
 
+from ..http import fast_head
 from ..plugin_api import Outcome, RequestInfo, UsageRecord
 
 # Seconds.  Requests range from a cached count_tokens to streams of many minutes.
@@ -226,6 +227,7 @@ class Recorder:
                 "apertis_tokens": [["model", "type"] + key, tokens],
                 "apertis_cost_usd": [["model"] + key, cost],
                 "apertis_upstream_attempts": [["channel", "outcome"], _series(self.attempts)],
+                "apertis_http_heads": [["side", "parser"], fast_head.COUNTS.series()],
                 **(counters or {}),
             },
             "histograms": {
