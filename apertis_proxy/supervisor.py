@@ -26,6 +26,7 @@ def supervise(workers: int, run_worker: Callable[[int], int], reaped: Callable[[
     SIGINT; `reaped(pid)` after each one ends.  The server's exit code."""
     children: dict[int, tuple[int, float]] = {}     # pid -> (worker index, started at)
     stopping = False
+    stop_signal = 0
     parent = os.getpid()
 
     def spawn(index: int) -> None:
@@ -42,8 +43,9 @@ def supervise(workers: int, run_worker: Callable[[int], int], reaped: Callable[[
                 pass
 
     def stop(signum: int, _frame: Any = None) -> None:
-        nonlocal stopping
+        nonlocal stopping, stop_signal
         stopping = True
+        stop_signal = stop_signal or signum
         forward(signum)
 
     for index in range(workers):
@@ -65,7 +67,10 @@ def supervise(workers: int, run_worker: Callable[[int], int], reaped: Callable[[
         reaped(pid)
         code = os.waitstatus_to_exitcode(wait_status)
         if stopping:
-            status = status or code
+            # A worker still starting when the stop came has no handler yet: the
+            # forwarded signal ends it outright, which is the stop asked for.
+            if code != -stop_signal:
+                status = status or code
             continue
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
         if time.monotonic() - started < WORKER_START_GRACE:

@@ -115,7 +115,7 @@ async def test_sighup_reloads_the_certificate_of_a_running_server(tmp_path, pki)
             names = {await asyncio.to_thread(served_certificate_cn, server.port, pki) for _ in range(4)}
             return names == {"server b"}           # both workers
         await wait_for(renewed, 20, "both workers to serve the new certificate")
-        assert await server.stop() == 0
+        assert await server.stop() == 0, server.stderr
 
 
 def test_tls_settings_are_checked(tmp_path):
