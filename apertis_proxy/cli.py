@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from . import __version__
 from . import settings as settings_module
 from .gateway.usage import redact
+from .plugin_api import DEFAULT_API_VERSION
 from .plugin_host import PluginLoadError
 from .store import catalog as catalog_store
 from .store import dbfile
@@ -506,7 +507,7 @@ def cmd_channels_add(args) -> int:
             conn, args.name, args.base_url, api_key, models=args.models,
             priority=args.priority if args.priority is not None else 0,
             weight=args.weight if args.weight is not None else 1,
-            aliases=dict(args.alias or ()), api_version=args.api_version or "2023-06-01",
+            aliases=dict(args.alias or ()), api_version=args.api_version or DEFAULT_API_VERSION,
             options=_channel_options(args))
     print(f"added channel {args.name!r} -> {args.base_url}"
           f" (models: {', '.join(sorted(set(args.models))) if args.models else 'any'})")
@@ -961,7 +962,7 @@ def _add_channel_options(p, *, adding: bool) -> None:
     p.add_argument("--alias", type=_alias, action="extend", nargs="+", metavar="CLIENT=UPSTREAM",
                    help="map a client-facing model name to the upstream id")
     p.add_argument("--api-version", choices=channel_store.API_VERSIONS,
-                   help="anthropic-version sent upstream (default 2023-06-01)")
+                   help=f"anthropic-version sent upstream (default {DEFAULT_API_VERSION})")
     p.add_argument("--forward-client-version", action=argparse.BooleanOptionalAction,
                    help="send the client's anthropic-version instead")
     p.add_argument("--forward-extras", action=argparse.BooleanOptionalAction,

@@ -68,9 +68,6 @@ COOLDOWN_DEFAULTS = {
 }
 SESSION_HEADER = "x-claude-code-session-id"
 UNKNOWN_CREATED_AT = "1970-01-01T00:00:00Z"
-# With a request id on Outcome, a success re-pins the session to the channel
-# that actually served it (after a failover); without, the first choice is pinned.
-OUTCOME_HAS_REQUEST_ID = "request_id" in getattr(Outcome, "__dataclass_fields__", {})
 
 
 def caller_may_use_on(caller: Caller, channel: Channel, model: str) -> bool:
@@ -158,7 +155,7 @@ class ChannelRouter:
         # committed (None while writing); kept out of reloads that read older rows.
         self._disabling: dict[int, Optional[float]] = {}
         # request id -> session, so a success can re-pin the session to the
-        # channel that served it (used when Outcome carries a request_id).
+        # channel that served it.
         self._sessions: collections.OrderedDict[str, Hashable] = collections.OrderedDict()
         self._tasks: set[asyncio.Task] = set()
         self._watch = RevisionWatcher(ctx.db_path, float(opts.get("poll_interval", 1.0)),
@@ -212,15 +209,15 @@ class ChannelRouter:
         if session is not None:
             # Pin to the first choice now; a success on another channel re-pins.
             self.affinity.set(session, ordered[0].id, now)
-            if OUTCOME_HAS_REQUEST_ID:
-                self._sessions[request.request_id] = session
+            # A success re-pins the session to the channel that served it (after a failover).
+            self._sessions[request.request_id] = session
             while len(self._sessions) > self.affinity.max_sessions:
                 self._sessions.popitem(last=False)
         return ordered
 
     def feedback(self, outcome: Outcome) -> None:
         ch = outcome.channel
-        request_id = getattr(outcome, "request_id", None)
+        request_id = outcome.request_id
         session = self._sessions.pop(request_id, None) if request_id and outcome.ok else None
         if outcome.ok:
             self.cool_until.pop(ch.id, None)

@@ -7,14 +7,14 @@ import time
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
 
-from ..plugin_api import Channel
+from ..plugin_api import DEFAULT_API_VERSION, Channel
 from . import key_encryption
 from .keys import KEY_PREFIX as GATEWAY_KEY_PREFIX
 
 CHANNEL_COLUMNS = ("id, name, type, base_url, api_key, models, aliases, priority, weight, enabled,"
                    " disabled_reason, disabled_at, api_version, options, created_at")
 
-API_VERSIONS = ("2023-06-01", "2026-10-21")
+API_VERSIONS = (DEFAULT_API_VERSION, "2026-10-21")
 AUTH_HEADERS = ("x-api-key", "authorization")
 OPTION_FLAGS = ("forward_client_version", "forward_extras")
 
@@ -82,7 +82,7 @@ def _stored_key(api_key: str) -> str:
 
 def add_channel(conn, name: str, base_url: str, api_key: str, *, models=None, priority: int = 0,
                 weight: int = 1, aliases: Optional[Mapping[str, str]] = None,
-                api_version: str = "2023-06-01", options: Optional[Mapping] = None,
+                api_version: str = DEFAULT_API_VERSION, options: Optional[Mapping] = None,
                 type: str = "anthropic", enabled: bool = True) -> int:
     """Insert a channel; a name already in use or a bad URL/option raises ValueError."""
     base_url = normalize_base_url(base_url)

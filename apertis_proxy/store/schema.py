@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from ..plugin_api import DEFAULT_API_VERSION
 from .catalog import sync_shipped_catalog
 from .dbfile import create_private
 
@@ -70,7 +71,7 @@ CREATE TABLE IF NOT EXISTS channels (
     enabled         INTEGER NOT NULL DEFAULT 1,
     disabled_reason TEXT,
     disabled_at     REAL,
-    api_version     TEXT NOT NULL DEFAULT '2023-06-01',
+    api_version     TEXT NOT NULL DEFAULT '{DEFAULT_API_VERSION}',
     options         TEXT NOT NULL DEFAULT '{}',  -- JSON: forward_client_version, forward_extras, auth_header
     created_at      REAL NOT NULL
 );
@@ -136,7 +137,7 @@ CREATE TABLE IF NOT EXISTS owned_state (
 CREATE INDEX IF NOT EXISTS owned_state_owner ON owned_state (owner, kind, created_at);
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 CREATE INDEX IF NOT EXISTS usage_key ON usage (key_name, ts);
-"""
+""".replace("{DEFAULT_API_VERSION}", DEFAULT_API_VERSION)
 
 _TRIGGERED = ("keys", "channels", "models")
 
