@@ -185,7 +185,7 @@ class MessagesForwarder:
                 raise self._unserved(info.model or "", caller)
             if not count_tokens:
                 channels = model_policy.admit_unpriced(self.catalog.catalog, channels, info.model, caller,
-                                                       self.settings.allow_unpriced, record.started_at)
+                                                       self.settings.allow_unpriced, record.started_at, body)
             await self._attempt_all(Forwarding(req, resp, info, record, count_tokens, owner_of(caller),
                                                resolved.headers), channels)
         except GatewayError as e:
