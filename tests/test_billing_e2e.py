@@ -218,13 +218,13 @@ async def test_unpriced_model_when_allowed(gateway_env, mock_upstream):
 async def test_unpriced_fast_mode_and_tool_models_are_refused_before_upstream(gateway_env, mock_upstream):
     usd = gateway_env.add_key("capped", quota_cost=25.0)
     tokens = gateway_env.add_key("counted", quota_tokens=1_000_000)
-    gateway_env.add_channel("strict", mock_upstream, models=["claude-fable-5-2", "claude-sonnet-5"])
+    gateway_env.add_channel("strict", mock_upstream, models=["claude-mythos-5-2", "claude-sonnet-5"])
     await gateway_env.start()
     advisor = {"tools": [{"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-9"}]}
     # Fail closed: fast mode on a model whose fast-mode price is unknown, and a tool naming an unpriced model.
-    fast = await post(gateway_env, tokens, body("claude-fable-5-2", speed="fast"))
+    fast = await post(gateway_env, tokens, body("claude-mythos-5-2", speed="fast"))
     assert fast.status == 400 and fast.json()["error"]["type"] == "invalid_request_error"
-    assert "speed" in fast.json()["error"]["message"] and "claude-fable-5-2" in fast.json()["error"]["message"]
+    assert "speed" in fast.json()["error"]["message"] and "claude-mythos-5-2" in fast.json()["error"]["message"]
     tool = await post(gateway_env, tokens, body("claude-sonnet-5", **advisor))
     assert tool.status == 400 and "claude-opus-9" in tool.json()["error"]["message"]
     assert mock_upstream.requests == []
@@ -232,11 +232,11 @@ async def test_unpriced_fast_mode_and_tool_models_are_refused_before_upstream(ga
     # Allowed unpriced: a USD-quota key is still refused (402), a token-quota key is served with cost unknown.
     channel_store.update_channel(gateway_env.conn, "strict", options={"allow_unpriced": True})
     await gateway_env.start()
-    for sent in (body("claude-fable-5-2", speed="fast"), body("claude-sonnet-5", **advisor)):
+    for sent in (body("claude-mythos-5-2", speed="fast"), body("claude-sonnet-5", **advisor)):
         refused = await post(gateway_env, usd, sent)
         assert refused.status == 402 and refused.json()["error"]["type"] == "billing_error"
     assert mock_upstream.requests == []
-    served = await post(gateway_env, tokens, body("claude-fable-5-2", speed="fast"), scenario(**KNOWN))
+    served = await post(gateway_env, tokens, body("claude-mythos-5-2", speed="fast"), scenario(**KNOWN))
     assert served.status == 200
     rows = await gateway_env.usage_rows(5)
     assert [r["status"] for r in rows] == [400, 400, 402, 402, 200]
@@ -379,6 +379,10 @@ async def test_models_list_read_by_the_official_sdk_with_lifecycle_and_limit_100
         opus45 = by_id["claude-opus-4-5-20251101"]
         assert opus45.lifecycle == "deprecated" and opus45.retires_at.isoformat().startswith("2027-01-22")
         assert by_id["claude-opus-5-5"].lifecycle == "active" and by_id["claude-opus-5-5"].max_tokens == 128_000
+        assert opus45.deprecated_at.isoformat().startswith("2026-11-23") and opus45.max_input_tokens == 200_000
+        # Every model has its release date, and the list is newest first (as the Models API orders it).
+        assert all(m.created_at.year >= 2025 for m in page.data)
+        assert [m.created_at for m in page.data] == sorted((m.created_at for m in page.data), reverse=True)
         retired = await client.models.list(limit=1000, lifecycle=["retired"])
         assert {m.id for m in retired.data} == {"claude-sonnet-4-5-20250929", "claude-mythos-preview"}
         everything = await client.models.list(limit=1000, lifecycle=["active", "deprecated", "retired"])
