@@ -867,8 +867,8 @@ def cmd_usage(args) -> int:
     with _open(args) as conn:
         summary = usage_store.summarize(conn, key=args.key, model=args.model, channel=args.channel,
                                         since=args.since, until=args.until, by=args.by)
-        refused = budget_store.refusal_counts(conn, key=args.key, since_day=_utc_day(args.since),
-                                              until_day=_utc_day(args.until, end=True))
+        refused = budget_store.refusal_counts(conn, key=args.key, since=args.since, until=args.until)
+        refused = [r for r in refused if r["source"] == "auth"]     # the ledger's are in `errors` already
     if args.json:
         out = _usage_json(summary)
         out["refused"] = sum(r["count"] for r in refused)
@@ -898,33 +898,23 @@ def cmd_usage(args) -> int:
     return 0
 
 
-def _utc_day(ts: Optional[float], *, end: bool = False) -> Optional[str]:
-    """The UTC day of a --since/--until time: refusals are counted per day (an end
-    inside a day includes that day)."""
-    if ts is None:
-        return None
-    day = datetime.fromtimestamp(ts, timezone.utc)
-    if end and (day.hour or day.minute or day.second or day.microsecond):
-        day += timedelta(days=1)
-    return day.strftime("%Y-%m-%d")
-
-
 def _usage_refused(args) -> int:
-    """Requests the gateway refused itself (401/402/403/429), per key and reason."""
+    """Requests the gateway refused itself (401/402/403/429), per key and reason: at the key
+    check (401 unknown key, 402 quota, 429 rpm...), or later without any upstream attempt."""
     if args.model or args.channel or args.by:
         raise argparse.ArgumentTypeError("--refused counts per key and reason: --model, --channel and --by"
                                          " do not apply")
     with _open(args) as conn:
-        rows = budget_store.refusal_counts(conn, key=args.key, since_day=_utc_day(args.since),
-                                           until_day=_utc_day(args.until, end=True))
+        rows = budget_store.refusal_counts(conn, key=args.key, since=args.since, until=args.until)
     if args.json:
         print(json.dumps({"refused": sum(r["count"] for r in rows), "by": rows}))
         return 0
     if not rows:
         print("no refused requests")
         return 0
-    print(table(("KEY", "REASON", "STATUS", "REFUSED", "FIRST DAY", "LAST DAY"),
-                [(r["key_name"], r["reason"], r["status"], f"{r['count']:,}", r["first_day"], r["last_day"])
+    print(table(("KEY", "REASON", "STATUS", "REFUSED", "FIRST DAY", "LAST DAY", "BY"),
+                [(r["key_name"], r["reason"], r["status"], f"{r['count']:,}", r["first_day"], r["last_day"],
+                  "key check" if r["source"] == "auth" else "gateway (in the ledger)")
                  for r in rows], right=(2, 3)))
     return 0
 

@@ -80,8 +80,9 @@ async def test_refused_requests_are_counted_per_key_and_reason(gateway_env, mock
     narrow = env.add_key("narrow", models=["claude-haiku-4-5-20251001"])
     off = env.add_key("off")
     broke = env.add_key("broke", quota_tokens=1)
+    payer = env.add_key("payer", quota_cost=100.0)
     env.conn.execute("UPDATE keys SET enabled = 0 WHERE name = 'off'")
-    await env.start()
+    await env.start(allow_unpriced=True)      # unpriced models are served, except to keys with a USD quota
 
     wrong_secret = "sk-apx-not-a-real-key-" + "x" * 20
     sent = {
@@ -102,6 +103,9 @@ async def test_refused_requests_are_counted_per_key_and_reason(gateway_env, mock
     expected = {(k, reason, status): len(requests) for (k, reason, status), requests in sent.items()}
     expected[("alice", "rpm", 429)] = 2
     expected[("broke", "quota", 402)] = 4
+    # Refused after the key check, before any channel: a ledger row (an unpriced model for a USD quota).
+    for _ in range(2):
+        assert_error(await post(env, payer, message(model="claude-unpriced-9")), 402, "billing_error")
 
     def counted() -> dict:
         return {(r["key_name"], r["reason"], r["status"]): r["count"]
@@ -111,8 +115,11 @@ async def test_refused_requests_are_counted_per_key_and_reason(gateway_env, mock
     assert not env.query("SELECT 1 FROM refusals WHERE key_name LIKE '%' || ? || '%'", wrong_secret[8:])
 
     report = json.loads(run_cli(capsys, env.db_path, "usage", "--refused", "--json"))
-    assert report["refused"] == sum(expected.values())
-    assert {(r["key_name"], r["reason"], r["status"]): r["count"] for r in report["by"]} == expected
+    assert report["refused"] == sum(expected.values()) + 2
+    assert {(r["key_name"], r["reason"], r["status"]): r["count"] for r in report["by"]
+            if r["source"] == "auth"} == expected
+    assert [(r["key_name"], r["reason"], r["status"], r["count"]) for r in report["by"]
+            if r["source"] == "ledger"] == [("payer", "billing_error", 402, 2)]
     assert json.loads(run_cli(capsys, env.db_path, "usage", "--json"))["refused"] == sum(expected.values())
     text = run_cli(capsys, env.db_path, "usage", "--refused", "--key", "broke")
     assert "quota" in text and "rpm" not in text

@@ -6,6 +6,7 @@ connection.  Periods and their first days come from apertis_proxy.budgets.period
 """
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping, Optional
 
 import aiosqlite
@@ -87,17 +88,47 @@ def alerts(conn, key_id: int) -> list[dict[str, Any]]:
         " WHERE key_id = ? ORDER BY claimed_at DESC, threshold DESC", (key_id,))]
 
 
-def refusal_counts(conn, *, key: Optional[str] = None, since_day: Optional[str] = None,
-                   until_day: Optional[str] = None) -> list[dict[str, Any]]:
-    """Refused requests per key and reason (summed over days since_day <= day < until_day),
-    most refused first."""
-    clauses, params = [], []
-    for value, clause in ((key, "key_name = ?"), (since_day, "day >= ?"), (until_day, "day < ?")):
-        if value is not None:
-            clauses.append(clause)
-            params.append(value)
-    where = "WHERE " + " AND ".join(clauses) if clauses else ""
+REFUSED_STATUSES = (401, 402, 403, 429)
+
+
+def refusal_counts(conn, *, key: Optional[str] = None, since: Optional[float] = None,
+                   until: Optional[float] = None) -> list[dict[str, Any]]:
+    """Requests the gateway refused itself, per key and reason, most refused first.
+
+    Two sources: refusals by the auth plugin (table `refusals`, source "auth",
+    counted per UTC day, so since/until round out to whole days), and refusals
+    after the key was accepted, which are ledger rows that never reached a
+    channel (source "ledger", reason = their error type).
+    """
+    day_where, day_params = _where((key, "key_name = ?"), (_utc_day(since), "day >= ?"),
+                                   (_utc_day(until, end=True), "day < ?"))
+    ledger_where, ledger_params = _where((key, "key_name = ?"), (since, "ts >= ?"), (until, "ts < ?"))
+    statuses = ", ".join(map(str, REFUSED_STATUSES))
+    ledger_where = (ledger_where + " AND " if ledger_where else "WHERE ") + \
+        f"status IN ({statuses}) AND attempts = 0"
     return [dict(r) for r in conn.execute(
-        f"SELECT key_name, reason, status, SUM(count) AS count, MIN(day) AS first_day, MAX(day) AS last_day"
-        f" FROM refusals {where} GROUP BY key_name, reason ORDER BY count DESC, key_name, reason",
-        params)]
+        f"SELECT key_name, reason, status, source, SUM(count) AS count, MIN(day) AS first_day,"
+        f" MAX(day) AS last_day FROM ("
+        f"  SELECT key_name, reason, status, 'auth' AS source, count, day FROM refusals {day_where}"
+        f"  UNION ALL"
+        f"  SELECT COALESCE(key_name, '{UNKNOWN_KEY}'), COALESCE(error_type, 'error'), status, 'ledger', 1,"
+        f"         strftime('%Y-%m-%d', ts, 'unixepoch') FROM usage {ledger_where})"
+        f" GROUP BY key_name, reason, status, source ORDER BY count DESC, key_name, reason",
+        [*day_params, *ledger_params])]
+
+
+def _where(*pairs: tuple[Any, str]) -> tuple[str, list[Any]]:
+    clauses = [(clause, value) for value, clause in pairs if value is not None]
+    if not clauses:
+        return "", []
+    return "WHERE " + " AND ".join(c for c, _ in clauses), [v for _, v in clauses]
+
+
+def _utc_day(ts: Optional[float], *, end: bool = False) -> Optional[str]:
+    """The UTC day of a time; as an exclusive end, a time inside a day includes that day."""
+    if ts is None:
+        return None
+    day = datetime.fromtimestamp(ts, timezone.utc)
+    if end and (day.hour or day.minute or day.second or day.microsecond):
+        day += timedelta(days=1)
+    return day.strftime("%Y-%m-%d")
