@@ -112,6 +112,7 @@ async def test_refused_requests_are_counted_per_key_and_reason(gateway_env, mock
                 for r in env.query("SELECT key_name, reason, status, SUM(count) AS count FROM refusals"
                                    " GROUP BY key_name, reason")}
     await poll(lambda: counted() == expected)
+    assert len(await env.usage_rows(n=4)) == 4      # alice's and broke's answers, payer's two refusals
     assert not env.query("SELECT 1 FROM refusals WHERE key_name LIKE '%' || ? || '%'", wrong_secret[8:])
 
     report = json.loads(run_cli(capsys, env.db_path, "usage", "--refused", "--json"))
