@@ -141,3 +141,19 @@ def test_bad_thresholds_are_refused_at_start(tmp_path, thresholds):
     path.write_text(f"[budgets]\nwebhook_url = \"http://127.0.0.1:9/x\"\nthresholds = {json.dumps(thresholds)}\n")
     with pytest.raises(ValueError, match="thresholds"):
         settings.load(str(path))
+
+
+def test_budgets_settings_reach_the_keys_plugin(tmp_path):
+    from apertis_proxy import settings
+    from apertis_proxy.plugin_host import budget_options
+    path = tmp_path / "c.toml"
+    path.write_text("[budgets]\nwebhook_url = \"https://hooks.example.com/x?token=1\"\nthresholds = [50, 90, 100]\n"
+                    "webhook_attempts = 3\nwebhook_backoff = 0.5\n")
+    loaded = settings.load(str(path))
+    assert budget_options(loaded) == {"budget_webhook_url": "https://hooks.example.com/x?token=1",
+                                      "budget_thresholds": [50, 90, 100], "budget_webhook_attempts": 3,
+                                      "budget_webhook_backoff": 0.5}
+    assert budget_options(settings.load(None)) == {}        # no webhook: no alerts
+    path.write_text("[budgets]\nwebhook_url = \"ftp://example.com\"\n")
+    with pytest.raises(ValueError, match="webhook_url"):
+        settings.load(str(path))
