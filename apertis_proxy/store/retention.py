@@ -1,4 +1,4 @@
-"""Ledger retention: usage rows older than `[ledger] keep_days` are deleted.
+"""Ledger retention: usage rows (and refusal counts) older than `[ledger] keep_days` are deleted.
 
 Deletion runs in the background, in small batches, each its own short write
 transaction with a pause after it, so the meter's writes and the CLI's edits
@@ -20,6 +20,8 @@ DEFAULT_INTERVAL = 3600.0
 
 _DELETE_BATCH = ("DELETE FROM usage WHERE id IN"
                  " (SELECT id FROM usage WHERE ts < ? ORDER BY ts LIMIT ?)")
+# Refusals are counted per UTC day: a day goes once all of it is past the cutoff.
+_DELETE_REFUSALS = "DELETE FROM refusals WHERE day < strftime('%Y-%m-%d', ?, 'unixepoch')"
 
 
 class LedgerRetention:
@@ -68,6 +70,7 @@ class LedgerRetention:
                 if cur.rowcount < self.batch_rows:
                     break
                 await asyncio.sleep(PAUSE_BETWEEN_BATCHES)
+            await conn.execute(_DELETE_REFUSALS, (cutoff,))      # one row per day, key and reason: small
         finally:
             await conn.close()
         if deleted:

@@ -9,13 +9,17 @@ TOTAL_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_input_t
 # Extra counts a summary also reports.
 COUNT_FIELDS = ("errors", "interrupted", "unpriced")
 
-# --by value -> the SQL expression rows are grouped on.  Days are UTC.
+# --by value -> the SQL expression rows are grouped on.  Periods are UTC, named
+# by their first day as quota periods are (a week starts on Monday).
 GROUPINGS = {
     "key": "key_name",
     "model": "requested_model",
     "channel": "channel_name",
     "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
+    "week": "date(ts, 'unixepoch', '-6 days', 'weekday 1')",
+    "month": "strftime('%Y-%m-01', ts, 'unixepoch')",
 }
+_BY_TIME = ("day", "week", "month")
 
 _AGGREGATES = """
     COUNT(*) AS requests,
@@ -37,7 +41,7 @@ def summarize(conn, *, key: Optional[str] = None, model: Optional[str] = None,
 
     Returns a dict with TOTAL_FIELDS and COUNT_FIELDS; with `by` (a key of
     GROUPINGS) also "by": a list of dicts, each holding the group value under
-    the name `by` plus the same fields.  Days come oldest first, other groups
+    the name `by` plus the same fields.  Periods come oldest first, other groups
     by cost and then requests, largest first.
     """
     where, params = _filters(key=key, model=model, channel=channel, since=since, until=until)
@@ -45,13 +49,22 @@ def summarize(conn, *, key: Optional[str] = None, model: Optional[str] = None,
     if by is not None:
         if by not in GROUPINGS:
             raise ValueError(f"cannot group by {by!r}; choose one of {', '.join(GROUPINGS)}")
-        order = "grp" if by == "day" else "cost DESC, requests DESC, grp"
+        order = "grp" if by in _BY_TIME else "cost DESC, requests DESC, grp"
         rows = conn.execute(
             f"SELECT {GROUPINGS[by]} AS grp, {_AGGREGATES} FROM usage {where}"
             f" GROUP BY grp ORDER BY {order}", params).fetchall()
         result["by"] = [{by: r["grp"], **{f: r[f] for f in TOTAL_FIELDS + COUNT_FIELDS}}
                         for r in rows]
     return result
+
+
+def ledger_rows(conn, *, key: Optional[str] = None, model: Optional[str] = None,
+                channel: Optional[str] = None, since: Optional[float] = None,
+                until: Optional[float] = None) -> tuple[list[str], Any]:
+    """(column names, a cursor over the matching ledger rows, oldest first)."""
+    where, params = _filters(key=key, model=model, channel=channel, since=since, until=until)
+    cur = conn.execute(f"SELECT * FROM usage {where} ORDER BY ts, id", params)
+    return [d[0] for d in cur.description], cur
 
 
 def unpriced_requests(conn) -> list[tuple[str, int]]:
