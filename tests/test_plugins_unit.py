@@ -474,8 +474,11 @@ async def test_failing_channel_cools_down_to_the_end_of_the_list(db):
         assert [c.name for c in await router.route(request(), ANYONE)] == ["a", "b"]
         router.feedback(outcome(b, 503, "overloaded_error"))
         router.feedback(outcome(a, None, "timeout"))
-        # Everyone cools down: still tried, in the usual order.
-        assert [c.name for c in await router.route(request(), ANYONE)] == ["a", "b"]
+        # Everyone cools down: an outage, refused with the first return as retry-after.
+        with pytest.raises(Reject) as refused:
+            await router.route(request(), ANYONE)
+        assert (refused.value.status, refused.value.error_type) == (503, "overloaded_error")
+        assert refused.value.headers["retry-after"] == "5"          # b's overload cooldown
 
 
 async def test_cooldown_ends_after_retry_after(db):
@@ -513,7 +516,10 @@ async def test_overload_never_disables_a_channel(db):
         (busy,) = await router.route(request(), ANYONE)
         for _ in range(20):
             router.feedback(outcome(busy, 529, "overloaded_error", message="Overloaded"))
-        assert [c.name for c in await router.route(request(), ANYONE)] == ["busy"]
+        with pytest.raises(Reject) as refused:     # resting, not disabled: an overload, retried later
+            await router.route(request(), ANYONE)
+        assert (refused.value.status, refused.value.error_type) == (503, "overloaded_error")
+        assert [c.name for c in router.channels] == ["busy"]
     assert conn.execute("SELECT enabled FROM channels WHERE id = ?", (ids["busy"],)).fetchone()[0] == 1
 
 
