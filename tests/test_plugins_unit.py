@@ -667,6 +667,10 @@ def full_record(i: int = 0) -> UsageRecord:
         cache_creation_5m_input_tokens=10, cache_creation_1h_input_tokens=20,
         server_tool_use={"web_search_requests": 2}, ttfb_ms=12.5, duration_ms=345.25,
         upstream_request_id="req_upstream_1", attempts=2, cost=0.00123,
+        attempt_log=[{"channel": "spare", "channel_id": 6, "outcome": "overloaded", "status": 529,
+                      "error_type": "overloaded_error", "upstream_request_id": "req_upstream_0"},
+                     {"channel": "main", "channel_id": 7, "outcome": "ok", "status": 200,
+                      "error_type": None, "upstream_request_id": "req_upstream_1"}],
         prices={"input": 3.0, "output": 15.0, "cache_write_5m": 3.75, "cache_write_1h": 6.0,
                 "cache_read": 0.3},
         reached_upstream=True)
@@ -690,7 +694,7 @@ async def test_meter_writes_every_field(db):
     expected = record.as_dict()
     expected["ts"] = expected.pop("started_at")
     expected["stream"], expected["interrupted"] = 1, 1
-    for name in ("server_tool_use", "prices"):
+    for name in ("server_tool_use", "prices", "attempt_log"):
         assert json.loads(row.pop(name)) == expected.pop(name)
     expected.pop("reached_upstream")       # no column for it in the ledger
     expected.pop("iterations")             # nor for this one: it is in the cost
