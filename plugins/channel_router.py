@@ -63,6 +63,7 @@ import aiosqlite
 
 from apertis_proxy.plugin_api import (CAUSE_CREDENTIAL, CAUSE_REQUEST, Caller, Channel, ModelInfo,
                                       Outcome, PluginContext, Reject, RequestInfo)
+from apertis_proxy.gateway.usage import redact
 from apertis_proxy.store.catalog import Catalog, read_catalog
 from apertis_proxy.store.channel_health import HealthRow, end_cooldowns, write_rows
 from apertis_proxy.store.channels import CHANNEL_COLUMNS, row_to_channel
@@ -313,9 +314,8 @@ class ChannelRouter:
         row = self._health_row(ch)
         now = time.time()
         row.count_failure(outcome.kind, now)
-        message = " ".join((outcome.message or "").split())
-        if ch.api_key:
-            message = message.replace(ch.api_key, "[redacted]")
+        # Messages come redacted from the gateway; redacted again here, as this one is stored.
+        message = redact(" ".join((outcome.message or "").split()), ch.api_key)
         status = f"{outcome.status} " if outcome.status is not None else ""
         row.last_error = f"{status}{outcome.error_type or outcome.kind}: {message or 'no message'}"[:300]
         row.last_error_at, row.last_request_id = now, outcome.request_id or None

@@ -106,3 +106,26 @@ def read_health(conn, now: Optional[float] = None) -> dict[int, dict[str, Any]]:
             health["last_error"], health["last_error_at"] = row["last_error"], at
             health["last_request_id"] = row["last_request_id"]
     return merged
+
+
+def channel_state(channel: dict[str, Any], health: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """What `channels list` shows of a channel's live state, from its row (a
+    list_channels() dict) and its merged health (read_health())."""
+    health = health or {}
+    if not channel["enabled"]:
+        state = "disabled"
+    elif health.get("cooling_until") is not None:
+        state = "cooling"
+    else:
+        state = "serving"
+    return {
+        "state": state,
+        "cooling_until": health.get("cooling_until") if state == "cooling" else None,
+        "cooling_cause": health.get("cooling_cause") if state == "cooling" else None,
+        "cooling_workers": health.get("cooling_workers", 0) if state == "cooling" else 0,
+        "workers_reporting": health.get("workers", 0),
+        "recent_failures": health.get("failures", {}),
+        "last_error": health.get("last_error"),
+        "last_error_at": health.get("last_error_at"),
+        "last_error_request_id": health.get("last_request_id"),
+    }
