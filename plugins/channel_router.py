@@ -63,6 +63,7 @@ import aiosqlite
 
 from apertis_proxy.plugin_api import (CAUSE_CREDENTIAL, CAUSE_REQUEST, Caller, Channel, ModelInfo,
                                       Outcome, PluginContext, Reject, RequestInfo)
+from apertis_proxy.gateway.contract import is_claude_model_name
 from apertis_proxy.gateway.usage import redact
 from apertis_proxy.store.catalog import Catalog, read_catalog
 from apertis_proxy.store.channel_health import HealthRow, end_cooldowns, write_rows
@@ -101,6 +102,13 @@ def caller_may_use_on(caller: Caller, channel: Channel, model: str) -> bool:
     if upstream in caller.models:
         return True
     return any(channel.upstream_model(name) == upstream for name in caller.models)
+
+
+def names(channel: Channel, model: str) -> bool:
+    """Would the gateway send `model` to this channel it serves?  A Claude name, or
+    another vendor's name the channel lists or aliases ("any model" is Claude only)."""
+    return (is_claude_model_name(model) or model in channel.aliases
+            or (channel.models is not None and model in channel.models))
 
 
 def session_of(request: RequestInfo, caller: Caller) -> Optional[Hashable]:
@@ -241,6 +249,8 @@ class ChannelRouter:
                     healthy.insert(0, healthy.pop(i))
                     break
         if not healthy:
+            if model is not None and not any(names(c, model) for c in cooling):
+                return cooling     # another vendor's name: the gateway refuses it (404), no outage to report
             raise self._all_cooling(model, cooling, now)
         ordered = (healthy + cooling)[: self.max_attempts]
         if session is not None:
@@ -253,7 +263,7 @@ class ChannelRouter:
         return ordered
 
     def _disabled_serving(self, model: str, caller: Caller, account: Optional[str]) -> bool:
-        return any(c.serves(model) and caller_may_use_on(caller, c, model)
+        return any(c.serves(model) and names(c, model) and caller_may_use_on(caller, c, model)
                    and (account is None or c.account == account) for c in self.disabled)
 
     def _all_cooling(self, model: Optional[str], cooling: Sequence[Channel], now: float) -> Reject:
