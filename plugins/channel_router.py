@@ -228,7 +228,9 @@ class ChannelRouter:
                       if (model is None or (c.serves(model) and caller_may_use_on(caller, c, model)))
                       and (account is None or c.account == account)]
         if not candidates:
-            if model is not None and self._disabled_serving(model, caller, account):
+            # State bound to an account with no enabled channel is a 404 (the gateway's), so
+            # that the SDK starts over; otherwise disabled channels mean an outage.
+            if model is not None and account is None and self._disabled_serving(model, caller):
                 raise Reject(503, "api_error", f"model {model}: every channel serving it is disabled "
                              f"(an upstream outage or the operator's choice); no request can be served now")
             return []
@@ -262,9 +264,9 @@ class ChannelRouter:
                 self._sessions.popitem(last=False)
         return ordered
 
-    def _disabled_serving(self, model: str, caller: Caller, account: Optional[str]) -> bool:
+    def _disabled_serving(self, model: str, caller: Caller) -> bool:
         return any(c.serves(model) and names(c, model) and caller_may_use_on(caller, c, model)
-                   and (account is None or c.account == account) for c in self.disabled)
+                   for c in self.disabled)
 
     def _all_cooling(self, model: Optional[str], cooling: Sequence[Channel], now: float) -> Reject:
         """Every channel serving the model rests: 503 with the earliest return as retry-after
@@ -357,7 +359,8 @@ class ChannelRouter:
             return
         dirty, self._health_dirty = self._health_dirty, set()
         try:
-            await write_rows(self._watch.conn, self.worker_name, [self.health[cid] for cid in dirty])
+            rows = [self.health[cid] for cid in dirty if cid in self.health]     # removed ones dropped
+            await write_rows(self._watch.conn, self.worker_name, rows)
         except Exception:
             self.log.exception("could not record channel health; retrying with the next change")
             self._health_dirty |= dirty
@@ -437,6 +440,9 @@ class ChannelRouter:
         disabled += [c for c in channels if c.id in self._disabling]
         channels = [c for c in channels if c.id not in self._disabling]
         ids = {c.id for c in channels}
+        known = ids | {c.id for c in disabled}
+        for cid in [cid for cid in self.health if cid not in known]:
+            del self.health[cid]         # removed channels
         for cid in [cid for cid in self.cool_until if cid not in ids]:
             del self.cool_until[cid]
         self.catalog, self.channels, self.disabled = catalog, channels, disabled

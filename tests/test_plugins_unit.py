@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -479,6 +480,21 @@ async def test_failing_channel_cools_down_to_the_end_of_the_list(db):
             await router.route(request(), ANYONE)
         assert (refused.value.status, refused.value.error_type) == (503, "overloaded_error")
         assert refused.value.headers["retry-after"] == "5"          # b's overload cooldown
+
+
+async def test_disabled_channels_are_an_outage_unless_state_binds_the_request(db):
+    path, conn = db
+    make_channels(conn, ("revoked", 0, 1, [SONNET]), ("other", 0, 1, [HAIKU]))
+    async with running(ChannelRouter(context("channels", path))) as router:
+        (revoked,) = await router.route(request(), ANYONE)
+        router.feedback(outcome(revoked, 401, "authentication_error", message="invalid x-api-key"))
+        with pytest.raises(Reject) as refused:
+            await router.route(request(), ANYONE)
+        assert (refused.value.status, refused.value.error_type) == (503, "api_error")
+        # A thread or file on that account: no channel (the gateway's 404, on which the SDK starts over).
+        bound = dataclasses.replace(request(), account=revoked.account)
+        assert await router.route(bound, ANYONE) == []
+        assert await router.route(request("claude-opus-5-5"), ANYONE) == []     # no channel serves it at all
 
 
 async def test_cooldown_ends_after_retry_after(db):
