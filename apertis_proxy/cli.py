@@ -31,6 +31,7 @@ from .budgets.periods import PERIODS
 from .budgets.report import key_budget, percent_used
 from .store import budgets as budget_store
 from .store import catalog as catalog_store
+from .store import channel_health
 from .store import dbfile
 from .store import key_encryption
 from .store import channels as channel_store
@@ -625,6 +626,9 @@ def _options_text(options: dict[str, Any]) -> str:
 def cmd_channels_list(args) -> int:
     with _open(args) as conn:
         channels = channel_store.list_channels(conn)
+        health = channel_health.read_health(conn)
+    for c in channels:
+        c.update(channel_health.channel_state(c, health.get(c["id"])))
     if args.json:
         print(json.dumps(channels))
         return 0
@@ -634,12 +638,31 @@ def cmd_channels_list(args) -> int:
     rows = [(c["name"], c["type"], c["base_url"], c["key_storage"],
              ",".join(c["models"]) if c["models"] else "any",
              ",".join(f"{k}={v}" for k, v in sorted(c["aliases"].items())),
-             c["priority"], c["weight"], "yes" if c["enabled"] else "no", c["api_version"],
-             _options_text(c["options"]), c["disabled_reason"])
+             c["priority"], c["weight"], "yes" if c["enabled"] else "no", _state_text(c),
+             ", ".join(f"{kind} {n}" for kind, n in sorted(c["recent_failures"].items())),
+             c["api_version"], _options_text(c["options"]), c["disabled_reason"])
             for c in channels]
     print(table(("NAME", "TYPE", "BASE URL", "KEY", "MODELS", "ALIASES", "PRIORITY", "WEIGHT",
-                 "ENABLED", "API VERSION", "OPTIONS", "DISABLED REASON"), rows, right=(6, 7)))
+                 "ENABLED", "STATE", "FAILURES (1H)", "API VERSION", "OPTIONS", "DISABLED REASON"),
+                rows, right=(6, 7)))
+    for c in channels:
+        if c["last_error"]:
+            print(f"{c['name']}: last error {_when_seconds(c['last_error_at'])}"
+                  f" (request {c['last_error_request_id'] or '-'}): {c['last_error']}")
     return 0
+
+
+def _state_text(channel: dict) -> str:
+    if channel["state"] != "cooling":
+        return channel["state"]
+    workers = (f", {channel['cooling_workers']} of {channel['workers_reporting']} workers"
+               if channel["workers_reporting"] > 1 else "")
+    return (f"cooling until {_when_seconds(channel['cooling_until'])}"
+            f" ({channel['cooling_cause'] or 'failure'}{workers})")
+
+
+def _when_seconds(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _channels_toggle(enabled: bool) -> Callable[[Any], int]:
@@ -852,7 +875,7 @@ def cmd_prices_remove(args) -> int:
 # --------------------------------------------------------------------------- usage
 
 def _usage_json(s: dict) -> dict:
-    out = {f: s[f] for f in usage_store.TOTAL_FIELDS}
+    out = {f: s[f] for f in usage_store.TOTAL_FIELDS + usage_store.FAILURE_FIELDS}
     out["errors"] = s["errors"]
     out["interrupted"] = s["interrupted"]
     out["unpriced_requests"] = s["unpriced"]      # rows whose cost is unknown (not in `cost`)
@@ -877,12 +900,14 @@ def cmd_usage(args) -> int:
         print(json.dumps(out))
         return 0
     headers = ("REQUESTS", "INPUT", "OUTPUT", "CACHE READ", "CACHE WRITE", "COST", "ERRORS",
-               "INTERRUPTED")
+               "INTERRUPTED", "FAILED ATTEMPTS")
 
     def cells(s: dict) -> tuple:
+        kinds = ", ".join(f"{kind} {n:,}" for kind, n in s["failures"].items())
         return (f"{s['requests']:,}", f"{s['input_tokens']:,}", f"{s['output_tokens']:,}",
                 f"{s['cache_read_input_tokens']:,}", f"{s['cache_creation_input_tokens']:,}",
-                money(s["cost"]), f"{s['errors']:,}", f"{s['interrupted']:,}")
+                money(s["cost"]), f"{s['errors']:,}", f"{s['interrupted']:,}",
+                f"{s['failed_attempts']:,}" + (f" ({kinds})" if kinds else ""))
     if args.by:
         rows = [(r[args.by] if r[args.by] is not None else "(none)", *cells(r)) for r in summary["by"]]
         rows.append(("TOTAL", *cells(summary)))

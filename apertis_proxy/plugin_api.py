@@ -178,6 +178,29 @@ class Outcome:
     error_code: Optional[str] = None   # upstream `error.details.error_code`, e.g. "ramp_limit_exceeded"
     cause: Optional[str] = None    # one of the CAUSE_* values when ok is False
 
+    @property
+    def kind(self) -> str:
+        """What happened, in one word: ``ok``, ``request`` (the request's fault),
+        ``credential``, ``exhausted``, ``rate_limited`` (429), ``overloaded``
+        (529), ``server_error`` (another 5xx), ``timeout``, ``connect_error``,
+        ``stream_error`` (a 2xx whose body failed) or ``error``."""
+        if self.ok:
+            return "ok"
+        if self.cause in (CAUSE_REQUEST, CAUSE_CREDENTIAL, CAUSE_EXHAUSTED):
+            return self.cause
+        status = self.status
+        if status is None:
+            return "timeout" if self.error_type == "timeout" else "connect_error"
+        if status == 429:
+            return "rate_limited"
+        if status == 529 or self.error_type == "overloaded_error":
+            return "overloaded"
+        if status >= 500:
+            return "server_error"
+        if status < 300:
+            return "stream_error"
+        return "error"
+
 
 @dataclass(slots=True)
 class UsageRecord:
@@ -218,6 +241,9 @@ class UsageRecord:
     cost: Optional[float] = 0.0    # USD, computed from `prices`; None = the model has no price
     prices: Optional[dict] = None    # the rates and multipliers `cost` was computed with
     reached_upstream: bool = False   # some attempt got a connection to a channel
+    # One entry per channel tried, in order: {"channel", "channel_id", "outcome"
+    # (Outcome.kind), "status", "error_type", "upstream_request_id"}.
+    attempt_log: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,8 +7,10 @@ before any byte reached the client, so its length is the retry budget):
 2. priority tiers, higher first; inside a tier a weighted random order
    (sampling without replacement, so failover tries the rest of the tier
    before the next tier);
-3. channels cooling down after a failure move to the end, in that same order:
-   if every channel is cooling down they are still tried;
+3. channels cooling down after a failure move to the end, in that same order;
+   when every channel serving the model cools down, the request is refused
+   with 503 ``overloaded_error`` and a retry-after for the first to come back
+   (503 ``api_error`` when every one is disabled: an outage the operator ends);
 4. affinity: a request of a session (``x-claude-code-session-id``, else
    ``metadata.user_id``) goes first to the channel that served the session
    last, while that channel is healthy, because thinking signatures and prompt
@@ -26,6 +28,11 @@ ramp limit) rests for ``cooldown_exhausted``; a refused credential (401, a 403
 saying the key or organisation is refused) disables the channel in the database
 with the reason, shown by ``channels list``; a request at fault changes nothing.
 
+Health: on each change of a channel's state (a failure counted, a cooldown
+started or ended, a channel disabled) this worker's view is written, coalesced,
+to ``channel_health`` (store/channel_health.py) off the request path, for
+``channels list`` to show.
+
 Options (``[plugins.options.channels]``):
   max_attempts            candidates per request, i.e. 1 + retries (3)
   poll_interval           seconds between checks for CLI edits (1.0)
@@ -36,6 +43,7 @@ Options (``[plugins.options.channels]``):
   cooldown_exhausted      ... after a spend or ramp limit (3600; not capped by max_cooldown)
   max_cooldown            cap on any other cooldown, retry-after included (600)
   disable_on              statuses of a refused credential that disable a channel ([401, 403])
+  health_write_delay      seconds a health change waits so that others join its write (0.2)
   affinity_ttl            seconds a session stays pinned after its last request (3600)
   affinity_max_sessions   sessions remembered, least recently used dropped first (100000)
   seed                    seed of the weighted choice (tests)
@@ -44,21 +52,36 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import random
+import socket
 import time
 from datetime import datetime, timezone
 from typing import Hashable, Optional, Sequence
 
 import aiosqlite
 
-from apertis_proxy.plugin_api import (CAUSE_CREDENTIAL, CAUSE_EXHAUSTED, CAUSE_REQUEST, Caller,
-                                      Channel, ModelInfo, Outcome, PluginContext, RequestInfo)
+from apertis_proxy.plugin_api import (CAUSE_CREDENTIAL, CAUSE_REQUEST, Caller, Channel, ModelInfo,
+                                      Outcome, PluginContext, Reject, RequestInfo)
+from apertis_proxy.gateway.contract import is_claude_model_name
+from apertis_proxy.gateway.usage import redact
 from apertis_proxy.store.catalog import Catalog, read_catalog
+from apertis_proxy.store.channel_health import HealthRow, end_cooldowns, write_rows
 from apertis_proxy.store.channels import CHANNEL_COLUMNS, row_to_channel
 from apertis_proxy.store.key_encryption import SecretKeyError
 
 from apertis_proxy.store.watch import RevisionWatcher
 
+# Outcome.kind -> the option holding its default cooldown.
+COOLDOWN_OF_KIND = {
+    "exhausted": "cooldown_exhausted",
+    "rate_limited": "cooldown_rate_limited",
+    "overloaded": "cooldown_overloaded",
+    "server_error": "cooldown_server_error",
+    "stream_error": "cooldown_server_error",      # a 2xx whose body failed: cut, stalled, in-band error
+    "timeout": "cooldown_connect_error",
+    "connect_error": "cooldown_connect_error",
+}
 COOLDOWN_DEFAULTS = {
     "cooldown_rate_limited": 30.0,
     "cooldown_overloaded": 5.0,
@@ -79,6 +102,13 @@ def caller_may_use_on(caller: Caller, channel: Channel, model: str) -> bool:
     if upstream in caller.models:
         return True
     return any(channel.upstream_model(name) == upstream for name in caller.models)
+
+
+def names(channel: Channel, model: str) -> bool:
+    """Would the gateway send `model` to this channel it serves?  A Claude name, or
+    another vendor's name the channel lists or aliases ("any model" is Claude only)."""
+    return (is_claude_model_name(model) or model in channel.aliases
+            or (channel.models is not None and model in channel.models))
 
 
 def session_of(request: RequestInfo, caller: Caller) -> Optional[Hashable]:
@@ -149,6 +179,7 @@ class ChannelRouter:
         self.affinity = Affinity(float(opts.get("affinity_ttl", 3600.0)),
                                  int(opts.get("affinity_max_sessions", 100_000)))
         self.channels: list[Channel] = []
+        self.disabled: list[Channel] = []            # disabled channels, to tell an outage from an unknown model
         self.catalog = Catalog()
         self.cool_until: dict[int, float] = {}       # channel id -> monotonic deadline
         # Channels this process disabled: id -> monotonic time the write
@@ -158,6 +189,11 @@ class ChannelRouter:
         # channel that served it.
         self._sessions: collections.OrderedDict[str, Hashable] = collections.OrderedDict()
         self._tasks: set[asyncio.Task] = set()
+        self.worker_name = f"{socket.gethostname()}/{ctx.worker}"
+        self.health_delay = max(0.0, float(opts.get("health_write_delay", 0.2)))
+        self.health: dict[int, HealthRow] = {}
+        self._health_dirty: set[int] = set()
+        self._health_task: Optional[asyncio.Task] = None
         self._watch = RevisionWatcher(ctx.db_path, float(opts.get("poll_interval", 1.0)),
                                       self._tick, self.log)
 
@@ -165,10 +201,14 @@ class ChannelRouter:
 
     async def start(self) -> None:
         await self._watch.start()
+        await end_cooldowns(self._watch.conn, self.worker_name)
 
     async def close(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._health_task is not None:
+            await asyncio.gather(self._health_task, return_exceptions=True)
+        await self._write_health()
         await self._watch.close()
 
     async def refresh(self) -> None:
@@ -188,6 +228,11 @@ class ChannelRouter:
                       if (model is None or (c.serves(model) and caller_may_use_on(caller, c, model)))
                       and (account is None or c.account == account)]
         if not candidates:
+            # State bound to an account with no enabled channel is a 404 (the gateway's), so
+            # that the SDK starts over; otherwise disabled channels mean an outage.
+            if model is not None and account is None and self._disabled_serving(model, caller):
+                raise Reject(503, "api_error", f"model {model}: every channel serving it is disabled "
+                             f"(an upstream outage or the operator's choice); no request can be served now")
             return []
         now = time.monotonic()
         tiers: dict[int, list[Channel]] = {}
@@ -205,6 +250,10 @@ class ChannelRouter:
                 if ch.id == pinned:
                     healthy.insert(0, healthy.pop(i))
                     break
+        if not healthy:
+            if model is not None and not any(names(c, model) for c in cooling):
+                return cooling     # another vendor's name: the gateway refuses it (404), no outage to report
+            raise self._all_cooling(model, cooling, now)
         ordered = (healthy + cooling)[: self.max_attempts]
         if session is not None:
             # Pin to the first choice now; a success on another channel re-pins.
@@ -215,15 +264,33 @@ class ChannelRouter:
                 self._sessions.popitem(last=False)
         return ordered
 
+    def _disabled_serving(self, model: str, caller: Caller) -> bool:
+        return any(c.serves(model) and names(c, model) and caller_may_use_on(caller, c, model)
+                   for c in self.disabled)
+
+    def _all_cooling(self, model: Optional[str], cooling: Sequence[Channel], now: float) -> Reject:
+        """Every channel serving the model rests: 503 with the earliest return as retry-after
+        (the official SDKs retry a 503 and honour retry-after)."""
+        wait = max(1, math.ceil(min(self.cool_until[c.id] for c in cooling) - now))
+        causes = sorted({self.health[c.id].cool_cause for c in cooling
+                         if c.id in self.health and self.health[c.id].cool_cause} or {"failures"})
+        return Reject(503, "overloaded_error",
+                      f"model {model or 'requested'}: every channel serving it is cooling down after upstream "
+                      f"failures ({', '.join(causes)}); retry in {wait}s", {"retry-after": str(wait)})
+
     def feedback(self, outcome: Outcome) -> None:
         ch = outcome.channel
         request_id = outcome.request_id
         session = self._sessions.pop(request_id, None) if request_id and outcome.ok else None
         if outcome.ok:
-            self.cool_until.pop(ch.id, None)
+            if self.cool_until.pop(ch.id, None) is not None:
+                self._health_changed(ch, cool_until=None)
             if session is not None:
                 self.affinity.set(session, ch.id, time.monotonic())
             return
+        if outcome.cause == CAUSE_REQUEST:
+            return
+        self._count_failure(ch, outcome)
         if outcome.cause == CAUSE_CREDENTIAL and outcome.status in self.disable_on:
             self._auto_disable(ch, outcome)
             return
@@ -231,30 +298,72 @@ class ChannelRouter:
         if delay:
             until = time.monotonic() + delay
             self.cool_until[ch.id] = max(until, self.cool_until.get(ch.id, 0.0))
-            self.log.warning("channel %s cools down for %.1fs after %s %s", ch.name, delay,
-                             outcome.status or "", outcome.error_type or "")
+            self._health_changed(ch, cool_until=time.time() + (self.cool_until[ch.id] - time.monotonic()),
+                                 cause=outcome.kind)
+            self.log.warning("channel %s cools down for %.1fs after %s (%s %s) on request %s", ch.name, delay,
+                             outcome.kind, outcome.status or "-", outcome.error_type or "-",
+                             request_id or "-")
 
     def cooldown_for(self, outcome: Outcome) -> Optional[float]:
         """Seconds a channel rests after this failure; None: not the channel's fault."""
-        status, error_type = outcome.status, outcome.error_type
-        if outcome.cause == CAUSE_REQUEST:
+        option = COOLDOWN_OF_KIND.get(outcome.kind)
+        if option is None:          # the request's fault (400, 404, 413...) or a refused credential
             return None
-        if outcome.cause == CAUSE_EXHAUSTED:
-            return max(self.cooldowns["cooldown_exhausted"], outcome.retry_after or 0.0)
-        if status == 429:
-            default = self.cooldowns["cooldown_rate_limited"]
-        elif status == 529 or error_type == "overloaded_error":
-            default = self.cooldowns["cooldown_overloaded"]
-        elif status is not None and status >= 500:
-            default = self.cooldowns["cooldown_server_error"]
-        elif status is None:       # connect_error, timeout: no response at all
-            default = self.cooldowns["cooldown_connect_error"]
-        elif status < 300:         # a 2xx whose body failed: stream cut, stalled, in-band api_error
-            default = self.cooldowns["cooldown_server_error"]
-        else:                      # 400, 404, 413...: the request's fault
-            return None
-        delay = outcome.retry_after if outcome.retry_after and outcome.retry_after > 0 else default
+        if option == "cooldown_exhausted":
+            return max(self.cooldowns[option], outcome.retry_after or 0.0)
+        delay = outcome.retry_after if outcome.retry_after and outcome.retry_after > 0 else self.cooldowns[option]
         return min(delay, self.max_cooldown)
+
+    # -- health, written for `channels list` ------------------------------------
+
+    def _health_row(self, ch: Channel) -> HealthRow:
+        row = self.health.get(ch.id)
+        if row is None:
+            row = self.health[ch.id] = HealthRow(ch.id, ch.name)
+        return row
+
+    def _count_failure(self, ch: Channel, outcome: Outcome) -> None:
+        row = self._health_row(ch)
+        now = time.time()
+        row.count_failure(outcome.kind, now)
+        # Messages come redacted from the gateway; redacted again here, as this one is stored.
+        message = redact(" ".join((outcome.message or "").split()), ch.api_key)
+        status = f"{outcome.status} " if outcome.status is not None else ""
+        row.last_error = f"{status}{outcome.error_type or outcome.kind}: {message or 'no message'}"[:300]
+        row.last_error_at, row.last_request_id = now, outcome.request_id or None
+        self._health_changed(ch)
+
+    def _health_changed(self, ch: Channel, **cooling: Optional[object]) -> None:
+        """Note a change of `ch`'s health (`cool_until`, `cause`: its cooldown) and
+        schedule one write for the changes of the next health_write_delay seconds."""
+        row = self._health_row(ch)
+        if "cool_until" in cooling:
+            row.cool_until = cooling["cool_until"]   # type: ignore[assignment]
+            row.cool_cause = cooling.get("cause")    # type: ignore[assignment]
+        self._health_dirty.add(ch.id)
+        if self._health_task is None:
+            try:
+                self._health_task = asyncio.get_running_loop().create_task(self._health_soon())
+            except RuntimeError:       # no loop (a unit test calling feedback directly): written at close
+                pass
+
+    async def _health_soon(self) -> None:
+        try:
+            await asyncio.sleep(self.health_delay)
+        finally:
+            self._health_task = None
+        await self._write_health()
+
+    async def _write_health(self) -> None:
+        if not self._health_dirty or not self._watch.started:
+            return
+        dirty, self._health_dirty = self._health_dirty, set()
+        try:
+            rows = [self.health[cid] for cid in dirty if cid in self.health]     # removed ones dropped
+            await write_rows(self._watch.conn, self.worker_name, rows)
+        except Exception:
+            self.log.exception("could not record channel health; retrying with the next change")
+            self._health_dirty |= dirty
 
     def models(self, caller: Caller) -> Sequence[ModelInfo]:
         catalog, channels = self.catalog, self.channels
@@ -280,6 +389,9 @@ class ChannelRouter:
         if ch.id in self._disabling or all(c.id != ch.id for c in self.channels):
             return          # already done by a concurrent request
         self.channels = [c for c in self.channels if c.id != ch.id]
+        self.disabled = [*self.disabled, ch]
+        self.cool_until.pop(ch.id, None)
+        self._health_changed(ch, cool_until=None)
         self._disabling[ch.id] = None
         now = time.time()
         stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -314,20 +426,24 @@ class ChannelRouter:
             return
         read_at = time.monotonic()
         catalog = await read_catalog(conn)
-        rows = await conn.execute_fetchall(
-            f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE enabled = 1 ORDER BY id")
-        channels = []
+        rows = await conn.execute_fetchall(f"SELECT {CHANNEL_COLUMNS} FROM channels ORDER BY id")
+        channels, disabled = [], []
         for row in rows:
             try:
-                channels.append(row_to_channel(row, catalog.aliases))
+                (channels if row["enabled"] else disabled).append(row_to_channel(row, catalog.aliases))
             except SecretKeyError as exc:   # a key sealed under a secret key this process lacks
-                self.log.error("channel %s left out: %s", row["name"], exc)
+                if row["enabled"]:
+                    self.log.error("channel %s left out: %s", row["name"], exc)
         for cid, committed in list(self._disabling.items()):
             if committed is not None and committed < read_at:
                 del self._disabling[cid]     # these rows already say so
+        disabled += [c for c in channels if c.id in self._disabling]
         channels = [c for c in channels if c.id not in self._disabling]
         ids = {c.id for c in channels}
+        known = ids | {c.id for c in disabled}
+        for cid in [cid for cid in self.health if cid not in known]:
+            del self.health[cid]         # removed channels
         for cid in [cid for cid in self.cool_until if cid not in ids]:
             del self.cool_until[cid]
-        self.catalog, self.channels = catalog, channels
+        self.catalog, self.channels, self.disabled = catalog, channels, disabled
         self.log.info("loaded %d enabled channels", len(channels))

@@ -34,7 +34,7 @@ from apertis_proxy.plugin_api import PluginContext, UsageRecord
 from apertis_proxy.store.watch import open_db
 
 COLUMN_OF_FIELD = {"started_at": "ts"}
-JSON_FIELDS = frozenset({"server_tool_use", "prices", "iterations", "raw_usage"})
+JSON_FIELDS = frozenset({"server_tool_use", "prices", "iterations", "raw_usage", "attempt_log"})
 BOOL_FIELDS = frozenset({"stream", "interrupted", "reached_upstream"})
 CLOSE_ATTEMPTS = 5
 # Host parameters one statement may bind: SQLite's default limit since 3.32,

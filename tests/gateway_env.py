@@ -24,6 +24,12 @@ from apertis_proxy.store import channels, keys, schema
 from mock_upstream import MOCK_API_KEY
 
 
+# Settings overrides for tests that send one channel failure after another: a resting channel would
+# refuse the next request with 503 instead of trying it.
+NO_COOLDOWNS = {"plugin_options": {"channels": {
+    "cooldown_rate_limited": 0, "cooldown_overloaded": 0, "cooldown_server_error": 0, "cooldown_connect_error": 0}}}
+
+
 class GatewayEnv:
     def __init__(self, db_path: str) -> None:
         self.db_path = db_path

@@ -50,7 +50,8 @@ async def test_an_mcp_token_quoted_by_the_upstream_reaches_no_log_nor_listing(ga
     token = "mcp-secret-token-5b1f0c9e7d"
     key = gateway_env.add_key("alice")
     gateway_env.add_channel("main", mock_upstream)
-    await gateway_env.start()
+    # No cooldown after the 500: the second request must reach the channel (a resting one would get a 503).
+    await gateway_env.start(plugin_options={"channels": {"cooldown_server_error": 0}})
     body = message(mcp_servers=[{"type": "url", "url": "https://mcp.example/sse", "name": "tools",
                                  "authorization_token": token}])
     mock_upstream.fail_next(500, message=f"MCP server refused token {token}")

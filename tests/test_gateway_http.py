@@ -14,6 +14,7 @@ import socket
 
 import pytest
 
+from gateway_env import NO_COOLDOWNS
 from mock_replies import REPLY_TAIL
 from mock_upstream import MOCK_API_KEY
 from rawhttp import RawConnection, RawResponse, chunked, parse_sse, request_bytes
@@ -273,6 +274,7 @@ async def test_bad_key_gets_401_without_reaching_upstream(gateway):
     assert gateway.mock.requests == []
 
 
+@pytest.mark.parametrize("gateway", [NO_COOLDOWNS], indirect=True)
 async def test_request_id_on_every_response(gateway):
     """Successes, gateway errors, upstream errors and refusals before the body was read all carry one."""
     auth = {"x-api-key": gateway.key}

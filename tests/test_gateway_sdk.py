@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
+from gateway_env import NO_COOLDOWNS
 from mock_replies import REPLY_TAIL, thinking_signature
 from mock_upstream import MOCK_API_KEY
 from rawhttp import RawConnection
@@ -232,6 +235,7 @@ async def test_bad_or_missing_key(sdk, gateway):
 
 # -- upstream failures ------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("gateway", [NO_COOLDOWNS], indirect=True)
 async def test_upstream_529_before_any_byte(sdk, gateway):
     for scenario in ("plain", "stream_text"):
         result = await sdk.run(scenario, gateway.base_url, gateway.key,

@@ -178,7 +178,8 @@ async def test_an_interrupted_stream_records_what_the_upstream_generated(gateway
 async def test_upstream_errors_are_rows_with_status_and_error_type(gateway_env, mock_upstream):
     key = gateway_env.add_key("alice")
     gateway_env.add_channel("main", mock_upstream)
-    await gateway_env.start()
+    # No cooldown: every request below reaches the one channel (a resting one would refuse them with 503).
+    await gateway_env.start(plugin_options={"channels": {"cooldown_overloaded": 0}})
     mock_upstream.fail_next(529)
     assert (await post(gateway_env, key, message())).status == 529
     mock_upstream.fail_next(400, message="messages.0.content: bad")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -474,8 +475,26 @@ async def test_failing_channel_cools_down_to_the_end_of_the_list(db):
         assert [c.name for c in await router.route(request(), ANYONE)] == ["a", "b"]
         router.feedback(outcome(b, 503, "overloaded_error"))
         router.feedback(outcome(a, None, "timeout"))
-        # Everyone cools down: still tried, in the usual order.
-        assert [c.name for c in await router.route(request(), ANYONE)] == ["a", "b"]
+        # Everyone cools down: an outage, refused with the first return as retry-after.
+        with pytest.raises(Reject) as refused:
+            await router.route(request(), ANYONE)
+        assert (refused.value.status, refused.value.error_type) == (503, "overloaded_error")
+        assert refused.value.headers["retry-after"] == "5"          # b's overload cooldown
+
+
+async def test_disabled_channels_are_an_outage_unless_state_binds_the_request(db):
+    path, conn = db
+    make_channels(conn, ("revoked", 0, 1, [SONNET]), ("other", 0, 1, [HAIKU]))
+    async with running(ChannelRouter(context("channels", path))) as router:
+        (revoked,) = await router.route(request(), ANYONE)
+        router.feedback(outcome(revoked, 401, "authentication_error", message="invalid x-api-key"))
+        with pytest.raises(Reject) as refused:
+            await router.route(request(), ANYONE)
+        assert (refused.value.status, refused.value.error_type) == (503, "api_error")
+        # A thread or file on that account: no channel (the gateway's 404, on which the SDK starts over).
+        bound = dataclasses.replace(request(), account=revoked.account)
+        assert await router.route(bound, ANYONE) == []
+        assert await router.route(request("claude-opus-5-5"), ANYONE) == []     # no channel serves it at all
 
 
 async def test_cooldown_ends_after_retry_after(db):
@@ -513,7 +532,10 @@ async def test_overload_never_disables_a_channel(db):
         (busy,) = await router.route(request(), ANYONE)
         for _ in range(20):
             router.feedback(outcome(busy, 529, "overloaded_error", message="Overloaded"))
-        assert [c.name for c in await router.route(request(), ANYONE)] == ["busy"]
+        with pytest.raises(Reject) as refused:     # resting, not disabled: an overload, retried later
+            await router.route(request(), ANYONE)
+        assert (refused.value.status, refused.value.error_type) == (503, "overloaded_error")
+        assert [c.name for c in router.channels] == ["busy"]
     assert conn.execute("SELECT enabled FROM channels WHERE id = ?", (ids["busy"],)).fetchone()[0] == 1
 
 
@@ -661,6 +683,10 @@ def full_record(i: int = 0) -> UsageRecord:
         cache_creation_5m_input_tokens=10, cache_creation_1h_input_tokens=20,
         server_tool_use={"web_search_requests": 2}, ttfb_ms=12.5, duration_ms=345.25,
         upstream_request_id="req_upstream_1", attempts=2, cost=0.00123,
+        attempt_log=[{"channel": "spare", "channel_id": 6, "outcome": "overloaded", "status": 529,
+                      "error_type": "overloaded_error", "upstream_request_id": "req_upstream_0"},
+                     {"channel": "main", "channel_id": 7, "outcome": "ok", "status": 200,
+                      "error_type": None, "upstream_request_id": "req_upstream_1"}],
         prices={"input": 3.0, "output": 15.0, "cache_write_5m": 3.75, "cache_write_1h": 6.0,
                 "cache_read": 0.3},
         reached_upstream=True)
@@ -684,7 +710,7 @@ async def test_meter_writes_every_field(db):
     expected = record.as_dict()
     expected["ts"] = expected.pop("started_at")
     expected["stream"], expected["interrupted"] = 1, 1
-    for name in ("server_tool_use", "prices"):
+    for name in ("server_tool_use", "prices", "attempt_log"):
         assert json.loads(row.pop(name)) == expected.pop(name)
     expected.pop("reached_upstream")       # no column for it in the ledger
     expected.pop("iterations")             # nor for this one: it is in the cost

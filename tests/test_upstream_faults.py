@@ -11,6 +11,7 @@ import anthropic
 import pytest
 
 from apertis_proxy.gateway import relay
+from gateway_env import NO_COOLDOWNS
 from rawhttp import RawConnection, request_bytes
 from scripted_channel import (CLOSE, HANG, HEAD_SSE, MESSAGE_STOP, ScriptedChannel, chunk, event, full_stream,
                               json_response, message_start, text_events)
@@ -122,7 +123,7 @@ async def test_a_stream_that_fails_mid_way_cools_its_channel_down(gateway_env):
 async def test_channel_key_quoted_by_the_upstream_never_reaches_client_log_or_listing(scripted, caplog):
     """Some relays quote the credential they were sent in their error messages. The gateway's key must not
     leave it: not in the client's error (JSON or in-band), not in the log, not in the disable reason."""
-    await scripted.start()
+    await scripted.start(**NO_COOLDOWNS)
     quoted = f"invalid x-api-key {CHANNEL_KEY} for this org"
     in_band = event("error", {"type": "error", "error": {"type": "api_error", "message": quoted}})
     scripted.channel.queue(
@@ -142,6 +143,8 @@ async def test_channel_key_quoted_by_the_upstream_never_reaches_client_log_or_li
     assert CHANNEL_KEY not in caplog.text and "[redacted]" in caplog.text
     [reason] = scripted.query("SELECT disabled_reason FROM channels WHERE name = 'main'")
     assert reason[0] and "[redacted]" in reason[0] and CHANNEL_KEY not in reason[0]
+    [health] = scripted.query("SELECT last_error FROM channel_health")
+    assert "[redacted]" in health[0] and CHANNEL_KEY not in health[0]
 
 
 async def test_absurd_token_counts_do_not_stop_the_ledger(scripted):

@@ -270,6 +270,7 @@ class MessagesForwarder:
         req, info, record = fwd.req, fwd.info, fwd.record
         record.attempts += 1
         record.channel_id, record.channel_name = channel.id, channel.name
+        record.upstream_request_id = None       # this attempt's, once it has an answer
         upstream_model = prepared.body.get("model") if isinstance(prepared.body, dict) else None
         record.upstream_model = upstream_model if isinstance(upstream_model, str) else None
         payload = orjson.dumps(prepared.body) if prepared.changed else req.body
@@ -278,7 +279,7 @@ class MessagesForwarder:
             headers = upstream_headers(req.headers, channel, origin.host_header, prepared.api_version,
                                        len(payload))
         except ValueError as exc:   # a bad base URL, or a key/version that cannot be a header
-            self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id,
+            self.report_attempt(record, Outcome(channel, ok=False, request_id=info.request_id,
                                           error_type="connect_error", message=str(exc), cause=CAUSE_TRANSIENT))
             return FailedAttempt(502, "api_error", "upstream channel is misconfigured")
         target = (origin.base_path + req.path + ("?" + req.query if req.query else "")).encode("latin-1")
@@ -291,7 +292,7 @@ class MessagesForwarder:
             try:
                 head = await lease.send(b"POST", target, headers, payload, self.settings.read_timeout, connected)
             except UpstreamError as exc:
-                return self._failed(channel, info, exc, t_start)
+                return self._failed(record, channel, info, exc, t_start)
             # Sent and answered: a stream may run for minutes, so do not hold the
             # request bytes (an orjson output keeps an 8 KB block, measured).
             payload = headers = None    # noqa: F841
@@ -299,13 +300,13 @@ class MessagesForwarder:
             rid = head.get(b"request-id")
             record.upstream_request_id = rid.decode("latin-1") if rid else None
             if head.status >= 400:
-                return await self._upstream_error(lease.conn, channel, info, head, t_start)
+                return await self._upstream_error(lease.conn, record, channel, info, head, t_start)
             relay, meter = self._relay(fwd, channel, prepared, lease.conn, head)
             await relay.run()
         # A body that failed after a 2xx head (an in-band error, a cut or stalled
         # stream) is the channel's failure too; a client that left is not.
         failed = record.error_type is not None and record.error_type != "client_closed_request"
-        self.plugins.feedback(Outcome(channel, ok=not failed, request_id=info.request_id, status=head.status,
+        self.report_attempt(record, Outcome(channel, ok=not failed, request_id=info.request_id, status=head.status,
                                       error_type=record.error_type if failed else None,
                                       duration=_clock() - t_start, cause=CAUSE_TRANSIENT if failed else None))
         if isinstance(meter, StateCapture):
@@ -351,15 +352,24 @@ class MessagesForwarder:
         for fingerprint in created.signatures:
             owned.remember(THINKING, fingerprint, owner, channel.account, channel.id)
 
-    def _failed(self, channel: Channel, info: RequestInfo, exc: UpstreamError, t_start: float) -> FailedAttempt:
+    def report_attempt(self, record: UsageRecord, outcome: Outcome) -> None:
+        """One attempt's outcome: to the routers (health) and into the request's ledger row."""
+        record.attempt_log.append({
+            "channel": outcome.channel.name, "channel_id": outcome.channel.id, "outcome": outcome.kind,
+            "status": outcome.status, "error_type": outcome.error_type,
+            "upstream_request_id": record.upstream_request_id})
+        self.plugins.feedback(outcome)
+
+    def _failed(self, record: UsageRecord, channel: Channel, info: RequestInfo, exc: UpstreamError,
+                t_start: float) -> FailedAttempt:
         etype = "timeout" if exc.timeout else "connect_error"
-        self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, error_type=etype,
+        self.report_attempt(record, Outcome(channel, ok=False, request_id=info.request_id, error_type=etype,
                                       message=str(exc), duration=_clock() - t_start, cause=CAUSE_TRANSIENT))
         if exc.timeout:
             return FailedAttempt(504, "timeout_error", f"upstream timed out: {exc}")
         return FailedAttempt(502, "api_error", f"upstream unavailable: {exc}")
 
-    async def _upstream_error(self, conn: UpstreamConnection, channel: Channel,
+    async def _upstream_error(self, conn: UpstreamConnection, record: UsageRecord, channel: Channel,
                               info: RequestInfo, head: ResponseHead, t_start: float) -> FailedAttempt:
         try:
             raw = await conn.read_all(self.settings.read_timeout, _ERROR_BODY_LIMIT)
@@ -369,7 +379,7 @@ class MessagesForwarder:
         # the channel's key: some relays quote the credential they were sent.
         error = read_error(head.status, raw, [channel.api_key, *request_secrets(info.body)])
         retry_after = parse_retry_after(head.get(b"retry-after"))
-        self.plugins.feedback(Outcome(channel, ok=False, request_id=info.request_id, status=error.status,
+        self.report_attempt(record, Outcome(channel, ok=False, request_id=info.request_id, status=error.status,
                                       error_type=error.error_type, message=error.message,
                                       retry_after=retry_after, duration=_clock() - t_start,
                                       error_code=error.error_code, cause=error.cause))

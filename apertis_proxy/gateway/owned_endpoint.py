@@ -156,6 +156,7 @@ class OwnedEndpoint:
         fw = self.fw
         record.channel_id, record.channel_name = channel.id, channel.name
         record.attempts += 1
+        record.upstream_request_id = None       # this call's, once it has an answer
         if version is None:
             version = contract.upstream_api_version(channel, header(req, b"anthropic-version"),
                                                     fw.settings.default_api_version)
@@ -165,7 +166,7 @@ class OwnedEndpoint:
                                 read_timeout=fw.settings.read_timeout, api_version=version)
         except (UpstreamError, ValueError) as exc:
             timeout = isinstance(exc, UpstreamError) and exc.timeout
-            fw.plugins.feedback(Outcome(channel, ok=False, request_id=record.request_id,
+            fw.report_attempt(record, Outcome(channel, ok=False, request_id=record.request_id,
                                         error_type="timeout" if timeout else "connect_error", message=str(exc),
                                         duration=time.perf_counter() - t_start, cause=CAUSE_TRANSIENT))
             return None
@@ -177,12 +178,12 @@ class OwnedEndpoint:
             error = read_error(answer.status, answer.body, [channel.api_key])
             answer.body = error.body
             record.error_type = error.error_type
-            fw.plugins.feedback(Outcome(channel, ok=False, request_id=record.request_id, status=error.status,
+            fw.report_attempt(record, Outcome(channel, ok=False, request_id=record.request_id, status=error.status,
                                         error_type=error.error_type, message=error.message,
                                         retry_after=parse_retry_after(answer.get(b"retry-after")),
                                         duration=duration, error_code=error.error_code, cause=error.cause))
         else:
-            fw.plugins.feedback(Outcome(channel, ok=True, request_id=record.request_id, status=answer.status,
+            fw.report_attempt(record, Outcome(channel, ok=True, request_id=record.request_id, status=answer.status,
                                         duration=duration))
         record.status = answer.status
         return answer

@@ -155,6 +155,9 @@ def set_channel_enabled(conn, name: str, enabled: bool, reason: Optional[str] = 
 
 
 def remove_channel(conn, name: str) -> None:
+    # Its health rows go too: a later channel may be given the same id.
+    conn.execute("DELETE FROM channel_health WHERE channel_id IN (SELECT id FROM channels WHERE name = ?)",
+                 (name,))
     cur = conn.execute("DELETE FROM channels WHERE name = ?", (name,))
     _require_one(cur, name)
 

@@ -13,7 +13,7 @@ from ..plugin_api import DEFAULT_API_VERSION
 from .catalog import sync_shipped_catalog
 from .dbfile import create_private
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Binding None, Python's sqlite3 first looks for an adapter: a tuple, a dict
 # miss, and an AttributeError raised and cleared on its protocol type, ~2.5k
@@ -393,6 +393,25 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             status    INTEGER NOT NULL,
             count     INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (day, key_name, reason)
+        ) WITHOUT ROWID""",
+    ]),
+    (5, [
+        # Every channel tried for a request, failed-over ones included (JSON list).
+        "ALTER TABLE usage ADD COLUMN attempt_log TEXT",
+        # Each worker's view of each channel's health, written by the router on
+        # state changes so that `channels list` (another process) can show it.
+        """CREATE TABLE IF NOT EXISTS channel_health (
+            channel_id      INTEGER NOT NULL,
+            worker          TEXT NOT NULL,           -- "<host>/<worker index>"
+            channel_name    TEXT NOT NULL,
+            cool_until      REAL,                    -- unix time; NULL or past: not cooling
+            cool_cause      TEXT,                    -- Outcome.kind that started the cooldown
+            failures        TEXT NOT NULL DEFAULT '{}',  -- JSON {kind: {unix minute: count}}
+            last_error      TEXT,                    -- redacted: never an upstream key
+            last_error_at   REAL,
+            last_request_id TEXT,                    -- the request of the last error
+            updated_at      REAL NOT NULL,
+            PRIMARY KEY (channel_id, worker)
         ) WITHOUT ROWID""",
     ]),
 ]
