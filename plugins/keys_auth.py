@@ -43,6 +43,7 @@ import aiosqlite
 from apertis_proxy.plugin_api import Caller, PluginContext, Reject, RequestInfo, UsageRecord
 from apertis_proxy.store.catalog import Catalog, read_catalog
 from apertis_proxy.store.keys import hash_key
+from apertis_proxy.store.ledger_write import settled_spend, shipped_request_ids
 
 from apertis_proxy.store.watch import RevisionWatcher
 
@@ -143,6 +144,11 @@ class KeysAuth:
         self.by_id: dict[int, KeyState] = {}
         # Rotated-out secrets: hash -> (the key, unix time it stops working).
         self.grace: dict[str, tuple[KeyState, float]] = {}
+        # With the sqlite meter, a request's spend reaches key_spend in the ledger's
+        # own transaction; until its row is shipped it counts here as pending,
+        # by request id: request id -> (key id, cost, tokens).
+        self.ledger_settles = "sqlite" in ctx.meters
+        self._unshipped: dict[str, tuple[int, float, int]] = {}
         self._watch = RevisionWatcher(ctx.db_path, float(ctx.options.get("poll_interval", 1.0)),
                                       self._tick, self.log)
 
@@ -276,6 +282,8 @@ class KeysAuth:
         if cost or tokens:
             key.pending_cost += cost
             key.pending_tokens += tokens
+            if self.ledger_settles:
+                self._unshipped[record.request_id] = (key.id, cost, tokens)
             if key.quota_cost is not None or key.quota_tokens is not None:
                 # A quota may just have been reached: settle soon rather than on
                 # the next interval, so other workers see it too.
@@ -334,6 +342,8 @@ class KeysAuth:
 
     async def _sync_spend(self, conn: aiosqlite.Connection) -> None:
         """Add this process's pending spend to key_spend and re-read everybody's."""
+        if self.ledger_settles:
+            return await self._read_settled_spend(conn)
         batch = []
         for key in self.by_id.values():
             if key.pending_cost or key.pending_tokens:
@@ -371,6 +381,27 @@ class KeysAuth:
         for key in self.by_id.values():
             key.settled_cost, key.settled_tokens = spend.get(key.id, (0.0, 0))
             key.flushing_cost, key.flushing_tokens = 0.0, 0
+
+
+    async def _read_settled_spend(self, conn: aiosqlite.Connection) -> None:
+        """Re-read key_spend; requests whose ledger rows it now includes stop being pending.
+        Both are read in one transaction, so no request counts twice or not at all."""
+        ids = list(self._unshipped)
+        await conn.execute("BEGIN")
+        try:
+            shipped = await shipped_request_ids(conn, ids)
+            spend = await settled_spend(conn)
+        finally:
+            await _rollback(conn)
+        for rid in shipped:
+            key_id, cost, tokens = self._unshipped.pop(rid)
+            key = self.by_id.get(key_id)
+            if key is not None:
+                key.pending_cost = max(0.0, key.pending_cost - cost)
+                key.pending_tokens = max(0, key.pending_tokens - tokens)
+        # No await from here on.
+        for key in self.by_id.values():
+            key.settled_cost, key.settled_tokens = spend.get(key.id, (0.0, 0))
 
 
 async def _rollback(conn: aiosqlite.Connection) -> None:

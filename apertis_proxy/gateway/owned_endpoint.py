@@ -55,6 +55,7 @@ class OwnedEndpoint:
         except GatewayError as e:
             return send_error(resp, e)
         record.key_id, record.key_name = caller.key_id, caller.key_name
+        resp.hold_end()     # the answer's last bytes wait for the meters (see Responder.hold_end)
         try:
             decoded = decode_body(req.body, req.headers, fw.settings.max_body_bytes)
             if decoded is not None:
@@ -71,7 +72,10 @@ class OwnedEndpoint:
             try:
                 await fw.plugins.finish(vouched_by, caller, record)
             finally:
-                await fw.plugins.meter(record)
+                try:
+                    await fw.plugins.meter(record)
+                finally:
+                    resp.release()
 
     async def dispatch(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord,
                        rest: list[str]) -> None:
