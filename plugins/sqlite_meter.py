@@ -86,8 +86,7 @@ class SqliteMeter:
         try:
             line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
         except TypeError:
-            # A value orjson cannot write (an integer past 64 bits): spooled all the
-            # same; the ledger then refuses the row loudly when it is shipped.
+            # A value orjson cannot write (an integer past 64 bits): spooled all the same.
             line = json.dumps(dataclasses.asdict(record), default=str).encode() + b"\n"
         self.spool.append(line)
         if self.spool.current is not None and len(self.spool.current.lines) >= self.batch_size:
