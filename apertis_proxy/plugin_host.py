@@ -62,7 +62,8 @@ def _load(group: str, names: Iterable[str], settings: Settings, worker: int, wor
         ep = available.get(name)
         if ep is None:
             raise _unknown(name, group, available)
-        options = {"poll_interval": settings.config_poll_interval, **settings.plugin_options.get(name, {})}
+        ledger = _ledger_options(settings) if group == METER_GROUP else {}
+        options = {"poll_interval": settings.config_poll_interval, **ledger, **settings.plugin_options.get(name, {})}
         ctx = PluginContext(name=name, options=options,
                             db_path=settings.db, log=logging.getLogger(f"apertis_proxy.plugin.{name}"),
                             worker=worker, workers=workers, meters=tuple(settings.meter_plugins))
@@ -72,6 +73,12 @@ def _load(group: str, names: Iterable[str], settings: Settings, worker: int, wor
             raise _failed(name, group, "load", exc) from exc
         plugins.append((name, plugin))
     return plugins
+
+
+def _ledger_options(settings: Settings) -> dict[str, Any]:
+    """The [ledger] spool settings, handed to meters as options."""
+    return {"spool_dir": settings.spool_dir or settings.db + ".spool", "spool_max_bytes": settings.spool_max_bytes,
+            "spool_warn_bytes": settings.spool_warn_bytes, "fsync": settings.ledger_fsync}
 
 
 class NoObserver:

@@ -17,12 +17,9 @@ in ``ts``; dicts and lists as JSON); a field gains a column by a schema change a
 Options (``[plugins.options.sqlite]``):
   flush_interval  seconds between shipments (0.5)
   batch_size      rows that trigger a shipment before the interval ends (500)
-  spool_dir       the spool directory (default: ``<database file>.spool`` beside it)
-  spool_max_bytes past this the gateway refuses new requests with 503 (268435456)
-  spool_warn_bytes past this a warning is logged (16777216)
-  fsync           "batch" (each segment fsynced when sealed, every flush_interval),
-                  "always" (every row, before the answer ends) or "never"
   adopt_interval  seconds between looks for spools of stopped workers (5)
+The spool's own settings come from ``[ledger]`` (the host hands them over as
+options): spool_dir, spool_max_bytes, spool_warn_bytes, fsync.
 """
 from __future__ import annotations
 

@@ -198,7 +198,7 @@ async def test_a_full_spool_refuses_new_requests_with_503_until_the_database_tak
                                                                                         mock_upstream):
     key = gateway_env.add_key("alice")
     gateway_env.add_channel("main", mock_upstream)
-    await gateway_env.start(plugin_options={"sqlite": {"spool_max_bytes": 3000, "spool_warn_bytes": 1000}})
+    await gateway_env.start(spool_max_bytes=4096, spool_warn_bytes=1000)   # [ledger] settings
     body = {"model": HAIKU, "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
     blocker = sqlite3.connect(gateway_env.db_path, isolation_level=None, timeout=0)
     blocker.execute("BEGIN EXCLUSIVE")
