@@ -189,7 +189,7 @@ class PluginHost:
 
     async def finish(self, plugin: Any, caller: Caller, record: UsageRecord) -> None:
         # Every record reaches finish() (metered requests and model listings),
-        # priced, and goes unchanged to the meters after it.
+        # priced; the meters have had it already (see MessagesForwarder.handle).
         self.observer.finished(record)
         finish = getattr(plugin, "finish", None)
         if finish is None:

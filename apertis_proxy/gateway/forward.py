@@ -211,18 +211,18 @@ class MessagesForwarder:
             record.duration_ms = round((_clock() - t0) * 1000, 3)
             if not record.status:
                 record.status = resp.status
+            # Metered before the answer ends (the ledger's row is durable first), and
+            # before finish(): an auth plugin slow or hanging there holds back
+            # neither the answer nor the row.
             try:
                 if caller is not None:
                     if not count_tokens:
                         price(record, self.catalog.catalog)
-                    try:
-                        await self.plugins.finish(vouched_by, caller, record)
-                    finally:
-                        # Metered even when finish() is cut short (shutdown cancels a
-                        # handler whose auth plugin hangs there).
-                        await self.plugins.meter(record)
+                    await self.plugins.meter(record)
             finally:
                 resp.release()
+            if caller is not None:
+                await self.plugins.finish(vouched_by, caller, record)
 
     @staticmethod
     def _redirect(req: Request, info: RequestInfo, caller: Caller, model: str) -> tuple[RequestInfo, Caller]:

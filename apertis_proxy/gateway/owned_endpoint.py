@@ -70,12 +70,10 @@ class OwnedEndpoint:
             record.duration_ms = round((time.perf_counter() - t0) * 1000, 3)
             record.status = record.status or resp.status
             try:
-                await fw.plugins.finish(vouched_by, caller, record)
+                await fw.plugins.meter(record)      # before the answer ends and before finish(), as in forward.py
             finally:
-                try:
-                    await fw.plugins.meter(record)
-                finally:
-                    resp.release()
+                resp.release()
+            await fw.plugins.finish(vouched_by, caller, record)
 
     async def dispatch(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord,
                        rest: list[str]) -> None:
