@@ -55,6 +55,7 @@ from apertis_proxy.store import budgets as budget_store
 from apertis_proxy.store.budgets import UNKNOWN_KEY
 from apertis_proxy.store.catalog import Catalog, read_catalog
 from apertis_proxy.store.keys import hash_key
+from apertis_proxy.store.ledger_write import shipped_request_ids
 
 from apertis_proxy.store.watch import RevisionWatcher
 
@@ -188,6 +189,11 @@ class KeysAuth:
         self.by_id: dict[int, KeyState] = {}
         # Rotated-out secrets: hash -> (the key, unix time it stops working).
         self.grace: dict[str, tuple[KeyState, float]] = {}
+        # With the sqlite meter, a request's spend reaches key_spend in the ledger's
+        # own transaction; until its row is shipped it counts here as pending,
+        # by request id: request id -> (key id, cost, tokens).
+        self.ledger_settles = "sqlite" in ctx.meters
+        self._unshipped: dict[str, tuple[int, float, int]] = {}
         self._watch = RevisionWatcher(ctx.db_path, float(ctx.options.get("poll_interval", 1.0)),
                                       self._tick, self.log)
 
@@ -339,6 +345,8 @@ class KeysAuth:
         if cost or tokens:
             key.pending_cost += cost
             key.pending_tokens += tokens
+            if self.ledger_settles:
+                self._unshipped[record.request_id] = (key.id, cost, tokens)
             if key.quota_cost is not None or key.quota_tokens is not None:
                 # A quota may just have been reached: settle soon rather than on
                 # the next interval, so other workers see it too.
@@ -414,6 +422,8 @@ class KeysAuth:
         """Add this process's pending spend to key_spend (and to the current quota
         period's) and re-read everybody's."""
         starts = {period: period_start(period, self.clock()) for period in PERIODS}
+        if self.ledger_settles:
+            return await self._read_settled_spend(conn, starts)
         batch = []
         for key in self.by_id.values():
             if key.pending_cost or key.pending_tokens:
@@ -463,6 +473,31 @@ class KeysAuth:
         rows = await conn.execute_fetchall("SELECT key_id, cost, tokens FROM key_spend")
         periodic = any(k.quota_period for k in self.by_id.values())
         return rows, (await budget_store.read_period_spend(conn, starts) if periodic else {})
+
+    async def _read_settled_spend(self, conn: aiosqlite.Connection, starts: dict[str, str]) -> None:
+        """Re-read key_spend (and the current quota periods'); requests whose ledger rows it now
+        includes stop being pending.  All are read in one transaction, so no request counts
+        twice or not at all."""
+        ids = list(self._unshipped)
+        await conn.execute("BEGIN")
+        try:
+            shipped = await shipped_request_ids(conn, ids)
+            rows, in_period = await self._read_spend(conn, starts)
+        finally:
+            await _rollback(conn)
+        spend = {row[0]: (row[1], row[2]) for row in rows}
+        for rid in shipped:
+            key_id, cost, tokens = self._unshipped.pop(rid)
+            key = self.by_id.get(key_id)
+            if key is not None:
+                key.pending_cost = max(0.0, key.pending_cost - cost)
+                key.pending_tokens = max(0, key.pending_tokens - tokens)
+        # No await from here on.
+        for key in self.by_id.values():
+            key.settled_cost, key.settled_tokens = spend.get(key.id, (0.0, 0))
+            if key.quota_period is not None:
+                key.period_start = starts[key.quota_period]
+                key.period_cost, key.period_tokens = in_period.get((key.id, key.quota_period), (0.0, 0))
 
 
 class _Refusal(Exception):

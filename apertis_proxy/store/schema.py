@@ -13,7 +13,7 @@ from ..plugin_api import DEFAULT_API_VERSION
 from .catalog import sync_shipped_catalog
 from .dbfile import create_private
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Binding None, Python's sqlite3 first looks for an adapter: a tuple, a dict
 # miss, and an AttributeError raised and cleared on its protocol type, ~2.5k
@@ -413,6 +413,13 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             updated_at      REAL NOT NULL,
             PRIMARY KEY (channel_id, worker)
         ) WITHOUT ROWID""",
+    ]),
+    (6, [
+        # One ledger row per request id, so shipping a spooled row again is a
+        # no-op (ON CONFLICT DO NOTHING).  Duplicates written before (a retried
+        # batch) keep their first row.
+        "DELETE FROM usage WHERE id NOT IN (SELECT MIN(id) FROM usage GROUP BY request_id)",
+        "CREATE UNIQUE INDEX IF NOT EXISTS usage_request_id ON usage (request_id)",
     ]),
 ]
 
