@@ -43,6 +43,13 @@ class Refusal(Protocol):
     error_type: str
 
 
+# Told of every request the HTTP layer answers with an error itself, before any
+# handler saw it (metrics and the access log count them):
+#     refused(status, error_type, reason, request_id, method, path, client)
+# `reason` is one of a fixed set (see the _reject_early callers); `method` and
+# `path` are None when the head could not be read.
+RefusalHook = Callable[[int, str, str, str, Optional[str], Optional[str], str], None]
+
 # A handler may also have `admit(head) -> Optional[Refusal]`: called with a
 # request's head (its body b"") when the body still has to be read, so that a
 # request its credential will not admit is refused before its body is read.
@@ -79,11 +86,13 @@ class ServerState:
     """Shared by all connections of one listening server: bookkeeping for shutdown
     and for the connection cap."""
 
-    __slots__ = ("connections", "draining", "tasks", "max_connections", "render_error", "_shed", "_refused",
-                 "_logged_at", "_all_busy_until")
+    __slots__ = ("connections", "draining", "tasks", "max_connections", "render_error", "refused", "_shed",
+                 "_refused", "_logged_at", "_all_busy_until")
 
-    def __init__(self, render_error: ErrorRenderer, max_connections: int = 10_000) -> None:
+    def __init__(self, render_error: ErrorRenderer, max_connections: int = 10_000,
+                 refused: Optional[RefusalHook] = None) -> None:
         self.render_error = render_error
+        self.refused = refused
         self.connections: set["HttpConnection"] = set()
         self.draining = False
         # Handler tasks until they return: a handler still meters its request
@@ -182,11 +191,12 @@ class HttpConnection(asyncio.Protocol):
                               content_length=len(body), keep_alive=False)
             transport.write(head + body)
             transport.close()
+            if state.refused is not None:
+                state.refused(503, "overloaded_error", "connection_cap", rid, None, None, _peer(transport))
             return
         transport.set_write_buffer_limits(high=self._settings.write_high_water)
         self.flow.transport = transport
-        peer = transport.get_extra_info("peername")
-        self._client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        self._client = _peer(transport)
         state.connections.add(self)
         self._arm(self._settings.keepalive_timeout)
 
@@ -311,7 +321,8 @@ class HttpConnection(asyncio.Protocol):
                 self._body_size += len(event.data)
                 if self._body_size > self._settings.max_body_bytes:
                     self._reject_early(413, f"request body exceeds the limit of "
-                                            f"{self._settings.max_body_bytes} bytes", "request_too_large")
+                                            f"{self._settings.max_body_bytes} bytes", "request_too_large",
+                                       "body_too_large")
                     return
                 self._body.append(event.data)
                 self._arm(self._settings.body_timeout)
@@ -331,11 +342,11 @@ class HttpConnection(asyncio.Protocol):
         # h11 only bounds a head still incomplete in its buffer; one that
         # arrived whole in a single read must be measured here.
         if _head_size(event, headers) > self._settings.max_header_bytes:
-            self._reject_early(431, "request headers too large", "request_too_large")
+            self._reject_early(431, "request headers too large", "request_too_large", "headers_too_large")
             return
         if event.http_version not in (b"1.1", b"1.0"):
             self._reject_early(505, f"HTTP/{event.http_version.decode('ascii', 'replace')} is not supported; "
-                                    f"use HTTP/1.1", "invalid_request_error")
+                                    f"use HTTP/1.1", "invalid_request_error", "http_version")
             return
         reads, self._head_reads = self._head_reads, []
         # h11 has validated the framing headers; without either, a request has no body.
@@ -354,14 +365,14 @@ class HttpConnection(asyncio.Protocol):
             # we do).  RFC 9112 allows refusing it; the connection is closed.
             refusal = "a request must not have both Content-Length and Transfer-Encoding"
         if refusal is not None:
-            self._reject_early(400, refusal, "invalid_request_error")
+            self._reject_early(400, refusal, "invalid_request_error", "framing")
             return
         if chunked:
             length = None
         self._length = length
         if length is not None and length > self._settings.max_body_bytes:
             self._reject_early(413, f"request body exceeds the limit of "
-                                    f"{self._settings.max_body_bytes} bytes", "request_too_large")
+                                    f"{self._settings.max_body_bytes} bytes", "request_too_large", "body_too_large")
 
     def _fast_request(self, data: bytes) -> bool:
         """Serve a request whose head came whole in this first read, and is of the
@@ -383,7 +394,7 @@ class HttpConnection(asyncio.Protocol):
         self._length = length = event.length
         if length > self._settings.max_body_bytes:
             self._reject_early(413, f"request body exceeds the limit of "
-                                    f"{self._settings.max_body_bytes} bytes", "request_too_large")
+                                    f"{self._settings.max_body_bytes} bytes", "request_too_large", "body_too_large")
             return True
         # self._h11 is untouched: it takes whatever follows the body (pipelined requests).
         self._fresh = True
@@ -569,14 +580,25 @@ class HttpConnection(asyncio.Protocol):
             self.flow.resume_reading()
 
     # -- errors and timers ---------------------------------------------------
-    def _reject_early(self, status: int, message: str, error_type: str) -> None:
-        """Answer before the request was read completely, then close."""
+    def _reject_early(self, status: int, message: str, error_type: str, reason: Optional[str] = None) -> None:
+        """Answer before the request was read completely, then close.  With a
+        `reason`, the HTTP layer refused it on its own: state.refused is told
+        (a refusal by the handler's admit() is the handler's to count)."""
         self._h11 = self._new_h11()  # the rest of the request is never parsed
         self._fresh = False
         self._discarding = True
-        responder = self._responder or Responder(self, new_request_id(), keep_alive=False)
+        responder = self._responder
+        if responder is None:
+            responder = self._responder = Responder(self, new_request_id(), keep_alive=False)
+            refused = self.state.refused
+            if reason is not None and refused is not None:
+                method = path = None
+                event = self._request
+                if event is not None:
+                    method = event.method.decode("ascii")
+                    path = _request_target(event.target).decode("latin-1").partition("?")[0]
+                refused(status, error_type, reason, responder.request_id, method, path, self._client)
         responder.keep_alive = False
-        self._responder = responder
         if not responder.started:
             responder.send_error(status, message, error_type)
         else:
@@ -590,9 +612,10 @@ class HttpConnection(asyncio.Protocol):
         # h11's text quotes the offending bytes as a bytearray repr (up to the
         # whole line): say what was wrong, not Python's view of it.
         reason = str(exc).split(": bytearray(")[0].split(": b'")[0].split(': b"')[0][:200]
-        message = ("request headers too large" if status == 431 else f"malformed HTTP request: {reason}")
-        etype = "request_too_large" if status == 431 else "invalid_request_error"
-        self._reject_early(status, message, etype)
+        if status == 431:
+            self._reject_early(431, "request headers too large", "request_too_large", "headers_too_large")
+        else:
+            self._reject_early(status, f"malformed HTTP request: {reason}", "invalid_request_error", "malformed")
 
     def _arm(self, delay: float) -> None:
         self._deadline.set(self._loop.time() + delay)
@@ -603,7 +626,7 @@ class HttpConnection(asyncio.Protocol):
         if self._request is None and self._body_size == 0 and not self._h11.trailing_data[0]:
             self.close()  # idle keep-alive connection
             return
-        self._reject_early(408, "timed out waiting for the request", "timeout_error")
+        self._reject_early(408, "timed out waiting for the request", "timeout_error", "timeout")
 
     # -- shutdown ------------------------------------------------------------
     def shutdown(self) -> None:
@@ -646,6 +669,12 @@ def framing_refusal(received: bytes, chunked: bool) -> Optional[str]:
             if name.lower() == b"transfer-encoding" and value.strip(b" \t\r") != b"chunked":
                 return "malformed HTTP request: Transfer-Encoding must be written exactly as \"chunked\""
     return None
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    """The client's "ip:port"."""
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
 
 
 def _head_size(event: h11.Request, headers: list[tuple[bytes, bytes]]) -> int:

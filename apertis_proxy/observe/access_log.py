@@ -71,13 +71,21 @@ class AccessLog:
         self._timer: Optional[asyncio.TimerHandle] = None
 
     def __call__(self, req: Any, resp: Any, cycle: Any, status: int, seconds: float) -> None:
+        self._note((time.time(), seconds, status, req.method, req.path, req.client, resp.request_id, cycle.record))
+
+    def _note(self, entry: tuple) -> None:
         pending = self._pending
-        pending.append((time.time(), seconds, status, req.method, req.path, req.client, resp.request_id,
-                        cycle.record))
+        pending.append(entry)
         if len(pending) >= FLUSH_LINES:
             self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
+
+    def refused(self, status: int, error_type: str, request_id: str, method: Optional[str], path: Optional[str],
+                client: str) -> None:
+        """A request the HTTP layer refused before the gateway saw it (rare: no need to be quick)."""
+        record = UsageRecord(request_id=request_id, started_at=0.0, endpoint="", error_type=error_type)
+        self._note((time.time(), 0.0, status, method, path, client, request_id, record))
 
     def lines(self, entries: list[tuple]) -> list[bytes]:
         """The log lines of noted requests."""
@@ -87,7 +95,7 @@ class AccessLog:
             duration_ms = int(seconds * 1_000_000) / 1000   # prints as at most 3 decimals, and cheaper than round()
             r = r or _NO_USAGE
             error_type = r.error_type or (error_type_for(status) if status >= 400 else None)
-            message = f"{method} {path} {status}"
+            message = f"{method or '-'} {path or '-'} {status}"
             if self.json:
                 out.append(dumps({
                     "time": clock(when), "level": "INFO", "logger": LOGGER, "message": message,
@@ -102,7 +110,7 @@ class AccessLog:
             # Inline look-ups of already written values: a call per field was most of a line's cost.
             out.append((_TEXT % (
                 clock(when), written.get(message) or quoted(message), request_id,
-                written.get(r.key_name) or quoted(r.key_name), client, method, written.get(path) or quoted(path),
+                written.get(r.key_name) or quoted(r.key_name), client, method or "-", written.get(path) or quoted(path),
                 written.get(r.requested_model) or quoted(r.requested_model),
                 written.get(r.upstream_model) or quoted(r.upstream_model),
                 written.get(r.channel_name) or quoted(r.channel_name), r.attempts, status,

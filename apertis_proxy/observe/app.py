@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import orjson
 
@@ -65,6 +65,20 @@ class Observability:
             await self.share.close()
         if self.access_log is not None:
             self.access_log.close()
+
+    def refused(self, status: int, error_type: str, reason: str, request_id: str, method: Optional[str],
+                path: Optional[str], client: str) -> None:
+        """A request the HTTP layer answered with an error before the gateway saw it
+        (see http/protocol.py RefusalHook): counted by reason and code, and logged."""
+        if self.recorder is not None:
+            self.recorder.refused(reason, status)
+        if self.access_log is not None:
+            self.access_log.refused(status, error_type, request_id, method, path, client)
+
+    @property
+    def refusal_hook(self) -> Optional[Callable[..., None]]:
+        """What the HTTP layer calls for its own refusals; None when nothing observes them."""
+        return self.refused if self.recorder is not None else None
 
     def wrap(self, app: Any) -> "ObservedApp":
         return ObservedApp(app, self)

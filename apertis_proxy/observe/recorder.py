@@ -100,6 +100,7 @@ class Recorder:
         # model[, key] -> [input, output, cache_read, cache_write tokens, cost in units of COST_UNIT]
         self.usage: dict[tuple, list[int]] = {}
         self.attempts: dict[tuple, int] = {}        # channel, outcome
+        self.refusals: dict[tuple, int] = {}        # reason, code (a str): refused by the HTTP layer
         self.duration = Histogram(DURATION_BUCKETS)             # endpoint, stream
         self.ttfb = Histogram(TTFB_BUCKETS)                     # channel (streams)
         self.upstream_duration = Histogram(DURATION_BUCKETS)    # channel
@@ -178,6 +179,11 @@ class Recorder:
         if self.on_end is not None:
             self.on_end(req, resp, cycle, status, seconds)
 
+    def refused(self, reason: str, status: int) -> None:
+        """A request the HTTP layer refused before the gateway saw it (no begin/end)."""
+        key = (reason, str(status))
+        self.refusals[key] = self.refusals.get(key, 0) + 1
+
     # -- helpers ---------------------------------------------------------------
     def _count_attempt(self, channel: str, outcome: str) -> None:
         key = (channel, outcome)
@@ -227,6 +233,7 @@ class Recorder:
                 "apertis_tokens": [["model", "type"] + key, tokens],
                 "apertis_cost_usd": [["model"] + key, cost],
                 "apertis_upstream_attempts": [["channel", "outcome"], _series(self.attempts)],
+                "apertis_http_refusals": [["reason", "code"], _series(self.refusals)],
                 "apertis_http_heads": [["side", "parser"], fast_head.COUNTS.series()],
                 **(counters or {}),
             },
