@@ -52,32 +52,50 @@ def _text(value: Optional[str]) -> str:
     return value if _PLAIN(value) else orjson.dumps(value).decode()
 
 
-def _template(method: Optional[str], path: Optional[str], status: int, r: UsageRecord,
-              error_type: Optional[str]) -> tuple[str, ...]:
-    """The text line of one kind of request, as the pieces between what differs from request
-    to request (time, request id, client, ttfb, duration, the four token counts, cost): joined
-    with those, without %-formatting's scan of the whole line."""
-    return (" INFO " + LOGGER + ": " + _text(f"{method or '-'} {path or '-'} {status}") + " request_id=",
+def _text_template(method: Optional[str], path: Optional[str], status: int, r: UsageRecord,
+                   error_type: Optional[str]) -> tuple[str, ...]:
+    """The text line of one kind of request, as the pieces around what differs from request to
+    request (time, request id, client, ttfb, duration, the four token counts, cost): joined with
+    those, without formatting the whole line each time."""
+    return ("", " INFO " + LOGGER + ": " + _text(f"{method or '-'} {path or '-'} {status}") + " request_id=",
             " key_name=" + _text(r.key_name) + " client=",
             " method=" + _text(method) + " path=" + _text(path) + " requested_model=" + _text(r.requested_model) +
             " upstream_model=" + _text(r.upstream_model) + " channel_name=" + _text(r.channel_name) +
             f" attempts={r.attempts:d} status={status:d} error_type=" + _text(error_type) +
             (" stream=true" if r.stream else " stream=false") + " ttfb_ms=",
             " duration_ms=", " input_tokens=", " output_tokens=", " cache_read_input_tokens=",
-            " cache_creation_input_tokens=", " cost=")
+            " cache_creation_input_tokens=", " cost=", "\n")
 
 
-# Token counts and costs as text: most are small, or recur.
+def _json_template(method: Optional[str], path: Optional[str], status: int, r: UsageRecord,
+                   error_type: Optional[str]) -> tuple[str, ...]:
+    """The same pieces for a JSON line: one object, the fields in the text line's order."""
+    def value(v: object) -> str:
+        return orjson.dumps(v).decode()
+    return ('{"time":"', '","level":"INFO","logger":"' + LOGGER + '","message":' +
+            value(f"{method or '-'} {path or '-'} {status}") + ',"request_id":',
+            ',"key_name":' + value(r.key_name) + ',"client":',
+            ',"method":' + value(method) + ',"path":' + value(path) + ',"requested_model":' +
+            value(r.requested_model) + ',"upstream_model":' + value(r.upstream_model) + ',"channel_name":' +
+            value(r.channel_name) + f',"attempts":{r.attempts:d},"status":{status:d},"error_type":' +
+            value(error_type) + ',"stream":' + value(bool(r.stream)) + ',"ttfb_ms":',
+            ',"duration_ms":', ',"input_tokens":', ',"output_tokens":', ',"cache_read_input_tokens":',
+            ',"cache_creation_input_tokens":', ',"cost":', "}\n")
+
+
+# Token counts and costs as text (the same in JSON): most are small, or recur.
 _SMALL = [str(n) for n in range(4096)]
-_costs: dict[float, str] = {}
+_costs: dict[Optional[float], str] = {}
 
 
-def _cost_text(cost: float) -> str:
-    text = _costs.get(cost)
+def _cost_text(cost: Optional[float]) -> str:
+    """A cost as both formats write it: a number (repr: the shortest that reads back the same),
+    or null for a model without a price."""
+    text = _costs.get(cost)         # type: ignore[arg-type]
     if text is None:
         if len(_costs) >= MAX_TEMPLATES:
             _costs.clear()
-        text = _costs[cost] = repr(cost)
+        text = _costs[cost] = "null" if cost is None else repr(cost)   # type: ignore[index]
     return text
 
 
@@ -108,28 +126,12 @@ class AccessLog:
 
     def lines(self, entries: list[tuple]) -> list[bytes]:
         """The log lines of noted requests."""
-        clock, dumps = self._clock, orjson.dumps
+        clock, dumps, as_json, small = self._clock, orjson.dumps, self.json, _SMALL
+        template, templates = (_json_template if as_json else _text_template), self._templates
+        no_ttfb = "null" if as_json else "-"
         to_wall = time.time() - time.perf_counter()
-        out = []
-        if self.json:
-            for when, seconds, status, method, path, client, request_id, r in entries:
-                r = r or _NO_USAGE
-                error_type = r.error_type or (error_type_for(status) if status >= 400 else None)
-                out.append(dumps({
-                    "time": clock(when + to_wall), "level": "INFO", "logger": LOGGER,
-                    "message": f"{method or '-'} {path or '-'} {status}",
-                    "request_id": request_id, "key_name": r.key_name, "client": client, "method": method,
-                    "path": path, "requested_model": r.requested_model, "upstream_model": r.upstream_model,
-                    "channel_name": r.channel_name, "attempts": r.attempts, "status": status,
-                    "error_type": error_type, "stream": r.stream, "ttfb_ms": r.ttfb_ms,
-                    # at most 3 decimals, and cheaper than round()
-                    "duration_ms": int(seconds * 1_000_000) / 1000,
-                    "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
-                    "cache_read_input_tokens": r.cache_read_input_tokens,
-                    "cache_creation_input_tokens": r.cache_creation_input_tokens, "cost": r.cost}) + b"\n")
-            return out
-        templates, small = self._templates, _SMALL
         stamp, last_millis = "", -1
+        out = []
         for when, seconds, status, method, path, client, request_id, r in entries:
             r = r or _NO_USAGE
             # What the line of this kind of request says besides the figures: its template's key.
@@ -138,27 +140,29 @@ class AccessLog:
             pieces = templates.get(kind)
             if pieces is None:
                 error_type = r.error_type or (error_type_for(status) if status >= 400 else None)
-                pieces = _template(method, path, status, r, error_type)
-                if len(pieces[2]) <= MAX_TEMPLATE_CHARS:
+                pieces = template(method, path, status, r, error_type)
+                if len(pieces[3]) <= MAX_TEMPLATE_CHARS:
                     if len(templates) >= MAX_TEMPLATES:
                         templates.clear()
                     templates[kind] = pieces
             millis = int((when + to_wall) * 1000)
             if millis != last_millis:
                 stamp, last_millis = clock(millis / 1000), millis
+            if as_json:
+                request_id, client = dumps(request_id).decode(), dumps(client).decode()
             ttfb = r.ttfb_ms
             micros = int(seconds * 1_000_000)
             n_in, n_out, n_read, n_write = (r.input_tokens, r.output_tokens, r.cache_read_input_tokens,
                                             r.cache_creation_input_tokens)
-            p0, p1, p2, p3, p4, p5, p6, p7, p8 = pieces
+            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10 = pieces
             out.append("".join((
-                stamp, p0, request_id, p1, client, p2, "-" if ttfb is None else repr(ttfb),
-                p3, f"{micros // 1000}.{micros % 1000:03d}",
-                p4, small[n_in] if 0 <= n_in < 4096 else str(n_in),
-                p5, small[n_out] if 0 <= n_out < 4096 else str(n_out),
-                p6, small[n_read] if 0 <= n_read < 4096 else str(n_read),
-                p7, small[n_write] if 0 <= n_write < 4096 else str(n_write),
-                p8, _cost_text(r.cost), "\n")).encode())
+                p0, stamp, p1, request_id, p2, client, p3, no_ttfb if ttfb is None else repr(ttfb),
+                p4, f"{micros // 1000}.{micros % 1000:03d}",
+                p5, small[n_in] if 0 <= n_in < 4096 else str(n_in),
+                p6, small[n_out] if 0 <= n_out < 4096 else str(n_out),
+                p7, small[n_read] if 0 <= n_read < 4096 else str(n_read),
+                p8, small[n_write] if 0 <= n_write < 4096 else str(n_write),
+                p9, _cost_text(r.cost), p10)).encode())
         return out
 
     def flush(self) -> None:
