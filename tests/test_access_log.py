@@ -54,8 +54,9 @@ async def serve_and_log(tmp_path, mock_upstream, config: str) -> tuple[str, str,
     return server.stderr, key, usage_rows(db)
 
 
-async def test_json_access_log_has_one_line_per_request_and_no_secrets(tmp_path, mock_upstream):
-    stderr, key, rows = await serve_and_log(tmp_path, mock_upstream, '[logging]\nformat = "json"\n')
+@pytest.mark.parametrize("metrics", ["", "[metrics]\nenabled = false\n"], ids=["metrics-on", "metrics-off"])
+async def test_json_access_log_has_one_line_per_request_and_no_secrets(tmp_path, mock_upstream, metrics):
+    stderr, key, rows = await serve_and_log(tmp_path, mock_upstream, '[logging]\nformat = "json"\n' + metrics)
     lines = [json.loads(line) for line in stderr.splitlines()]      # every line, not only the access log
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     assert any(line["logger"] == "apertis_proxy.server" and "listening on" in line["message"] for line in lines)

@@ -111,9 +111,11 @@ MAX_SHAPES = 4096
 
 class Recorder:
     def __init__(self, known_model: Callable[[str], bool], *, per_key: bool = False,
-                 on_end: Optional[Callable[[tuple], None]] = None) -> None:
+                 on_end: Optional[Callable[[tuple], None]] = None, count: bool = True) -> None:
         self._known_model = known_model
         self.per_key = per_key
+        # False with metrics off: requests are only followed for the access log (on_end).
+        self.count = count
         # The access log: told (perf_counter time, seconds, status, method, path, client, request id, record).
         self.on_end = on_end
         self.cycles: dict[str, Cycle] = {}
@@ -141,13 +143,15 @@ class Recorder:
 
     def routed(self, info: RequestInfo) -> None:
         """A request about to go upstream: a stream is open from here to its end."""
-        if info.stream and info.path == "/v1/messages":
+        if info.stream and self.count and info.path == "/v1/messages":
             cycle = self.cycles.get(info.request_id)
             if cycle is not None and not cycle.stream:
                 cycle.stream = True
                 self.streams_open += 1
 
     def attempt(self, outcome: Outcome) -> None:
+        if not self.count:
+            return
         channel = outcome.channel.name
         cycle = self.cycles.get(outcome.request_id)
         if cycle is not None:
@@ -184,14 +188,19 @@ class Recorder:
         self.cycles.pop(request_id, None)
         self.in_flight -= 1
         record = cycle.record
-        stream = cycle.stream
         path = req.path
+        status = (resp.status if record is None else record.status or resp.status) or 500
+        if self.count:
+            self._count(cycle, record, path, status, seconds)
+        if self.on_end is not None:
+            self.on_end((now, seconds, status, req.method, path, req.client, request_id, record))
+
+    def _count(self, cycle: Cycle, record: Optional[UsageRecord], path: str, status: int, seconds: float) -> None:
+        stream = cycle.stream
         endpoint = path if path in ENDPOINTS else endpoint_label(path)     # a bounded set, unlike paths
         if record is None:
-            status = resp.status or 500
             fact = (endpoint, None, None, status, stream, None)
         else:
-            status = record.status or resp.status or 500
             fact = (endpoint, record.requested_model, record.channel_name, status, stream,
                     record.key_name if self.per_key else None)
         shape = self._shapes.get(fact)
@@ -218,8 +227,6 @@ class Recorder:
             self.streams_open -= 1
         if cycle.failed_status_channel is not None:
             self._count_attempt(cycle.failed_status_channel, "status")
-        if self.on_end is not None:
-            self.on_end((now, seconds, status, req.method, path, req.client, request_id, record))
 
     def refused(self, reason: str, status: int) -> None:
         """A request the HTTP layer refused before the gateway saw it (no begin/end)."""
