@@ -134,3 +134,19 @@ async def test_with_observability_off_refusals_are_still_answered(gateway_env, o
     assert gateway.state.refused is None
     response = await refuse(gateway.host, gateway.port, REFUSALS[0][-1])
     assert response.status == 400 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_body_refused_on_its_credential_is_logged_with_the_request_id_the_client_got(gateway_env, capsys):
+    """The gateway's own head check (an unknown key, before a body still to come is read) is the gateway's answer:
+    counted in apertis_requests_total, not as a refusal of the HTTP layer, and logged with the id sent."""
+    gateway = await gateway_env.start(**SMALL_LIMITS)
+    response = await refuse(gateway.host, gateway.port,
+                            b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: sk-apx-not-a-key\r\n"
+                            b"transfer-encoding: chunked\r\n\r\n")
+    assert response.status == 401 and response.json()["error"]["type"] == "authentication_error"
+    samples = await scrape_samples(gateway_env.base_url)
+    assert value(samples, "apertis_requests_total", endpoint="/v1/messages", model="none", channel="none",
+                 code="401") == 1
+    assert total(samples, "apertis_http_refusals_total") == 0
+    by_id = {line["request_id"]: line for line in access_lines(gateway, capsys)}
+    assert_refusal_logged(by_id[response.header("request-id")], response, 401, "POST", "/v1/messages")

@@ -438,10 +438,11 @@ class HttpConnection(asyncio.Protocol):
             return True
         target = _request_target(event.target).decode("latin-1")
         head = Request(event.method.decode("ascii"), target, self._headers, b"", self._client, event.http_version)
+        head.request_id = request_id = new_request_id()
         refusal = admit(head)
         if refusal is None:
             return True
-        self._reject_early(refusal.status, refusal.message, refusal.error_type)
+        self._reject_early(refusal.status, refusal.message, refusal.error_type, request_id=request_id)
         return False
 
     def _take_body(self, conn: h11.Connection) -> bool:
@@ -580,7 +581,8 @@ class HttpConnection(asyncio.Protocol):
             self.flow.resume_reading()
 
     # -- errors and timers ---------------------------------------------------
-    def _reject_early(self, status: int, message: str, error_type: str, reason: Optional[str] = None) -> None:
+    def _reject_early(self, status: int, message: str, error_type: str, reason: Optional[str] = None, *,
+                      request_id: Optional[str] = None) -> None:
         """Answer before the request was read completely, then close.  With a
         `reason`, the HTTP layer refused it on its own: state.refused is told
         (a refusal by the handler's admit() is the handler's to count)."""
@@ -589,7 +591,7 @@ class HttpConnection(asyncio.Protocol):
         self._discarding = True
         responder = self._responder
         if responder is None:
-            responder = self._responder = Responder(self, new_request_id(), keep_alive=False)
+            responder = self._responder = Responder(self, request_id or new_request_id(), keep_alive=False)
             refused = self.state.refused
             if reason is not None and refused is not None:
                 method = path = None

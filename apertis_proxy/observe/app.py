@@ -142,11 +142,11 @@ class Observability:
 class _RefusedFromHead:
     """What the recorder reads of a responder, for a request answered before its body was read."""
 
-    __slots__ = ("status",)
-    request_id = "-"
+    __slots__ = ("status", "request_id")
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, request_id: str) -> None:
         self.status = status
+        self.request_id = request_id
 
 
 class ObservedApp:
@@ -170,7 +170,7 @@ class ObservedApp:
     def _observed_admit(self, head: Request):
         refusal = self._admit(head)
         if refusal is not None:
-            answered = _RefusedFromHead(refusal.status)
+            answered = _RefusedFromHead(refusal.status, getattr(head, "request_id", "-"))
             self.recorder.end(answered.request_id, self.recorder.begin(answered.request_id), head, answered)
         return refusal
 
