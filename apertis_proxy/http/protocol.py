@@ -192,7 +192,7 @@ class HttpConnection(asyncio.Protocol):
             transport.write(head + body)
             transport.close()
             if state.refused is not None:
-                state.refused(503, "overloaded_error", "connection_cap", rid, None, None, _peer(transport))
+                _tell(state.refused, 503, "overloaded_error", "connection_cap", rid, None, None, _peer(transport))
             return
         transport.set_write_buffer_limits(high=self._settings.write_high_water)
         self.flow.transport = transport
@@ -590,21 +590,21 @@ class HttpConnection(asyncio.Protocol):
         self._fresh = False
         self._discarding = True
         responder = self._responder
+        ours = responder is None
         if responder is None:
             responder = self._responder = Responder(self, request_id or new_request_id(), keep_alive=False)
-            refused = self.state.refused
-            if reason is not None and refused is not None:
-                method = path = None
-                event = self._request
-                if event is not None:
-                    method = event.method.decode("ascii")
-                    path = _request_target(event.target).decode("latin-1").partition("?")[0]
-                refused(status, error_type, reason, responder.request_id, method, path, self._client)
         responder.keep_alive = False
         if not responder.started:
             responder.send_error(status, message, error_type)
         else:
             self.close()
+        if ours and reason is not None and self.state.refused is not None:
+            event = self._request
+            method = path = None
+            if event is not None:
+                method = event.method.decode("ascii")
+                path = _request_target(event.target).decode("latin-1").partition("?")[0]
+            _tell(self.state.refused, status, error_type, reason, responder.request_id, method, path, self._client)
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint or 400
@@ -671,6 +671,14 @@ def framing_refusal(received: bytes, chunked: bool) -> Optional[str]:
             if name.lower() == b"transfer-encoding" and value.strip(b" \t\r") != b"chunked":
                 return "malformed HTTP request: Transfer-Encoding must be written exactly as \"chunked\""
     return None
+
+
+def _tell(refused: RefusalHook, *args) -> None:
+    """Call the refusal hook; a failure in it is logged, never lets the refusal fail."""
+    try:
+        refused(*args)
+    except Exception:  # noqa: BLE001 - observability must not break the answer already sent
+        log.exception("the refusal hook failed")
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:
