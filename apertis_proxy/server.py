@@ -123,6 +123,7 @@ class Gateway:
         self.observe = Observability(s, self.plugins, catalog, run_dir=run_dir_for(self.workers))
         if self.observe.recorder is not None:
             self.plugins.observer = self.observe.recorder
+        self.state.refused = self.observe.refusal_hook
         self.observe.start()
         app = GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog, self.owned), self.plugins,
                          ClientAddress(s.trusted_proxies) if s.trusted_proxies else None)

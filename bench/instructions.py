@@ -3,6 +3,8 @@
     python bench/instructions.py                      # 2,000 small JSON requests, every plugin on
     python bench/instructions.py --no-meter           # the same with metering off
     python bench/instructions.py --no-observe         # the same with metrics and the access log off
+    python bench/instructions.py --no-access-log      # metrics on, the access log off
+    python bench/instructions.py --json-log           # the access log in JSON instead of text
     python bench/instructions.py --stream             # bulk SSE streams: per stream and per event
     python bench/instructions.py --path /health       # the HTTP layer alone (no upstream, no plugins)
     python bench/instructions.py --realistic          # the SDK's request head, the API's ~25-header answer
@@ -123,10 +125,11 @@ def callgrind_control(*args: str) -> None:
 
 def count(python: str, workdir: Path, db: Path, key: str, *, meter: bool, path: str,
           stream: bool, requests: int, cpu: Optional[int], observe: bool = True, realistic: bool = False,
-          fast_heads: bool = True) -> int:
-    """Instructions the proxy executed while serving `requests` requests."""
+          fast_heads: bool = True, logging: str = "") -> int:
+    """Instructions the proxy executed while serving `requests` requests (`logging`: extra [logging] settings)."""
     config = write_config(workdir, f"{'meter' if meter else 'nometer'}-{'observe' if observe else 'noobserve'}"
-                                   f"-{'fast' if fast_heads else 'h11'}", meter, observe, fast_heads)
+                                   f"-{'fast' if fast_heads else 'h11'}", meter, observe, fast_heads,
+                          f"[logging]\n{logging}" if logging and observe else "")
     out = workdir / f"callgrind-{time.monotonic_ns()}.out"
     port = free_port()
     log = workdir / "proxy-valgrind.log"
@@ -238,6 +241,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--requests", type=int, default=2000, help="requests (or streams) counted (2000)")
     ap.add_argument("--no-meter", action="store_true", help="metering off ([plugins] meter = [])")
     ap.add_argument("--no-observe", action="store_true", help="metrics and the access log off")
+    ap.add_argument("--no-access-log", action="store_true", help="metrics on, the access log off")
+    ap.add_argument("--json-log", action="store_true", help='the access log in JSON ([logging] format = "json")')
     ap.add_argument("--stream", action="store_true",
                     help="bulk SSE streams, counted at 10 and at 110 events: per stream and per event")
     ap.add_argument("--path", default="/v1/messages", help="request path (/health: the HTTP layer alone)")
@@ -274,13 +279,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                       f"proxied request")
             return 0
         meter, observe, fast = not args.no_meter, not args.no_observe, not args.no_fast_heads
+        logging = ("access_log = false\n" if args.no_access_log else "") + (
+            'format = "json"\n' if args.json_log else "")
+        observed = ("metrics on, access log off" if args.no_access_log
+                    else f"metrics and {'JSON' if args.json_log else 'text'} access log on")
         label = (f"{args.path}, {heads}, {'metering on' if meter else 'metering off'}, "
-                 f"{'metrics and access log on' if observe else 'metrics and access log off'}, "
+                 f"{observed if observe else 'metrics and access log off'}, "
                  f"{'fast heads' if fast else 'h11 for every head'}")
         if not args.stream:
             n = count(args.python, workdir, db, key, meter=meter, path=args.path, stream=False,
                       requests=args.requests, cpu=args.cpu, observe=observe, realistic=args.realistic,
-                      fast_heads=fast)
+                      fast_heads=fast, logging=logging)
             print(f"{label}: {n / args.requests:,.0f} instructions per request ({args.requests} requests)")
             return 0
         figures = {}
@@ -288,7 +297,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             path = f"{args.path}?events={events}&ttfb_ms=0&gap_ms=0"
             figures[events] = count(args.python, workdir, db, key, meter=meter, path=path, stream=True,
                                     requests=args.requests, cpu=args.cpu, observe=observe,
-                                    realistic=args.realistic, fast_heads=fast) / args.requests
+                                    realistic=args.realistic, fast_heads=fast, logging=logging) / args.requests
         per_event = (figures[110] - figures[10]) / 100
         print(f"{label}, bulk SSE: {figures[10]:,.0f} instructions per stream of 10 events, "
               f"{figures[110]:,.0f} per stream of 110; {per_event:,.0f} per event ({args.requests} streams each)")

@@ -212,15 +212,16 @@ def setup_proxy_db(cmd: list[str], workdir: Path, mock_port: int) -> tuple[Path,
     return db, lines[-1].strip()
 
 
-def write_config(workdir: Path, name: str, meter: bool, observe: bool = True, fast_heads: bool = True) -> Path:
+def write_config(workdir: Path, name: str, meter: bool, observe: bool = True, fast_heads: bool = True,
+                 extra: str = "") -> Path:
     """The proxy's config file: metering off unless `meter`; metrics and the access log off unless `observe`;
-    every head parsed by h11 unless `fast_heads`."""
+    every head parsed by h11 unless `fast_heads`; `extra` TOML at the end."""
     path = workdir / f"{name}.toml"
     text = "" if fast_heads else "[server]\nfast_heads = false\n"
     text += "" if meter else "[plugins]\nmeter = []\n"
     if not observe:
         text += "[metrics]\nenabled = false\n[logging]\naccess_log = false\n"
-    path.write_text(text)
+    path.write_text(text + extra)
     return path
 
 

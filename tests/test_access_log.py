@@ -54,8 +54,9 @@ async def serve_and_log(tmp_path, mock_upstream, config: str) -> tuple[str, str,
     return server.stderr, key, usage_rows(db)
 
 
-async def test_json_access_log_has_one_line_per_request_and_no_secrets(tmp_path, mock_upstream):
-    stderr, key, rows = await serve_and_log(tmp_path, mock_upstream, '[logging]\nformat = "json"\n')
+@pytest.mark.parametrize("metrics", ["", "[metrics]\nenabled = false\n"], ids=["metrics-on", "metrics-off"])
+async def test_json_access_log_has_one_line_per_request_and_no_secrets(tmp_path, mock_upstream, metrics):
+    stderr, key, rows = await serve_and_log(tmp_path, mock_upstream, '[logging]\nformat = "json"\n' + metrics)
     lines = [json.loads(line) for line in stderr.splitlines()]      # every line, not only the access log
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     assert any(line["logger"] == "apertis_proxy.server" and "listening on" in line["message"] for line in lines)
@@ -102,3 +103,29 @@ async def test_access_log_can_be_turned_off(tmp_path, mock_upstream):
     stderr, _, rows = await serve_and_log(tmp_path, mock_upstream, "[logging]\naccess_log = false\n")
     assert len(rows) == 3
     assert "apertis_proxy.access" not in stderr and "listening on" in stderr
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_line_quotes_what_a_client_chose_and_writes_a_missing_price_as_null(fmt):
+    """Lines are assembled from pieces remembered per kind of request: a client's model name or path with quotes,
+    spaces or `%` must still come out quoted (text) or escaped (JSON), and an unpriced request's cost as null."""
+    from apertis_proxy.observe.access_log import AccessLog
+    from apertis_proxy.plugin_api import UsageRecord
+
+    record = UsageRecord(request_id="req_1", started_at=0.0, endpoint="/v1/messages", key_name="alice",
+                         requested_model='odd "model" %s 1', cost=None, ttfb_ms=12.5, stream=True,
+                         input_tokens=5000, output_tokens=7, status=200)
+    entries = [(0.0, 0.0123456, 200, "POST", "/v1/messages", "[::1]:5", "req_1", record),
+               (0.0, 1.5, 404, "GET", "/x%d y", "127.0.0.1:6", "req_2", None)]
+    first, second = (line.decode() for line in AccessLog(fmt).lines(entries * 2)[:2])
+    if fmt == "json":
+        a, b = json.loads(first), json.loads(second)
+        assert (a["requested_model"], a["cost"], a["ttfb_ms"], a["duration_ms"]) == (
+            'odd "model" %s 1', None, 12.5, 12.345)
+        assert (a["input_tokens"], a["output_tokens"], a["stream"], a["client"]) == (5000, 7, True, "[::1]:5")
+        assert (b["path"], b["status"], b["error_type"], b["cost"], b["ttfb_ms"]) == (
+            "/x%d y", 404, "not_found_error", 0.0, None)
+    else:
+        assert 'requested_model="odd \\"model\\" %s 1"' in first and " cost=null" in first
+        assert " input_tokens=5000 output_tokens=7 " in first and " duration_ms=12.345 " in first
+        assert ' path="/x%d y" ' in second and " error_type=not_found_error " in second

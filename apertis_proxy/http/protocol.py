@@ -43,6 +43,13 @@ class Refusal(Protocol):
     error_type: str
 
 
+# Told of every request the HTTP layer answers with an error itself, before any
+# handler saw it (metrics and the access log count them):
+#     refused(status, error_type, reason, request_id, method, path, client)
+# `reason` is one of a fixed set (see the _reject_early callers); `method` and
+# `path` are None when the head could not be read.
+RefusalHook = Callable[[int, str, str, str, Optional[str], Optional[str], str], None]
+
 # A handler may also have `admit(head) -> Refusal | int | None`: called with a
 # request's head (its body b"") when the body still has to be read, so that a
 # request its credential will not admit is refused before its body is read; an
@@ -80,11 +87,13 @@ class ServerState:
     """Shared by all connections of one listening server: bookkeeping for shutdown
     and for the connection cap."""
 
-    __slots__ = ("connections", "draining", "tasks", "max_connections", "render_error", "_shed", "_refused",
-                 "_logged_at", "_all_busy_until")
+    __slots__ = ("connections", "draining", "tasks", "max_connections", "render_error", "refused", "_shed",
+                 "_refused", "_logged_at", "_all_busy_until")
 
-    def __init__(self, render_error: ErrorRenderer, max_connections: int = 10_000) -> None:
+    def __init__(self, render_error: ErrorRenderer, max_connections: int = 10_000,
+                 refused: Optional[RefusalHook] = None) -> None:
         self.render_error = render_error
+        self.refused = refused
         self.connections: set["HttpConnection"] = set()
         self.draining = False
         # Handler tasks until they return: a handler still meters its request
@@ -184,11 +193,12 @@ class HttpConnection(asyncio.Protocol):
                               content_length=len(body), keep_alive=False)
             transport.write(head + body)
             transport.close()
+            if state.refused is not None:
+                _tell(state.refused, 503, "overloaded_error", "connection_cap", rid, None, None, _peer(transport))
             return
         transport.set_write_buffer_limits(high=self._settings.write_high_water)
         self.flow.transport = transport
-        peer = transport.get_extra_info("peername")
-        self._client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        self._client = _peer(transport)
         state.connections.add(self)
         self._arm(self._settings.keepalive_timeout)
 
@@ -313,7 +323,8 @@ class HttpConnection(asyncio.Protocol):
                 self._body_size += len(event.data)
                 if self._body_size > self._body_limit:
                     self._reject_early(413, f"request body exceeds the limit of "
-                                            f"{self._body_limit} bytes", "request_too_large")
+                                            f"{self._body_limit} bytes", "request_too_large",
+                                       "body_too_large")
                     return
                 self._body.append(event.data)
                 self._arm(self._settings.body_timeout)
@@ -334,11 +345,11 @@ class HttpConnection(asyncio.Protocol):
         # h11 only bounds a head still incomplete in its buffer; one that
         # arrived whole in a single read must be measured here.
         if _head_size(event, headers) > self._settings.max_header_bytes:
-            self._reject_early(431, "request headers too large", "request_too_large")
+            self._reject_early(431, "request headers too large", "request_too_large", "headers_too_large")
             return
         if event.http_version not in (b"1.1", b"1.0"):
             self._reject_early(505, f"HTTP/{event.http_version.decode('ascii', 'replace')} is not supported; "
-                                    f"use HTTP/1.1", "invalid_request_error")
+                                    f"use HTTP/1.1", "invalid_request_error", "http_version")
             return
         reads, self._head_reads = self._head_reads, []
         # h11 has validated the framing headers; without either, a request has no body.
@@ -357,14 +368,14 @@ class HttpConnection(asyncio.Protocol):
             # we do).  RFC 9112 allows refusing it; the connection is closed.
             refusal = "a request must not have both Content-Length and Transfer-Encoding"
         if refusal is not None:
-            self._reject_early(400, refusal, "invalid_request_error")
+            self._reject_early(400, refusal, "invalid_request_error", "framing")
             return
         if chunked:
             length = None
         self._length = length
         if length is not None and length > self._settings.max_body_bytes:
             self._reject_early(413, f"request body exceeds the limit of "
-                                    f"{self._settings.max_body_bytes} bytes", "request_too_large")
+                                    f"{self._settings.max_body_bytes} bytes", "request_too_large", "body_too_large")
 
     def _fast_request(self, data: bytes) -> bool:
         """Serve a request whose head came whole in this first read, and is of the
@@ -387,7 +398,7 @@ class HttpConnection(asyncio.Protocol):
         self._length = length = event.length
         if length > self._settings.max_body_bytes:
             self._reject_early(413, f"request body exceeds the limit of "
-                                    f"{self._settings.max_body_bytes} bytes", "request_too_large")
+                                    f"{self._settings.max_body_bytes} bytes", "request_too_large", "body_too_large")
             return True
         # self._h11 is untouched: it takes whatever follows the body (pipelined requests).
         self._fresh = True
@@ -431,6 +442,7 @@ class HttpConnection(asyncio.Protocol):
             return True
         target = _request_target(event.target).decode("latin-1")
         head = Request(event.method.decode("ascii"), target, self._headers, b"", self._client, event.http_version)
+        head.request_id = request_id = new_request_id()
         refusal = admit(head)
         if refusal is None:
             return True
@@ -440,9 +452,10 @@ class HttpConnection(asyncio.Protocol):
             if self._length is None or self._length <= refusal:
                 return True
             self._reject_early(413, f"request body exceeds the limit of {refusal} bytes for a request whose "
-                                    "credential no auth plugin checked from its head", "request_too_large")
+                                    "credential no auth plugin checked from its head", "request_too_large",
+                               "body_too_large", request_id=request_id)
             return False
-        self._reject_early(refusal.status, refusal.message, refusal.error_type)
+        self._reject_early(refusal.status, refusal.message, refusal.error_type, request_id=request_id)
         return False
 
     def _take_body(self, conn: h11.Connection) -> bool:
@@ -581,18 +594,30 @@ class HttpConnection(asyncio.Protocol):
             self.flow.resume_reading()
 
     # -- errors and timers ---------------------------------------------------
-    def _reject_early(self, status: int, message: str, error_type: str) -> None:
-        """Answer before the request was read completely, then close."""
+    def _reject_early(self, status: int, message: str, error_type: str, reason: Optional[str] = None, *,
+                      request_id: Optional[str] = None) -> None:
+        """Answer before the request was read completely, then close.  With a
+        `reason`, the HTTP layer refused it on its own: state.refused is told
+        (a refusal by the handler's admit() is the handler's to count)."""
         self._h11 = self._new_h11()  # the rest of the request is never parsed
         self._fresh = False
         self._discarding = True
-        responder = self._responder or Responder(self, new_request_id(), keep_alive=False)
+        responder = self._responder
+        ours = responder is None
+        if responder is None:
+            responder = self._responder = Responder(self, request_id or new_request_id(), keep_alive=False)
         responder.keep_alive = False
-        self._responder = responder
         if not responder.started:
             responder.send_error(status, message, error_type)
         else:
             self.close()
+        if ours and reason is not None and self.state.refused is not None:
+            event = self._request
+            method = path = None
+            if event is not None:
+                method = event.method.decode("ascii")
+                path = _request_target(event.target).decode("latin-1").partition("?")[0]
+            _tell(self.state.refused, status, error_type, reason, responder.request_id, method, path, self._client)
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint or 400
@@ -602,9 +627,10 @@ class HttpConnection(asyncio.Protocol):
         # h11's text quotes the offending bytes as a bytearray repr (up to the
         # whole line): say what was wrong, not Python's view of it.
         reason = str(exc).split(": bytearray(")[0].split(": b'")[0].split(': b"')[0][:200]
-        message = ("request headers too large" if status == 431 else f"malformed HTTP request: {reason}")
-        etype = "request_too_large" if status == 431 else "invalid_request_error"
-        self._reject_early(status, message, etype)
+        if status == 431:
+            self._reject_early(431, "request headers too large", "request_too_large", "headers_too_large")
+        else:
+            self._reject_early(status, f"malformed HTTP request: {reason}", "invalid_request_error", "malformed")
 
     def _arm(self, delay: float) -> None:
         self._deadline.set(self._loop.time() + delay)
@@ -615,7 +641,7 @@ class HttpConnection(asyncio.Protocol):
         if self._request is None and self._body_size == 0 and not self._h11.trailing_data[0]:
             self.close()  # idle keep-alive connection
             return
-        self._reject_early(408, "timed out waiting for the request", "timeout_error")
+        self._reject_early(408, "timed out waiting for the request", "timeout_error", "timeout")
 
     # -- shutdown ------------------------------------------------------------
     def shutdown(self) -> None:
@@ -658,6 +684,20 @@ def framing_refusal(received: bytes, chunked: bool) -> Optional[str]:
             if name.lower() == b"transfer-encoding" and value.strip(b" \t\r") != b"chunked":
                 return "malformed HTTP request: Transfer-Encoding must be written exactly as \"chunked\""
     return None
+
+
+def _tell(refused: RefusalHook, *args) -> None:
+    """Call the refusal hook; a failure in it is logged, never lets the refusal fail."""
+    try:
+        refused(*args)
+    except Exception:  # noqa: BLE001 - observability must not break the answer already sent
+        log.exception("the refusal hook failed")
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    """The client's "ip:port"."""
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
 
 
 def _head_size(event: h11.Request, headers: list[tuple[bytes, bytes]]) -> int:

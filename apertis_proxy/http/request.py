@@ -7,7 +7,9 @@ from typing import Optional
 class Request:
     """One complete HTTP request (head and body), as parsed by h11."""
 
-    __slots__ = ("method", "target", "path", "query", "headers", "body", "client", "http_version")
+    # `request_id` is set only on a head handed to admit() (see protocol.py): the id a refusal
+    # of it is sent with.  A complete request's id is its responder's.
+    __slots__ = ("method", "target", "path", "query", "headers", "body", "client", "http_version", "request_id")
 
     def __init__(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
                  client: str, http_version: bytes) -> None:

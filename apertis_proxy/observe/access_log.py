@@ -21,7 +21,7 @@ import asyncio
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import orjson
 
@@ -40,24 +40,62 @@ PIPE_BUF = 4096
 _NO_USAGE = UsageRecord(request_id="", started_at=0.0, endpoint="")
 # A value written bare in the text format; others are quoted, so a client's model name cannot forge a line.
 _PLAIN = re.compile(r'[^\s"=\\]+').fullmatch
-_TEXT = ("%s INFO " + LOGGER + ": %s request_id=%s key_name=%s client=%s method=%s path=%s requested_model=%s"
-         " upstream_model=%s channel_name=%s attempts=%d status=%d error_type=%s stream=%s ttfb_ms=%s duration_ms=%s"
-         " input_tokens=%d output_tokens=%d cache_read_input_tokens=%d cache_creation_input_tokens=%d cost=%s\n")
-
-
-# Text-format values already written once: the same few key, model and channel names recur on every line.
-_written: dict[Optional[str], str] = {None: "-"}
-MAX_REMEMBERED = 4096
+# Text lines of one kind of request (see _template) remembered, and the longest template remembered.
+MAX_TEMPLATES = 4096
+MAX_TEMPLATE_CHARS = 2048
 
 
 def _text(value: Optional[str]) -> str:
-    text = _written.get(value)
+    """A value as the text format writes it: bare, quoted, or `-` for none."""
+    if value is None:
+        return "-"
+    return value if _PLAIN(value) else orjson.dumps(value).decode()
+
+
+def _text_template(method: Optional[str], path: Optional[str], status: int, r: UsageRecord,
+                   error_type: Optional[str]) -> tuple[str, ...]:
+    """The text line of one kind of request, as the pieces around what differs from request to
+    request (time, request id, client, ttfb, duration, the four token counts, cost): joined with
+    those, without formatting the whole line each time."""
+    return ("", " INFO " + LOGGER + ": " + _text(f"{method or '-'} {path or '-'} {status}") + " request_id=",
+            " key_name=" + _text(r.key_name) + " client=",
+            " method=" + _text(method) + " path=" + _text(path) + " requested_model=" + _text(r.requested_model) +
+            " upstream_model=" + _text(r.upstream_model) + " channel_name=" + _text(r.channel_name) +
+            f" attempts={r.attempts:d} status={status:d} error_type=" + _text(error_type) +
+            (" stream=true" if r.stream else " stream=false") + " ttfb_ms=",
+            " duration_ms=", " input_tokens=", " output_tokens=", " cache_read_input_tokens=",
+            " cache_creation_input_tokens=", " cost=", "\n")
+
+
+def _json_template(method: Optional[str], path: Optional[str], status: int, r: UsageRecord,
+                   error_type: Optional[str]) -> tuple[str, ...]:
+    """The same pieces for a JSON line: one object, the fields in the text line's order."""
+    def value(v: object) -> str:
+        return orjson.dumps(v).decode()
+    return ('{"time":"', '","level":"INFO","logger":"' + LOGGER + '","message":' +
+            value(f"{method or '-'} {path or '-'} {status}") + ',"request_id":',
+            ',"key_name":' + value(r.key_name) + ',"client":',
+            ',"method":' + value(method) + ',"path":' + value(path) + ',"requested_model":' +
+            value(r.requested_model) + ',"upstream_model":' + value(r.upstream_model) + ',"channel_name":' +
+            value(r.channel_name) + f',"attempts":{r.attempts:d},"status":{status:d},"error_type":' +
+            value(error_type) + ',"stream":' + value(bool(r.stream)) + ',"ttfb_ms":',
+            ',"duration_ms":', ',"input_tokens":', ',"output_tokens":', ',"cache_read_input_tokens":',
+            ',"cache_creation_input_tokens":', ',"cost":', "}\n")
+
+
+# Token counts and costs as text (the same in JSON): most are small, or recur.
+_SMALL = [str(n) for n in range(4096)]
+_costs: dict[Optional[float], str] = {}
+
+
+def _cost_text(cost: Optional[float]) -> str:
+    """A cost as both formats write it: a number (repr: the shortest that reads back the same),
+    or null for a model without a price."""
+    text = _costs.get(cost)         # type: ignore[arg-type]
     if text is None:
-        text = value if _PLAIN(value) else orjson.dumps(value).decode()   # type: ignore[arg-type]
-        if len(_written) >= MAX_REMEMBERED:
-            _written.clear()
-            _written[None] = "-"
-        _written[value] = text
+        if len(_costs) >= MAX_TEMPLATES:
+            _costs.clear()
+        text = _costs[cost] = "null" if cost is None else repr(cost)   # type: ignore[index]
     return text
 
 
@@ -65,51 +103,66 @@ class AccessLog:
     def __init__(self, fmt: str) -> None:
         self.json = fmt == "json"
         self._clock = Clock(utc=self.json)
-        # The request path only notes the facts (one tuple); lines are formatted
-        # and written together, every FLUSH_INTERVAL seconds.
+        # The request path only notes the facts (one tuple: perf_counter time, seconds,
+        # status, method, path, client, request id, usage record or None); lines are
+        # formatted and written together, every FLUSH_INTERVAL seconds.
         self._pending: list[tuple] = []
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._templates: dict[tuple, str] = {}
 
-    def __call__(self, req: Any, resp: Any, cycle: Any, status: int, seconds: float) -> None:
+    def __call__(self, entry: tuple) -> None:
         pending = self._pending
-        pending.append((time.time(), seconds, status, req.method, req.path, req.client, resp.request_id,
-                        cycle.record))
+        pending.append(entry)
         if len(pending) >= FLUSH_LINES:
             self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
 
+    def refused(self, status: int, error_type: str, request_id: str, method: Optional[str], path: Optional[str],
+                client: str) -> None:
+        """A request the HTTP layer refused before the gateway saw it."""
+        record = UsageRecord(request_id=request_id, started_at=0.0, endpoint="", error_type=error_type)
+        self((time.perf_counter(), 0.0, status, method, path, client, request_id, record))
+
     def lines(self, entries: list[tuple]) -> list[bytes]:
         """The log lines of noted requests."""
-        clock, dumps, written, quoted = self._clock, orjson.dumps, _written, _text
+        clock, dumps, as_json, small = self._clock, orjson.dumps, self.json, _SMALL
+        template, templates = (_json_template if as_json else _text_template), self._templates
+        no_ttfb = "null" if as_json else "-"
+        to_wall = time.time() - time.perf_counter()
+        stamp, last_millis = "", -1
         out = []
         for when, seconds, status, method, path, client, request_id, r in entries:
-            duration_ms = int(seconds * 1_000_000) / 1000   # prints as at most 3 decimals, and cheaper than round()
             r = r or _NO_USAGE
-            error_type = r.error_type or (error_type_for(status) if status >= 400 else None)
-            message = f"{method} {path} {status}"
-            if self.json:
-                out.append(dumps({
-                    "time": clock(when), "level": "INFO", "logger": LOGGER, "message": message,
-                    "request_id": request_id, "key_name": r.key_name, "client": client, "method": method,
-                    "path": path, "requested_model": r.requested_model, "upstream_model": r.upstream_model,
-                    "channel_name": r.channel_name, "attempts": r.attempts, "status": status,
-                    "error_type": error_type, "stream": r.stream, "ttfb_ms": r.ttfb_ms, "duration_ms": duration_ms,
-                    "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
-                    "cache_read_input_tokens": r.cache_read_input_tokens,
-                    "cache_creation_input_tokens": r.cache_creation_input_tokens, "cost": r.cost}) + b"\n")
-                continue
-            # Inline look-ups of already written values: a call per field was most of a line's cost.
-            out.append((_TEXT % (
-                clock(when), written.get(message) or quoted(message), request_id,
-                written.get(r.key_name) or quoted(r.key_name), client, method, written.get(path) or quoted(path),
-                written.get(r.requested_model) or quoted(r.requested_model),
-                written.get(r.upstream_model) or quoted(r.upstream_model),
-                written.get(r.channel_name) or quoted(r.channel_name), r.attempts, status,
-                written.get(error_type) or quoted(error_type), "true" if r.stream else "false",
-                "-" if r.ttfb_ms is None else dumps(r.ttfb_ms).decode(), dumps(duration_ms).decode(),
-                r.input_tokens, r.output_tokens, r.cache_read_input_tokens, r.cache_creation_input_tokens,
-                dumps(r.cost).decode())).encode())
+            # What the line of this kind of request says besides the figures: its template's key.
+            kind = (method, path, status, r.key_name, r.requested_model, r.upstream_model, r.channel_name,
+                    r.attempts, r.error_type, r.stream)
+            pieces = templates.get(kind)
+            if pieces is None:
+                error_type = r.error_type or (error_type_for(status) if status >= 400 else None)
+                pieces = template(method, path, status, r, error_type)
+                if len(pieces[3]) <= MAX_TEMPLATE_CHARS:
+                    if len(templates) >= MAX_TEMPLATES:
+                        templates.clear()
+                    templates[kind] = pieces
+            millis = int((when + to_wall) * 1000)
+            if millis != last_millis:
+                stamp, last_millis = clock(millis / 1000), millis
+            if as_json:
+                request_id, client = dumps(request_id).decode(), dumps(client).decode()
+            ttfb = r.ttfb_ms
+            micros = int(seconds * 1_000_000)
+            n_in, n_out, n_read, n_write = (r.input_tokens, r.output_tokens, r.cache_read_input_tokens,
+                                            r.cache_creation_input_tokens)
+            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10 = pieces
+            out.append("".join((
+                p0, stamp, p1, request_id, p2, client, p3, no_ttfb if ttfb is None else repr(ttfb),
+                p4, f"{micros // 1000}.{micros % 1000:03d}",
+                p5, small[n_in] if 0 <= n_in < 4096 else str(n_in),
+                p6, small[n_out] if 0 <= n_out < 4096 else str(n_out),
+                p7, small[n_read] if 0 <= n_read < 4096 else str(n_read),
+                p8, small[n_write] if 0 <= n_write < 4096 else str(n_write),
+                p9, _cost_text(r.cost), p10)).encode())
         return out
 
     def flush(self) -> None:

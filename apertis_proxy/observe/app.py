@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import orjson
 
@@ -50,7 +50,8 @@ class Observability:
         self.recorder: Optional[Recorder] = None
         if settings.metrics_enabled or self.access_log is not None:
             self.recorder = Recorder(lambda name: name in catalog.catalog.by_name,
-                                     per_key=settings.metrics_per_key, on_end=self.access_log)
+                                     per_key=settings.metrics_per_key, on_end=self.access_log,
+                                     count=settings.metrics_enabled)
         self.readiness = Readiness(settings.db)
         self.allowed = [ipaddress.ip_network(n, strict=False) for n in settings.metrics_allow]
         self.share = (shared.WorkerShare(run_dir, self.snapshot, settings.metrics_flush_interval)
@@ -65,6 +66,20 @@ class Observability:
             await self.share.close()
         if self.access_log is not None:
             self.access_log.close()
+
+    def refused(self, status: int, error_type: str, reason: str, request_id: str, method: Optional[str],
+                path: Optional[str], client: str) -> None:
+        """A request the HTTP layer answered with an error before the gateway saw it
+        (see http/protocol.py RefusalHook): counted by reason and code, and logged."""
+        if self.recorder is not None:
+            self.recorder.refused(reason, status)
+        if self.access_log is not None:
+            self.access_log.refused(status, error_type, request_id, method, path, client)
+
+    @property
+    def refusal_hook(self) -> Optional[Callable[..., None]]:
+        """What the HTTP layer calls for its own refusals; None when nothing observes them."""
+        return self.refused if self.recorder is not None else None
 
     def wrap(self, app: Any) -> "ObservedApp":
         return ObservedApp(app, self)
@@ -127,11 +142,11 @@ class Observability:
 class _RefusedFromHead:
     """What the recorder reads of a responder, for a request answered before its body was read."""
 
-    __slots__ = ("status",)
-    request_id = "-"
+    __slots__ = ("status", "request_id")
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, request_id: str) -> None:
         self.status = status
+        self.request_id = request_id
 
 
 class ObservedApp:
@@ -155,7 +170,7 @@ class ObservedApp:
     def _observed_admit(self, head: Request):
         refusal = self._admit(head)
         if refusal is not None and not isinstance(refusal, int):     # an int is a body limit, not a refusal
-            answered = _RefusedFromHead(refusal.status)
+            answered = _RefusedFromHead(refusal.status, getattr(head, "request_id", "-"))
             self.recorder.end(answered.request_id, self.recorder.begin(answered.request_id), head, answered)
         return refusal
 

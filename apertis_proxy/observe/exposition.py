@@ -31,6 +31,10 @@ HELP = {
     "apertis_upstream_attempts": "Attempts on upstream channels, by outcome: ok, failover (an error answer after "
                                  "which the next channel was tried), timeout, refused (no connection), status "
                                  "(an error answer passed on), abandoned (the client left while it ran).",
+    "apertis_http_refusals": "Requests the HTTP layer answered with an error before the gateway saw them (not in "
+                             "apertis_requests_total), by reason: malformed, framing (ambiguous body framing), "
+                             "headers_too_large, body_too_large, http_version, timeout (the request did not arrive "
+                             "in time), connection_cap (every connection busy), and status code.",
     "apertis_http_heads": "HTTP heads parsed, by side (request: from clients, response: from upstreams) and parser "
                           "(fast: the strict parser of well-formed heads, h11: everything else).",
     "apertis_ledger_rows_written": "Usage rows the meter has written.",

@@ -64,10 +64,15 @@ class Histogram:
         self.bounds = bounds
         self.series: dict[tuple, list] = {}
 
-    def observe(self, labels: tuple, value: float) -> None:
+    def counts(self, labels: tuple) -> list:
+        """The counts of one label tuple (made on first use): a shape holds on to them."""
         counts = self.series.get(labels)
         if counts is None:
             counts = self.series[labels] = [0] * (len(self.bounds) + 1) + [0.0]
+        return counts
+
+    def observe(self, labels: tuple, value: float) -> None:
+        counts = self.counts(labels)
         counts[bisect_left(self.bounds, value)] += 1
         counts[-1] += value
 
@@ -87,24 +92,48 @@ class Cycle:
         self.failed_status_channel: Optional[str] = None
 
 
+class Shape:
+    """The series one kind of request moves: the same endpoint, model, channel, code and
+    stream (and key, with per-key labels).  Looked up once per request by the raw facts,
+    so the labels, and the dictionary entries they select, are worked out once per kind."""
+
+    __slots__ = ("requests", "usage", "duration")
+
+    def __init__(self, requests: list[int], usage: Optional[list[int]], duration: list) -> None:
+        self.requests = requests        # [count]
+        self.usage = usage              # [input, output, cache_read, cache_write, cost units]; None: no record
+        self.duration = duration        # the request duration histogram's counts
+
+
+# Kinds of request remembered (a shape whose model label is `other` is never remembered: the name may be learned).
+MAX_SHAPES = 4096
+
+
 class Recorder:
     def __init__(self, known_model: Callable[[str], bool], *, per_key: bool = False,
-                 on_end: Optional[Callable[[Any, Any, Cycle, int, float], None]] = None) -> None:
+                 on_end: Optional[Callable[[tuple], None]] = None, count: bool = True) -> None:
         self._known_model = known_model
         self.per_key = per_key
-        self.on_end = on_end            # the access log: (request, responder, cycle, status, seconds)
+        # False with metrics off: requests are only followed for the access log (on_end).
+        self.count = count
+        # The access log: told (perf_counter time, seconds, status, method, path, client, request id, record).
+        self.on_end = on_end
         self.cycles: dict[str, Cycle] = {}
         # Model names already reported as themselves (the catalogue's, and those a channel answered 2xx for).
         self.learned_models: set[str] = set()
-        self.requests: dict[tuple, int] = {}        # endpoint, model, channel, code (an int)[, key]
+        self.requests: dict[tuple, list[int]] = {}  # endpoint, model, channel, code (an int)[, key] -> [count]
         # model[, key] -> [input, output, cache_read, cache_write tokens, cost in units of COST_UNIT]
         self.usage: dict[tuple, list[int]] = {}
-        self.attempts: dict[tuple, int] = {}        # channel, outcome
+        self.attempts: dict[tuple, list[int]] = {}  # channel, outcome -> [count]
+        self.refusals: dict[tuple, int] = {}        # reason, code (a str): refused by the HTTP layer
         self.duration = Histogram(DURATION_BUCKETS)             # endpoint, stream
         self.ttfb = Histogram(TTFB_BUCKETS)                     # channel (streams)
         self.upstream_duration = Histogram(DURATION_BUCKETS)    # channel
         self.in_flight = 0
         self.streams_open = 0
+        self._shapes: dict[tuple, Shape] = {}
+        # channel -> (its `ok` attempt count, its upstream duration counts): the common attempt in one look-up
+        self._ok_attempts: dict[str, tuple[list[int], list]] = {}
 
     # -- hooks on the request path --------------------------------------------
     def begin(self, request_id: str) -> Cycle:
@@ -114,13 +143,15 @@ class Recorder:
 
     def routed(self, info: RequestInfo) -> None:
         """A request about to go upstream: a stream is open from here to its end."""
-        if info.stream and info.path == "/v1/messages":
+        if info.stream and self.count and info.path == "/v1/messages":
             cycle = self.cycles.get(info.request_id)
             if cycle is not None and not cycle.stream:
                 cycle.stream = True
                 self.streams_open += 1
 
     def attempt(self, outcome: Outcome) -> None:
+        if not self.count:
+            return
         channel = outcome.channel.name
         cycle = self.cycles.get(outcome.request_id)
         if cycle is not None:
@@ -128,12 +159,21 @@ class Recorder:
             if cycle.failed_status_channel is not None:
                 self._count_attempt(cycle.failed_status_channel, "failover")
                 cycle.failed_status_channel = None
-        label = "ok" if outcome.ok else outcome_label(outcome)
+        if outcome.ok:
+            ok = self._ok_attempts.get(channel)
+            if ok is None:
+                ok = self._ok_attempts[channel] = (self._attempt_count(channel, "ok"),
+                                                   self.upstream_duration.counts((channel,)))
+            ok[0][0] += 1
+            counts = ok[1]
+            counts[bisect_left(DURATION_BUCKETS, outcome.duration)] += 1
+            counts[-1] += outcome.duration
+            return
+        label = outcome_label(outcome)
         if label == "status" and cycle is not None:
             cycle.failed_status_channel = channel
         else:
-            key = (channel, label)
-            self.attempts[key] = self.attempts.get(key, 0) + 1
+            self._count_attempt(channel, label)
         self.upstream_duration.observe((channel,), outcome.duration)
 
     def finished(self, record: UsageRecord) -> None:
@@ -143,56 +183,88 @@ class Recorder:
 
     def end(self, request_id: str, cycle: Cycle, req: Any, resp: Any) -> None:
         """The request is over: count it once, with what the hooks learned."""
-        seconds = _clock() - cycle.t0
+        now = _clock()
+        seconds = now - cycle.t0
         self.cycles.pop(request_id, None)
         self.in_flight -= 1
-        if cycle.stream:
-            self.streams_open -= 1
-        if cycle.failed_status_channel is not None:
-            self._count_attempt(cycle.failed_status_channel, "status")
         record = cycle.record
         path = req.path
-        endpoint = path if path in ENDPOINTS else endpoint_label(path)
+        status = (resp.status if record is None else record.status or resp.status) or 500
+        if self.count:
+            self._count(cycle, record, path, status, seconds)
+        if self.on_end is not None:
+            self.on_end((now, seconds, status, req.method, path, req.client, request_id, record))
+
+    def _count(self, cycle: Cycle, record: Optional[UsageRecord], path: str, status: int, seconds: float) -> None:
+        stream = cycle.stream
+        endpoint = path if path in ENDPOINTS else endpoint_label(path)     # a bounded set, unlike paths
         if record is None:
-            status = resp.status or 500
-            labels = (endpoint, NONE, NONE, status, NONE) if self.per_key else (endpoint, NONE, NONE, status)
+            fact = (endpoint, None, None, status, stream, None)
         else:
-            status = record.status or resp.status or 500
-            model = self._model_label(record)
-            channel = record.channel_name or NONE
-            if self.per_key:
-                key = record.key_name or NONE
-                labels = (endpoint, model, channel, status, key)
-                self._count_usage(record, (model, key))
-            else:
-                labels = (endpoint, model, channel, status)
-                self._count_usage(record, (model,))
+            fact = (endpoint, record.requested_model, record.channel_name, status, stream,
+                    record.key_name if self.per_key else None)
+        shape = self._shapes.get(fact)
+        if shape is None:
+            shape = self._shape(fact, record)
+        shape.requests[0] += 1
+        counts = shape.duration
+        counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        counts[-1] += seconds
+        if record is not None:
+            usage = shape.usage
+            usage[0] += record.input_tokens                     # type: ignore[index]
+            usage[1] += record.output_tokens                    # type: ignore[index]
+            usage[2] += record.cache_read_input_tokens          # type: ignore[index]
+            usage[3] += record.cache_creation_input_tokens      # type: ignore[index]
+            if record.cost:
+                usage[4] += round(record.cost / COST_UNIT)      # type: ignore[index]
             if record.attempts > cycle.outcomes and record.channel_name:
                 # The client left while this channel was answering: no outcome came.
                 self._count_attempt(record.channel_name, "abandoned")
-            if cycle.stream and record.ttfb_ms is not None:
-                self.ttfb.observe((channel,), record.ttfb_ms / 1000)
-        requests = self.requests
-        requests[labels] = requests.get(labels, 0) + 1
-        self.duration.observe((endpoint, "true") if cycle.stream else (endpoint, "false"), seconds)
-        if self.on_end is not None:
-            self.on_end(req, resp, cycle, status, seconds)
+            if stream and record.ttfb_ms is not None:
+                self.ttfb.observe((record.channel_name or NONE,), record.ttfb_ms / 1000)
+        if stream:
+            self.streams_open -= 1
+        if cycle.failed_status_channel is not None:
+            self._count_attempt(cycle.failed_status_channel, "status")
+
+    def refused(self, reason: str, status: int) -> None:
+        """A request the HTTP layer refused before the gateway saw it (no begin/end)."""
+        key = (reason, str(status))
+        self.refusals[key] = self.refusals.get(key, 0) + 1
 
     # -- helpers ---------------------------------------------------------------
-    def _count_attempt(self, channel: str, outcome: str) -> None:
-        key = (channel, outcome)
-        self.attempts[key] = self.attempts.get(key, 0) + 1
+    def _shape(self, fact: tuple, record: Optional[UsageRecord]) -> Shape:
+        """The series of a kind of request not seen yet (remembered unless its model is `other`)."""
+        endpoint, _, channel, status, stream, key = fact
+        model = NONE if record is None else self._model_label(record)
+        channel = channel or NONE
+        key_labels = ((key or NONE),) if self.per_key else ()
+        labels = (endpoint, model, channel, status, *key_labels)
+        requests = self.requests.get(labels)
+        if requests is None:
+            requests = self.requests[labels] = [0]
+        usage = None
+        if record is not None:
+            usage = self.usage.get((model, *key_labels))
+            if usage is None:
+                usage = self.usage[(model, *key_labels)] = [0, 0, 0, 0, 0]
+        shape = Shape(requests, usage, self.duration.counts((endpoint, "true" if stream else "false")))
+        if model != OTHER:
+            if len(self._shapes) >= MAX_SHAPES:
+                self._shapes.clear()
+            self._shapes[fact] = shape
+        return shape
 
-    def _count_usage(self, record: UsageRecord, labels: tuple) -> None:
-        usage = self.usage.get(labels)
-        if usage is None:
-            usage = self.usage[labels] = [0, 0, 0, 0, 0]
-        usage[0] += record.input_tokens
-        usage[1] += record.output_tokens
-        usage[2] += record.cache_read_input_tokens
-        usage[3] += record.cache_creation_input_tokens
-        if record.cost:
-            usage[4] += round(record.cost / COST_UNIT)
+    def _attempt_count(self, channel: str, outcome: str) -> list[int]:
+        key = (channel, outcome)
+        count = self.attempts.get(key)
+        if count is None:
+            count = self.attempts[key] = [0]
+        return count
+
+    def _count_attempt(self, channel: str, outcome: str) -> None:
+        self._attempt_count(channel, outcome)[0] += 1
 
     def _model_label(self, record: UsageRecord) -> str:
         name = record.requested_model
@@ -216,7 +288,7 @@ class Recorder:
         shape), with `counters` and `gauges` kept elsewhere (plugins' figures).
         `not_counted` requests are left out of the in-flight gauge (the scrape asking)."""
         key = ["key"] if self.per_key else []
-        requests = [[[endpoint, model, channel, str(code), *rest], n]
+        requests = [[[endpoint, model, channel, str(code), *rest], n[0]]
                     for (endpoint, model, channel, code, *rest), n in self.requests.items()]
         tokens = [[[model, kind, *rest], usage[i]] for (model, *rest), usage in self.usage.items()
                   for i, kind in enumerate(TOKEN_TYPES)]
@@ -226,7 +298,9 @@ class Recorder:
                 "apertis_requests": [["endpoint", "model", "channel", "code"] + key, requests],
                 "apertis_tokens": [["model", "type"] + key, tokens],
                 "apertis_cost_usd": [["model"] + key, cost],
-                "apertis_upstream_attempts": [["channel", "outcome"], _series(self.attempts)],
+                "apertis_upstream_attempts": [["channel", "outcome"],
+                                              [[list(labels), n[0]] for labels, n in self.attempts.items()]],
+                "apertis_http_refusals": [["reason", "code"], _series(self.refusals)],
                 "apertis_http_heads": [["side", "parser"], fast_head.COUNTS.series()],
                 **(counters or {}),
             },
