@@ -32,7 +32,8 @@ from .store import key_encryption
 from .store import channels as channel_store
 from .store import keys as key_store
 from .store import usage as usage_store
-from .store.schema import connect
+from .store import service as store_service
+from .store.url import parse as parse_db_url
 
 DEFAULT_DB = "./apertis.db"
 DEFAULT_TEST_MODEL = "claude-haiku-4-5-20251001"
@@ -250,17 +251,17 @@ _CREATING = {("keys", "create"), ("channels", "add"), ("prices", "set")}
 
 def _open(args):
     path = _db_path(args)
-    if (args.command, getattr(args, "action", None)) not in _CREATING:
-        dbfile.require_existing(path)
-    return _open_path(path)
+    return _open_path(path, create=(args.command, getattr(args, "action", None)) in _CREATING)
 
 
 @contextlib.contextmanager
-def _open_path(path: str):
+def _open_path(path: str, *, create: bool = True):
+    """A connection to the store at `path` (a file or a database URL), schema made current."""
+    url = parse_db_url(path)
     try:
-        conn = connect(path)
+        conn = store_service.connect(url, create=create)
     except sqlite3.Error as exc:
-        raise OSError(f"cannot open database {path}: {exc}") from None
+        raise OSError(f"cannot open database {url.redacted()}: {exc}") from None
     try:
         yield conn
     finally:
@@ -276,7 +277,7 @@ def cmd_serve(args) -> int:
         overrides["db"] = args.db
     settings = settings_module.load(args.config, **overrides)
     with _open_path(settings.db) as conn:   # creates or migrates the schema before workers start
-        if dbfile.readable_by_others(settings.db):
+        if not parse_db_url(settings.db).is_postgres and dbfile.readable_by_others(settings.db):
             print(f"warning: {settings.db} holds upstream keys and other users may read it;"
                   f" restrict it with: chmod 600 {shlex.quote(settings.db)}", file=sys.stderr)
         created = channel_store.bootstrap_default_channel(conn, os.environ)
@@ -309,7 +310,7 @@ def _check_key_storage(conn) -> None:
 
 
 def _command(db: str, *words: str) -> str:
-    db_flag = [] if db == DEFAULT_DB else ["--db", db]
+    db_flag = [] if db == DEFAULT_DB else ["--db", parse_db_url(db).redacted()]
     return " ".join(["apertis-proxy", *words, *(shlex.quote(w) for w in db_flag)])
 
 
@@ -815,6 +816,8 @@ def cmd_usage(args) -> int:
 # --------------------------------------------------------------------------- db
 
 def cmd_db_backup(args) -> int:
+    if parse_db_url(_db_path(args)).is_postgres:
+        raise ValueError("db backup copies a SQLite file; back a PostgreSQL database up with pg_dump")
     with _open(args) as conn:
         size = dbfile.backup(conn, args.file)
     print(f"backed up {os.path.abspath(_db_path(args))} to {args.file} ({size:,} bytes)")
@@ -1041,6 +1044,14 @@ def _add_db_commands(commands, sub, db) -> None:
 
 # --------------------------------------------------------------------------- entry point
 
+def _redacted(args, message: str) -> str:
+    """`message` without the password of the database URL (a driver may quote the URL)."""
+    try:
+        return parse_db_url(_db_path(args)).scrub(message)
+    except ValueError:
+        return message
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -1055,8 +1066,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OverflowError:          # an integer option past what SQLite stores
         _err("a number given is too large")
         return 2
-    except (ValueError, LookupError, OSError, sqlite3.Error, PluginLoadError) as exc:
-        _err(str(exc))
+    except (ValueError, LookupError, OSError, sqlite3.Error, PluginLoadError, store_service.StoreUnavailable,
+            store_service.NewerSchemaError) as exc:
+        _err(_redacted(args, str(exc)))
         return 1
     except KeyboardInterrupt:
         return 130

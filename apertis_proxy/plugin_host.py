@@ -55,7 +55,8 @@ def check_names(settings: Settings) -> None:
                 raise _unknown(name, group, available)
 
 
-def _load(group: str, names: Iterable[str], settings: Settings, worker: int, workers: int) -> list:
+def _load(group: str, names: Iterable[str], settings: Settings, worker: int, workers: int,
+          store: Any = None) -> list:
     available = discover(group)
     plugins = []
     for name in names:
@@ -65,7 +66,7 @@ def _load(group: str, names: Iterable[str], settings: Settings, worker: int, wor
         options = {"poll_interval": settings.config_poll_interval, **settings.plugin_options.get(name, {})}
         ctx = PluginContext(name=name, options=options,
                             db_path=settings.db, log=logging.getLogger(f"apertis_proxy.plugin.{name}"),
-                            worker=worker, workers=workers)
+                            worker=worker, workers=workers, store=store)
         try:
             plugin = ep.load()(ctx)
         except Exception as exc:  # noqa: BLE001 - the plugin's own failure, reported in one line
@@ -99,10 +100,10 @@ class PluginHost:
         self._feedback = [(n, p) for n, p in routers if callable(getattr(p, "feedback", None))]
 
     @classmethod
-    def load(cls, settings: Settings, *, worker: int = 0, workers: int = 1) -> "PluginHost":
-        return cls(_load(AUTH_GROUP, settings.auth_plugins, settings, worker, workers),
-                   _load(ROUTER_GROUP, settings.router_plugins, settings, worker, workers),
-                   _load(METER_GROUP, settings.meter_plugins, settings, worker, workers))
+    def load(cls, settings: Settings, *, worker: int = 0, workers: int = 1, store: Any = None) -> "PluginHost":
+        return cls(_load(AUTH_GROUP, settings.auth_plugins, settings, worker, workers, store),
+                   _load(ROUTER_GROUP, settings.router_plugins, settings, worker, workers, store),
+                   _load(METER_GROUP, settings.meter_plugins, settings, worker, workers, store))
 
     def _all(self) -> list[tuple[str, str, Any]]:
         """(group, name, plugin) of every plugin, in load order."""

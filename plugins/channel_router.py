@@ -49,15 +49,11 @@ import time
 from datetime import datetime, timezone
 from typing import Hashable, Optional, Sequence
 
-import aiosqlite
-
 from apertis_proxy.plugin_api import (CAUSE_CREDENTIAL, CAUSE_EXHAUSTED, CAUSE_REQUEST, Caller,
                                       Channel, ModelInfo, Outcome, PluginContext, RequestInfo)
-from apertis_proxy.store.catalog import Catalog, read_catalog
-from apertis_proxy.store.channels import CHANNEL_COLUMNS, row_to_channel
-from apertis_proxy.store.key_encryption import SecretKeyError
-
-from apertis_proxy.store.watch import RevisionWatcher
+from apertis_proxy.store.catalog import Catalog
+from apertis_proxy.store.config import ConfigSnapshot
+from apertis_proxy.store.service import store_for_plugin
 
 COOLDOWN_DEFAULTS = {
     "cooldown_rate_limited": 30.0,
@@ -158,22 +154,30 @@ class ChannelRouter:
         # channel that served it.
         self._sessions: collections.OrderedDict[str, Hashable] = collections.OrderedDict()
         self._tasks: set[asyncio.Task] = set()
-        self._watch = RevisionWatcher(ctx.db_path, float(opts.get("poll_interval", 1.0)),
-                                      self._tick, self.log)
+        self.interval = float(opts.get("poll_interval", 1.0))
+        self.store = None
+        self._owns_store = False
+        self._watcher = None
 
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        await self._watch.start()
+        self.store, self._owns_store = await store_for_plugin(self.ctx)
+        self._watcher = self.store.watcher(self.interval)
+        await self._watcher.start()
+        self._watcher.subscribe(self._reload)
 
     async def close(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._watch.close()
+        if self._watcher is not None:
+            self._watcher.unsubscribe(self._reload)
+        if self._owns_store and self.store is not None:
+            await self.store.close()
 
     async def refresh(self) -> None:
         """Reload now if the configuration changed."""
-        await self._watch.run_once()
+        await self._watcher.refresh()
 
     # -- request path --------------------------------------------------------
 
@@ -296,9 +300,7 @@ class ChannelRouter:
             try:
                 # "AND enabled = 1": several workers may see the same 401; the
                 # first reason stays.
-                await self._watch.conn.execute(
-                    "UPDATE channels SET enabled = 0, disabled_reason = ?, disabled_at = ?"
-                    " WHERE id = ? AND enabled = 1", (reason, at, ch.id))
+                await self.store.disable_channel(ch.id, reason, at)
                 self._disabling[ch.id] = time.monotonic()
                 return
             except Exception:
@@ -309,19 +311,10 @@ class ChannelRouter:
 
     # -- background ----------------------------------------------------------
 
-    async def _tick(self, conn: aiosqlite.Connection, changed: bool) -> None:
-        if not changed:
-            return
-        read_at = time.monotonic()
-        catalog = await read_catalog(conn)
-        rows = await conn.execute_fetchall(
-            f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE enabled = 1 ORDER BY id")
-        channels = []
-        for row in rows:
-            try:
-                channels.append(row_to_channel(row, catalog.aliases))
-            except SecretKeyError as exc:   # a key sealed under a secret key this process lacks
-                self.log.error("channel %s left out: %s", row["name"], exc)
+    def _reload(self, snapshot: ConfigSnapshot) -> None:
+        read_at = snapshot.read_at
+        catalog = snapshot.catalog
+        channels = list(snapshot.channels)
         for cid, committed in list(self._disabling.items()):
             if committed is not None and committed < read_at:
                 del self._disabling[cid]     # these rows already say so

@@ -1,10 +1,14 @@
-"""First-party auth plugin ``keys``: the gateway's own API keys, from SQLite.
+"""First-party auth plugin ``keys``: the gateway's own API keys, from the store.
 
 Everything on the request path is served from memory: a dict from the SHA-256
-of the presented key to that key's state.  A background task (see
-apertis_proxy.store.watch) reloads the tables when the CLI changed them, writes settled
-spend to ``key_spend`` and re-reads every key's spend, so quotas see what the
-other worker processes spent.
+of the presented key to that key's state, rebuilt from the store's shared
+configuration snapshot whenever it changes (apertis_proxy.store.changes).  A
+background task settles this process's spend in the store and re-reads every
+key's spend, so quotas see what the other worker processes and hosts spent.
+
+While the store cannot be reached, known keys keep working from the last
+snapshot; a key the snapshot does not know gets 503 with retry-after (it may
+have been created meanwhile), never a 401.
 
 Rules, in the order they are checked:
   401 authentication_error  no key, unknown key, disabled key, expired key, a rotated-out
@@ -31,24 +35,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable, Mapping, Optional
 
-import aiosqlite
-
 from apertis_proxy.plugin_api import Caller, PluginContext, Reject, RequestInfo, UsageRecord
-from apertis_proxy.store.catalog import Catalog, read_catalog
+from apertis_proxy.store.catalog import Catalog
+from apertis_proxy.store.config import ConfigSnapshot
 from apertis_proxy.store.keys import hash_key
-
-from apertis_proxy.store.watch import RevisionWatcher
+from apertis_proxy.store.service import store_for_plugin
 
 RPM_WINDOW = 60.0           # seconds: requests per minute is a sliding one-minute window
 CONCURRENCY_RETRY_AFTER = 1  # seconds: a slot usually frees up quickly
 CLOSE_ATTEMPTS = 5
+STORE_DOWN_RETRY_AFTER = 5   # seconds: a client retries an unknown key while the store is down
 
 
 @dataclass(slots=True)
@@ -143,29 +145,61 @@ class KeysAuth:
         self.by_id: dict[int, KeyState] = {}
         # Rotated-out secrets: hash -> (the key, unix time it stops working).
         self.grace: dict[str, tuple[KeyState, float]] = {}
-        self._watch = RevisionWatcher(ctx.db_path, float(ctx.options.get("poll_interval", 1.0)),
-                                      self._tick, self.log)
+        self.interval = max(0.01, float(ctx.options.get("poll_interval", 1.0)))
+        self.store = None
+        self._owns_store = False
+        self._watcher = None
+        self._wake = asyncio.Event()
+        self._task: Optional[asyncio.Task] = None
+        self._spend_lock = asyncio.Lock()
+        self._stopping = False
 
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        await self._watch.start()
+        self.store, self._owns_store = await store_for_plugin(self.ctx)
+        self._watcher = self.store.watcher(self.interval)
+        await self._watcher.start()
+        self._watcher.subscribe(self._reload)
+        await self._sync_spend()
+        self._task = asyncio.get_running_loop().create_task(self._spend_loop())
 
     async def close(self) -> None:
-        await self._watch.stop()
-        if self._watch.started:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._watcher is not None:
+            self._watcher.unsubscribe(self._reload)
             for attempt in range(CLOSE_ATTEMPTS):
                 try:
-                    await self._sync_spend(self._watch.conn)
+                    await self._sync_spend()
                     break
                 except Exception:
                     self.log.exception("could not save spend at shutdown (try %d)", attempt + 1)
                     await asyncio.sleep(0.1 * 2 ** attempt)
-        await self._watch.close()
+        if self._owns_store and self.store is not None:
+            await self.store.close()
 
     async def refresh(self) -> None:
         """Reload now if the configuration changed, flush and re-read spend."""
-        await self._watch.run_once()
+        await self._watcher.refresh()
+        await self._sync_spend()
+
+    async def _spend_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if self._stopping:
+                break
+            try:
+                await self._sync_spend()
+            except Exception as exc:   # retried on the next interval; the amounts stay pending
+                self.log.error("settling spend failed (%s); retrying", exc)
 
     # -- request path (no awaits: check-then-admit is atomic) -----------------
 
@@ -188,6 +222,9 @@ class KeysAuth:
         if key is None:
             if self.defer_unknown:
                 return None
+            if self._watcher is not None and not self._watcher.reachable:
+                raise Reject(503, "api_error", "the gateway's key store cannot be reached; retry shortly",
+                             headers={"retry-after": str(STORE_DOWN_RETRY_AFTER)})
             raise Reject(401, "authentication_error", "invalid API key")
         if not key.enabled:
             raise Reject(401, "authentication_error", f"API key '{key.name}' is disabled")
@@ -279,61 +316,54 @@ class KeysAuth:
             if key.quota_cost is not None or key.quota_tokens is not None:
                 # A quota may just have been reached: settle soon rather than on
                 # the next interval, so other workers see it too.
-                self._watch.poke()
+                self._wake.set()
 
     # -- background ----------------------------------------------------------
 
-    async def _tick(self, conn: aiosqlite.Connection, changed: bool) -> None:
-        if changed:
-            await self._reload(conn)
-        await self._sync_spend(conn)
-
-    async def _reload(self, conn: aiosqlite.Connection) -> None:
-        catalog = await read_catalog(conn)
-        channel_aliases = []
-        for row in await conn.execute_fetchall("SELECT aliases FROM channels WHERE enabled = 1"):
-            own = json.loads(row["aliases"] or "{}")
-            if own:
-                channel_aliases.append({**catalog.aliases, **own})
-        rows = await conn.execute_fetchall(
-            "SELECT id, name, key_hash, enabled, expires_at, models, quota_cost, quota_tokens,"
-            " rpm, concurrency FROM keys")
-        grace_rows = await conn.execute_fetchall("SELECT key_hash, key_id, until FROM key_grace")
+    def _reload(self, snapshot: ConfigSnapshot) -> None:
+        catalog = snapshot.catalog
+        channel_aliases = [dict(ch.aliases) for ch in snapshot.channels if ch.aliases]
+        rows = snapshot.keys
+        grace_rows = snapshot.grace
         rotated: dict[int, set[str]] = {}
         for grace_row in grace_rows:
-            rotated.setdefault(grace_row["key_id"], set()).add(grace_row["key_hash"])
+            rotated.setdefault(grace_row.key_id, set()).add(grace_row.key_hash)
         by_hash: dict[str, KeyState] = {}
         by_id: dict[int, KeyState] = {}
         for row in rows:
-            key = self.by_id.get(row["id"])
-            old = rotated.get(row["id"], set())
+            key = self.by_id.get(row.id)
+            old = rotated.get(row.id, set())
             if key is not None and key.key_hash in old:
                 # Rotated: the same key with a new secret; running totals and in-flight counts stay.
-                key.key_hash = row["key_hash"]
-            if key is None or key.key_hash != row["key_hash"]:    # new, or an id reused
-                key = KeyState(id=row["id"], name=row["name"], key_hash=row["key_hash"])
-            models = json.loads(row["models"]) if row["models"] else None
-            key.name = row["name"]
-            key.enabled = bool(row["enabled"])
-            key.expires_at = row["expires_at"]
-            key.models = tuple(models) if models else None
+                key.key_hash = row.key_hash
+            if key is None or key.key_hash != row.key_hash:    # new, or an id reused
+                key = KeyState(id=row.id, name=row.name, key_hash=row.key_hash)
+            models = row.models
+            key.name = row.name
+            key.enabled = row.enabled
+            key.expires_at = row.expires_at
+            key.models = models
             key.allowed = expand_allowed(models, catalog) if models else None
             key.admitted = admitted_names(key.allowed, channel_aliases) if models else None
-            key.quota_cost = row["quota_cost"]
-            key.quota_tokens = row["quota_tokens"]
-            key.rpm = per_process(row["rpm"], self.workers)
-            key.concurrency = per_process(row["concurrency"], self.workers)
+            key.quota_cost = row.quota_cost
+            key.quota_tokens = row.quota_tokens
+            key.rpm = per_process(row.rpm, self.workers)
+            key.concurrency = per_process(row.concurrency, self.workers)
             key.caller = None       # name or allow-list may have changed
             key.previous_hashes = frozenset(old)
-            by_hash[row["key_hash"]] = key
+            by_hash[row.key_hash] = key
             by_id[key.id] = key
-        grace = {r["key_hash"]: (by_id[r["key_id"]], r["until"]) for r in grace_rows if r["key_id"] in by_id}
+        grace = {r.key_hash: (by_id[r.key_id], r.until) for r in grace_rows if r.key_id in by_id}
         # Swap the maps in one step: the request path never sees a half reload.
         self.by_hash, self.by_id, self.grace = by_hash, by_id, grace
         self.log.info("loaded %d keys", len(by_id))
 
-    async def _sync_spend(self, conn: aiosqlite.Connection) -> None:
-        """Add this process's pending spend to key_spend and re-read everybody's."""
+    async def _sync_spend(self) -> None:
+        """Add this process's pending spend to the store and re-read everybody's."""
+        async with self._spend_lock:
+            await self._settle()
+
+    async def _settle(self) -> None:
         batch = []
         for key in self.by_id.values():
             if key.pending_cost or key.pending_tokens:
@@ -341,24 +371,7 @@ class KeysAuth:
                 key.flushing_tokens, key.pending_tokens = key.flushing_tokens + key.pending_tokens, 0
                 batch.append(key)
         try:
-            if batch:
-                await conn.execute("BEGIN IMMEDIATE")
-                try:
-                    await conn.executemany(
-                        # A key deleted meanwhile is skipped, not a foreign-key error
-                        # that would block every other key's spend.
-                        "INSERT INTO key_spend (key_id, cost, tokens)"
-                        " SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM keys WHERE id = ?1)"
-                        " ON CONFLICT (key_id) DO UPDATE SET cost = cost + excluded.cost,"
-                        " tokens = tokens + excluded.tokens",
-                        [(k.id, k.flushing_cost, k.flushing_tokens) for k in batch])
-                    rows = await conn.execute_fetchall("SELECT key_id, cost, tokens FROM key_spend")
-                    await conn.execute("COMMIT")
-                except BaseException:
-                    await _rollback(conn)
-                    raise
-            else:
-                rows = await conn.execute_fetchall("SELECT key_id, cost, tokens FROM key_spend")
+            spend = await self.store.settle_spend([(k.id, k.flushing_cost, k.flushing_tokens) for k in batch])
         except BaseException:
             # Not written: the amounts go back to pending and are retried later.
             for key in batch:
@@ -366,15 +379,7 @@ class KeysAuth:
                 key.pending_tokens += key.flushing_tokens
                 key.flushing_cost, key.flushing_tokens = 0.0, 0
             raise
-        spend = {row[0]: (row[1], row[2]) for row in rows}
         # No await from here on: settled and flushing change together.
         for key in self.by_id.values():
             key.settled_cost, key.settled_tokens = spend.get(key.id, (0.0, 0))
             key.flushing_cost, key.flushing_tokens = 0.0, 0
-
-
-async def _rollback(conn: aiosqlite.Connection) -> None:
-    try:
-        await conn.execute("ROLLBACK")
-    except Exception:
-        pass

@@ -1,10 +1,11 @@
-"""First-party meter plugin ``sqlite``: the usage ledger in the ``usage`` table.
+"""First-party meter plugin ``sqlite``: the usage ledger in the store's ``usage`` table
+(SQLite or PostgreSQL: the name is historical).
 
-``record()`` only appends a row to a list in memory; a background task writes
-what has accumulated in one transaction of multi-row INSERTs (64 rows per
-statement), every ``flush_interval`` seconds or as soon as ``batch_size``
-rows are waiting.  A failed write is logged and retried with the same rows
-(nothing raises into the request path); ``close()`` writes everything that
+``record()`` only appends a row to a list in memory; a background task hands
+what has accumulated to ``store.write_ledger`` (one transaction), every
+``flush_interval`` seconds or as soon as ``batch_size`` rows are waiting.  A
+failed write is logged and retried with the same rows (nothing raises into the
+request path); ``close()`` writes everything that
 is left.
 
 Every UsageRecord field is stored in the column of the same name (``started_at``
@@ -20,26 +21,20 @@ Options (``[plugins.options.sqlite]``):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import operator
 import sqlite3
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, Callable, Optional
 
-import aiosqlite
 import orjson
 
 from apertis_proxy.plugin_api import PluginContext, UsageRecord
-
-from apertis_proxy.store.watch import open_db
+from apertis_proxy.store.service import StoreUnavailable, is_unreachable, store_for_plugin
 
 COLUMN_OF_FIELD = {"started_at": "ts"}
 JSON_FIELDS = frozenset({"server_tool_use", "prices", "iterations", "raw_usage"})
 BOOL_FIELDS = frozenset({"stream", "interrupted", "reached_upstream"})
 CLOSE_ATTEMPTS = 5
-# Host parameters one statement may bind: SQLite's default limit since 3.32,
-# and the old default before it.
-MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 
 
 def _json(value: Any) -> Optional[str]:
@@ -64,10 +59,9 @@ class SqliteMeter:
         self.max_queue = max(self.batch_size, int(opts.get("max_queue", 200_000)))
         self._queue: list[tuple] = []
         self._fields: list[tuple[str, Callable[[Any], Any]]] = []
-        self._insert = ""           # INSERT of one row
-        self._insert_many = ""      # INSERT of `_per_statement` rows
-        self._per_statement = 1
-        self._conn: Optional[aiosqlite.Connection] = None
+        self._columns: list[str] = []
+        self.store = None
+        self._owns_store = False
         self._task: Optional[asyncio.Task] = None
         self._wake = asyncio.Event()
         self._stopping = False
@@ -78,8 +72,8 @@ class SqliteMeter:
         self.rejected = 0           # rows SQLite would not take (dropped, each logged)
 
     async def start(self) -> None:
-        self._conn = await open_db(self.ctx.db_path)
-        columns = {row[1] for row in await self._conn.execute_fetchall("PRAGMA table_info(usage)")}
+        self.store, self._owns_store = await store_for_plugin(self.ctx)
+        columns = set(await self.store.ledger_columns())
         names = []
         for f in dataclasses.fields(UsageRecord):
             column = COLUMN_OF_FIELD.get(f.name, f.name)
@@ -93,14 +87,7 @@ class SqliteMeter:
         self._snapshot = operator.attrgetter(*(name for name, _ in self._fields))
         self._converters = tuple((i, convert) for i, (_, convert) in enumerate(self._fields)
                                  if convert is not _plain)
-        # Multi-row INSERTs: a statement stepped once per row costs ~3k more
-        # instructions per row (callgrind).  Two statement texts only, so
-        # SQLite's statement cache keeps both compiled.
-        insert = f"INSERT INTO usage ({', '.join(names)}) VALUES "
-        values = f"({', '.join('?' * len(names))})"
-        self._per_statement = max(1, min(64, MAX_PARAMS // len(names)))
-        self._insert = insert + values
-        self._insert_many = insert + ", ".join([values] * self._per_statement)
+        self._columns = names
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     # -- request path: no I/O --------------------------------------------------
@@ -139,52 +126,24 @@ class SqliteMeter:
             return await self._flush()
 
     async def _flush(self) -> bool:
-        if not self._queue or self._conn is None:
+        if not self._queue or self.store is None:
             return True
         # Swap the list out: record() keeps appending to a fresh one meanwhile.
         batch, self._queue = self._queue, []
-        converters = self._converters
         try:
-            values: list = []          # every row's values, one after another
-            for snapshot in batch:
-                row = list(snapshot)   # _row(), inline: a call per row was measurable
-                for i, convert in converters:
-                    row[i] = convert(row[i])
-                values += row
-            width = len(self._fields)
-            step = self._per_statement * width
-            whole = len(values) - len(values) % step
-            async with self._transaction():
-                if whole:
-                    await self._conn.executemany(
-                        self._insert_many, [values[i:i + step] for i in range(0, whole, step)])
-                if whole < len(values):
-                    await self._conn.executemany(
-                        self._insert, [values[i:i + width] for i in range(whole, len(values), width)])
-        except sqlite3.OperationalError:
-            # The database refused (locked, disk full, read-only): keep the rows, retry later.
+            await self.store.write_ledger(self._columns, [self._row(snapshot) for snapshot in batch])
+        except (sqlite3.OperationalError, StoreUnavailable):
+            # The database refused (locked, disk full, read-only, unreachable): keep the rows, retry later.
             return self._retry_later(batch)
-        except Exception:
+        except Exception as exc:
+            if is_unreachable(exc):
+                return self._retry_later(batch)
             # Something in the rows themselves: one bad row must not hold back the rest
             # (retried with them, it would stop the ledger for good).
             return await self._flush_one_by_one(batch)
         self._failures = 0
         self.written += len(batch)
         return True
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[None]:
-        assert self._conn is not None
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            await self._conn.execute("COMMIT")
-        except BaseException:
-            try:
-                await self._conn.execute("ROLLBACK")
-            except Exception:
-                pass
-            raise
 
     def _retry_later(self, batch: list[tuple]) -> bool:
         self._queue[:0] = batch
@@ -202,22 +161,18 @@ class SqliteMeter:
         """Write the rows that can be written and drop, loudly, the ones that cannot.
         When no row can be written the database is refusing, not the rows: keep
         them all for the retry."""
-        assert self._conn is not None
         written = 0
         bad: list[tuple[tuple, Exception]] = []
-        try:
-            async with self._transaction():
-                for snapshot in batch:
-                    try:
-                        await self._conn.execute(self._insert, self._row(snapshot))
-                        written += 1
-                    except sqlite3.OperationalError:
-                        raise
-                    except Exception as exc:     # noqa: BLE001 - this row only
-                        bad.append((snapshot, exc))
-                if not written:
-                    raise bad[0][1]
-        except Exception:
+        for snapshot in batch:
+            try:
+                await self.store.write_ledger(self._columns, [self._row(snapshot)])
+                written += 1
+            except Exception as exc:     # noqa: BLE001 - this row only
+                if isinstance(exc, sqlite3.OperationalError) or is_unreachable(exc):
+                    self.written += written
+                    return self._retry_later(batch[written + len(bad):])
+                bad.append((snapshot, exc))
+        if not written:
             return self._retry_later(batch)
         for snapshot, exc in bad:
             self.rejected += 1
@@ -239,6 +194,6 @@ class SqliteMeter:
             await asyncio.sleep(0.1 * 2 ** attempt)
         else:
             self.log.error("shutting down with %d usage rows unwritten", len(self._queue))
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        if self._owns_store and self.store is not None:
+            await self.store.close()
+            self.store = None
