@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import logging
 import sqlite3
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from . import config as config_ops
@@ -117,6 +118,7 @@ class Store:
         self._conn: Any = None
         self._ledger: Any = None
         self._watcher: Any = None
+        self._closed = False
 
     @property
     def backend(self) -> str:
@@ -159,6 +161,8 @@ class Store:
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(connection, *args, **kwargs)` on the store's thread."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._invoke, fn, args, kwargs)
 
@@ -168,6 +172,9 @@ class Store:
         return self
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._watcher is not None:
             await self._watcher.close()
             self._watcher = None
@@ -195,7 +202,11 @@ class Store:
         return await self.call(config_ops.disable_channel, channel_id, reason, at)
 
     async def channel_states(self) -> list[tuple[str, bool]]:
-        return await self.call(config_ops.channel_states)
+        """(name, enabled) of every channel.  On SQLite through a fresh read-only connection,
+        so a database file that was removed or replaced shows (an open one would not)."""
+        if self.url.is_postgres:
+            return await self.call(config_ops.channel_states)
+        return await asyncio.to_thread(_sqlite_channel_states, self.url.target)
 
     # -- spend and ledger ----------------------------------------------------------
 
@@ -227,6 +238,15 @@ class Store:
             from .pg_ledger import prune
             return await self.call(lambda conn: conn.run(prune(conn.raw, cutoff)))
         return await self.call(_sqlite_prune_batch, cutoff, batch_rows)
+
+
+def _sqlite_channel_states(path: str) -> list[tuple[str, bool]]:
+    uri = Path(path).absolute().as_uri() + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=2.0)
+    try:
+        return config_ops.channel_states(conn)
+    finally:
+        conn.close()
 
 
 def _ledger_columns(conn) -> list[str]:
