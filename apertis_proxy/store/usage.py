@@ -1,7 +1,14 @@
-"""Queries over the usage ledger (the `usage` table the meter writes)."""
+"""Queries over the usage ledger (the `usage` table the meter writes).
+
+On PostgreSQL a grouped report whose filters are whole UTC days (or absent)
+reads the daily rollup ``usage_daily`` (pg_ledger.py) instead of the ledger rows,
+so it stays fast on millions of rows.
+"""
 from __future__ import annotations
 
 from typing import Any, Optional
+
+from .pg_connection import dialect
 
 # The totals every summary reports, in this order.
 TOTAL_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
@@ -16,6 +23,8 @@ GROUPINGS = {
     "channel": "channel_name",
     "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
 }
+
+PG_GROUPINGS = {**GROUPINGS, "day": "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"}
 
 _AGGREGATES = """
     COUNT(*) AS requests,
@@ -40,18 +49,58 @@ def summarize(conn, *, key: Optional[str] = None, model: Optional[str] = None,
     the name `by` plus the same fields.  Days come oldest first, other groups
     by cost and then requests, largest first.
     """
-    where, params = _filters(key=key, model=model, channel=channel, since=since, until=until)
-    result = dict(conn.execute(f"SELECT {_AGGREGATES} FROM usage {where}", params).fetchone())
+    if by is not None and by not in GROUPINGS:
+        raise ValueError(f"cannot group by {by!r}; choose one of {', '.join(GROUPINGS)}")
+    postgres = dialect(conn) == "postgresql"
+    rollup = postgres and all(t is None or t % 86400 == 0 for t in (since, until))
+    given = dict(key=key, model=model, channel=channel, since=since, until=until)
+    if rollup:
+        table, aggregates, groupings = "usage_daily", _ROLLUP_AGGREGATES, _ROLLUP_GROUPINGS
+        where, params = _rollup_filters(**given)
+    else:
+        table, groupings = "usage", PG_GROUPINGS if postgres else GROUPINGS
+        aggregates = _PG_AGGREGATES if postgres else _AGGREGATES
+        where, params = _filters(**given)
+    result = _counts(conn.execute(f"SELECT {aggregates} FROM {table} {where}", params).fetchone())
     if by is not None:
-        if by not in GROUPINGS:
-            raise ValueError(f"cannot group by {by!r}; choose one of {', '.join(GROUPINGS)}")
         order = "grp" if by == "day" else "cost DESC, requests DESC, grp"
         rows = conn.execute(
-            f"SELECT {GROUPINGS[by]} AS grp, {_AGGREGATES} FROM usage {where}"
+            f"SELECT {groupings[by]} AS grp, {aggregates} FROM {table} {where}"
             f" GROUP BY grp ORDER BY {order}", params).fetchall()
-        result["by"] = [{by: r["grp"], **{f: r[f] for f in TOTAL_FIELDS + COUNT_FIELDS}}
-                        for r in rows]
+        result["by"] = [{by: r["grp"], **_counts(r)} for r in rows]
     return result
+
+
+def _counts(row) -> dict[str, Any]:
+    """The summary fields of a row; counts as int (PostgreSQL sums BIGINTs as NUMERIC)."""
+    return {f: (float(row[f]) if f == "cost" else int(row[f])) for f in TOTAL_FIELDS + COUNT_FIELDS}
+
+
+# PostgreSQL sums booleans as integers only when told to.
+_PG_AGGREGATES = (_AGGREGATES.replace("SUM(status >= 400 OR error_type IS NOT NULL)",
+                                      "SUM((status >= 400 OR error_type IS NOT NULL)::int)")
+                  .replace("SUM(interrupted != 0)", "SUM((interrupted != 0)::int)")
+                  .replace("SUM(cost IS NULL)", "SUM((cost IS NULL)::int)")
+                  .replace("-- unpriced rows (cost NULL) are counted apart", ""))
+_ROLLUP_AGGREGATES = ", ".join(
+    f"COALESCE(SUM({f}), 0) AS {f}" for f in
+    ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
+     "cost", "errors", "interrupted", "unpriced"))
+# The rollup stores '' for "none": NULLIF gives reports the ledger's NULL back.
+_ROLLUP_GROUPINGS = {"key": "NULLIF(key_name, '')", "model": "NULLIF(requested_model, '')",
+                     "channel": "NULLIF(channel_name, '')", "day": "to_char(day, 'YYYY-MM-DD')"}
+
+
+def _rollup_filters(**given: Any) -> tuple[str, list[Any]]:
+    clauses, params = [], []
+    for name, clause in (("key", "key_name = ?"), ("model", "requested_model = ?"),
+                         ("channel", "channel_name = ?"),
+                         ("since", "day >= (to_timestamp(?) AT TIME ZONE 'UTC')::date"),
+                         ("until", "day < (to_timestamp(?) AT TIME ZONE 'UTC')::date")):
+        if given[name] is not None:
+            clauses.append(clause)
+            params.append(given[name])
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 def unpriced_requests(conn) -> list[tuple[str, int]]:
