@@ -824,6 +824,19 @@ def cmd_db_backup(args) -> int:
     return 0
 
 
+def cmd_db_copy(args) -> int:
+    from .store.copy import copy_store
+    source_url, target_url = parse_db_url(args.source), parse_db_url(args.target)
+    if source_url == target_url:
+        raise ValueError("--from and --to name the same database")
+    with _open_path(args.source, create=False) as source, _open_path(args.target) as target:
+        counts = copy_store(source, target)
+    print(f"copied {source_url.redacted()} to {target_url.redacted()}: "
+          + ", ".join(f"{table} {count:,}" for table, count in counts.items())
+          + " (rows new to the target; a second run copies nothing twice)")
+    return 0
+
+
 def cmd_db_secret_key(args) -> int:
     print(key_encryption.new_secret_key())
     return 0
@@ -1034,6 +1047,12 @@ def _add_db_commands(commands, sub, db) -> None:
     p = sub(group, "backup", cmd_db_backup,
             "copy the database to FILE (consistent, also while the server runs)")
     p.add_argument("file", metavar="FILE", help="a new file (an existing one is not overwritten)")
+    p = sub(group, "copy", cmd_db_copy,
+            "copy keys, channels, catalogue, spend and the ledger into another database")
+    p.add_argument("--from", dest="source", required=True, metavar="DB",
+                   help="the database to copy from (a file path, sqlite:///path or postgresql://...)")
+    p.add_argument("--to", dest="target", required=True, metavar="DB",
+                   help="the database to copy into (created or upgraded as needed)")
     sub(group, "secret-key", cmd_db_secret_key,
         f"print a new random key for {key_encryption.ENV_KEY}")
     sub(group, "secrets", cmd_db_secrets,
@@ -1045,11 +1064,13 @@ def _add_db_commands(commands, sub, db) -> None:
 # --------------------------------------------------------------------------- entry point
 
 def _redacted(args, message: str) -> str:
-    """`message` without the password of the database URL (a driver may quote the URL)."""
-    try:
-        return parse_db_url(_db_path(args)).scrub(message)
-    except ValueError:
-        return message
+    """`message` without the password of any database URL given (a driver may quote the URL)."""
+    for value in (_db_path(args), getattr(args, "source", None), getattr(args, "target", None)):
+        try:
+            message = parse_db_url(value).scrub(message) if value else message
+        except ValueError:
+            pass
+    return message
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -225,12 +225,10 @@ class Store:
         return await self.call(self._write_ledger, columns, rows)
 
     def _write_ledger(self, conn, columns, rows) -> int:
-        if self.url.is_postgres:
+        if self.url.is_postgres and self._ledger is None:
             from .pg_ledger import PgLedger
-            if self._ledger is None:
-                self._ledger = PgLedger()
-            return conn.run(self._ledger.write(conn.raw, columns, rows))
-        return _sqlite_write_ledger(conn, columns, rows)
+            self._ledger = PgLedger()
+        return write_ledger_rows(conn, columns, rows, self._ledger)
 
     async def prune_ledger(self, cutoff: float, batch_rows: int = 500) -> int:
         """Remove ledger rows older than `cutoff` (unix time); the number removed."""
@@ -254,6 +252,18 @@ def _ledger_columns(conn) -> list[str]:
         return [row[1] for row in conn.execute("PRAGMA table_info(usage)")]
     from .pg_ledger import ledger_columns
     return conn.run(ledger_columns(conn.raw))
+
+
+def write_ledger_rows(conn, columns: Sequence[str], rows: Sequence[Sequence[Any]], pg_ledger: Any = None) -> int:
+    """Insert ledger rows not yet there on either backend (sync); the number inserted."""
+    if isinstance(conn, sqlite3.Connection):
+        return _sqlite_write_ledger(conn, columns, rows)
+    from .pg_ledger import PgLedger
+    return conn.run((pg_ledger or PgLedger()).write(conn.raw, columns, rows))
+
+
+def ledger_columns(conn) -> list[str]:
+    return _ledger_columns(conn)
 
 
 def _sqlite_write_ledger(conn, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
