@@ -102,18 +102,21 @@ LEDGER_COLUMNS = ["request_id", "ts", "endpoint", "stream", "status", "duration_
                   "requested_model", "input_tokens", "output_tokens", "cost"]
 
 
-def _rows(n: int, ts: float, prefix: str = "req") -> list[tuple]:
-    return [(f"{prefix}_{i}", ts + i * 0.001, "/v1/messages", 0, 200, 1.0, None, "alice", "claude-x", 10, 5, 0.001)
-            for i in range(n)]
+def _rows(n: int, ts: float, prefix: str = "req", key_id=None) -> list[tuple]:
+    return [(f"{prefix}_{i}", ts + i * 0.001, "/v1/messages", 0, 200, 1.0, key_id, "alice", "claude-x", 10, 5,
+             0.001) for i in range(n)]
 
 
-async def test_the_ledger_write_is_idempotent_and_keeps_the_rollup(pg_url):
+async def test_the_ledger_write_is_idempotent_and_keeps_the_rollup_and_spend(pg_url):
     store = await service.open_store(pg_url)
     try:
+        key_id, _ = await store.call(keys.create_key, "alice")
         now = time.time()
-        rows = _rows(300, now)
+        rows = _rows(300, now, key_id=key_id)
         assert await store.write_ledger(LEDGER_COLUMNS, rows) == 300
-        assert await store.write_ledger(LEDGER_COLUMNS, rows[:150] + _rows(10, now, "more")) == 10
+        assert await store.write_ledger(LEDGER_COLUMNS, rows[:150] + _rows(10, now, "more", key_id)) == 10
+        cost, tokens = (await store.read_spend())[key_id]
+        assert tokens == 310 * 15 and cost == pytest.approx(0.31)
         conn = await asyncio.to_thread(service.connect, pg_url)
         try:
             by_day = usage.summarize(conn, by="day")           # from the rollup

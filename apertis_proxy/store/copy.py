@@ -79,7 +79,7 @@ def _copy_ledger(source, target, progress) -> int:
     rows = cursor.fetchall()
     for start in range(0, len(rows), LEDGER_BATCH):
         batch = [tuple(r) for r in rows[start:start + LEDGER_BATCH]]
-        inserted += write_ledger_rows(target, columns, batch)
+        inserted += write_ledger_rows(target, columns, batch, settle=False)   # the spend is copied as is
         copied += len(batch)
         if progress is not None:
             progress(f"ledger: {copied:,} of {len(rows):,} rows read, {inserted:,} new")

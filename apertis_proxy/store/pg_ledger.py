@@ -2,8 +2,8 @@
 
 A batch is copied into a temporary table and moved into ``usage`` by one
 statement: rows already there (same request id and start time: a replay) are
-skipped, and the daily rollup ``usage_daily`` is added to from exactly the rows
-inserted, in the same transaction.
+skipped, and from exactly the rows inserted, in the same transaction, the daily
+rollup ``usage_daily`` and the keys' settled spend ``key_spend`` are added to.
 """
 from __future__ import annotations
 
@@ -16,17 +16,24 @@ ROLLUP_SUMS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cach
 ROLLUP_FIELDS = ("requests", *ROLLUP_SUMS, "cost", "errors", "interrupted", "unpriced")
 
 
-def _write_sql(columns: Sequence[str]) -> str:
+def _write_sql(columns: Sequence[str], settle: bool) -> str:
     cols = ", ".join(columns)
     updates = ", ".join(f"{f} = usage_daily.{f} + EXCLUDED.{f}" for f in ROLLUP_FIELDS)
     sums = ", ".join(f"SUM({f})" for f in ROLLUP_SUMS)
-    return f"""
-WITH ins AS (
+    tokens = " + ".join(ROLLUP_SUMS)
+    spend = f""", spend AS (
+    INSERT INTO key_spend (key_id, cost, tokens)
+    SELECT key_id, SUM(GREATEST(COALESCE(cost, 0), 0)), SUM({tokens})
+    FROM ins WHERE key_id IN (SELECT id FROM keys) GROUP BY key_id
+    HAVING SUM(GREATEST(COALESCE(cost, 0), 0)) > 0 OR SUM({tokens}) > 0
+    ON CONFLICT (key_id) DO UPDATE SET cost = key_spend.cost + EXCLUDED.cost,
+        tokens = key_spend.tokens + EXCLUDED.tokens
+)""" if settle else ""
+    return f"""WITH ins AS (
     INSERT INTO usage ({cols}) SELECT {cols} FROM usage_incoming
     ON CONFLICT (request_id, ts) DO NOTHING
-    RETURNING ts, key_name, requested_model, channel_name, status, error_type, interrupted, cost,
-        {', '.join(ROLLUP_SUMS)}
-), rollup AS (
+    RETURNING ts, key_id, key_name, requested_model, channel_name, status, error_type, interrupted, cost,
+        {', '.join(ROLLUP_SUMS)}){spend}, rollup AS (
     INSERT INTO usage_daily (day, key_name, requested_model, channel_name, {', '.join(ROLLUP_FIELDS)})
     SELECT (to_timestamp(ts) AT TIME ZONE 'UTC')::date, COALESCE(key_name, ''), COALESCE(requested_model, ''),
         COALESCE(channel_name, ''), COUNT(*), {sums}, COALESCE(SUM(cost), 0),
@@ -46,8 +53,9 @@ class PgLedger:
         self._sql: dict[tuple[str, ...], str] = {}
         self._temp_ready = False
 
-    async def write(self, conn, columns: Sequence[str], rows: Sequence[Sequence]) -> int:
-        """Insert the rows not yet in the ledger; the number inserted."""
+    async def write(self, conn, columns: Sequence[str], rows: Sequence[Sequence], settle: bool = True) -> int:
+        """Insert the rows not yet in the ledger; the number inserted.  With `settle`, their cost and
+        tokens are added to their keys' settled spend (db copy copies the spend itself)."""
         if not rows:
             return 0
         ts_at = columns.index("ts")
@@ -55,10 +63,10 @@ class PgLedger:
         if months:
             await pg_schema.ensure_partitions(conn, months)
             self._months |= months
-        key = tuple(columns)
+        key = (tuple(columns), settle)
         sql = self._sql.get(key)
         if sql is None:
-            sql = self._sql[key] = _write_sql(columns)
+            sql = self._sql[key] = _write_sql(columns, settle)
         async with conn.transaction():
             if not self._temp_ready:
                 await conn.execute("CREATE TEMP TABLE IF NOT EXISTS usage_incoming"

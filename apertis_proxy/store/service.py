@@ -254,12 +254,14 @@ def _ledger_columns(conn) -> list[str]:
     return conn.run(ledger_columns(conn.raw))
 
 
-def write_ledger_rows(conn, columns: Sequence[str], rows: Sequence[Sequence[Any]], pg_ledger: Any = None) -> int:
-    """Insert ledger rows not yet there on either backend (sync); the number inserted."""
+def write_ledger_rows(conn, columns: Sequence[str], rows: Sequence[Sequence[Any]], pg_ledger: Any = None,
+                      settle: bool = True) -> int:
+    """Insert ledger rows not yet there on either backend (sync); the number inserted.
+    With `settle` their spend is added to their keys' in the same transaction."""
     if isinstance(conn, sqlite3.Connection):
         return _sqlite_write_ledger(conn, columns, rows)
     from .pg_ledger import PgLedger
-    return conn.run((pg_ledger or PgLedger()).write(conn.raw, columns, rows))
+    return conn.run((pg_ledger or PgLedger()).write(conn.raw, columns, rows, settle))
 
 
 def ledger_columns(conn) -> list[str]:
