@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -108,12 +107,3 @@ class GatewayProcess:
     def log(self) -> str:
         return "".join(self.lines)
 
-
-def wait_for(predicate, timeout: float, interval: float = 0.05):
-    """The first truthy value of predicate() within `timeout` seconds, else the last value."""
-    deadline = time.monotonic() + timeout
-    value = predicate()
-    while not value and time.monotonic() < deadline:
-        time.sleep(interval)
-        value = predicate()
-    return value

@@ -17,7 +17,6 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-import time
 from typing import Optional
 
 SUPERUSER = "apertis"
@@ -109,11 +108,3 @@ class PgServer:
             pass
         shutil.rmtree(self.root, ignore_errors=True)
 
-
-def wait_until_up(server: PgServer, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if subprocess.run([os.path.join(server.bindir, "pg_isready"), "-h", server.socket_dir],
-                          capture_output=True).returncode == 0:
-            return
-        time.sleep(0.1)

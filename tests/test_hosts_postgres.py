@@ -8,7 +8,7 @@ import re
 import pytest
 
 from apertis_proxy import cli
-from gateway_process import GatewayProcess, wait_for
+from gateway_process import GatewayProcess
 from mock_upstream import MOCK_API_KEY, MockUpstream
 from pg_server import PgServer, PgUnavailable
 
