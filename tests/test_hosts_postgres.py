@@ -13,6 +13,12 @@ from mock_upstream import MOCK_API_KEY, MockUpstream
 from pg_server import PgServer, PgUnavailable
 
 PROPAGATION = 1.0     # seconds: the issue's bound for a change to reach every host
+PASSWORD = "pw-never-logged"
+
+
+def with_password(url: str) -> str:
+    """The same database with a password in the URL (the test server trusts local users, so any works)."""
+    return url.replace("apertis@", f"apertis:{PASSWORD}@")
 
 
 def _cli(*argv: str) -> None:
@@ -36,10 +42,11 @@ async def hosts(pg_url, tmp_path, upstream):
     _cli("channels", "add", "main", "--base-url", upstream.base_url, "--api-key", MOCK_API_KEY, "--db", pg_url)
     started = []
     for name in ("a", "b"):
-        started.append(await asyncio.to_thread(GatewayProcess.start, pg_url, tmp_path / name))
+        started.append(await asyncio.to_thread(GatewayProcess.start, with_password(pg_url), tmp_path / name))
     yield started
     for host in started:
         await asyncio.to_thread(host.stop)
+        assert PASSWORD not in host.log and "apertis:***@" in host.log
 
 
 async def _status(host: GatewayProcess, key) -> int:
@@ -101,7 +108,7 @@ async def test_an_unreachable_store_answers_503_never_401(tmp_path, capsys):
             await asyncio.to_thread(_cli, "channels", "add", "main", "--base-url", mock.base_url, "--api-key",
                                     MOCK_API_KEY, "--db", db)
             known = await asyncio.to_thread(_create_key, db, "alice", capsys)
-            host = await asyncio.to_thread(GatewayProcess.start, db, tmp_path / "a")
+            host = await asyncio.to_thread(GatewayProcess.start, with_password(db), tmp_path / "a")
             try:
                 assert await _status(host, known) == 200
                 await asyncio.to_thread(server.stop, "immediate")
@@ -118,5 +125,7 @@ async def test_an_unreachable_store_answers_503_never_401(tmp_path, capsys):
                 assert await _within(10.0, lambda: _all_status([host], "sk-apx-unknown", 401))
             finally:
                 await asyncio.to_thread(host.stop)
+            assert "unreachable" in host.log or "cannot listen" in host.log     # the outage was logged...
+            assert PASSWORD not in host.log                                     # ...without the password
     finally:
         await asyncio.to_thread(server.close)
