@@ -159,17 +159,18 @@ class PluginHost:
                 return caller, plugin
         raise GatewayError(401, "invalid x-api-key", "authentication_error")
 
-    def check_head(self, request: RequestInfo) -> None:
+    def check_head(self, request: RequestInfo) -> bool:
         """Raise GatewayError when the request head alone shows that no auth
-        plugin will admit it (see AuthPlugin.check_head).  A plugin without the
-        hook may admit anything, so it ends the check in the request's favour."""
+        plugin will admit it (see AuthPlugin.check_head).  True: a plugin vouched
+        for the credential; False: a plugin without the hook, which may admit
+        anything, ended the check unvouched."""
         for name, plugin in self.auth:
             check = getattr(plugin, "check_head", None)
             if check is None:
-                return
+                return False
             try:
                 if check(request):
-                    return
+                    return True
             except Exception as exc:  # noqa: BLE001 - contained, see _chain_error
                 raise _chain_error("auth", name, exc) from None
         raise GatewayError(401, "invalid x-api-key", "authentication_error")

@@ -37,6 +37,10 @@ class Settings:
     # Client side limits and timeouts (seconds).
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 32 * 1024 * 1024
+    # The body limit while no auth plugin has vouched for the request's credential from
+    # its head (a plugin without check_head): a keyless client cannot make a worker
+    # buffer max_body_bytes per connection.
+    max_unvouched_body_bytes: int = 1024 * 1024
     header_timeout: float = 30.0        # first byte of a request head to its end
     body_timeout: float = 60.0          # between body bytes
     keepalive_timeout: float = 75.0     # idle connection between requests
@@ -138,7 +142,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # not found out by the first request (a timeout of "10s" failed every request).
 _RULES: dict[str, tuple[str, float]] = {
     "port": ("int", 0), "workers": ("int", 1), "max_header_bytes": ("int", 1024),
-    "max_body_bytes": ("int", 1), "write_high_water": ("int", 1024), "pool_max_idle": ("int", 0),
+    "max_body_bytes": ("int", 1), "max_unvouched_body_bytes": ("int", 1), "write_high_water": ("int", 1024),
+    "pool_max_idle": ("int", 0),
     "max_connections": ("int", 1),
     "thinking_budget_max": ("int", 1024),
     "header_timeout": ("seconds", 0), "body_timeout": ("seconds", 0), "keepalive_timeout": ("seconds", 0),

@@ -10,8 +10,9 @@ from the request alone (plus the mock's prompt-cache memory), so a test can pred
   block, then a ``tool_use`` block whose input is filled from the tool's ``input_schema``; stop_reason ``tool_use``.
 - Web search: a ``web_search_*`` server tool and a last user text mentioning "search": ``server_tool_use`` +
   ``web_search_tool_result`` blocks before the text, ``usage.server_tool_use.web_search_requests == 1``.
-- Thinking (``thinking.type`` enabled/adaptive): a ``thinking`` block first, its signature an HMAC of the thinking
-  text under the mock's API key (so a signature only verifies on the "account" that made it, as upstream).
+- Thinking (``thinking.type`` enabled/adaptive, or left out on a model that thinks by default): a ``thinking``
+  block first, its signature an HMAC of the thinking text under the mock's API key (so a signature only verifies on
+  the "account" that made it, as upstream).
 - Tokens: every streamed delta piece (a word of text or thinking, a fragment of tool JSON) is one output token;
   ``max_tokens`` smaller than that truncates (stop_reason ``max_tokens``). Input tokens: UTF-8 bytes of the
   prompt segments (tools, system, message blocks, ``cache_control`` excluded) divided by 4, at least 1 per segment.
@@ -41,6 +42,10 @@ REPLY_TAIL = "héllo ✓"
 NO_SAMPLING_MODELS = frozenset(("claude-opus-4-7", "claude-opus-4-8", "claude-opus-5", "claude-opus-5-5",
                                 "claude-sonnet-5", "claude-sonnet-5-5", "claude-haiku-5-5"))
 ADAPTIVE_ONLY_MODELS = frozenset(("claude-sonnet-5", "claude-sonnet-5-5"))
+# Models that think when the request leaves `thinking` out (adaptive thinking on by default, or always on).
+THINKS_BY_DEFAULT = frozenset(("claude-opus-5", "claude-opus-5-5", "claude-sonnet-5", "claude-sonnet-5-5",
+                               "claude-haiku-5-5", "claude-fable-5", "claude-fable-5-1", "claude-fable-5-2",
+                               "claude-mythos-5", "claude-mythos-5-1", "claude-mythos-5-2"))
 SAMPLING_DEFAULTS = {"temperature": 1}
 
 ERROR_TYPES = {
@@ -453,7 +458,9 @@ def plan_reply(body: dict, cache: PromptCache, signature_key: str, *, force_tool
     last_text = last_user_text(body["messages"])
     server_tool_uses = 0
 
-    if (body.get("thinking") or {}).get("type") in ("enabled", "adaptive"):
+    thinking = body.get("thinking")
+    if (thinking or {}).get("type") in ("enabled", "adaptive") or (
+            thinking is None and body["model"] in THINKS_BY_DEFAULT):
         thought = f"Thinking about: {last_text[:60]} ✓"
         signature = thinking_signature(signature_key, thought)
         blocks.append(PlannedBlock(

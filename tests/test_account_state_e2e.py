@@ -106,14 +106,21 @@ async def test_a_threaded_turn_fails_over_only_to_a_channel_of_the_same_account(
     assert (rows[-1]["channel_name"], rows[-1]["attempts"]) == ("a-spare", 2)
 
 
-async def test_a_conversation_with_thinking_blocks_stays_on_the_account_that_signed_them(gateway_env,
-                                                                                        make_mock_upstream):
-    """Each mock signs thinking blocks with its own key, so a block is valid on its own account only."""
+async def signing_accounts(gateway_env, make_mock_upstream):
+    """Two channels on two accounts, each mock signing thinking blocks with its own key (a block is valid on its
+    own account only); the gateway started.  Returns the mocks by channel name and a key."""
     mocks = {name: await make_mock_upstream(api_key=f"sk-ant-account-{name}-0123456789") for name in ("a", "b")}
     key = gateway_env.add_key("alice")
     for name, mock in mocks.items():
         gateway_env.add_channel(name, mock, api_key=mock.api_key)
     await gateway_env.start(plugin_options={"channels": {"seed": 11}})
+    return mocks, key
+
+
+async def test_a_conversation_with_thinking_blocks_stays_on_the_account_that_signed_them(gateway_env,
+                                                                                        make_mock_upstream):
+    """Each mock signs thinking blocks with its own key, so a block is valid on its own account only."""
+    mocks, key = await signing_accounts(gateway_env, make_mock_upstream)
     thinking = {"type": "enabled", "budget_tokens": 1024}
     history = [{"role": "user", "content": "Think about it"}]
     async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0) as client:
@@ -124,6 +131,23 @@ async def test_a_conversation_with_thinking_blocks_stays_on_the_account_that_sig
                     reply = await stream.get_final_message()
             else:
                 reply = await client.messages.create(**params)
+            assert reply.content[0].type == "thinking"
+            history += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in reply.content]},
+                        {"role": "user", "content": f"And then? ({turn})"}]
+    homes = {name for name, mock in mocks.items() for s in mock.served}
+    assert len(homes) == 1                                   # every turn on the account that signed the first
+    assert all(r.status == 200 for m in mocks.values() for r in m.requests)
+
+
+async def test_a_model_that_thinks_unasked_stays_on_the_account_that_signed_its_thinking(gateway_env,
+                                                                                         make_mock_upstream):
+    """Opus 5.5 thinks by default: streamed turns that never mention `thinking` still pin the account."""
+    mocks, key = await signing_accounts(gateway_env, make_mock_upstream)
+    history = [{"role": "user", "content": "Think about it"}]
+    async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0) as client:
+        for turn in range(8):
+            async with client.messages.stream(model="claude-opus-5-5", max_tokens=2048, messages=history) as stream:
+                reply = await stream.get_final_message()
             assert reply.content[0].type == "thinking"
             history += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in reply.content]},
                         {"role": "user", "content": f"And then? ({turn})"}]

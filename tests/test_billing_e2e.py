@@ -19,6 +19,7 @@ import pytest
 
 from apertis_proxy import cli, settings
 from apertis_proxy.store import catalog as catalog_store
+from apertis_proxy.store import channels as channel_store
 from apertis_proxy.store import schema
 from rawhttp import RawConnection, RawResponse
 
@@ -144,6 +145,13 @@ async def test_each_billed_dimension(gateway, stream):
              "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
             {"type": "compaction", "input_tokens": 5_000, "output_tokens": 300, "cache_read_input_tokens": 0,
              "cache_creation_input_tokens": 0}]}, "0.034"),
+        # Fast mode on Opus 5.5 (x2): (4000 + 2000)/1e6 * 2 = 0.012.
+        ("claude-opus-5-5", {"speed": "fast"}, small, "0.012"),
+        # A fallback iteration at its own model: Sonnet 5 top 0.003 plus Haiku 4.5 (1000*1 + 100*5)/1e6
+        # = 0.0015.  Total 0.0045.
+        ("claude-sonnet-5", {}, {**small, "iterations": [
+            {"type": "fallback_message", "model": "claude-haiku-4-5-20251001", "input_tokens": 1_000,
+             "output_tokens": 100, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}]}, "0.0045"),
     ]
     for model, extra, usage, _ in cases:
         response = await post(gateway, gateway.key, body(model, stream=stream, **extra), scenario(**usage))
@@ -205,6 +213,35 @@ async def test_unpriced_model_when_allowed(gateway_env, mock_upstream):
     await gateway_env.stop()
     spent = gateway_env.query("SELECT k.name, s.tokens, s.cost FROM key_spend s JOIN keys k ON k.id = s.key_id")
     assert [tuple(r) for r in spent] == [("counted", 60_000, 0.0)]
+
+
+async def test_unpriced_fast_mode_and_tool_models_are_refused_before_upstream(gateway_env, mock_upstream):
+    usd = gateway_env.add_key("capped", quota_cost=25.0)
+    tokens = gateway_env.add_key("counted", quota_tokens=1_000_000)
+    gateway_env.add_channel("strict", mock_upstream, models=["claude-mythos-5-2", "claude-sonnet-5"])
+    await gateway_env.start()
+    advisor = {"tools": [{"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-9"}]}
+    # Fail closed: fast mode on a model whose fast-mode price is unknown, and a tool naming an unpriced model.
+    fast = await post(gateway_env, tokens, body("claude-mythos-5-2", speed="fast"))
+    assert fast.status == 400 and fast.json()["error"]["type"] == "invalid_request_error"
+    assert "speed" in fast.json()["error"]["message"] and "claude-mythos-5-2" in fast.json()["error"]["message"]
+    tool = await post(gateway_env, tokens, body("claude-sonnet-5", **advisor))
+    assert tool.status == 400 and "claude-opus-9" in tool.json()["error"]["message"]
+    assert mock_upstream.requests == []
+    await gateway_env.stop()
+    # Allowed unpriced: a USD-quota key is still refused (402), a token-quota key is served with cost unknown.
+    channel_store.update_channel(gateway_env.conn, "strict", options={"allow_unpriced": True})
+    await gateway_env.start()
+    for sent in (body("claude-mythos-5-2", speed="fast"), body("claude-sonnet-5", **advisor)):
+        refused = await post(gateway_env, usd, sent)
+        assert refused.status == 402 and refused.json()["error"]["type"] == "billing_error"
+    assert mock_upstream.requests == []
+    served = await post(gateway_env, tokens, body("claude-mythos-5-2", speed="fast"), scenario(**KNOWN))
+    assert served.status == 200
+    rows = await gateway_env.usage_rows(5)
+    assert [r["status"] for r in rows] == [400, 400, 402, 402, 200]
+    assert rows[-1]["cost"] is None and "fast" in json.loads(rows[-1]["prices"])["unpriced"]
+    await gateway_env.stop()
 
 
 async def test_unpriced_models_allowed_globally_from_the_config_file(gateway_env, mock_upstream, tmp_path):
@@ -342,6 +379,10 @@ async def test_models_list_read_by_the_official_sdk_with_lifecycle_and_limit_100
         opus45 = by_id["claude-opus-4-5-20251101"]
         assert opus45.lifecycle == "deprecated" and opus45.retires_at.isoformat().startswith("2027-01-22")
         assert by_id["claude-opus-5-5"].lifecycle == "active" and by_id["claude-opus-5-5"].max_tokens == 128_000
+        assert opus45.deprecated_at.isoformat().startswith("2026-11-23") and opus45.max_input_tokens == 200_000
+        # Every model has its release date, and the list is newest first (as the Models API orders it).
+        assert all(m.created_at.year >= 2025 for m in page.data)
+        assert [m.created_at for m in page.data] == sorted((m.created_at for m in page.data), reverse=True)
         retired = await client.models.list(limit=1000, lifecycle=["retired"])
         assert {m.id for m in retired.data} == {"claude-sonnet-4-5-20250929", "claude-mythos-preview"}
         everything = await client.models.list(limit=1000, lifecycle=["active", "deprecated", "retired"])

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import resource
 import signal
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
 
+from apertis_proxy import plugin_host
+from apertis_proxy.plugin_api import AUTH_GROUP
 from rawhttp import RawConnection, request_bytes
 from test_gateway_http import assert_gateway_error
 from test_operator_flow import MODEL, ServeProcess, sdk_client
@@ -58,19 +61,66 @@ async def test_an_absolute_form_target_is_refused_before_its_body_is_read_too(ga
     assert gateway.mock.requests == []
 
 
-async def test_a_valid_key_still_sends_its_body_in_pieces(gateway):
-    """The head check admits a known key: a body that arrives in several pieces is read and served."""
-    body = request_bytes("POST", "/v1/messages", {"x-api-key": gateway.key},
+async def send_in_pieces(env, key: str, text: str):
+    """A ~100 kB Messages request whose body follows its head in a second write (so the head is judged first)."""
+    body = request_bytes("POST", "/v1/messages", {"x-api-key": key},
                          json_body={"model": "claude-haiku-4-5-20251001", "max_tokens": 16,
-                                    "messages": [{"role": "user", "content": "in pieces " + "y" * 100_000}]})
-    async with await connect(gateway) as conn:
+                                    "messages": [{"role": "user", "content": text + " " + "y" * 100_000}]})
+    async with await connect(env) as conn:
         cut = body.index(b"\r\n\r\n") + 10
         await conn.send(body[:cut])
         await asyncio.sleep(0.05)
         await conn.send(body[cut:])
-        response = await conn.read_response()
-        assert response.status == 200 and "in pieces" in response.json()["content"][0]["text"]
+        return await conn.read_response()
+
+
+async def test_a_valid_key_still_sends_its_body_in_pieces(gateway):
+    """The head check admits a known key: a body that arrives in several pieces is read and served."""
+    response = await send_in_pieces(gateway, gateway.key, "in pieces")
+    assert response.status == 200 and "in pieces" in response.json()["content"][0]["text"]
     assert len(gateway.mock.requests) == 1
+
+
+class HooklessAuth:
+    """A third-party auth plugin without check_head: it sees the body before it decides."""
+
+    def __init__(self, ctx) -> None:
+        pass
+
+    async def authenticate(self, request):
+        return None             # not this plugin's: the keys plugin after it decides
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_an_unvouched_request_may_send_only_the_smaller_body(gateway_env, mock_upstream, monkeypatch, framing):
+    """Behind an auth plugin that cannot judge a head, a keyless upload is cut off at max_unvouched_body_bytes
+    (413, connection closed) instead of being buffered up to max_body_bytes; a request under that limit is
+    authenticated from its body as before."""
+    entry = EntryPoint("hookless", f"{__name__}:HooklessAuth", AUTH_GROUP)
+    real_discover = plugin_host.discover
+    monkeypatch.setattr(plugin_host, "discover",
+                        lambda group: {**real_discover(group), **({"hookless": entry} if group == AUTH_GROUP else {})})
+    key = gateway_env.add_key("alice")
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start(auth_plugins=["hookless", "keys"], max_unvouched_body_bytes=256 * 1024)
+    headers = {"content-type": "application/json"}
+    if framing == "chunked":
+        headers["transfer-encoding"] = "chunked"
+    else:
+        headers["content-length"] = str(BIG)
+    piece = b"x" * 65536
+    async with await connect(gateway_env) as conn:
+        await conn.send(request_bytes("POST", "/v1/messages", headers, content_length=False))
+        for _ in range(5):      # 320 KiB: past the unvouched limit, far below max_body_bytes
+            await conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if framing == "chunked" else piece)
+        response = await conn.read_response(timeout=ANSWER_WITHIN)
+        assert_gateway_error(response, 413, "request_too_large")
+        assert str(256 * 1024) in response.json()["error"]["message"]
+        assert await conn.wait_closed_by_peer(timeout=ANSWER_WITHIN)
+    # A body that fits, sent in pieces, reaches authentication and is served for a real key.
+    response = await send_in_pieces(gateway_env, key, "fits")
+    assert response.status == 200 and "fits" in response.json()["content"][0]["text"]
+    assert len(mock_upstream.requests) == 1
 
 
 async def test_a_disabled_key_is_refused_from_the_head_with_its_reason(gateway_env, mock_upstream):

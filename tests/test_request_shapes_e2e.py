@@ -35,8 +35,9 @@ async def test_a_system_message_mid_conversation_reaches_upstream(gateway):
 
 
 async def test_new_fields_block_types_and_tool_versions_pass_byte_for_byte(gateway):
+    # Opus 5.5, since fast mode is priced there (the gateway refuses fast mode it cannot bill).
     body = ask(
-        thinking={"type": "adaptive"}, output_config={"effort": "low", "format": {
+        model="claude-opus-5-5", thinking={"type": "adaptive"}, output_config={"effort": "low", "format": {
             "type": "json_schema", "schema": {"type": "object", "properties": {}, "additionalProperties": False}}},
         speed="fast", inference_geo="us", service_tier="auto", cache_control={"type": "ephemeral", "ttl": "1h"},
         container="container_011CUy", context_management={"edits": [{"type": "clear_tool_uses_20250919"}]},

@@ -60,6 +60,9 @@ async def admit(fw: Any, req: Request, resp: Responder, caller: Caller, requests
             model = params["model"]
             if model not in served:
                 served[model] = await _serve(fw, req, resp, caller, model, now)
+            if model_policy.billed_extras(params) != (False, ()):
+                model_policy.admit_unpriced(fw.catalog.catalog, served[model][1], model, caller,
+                                            fw.settings.allow_unpriced, now, params)
         except GatewayError as e:
             raise named(i, e) from None
         if account is not None:

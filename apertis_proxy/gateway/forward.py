@@ -29,7 +29,7 @@ from ..upstream.pool import Pools
 from . import contract, model_policy
 from .body_encoding import decode_body
 from .headers import downstream_headers, parse_retry_after, upstream_headers
-from .ownership import (CONTAINER, CREDIT, THINKING, THREAD, StateCapture, asks_for_thinking, not_found,
+from .ownership import (CONTAINER, CREDIT, THINKING, THREAD, StateCapture, may_think, not_found,
                         owner_of, references, resolve)
 from .relay import JsonRelay, Relay, StreamRelay
 from .sse import SseSplicer
@@ -185,7 +185,7 @@ class MessagesForwarder:
                 raise self._unserved(info.model or "", caller)
             if not count_tokens:
                 channels = model_policy.admit_unpriced(self.catalog.catalog, channels, info.model, caller,
-                                                       self.settings.allow_unpriced, record.started_at)
+                                                       self.settings.allow_unpriced, record.started_at, body)
             await self._attempt_all(Forwarding(req, resp, info, record, count_tokens, owner_of(caller),
                                                resolved.headers), channels)
         except GatewayError as e:
@@ -326,8 +326,11 @@ class MessagesForwarder:
         if asked and record.upstream_model and asked != record.upstream_model:
             rename = (record.upstream_model, asked)
         ctype = head.get(b"content-type") or b""
-        meter = (StateCapture(record, asks_for_thinking(fwd.info.body))
-                 if self.owned is not None and not fwd.count_tokens else UsageMeter(record))
+        if self.owned is not None and not fwd.count_tokens:
+            entry = self.catalog.catalog.lookup(record.upstream_model or record.requested_model)
+            meter: UsageMeter = StateCapture(record, may_think(fwd.info.body, entry))
+        else:
+            meter = UsageMeter(record)
         timeout = self.settings.read_timeout
         if ctype.startswith(b"text/event-stream"):
             return StreamRelay(conn, fwd.resp, head.status, down, record, timeout,

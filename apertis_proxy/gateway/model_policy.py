@@ -9,6 +9,8 @@
 - A model without a price is refused (fail closed) unless the operator allowed
   unpriced models (setting `allow_unpriced`, or channel option of that name);
   even then a key with a USD quota is refused, since its spend cannot be counted.
+  The same holds for fast mode on a model without a fast-mode price and for a
+  model named by a tool (an advisor) that has no price.
 """
 from __future__ import annotations
 
@@ -78,27 +80,55 @@ def pinned(catalog: Catalog, channels: Sequence[Channel], name: Optional[str], n
     return kept
 
 
+def billed_extras(body) -> tuple[bool, tuple[str, ...]]:
+    """What a request body asks for that is priced apart from its model's token rates:
+    fast mode (`speed: "fast"`), and the models its tools name (an advisor's model is billed
+    at its own rates)."""
+    if not isinstance(body, dict):
+        return False, ()
+    tools = body.get("tools")
+    named = tuple(t["model"] for t in tools if isinstance(t, dict) and isinstance(t.get("model"), str)) \
+        if isinstance(tools, list) else ()
+    return body.get("speed") == "fast", named
+
+
+def _unpriced_part(catalog: Catalog, upstream: Optional[str], model: Optional[str], fast: bool,
+                   tool_models: Sequence[str], now: float) -> Optional[str]:
+    """What of this request has no price (None when all of it is priced)."""
+    entry = catalog.lookup(upstream) or catalog.lookup(model)
+    if entry is None or entry.price_at(now) is None:
+        return f"model: {upstream} has no price in this gateway's catalogue"
+    if fast and entry.fast_multiplier is None:
+        return f"speed: fast mode on {entry.id} has no price in this gateway's catalogue"
+    for name in tool_models:
+        tool_entry = catalog.lookup(name)
+        if tool_entry is None or tool_entry.price_at(now) is None:
+            return f"tools: model {name} has no price in this gateway's catalogue"
+    return None
+
+
 def admit_unpriced(catalog: Catalog, channels: Sequence[Channel], model: Optional[str], caller: Caller,
-                   allow_unpriced: bool, now: float) -> list[Channel]:
-    """The channels that may take `model` as far as billing goes; GatewayError if none."""
+                   allow_unpriced: bool, now: float, body=None) -> list[Channel]:
+    """The channels that may take `model` (and what `body` asks for) as far as billing goes;
+    GatewayError if none."""
+    fast, tool_models = billed_extras(body)
     admitted: list[Channel] = []
     refusal: Optional[GatewayError] = None
     for channel in channels:
         upstream = channel.upstream_model(model) if model else model
-        entry = catalog.lookup(upstream) or catalog.lookup(model)
-        if entry is not None and entry.price_at(now) is not None:
+        missing = _unpriced_part(catalog, upstream, model, fast, tool_models, now)
+        how = (f"an operator can price it with `apertis-proxy prices set {upstream} --input USD --output USD` "
+               "(per million tokens)" if missing and missing.startswith("model:") else
+               "an operator can price it with `apertis-proxy prices set` or `apertis-proxy prices import FILE`")
+        if missing is None:
             admitted.append(channel)
         elif not (allow_unpriced or channel.options.get("allow_unpriced")):
-            refusal = refusal or GatewayError(
-                400, f"model: {upstream} has no price in this gateway's catalogue, so it cannot be "
-                     f"billed; an operator can price it with `apertis-proxy prices set {upstream} "
-                     f"--input USD --output USD` (per million tokens)", "invalid_request_error")
+            refusal = refusal or GatewayError(400, f"{missing}, so it cannot be billed; {how}",
+                                              "invalid_request_error")
         elif caller.cost_limited:
             refusal = refusal or GatewayError(
-                402, f"model: {upstream} has no price in this gateway's catalogue and API key "
-                     f"'{caller.key_name}' has a USD quota, so its spend could not be counted; "
-                     f"an operator can price it with `apertis-proxy prices set {upstream} "
-                     f"--input USD --output USD`", "billing_error", {"x-should-retry": "false"})
+                402, f"{missing} and API key '{caller.key_name}' has a USD quota, so its spend could not be "
+                     f"counted; {how}", "billing_error", {"x-should-retry": "false"})
         else:
             admitted.append(channel)
     if not admitted and refusal is not None:

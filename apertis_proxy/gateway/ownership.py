@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional
 
 from ..errors import GatewayError
 from ..plugin_api import Caller, UsageRecord
+from ..store.catalog import ModelEntry
 from ..store.owned_state import OwnedState
 from .usage import UsageMeter
 
@@ -32,9 +33,14 @@ def signature_fingerprint(signature: str) -> str:
     return hashlib.sha256(signature.encode("utf-8", "replace")).hexdigest()[:32]
 
 
-def asks_for_thinking(body: Any) -> bool:
+def may_think(body: Any, entry: Optional[ModelEntry]) -> bool:
+    """Whether the answer can carry thinking blocks: the request asked for thinking, or left it out
+    on a model that thinks by default (catalogue rule `thinks_by_default`; a model the catalogue
+    does not know is assumed to)."""
     thinking = body.get("thinking") if isinstance(body, dict) else None
-    return isinstance(thinking, dict) and thinking.get("type") != "disabled"
+    if isinstance(thinking, dict):
+        return thinking.get("type") != "disabled"
+    return entry is None or bool(entry.rules.get("thinks_by_default"))
 
 
 def owner_of(caller: Caller) -> str:
@@ -135,7 +141,7 @@ class StateCapture(UsageMeter):
 
     def __init__(self, record: UsageRecord, thinking: bool = False) -> None:
         super().__init__(record)
-        # The splicer scans a stream for signatures only when the request asked for thinking.
+        # The splicer scans a stream for signatures only when the answer can carry thinking.
         self.signature_hook = self.signature if thinking else None
         self.message_id: Optional[str] = None
         self.container_id: Optional[str] = None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Optional, Union
 from urllib.parse import parse_qsl
 
 import orjson
@@ -52,18 +52,23 @@ class GatewayApp:
         self.owned_endpoints = ([BatchesEndpoint(forwarder), FilesEndpoint(forwarder)]
                                 if forwarder.owned is not None else [])
 
-    def admit(self, head: Request) -> Optional[GatewayError]:
+    def admit(self, head: Request) -> Union[GatewayError, int, None]:
         """The HTTP layer asks before reading a body: a /v1/ request whose
-        credential no auth plugin will admit is refused from its head alone."""
+        credential no auth plugin will admit is refused from its head alone
+        (the error); one no plugin vouched for gets the smaller unvouched body
+        limit (an int); None: read the body up to the full limit."""
         if not head.path.startswith("/v1/"):
             return None
         info = RequestInfo(method=head.method, path=head.path, query=head.query, headers=head.header_map(),
                            body=None, model=None, stream=False, client=head.client, request_id="")
         try:
-            self.plugins.check_head(info)
+            vouched = self.plugins.check_head(info)
         except GatewayError as e:
             return e
-        return None
+        settings = self.forwarder.settings
+        if vouched or settings.max_unvouched_body_bytes >= settings.max_body_bytes:
+            return None
+        return settings.max_unvouched_body_bytes
 
     async def __call__(self, req: Request, resp: Responder) -> None:
         if self.client_address is not None:

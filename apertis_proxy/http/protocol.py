@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Awaitable, Callable, Optional, Protocol
+from typing import Awaitable, Callable, Optional, Protocol, Union
 
 import h11
 
@@ -43,9 +43,10 @@ class Refusal(Protocol):
     error_type: str
 
 
-# A handler may also have `admit(head) -> Optional[Refusal]`: called with a
+# A handler may also have `admit(head) -> Refusal | int | None`: called with a
 # request's head (its body b"") when the body still has to be read, so that a
-# request its credential will not admit is refused before its body is read.
+# request its credential will not admit is refused before its body is read; an
+# int is a smaller body limit for this request.
 
 _PIPELINE_HIGH_WATER = 256 * 1024
 
@@ -130,7 +131,7 @@ class HttpConnection(asyncio.Protocol):
 
     def __init__(self, handler: Handler, settings: Settings, state: ServerState) -> None:
         self._handler = handler
-        self._admit: Optional[Callable[[Request], Optional[Refusal]]] = getattr(handler, "admit", None)
+        self._admit: Optional[Callable[[Request], Union[Refusal, int, None]]] = getattr(handler, "admit", None)
         self._settings = settings
         self.state = state
         self._loop = asyncio.get_running_loop()
@@ -145,6 +146,7 @@ class HttpConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._body_size = 0
+        self._body_limit = self._settings.max_body_bytes
         self._length: Optional[int] = None  # the body's Content-Length (None: chunked)
         self._fresh = False         # self._h11 is already the next cycle's (see _take_body)
         self._responder: Optional[Responder] = None
@@ -309,9 +311,9 @@ class HttpConnection(asyncio.Protocol):
                 self._arm(self._settings.body_timeout)
             elif etype is h11.Data:
                 self._body_size += len(event.data)
-                if self._body_size > self._settings.max_body_bytes:
+                if self._body_size > self._body_limit:
                     self._reject_early(413, f"request body exceeds the limit of "
-                                            f"{self._settings.max_body_bytes} bytes", "request_too_large")
+                                            f"{self._body_limit} bytes", "request_too_large")
                     return
                 self._body.append(event.data)
                 self._arm(self._settings.body_timeout)
@@ -327,6 +329,7 @@ class HttpConnection(asyncio.Protocol):
         self._headers = headers = header_list(event.headers)
         self._body = []
         self._body_size = 0
+        self._body_limit = self._settings.max_body_bytes
         self.http11 = event.http_version == b"1.1"
         # h11 only bounds a head still incomplete in its buffer; one that
         # arrived whole in a single read must be measured here.
@@ -379,6 +382,7 @@ class HttpConnection(asyncio.Protocol):
         self._headers = event.headers
         self._body = []
         self._body_size = 0
+        self._body_limit = self._settings.max_body_bytes
         self.http11 = event.http_version == b"1.1"
         self._length = length = event.length
         if length > self._settings.max_body_bytes:
@@ -430,6 +434,14 @@ class HttpConnection(asyncio.Protocol):
         refusal = admit(head)
         if refusal is None:
             return True
+        if isinstance(refusal, int):
+            # No auth plugin vouched for the credential: the smaller body limit holds.
+            self._body_limit = refusal
+            if self._length is None or self._length <= refusal:
+                return True
+            self._reject_early(413, f"request body exceeds the limit of {refusal} bytes for a request whose "
+                                    "credential no auth plugin checked from its head", "request_too_large")
+            return False
         self._reject_early(refusal.status, refusal.message, refusal.error_type)
         return False
 

@@ -154,7 +154,7 @@ class ObservedApp:
 
     def _observed_admit(self, head: Request):
         refusal = self._admit(head)
-        if refusal is not None:
+        if refusal is not None and not isinstance(refusal, int):     # an int is a body limit, not a refusal
             answered = _RefusedFromHead(refusal.status)
             self.recorder.end(answered.request_id, self.recorder.begin(answered.request_id), head, answered)
         return refusal
