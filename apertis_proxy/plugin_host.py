@@ -16,6 +16,7 @@ from .errors import GatewayError
 from .plugin_api import (AUTH_GROUP, METER_GROUP, ROUTER_GROUP, Caller, Channel, ModelInfo, Outcome,
                          PluginContext, Reject, RequestInfo, UsageRecord)
 from .settings import Settings
+from .store.ledger_spool import default_spool_dir
 
 log = logging.getLogger("apertis_proxy.plugins")
 # How long one plugin's close() may take at shutdown before the next is closed.
@@ -63,16 +64,25 @@ def _load(group: str, names: Iterable[str], settings: Settings, worker: int, wor
         ep = available.get(name)
         if ep is None:
             raise _unknown(name, group, available)
-        options = {"poll_interval": settings.config_poll_interval, **settings.plugin_options.get(name, {})}
+        ledger = _ledger_options(settings) if group == METER_GROUP else {}
+        options = {"poll_interval": settings.config_poll_interval, **ledger, **settings.plugin_options.get(name, {})}
         ctx = PluginContext(name=name, options=options,
                             db_path=settings.db, log=logging.getLogger(f"apertis_proxy.plugin.{name}"),
-                            worker=worker, workers=workers, store=store)
+                            worker=worker, workers=workers, meters=tuple(settings.meter_plugins),
+                            store=store)
         try:
             plugin = ep.load()(ctx)
         except Exception as exc:  # noqa: BLE001 - the plugin's own failure, reported in one line
             raise _failed(name, group, "load", exc) from exc
         plugins.append((name, plugin))
     return plugins
+
+
+def _ledger_options(settings: Settings) -> dict[str, Any]:
+    """The [ledger] spool settings, handed to meters as options."""
+    return {"spool_dir": settings.spool_dir or default_spool_dir(settings.db),
+            "spool_max_bytes": settings.spool_max_bytes, "spool_warn_bytes": settings.spool_warn_bytes,
+            "fsync": settings.ledger_fsync}
 
 
 class NoObserver:
@@ -98,6 +108,8 @@ class PluginHost:
         self.observer: Any = NoObserver()
         self._finishers = [(n, p) for n, p in auth if callable(getattr(p, "finish", None))]
         self._feedback = [(n, p) for n, p in routers if callable(getattr(p, "feedback", None))]
+        # Meters that may refuse new requests: (message, retry-after seconds) or None.
+        self._refusals = [p.refusal for _, p in meters if callable(getattr(p, "refusal", None))]
 
     @classmethod
     def load(cls, settings: Settings, *, worker: int = 0, workers: int = 1, store: Any = None) -> "PluginHost":
@@ -146,7 +158,12 @@ class PluginHost:
     # two more frames and a closure per request each (callgrind).
     async def authenticate(self, request: RequestInfo) -> tuple[Caller, Any]:
         """The caller and the plugin that vouched for it (for finish()).
-        The first non-None answer wins; Reject becomes the client's error."""
+        The first non-None answer wins; Reject becomes the client's error.
+        A meter that cannot take more rows (its `refusal()`) refuses the request first."""
+        for refusal in self._refusals:
+            refused = refusal()
+            if refused is not None:
+                raise GatewayError(503, refused[0], "overloaded_error", {"retry-after": str(refused[1])})
         for name, plugin in self.auth:
             try:
                 caller = await plugin.authenticate(request)
@@ -177,7 +194,7 @@ class PluginHost:
 
     async def finish(self, plugin: Any, caller: Caller, record: UsageRecord) -> None:
         # Every record reaches finish() (metered requests and model listings),
-        # priced, and goes unchanged to the meters after it.
+        # priced; the meters have had it already (see MessagesForwarder.handle).
         self.observer.finished(record)
         finish = getattr(plugin, "finish", None)
         if finish is None:

@@ -78,6 +78,11 @@ class Settings:
     log_level: str = "INFO"
     # Usage rows older than this many days are deleted in the background; 0 keeps them all.
     keep_days: float = 0.0
+    # [ledger] spool: usage rows on local disk until the database has them (see ledger_spool.py).
+    spool_dir: str = ""                 # "" = "<database file>.spool", beside it (PostgreSQL: ./apertis-ledger.spool)
+    spool_max_bytes: int = 256 << 20    # full: new requests get 503 overloaded_error
+    spool_warn_bytes: int = 16 << 20    # a warning in the log past this
+    ledger_fsync: str = "batch"         # [ledger] fsync: "batch", "always" or "never"
     log_format: str = "text"            # [logging] format: "text" or "json" (one object per line)
     access_log: bool = True             # one line per request
     # [metrics]: GET /metrics answers clients in these networks only.
@@ -93,6 +98,7 @@ class Settings:
 _SECTIONS = ("server", "upstream", "contract", "billing", "logging", "ledger", "metrics")
 # Keys whose field name differs from the key in its section.
 _RENAMED = {
+    "ledger": {"fsync": "ledger_fsync"},
     "logging": {"format": "log_format"},
     "metrics": {"enabled": "metrics_enabled", "allow": "metrics_allow", "per_key": "metrics_per_key",
                 "flush_interval": "metrics_flush_interval"},
@@ -144,7 +150,7 @@ _RULES: dict[str, tuple[str, float]] = {
     "port": ("int", 0), "workers": ("int", 1), "max_header_bytes": ("int", 1024),
     "max_body_bytes": ("int", 1), "max_unvouched_body_bytes": ("int", 1), "write_high_water": ("int", 1024),
     "pool_max_idle": ("int", 0),
-    "max_connections": ("int", 1),
+    "max_connections": ("int", 1), "spool_max_bytes": ("int", 4096), "spool_warn_bytes": ("int", 0),
     "thinking_budget_max": ("int", 1024),
     "header_timeout": ("seconds", 0), "body_timeout": ("seconds", 0), "keepalive_timeout": ("seconds", 0),
     "connect_timeout": ("seconds", 0), "read_timeout": ("seconds", 0), "pool_idle_timeout": ("seconds", 0),
@@ -152,6 +158,7 @@ _RULES: dict[str, tuple[str, float]] = {
     "drain_delay": ("seconds or 0", 0), "metrics_flush_interval": ("seconds", 0),
 }
 LOG_FORMATS = ("text", "json")
+LEDGER_FSYNC = ("batch", "always", "never")
 
 
 def check(s: Settings, where: str) -> None:
@@ -168,6 +175,10 @@ def check(s: Settings, where: str) -> None:
     if type(s.keep_days) not in (int, float) or not 0 <= s.keep_days < float("inf"):
         raise ValueError(f"{where}: keep_days must be a number of days >= 0 (0 keeps every row), "
                          f"not {s.keep_days!r}")
+    if s.ledger_fsync not in LEDGER_FSYNC:
+        raise ValueError(f"{where}: [ledger] fsync must be one of {', '.join(LEDGER_FSYNC)}, not {s.ledger_fsync!r}")
+    if not isinstance(s.spool_dir, str):
+        raise ValueError(f"{where}: spool_dir must be a directory path, not {s.spool_dir!r}")
     _check_tls(s, where)
     if not isinstance(s.trusted_proxies, list):
         raise ValueError(f"{where}: trusted_proxies must be a list of CIDRs, like [\"10.0.0.0/8\"], "

@@ -3,9 +3,11 @@
 Starts the bench mock upstream and `apertis-proxy serve` (one worker, default
 meter settings) on a fresh database, keeps N clients sending small requests
 on keep-alive connections for a while, then SIGKILLs the gateway under that
-load. Every response a client received whole has its request-id; afterwards
-the ledger is read and the script prints how many of those have no row, and
-how long before the kill the lost ones completed.
+load. Every response a client received whole has its request-id.  The script
+counts how many of those were only in the ledger spool at the kill, starts the
+gateway again (it ships the dead worker's spool) and stops it, then reads the
+ledger and prints how many have no row, and how long before the kill the lost
+ones completed.
 
     python bench/kill9.py [--clients 32] [--seconds 5] [--runs 3] [--config FILE]
 """
@@ -49,6 +51,20 @@ def prepare(db: str, mock_port: int) -> str:
         conn.close()
 
 
+async def serve(port: int, db: str, config: list[str]) -> asyncio.subprocess.Process:
+    gw = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "apertis_proxy", "serve", "--host", "127.0.0.1", "--port", str(port),
+        "--db", db, *config, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            break
+        except OSError:
+            await asyncio.sleep(0.05)
+    return gw
+
+
 async def client(port: int, key: str, done: list[tuple[str, float]], stop: asyncio.Event) -> None:
     body = (b'{"model":"%s","max_tokens":16,"messages":[{"role":"user","content":"kill -9 probe"}]}'
             % MODEL.encode())
@@ -79,16 +95,7 @@ async def one_run(clients: int, seconds: float, config: list[str]) -> dict:
         db = str(Path(work) / "kill9.db")
         key = prepare(db, mock_port)
         port = free_port()
-        gw = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "apertis_proxy", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--db", db, *config, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        for _ in range(200):
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", port)
-                w.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
+        gw = await serve(port, db, config)
         done: list[tuple[str, float]] = []
         stop = asyncio.Event()
         tasks = [asyncio.create_task(client(port, key, done, stop)) for _ in range(clients)]
@@ -98,13 +105,17 @@ async def one_run(clients: int, seconds: float, config: list[str]) -> dict:
         await gw.wait()
         stop.set()
         await asyncio.gather(*tasks)
+        spooled = sum(len(p.read_bytes().splitlines()) for p in Path(db + ".spool").glob("*.spool"))
+        again = await serve(port, db, config)       # adopts the spool and ships it
+        again.send_signal(signal.SIGTERM)
+        await again.wait()
         conn = sqlite3.connect(db)
         metered = {r[0] for r in conn.execute("SELECT request_id FROM usage")}
         conn.close()
     mock.send_signal(signal.SIGTERM)
     await mock.wait()
     lost = [killed_at - t for rid, t in done if rid not in metered]
-    return {"received": len(done), "lost": len(lost), "rate": len(done) / seconds,
+    return {"received": len(done), "lost": len(lost), "rate": len(done) / seconds, "spooled": spooled,
             "oldest_lost_ms": max(lost) * 1000 if lost else 0.0}
 
 
@@ -117,8 +128,9 @@ async def main() -> None:
     args = p.parse_args()
     for i in range(args.runs):
         r = await one_run(args.clients, args.seconds, ["--config", args.config] if args.config else [])
-        print(f"run {i + 1}: {r['received']} responses received whole ({r['rate']:.0f}/s), {r['lost']} without a "
-              f"ledger row ({100 * r['lost'] / max(1, r['received']):.1f}%); the oldest lost one completed "
+        print(f"run {i + 1}: {r['received']} responses received whole ({r['rate']:.0f}/s), {r['spooled']} rows "
+              f"only in the spool at the kill, {r['lost']} without a ledger row after a restart "
+              f"({100 * r['lost'] / max(1, r['received']):.1f}%); the oldest lost one completed "
               f"{r['oldest_lost_ms']:.0f} ms before the kill", flush=True)
 
 

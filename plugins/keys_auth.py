@@ -153,6 +153,11 @@ class KeysAuth:
         self._task: Optional[asyncio.Task] = None
         self._spend_lock = asyncio.Lock()
         self._stopping = False
+        # With the sqlite meter, a request's spend reaches key_spend in the ledger's
+        # own transaction; until its row is shipped it counts here as pending,
+        # by request id: request id -> (key id, cost, tokens).
+        self.ledger_settles = "sqlite" in ctx.meters
+        self._unshipped: dict[str, tuple[int, float, int]] = {}
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -313,6 +318,8 @@ class KeysAuth:
         if cost or tokens:
             key.pending_cost += cost
             key.pending_tokens += tokens
+            if self.ledger_settles:
+                self._unshipped[record.request_id] = (key.id, cost, tokens)
             if key.quota_cost is not None or key.quota_tokens is not None:
                 # A quota may just have been reached: settle soon rather than on
                 # the next interval, so other workers see it too.
@@ -359,9 +366,13 @@ class KeysAuth:
         self.log.info("loaded %d keys", len(by_id))
 
     async def _sync_spend(self) -> None:
-        """Add this process's pending spend to the store and re-read everybody's."""
+        """Add this process's pending spend to the store and re-read everybody's (with the sqlite
+        meter only re-read: the ledger settles it)."""
         async with self._spend_lock:
-            await self._settle()
+            if self.ledger_settles:
+                await self._read_settled_spend()
+            else:
+                await self._settle()
 
     async def _settle(self) -> None:
         batch = []
@@ -383,3 +394,18 @@ class KeysAuth:
         for key in self.by_id.values():
             key.settled_cost, key.settled_tokens = spend.get(key.id, (0.0, 0))
             key.flushing_cost, key.flushing_tokens = 0.0, 0
+
+
+    async def _read_settled_spend(self) -> None:
+        """Re-read key_spend; requests whose ledger rows it now includes stop being pending.
+        Both are read in one transaction, so no request counts twice or not at all."""
+        shipped, spend = await self.store.shipped_and_spend(list(self._unshipped))
+        for rid in shipped:
+            key_id, cost, tokens = self._unshipped.pop(rid)
+            key = self.by_id.get(key_id)
+            if key is not None:
+                key.pending_cost = max(0.0, key.pending_cost - cost)
+                key.pending_tokens = max(0, key.pending_tokens - tokens)
+        # No await from here on.
+        for key in self.by_id.values():
+            key.settled_cost, key.settled_tokens = spend.get(key.id, (0.0, 0))

@@ -1,52 +1,44 @@
 """First-party meter plugin ``sqlite``: the usage ledger in the store's ``usage`` table
 (SQLite or PostgreSQL: the name is historical).
 
-``record()`` only appends a row to a list in memory; a background task hands
-what has accumulated to ``store.write_ledger`` (one transaction), every
-``flush_interval`` seconds or as soon as ``batch_size`` rows are waiting.  A
-failed write is logged and retried with the same rows (nothing raises into the
-request path); ``close()`` writes everything that
-is left.
+``record()`` appends the row to this worker's ledger spool (one JSON line,
+written before the response's last bytes go to the client: see
+apertis_proxy.store.ledger_spool), so a row the client's answer depended on
+survives a ``kill -9``.  A background task ships the spooled rows every
+``flush_interval`` seconds, or as soon as ``batch_size`` rows are waiting,
+with ``store.write_ledger``: idempotent (one row per request id) and with the
+keys' settled spend in the same transaction.  While the database refuses
+writes (locked, read-only, disk full, unreachable) rows stay spooled and the shipping is
+retried with a back-off; at start, and every ``adopt_interval`` seconds,
+spools left by stopped workers are adopted and shipped.
 
 Every UsageRecord field is stored in the column of the same name (``started_at``
-in ``ts``; ``server_tool_use``, ``iterations``, ``raw_usage`` and ``prices`` as JSON).  Columns are matched at
-start-up, so a field gains a column by a schema change alone.
+in ``ts``; dicts and lists as JSON); a field gains a column by a schema change alone.
 
 Options (``[plugins.options.sqlite]``):
-  flush_interval  seconds between writes (0.5)
-  batch_size      rows that trigger a write before the interval ends (500)
-  max_queue       rows kept in memory while the database refuses writes;
-                  beyond it the oldest are dropped, loudly (200000)
+  flush_interval  seconds between shipments (0.5)
+  batch_size      rows that trigger a shipment before the interval ends (500)
+  adopt_interval  seconds between looks for spools of stopped workers (5)
+The spool's own settings come from ``[ledger]`` (the host hands them over as
+options): spool_dir, spool_max_bytes, spool_warn_bytes, fsync.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import operator
-import sqlite3
-from typing import Any, Callable, Optional
+import json
+import time
+from typing import Optional
 
 import orjson
 
 from apertis_proxy.plugin_api import PluginContext, UsageRecord
-from apertis_proxy.store.service import StoreUnavailable, is_unreachable, store_for_plugin
+from apertis_proxy.store.ledger_spool import LedgerSpool, default_spool_dir
+from apertis_proxy.store.service import is_unreachable, store_for_plugin
 
-COLUMN_OF_FIELD = {"started_at": "ts"}
-JSON_FIELDS = frozenset({"server_tool_use", "prices", "iterations", "raw_usage"})
-BOOL_FIELDS = frozenset({"stream", "interrupted", "reached_upstream"})
 CLOSE_ATTEMPTS = 5
-
-
-def _json(value: Any) -> Optional[str]:
-    return None if value is None else orjson.dumps(value).decode()
-
-
-def _bool(value: Any) -> int:
-    return 1 if value else 0
-
-
-def _plain(value: Any) -> Any:
-    return value
+# How long a 503 for a full spool asks the client to wait.
+FULL_RETRY_AFTER = 5
 
 
 class SqliteMeter:
@@ -56,58 +48,52 @@ class SqliteMeter:
         self.log = ctx.log
         self.flush_interval = max(0.01, float(opts.get("flush_interval", 0.5)))
         self.batch_size = max(1, int(opts.get("batch_size", 500)))
-        self.max_queue = max(self.batch_size, int(opts.get("max_queue", 200_000)))
-        self._queue: list[tuple] = []
-        self._fields: list[tuple[str, Callable[[Any], Any]]] = []
-        self._columns: list[str] = []
+        self.adopt_interval = max(0.1, float(opts.get("adopt_interval", 5.0)))
+        self.spool = LedgerSpool(str(opts.get("spool_dir") or default_spool_dir(ctx.db_path)), self.log,
+                                 max_bytes=int(opts.get("spool_max_bytes", 256 << 20)),
+                                 warn_bytes=int(opts.get("spool_warn_bytes", 16 << 20)),
+                                 fsync=str(opts.get("fsync", "batch")))
         self.store = None
         self._owns_store = False
         self._task: Optional[asyncio.Task] = None
         self._wake = asyncio.Event()
         self._stopping = False
-        self._lock = asyncio.Lock()   # one transaction at a time on the connection
-        self._failures = 0          # consecutive failed writes, for the back-off
-        self.written = 0            # rows committed since start
-        self.dropped = 0
-        self.rejected = 0           # rows SQLite would not take (dropped, each logged)
+        self._lock = asyncio.Lock()   # one shipment at a time
+        self._failures = 0          # consecutive failed shipments, for the back-off
+        self._adopted_at = 0.0
+        self.written = 0            # rows inserted since start
+        self.shipped = 0            # rows shipped since start (inserted or already there)
+        self.rejected = 0           # rows the ledger refused (each logged with its content)
 
     async def start(self) -> None:
+        self.spool.open()
         self.store, self._owns_store = await store_for_plugin(self.ctx)
-        columns = set(await self.store.ledger_columns())
-        names = []
-        for f in dataclasses.fields(UsageRecord):
-            column = COLUMN_OF_FIELD.get(f.name, f.name)
-            if column not in columns:
-                continue        # e.g. reached_upstream: not part of the ledger (yet)
-            convert = _json if f.name in JSON_FIELDS else _bool if f.name in BOOL_FIELDS else _plain
-            self._fields.append((f.name, convert))
-            names.append(column)
-        # The request path only snapshots the fields (one C call); converting
-        # them for SQLite happens in the writer task, off the hot path.
-        self._snapshot = operator.attrgetter(*(name for name, _ in self._fields))
-        self._converters = tuple((i, convert) for i, (_, convert) in enumerate(self._fields)
-                                 if convert is not _plain)
-        self._columns = names
+        self._adopt()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    # -- request path: no I/O --------------------------------------------------
+    # -- request path: one write(2) ---------------------------------------------
 
     async def record(self, record: UsageRecord) -> None:
-        self._queue.append(self._snapshot(record))
-        if len(self._queue) > self.max_queue:
-            excess = len(self._queue) - self.max_queue
-            del self._queue[:excess]
-            self.dropped += excess
-            self.log.error("usage ledger unwritable: dropped %d oldest rows (%d in all)",
-                           excess, self.dropped)
-        if len(self._queue) >= self.batch_size:
+        try:
+            line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        except TypeError:
+            # A value orjson cannot write (an integer past 64 bits): spooled all the same.
+            line = json.dumps(dataclasses.asdict(record), default=str).encode() + b"\n"
+        self.spool.append(line)
+        if self.spool.current is not None and len(self.spool.current.lines) >= self.batch_size:
             self._wake.set()
+
+    def refusal(self) -> Optional[tuple[str, int]]:
+        """Why new requests are refused (503 overloaded_error), with a retry-after; None to admit."""
+        if self.spool.full:
+            return "the usage ledger cannot be written; try again shortly", FULL_RETRY_AFTER
+        return None
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        return self.spool.pending
 
-    # -- writer ------------------------------------------------------------------
+    # -- shipping ----------------------------------------------------------------
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -118,69 +104,40 @@ class SqliteMeter:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+            if time.monotonic() - self._adopted_at >= self.adopt_interval:
+                self._adopt()
             await self.flush()
 
-    async def flush(self) -> bool:
-        """Write every queued row; False (and the rows kept) if the write failed."""
-        async with self._lock:
-            return await self._flush()
-
-    async def _flush(self) -> bool:
-        if not self._queue or self.store is None:
-            return True
-        # Swap the list out: record() keeps appending to a fresh one meanwhile.
-        batch, self._queue = self._queue, []
+    def _adopt(self) -> None:
+        self._adopted_at = time.monotonic()
         try:
-            await self.store.write_ledger(self._columns, [self._row(snapshot) for snapshot in batch])
-        except (sqlite3.OperationalError, StoreUnavailable):
-            # The database refused (locked, disk full, read-only, unreachable): keep the rows, retry later.
-            return self._retry_later(batch)
-        except Exception as exc:
-            if is_unreachable(exc):
-                return self._retry_later(batch)
-            # Something in the rows themselves: one bad row must not hold back the rest
-            # (retried with them, it would stop the ledger for good).
-            return await self._flush_one_by_one(batch)
-        self._failures = 0
-        self.written += len(batch)
-        return True
+            self.spool.adopt()
+        except OSError:
+            self.log.exception("could not look for the ledger spools of stopped workers")
 
-    def _retry_later(self, batch: list[tuple]) -> bool:
-        self._queue[:0] = batch
-        self._failures += 1
-        self.log.exception("writing %d usage rows failed; will retry", len(batch))
-        return False
-
-    def _row(self, snapshot: tuple) -> list:
-        row = list(snapshot)
-        for i, convert in self._converters:
-            row[i] = convert(row[i])
-        return row
-
-    async def _flush_one_by_one(self, batch: list[tuple]) -> bool:
-        """Write the rows that can be written and drop, loudly, the ones that cannot.
-        When no row can be written the database is refusing, not the rows: keep
-        them all for the retry."""
-        written = 0
-        bad: list[tuple[tuple, Exception]] = []
-        for snapshot in batch:
-            try:
-                await self.store.write_ledger(self._columns, [self._row(snapshot)])
-                written += 1
-            except Exception as exc:     # noqa: BLE001 - this row only
-                if isinstance(exc, sqlite3.OperationalError) or is_unreachable(exc):
-                    self.written += written
-                    return self._retry_later(batch[written + len(bad):])
-                bad.append((snapshot, exc))
-        if not written:
-            return self._retry_later(batch)
-        for snapshot, exc in bad:
-            self.rejected += 1
-            self.log.error("usage row for request %s rejected and dropped (%s: %s)",
-                           snapshot[0], type(exc).__name__, exc)    # [0]: request_id
-        self._failures = 0
-        self.written += written
-        return True
+    async def flush(self) -> bool:
+        """Ship every spooled row; False (and the rows kept) if the database refused."""
+        async with self._lock:
+            if self.store is None:
+                return True
+            for seg in self.spool.seal():
+                rows = seg.rows(self.log)
+                rejected: list[str] = []
+                try:
+                    inserted = await self.store.write_ledger(rows, rejected)
+                except Exception as exc:
+                    if not is_unreachable(exc):
+                        raise
+                    self._failures += 1
+                    self.log.error("shipping %d usage rows failed (%s); they stay spooled (%d rows) and are "
+                                   "retried", len(rows), exc, self.spool.pending)
+                    return False
+                self.spool.shipped(seg)
+                self.written += inserted
+                self.shipped += len(rows)
+                self.rejected += len(rejected)
+            self._failures = 0
+            return True
 
     async def close(self) -> None:
         self._stopping = True
@@ -193,7 +150,9 @@ class SqliteMeter:
                 break
             await asyncio.sleep(0.1 * 2 ** attempt)
         else:
-            self.log.error("shutting down with %d usage rows unwritten", len(self._queue))
+            self.log.error("shutting down with %d usage rows unshipped; they stay in %s for the next start",
+                           self.spool.pending, self.spool.directory)
+        self.spool.close()
         if self._owns_store and self.store is not None:
             await self.store.close()
             self.store = None

@@ -782,21 +782,21 @@ async def test_meter_write_failures_are_retried_not_raised(db):
 
 
 async def test_a_row_sqlite_cannot_store_is_dropped_loudly_and_the_ledger_goes_on(db, caplog):
-    """A value past SQLite's 64-bit integers fails the whole multi-row INSERT. Retried with its batch, such a row
-    would stop the ledger for good (every later row joining the failing batch, all lost at shutdown); instead
-    the batch is written row by row, the bad row dropped with an error naming its request, the rest kept."""
+    """A row the ledger refuses (a NULL in a NOT NULL column) fails the whole multi-row INSERT. Retried with its
+    batch, such a row would stop the ledger for good (every later row joining the failing batch); instead the
+    batch is written row by row, the bad row logged whole with its request id and left out, the rest kept."""
     path, conn = db
     meter = SqliteMeter(context("sqlite", path, batch_size=100_000, flush_interval=600))
     async with running(meter):
         records = [full_record(i) for i in range(5)]
-        records[2].attempts = 2 ** 64                   # no int column can hold it
+        records[2].endpoint = None                      # the ledger's endpoint column is NOT NULL
         for record in records:
             await meter.record(record)
-        with caplog.at_level(logging.ERROR, logger="test.plugin.sqlite"):
+        with caplog.at_level(logging.ERROR, logger="apertis_proxy.store.ledger"):
             assert await meter.flush()
         assert [r["request_id"] for r in ledger(conn)] == [records[i].request_id for i in (0, 1, 3, 4)]
         assert meter.rejected == 1 and meter.pending == 0 and meter.written == 4
-        assert records[2].request_id in caplog.text and "OverflowError" in caplog.text
+        assert records[2].request_id in caplog.text and "IntegrityError" in caplog.text
         await meter.record(full_record(5))              # and the ledger goes on
         assert await meter.flush() and len(ledger(conn)) == 5
 

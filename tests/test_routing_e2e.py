@@ -605,8 +605,8 @@ async def test_a_plugin_whose_close_hangs_does_not_keep_the_others_from_closing(
 
 
 async def test_a_request_is_metered_even_when_its_auth_plugins_finish_hangs_until_shutdown(gateway):
-    """finish() then the meter run after the response; an auth plugin hanging in finish() does not cost the
-    usage row: shutdown cancels the handler inside finish(), and the meter still runs."""
+    """The meter runs before the answer ends, finish() after it; an auth plugin hanging in finish() holds back
+    neither the answer nor the usage row, and shutdown cancels the handler inside finish()."""
     [(_, keys)] = gateway.gateway.plugins.auth
     entered = asyncio.Event()
 

@@ -3,6 +3,7 @@ and the store service (snapshot, LISTEN/NOTIFY, ledger idempotence, retention by
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
 import time
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from apertis_proxy import cli
+from apertis_proxy.plugin_api import UsageRecord
 from apertis_proxy.store import keys, pg_schema, service, usage
 from apertis_proxy.store.url import parse, redact
 
@@ -98,13 +100,12 @@ def test_two_starters_create_the_schema_once(pg_url):
             conn.close()
 
 
-LEDGER_COLUMNS = ["request_id", "ts", "endpoint", "stream", "status", "duration_ms", "key_id", "key_name",
-                  "requested_model", "input_tokens", "output_tokens", "cost"]
-
-
-def _rows(n: int, ts: float, prefix: str = "req", key_id=None) -> list[tuple]:
-    return [(f"{prefix}_{i}", ts + i * 0.001, "/v1/messages", 0, 200, 1.0, key_id, "alice", "claude-x", 10, 5,
-             0.001) for i in range(n)]
+def _rows(n: int, ts: float, prefix: str = "req", key_id=None) -> list[dict]:
+    """Ledger rows as the spool holds them (UsageRecord fields)."""
+    return [dataclasses.asdict(UsageRecord(
+        request_id=f"{prefix}_{i}", started_at=ts + i * 0.001, endpoint="/v1/messages", status=200, key_id=key_id,
+        key_name="alice", requested_model="claude-x", input_tokens=10, output_tokens=5, cost=0.001))
+        for i in range(n)]
 
 
 async def test_the_ledger_write_is_idempotent_and_keeps_the_rollup_and_spend(pg_url):
@@ -113,8 +114,8 @@ async def test_the_ledger_write_is_idempotent_and_keeps_the_rollup_and_spend(pg_
         key_id, _ = await store.call(keys.create_key, "alice")
         now = time.time()
         rows = _rows(300, now, key_id=key_id)
-        assert await store.write_ledger(LEDGER_COLUMNS, rows) == 300
-        assert await store.write_ledger(LEDGER_COLUMNS, rows[:150] + _rows(10, now, "more", key_id)) == 10
+        assert await store.write_ledger(rows) == 300
+        assert await store.write_ledger(rows[:150] + _rows(10, now, "more", key_id)) == 10
         cost, tokens = (await store.read_spend())[key_id]
         assert tokens == 310 * 15 and cost == pytest.approx(0.31)
         conn = await asyncio.to_thread(service.connect, pg_url)
@@ -135,7 +136,7 @@ async def test_retention_drops_whole_old_partitions(pg_url):
     try:
         now = time.time()
         old = now - 120 * 86400
-        await store.write_ledger(LEDGER_COLUMNS, _rows(20, old, "old") + _rows(5, now, "new"))
+        await store.write_ledger(_rows(20, old, "old") + _rows(5, now, "new"))
         assert await store.prune_ledger(now - 30 * 86400) == 20
         conn = await asyncio.to_thread(service.connect, pg_url)
         try:
@@ -194,3 +195,22 @@ def test_db_copy_copies_everything_once(tmp_path, pg_url, capsys):
     # A channel added after the copy gets a new id (the sequence moved past the copied ones).
     assert run_cli(capsys, "channels", "add", "second", "--base-url", "http://127.0.0.1:9", "--api-key",
                    "sk-ant-y", "--db", target)[0] == 0
+
+
+async def test_spooled_rows_shipped_twice_count_once_on_postgresql(pg_url):
+    from test_ledger_spool import record
+    import orjson
+    store = await service.open_store(pg_url)
+    try:
+        alice, _ = await store.call(keys.create_key, "alice")
+        rows = [orjson.loads(orjson.dumps(record(i, alice))) for i in range(130)]
+        assert await store.write_ledger(rows) == 130
+        first = await store.read_spend()
+        assert await store.write_ledger(rows) == 0                       # a whole replay
+        assert await store.write_ledger(rows[:70] + [orjson.loads(orjson.dumps(record(500, alice)))]) == 1
+        cost, tokens = (await store.read_spend())[alice]
+        assert cost == pytest.approx(first[alice][0] + 0.25) and tokens == first[alice][1] + 615
+        shipped, spend = await store.shipped_and_spend([rows[0]["request_id"], "req_never"])
+        assert shipped == {rows[0]["request_id"]} and spend[alice] == (cost, tokens)
+    finally:
+        await store.close()

@@ -126,6 +126,8 @@ class MessagesForwarder:
                              client=req.client)
         caller: Optional[Caller] = None
         vouched_by = None
+        # The answer's last bytes wait for the meters (the ledger's row is durable first).
+        resp.hold_end()
         try:
             decode_error = None
             try:
@@ -209,15 +211,18 @@ class MessagesForwarder:
             record.duration_ms = round((_clock() - t0) * 1000, 3)
             if not record.status:
                 record.status = resp.status
-            if caller is not None:
-                if not count_tokens:
-                    price(record, self.catalog.catalog)
-                try:
-                    await self.plugins.finish(vouched_by, caller, record)
-                finally:
-                    # Metered even when finish() is cut short (shutdown cancels a
-                    # handler whose auth plugin hangs there).
+            # Metered before the answer ends (the ledger's row is durable first), and
+            # before finish(): an auth plugin slow or hanging there holds back
+            # neither the answer nor the row.
+            try:
+                if caller is not None:
+                    if not count_tokens:
+                        price(record, self.catalog.catalog)
                     await self.plugins.meter(record)
+            finally:
+                resp.release()
+            if caller is not None:
+                await self.plugins.finish(vouched_by, caller, record)
 
     @staticmethod
     def _redirect(req: Request, info: RequestInfo, caller: Caller, model: str) -> tuple[RequestInfo, Caller]:

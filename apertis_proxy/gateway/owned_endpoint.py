@@ -55,6 +55,7 @@ class OwnedEndpoint:
         except GatewayError as e:
             return send_error(resp, e)
         record.key_id, record.key_name = caller.key_id, caller.key_name
+        resp.hold_end()     # the answer's last bytes wait for the meters (see Responder.hold_end)
         try:
             decoded = decode_body(req.body, req.headers, fw.settings.max_body_bytes)
             if decoded is not None:
@@ -69,9 +70,10 @@ class OwnedEndpoint:
             record.duration_ms = round((time.perf_counter() - t0) * 1000, 3)
             record.status = record.status or resp.status
             try:
-                await fw.plugins.finish(vouched_by, caller, record)
+                await fw.plugins.meter(record)      # before the answer ends and before finish(), as in forward.py
             finally:
-                await fw.plugins.meter(record)
+                resp.release()
+            await fw.plugins.finish(vouched_by, caller, record)
 
     async def dispatch(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord,
                        rest: list[str]) -> None:

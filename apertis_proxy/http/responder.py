@@ -27,7 +27,7 @@ class Responder:
     streams to HEAD: only POST endpoints stream)."""
 
     __slots__ = ("_conn", "request_id", "started", "finished", "status", "keep_alive", "_chunked",
-                 "abandon_on_disconnect", "_task", "head_only", "_left")
+                 "abandon_on_disconnect", "_task", "head_only", "_left", "_held")
 
     def __init__(self, conn: "HttpConnection", request_id: str, keep_alive: bool,
                  head_only: bool = False) -> None:
@@ -46,6 +46,9 @@ class Responder:
         self.abandon_on_disconnect = False
         self._task: Optional[asyncio.Task] = None   # the handler's, set by the connection
         self._left = False      # the handler was cancelled because the client went away
+        # While a list: the response's end is kept back here until release()
+        # (the usage row is made durable first; see hold_end()).
+        self._held: Optional[list] = None
 
     @property
     def client_gone(self) -> bool:
@@ -67,6 +70,23 @@ class Responder:
         return build_head(status, headers, content_length=length, keep_alive=self.keep_alive,
                           chunked=length is None and self._conn.http11)
 
+    def hold_end(self) -> None:
+        """Keep the response's last bytes back until `release()`: a whole `send()`,
+        or a stream's final piece and end.  The handler meters the request in
+        between, so a client never holds a complete answer whose usage row is
+        not yet durable."""
+        self._held = []
+
+    def release(self) -> None:
+        """Send what `hold_end()` kept back, if anything; stop holding."""
+        held, self._held = self._held, None
+        if held:
+            kind, head, data = held
+            if kind == "send":
+                self._send_now(head, data)
+            else:
+                self._finish(head, data)
+
     def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """A complete response with a content-length."""
         assert not self.started
@@ -75,6 +95,12 @@ class Responder:
         head = self._head(status, headers, len(body))
         if self.head_only:
             body = b""
+        if self._held is not None:
+            self._held[:] = ("send", head, body)
+            return
+        self._send_now(head, body)
+
+    def _send_now(self, head: bytes, body: bytes) -> None:
         if len(body) < SMALL_WRITE:
             self._conn.write(head + body)
         else:
@@ -155,6 +181,9 @@ class Responder:
             self._finish(b"", last)
 
     def _finish(self, head: bytes, last: bytes) -> None:
+        if self._held is not None:
+            self._held[:] = ("end", head, last)
+            return
         self.finished = True
         if not self._conn.closed:
             end = b"0\r\n\r\n" if self._chunked and not self.head_only else b""

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from .pg_connection import dialect
-from .service import ledger_columns, write_ledger_rows
+from .url import dialect
+from .ledger_write import COLUMN_OF_FIELD, ledger_shape, write_ledger_rows
 
 # Copied row by row, a row already in the target (same primary key or unique name) left alone.
 KEPT_TABLES = ("keys", "deleted_keys", "key_grace", "key_spend", "channels", "owned_state")
@@ -24,8 +24,6 @@ LEDGER_BATCH = 5000
 
 
 def _columns(conn, table: str) -> list[str]:
-    if table == "usage":
-        return ledger_columns(conn)
     if dialect(conn) == "sqlite":
         return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
     return [r[0] for r in conn.execute(
@@ -72,14 +70,16 @@ def _advance_channel_ids(target) -> None:
 
 
 def _copy_ledger(source, target, progress) -> int:
-    target_columns = set(_columns(target, "usage"))
-    columns = [c for c in _columns(source, "usage") if c in target_columns]
+    """The source's ledger rows, as the spool would hold them (field names), written idempotently."""
+    shape = ledger_shape(target)
+    field_of_column = {column: field for field, column in COLUMN_OF_FIELD.items()}
+    columns = [c for c in _columns(source, "usage") if c in set(shape.columns)]
     inserted = copied = 0
-    cursor = source.execute(f"SELECT {', '.join(columns)} FROM usage ORDER BY ts")
-    rows = cursor.fetchall()
+    rows = source.execute(f"SELECT {', '.join(columns)} FROM usage ORDER BY ts").fetchall()
     for start in range(0, len(rows), LEDGER_BATCH):
-        batch = [tuple(r) for r in rows[start:start + LEDGER_BATCH]]
-        inserted += write_ledger_rows(target, columns, batch, settle=False)   # the spend is copied as is
+        batch = [{field_of_column.get(c, c): row[i] for i, c in enumerate(columns)}
+                 for row in rows[start:start + LEDGER_BATCH]]
+        inserted += write_ledger_rows(target, batch, shape, settle=False)   # the spend is copied as it is
         copied += len(batch)
         if progress is not None:
             progress(f"ledger: {copied:,} of {len(rows):,} rows read, {inserted:,} new")

@@ -7,7 +7,7 @@ once against the small part of the sqlite3 connection interface they use:
 ``ROLLBACK`` and ``with conn:``.  This class gives PostgreSQL that interface, so
 the CLI and the store's background work run the same code on either backend.
 What differs between the two SQL dialects is written out where it occurs (see
-``dialect()``); here only the mechanical part is translated:
+``url.dialect()``); here only the mechanical part is translated:
 
 * ``?`` and ``?N`` parameters become ``$N``;
 * ``BEGIN IMMEDIATE`` becomes ``BEGIN`` (PostgreSQL takes row locks as it writes);
@@ -49,11 +49,6 @@ CONNECT_TIMEOUT = 10.0
 _PARAM = re.compile(r"\?(\d*)")
 _OR_CLAUSE = re.compile(r"^\s*INSERT\s+OR\s+(IGNORE|REPLACE)\s+INTO\s+(\w+)\s*(\(([^)]*)\))?", re.I | re.S)
 _INSERT_INTO = re.compile(r"^\s*INSERT\s+INTO\s+(\w+)", re.I)
-
-
-def dialect(conn: Any) -> str:
-    """"postgresql" for a PgConnection, else "sqlite"."""
-    return "postgresql" if isinstance(conn, PgConnection) else "sqlite"
 
 
 def translate(sql: str) -> str:

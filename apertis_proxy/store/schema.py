@@ -13,7 +13,7 @@ from ..plugin_api import DEFAULT_API_VERSION
 from .catalog import sync_shipped_catalog
 from .dbfile import create_private
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Binding None, Python's sqlite3 first looks for an adapter: a tuple, a dict
 # miss, and an AttributeError raised and cleared on its protocol type, ~2.5k
@@ -360,6 +360,13 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             deleted_at  REAL NOT NULL,
             note        TEXT
         )""",
+    ]),
+    (4, [
+        # One ledger row per request id, so shipping a spooled row again is a
+        # no-op (INSERT OR IGNORE).  Duplicates written before (a retried
+        # batch) keep their first row.
+        "DELETE FROM usage WHERE id NOT IN (SELECT MIN(id) FROM usage GROUP BY request_id)",
+        "CREATE UNIQUE INDEX IF NOT EXISTS usage_request_id ON usage (request_id)",
     ]),
 ]
 

@@ -18,10 +18,11 @@ import concurrent.futures
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 from . import config as config_ops
 from . import dbfile, schema, spend
+from .ledger_write import LedgerUnavailable, shipped_and_spend, write_ledger_rows
 from .url import StoreURL, parse
 
 log = logging.getLogger("apertis_proxy.store")
@@ -100,8 +101,9 @@ def _newer(version: int) -> str:
 
 
 def is_unreachable(exc: BaseException) -> bool:
-    """True for an error that says the database is not there (as opposed to a bad statement)."""
-    if isinstance(exc, StoreUnavailable):
+    """True for an error that says the database is not there or takes no writes now (as opposed to a
+    bad statement or row)."""
+    if isinstance(exc, (StoreUnavailable, LedgerUnavailable)):
         return True
     try:
         return isinstance(exc, _postgres_errors())
@@ -217,18 +219,22 @@ class Store:
     async def read_spend(self) -> dict[int, tuple[float, int]]:
         return await self.call(spend.read_spend)
 
-    async def ledger_columns(self) -> list[str]:
-        return await self.call(_ledger_columns)
+    async def write_ledger(self, rows: Sequence[Mapping[str, Any]], rejected: Optional[list[str]] = None) -> int:
+        """Insert the ledger rows (UsageRecord field -> value) not yet there, their spend settled in the
+        same transaction; the number inserted (ledger_write.py).  Refused rows' ids go to `rejected`."""
+        return await self.call(self._write_ledger, rows, rejected)
 
-    async def write_ledger(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
-        """Insert ledger rows (values in `columns` order) not yet there; the number inserted."""
-        return await self.call(self._write_ledger, columns, rows)
-
-    def _write_ledger(self, conn, columns, rows) -> int:
-        if self.url.is_postgres and self._ledger is None:
+    def _write_ledger(self, conn, rows, rejected) -> int:
+        if self._ledger is None:
+            from .ledger_write import ledger_shape
             from .pg_ledger import PgLedger
-            self._ledger = PgLedger()
-        return write_ledger_rows(conn, columns, rows, self._ledger)
+            self._ledger = (ledger_shape(conn), PgLedger() if self.url.is_postgres else None)
+        shape, pg_ledger = self._ledger
+        return write_ledger_rows(conn, rows, shape, rejected, pg_ledger=pg_ledger)
+
+    async def shipped_and_spend(self, request_ids: Sequence[str]) -> tuple[set[str], dict[int, tuple[float, int]]]:
+        """Which of these request ids the ledger holds, and every key's settled spend (one transaction)."""
+        return await self.call(shipped_and_spend, request_ids)
 
     async def prune_ledger(self, cutoff: float, batch_rows: int = 500) -> int:
         """Remove ledger rows older than `cutoff` (unix time); the number removed."""
@@ -245,36 +251,6 @@ def _sqlite_channel_states(path: str) -> list[tuple[str, bool]]:
         return config_ops.channel_states(conn)
     finally:
         conn.close()
-
-
-def _ledger_columns(conn) -> list[str]:
-    if isinstance(conn, sqlite3.Connection):
-        return [row[1] for row in conn.execute("PRAGMA table_info(usage)")]
-    from .pg_ledger import ledger_columns
-    return conn.run(ledger_columns(conn.raw))
-
-
-def write_ledger_rows(conn, columns: Sequence[str], rows: Sequence[Sequence[Any]], pg_ledger: Any = None,
-                      settle: bool = True) -> int:
-    """Insert ledger rows not yet there on either backend (sync); the number inserted.
-    With `settle` their spend is added to their keys' in the same transaction."""
-    if isinstance(conn, sqlite3.Connection):
-        return _sqlite_write_ledger(conn, columns, rows)
-    from .pg_ledger import PgLedger
-    return conn.run((pg_ledger or PgLedger()).write(conn.raw, columns, rows, settle))
-
-
-def ledger_columns(conn) -> list[str]:
-    return _ledger_columns(conn)
-
-
-def _sqlite_write_ledger(conn, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
-    sql = f"INSERT INTO usage ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-    conn.execute("BEGIN IMMEDIATE")
-    with conn:
-        before = conn.total_changes
-        conn.executemany(sql, rows)
-        return conn.total_changes - before
 
 
 _DELETE_BATCH = ("DELETE FROM usage WHERE id IN"

@@ -10,6 +10,7 @@ what every message uses, and `scrub()` removes it from driver messages.
 from __future__ import annotations
 
 import re
+import sqlite3
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,6 +36,11 @@ class StoreURL:
         password = urlsplit(self.target).password
         text = text.replace(self.target, self.redacted())
         return text.replace(password, "***") if password else text
+
+
+def dialect(conn) -> str:
+    """The SQL dialect of an open store connection: "sqlite" (sqlite3) or "postgresql" (PgConnection)."""
+    return "sqlite" if isinstance(conn, sqlite3.Connection) else "postgresql"
 
 
 def parse(value: str) -> StoreURL:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .pg_connection import dialect
+from .url import dialect
 
 # The totals every summary reports, in this order.
 TOTAL_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens",

@@ -1,0 +1,186 @@
+"""Writing usage rows to the ledger: idempotent, with the keys' settled spend.
+
+A row is a mapping of UsageRecord field names to JSON values (what the ledger
+spool holds).  `write_ledger_rows` inserts the rows whose request id the
+ledger does not hold yet and adds exactly those rows' spend to `key_spend`,
+in one transaction: shipping the same rows again (a spool replayed after a
+crash) changes nothing.  The functions take a store connection (sqlite3 or
+PgConnection) and run on the store's thread; PostgreSQL's batch goes through
+pg_ledger.PgLedger (COPY, one statement, the daily rollup too).
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import orjson
+
+from .url import dialect
+from .spend import read_spend
+
+log = logging.getLogger("apertis_proxy.store.ledger")
+
+# UsageRecord field -> ledger column, where the names differ.
+COLUMN_OF_FIELD = {"started_at": "ts"}
+# Rows per INSERT statement: one statement stepped once per row costs ~3k more
+# instructions per row (callgrind); two statement texts keep SQLite's cache warm.
+ROWS_PER_STATEMENT = 64
+MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+
+# The spend of the rows inserted by this transaction (ids above the highest id
+# before it: nobody else writes inside BEGIN IMMEDIATE), added to their keys.
+# A key deleted meanwhile is skipped, not a foreign-key error.
+_SETTLE = """
+INSERT INTO key_spend (key_id, cost, tokens)
+SELECT key_id, SUM(MAX(COALESCE(cost, 0), 0)),
+       SUM(input_tokens + output_tokens + cache_read_input_tokens + cache_creation_input_tokens)
+FROM usage WHERE id > ? AND key_id IN (SELECT id FROM keys) GROUP BY key_id HAVING SUM(cost > 0) OR SUM(
+    input_tokens + output_tokens + cache_read_input_tokens + cache_creation_input_tokens) > 0
+ON CONFLICT (key_id) DO UPDATE SET cost = cost + excluded.cost, tokens = tokens + excluded.tokens
+"""
+
+
+class LedgerRows:
+    """The INSERT statements for the ledger's columns, and rows turned into their values."""
+
+    def __init__(self, columns: Iterable[str]) -> None:
+        field_of_column = {column: field for field, column in COLUMN_OF_FIELD.items()}
+        self.columns = [c for c in columns if c != "id"]
+        self.fields = [field_of_column.get(c, c) for c in self.columns]
+        width = len(self.columns)
+        values = f"({', '.join('?' * width)})"
+        # An already shipped request id is skipped; any other constraint still fails loudly
+        # (INSERT OR IGNORE would silently drop a row violating NOT NULL too).
+        insert = f"INSERT INTO usage ({', '.join(self.columns)}) VALUES "
+        tail = " ON CONFLICT (request_id) DO NOTHING"
+        self.per_statement = max(1, min(ROWS_PER_STATEMENT, MAX_PARAMS // width))
+        self.insert_one = insert + values + tail
+        self.insert_many = insert + ", ".join([values] * self.per_statement) + tail
+
+    def values(self, row: Mapping[str, Any]) -> list:
+        out = []
+        for name in self.fields:
+            value = row.get(name)
+            if isinstance(value, (dict, list)):
+                value = orjson.dumps(value).decode()
+            out.append(value)
+        return out
+
+
+def ledger_shape(conn) -> LedgerRows:
+    if dialect(conn) == "sqlite":
+        return LedgerRows(row[1] for row in conn.execute("PRAGMA table_info(usage)"))
+    from .pg_ledger import ledger_columns
+    return LedgerRows(conn.run(ledger_columns(conn.raw)))
+
+
+class LedgerUnavailable(Exception):
+    """The database takes no rows now (locked, read-only, disk full, or refusing
+    every row): nothing was written; ship the same rows again later."""
+
+
+def write_ledger_rows(conn, rows: Sequence[Mapping[str, Any]], shape: Optional[LedgerRows] = None,
+                      rejected: Optional[list[str]] = None, *, settle: bool = True, pg_ledger: Any = None) -> int:
+    """Insert the rows the ledger lacks and (with `settle`) add their spend to their keys', in one
+    transaction.
+
+    Returns how many rows were inserted.  Raises LedgerUnavailable with nothing
+    written when the database refuses (a lost PostgreSQL connection raises the
+    driver's error, which the Store turns into StoreUnavailable).  A row the
+    ledger refuses for itself (a value no column can hold) is logged with its
+    content, its request id added to `rejected`, and left out, so it cannot
+    hold back the others.
+    """
+    if not rows:
+        return 0
+    if dialect(conn) == "sqlite":
+        write = _write
+    else:
+        from .pg_ledger import PgLedger
+        ledger = pg_ledger or PgLedger()
+
+        def write(conn, shape, values, settle):
+            return conn.run(ledger.write(conn.raw, shape.columns, values, settle))
+    try:
+        shape = shape or ledger_shape(conn)
+        try:
+            return write(conn, shape, [shape.values(r) for r in rows], settle)
+        except _row_errors() as exc:
+            first_error: Exception = exc
+        inserted = 0
+        refused = []
+        for row in rows:
+            try:
+                inserted += write(conn, shape, [shape.values(row)], settle)
+            except _row_errors() as exc:
+                refused.append((row, exc))
+    except sqlite3.OperationalError as exc:
+        raise LedgerUnavailable(str(exc)) from exc
+    if len(refused) == len(rows):
+        # Not one row taken: it is the database refusing (a trigger, a constraint), not the rows.
+        raise LedgerUnavailable(f"{type(first_error).__name__}: {first_error}") from first_error
+    for row, exc in refused:
+        log.error("usage row refused by the ledger and left out (%s: %s): %s",
+                  type(exc).__name__, exc, orjson.dumps(row).decode())
+        if rejected is not None:
+            rejected.append(str(row.get("request_id")))
+    return inserted
+
+
+# What a row itself can be refused for (OperationalError is the database's state, handled apart).
+_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, ValueError, TypeError,
+               OverflowError)
+
+
+def _row_errors() -> tuple:
+    try:
+        import asyncpg
+    except ImportError:
+        return _ROW_ERRORS
+    return _ROW_ERRORS + (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
+def _write(conn, shape: LedgerRows, values: list[list], settle: bool) -> int:
+    step = shape.per_statement
+    whole = len(values) - len(values) % step
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        before = conn.execute("SELECT COALESCE(MAX(id), 0) FROM usage").fetchone()[0]
+        if whole:
+            conn.executemany(shape.insert_many, [
+                [v for row in values[i:i + step] for v in row] for i in range(0, whole, step)])
+        if whole < len(values):
+            conn.executemany(shape.insert_one, values[whole:])
+        inserted = conn.execute("SELECT COUNT(*) FROM usage WHERE id > ?", (before,)).fetchone()[0]
+        if inserted and settle:
+            conn.execute(_SETTLE, (before,))
+        conn.execute("COMMIT")
+    except BaseException:
+        try:
+            conn.execute("ROLLBACK")
+        except Exception:
+            pass
+        raise
+    return inserted
+
+
+def shipped_request_ids(conn, request_ids: Sequence[str]) -> set[str]:
+    """Which of these request ids the ledger holds (their spend is in key_spend)."""
+    found: set[str] = set()
+    chunk = 500
+    for i in range(0, len(request_ids), chunk):
+        part = list(request_ids[i:i + chunk])
+        found.update(r[0] for r in conn.execute(
+            f"SELECT request_id FROM usage WHERE request_id IN ({', '.join('?' * len(part))})", part))
+    return found
+
+
+def shipped_and_spend(conn, request_ids: Sequence[str]) -> tuple[set[str], dict[int, tuple[float, int]]]:
+    """Which of these request ids the ledger holds, and every key's settled spend, read in one
+    transaction: a request counts either in the spend or as not shipped, never both or neither."""
+    conn.execute("BEGIN")
+    try:
+        return shipped_request_ids(conn, request_ids), read_spend(conn)
+    finally:
+        conn.execute("ROLLBACK")
