@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import http.client
 import json
 import os
@@ -26,6 +27,9 @@ from . import settings as settings_module
 from .gateway.usage import redact
 from .plugin_api import DEFAULT_API_VERSION
 from .plugin_host import PluginLoadError
+from .budgets.periods import PERIODS
+from .budgets.report import key_budget, percent_used
+from .store import budgets as budget_store
 from .store import catalog as catalog_store
 from .store import dbfile
 from .store import key_encryption
@@ -134,6 +138,18 @@ def parse_quota(text: str) -> tuple[Optional[float], Optional[int]]:
         f"invalid quota {text!r}: use USD (25, 25usd, $25) or tokens (2000000tokens, 2mtokens, 500ktok)")
 
 
+def parse_budget(text: str) -> tuple[Optional[float], Optional[int], Optional[str]]:
+    """A quota with an optional reset period: "50/month", "2mtokens/day" -> (cost, tokens, period);
+    a quota without "/PERIOD" is a lifetime quota (period None)."""
+    amount, slash, period = text.rpartition("/") if "/" in text else (text, "", "")
+    period = period.strip().lower()
+    if slash and period not in PERIODS:
+        raise argparse.ArgumentTypeError(
+            f"invalid quota period {period!r} in {text!r}: use /day, /week or /month (UTC), or none")
+    cost, tokens = parse_quota(amount)
+    return cost, tokens, (period or None)
+
+
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DATE_ONLY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -226,13 +242,25 @@ def _num(value: float) -> str:
     return text or "0"
 
 
-def _quota_text(cost: Optional[float], tokens: Optional[int]) -> str:
+def _quota_text(cost: Optional[float], tokens: Optional[int], period: Optional[str] = None) -> str:
     parts = []
     if cost is not None:
         parts.append(money(cost))
     if tokens is not None:
         parts.append(f"{tokens:,} tok")
+    if parts and period:
+        return " + ".join(parts) + f"/{period}"
     return " + ".join(parts) or "-"
+
+
+def _period_text(key: dict, budget: dict) -> str:
+    """Spend in the current quota period, with the share of the quota used."""
+    if key["quota_period"] is None:
+        return "-"
+    spent = (money(budget["period_spent_cost"]) if key["quota_cost"] is not None
+             else f"{budget['period_spent_tokens']:,} tok")
+    used = percent_used(key, budget)
+    return f"{spent} ({used:.0f}%) since {budget['period_start']}" if used is not None else spent
 
 
 def _err(message: str) -> None:
@@ -326,15 +354,16 @@ def _no_channel_help(db: str) -> str:
 # --------------------------------------------------------------------------- keys
 
 def cmd_keys_create(args) -> int:
-    quota_cost, quota_tokens = args.quota if args.quota else (None, None)
+    quota_cost, quota_tokens, quota_period = args.quota if args.quota else (None, None, None)
     with _open(args) as conn:
         _warn_unknown_models(conn, args.models)
         key_id, plain = key_store.create_key(
             conn, args.name, models=args.models, quota_cost=quota_cost, quota_tokens=quota_tokens,
-            rpm=args.rpm, concurrency=args.concurrency, expires_at=args.expires, note=args.note)
+            quota_period=quota_period, rpm=args.rpm, concurrency=args.concurrency, expires_at=args.expires,
+            note=args.note)
     print(f"created key {args.name!r} (id {key_id})")
     print(f"  models: {', '.join(sorted(set(args.models))) if args.models else 'any'};"
-          f" quota: {_quota_text(quota_cost, quota_tokens)};"
+          f" quota: {_quota_text(quota_cost, quota_tokens, quota_period)};"
           f" rpm: {args.rpm or '-'}; concurrency: {args.concurrency or '-'};"
           f" expires: {_when(args.expires)}")
     print("the key is shown only this once (only its hash is stored):")
@@ -343,16 +372,18 @@ def cmd_keys_create(args) -> int:
 
 
 def cmd_keys_list(args) -> int:
+    now = time.time()
     with _open(args) as conn:
         keys = key_store.list_keys(conn)
         old_secrets = key_store.old_secrets(conn)
+        budgets = {k["id"]: key_budget(conn, k, now) for k in keys}
     if args.json:
-        print(json.dumps([{**k, "old_secrets": old_secrets.get(k["name"], [])} for k in keys]))
+        print(json.dumps([{**k, **budgets[k["id"]], "old_secrets": old_secrets.get(k["name"], [])}
+                          for k in keys]))
         return 0
     if not keys:
         print("no keys; create one with: apertis-proxy keys create NAME")
         return 0
-    now = time.time()
     rows = []
     for k in keys:
         if not k["enabled"]:
@@ -365,11 +396,50 @@ def cmd_keys_list(args) -> int:
                                            for o in old_secrets.get(k["name"], []))
         rows.append((k["name"], prefix, state, _when(k["created_at"]), _when(k["expires_at"]),
                      ",".join(k["models"]) if k["models"] else "any",
-                     _quota_text(k["quota_cost"], k["quota_tokens"]),
+                     _quota_text(k["quota_cost"], k["quota_tokens"], k["quota_period"]),
+                     _period_text(k, budgets[k["id"]]),
                      f"{money(k['spent_cost'])} / {k['spent_tokens']:,} tok",
                      k["rpm"], k["concurrency"], k["note"]))
-    print(table(("NAME", "KEY", "ENABLED", "CREATED", "EXPIRES", "MODELS", "QUOTA", "SPENT", "RPM",
-                 "CONCURRENCY", "NOTE"), rows, right=(8, 9)))
+    print(table(("NAME", "KEY", "ENABLED", "CREATED", "EXPIRES", "MODELS", "QUOTA", "THIS PERIOD", "SPENT",
+                 "RPM", "CONCURRENCY", "NOTE"), rows, right=(9, 10)))
+    return 0
+
+
+def cmd_keys_show(args) -> int:
+    now = time.time()
+    with _open(args) as conn:
+        key = key_store.get_key(conn, args.name)
+        if key is None:
+            raise LookupError(f"no key named {args.name!r}")
+        budget = key_budget(conn, key, now)
+        periods = (budget_store.period_history(conn, key["id"], key["quota_period"])
+                   if key["quota_period"] else [])
+        alerts = budget_store.alerts(conn, key["id"])
+        refused = budget_store.refusal_counts(conn, key=key["name"])
+    if args.json:
+        print(json.dumps({**key, **budget, "periods": periods, "alerts": alerts, "refused": refused}))
+        return 0
+    print(f"key {key['name']} ({key['key_prefix']}, id {key['id']})")
+    print(f"  enabled: {'yes' if key['enabled'] else 'no'}; expires: {_when(key['expires_at'])};"
+          f" models: {','.join(key['models']) if key['models'] else 'any'}")
+    print(f"  quota: {_quota_text(key['quota_cost'], key['quota_tokens'], key['quota_period'])};"
+          f" rpm: {key['rpm'] or '-'}; concurrency: {key['concurrency'] or '-'}")
+    print(f"  spent (lifetime): {money(key['spent_cost'])} / {key['spent_tokens']:,} tok")
+    if key["quota_period"]:
+        print(f"  this {key['quota_period']} ({budget['period_start']} to {budget['period_end']}, UTC):"
+              f" {_period_text(key, budget)}")
+        if periods:
+            print(table(("PERIOD START", "COST", "TOKENS"),
+                        [(p["start"], money(p["cost"]), f"{p['tokens']:,}") for p in periods], right=(1, 2)))
+    for a in alerts:
+        state = (f"sent {_when(a['sent_at'])}" if a["sent_at"] else
+                 f"not delivered ({a['attempts']} attempts: {a['last_error'] or 'in progress'})")
+        print(f"  alert: {a['threshold']}% of the {a['period']} quota"
+              f"{' from ' + a['start'] if a['start'] else ''}, {state}")
+    for r in refused:
+        print(f"  refused: {r['count']:,} x {r['reason']} ({r['status']}), {r['first_day']} to {r['last_day']}")
+    if key["note"]:
+        print(f"  note: {key['note']}")
     return 0
 
 
@@ -380,9 +450,9 @@ def cmd_keys_set(args) -> int:
     elif args.models is not None:
         changes["models"] = args.models
     if args.quota is not _KEEP:
-        # "none" clears both kinds; a new quota replaces the old one, of either kind.
-        cost, tokens = args.quota or (None, None)
-        changes.update(quota_cost=cost, quota_tokens=tokens)
+        # "none" clears both kinds; a new quota replaces the old one, of either kind, and its period.
+        cost, tokens, period = args.quota or (None, None, None)
+        changes.update(quota_cost=cost, quota_tokens=tokens, quota_period=period)
     for field in ("rpm", "concurrency", "note"):
         value = getattr(args, field)
         if value is not _KEEP:
@@ -782,16 +852,29 @@ def cmd_prices_remove(args) -> int:
 
 # --------------------------------------------------------------------------- usage
 
+def _usage_json(s: dict) -> dict:
+    out = {f: s[f] for f in usage_store.TOTAL_FIELDS}
+    out["errors"] = s["errors"]
+    out["interrupted"] = s["interrupted"]
+    out["unpriced_requests"] = s["unpriced"]      # rows whose cost is unknown (not in `cost`)
+    return out
+
+
 def cmd_usage(args) -> int:
+    if args.csv:
+        return _usage_csv(args)
+    if args.refused:
+        return _usage_refused(args)
     with _open(args) as conn:
         summary = usage_store.summarize(conn, key=args.key, model=args.model, channel=args.channel,
                                         since=args.since, until=args.until, by=args.by)
+        refused = budget_store.refusal_counts(conn, key=args.key, since=args.since, until=args.until)
+        refused = [r for r in refused if r["source"] == "auth"]     # the ledger's are in `errors` already
     if args.json:
-        out = {f: summary[f] for f in usage_store.TOTAL_FIELDS}
-        out["unpriced_requests"] = summary["unpriced"]      # rows whose cost is unknown (not in `cost`)
+        out = _usage_json(summary)
+        out["refused"] = sum(r["count"] for r in refused)
         if args.by:
-            out["by"] = [{args.by: r[args.by], **{f: r[f] for f in usage_store.TOTAL_FIELDS},
-                          "unpriced_requests": r["unpriced"]} for r in summary["by"]]
+            out["by"] = [{args.by: r[args.by], **_usage_json(r)} for r in summary["by"]]
         print(json.dumps(out))
         return 0
     headers = ("REQUESTS", "INPUT", "OUTPUT", "CACHE READ", "CACHE WRITE", "COST", "ERRORS",
@@ -810,6 +893,44 @@ def cmd_usage(args) -> int:
     if summary["unpriced"]:
         print(f"cost excludes unpriced, {summary['unpriced']:,} requests (models without a price: "
               "see prices list)")
+    if refused:
+        print(f"the gateway refused {sum(r['count'] for r in refused):,} more requests"
+              " (not in the ledger): see usage --refused")
+    return 0
+
+
+def _usage_refused(args) -> int:
+    """Requests the gateway refused itself (401/402/403/429), per key and reason: at the key
+    check (401 unknown key, 402 quota, 429 rpm...), or later without any upstream attempt."""
+    if args.model or args.channel or args.by:
+        raise argparse.ArgumentTypeError("--refused counts per key and reason: --model, --channel and --by"
+                                         " do not apply")
+    with _open(args) as conn:
+        rows = budget_store.refusal_counts(conn, key=args.key, since=args.since, until=args.until)
+    if args.json:
+        print(json.dumps({"refused": sum(r["count"] for r in rows), "by": rows}))
+        return 0
+    if not rows:
+        print("no refused requests")
+        return 0
+    print(table(("KEY", "REASON", "STATUS", "REFUSED", "FIRST DAY", "LAST DAY", "BY"),
+                [(r["key_name"], r["reason"], r["status"], f"{r['count']:,}", r["first_day"], r["last_day"],
+                  "key check" if r["source"] == "auth" else "gateway (in the ledger)")
+                 for r in rows], right=(2, 3)))
+    return 0
+
+
+def _usage_csv(args) -> int:
+    """Every matching ledger row as CSV (RFC 4180: a header line, CRLF line ends, quotes where needed)."""
+    if args.by or args.json or args.refused:
+        raise argparse.ArgumentTypeError("--csv prints ledger rows: --by, --json and --refused do not apply")
+    with _open(args) as conn:
+        columns, rows = usage_store.ledger_rows(conn, key=args.key, model=args.model, channel=args.channel,
+                                                since=args.since, until=args.until)
+        out = csv.writer(sys.stdout, lineterminator="\r\n")
+        out.writerow(columns)
+        for row in rows:
+            out.writerow(tuple(row))
     return 0
 
 
@@ -913,8 +1034,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "'today' works too")
     p.add_argument("--until", type=_until, metavar="WHEN",
                    help="up to this date/datetime (a bare date includes that whole day)")
-    p.add_argument("--by", choices=tuple(usage_store.GROUPINGS), help="break totals down (days are UTC)")
+    p.add_argument("--by", choices=tuple(usage_store.GROUPINGS),
+                   help="break totals down (days, weeks from Monday and months are UTC)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--refused", action="store_true",
+                   help="requests the gateway refused itself (401, 402, 403, 429), per key and reason")
+    p.add_argument("--csv", action="store_true", help="print the matching ledger rows as CSV")
     return parser
 
 
@@ -928,8 +1053,9 @@ def _add_key_commands(commands, sub, db) -> None:
     p = sub(keys, "create", cmd_keys_create, "create a key; prints it once, as the last line")
     p.add_argument("name", type=_name)
     p.add_argument("--models", type=_model_list, metavar="A,B", help="allowed models (default: any)")
-    p.add_argument("--quota", type=parse_quota, metavar="AMOUNT",
-                   help="USD (25, $25, 25usd) or tokens (2000000tokens, 2mtokens)")
+    p.add_argument("--quota", type=parse_budget, metavar="AMOUNT[/PERIOD]",
+                   help="USD (25, $25, 25usd) or tokens (2000000tokens, 2mtokens); with /day, /week or"
+                        " /month it resets each UTC period (50/month), else it is for the key's lifetime")
     p.add_argument("--rpm", type=_positive_int, help="requests per minute")
     p.add_argument("--concurrency", type=_positive_int, help="requests in flight")
     p.add_argument("--expires", type=_expiry, metavar="WHEN",
@@ -942,13 +1068,16 @@ def _add_key_commands(commands, sub, db) -> None:
     models = p.add_mutually_exclusive_group()
     models.add_argument("--models", type=_model_list, metavar="A,B")
     models.add_argument("--any-model", action="store_true", help="allow every model")
-    p.add_argument("--quota", type=_or_none(parse_quota), default=_KEEP, metavar="AMOUNT|none")
+    p.add_argument("--quota", type=_or_none(parse_budget), default=_KEEP, metavar="AMOUNT[/PERIOD]|none")
     p.add_argument("--rpm", type=_or_none(_positive_int), default=_KEEP, metavar="N|none")
     p.add_argument("--concurrency", type=_or_none(_positive_int), default=_KEEP, metavar="N|none")
     p.add_argument("--expires", type=_or_none(_expiry), default=_KEEP, metavar="WHEN|none")
     p.add_argument("--note", default=_KEEP)
 
     _json_flag(sub(keys, "list", cmd_keys_list, "list keys (never the key itself)"))
+    p = sub(keys, "show", cmd_keys_show, "one key: limits, spend per quota period, budget alerts, refusals")
+    p.add_argument("name")
+    _json_flag(p)
     for action, handler, help_text in (("enable", _keys_toggle(True), "enable a key"),
                                        ("disable", _keys_toggle(False), "disable a key")):
         sub(keys, action, handler, help_text).add_argument("name")

@@ -56,6 +56,16 @@ def check_names(settings: Settings) -> None:
                 raise _unknown(name, group, available)
 
 
+def budget_options(settings: Settings) -> dict[str, Any]:
+    """The [budgets] settings, handed to every plugin as options (the keys plugin acts on them)."""
+    if settings.budget_webhook_url is None:
+        return {}
+    return {"budget_webhook_url": settings.budget_webhook_url,
+            "budget_thresholds": list(settings.budget_thresholds),
+            "budget_webhook_attempts": settings.budget_webhook_attempts,
+            "budget_webhook_backoff": settings.budget_webhook_backoff}
+
+
 def _load(group: str, names: Iterable[str], settings: Settings, worker: int, workers: int,
           store: Any = None) -> list:
     available = discover(group)
@@ -65,7 +75,8 @@ def _load(group: str, names: Iterable[str], settings: Settings, worker: int, wor
         if ep is None:
             raise _unknown(name, group, available)
         ledger = _ledger_options(settings) if group == METER_GROUP else {}
-        options = {"poll_interval": settings.config_poll_interval, **ledger, **settings.plugin_options.get(name, {})}
+        options = {"poll_interval": settings.config_poll_interval, **budget_options(settings), **ledger,
+                   **settings.plugin_options.get(name, {})}
         ctx = PluginContext(name=name, options=options,
                             db_path=settings.db, log=logging.getLogger(f"apertis_proxy.plugin.{name}"),
                             worker=worker, workers=workers, meters=tuple(settings.meter_plugins),

@@ -24,6 +24,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .budgets.webhook import check_url
 from .gateway.client_address import parse_networks
 from .plugin_api import DEFAULT_API_VERSION
 
@@ -90,18 +91,25 @@ class Settings:
     metrics_allow: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     metrics_per_key: bool = False       # a `key` label on request, token and cost series
     metrics_flush_interval: float = 1.0  # with --workers: how often each worker shares its figures
+    # [budgets]: a webhook told once per key, quota period and threshold (percent of the quota).
+    budget_webhook_url: Optional[str] = None
+    budget_thresholds: list[int] = field(default_factory=lambda: [80, 100])
+    budget_webhook_attempts: int = 5
+    budget_webhook_backoff: float = 1.0     # seconds before the second attempt, doubled after each
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-_SECTIONS = ("server", "upstream", "contract", "billing", "logging", "ledger", "metrics")
+_SECTIONS = ("server", "upstream", "contract", "billing", "logging", "ledger", "metrics", "budgets")
 # Keys whose field name differs from the key in its section.
 _RENAMED = {
     "ledger": {"fsync": "ledger_fsync"},
     "logging": {"format": "log_format"},
     "metrics": {"enabled": "metrics_enabled", "allow": "metrics_allow", "per_key": "metrics_per_key",
                 "flush_interval": "metrics_flush_interval"},
+    "budgets": {"webhook_url": "budget_webhook_url", "thresholds": "budget_thresholds",
+                "webhook_attempts": "budget_webhook_attempts", "webhook_backoff": "budget_webhook_backoff"},
 }
 
 
@@ -156,6 +164,7 @@ _RULES: dict[str, tuple[str, float]] = {
     "connect_timeout": ("seconds", 0), "read_timeout": ("seconds", 0), "pool_idle_timeout": ("seconds", 0),
     "config_poll_interval": ("seconds", 0), "shutdown_timeout": ("seconds or 0", 0),
     "drain_delay": ("seconds or 0", 0), "metrics_flush_interval": ("seconds", 0),
+    "budget_webhook_attempts": ("int", 1), "budget_webhook_backoff": ("seconds", 0),
 }
 LOG_FORMATS = ("text", "json")
 LEDGER_FSYNC = ("batch", "always", "never")
@@ -205,6 +214,7 @@ def check(s: Settings, where: str) -> None:
         if type(getattr(s, name)) is not bool:
             raise ValueError(f"{where}: {name} must be true or false, not {getattr(s, name)!r}")
     _check_networks(s.metrics_allow, where)
+    _check_budgets(s, where)
     for group in ("auth", "router", "meter"):
         names = getattr(s, f"{group}_plugins")
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
@@ -224,6 +234,21 @@ def _check_tls(s: Settings, where: str) -> None:
             raise ValueError(f"{where}: {name} {value!r} is not a readable file")
     if (s.tls_cert is None) != (s.tls_key is None):
         raise ValueError(f"{where}: tls_cert and tls_key go together: set both or neither")
+
+
+def _check_budgets(s: Settings, where: str) -> None:
+    url = s.budget_webhook_url
+    if url is not None:
+        try:
+            check_url(url if isinstance(url, str) else "")
+        except ValueError:
+            raise ValueError(f"{where}: [budgets] webhook_url must be an http:// or https:// URL, "
+                             f"not {url!r}") from None
+    thresholds = s.budget_thresholds
+    if (not isinstance(thresholds, list) or not thresholds
+            or not all(type(t) is int and 0 < t <= 1000 for t in thresholds)):
+        raise ValueError(f"{where}: [budgets] thresholds must be a list of percentages of the quota "
+                         f"(whole numbers 1..1000), like [80, 100], not {thresholds!r}")
 
 
 def _check_networks(networks: Any, where: str) -> None:

@@ -14,7 +14,8 @@ Rules, in the order they are checked:
   401 authentication_error  no key, unknown key, disabled key, expired key, a rotated-out
                             secret past its grace period
   403 permission_error      the model is not in the key's allow-list
-  402 billing_error         the key's quota (USD or tokens) is used up
+  402 billing_error         the key's quota (USD or tokens) is used up: its lifetime spend, or
+                            for a quota per day/week/month (UTC) its spend in the current period
   429 rate_limit_error      too many requests in flight / per minute (retry-after)
 
 Why 402 for an exhausted quota: it is Anthropic's own status for "your
@@ -26,10 +27,16 @@ that follows them are atomic on the event loop.  A quota is checked against
 the spend settled so far; requests already admitted when the quota is reached
 may still finish and be charged, no request is admitted after that.
 
+Every refusal is counted per key and reason (apertis_proxy.budgets.refusals),
+and with ``[budgets] webhook_url`` set, a key reaching a threshold of its quota
+raises an alert (apertis_proxy.budgets.alerts); both are written by the
+background tick, never on the request path.
+
 Options (``[plugins.options.keys]``):
   poll_interval  seconds between checks for CLI edits and spend flushes (1.0)
   on_unknown     "reject" (default) answers 401 for a missing or unknown key;
                  "defer" returns None so a later auth plugin may try
+  budget_*       the gateway's [budgets] settings, filled in by the plugin host
 """
 from __future__ import annotations
 
@@ -41,7 +48,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable, Mapping, Optional
 
+from apertis_proxy.budgets.alerts import DEFAULT_THRESHOLDS, AlertConfig, BudgetAlerts, QuotaUse
+from apertis_proxy.budgets.periods import PERIODS, period_end, period_start
+from apertis_proxy.budgets.refusals import RefusalCounter
 from apertis_proxy.plugin_api import Caller, PluginContext, Reject, RequestInfo, UsageRecord
+from apertis_proxy.store import budgets as budget_store
+from apertis_proxy.store.budgets import UNKNOWN_KEY
 from apertis_proxy.store.catalog import Catalog
 from apertis_proxy.store.config import ConfigSnapshot
 from apertis_proxy.store.keys import hash_key
@@ -68,6 +80,7 @@ class KeyState:
     admitted: Optional[frozenset[str]] = None       # + channel alias names resolving to allowed models
     quota_cost: Optional[float] = None
     quota_tokens: Optional[int] = None
+    quota_period: Optional[str] = None              # day, week, month (UTC); None = lifetime
     rpm: Optional[int] = None                       # per process (divided by workers)
     concurrency: Optional[int] = None               # per process (divided by workers)
     # Spend = settled (read from key_spend) + flushing (being written) + pending.
@@ -77,10 +90,14 @@ class KeyState:
     flushing_tokens: int = 0
     pending_cost: float = 0.0
     pending_tokens: int = 0
+    # Settled spend in the current quota period (read from key_period_spend).
+    period_cost: float = 0.0
+    period_tokens: int = 0
     in_flight: int = 0
     recent: collections.deque = field(default_factory=collections.deque)  # admission times
     caller: Optional[Caller] = None     # what authenticate() answers; rebuilt after a reload
     previous_hashes: frozenset = frozenset()    # rotated-out secrets (requests may still finish)
+    period_start: Optional[str] = None          # first day of the current quota period
 
     @property
     def spent_cost(self) -> float:
@@ -89,6 +106,30 @@ class KeyState:
     @property
     def spent_tokens(self) -> int:
         return self.settled_tokens + self.flushing_tokens + self.pending_tokens
+
+    # What the quota is checked against: lifetime spend, or the current period's.
+    @property
+    def quota_cost_spent(self) -> float:
+        if self.quota_period is None:
+            return self.spent_cost
+        return self.period_cost + self.flushing_cost + self.pending_cost
+
+    @property
+    def quota_tokens_spent(self) -> int:
+        if self.quota_period is None:
+            return self.spent_tokens
+        return self.period_tokens + self.flushing_tokens + self.pending_tokens
+
+    def quota_use(self) -> Optional[QuotaUse]:
+        """Settled spend against the quota (what every worker agrees on), None without a quota."""
+        start = self.period_start
+        if self.quota_cost is not None:
+            spend = self.period_cost if self.quota_period else self.settled_cost
+            return QuotaUse(self.id, self.name, self.quota_period, start, "usd", spend, self.quota_cost)
+        if self.quota_tokens is not None:
+            spend = self.period_tokens if self.quota_period else self.settled_tokens
+            return QuotaUse(self.id, self.name, self.quota_period, start, "tokens", spend, self.quota_tokens)
+        return None
 
 
 def presented_key(headers: Mapping[str, str]) -> Optional[str]:
@@ -141,6 +182,10 @@ class KeysAuth:
         self.log = ctx.log
         self.workers = max(1, int(ctx.workers or 1))
         self.defer_unknown = str(ctx.options.get("on_unknown", "reject")) == "defer"
+        # The wall clock periods are computed from (tests may replace it).
+        self.clock = time.time
+        self.refusals = RefusalCounter()
+        self.alerts = _alerts(ctx)
         self.by_hash: dict[str, KeyState] = {}
         self.by_id: dict[int, KeyState] = {}
         # Rotated-out secrets: hash -> (the key, unix time it stops working).
@@ -177,9 +222,12 @@ class KeysAuth:
             self._task = None
         if self._watcher is not None:
             self._watcher.unsubscribe(self._reload)
+            if self.alerts is not None:
+                await self.alerts.close(self.store)
             for attempt in range(CLOSE_ATTEMPTS):
                 try:
                     await self._sync_spend()
+                    await self._save_refusals()
                     break
                 except Exception:
                     self.log.exception("could not save spend at shutdown (try %d)", attempt + 1)
@@ -188,9 +236,9 @@ class KeysAuth:
             await self.store.close()
 
     async def refresh(self) -> None:
-        """Reload now if the configuration changed, flush and re-read spend."""
+        """Reload now if the configuration changed, flush and re-read spend, save refusals, check alerts."""
         await self._watcher.refresh()
-        await self._sync_spend()
+        await self._tick()
 
     async def _spend_loop(self) -> None:
         while not self._stopping:
@@ -202,7 +250,7 @@ class KeysAuth:
             if self._stopping:
                 break
             try:
-                await self._sync_spend()
+                await self._tick()
             except Exception as exc:   # retried on the next interval; the amounts stay pending
                 self.log.error("settling spend failed (%s); retrying", exc)
 
@@ -218,8 +266,9 @@ class KeysAuth:
         if plain is None:
             if self.defer_unknown:
                 return None
-            raise Reject(401, "authentication_error",
-                         "missing API key: send it in the x-api-key header or as Authorization: Bearer")
+            raise self._refused(UNKNOWN_KEY, "missing_key", Reject(
+                401, "authentication_error",
+                "missing API key: send it in the x-api-key header or as Authorization: Bearer"))
         key_hash = hash_key(plain)
         key = self.by_hash.get(key_hash)
         if key is None:
@@ -230,12 +279,14 @@ class KeysAuth:
             if self._watcher is not None and not self._watcher.reachable:
                 raise Reject(503, "api_error", "the gateway's key store cannot be reached; retry shortly",
                              headers={"retry-after": str(STORE_DOWN_RETRY_AFTER)})
-            raise Reject(401, "authentication_error", "invalid API key")
+            raise self._refused(UNKNOWN_KEY, "invalid_key",
+                                Reject(401, "authentication_error", "invalid API key"))
         if not key.enabled:
-            raise Reject(401, "authentication_error", f"API key '{key.name}' is disabled")
+            raise self._refused(key.name, "disabled",
+                                Reject(401, "authentication_error", f"API key '{key.name}' is disabled"))
         if key.expires_at is not None and time.time() >= key.expires_at:
-            raise Reject(401, "authentication_error",
-                         f"API key '{key.name}' expired at {_iso(key.expires_at)}")
+            raise self._refused(key.name, "expired", Reject(
+                401, "authentication_error", f"API key '{key.name}' expired at {_iso(key.expires_at)}"))
         return key
 
     async def authenticate(self, request: RequestInfo) -> Optional[Caller]:
@@ -244,13 +295,16 @@ class KeysAuth:
             return None
         model = request.model
         if model and key.admitted is not None and model not in key.admitted:
-            raise Reject(403, "permission_error",
-                         f"API key '{key.name}' may not use model '{model}'; "
-                         f"it may use: {', '.join(key.models or ())}")
-        self._check_quota(key)
-        self._check_concurrency(key)
+            raise self._refused(key.name, "model_not_allowed", Reject(
+                403, "permission_error",
+                f"API key '{key.name}' may not use model '{model}'; it may use: {', '.join(key.models or ())}"))
         mono = time.monotonic()
-        self._check_rpm(key, mono)
+        try:
+            self._check_quota(key)
+            self._check_concurrency(key)
+            self._check_rpm(key, mono)
+        except _Refusal as refusal:
+            raise self._refused(key.name, refusal.reason, refusal.reject) from None
         key.in_flight += 1
         if key.rpm is not None:
             key.recent.append(mono)
@@ -271,28 +325,36 @@ class KeysAuth:
             return None
         key, until = entry
         if time.time() >= until:
-            raise Reject(401, "authentication_error",
-                         f"API key '{key.name}' was rotated; its old secret stopped working at {_iso(until)}")
+            raise self._refused(key.name, "rotated_out", Reject(
+                401, "authentication_error",
+                f"API key '{key.name}' was rotated; its old secret stopped working at {_iso(until)}"))
         return key
 
+    def _refused(self, key_name: str, reason: str, reject: Reject) -> Reject:
+        """Count a refusal (per key and reason) and return the Reject to raise."""
+        self.refusals.count(key_name, reason, reject.status, self.clock())
+        return reject
+
     def _check_quota(self, key: KeyState) -> None:
-        if key.quota_cost is not None and key.spent_cost >= key.quota_cost:
-            raise Reject(402, "billing_error",
-                         f"API key '{key.name}' has used its quota: "
-                         f"${key.spent_cost:.4f} of ${key.quota_cost:.4f}",
-                         headers={"x-should-retry": "false"})
-        if key.quota_tokens is not None and key.spent_tokens >= key.quota_tokens:
-            raise Reject(402, "billing_error",
-                         f"API key '{key.name}' has used its quota: "
-                         f"{key.spent_tokens} of {key.quota_tokens} tokens",
-                         headers={"x-should-retry": "false"})
+        if key.quota_cost is not None and key.quota_cost_spent >= key.quota_cost:
+            raise _Refusal("quota", Reject(
+                402, "billing_error",
+                f"API key '{key.name}' has used its {_quota_name(key)}: "
+                f"${key.quota_cost_spent:.4f} of ${key.quota_cost:.4f}" + _resets(key),
+                headers={"x-should-retry": "false"}))
+        if key.quota_tokens is not None and key.quota_tokens_spent >= key.quota_tokens:
+            raise _Refusal("quota", Reject(
+                402, "billing_error",
+                f"API key '{key.name}' has used its {_quota_name(key)}: "
+                f"{key.quota_tokens_spent} of {key.quota_tokens} tokens" + _resets(key),
+                headers={"x-should-retry": "false"}))
 
     def _check_concurrency(self, key: KeyState) -> None:
         if key.concurrency is not None and key.in_flight >= key.concurrency:
-            raise Reject(429, "rate_limit_error",
-                         f"API key '{key.name}' already has {key.in_flight} requests in flight, "
-                         f"its concurrency limit",
-                         headers={"retry-after": str(CONCURRENCY_RETRY_AFTER)})
+            raise _Refusal("concurrency", Reject(
+                429, "rate_limit_error",
+                f"API key '{key.name}' already has {key.in_flight} requests in flight, its concurrency limit",
+                headers={"retry-after": str(CONCURRENCY_RETRY_AFTER)}))
 
     def _check_rpm(self, key: KeyState, now: float) -> None:
         if key.rpm is None:
@@ -302,10 +364,11 @@ class KeysAuth:
             recent.popleft()
         if len(recent) >= key.rpm:
             wait = max(1, math.ceil(recent[0] + RPM_WINDOW - now))
-            raise Reject(429, "rate_limit_error",
-                         f"API key '{key.name}' exceeded its limit of {key.rpm} requests per minute"
-                         + (f" (per worker process, {self.workers} workers)" if self.workers > 1 else ""),
-                         headers={"retry-after": str(wait)})
+            raise _Refusal("rpm", Reject(
+                429, "rate_limit_error",
+                f"API key '{key.name}' exceeded its limit of {key.rpm} requests per minute"
+                + (f" (per worker process, {self.workers} workers)" if self.workers > 1 else ""),
+                headers={"retry-after": str(wait)}))
 
     async def finish(self, caller: Caller, record: UsageRecord) -> None:
         key = self.by_id.get(caller.key_id) if caller.key_id is not None else None
@@ -326,6 +389,24 @@ class KeysAuth:
                 self._wake.set()
 
     # -- background ----------------------------------------------------------
+
+    async def _tick(self) -> None:
+        """Every interval: spend, refusal counts, budget alerts."""
+        await self._sync_spend()
+        await self._save_refusals()
+        if self.alerts is not None:
+            uses = [use for use in (key.quota_use() for key in self.by_id.values()) if use is not None]
+            await self.alerts.check(self.store, uses, self.clock())
+
+    async def _save_refusals(self) -> None:
+        counts = self.refusals.take()
+        if not counts:
+            return
+        try:
+            await self.store.call(budget_store.add_refusals, counts)
+        except BaseException:
+            self.refusals.give_back(counts)
+            raise
 
     def _reload(self, snapshot: ConfigSnapshot) -> None:
         catalog = snapshot.catalog
@@ -354,6 +435,7 @@ class KeysAuth:
             key.admitted = admitted_names(key.allowed, channel_aliases) if models else None
             key.quota_cost = row.quota_cost
             key.quota_tokens = row.quota_tokens
+            key.quota_period = row.quota_period if row.quota_period in PERIODS else None
             key.rpm = per_process(row.rpm, self.workers)
             key.concurrency = per_process(row.concurrency, self.workers)
             key.caller = None       # name or allow-list may have changed
@@ -366,15 +448,16 @@ class KeysAuth:
         self.log.info("loaded %d keys", len(by_id))
 
     async def _sync_spend(self) -> None:
-        """Add this process's pending spend to the store and re-read everybody's (with the sqlite
-        meter only re-read: the ledger settles it)."""
+        """Add this process's pending spend to the store (and to the current quota period's) and re-read
+        everybody's; with the sqlite meter only re-read: the ledger settles it."""
+        starts = {period: period_start(period, self.clock()) for period in PERIODS}
         async with self._spend_lock:
             if self.ledger_settles:
-                await self._read_settled_spend()
+                await self._read_settled_spend(starts)
             else:
-                await self._settle()
+                await self._settle(starts)
 
-    async def _settle(self) -> None:
+    async def _settle(self, starts: dict[str, str]) -> None:
         batch = []
         for key in self.by_id.values():
             if key.pending_cost or key.pending_tokens:
@@ -382,7 +465,10 @@ class KeysAuth:
                 key.flushing_tokens, key.pending_tokens = key.flushing_tokens + key.pending_tokens, 0
                 batch.append(key)
         try:
-            spend = await self.store.settle_spend([(k.id, k.flushing_cost, k.flushing_tokens) for k in batch])
+            spend, in_period = await self.store.settle_spend(
+                [(k.id, k.flushing_cost, k.flushing_tokens) for k in batch],
+                [(k.id, k.quota_period, starts[k.quota_period], k.flushing_cost, k.flushing_tokens)
+                 for k in batch if k.quota_period is not None], starts)
         except BaseException:
             # Not written: the amounts go back to pending and are retried later.
             for key in batch:
@@ -391,15 +477,13 @@ class KeysAuth:
                 key.flushing_cost, key.flushing_tokens = 0.0, 0
             raise
         # No await from here on: settled and flushing change together.
-        for key in self.by_id.values():
-            key.settled_cost, key.settled_tokens = spend.get(key.id, (0.0, 0))
-            key.flushing_cost, key.flushing_tokens = 0.0, 0
+        self._apply_spend(spend, in_period, starts)
 
-
-    async def _read_settled_spend(self) -> None:
-        """Re-read key_spend; requests whose ledger rows it now includes stop being pending.
-        Both are read in one transaction, so no request counts twice or not at all."""
-        shipped, spend = await self.store.shipped_and_spend(list(self._unshipped))
+    async def _read_settled_spend(self, starts: dict[str, str]) -> None:
+        """Re-read key_spend (and the current periods' spend); requests whose ledger rows it now includes
+        stop being pending.  All is read in one transaction, so no request counts twice or not at all."""
+        periodic = starts if any(k.quota_period for k in self.by_id.values()) else {}
+        shipped, spend, in_period = await self.store.shipped_and_spend(list(self._unshipped), periodic)
         for rid in shipped:
             key_id, cost, tokens = self._unshipped.pop(rid)
             key = self.by_id.get(key_id)
@@ -407,5 +491,44 @@ class KeysAuth:
                 key.pending_cost = max(0.0, key.pending_cost - cost)
                 key.pending_tokens = max(0, key.pending_tokens - tokens)
         # No await from here on.
+        self._apply_spend(spend, in_period, starts)
+
+    def _apply_spend(self, spend, in_period, starts: dict[str, str]) -> None:
         for key in self.by_id.values():
             key.settled_cost, key.settled_tokens = spend.get(key.id, (0.0, 0))
+            key.flushing_cost, key.flushing_tokens = 0.0, 0
+            if key.quota_period is not None:
+                key.period_start = starts[key.quota_period]
+                key.period_cost, key.period_tokens = in_period.get((key.id, key.quota_period), (0.0, 0))
+
+
+class _Refusal(Exception):
+    """A limit check's Reject with the reason it is counted under."""
+
+    def __init__(self, reason: str, reject: Reject) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.reject = reject
+
+
+def _quota_name(key: KeyState) -> str:
+    return f"quota for this {key.quota_period}" if key.quota_period else "quota"
+
+
+def _resets(key: KeyState) -> str:
+    if key.quota_period is None or key.period_start is None:
+        return ""
+    return f"; it resets on {period_end(key.quota_period, key.period_start)} 00:00 UTC"
+
+
+def _alerts(ctx: PluginContext) -> Optional[BudgetAlerts]:
+    """Budget alerts when the gateway has a [budgets] webhook_url, else None."""
+    url = ctx.options.get("budget_webhook_url")
+    if not url:
+        return None
+    config = AlertConfig(url=str(url),
+                         thresholds=tuple(sorted(int(t) for t in ctx.options.get("budget_thresholds",
+                                                                                   DEFAULT_THRESHOLDS))),
+                         attempts=int(ctx.options.get("budget_webhook_attempts", 5)),
+                         backoff=float(ctx.options.get("budget_webhook_backoff", 1.0)))
+    return BudgetAlerts(config, ctx.log)

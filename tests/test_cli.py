@@ -542,7 +542,15 @@ def expected_totals(rows):
     return {"requests": len(rows), "input_tokens": sum(r[7] for r in rows),
             "output_tokens": sum(r[8] for r in rows), "cache_read_input_tokens": sum(r[9] for r in rows),
             "cache_creation_input_tokens": sum(r[10] for r in rows),
-            "cost": sum(r[11] or 0 for r in rows), "unpriced_requests": sum(r[11] is None for r in rows)}
+            "cost": sum(r[11] or 0 for r in rows), "unpriced_requests": sum(r[11] is None for r in rows),
+            "errors": sum(r[4] >= 400 or r[5] is not None for r in rows), "interrupted": sum(bool(r[6]) for r in rows)}
+
+
+def totals(out: str) -> dict:
+    """`usage --json`'s totals; its refusal count (none in this ledger) checked and left out."""
+    data = json.loads(out)
+    assert data.pop("refused") == 0
+    return data
 
 
 def _close(got: dict, want: dict) -> None:
@@ -554,24 +562,26 @@ def _close(got: dict, want: dict) -> None:
 def test_usage_json_totals(cli, ledger):
     code, out, err = cli("usage", "--json")
     assert code == 0, err
-    _close(json.loads(out), expected_totals(ledger))
+    _close(totals(out), expected_totals(ledger))
+    assert 0 < totals(out)["errors"] < len(ledger) and totals(out)["interrupted"] > 0
 
 
 def test_usage_json_by_key_and_filters(cli, ledger):
     code, out, _ = cli("usage", "--json", "--by", "key")
     data = json.loads(out)
     assert set(data) == {"requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
-                         "cache_creation_input_tokens", "cost", "unpriced_requests", "by"}
+                         "cache_creation_input_tokens", "cost", "errors", "interrupted", "unpriced_requests",
+                         "refused", "by"}
     by_key = {row.pop("key"): row for row in data["by"]}
     for name in ("alice", "bob"):
         _close(by_key[name], expected_totals([r for r in ledger if r[0] == name]))
 
     _, out, _ = cli("usage", "--json", "--key", "bob")
-    _close(json.loads(out), expected_totals([r for r in ledger if r[0] == "bob"]))
+    _close(totals(out), expected_totals([r for r in ledger if r[0] == "bob"]))
     _, out, _ = cli("usage", "--json", "--since", "2026-10-02")
-    _close(json.loads(out), expected_totals([r for r in ledger if r[3] >= DAY2 - 9 * 3600]))
+    _close(totals(out), expected_totals([r for r in ledger if r[3] >= DAY2 - 9 * 3600]))
     _, out, _ = cli("usage", "--json", "--until", "2026-10-01")
-    _close(json.loads(out), expected_totals([r for r in ledger if r[3] < DAY2 - 9 * 3600]))
+    _close(totals(out), expected_totals([r for r in ledger if r[3] < DAY2 - 9 * 3600]))
 
 
 @pytest.mark.parametrize("by, column, group", [("model", 1, "model"), ("channel", 2, "channel")])
@@ -601,7 +611,7 @@ def test_usage_json_via_subprocess(db, ledger):
     proc = run_module(db, "usage", "--json", "--by", "day")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    _close({k: v for k, v in data.items() if k != "by"}, expected_totals(ledger))
+    _close({k: v for k, v in data.items() if k not in ("by", "refused")}, expected_totals(ledger))
     assert [row["day"] for row in data["by"]] == ["2026-10-01", "2026-10-02"]
 
 

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import stat
 import time
+from datetime import datetime, timezone
 
 import anthropic
 import pytest
@@ -156,5 +157,24 @@ async def test_retention_over_several_batches_keeps_newer_rows(tmp_path):
     try:
         assert [r[0] for r in conn.execute("SELECT request_id FROM usage ORDER BY id")] == \
             ["req_new_0", "req_new_1"]
+    finally:
+        conn.close()
+
+
+async def test_retention_drops_refusal_counts_of_days_past_the_cutoff(tmp_path):
+    db = str(tmp_path / "apertis.db")
+    conn = schema.connect(db)
+    now = datetime(2026, 12, 20, 12, 0, tzinfo=timezone.utc).timestamp()
+    conn.executemany("INSERT INTO refusals (day, key_name, reason, status, count) VALUES (?, 'alice', 'rpm', 429, 3)",
+                     [("2026-12-12",), ("2026-12-13",), ("2026-12-19",)])
+    conn.close()
+    store = await open_store(db)
+    try:
+        await LedgerRetention(store, 7, logging.getLogger("test")).prune(now)     # cutoff 2026-12-13 12:00
+    finally:
+        await store.close()
+    conn = schema.connect(db)
+    try:
+        assert [r[0] for r in conn.execute("SELECT day FROM refusals ORDER BY day")] == ["2026-12-13", "2026-12-19"]
     finally:
         conn.close()

@@ -210,7 +210,7 @@ async def test_spooled_rows_shipped_twice_count_once_on_postgresql(pg_url):
         assert await store.write_ledger(rows[:70] + [orjson.loads(orjson.dumps(record(500, alice)))]) == 1
         cost, tokens = (await store.read_spend())[alice]
         assert cost == pytest.approx(first[alice][0] + 0.25) and tokens == first[alice][1] + 615
-        shipped, spend = await store.shipped_and_spend([rows[0]["request_id"], "req_never"])
+        shipped, spend, _ = await store.shipped_and_spend([rows[0]["request_id"], "req_never"])
         assert shipped == {rows[0]["request_id"]} and spend[alice] == (cost, tokens)
     finally:
         await store.close()

@@ -31,6 +31,7 @@ class KeyConfig:
     models: Optional[tuple[str, ...]]
     quota_cost: Optional[float]
     quota_tokens: Optional[int]
+    quota_period: Optional[str]          # day, week, month (UTC); None = lifetime
     rpm: Optional[int]
     concurrency: Optional[int]
 
@@ -67,7 +68,7 @@ def read_config(conn) -> ConfigSnapshot:
         catalog = load_catalog(conn)
         key_rows = conn.execute(
             "SELECT id, name, key_hash, enabled, expires_at, models, quota_cost, quota_tokens,"
-            " rpm, concurrency FROM keys ORDER BY id").fetchall()
+            " quota_period, rpm, concurrency FROM keys ORDER BY id").fetchall()
         grace_rows = conn.execute("SELECT key_hash, key_id, until FROM key_grace").fetchall()
         channel_rows = conn.execute(f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE enabled = 1"
                                     " ORDER BY id").fetchall()
@@ -76,7 +77,7 @@ def read_config(conn) -> ConfigSnapshot:
     keys = tuple(KeyConfig(
         id=r["id"], name=r["name"], key_hash=r["key_hash"], enabled=bool(r["enabled"]),
         expires_at=r["expires_at"], models=tuple(json.loads(r["models"])) if r["models"] else None,
-        quota_cost=r["quota_cost"], quota_tokens=r["quota_tokens"], rpm=r["rpm"],
+        quota_cost=r["quota_cost"], quota_tokens=r["quota_tokens"], quota_period=r["quota_period"], rpm=r["rpm"],
         concurrency=r["concurrency"]) for r in key_rows)
     grace = tuple(GraceSecret(r["key_hash"], r["key_id"], r["until"]) for r in grace_rows)
     channels = []

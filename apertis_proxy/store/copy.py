@@ -16,7 +16,8 @@ from .url import dialect
 from .ledger_write import COLUMN_OF_FIELD, ledger_shape, write_ledger_rows
 
 # Copied row by row, a row already in the target (same primary key or unique name) left alone.
-KEPT_TABLES = ("keys", "deleted_keys", "key_grace", "key_spend", "channels", "owned_state")
+KEPT_TABLES = ("keys", "deleted_keys", "key_grace", "key_spend", "key_period_spend", "budget_alerts", "refusals",
+               "channels", "owned_state")
 # The catalogue: the source's rows replace the target's.
 CATALOG_TABLES = ("models", "model_prices")
 CATALOG_META = ("billing_rates", "catalog_version")

@@ -11,7 +11,8 @@ from typing import Any, Iterable, Optional
 KEY_PREFIX = "sk-apx-"
 
 # Columns `update_key` may change, with None meaning "no limit" for each.
-LIMIT_FIELDS = ("models", "quota_cost", "quota_tokens", "rpm", "concurrency", "expires_at", "note")
+LIMIT_FIELDS = ("models", "quota_cost", "quota_tokens", "quota_period", "rpm", "concurrency", "expires_at",
+                "note")
 
 
 def generate_key() -> str:
@@ -32,8 +33,8 @@ def _models_json(models: Optional[Iterable[str]]) -> Optional[str]:
     return json.dumps(sorted(set(models))) if models else None
 
 
-def create_key(conn, name: str, *, models=None, quota_cost=None, quota_tokens=None, rpm=None,
-               concurrency=None, expires_at=None, note=None) -> tuple[int, str]:
+def create_key(conn, name: str, *, models=None, quota_cost=None, quota_tokens=None, quota_period=None,
+               rpm=None, concurrency=None, expires_at=None, note=None) -> tuple[int, str]:
     """Insert a key; returns (id, plain key).  The plain key is never stored.
 
     A name already in use raises ValueError.
@@ -42,10 +43,10 @@ def create_key(conn, name: str, *, models=None, quota_cost=None, quota_tokens=No
     try:
         cur = conn.execute(
             "INSERT INTO keys (id, name, key_hash, key_prefix, enabled, created_at, expires_at, models,"
-            " quota_cost, quota_tokens, rpm, concurrency, note)"
-            f" VALUES ({_NEXT_ID},?,?,?,1,?,?,?,?,?,?,?,?)",
+            " quota_cost, quota_tokens, quota_period, rpm, concurrency, note)"
+            f" VALUES ({_NEXT_ID},?,?,?,1,?,?,?,?,?,?,?,?,?)",
             (name, hash_key(plain), display_prefix(plain), time.time(), expires_at,
-             _models_json(models), quota_cost, quota_tokens, rpm, concurrency, note))
+             _models_json(models), quota_cost, quota_tokens, quota_period, rpm, concurrency, note))
     except sqlite3.IntegrityError:
         if get_key(conn, name) is not None:
             raise ValueError(f"a key named {name!r} already exists") from None
@@ -72,7 +73,7 @@ def list_keys(conn) -> list[dict[str, Any]]:
 def _select_keys(conn, where: str, params: tuple) -> list[dict[str, Any]]:
     rows = conn.execute(
         "SELECT k.id, k.name, k.key_prefix, k.enabled, k.created_at, k.expires_at, k.models,"
-        " k.quota_cost, k.quota_tokens, k.rpm, k.concurrency, k.note,"
+        " k.quota_cost, k.quota_tokens, k.quota_period, k.rpm, k.concurrency, k.note,"
         " COALESCE(s.cost, 0) AS spent_cost, COALESCE(s.tokens, 0) AS spent_tokens"
         " FROM keys k LEFT JOIN key_spend s ON s.key_id = k.id " + where + " ORDER BY k.id",
         params).fetchall()

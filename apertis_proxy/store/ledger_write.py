@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import orjson
 
 from .url import dialect
+from .budgets import read_period_spend
 from .spend import read_spend
 
 log = logging.getLogger("apertis_proxy.store.ledger")
@@ -38,6 +39,23 @@ SELECT key_id, SUM(MAX(COALESCE(cost, 0), 0)),
 FROM usage WHERE id > ? AND key_id IN (SELECT id FROM keys) GROUP BY key_id HAVING SUM(cost > 0) OR SUM(
     input_tokens + output_tokens + cache_read_input_tokens + cache_creation_input_tokens) > 0
 ON CONFLICT (key_id) DO UPDATE SET cost = cost + excluded.cost, tokens = tokens + excluded.tokens
+"""
+
+
+# The same rows' spend in their keys' current quota periods (day, ISO week from Monday, month; UTC),
+# the period taken from each row's start time.
+_SETTLE_PERIODS = """
+INSERT INTO key_period_spend (key_id, period, start, cost, tokens)
+SELECT u.key_id, k.quota_period,
+       CASE k.quota_period WHEN 'day' THEN date(u.ts, 'unixepoch')
+                           WHEN 'week' THEN date(u.ts, 'unixepoch', '-6 days', 'weekday 1')
+                           ELSE strftime('%Y-%m-01', u.ts, 'unixepoch') END AS start,
+       SUM(MAX(COALESCE(u.cost, 0), 0)),
+       SUM(u.input_tokens + u.output_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens)
+FROM usage u JOIN keys k ON k.id = u.key_id
+WHERE u.id > ? AND k.quota_period IN ('day', 'week', 'month')
+GROUP BY u.key_id, k.quota_period, start
+ON CONFLICT (key_id, period, start) DO UPDATE SET cost = cost + excluded.cost, tokens = tokens + excluded.tokens
 """
 
 
@@ -155,6 +173,7 @@ def _write(conn, shape: LedgerRows, values: list[list], settle: bool) -> int:
         inserted = conn.execute("SELECT COUNT(*) FROM usage WHERE id > ?", (before,)).fetchone()[0]
         if inserted and settle:
             conn.execute(_SETTLE, (before,))
+            conn.execute(_SETTLE_PERIODS, (before,))
         conn.execute("COMMIT")
     except BaseException:
         try:
@@ -176,11 +195,13 @@ def shipped_request_ids(conn, request_ids: Sequence[str]) -> set[str]:
     return found
 
 
-def shipped_and_spend(conn, request_ids: Sequence[str]) -> tuple[set[str], dict[int, tuple[float, int]]]:
-    """Which of these request ids the ledger holds, and every key's settled spend, read in one
-    transaction: a request counts either in the spend or as not shipped, never both or neither."""
+def shipped_and_spend(conn, request_ids: Sequence[str], starts: Optional[Mapping[str, str]] = None):
+    """(shipped ids, every key's settled spend, the spend in the quota periods starting at `starts`),
+    read in one transaction: a request counts either in the spend or as not shipped, never both or
+    neither."""
     conn.execute("BEGIN")
     try:
-        return shipped_request_ids(conn, request_ids), read_spend(conn)
+        return (shipped_request_ids(conn, request_ids), read_spend(conn),
+                read_period_spend(conn, starts or {}))
     finally:
         conn.execute("ROLLBACK")

@@ -40,6 +40,9 @@ CONFLICT_KEYS = {
     "model_prices": ("model_id", "origin", "effective_from"),
     "owned_state": ("kind", "id"),
     "key_spend": ("key_id",),
+    "budget_alerts": ("key_id", "period", "start", "threshold"),
+    "key_period_spend": ("key_id", "period", "start"),
+    "refusals": ("day", "key_name", "reason"),
 }
 # Tables whose INSERTs report the new row's id as lastrowid.
 SERIAL_TABLES = ("keys", "channels")
@@ -100,10 +103,12 @@ def _coerce(value: Any, type_name: str) -> Any:
 
 
 class PgCursor:
-    def __init__(self, rows: list, rowcount: int, lastrowid: Optional[int]) -> None:
+    def __init__(self, rows: list, rowcount: int, lastrowid: Optional[int], names: Sequence[str] = ()) -> None:
         self._rows = rows
         self.rowcount = rowcount
         self.lastrowid = lastrowid
+        # DB-API's description: one 7-tuple per column, only the name filled in.
+        self.description = [(name, None, None, None, None, None, None) for name in names] or None
 
     def fetchone(self):
         return self._rows.pop(0) if self._rows else None
@@ -186,7 +191,8 @@ class PgConnection:
         if stmt.get_attributes():
             rows = await stmt.fetch(*args)
             lastrowid = rows[0][0] if rows and text.rstrip().endswith("RETURNING id") else None
-            return PgCursor(list(rows), len(rows) if lastrowid is None else 1, lastrowid)
+            return PgCursor(list(rows), len(rows) if lastrowid is None else 1, lastrowid,
+                            [a.name for a in stmt.get_attributes()])
         await stmt.fetch(*args)
         return PgCursor([], _count(stmt.get_statusmsg()), None)
 

@@ -28,6 +28,19 @@ def _write_sql(columns: Sequence[str], settle: bool) -> str:
     HAVING SUM(GREATEST(COALESCE(cost, 0), 0)) > 0 OR SUM({tokens}) > 0
     ON CONFLICT (key_id) DO UPDATE SET cost = key_spend.cost + EXCLUDED.cost,
         tokens = key_spend.tokens + EXCLUDED.tokens
+), period_spend AS (
+    INSERT INTO key_period_spend (key_id, period, start, cost, tokens)
+    SELECT ins.key_id, k.quota_period,
+        to_char(CASE k.quota_period WHEN 'day' THEN date_trunc('day', to_timestamp(ins.ts) AT TIME ZONE 'UTC')
+                                    WHEN 'week' THEN date_trunc('week', to_timestamp(ins.ts) AT TIME ZONE 'UTC')
+                                    ELSE date_trunc('month', to_timestamp(ins.ts) AT TIME ZONE 'UTC') END,
+                'YYYY-MM-DD') AS start,
+        SUM(GREATEST(COALESCE(ins.cost, 0), 0)), SUM({tokens})
+    FROM ins JOIN keys k ON k.id = ins.key_id
+    WHERE k.quota_period IN ('day', 'week', 'month')
+    GROUP BY 1, 2, 3
+    ON CONFLICT (key_id, period, start) DO UPDATE SET cost = key_period_spend.cost + EXCLUDED.cost,
+        tokens = key_period_spend.tokens + EXCLUDED.tokens
 )""" if settle else ""
     return f"""WITH ins AS (
     INSERT INTO usage ({cols}) SELECT {cols} FROM usage_incoming

@@ -45,12 +45,42 @@ CREATE TABLE IF NOT EXISTS keys (
     quota_tokens  BIGINT,
     rpm           INTEGER,
     concurrency   INTEGER,
-    note          TEXT
+    note          TEXT,
+    quota_period  TEXT
 );
+ALTER TABLE keys ADD COLUMN IF NOT EXISTS quota_period TEXT;
 CREATE TABLE IF NOT EXISTS key_spend (
     key_id  BIGINT PRIMARY KEY REFERENCES keys(id) ON DELETE CASCADE,
     cost    DOUBLE PRECISION NOT NULL DEFAULT 0,
     tokens  BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS key_period_spend (
+    key_id  BIGINT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    period  TEXT NOT NULL,
+    start   TEXT NOT NULL,
+    cost    DOUBLE PRECISION NOT NULL DEFAULT 0,
+    tokens  BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (key_id, period, start)
+);
+CREATE TABLE IF NOT EXISTS budget_alerts (
+    key_id      BIGINT NOT NULL,
+    period      TEXT NOT NULL,
+    start       TEXT NOT NULL,
+    threshold   INTEGER NOT NULL,
+    key_name    TEXT NOT NULL,
+    claimed_at  DOUBLE PRECISION NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    sent_at     DOUBLE PRECISION,
+    last_error  TEXT,
+    PRIMARY KEY (key_id, period, start, threshold)
+);
+CREATE TABLE IF NOT EXISTS refusals (
+    day       TEXT NOT NULL,
+    key_name  TEXT NOT NULL,
+    reason    TEXT NOT NULL,
+    status    INTEGER NOT NULL,
+    count     BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, key_name, reason)
 );
 CREATE TABLE IF NOT EXISTS key_grace (
     key_hash    TEXT PRIMARY KEY,

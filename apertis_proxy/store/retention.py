@@ -1,4 +1,4 @@
-"""Ledger retention: usage rows older than `[ledger] keep_days` go.
+"""Ledger retention: usage rows (and refusal counts) older than `[ledger] keep_days` go.
 
 On SQLite they are deleted in small batches, each its own short write
 transaction with a pause after it, so the meter's writes and the CLI's edits
@@ -13,6 +13,8 @@ import asyncio
 import logging
 import time
 from typing import Optional
+
+from . import budgets
 
 
 BATCH_ROWS = 500
@@ -63,6 +65,7 @@ class LedgerRetention:
             if self.store.backend != "sqlite" or count < self.batch_rows:
                 break
             await asyncio.sleep(PAUSE_BETWEEN_BATCHES)
+        await self.store.call(budgets.prune_refusals, cutoff)    # one row per day, key and reason: small
         if deleted:
             self.log.info("deleted %d usage rows older than %g days", deleted,
                           self.keep_seconds / 86400.0)

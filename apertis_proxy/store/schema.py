@@ -13,7 +13,7 @@ from ..plugin_api import DEFAULT_API_VERSION
 from .catalog import sync_shipped_catalog
 from .dbfile import create_private
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Binding None, Python's sqlite3 first looks for an adapter: a tuple, a dict
 # miss, and an AttributeError raised and cleared on its protocol type, ~2.5k
@@ -362,6 +362,40 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         )""",
     ]),
     (4, [
+        # Budgets: a quota may reset per UTC period; spend is kept per period too.
+        "ALTER TABLE keys ADD COLUMN quota_period TEXT",    # 'day', 'week', 'month'; NULL = lifetime
+        """CREATE TABLE IF NOT EXISTS key_period_spend (
+            key_id  INTEGER NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+            period  TEXT NOT NULL,                   -- day, week, month
+            start   TEXT NOT NULL,                   -- the period's first day (UTC), e.g. 2026-12-01
+            cost    REAL NOT NULL DEFAULT 0,
+            tokens  INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (key_id, period, start)
+        ) WITHOUT ROWID""",
+        # One row per budget alert fired: claimed before it is sent, so one worker sends it.
+        """CREATE TABLE IF NOT EXISTS budget_alerts (
+            key_id      INTEGER NOT NULL,
+            period      TEXT NOT NULL,               -- day, week, month or lifetime
+            start       TEXT NOT NULL,               -- the period's first day; '' for lifetime
+            threshold   INTEGER NOT NULL,            -- percent of the quota
+            key_name    TEXT NOT NULL,
+            claimed_at  REAL NOT NULL,
+            attempts    INTEGER NOT NULL DEFAULT 0,
+            sent_at     REAL,                        -- NULL until the webhook answered 2xx
+            last_error  TEXT,
+            PRIMARY KEY (key_id, period, start, threshold)
+        ) WITHOUT ROWID""",
+        # Requests the gateway refused itself, counted per UTC day, key and reason.
+        """CREATE TABLE IF NOT EXISTS refusals (
+            day       TEXT NOT NULL,                 -- YYYY-MM-DD, UTC
+            key_name  TEXT NOT NULL,                 -- '(unknown)' for a missing or unknown key
+            reason    TEXT NOT NULL,                 -- e.g. quota, rpm, invalid_key
+            status    INTEGER NOT NULL,
+            count     INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, key_name, reason)
+        ) WITHOUT ROWID""",
+    ]),
+    (5, [
         # One ledger row per request id, so shipping a spooled row again is a
         # no-op (INSERT OR IGNORE).  Duplicates written before (a retried
         # batch) keep their first row.

@@ -212,9 +212,12 @@ class Store:
 
     # -- spend and ledger ----------------------------------------------------------
 
-    async def settle_spend(self, deltas: Sequence[tuple[int, float, int]]) -> dict[int, tuple[float, int]]:
-        """Add (key id, cost, tokens) amounts; every key's settled spend."""
-        return await self.call(spend.settle_spend, deltas)
+    async def settle_spend(self, deltas: Sequence[tuple[int, float, int]],
+                           period_deltas: Sequence[tuple[int, str, str, float, int]] = (),
+                           starts: Optional[Mapping[str, str]] = None):
+        """Add (key id, cost, tokens) amounts (and per quota period); every key's settled spend and its
+        spend in the periods starting at `starts` (spend.py)."""
+        return await self.call(spend.settle_spend, deltas, period_deltas, starts)
 
     async def read_spend(self) -> dict[int, tuple[float, int]]:
         return await self.call(spend.read_spend)
@@ -232,9 +235,10 @@ class Store:
         shape, pg_ledger = self._ledger
         return write_ledger_rows(conn, rows, shape, rejected, pg_ledger=pg_ledger)
 
-    async def shipped_and_spend(self, request_ids: Sequence[str]) -> tuple[set[str], dict[int, tuple[float, int]]]:
-        """Which of these request ids the ledger holds, and every key's settled spend (one transaction)."""
-        return await self.call(shipped_and_spend, request_ids)
+    async def shipped_and_spend(self, request_ids: Sequence[str], starts: Optional[Mapping[str, str]] = None):
+        """Which of these request ids the ledger holds, every key's settled spend and its spend in the
+        periods starting at `starts`, read in one transaction (ledger_write.py)."""
+        return await self.call(shipped_and_spend, request_ids, starts)
 
     async def prune_ledger(self, cutoff: float, batch_rows: int = 500) -> int:
         """Remove ledger rows older than `cutoff` (unix time); the number removed."""

@@ -16,15 +16,21 @@ TOTAL_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_input_t
 # Extra counts a summary also reports.
 COUNT_FIELDS = ("errors", "interrupted", "unpriced")
 
-# --by value -> the SQL expression rows are grouped on.  Days are UTC.
+# --by value -> the SQL expression rows are grouped on.  Periods are UTC, named
+# by their first day as quota periods are (a week starts on Monday).
 GROUPINGS = {
     "key": "key_name",
     "model": "requested_model",
     "channel": "channel_name",
     "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
+    "week": "date(ts, 'unixepoch', '-6 days', 'weekday 1')",
+    "month": "strftime('%Y-%m-01', ts, 'unixepoch')",
 }
+_BY_TIME = ("day", "week", "month")
 
-PG_GROUPINGS = {**GROUPINGS, "day": "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"}
+PG_GROUPINGS = {**GROUPINGS, **{
+    by: f"to_char(date_trunc('{by}', to_timestamp(ts) AT TIME ZONE 'UTC'), 'YYYY-MM-DD')"
+    for by in ("day", "week", "month")}}
 
 _AGGREGATES = """
     COUNT(*) AS requests,
@@ -46,7 +52,7 @@ def summarize(conn, *, key: Optional[str] = None, model: Optional[str] = None,
 
     Returns a dict with TOTAL_FIELDS and COUNT_FIELDS; with `by` (a key of
     GROUPINGS) also "by": a list of dicts, each holding the group value under
-    the name `by` plus the same fields.  Days come oldest first, other groups
+    the name `by` plus the same fields.  Periods come oldest first, other groups
     by cost and then requests, largest first.
     """
     if by is not None and by not in GROUPINGS:
@@ -63,7 +69,7 @@ def summarize(conn, *, key: Optional[str] = None, model: Optional[str] = None,
         where, params = _filters(**given)
     result = _counts(conn.execute(f"SELECT {aggregates} FROM {table} {where}", params).fetchone())
     if by is not None:
-        order = "grp" if by == "day" else "cost DESC, requests DESC, grp"
+        order = "grp" if by in _BY_TIME else "cost DESC, requests DESC, grp"
         rows = conn.execute(
             f"SELECT {groupings[by]} AS grp, {aggregates} FROM {table} {where}"
             f" GROUP BY grp ORDER BY {order}", params).fetchall()
@@ -88,7 +94,8 @@ _ROLLUP_AGGREGATES = ", ".join(
      "cost", "errors", "interrupted", "unpriced"))
 # The rollup stores '' for "none": NULLIF gives reports the ledger's NULL back.
 _ROLLUP_GROUPINGS = {"key": "NULLIF(key_name, '')", "model": "NULLIF(requested_model, '')",
-                     "channel": "NULLIF(channel_name, '')", "day": "to_char(day, 'YYYY-MM-DD')"}
+                     "channel": "NULLIF(channel_name, '')",
+                     **{by: f"to_char(date_trunc('{by}', day), 'YYYY-MM-DD')" for by in ("day", "week", "month")}}
 
 
 def _rollup_filters(**given: Any) -> tuple[str, list[Any]]:
@@ -101,6 +108,17 @@ def _rollup_filters(**given: Any) -> tuple[str, list[Any]]:
             clauses.append(clause)
             params.append(given[name])
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def ledger_rows(conn, *, key: Optional[str] = None, model: Optional[str] = None,
+                channel: Optional[str] = None, since: Optional[float] = None,
+                until: Optional[float] = None) -> tuple[list[str], Any]:
+    """(column names, a cursor over the matching ledger rows, oldest first)."""
+    where, params = _filters(key=key, model=model, channel=channel, since=since, until=until)
+    # PostgreSQL's ledger has no id column: its rows are (request_id, ts).
+    order = "ts, id" if dialect(conn) == "sqlite" else "ts, request_id"
+    cur = conn.execute(f"SELECT * FROM usage {where} ORDER BY {order}", params)
+    return [d[0] for d in cur.description], cur
 
 
 def unpriced_requests(conn) -> list[tuple[str, int]]:

@@ -1,0 +1,1 @@
+"""Budgets: quotas that reset per period and the alerts they raise."""
