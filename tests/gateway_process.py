@@ -33,7 +33,6 @@ poll_interval = 0.2
 poll_interval = 0.2
 
 [plugins.options.sqlite]
-flush_interval = 0.05
 """
 
 
@@ -44,10 +43,13 @@ class GatewayProcess:
         self.lines = lines
 
     @classmethod
-    def start(cls, db_url: str, workdir: Path, timeout: float = 30.0) -> "GatewayProcess":
+    def start(cls, db_url: str, workdir: Path, timeout: float = 30.0, **meter_options) -> "GatewayProcess":
+        """`meter_options` go under [plugins.options.sqlite] (e.g. flush_interval, batch_size).  The ledger
+        spool is workdir/apertis-ledger.spool: a restart in the same workdir ships what a kill left."""
+        meter_options = {"flush_interval": 0.05, **meter_options}
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "apertis.toml"
-        config.write_text(CONFIG)
+        config.write_text(CONFIG + "".join(f"{name} = {value!r}\n" for name, value in meter_options.items()))
         env = {**os.environ, "APERTIS_DB": db_url}
         proc = subprocess.Popen([sys.executable, "-m", "apertis_proxy.cli", "serve", "--config", str(config)],
                                 cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -7,6 +7,7 @@ user (`postgres` when it exists, else `nobody`) through setpriv.
     server = PgServer.start()          # raises PgUnavailable when there is no initdb
     url = server.create_database("t1") # postgresql://USER@/t1?host=SOCKETDIR
     server.stop(); server.start_again() # the database down and up again (same data)
+    PgServer.start(durable=True)        # commits survive a crash (stop("immediate"))
     server.close()
 """
 from __future__ import annotations
@@ -46,7 +47,8 @@ def _run_as() -> list[str]:
 
 
 class PgServer:
-    def __init__(self, bindir: str, root: str) -> None:
+    def __init__(self, bindir: str, root: str, durable: bool = False) -> None:
+        self.durable = durable
         self.bindir = bindir
         self.root = root
         self.data = os.path.join(root, "data")
@@ -54,13 +56,15 @@ class PgServer:
         self.prefix = _run_as()
 
     @classmethod
-    def start(cls) -> "PgServer":
+    def start(cls, durable: bool = False) -> "PgServer":
+        """`durable`: fsync and synchronous commits on, so a commit survives the server's crash (tests that
+        stop it with "immediate"); off by default, for speed."""
         bindir = find_bindir()
         if bindir is None:
             raise PgUnavailable("PostgreSQL's initdb is not installed (Debian: apt-get install postgresql)")
         root = tempfile.mkdtemp(prefix="apertis-pg-")
         os.chmod(root, 0o755)
-        server = cls(bindir, root)
+        server = cls(bindir, root, durable)
         os.makedirs(server.socket_dir)
         if server.prefix:
             uid = int(server.prefix[1].split("=")[1])
@@ -79,8 +83,9 @@ class PgServer:
             raise PgUnavailable(f"{tool} failed: {result.stderr.strip() or result.stdout.strip()}")
 
     def start_again(self) -> None:
-        options = (f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off -c synchronous_commit=off"
-                   " -c full_page_writes=off -c max_connections=200")
+        options = f"-k {self.socket_dir} -c listen_addresses='' -c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", self.data, "-o", options, "-l", os.path.join(self.root, "log"),
                   "-w", "-t", "30", "start")
 
