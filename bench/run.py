@@ -374,7 +374,7 @@ def background_load(layout: Layout, seconds: float = 1.0) -> dict[int, float]:
 def render(args: argparse.Namespace, bench: Bench, chosen: list[Scenario], layout: Layout,
            started: str, elapsed: float, background: dict[int, float]) -> str:
     facts = procstat.machine_facts(args.python)
-    versions = procstat.package_versions(args.python, ["apertis-proxy", "h11", "uvloop", "orjson", "aiosqlite"])
+    versions = procstat.package_versions(args.python, ["apertis-proxy", "h11", "uvloop", "orjson", "asyncpg"])
     order = [s.key for s in chosen]
     packages = ", ".join(f"{k} {v}" for k, v in versions.items())
     command = shlex.join([sys.executable, *sys.argv])
