@@ -265,16 +265,14 @@ def _sqlite_prune_batch(conn, cutoff: float, batch_rows: int) -> int:
     return conn.execute(_DELETE_BATCH, (cutoff, batch_rows)).rowcount
 
 
-async def open_store(url: str, *, watch_interval: Optional[float] = None) -> Store:
-    """A connected Store for `url` (a path, sqlite:///path or postgresql://...)."""
+async def open_store(url: str) -> Store:
+    """A connected Store for `url` (a path, sqlite:///path or postgresql://...), its schema current."""
     store = Store(parse(url))
     try:
         await store.open()
     except BaseException:
         await store.close()
         raise
-    if watch_interval is not None:
-        store.watcher(watch_interval)
     return store
 
 
