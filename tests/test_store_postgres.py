@@ -8,12 +8,14 @@ import json
 import sqlite3
 import time
 
+import orjson
 import pytest
 
 from apertis_proxy import cli
 from apertis_proxy.plugin_api import UsageRecord
 from apertis_proxy.store import keys, pg_schema, service, usage
 from apertis_proxy.store.url import parse, redact
+from test_ledger_spool import record
 
 PASSWORD = "hunter2-not-for-logs"
 
@@ -66,6 +68,13 @@ def test_every_cli_verb_works_on_postgresql(pg_url, capsys):
     assert run_cli(capsys, "prices", "remove", "house-model", *db)[0] == 0
     code, out, _ = run_cli(capsys, "usage", "--by", "key", "--json", *db)
     assert code == 0 and json.loads(out)["requests"] == 0
+    for by in ("day", "week", "month", "model", "channel"):
+        assert run_cli(capsys, "usage", "--by", by, *db)[0] == 0
+    assert run_cli(capsys, "usage", "--refused", *db)[0] == 0
+    assert run_cli(capsys, "usage", "--csv", *db)[0] == 0
+    assert run_cli(capsys, "keys", "set", "alice", "--quota", "5/month", *db)[0] == 0
+    code, out, _ = run_cli(capsys, "keys", "show", "alice", *db)
+    assert code == 0 and "month" in out
     assert run_cli(capsys, "db", "secrets", *db)[0] == 0
     assert run_cli(capsys, "channels", "remove", "main", *db)[0] == 0
 
@@ -198,8 +207,6 @@ def test_db_copy_copies_everything_once(tmp_path, pg_url, capsys):
 
 
 async def test_spooled_rows_shipped_twice_count_once_on_postgresql(pg_url):
-    from test_ledger_spool import record
-    import orjson
     store = await service.open_store(pg_url)
     try:
         alice, _ = await store.call(keys.create_key, "alice")
@@ -212,5 +219,19 @@ async def test_spooled_rows_shipped_twice_count_once_on_postgresql(pg_url):
         assert cost == pytest.approx(first[alice][0] + 0.25) and tokens == first[alice][1] + 615
         shipped, spend, _ = await store.shipped_and_spend([rows[0]["request_id"], "req_never"])
         assert shipped == {rows[0]["request_id"]} and spend[alice] == (cost, tokens)
+    finally:
+        await store.close()
+
+
+async def test_the_ledger_settles_a_period_quota_in_the_period_of_each_row(pg_url):
+    store = await service.open_store(pg_url)
+    try:
+        alice, _ = await store.call(keys.create_key, "alice", quota_cost=5.0, quota_period="month")
+        rows = [orjson.loads(orjson.dumps(record(i, alice))) for i in range(10)]     # 2025-10-09 UTC
+        assert await store.write_ledger(rows) == 10
+        assert await store.write_ledger(rows) == 0
+        _, _, in_period = await store.shipped_and_spend([], {"month": "2025-10-01"})
+        cost, tokens = in_period[(alice, "month")]
+        assert cost == pytest.approx(2.5) and tokens == sum(115 + i for i in range(10))
     finally:
         await store.close()
