@@ -37,7 +37,8 @@ from .store import key_encryption
 from .store import channels as channel_store
 from .store import keys as key_store
 from .store import usage as usage_store
-from .store.schema import connect
+from .store import service as store_service
+from .store.url import parse as parse_db_url
 
 DEFAULT_DB = "./apertis.db"
 DEFAULT_TEST_MODEL = "claude-haiku-4-5-20251001"
@@ -279,17 +280,17 @@ _CREATING = {("keys", "create"), ("channels", "add"), ("prices", "set")}
 
 def _open(args):
     path = _db_path(args)
-    if (args.command, getattr(args, "action", None)) not in _CREATING:
-        dbfile.require_existing(path)
-    return _open_path(path)
+    return _open_path(path, create=(args.command, getattr(args, "action", None)) in _CREATING)
 
 
 @contextlib.contextmanager
-def _open_path(path: str):
+def _open_path(path: str, *, create: bool = True):
+    """A connection to the store at `path` (a file or a database URL), schema made current."""
+    url = parse_db_url(path)
     try:
-        conn = connect(path)
+        conn = store_service.connect(url, create=create)
     except sqlite3.Error as exc:
-        raise OSError(f"cannot open database {path}: {exc}") from None
+        raise OSError(f"cannot open database {url.redacted()}: {exc}") from None
     try:
         yield conn
     finally:
@@ -305,7 +306,7 @@ def cmd_serve(args) -> int:
         overrides["db"] = args.db
     settings = settings_module.load(args.config, **overrides)
     with _open_path(settings.db) as conn:   # creates or migrates the schema before workers start
-        if dbfile.readable_by_others(settings.db):
+        if not parse_db_url(settings.db).is_postgres and dbfile.readable_by_others(settings.db):
             print(f"warning: {settings.db} holds upstream keys and other users may read it;"
                   f" restrict it with: chmod 600 {shlex.quote(settings.db)}", file=sys.stderr)
         created = channel_store.bootstrap_default_channel(conn, os.environ)
@@ -338,7 +339,7 @@ def _check_key_storage(conn) -> None:
 
 
 def _command(db: str, *words: str) -> str:
-    db_flag = [] if db == DEFAULT_DB else ["--db", db]
+    db_flag = [] if db == DEFAULT_DB else ["--db", parse_db_url(db).redacted()]
     return " ".join(["apertis-proxy", *words, *(shlex.quote(w) for w in db_flag)])
 
 
@@ -961,9 +962,24 @@ def _usage_csv(args) -> int:
 # --------------------------------------------------------------------------- db
 
 def cmd_db_backup(args) -> int:
+    if parse_db_url(_db_path(args)).is_postgres:
+        raise ValueError("db backup copies a SQLite file; back a PostgreSQL database up with pg_dump")
     with _open(args) as conn:
         size = dbfile.backup(conn, args.file)
     print(f"backed up {os.path.abspath(_db_path(args))} to {args.file} ({size:,} bytes)")
+    return 0
+
+
+def cmd_db_copy(args) -> int:
+    from .store.copy import copy_store
+    source_url, target_url = parse_db_url(args.source), parse_db_url(args.target)
+    if source_url == target_url:
+        raise ValueError("--from and --to name the same database")
+    with _open_path(args.source, create=False) as source, _open_path(args.target) as target:
+        counts = copy_store(source, target)
+    print(f"copied {source_url.redacted()} to {target_url.redacted()}: "
+          + ", ".join(f"{table} {count:,}" for table, count in counts.items())
+          + " (rows new to the target; a second run copies nothing twice)")
     return 0
 
 
@@ -1185,6 +1201,12 @@ def _add_db_commands(commands, sub, db) -> None:
     p = sub(group, "backup", cmd_db_backup,
             "copy the database to FILE (consistent, also while the server runs)")
     p.add_argument("file", metavar="FILE", help="a new file (an existing one is not overwritten)")
+    p = sub(group, "copy", cmd_db_copy,
+            "copy keys, channels, catalogue, spend and the ledger into another database")
+    p.add_argument("--from", dest="source", required=True, metavar="DB",
+                   help="the database to copy from (a file path, sqlite:///path or postgresql://...)")
+    p.add_argument("--to", dest="target", required=True, metavar="DB",
+                   help="the database to copy into (created or upgraded as needed)")
     sub(group, "secret-key", cmd_db_secret_key,
         f"print a new random key for {key_encryption.ENV_KEY}")
     sub(group, "secrets", cmd_db_secrets,
@@ -1194,6 +1216,16 @@ def _add_db_commands(commands, sub, db) -> None:
 
 
 # --------------------------------------------------------------------------- entry point
+
+def _redacted(args, message: str) -> str:
+    """`message` without the password of any database URL given (a driver may quote the URL)."""
+    for value in (_db_path(args), getattr(args, "source", None), getattr(args, "target", None)):
+        try:
+            message = parse_db_url(value).scrub(message) if value else message
+        except ValueError:
+            pass
+    return message
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
@@ -1209,8 +1241,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OverflowError:          # an integer option past what SQLite stores
         _err("a number given is too large")
         return 2
-    except (ValueError, LookupError, OSError, sqlite3.Error, PluginLoadError) as exc:
-        _err(str(exc))
+    except (ValueError, LookupError, OSError, sqlite3.Error, PluginLoadError, store_service.StoreUnavailable,
+            store_service.NewerSchemaError) as exc:
+        _err(_redacted(args, str(exc)))
         return 1
     except KeyboardInterrupt:
         return 130

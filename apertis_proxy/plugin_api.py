@@ -53,11 +53,15 @@ class PluginContext:
 
     name: str                      # the entry-point name the plugin was loaded under
     options: Mapping[str, Any]     # the plugin's table from the config file (may be empty)
-    db_path: str                   # the gateway's SQLite file (first-party plugins keep state there)
+    db_path: str                   # the --db value: a SQLite path or a database URL (prefer `store`)
     log: logging.Logger            # a logger named after the plugin
     worker: int = 0                # 0..workers-1; plugins with in-memory limits may scale by it
     workers: int = 1
     meters: tuple[str, ...] = ()   # the meter plugins this gateway runs ("sqlite": keys' spend is settled by it)
+    # The gateway's store (apertis_proxy.store.service.Store): the shared configuration
+    # snapshot (store.watcher().snapshot / .subscribe) and named operations.  None when a
+    # plugin is built outside a gateway (tests); such a plugin may open_store(db_path).
+    store: Any = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from .errors import GatewayError
 from .plugin_api import (AUTH_GROUP, METER_GROUP, ROUTER_GROUP, Caller, Channel, ModelInfo, Outcome,
                          PluginContext, Reject, RequestInfo, UsageRecord)
 from .settings import Settings
+from .store.ledger_spool import default_spool_dir
 
 log = logging.getLogger("apertis_proxy.plugins")
 # How long one plugin's close() may take at shutdown before the next is closed.
@@ -65,7 +66,8 @@ def budget_options(settings: Settings) -> dict[str, Any]:
             "budget_webhook_backoff": settings.budget_webhook_backoff}
 
 
-def _load(group: str, names: Iterable[str], settings: Settings, worker: int, workers: int) -> list:
+def _load(group: str, names: Iterable[str], settings: Settings, worker: int, workers: int,
+          store: Any = None) -> list:
     available = discover(group)
     plugins = []
     for name in names:
@@ -77,7 +79,8 @@ def _load(group: str, names: Iterable[str], settings: Settings, worker: int, wor
                    **settings.plugin_options.get(name, {})}
         ctx = PluginContext(name=name, options=options,
                             db_path=settings.db, log=logging.getLogger(f"apertis_proxy.plugin.{name}"),
-                            worker=worker, workers=workers, meters=tuple(settings.meter_plugins))
+                            worker=worker, workers=workers, meters=tuple(settings.meter_plugins),
+                            store=store)
         try:
             plugin = ep.load()(ctx)
         except Exception as exc:  # noqa: BLE001 - the plugin's own failure, reported in one line
@@ -88,8 +91,9 @@ def _load(group: str, names: Iterable[str], settings: Settings, worker: int, wor
 
 def _ledger_options(settings: Settings) -> dict[str, Any]:
     """The [ledger] spool settings, handed to meters as options."""
-    return {"spool_dir": settings.spool_dir or settings.db + ".spool", "spool_max_bytes": settings.spool_max_bytes,
-            "spool_warn_bytes": settings.spool_warn_bytes, "fsync": settings.ledger_fsync}
+    return {"spool_dir": settings.spool_dir or default_spool_dir(settings.db),
+            "spool_max_bytes": settings.spool_max_bytes, "spool_warn_bytes": settings.spool_warn_bytes,
+            "fsync": settings.ledger_fsync}
 
 
 class NoObserver:
@@ -119,10 +123,10 @@ class PluginHost:
         self._refusals = [p.refusal for _, p in meters if callable(getattr(p, "refusal", None))]
 
     @classmethod
-    def load(cls, settings: Settings, *, worker: int = 0, workers: int = 1) -> "PluginHost":
-        return cls(_load(AUTH_GROUP, settings.auth_plugins, settings, worker, workers),
-                   _load(ROUTER_GROUP, settings.router_plugins, settings, worker, workers),
-                   _load(METER_GROUP, settings.meter_plugins, settings, worker, workers))
+    def load(cls, settings: Settings, *, worker: int = 0, workers: int = 1, store: Any = None) -> "PluginHost":
+        return cls(_load(AUTH_GROUP, settings.auth_plugins, settings, worker, workers, store),
+                   _load(ROUTER_GROUP, settings.router_plugins, settings, worker, workers, store),
+                   _load(METER_GROUP, settings.meter_plugins, settings, worker, workers, store))
 
     def _all(self) -> list[tuple[str, str, Any]]:
         """(group, name, plugin) of every plugin, in load order."""

@@ -27,11 +27,10 @@ from .observe import shared as metrics_share
 from .observe.app import Observability, ObservedApp, run_dir_for
 from .plugin_host import PluginHost, PluginLoadError, check_names
 from .settings import Settings
-from .store import schema
-from .store.catalog import load_catalog, read_catalog
+from .store.catalog import Catalog
 from .store.owned_state import OwnedState
 from .store.retention import LedgerRetention
-from .store.watch import RevisionWatcher
+from .store.service import NewerSchemaError, Store, StoreUnavailable, open_store
 from .supervisor import supervise
 from .tls import ServerCertificate
 from .upstream.connection import UpstreamConnection
@@ -51,7 +50,7 @@ class Gateway:
         self.plugins: Optional[PluginHost] = None
         self.observe: Optional[Observability] = None
         self._listener: Optional[Listener] = None
-        self._watcher: Optional[RevisionWatcher] = None
+        self.store: Optional[Store] = None
         self.owned: Optional[OwnedState] = None
         self.retention: Optional[LedgerRetention] = None
         self.certificate: Optional[ServerCertificate] = None
@@ -97,30 +96,23 @@ class Gateway:
 
     async def _start_app(self) -> ObservedApp:
         s = self.settings
-        conn = schema.connect(s.db)           # creates / migrates the store
-        catalog = CatalogRef(load_catalog(conn))
-        conn.close()
-
-        async def reload_catalog(db, changed: bool) -> None:
-            if not changed:
-                return
-            catalog.catalog = await read_catalog(db)
-
-        # Plugins are built first: a configuration naming an unknown plugin fails
-        # before anything holds a database thread that would keep the process alive.
-        self.plugins = PluginHost.load(s, worker=self.worker, workers=self.workers)
-        self._watcher = RevisionWatcher(s.db, s.config_poll_interval, reload_catalog, log)
+        catalog = CatalogRef(Catalog())
+        # Creates or upgrades the schema; one change watcher feeds the core and every plugin.
+        self.store = await open_store(s.db)
         try:
-            await self._watcher.start()
+            self.plugins = PluginHost.load(s, worker=self.worker, workers=self.workers, store=self.store)
+            watcher = self.store.watcher(s.config_poll_interval)
+            await watcher.start()
+            watcher.subscribe(lambda snapshot: setattr(catalog, "catalog", snapshot.catalog))
             await self.plugins.start()
         except BaseException:
             await self._stop_app()
             raise
-        self.owned = OwnedState(self._watcher.conn)
+        self.owned = OwnedState(self.store)
         if s.keep_days > 0 and self.worker == 0:    # one process prunes for all
-            self.retention = LedgerRetention(s.db, s.keep_days, log)
+            self.retention = LedgerRetention(self.store, s.keep_days, log)
             self.retention.start()
-        self.observe = Observability(s, self.plugins, catalog, run_dir=run_dir_for(self.workers))
+        self.observe = Observability(s, self.plugins, catalog, self.store, run_dir=run_dir_for(self.workers))
         if self.observe.recorder is not None:
             self.plugins.observer = self.observe.recorder
         self.state.refused = self.observe.refusal_hook
@@ -137,8 +129,8 @@ class Gateway:
             await self.plugins.close()
         if self.owned is not None:
             await self.owned.settle()       # ownership records still being written
-        if self._watcher is not None:
-            await self._watcher.close()
+        if self.store is not None:
+            await self.store.close()
 
     @property
     def base_url(self) -> str:
@@ -190,9 +182,9 @@ class Gateway:
         if self.observe is not None:
             await self.observe.close()   # after the meters: their last rows are counted
         if self.owned is not None:
-            await self.owned.settle()    # ownership records still being written (on the watcher's connection)
-        if self._watcher is not None:
-            await self._watcher.close()
+            await self.owned.settle()    # ownership records still being written
+        if self.store is not None:
+            await self.store.close()
         self.pools.close()
 
 
@@ -213,7 +205,8 @@ async def _serve(settings: Settings, worker: int, workers: int) -> int:
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
     if worker == 0:
-        log.info("apertis-proxy listening on %s (workers: %d, db: %s)", gw.base_url, workers, settings.db)
+        log.info("apertis-proxy listening on %s (workers: %d, db: %s)", gw.base_url, workers,
+                 gw.store.redacted_url if gw.store else settings.db)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -254,7 +247,8 @@ def _worker_life(settings: Settings, index: int) -> int:
         return _run_worker(settings, index, settings.workers)
     except KeyboardInterrupt:
         return 130
-    except (OSError, ValueError, LookupError, sqlite3.Error, PluginLoadError) as exc:
+    except (OSError, ValueError, LookupError, sqlite3.Error, PluginLoadError, StoreUnavailable,
+            NewerSchemaError) as exc:
         log.error("worker %d: %s", index, exc)
     except BaseException:  # noqa: BLE001 - the last word of a process
         log.exception("worker %d failed", index)

@@ -80,7 +80,7 @@ class Settings:
     # Usage rows older than this many days are deleted in the background; 0 keeps them all.
     keep_days: float = 0.0
     # [ledger] spool: usage rows on local disk until the database has them (see ledger_spool.py).
-    spool_dir: str = ""                 # "" = "<database file>.spool", beside it
+    spool_dir: str = ""                 # "" = "<database file>.spool", beside it (PostgreSQL: ./apertis-ledger.spool)
     spool_max_bytes: int = 256 << 20    # full: new requests get 503 overloaded_error
     spool_warn_bytes: int = 16 << 20    # a warning in the log past this
     ledger_fsync: str = "batch"         # [ledger] fsync: "batch", "always" or "never"

@@ -12,6 +12,7 @@ TARGET_LABELS = {
     "proxy-nometer": "apertis (no metering)",
     "proxy-noobserve": "apertis (no metrics, no access log)",
     "proxy-h11": "apertis (h11 for every head)",
+    "proxy-pg": "apertis (all plugins, PostgreSQL store)",
 }
 DASH = "—"
 

@@ -1,13 +1,13 @@
 """Benchmark apertis-proxy beside direct-to-mock and nginx, in one command.
 
     python bench/run.py [--quick] [--scenarios a,d-5000]
-                        [--targets direct,nginx,proxy,proxy-nometer,proxy-noobserve,proxy-h11]
+                        [--targets direct,nginx,proxy,proxy-nometer,proxy-noobserve,proxy-h11,proxy-pg]
 
 Installs wrk and nginx from Debian's packages if missing (only those the chosen
 scenarios and targets use), starts the mock upstream, nginx (plain reverse
 proxy) and apertis-proxy (one worker; once with every first-party plugin, once
 with metering off, once with metrics and the access log off, once with h11
-for every head), pins them to
+for every head, once on a PostgreSQL store), pins them to
 CPUs, runs the scenarios and prints one table, also written to
 bench/.work/RESULTS.md (RESULTS-quick.md for --quick; the folder is
 git-ignored, `--output bench/RESULTS.md` replaces the committed figures).
@@ -39,7 +39,7 @@ from services import (CHANNEL_KEY, WORK, Service, ServiceError, ensure_tools, pi
                       python_has, raise_nofile, setup_proxy_db, start_mock, start_nginx, start_proxy,
                       write_config)
 
-ALL_TARGETS = ("direct", "nginx", "proxy", "proxy-nometer", "proxy-noobserve", "proxy-h11")
+ALL_TARGETS = ("direct", "nginx", "proxy", "proxy-nometer", "proxy-noobserve", "proxy-h11", "proxy-pg")
 SETTLE = 0.3            # seconds after the load before CPU is read: deferred work (meter flushes) counts
 WARMUP_SETTLE = 1.0     # seconds between the warm-up and the measured run
 
@@ -105,6 +105,7 @@ class Bench:
         self.idle: dict[str, list[int]] = {}
         self.mock: Optional[Service] = None
         self.profiles: list[Path] = []
+        self.postgres = None          # the throwaway PostgreSQL of the proxy-pg target
 
     # -- targets --
     def targets(self, wanted: list[str], nofile: int) -> list[Target]:
@@ -129,14 +130,30 @@ class Bench:
                 except (ServiceError, subprocess.TimeoutExpired) as exc:
                     reason = str(exc)
             for name in proxies:
-                if reason:
-                    out.append(Target(name, "", None, unavailable=reason))
+                target_db, target_key, target_reason = db, key, reason
+                if name == "proxy-pg" and not reason:
+                    target_db, target_key, target_reason = self._postgres_db(cmd, mock_port)
+                if target_reason:
+                    out.append(Target(name, "", None, unavailable=target_reason))
                     continue
                 config = write_config(self.workdir, name, meter=(name != "proxy-nometer"),
                                       observe=(name != "proxy-noobserve"), fast_heads=(name != "proxy-h11"))
-                out.append(Target(name, key, (lambda n=name, c=config: start_proxy(
-                    cmd, n, self.layout.sut_cpu, self.workdir, db, c))))
+                out.append(Target(name, target_key, (lambda n=name, c=config, d=target_db: start_proxy(
+                    cmd, n, self.layout.sut_cpu, self.workdir, d, c))))
         return out
+
+    def _postgres_db(self, cmd: list[str], mock_port: int) -> tuple[Optional[str], str, str]:
+        """A throwaway PostgreSQL (tests/pg_server.py, on the load core: it inherits the harness's CPU) with the
+        same channel and key as the SQLite file; (database URL, key, why not)."""
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from pg_server import PgServer, PgUnavailable
+        try:
+            self.postgres = PgServer.start()
+            url = self.postgres.create_database("bench")
+            db, key = setup_proxy_db(cmd, self.workdir, mock_port, db=url)
+        except (PgUnavailable, ServiceError, subprocess.TimeoutExpired) as exc:
+            return None, "", f"PostgreSQL unavailable: {exc}"
+        return db, key, ""
 
     # -- running --
     def run(self, chosen: list[Scenario], targets: list[Target], retries: int, repeat: int = 1) -> None:
@@ -357,7 +374,7 @@ def background_load(layout: Layout, seconds: float = 1.0) -> dict[int, float]:
 def render(args: argparse.Namespace, bench: Bench, chosen: list[Scenario], layout: Layout,
            started: str, elapsed: float, background: dict[int, float]) -> str:
     facts = procstat.machine_facts(args.python)
-    versions = procstat.package_versions(args.python, ["apertis-proxy", "h11", "uvloop", "orjson", "aiosqlite"])
+    versions = procstat.package_versions(args.python, ["apertis-proxy", "h11", "uvloop", "orjson", "asyncpg"])
     order = [s.key for s in chosen]
     packages = ", ".join(f"{k} {v}" for k, v in versions.items())
     command = shlex.join([sys.executable, *sys.argv])
@@ -481,6 +498,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         if bench.mock is not None:
             bench.mock.stop()
+        if bench.postgres is not None:
+            bench.postgres.close()
         if args.keep:
             print(f"bench: work directory kept: {workdir}")
         else:

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"     # git-ignored: results and profiles of runs; bench/RESULTS.md is the committed one
@@ -197,9 +197,10 @@ def proxy_command(python: str) -> Optional[list[str]]:
     return [found] if found else None
 
 
-def setup_proxy_db(cmd: list[str], workdir: Path, mock_port: int) -> tuple[Path, str]:
-    """A fresh SQLite file with one channel to the mock and one client key; returns (db, key)."""
-    db = workdir / "apertis-bench.db"
+def setup_proxy_db(cmd: list[str], workdir: Path, mock_port: int, db: Any = None) -> tuple[Any, str]:
+    """A fresh store (a SQLite file, or the database URL `db`) with one channel to the mock and one client key;
+    returns (db, key)."""
+    db = db or workdir / "apertis-bench.db"
     run = lambda *a: subprocess.run([*cmd, *a, "--db", str(db)], capture_output=True,  # noqa: E731
                                     text=True, timeout=60)
     res = run("channels", "add", "mock", "--base-url", f"http://127.0.0.1:{mock_port}", "--api-key", CHANNEL_KEY)
@@ -225,7 +226,7 @@ def write_config(workdir: Path, name: str, meter: bool, observe: bool = True, fa
     return path
 
 
-def start_proxy(cmd: list[str], name: str, cpu: Optional[int], workdir: Path, db: Path,
+def start_proxy(cmd: list[str], name: str, cpu: Optional[int], workdir: Path, db: Any,
                 config: Path) -> Service:
     port = free_port()
     log = workdir / f"{name}.log"

@@ -59,18 +59,14 @@ import time
 from datetime import datetime, timezone
 from typing import Hashable, Optional, Sequence
 
-import aiosqlite
-
 from apertis_proxy.plugin_api import (CAUSE_CREDENTIAL, CAUSE_REQUEST, Caller, Channel, ModelInfo,
                                       Outcome, PluginContext, Reject, RequestInfo)
 from apertis_proxy.gateway.contract import is_claude_model_name
 from apertis_proxy.gateway.usage import redact
-from apertis_proxy.store.catalog import Catalog, read_catalog
-from apertis_proxy.store.channel_health import HealthRow, end_cooldowns, write_rows
-from apertis_proxy.store.channels import CHANNEL_COLUMNS, row_to_channel
-from apertis_proxy.store.key_encryption import SecretKeyError
-
-from apertis_proxy.store.watch import RevisionWatcher
+from apertis_proxy.store.catalog import Catalog
+from apertis_proxy.store.channel_health import HealthRow
+from apertis_proxy.store.config import ConfigSnapshot
+from apertis_proxy.store.service import store_for_plugin
 
 # Outcome.kind -> the option holding its default cooldown.
 COOLDOWN_OF_KIND = {
@@ -194,14 +190,19 @@ class ChannelRouter:
         self.health: dict[int, HealthRow] = {}
         self._health_dirty: set[int] = set()
         self._health_task: Optional[asyncio.Task] = None
-        self._watch = RevisionWatcher(ctx.db_path, float(opts.get("poll_interval", 1.0)),
-                                      self._tick, self.log)
+        self.interval = float(opts.get("poll_interval", 1.0))
+        self.store = None
+        self._owns_store = False
+        self._watcher = None
 
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        await self._watch.start()
-        await end_cooldowns(self._watch.conn, self.worker_name)
+        self.store, self._owns_store = await store_for_plugin(self.ctx)
+        await self.store.end_channel_cooldowns(self.worker_name)
+        self._watcher = self.store.watcher(self.interval)
+        await self._watcher.start()
+        self._watcher.subscribe(self._reload)
 
     async def close(self) -> None:
         if self._tasks:
@@ -209,11 +210,14 @@ class ChannelRouter:
         if self._health_task is not None:
             await asyncio.gather(self._health_task, return_exceptions=True)
         await self._write_health()
-        await self._watch.close()
+        if self._watcher is not None:
+            self._watcher.unsubscribe(self._reload)
+        if self._owns_store and self.store is not None:
+            await self.store.close()
 
     async def refresh(self) -> None:
         """Reload now if the configuration changed."""
-        await self._watch.run_once()
+        await self._watcher.refresh()
 
     # -- request path --------------------------------------------------------
 
@@ -355,12 +359,12 @@ class ChannelRouter:
         await self._write_health()
 
     async def _write_health(self) -> None:
-        if not self._health_dirty or not self._watch.started:
+        if not self._health_dirty or self.store is None:
             return
         dirty, self._health_dirty = self._health_dirty, set()
         try:
             rows = [self.health[cid] for cid in dirty if cid in self.health]     # removed ones dropped
-            await write_rows(self._watch.conn, self.worker_name, rows)
+            await self.store.write_channel_health(self.worker_name, rows)
         except Exception:
             self.log.exception("could not record channel health; retrying with the next change")
             self._health_dirty |= dirty
@@ -408,9 +412,7 @@ class ChannelRouter:
             try:
                 # "AND enabled = 1": several workers may see the same 401; the
                 # first reason stays.
-                await self._watch.conn.execute(
-                    "UPDATE channels SET enabled = 0, disabled_reason = ?, disabled_at = ?"
-                    " WHERE id = ? AND enabled = 1", (reason, at, ch.id))
+                await self.store.disable_channel(ch.id, reason, at)
                 self._disabling[ch.id] = time.monotonic()
                 return
             except Exception:
@@ -421,19 +423,10 @@ class ChannelRouter:
 
     # -- background ----------------------------------------------------------
 
-    async def _tick(self, conn: aiosqlite.Connection, changed: bool) -> None:
-        if not changed:
-            return
-        read_at = time.monotonic()
-        catalog = await read_catalog(conn)
-        rows = await conn.execute_fetchall(f"SELECT {CHANNEL_COLUMNS} FROM channels ORDER BY id")
-        channels, disabled = [], []
-        for row in rows:
-            try:
-                (channels if row["enabled"] else disabled).append(row_to_channel(row, catalog.aliases))
-            except SecretKeyError as exc:   # a key sealed under a secret key this process lacks
-                if row["enabled"]:
-                    self.log.error("channel %s left out: %s", row["name"], exc)
+    def _reload(self, snapshot: ConfigSnapshot) -> None:
+        read_at = snapshot.read_at
+        catalog = snapshot.catalog
+        channels, disabled = list(snapshot.channels), list(snapshot.disabled_channels)
         for cid, committed in list(self._disabling.items()):
             if committed is not None and committed < read_at:
                 del self._disabling[cid]     # these rows already say so

@@ -1,10 +1,14 @@
-"""First-party auth plugin ``keys``: the gateway's own API keys, from SQLite.
+"""First-party auth plugin ``keys``: the gateway's own API keys, from the store.
 
 Everything on the request path is served from memory: a dict from the SHA-256
-of the presented key to that key's state.  A background task (see
-apertis_proxy.store.watch) reloads the tables when the CLI changed them, writes settled
-spend to ``key_spend`` and re-reads every key's spend, so quotas see what the
-other worker processes spent.
+of the presented key to that key's state, rebuilt from the store's shared
+configuration snapshot whenever it changes (apertis_proxy.store.changes).  A
+background task settles this process's spend in the store and re-reads every
+key's spend, so quotas see what the other worker processes and hosts spent.
+
+While the store cannot be reached, known keys keep working from the last
+snapshot; a key the snapshot does not know gets 503 with retry-after (it may
+have been created meanwhile), never a 401.
 
 Rules, in the order they are checked:
   401 authentication_error  no key, unknown key, disabled key, expired key, a rotated-out
@@ -38,14 +42,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable, Mapping, Optional
-
-import aiosqlite
 
 from apertis_proxy.budgets.alerts import DEFAULT_THRESHOLDS, AlertConfig, BudgetAlerts, QuotaUse
 from apertis_proxy.budgets.periods import PERIODS, period_end, period_start
@@ -53,15 +54,15 @@ from apertis_proxy.budgets.refusals import RefusalCounter
 from apertis_proxy.plugin_api import Caller, PluginContext, Reject, RequestInfo, UsageRecord
 from apertis_proxy.store import budgets as budget_store
 from apertis_proxy.store.budgets import UNKNOWN_KEY
-from apertis_proxy.store.catalog import Catalog, read_catalog
+from apertis_proxy.store.catalog import Catalog
+from apertis_proxy.store.config import ConfigSnapshot
 from apertis_proxy.store.keys import hash_key
-from apertis_proxy.store.ledger_write import shipped_request_ids
-
-from apertis_proxy.store.watch import RevisionWatcher
+from apertis_proxy.store.service import store_for_plugin
 
 RPM_WINDOW = 60.0           # seconds: requests per minute is a sliding one-minute window
 CONCURRENCY_RETRY_AFTER = 1  # seconds: a slot usually frees up quickly
 CLOSE_ATTEMPTS = 5
+STORE_DOWN_RETRY_AFTER = 5   # seconds: a client retries an unknown key while the store is down
 
 
 @dataclass(slots=True)
@@ -189,37 +190,69 @@ class KeysAuth:
         self.by_id: dict[int, KeyState] = {}
         # Rotated-out secrets: hash -> (the key, unix time it stops working).
         self.grace: dict[str, tuple[KeyState, float]] = {}
+        self.interval = max(0.01, float(ctx.options.get("poll_interval", 1.0)))
+        self.store = None
+        self._owns_store = False
+        self._watcher = None
+        self._wake = asyncio.Event()
+        self._task: Optional[asyncio.Task] = None
+        self._spend_lock = asyncio.Lock()
+        self._stopping = False
         # With the sqlite meter, a request's spend reaches key_spend in the ledger's
         # own transaction; until its row is shipped it counts here as pending,
         # by request id: request id -> (key id, cost, tokens).
         self.ledger_settles = "sqlite" in ctx.meters
         self._unshipped: dict[str, tuple[int, float, int]] = {}
-        self._watch = RevisionWatcher(ctx.db_path, float(ctx.options.get("poll_interval", 1.0)),
-                                      self._tick, self.log)
 
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        await self._watch.start()
+        self.store, self._owns_store = await store_for_plugin(self.ctx)
+        self._watcher = self.store.watcher(self.interval)
+        await self._watcher.start()
+        self._watcher.subscribe(self._reload)
+        await self._sync_spend()
+        self._task = asyncio.get_running_loop().create_task(self._spend_loop())
 
     async def close(self) -> None:
-        await self._watch.stop()
-        if self._watch.started:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._watcher is not None:
+            self._watcher.unsubscribe(self._reload)
             if self.alerts is not None:
-                await self.alerts.close(self._watch.conn)
+                await self.alerts.close(self.store)
             for attempt in range(CLOSE_ATTEMPTS):
                 try:
-                    await self._sync_spend(self._watch.conn)
-                    await self._save_refusals(self._watch.conn)
+                    await self._sync_spend()
+                    await self._save_refusals()
                     break
                 except Exception:
                     self.log.exception("could not save spend at shutdown (try %d)", attempt + 1)
                     await asyncio.sleep(0.1 * 2 ** attempt)
-        await self._watch.close()
+        if self._owns_store and self.store is not None:
+            await self.store.close()
 
     async def refresh(self) -> None:
-        """Reload now if the configuration changed, flush and re-read spend."""
-        await self._watch.run_once()
+        """Reload now if the configuration changed, flush and re-read spend, save refusals, check alerts."""
+        await self._watcher.refresh()
+        await self._tick()
+
+    async def _spend_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if self._stopping:
+                break
+            try:
+                await self._tick()
+            except Exception as exc:   # retried on the next interval; the amounts stay pending
+                self.log.error("settling spend failed (%s); retrying", exc)
 
     # -- request path (no awaits: check-then-admit is atomic) -----------------
 
@@ -243,6 +276,9 @@ class KeysAuth:
         if key is None:
             if self.defer_unknown:
                 return None
+            if self._watcher is not None and not self._watcher.reachable:
+                raise Reject(503, "api_error", "the gateway's key store cannot be reached; retry shortly",
+                             headers={"retry-after": str(STORE_DOWN_RETRY_AFTER)})
             raise self._refused(UNKNOWN_KEY, "invalid_key",
                                 Reject(401, "authentication_error", "invalid API key"))
         if not key.enabled:
@@ -350,80 +386,78 @@ class KeysAuth:
             if key.quota_cost is not None or key.quota_tokens is not None:
                 # A quota may just have been reached: settle soon rather than on
                 # the next interval, so other workers see it too.
-                self._watch.poke()
+                self._wake.set()
 
     # -- background ----------------------------------------------------------
 
-    async def _tick(self, conn: aiosqlite.Connection, changed: bool) -> None:
-        if changed:
-            await self._reload(conn)
-        await self._sync_spend(conn)
-        await self._save_refusals(conn)
+    async def _tick(self) -> None:
+        """Every interval: spend, refusal counts, budget alerts."""
+        await self._sync_spend()
+        await self._save_refusals()
         if self.alerts is not None:
             uses = [use for use in (key.quota_use() for key in self.by_id.values()) if use is not None]
-            await self.alerts.check(conn, uses, self.clock())
+            await self.alerts.check(self.store, uses, self.clock())
 
-    async def _save_refusals(self, conn: aiosqlite.Connection) -> None:
+    async def _save_refusals(self) -> None:
         counts = self.refusals.take()
         if not counts:
             return
         try:
-            await budget_store.add_refusals(conn, counts)
+            await self.store.call(budget_store.add_refusals, counts)
         except BaseException:
             self.refusals.give_back(counts)
             raise
 
-    async def _reload(self, conn: aiosqlite.Connection) -> None:
-        catalog = await read_catalog(conn)
-        channel_aliases = []
-        for row in await conn.execute_fetchall("SELECT aliases FROM channels WHERE enabled = 1"):
-            own = json.loads(row["aliases"] or "{}")
-            if own:
-                channel_aliases.append({**catalog.aliases, **own})
-        rows = await conn.execute_fetchall(
-            "SELECT id, name, key_hash, enabled, expires_at, models, quota_cost, quota_tokens,"
-            " quota_period, rpm, concurrency FROM keys")
-        grace_rows = await conn.execute_fetchall("SELECT key_hash, key_id, until FROM key_grace")
+    def _reload(self, snapshot: ConfigSnapshot) -> None:
+        catalog = snapshot.catalog
+        channel_aliases = [dict(ch.aliases) for ch in snapshot.channels if ch.aliases]
+        rows = snapshot.keys
+        grace_rows = snapshot.grace
         rotated: dict[int, set[str]] = {}
         for grace_row in grace_rows:
-            rotated.setdefault(grace_row["key_id"], set()).add(grace_row["key_hash"])
+            rotated.setdefault(grace_row.key_id, set()).add(grace_row.key_hash)
         by_hash: dict[str, KeyState] = {}
         by_id: dict[int, KeyState] = {}
         for row in rows:
-            key = self.by_id.get(row["id"])
-            old = rotated.get(row["id"], set())
+            key = self.by_id.get(row.id)
+            old = rotated.get(row.id, set())
             if key is not None and key.key_hash in old:
                 # Rotated: the same key with a new secret; running totals and in-flight counts stay.
-                key.key_hash = row["key_hash"]
-            if key is None or key.key_hash != row["key_hash"]:    # new, or an id reused
-                key = KeyState(id=row["id"], name=row["name"], key_hash=row["key_hash"])
-            models = json.loads(row["models"]) if row["models"] else None
-            key.name = row["name"]
-            key.enabled = bool(row["enabled"])
-            key.expires_at = row["expires_at"]
-            key.models = tuple(models) if models else None
+                key.key_hash = row.key_hash
+            if key is None or key.key_hash != row.key_hash:    # new, or an id reused
+                key = KeyState(id=row.id, name=row.name, key_hash=row.key_hash)
+            models = row.models
+            key.name = row.name
+            key.enabled = row.enabled
+            key.expires_at = row.expires_at
+            key.models = models
             key.allowed = expand_allowed(models, catalog) if models else None
             key.admitted = admitted_names(key.allowed, channel_aliases) if models else None
-            key.quota_cost = row["quota_cost"]
-            key.quota_tokens = row["quota_tokens"]
-            key.quota_period = row["quota_period"] if row["quota_period"] in PERIODS else None
-            key.rpm = per_process(row["rpm"], self.workers)
-            key.concurrency = per_process(row["concurrency"], self.workers)
+            key.quota_cost = row.quota_cost
+            key.quota_tokens = row.quota_tokens
+            key.quota_period = row.quota_period if row.quota_period in PERIODS else None
+            key.rpm = per_process(row.rpm, self.workers)
+            key.concurrency = per_process(row.concurrency, self.workers)
             key.caller = None       # name or allow-list may have changed
             key.previous_hashes = frozenset(old)
-            by_hash[row["key_hash"]] = key
+            by_hash[row.key_hash] = key
             by_id[key.id] = key
-        grace = {r["key_hash"]: (by_id[r["key_id"]], r["until"]) for r in grace_rows if r["key_id"] in by_id}
+        grace = {r.key_hash: (by_id[r.key_id], r.until) for r in grace_rows if r.key_id in by_id}
         # Swap the maps in one step: the request path never sees a half reload.
         self.by_hash, self.by_id, self.grace = by_hash, by_id, grace
         self.log.info("loaded %d keys", len(by_id))
 
-    async def _sync_spend(self, conn: aiosqlite.Connection) -> None:
-        """Add this process's pending spend to key_spend (and to the current quota
-        period's) and re-read everybody's."""
+    async def _sync_spend(self) -> None:
+        """Add this process's pending spend to the store (and to the current quota period's) and re-read
+        everybody's; with the sqlite meter only re-read: the ledger settles it."""
         starts = {period: period_start(period, self.clock()) for period in PERIODS}
-        if self.ledger_settles:
-            return await self._read_settled_spend(conn, starts)
+        async with self._spend_lock:
+            if self.ledger_settles:
+                await self._read_settled_spend(starts)
+            else:
+                await self._settle(starts)
+
+    async def _settle(self, starts: dict[str, str]) -> None:
         batch = []
         for key in self.by_id.values():
             if key.pending_cost or key.pending_tokens:
@@ -431,27 +465,10 @@ class KeysAuth:
                 key.flushing_tokens, key.pending_tokens = key.flushing_tokens + key.pending_tokens, 0
                 batch.append(key)
         try:
-            if batch:
-                await conn.execute("BEGIN IMMEDIATE")
-                try:
-                    await conn.executemany(
-                        # A key deleted meanwhile is skipped, not a foreign-key error
-                        # that would block every other key's spend.
-                        "INSERT INTO key_spend (key_id, cost, tokens)"
-                        " SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM keys WHERE id = ?1)"
-                        " ON CONFLICT (key_id) DO UPDATE SET cost = cost + excluded.cost,"
-                        " tokens = tokens + excluded.tokens",
-                        [(k.id, k.flushing_cost, k.flushing_tokens) for k in batch])
-                    await budget_store.add_period_spend(
-                        conn, [(k.id, k.quota_period, starts[k.quota_period], k.flushing_cost, k.flushing_tokens)
-                               for k in batch if k.quota_period is not None])
-                    rows, in_period = await self._read_spend(conn, starts)
-                    await conn.execute("COMMIT")
-                except BaseException:
-                    await _rollback(conn)
-                    raise
-            else:
-                rows, in_period = await self._read_spend(conn, starts)
+            spend, in_period = await self.store.settle_spend(
+                [(k.id, k.flushing_cost, k.flushing_tokens) for k in batch],
+                [(k.id, k.quota_period, starts[k.quota_period], k.flushing_cost, k.flushing_tokens)
+                 for k in batch if k.quota_period is not None], starts)
         except BaseException:
             # Not written: the amounts go back to pending and are retried later.
             for key in batch:
@@ -459,33 +476,14 @@ class KeysAuth:
                 key.pending_tokens += key.flushing_tokens
                 key.flushing_cost, key.flushing_tokens = 0.0, 0
             raise
-        spend = {row[0]: (row[1], row[2]) for row in rows}
         # No await from here on: settled and flushing change together.
-        for key in self.by_id.values():
-            key.settled_cost, key.settled_tokens = spend.get(key.id, (0.0, 0))
-            key.flushing_cost, key.flushing_tokens = 0.0, 0
-            if key.quota_period is not None:
-                key.period_start = starts[key.quota_period]
-                key.period_cost, key.period_tokens = in_period.get((key.id, key.quota_period), (0.0, 0))
+        self._apply_spend(spend, in_period, starts)
 
-    async def _read_spend(self, conn: aiosqlite.Connection, starts: dict[str, str]) -> tuple[list, dict]:
-        """Every key's lifetime spend rows and, for keys with a period quota, the current period's."""
-        rows = await conn.execute_fetchall("SELECT key_id, cost, tokens FROM key_spend")
-        periodic = any(k.quota_period for k in self.by_id.values())
-        return rows, (await budget_store.read_period_spend(conn, starts) if periodic else {})
-
-    async def _read_settled_spend(self, conn: aiosqlite.Connection, starts: dict[str, str]) -> None:
-        """Re-read key_spend (and the current quota periods'); requests whose ledger rows it now
-        includes stop being pending.  All are read in one transaction, so no request counts
-        twice or not at all."""
-        ids = list(self._unshipped)
-        await conn.execute("BEGIN")
-        try:
-            shipped = await shipped_request_ids(conn, ids)
-            rows, in_period = await self._read_spend(conn, starts)
-        finally:
-            await _rollback(conn)
-        spend = {row[0]: (row[1], row[2]) for row in rows}
+    async def _read_settled_spend(self, starts: dict[str, str]) -> None:
+        """Re-read key_spend (and the current periods' spend); requests whose ledger rows it now includes
+        stop being pending.  All is read in one transaction, so no request counts twice or not at all."""
+        periodic = starts if any(k.quota_period for k in self.by_id.values()) else {}
+        shipped, spend, in_period = await self.store.shipped_and_spend(list(self._unshipped), periodic)
         for rid in shipped:
             key_id, cost, tokens = self._unshipped.pop(rid)
             key = self.by_id.get(key_id)
@@ -493,8 +491,12 @@ class KeysAuth:
                 key.pending_cost = max(0.0, key.pending_cost - cost)
                 key.pending_tokens = max(0, key.pending_tokens - tokens)
         # No await from here on.
+        self._apply_spend(spend, in_period, starts)
+
+    def _apply_spend(self, spend, in_period, starts: dict[str, str]) -> None:
         for key in self.by_id.values():
             key.settled_cost, key.settled_tokens = spend.get(key.id, (0.0, 0))
+            key.flushing_cost, key.flushing_tokens = 0.0, 0
             if key.quota_period is not None:
                 key.period_start = starts[key.quota_period]
                 key.period_cost, key.period_tokens = in_period.get((key.id, key.quota_period), (0.0, 0))
@@ -530,10 +532,3 @@ def _alerts(ctx: PluginContext) -> Optional[BudgetAlerts]:
                          attempts=int(ctx.options.get("budget_webhook_attempts", 5)),
                          backoff=float(ctx.options.get("budget_webhook_backoff", 1.0)))
     return BudgetAlerts(config, ctx.log)
-
-
-async def _rollback(conn: aiosqlite.Connection) -> None:
-    try:
-        await conn.execute("ROLLBACK")
-    except Exception:
-        pass

@@ -1,13 +1,14 @@
-"""First-party meter plugin ``sqlite``: the usage ledger in the ``usage`` table.
+"""First-party meter plugin ``sqlite``: the usage ledger in the store's ``usage`` table
+(SQLite or PostgreSQL: the name is historical).
 
 ``record()`` appends the row to this worker's ledger spool (one JSON line,
 written before the response's last bytes go to the client: see
 apertis_proxy.store.ledger_spool), so a row the client's answer depended on
 survives a ``kill -9``.  A background task ships the spooled rows every
 ``flush_interval`` seconds, or as soon as ``batch_size`` rows are waiting,
-with ``write_ledger_rows``: idempotent (one row per request id) and with the
+with ``store.write_ledger``: idempotent (one row per request id) and with the
 keys' settled spend in the same transaction.  While the database refuses
-writes (locked, read-only, disk full) rows stay spooled and the shipping is
+writes (locked, read-only, disk full, unreachable) rows stay spooled and the shipping is
 retried with a back-off; at start, and every ``adopt_interval`` seconds,
 spools left by stopped workers are adopted and shipped.
 
@@ -29,21 +30,15 @@ import json
 import time
 from typing import Optional
 
-import aiosqlite
 import orjson
 
 from apertis_proxy.plugin_api import PluginContext, UsageRecord
-from apertis_proxy.store.ledger_spool import LedgerSpool
-from apertis_proxy.store.ledger_write import LedgerRows, LedgerUnavailable, ledger_columns, write_ledger_rows
-from apertis_proxy.store.watch import open_db
+from apertis_proxy.store.ledger_spool import LedgerSpool, default_spool_dir
+from apertis_proxy.store.service import is_unreachable, store_for_plugin
 
 CLOSE_ATTEMPTS = 5
 # How long a 503 for a full spool asks the client to wait.
 FULL_RETRY_AFTER = 5
-
-
-def default_spool_dir(db_path: str) -> str:
-    return db_path + ".spool"
 
 
 class SqliteMeter:
@@ -58,8 +53,8 @@ class SqliteMeter:
                                  max_bytes=int(opts.get("spool_max_bytes", 256 << 20)),
                                  warn_bytes=int(opts.get("spool_warn_bytes", 16 << 20)),
                                  fsync=str(opts.get("fsync", "batch")))
-        self._shape: Optional[LedgerRows] = None
-        self._conn: Optional[aiosqlite.Connection] = None
+        self.store = None
+        self._owns_store = False
         self._task: Optional[asyncio.Task] = None
         self._wake = asyncio.Event()
         self._stopping = False
@@ -72,8 +67,7 @@ class SqliteMeter:
 
     async def start(self) -> None:
         self.spool.open()
-        self._conn = await open_db(self.ctx.db_path)
-        self._shape = await ledger_columns(self._conn)
+        self.store, self._owns_store = await store_for_plugin(self.ctx)
         self._adopt()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -124,17 +118,19 @@ class SqliteMeter:
     async def flush(self) -> bool:
         """Ship every spooled row; False (and the rows kept) if the database refused."""
         async with self._lock:
-            if self._conn is None:
+            if self.store is None:
                 return True
             for seg in self.spool.seal():
                 rows = seg.rows(self.log)
                 rejected: list[str] = []
                 try:
-                    inserted = await write_ledger_rows(self._conn, rows, self._shape, rejected)
-                except LedgerUnavailable:
+                    inserted = await self.store.write_ledger(rows, rejected)
+                except Exception as exc:
+                    if not is_unreachable(exc):
+                        raise
                     self._failures += 1
-                    self.log.exception("shipping %d usage rows failed; they stay spooled (%d rows) and are retried",
-                                       len(rows), self.spool.pending)
+                    self.log.error("shipping %d usage rows failed (%s); they stay spooled (%d rows) and are "
+                                   "retried", len(rows), exc, self.spool.pending)
                     return False
                 self.spool.shipped(seg)
                 self.written += inserted
@@ -157,6 +153,6 @@ class SqliteMeter:
             self.log.error("shutting down with %d usage rows unshipped; they stay in %s for the next start",
                            self.spool.pending, self.spool.directory)
         self.spool.close()
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        if self._owns_store and self.store is not None:
+            await self.store.close()
+            self.store = None

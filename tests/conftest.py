@@ -106,3 +106,29 @@ async def gateway(request, gateway_env, mock_upstream):
     await gateway_env.start(**getattr(request, "param", {}))
     gateway_env.mock = mock_upstream
     return gateway_env
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A throwaway PostgreSQL server for the session (pg_server.py).  Without initdb the tests that need it
+    skip, except in CI (CI=true, set by .ci/run), where they fail."""
+    from pg_server import PgServer, PgUnavailable
+    try:
+        server = PgServer.start()
+    except PgUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(f"PostgreSQL tests need a local PostgreSQL: {exc}")
+    yield server
+    server.close()
+
+
+_pg_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A new, empty database on the session's server: postgresql://USER@/NAME?host=SOCKETDIR."""
+    return pg_server.create_database(f"t{next(_pg_databases)}_{os.getpid()}")

@@ -16,6 +16,7 @@ from apertis_proxy.cli import main
 from apertis_proxy.settings import load
 from apertis_proxy.store import schema
 from apertis_proxy.store.retention import LedgerRetention
+from apertis_proxy.store.service import open_store
 
 HAIKU = "claude-haiku-4-5-20251001"
 MESSAGE = {"model": HAIKU, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
@@ -146,8 +147,12 @@ async def test_retention_over_several_batches_keeps_newer_rows(tmp_path):
     _add_usage(conn, now - 10 * 86400, 25, "old")
     _add_usage(conn, now - 1 * 86400, 2, "new")
     conn.close()
-    retention = LedgerRetention(db, 7, logging.getLogger("test"), batch_rows=10)
-    assert await retention.prune(now) == 25
+    store = await open_store(db)
+    retention = LedgerRetention(store, 7, logging.getLogger("test"), batch_rows=10)
+    try:
+        assert await retention.prune(now) == 25
+    finally:
+        await store.close()
     conn = schema.connect(db)
     try:
         assert [r[0] for r in conn.execute("SELECT request_id FROM usage ORDER BY id")] == \
@@ -163,7 +168,11 @@ async def test_retention_drops_refusal_counts_of_days_past_the_cutoff(tmp_path):
     conn.executemany("INSERT INTO refusals (day, key_name, reason, status, count) VALUES (?, 'alice', 'rpm', 429, 3)",
                      [("2026-12-12",), ("2026-12-13",), ("2026-12-19",)])
     conn.close()
-    await LedgerRetention(db, 7, logging.getLogger("test")).prune(now)     # cutoff 2026-12-13 12:00
+    store = await open_store(db)
+    try:
+        await LedgerRetention(store, 7, logging.getLogger("test")).prune(now)     # cutoff 2026-12-13 12:00
+    finally:
+        await store.close()
     conn = schema.connect(db)
     try:
         assert [r[0] for r in conn.execute("SELECT day FROM refusals ORDER BY day")] == ["2026-12-13", "2026-12-19"]

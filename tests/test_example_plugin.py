@@ -16,6 +16,7 @@ import pytest
 from apertis_proxy.plugin_api import ROUTER_GROUP, Caller, PluginContext, Reject, RequestInfo
 from apertis_proxy.store import schema
 from apertis_proxy.store.channels import add_channel
+from apertis_proxy.store.service import open_store
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "example-plugin"
 
@@ -65,8 +66,11 @@ async def test_installed_example_routes_by_header(site, tmp_path, monkeypatch):
     conn = schema.connect(db)
     add_channel(conn, "eu", "http://127.0.0.1:9/eu", "sk-up-eu")
     add_channel(conn, "haiku-only", "http://127.0.0.1:9/h", "sk-up-h", models=["claude-haiku-4-5-20251001"])
-    ctx = PluginContext(name="header-route", options={"poll_interval": 0.05}, db_path=db,
-                        log=logging.getLogger("test.header-route"))
+    store = await open_store(db)
+    watcher = store.watcher(0.05)
+    await watcher.start()
+    ctx = PluginContext(name="header-route", options={}, db_path=db,
+                        log=logging.getLogger("test.header-route"), store=store)
     router = factory(ctx)
     anyone = Caller(key_id=None, key_name="anyone")
     await router.start()
@@ -88,9 +92,10 @@ async def test_installed_example_routes_by_header(site, tmp_path, monkeypatch):
         assert err.value.status == 403
         # A channel added from the CLI is picked up without a restart.
         add_channel(conn, "us", "http://127.0.0.1:9/us", "sk-up-us")
-        await router.reload_if_changed()
+        await watcher.refresh()     # what the watcher does on its own within poll_interval
         (channel,) = await router.route(_request({"x-apertis-channel": "us"}), anyone)
         assert channel.name == "us"
     finally:
         await router.close()
+        await store.close()
         conn.close()

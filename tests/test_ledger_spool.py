@@ -19,8 +19,7 @@ from apertis_proxy.plugin_api import PluginContext, UsageRecord
 from apertis_proxy.store import schema
 from apertis_proxy.store.keys import create_key
 from apertis_proxy.store.ledger_spool import LedgerSpool
-from apertis_proxy.store.ledger_write import write_ledger_rows
-from apertis_proxy.store.watch import open_db
+from apertis_proxy.store.service import open_store
 from rawhttp import RawConnection
 
 HAIKU = "claude-haiku-4-5-20251001"
@@ -74,14 +73,14 @@ def spooled(directory: str) -> list[dict]:
 async def test_shipping_the_same_rows_twice_counts_them_once(db):
     path, conn, (alice, bob) = db
     rows = [orjson.loads(orjson.dumps(record(i, alice if i % 3 else bob))) for i in range(130)]
-    aconn = await open_db(path)
+    store = await open_store(path)
     try:
-        assert await write_ledger_rows(aconn, rows) == 130
+        assert await store.write_ledger(rows) == 130
         first = spend(conn)
-        assert await write_ledger_rows(aconn, rows) == 0                 # a whole replay
-        assert await write_ledger_rows(aconn, rows[:70] + [orjson.loads(orjson.dumps(record(500, bob)))]) == 1
+        assert await store.write_ledger(rows) == 0                       # a whole replay
+        assert await store.write_ledger(rows[:70] + [orjson.loads(orjson.dumps(record(500, bob)))]) == 1
     finally:
-        await aconn.close()
+        await store.close()
     assert len(ledger(conn)) == 131
     assert first[alice] == (pytest.approx(0.25 * 86), sum(115 + i for i in range(130) if i % 3))
     after = spend(conn)

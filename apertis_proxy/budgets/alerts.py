@@ -1,11 +1,11 @@
 """Budget alerts: when a key's settled spend reaches a threshold (a percentage of
 its quota) in the current period, POST it to the operator's webhook, once.
 
-"Once" across worker processes: every worker sees the same settled spend, and
-each alert is claimed with an INSERT into `budget_alerts` before it is sent;
-only the worker whose INSERT took it sends.  Deliveries run as background
-tasks with retries (see webhook.py); their outcomes are queued here and written
-by the next tick, on the tick's own connection.
+"Once" across worker processes and hosts: every worker sees the same settled
+spend, and each alert is claimed with an INSERT into `budget_alerts` before it
+is sent; only the worker whose INSERT took it sends.  Deliveries run as
+background tasks with retries (see webhook.py); their outcomes are queued here
+and written by the next tick, through the store.
 """
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional, Sequence
-
-import aiosqlite
 
 from ..store import budgets as budget_store
 from . import webhook
@@ -78,9 +76,9 @@ class BudgetAlerts:
         self._tasks: set[asyncio.Task] = set()
         self._outcomes: list[tuple[tuple[int, str, str, int], Optional[float], Optional[str]]] = []
 
-    async def check(self, conn: aiosqlite.Connection, uses: Sequence[QuotaUse], now: float) -> None:
+    async def check(self, store: Any, uses: Sequence[QuotaUse], now: float) -> None:
         """Claim and start sending every alert whose threshold the spend has reached."""
-        await self.flush(conn)
+        await self.flush(store)
         for use in uses:
             if use.quota <= 0 and use.spend <= 0:
                 continue
@@ -91,7 +89,7 @@ class BudgetAlerts:
                 ident = (use.key_id, use.period or LIFETIME, use.start or "", threshold)
                 if ident in self._seen:
                     continue
-                if await budget_store.claim_alert(conn, *ident, use.key_name, now):
+                if await store.call(budget_store.claim_alert, *ident, use.key_name, now):
                     self._start(ident, payload(use, threshold, now))
                 self._seen.add(ident)
 
@@ -113,18 +111,18 @@ class BudgetAlerts:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def flush(self, conn: aiosqlite.Connection) -> None:
+    async def flush(self, store: Any) -> None:
         """Write the outcomes of the attempts made since the last flush."""
         outcomes, self._outcomes = self._outcomes, []
         for ident, sent_at, error in outcomes:
-            await budget_store.record_alert_attempt(conn, *ident, sent_at=sent_at, error=error)
+            await store.call(budget_store.record_alert_attempt, *ident, sent_at=sent_at, error=error)
 
-    async def close(self, conn: Optional[aiosqlite.Connection]) -> None:
+    async def close(self, store: Any) -> None:
         """Give deliveries in progress a moment, cancel the rest, record what happened."""
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=SHUTDOWN_GRACE)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        if conn is not None:
-            await self.flush(conn)
+        if store is not None:
+            await self.flush(store)

@@ -40,7 +40,7 @@ def client_ip(client: str) -> Optional[ipaddress._BaseAddress]:
 
 
 class Observability:
-    def __init__(self, settings: Settings, plugins: PluginHost, catalog: Any, *,
+    def __init__(self, settings: Settings, plugins: PluginHost, catalog: Any, store: Any, *,
                  run_dir: Optional[str] = None) -> None:
         self.plugins = plugins
         self.metrics_enabled = settings.metrics_enabled
@@ -52,7 +52,7 @@ class Observability:
             self.recorder = Recorder(lambda name: name in catalog.catalog.by_name,
                                      per_key=settings.metrics_per_key, on_end=self.access_log,
                                      count=settings.metrics_enabled)
-        self.readiness = Readiness(settings.db)
+        self.readiness = Readiness(store)
         self.allowed = [ipaddress.ip_network(n, strict=False) for n in settings.metrics_allow]
         self.share = (shared.WorkerShare(run_dir, self.snapshot, settings.metrics_flush_interval)
                       if run_dir and settings.metrics_enabled else None)

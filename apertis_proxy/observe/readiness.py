@@ -3,15 +3,12 @@
 Ready when the store answers, at least one channel is enabled and the server
 is not draining.  `/health` stays the liveness probe: it says only that the
 process serves HTTP.  The store is read in a thread (a locked database must
-not stall the event loop) through a read-only connection, so a probe never
-creates or changes the file.
+not stall the event loop) by the store's own thread, with a time limit.
 """
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 # A store that does not answer within this is not ready (SQLite waits this long on a lock).
 STORE_TIMEOUT = 2.0
@@ -22,27 +19,18 @@ class StoreUnreachable(Exception):
 
 
 class Readiness:
-    def __init__(self, db_path: str) -> None:
-        self.db_path = db_path
+    def __init__(self, store: Any) -> None:
+        self.store = store
         # Set at the start of a graceful shutdown: a load balancer takes the
         # instance out of rotation while its connections still finish.
         self.draining = False
 
-    def _read_channels(self) -> list[tuple[str, bool]]:
-        uri = Path(self.db_path).absolute().as_uri() + "?mode=ro"
-        try:
-            conn = sqlite3.connect(uri, uri=True, timeout=STORE_TIMEOUT)
-            try:
-                rows = conn.execute("SELECT name, enabled FROM channels ORDER BY name").fetchall()
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            raise StoreUnreachable(str(exc)) from None
-        return [(name, bool(enabled)) for name, enabled in rows]
-
     async def channels(self) -> list[tuple[str, bool]]:
         """(name, enabled) of every channel in the store; StoreUnreachable if it does not answer."""
-        return await asyncio.to_thread(self._read_channels)
+        try:
+            return await asyncio.wait_for(self.store.channel_states(), STORE_TIMEOUT)
+        except Exception as exc:    # noqa: BLE001 - any failure of the store means "not ready"
+            raise StoreUnreachable(self.store.url.scrub(str(exc)) or type(exc).__name__) from None
 
     async def problem(self) -> Optional[str]:
         """Why this instance is not ready, or None when it is."""

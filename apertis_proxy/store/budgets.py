@@ -1,71 +1,74 @@
 """Budget state: spend per quota period, budget alerts fired, requests refused.
 
-The async functions take the server's aiosqlite connection (the keys plugin
-calls them from its background tick), the plain ones the CLI's sqlite3
-connection.  Periods and their first days come from apertis_proxy.budgets.periods.
+Functions of a store connection (sqlite3 or PgConnection): the server runs them
+on the store's thread (``store.call``), the CLI on its own connection.  Periods
+and their first days come from apertis_proxy.budgets.periods.
 """
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping, Optional
 
-import aiosqlite
+from .url import dialect
 
 UNKNOWN_KEY = "(unknown)"   # refusals of a missing or unknown key are counted under this name
 
 
-# -- server side (aiosqlite) --------------------------------------------------
+# -- the server's (keys plugin, through store.call) ----------------------------
 
-async def add_period_spend(conn: aiosqlite.Connection,
-                           rows: Iterable[tuple[int, str, str, float, int]]) -> None:
+def add_period_spend(conn, rows: Iterable[tuple[int, str, str, float, int]]) -> None:
     """Add (key_id, period, start, cost, tokens) to each key's spend in that period.
     Runs inside the caller's transaction; a key deleted meanwhile is skipped."""
-    await conn.executemany(
-        "INSERT INTO key_period_spend (key_id, period, start, cost, tokens)"
-        " SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM keys WHERE id = ?1)"
-        " ON CONFLICT (key_id, period, start) DO UPDATE SET cost = cost + excluded.cost,"
-        " tokens = tokens + excluded.tokens", list(rows))
+    for key_id, period, start, cost, tokens in rows:
+        if conn.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone() is None:
+            continue
+        conn.execute(
+            "INSERT INTO key_period_spend (key_id, period, start, cost, tokens) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (key_id, period, start) DO UPDATE SET cost = key_period_spend.cost + excluded.cost,"
+            " tokens = key_period_spend.tokens + excluded.tokens", (key_id, period, start, cost, tokens))
 
 
-async def read_period_spend(conn: aiosqlite.Connection,
-                            starts: Mapping[str, str]) -> dict[tuple[int, str], tuple[float, int]]:
+def read_period_spend(conn, starts: Mapping[str, str]) -> dict[tuple[int, str], tuple[float, int]]:
     """(key_id, period) -> (cost, tokens) in the period starting at starts[period]."""
     out: dict[tuple[int, str], tuple[float, int]] = {}
     for period, start in starts.items():
-        async with conn.execute("SELECT key_id, cost, tokens FROM key_period_spend"
-                                " WHERE period = ? AND start = ?", (period, start)) as cur:
-            for row in await cur.fetchall():
-                out[(row[0], period)] = (row[1], row[2])
+        for row in conn.execute("SELECT key_id, cost, tokens FROM key_period_spend"
+                                " WHERE period = ? AND start = ?", (period, start)).fetchall():
+            out[(row[0], period)] = (row[1], row[2])
     return out
 
 
-async def claim_alert(conn: aiosqlite.Connection, key_id: int, period: str, start: str,
-                      threshold: int, key_name: str, now: float) -> bool:
-    """Record that this alert fires; True for the one caller (of any process) that recorded it."""
-    async with conn.execute(
-            "INSERT OR IGNORE INTO budget_alerts (key_id, period, start, threshold, key_name, claimed_at)"
-            " VALUES (?,?,?,?,?,?)", (key_id, period, start, threshold, key_name, now)) as cur:
-        return cur.rowcount == 1
+def claim_alert(conn, key_id: int, period: str, start: str, threshold: int, key_name: str,
+                now: float) -> bool:
+    """Record that this alert fires; True for the one caller (of any process or host) that recorded it."""
+    cur = conn.execute(
+        "INSERT OR IGNORE INTO budget_alerts (key_id, period, start, threshold, key_name, claimed_at)"
+        " VALUES (?,?,?,?,?,?)", (key_id, period, start, threshold, key_name, now))
+    return cur.rowcount == 1
 
 
-async def record_alert_attempt(conn: aiosqlite.Connection, key_id: int, period: str, start: str,
-                               threshold: int, *, sent_at: Optional[float], error: Optional[str]) -> None:
-    await conn.execute(
+def record_alert_attempt(conn, key_id: int, period: str, start: str, threshold: int, *,
+                         sent_at: Optional[float], error: Optional[str]) -> None:
+    conn.execute(
         "UPDATE budget_alerts SET attempts = attempts + 1, sent_at = ?, last_error = ?"
         " WHERE key_id = ? AND period = ? AND start = ? AND threshold = ?",
         (sent_at, error, key_id, period, start, threshold))
 
 
-async def add_refusals(conn: aiosqlite.Connection,
-                       counts: Mapping[tuple[str, str, str, int], int]) -> None:
+def add_refusals(conn, counts: Mapping[tuple[str, str, str, int], int]) -> None:
     """Add {(day, key name, reason, status): n} to the refusal counters."""
-    await conn.executemany(
+    conn.executemany(
         "INSERT INTO refusals (day, key_name, reason, status, count) VALUES (?,?,?,?,?)"
-        " ON CONFLICT (day, key_name, reason) DO UPDATE SET count = count + excluded.count",
+        " ON CONFLICT (day, key_name, reason) DO UPDATE SET count = refusals.count + excluded.count",
         [(*k, n) for k, n in counts.items()])
 
 
-# -- CLI side (sqlite3) -------------------------------------------------------
+def prune_refusals(conn, cutoff: float) -> None:
+    """Drop the refusal counts of days wholly before `cutoff` (unix time)."""
+    conn.execute("DELETE FROM refusals WHERE day < ?", (_utc_day(cutoff),))
+
+
+# -- the CLI's ----------------------------------------------------------------
 
 def period_spend(conn, key_id: int, period: str, start: str) -> tuple[float, int]:
     """A key's (cost, tokens) in the period starting on `start`."""
@@ -106,13 +109,15 @@ def refusal_counts(conn, *, key: Optional[str] = None, since: Optional[float] = 
     statuses = ", ".join(map(str, REFUSED_STATUSES))
     ledger_where = (ledger_where + " AND " if ledger_where else "WHERE ") + \
         f"status IN ({statuses}) AND attempts = 0"
+    ledger_day = ("to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')" if dialect(conn) == "postgresql"
+                  else "strftime('%Y-%m-%d', ts, 'unixepoch')")
     return [dict(r) for r in conn.execute(
         f"SELECT key_name, reason, status, source, SUM(count) AS count, MIN(day) AS first_day,"
         f" MAX(day) AS last_day FROM ("
         f"  SELECT key_name, reason, status, 'auth' AS source, count, day FROM refusals {day_where}"
         f"  UNION ALL"
         f"  SELECT COALESCE(key_name, '{UNKNOWN_KEY}'), COALESCE(error_type, 'error'), status, 'ledger', 1,"
-        f"         strftime('%Y-%m-%d', ts, 'unixepoch') FROM usage {ledger_where})"
+        f"         {ledger_day} FROM usage {ledger_where}) AS refused"
         f" GROUP BY key_name, reason, status, source ORDER BY count DESC, key_name, reason",
         [*day_params, *ledger_params])]
 

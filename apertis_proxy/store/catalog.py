@@ -212,16 +212,9 @@ def catalog_from_rows(model_rows, price_rows=(), rates_row=None) -> Catalog:
 
 
 def load_catalog(conn) -> Catalog:
-    """Build the catalogue from an open sqlite3 connection (sync)."""
+    """Build the catalogue from an open store connection (sync)."""
     return catalog_from_rows(conn.execute(MODELS_SQL).fetchall(), conn.execute(PRICES_SQL).fetchall(),
                              conn.execute(RATES_SQL).fetchone())
-
-
-async def read_catalog(db) -> Catalog:
-    """Build the catalogue from an open aiosqlite connection."""
-    rates = await db.execute_fetchall(RATES_SQL)
-    return catalog_from_rows(await db.execute_fetchall(MODELS_SQL), await db.execute_fetchall(PRICES_SQL),
-                             rates[0] if rates else None)
 
 
 def find_model(conn, name: str) -> Optional[ModelEntry]:

@@ -57,9 +57,8 @@ ON CONFLICT (channel_id, worker) DO UPDATE SET
 """
 
 
-async def write_rows(conn, worker: str, rows: Iterable[HealthRow]) -> None:
-    """Store this worker's rows (an aiosqlite connection in autocommit mode; the
-    connection is shared with the router's reloads, so no transaction spans awaits)."""
+def write_rows(conn, worker: str, rows: Iterable[HealthRow]) -> None:
+    """Store this worker's rows (a store connection, on the store's thread)."""
     now = time.time()
     params = []
     for row in rows:
@@ -68,18 +67,19 @@ async def write_rows(conn, worker: str, rows: Iterable[HealthRow]) -> None:
                        json.dumps(row.failures), row.last_error, row.last_error_at,
                        row.last_request_id, now))
     if params:
-        await conn.executemany(_UPSERT, params)
+        with conn:
+            conn.executemany(_UPSERT, params)
 
 
-async def end_cooldowns(conn, worker: str) -> None:
+def end_cooldowns(conn, worker: str) -> None:
     """A worker starting has no cooldowns yet: its earlier rows keep their
     failure counts and last error, not a cooldown it no longer enforces."""
-    await conn.execute("UPDATE channel_health SET cool_until = NULL, cool_cause = NULL"
+    conn.execute("UPDATE channel_health SET cool_until = NULL, cool_cause = NULL"
                        " WHERE worker = ? AND cool_until IS NOT NULL", (worker,))
 
 
 def read_health(conn, now: Optional[float] = None) -> dict[int, dict[str, Any]]:
-    """Every channel's health merged over the workers (a sqlite3 connection):
+    """Every channel's health merged over the workers (a store connection):
     channel id -> {"cooling_until", "cooling_cause", "cooling_workers", "workers",
     "failures" (kind -> count in the last WINDOW_SECONDS), "last_error",
     "last_error_at", "last_request_id"}.  A channel cools down while any worker

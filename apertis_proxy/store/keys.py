@@ -56,7 +56,7 @@ def create_key(conn, name: str, *, models=None, quota_cost=None, quota_tokens=No
 
 # Never a deleted key's id: the ledger's rows of that key must not become another's.
 _NEXT_ID = ("(SELECT MAX(m) + 1 FROM (SELECT COALESCE(MAX(id), 0) AS m FROM keys"
-            " UNION ALL SELECT COALESCE(MAX(id), 0) FROM deleted_keys))")
+            " UNION ALL SELECT COALESCE(MAX(id), 0) FROM deleted_keys) AS ids)")
 
 
 def get_key(conn, name: str) -> Optional[dict[str, Any]]:

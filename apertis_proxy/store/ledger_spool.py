@@ -29,8 +29,17 @@ from typing import Optional
 
 import orjson
 
+from .url import parse
+
 SUFFIX = ".spool"
 FSYNC_MODES = ("always", "batch", "never")
+
+
+def default_spool_dir(db: str) -> str:
+    """Where a worker spools when `[ledger] spool_dir` is not set: beside a SQLite file; for a database
+    URL (no file on this host) in the working directory (the URL may hold a password: never a path)."""
+    url = parse(db)
+    return "apertis-ledger.spool" if url.is_postgres else url.target + ".spool"
 
 
 class Segment:

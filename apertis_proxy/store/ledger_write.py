@@ -1,10 +1,13 @@
-"""Writing usage rows to the SQLite ledger: idempotent, with the keys' settled spend.
+"""Writing usage rows to the ledger: idempotent, with the keys' settled spend.
 
 A row is a mapping of UsageRecord field names to JSON values (what the ledger
 spool holds).  `write_ledger_rows` inserts the rows whose request id the
 ledger does not hold yet and adds exactly those rows' spend to `key_spend`
 (and to `key_period_spend` for keys whose quota resets), in one transaction:
 shipping the same rows again (a spool replayed after a crash) changes nothing.
+The functions take a store connection (sqlite3 or PgConnection) and run on the
+store's thread; PostgreSQL's batch goes through pg_ledger.PgLedger (COPY, one
+statement, the daily rollup too).
 """
 from __future__ import annotations
 
@@ -13,6 +16,10 @@ import sqlite3
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import orjson
+
+from .url import dialect
+from .budgets import read_period_spend
+from .spend import read_spend
 
 log = logging.getLogger("apertis_proxy.store.ledger")
 
@@ -35,19 +42,19 @@ FROM usage WHERE id > ? AND key_id IN (SELECT id FROM keys) GROUP BY key_id HAVI
 ON CONFLICT (key_id) DO UPDATE SET cost = cost + excluded.cost, tokens = tokens + excluded.tokens
 """
 
-# The same rows' spend in the current quota period of keys that have one, by the
-# UTC period their request started in (a week starts on Monday).
-_SETTLE_PERIOD = """
+# The same rows' spend in their keys' current quota periods (day, ISO week from Monday, month; UTC),
+# the period taken from each row's start time.
+_SETTLE_PERIODS = """
 INSERT INTO key_period_spend (key_id, period, start, cost, tokens)
 SELECT u.key_id, k.quota_period,
        CASE k.quota_period WHEN 'day' THEN date(u.ts, 'unixepoch')
                            WHEN 'week' THEN date(u.ts, 'unixepoch', '-6 days', 'weekday 1')
-                           ELSE date(u.ts, 'unixepoch', 'start of month') END AS period_start,
+                           ELSE strftime('%Y-%m-01', u.ts, 'unixepoch') END AS start,
        SUM(MAX(COALESCE(u.cost, 0), 0)),
        SUM(u.input_tokens + u.output_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens)
-FROM usage AS u JOIN keys AS k ON k.id = u.key_id
-WHERE u.id > ? AND k.quota_period IS NOT NULL
-GROUP BY u.key_id, k.quota_period, period_start
+FROM usage u JOIN keys k ON k.id = u.key_id
+WHERE u.id > ? AND k.quota_period IN ('day', 'week', 'month')
+GROUP BY u.key_id, k.quota_period, start
 ON CONFLICT (key_id, period, start) DO UPDATE SET cost = cost + excluded.cost, tokens = tokens + excluded.tokens
 """
 
@@ -79,8 +86,11 @@ class LedgerRows:
         return out
 
 
-async def ledger_columns(conn) -> LedgerRows:
-    return LedgerRows(row[1] for row in await conn.execute_fetchall("PRAGMA table_info(usage)"))
+def ledger_shape(conn) -> LedgerRows:
+    if dialect(conn) == "sqlite":
+        return LedgerRows(row[1] for row in conn.execute("PRAGMA table_info(usage)"))
+    from .pg_ledger import ledger_columns
+    return LedgerRows(conn.run(ledger_columns(conn.raw)))
 
 
 class LedgerUnavailable(Exception):
@@ -88,29 +98,40 @@ class LedgerUnavailable(Exception):
     every row): nothing was written; ship the same rows again later."""
 
 
-async def write_ledger_rows(conn, rows: Sequence[Mapping[str, Any]], shape: Optional[LedgerRows] = None,
-                            rejected: Optional[list[str]] = None) -> int:
-    """Insert the rows the ledger lacks and settle their keys' spend, in one transaction.
+def write_ledger_rows(conn, rows: Sequence[Mapping[str, Any]], shape: Optional[LedgerRows] = None,
+                      rejected: Optional[list[str]] = None, *, settle: bool = True, pg_ledger: Any = None) -> int:
+    """Insert the rows the ledger lacks and (with `settle`) add their spend to their keys', in one
+    transaction.
 
     Returns how many rows were inserted.  Raises LedgerUnavailable with nothing
-    written when the database refuses.  A row the ledger refuses for itself
-    (a value no column can hold) is logged with its content, its request id
-    added to `rejected`, and left out, so it cannot hold back the others.
+    written when the database refuses (a lost PostgreSQL connection raises the
+    driver's error, which the Store turns into StoreUnavailable).  A row the
+    ledger refuses for itself (a value no column can hold) is logged with its
+    content, its request id added to `rejected`, and left out, so it cannot
+    hold back the others.
     """
     if not rows:
         return 0
+    if dialect(conn) == "sqlite":
+        write = _write
+    else:
+        from .pg_ledger import PgLedger
+        ledger = pg_ledger or PgLedger()
+
+        def write(conn, shape, values, settle):
+            return conn.run(ledger.write(conn.raw, shape.columns, values, settle))
     try:
-        shape = shape or await ledger_columns(conn)
+        shape = shape or ledger_shape(conn)
         try:
-            return await _write(conn, shape, [shape.values(r) for r in rows])
-        except _ROW_ERRORS as exc:
+            return write(conn, shape, [shape.values(r) for r in rows], settle)
+        except _row_errors() as exc:
             first_error: Exception = exc
         inserted = 0
         refused = []
         for row in rows:
             try:
-                inserted += await _write(conn, shape, [shape.values(row)])
-            except _ROW_ERRORS as exc:
+                inserted += write(conn, shape, [shape.values(row)], settle)
+            except _row_errors() as exc:
                 refused.append((row, exc))
     except sqlite3.OperationalError as exc:
         raise LedgerUnavailable(str(exc)) from exc
@@ -130,37 +151,57 @@ _ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError
                OverflowError)
 
 
-async def _write(conn, shape: LedgerRows, values: list[list]) -> int:
+def _row_errors() -> tuple:
+    try:
+        import asyncpg
+    except ImportError:
+        return _ROW_ERRORS
+    return _ROW_ERRORS + (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
+def _write(conn, shape: LedgerRows, values: list[list], settle: bool) -> int:
     step = shape.per_statement
     whole = len(values) - len(values) % step
-    await conn.execute("BEGIN IMMEDIATE")
+    conn.execute("BEGIN IMMEDIATE")
     try:
-        before = (await conn.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM usage"))[0][0]
+        before = conn.execute("SELECT COALESCE(MAX(id), 0) FROM usage").fetchone()[0]
         if whole:
-            await conn.executemany(shape.insert_many, [
+            conn.executemany(shape.insert_many, [
                 [v for row in values[i:i + step] for v in row] for i in range(0, whole, step)])
         if whole < len(values):
-            await conn.executemany(shape.insert_one, values[whole:])
-        inserted = (await conn.execute_fetchall("SELECT COUNT(*) FROM usage WHERE id > ?", (before,)))[0][0]
-        if inserted:
-            await conn.execute(_SETTLE, (before,))
-            await conn.execute(_SETTLE_PERIOD, (before,))
-        await conn.execute("COMMIT")
+            conn.executemany(shape.insert_one, values[whole:])
+        inserted = conn.execute("SELECT COUNT(*) FROM usage WHERE id > ?", (before,)).fetchone()[0]
+        if inserted and settle:
+            conn.execute(_SETTLE, (before,))
+            conn.execute(_SETTLE_PERIODS, (before,))
+        conn.execute("COMMIT")
     except BaseException:
         try:
-            await conn.execute("ROLLBACK")
+            conn.execute("ROLLBACK")
         except Exception:
             pass
         raise
     return inserted
 
 
-async def shipped_request_ids(conn, request_ids: Sequence[str]) -> set[str]:
+def shipped_request_ids(conn, request_ids: Sequence[str]) -> set[str]:
     """Which of these request ids the ledger holds (their spend is in key_spend)."""
     found: set[str] = set()
     chunk = 500
     for i in range(0, len(request_ids), chunk):
-        part = request_ids[i:i + chunk]
-        found.update(r[0] for r in await conn.execute_fetchall(
+        part = list(request_ids[i:i + chunk])
+        found.update(r[0] for r in conn.execute(
             f"SELECT request_id FROM usage WHERE request_id IN ({', '.join('?' * len(part))})", part))
     return found
+
+
+def shipped_and_spend(conn, request_ids: Sequence[str], starts: Optional[Mapping[str, str]] = None):
+    """(shipped ids, every key's settled spend, the spend in the quota periods starting at `starts`),
+    read in one transaction: a request counts either in the spend or as not shipped, never both or
+    neither."""
+    conn.execute("BEGIN")
+    try:
+        return (shipped_request_ids(conn, request_ids), read_spend(conn),
+                read_period_spend(conn, starts or {}))
+    finally:
+        conn.execute("ROLLBACK")

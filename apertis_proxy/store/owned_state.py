@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-import aiosqlite
-
 log = logging.getLogger("apertis_proxy.store.owned_state")
 
 _RECENT_MAX = 10_000
@@ -27,9 +25,37 @@ class Owned:
     account: str
 
 
+def find_one(conn, kind: str, ident: str) -> Optional[Owned]:
+    row = conn.execute("SELECT owner, account FROM owned_state WHERE kind = ? AND id = ?",
+                       (kind, ident)).fetchone()
+    return Owned(row[0], row[1]) if row is not None else None
+
+
+def list_owned(conn, kind: str, owner: str) -> list[tuple[str, str]]:
+    return [(row[0], row[1]) for row in conn.execute(
+        "SELECT id, account FROM owned_state WHERE owner = ? AND kind = ? ORDER BY created_at DESC, id",
+        (owner, kind))]
+
+
+def mark_settled(conn, kind: str, ident: str, at: float) -> bool:
+    cur = conn.execute("UPDATE owned_state SET settled_at = ? WHERE kind = ? AND id = ? AND settled_at IS NULL",
+                       (at, kind, ident))
+    return cur.rowcount == 1
+
+
+def insert_owned(conn, kind: str, ident: str, owner: str, account: str, channel_id: Optional[int],
+                 at: float) -> None:
+    conn.execute("INSERT OR IGNORE INTO owned_state (kind, id, owner, account, channel_id, created_at)"
+                 " VALUES (?, ?, ?, ?, ?, ?)", (kind, ident, owner, account, channel_id, at))
+
+
+def delete_owned(conn, kind: str, ident: str) -> None:
+    conn.execute("DELETE FROM owned_state WHERE kind = ? AND id = ?", (kind, ident))
+
+
 class OwnedState:
-    def __init__(self, conn: aiosqlite.Connection) -> None:
-        self._conn = conn
+    def __init__(self, store) -> None:
+        self._store = store
         self._recent: collections.OrderedDict[tuple[str, str], Owned] = collections.OrderedDict()
         self._writes: set[asyncio.Task] = set()
 
@@ -44,11 +70,9 @@ class OwnedState:
             else:
                 missing.append(ref)
         for kind, ident in missing:
-            async with self._conn.execute("SELECT owner, account FROM owned_state WHERE kind = ? AND id = ?",
-                                          (kind, ident)) as cur:
-                row = await cur.fetchone()
-            if row is not None:
-                found[(kind, ident)] = Owned(row[0], row[1])
+            hit = await self._store.call(find_one, kind, ident)
+            if hit is not None:
+                found[(kind, ident)] = hit
         return found
 
     def remember(self, kind: str, ident: str, owner: str, account: str, channel_id: Optional[int]) -> None:
@@ -72,18 +96,12 @@ class OwnedState:
     async def owned_by(self, kind: str, owner: str) -> list[tuple[str, str]]:
         """(id, account) of every `kind` the owner has, newest first (for lists)."""
         await self.settle()
-        async with self._conn.execute(
-                "SELECT id, account FROM owned_state WHERE owner = ? AND kind = ? ORDER BY created_at DESC, id",
-                (owner, kind)) as cur:
-            return [(row[0], row[1]) for row in await cur.fetchall()]
+        return await self._store.call(list_owned, kind, owner)
 
     async def settle_once(self, kind: str, ident: str) -> bool:
         """True exactly once per id, across processes: for billing a batch's results once."""
         await self.settle()
-        async with self._conn.execute(
-                "UPDATE owned_state SET settled_at = ? WHERE kind = ? AND id = ? AND settled_at IS NULL",
-                (time.time(), kind, ident)) as cur:
-            return cur.rowcount == 1
+        return await self._store.call(mark_settled, kind, ident, time.time())
 
     async def settle(self) -> None:
         """Wait for the writes in flight (before shutdown, or before reading lists)."""
@@ -92,14 +110,12 @@ class OwnedState:
 
     async def _write(self, kind: str, ident: str, owner: str, account: str, channel_id: Optional[int]) -> None:
         try:
-            await self._conn.execute(
-                "INSERT OR IGNORE INTO owned_state (kind, id, owner, account, channel_id, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)", (kind, ident, owner, account, channel_id, time.time()))
+            await self._store.call(insert_owned, kind, ident, owner, account, channel_id, time.time())
         except Exception:
             log.exception("could not record the owner of %s %s", kind, ident)
 
     async def _delete(self, kind: str, ident: str) -> None:
         try:
-            await self._conn.execute("DELETE FROM owned_state WHERE kind = ? AND id = ?", (kind, ident))
+            await self._store.call(delete_owned, kind, ident)
         except Exception:
             log.exception("could not forget %s %s", kind, ident)

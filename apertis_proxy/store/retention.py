@@ -1,9 +1,11 @@
-"""Ledger retention: usage rows (and refusal counts) older than `[ledger] keep_days` are deleted.
+"""Ledger retention: usage rows (and refusal counts) older than `[ledger] keep_days` go.
 
-Deletion runs in the background, in small batches, each its own short write
+On SQLite they are deleted in small batches, each its own short write
 transaction with a pause after it, so the meter's writes and the CLI's edits
-never wait behind one long delete.  It runs once at start-up and then every
-`interval` seconds; one worker process does it.
+never wait behind one long delete.  On PostgreSQL whole monthly partitions are
+dropped once all of a month is past the retention period (never a mass DELETE).
+It runs once at start-up and then every `interval` seconds; one worker process
+does it.
 """
 from __future__ import annotations
 
@@ -12,22 +14,17 @@ import logging
 import time
 from typing import Optional
 
-from .watch import open_db
+from . import budgets
+
 
 BATCH_ROWS = 500
 PAUSE_BETWEEN_BATCHES = 0.05    # seconds: room for the meter's writes between deletes
 DEFAULT_INTERVAL = 3600.0
 
-_DELETE_BATCH = ("DELETE FROM usage WHERE id IN"
-                 " (SELECT id FROM usage WHERE ts < ? ORDER BY ts LIMIT ?)")
-# Refusals are counted per UTC day: a day goes once all of it is past the cutoff.
-_DELETE_REFUSALS = "DELETE FROM refusals WHERE day < strftime('%Y-%m-%d', ?, 'unixepoch')"
-
-
 class LedgerRetention:
-    def __init__(self, db_path: str, keep_days: float, log: logging.Logger, *,
+    def __init__(self, store, keep_days: float, log: logging.Logger, *,
                  interval: float = DEFAULT_INTERVAL, batch_rows: int = BATCH_ROWS) -> None:
-        self.db_path = db_path
+        self.store = store
         self.keep_seconds = keep_days * 86400.0
         self.interval = interval
         self.batch_rows = batch_rows
@@ -60,19 +57,15 @@ class LedgerRetention:
     async def prune(self, now: Optional[float] = None) -> int:
         """Delete every row older than the retention period, batch by batch; the count."""
         cutoff = (time.time() if now is None else now) - self.keep_seconds
-        conn = await open_db(self.db_path)
         deleted = 0
-        try:
-            while True:
-                cur = await conn.execute(_DELETE_BATCH, (cutoff, self.batch_rows))
-                deleted += cur.rowcount
-                self.deleted += cur.rowcount
-                if cur.rowcount < self.batch_rows:
-                    break
-                await asyncio.sleep(PAUSE_BETWEEN_BATCHES)
-            await conn.execute(_DELETE_REFUSALS, (cutoff,))      # one row per day, key and reason: small
-        finally:
-            await conn.close()
+        while True:
+            count = await self.store.prune_ledger(cutoff, self.batch_rows)
+            deleted += count
+            self.deleted += count
+            if self.store.backend != "sqlite" or count < self.batch_rows:
+                break
+            await asyncio.sleep(PAUSE_BETWEEN_BATCHES)
+        await self.store.call(budgets.prune_refusals, cutoff)    # one row per day, key and reason: small
         if deleted:
             self.log.info("deleted %d usage rows older than %g days", deleted,
                           self.keep_seconds / 86400.0)

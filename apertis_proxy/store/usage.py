@@ -1,7 +1,14 @@
-"""Queries over the usage ledger (the `usage` table the meter writes)."""
+"""Queries over the usage ledger (the `usage` table the meter writes).
+
+On PostgreSQL a grouped report whose filters are whole UTC days (or absent)
+reads the daily rollup ``usage_daily`` (pg_ledger.py) instead of the ledger rows,
+so it stays fast on millions of rows.
+"""
 from __future__ import annotations
 
 from typing import Any, Optional
+
+from .url import dialect
 
 # The totals every summary reports, in this order.
 TOTAL_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
@@ -22,6 +29,10 @@ GROUPINGS = {
     "month": "strftime('%Y-%m-01', ts, 'unixepoch')",
 }
 _BY_TIME = ("day", "week", "month")
+
+PG_GROUPINGS = {**GROUPINGS, **{
+    by: f"to_char(date_trunc('{by}', to_timestamp(ts) AT TIME ZONE 'UTC'), 'YYYY-MM-DD')"
+    for by in ("day", "week", "month")}}
 
 _AGGREGATES = """
     COUNT(*) AS requests,
@@ -46,25 +57,65 @@ def summarize(conn, *, key: Optional[str] = None, model: Optional[str] = None,
     the name `by` plus the same fields.  Periods come oldest first, other groups
     by cost and then requests, largest first.
     """
-    where, params = _filters(key=key, model=model, channel=channel, since=since, until=until)
-    result = dict(conn.execute(f"SELECT {_AGGREGATES} FROM usage {where}", params).fetchone())
-    failures = failed_attempts(conn, key=key, model=model, channel=channel, since=since, until=until)
+    if by is not None and by not in GROUPINGS:
+        raise ValueError(f"cannot group by {by!r}; choose one of {', '.join(GROUPINGS)}")
+    postgres = dialect(conn) == "postgresql"
+    rollup = postgres and all(t is None or t % 86400 == 0 for t in (since, until))
+    given = dict(key=key, model=model, channel=channel, since=since, until=until)
+    if rollup:
+        table, aggregates, groupings = "usage_daily", _ROLLUP_AGGREGATES, _ROLLUP_GROUPINGS
+        where, params = _rollup_filters(**given)
+    else:
+        table, groupings = "usage", PG_GROUPINGS if postgres else GROUPINGS
+        aggregates = _PG_AGGREGATES if postgres else _AGGREGATES
+        where, params = _filters(**given)
+    result = _counts(conn.execute(f"SELECT {aggregates} FROM {table} {where}", params).fetchone())
+    failures = failed_attempts(conn, **given)
     result.update(_failure_fields(failures.get(None, {})))
     if by is not None:
-        if by not in GROUPINGS:
-            raise ValueError(f"cannot group by {by!r}; choose one of {', '.join(GROUPINGS)}")
         order = "grp" if by in _BY_TIME else "cost DESC, requests DESC, grp"
         rows = conn.execute(
-            f"SELECT {GROUPINGS[by]} AS grp, {_AGGREGATES} FROM usage {where}"
+            f"SELECT {groupings[by]} AS grp, {aggregates} FROM {table} {where}"
             f" GROUP BY grp ORDER BY {order}", params).fetchall()
-        grouped = failed_attempts(conn, key=key, model=model, channel=channel, since=since, until=until,
-                                  by=by)
-        result["by"] = [{by: r["grp"], **{f: r[f] for f in TOTAL_FIELDS + COUNT_FIELDS},
-                         **_failure_fields(grouped.pop(r["grp"], {}))} for r in rows]
+        grouped = failed_attempts(conn, **given, by=by)
+        result["by"] = [{by: r["grp"], **_counts(r), **_failure_fields(grouped.pop(r["grp"], {}))} for r in rows]
         # Groups with failed attempts only: a channel that never answered.
         result["by"] += [{by: grp, **{f: 0 for f in TOTAL_FIELDS + COUNT_FIELDS}, **_failure_fields(kinds)}
                          for grp, kinds in sorted(grouped.items(), key=lambda g: str(g[0]))]
     return result
+
+
+def _counts(row) -> dict[str, Any]:
+    """The summary fields of a row; counts as int (PostgreSQL sums BIGINTs as NUMERIC)."""
+    return {f: (float(row[f]) if f == "cost" else int(row[f])) for f in TOTAL_FIELDS + COUNT_FIELDS}
+
+
+# PostgreSQL sums booleans as integers only when told to.
+_PG_AGGREGATES = (_AGGREGATES.replace("SUM(status >= 400 OR error_type IS NOT NULL)",
+                                      "SUM((status >= 400 OR error_type IS NOT NULL)::int)")
+                  .replace("SUM(interrupted != 0)", "SUM((interrupted != 0)::int)")
+                  .replace("SUM(cost IS NULL)", "SUM((cost IS NULL)::int)")
+                  .replace("-- unpriced rows (cost NULL) are counted apart", ""))
+_ROLLUP_AGGREGATES = ", ".join(
+    f"COALESCE(SUM({f}), 0) AS {f}" for f in
+    ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
+     "cost", "errors", "interrupted", "unpriced"))
+# The rollup stores '' for "none": NULLIF gives reports the ledger's NULL back.
+_ROLLUP_GROUPINGS = {"key": "NULLIF(key_name, '')", "model": "NULLIF(requested_model, '')",
+                     "channel": "NULLIF(channel_name, '')",
+                     **{by: f"to_char(date_trunc('{by}', day), 'YYYY-MM-DD')" for by in ("day", "week", "month")}}
+
+
+def _rollup_filters(**given: Any) -> tuple[str, list[Any]]:
+    clauses, params = [], []
+    for name, clause in (("key", "key_name = ?"), ("model", "requested_model = ?"),
+                         ("channel", "channel_name = ?"),
+                         ("since", "day >= (to_timestamp(?) AT TIME ZONE 'UTC')::date"),
+                         ("until", "day < (to_timestamp(?) AT TIME ZONE 'UTC')::date")):
+        if given[name] is not None:
+            clauses.append(clause)
+            params.append(given[name])
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 def ledger_rows(conn, *, key: Optional[str] = None, model: Optional[str] = None,
@@ -72,13 +123,18 @@ def ledger_rows(conn, *, key: Optional[str] = None, model: Optional[str] = None,
                 until: Optional[float] = None) -> tuple[list[str], Any]:
     """(column names, a cursor over the matching ledger rows, oldest first)."""
     where, params = _filters(key=key, model=model, channel=channel, since=since, until=until)
-    cur = conn.execute(f"SELECT * FROM usage {where} ORDER BY ts, id", params)
+    # PostgreSQL's ledger has no id column: its rows are (request_id, ts).
+    order = "ts, id" if dialect(conn) == "sqlite" else "ts, request_id"
+    cur = conn.execute(f"SELECT * FROM usage {where} ORDER BY {order}", params)
     return [d[0] for d in cur.description], cur
 
 
 # --by value -> what the failed attempts are grouped on: a channel's failures
-# are the attempts made on it, whichever channel the request ended on.
-_ATTEMPT_GROUPINGS = {**GROUPINGS, "channel": "json_extract(a.value, '$.channel')"}
+# are the attempts made on it, whichever channel the request ended on.  `a` is
+# one element of a row's attempt log; {field} is read out of it per dialect.
+_ATTEMPT_FIELD = {"sqlite": "json_extract(a.value, '$.{field}')", "postgresql": "(a.value ->> '{field}')"}
+_EACH_ATTEMPT = {"sqlite": "json_each(usage.attempt_log) AS a",
+                 "postgresql": "jsonb_array_elements(usage.attempt_log::jsonb) AS a(value)"}
 
 
 def failed_attempts(conn, *, key: Optional[str] = None, model: Optional[str] = None,
@@ -87,19 +143,22 @@ def failed_attempts(conn, *, key: Optional[str] = None, model: Optional[str] = N
     """Failed attempts (every channel tried, failed-over ones included) by outcome kind:
     {group: {kind: count}}, the group None without `by`.  `channel` selects the
     attempts made on that channel."""
+    name = dialect(conn)
+    field = _ATTEMPT_FIELD[name].format
     where, params = _filters(key=key, model=model, channel=None, since=since, until=until)
     clauses = [where[len("WHERE "):]] if where else []
-    clauses.append("json_extract(a.value, '$.outcome') != 'ok'")
+    clauses.append(f"{field(field='outcome')} != 'ok'")
     if channel is not None:
-        clauses.append("json_extract(a.value, '$.channel') = ?")
+        clauses.append(f"{field(field='channel')} = ?")
         params.append(channel)
-    group = _ATTEMPT_GROUPINGS[by] if by is not None else "NULL"
+    groupings = {**(PG_GROUPINGS if name == "postgresql" else GROUPINGS), "channel": field(field="channel")}
+    group = groupings[by] if by is not None else "NULL"
     out: dict[Any, dict[str, int]] = {}
     for grp, kind, n in conn.execute(
-            f"SELECT {group} AS grp, json_extract(a.value, '$.outcome') AS kind, COUNT(*)"
-            f" FROM usage, json_each(usage.attempt_log) AS a WHERE {' AND '.join(clauses)}"
-            " GROUP BY grp, kind", params):
-        out.setdefault(grp, {})[kind] = n
+            f"SELECT {group} AS grp, {field(field='outcome')} AS kind, COUNT(*)"
+            f" FROM usage, {_EACH_ATTEMPT[name]} WHERE usage.attempt_log IS NOT NULL AND {' AND '.join(clauses)}"
+            " GROUP BY grp, kind", params).fetchall():
+        out.setdefault(grp, {})[kind] = int(n)
     return out
 
 

@@ -9,64 +9,36 @@ to the next router of the chain (``return None``).
 
     [plugins.options.header-route]
     header = "x-apertis-channel"     # the default
-    poll_interval = 1.0              # seconds between checks for CLI edits
+
+The channels come from the gateway's store (``ctx.store``): its change watcher
+holds one configuration snapshot shared by the core and every plugin, and calls
+back when an operator's edit produced a new one.  No SQL, no polling here.
 """
 from __future__ import annotations
 
-import asyncio
 from typing import Optional, Sequence
 
-import aiosqlite
-
 from apertis_proxy.plugin_api import Caller, Channel, PluginContext, Reject, RequestInfo
-from apertis_proxy.store.catalog import read_catalog
-from apertis_proxy.store.channels import CHANNEL_COLUMNS, row_to_channel
+from apertis_proxy.store.config import ConfigSnapshot
 
 DEFAULT_HEADER = "x-apertis-channel"
 
 
 class HeaderRoute:
     def __init__(self, ctx: PluginContext) -> None:
-        self.db_path = ctx.db_path
-        self.log = ctx.log
+        self.store = ctx.store
         self.header = str(ctx.options.get("header", DEFAULT_HEADER)).lower()
-        self.poll_interval = float(ctx.options.get("poll_interval", 1.0))
         self.channels: dict[str, Channel] = {}
-        self._rev: Optional[int] = None
-        self._conn: Optional[aiosqlite.Connection] = None
-        self._poller: Optional[asyncio.Task] = None
 
     async def start(self) -> None:
-        self._conn = await aiosqlite.connect(self.db_path, timeout=10.0)
-        self._conn.row_factory = aiosqlite.Row
-        await self.reload_if_changed()
-        self._poller = asyncio.get_running_loop().create_task(self._poll())
+        # Called now with the current snapshot, then on every change.
+        self.store.watcher().subscribe(self.reload)
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()       # it only reads: safe to stop anywhere
-            await asyncio.gather(self._poller, return_exceptions=True)
-        if self._conn is not None:
-            await self._conn.close()
+        self.store.watcher().unsubscribe(self.reload)
 
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                await self.reload_if_changed()
-            except Exception:
-                self.log.exception("reading channels failed; retrying")
-
-    async def reload_if_changed(self) -> None:
-        # Every CLI edit of keys, channels or models bumps config_rev.
-        (rev,), = await self._conn.execute_fetchall("SELECT rev FROM config_rev")
-        if rev == self._rev:
-            return
-        catalog = await read_catalog(self._conn)
-        rows = await self._conn.execute_fetchall(
-            f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE enabled = 1")
-        self.channels = {row["name"]: row_to_channel(row, catalog.aliases) for row in rows}
-        self._rev = rev
+    def reload(self, snapshot: ConfigSnapshot) -> None:
+        self.channels = {channel.name: channel for channel in snapshot.channels}
 
     async def route(self, request: RequestInfo, caller: Caller) -> Optional[Sequence[Channel]]:
         name = request.headers.get(self.header, "").strip()

@@ -1,0 +1,114 @@
+"""Ledger writes and retention on PostgreSQL (asyncpg connection, native calls).
+
+A batch is copied into a temporary table and moved into ``usage`` by one
+statement: rows already there (same request id and start time: a replay) are
+skipped, and from exactly the rows inserted, in the same transaction, the daily
+rollup ``usage_daily`` and the keys' settled spend ``key_spend`` are added to.
+"""
+from __future__ import annotations
+
+import datetime
+from typing import Sequence
+
+from . import pg_schema
+
+ROLLUP_SUMS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+ROLLUP_FIELDS = ("requests", *ROLLUP_SUMS, "cost", "errors", "interrupted", "unpriced")
+
+
+def _write_sql(columns: Sequence[str], settle: bool) -> str:
+    cols = ", ".join(columns)
+    updates = ", ".join(f"{f} = usage_daily.{f} + EXCLUDED.{f}" for f in ROLLUP_FIELDS)
+    sums = ", ".join(f"SUM({f})" for f in ROLLUP_SUMS)
+    tokens = " + ".join(ROLLUP_SUMS)
+    spend = f""", spend AS (
+    INSERT INTO key_spend (key_id, cost, tokens)
+    SELECT key_id, SUM(GREATEST(COALESCE(cost, 0), 0)), SUM({tokens})
+    FROM ins WHERE key_id IN (SELECT id FROM keys) GROUP BY key_id
+    HAVING SUM(GREATEST(COALESCE(cost, 0), 0)) > 0 OR SUM({tokens}) > 0
+    ON CONFLICT (key_id) DO UPDATE SET cost = key_spend.cost + EXCLUDED.cost,
+        tokens = key_spend.tokens + EXCLUDED.tokens
+), period_spend AS (
+    INSERT INTO key_period_spend (key_id, period, start, cost, tokens)
+    SELECT ins.key_id, k.quota_period,
+        to_char(CASE k.quota_period WHEN 'day' THEN date_trunc('day', to_timestamp(ins.ts) AT TIME ZONE 'UTC')
+                                    WHEN 'week' THEN date_trunc('week', to_timestamp(ins.ts) AT TIME ZONE 'UTC')
+                                    ELSE date_trunc('month', to_timestamp(ins.ts) AT TIME ZONE 'UTC') END,
+                'YYYY-MM-DD') AS start,
+        SUM(GREATEST(COALESCE(ins.cost, 0), 0)), SUM({tokens})
+    FROM ins JOIN keys k ON k.id = ins.key_id
+    WHERE k.quota_period IN ('day', 'week', 'month')
+    GROUP BY 1, 2, 3
+    ON CONFLICT (key_id, period, start) DO UPDATE SET cost = key_period_spend.cost + EXCLUDED.cost,
+        tokens = key_period_spend.tokens + EXCLUDED.tokens
+)""" if settle else ""
+    return f"""WITH ins AS (
+    INSERT INTO usage ({cols}) SELECT {cols} FROM usage_incoming
+    ON CONFLICT (request_id, ts) DO NOTHING
+    RETURNING ts, key_id, key_name, requested_model, channel_name, status, error_type, interrupted, cost,
+        {', '.join(ROLLUP_SUMS)}){spend}, rollup AS (
+    INSERT INTO usage_daily (day, key_name, requested_model, channel_name, {', '.join(ROLLUP_FIELDS)})
+    SELECT (to_timestamp(ts) AT TIME ZONE 'UTC')::date, COALESCE(key_name, ''), COALESCE(requested_model, ''),
+        COALESCE(channel_name, ''), COUNT(*), {sums}, COALESCE(SUM(cost), 0),
+        SUM((status >= 400 OR error_type IS NOT NULL)::int), SUM((interrupted != 0)::int),
+        SUM((cost IS NULL)::int)
+    FROM ins GROUP BY 1, 2, 3, 4
+    ON CONFLICT (day, key_name, requested_model, channel_name) DO UPDATE SET {updates}
+)
+SELECT COUNT(*) FROM ins"""
+
+
+class PgLedger:
+    """Per connection: the partitions known to exist, the statement per column list."""
+
+    def __init__(self) -> None:
+        self._months: set[datetime.date] = set()
+        self._sql: dict[tuple[str, ...], str] = {}
+        self._temp_ready = False
+
+    async def write(self, conn, columns: Sequence[str], rows: Sequence[Sequence], settle: bool = True) -> int:
+        """Insert the rows not yet in the ledger; the number inserted.  With `settle`, their cost and
+        tokens are added to their keys' settled spend (db copy copies the spend itself)."""
+        if not rows:
+            return 0
+        ts_at = columns.index("ts")
+        months = {pg_schema.month_of(row[ts_at]) for row in rows} - self._months
+        if months:
+            await pg_schema.ensure_partitions(conn, months)
+            self._months |= months
+        key = (tuple(columns), settle)
+        sql = self._sql.get(key)
+        if sql is None:
+            sql = self._sql[key] = _write_sql(columns, settle)
+        async with conn.transaction():
+            if not self._temp_ready:
+                await conn.execute("CREATE TEMP TABLE IF NOT EXISTS usage_incoming"
+                                   " (LIKE usage INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+                self._temp_ready = True
+            await conn.copy_records_to_table("usage_incoming", records=rows, columns=list(columns))
+            return await conn.fetchval(sql)
+
+
+async def ledger_columns(conn) -> list[str]:
+    rows = await conn.fetch("SELECT column_name FROM information_schema.columns"
+                            " WHERE table_name = 'usage' AND table_schema = current_schema()"
+                            " ORDER BY ordinal_position")
+    return [r[0] for r in rows]
+
+
+async def prune(conn, cutoff: float) -> int:
+    """Drop the monthly partitions that lie wholly before `cutoff` (rows go by whole months, so
+    a report never sees a half-pruned month) with their rollup days, and the default partition's
+    rows of those months; create the coming months' partitions.  Returns the ledger rows removed."""
+    removed = 0
+    await pg_schema.ensure_partitions(conn, pg_schema.month_starts(pg_schema._today(),
+                                                                   pg_schema.PARTITIONS_AHEAD))
+    boundary = pg_schema.month_of(cutoff)
+    async with conn.transaction():
+        for name in await pg_schema.old_partitions(conn, cutoff):
+            removed += await conn.fetchval(f"SELECT COUNT(*) FROM {name}")
+            await conn.execute(f"DROP TABLE {name}")
+        status = await conn.execute("DELETE FROM usage_default WHERE ts < $1", pg_schema.epoch(boundary))
+        removed += int(status.rsplit(" ", 1)[-1])
+        await conn.execute("DELETE FROM usage_daily WHERE day < $1", boundary)
+    return removed

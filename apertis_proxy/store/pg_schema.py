@@ -1,0 +1,364 @@
+"""The PostgreSQL schema: the same tables as the SQLite one (schema.py), in
+PostgreSQL's types, plus what several hosts need.
+
+* Config writes (keys, key_grace, channels, models, model_prices) bump
+  ``config_rev`` and send ``NOTIFY apertis_config`` (statement triggers), so every
+  host's watcher hears of a change at once; ledger and spend writes never notify
+  (a NOTIFY serialises commits).
+* ``usage`` is partitioned by month on ``ts``: retention drops whole partitions,
+  never a mass DELETE.  Rows are unique by (request_id, ts): a replayed row is the
+  same row (its start time is part of it), so a replay inserts nothing.
+* ``usage_daily`` is the per-day rollup ``usage --by`` reads; it is kept in the
+  ledger write's transaction.
+
+Creation and upgrades run under ``pg_advisory_lock``, so two hosts starting
+together create the schema once.  ``SCHEMA_VERSION`` is shared with SQLite.
+"""
+from __future__ import annotations
+
+import datetime
+from typing import Iterable
+
+from ..plugin_api import DEFAULT_API_VERSION
+from .schema import SCHEMA_VERSION
+
+NOTIFY_CHANNEL = "apertis_config"
+MIGRATION_LOCK = 0x61706572          # pg_advisory_lock key: "aper"
+CONFIG_TABLES = ("keys", "key_grace", "channels", "models", "model_prices")
+PARTITIONS_AHEAD = 2                 # months created beyond the current one
+
+DDL = f"""
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS config_rev (id INTEGER PRIMARY KEY CHECK (id = 1), rev BIGINT NOT NULL);
+INSERT INTO config_rev (id, rev) VALUES (1, 0) ON CONFLICT DO NOTHING;
+
+CREATE TABLE IF NOT EXISTS keys (
+    id            BIGINT PRIMARY KEY,
+    name          TEXT NOT NULL UNIQUE,
+    key_hash      TEXT NOT NULL UNIQUE,
+    key_prefix    TEXT NOT NULL,
+    enabled       INTEGER NOT NULL DEFAULT 1,
+    created_at    DOUBLE PRECISION NOT NULL,
+    expires_at    DOUBLE PRECISION,
+    models        TEXT,
+    quota_cost    DOUBLE PRECISION,
+    quota_tokens  BIGINT,
+    rpm           INTEGER,
+    concurrency   INTEGER,
+    note          TEXT,
+    quota_period  TEXT
+);
+ALTER TABLE keys ADD COLUMN IF NOT EXISTS quota_period TEXT;
+CREATE TABLE IF NOT EXISTS key_spend (
+    key_id  BIGINT PRIMARY KEY REFERENCES keys(id) ON DELETE CASCADE,
+    cost    DOUBLE PRECISION NOT NULL DEFAULT 0,
+    tokens  BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS key_period_spend (
+    key_id  BIGINT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    period  TEXT NOT NULL,
+    start   TEXT NOT NULL,
+    cost    DOUBLE PRECISION NOT NULL DEFAULT 0,
+    tokens  BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (key_id, period, start)
+);
+CREATE TABLE IF NOT EXISTS budget_alerts (
+    key_id      BIGINT NOT NULL,
+    period      TEXT NOT NULL,
+    start       TEXT NOT NULL,
+    threshold   INTEGER NOT NULL,
+    key_name    TEXT NOT NULL,
+    claimed_at  DOUBLE PRECISION NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    sent_at     DOUBLE PRECISION,
+    last_error  TEXT,
+    PRIMARY KEY (key_id, period, start, threshold)
+);
+CREATE TABLE IF NOT EXISTS refusals (
+    day       TEXT NOT NULL,
+    key_name  TEXT NOT NULL,
+    reason    TEXT NOT NULL,
+    status    INTEGER NOT NULL,
+    count     BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, key_name, reason)
+);
+CREATE TABLE IF NOT EXISTS key_grace (
+    key_hash    TEXT PRIMARY KEY,
+    key_id      BIGINT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    key_prefix  TEXT NOT NULL,
+    until       DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deleted_keys (
+    id          BIGINT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    key_prefix  TEXT NOT NULL,
+    created_at  DOUBLE PRECISION NOT NULL,
+    deleted_at  DOUBLE PRECISION NOT NULL,
+    note        TEXT
+);
+CREATE TABLE IF NOT EXISTS channels (
+    id              BIGSERIAL PRIMARY KEY,
+    name            TEXT NOT NULL UNIQUE,
+    type            TEXT NOT NULL DEFAULT 'anthropic',
+    base_url        TEXT NOT NULL,
+    api_key         TEXT NOT NULL,
+    models          TEXT,
+    aliases         TEXT NOT NULL DEFAULT '{{}}',
+    priority        INTEGER NOT NULL DEFAULT 0,
+    weight          INTEGER NOT NULL DEFAULT 1,
+    enabled         INTEGER NOT NULL DEFAULT 1,
+    disabled_reason TEXT,
+    disabled_at     DOUBLE PRECISION,
+    api_version     TEXT NOT NULL DEFAULT '{DEFAULT_API_VERSION}',
+    options         TEXT NOT NULL DEFAULT '{{}}',
+    created_at      DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS models (
+    id               TEXT PRIMARY KEY,
+    display_name     TEXT NOT NULL,
+    created_at       TEXT NOT NULL,
+    aliases          TEXT NOT NULL DEFAULT '[]',
+    input            DOUBLE PRECISION NOT NULL DEFAULT 0,
+    output           DOUBLE PRECISION NOT NULL DEFAULT 0,
+    cache_write_5m   DOUBLE PRECISION NOT NULL DEFAULT 0,
+    cache_write_1h   DOUBLE PRECISION NOT NULL DEFAULT 0,
+    cache_read       DOUBLE PRECISION NOT NULL DEFAULT 0,
+    line             TEXT,
+    lifecycle        TEXT NOT NULL DEFAULT 'active',
+    deprecated_at    TEXT,
+    retires_at       TEXT,
+    successor        TEXT,
+    redirect_to      TEXT,
+    max_input_tokens BIGINT,
+    max_tokens       BIGINT,
+    capabilities     TEXT,
+    rules            TEXT,
+    fast_multiplier  DOUBLE PRECISION,
+    geo_multipliers  TEXT,
+    operator_fields  TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS model_prices (
+    model_id       TEXT NOT NULL,
+    effective_from DOUBLE PRECISION NOT NULL DEFAULT 0,
+    origin         TEXT NOT NULL,
+    input          DOUBLE PRECISION NOT NULL,
+    output         DOUBLE PRECISION NOT NULL,
+    cache_write_5m DOUBLE PRECISION NOT NULL,
+    cache_write_1h DOUBLE PRECISION NOT NULL,
+    cache_read     DOUBLE PRECISION NOT NULL,
+    bands          TEXT,
+    source         TEXT,
+    PRIMARY KEY (model_id, origin, effective_from)
+);
+CREATE TABLE IF NOT EXISTS usage (
+    request_id                  TEXT NOT NULL,
+    ts                          DOUBLE PRECISION NOT NULL,
+    endpoint                    TEXT NOT NULL,
+    client                      TEXT,
+    key_id                      BIGINT,
+    key_name                    TEXT,
+    channel_id                  BIGINT,
+    channel_name                TEXT,
+    requested_model             TEXT,
+    upstream_model              TEXT,
+    stream                      INTEGER NOT NULL,
+    status                      INTEGER NOT NULL,
+    error_type                  TEXT,
+    interrupted                 INTEGER NOT NULL DEFAULT 0,
+    input_tokens                BIGINT NOT NULL DEFAULT 0,
+    output_tokens               BIGINT NOT NULL DEFAULT 0,
+    cache_read_input_tokens     BIGINT NOT NULL DEFAULT 0,
+    cache_creation_input_tokens BIGINT NOT NULL DEFAULT 0,
+    cache_creation_5m_input_tokens BIGINT,
+    cache_creation_1h_input_tokens BIGINT,
+    server_tool_use             TEXT,
+    web_search_requests         BIGINT NOT NULL DEFAULT 0,
+    web_fetch_requests          BIGINT NOT NULL DEFAULT 0,
+    service_tier                TEXT,
+    speed                       TEXT,
+    inference_geo               TEXT,
+    iterations                  TEXT,
+    raw_usage                   TEXT,
+    ttfb_ms                     DOUBLE PRECISION,
+    duration_ms                 DOUBLE PRECISION NOT NULL,
+    upstream_request_id         TEXT,
+    attempts                    INTEGER NOT NULL DEFAULT 0,
+    reached_upstream            INTEGER NOT NULL DEFAULT 0,
+    cost                        DOUBLE PRECISION,
+    prices                      TEXT,
+    attempt_log                 TEXT,
+    UNIQUE (request_id, ts)
+) PARTITION BY RANGE (ts);
+ALTER TABLE usage ADD COLUMN IF NOT EXISTS attempt_log TEXT;
+CREATE TABLE IF NOT EXISTS usage_default PARTITION OF usage DEFAULT;
+CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
+CREATE INDEX IF NOT EXISTS usage_key ON usage (key_name, ts);
+CREATE TABLE IF NOT EXISTS usage_daily (
+    day                         DATE NOT NULL,
+    key_name                    TEXT NOT NULL,     -- '' stands for none
+    requested_model             TEXT NOT NULL,
+    channel_name                TEXT NOT NULL,
+    requests                    BIGINT NOT NULL,
+    input_tokens                BIGINT NOT NULL,
+    output_tokens               BIGINT NOT NULL,
+    cache_read_input_tokens     BIGINT NOT NULL,
+    cache_creation_input_tokens BIGINT NOT NULL,
+    cost                        DOUBLE PRECISION NOT NULL,
+    errors                      BIGINT NOT NULL,
+    interrupted                 BIGINT NOT NULL,
+    unpriced                    BIGINT NOT NULL,
+    PRIMARY KEY (day, key_name, requested_model, channel_name)
+);
+CREATE TABLE IF NOT EXISTS channel_health (
+    channel_id      BIGINT NOT NULL,
+    worker          TEXT NOT NULL,
+    channel_name    TEXT NOT NULL,
+    cool_until      DOUBLE PRECISION,
+    cool_cause      TEXT,
+    failures        TEXT NOT NULL DEFAULT '{{}}',
+    last_error      TEXT,
+    last_error_at   DOUBLE PRECISION,
+    last_request_id TEXT,
+    updated_at      DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (channel_id, worker)
+);
+CREATE TABLE IF NOT EXISTS owned_state (
+    kind        TEXT NOT NULL,
+    id          TEXT NOT NULL,
+    owner       TEXT NOT NULL,
+    account     TEXT NOT NULL,
+    channel_id  BIGINT,
+    created_at  DOUBLE PRECISION NOT NULL,
+    settled_at  DOUBLE PRECISION,
+    PRIMARY KEY (kind, id)
+);
+CREATE INDEX IF NOT EXISTS owned_state_owner ON owned_state (owner, kind, created_at);
+
+CREATE OR REPLACE FUNCTION apertis_config_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE config_rev SET rev = rev + 1 WHERE id = 1;
+    PERFORM pg_notify('{NOTIFY_CHANNEL}', TG_TABLE_NAME);
+    RETURN NULL;
+END $$;
+"""
+
+
+def _trigger_ddl() -> list[str]:
+    out = []
+    for table in CONFIG_TABLES:
+        out.append(f"DROP TRIGGER IF EXISTS {table}_config_rev ON {table}")
+        out.append(f"CREATE TRIGGER {table}_config_rev AFTER INSERT OR UPDATE OR DELETE ON {table}"
+                   " FOR EACH STATEMENT EXECUTE FUNCTION apertis_config_changed()")
+    return out
+
+
+async def migrate(conn) -> None:
+    """Create or upgrade the schema (an asyncpg connection), under the advisory lock."""
+    version = await schema_version(conn)
+    if version > SCHEMA_VERSION:
+        raise NewerSchema(version)
+    if version == SCHEMA_VERSION:
+        return
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        version = await schema_version(conn)      # another host may have done it meanwhile
+        if version < SCHEMA_VERSION:
+            async with conn.transaction():
+                await conn.execute(DDL)
+                for stmt in _trigger_ddl():
+                    await conn.execute(stmt)
+                for stmt in partition_ddl(month_starts(_today(), PARTITIONS_AHEAD)):
+                    await conn.execute(stmt)
+                await conn.execute("INSERT INTO meta (k, v) VALUES ('schema_version', $1)"
+                                   " ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v", str(SCHEMA_VERSION))
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+class NewerSchema(RuntimeError):
+    def __init__(self, version: int) -> None:
+        super().__init__(f"the database's schema is version {version}, newer than this apertis-proxy "
+                         f"understands ({SCHEMA_VERSION}): upgrade apertis-proxy")
+        self.version = version
+
+
+async def schema_version(conn) -> int:
+    exists = await conn.fetchval("SELECT to_regclass('meta') IS NOT NULL")
+    if not exists:
+        return 0
+    value = await conn.fetchval("SELECT v FROM meta WHERE k = 'schema_version'")
+    return int(value) if value else 0
+
+
+# -- ledger partitions -----------------------------------------------------------------
+
+def _today() -> datetime.date:
+    return datetime.datetime.now(datetime.timezone.utc).date()
+
+
+def month_starts(first: datetime.date, ahead: int) -> list[datetime.date]:
+    """The first day of `first`'s month and of the `ahead` months after it."""
+    months, day = [], first.replace(day=1)
+    for _ in range(ahead + 1):
+        months.append(day)
+        day = (day + datetime.timedelta(days=32)).replace(day=1)
+    return months
+
+
+def epoch(day: datetime.date) -> float:
+    return datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def partition_name(month: datetime.date) -> str:
+    return f"usage_{month:%Y%m}"
+
+
+def partition_ddl(months: Iterable[datetime.date]) -> list[str]:
+    """CREATE statements for the monthly partitions of `months` (each a first day of month).
+
+    A partition whose month already has rows in the default partition cannot be
+    created over them; those rows stay in the default partition (retention
+    deletes from it only by time)."""
+    out = []
+    for month in months:
+        following = (month + datetime.timedelta(days=32)).replace(day=1)
+        out.append(f"CREATE TABLE IF NOT EXISTS {partition_name(month)} PARTITION OF usage"
+                   f" FOR VALUES FROM ({epoch(month)!r}) TO ({epoch(following)!r})")
+    return out
+
+
+def month_of(ts: float) -> datetime.date:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).date().replace(day=1)
+
+
+async def ensure_partitions(conn, months: Iterable[datetime.date]) -> None:
+    """Create the monthly partitions of `months` that are missing (an asyncpg connection)."""
+    for month in sorted(set(months)):
+        exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", partition_name(month))
+        if exists:
+            continue
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        try:
+            try:
+                for stmt in partition_ddl([month]):
+                    await conn.execute(stmt)
+            except Exception:    # rows of that month already sit in the default partition
+                pass
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+async def old_partitions(conn, before: float) -> list[str]:
+    """Monthly partitions whose whole range lies before `before` (unix time), oldest first."""
+    rows = await conn.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'usage' AND c.relname ~ '^usage_[0-9]{6}$'"
+        " ORDER BY c.relname")
+    out = []
+    for row in rows:
+        name = row[0]
+        month = datetime.date(int(name[6:10]), int(name[10:12]), 1)
+        following = (month + datetime.timedelta(days=32)).replace(day=1)
+        if epoch(following) <= before:
+            out.append(name)
+    return out
