@@ -25,7 +25,7 @@ import logging
 import os
 import secrets
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import orjson
 
@@ -43,18 +43,22 @@ def default_spool_dir(db: str) -> str:
 
 
 class Segment:
-    """One spool file and the rows it holds (as written, one JSON line each)."""
+    """One spool file and the rows it holds: each as this worker appended it (a dict: it is shipped
+    from memory, never parsed back) or as read from an adopted file (one JSON line)."""
 
     __slots__ = ("path", "fd", "lines", "size")
 
-    def __init__(self, path: str, fd: int, lines: Optional[list[bytes]] = None) -> None:
+    def __init__(self, path: str, fd: int, lines: Optional[list] = None) -> None:
         self.path, self.fd = path, fd
-        self.lines: list[bytes] = lines if lines is not None else []
+        self.lines: list[Union[bytes, dict]] = lines if lines is not None else []
         self.size = sum(len(line) for line in self.lines)
 
     def rows(self, log: logging.Logger) -> list[dict]:
         out = []
         for line in self.lines:
+            if type(line) is dict:
+                out.append(line)
+                continue
             try:
                 row = orjson.loads(line)
             except orjson.JSONDecodeError:
@@ -108,11 +112,12 @@ class LedgerSpool:
 
     # -- request path ----------------------------------------------------------
 
-    def append(self, line: bytes) -> None:
-        """Make one row durable (see the module's docstring); it also stays in memory."""
+    def append(self, line: bytes, row: Optional[dict] = None) -> None:
+        """Make one row durable (see the module's docstring); it also stays in memory, as `row` (the
+        mapping `line` encodes, shipped as it is) when given."""
         seg = self.current
         assert seg is not None
-        seg.lines.append(line)
+        seg.lines.append(line if row is None else row)
         seg.size += len(line)
         self._grew(len(line))
         try:

@@ -12,6 +12,7 @@ statement, the daily rollup too).
 from __future__ import annotations
 
 import logging
+import operator
 import sqlite3
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -25,6 +26,8 @@ log = logging.getLogger("apertis_proxy.store.ledger")
 
 # UsageRecord field -> ledger column, where the names differ.
 COLUMN_OF_FIELD = {"started_at": "ts"}
+# Values stored as JSON text (what a row from the spool holds in its nested fields).
+_JSON_TYPES = (dict, list)
 # Rows per INSERT statement: one statement stepped once per row costs ~3k more
 # instructions per row (callgrind); two statement texts keep SQLite's cache warm.
 ROWS_PER_STATEMENT = 64
@@ -75,15 +78,16 @@ class LedgerRows:
         self.per_statement = max(1, min(ROWS_PER_STATEMENT, MAX_PARAMS // width))
         self.insert_one = insert + values + tail
         self.insert_many = insert + ", ".join([values] * self.per_statement) + tail
+        # The row's values in column order, in one C call (a single column gives a value, not a tuple).
+        pick = operator.itemgetter(*self.fields)
+        self._pick = pick if len(self.fields) > 1 else (lambda row: (pick(row),))
 
     def values(self, row: Mapping[str, Any]) -> list:
-        out = []
-        for name in self.fields:
-            value = row.get(name)
-            if isinstance(value, (dict, list)):
-                value = orjson.dumps(value).decode()
-            out.append(value)
-        return out
+        try:
+            picked = self._pick(row)
+        except KeyError:        # a row without some field (spooled by an older version): NULL there
+            picked = [row.get(name) for name in self.fields]
+        return [orjson.dumps(v).decode() if isinstance(v, _JSON_TYPES) else v for v in picked]
 
 
 def ledger_shape(conn) -> LedgerRows:
