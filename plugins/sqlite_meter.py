@@ -35,6 +35,7 @@ import orjson
 
 from apertis_proxy.plugin_api import PluginContext, UsageRecord
 from apertis_proxy.store.ledger_spool import LedgerSpool, default_spool_dir
+from apertis_proxy.store.ledger_write import FieldValues
 from apertis_proxy.store.service import is_unreachable, store_for_plugin
 
 CLOSE_ATTEMPTS = 5
@@ -77,13 +78,13 @@ class SqliteMeter:
     # -- request path: one write(2) ---------------------------------------------
 
     async def record(self, record: UsageRecord) -> None:
-        # The row as a mapping, built once: spooled as JSON and shipped from memory as it is.
-        row = dict(zip(FIELDS, _field_values(record)))
+        # The row's values as they are now: spooled as JSON and shipped from memory as they are.
+        row = FieldValues(FIELDS, _field_values(record))
         try:
-            line = orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
+            line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
         except TypeError:
             # A value orjson cannot write (an integer past 64 bits): spooled all the same.
-            line = json.dumps(row, default=str).encode() + b"\n"
+            line = json.dumps(row.as_dict(), default=str).encode() + b"\n"
         self.spool.append(line, row)
         if self.spool.current is not None and len(self.spool.current.lines) >= self.batch_size:
             self._wake.set()

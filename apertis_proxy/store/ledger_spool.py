@@ -25,7 +25,7 @@ import logging
 import os
 import secrets
 import time
-from typing import Optional, Union
+from typing import Any, Optional
 
 import orjson
 
@@ -43,20 +43,20 @@ def default_spool_dir(db: str) -> str:
 
 
 class Segment:
-    """One spool file and the rows it holds: each as this worker appended it (a dict: it is shipped
-    from memory, never parsed back) or as read from an adopted file (one JSON line)."""
+    """One spool file and the rows it holds: each as this worker appended it (a row object, shipped
+    from memory and never parsed back) or as read from an adopted file (one JSON line, bytes)."""
 
     __slots__ = ("path", "fd", "lines", "size")
 
     def __init__(self, path: str, fd: int, lines: Optional[list] = None) -> None:
         self.path, self.fd = path, fd
-        self.lines: list[Union[bytes, dict]] = lines if lines is not None else []
+        self.lines: list[Any] = lines if lines is not None else []
         self.size = sum(len(line) for line in self.lines)
 
-    def rows(self, log: logging.Logger) -> list[dict]:
+    def rows(self, log: logging.Logger) -> list:
         out = []
         for line in self.lines:
-            if type(line) is dict:
+            if type(line) is not bytes:
                 out.append(line)
                 continue
             try:
@@ -112,9 +112,9 @@ class LedgerSpool:
 
     # -- request path ----------------------------------------------------------
 
-    def append(self, line: bytes, row: Optional[dict] = None) -> None:
-        """Make one row durable (see the module's docstring); it also stays in memory, as `row` (the
-        mapping `line` encodes, shipped as it is) when given."""
+    def append(self, line: bytes, row: Any = None) -> None:
+        """Make one row durable (see the module's docstring); it also stays in memory, as `row` (what
+        `line` encodes, in a form store.write_ledger takes) when given."""
         seg = self.current
         assert seg is not None
         seg.lines.append(line if row is None else row)

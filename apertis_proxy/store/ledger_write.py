@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import operator
 import sqlite3
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import orjson
 
@@ -28,6 +28,7 @@ log = logging.getLogger("apertis_proxy.store.ledger")
 COLUMN_OF_FIELD = {"started_at": "ts"}
 # Values stored as JSON text (what a row from the spool holds in its nested fields).
 _JSON_TYPES = (dict, list)
+_PLAIN = frozenset((str, int, float, type(None)))
 # Rows per INSERT statement: one statement stepped once per row costs ~3k more
 # instructions per row (callgrind); two statement texts keep SQLite's cache warm.
 ROWS_PER_STATEMENT = 64
@@ -81,13 +82,58 @@ class LedgerRows:
         # The row's values in column order, in one C call (a single column gives a value, not a tuple).
         pick = operator.itemgetter(*self.fields)
         self._pick = pick if len(self.fields) > 1 else (lambda row: (pick(row),))
+        self._pickers: dict[tuple, Callable] = {}
 
-    def values(self, row: Mapping[str, Any]) -> list:
+    def values(self, row: Any) -> list:
+        if type(row) is FieldValues:
+            picked = self._picker(row.fields)(row.values)
+        else:
+            try:
+                picked = self._pick(row)
+            except KeyError:        # a row without some field (spooled by an older version): NULL there
+                picked = [row.get(name) for name in self.fields]
+        # Exact scalar types pass as they are (cheap to test); the rest through _column_value.
+        return [v if type(v) in _PLAIN else _column_value(v) for v in picked]
+
+    def _picker(self, fields: tuple) -> Callable:
+        """Picks the columns' values out of a value tuple in the order of `fields` (cached per order)."""
+        picker = self._pickers.get(fields)
+        if picker is None:
+            where = {name: i for i, name in enumerate(fields)}
+            missing = len(fields)       # a field the tuple lacks reads the None appended below
+            at = [where.get(name, missing) for name in self.fields]
+            pick = operator.itemgetter(*at) if len(at) > 1 else (lambda values: (values[at[0]],))
+            picker = (lambda values: pick(values + (None,))) if missing in at else pick
+            self._pickers[fields] = picker
+        return picker
+
+
+class FieldValues:
+    """A row as a tuple of values in the order of `fields` (UsageRecord field names): cheaper to
+    build than a dict, and read like one by `get`."""
+
+    __slots__ = ("fields", "values")
+
+    def __init__(self, fields: tuple, values: tuple) -> None:
+        self.fields, self.values = fields, values
+
+    def get(self, name: str, default: Any = None) -> Any:
         try:
-            picked = self._pick(row)
-        except KeyError:        # a row without some field (spooled by an older version): NULL there
-            picked = [row.get(name) for name in self.fields]
-        return [orjson.dumps(v).decode() if isinstance(v, _JSON_TYPES) else v for v in picked]
+            return self.values[self.fields.index(name)]
+        except ValueError:
+            return default
+
+    def as_dict(self) -> dict:
+        return dict(zip(self.fields, self.values))
+
+
+def _column_value(value: Any) -> Any:
+    if isinstance(value, _JSON_TYPES):
+        return orjson.dumps(value).decode()
+    if isinstance(value, bool):
+        # As 0/1 here: sqlite3 adapts a bool only after a failed look-up for an adapter (~2k instructions).
+        return int(value)
+    return value
 
 
 def ledger_shape(conn) -> LedgerRows:
@@ -144,7 +190,8 @@ def write_ledger_rows(conn, rows: Sequence[Mapping[str, Any]], shape: Optional[L
         raise LedgerUnavailable(f"{type(first_error).__name__}: {first_error}") from first_error
     for row, exc in refused:
         log.error("usage row refused by the ledger and left out (%s: %s): %s",
-                  type(exc).__name__, exc, orjson.dumps(row).decode())
+                  type(exc).__name__, exc,
+                  orjson.dumps(row.as_dict() if type(row) is FieldValues else row).decode())
         if rejected is not None:
             rejected.append(str(row.get("request_id")))
     return inserted
