@@ -35,12 +35,16 @@ import orjson
 
 from apertis_proxy.plugin_api import PluginContext, UsageRecord
 from apertis_proxy.store.ledger_spool import LedgerSpool, default_spool_dir
-from apertis_proxy.store.ledger_write import FieldValues
+from apertis_proxy.store.ledger_write import FieldValues, RowFields
 from apertis_proxy.store.service import is_unreachable, store_for_plugin
 
 CLOSE_ATTEMPTS = 5
-FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
-_field_values = operator.attrgetter(*FIELDS)
+# The ledger row of a record: its fields' values in declaration order.  Fields declared with a
+# type that is not str, int or float (Optional or not) may hold dicts, lists or bools.
+FIELDS = RowFields([f.name for f in dataclasses.fields(UsageRecord)],
+                   [f.name for f in dataclasses.fields(UsageRecord)
+                    if str(f.type).removeprefix("Optional[").removesuffix("]") not in ("str", "int", "float")])
+_field_values = operator.attrgetter(*FIELDS.names)
 # How long a 503 for a full spool asks the client to wait.
 FULL_RETRY_AFTER = 5
 

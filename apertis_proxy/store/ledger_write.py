@@ -29,6 +29,7 @@ COLUMN_OF_FIELD = {"started_at": "ts"}
 # Values stored as JSON text (what a row from the spool holds in its nested fields).
 _JSON_TYPES = (dict, list)
 _PLAIN = frozenset((str, int, float, type(None)))
+_first = operator.itemgetter(0)
 # Rows per INSERT statement: one statement stepped once per row costs ~3k more
 # instructions per row (callgrind); two statement texts keep SQLite's cache warm.
 ROWS_PER_STATEMENT = 64
@@ -82,49 +83,65 @@ class LedgerRows:
         # The row's values in column order, in one C call (a single column gives a value, not a tuple).
         pick = operator.itemgetter(*self.fields)
         self._pick = pick if len(self.fields) > 1 else (lambda row: (pick(row),))
-        self._pickers: dict[tuple, Callable] = {}
+        self._pickers: dict[RowFields, tuple[Callable, tuple[int, ...]]] = {}
 
     def values(self, row: Any) -> list:
         if type(row) is FieldValues:
-            picked = self._picker(row.fields)(row.values)
-        else:
-            try:
-                picked = self._pick(row)
-            except KeyError:        # a row without some field (spooled by an older version): NULL there
-                picked = [row.get(name) for name in self.fields]
-        # Exact scalar types pass as they are (cheap to test); the rest through _column_value.
+            pick, loose = self._picker(row.fields)
+            out = list(pick(row.values))
+            # Only the values that may be dicts, lists or bools need a look.
+            for i in loose:
+                if type(out[i]) not in _PLAIN:
+                    out[i] = _column_value(out[i])
+            return out
+        try:
+            picked = self._pick(row)
+        except KeyError:        # a row without some field (spooled by an older version): NULL there
+            picked = [row.get(name) for name in self.fields]
         return [v if type(v) in _PLAIN else _column_value(v) for v in picked]
 
-    def _picker(self, fields: tuple) -> Callable:
-        """Picks the columns' values out of a value tuple in the order of `fields` (cached per order)."""
+    def _picker(self, fields: "RowFields") -> tuple[Callable, tuple[int, ...]]:
+        """Picks the columns' values out of a value tuple in the order of `fields`, and the positions
+        (among the columns) of the values that may need converting; cached per field order."""
         picker = self._pickers.get(fields)
         if picker is None:
-            where = {name: i for i, name in enumerate(fields)}
-            missing = len(fields)       # a field the tuple lacks reads the None appended below
+            where = {name: i for i, name in enumerate(fields.names)}
+            missing = len(fields.names)     # a field the tuple lacks reads the None appended below
             at = [where.get(name, missing) for name in self.fields]
             pick = operator.itemgetter(*at) if len(at) > 1 else (lambda values: (values[at[0]],))
-            picker = (lambda values: pick(values + (None,))) if missing in at else pick
+            loose = tuple(i for i, name in enumerate(self.fields) if name in fields.loose)
+            picker = ((lambda values: pick(values + (None,))) if missing in at else pick), loose
             self._pickers[fields] = picker
         return picker
 
+class RowFields:
+    """The field names of FieldValues rows, and which of them may hold a dict, a list or a bool
+    (values stored converted: JSON text, 0/1); the others hold str, int, float or None."""
+
+    __slots__ = ("names", "loose")
+
+    def __init__(self, names: Sequence[str], loose: Iterable[str]) -> None:
+        self.names = tuple(names)
+        self.loose = frozenset(loose)
+
 
 class FieldValues:
-    """A row as a tuple of values in the order of `fields` (UsageRecord field names): cheaper to
-    build than a dict, and read like one by `get`."""
+    """A row as a tuple of values in the order of `fields.names` (UsageRecord field names): cheaper
+    to build than a dict, and read like one by `get`."""
 
     __slots__ = ("fields", "values")
 
-    def __init__(self, fields: tuple, values: tuple) -> None:
+    def __init__(self, fields: RowFields, values: tuple) -> None:
         self.fields, self.values = fields, values
 
     def get(self, name: str, default: Any = None) -> Any:
         try:
-            return self.values[self.fields.index(name)]
+            return self.values[self.fields.names.index(name)]
         except ValueError:
             return default
 
     def as_dict(self) -> dict:
-        return dict(zip(self.fields, self.values))
+        return dict(zip(self.fields.names, self.values))
 
 
 def _column_value(value: Any) -> Any:
@@ -241,8 +258,8 @@ def shipped_request_ids(conn, request_ids: Sequence[str]) -> set[str]:
     chunk = 500
     for i in range(0, len(request_ids), chunk):
         part = list(request_ids[i:i + chunk])
-        found.update(r[0] for r in conn.execute(
-            f"SELECT request_id FROM usage WHERE request_id IN ({', '.join('?' * len(part))})", part))
+        found.update(map(_first, conn.execute(
+            f"SELECT request_id FROM usage WHERE request_id IN ({', '.join('?' * len(part))})", part)))
     return found
 
 
