@@ -18,7 +18,7 @@ from apertis_plugins.sqlite_meter import SqliteMeter
 from apertis_proxy.plugin_api import PluginContext, UsageRecord
 from apertis_proxy.store import schema
 from apertis_proxy.store.keys import create_key
-from apertis_proxy.store.ledger_spool import LedgerSpool
+from apertis_proxy.store.ledger_spool import LedgerSpool, spooled_rows
 from apertis_proxy.store.service import open_store
 from rawhttp import RawConnection
 
@@ -66,8 +66,7 @@ def spend(conn) -> dict[int, tuple[float, int]]:
 
 
 def spooled(directory: str) -> list[dict]:
-    return [orjson.loads(line) for p in sorted(Path(directory).glob("*.spool"))
-            for line in p.read_bytes().splitlines()]
+    return spooled_rows(directory)
 
 
 async def test_shipping_the_same_rows_twice_counts_them_once(db):
@@ -96,7 +95,7 @@ async def test_a_spool_replayed_after_its_rows_were_committed_does_not_double_co
         for i in range(40):
             await meter.record(record(i, alice))
         segment = meter.spool.current.path
-        copy = Path(meter.spool.directory) / "ledger-1-dead-1.spool"
+        copy = Path(meter.spool.directory) / "ledger-1-dead-1.spool2"
         shutil.copy(segment, copy)          # the dead worker's segment, its rows already in the ledger
         assert await meter.flush()
         assert len(ledger(conn)) == 40

@@ -144,6 +144,16 @@ class FieldValues:
         return dict(zip(self.fields.names, self.values))
 
 
+def stored_values(values: Sequence, at: Iterable[int]) -> tuple:
+    """`values` with those at the positions `at` as the ledger stores them: dicts and lists as JSON
+    text, bools as 0/1 (values already so are left alone)."""
+    out = list(values)
+    for i in at:
+        if type(out[i]) not in _PLAIN:
+            out[i] = _column_value(out[i])
+    return tuple(out)
+
+
 def _column_value(value: Any) -> Any:
     if isinstance(value, _JSON_TYPES):
         return orjson.dumps(value).decode()
