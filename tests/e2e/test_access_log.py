@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.mock_upstream import MOCK_API_KEY
 from tests.support.rawhttp import RawConnection
-from tests.ops.test_operator_flow import MODEL, ServeProcess, sdk_client, wait_for
+from tests.support.processes import MODEL, ServeProcess, sdk_client, wait_for
 from tests.ops.test_server_lifecycle import DRAIN_TIMEOUT, configured_server, usage_rows
 
 ACCESS_FIELDS = {"time", "level", "logger", "message", "request_id", "key_name", "client", "method", "path",

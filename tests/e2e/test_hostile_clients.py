@@ -15,7 +15,7 @@ from apertis_proxy import plugin_host
 from apertis_proxy.plugin_api import AUTH_GROUP
 from tests.support.rawhttp import RawConnection, request_bytes
 from tests.e2e.test_gateway_http import assert_gateway_error
-from tests.ops.test_operator_flow import MODEL, ServeProcess, sdk_client
+from tests.support.processes import MODEL, ServeProcess, sdk_client
 from tests.ops.test_server_lifecycle import prepare_db
 
 BIG = 30 * 1024 * 1024

@@ -19,7 +19,7 @@ from apertis_proxy.observe.app import client_ip
 from apertis_proxy.observe.recorder import COST_UNIT
 from apertis_proxy.plugin_host import NoObserver
 from tests.support.rawhttp import RawConnection
-from tests.ops.test_operator_flow import MODEL, sdk_client
+from tests.support.processes import MODEL, sdk_client
 
 Samples = dict[tuple[str, frozenset], float]
 

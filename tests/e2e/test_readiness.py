@@ -9,7 +9,7 @@ import signal
 
 from apertis_proxy.store import channels
 from tests.support.rawhttp import RawConnection
-from tests.ops.test_operator_flow import connect_refused, wait_for
+from tests.support.processes import connect_refused, wait_for
 from tests.ops.test_server_lifecycle import DRAIN_TIMEOUT, StreamWatcher, configured_server
 
 

@@ -16,7 +16,7 @@ import anthropic
 import pytest
 
 from tests.support.mock_upstream import MOCK_API_KEY
-from tests.ops.test_operator_flow import CliRunner, ServeProcess, sdk_client, wait_for
+from tests.support.processes import CliRunner, ServeProcess, sdk_client, wait_for
 from tests.ops.test_server_lifecycle import usage_rows
 
 MODEL = "claude-haiku-4-5-20251001"

@@ -15,7 +15,7 @@ import anthropic
 import pytest
 
 from apertis_proxy.settings import Settings, check
-from tests.ops.test_operator_flow import ServeProcess, wait_for
+from tests.support.processes import ServeProcess, wait_for
 
 HAIKU = "claude-haiku-4-5-20251001"
 MESSAGE = {"model": HAIKU, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_observe_metrics import COST_UNIT, Samples, parse, scrape, total, value
-from tests.ops.test_operator_flow import MODEL, ServeProcess, sdk_client, wait_for
+from tests.support.processes import MODEL, ServeProcess, sdk_client, wait_for
 from tests.ops.test_server_lifecycle import (DRAIN_TIMEOUT, configured_server, crash_and_replace, listening_workers,
                                              usage_rows)
 

@@ -30,7 +30,7 @@ from apertis_proxy.server import Gateway
 from apertis_proxy.store import channels, keys, schema
 from tests.support.mock_upstream import MOCK_API_KEY
 from tests.support.rawhttp import RawConnection, parse_sse, request_bytes
-from tests.ops.test_operator_flow import MODEL, ServeProcess, connect_refused, sdk_client, wait_for
+from tests.support.processes import MODEL, ServeProcess, connect_refused, sdk_client, wait_for
 
 # Long enough for a stream of ~20 events to be clearly "in flight" when the signal arrives.
 LONG_TEXT = "please keep streaming while the gateway drains its connections one by one"
