@@ -17,11 +17,11 @@ import os
 
 import pytest
 
-from mock_upstream import MOCK_API_KEY, MockUpstream
-from sdk_harness import GENERATION_MODES, GENERATIONS, SdkRunner
-from sdk_js import JsSdkProcess, unavailable_reason
-from sdk_legacy import LegacySdkProcess
-from gateway_env import GatewayEnv
+from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
+from tests.support.sdk_harness import GENERATION_MODES, GENERATIONS, SdkRunner
+from tests.support.sdk_js import JsSdkProcess, unavailable_reason
+from tests.support.sdk_legacy import LegacySdkProcess
+from tests.support.gateway_env import GatewayEnv
 
 # The SDKs read ANTHROPIC_* variables (base URL, custom headers, credentials); a developer's own must not leak
 # into what the tests send.
@@ -114,7 +114,7 @@ async def gateway(request, gateway_env, mock_upstream):
 def pg_server():
     """A throwaway PostgreSQL server for the session (pg_server.py).  Without initdb the tests that need it
     skip, except in CI (CI=true, set by .ci/run), where they fail."""
-    from pg_server import PgServer, PgUnavailable
+    from tests.support.pg_server import PgServer, PgUnavailable
     try:
         server = PgServer.start()
     except PgUnavailable as exc:

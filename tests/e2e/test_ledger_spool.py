@@ -1,0 +1,228 @@
+"""The ledger spool and idempotent shipping, on real files and real SQLite databases.
+
+The kill -9 runs with real gateway processes are in test_ledger_kill9.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import sqlite3
+from pathlib import Path
+
+import orjson
+import pytest
+
+from apertis_plugins.sqlite_meter import SqliteMeter
+from apertis_proxy.plugin_api import PluginContext, UsageRecord
+from apertis_proxy.store import schema
+from apertis_proxy.store.keys import create_key
+from apertis_proxy.store.ledger_spool import LedgerSpool, spooled_rows
+from apertis_proxy.store.service import open_store
+from tests.support.rawhttp import RawConnection
+
+HAIKU = "claude-haiku-4-5-20251001"
+LOG = logging.getLogger("test.ledger")
+
+
+@pytest.fixture
+def db(tmp_path):
+    path = str(tmp_path / "gateway.db")
+    conn = schema.connect(path)
+    alice = create_key(conn, "alice")[0]
+    bob = create_key(conn, "bob")[0]
+    yield path, conn, (alice, bob)
+    conn.close()
+
+
+def meter_for(path: str, **options) -> SqliteMeter:
+    return SqliteMeter(PluginContext(name="sqlite", options={"flush_interval": 600, **options}, db_path=path,
+                                     log=logging.getLogger("test.plugin.sqlite")))
+
+
+@contextlib.asynccontextmanager
+async def running(meter: SqliteMeter):
+    await meter.start()
+    try:
+        yield meter
+    finally:
+        await meter.close()
+
+
+def record(i: int, key_id: int, *, cost: float = 0.25) -> UsageRecord:
+    return UsageRecord(request_id=f"req_{i:024x}", started_at=1_760_000_000.0 + i, endpoint="/v1/messages",
+                       key_id=key_id, key_name=f"key{key_id}", requested_model=HAIKU, upstream_model=HAIKU,
+                       status=200, input_tokens=100 + i, output_tokens=10, cache_read_input_tokens=5,
+                       cost=cost, prices={"cost": str(cost)}, server_tool_use={"web_search_requests": 1})
+
+
+def ledger(conn) -> list[sqlite3.Row]:
+    return conn.execute("SELECT * FROM usage ORDER BY id").fetchall()
+
+
+def spend(conn) -> dict[int, tuple[float, int]]:
+    return {r[0]: (r[1], r[2]) for r in conn.execute("SELECT key_id, cost, tokens FROM key_spend")}
+
+
+def spooled(directory: str) -> list[dict]:
+    return spooled_rows(directory)
+
+
+async def test_shipping_the_same_rows_twice_counts_them_once(db):
+    path, conn, (alice, bob) = db
+    rows = [orjson.loads(orjson.dumps(record(i, alice if i % 3 else bob))) for i in range(130)]
+    store = await open_store(path)
+    try:
+        assert await store.write_ledger(rows) == 130
+        first = spend(conn)
+        assert await store.write_ledger(rows) == 0                       # a whole replay
+        assert await store.write_ledger(rows[:70] + [orjson.loads(orjson.dumps(record(500, bob)))]) == 1
+    finally:
+        await store.close()
+    assert len(ledger(conn)) == 131
+    assert first[alice] == (pytest.approx(0.25 * 86), sum(115 + i for i in range(130) if i % 3))
+    after = spend(conn)
+    assert after[alice] == first[alice]                                  # the replay changed nothing
+    assert after[bob] == (pytest.approx(first[bob][0] + 0.25), first[bob][1] + 615)
+
+
+async def test_a_spool_replayed_after_its_rows_were_committed_does_not_double_count(db, tmp_path):
+    """A worker killed after its batch committed but before it deleted the segment leaves the rows behind:
+    the worker that adopts them ships them again, and nothing changes."""
+    path, conn, (alice, _) = db
+    async with running(meter_for(path)) as meter:
+        for i in range(40):
+            await meter.record(record(i, alice))
+        segment = meter.spool.current.path
+        copy = Path(meter.spool.directory) / "ledger-1-dead-1.spool2"
+        shutil.copy(segment, copy)          # the dead worker's segment, its rows already in the ledger
+        assert await meter.flush()
+        assert len(ledger(conn)) == 40
+        shipped_once = spend(conn)
+        assert shipped_once[alice] == (pytest.approx(10.0), sum(115 + i for i in range(40)))
+    async with running(meter_for(path)) as second:     # adopts the copy at start
+        assert await second.flush()
+        assert second.shipped == 40 and second.written == 0
+    assert len(ledger(conn)) == 40 and spend(conn) == shipped_once
+    assert not copy.exists()
+
+
+async def test_a_locked_database_keeps_rows_spooled_on_disk_and_ships_them_when_it_returns(db):
+    path, conn, (alice, _) = db
+    async with running(meter_for(path)) as meter:
+        blocker = sqlite3.connect(path, isolation_level=None, timeout=0)
+        blocker.execute("BEGIN EXCLUSIVE")          # the database is unavailable to everyone else
+        try:
+            for i in range(30):
+                await meter.record(record(i, alice))
+            assert not await meter.flush()
+            assert [r["request_id"] for r in spooled(meter.spool.directory)] == [f"req_{i:024x}" for i in range(30)]
+            assert meter.pending == 30
+        finally:
+            blocker.execute("COMMIT")
+            blocker.close()
+        assert await meter.flush()
+        assert meter.pending == 0 and spooled(meter.spool.directory) == []
+    assert [r["request_id"] for r in ledger(conn)] == [f"req_{i:024x}" for i in range(30)]
+    assert spend(conn)[alice][1] == sum(115 + i for i in range(30))
+
+
+def test_a_live_workers_spool_is_never_adopted_a_dead_ones_is(tmp_path):
+    directory = str(tmp_path / "spool")
+    live, other = LedgerSpool(directory, LOG), LedgerSpool(directory, LOG)
+    live.open()
+    other.open()
+    live.append(b'{"request_id": "req_1"}\n')
+    live.seal()
+    live.append(b'{"request_id": "req_2"}\n')
+    assert other.adopt() == 0 and other.pending == 0          # locked by its live owner
+    live.close()                                              # its owner is gone; the rows stay on disk
+    assert other.adopt() == 2
+    assert [r["request_id"] for s in other.sealed for r in s.rows(LOG)] == ["req_1", "req_2"]
+    for seg in list(other.sealed):
+        other.shipped(seg)
+    assert spooled(directory) == []
+    other.close()
+
+
+def test_the_spool_warns_as_it_grows_and_says_when_it_is_full(tmp_path, caplog):
+    spool = LedgerSpool(str(tmp_path / "spool"), LOG, max_bytes=1000, warn_bytes=400)
+    spool.open()
+    line = b'{"request_id": "req_%03d", "pad": "' + b"x" * 60 + b'"}\n'
+    with caplog.at_level(logging.INFO, logger="test.ledger"):
+        for i in range(20):
+            spool.append(line.replace(b"%03d", b"%03d" % i))
+    assert spool.full and spool.pending == 20                 # rows past the bound are still kept
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(warnings) == 1 and "growing" in warnings[0].getMessage()
+    assert len(errors) == 1 and "full" in errors[0].getMessage()
+    for seg in spool.seal():
+        spool.shipped(seg)
+    assert not spool.full and spool.size == 0
+    spool.close()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_the_answer_ends_only_after_its_row_is_spooled(gateway, stream):
+    """While the meter has not taken the row, the client has not got the whole answer."""
+    meter = next(p for name, p in gateway.gateway.plugins.meters if name == "sqlite")
+    entered, release = asyncio.Event(), asyncio.Event()
+    original = meter.record
+
+    async def held(rec: UsageRecord) -> None:
+        entered.set()
+        await release.wait()
+        await original(rec)
+
+    meter.record = held
+    async with await RawConnection.open(gateway.gateway.host, gateway.gateway.port) as conn:
+        body = {"model": HAIKU, "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+        answer = asyncio.create_task(conn.request("POST", "/v1/messages", {"x-api-key": gateway.key},
+                                                  json_body=body))
+        await entered.wait()
+        await asyncio.sleep(0.2)        # room for any byte already sent to arrive
+        assert not answer.done()
+        release.set()
+        response = await answer
+    assert response.status == 200
+    rid = response.header("request-id")
+    assert rid in [r["request_id"] for r in spooled(meter.spool.directory)] + [
+        r["request_id"] for r in await gateway.usage_rows(1)]
+
+
+async def test_a_full_spool_refuses_new_requests_with_503_until_the_database_takes_rows(gateway_env,
+                                                                                        mock_upstream):
+    key = gateway_env.add_key("alice")
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start(spool_max_bytes=4096, spool_warn_bytes=1000)   # [ledger] settings
+    body = {"model": HAIKU, "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
+    blocker = sqlite3.connect(gateway_env.db_path, isolation_level=None, timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")
+    served = []
+    try:
+        async with await RawConnection.open(gateway_env.gateway.host, gateway_env.gateway.port) as conn:
+            for _ in range(50):
+                response = await conn.request("POST", "/v1/messages", {"x-api-key": key}, json_body=body)
+                if response.status != 200:
+                    break
+                served.append(response.header("request-id"))
+        assert response.status == 503 and response.json()["error"]["type"] == "overloaded_error"
+        assert response.header("retry-after") == "5"
+        assert 0 < len(served) < 50
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while True:     # the shipping back-off retries; then requests are admitted again
+        async with await RawConnection.open(gateway_env.gateway.host, gateway_env.gateway.port) as conn:
+            response = await conn.request("POST", "/v1/messages", {"x-api-key": key}, json_body=body)
+        if response.status == 200:
+            break
+        assert loop.time() < deadline
+        await asyncio.sleep(0.1)
+    rows = await gateway_env.usage_rows(len(served) + 1)
+    assert set(served) <= {r["request_id"] for r in rows}
+    await gateway_env.stop()

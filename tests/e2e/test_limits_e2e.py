@@ -1,0 +1,260 @@
+"""Per-key limits through the real gateway: requests per minute, concurrency, quotas by cost and by tokens (also
+under a parallel burst), expiry, disabling and the model allow-list.
+
+Quotas are settled from the usage upstream reported, so the checks compare what was admitted with the cost and
+tokens in the usage rows, which in turn equal what the mock reported (test_ledger_e2e.py checks that part).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Optional
+
+import anthropic
+import pytest
+
+from apertis_proxy import cli
+from tests.support.rawhttp import RawConnection, RawResponse, request_bytes
+
+HAIKU = "claude-haiku-4-5-20251001"
+SONNET = "claude-sonnet-4-5-20250929"
+PACED = {"x-mock-scenario": "event-delay=0.03"}      # a stream that stays in flight for about half a second
+
+
+def message(text: str = "limit me", *, stream: bool = False, model: str = HAIKU, **extra: Any) -> dict:
+    return {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": text}],
+            "stream": stream, **extra}
+
+
+async def post(env, key: str, body: dict, headers: Optional[dict] = None) -> RawResponse:
+    async with await RawConnection.open(env.gateway.host, env.gateway.port) as conn:
+        return await conn.request("POST", "/v1/messages", {"x-api-key": key, **(headers or {})}, json_body=body)
+
+
+async def open_stream(env, key: str, headers: Optional[dict] = None) -> tuple[RawConnection, RawResponse]:
+    """Start a paced stream and read its head: the request is in flight until the body is read or dropped."""
+    conn = await RawConnection.open(env.gateway.host, env.gateway.port)
+    await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": key, **PACED, **(headers or {})},
+                                  json_body=message("hold the line", stream=True)))
+    return conn, await conn.read_head()
+
+
+def assert_error(response: RawResponse, status: int, error_type: str) -> dict:
+    assert response.status == status, response.body
+    body = response.json()
+    assert body["type"] == "error" and body["error"]["type"] == error_type
+    assert body["request_id"] == response.header("request-id")
+    return body
+
+
+async def poll(predicate, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def settled_spend(env, name: str) -> tuple[float, int]:
+    rows = env.query("SELECT s.cost, s.tokens FROM key_spend s JOIN keys k ON k.id = s.key_id WHERE k.name = ?",
+                     name)
+    return (rows[0][0], rows[0][1]) if rows else (0.0, 0)
+
+
+def row_tokens(row: dict) -> int:
+    return (row["input_tokens"] + row["output_tokens"] + row["cache_read_input_tokens"]
+            + row["cache_creation_input_tokens"])
+
+
+# -- rates ---------------------------------------------------------------------------------------------------------
+
+async def test_requests_per_minute_limit_is_429_with_retry_after(gateway_env, mock_upstream):
+    key = gateway_env.add_key("alice", rpm=3)
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0) as client:
+        for _ in range(3):
+            await client.messages.create(**message())
+        with pytest.raises(anthropic.RateLimitError) as err:
+            await client.messages.create(**message())
+    assert err.value.body["error"]["type"] == "rate_limit_error"
+    assert "3 requests per minute" in err.value.body["error"]["message"]
+    assert 1 <= int(err.value.response.headers["retry-after"]) <= 60
+    assert len(mock_upstream.requests) == 3
+
+
+async def test_concurrency_limit_counts_streams_in_flight_and_releases_them(gateway_env, mock_upstream):
+    key = gateway_env.add_key("alice", concurrency=2)
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    first, head1 = await open_stream(gateway_env, key)
+    second, head2 = await open_stream(gateway_env, key)
+    assert head1.status == head2.status == 200
+    refused = await post(gateway_env, key, message())
+    assert_error(refused, 429, "rate_limit_error")
+    assert refused.header("retry-after") == "1"
+    assert len(mock_upstream.requests) == 2
+
+    second.abort()                                                          # one is abandoned midway ...
+    body = b"".join([chunk async for chunk in first.iter_chunks(head1)])   # ... the other ends normally
+    assert body.rstrip().endswith(b'data: {"type":"message_stop"}')
+    first.close()
+    # Both requests ended (rows are written after the slot is released); the abandoned stream holds its slot
+    # while the gateway reads it to its end for its usage, as the upstream is still generating it.
+    await gateway_env.usage_rows(2)
+
+    again = [await open_stream(gateway_env, key) for _ in range(2)]         # both slots are free again
+    assert [head.status for _, head in again] == [200, 200]
+    for conn, _ in again:
+        conn.abort()
+
+
+# -- quotas --------------------------------------------------------------------------------------------------------
+
+async def spend_until_refused(env, key: str, limit: int = 60) -> tuple[int, RawResponse]:
+    """Send requests (alternately streaming) until one is refused; (requests admitted, the refusal)."""
+    for n in range(limit):
+        response = await post(env, key, message(f"spend {n}", stream=n % 2 == 1))
+        if response.status != 200:
+            return n, response
+    raise AssertionError(f"the quota never ran out in {limit} requests")
+
+
+async def test_cost_quota_is_402_once_spent_and_settled_from_real_usage(gateway_env, mock_upstream):
+    quota = 0.0003
+    key = gateway_env.add_key("alice", quota_cost=quota)
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    admitted, refusal = await spend_until_refused(gateway_env, key)
+    body = assert_error(refusal, 402, "billing_error")
+    assert refusal.header("x-should-retry") == "false" and "quota" in body["error"]["message"]
+    assert admitted == len(mock_upstream.served) >= 2
+
+    rows = await gateway_env.usage_rows(admitted)
+    costs = [r["cost"] for r in rows]
+    assert all(c > 0 for c in costs)
+    # Admitted while the settled spend was below the quota, and not one request more.
+    assert sum(costs[:-1]) < quota <= sum(costs)
+    await poll(lambda: settled_spend(gateway_env, "alice")[0] == pytest.approx(sum(costs), rel=1e-9))
+
+    async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0) as client:
+        with pytest.raises(anthropic.APIStatusError) as err:
+            await client.messages.create(**message())
+    assert err.value.status_code == 402 and err.value.body["error"]["type"] == "billing_error"
+    assert len(mock_upstream.requests) == admitted
+
+
+async def test_token_quota_counts_every_kind_of_token(gateway_env, mock_upstream):
+    quota = 150
+    key = gateway_env.add_key("alice", quota_tokens=quota)
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    system = [{"type": "text", "text": "A long cached system prompt. " * 8, "cache_control": {"type": "ephemeral"}}]
+    admitted = 0
+    while True:     # cache writes first, then cache reads, both count
+        response = await post(gateway_env, key, message(f"tokens {admitted}", stream=admitted % 2 == 0,
+                                                        system=system))
+        if response.status != 200:
+            break
+        admitted += 1
+        assert admitted < 50
+    assert_error(response, 402, "billing_error")
+    rows = await gateway_env.usage_rows(admitted)
+    tokens = [row_tokens(r) for r in rows]
+    assert rows[0]["cache_creation_input_tokens"] > 0 and rows[-1]["cache_read_input_tokens"] > 0
+    assert sum(tokens[:-1]) < quota <= sum(tokens)
+    await poll(lambda: settled_spend(gateway_env, "alice")[1] == sum(tokens))
+
+
+async def test_a_parallel_burst_cannot_overspend_beyond_what_was_in_flight(gateway_env, mock_upstream):
+    quota, burst, in_flight = 0.0002, 40, 8
+    key = gateway_env.add_key("alice", quota_cost=quota)
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    gate = asyncio.Semaphore(in_flight)
+    slow = {"x-mock-scenario": "first-byte-delay=0.05"}      # keeps every admitted request in flight a while
+
+    async def one(n: int) -> RawResponse:
+        async with gate:
+            return await post(gateway_env, key, message(f"burst {n}", stream=n % 2 == 0), slow)
+
+    responses = await asyncio.gather(*(one(n) for n in range(burst)))
+    admitted = [r for r in responses if r.status == 200]
+    for refusal in (r for r in responses if r.status != 200):
+        assert_error(refusal, 402, "billing_error")
+    assert 2 <= len(admitted) < burst
+    rows = await gateway_env.usage_rows(len(admitted))
+    assert len(rows) == len(admitted) == len(mock_upstream.served)
+    costs = [r["cost"] for r in rows]
+    # At most `in_flight` requests can have been admitted after the spend reached the quota.
+    assert sum(costs) - quota < in_flight * max(costs)
+    await poll(lambda: settled_spend(gateway_env, "alice")[0] == pytest.approx(sum(costs), rel=1e-9))
+    assert_error(await post(gateway_env, key, message()), 402, "billing_error")
+
+
+# -- key validity --------------------------------------------------------------------------------------------------
+
+async def test_expired_keys_are_401(gateway_env, mock_upstream):
+    expired = gateway_env.add_key("old", expires_at=time.time() - 60)
+    expiring = gateway_env.add_key("brief", expires_at=time.time() + 0.5)
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    body = assert_error(await post(gateway_env, expired, message()), 401, "authentication_error")
+    assert "expired" in body["error"]["message"] and expired not in body["error"]["message"]
+    assert (await post(gateway_env, expiring, message())).status == 200
+    await asyncio.sleep(max(0.0, gateway_env.query("SELECT expires_at FROM keys WHERE name = 'brief'")[0][0]
+                            - time.time()) + 0.05)
+    async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=expiring, max_retries=0) as client:
+        with pytest.raises(anthropic.AuthenticationError) as err:
+            await client.messages.create(**message())
+    assert "expired" in err.value.body["error"]["message"]
+    assert len(mock_upstream.requests) == 1
+
+
+async def test_a_key_disabled_from_the_cli_is_401_without_restart(gateway_env, mock_upstream, capsys):
+    key = gateway_env.add_key("alice")
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    assert (await post(gateway_env, key, message())).status == 200
+    assert cli.main(["keys", "disable", "alice", "--db", gateway_env.db_path]) == 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0
+    while (response := await post(gateway_env, key, message())).status == 200:
+        assert loop.time() < deadline, "the disabled key still works"
+        await asyncio.sleep(0.05)
+    body = assert_error(response, 401, "authentication_error")
+    assert "disabled" in body["error"]["message"]
+    served = len(mock_upstream.served)
+    assert (await post(gateway_env, key, message())).status == 401 and len(mock_upstream.served) == served
+
+
+async def test_model_allow_list_is_403_for_other_models(gateway_env, mock_upstream):
+    key = gateway_env.add_key("alice", models=["claude-haiku-4.5"])
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0) as client:
+        for name in ("claude-haiku-4.5", HAIKU, "claude-haiku-4-5"):    # every name of the allowed model
+            reply = await client.messages.create(**message(model=name))
+            assert reply.model == name
+        with pytest.raises(anthropic.PermissionDeniedError) as err:
+            await client.messages.create(**message(model=SONNET))
+    assert err.value.body["error"]["type"] == "permission_error"
+    assert SONNET in err.value.body["error"]["message"]
+    assert {r.body["model"] for r in mock_upstream.requests} == {HAIKU}
+    streamed = await post(gateway_env, key, message(model="claude-sonnet-4.5", stream=True))
+    assert_error(streamed, 403, "permission_error")
+
+
+async def test_model_listings_give_their_concurrency_slot_back(gateway_env, mock_upstream):
+    """GET /v1/models is admitted by the auth plugin like any request, so it calls finish() too: otherwise a key
+    with --concurrency N would be locked out (429) after N listings until the server restarted."""
+    key = gateway_env.add_key("alice", concurrency=1)
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    async with await RawConnection.open(gateway_env.gateway.host, gateway_env.gateway.port) as conn:
+        for _ in range(3):
+            listing = await conn.request("GET", "/v1/models", {"x-api-key": key})
+            assert listing.status == 200 and listing.json()["data"]
+    response = await post(gateway_env, key, message())
+    assert response.status == 200, response.body
+    assert [r["endpoint"] for r in await gateway_env.usage_rows(1)] == ["/v1/messages"]   # listings: no usage
