@@ -85,12 +85,13 @@ class LedgerRows:
         self._pick = pick if len(self.fields) > 1 else (lambda row: (pick(row),))
         self._pickers: dict[RowFields, tuple[Callable, tuple[int, ...]]] = {}
 
-    def values(self, row: Any) -> list:
+    def values(self, row: Any, *, every: bool = False) -> list:
+        """The row's values in column order, as stored.  A FieldValues row has only its `loose` fields
+        looked at, unless `every` (a row refused as it was: a field held what its type did not say)."""
         if type(row) is FieldValues:
             pick, loose = self._picker(row.fields)
             out = list(pick(row.values))
-            # Only the values that may be dicts, lists or bools need a look.
-            for i in loose:
+            for i in (range(len(out)) if every else loose):
                 if type(out[i]) not in _PLAIN:
                     out[i] = _column_value(out[i])
             return out
@@ -207,7 +208,7 @@ def write_ledger_rows(conn, rows: Sequence[Mapping[str, Any]], shape: Optional[L
         refused = []
         for row in rows:
             try:
-                inserted += write(conn, shape, [shape.values(row)], settle)
+                inserted += write(conn, shape, [shape.values(row, every=True)], settle)
             except _row_errors() as exc:
                 refused.append((row, exc))
     except sqlite3.OperationalError as exc:
@@ -225,8 +226,9 @@ def write_ledger_rows(conn, rows: Sequence[Mapping[str, Any]], shape: Optional[L
 
 
 # What a row itself can be refused for (OperationalError is the database's state, handled apart).
-_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, ValueError, TypeError,
-               OverflowError)
+# ProgrammingError: a value sqlite3 cannot bind (a dict in a field declared as text; converted on the retry).
+_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, sqlite3.ProgrammingError,
+               ValueError, TypeError, OverflowError)
 
 
 def _row_errors() -> tuple:

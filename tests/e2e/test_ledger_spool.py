@@ -146,6 +146,21 @@ async def test_rows_shipped_from_memory_equal_rows_read_back_from_either_spool_f
     assert spooled_rows(str(Path(path + ".spool"))) == []
 
 
+async def test_a_field_holding_what_its_type_does_not_say_is_stored_as_json_and_the_batch_ships(db):
+    """Only the fields declared as dicts, lists or bools are converted on the request path; a plugin that put a
+    dict in a text field gets its row stored all the same (as JSON), and the rows around it too."""
+    path, conn, (alice, _) = db
+    odd = record(1, alice)
+    odd.error_type = {"kind": "custom"}
+    async with running(meter_for(path)) as meter:
+        for r in (record(0, alice), odd, record(2, alice)):
+            await meter.record(r)
+        assert await meter.flush()
+        assert meter.rejected == 0
+    stored = {r["request_id"]: r["error_type"] for r in conn.execute("SELECT request_id, error_type FROM usage")}
+    assert stored == {f"req_{0:024x}": None, f"req_{1:024x}": '{"kind":"custom"}', f"req_{2:024x}": None}
+
+
 async def test_an_unreadable_line_is_left_out_and_logged_the_others_ship(db, caplog):
     path, conn, (alice, _) = db
     async with running(meter_for(path)) as meter:
