@@ -1,7 +1,7 @@
 """First-party meter plugin ``sqlite``: the usage ledger in the store's ``usage`` table
 (SQLite or PostgreSQL: the name is historical).
 
-``record()`` appends the row to this worker's ledger spool (one JSON line,
+``record()`` appends the row to this worker's ledger spool (one JSON array line,
 written before the response's last bytes go to the client: see
 apertis_proxy.store.ledger_spool), so a row the client's answer depended on
 survives a ``kill -9``.  A background task ships the spooled rows every
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import operator
 import time
 from typing import Optional
 
@@ -34,9 +35,18 @@ import orjson
 
 from apertis_proxy.plugin_api import PluginContext, UsageRecord
 from apertis_proxy.store.ledger_spool import LedgerSpool, default_spool_dir
+from apertis_proxy.store.ledger_write import FieldValues, RowFields, stored_values
 from apertis_proxy.store.service import is_unreachable, store_for_plugin
 
 CLOSE_ATTEMPTS = 5
+# The ledger row of a record: its fields' values in declaration order, those that may hold dicts,
+# lists or bools (declared with a type other than str, int or float) converted as the ledger stores
+# them (stored_values) before they are spooled: the spool line and the shipped row hold the same.
+_NAMES = [f.name for f in dataclasses.fields(UsageRecord)]
+_LOOSE_AT = tuple(i for i, f in enumerate(dataclasses.fields(UsageRecord))
+                  if str(f.type).removeprefix("Optional[").removesuffix("]") not in ("str", "int", "float"))
+FIELDS = RowFields(_NAMES, ())      # nothing left to convert
+_field_values = operator.attrgetter(*_NAMES)
 # How long a 503 for a full spool asks the client to wait.
 FULL_RETRY_AFTER = 5
 
@@ -52,7 +62,7 @@ class SqliteMeter:
         self.spool = LedgerSpool(str(opts.get("spool_dir") or default_spool_dir(ctx.db_path)), self.log,
                                  max_bytes=int(opts.get("spool_max_bytes", 256 << 20)),
                                  warn_bytes=int(opts.get("spool_warn_bytes", 16 << 20)),
-                                 fsync=str(opts.get("fsync", "batch")))
+                                 fsync=str(opts.get("fsync", "batch")), fields=FIELDS.names)
         self.store = None
         self._owns_store = False
         self._task: Optional[asyncio.Task] = None
@@ -74,12 +84,14 @@ class SqliteMeter:
     # -- request path: one write(2) ---------------------------------------------
 
     async def record(self, record: UsageRecord) -> None:
+        # The row's values as they are now: spooled as one JSON array, shipped from memory as they are.
+        values = stored_values(_field_values(record), _LOOSE_AT)
         try:
-            line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+            line = orjson.dumps(values, option=orjson.OPT_APPEND_NEWLINE)
         except TypeError:
             # A value orjson cannot write (an integer past 64 bits): spooled all the same.
-            line = json.dumps(dataclasses.asdict(record), default=str).encode() + b"\n"
-        self.spool.append(line)
+            line = json.dumps(values, default=str).encode() + b"\n"
+        self.spool.append(line, FieldValues(FIELDS, values))
         if self.spool.current is not None and len(self.spool.current.lines) >= self.batch_size:
             self._wake.set()
 

@@ -1,9 +1,12 @@
 """The ledger spool: usage rows made durable on local disk before they are shipped.
 
 Each worker appends one JSON line per row to its own segment file with
-os.write: once the call returns the row is in the kernel's page cache, so a
-`kill -9` of the process loses nothing (only a crash of the machine itself
-can, and `fsync` bounds that).  Shipping seals the current segment (new rows
+os.write (a segment named *.spool2 starts with a header line, {"fields": [...]},
+and holds each row as a JSON array of its values in that order: cheaper to
+write than an object; one named *.spool holds JSON objects): once the call
+returns the row is in the kernel's page cache, so a `kill -9` of the process
+loses nothing (only a crash of the machine itself can, and `fsync` bounds
+that).  Shipping seals the current segment (new rows
 go to a fresh one), writes the sealed rows to the database, and deletes the
 segment only after that transaction committed.
 
@@ -25,13 +28,16 @@ import logging
 import os
 import secrets
 import time
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import orjson
 
+from .ledger_write import FieldValues, RowFields
 from .url import parse
 
-SUFFIX = ".spool"
+SUFFIX = ".spool"           # rows as JSON objects
+TUPLE_SUFFIX = ".spool2"    # a header naming the fields, then rows as JSON arrays (see the docstring)
+SUFFIXES = (SUFFIX, TUPLE_SUFFIX)
 FSYNC_MODES = ("always", "batch", "never")
 
 
@@ -43,18 +49,24 @@ def default_spool_dir(db: str) -> str:
 
 
 class Segment:
-    """One spool file and the rows it holds (as written, one JSON line each)."""
+    """One spool file and the rows it holds: each as this worker appended it (a row object, shipped
+    from memory and never parsed back) or as read from an adopted file (one JSON line, bytes)."""
 
-    __slots__ = ("path", "fd", "lines", "size")
+    __slots__ = ("path", "fd", "lines", "size", "fields")
 
-    def __init__(self, path: str, fd: int, lines: Optional[list[bytes]] = None) -> None:
+    def __init__(self, path: str, fd: int, lines: Optional[list] = None,
+                 fields: Optional[RowFields] = None) -> None:
         self.path, self.fd = path, fd
-        self.lines: list[bytes] = lines if lines is not None else []
+        self.fields = fields        # the header's field names: what an array line's values are
+        self.lines: list[Any] = lines if lines is not None else []
         self.size = sum(len(line) for line in self.lines)
 
-    def rows(self, log: logging.Logger) -> list[dict]:
+    def rows(self, log: logging.Logger) -> list:
         out = []
         for line in self.lines:
+            if type(line) is not bytes:
+                out.append(line)
+                continue
             try:
                 row = orjson.loads(line)
             except orjson.JSONDecodeError:
@@ -63,6 +75,10 @@ class Segment:
                 continue
             if isinstance(row, dict):
                 out.append(row)
+            elif isinstance(row, list) and self.fields is not None and len(row) == len(self.fields.names):
+                out.append(FieldValues(self.fields, tuple(row)))
+            else:
+                log.error("ledger spool %s: a line of an unknown shape left out: %r", self.path, line[:200])
         return out
 
     def release(self) -> None:
@@ -76,7 +92,7 @@ class Segment:
 
 class LedgerSpool:
     def __init__(self, directory: str, log: logging.Logger, *, max_bytes: int = 256 << 20,
-                 warn_bytes: int = 16 << 20, fsync: str = "batch") -> None:
+                 warn_bytes: int = 16 << 20, fsync: str = "batch", fields: Optional[Sequence[str]] = None) -> None:
         if fsync not in FSYNC_MODES:
             raise ValueError(f"ledger spool fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
         self.directory = directory
@@ -84,6 +100,10 @@ class LedgerSpool:
         self.max_bytes = max_bytes
         self.warn_bytes = min(warn_bytes, max_bytes)
         self.fsync = fsync
+        # With `fields`, segments are *.spool2 and rows are appended as arrays of those fields' values.
+        self.fields = RowFields(fields, fields) if fields is not None else None
+        self._header = (orjson.dumps({"fields": list(fields)}, option=orjson.OPT_APPEND_NEWLINE)
+                        if fields is not None else b"")
         self._name = f"ledger-{os.getpid()}-{secrets.token_hex(4)}"
         self._seq = 0
         self.current: Optional[Segment] = None
@@ -99,20 +119,24 @@ class LedgerSpool:
 
     def _new_segment(self) -> Segment:
         self._seq += 1
-        final = os.path.join(self.directory, f"{self._name}-{self._seq}{SUFFIX}")
+        suffix = TUPLE_SUFFIX if self._header else SUFFIX
+        final = os.path.join(self.directory, f"{self._name}-{self._seq}{suffix}")
         temp = os.path.join(self.directory, f".{self._name}-{self._seq}.tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        if self._header:
+            os.write(fd, self._header)      # before the name: a segment is never seen without it
         os.rename(temp, final)
-        return Segment(final, fd)
+        return Segment(final, fd, fields=self.fields)
 
     # -- request path ----------------------------------------------------------
 
-    def append(self, line: bytes) -> None:
-        """Make one row durable (see the module's docstring); it also stays in memory."""
+    def append(self, line: bytes, row: Any = None) -> None:
+        """Make one row durable (see the module's docstring); it also stays in memory, as `row` (what
+        `line` encodes, in a form store.write_ledger takes) when given."""
         seg = self.current
         assert seg is not None
-        seg.lines.append(line)
+        seg.lines.append(line if row is None else row)
         seg.size += len(line)
         self._grew(len(line))
         try:
@@ -186,7 +210,7 @@ class LedgerSpool:
             # A worker that died between creating a segment and naming it leaves
             # an empty temporary file; a young one may be a live worker's, mid-creation.
             leftover_temp = name.startswith(".ledger-") and name.endswith(".tmp") and _older_than(path, 60)
-            if path in mine or not (name.endswith(SUFFIX) or leftover_temp):
+            if path in mine or not (name.endswith(SUFFIXES) or leftover_temp):
                 continue
             seg = self._lock(path)
             if seg is None:
@@ -218,7 +242,8 @@ class LedgerSpool:
             return None
         with os.fdopen(os.dup(fd), "rb") as f:
             data = f.read()
-        return Segment(path, fd, [line + b"\n" for line in data.split(b"\n") if line])
+        fields, lines = parse_segment(data)
+        return Segment(path, fd, lines, fields)
 
     def close(self) -> None:
         """Let go of every segment: empty ones are deleted, the others stay for
@@ -234,6 +259,40 @@ class LedgerSpool:
     @property
     def pending(self) -> int:
         return sum(len(s.lines) for s in self.sealed) + (len(self.current.lines) if self.current else 0)
+
+
+def parse_segment(data: bytes) -> tuple[Optional[RowFields], list[bytes]]:
+    """A segment file's content: the fields its header names (None without one) and its row lines."""
+    lines = [line + b"\n" for line in data.split(b"\n") if line]
+    fields = None
+    if lines and lines[0].startswith(b'{"fields":'):
+        try:
+            names = orjson.loads(lines[0])["fields"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            names = None
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            fields = RowFields(names, names)      # values as spooled: each converted if it needs to be
+            lines = lines[1:]
+    return fields, lines
+
+
+def spooled_rows(directory: str) -> list[dict]:
+    """Every row in the segment files under `directory`, oldest segment first, as field -> value (for
+    inspection and tests; a segment deleted meanwhile is skipped)."""
+    out: list[dict] = []
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(SUFFIXES))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                fields, lines = parse_segment(f.read())
+        except FileNotFoundError:
+            continue
+        seg = Segment(name, -1, lines, fields)
+        out.extend(r.as_dict() if isinstance(r, FieldValues) else r for r in seg.rows(logging.getLogger(__name__)))
+    return out
 
 
 def _older_than(path: str, seconds: float) -> bool:

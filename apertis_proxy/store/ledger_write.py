@@ -12,8 +12,9 @@ statement, the daily rollup too).
 from __future__ import annotations
 
 import logging
+import operator
 import sqlite3
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import orjson
 
@@ -25,6 +26,10 @@ log = logging.getLogger("apertis_proxy.store.ledger")
 
 # UsageRecord field -> ledger column, where the names differ.
 COLUMN_OF_FIELD = {"started_at": "ts"}
+# Values stored as JSON text (what a row from the spool holds in its nested fields).
+_JSON_TYPES = (dict, list)
+_PLAIN = frozenset((str, int, float, type(None)))
+_first = operator.itemgetter(0)
 # Rows per INSERT statement: one statement stepped once per row costs ~3k more
 # instructions per row (callgrind); two statement texts keep SQLite's cache warm.
 ROWS_PER_STATEMENT = 64
@@ -75,15 +80,88 @@ class LedgerRows:
         self.per_statement = max(1, min(ROWS_PER_STATEMENT, MAX_PARAMS // width))
         self.insert_one = insert + values + tail
         self.insert_many = insert + ", ".join([values] * self.per_statement) + tail
+        # The row's values in column order, in one C call (a single column gives a value, not a tuple).
+        pick = operator.itemgetter(*self.fields)
+        self._pick = pick if len(self.fields) > 1 else (lambda row: (pick(row),))
+        self._pickers: dict[RowFields, tuple[Callable, tuple[int, ...]]] = {}
 
-    def values(self, row: Mapping[str, Any]) -> list:
-        out = []
-        for name in self.fields:
-            value = row.get(name)
-            if isinstance(value, (dict, list)):
-                value = orjson.dumps(value).decode()
-            out.append(value)
-        return out
+    def values(self, row: Any, *, every: bool = False) -> list:
+        """The row's values in column order, as stored.  A FieldValues row has only its `loose` fields
+        looked at, unless `every` (a row refused as it was: a field held what its type did not say)."""
+        if type(row) is FieldValues:
+            pick, loose = self._picker(row.fields)
+            out = list(pick(row.values))
+            for i in (range(len(out)) if every else loose):
+                if type(out[i]) not in _PLAIN:
+                    out[i] = _column_value(out[i])
+            return out
+        try:
+            picked = self._pick(row)
+        except KeyError:        # a row without some field (spooled by an older version): NULL there
+            picked = [row.get(name) for name in self.fields]
+        return [v if type(v) in _PLAIN else _column_value(v) for v in picked]
+
+    def _picker(self, fields: "RowFields") -> tuple[Callable, tuple[int, ...]]:
+        """Picks the columns' values out of a value tuple in the order of `fields`, and the positions
+        (among the columns) of the values that may need converting; cached per field order."""
+        picker = self._pickers.get(fields)
+        if picker is None:
+            where = {name: i for i, name in enumerate(fields.names)}
+            missing = len(fields.names)     # a field the tuple lacks reads the None appended below
+            at = [where.get(name, missing) for name in self.fields]
+            pick = operator.itemgetter(*at) if len(at) > 1 else (lambda values: (values[at[0]],))
+            loose = tuple(i for i, name in enumerate(self.fields) if name in fields.loose)
+            picker = ((lambda values: pick(values + (None,))) if missing in at else pick), loose
+            self._pickers[fields] = picker
+        return picker
+
+class RowFields:
+    """The field names of FieldValues rows, and which of them may hold a dict, a list or a bool
+    (values stored converted: JSON text, 0/1); the others hold str, int, float or None."""
+
+    __slots__ = ("names", "loose")
+
+    def __init__(self, names: Sequence[str], loose: Iterable[str]) -> None:
+        self.names = tuple(names)
+        self.loose = frozenset(loose)
+
+
+class FieldValues:
+    """A row as a tuple of values in the order of `fields.names` (UsageRecord field names): cheaper
+    to build than a dict, and read like one by `get`."""
+
+    __slots__ = ("fields", "values")
+
+    def __init__(self, fields: RowFields, values: tuple) -> None:
+        self.fields, self.values = fields, values
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self.values[self.fields.names.index(name)]
+        except ValueError:
+            return default
+
+    def as_dict(self) -> dict:
+        return dict(zip(self.fields.names, self.values))
+
+
+def stored_values(values: Sequence, at: Iterable[int]) -> tuple:
+    """`values` with those at the positions `at` as the ledger stores them: dicts and lists as JSON
+    text, bools as 0/1 (values already so are left alone)."""
+    out = list(values)
+    for i in at:
+        if type(out[i]) not in _PLAIN:
+            out[i] = _column_value(out[i])
+    return tuple(out)
+
+
+def _column_value(value: Any) -> Any:
+    if isinstance(value, _JSON_TYPES):
+        return orjson.dumps(value).decode()
+    if isinstance(value, bool):
+        # As 0/1 here: sqlite3 adapts a bool only after a failed look-up for an adapter (~2k instructions).
+        return int(value)
+    return value
 
 
 def ledger_shape(conn) -> LedgerRows:
@@ -130,7 +208,7 @@ def write_ledger_rows(conn, rows: Sequence[Mapping[str, Any]], shape: Optional[L
         refused = []
         for row in rows:
             try:
-                inserted += write(conn, shape, [shape.values(row)], settle)
+                inserted += write(conn, shape, [shape.values(row, every=True)], settle)
             except _row_errors() as exc:
                 refused.append((row, exc))
     except sqlite3.OperationalError as exc:
@@ -140,15 +218,17 @@ def write_ledger_rows(conn, rows: Sequence[Mapping[str, Any]], shape: Optional[L
         raise LedgerUnavailable(f"{type(first_error).__name__}: {first_error}") from first_error
     for row, exc in refused:
         log.error("usage row refused by the ledger and left out (%s: %s): %s",
-                  type(exc).__name__, exc, orjson.dumps(row).decode())
+                  type(exc).__name__, exc,
+                  orjson.dumps(row.as_dict() if type(row) is FieldValues else row).decode())
         if rejected is not None:
             rejected.append(str(row.get("request_id")))
     return inserted
 
 
 # What a row itself can be refused for (OperationalError is the database's state, handled apart).
-_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, ValueError, TypeError,
-               OverflowError)
+# ProgrammingError: a value sqlite3 cannot bind (a dict in a field declared as text; converted on the retry).
+_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, sqlite3.ProgrammingError,
+               ValueError, TypeError, OverflowError)
 
 
 def _row_errors() -> tuple:
@@ -190,8 +270,8 @@ def shipped_request_ids(conn, request_ids: Sequence[str]) -> set[str]:
     chunk = 500
     for i in range(0, len(request_ids), chunk):
         part = list(request_ids[i:i + chunk])
-        found.update(r[0] for r in conn.execute(
-            f"SELECT request_id FROM usage WHERE request_id IN ({', '.join('?' * len(part))})", part))
+        found.update(map(_first, conn.execute(
+            f"SELECT request_id FROM usage WHERE request_id IN ({', '.join('?' * len(part))})", part)))
     return found
 
 

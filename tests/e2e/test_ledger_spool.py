@@ -18,7 +18,7 @@ from apertis_plugins.sqlite_meter import SqliteMeter
 from apertis_proxy.plugin_api import PluginContext, UsageRecord
 from apertis_proxy.store import schema
 from apertis_proxy.store.keys import create_key
-from apertis_proxy.store.ledger_spool import LedgerSpool
+from apertis_proxy.store.ledger_spool import LedgerSpool, spooled_rows
 from apertis_proxy.store.service import open_store
 from tests.support.rawhttp import RawConnection
 
@@ -66,8 +66,7 @@ def spend(conn) -> dict[int, tuple[float, int]]:
 
 
 def spooled(directory: str) -> list[dict]:
-    return [orjson.loads(line) for p in sorted(Path(directory).glob("*.spool"))
-            for line in p.read_bytes().splitlines()]
+    return spooled_rows(directory)
 
 
 async def test_shipping_the_same_rows_twice_counts_them_once(db):
@@ -96,7 +95,7 @@ async def test_a_spool_replayed_after_its_rows_were_committed_does_not_double_co
         for i in range(40):
             await meter.record(record(i, alice))
         segment = meter.spool.current.path
-        copy = Path(meter.spool.directory) / "ledger-1-dead-1.spool"
+        copy = Path(meter.spool.directory) / "ledger-1-dead-1.spool2"
         shutil.copy(segment, copy)          # the dead worker's segment, its rows already in the ledger
         assert await meter.flush()
         assert len(ledger(conn)) == 40
@@ -107,6 +106,77 @@ async def test_a_spool_replayed_after_its_rows_were_committed_does_not_double_co
         assert second.shipped == 40 and second.written == 0
     assert len(ledger(conn)) == 40 and spend(conn) == shipped_once
     assert not copy.exists()
+
+
+async def test_rows_shipped_from_memory_equal_rows_read_back_from_either_spool_format(db, tmp_path):
+    """The meter ships its own rows from memory; a stopped worker's rows are read from its file, as JSON arrays
+    after a header (*.spool2) or as objects (*.spool, written by earlier versions).  All three give the same
+    ledger rows: nested values as JSON text, bools as 0/1."""
+    path, conn, (alice, _) = db
+
+    def shipped(first: int) -> list[dict]:
+        rows = [dict(r) for r in conn.execute("SELECT * FROM usage WHERE request_id >= ? ORDER BY request_id",
+                                              (f"req_{first:024x}",))]
+        for r in rows:
+            del r["id"], r["request_id"]
+        return rows
+
+    def full(i: int) -> UsageRecord:
+        r = record(i, alice)
+        r.stream, r.reached_upstream, r.iterations = True, True, [{"type": "message", "input_tokens": 3}]
+        r.attempt_log = [{"channel": "main", "channel_id": 1, "outcome": "ok", "status": 200}]
+        r.started_at, r.input_tokens = 1_760_000_000.5, 100     # the same row but for its request id
+        return r
+
+    async with running(meter_for(path)) as meter:
+        await meter.record(full(0))                             # from memory
+        assert await meter.flush()
+        await meter.record(full(100))
+        segment = meter.spool.current.path
+        assert segment.endswith(".spool2")
+        shutil.copy(segment, Path(meter.spool.directory) / "ledger-1-dead-1.spool2")   # a stopped worker's
+        meter.spool.current.lines.clear()                       # only the copy ships it (the test's shortcut)
+        legacy = orjson.dumps(full(200)) + b"\n"                # an earlier version's line: the record's object
+        (Path(meter.spool.directory) / "ledger-2-dead-1.spool").write_bytes(legacy)
+    async with running(meter_for(path)) as second:              # adopts both files at start
+        assert await second.flush()
+        assert second.shipped == 2
+    assert shipped(0)[:1] == shipped(100)[:1] == shipped(200)
+    assert shipped(200)[0]["stream"] == 1 and orjson.loads(shipped(200)[0]["iterations"])[0]["input_tokens"] == 3
+    assert spooled_rows(str(Path(path + ".spool"))) == []
+
+
+async def test_a_field_holding_what_its_type_does_not_say_is_stored_as_json_and_the_batch_ships(db):
+    """Only the fields declared as dicts, lists or bools are converted on the request path; a plugin that put a
+    dict in a text field gets its row stored all the same (as JSON), and the rows around it too."""
+    path, conn, (alice, _) = db
+    odd = record(1, alice)
+    odd.error_type = {"kind": "custom"}
+    async with running(meter_for(path)) as meter:
+        for r in (record(0, alice), odd, record(2, alice)):
+            await meter.record(r)
+        assert await meter.flush()
+        assert meter.rejected == 0
+    stored = {r["request_id"]: r["error_type"] for r in conn.execute("SELECT request_id, error_type FROM usage")}
+    assert stored == {f"req_{0:024x}": None, f"req_{1:024x}": '{"kind":"custom"}', f"req_{2:024x}": None}
+
+
+async def test_an_unreadable_line_is_left_out_and_logged_the_others_ship(db, caplog):
+    path, conn, (alice, _) = db
+    async with running(meter_for(path)) as meter:
+        directory = Path(meter.spool.directory)
+        await meter.record(record(1, alice))
+        good = Path(meter.spool.current.path).read_bytes()
+        header, line = good.splitlines(keepends=True)
+        # A machine crash mid-write: a torn array, and an array of the wrong length.
+        (directory / "ledger-3-dead-1.spool2").write_bytes(header + line.replace(b"req_", b"req_x")
+                                                           + b'["req_torn", 1.0, "/v1/m' + b"\n" + b"[1, 2]\n")
+        meter.spool.current.lines.clear()
+    with caplog.at_level(logging.ERROR):
+        async with running(meter_for(path)) as second:
+            assert await second.flush()
+    assert [r["request_id"] for r in conn.execute("SELECT request_id FROM usage")] == [f"req_x{1:024x}"]
+    assert "unreadable line" in caplog.text and "unknown shape" in caplog.text
 
 
 async def test_a_locked_database_keeps_rows_spooled_on_disk_and_ships_them_when_it_returns(db):

@@ -10,11 +10,11 @@ import io
 import re
 from pathlib import Path
 
-import orjson
 import pytest
 
 from apertis_proxy import cli
 from apertis_proxy.store import service
+from apertis_proxy.store.ledger_spool import spooled_rows
 from tests.support.gateway_process import GatewayProcess
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
 from tests.support.pg_server import PgServer, PgUnavailable
@@ -34,14 +34,7 @@ class Host:
         return self.process.port
 
     def spooled_ids(self) -> set[str]:
-        ids = set()
-        for path in (self.workdir / "apertis-ledger.spool").glob("*.spool"):
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                continue
-            ids.update(orjson.loads(line)["request_id"] for line in data.splitlines())
-        return ids
+        return {r["request_id"] for r in spooled_rows(str(self.workdir / "apertis-ledger.spool"))}
 
 
 def _setup(db: str, upstream: MockUpstream) -> str:

@@ -16,10 +16,10 @@ import sqlite3
 import sys
 from pathlib import Path
 
-import orjson
 import pytest
 
 from apertis_proxy.store import channels, keys, schema
+from apertis_proxy.store.ledger_spool import spooled_rows
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
 from tests.support.rawhttp import RawConnection, request_bytes
 
@@ -99,13 +99,7 @@ class Served:
     def durable_ids(self) -> set[str]:
         """Request ids whose rows are in a spool file on disk or in the ledger.  The spool is read first: a
         segment deleted meanwhile was committed before, so the ledger read after it has its rows."""
-        ids = set()
-        for path in Path(self.spool_dir).glob("*.spool"):
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                continue
-            ids.update(orjson.loads(line)["request_id"] for line in data.splitlines())
+        ids = {r["request_id"] for r in spooled_rows(self.spool_dir)}
         return ids | {r["request_id"] for r in self.ledger()}
 
 
@@ -192,4 +186,4 @@ async def test_kill9_after_the_answers_loses_no_row_and_counts_none_twice(tmp_pa
     [(key_id, cost, tokens)] = served.spend()
     assert tokens == sum(sum(r[f] for f in COUNTS) for r in rows)
     assert cost == pytest.approx(sum(r["cost"] for r in rows), rel=1e-12)
-    assert list(Path(served.spool_dir).glob("*.spool")) == []     # everything shipped and deleted
+    assert spooled_rows(served.spool_dir) == []     # everything shipped and deleted
