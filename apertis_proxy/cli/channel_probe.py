@@ -14,6 +14,7 @@ from ..gateway.usage import redact
 from ..plugin_api import Channel
 from ..upstream.connection import UpstreamError
 from ..upstream.pool import Pools
+from .values import is_header_token
 
 DEFAULT_TEST_MODEL = "claude-haiku-4-5-20251001"
 
@@ -32,7 +33,8 @@ def probe_channel(channel: Channel, upstream_model: str, *, timeout: float = 30.
     `redact` in case an upstream or an exception echoes it.
     """
     key = channel.api_key
-    if not key or not all(33 <= ord(c) < 127 for c in key):
+    if not key or not is_header_token(key):
+        # Said plainly here: the header code refuses such a key with an error of its own.
         return ProbeResult(False, None, 0.0, "the channel's API key is empty or contains characters "
                                              "not allowed in an HTTP header; replace it with channels set")
     body = json.dumps({"model": upstream_model, "max_tokens": 1,

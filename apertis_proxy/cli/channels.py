@@ -63,7 +63,7 @@ def _read_api_key(value: Optional[str]) -> Optional[str]:
         value = sys.stdin.readline()
     value = value.strip()
     # The key goes into an HTTP header: printable ASCII without spaces only.
-    if not value or not all(33 <= ord(c) < 127 for c in value):
+    if not value or not values.is_header_token(value):
         raise ValueError("the API key must be non-empty printable ASCII without spaces")
     return value
 

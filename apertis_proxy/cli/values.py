@@ -87,8 +87,13 @@ def base_url(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def is_header_token(text: str) -> bool:
+    """Printable ASCII without spaces: what may go into an HTTP header value as is."""
+    return all(33 <= ord(c) < 127 for c in text)
+
+
 def header_value(value: str) -> str:
-    if not all(33 <= ord(c) < 127 for c in value.strip()):
+    if not is_header_token(value.strip()):
         raise argparse.ArgumentTypeError("must be printable ASCII without spaces")
     return value
 
