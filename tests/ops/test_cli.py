@@ -452,6 +452,33 @@ def test_channels_test_connection_refused(cli):
     assert cli("channels", "test", "missing")[0] == 1
 
 
+def test_channels_test_sends_the_gateways_upstream_headers(cli, upstream):
+    # The same header code as the gateway: the operator's workspace headers and the host line go upstream.
+    server = upstream()
+    cli("channels", "add", "ws", "--base-url", _url(server), "--api-key", UPSTREAM_KEY,
+        "--workspace-id", "wrkspc_01", "--user-profile-id", "prof_01")
+    code, out, err = cli("channels", "test", "ws")
+    assert code == 0, err
+    headers = server.seen[-1]["headers"]
+    assert headers["anthropic-workspace-id"] == "wrkspc_01"
+    assert headers["anthropic-user-profile-id"] == "prof_01"
+    assert headers["host"] == "{}:{}".format(*server.server_address[:2])
+    assert headers["user-agent"].startswith("apertis-proxy/")
+    assert UPSTREAM_KEY not in out + err
+
+
+def test_channels_test_over_tls_reports_a_failed_handshake(cli, upstream):
+    # https:// goes through TLS as the gateway does; a plain-HTTP peer fails the handshake.
+    server = upstream()
+    cli("channels", "add", "tls", "--base-url", _url(server).replace("http://", "https://"),
+        "--api-key", UPSTREAM_KEY)
+    code, out, err = cli("channels", "test", "tls", "--timeout", "5")
+    assert code == 1
+    assert "request failed" in err and "cannot connect" in err
+    assert UPSTREAM_KEY not in out + err
+    assert server.seen == []
+
+
 def test_channels_test_via_subprocess(db, upstream):
     server = upstream()
     run_module(db, "channels", "add", "up", "--base-url", _url(server), "--api-key", "-",

@@ -1,0 +1,65 @@
+"""The operator command line: `apertis-proxy serve|keys|channels|prices|usage|db`.
+
+One module per noun, each command's flags beside its handler; the SQL lives in
+`store/`.  Every edit goes straight to the store, where triggers bump the
+config revision that a running server polls, so no restart is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+from typing import Optional, Sequence
+
+from .. import __version__
+from ..plugin_host import PluginLoadError
+from ..store import service as store_service
+from . import channels, db, keys, prices, serve, usage
+from .commands import Commands
+from .database import DEFAULT_DB, redacted
+from .output import err
+from .values import parse_budget, parse_quota, parse_time
+
+__all__ = ["build_parser", "main", "parse_budget", "parse_quota", "parse_time"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --db may come at any level; SUPPRESS keeps an inner default from hiding an outer value.
+    db_parent = argparse.ArgumentParser(add_help=False)
+    db_parent.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS,
+                           help=f"SQLite database (default: env APERTIS_DB or {DEFAULT_DB})")
+
+    parser = argparse.ArgumentParser(
+        prog="apertis-proxy", parents=[db_parent], allow_abbrev=False,
+        description="Self-hosted gateway for the Anthropic Messages API.")
+    parser.add_argument("--version", action="version", version=f"apertis-proxy {__version__}")
+    commands = Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), db_parent)
+    for noun in (serve, keys, channels, prices, db, usage):
+        noun.add_commands(commands)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:      # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        return args.handler(args)
+    except argparse.ArgumentTypeError as exc:
+        err(str(exc))
+        return 2
+    except OverflowError:          # an integer option past what SQLite stores
+        err("a number given is too large")
+        return 2
+    except (ValueError, LookupError, OSError, sqlite3.Error, PluginLoadError, store_service.StoreUnavailable,
+            store_service.NewerSchemaError) as exc:
+        err(redacted(args, str(exc)))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

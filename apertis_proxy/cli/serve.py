@@ -1,0 +1,67 @@
+"""`apertis-proxy serve`: check the store, then run the gateway."""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+from .. import settings as settings_module
+from ..store import channels as channel_store
+from ..store import dbfile, key_encryption
+from ..store import keys as key_store
+from ..store.url import parse as parse_db_url
+from . import values
+from .channels import no_channel_help
+from .commands import Commands
+from .database import command_line, open_path
+
+
+def serve_flags(p) -> None:
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=values.port, help="port to listen on (default 8080)")
+    p.add_argument("--workers", type=values.positive_int, help="worker processes sharing the port")
+    p.add_argument("--config", metavar="FILE", help="TOML settings file (default: env APERTIS_CONFIG)")
+    p.add_argument("--log-level", type=str.upper, choices=settings_module.LOG_LEVELS)
+
+
+def cmd_serve(args) -> int:
+    overrides = {k: getattr(args, k) for k in ("host", "port", "workers", "log_level")
+                 if getattr(args, k) is not None}
+    if getattr(args, "db", None):
+        overrides["db"] = args.db
+    settings = settings_module.load(args.config, **overrides)
+    with open_path(settings.db) as conn:   # creates or migrates the schema before workers start
+        if not parse_db_url(settings.db).is_postgres and dbfile.readable_by_others(settings.db):
+            print(f"warning: {settings.db} holds upstream keys and other users may read it;"
+                  f" restrict it with: chmod 600 {shlex.quote(settings.db)}", file=sys.stderr)
+        created = channel_store.bootstrap_default_channel(conn, os.environ)
+        if created:
+            print(created, flush=True)
+        _check_key_storage(conn)
+        if channel_store.channel_count(conn) == 0:
+            print(no_channel_help(settings.db), flush=True)
+        elif not key_store.list_keys(conn):
+            create = command_line(settings.db, "keys", "create", "NAME")
+            print(f"no user key exists yet; create one with:\n  {create}", flush=True)
+    from ..server import run   # imported late: the CLI's other commands do not need the server
+    return int(run(settings) or 0)
+
+
+def _check_key_storage(conn) -> None:
+    """Refuse to serve channels whose keys cannot be opened; point out plain-text ones."""
+    storage = channel_store.key_storage(conn)
+    box = key_encryption.from_environment()
+    sealed = [c["name"] for c in storage if c["storage"] == "encrypted" and c["opens"] is not True]
+    if sealed:
+        raise key_encryption.SecretKeyError(
+            f"the upstream keys of channel(s) {', '.join(sealed)} are encrypted and "
+            + ("no key in" if box is not None else "not set:") + f" {key_encryption.ENV_KEY}"
+            + (" opens them" if box is not None else ""))
+    plain = [c["name"] for c in storage if c["storage"] == "plain text"]
+    if box is not None and plain:
+        print(f"warning: the upstream keys of channel(s) {', '.join(plain)} are stored in plain text;"
+              " encrypt them with: apertis-proxy db reencrypt", file=sys.stderr)
+
+
+def add_commands(commands: Commands) -> None:
+    commands.add("serve", cmd_serve, "run the gateway", serve_flags)
