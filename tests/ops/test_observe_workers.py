@@ -32,14 +32,17 @@ async def send(server: ServeProcess, key: str, n: int, tag: str) -> None:
 
 
 async def scrape_when(server: ServeProcess, requests: int) -> Samples:
-    """A scrape once it counts `requests` answered messages (each worker shares its figures every 0.1 s)."""
+    """A scrape once it counts `requests` answered messages and ledger rows (each worker shares its figures
+    every 0.1 s)."""
     seen: dict = {}
 
     async def counted() -> bool:
         status, _, text = await scrape(server.base_url)
         assert status == 200, text
         seen["samples"] = parse(text)
-        return total(seen["samples"], "apertis_requests_total", endpoint="/v1/messages") >= requests
+        # The ledger's row count moves when a worker ships its spool, after the answer: wait for both.
+        return (total(seen["samples"], "apertis_requests_total", endpoint="/v1/messages") >= requests
+                and total(seen["samples"], "apertis_ledger_rows_written_total") >= requests)
     await wait_for(counted, DRAIN_TIMEOUT, f"a scrape counting {requests} requests")
     return seen["samples"]
 
