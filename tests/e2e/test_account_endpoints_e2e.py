@@ -15,7 +15,7 @@ from apertis_proxy import cli
 from apertis_proxy.store import channels
 from tests.support.rawhttp import RawConnection
 from tests.e2e.test_observe_metrics import scrape_samples, total, value
-from tests.e2e.test_routing_e2e import poll
+from tests.support.gateway_requests import poll
 
 
 async def request(env, key: str, method: str, target: str, **kw):

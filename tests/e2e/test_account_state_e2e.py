@@ -7,7 +7,8 @@ import json
 import anthropic
 from anthropic import beta_async_tool
 
-from tests.e2e.test_routing_e2e import message, post
+from tests.support.gateway_requests import message
+from tests.support.gateway_requests import post_tagged as post
 
 THREADS_BETA = {"anthropic-beta": "message-threads-2026-08-12"}
 

@@ -6,7 +6,8 @@ import asyncio
 import logging
 
 from apertis_proxy import cli
-from tests.e2e.test_routing_e2e import channels_list, message, poll, post
+from tests.support.gateway_requests import channels_list, message, poll
+from tests.support.gateway_requests import post_tagged as post
 
 BILLING_HEADERS = {"anthropic-workspace-id": "wrkspc_client_choice", "anthropic-user-profile-id": "uprof_client"}
 

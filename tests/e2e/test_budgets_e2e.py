@@ -17,7 +17,7 @@ from apertis_proxy import cli
 from apertis_proxy.budgets.periods import period_end, period_start
 from apertis_proxy.store.budgets import UNKNOWN_KEY
 from tests.support.rawhttp import RawConnection
-from tests.e2e.test_limits_e2e import SONNET, assert_error, message, poll, post
+from tests.support.gateway_requests import SONNET, assert_error, message, poll, post
 
 
 def run_cli(capsys, db: str, *args: str) -> str:

@@ -8,27 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import anthropic
 import pytest
 
 from apertis_proxy import cli
+from tests.support.gateway_requests import HAIKU, SONNET, assert_error, message, poll, post
 from tests.support.rawhttp import RawConnection, RawResponse, request_bytes
 
-HAIKU = "claude-haiku-4-5-20251001"
-SONNET = "claude-sonnet-4-5-20250929"
 PACED = {"x-mock-scenario": "event-delay=0.03"}      # a stream that stays in flight for about half a second
-
-
-def message(text: str = "limit me", *, stream: bool = False, model: str = HAIKU, **extra: Any) -> dict:
-    return {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": text}],
-            "stream": stream, **extra}
-
-
-async def post(env, key: str, body: dict, headers: Optional[dict] = None) -> RawResponse:
-    async with await RawConnection.open(env.gateway.host, env.gateway.port) as conn:
-        return await conn.request("POST", "/v1/messages", {"x-api-key": key, **(headers or {})}, json_body=body)
 
 
 async def open_stream(env, key: str, headers: Optional[dict] = None) -> tuple[RawConnection, RawResponse]:
@@ -37,22 +26,6 @@ async def open_stream(env, key: str, headers: Optional[dict] = None) -> tuple[Ra
     await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": key, **PACED, **(headers or {})},
                                   json_body=message("hold the line", stream=True)))
     return conn, await conn.read_head()
-
-
-def assert_error(response: RawResponse, status: int, error_type: str) -> dict:
-    assert response.status == status, response.body
-    body = response.json()
-    assert body["type"] == "error" and body["error"]["type"] == error_type
-    assert body["request_id"] == response.header("request-id")
-    return body
-
-
-async def poll(predicate, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 def settled_spend(env, name: str) -> tuple[float, int]:

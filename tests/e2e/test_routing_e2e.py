@@ -6,13 +6,10 @@ Which channel served a request is read from what each mock received (every reque
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import socket
 import subprocess
 import sys
 from importlib.metadata import EntryPoint
-from typing import Any, Optional
 
 import anthropic
 import pytest
@@ -24,59 +21,15 @@ from apertis_proxy.plugin_host import PluginLoadError
 from apertis_plugins.channel_router import ChannelRouter
 from apertis_plugins.keys_auth import KeysAuth
 from apertis_plugins.sqlite_meter import SqliteMeter
-from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
-from tests.support.rawhttp import RawConnection, RawResponse
+from tests.support.mock_upstream import MOCK_API_KEY
+from tests.support.gateway_requests import (HAIKU, SONNET, channels_list, closed_port_url, message, poll,
+                                           receivers)
+from tests.support.gateway_requests import post_tagged as post
+from tests.support.rawhttp import RawConnection
 
-HAIKU = "claude-haiku-4-5-20251001"
-SONNET = "claude-sonnet-4-5-20250929"
-_seq = itertools.count(1)
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
-
-def message(text: str = "route me", *, stream: bool = False, model: str = HAIKU, **extra: Any) -> dict:
-    return {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": text}],
-            "stream": stream, **extra}
-
-
-async def post(env, key: str, body: dict, headers: Optional[dict] = None) -> tuple[RawResponse, str]:
-    """One request on its own connection; returns the response and the request's `x-test-seq` tag."""
-    tag = str(next(_seq))
-    async with await RawConnection.open(env.gateway.host, env.gateway.port) as conn:
-        response = await conn.request("POST", "/v1/messages",
-                                      {"x-api-key": key, "x-test-seq": tag, **(headers or {})}, json_body=body)
-    return response, tag
-
-
-def receivers(tag: str, mocks: dict[str, MockUpstream]) -> list[str]:
-    """Names of the mocks that received the request tagged `tag`, in no particular order."""
-    return [name for name, mock in mocks.items()
-            if any(r.headers.get("x-test-seq") == tag for r in mock.requests)]
-
-
-def closed_port_url() -> str:
-    """A URL on which nothing listens: connecting is refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
-def channels_list(db: str, capsys) -> dict[str, str]:
-    """`apertis-proxy channels list`, one output line per channel name."""
-    capsys.readouterr()
-    assert cli.main(["channels", "list", "--db", db]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    return {line.split()[0]: line for line in lines[1:] if line.strip()}
-
-
-async def poll(predicate, timeout: float = 5.0, interval: float = 0.02) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(interval)
-
 
 # -- discovery -----------------------------------------------------------------------------------------------------
 
@@ -575,10 +528,10 @@ def test_the_head_check_chain_defers_refuses_and_admits():
     defer, admit, no_hook = _Plugin(check_head=lambda r: None), _Plugin(check_head=lambda r: True), _Plugin()
     plugin_host.PluginHost([("a", defer), ("b", admit)], [], []).check_head(None)
     plugin_host.PluginHost([("a", defer), ("c", no_hook)], [], []).check_head(None)
-    for chain, message in ([("a", defer)], "invalid x-api-key"), ([("r", _Plugin(check_head=refuse))], "not yours"):
+    for chain, expected in ([("a", defer)], "invalid x-api-key"), ([("r", _Plugin(check_head=refuse))], "not yours"):
         with pytest.raises(GatewayError) as err:
             plugin_host.PluginHost(chain, [], []).check_head(None)
-        assert (err.value.status, err.value.error_type, err.value.message) == (401, "authentication_error", message)
+        assert (err.value.status, err.value.error_type, err.value.message) == (401, "authentication_error", expected)
 
 
 async def test_a_reject_with_a_success_status_is_not_sent_as_one(caplog):

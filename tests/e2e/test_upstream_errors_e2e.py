@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.e2e.test_routing_e2e import channels_list, message, poll, post
+from tests.support.gateway_requests import channels_list, message, poll
+from tests.support.gateway_requests import post_tagged as post
 
 CHANNEL_KEY = "sk-ant-api03-" + "Zq7xK2mP9vL4nR8tW1yB3cD5f"   # 42 characters, as a channel key may be
 

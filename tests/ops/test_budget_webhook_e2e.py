@@ -12,7 +12,7 @@ import pytest
 from apertis_proxy.budgets.periods import period_start
 from apertis_proxy.store import keys as key_store
 from apertis_proxy.store import schema
-from tests.e2e.test_limits_e2e import assert_error, message, poll, post
+from tests.support.gateway_requests import assert_error, message, poll, post
 from tests.support.processes import wait_for
 from tests.ops.test_server_lifecycle import configured_server, usage_rows
 from tests.support.rawhttp import RawConnection
