@@ -15,7 +15,7 @@ import pytest
 from tests.support.mock_upstream import MOCK_API_KEY
 from tests.support.rawhttp import RawConnection
 from tests.support.processes import MODEL, ServeProcess, sdk_client, wait_for
-from tests.ops.test_server_lifecycle import DRAIN_TIMEOUT, configured_server, usage_rows
+from tests.support.served_gateway import DRAIN_TIMEOUT, configured_server, usage_rows
 
 ACCESS_FIELDS = {"time", "level", "logger", "message", "request_id", "key_name", "client", "method", "path",
                  "requested_model", "upstream_model", "channel_name", "attempts", "status", "error_type", "stream",

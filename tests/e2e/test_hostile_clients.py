@@ -16,7 +16,7 @@ from apertis_proxy.plugin_api import AUTH_GROUP
 from tests.support.rawhttp import RawConnection, request_bytes
 from tests.e2e.test_gateway_http import assert_gateway_error
 from tests.support.processes import MODEL, ServeProcess, sdk_client
-from tests.ops.test_server_lifecycle import prepare_db
+from tests.support.served_gateway import prepare_db
 
 BIG = 30 * 1024 * 1024
 # A read timeout far below the body timeout: an answer must come from the head, not after the body.

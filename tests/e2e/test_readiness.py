@@ -10,7 +10,7 @@ import signal
 from apertis_proxy.store import channels
 from tests.support.rawhttp import RawConnection
 from tests.support.processes import connect_refused, wait_for
-from tests.ops.test_server_lifecycle import DRAIN_TIMEOUT, StreamWatcher, configured_server
+from tests.support.served_gateway import DRAIN_TIMEOUT, StreamWatcher, configured_server
 
 
 async def probe(host: str, port: int, path: str = "/ready") -> tuple[int, dict]:

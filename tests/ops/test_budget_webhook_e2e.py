@@ -14,7 +14,7 @@ from apertis_proxy.store import keys as key_store
 from apertis_proxy.store import schema
 from tests.support.gateway_requests import assert_error, message, poll, post
 from tests.support.processes import wait_for
-from tests.ops.test_server_lifecycle import configured_server, usage_rows
+from tests.support.served_gateway import configured_server, usage_rows
 from tests.support.rawhttp import RawConnection
 
 QUOTA = 60                  # tokens a day; each mock reply here spends 15 (8 in, 7 out)

@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.mock_upstream import MOCK_API_KEY
 from tests.support.processes import CliRunner, ServeProcess, sdk_client, wait_for
-from tests.ops.test_server_lifecycle import usage_rows
+from tests.support.served_gateway import usage_rows
 
 MODEL = "claude-haiku-4-5-20251001"
 REVOKED_KEY = "sk-ant-revoked-key-0123456789abcdef"

@@ -15,8 +15,8 @@ import pytest
 
 from tests.e2e.test_observe_metrics import COST_UNIT, Samples, parse, scrape, total, value
 from tests.support.processes import MODEL, ServeProcess, sdk_client, wait_for
-from tests.ops.test_server_lifecycle import (DRAIN_TIMEOUT, configured_server, crash_and_replace, listening_workers,
-                                             usage_rows)
+from tests.support.served_gateway import DRAIN_TIMEOUT, configured_server, usage_rows
+from tests.support.workers import crash_and_replace, listening_workers
 
 FLUSH_INTERVAL = 0.1
 SETTLE = 10 * FLUSH_INTERVAL        # long enough for every worker to have shared its figures several times

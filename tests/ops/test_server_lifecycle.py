@@ -12,96 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import socket
-import sqlite3
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import anthropic
 import pytest
 
-from apertis_proxy import supervisor
 from apertis_proxy.server import Gateway
-from apertis_proxy.store import channels, keys, schema
-from tests.support.mock_upstream import MOCK_API_KEY
 from tests.support.rawhttp import RawConnection, parse_sse, request_bytes
+from tests.support.served_gateway import DRAIN_TIMEOUT, StreamWatcher, configured_server, prepare_db, usage_rows
+from tests.support.workers import TCP_ESTABLISHED, TCP_LISTEN, crash_and_replace, listening_workers, sockets_of
 from tests.support.processes import MODEL, ServeProcess, connect_refused, sdk_client, wait_for
 
 # Long enough for a stream of ~20 events to be clearly "in flight" when the signal arrives.
-LONG_TEXT = "please keep streaming while the gateway drains its connections one by one"
-DRAIN_TIMEOUT = 10.0
-
-
-def prepare_db(db: str, upstream_url: str) -> str:
-    """A store with one channel to the mock and one key; returns the key."""
-    conn = schema.connect(db)
-    try:
-        channels.add_channel(conn, "main", upstream_url, MOCK_API_KEY)
-        return keys.create_key(conn, "alice")[1]
-    finally:
-        conn.close()
-
-
-def configured_server(tmp_path: Path, upstream_url: str, config: str, *args: str) -> tuple[ServeProcess, str, str]:
-    """(an unstarted ServeProcess with `config` as its TOML file, its store, the key): the store has one channel
-    to `upstream_url` and one key."""
-    db = str(tmp_path / "gateway.db")
-    key = prepare_db(db, upstream_url)
-    path = tmp_path / "apertis.toml"
-    path.write_text(config)
-    return ServeProcess(tmp_path, db, "--config", str(path), *args), db, key
-
-
-def usage_rows(db: str) -> list[dict]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM usage ORDER BY id")]
-    finally:
-        conn.close()
-
-
-class StreamWatcher:
-    """Streams one reply through the SDK in a task; records every event and how it ended."""
-
-    def __init__(self, base_url: str, key: str, scenario: str, text: str = LONG_TEXT) -> None:
-        self.events: list[str] = []
-        self.pieces: list[str] = []
-        self.final: Optional[anthropic.types.Message] = None
-        self.error: Optional[BaseException] = None
-        self.first_event = asyncio.Event()
-        self.task = asyncio.create_task(self._run(base_url, key, scenario, text))
-
-    async def _run(self, base_url: str, key: str, scenario: str, text: str) -> None:
-        try:
-            async with sdk_client(base_url, key) as client:
-                async with client.messages.stream(
-                        model=MODEL, max_tokens=256, messages=[{"role": "user", "content": text}],
-                        extra_headers={"x-mock-scenario": scenario}) as stream:
-                    async for event in stream:
-                        self.events.append(event.type)
-                        self.first_event.set()
-                        if event.type == "text":
-                            self.pieces.append(event.text)
-                    self.final = await stream.get_final_message()
-        except Exception as exc:     # a cut stream surfaces as a transport or API error
-            self.error = exc
-        finally:
-            self.first_event.set()
-
-    async def started(self) -> None:
-        await asyncio.wait_for(self.first_event.wait(), DRAIN_TIMEOUT)
-        assert self.events, f"the stream failed before its first event: {self.error!r}"
-
-    async def finished(self) -> None:
-        await asyncio.wait_for(self.task, DRAIN_TIMEOUT)
-
-
 # -- signals -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -160,85 +88,6 @@ async def test_stream_outliving_the_shutdown_deadline_is_cut_and_metered(tmp_pat
 
 
 # -- workers -------------------------------------------------------------------------------------------------------
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) ": state, ppid, ...
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-def socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in fd_dir.iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
-
-
-TCP_LISTEN, TCP_ESTABLISHED = "0A", "01"
-
-
-def tcp_sockets() -> list[tuple[int, int, str, int]]:
-    """(local port, remote port, state, inode) of every TCP socket in this network namespace."""
-    result = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            result.append((int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16), f[3], int(f[9])))
-    return result
-
-
-def sockets_of(pid: int, *, local_port: Optional[int] = None, remote_port: Optional[int] = None,
-               state: str) -> int:
-    mine = socket_inodes(pid)
-    return sum(1 for lport, rport, st, inode in tcp_sockets()
-               if inode in mine and st == state
-               and (local_port is None or lport == local_port) and (remote_port is None or rport == remote_port))
-
-
-async def listening_workers(server, n: int) -> list[int]:
-    """The pids of the server's `n` workers, once each of them listens on the port."""
-    workers: list[int] = []
-
-    async def all_listening() -> bool:
-        workers[:] = children_of(server.proc.pid)
-        return len(workers) == n and all(sockets_of(w, local_port=server.port, state=TCP_LISTEN) == 1
-                                         for w in workers)
-    await wait_for(all_listening, DRAIN_TIMEOUT, f"{n} workers listening on the port")
-    return workers
-
-
-async def crash_and_replace(server, victim: int) -> list[int]:
-    """SIGKILL one worker once past start-up (a death then is a crash); the pids of the two workers listening
-    after the parent replaced it."""
-    await asyncio.sleep(supervisor.WORKER_START_GRACE)
-    os.kill(victim, signal.SIGKILL)
-
-    async def reaped() -> bool:
-        return victim not in children_of(server.proc.pid)
-    await wait_for(reaped, DRAIN_TIMEOUT, "the killed worker to be reaped")
-    workers = await listening_workers(server, 2)           # a new one in its place
-    assert victim not in workers
-    return workers
-
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets and processes from Linux /proc")
 async def test_two_workers_share_the_port(tmp_path, mock_upstream):
