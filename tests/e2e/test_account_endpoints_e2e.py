@@ -14,7 +14,7 @@ import pytest
 from apertis_proxy import cli
 from apertis_proxy.store import channels
 from tests.support.rawhttp import RawConnection
-from tests.e2e.test_observe_metrics import scrape_samples, total, value
+from tests.support.metrics import scrape_samples, total, value
 from tests.support.gateway_requests import poll
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
 
 import pytest
@@ -17,10 +16,11 @@ import pytest
 from tests.support.gateway_env import NO_COOLDOWNS
 from tests.support.mock_replies import REPLY_TAIL
 from tests.support.mock_upstream import MOCK_API_KEY
-from tests.support.rawhttp import RawConnection, RawResponse, chunked, parse_sse, request_bytes
+from tests.support.gateway_requests import REQUEST_ID
+from tests.support.gateway_requests import assert_error as assert_gateway_error
+from tests.support.rawhttp import RawConnection, chunked, parse_sse, request_bytes
 
 MODEL = "claude-haiku-4-5-20251001"
-REQUEST_ID = re.compile(r"req_[0-9a-f]{24}")
 MAX_BODY = 32 * 1024 * 1024
 
 
@@ -39,17 +39,6 @@ def sse_text(events: list) -> str:
         if name == "content_block_delta":
             pieces.append(json.loads(data)["delta"].get("text", ""))
     return "".join(pieces)
-
-
-def assert_gateway_error(response: RawResponse, status: int, error_type: str, message_part: str = "") -> dict:
-    """An error in Anthropic's shape, with the request-id header echoed in the body."""
-    assert response.status == status, response.body
-    body = response.json()
-    assert body["type"] == "error" and body["error"]["type"] == error_type, body
-    assert message_part in body["error"]["message"]
-    assert REQUEST_ID.fullmatch(response.header("request-id") or ""), response.headers
-    assert body["request_id"] == response.header("request-id")
-    return body
 
 
 async def connect(env) -> RawConnection:

@@ -14,7 +14,7 @@ import pytest
 from apertis_proxy import plugin_host
 from apertis_proxy.plugin_api import AUTH_GROUP
 from tests.support.rawhttp import RawConnection, request_bytes
-from tests.e2e.test_gateway_http import assert_gateway_error
+from tests.support.gateway_requests import assert_error as assert_gateway_error
 from tests.support.processes import MODEL, ServeProcess, sdk_client
 from tests.support.served_gateway import prepare_db
 

@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 
 from tests.support.rawhttp import RawConnection, RawResponse
-from tests.e2e.test_observe_metrics import scrape_samples, total, value
+from tests.support.metrics import scrape_samples, total, value
 
 ACCESS = "apertis_proxy.access"
 SMALL_LIMITS = {"log_format": "json", "max_header_bytes": 2048, "max_body_bytes": 1000}

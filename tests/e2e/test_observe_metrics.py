@@ -8,49 +8,17 @@ back at 0. Clients outside `[metrics] allow` get 403.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import anthropic
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
-from prometheus_client.parser import text_string_to_metric_families
 
 from apertis_proxy.observe.app import client_ip
 from apertis_proxy.observe.recorder import COST_UNIT
 from apertis_proxy.plugin_host import NoObserver
 from tests.support.rawhttp import RawConnection
+from tests.support.metrics import Samples, parse, scrape, scrape_samples, total, value
 from tests.support.processes import MODEL, sdk_client
-
-Samples = dict[tuple[str, frozenset], float]
-
-
-def parse(text: str, parser=text_string_to_metric_families) -> Samples:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in parser(text) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    """The sum over every series of `name` whose labels include `labels`."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
-
-
-async def scrape(base_url: str, accept: Optional[str] = None) -> tuple[int, str, str]:
-    host, port = base_url.removeprefix("http://").split(":")
-    async with await RawConnection.open(host, int(port)) as conn:
-        response = await conn.request("GET", "/metrics", {"accept": accept} if accept else {})
-    return response.status, response.header("content-type") or "", response.body.decode()
-
-
-async def scrape_samples(base_url: str) -> Samples:
-    status, _, text = await scrape(base_url)
-    assert status == 200, text
-    return parse(text)
-
 
 def ledger_totals(env) -> dict[str, float]:
     rows = env.query("SELECT input_tokens, output_tokens, cache_read_input_tokens, cache_creation_input_tokens,"

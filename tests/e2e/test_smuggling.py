@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support.rawhttp import RawConnection
-from tests.e2e.test_gateway_http import REQUEST_ID
+from tests.support.gateway_requests import REQUEST_ID
 
 BODY = b'{"model":"claude-haiku-4-5-20251001","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}'
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n"

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_observe_metrics import COST_UNIT, Samples, parse, scrape, total, value
+from apertis_proxy.observe.recorder import COST_UNIT
+from tests.support.metrics import Samples, parse, scrape, total, value
 from tests.support.processes import MODEL, ServeProcess, sdk_client, wait_for
 from tests.support.served_gateway import DRAIN_TIMEOUT, configured_server, usage_rows
 from tests.support.workers import crash_and_replace, listening_workers

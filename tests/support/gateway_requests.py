@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import socket
 from typing import Any, Optional
 
@@ -14,6 +15,7 @@ from .rawhttp import RawConnection, RawResponse
 
 HAIKU = "claude-haiku-4-5-20251001"
 SONNET = "claude-sonnet-4-5-20250929"
+REQUEST_ID = re.compile(r"req_[0-9a-f]{24}")
 _seq = itertools.count(1)
 
 
@@ -65,10 +67,13 @@ async def poll(predicate, timeout: float = 5.0, interval: float = 0.02) -> None:
         await asyncio.sleep(interval)
 
 
-def assert_error(response: RawResponse, status: int, error_type: str) -> dict:
-    """An Anthropic-shaped error with this status and type, its request id the response header's."""
+def assert_error(response: RawResponse, status: int, error_type: str, message_part: str = "") -> dict:
+    """An error in Anthropic's shape with this status and type (its message containing `message_part`), and the
+    gateway's request id both in the `request-id` header and in the body."""
     assert response.status == status, response.body
     body = response.json()
-    assert body["type"] == "error" and body["error"]["type"] == error_type
+    assert body["type"] == "error" and body["error"]["type"] == error_type, body
+    assert message_part in body["error"]["message"]
+    assert REQUEST_ID.fullmatch(response.header("request-id") or ""), response.headers
     assert body["request_id"] == response.header("request-id")
     return body
