@@ -28,7 +28,7 @@ from apertis_proxy.http import fast_head
 from apertis_proxy.http.heads import header_list, keeps_alive
 from apertis_proxy.http.protocol import _head_size, framing_refusal
 from apertis_proxy.http.head_check import difference, fast_reading, h11_request, h11_response
-from tests.e2e.test_smuggling import VECTORS
+from tests.support.smuggling_vectors import VECTORS
 
 settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow])

@@ -17,7 +17,7 @@ from apertis_proxy.http.fast_head import COUNTS, parse_request
 from apertis_proxy.upstream.connection import UpstreamConnection, UpstreamError
 from tests.support.rawhttp import RawConnection, request_bytes
 from tests.support.metrics import scrape_samples, value
-from tests.e2e.test_smuggling import BODY
+from tests.support.smuggling_vectors import BODY
 from tests.unit.test_upstream_connection import BODY as UPSTREAM_BODY
 from tests.unit.test_upstream_connection import OK, ScriptedUpstream, connect, exchange
 
