@@ -143,7 +143,8 @@ class Cycle(enum.Enum):
     state       what is going on                               left for
     =========== ============================================== ==========================================
     IDLE        between requests: no byte of the next yet      HEAD (bytes came), FAST_BODY (a whole
-                                                               fast-parsed head came)
+                                                               fast-parsed head came); or it closes
+                                                               (keep-alive timeout, shutdown)
     HEAD        a head's first bytes came; h11 waits for more  BODY, HANDLING, DISCARDING (refused)
     BODY        head parsed; h11 frames the body               HANDLING (body complete), DISCARDING
     FAST_BODY   fast-parsed head; its Content-Length body is   HANDLING, DISCARDING
@@ -189,7 +190,7 @@ class HttpConnection(asyncio.Protocol):
         self._client = ""
         # Per request cycle.
         self._cycle = _IDLE
-        self._request: Optional[h11.Request] = None     # the head, from HEAD's end until HANDLING
+        self._request: Optional[h11.Request] = None     # the parsed head, in BODY and FAST_BODY
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._body_size = 0
