@@ -16,6 +16,7 @@ upstream read instead of growing memory.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import re
 from typing import Awaitable, Callable, Optional, Protocol, Union
@@ -135,8 +136,45 @@ class ServerState:
         return bool(idle)
 
 
+class Cycle(enum.Enum):
+    """Where a client connection is in its request cycle (one request at a time).
+
+    =========== ============================================== ==========================================
+    state       what is going on                               left for
+    =========== ============================================== ==========================================
+    IDLE        between requests: no byte of the next yet      HEAD (bytes came), FAST_BODY (a whole
+                                                               fast-parsed head came); or it closes
+                                                               (keep-alive timeout, shutdown)
+    HEAD        a head's first bytes came; h11 waits for more  BODY, HANDLING, DISCARDING (refused)
+    BODY        head parsed; h11 frames the body               HANDLING (body complete), DISCARDING
+    FAST_BODY   fast-parsed head; its Content-Length body is   HANDLING, DISCARDING
+                counted here (`_body_left`), without h11
+    HANDLING    the handler has the request: its response is   IDLE or HEAD (next cycle: pipelined bytes
+                owed, or complete and waiting for the client   may already be here); the connection closes
+                to read it before the next cycle               instead when it does not keep alive
+    DISCARDING  answered early (refused, timed out): the rest  (closes)
+                of the request is swallowed, then the
+                connection closes
+    =========== ============================================== ==========================================
+
+    Not part of the cycle: `closed` (the transport is closed or closing) and
+    `_peer_half_closed` (the client sent EOF while a response was owed).
+    """
+
+    IDLE = "idle"
+    HEAD = "head"
+    BODY = "body"
+    FAST_BODY = "fast body"
+    HANDLING = "handling"
+    DISCARDING = "discarding"
+
+
+# Module globals: compared by identity on the per-read path.
+_IDLE, _HEAD, _BODY, _FAST_BODY, _HANDLING, _DISCARDING = Cycle
+
+
 class HttpConnection(asyncio.Protocol):
-    """One client connection."""
+    """One client connection; its request cycle is `_cycle` (see `Cycle`)."""
 
     def __init__(self, handler: Handler, settings: Settings, state: ServerState) -> None:
         self._handler = handler
@@ -151,25 +189,38 @@ class HttpConnection(asyncio.Protocol):
         self.flow = FlowControl()
         self._client = ""
         # Per request cycle.
-        self._request: Optional[h11.Request] = None
+        self._cycle = _IDLE
+        self._request: Optional[h11.Request] = None     # the parsed head, in BODY and FAST_BODY
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._body_size = 0
         self._body_limit = self._settings.max_body_bytes
         self._length: Optional[int] = None  # the body's Content-Length (None: chunked)
-        self._fresh = False         # self._h11 is already the next cycle's (see _take_body)
+        self._h11_is_next = False   # self._h11 already holds only the next cycle's bytes (see _take_body)
+        # The answer under way: the handler's (HANDLING), or an early refusal's (DISCARDING).
         self._responder: Optional[Responder] = None
-        self._task: Optional[asyncio.Task] = None
         self._buffered = 0          # bytes received while a handler runs
         self._deadline = Deadline(self._loop, self._on_timeout)
-        self._head_started = False  # the header timer runs from a request's first byte
-        self._peer_eof = False      # the client half-closed while we owe it a response
-        self._discarding = False    # answered early: swallow the rest of the request, then close
+        self._peer_half_closed = False  # the client half-closed while we owe it a response
         # The reads a request head came in, as sent: h11 unfolds obs-fold and
         # lower-cases Transfer-Encoding, which framing_refusal() must see.
         self._head_reads: list[bytes] = []
-        # Body bytes still to come for a head the fast parser took (None: h11 frames the body).
-        self._body_left: Optional[int] = None
+        # Body bytes still to come in FAST_BODY.
+        self._body_left = 0
+
+    # -- the cycle, as questions ---------------------------------------------
+    # (The per-read paths test `self._cycle` against the module globals inline:
+    # a property call per read would show in bench/instructions.py.)
+    @property
+    def busy(self) -> bool:
+        """A response is owed or under way: the handler's, or an early refusal's."""
+        cycle = self._cycle
+        return cycle is _HANDLING or cycle is _DISCARDING
+
+    @property
+    def idle(self) -> bool:
+        """Open with no request under way: between requests, or not sending yet."""
+        return self._cycle is _IDLE and not self.closed
 
     # -- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -178,14 +229,16 @@ class HttpConnection(asyncio.Protocol):
             # Accepted just before shutdown began: shutdown no longer sees it,
             # so serving it would forward a request nobody waits for.  Reset it,
             # as the kernel does with connections still in the accept queue.
-            self.closed = self._discarding = True
+            self.closed = True
+            self._cycle = _DISCARDING
             transport.abort()
             return
         state = self.state
         if len(state.connections) >= state.max_connections and not state.make_room(self._loop.time()):
             # Every connection is busy: answer (the SDKs retry a 503 after
             # retry-after) and close, before reading anything.
-            self.closed = self._discarding = True
+            self.closed = True
+            self._cycle = _DISCARDING
             rid = new_request_id()
             ctype, body = state.render_error(503, "the gateway is at its connection limit; retry shortly",
                                              "overloaded_error", rid)
@@ -211,56 +264,57 @@ class HttpConnection(asyncio.Protocol):
         # would only notice at its next write: stop it now (it meters the request
         # as interrupted).  One still waiting for a complete answer is left to
         # finish, so its usage is known exactly.
+        # (client_left() does nothing once the response is complete.)
         r = self._responder
-        if r is not None and self._task is not None and (r.started or r.abandon_on_disconnect):
+        if r is not None and (r.started or r.abandon_on_disconnect):
             r.client_left()
 
     def data_received(self, data: bytes) -> None:
-        if self._discarding:
+        cycle = self._cycle
+        if cycle is _DISCARDING:
             return
-        if self._body_left is not None:
+        if cycle is _FAST_BODY:
             self._fast_body(data)
             return
-        if (self._responder is None and self._request is None and not self._head_reads
-                and self._settings.fast_heads and self._fast_request(data)):
+        if cycle is _IDLE and self._settings.fast_heads and self._fast_request(data):
             return
-        if self._responder is not None:
-            # A handler is running: keep the pipelined bytes for later.
+        first_bytes = False
+        if cycle is _HANDLING:
+            # Pipelined bytes: h11 keeps them for the next cycle.
             self._buffered += len(data)
             if self._buffered > _PIPELINE_HIGH_WATER:
                 self.flow.pause_reading()
-        first_bytes = False
-        if self._responder is None:
-            if not self._head_started:
+        elif cycle is not _BODY:
+            if cycle is _IDLE:
                 # First bytes of a new request: the whole head must arrive in time
                 # (re-arming per packet would let a trickle keep it open forever).
-                self._head_started = first_bytes = True
-            if self._request is None:
-                self._head_reads.append(data)
+                self._cycle = _HEAD
+                first_bytes = True
+            self._head_reads.append(data)
         try:
             self._h11.receive_data(data)
         except h11.RemoteProtocolError as exc:  # pragma: no cover - receive_data rarely raises
             self._protocol_error(exc)
             return
-        if self._responder is None:
+        if cycle is not _HANDLING:
             self._process()
             # Most requests arrive whole in one read: only a head still
             # incomplete after it needs the header timer.
-            if first_bytes and self._request is None and self._responder is None and not self.closed:
+            if first_bytes and self._cycle is _HEAD and not self.closed:
                 self._arm(self._settings.header_timeout)
 
     def eof_received(self) -> Optional[bool]:
         # A client that half-closes after its request still gets the response
         # (keep our side open); one that closes fully is noticed on write.
-        if self._discarding and self._responder is not None and self._responder.finished:
+        r = self._responder
+        if self._cycle is _DISCARDING and r is not None and r.finished:
             return None  # refused early and answered: the drain is over, close now
-        if self._responder is not None or self._discarding:
-            self._peer_eof = True
-            r = self._responder
-            if r is not None and r.abandon_on_disconnect and self._task is not None:
-                r.client_left()
+        if self.busy:
+            self._peer_half_closed = True
+            if r is not None and r.abandon_on_disconnect:
+                r.client_left()     # (nothing once the response is complete)
             return True
-        return None  # idle: let the transport close
+        return None  # no response owed: let the transport close
 
     def pause_writing(self) -> None:
         self.flow.pause_writing()
@@ -312,7 +366,7 @@ class HttpConnection(asyncio.Protocol):
             if etype is h11.Request:
                 fast_head.COUNTS.request_h11 += 1
                 self._on_request(event)
-                if self._discarding:  # refused on its head: the rest is never parsed
+                if self._cycle is _DISCARDING:  # refused on its head: the rest is never parsed
                     return
                 if self._take_body(conn):
                     return
@@ -336,6 +390,7 @@ class HttpConnection(asyncio.Protocol):
                 return
 
     def _on_request(self, event: h11.Request) -> None:
+        self._cycle = _BODY
         self._request = event
         self._headers = headers = header_list(event.headers)
         self._body = []
@@ -388,7 +443,7 @@ class HttpConnection(asyncio.Protocol):
             head_check.check("request", event, head_check.h11_request(data, self._settings.max_header_bytes))
         # What _on_request checks holds by construction here: the head is within the size
         # limit, HTTP/1.1 or 1.0, framed by at most one Content-Length, with no obs-fold.
-        self._head_started = True
+        self._cycle = _FAST_BODY
         self._request = event           # type: ignore[assignment] - it has the fields of h11.Request used
         self._headers = event.headers
         self._body = []
@@ -401,7 +456,7 @@ class HttpConnection(asyncio.Protocol):
                                     f"{self._settings.max_body_bytes} bytes", "request_too_large", "body_too_large")
             return True
         # self._h11 is untouched: it takes whatever follows the body (pipelined requests).
-        self._fresh = True
+        self._h11_is_next = True
         end = event.end
         if len(data) - end < length and not self._admitted(event):   # type: ignore[arg-type]
             return True
@@ -413,7 +468,6 @@ class HttpConnection(asyncio.Protocol):
         """Body bytes of a fast-parsed request: kept until its Content-Length is
         in, with the body timeout between reads as h11's path has it."""
         left = self._body_left
-        assert left is not None
         if len(data) < left:
             if data:
                 self._body.append(data)
@@ -421,7 +475,6 @@ class HttpConnection(asyncio.Protocol):
                 self._body_left = left - len(data)
             self._arm(self._settings.body_timeout)
             return
-        self._body_left = None
         self._body.append(data if len(data) == left else data[:left])
         self._body_size += left
         rest = len(data) - left
@@ -476,7 +529,7 @@ class HttpConnection(asyncio.Protocol):
         # Hand what follows the body (pipelined requests) to a fresh h11 now, so
         # the request's bytes are not held in h11's buffer for the whole response.
         self._h11 = fresh = self._new_h11()
-        self._fresh = True
+        self._h11_is_next = True
         self._buffered = len(data) - length     # pipelined bytes already here
         if self._buffered:
             fresh.receive_data(memoryview(data)[length:])
@@ -498,7 +551,8 @@ class HttpConnection(asyncio.Protocol):
         keep_alive = keeps_alive(ev.http_version, self._headers) and not self.state.draining
         responder = Responder(self, new_request_id(), keep_alive, ev.method == b"HEAD")
         self._responder = responder
-        self._task = task = self._loop.create_task(self._run(request, responder))
+        self._cycle = _HANDLING
+        task = self._loop.create_task(self._run(request, responder))
         # The task leaves state.tasks from its own `finally` (a done callback
         # would cost one more trip through the event loop per request).
         responder._task = task
@@ -534,11 +588,10 @@ class HttpConnection(asyncio.Protocol):
         """Called when a response is complete: close, or start the next cycle."""
         if responder is not self._responder:
             return
-        self._task = None
-        if self._discarding and not self.closed and self.transport is not None:
+        if self._cycle is _DISCARDING and not self.closed and self.transport is not None:
             # Closing with unread request bytes would reset the connection and
             # the client might never see the error: half-close, drain, then close.
-            if self._peer_eof:
+            if self._peer_half_closed:
                 self.close()
             elif self.transport.can_write_eof():
                 self.transport.write_eof()
@@ -546,7 +599,8 @@ class HttpConnection(asyncio.Protocol):
             else:
                 self.close()
             return
-        if not responder.keep_alive or self.closed or self._peer_eof:
+        if not responder.keep_alive or self.closed or self._peer_half_closed:
+            self._cycle = _IDLE
             self._responder = None
             self.close()
             return
@@ -563,20 +617,18 @@ class HttpConnection(asyncio.Protocol):
         # h11 never saw our response, so the next request needs a fresh one
         # holding the bytes received after the last request.
         leftover, eof = self._h11.trailing_data
-        if self._fresh:
-            self._fresh = False     # made in _take_body: it holds just those bytes
+        if self._h11_is_next:
+            self._h11_is_next = False   # made in _take_body, or untouched by a fast-parsed request
         else:
             self._h11 = self._new_h11()
             if leftover:
                 self._h11.receive_data(leftover)
             if eof:
                 self._h11.receive_data(b"")
-        self._request = None
-        self._body_size = 0      # else the idle timer takes the last body for a stalled one (408)
         self._responder = None
         self._buffered = 0
         pending = bool(leftover)
-        self._head_started = pending
+        self._cycle = _HEAD if pending else _IDLE
         self._head_reads = [leftover] if pending else []
         if self.closed:
             return
@@ -590,7 +642,7 @@ class HttpConnection(asyncio.Protocol):
         # high-water mark (_take_body counted it): one client cannot make the
         # gateway hold (and re-copy, each cycle) all it pipelines.
         if not self.flow.reading and not self.closed and (
-                self._responder is None or self._buffered <= _PIPELINE_HIGH_WATER):
+                not self.busy or self._buffered <= _PIPELINE_HIGH_WATER):
             self.flow.resume_reading()
 
     # -- errors and timers ---------------------------------------------------
@@ -600,8 +652,8 @@ class HttpConnection(asyncio.Protocol):
         `reason`, the HTTP layer refused it on its own: state.refused is told
         (a refusal by the handler's admit() is the handler's to count)."""
         self._h11 = self._new_h11()  # the rest of the request is never parsed
-        self._fresh = False
-        self._discarding = True
+        self._h11_is_next = False
+        self._cycle = _DISCARDING
         responder = self._responder
         ours = responder is None
         if responder is None:
@@ -636,29 +688,22 @@ class HttpConnection(asyncio.Protocol):
         self._deadline.set(self._loop.time() + delay)
 
     def _on_timeout(self) -> None:
-        if self.closed or self._responder is not None:
+        if self.closed or self.busy:
             return      # a running handler has its own (upstream) timeouts
-        if self._request is None and self._body_size == 0 and not self._h11.trailing_data[0]:
+        if self._cycle is _IDLE:
             self.close()  # idle keep-alive connection
             return
         self._reject_early(408, "timed out waiting for the request", "timeout_error", "timeout")
 
     # -- shutdown ------------------------------------------------------------
     def shutdown(self) -> None:
-        """Close now if idle; otherwise the current response is the last."""
-        if self._responder is None:
-            self.close()
-        else:
+        """Close now unless answering; otherwise the current response is the last."""
+        cycle = self._cycle
+        if cycle is _HANDLING:
+            assert self._responder is not None
             self._responder.keep_alive = False
-
-    @property
-    def busy(self) -> bool:
-        return self._responder is not None
-
-    @property
-    def idle(self) -> bool:
-        """Open with no request under way: between requests, or not sending yet."""
-        return self._responder is None and not self._head_started and not self.closed
+        elif cycle is not _DISCARDING:
+            self.close()        # (an early refusal closes once answered)
 
 
 # The first line break followed by whitespace (obs-fold) or by the blank line
