@@ -9,6 +9,8 @@ SDK        `sdk`: an SdkRunner, parametrized over the SDK generations and their 
 Store      `tmp_db`: a SQLite path inside tmp_path (not created).
 Gateway    `gateway_env` (an unstarted GatewayEnv), `gateway` (started: key `alice` in `.key`, channel `main` to
            `mock_upstream` in `.mock`, `.base_url`). See gateway_env.py.
+           `scripted`: unstarted (`await scripted.start(...)`), key `alice` in `.key`, channel `main` to a
+           ScriptedChannel in `.channel` (holding CHANNEL_KEY). See scripted_channel.py and scripted_gateway.py.
 Raw HTTP   not a fixture: ``from rawhttp import RawConnection``.
 """
 from __future__ import annotations
@@ -22,6 +24,8 @@ from tests.support.sdk_harness import GENERATION_MODES, GENERATIONS, SdkRunner
 from tests.support.sdk_js import JsSdkProcess, unavailable_reason
 from tests.support.sdk_legacy import LegacySdkProcess
 from tests.support.gateway_env import GatewayEnv
+from tests.support.scripted_channel import ScriptedChannel
+from tests.support.scripted_gateway import CHANNEL_KEY
 
 # The SDKs read ANTHROPIC_* variables (base URL, custom headers, credentials); a developer's own must not leak
 # into what the tests send.
@@ -106,6 +110,17 @@ async def gateway(request, gateway_env, mock_upstream):
     await gateway_env.start(**getattr(request, "param", {}))
     gateway_env.mock = mock_upstream
     return gateway_env
+
+
+@pytest.fixture
+async def scripted(gateway_env):
+    """A gateway with key alice and channel `main` to a ScriptedChannel (env.channel), not started yet: the test
+    queues its scripts and calls `await scripted.start(...)` with its settings."""
+    async with ScriptedChannel() as channel:
+        gateway_env.key = gateway_env.add_key("alice")
+        gateway_env.add_channel("main", channel.base_url, api_key=CHANNEL_KEY)
+        gateway_env.channel = channel
+        yield gateway_env
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from apertis_proxy.store import schema
 from apertis_proxy.store.keys import create_key
 from apertis_proxy.store.ledger_spool import LedgerSpool, spooled_rows
 from apertis_proxy.store.service import open_store
+from tests.support.ledger_rows import record
 from tests.support.rawhttp import RawConnection
 
 HAIKU = "claude-haiku-4-5-20251001"
@@ -48,13 +49,6 @@ async def running(meter: SqliteMeter):
         yield meter
     finally:
         await meter.close()
-
-
-def record(i: int, key_id: int, *, cost: float = 0.25) -> UsageRecord:
-    return UsageRecord(request_id=f"req_{i:024x}", started_at=1_760_000_000.0 + i, endpoint="/v1/messages",
-                       key_id=key_id, key_name=f"key{key_id}", requested_model=HAIKU, upstream_model=HAIKU,
-                       status=200, input_tokens=100 + i, output_tokens=10, cache_read_input_tokens=5,
-                       cost=cost, prices={"cost": str(cost)}, server_tool_use={"web_search_requests": 1})
 
 
 def ledger(conn) -> list[sqlite3.Row]:

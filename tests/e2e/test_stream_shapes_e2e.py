@@ -7,7 +7,7 @@ import anthropic
 import pytest
 
 from tests.support.scripted_channel import HEAD_SSE, MESSAGE_STOP, chunk, event
-from tests.e2e.test_upstream_faults import ask, post, scripted  # noqa: F401  (the fixture)
+from tests.support.scripted_gateway import ask, post
 
 MODEL = "claude-haiku-4-5-20251001"
 
@@ -45,7 +45,7 @@ NEW_SHAPES = [
 ]
 
 
-async def test_new_stream_shapes_reach_the_client_byte_for_byte_and_are_metered(scripted):  # noqa: F811
+async def test_new_stream_shapes_reach_the_client_byte_for_byte_and_are_metered(scripted):
     await scripted.start()
     scripted.channel.queue([HEAD_SSE, *(chunk(e) for e in NEW_SHAPES), b"0\r\n\r\n"])
     response = await post(scripted, ask())
@@ -59,7 +59,7 @@ async def test_new_stream_shapes_reach_the_client_byte_for_byte_and_are_metered(
     assert row["cost"] == pytest.approx((30 * 1 + 42 * 5 + 5 * 0.10 + 4000 * 1 + 600 * 5) / 1_000_000, abs=1e-12)
 
 
-async def test_the_current_sdk_reads_such_a_stream_through_the_gateway(scripted):  # noqa: F811
+async def test_the_current_sdk_reads_such_a_stream_through_the_gateway(scripted):
     await scripted.start()
     scripted.channel.queue([HEAD_SSE, *(chunk(e) for e in NEW_SHAPES), b"0\r\n\r\n"])
     async with anthropic.AsyncAnthropic(base_url=scripted.base_url, api_key=scripted.key, max_retries=0) as client:

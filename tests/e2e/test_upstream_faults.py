@@ -15,28 +15,9 @@ from tests.support.gateway_env import NO_COOLDOWNS
 from tests.support.rawhttp import RawConnection, request_bytes
 from tests.support.scripted_channel import (CLOSE, HANG, HEAD_SSE, MESSAGE_STOP, ScriptedChannel, chunk, event,
                                             full_stream, json_response, message_start, text_events)
+from tests.support.scripted_gateway import CHANNEL_KEY, ask, post
 
 MODEL = "claude-haiku-4-5-20251001"
-CHANNEL_KEY = "sk-ant-scripted-channel-key-0123456789"
-
-
-def ask(stream: bool = True, text: str = "hi") -> dict:
-    return {"model": MODEL, "max_tokens": 64, "stream": stream, "messages": [{"role": "user", "content": text}]}
-
-
-@pytest.fixture
-async def scripted(gateway_env):
-    """A started gateway with key alice and channel `main` to a ScriptedChannel (env.channel)."""
-    async with ScriptedChannel() as channel:
-        gateway_env.key = gateway_env.add_key("alice")
-        gateway_env.add_channel("main", channel.base_url, api_key=CHANNEL_KEY)
-        gateway_env.channel = channel
-        yield gateway_env
-
-
-async def post(env, body: dict, headers: dict | None = None):
-    async with await RawConnection.open(env.gateway.host, env.gateway.port) as conn:
-        return await conn.request("POST", "/v1/messages", {"x-api-key": env.key, **(headers or {})}, json_body=body)
 
 
 def names(response) -> list[str]:

@@ -16,15 +16,16 @@ from apertis_proxy import cli
 from apertis_proxy.store import service
 from apertis_proxy.store.ledger_spool import spooled_rows
 from tests.support.gateway_process import GatewayProcess
+from tests.support.gateway_requests import abandoned, complete
+from tests.support.ledger_rows import COUNTS
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
 from tests.support.pg_server import PgServer, PgUnavailable
-from tests.ops.test_ledger_kill9 import COUNTS, abandoned, complete
 
 REQUESTS = 500
 
 
 class Host:
-    """What the request helpers of test_ledger_kill9 need (port, key), and this host's spool."""
+    """What gateway_requests.complete and abandoned need (port, key), and this host's spool."""
 
     def __init__(self, process: GatewayProcess, key: str, workdir: Path) -> None:
         self.process, self.key, self.workdir = process, key, workdir

@@ -20,21 +20,15 @@ import pytest
 
 from apertis_proxy.store import channels, keys, schema
 from apertis_proxy.store.ledger_spool import spooled_rows
+from tests.support.gateway_requests import abandoned, complete
+from tests.support.ledger_rows import COUNTS
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
-from tests.support.rawhttp import RawConnection, request_bytes
-
-HAIKU = "claude-haiku-4-5-20251001"
-COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def message(text: str, *, stream: bool) -> dict:
-    return {"model": HAIKU, "max_tokens": 64, "messages": [{"role": "user", "content": text}], "stream": stream}
 
 
 class Served:
@@ -101,33 +95,6 @@ class Served:
         segment deleted meanwhile was committed before, so the ledger read after it has its rows."""
         ids = {r["request_id"] for r in spooled_rows(self.spool_dir)}
         return ids | {r["request_id"] for r in self.ledger()}
-
-
-async def complete(served: Served, n: int, stream: bool) -> str:
-    """One request read to its last byte; its request id."""
-    async with await RawConnection.open("127.0.0.1", served.port) as conn:
-        response = await conn.request("POST", "/v1/messages", {"x-api-key": served.key},
-                                      json_body=message(f"request {n} " + "words " * (n % 7), stream=stream))
-    assert response.status == 200
-    if stream:
-        assert response.sse_events()[-1][0] == "message_stop"
-    return response.header("request-id")
-
-
-async def abandoned(served: Served, n: int) -> str:
-    """A paced stream the client walks away from after its first events; its request id."""
-    conn = await RawConnection.open("127.0.0.1", served.port)
-    try:
-        await conn.send(request_bytes("POST", "/v1/messages", {
-            "x-api-key": served.key, "x-mock-scenario": "event-delay=0.02; message-deltas=3"},
-            json_body=message(f"abandoned {n}", stream=True)))
-        head = await conn.read_head()
-        assert head.status == 200
-        async for _ in conn.iter_chunks(head):
-            break
-        return head.header("request-id")
-    finally:
-        conn.abort()
 
 
 async def eventually(predicate, timeout: float = 20.0) -> None:

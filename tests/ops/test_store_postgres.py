@@ -15,7 +15,7 @@ from apertis_proxy import cli
 from apertis_proxy.plugin_api import UsageRecord
 from apertis_proxy.store import keys, pg_schema, service, usage
 from apertis_proxy.store.url import parse, redact
-from tests.e2e.test_ledger_spool import record
+from tests.support.ledger_rows import record
 
 PASSWORD = "hunter2-not-for-logs"
 

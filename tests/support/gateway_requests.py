@@ -1,5 +1,5 @@
-"""Messages requests to a gateway over raw HTTP (one connection each), and the small waits and checks the e2e tests
-share."""
+"""Messages requests to a gateway over raw HTTP (one connection each), and the small waits and checks the e2e and ops
+tests share."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +11,7 @@ from typing import Any, Optional
 from apertis_proxy import cli
 
 from .mock_upstream import MockUpstream
-from .rawhttp import RawConnection, RawResponse
+from .rawhttp import RawConnection, RawResponse, request_bytes
 
 HAIKU = "claude-haiku-4-5-20251001"
 SONNET = "claude-sonnet-4-5-20250929"
@@ -35,6 +35,35 @@ async def post_tagged(env, key: str, body: dict, headers: Optional[dict] = None)
     header, so the mock that received it can be found); returns the response and the tag."""
     tag = str(next(_seq))
     return await post(env, key, body, {"x-test-seq": tag, **(headers or {})}), tag
+
+
+async def complete(gateway, n: int, stream: bool) -> str:
+    """One request read to its last byte; its request id.  `gateway`: anything with the `port` it listens on at
+    127.0.0.1 and a `key`."""
+    async with await RawConnection.open("127.0.0.1", gateway.port) as conn:
+        response = await conn.request("POST", "/v1/messages", {"x-api-key": gateway.key},
+                                      json_body=message(f"request {n} " + "words " * (n % 7), stream=stream))
+    assert response.status == 200
+    if stream:
+        assert response.sse_events()[-1][0] == "message_stop"
+    return response.header("request-id")
+
+
+async def abandoned(gateway, n: int) -> str:
+    """A paced stream the client walks away from after its first events; its request id.  `gateway` as for
+    `complete`."""
+    conn = await RawConnection.open("127.0.0.1", gateway.port)
+    try:
+        await conn.send(request_bytes("POST", "/v1/messages", {
+            "x-api-key": gateway.key, "x-mock-scenario": "event-delay=0.02; message-deltas=3"},
+            json_body=message(f"abandoned {n}", stream=True)))
+        head = await conn.read_head()
+        assert head.status == 200
+        async for _ in conn.iter_chunks(head):
+            break
+        return head.header("request-id")
+    finally:
+        conn.abort()
 
 
 def receivers(tag: str, mocks: dict[str, MockUpstream]) -> list[str]:

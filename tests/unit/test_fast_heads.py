@@ -18,8 +18,8 @@ from apertis_proxy.upstream.connection import UpstreamConnection, UpstreamError
 from tests.support.rawhttp import RawConnection, request_bytes
 from tests.support.metrics import scrape_samples, value
 from tests.support.smuggling_vectors import BODY
-from tests.unit.test_upstream_connection import BODY as UPSTREAM_BODY
-from tests.unit.test_upstream_connection import OK, ScriptedUpstream, connect, exchange
+from tests.support.scripted_upstream import BODY as UPSTREAM_BODY
+from tests.support.scripted_upstream import OK, ScriptedUpstream, connect, exchange
 
 
 def counts() -> dict[str, int]:
