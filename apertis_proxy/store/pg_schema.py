@@ -233,6 +233,26 @@ CREATE TABLE IF NOT EXISTS owned_state (
     PRIMARY KEY (kind, id)
 );
 CREATE INDEX IF NOT EXISTS owned_state_owner ON owned_state (owner, kind, created_at);
+CREATE TABLE IF NOT EXISTS limit_leases (
+    holder      TEXT PRIMARY KEY,
+    expires_at  DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS admissions (
+    request_id  TEXT PRIMARY KEY,
+    key_id      BIGINT NOT NULL,
+    holder      TEXT NOT NULL,
+    admitted_at DOUBLE PRECISION NOT NULL,
+    live        INTEGER NOT NULL,
+    cost        DOUBLE PRECISION NOT NULL,
+    tokens      BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS admissions_key ON admissions (key_id);
+CREATE INDEX IF NOT EXISTS admissions_holder ON admissions (holder);
+CREATE TABLE IF NOT EXISTS admission_times (
+    key_id  BIGINT NOT NULL,
+    at      DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS admission_times_key ON admission_times (key_id, at);
 
 CREATE OR REPLACE FUNCTION apertis_config_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -184,6 +184,11 @@ class Store:
         await loop.run_in_executor(self._executor, self._drop)
         self._executor.shutdown(wait=True)
 
+    async def companion(self) -> "Store":
+        """Another Store on the same database, with its own thread and connection: work that must
+        not queue behind this one's (admissions behind ledger batches)."""
+        return await _opened(Store(self.url))
+
     # -- the configuration ---------------------------------------------------------
 
     def watcher(self, interval: float = 1.0):
@@ -275,7 +280,10 @@ def _sqlite_prune_batch(conn, cutoff: float, batch_rows: int) -> int:
 
 async def open_store(url: str) -> Store:
     """A connected Store for `url` (a path, sqlite:///path or postgresql://...), its schema current."""
-    store = Store(parse(url))
+    return await _opened(Store(parse(url)))
+
+
+async def _opened(store: Store) -> Store:
     try:
         await store.open()
     except BaseException:
