@@ -459,11 +459,11 @@ class KeysAuth:
         tokens = max(0, record.total_tokens)
         period = start = None
         if not self.ledger_settles:
-            key = self.by_id.get(caller.key_id) if caller.key_id is not None else None
+            key = self.by_id.get(caller.key_id)
             period = key.quota_period if key is not None else None
             start = period_start(period, record.started_at) if period else None
-        await self.limiter.release(record.request_id, cost, tokens, self.ledger_settles,
-                                   caller.key_id, period, start)
+        await self.limiter.release(caller.key_id, record.request_id, cost, tokens, self.ledger_settles,
+                                   period, start)
 
     async def finish(self, caller: Caller, record: UsageRecord) -> None:
         key = self.by_id.get(caller.key_id) if caller.key_id is not None else None
@@ -471,10 +471,7 @@ class KeysAuth:
         if key is None or (key.key_hash != presented and presented not in key.previous_hashes):
             return      # deleted while the request ran
         if caller.data.get("admitted"):
-            # Settled through the store: release() made the reservation the exact cost.
-            if key.quota_cost is not None or key.quota_tokens is not None:
-                self._wake.set()
-            return
+            return      # settled through the store: release() made the reservation the exact cost
         if caller.data.get("alone"):
             key.in_flight = max(0, key.in_flight - 1)
         cost = record.cost if record.cost and record.cost > 0 else 0.0

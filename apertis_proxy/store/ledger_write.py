@@ -64,7 +64,8 @@ ON CONFLICT (key_id, period, start) DO UPDATE SET cost = cost + excluded.cost, t
 """
 
 # Those requests' admissions (admissions.py): their cost is in key_spend now.
-_FREE_ADMISSIONS = "DELETE FROM admissions WHERE request_id IN (SELECT request_id FROM usage WHERE id > ?)"
+_FREE_ADMISSIONS = ("DELETE FROM admissions WHERE (key_id, request_id) IN"
+                    " (SELECT key_id, request_id FROM usage WHERE id > ? AND key_id IS NOT NULL)")
 
 
 class LedgerRows:

@@ -29,7 +29,7 @@ def _write_sql(columns: Sequence[str], settle: bool) -> str:
     ON CONFLICT (key_id) DO UPDATE SET cost = key_spend.cost + EXCLUDED.cost,
         tokens = key_spend.tokens + EXCLUDED.tokens
 ), freed AS (
-    DELETE FROM admissions WHERE request_id IN (SELECT request_id FROM ins)
+    DELETE FROM admissions a USING ins WHERE a.key_id = ins.key_id AND a.request_id = ins.request_id
 ), period_spend AS (
     INSERT INTO key_period_spend (key_id, period, start, cost, tokens)
     SELECT ins.key_id, k.quota_period,

@@ -290,22 +290,28 @@ ADMISSIONS_DDL = [
         holder      TEXT PRIMARY KEY,            -- one gateway process: "<host>/<pid>/<random>"
         expires_at  REAL NOT NULL                -- unix time (store clock); its admissions count until then
     ) WITHOUT ROWID""",
+    # One B-tree per table (a decision reads a key's range; an admission writes a page or two).
     """CREATE TABLE IF NOT EXISTS admissions (
-        request_id  TEXT PRIMARY KEY,
         key_id      INTEGER NOT NULL,
+        request_id  TEXT NOT NULL,
         holder      TEXT NOT NULL,
         admitted_at REAL NOT NULL,
         live        INTEGER NOT NULL,            -- 1 while the request runs: a concurrency slot
         cost        REAL NOT NULL,               -- reserved bound while live; the exact cost once ended
-        tokens      INTEGER NOT NULL
+        tokens      INTEGER NOT NULL,
+        PRIMARY KEY (key_id, request_id)
     ) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS admissions_key ON admissions (key_id)",
-    "CREATE INDEX IF NOT EXISTS admissions_holder ON admissions (holder)",
     """CREATE TABLE IF NOT EXISTS admission_times (
-        key_id  INTEGER NOT NULL,
-        at      REAL NOT NULL
+        key_id      INTEGER NOT NULL,
+        at          REAL NOT NULL,
+        request_id  TEXT NOT NULL,
+        PRIMARY KEY (key_id, at, request_id)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS admission_counts (
+        key_id  INTEGER PRIMARY KEY,
+        n       INTEGER NOT NULL,                -- rows of admission_times of this key
+        last_at REAL NOT NULL                    -- its latest admission
     )""",
-    "CREATE INDEX IF NOT EXISTS admission_times_key ON admission_times (key_id, at)",
 ]
 
 

@@ -184,10 +184,19 @@ class Store:
         await loop.run_in_executor(self._executor, self._drop)
         self._executor.shutdown(wait=True)
 
-    async def companion(self) -> "Store":
-        """Another Store on the same database, with its own thread and connection: work that must
-        not queue behind this one's (admissions behind ledger batches)."""
-        return await _opened(Store(self.url))
+    async def admissions(self):
+        """This process's access to the admissions of limited keys (admissions.py), opened, used from
+        the calling event loop: on PostgreSQL connections of its own through asyncpg
+        (pg_admissions.py), on SQLite a connection of its own with group commit."""
+        if not self.url.is_postgres:
+            from .admissions import SqliteAdmissions
+            return await SqliteAdmissions(self.url.target).open()
+        from .pg_admissions import PgAdmissions
+        try:
+            return await PgAdmissions(self.url).open()
+        except _postgres_errors() as exc:
+            raise StoreUnavailable(f"cannot reach the database at {self.url.redacted()}: "
+                                   f"{self.url.scrub(str(exc)) or type(exc).__name__}") from None
 
     # -- the configuration ---------------------------------------------------------
 
@@ -280,10 +289,7 @@ def _sqlite_prune_batch(conn, cutoff: float, batch_rows: int) -> int:
 
 async def open_store(url: str) -> Store:
     """A connected Store for `url` (a path, sqlite:///path or postgresql://...), its schema current."""
-    return await _opened(Store(parse(url)))
-
-
-async def _opened(store: Store) -> Store:
+    store = Store(parse(url))
     try:
         await store.open()
     except BaseException:

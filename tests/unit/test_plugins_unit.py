@@ -406,7 +406,7 @@ async def test_a_killed_process_frees_its_slots_when_its_lease_runs_out(db):
         assert err.status == 429
         admitted = await eventually(lambda: _try_admit(survivor, plain), timeout=5.0)
         await admitted.end()
-        await doomed.limiter.store.close()
+        await doomed.limiter.admissions.close()
         await doomed.store.close()
 
 
