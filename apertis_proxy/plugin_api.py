@@ -80,6 +80,7 @@ class RequestInfo:
     # The upstream account (Channel.account) holding state this request refers to
     # (a thread, a container, files): only channels of that account can serve it.
     account: Optional[str] = None
+    body_bytes: int = 0            # the request body's size as received (decoded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,9 +277,17 @@ class AuthPlugin(Protocol):
     async def authenticate(self, request: RequestInfo) -> Optional[Caller]:
         """Return the caller, None to let the next auth plugin decide, or raise Reject."""
 
+    async def release(self, caller: Caller, record: UsageRecord) -> None:
+        """Optional.  Called exactly once for every request this plugin
+        authenticated, once its answer is complete and metered (``record`` is
+        priced) but before the answer's last bytes go out: give back what the
+        request held (a concurrency slot), so the client's next request finds it
+        free.  The answer waits for it: keep it short."""
+
     async def finish(self, caller: Caller, record: UsageRecord) -> None:
         """Optional.  Called exactly once for every request this plugin
-        authenticated, after it ended (settle quotas, release concurrency)."""
+        authenticated, after it ended and the client has the answer (settle
+        spend, alerts)."""
 
     def check_head(self, request: RequestInfo) -> Optional[bool]:
         """Optional.  The credential alone, from the request head (``body`` and

@@ -66,6 +66,12 @@ def budget_options(settings: Settings) -> dict[str, Any]:
             "budget_webhook_backoff": settings.budget_webhook_backoff}
 
 
+def limits_options(settings: Settings) -> dict[str, Any]:
+    """The [limits] settings, handed to every plugin as options (the keys plugin acts on them)."""
+    return {"limits_lease_seconds": settings.limits_lease_seconds,
+            "limits_on_store_down": settings.limits_on_store_down}
+
+
 def _load(group: str, names: Iterable[str], settings: Settings, worker: int, workers: int,
           store: Any = None) -> list:
     available = discover(group)
@@ -75,7 +81,8 @@ def _load(group: str, names: Iterable[str], settings: Settings, worker: int, wor
         if ep is None:
             raise _unknown(name, group, available)
         ledger = _ledger_options(settings) if group == METER_GROUP else {}
-        options = {"poll_interval": settings.config_poll_interval, **budget_options(settings), **ledger,
+        options = {"poll_interval": settings.config_poll_interval, **budget_options(settings),
+                   **limits_options(settings), **ledger,
                    **settings.plugin_options.get(name, {})}
         ctx = PluginContext(name=name, options=options,
                             db_path=settings.db, log=logging.getLogger(f"apertis_proxy.plugin.{name}"),
@@ -202,6 +209,16 @@ class PluginHost:
             except Exception as exc:  # noqa: BLE001 - contained, see _chain_error
                 raise _chain_error("auth", name, exc) from None
         raise GatewayError(401, "invalid x-api-key", "authentication_error")
+
+    async def release(self, plugin: Any, caller: Caller, record: UsageRecord) -> None:
+        """The vouching plugin's release(), before the answer's last bytes (see AuthPlugin)."""
+        release = getattr(plugin, "release", None)
+        if release is None:
+            return
+        try:
+            await release(caller, record)
+        except Exception:  # noqa: BLE001
+            log.exception("auth plugin release() failed")
 
     async def finish(self, plugin: Any, caller: Caller, record: UsageRecord) -> None:
         # Every record reaches finish() (metered requests and model listings),

@@ -96,18 +96,25 @@ class Settings:
     budget_thresholds: list[int] = field(default_factory=lambda: [80, 100])
     budget_webhook_attempts: int = 5
     budget_webhook_backoff: float = 1.0     # seconds before the second attempt, doubled after each
+    # [limits]: keys' quotas, rpm and concurrency are decided in the shared store.  A gateway
+    # process killed while holding admissions frees them once its lease (seconds) runs out.
+    limits_lease_seconds: float = 30.0
+    # While the store cannot be reached, limited keys get 503 ("refuse"), or each process
+    # admits against its share of the last known headroom ("share").
+    limits_on_store_down: str = "refuse"
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-_SECTIONS = ("server", "upstream", "contract", "billing", "logging", "ledger", "metrics", "budgets")
+_SECTIONS = ("server", "upstream", "contract", "billing", "logging", "ledger", "metrics", "budgets", "limits")
 # Keys whose field name differs from the key in its section.
 _RENAMED = {
     "ledger": {"fsync": "ledger_fsync"},
     "logging": {"format": "log_format"},
     "metrics": {"enabled": "metrics_enabled", "allow": "metrics_allow", "per_key": "metrics_per_key",
                 "flush_interval": "metrics_flush_interval"},
+    "limits": {"lease_seconds": "limits_lease_seconds", "on_store_down": "limits_on_store_down"},
     "budgets": {"webhook_url": "budget_webhook_url", "thresholds": "budget_thresholds",
                 "webhook_attempts": "budget_webhook_attempts", "webhook_backoff": "budget_webhook_backoff"},
 }
@@ -165,8 +172,10 @@ _RULES: dict[str, tuple[str, float]] = {
     "config_poll_interval": ("seconds", 0), "shutdown_timeout": ("seconds or 0", 0),
     "drain_delay": ("seconds or 0", 0), "metrics_flush_interval": ("seconds", 0),
     "budget_webhook_attempts": ("int", 1), "budget_webhook_backoff": ("seconds", 0),
+    "limits_lease_seconds": ("seconds", 0),
 }
 LOG_FORMATS = ("text", "json")
+LIMITS_ON_STORE_DOWN = ("refuse", "share")
 LEDGER_FSYNC = ("batch", "always", "never")
 
 
@@ -215,6 +224,7 @@ def check(s: Settings, where: str) -> None:
             raise ValueError(f"{where}: {name} must be true or false, not {getattr(s, name)!r}")
     _check_networks(s.metrics_allow, where)
     _check_budgets(s, where)
+    _check_limits(s, where)
     for group in ("auth", "router", "meter"):
         names = getattr(s, f"{group}_plugins")
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
@@ -234,6 +244,12 @@ def _check_tls(s: Settings, where: str) -> None:
             raise ValueError(f"{where}: {name} {value!r} is not a readable file")
     if (s.tls_cert is None) != (s.tls_key is None):
         raise ValueError(f"{where}: tls_cert and tls_key go together: set both or neither")
+
+
+def _check_limits(s: Settings, where: str) -> None:
+    if s.limits_on_store_down not in LIMITS_ON_STORE_DOWN:
+        raise ValueError(f"{where}: [limits] on_store_down must be one of {', '.join(LIMITS_ON_STORE_DOWN)}, "
+                         f"not {s.limits_on_store_down!r}")
 
 
 def _check_budgets(s: Settings, where: str) -> None:

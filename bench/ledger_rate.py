@@ -4,7 +4,7 @@
 
 Rows shaped like the meter's (every UsageRecord field) go through Store.write_ledger in batches, as the meter
 ships its spool: idempotent insert, key spend settled in the same transaction (PostgreSQL: the daily rollup too).
-PostgreSQL is a throwaway server (tests/pg_server.py) on a unix socket, fsync and synchronous commit on.
+PostgreSQL is a throwaway server (tests/support/pg_server.py) on a unix socket, fsync and synchronous commit on.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from apertis_proxy.plugin_api import UsageRecord
 from apertis_proxy.store.keys import create_key
 from apertis_proxy.store.service import open_store
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
 
 def rows(n: int, start: int, key_id: int) -> list[dict]:

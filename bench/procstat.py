@@ -204,3 +204,15 @@ def package_versions(python: str, names: list[str]) -> dict[str, str]:
 
 def now_utc() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def wait_quiet(limit: float, threshold: float = 10.0) -> bool:
+    """Wait up to `limit` seconds for one second in which no core is busier than `threshold` percent."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = core_times()
+        time.sleep(1.0)
+        after = core_times()
+        if all((core_busy(before, after, c) or 0.0) < threshold for c in after):
+            return True
+    return False

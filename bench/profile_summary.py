@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
+import subprocess
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 # py-spy frames look like "function (path/to/file.py:123)"; idle frames
 # (the event loop waiting in epoll) are what a busy process has few of.
@@ -55,6 +58,20 @@ def summarize(path: Path, top: int = 25) -> str:
     lines += ["", "## inclusive (what it is spent under)", ""]
     lines += [f"{100 * n / total:6.1f}%  {f}" for f, n in under.most_common(top)]
     return "\n".join(lines) + "\n"
+
+
+def stop_recording(spy: Optional[subprocess.Popen]) -> None:
+    """Stop a `py-spy record --output FILE` process and write FILE's summary beside it (FILE.top.txt)."""
+    if spy is None:
+        return
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+    out = Path(spy.args[spy.args.index("--output") + 1])
+    if out.exists():
+        out.with_suffix(".top.txt").write_text(summarize(out))
 
 
 def main() -> None:

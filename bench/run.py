@@ -21,7 +21,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -143,9 +142,9 @@ class Bench:
         return out
 
     def _postgres_db(self, cmd: list[str], mock_port: int) -> tuple[Optional[str], str, str]:
-        """A throwaway PostgreSQL (tests/pg_server.py, on the load core: it inherits the harness's CPU) with the
+        """A throwaway PostgreSQL (tests/support/pg_server.py, on the load core: it inherits the harness's CPU) with the
         same channel and key as the SQLite file; (database URL, key, why not)."""
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
         from pg_server import PgServer, PgUnavailable
         try:
             self.postgres = PgServer.start()
@@ -189,7 +188,7 @@ class Bench:
                     if attempt:
                         print(f"  ... other work on the machine disturbed {sc.key} on {target.name}; "
                               f"waiting for a quiet moment, then attempt {attempt + 1}", flush=True)
-                        wait_quiet(60.0)
+                        procstat.wait_quiet(60.0)
                     if target.start is not None and (svc is None or (attempt and sc.paced)):
                         if svc is not None:
                             svc.stop()
@@ -238,7 +237,7 @@ class Bench:
                     res = run_wrk(sc, port, target.key, body, lay.load_cpu, self.workdir, int(sc.duration))
                 else:
                     res = run_loadgen(py, sc, port, target.key, body, lay.load_cpu, requests=sc.requests)
-                self._stop_profile(spy)
+                profile_summary.stop_recording(spy)
                 time.sleep(SETTLE)
             cpu = (procstat.cpu_seconds(pid) - cpu0) if pid else None
             mock_cpu = procstat.cpu_seconds(self.mock.pid) - mock0
@@ -283,19 +282,6 @@ class Bench:
                       "--format", "raw", "--output", str(out)], self.layout.load_cpu)
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    @staticmethod
-    def _stop_profile(spy: Optional[subprocess.Popen]) -> None:
-        if spy is None:
-            return
-        spy.send_signal(signal.SIGINT)
-        try:
-            spy.wait(30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-        out = Path(spy.args[spy.args.index("--output") + 1])
-        if out.exists():
-            out.with_suffix(".top.txt").write_text(profile_summary.summarize(out))
-
 
 def keep_representative(rows: list[dict]) -> list[dict]:
     """One row per (scenario, target) out of repeated runs: the median by requests/s (of an even
@@ -317,18 +303,6 @@ def keep_representative(rows: list[dict]) -> list[dict]:
 
 def _foreign(r: dict) -> float:
     return max(r.get("sut_foreign") or 0.0, r.get("load_foreign") or 0.0)
-
-
-def wait_quiet(limit: float, threshold: float = 10.0) -> bool:
-    """Wait up to `limit` seconds for one second in which no core is busier than `threshold` percent."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        before = procstat.core_times()
-        time.sleep(1.0)
-        after = procstat.core_times()
-        if all((procstat.core_busy(before, after, c) or 0.0) < threshold for c in after):
-            return True
-    return False
 
 
 def _brief(r: dict) -> str:

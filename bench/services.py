@@ -29,7 +29,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pinned(cmd: list[str], cpu: Optional[int]) -> list[str]:
+def pinned(cmd: list[str], cpu: Optional[int | str]) -> list[str]:
+    """`cmd` under `taskset -c CPU` (a CPU number or a taskset list such as "1-2")."""
     return cmd if cpu is None else ["taskset", "-c", str(cpu), *cmd]
 
 
@@ -226,11 +227,11 @@ def write_config(workdir: Path, name: str, meter: bool, observe: bool = True, fa
     return path
 
 
-def start_proxy(cmd: list[str], name: str, cpu: Optional[int], workdir: Path, db: Any,
-                config: Path) -> Service:
+def start_proxy(cmd: list[str], name: str, cpu: Optional[int | str], workdir: Path, db: Any,
+                config: Path, workers: int = 1) -> Service:
     port = free_port()
     log = workdir / f"{name}.log"
-    argv = [*cmd, "serve", "--host", "127.0.0.1", "--port", str(port), "--db", str(db), "--workers", "1",
+    argv = [*cmd, "serve", "--host", "127.0.0.1", "--port", str(port), "--db", str(db), "--workers", str(workers),
             "--config", str(config)]
     proc = subprocess.Popen(pinned(argv, cpu), stdout=log.open("wb"), stderr=subprocess.STDOUT)
     svc = Service(name, proc, port, log)

@@ -22,10 +22,21 @@ Why 402 for an exhausted quota: it is Anthropic's own status for "your
 account cannot pay for this", SDKs and Claude Code do not retry it (they would
 retry 429 and every 5xx), and it tells the user something no retry can fix.
 
-Concurrency: ``authenticate`` never awaits, so its checks and the bookkeeping
-that follows them are atomic on the event loop.  A quota is checked against
-the spend settled so far; requests already admitted when the quota is reached
-may still finish and be charged, no request is admitted after that.
+Limits hold across worker processes and hosts: a request of a key with a
+quota, rpm or concurrency limit is admitted by one transaction in the shared
+store (apertis_proxy.store.admissions), which reserves an upper bound of its
+cost (apertis_proxy.budgets.reservation) and takes a concurrency slot;
+``release()`` gives the slot back before the answer's last bytes and turns the
+reservation into the exact cost, which the ledger row then settles.  Near the
+end of a quota, a request whose bound does not fit is admitted only while
+nothing else of the key is in flight (429 with retry-after otherwise), so a
+quota is overshot by at most one request.  Keys without limits never wait on
+the store.  Listings (requests without a body) are not limited.
+
+While the store cannot be reached, a limited key gets 503 with retry-after, or
+with ``[limits] on_store_down = "share"`` each process admits on its own
+against its share of the last known headroom (the limits divided by the
+gateway processes that held a lease; see docs/plugins.md for the bound).
 
 Every refusal is counted per key and reason (apertis_proxy.budgets.refusals),
 and with ``[budgets] webhook_url`` set, a key reaching a threshold of its quota
@@ -49,20 +60,23 @@ from datetime import datetime, timezone
 from typing import Iterable, Mapping, Optional
 
 from apertis_proxy.budgets.alerts import DEFAULT_THRESHOLDS, AlertConfig, BudgetAlerts, QuotaUse
+from apertis_proxy.budgets.limiter import DEFAULT_LEASE_SECONDS, Limiter
 from apertis_proxy.budgets.periods import PERIODS, period_end, period_start
 from apertis_proxy.budgets.refusals import RefusalCounter
+from apertis_proxy.budgets.reservation import cost_bound, token_bound
 from apertis_proxy.plugin_api import Caller, PluginContext, Reject, RequestInfo, UsageRecord
 from apertis_proxy.store import budgets as budget_store
+from apertis_proxy.store.admissions import BUSY_RETRY_AFTER, Decision, Limits
 from apertis_proxy.store.budgets import UNKNOWN_KEY
 from apertis_proxy.store.catalog import Catalog
 from apertis_proxy.store.config import ConfigSnapshot
 from apertis_proxy.store.keys import hash_key
-from apertis_proxy.store.service import store_for_plugin
+from apertis_proxy.store.service import StoreUnavailable, store_for_plugin
 
 RPM_WINDOW = 60.0           # seconds: requests per minute is a sliding one-minute window
-CONCURRENCY_RETRY_AFTER = 1  # seconds: a slot usually frees up quickly
+CONCURRENCY_RETRY_AFTER = BUSY_RETRY_AFTER  # seconds: a slot usually frees up quickly
 CLOSE_ATTEMPTS = 5
-STORE_DOWN_RETRY_AFTER = 5   # seconds: a client retries an unknown key while the store is down
+STORE_DOWN_RETRY_AFTER = 5   # seconds: a client retries an unknown key, or a limited one, while the store is down
 
 
 @dataclass(slots=True)
@@ -81,8 +95,9 @@ class KeyState:
     quota_cost: Optional[float] = None
     quota_tokens: Optional[int] = None
     quota_period: Optional[str] = None              # day, week, month (UTC); None = lifetime
-    rpm: Optional[int] = None                       # per process (divided by workers)
-    concurrency: Optional[int] = None               # per process (divided by workers)
+    rpm: Optional[int] = None
+    concurrency: Optional[int] = None
+    limits: Optional[Limits] = None                 # None: no limit, never admitted through the store
     # Spend = settled (read from key_spend) + flushing (being written) + pending.
     settled_cost: float = 0.0
     settled_tokens: int = 0
@@ -93,9 +108,15 @@ class KeyState:
     # Settled spend in the current quota period (read from key_period_spend).
     period_cost: float = 0.0
     period_tokens: int = 0
+    # Admitted by this process on its own while the store was unreachable ("share" mode).
     in_flight: int = 0
     recent: collections.deque = field(default_factory=collections.deque)  # admission times
+    last_use: Optional[Decision] = None             # the store's last decision for this key
+    alone_cost: float = 0.0                         # spent on its own since the store was last reached
+    alone_tokens: int = 0
     caller: Optional[Caller] = None     # what authenticate() answers; rebuilt after a reload
+    admitted_caller: Optional[Caller] = None    # the same, for a request admitted in the store
+    alone_caller: Optional[Caller] = None       # the same, admitted by this process alone
     previous_hashes: frozenset = frozenset()    # rotated-out secrets (requests may still finish)
     period_start: Optional[str] = None          # first day of the current quota period
 
@@ -141,13 +162,6 @@ def presented_key(headers: Mapping[str, str]) -> Optional[str]:
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return None
-
-
-def per_process(limit: Optional[int], workers: int) -> Optional[int]:
-    """A limit held in memory is enforced by each worker on its own share."""
-    if limit is None:
-        return None
-    return max(1, int(limit) // max(1, workers))
 
 
 def expand_allowed(models: Iterable[str], catalog: Catalog) -> frozenset[str]:
@@ -203,6 +217,10 @@ class KeysAuth:
         # by request id: request id -> (key id, cost, tokens).
         self.ledger_settles = "sqlite" in ctx.meters
         self._unshipped: dict[str, tuple[int, float, int]] = {}
+        self.lease_seconds = float(ctx.options.get("limits_lease_seconds", DEFAULT_LEASE_SECONDS))
+        self.share_when_down = str(ctx.options.get("limits_on_store_down", "refuse")) == "share"
+        self.limiter: Optional[Limiter] = None
+        self.catalog: Optional[Catalog] = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -212,6 +230,8 @@ class KeysAuth:
         await self._watcher.start()
         self._watcher.subscribe(self._reload)
         await self._sync_spend()
+        self.limiter = Limiter(self.store, self.lease_seconds, self.log)
+        await self.limiter.start()
         self._task = asyncio.get_running_loop().create_task(self._spend_loop())
 
     async def close(self) -> None:
@@ -220,6 +240,8 @@ class KeysAuth:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self.limiter is not None:
+            await self.limiter.close()
         if self._watcher is not None:
             self._watcher.unsubscribe(self._reload)
             if self.alerts is not None:
@@ -298,25 +320,83 @@ class KeysAuth:
             raise self._refused(key.name, "model_not_allowed", Reject(
                 403, "permission_error",
                 f"API key '{key.name}' may not use model '{model}'; it may use: {', '.join(key.models or ())}"))
-        mono = time.monotonic()
-        try:
-            self._check_quota(key)
-            self._check_concurrency(key)
-            self._check_rpm(key, mono)
-        except _Refusal as refusal:
-            raise self._refused(key.name, refusal.reason, refusal.reject) from None
-        key.in_flight += 1
-        if key.rpm is not None:
-            key.recent.append(mono)
         caller = key.caller
         if caller is None:
             # The hash tells finish() this key from a later one given the same id
             # (SQLite reuses the highest id after a delete).
-            caller = key.caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed,
-                                         data={"key_hash": key.key_hash},
+            data = {"key_hash": key.key_hash}
+            caller = key.caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed, data=data,
                                          cost_limited=key.quota_cost is not None,
                                          token_limited=key.quota_tokens is not None)
-        return caller
+            key.admitted_caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed,
+                                         data={**data, "admitted": True},
+                                         cost_limited=key.quota_cost is not None,
+                                         token_limited=key.quota_tokens is not None)
+            key.alone_caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed,
+                                      data={**data, "alone": True},
+                                      cost_limited=key.quota_cost is not None,
+                                      token_limited=key.quota_tokens is not None)
+        if key.limits is None or request.body is None:
+            return caller
+        return await self._admit(key, request)
+
+    async def _admit(self, key: KeyState, request: RequestInfo) -> Caller:
+        """Admit a request of a limited key in the store (see the module docstring)."""
+        limits = key.limits
+        assert limits is not None and self.limiter is not None
+        counted = not request.path.endswith("/count_tokens")
+        bound_cost = (cost_bound(self.catalog, request.model, request.body, request.body_bytes, time.time())
+                      if counted and limits.quota_cost is not None and self.catalog is not None else 0.0)
+        bound_tokens = (token_bound(request.body, request.body_bytes)
+                        if counted and limits.quota_tokens is not None else 0)
+        try:
+            decision = await self.limiter.admit(limits, request.request_id, bound_cost, bound_tokens)
+        except StoreUnavailable as exc:
+            if self.share_when_down:
+                return self._admit_alone(key, bound_cost, bound_tokens)
+            self.log.error("admission of %s in the store failed: %s", key.name, exc)
+            raise self._refused(key.name, "store_unavailable", Reject(
+                503, "api_error", "the gateway's limits store cannot be reached; retry shortly",
+                headers={"retry-after": str(STORE_DOWN_RETRY_AFTER)})) from None
+        key.last_use = decision
+        key.alone_cost, key.alone_tokens = 0.0, 0
+        if not decision.admitted:
+            raise self._refused(key.name, decision.reason, self._reject(key, decision))
+        return key.admitted_caller
+
+    def _reject(self, key: KeyState, decision: Decision) -> Reject:
+        use = decision.use
+        if decision.reason == "quota":
+            assert use is not None
+            if key.quota_cost is not None and use.spent_cost >= key.quota_cost:
+                return _quota_reject(key, f"${use.spent_cost:.4f} of ${key.quota_cost:.4f}")
+            return _quota_reject(key, f"{use.spent_tokens} of {key.quota_tokens} tokens")
+        if decision.reason == "concurrency":
+            return _busy(f"API key '{key.name}' already has {key.concurrency} requests in flight, "
+                         f"its concurrency limit", decision.retry_after)
+        if decision.reason == "rpm":
+            return _busy(f"API key '{key.name}' exceeded its limit of {key.rpm} requests per minute",
+                         decision.retry_after)
+        return _busy(f"API key '{key.name}' is close to its {_quota_name(key)}: this request could cost more "
+                     f"than is left beside the requests in flight; retry when they finished",
+                     decision.retry_after)
+
+    def _admit_alone(self, key: KeyState, bound_cost: float, bound_tokens: int) -> Caller:
+        """The store is unreachable: admit against this process's share of the last known headroom."""
+        shares = max(1, self.limiter.holders if self.limiter is not None else 1)
+        mono = time.monotonic()
+        try:
+            self._check_share(key, shares, bound_cost, bound_tokens)
+            self._check_concurrency(key, _share(key.concurrency, shares))
+            self._check_rpm(key, mono, _share(key.rpm, shares))
+        except _Refusal as refusal:
+            raise self._refused(key.name, refusal.reason, refusal.reject) from None
+        key.in_flight += 1
+        key.alone_cost += bound_cost
+        key.alone_tokens += bound_tokens
+        if key.rpm is not None:
+            key.recent.append(mono)
+        return key.alone_caller
 
     def _rotated_key(self, key_hash: str) -> Optional[KeyState]:
         """The key an old secret belongs to, while its grace period lasts."""
@@ -335,47 +415,65 @@ class KeysAuth:
         self.refusals.count(key_name, reason, reject.status, self.clock())
         return reject
 
-    def _check_quota(self, key: KeyState) -> None:
-        if key.quota_cost is not None and key.quota_cost_spent >= key.quota_cost:
-            raise _Refusal("quota", Reject(
-                402, "billing_error",
-                f"API key '{key.name}' has used its {_quota_name(key)}: "
-                f"${key.quota_cost_spent:.4f} of ${key.quota_cost:.4f}" + _resets(key),
-                headers={"x-should-retry": "false"}))
-        if key.quota_tokens is not None and key.quota_tokens_spent >= key.quota_tokens:
-            raise _Refusal("quota", Reject(
-                402, "billing_error",
-                f"API key '{key.name}' has used its {_quota_name(key)}: "
-                f"{key.quota_tokens_spent} of {key.quota_tokens} tokens" + _resets(key),
-                headers={"x-should-retry": "false"}))
+    def _check_share(self, key: KeyState, shares: int, bound_cost: float, bound_tokens: int) -> None:
+        """This process's share of the headroom last seen in the store (or, before any decision, of
+        the settled spend), minus what it admitted alone since."""
+        use = key.last_use.use if key.last_use is not None else None
+        if key.quota_cost is not None:
+            spent = use.spent_cost + use.live_cost if use is not None else key.quota_cost_spent
+            self._check_headroom(key, (key.quota_cost - spent) / shares, key.alone_cost, bound_cost)
+        if key.quota_tokens is not None:
+            spent = use.spent_tokens + use.live_tokens if use is not None else key.quota_tokens_spent
+            self._check_headroom(key, (key.quota_tokens - spent) / shares, key.alone_tokens, bound_tokens)
 
-    def _check_concurrency(self, key: KeyState) -> None:
-        if key.concurrency is not None and key.in_flight >= key.concurrency:
-            raise _Refusal("concurrency", Reject(
-                429, "rate_limit_error",
-                f"API key '{key.name}' already has {key.in_flight} requests in flight, its concurrency limit",
-                headers={"retry-after": str(CONCURRENCY_RETRY_AFTER)}))
+    def _check_headroom(self, key: KeyState, share: float, used: float, bound: float) -> None:
+        if used + bound <= share or (key.in_flight == 0 and used < share):
+            return
+        raise _Refusal("store_unavailable", _busy(
+            f"API key '{key.name}' is close to its {_quota_name(key)} and the gateway's limits store cannot "
+            f"be reached; retry shortly", STORE_DOWN_RETRY_AFTER))
 
-    def _check_rpm(self, key: KeyState, now: float) -> None:
-        if key.rpm is None:
+    def _check_concurrency(self, key: KeyState, limit: Optional[int]) -> None:
+        if limit is not None and key.in_flight >= limit:
+            raise _Refusal("concurrency", _busy(
+                f"API key '{key.name}' already has {key.concurrency} requests in flight, its concurrency limit",
+                CONCURRENCY_RETRY_AFTER))
+
+    def _check_rpm(self, key: KeyState, now: float, limit: Optional[int]) -> None:
+        if limit is None:
             return
         recent = key.recent
         while recent and recent[0] <= now - RPM_WINDOW:
             recent.popleft()
-        if len(recent) >= key.rpm:
+        if len(recent) >= limit:
             wait = max(1, math.ceil(recent[0] + RPM_WINDOW - now))
-            raise _Refusal("rpm", Reject(
-                429, "rate_limit_error",
-                f"API key '{key.name}' exceeded its limit of {key.rpm} requests per minute"
-                + (f" (per worker process, {self.workers} workers)" if self.workers > 1 else ""),
-                headers={"retry-after": str(wait)}))
+            raise _Refusal("rpm", _busy(
+                f"API key '{key.name}' exceeded its limit of {key.rpm} requests per minute", wait))
+
+    async def release(self, caller: Caller, record: UsageRecord) -> None:
+        """Before the answer's last bytes: the request's concurrency slot is free, its reservation
+        becomes its exact cost (see the module docstring)."""
+        if not caller.data.get("admitted") or self.limiter is None:
+            return
+        cost = record.cost if record.cost and record.cost > 0 else 0.0
+        tokens = max(0, record.total_tokens)
+        period = start = None
+        if not self.ledger_settles:
+            key = self.by_id.get(caller.key_id)
+            period = key.quota_period if key is not None else None
+            start = period_start(period, record.started_at) if period else None
+        await self.limiter.release(caller.key_id, record.request_id, cost, tokens, self.ledger_settles,
+                                   period, start)
 
     async def finish(self, caller: Caller, record: UsageRecord) -> None:
         key = self.by_id.get(caller.key_id) if caller.key_id is not None else None
         presented = caller.data.get("key_hash")
         if key is None or (key.key_hash != presented and presented not in key.previous_hashes):
             return      # deleted while the request ran
-        key.in_flight = max(0, key.in_flight - 1)
+        if caller.data.get("admitted"):
+            return      # settled through the store: release() made the reservation the exact cost
+        if caller.data.get("alone"):
+            key.in_flight = max(0, key.in_flight - 1)
         cost = record.cost if record.cost and record.cost > 0 else 0.0
         tokens = max(0, record.total_tokens)
         if cost or tokens:
@@ -436,8 +534,12 @@ class KeysAuth:
             key.quota_cost = row.quota_cost
             key.quota_tokens = row.quota_tokens
             key.quota_period = row.quota_period if row.quota_period in PERIODS else None
-            key.rpm = per_process(row.rpm, self.workers)
-            key.concurrency = per_process(row.concurrency, self.workers)
+            key.rpm = row.rpm
+            key.concurrency = row.concurrency
+            key.limits = (Limits(key.id, row.quota_cost, row.quota_tokens, key.quota_period, row.rpm,
+                                 row.concurrency)
+                          if any(v is not None for v in (row.quota_cost, row.quota_tokens, row.rpm,
+                                                         row.concurrency)) else None)
             key.caller = None       # name or allow-list may have changed
             key.previous_hashes = frozenset(old)
             by_hash[row.key_hash] = key
@@ -445,6 +547,7 @@ class KeysAuth:
         grace = {r.key_hash: (by_id[r.key_id], r.until) for r in grace_rows if r.key_id in by_id}
         # Swap the maps in one step: the request path never sees a half reload.
         self.by_hash, self.by_id, self.grace = by_hash, by_id, grace
+        self.catalog = catalog
         self.log.info("loaded %d keys", len(by_id))
 
     async def _sync_spend(self) -> None:
@@ -509,6 +612,20 @@ class _Refusal(Exception):
         super().__init__(reason)
         self.reason = reason
         self.reject = reject
+
+
+def _quota_reject(key: KeyState, used: str) -> Reject:
+    return Reject(402, "billing_error", f"API key '{key.name}' has used its {_quota_name(key)}: {used}"
+                  + _resets(key), headers={"x-should-retry": "false"})
+
+
+def _busy(message: str, retry_after: Optional[int]) -> Reject:
+    return Reject(429, "rate_limit_error", message, headers={"retry-after": str(retry_after or 1)})
+
+
+def _share(limit: Optional[int], shares: int) -> Optional[int]:
+    """A process's share of a limit while it admits alone (at least one request)."""
+    return None if limit is None else max(1, limit // shares)
 
 
 def _quota_name(key: KeyState) -> str:

@@ -76,7 +76,7 @@ def request_info(req: Request, resp: Responder, body: Any) -> RequestInfo:
         stream = body.get("stream") is True
     return RequestInfo(method=req.method, path=req.path, query=req.query, headers=req.header_map(),
                        body=body if isinstance(body, dict) else None, model=model, stream=bool(stream),
-                       client=req.client, request_id=resp.request_id)
+                       client=req.client, request_id=resp.request_id, body_bytes=len(req.body or b""))
 
 
 class FailedAttempt:
@@ -220,6 +220,8 @@ class MessagesForwarder:
                         price(record, self.catalog.catalog)
                     await self.plugins.meter(record)
             finally:
+                if caller is not None:
+                    await self.plugins.release(vouched_by, caller, record)
                 resp.release()
             if caller is not None:
                 await self.plugins.finish(vouched_by, caller, record)

@@ -108,10 +108,15 @@ class GatewayApp:
         # Listings are not usage: nothing is metered.
         record = UsageRecord(request_id=resp.request_id, started_at=time.time(), endpoint=req.path,
                              client=req.client, key_id=caller.key_id, key_name=caller.key_name)
+        resp.hold_end()
         try:
             self._list_models(req, resp, caller)
         finally:
             record.status = resp.status
+            try:
+                await self.plugins.release(vouched_by, caller, record)
+            finally:
+                resp.release()
             await self.plugins.finish(vouched_by, caller, record)
 
     def _list_models(self, req: Request, resp: Responder, caller: Caller) -> None:

@@ -63,6 +63,10 @@ GROUP BY u.key_id, k.quota_period, start
 ON CONFLICT (key_id, period, start) DO UPDATE SET cost = cost + excluded.cost, tokens = tokens + excluded.tokens
 """
 
+# Those requests' admissions (admissions.py): their cost is in key_spend now.
+_FREE_ADMISSIONS = ("DELETE FROM admissions WHERE (key_id, request_id) IN"
+                    " (SELECT key_id, request_id FROM usage WHERE id > ? AND key_id IS NOT NULL)")
+
 
 class LedgerRows:
     """The INSERT statements for the ledger's columns, and rows turned into their values."""
@@ -254,6 +258,7 @@ def _write(conn, shape: LedgerRows, values: list[list], settle: bool) -> int:
         if inserted and settle:
             conn.execute(_SETTLE, (before,))
             conn.execute(_SETTLE_PERIODS, (before,))
+            conn.execute(_FREE_ADMISSIONS, (before,))
         conn.execute("COMMIT")
     except BaseException:
         try:

@@ -28,6 +28,8 @@ def _write_sql(columns: Sequence[str], settle: bool) -> str:
     HAVING SUM(GREATEST(COALESCE(cost, 0), 0)) > 0 OR SUM({tokens}) > 0
     ON CONFLICT (key_id) DO UPDATE SET cost = key_spend.cost + EXCLUDED.cost,
         tokens = key_spend.tokens + EXCLUDED.tokens
+), freed AS (
+    DELETE FROM admissions a USING ins WHERE a.key_id = ins.key_id AND a.request_id = ins.request_id
 ), period_spend AS (
     INSERT INTO key_period_spend (key_id, period, start, cost, tokens)
     SELECT ins.key_id, k.quota_period,
@@ -45,7 +47,7 @@ def _write_sql(columns: Sequence[str], settle: bool) -> str:
     return f"""WITH ins AS (
     INSERT INTO usage ({cols}) SELECT {cols} FROM usage_incoming
     ON CONFLICT (request_id, ts) DO NOTHING
-    RETURNING ts, key_id, key_name, requested_model, channel_name, status, error_type, interrupted, cost,
+    RETURNING request_id, ts, key_id, key_name, requested_model, channel_name, status, error_type, interrupted, cost,
         {', '.join(ROLLUP_SUMS)}){spend}, rollup AS (
     INSERT INTO usage_daily (day, key_name, requested_model, channel_name, {', '.join(ROLLUP_FIELDS)})
     SELECT (to_timestamp(ts) AT TIME ZONE 'UTC')::date, COALESCE(key_name, ''), COALESCE(requested_model, ''),

@@ -20,6 +20,7 @@ import datetime
 from typing import Iterable
 
 from ..plugin_api import DEFAULT_API_VERSION
+from . import pg_admissions
 from .schema import SCHEMA_VERSION
 
 NOTIFY_CHANNEL = "apertis_config"
@@ -233,6 +234,31 @@ CREATE TABLE IF NOT EXISTS owned_state (
     PRIMARY KEY (kind, id)
 );
 CREATE INDEX IF NOT EXISTS owned_state_owner ON owned_state (owner, kind, created_at);
+CREATE TABLE IF NOT EXISTS limit_leases (
+    holder      TEXT PRIMARY KEY,
+    expires_at  DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS admissions (
+    key_id      BIGINT NOT NULL,
+    request_id  TEXT NOT NULL,
+    holder      TEXT NOT NULL,
+    admitted_at DOUBLE PRECISION NOT NULL,
+    live        INTEGER NOT NULL,
+    cost        DOUBLE PRECISION NOT NULL,
+    tokens      BIGINT NOT NULL,
+    PRIMARY KEY (key_id, request_id)
+);
+CREATE TABLE IF NOT EXISTS admission_times (
+    key_id      BIGINT NOT NULL,
+    at          DOUBLE PRECISION NOT NULL,
+    request_id  TEXT NOT NULL,
+    PRIMARY KEY (key_id, at, request_id)
+);
+CREATE TABLE IF NOT EXISTS admission_counts (
+    key_id  BIGINT PRIMARY KEY,
+    n       BIGINT NOT NULL,
+    last_at DOUBLE PRECISION NOT NULL
+);
 
 CREATE OR REPLACE FUNCTION apertis_config_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -267,6 +293,7 @@ async def migrate(conn) -> None:
                 await conn.execute(DDL)
                 for stmt in _trigger_ddl():
                     await conn.execute(stmt)
+                await conn.execute(pg_admissions.FUNCTIONS)
                 for stmt in partition_ddl(month_starts(_today(), PARTITIONS_AHEAD)):
                     await conn.execute(stmt)
                 await conn.execute("INSERT INTO meta (k, v) VALUES ('schema_version', $1)"

@@ -13,7 +13,7 @@ from ..plugin_api import DEFAULT_API_VERSION
 from .catalog import sync_shipped_catalog
 from .dbfile import create_private
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Binding None, Python's sqlite3 first looks for an adapter: a tuple, a dict
 # miss, and an AttributeError raised and cleared on its protocol type, ~2.5k
@@ -283,6 +283,38 @@ _V1_SEED_NAMES = """
     ('claude-sonnet-4-5-20250929', 'Claude Sonnet 4.5', '["claude-sonnet-4.5", "claude-sonnet-4-5"]'),
     ('claude-haiku-4-5-20251001', 'Claude Haiku 4.5', '["claude-haiku-4.5", "claude-haiku-4-5"]')"""
 
+# Limits decided in the store (admissions.py): requests admitted and not yet in the
+# ledger, the admissions of the last minute, and each gateway process's lease.
+ADMISSIONS_DDL = [
+    """CREATE TABLE IF NOT EXISTS limit_leases (
+        holder      TEXT PRIMARY KEY,            -- one gateway process: "<host>/<pid>/<random>"
+        expires_at  REAL NOT NULL                -- unix time (store clock); its admissions count until then
+    ) WITHOUT ROWID""",
+    # One B-tree per table (a decision reads a key's range; an admission writes a page or two).
+    """CREATE TABLE IF NOT EXISTS admissions (
+        key_id      INTEGER NOT NULL,
+        request_id  TEXT NOT NULL,
+        holder      TEXT NOT NULL,
+        admitted_at REAL NOT NULL,
+        live        INTEGER NOT NULL,            -- 1 while the request runs: a concurrency slot
+        cost        REAL NOT NULL,               -- reserved bound while live; the exact cost once ended
+        tokens      INTEGER NOT NULL,
+        PRIMARY KEY (key_id, request_id)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS admission_times (
+        key_id      INTEGER NOT NULL,
+        at          REAL NOT NULL,
+        request_id  TEXT NOT NULL,
+        PRIMARY KEY (key_id, at, request_id)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS admission_counts (
+        key_id  INTEGER PRIMARY KEY,
+        n       INTEGER NOT NULL,                -- rows of admission_times of this key
+        last_at REAL NOT NULL                    -- its latest admission
+    )""",
+]
+
+
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (2, [
         # Effective-dated prices: a change applies from its time on.
@@ -421,6 +453,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "DELETE FROM usage WHERE id NOT IN (SELECT MIN(id) FROM usage GROUP BY request_id)",
         "CREATE UNIQUE INDEX IF NOT EXISTS usage_request_id ON usage (request_id)",
     ]),
+    (7, ADMISSIONS_DDL),
 ]
 
 

@@ -184,6 +184,20 @@ class Store:
         await loop.run_in_executor(self._executor, self._drop)
         self._executor.shutdown(wait=True)
 
+    async def admissions(self):
+        """This process's access to the admissions of limited keys (admissions.py), opened, used from
+        the calling event loop: on PostgreSQL connections of its own through asyncpg
+        (pg_admissions.py), on SQLite a connection of its own with group commit."""
+        if not self.url.is_postgres:
+            from .admissions import SqliteAdmissions
+            return await SqliteAdmissions(self.url.target).open()
+        from .pg_admissions import PgAdmissions
+        try:
+            return await PgAdmissions(self.url).open()
+        except _postgres_errors() as exc:
+            raise StoreUnavailable(f"cannot reach the database at {self.url.redacted()}: "
+                                   f"{self.url.scrub(str(exc)) or type(exc).__name__}") from None
+
     # -- the configuration ---------------------------------------------------------
 
     def watcher(self, interval: float = 1.0):

@@ -2,6 +2,7 @@
 connections, its own change watcher.  It listens on 127.0.0.1:0; the port is read from its log.
 
     host = GatewayProcess.start(db_url, tmp_path / "a")
+    host = GatewayProcess.start(db_url, tmp_path / "a", tables={"limits": {"lease_seconds": 3}})   # more TOML
     status, headers, body = host.post_message(key)
     host.kill()          # SIGKILL;  host.stop() for SIGTERM
 """
@@ -36,6 +37,22 @@ poll_interval = 0.2
 """
 
 
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))        # a basic TOML string
+
+
+def toml_tables(tables: dict[str, dict]) -> str:
+    """`{"limits": {"lease_seconds": 3}}` as TOML text: "\\n[limits]\\nlease_seconds = 3\\n"."""
+    return "".join(f"\n[{name}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items())
+                   for name, values in tables.items())
+
+
 class GatewayProcess:
     def __init__(self, proc: subprocess.Popen, port: int, lines: list[str]) -> None:
         self.proc = proc
@@ -43,13 +60,16 @@ class GatewayProcess:
         self.lines = lines
 
     @classmethod
-    def start(cls, db_url: str, workdir: Path, timeout: float = 30.0, **meter_options) -> "GatewayProcess":
-        """`meter_options` go under [plugins.options.sqlite] (e.g. flush_interval, batch_size).  The ledger
-        spool is workdir/apertis-ledger.spool: a restart in the same workdir ships what a kill left."""
+    def start(cls, db_url: str, workdir: Path, timeout: float = 30.0, *,
+              tables: Optional[dict[str, dict]] = None, **meter_options) -> "GatewayProcess":
+        """`meter_options` go under [plugins.options.sqlite] (e.g. flush_interval, batch_size); `tables` are
+        further TOML tables of the config file, {"limits": {"lease_seconds": 3}} for `[limits]` and its keys.
+        The ledger spool is workdir/apertis-ledger.spool: a restart in the same workdir ships what a kill left."""
         meter_options = {"flush_interval": 0.05, **meter_options}
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "apertis.toml"
-        config.write_text(CONFIG + "".join(f"{name} = {value!r}\n" for name, value in meter_options.items()))
+        config.write_text(CONFIG + "".join(f"{name} = {value!r}\n" for name, value in meter_options.items())
+                          + toml_tables(tables or {}))
         env = {**os.environ, "APERTIS_DB": db_url}
         proc = subprocess.Popen([sys.executable, "-m", "apertis_proxy.cli", "serve", "--config", str(config)],
                                 cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

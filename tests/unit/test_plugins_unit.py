@@ -68,13 +68,36 @@ def request(model: str | None = SONNET, headers: dict | None = None, body: dict 
                        request_id=request_id)
 
 
+_request_ids = (f"req_unit_{n}" for n in range(10**9))
+
+
 def with_key(plain: str, model: str | None = SONNET) -> RequestInfo:
-    return request(model, headers={"x-api-key": plain})
+    return request(model, headers={"x-api-key": plain}, request_id=next(_request_ids))
 
 
 def usage(cost: float = 0.0, input_tokens: int = 0, output_tokens: int = 0) -> UsageRecord:
     return UsageRecord(request_id="req_x", started_at=time.time(), endpoint="/v1/messages",
                        status=200, input_tokens=input_tokens, output_tokens=output_tokens, cost=cost)
+
+
+@dataclasses.dataclass
+class Admitted:
+    """A request the keys plugin admitted, ended as the gateway ends one: release(), then finish()."""
+
+    auth: KeysAuth
+    caller: Caller
+    request_id: str
+
+    async def end(self, record: UsageRecord | None = None) -> None:
+        record = record or usage()
+        record.request_id = self.request_id
+        await self.auth.release(self.caller, record)
+        await self.auth.finish(self.caller, record)
+
+
+async def admit(auth: KeysAuth, plain: str, model: str | None = SONNET) -> Admitted:
+    req = with_key(plain, model)
+    return Admitted(auth, await auth.authenticate(req), req.request_id)
 
 
 async def rejected(auth: KeysAuth, req: RequestInfo) -> Reject:
@@ -185,16 +208,16 @@ async def test_cost_quota_is_settled_after_the_call_then_enforced(db):
     path, conn = db
     key_id, plain = create_key(conn, "budget", quota_cost=0.01)
     async with running(KeysAuth(context("keys", path))) as auth:
-        caller = await auth.authenticate(with_key(plain))
-        await auth.finish(caller, usage(cost=0.006, input_tokens=100, output_tokens=20))
-        caller = await auth.authenticate(with_key(plain))       # 0.006 < 0.01: still admitted
-        await auth.finish(caller, usage(cost=0.006, input_tokens=100, output_tokens=20))
+        await (await admit(auth, plain)).end(usage(cost=0.006, input_tokens=100, output_tokens=20))
+        # 0.006 < 0.01: still admitted
+        await (await admit(auth, plain)).end(usage(cost=0.006, input_tokens=100, output_tokens=20))
         err = await rejected(auth, with_key(plain))
         assert (err.status, err.error_type) == (402, "billing_error")
+        assert err.headers["x-should-retry"] == "false"
         assert "quota" in err.message and "$0.01" in err.message
-        await auth.refresh()
         row = conn.execute("SELECT cost, tokens FROM key_spend WHERE key_id = ?", (key_id,)).fetchone()
         assert row["cost"] == pytest.approx(0.012) and row["tokens"] == 240
+        await auth.refresh()
         err = await rejected(auth, with_key(plain))      # still over after re-reading the table
         assert err.status == 402
 
@@ -204,20 +227,21 @@ async def test_a_deleted_keys_last_request_is_not_charged_to_the_key_that_reuses
     free one of its concurrency slots (the store never gives a new key a deleted key's id)."""
     path, conn = db
     create_key(conn, "keeper")
-    old_id, old_plain = create_key(conn, "temp")
+    old_id, old_plain = create_key(conn, "temp", concurrency=5)
     async with running(KeysAuth(context("keys", path))) as auth:
-        in_flight = await auth.authenticate(with_key(old_plain))
+        in_flight = await admit(auth, old_plain)
         delete_key(conn, "temp")
         new_id, new_plain = create_key(conn, "newbie", quota_cost=0.001, concurrency=1)
         assert new_id != old_id
         await auth.refresh()
-        held = await auth.authenticate(with_key(new_plain))          # newbie's one slot
-        await auth.finish(in_flight, usage(cost=0.5, input_tokens=1000, output_tokens=100))
+        held = await admit(auth, new_plain)                          # newbie's one slot
+        await in_flight.end(usage(cost=0.5, input_tokens=1000, output_tokens=100))
         err = await rejected(auth, with_key(new_plain))             # the slot is still held, by newbie
         assert err.status == 429, err.message
-        await auth.finish(held, usage())
-        again = await auth.authenticate(with_key(new_plain))         # and no spend was charged to it
-        assert again.key_name == "newbie"
+        await held.end()
+        again = await admit(auth, new_plain)                         # and no spend was charged to it
+        assert again.caller.key_name == "newbie"
+        await again.end()
         await auth.refresh()
     row = conn.execute("SELECT cost FROM key_spend WHERE key_id = ?", (new_id,)).fetchone()
     assert row is None or row["cost"] == 0
@@ -228,15 +252,15 @@ async def test_a_request_in_flight_across_a_rotation_is_charged_and_frees_its_sl
     path, conn = db
     key_id, old_plain = create_key(conn, "alice", concurrency=1)
     async with running(KeysAuth(context("keys", path))) as auth:
-        in_flight = await auth.authenticate(with_key(old_plain))
+        in_flight = await admit(auth, old_plain)
         new_plain, _ = rotate_key(conn, "alice", 3600)
         await auth.refresh()
         err = await rejected(auth, with_key(new_plain))              # the one slot is still held
         assert err.status == 429, err.message
-        await auth.finish(in_flight, usage(cost=0.25, input_tokens=10, output_tokens=5))
-        caller = await auth.authenticate(with_key(new_plain))        # the slot came back
-        assert (caller.key_id, caller.key_name) == (key_id, "alice")
-        await auth.finish(caller, usage())
+        await in_flight.end(usage(cost=0.25, input_tokens=10, output_tokens=5))
+        again = await admit(auth, new_plain)                         # the slot came back
+        assert (again.caller.key_id, again.caller.key_name) == (key_id, "alice")
+        await again.end()
         await auth.refresh()
     row = conn.execute("SELECT cost, tokens FROM key_spend WHERE key_id = ?", (key_id,)).fetchone()
     assert (row["cost"], row["tokens"]) == (0.25, 15)
@@ -246,14 +270,12 @@ async def test_token_quota_counts_every_kind_of_token(db):
     path, conn = db
     _, plain = create_key(conn, "tokens", quota_tokens=1000)
     async with running(KeysAuth(context("keys", path))) as auth:
-        caller = await auth.authenticate(with_key(plain))
         record = usage(input_tokens=400, output_tokens=300)
         record.cache_read_input_tokens = 200
-        await auth.finish(caller, record)                 # 900 of 1000
-        caller = await auth.authenticate(with_key(plain))
+        await (await admit(auth, plain)).end(record)                 # 900 of 1000
         record = usage(output_tokens=50)
         record.cache_creation_input_tokens = 50
-        await auth.finish(caller, record)                 # 1000 of 1000
+        await (await admit(auth, plain)).end(record)                 # 1000 of 1000
         err = await rejected(auth, with_key(plain))
         assert (err.status, err.error_type) == (402, "billing_error")
         assert "1000 of 1000 tokens" in err.message
@@ -263,58 +285,55 @@ async def test_spend_survives_restart_and_other_workers_spend_is_seen(db):
     path, conn = db
     key_id, plain = create_key(conn, "shared", quota_cost=1.0)
     async with running(KeysAuth(context("keys", path))) as auth:
-        caller = await auth.authenticate(with_key(plain))
-        await auth.finish(caller, usage(cost=0.25))
-    # close() flushed: a new process starts from the settled spend.
+        await (await admit(auth, plain)).end(usage(cost=0.25))
+    # Settled in the store: a new process starts from it.
     async with running(KeysAuth(context("keys", path, poll_interval=0.05))) as auth:
         assert auth.by_id[key_id].spent_cost == pytest.approx(0.25)
-        caller = await auth.authenticate(with_key(plain))
-        await auth.finish(caller, usage())
-        # Another worker settles its spend into the same table.
+        await (await admit(auth, plain)).end()
+        # Another worker settles its spend into the same table: the next admission sees it.
         conn.execute("UPDATE key_spend SET cost = cost + 0.75 WHERE key_id = ?", (key_id,))
-        await eventually(lambda: auth.by_id[key_id].spent_cost >= 1.0)
         err = await rejected(auth, with_key(plain))
         assert err.status == 402
 
 
-async def test_parallel_requests_cannot_overspend_beyond_those_in_flight(db):
+async def test_a_burst_overspends_a_token_quota_by_at_most_one_request(db):
+    """Reserve-then-settle: 300 concurrent requests near the end of a quota; each reserves its bound
+    (body bytes + max_tokens), so the quota is overshot by at most one request, which ran alone."""
     path, conn = db
     quota, per_request = 1000, 10
     key_id, plain = create_key(conn, "racy", quota_tokens=quota)
     conn.execute("INSERT INTO key_spend (key_id, cost, tokens) VALUES (?, 0, ?)", (key_id, 900))
     rng = random.Random(7)
     spent = 900                      # what the test itself settled
-    in_flight = 0
-    in_flight_when_reached = None
-    admitted_after_reached = 0
-    refused = 0
+    in_flight = most_in_flight = 0
+    statuses = collections.Counter()
 
     async def one(auth):
-        nonlocal spent, in_flight, in_flight_when_reached, admitted_after_reached, refused
+        nonlocal spent, in_flight, most_in_flight
         await asyncio.sleep(rng.random() * 0.02)
-        try:
-            caller = await auth.authenticate(with_key(plain))
-        except Reject as err:
-            assert err.status == 402
-            refused += 1
-            return
-        if spent >= quota:
-            admitted_after_reached += 1
+        while True:         # retrying 429s, as the SDKs do
+            try:
+                admitted = await admit(auth, plain)
+                break
+            except Reject as err:
+                statuses[err.status] += 1
+                assert err.status in (402, 429)
+                if err.status == 402:
+                    return
+                assert int(err.headers["retry-after"]) >= 1
+                await asyncio.sleep(0.005)
         in_flight += 1
+        most_in_flight = max(most_in_flight, in_flight)
         await asyncio.sleep(rng.random() * 0.02)
         in_flight -= 1
         spent += per_request
-        if spent >= quota and in_flight_when_reached is None:
-            in_flight_when_reached = in_flight
-        record = usage(output_tokens=per_request)
-        await auth.finish(caller, record)
+        await admitted.end(usage(output_tokens=per_request))
 
     async with running(KeysAuth(context("keys", path, poll_interval=0.01))) as auth:
         await asyncio.gather(*(one(auth) for _ in range(300)))
-        assert auth.by_id[key_id].spent_tokens == spent
-    assert refused > 0 and admitted_after_reached == 0
-    assert in_flight_when_reached is not None
-    assert spent - quota <= in_flight_when_reached * per_request
+    assert statuses[402] > 0 and statuses[429] > 0, (statuses, most_in_flight, spent)
+    assert most_in_flight > 1
+    assert quota <= spent <= quota + per_request
     row = conn.execute("SELECT tokens FROM key_spend WHERE key_id = ?", (key_id,)).fetchone()
     assert row["tokens"] == spent
 
@@ -326,42 +345,76 @@ async def test_requests_per_minute_limit_is_429_with_retry_after(db):
     key_id, plain = create_key(conn, "slow", rpm=3)
     async with running(KeysAuth(context("keys", path))) as auth:
         for _ in range(3):
-            await auth.finish(await auth.authenticate(with_key(plain)), usage())
+            await (await admit(auth, plain)).end()
         err = await rejected(auth, with_key(plain))
         assert (err.status, err.error_type) == (429, "rate_limit_error")
         assert 1 <= int(err.headers["retry-after"]) <= 60
         assert "3 requests per minute" in err.message
         # Refused requests do not use up the window.
-        assert len(auth.by_id[key_id].recent) == 3
+        count = conn.execute("SELECT COUNT(*) FROM admission_times WHERE key_id = ?", (key_id,)).fetchone()[0]
+        assert count == 3
 
 
-async def test_limits_are_divided_among_worker_processes(db):
+async def test_limits_hold_across_worker_processes_sharing_the_store(db):
+    """Two plugin instances (two worker processes) on one store share one window and one set of slots."""
     path, conn = db
-    key_id, plain = create_key(conn, "split", rpm=5, concurrency=4)
-    _, tiny = create_key(conn, "tiny", rpm=1, concurrency=1)
-    async with running(KeysAuth(context("keys", path, workers=2))) as auth:
-        assert (auth.by_id[key_id].rpm, auth.by_id[key_id].concurrency) == (2, 2)
-        for _ in range(2):
-            await auth.finish(await auth.authenticate(with_key(plain)), usage())
-        err = await rejected(auth, with_key(plain))
-        assert err.status == 429 and "2 workers" in err.message
-        await auth.finish(await auth.authenticate(with_key(tiny)), usage())   # at least 1 each
+    _, plain = create_key(conn, "split", rpm=5, concurrency=2)
+    async with running(KeysAuth(context("keys", path, workers=2))) as one, \
+            running(KeysAuth(context("keys", path, workers=2))) as two:
+        first = await admit(one, plain)
+        second = await admit(two, plain)
+        for auth in (one, two):
+            err = await rejected(auth, with_key(plain))
+            assert err.status == 429 and "concurrency" in err.message
+        await first.end()
+        await second.end()
+        await (await admit(two, plain)).end()
+        await (await admit(one, plain)).end()
+        await (await admit(two, plain)).end()           # the fifth in the minute
+        for auth in (one, two):
+            err = await rejected(auth, with_key(plain))
+            assert err.status == 429 and "5 requests per minute" in err.message
 
 
-async def test_concurrency_limit_counts_requests_in_flight_until_finish(db):
+async def test_concurrency_limit_counts_requests_in_flight_until_release(db):
     path, conn = db
-    _, plain = create_key(conn, "narrow", concurrency=2)
+    key_id, plain = create_key(conn, "narrow", concurrency=2)
     async with running(KeysAuth(context("keys", path))) as auth:
-        first = await auth.authenticate(with_key(plain))
-        second = await auth.authenticate(with_key(plain))
+        first = await admit(auth, plain)
+        second = await admit(auth, plain)
         err = await rejected(auth, with_key(plain))
         assert (err.status, err.error_type) == (429, "rate_limit_error")
         assert err.headers["retry-after"] == "1"
-        await auth.finish(first, usage())
-        third = await auth.authenticate(with_key(plain))
-        await auth.finish(second, usage())
-        await auth.finish(third, usage())
-        assert auth.by_id[third.key_id].in_flight == 0
+        await auth.release(first.caller, dataclasses.replace(usage(), request_id=first.request_id))
+        third = await admit(auth, plain)                 # release() alone gave the slot back
+        await first.end()
+        await second.end()
+        await third.end()
+        assert conn.execute("SELECT COUNT(*) FROM admissions WHERE key_id = ?", (key_id,)).fetchone()[0] == 0
+
+
+async def test_a_killed_process_frees_its_slots_when_its_lease_runs_out(db):
+    path, conn = db
+    _, plain = create_key(conn, "leased", concurrency=1)
+    async with running(KeysAuth(context("keys", path, limits_lease_seconds=0.6))) as survivor:
+        doomed = KeysAuth(context("keys", path, limits_lease_seconds=0.6))
+        await doomed.start()
+        await admit(doomed, plain)                       # its one slot, never released
+        # Killed: it stops renewing its lease and never hands it back.
+        doomed.limiter._task.cancel()
+        err = await rejected(survivor, with_key(plain))
+        assert err.status == 429
+        admitted = await eventually(lambda: _try_admit(survivor, plain), timeout=5.0)
+        await admitted.end()
+        await doomed.limiter.admissions.close()
+        await doomed.store.close()
+
+
+async def _try_admit(auth: KeysAuth, plain: str):
+    try:
+        return await admit(auth, plain)
+    except Reject:
+        return None
 
 
 # -- keys: CLI edits -------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""This process's side of the admissions kept in the store (store/admissions.py).
+
+A ``Limiter`` holds the process's lease (renewed every third of its length),
+admits and releases requests through the store's admissions access (from the
+event loop: an asyncpg pool on PostgreSQL, a connection of its own on SQLite;
+never behind a ledger batch), and retries releases the store could not take
+when they happened.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import sqlite3
+from typing import Optional
+
+from ..store.admissions import Decision, Limits
+from ..store.service import StoreUnavailable, is_unreachable
+
+DEFAULT_LEASE_SECONDS = 30.0
+RELEASE_TIMEOUT = 2.0       # seconds a release may hold back the answer's end; then it is retried later
+
+
+class Limiter:
+    def __init__(self, store, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+                 log: Optional[logging.Logger] = None) -> None:
+        self._store = store
+        self.admissions = None
+        self.lease_seconds = max(0.3, float(lease_seconds))
+        self.holder = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+        self.log = log or logging.getLogger("apertis_proxy.limits")
+        # Live leases (gateway processes) when last seen: the share of headroom a
+        # process may use on its own while the store cannot be reached.
+        self.holders = 1
+        self.reachable = True
+        self._unreleased: list[tuple] = []
+        self._task: Optional[asyncio.Task] = None
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        self.admissions = await self._store.admissions()
+        try:
+            await self._renew()
+        except Exception as exc:  # noqa: BLE001 - the loop keeps trying
+            self.log.error("could not take the limits lease (%s); retrying", exc)
+        self._task = asyncio.get_running_loop().create_task(self._renew_loop())
+
+    async def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.admissions is None:
+            return
+        try:
+            await self._retry_releases()
+            await self.admissions.drop_lease(self.holder)
+        except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
+            self.log.warning("could not hand back the limits lease (%s); it runs out in %gs",
+                             exc, self.lease_seconds)
+        await self.admissions.close()
+
+    async def admit(self, limits: Limits, request_id: str, bound_cost: float, bound_tokens: int) -> Decision:
+        """The store's decision; StoreUnavailable when the store cannot be reached or takes no writes
+        (any other error is a bug, raised as it is)."""
+        try:
+            decision = await self.admissions.admit(limits, request_id, self.holder, bound_cost, bound_tokens)
+        except asyncio.CancelledError:
+            # The request is gone; the store may still have admitted it: forget it there.
+            self._later(limits.key_id, request_id, 0.0, 0, True)
+            raise
+        except Exception as exc:
+            if not (is_unreachable(exc) or isinstance(exc, sqlite3.OperationalError)):
+                raise
+            self.reachable = False
+            raise StoreUnavailable(str(exc)) from exc
+        self.reachable = True
+        self.holders = decision.holders
+        return decision
+
+    async def release(self, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
+                      period: Optional[str] = None, start: Optional[str] = None) -> None:
+        args = (key_id, request_id, cost, tokens, settled_by_ledger, period, start)
+        try:
+            await asyncio.wait_for(self.admissions.release(*args), RELEASE_TIMEOUT)
+        except asyncio.CancelledError:
+            self._later(*args)
+            raise
+        except Exception as exc:  # noqa: BLE001 - kept and retried by the renewal loop
+            self.log.warning("could not release request %s's admission (%s); retrying", request_id, exc)
+            self._later(*args)
+
+    def _later(self, *args) -> None:
+        """A release to make (again) from the renewal loop (a retry is harmless: it finds nothing)."""
+        self._unreleased.append(args)
+        self._wake.set()
+
+    async def _renew(self) -> None:
+        self.holders = await self.admissions.renew_lease(self.holder, self.lease_seconds)
+        self.reachable = True
+
+    async def _retry_releases(self) -> None:
+        while self._unreleased:
+            args = self._unreleased[0]
+            await self.admissions.release(*args)
+            self._unreleased.pop(0)
+
+    async def _renew_loop(self) -> None:
+        interval = self.lease_seconds / 3
+        loop = asyncio.get_running_loop()
+        due = loop.time() + interval
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.0, due - loop.time()))
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                if loop.time() >= due:
+                    await self._renew()
+                    due = loop.time() + interval
+                await self._retry_releases()
+            except Exception as exc:  # noqa: BLE001 - retried next interval
+                self.reachable = False
+                self.log.error("could not renew the limits lease (%s); retrying", exc)
+                due = loop.time() + min(interval, 1.0)

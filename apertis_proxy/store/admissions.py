@@ -1,0 +1,374 @@
+"""Admissions: a key's quota, concurrency and requests per minute, decided in the store.
+
+Every gateway process (worker or host) admits a limited key's request with one
+transaction against the shared store, so the limits hold across all of them:
+
+* ``admissions``: one row per admitted request not yet in the ledger.  While the
+  request runs (``live = 1``) the row holds a concurrency slot and reserves an
+  upper bound of the request's cost; once it ended (``live = 0``) the row holds
+  its exact cost until the ledger row is written, which deletes it in the same
+  transaction that adds the cost to ``key_spend`` (ledger_write.py, pg_ledger.py).
+* ``admission_times`` and ``admission_counts``: when each admission of the last
+  minute happened, and how many there are per key (a decision reads the count).
+* ``limit_leases``: one row per gateway process, renewed every third of its
+  length.  A row of ``admissions`` counts only while its holder's lease runs, so
+  a process killed with its slots and reservations frees them when its lease
+  runs out, with no one cleaning up.
+
+Time is the store's: SQLite serves one host, whose clock the deciding process
+reads; PostgreSQL's ``clock_timestamp()`` is one clock for every host.
+Admissions of a key are serialised by ``BEGIN IMMEDIATE`` (SQLite, the functions
+below) or a transaction-scoped advisory lock on the key (PostgreSQL, the
+function ``apertis_admit`` of pg_admissions.py); the spend, the ledger's
+deletions and the admissions are read by one statement, one snapshot.
+
+Refusals, in the order a client sees them: 402 the quota is used up (settled
+spend plus ended requests' exact costs), 429 concurrency, 429 requests per
+minute, 429 the request's bound does not fit beside the bounds in flight.  A
+bound that does not fit while nothing else of the key is in flight is admitted:
+the request runs alone, so a quota is overshot by at most one request's cost.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from ..budgets.periods import period_start
+
+RPM_WINDOW = 60.0            # seconds
+BUSY_RETRY_AFTER = 1         # seconds: a slot or some quota headroom usually frees up quickly
+# A lease that ran out this long ago, and its admissions, are deleted (a lapsed
+# lease's admissions stop counting at once; the rows only wait for garbage collection).
+STALE_LEASE_SECONDS = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One key's limits as configured (None: no such limit)."""
+
+    key_id: int
+    quota_cost: Optional[float] = None
+    quota_tokens: Optional[int] = None
+    quota_period: Optional[str] = None     # day, week, month (UTC); None = lifetime
+    rpm: Optional[int] = None
+    concurrency: Optional[int] = None
+
+
+@dataclass(frozen=True, slots=True)
+class Use:
+    """What the store holds for one key at the moment of a decision."""
+
+    spent_cost: float          # settled (ledger) plus ended requests' exact costs
+    spent_tokens: int
+    live: int                  # requests in flight (concurrency slots)
+    live_cost: float           # their reserved bounds
+    live_tokens: int
+    recent: int                # admissions in the last minute
+    oldest: Optional[float]    # the oldest of those (store clock)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """None of `reason` means admitted; else the refusal and what the client is told."""
+
+    reason: Optional[str] = None       # quota, concurrency, rpm, quota_reserved
+    retry_after: Optional[int] = None
+    use: Optional[Use] = None
+    holders: int = 1                   # live leases (gateway processes) when decided
+
+    @property
+    def admitted(self) -> bool:
+        return self.reason is None
+
+
+def decide(limits: Limits, use: Use, now: float, bound_cost: float, bound_tokens: int) -> Decision:
+    """The decision for one request of `limits` given `use` (pure: the store calls it inside the
+    transaction that records the admission)."""
+    if limits.quota_cost is not None and use.spent_cost >= limits.quota_cost:
+        return Decision("quota", None, use)
+    if limits.quota_tokens is not None and use.spent_tokens >= limits.quota_tokens:
+        return Decision("quota", None, use)
+    if limits.concurrency is not None and use.live >= limits.concurrency:
+        return Decision("concurrency", BUSY_RETRY_AFTER, use)
+    if limits.rpm is not None and use.recent >= limits.rpm:
+        oldest = use.oldest if use.oldest is not None else now
+        return Decision("rpm", max(1, math.ceil(oldest + RPM_WINDOW - now)), use)
+    if use.live:
+        if (limits.quota_cost is not None
+                and use.spent_cost + use.live_cost + bound_cost > limits.quota_cost):
+            return Decision("quota_reserved", BUSY_RETRY_AFTER, use)
+        if (limits.quota_tokens is not None
+                and use.spent_tokens + use.live_tokens + bound_tokens > limits.quota_tokens):
+            return Decision("quota_reserved", BUSY_RETRY_AFTER, use)
+    return Decision(None, None, use)
+
+
+# -- SQLite --------------------------------------------------------------------------------
+# PostgreSQL runs the same decision as one function call (pg_admissions.py).
+
+_SPEND_LIFETIME = "SELECT cost, tokens FROM key_spend WHERE key_id = ?1"
+_SPEND_PERIOD = "SELECT cost, tokens FROM key_period_spend WHERE key_id = ?1 AND period = ?3 AND start = ?4"
+
+# ?1 key id, ?2 now, (?3 period, ?4 its start).
+_USE = """
+SELECT COALESCE(s.cost, 0), COALESCE(s.tokens, 0), a.live, a.live_cost, a.live_tokens, a.ended_cost,
+       a.ended_tokens, COALESCE((SELECT n FROM admission_counts WHERE key_id = ?1), 0),
+       (SELECT COUNT(*) FROM limit_leases WHERE expires_at > ?2)
+FROM (SELECT 1) one
+LEFT JOIN ({spend}) s ON 1 = 1
+CROSS JOIN (SELECT COALESCE(SUM(a.live), 0) AS live,
+                   COALESCE(SUM(CASE WHEN a.live = 1 THEN a.cost ELSE 0 END), 0) AS live_cost,
+                   COALESCE(SUM(CASE WHEN a.live = 1 THEN a.tokens ELSE 0 END), 0) AS live_tokens,
+                   COALESCE(SUM(CASE WHEN a.live = 0 THEN a.cost ELSE 0 END), 0) AS ended_cost,
+                   COALESCE(SUM(CASE WHEN a.live = 0 THEN a.tokens ELSE 0 END), 0) AS ended_tokens
+            FROM admissions a JOIN limit_leases l ON l.holder = a.holder
+            WHERE a.key_id = ?1 AND l.expires_at > ?2) a
+"""
+_USE_LIFETIME = _USE.format(spend=_SPEND_LIFETIME)
+_USE_PERIOD = _USE.format(spend=_SPEND_PERIOD)
+
+_ADMIT = ("INSERT INTO admissions (key_id, request_id, holder, admitted_at, live, cost, tokens)"
+          " VALUES (?, ?, ?, ?, 1, ?, ?)")
+# The minute: one row per admission, and their number per key, so that a decision reads one
+# counter instead of counting rows; rows leave the window as the key's next admission looks.
+_LEFT_WINDOW = "DELETE FROM admission_times WHERE key_id = ? AND at <= ?"
+_UNCOUNT = "UPDATE admission_counts SET n = n - ? WHERE key_id = ?"
+_OLDEST = "SELECT MIN(at) FROM admission_times WHERE key_id = ?"
+_ADMIT_TIME = "INSERT INTO admission_times (key_id, at, request_id) VALUES (?, ?, ?)"
+_COUNT = ("INSERT INTO admission_counts (key_id, n, last_at) VALUES (?, 1, ?)"
+          " ON CONFLICT (key_id) DO UPDATE SET n = n + 1, last_at = excluded.last_at")
+RELEASE_ENDED = "UPDATE admissions SET live = 0, cost = ?, tokens = ? WHERE key_id = ? AND request_id = ?"
+RELEASE_FREE = "DELETE FROM admissions WHERE key_id = ? AND request_id = ?"
+_RENEW = ("INSERT INTO limit_leases (holder, expires_at) VALUES (?, ?)"
+          " ON CONFLICT (holder) DO UPDATE SET expires_at = excluded.expires_at")
+
+
+def in_transaction(step):
+    """`step(conn, ...)` as one transaction of its own (the CLI, tests); SqliteAdmissions runs steps
+    inside the transactions it groups."""
+    def run(conn, *args):
+        conn.execute("BEGIN IMMEDIATE")
+        with conn:
+            return step(conn, *args)
+    run.__name__ = step.__name__
+    run.__doc__ = step.__doc__
+    return run
+
+
+def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: float,
+               bound_tokens: int) -> Decision:
+    """Decide on one request of `limits` and, when admitted, record it (SQLite, inside a write
+    transaction)."""
+    key_id = limits.key_id
+    now = time.time()
+    if limits.rpm is not None:
+        gone = conn.execute(_LEFT_WINDOW, (key_id, now - RPM_WINDOW)).rowcount
+        if gone:
+            conn.execute(_UNCOUNT, (gone, key_id))
+    if limits.quota_period is None:
+        row = conn.execute(_USE_LIFETIME, (key_id, now)).fetchone()
+    else:
+        row = conn.execute(_USE_PERIOD, (key_id, now, limits.quota_period,
+                                         period_start(limits.quota_period, now))).fetchone()
+    use = Use(spent_cost=row[0] + row[5], spent_tokens=row[1] + row[6], live=row[2], live_cost=row[3],
+              live_tokens=row[4], recent=row[7], oldest=None)
+    decision = decide(limits, use, now, bound_cost, bound_tokens)
+    if decision.reason == "rpm":
+        oldest = conn.execute(_OLDEST, (key_id,)).fetchone()[0]
+        decision = decide(limits, dataclasses.replace(use, oldest=oldest), now, bound_cost, bound_tokens)
+    elif decision.admitted:
+        conn.execute(_ADMIT, (key_id, request_id, holder, now, bound_cost, bound_tokens))
+        if limits.rpm is not None:
+            conn.execute(_ADMIT_TIME, (key_id, now, request_id))
+            conn.execute(_COUNT, (key_id, now))
+    return Decision(decision.reason, decision.retry_after, decision.use, max(1, row[8]))
+
+
+def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
+                 period: Optional[str] = None, start: Optional[str] = None) -> None:
+    """A request ended: its slot is free.  With the ledger settling spend, its reservation becomes its
+    exact cost until the ledger row deletes it (a request that cost nothing is forgotten at once);
+    else its cost is added to the key's spend here, in the same transaction as the deletion."""
+    if settled_by_ledger:
+        if cost or tokens:
+            conn.execute(RELEASE_ENDED, (cost, tokens, key_id, request_id))
+        else:
+            conn.execute(RELEASE_FREE, (key_id, request_id))
+        return
+    from .budgets import add_period_spend
+    if not conn.execute(RELEASE_FREE, (key_id, request_id)).rowcount or not (cost or tokens):
+        return
+    if conn.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone() is None:
+        return
+    conn.execute("INSERT INTO key_spend (key_id, cost, tokens) VALUES (?, ?, ?)"
+                 " ON CONFLICT (key_id) DO UPDATE SET cost = key_spend.cost + excluded.cost,"
+                 " tokens = key_spend.tokens + excluded.tokens", (key_id, cost, tokens))
+    if period is not None and start is not None:
+        add_period_spend(conn, [(key_id, period, start, cost, tokens)])
+
+
+def renew_step(conn, holder: str, seconds: float) -> int:
+    """Extend `holder`'s lease to now + `seconds`; drop leases long run out with their admissions,
+    and the minute of keys idle for a minute; the number of live leases (SQLite)."""
+    now = time.time()
+    conn.execute(_RENEW, (holder, now + seconds))
+    stale = now - STALE_LEASE_SECONDS
+    conn.execute("DELETE FROM admissions WHERE holder IN"
+                 " (SELECT holder FROM limit_leases WHERE expires_at < ?)", (stale,))
+    conn.execute("DELETE FROM limit_leases WHERE expires_at < ?", (stale,))
+    idle = now - RPM_WINDOW
+    conn.execute("DELETE FROM admission_times WHERE key_id IN"
+                 " (SELECT key_id FROM admission_counts WHERE last_at <= ?)", (idle,))
+    conn.execute("DELETE FROM admission_counts WHERE last_at <= ?", (idle,))
+    return int(conn.execute("SELECT COUNT(*) FROM limit_leases WHERE expires_at > ?", (now,)).fetchone()[0])
+
+
+def drop_step(conn, holder: str) -> None:
+    """A process stopping: its lease and whatever it still holds go."""
+    conn.execute("DELETE FROM admissions WHERE holder = ?", (holder,))
+    conn.execute("DELETE FROM limit_leases WHERE holder = ?", (holder,))
+
+
+def in_flight(conn, key_id: int) -> tuple[int, float]:
+    """(requests in flight, their reserved cost) of a key under live leases: for listings and tests."""
+    row = conn.execute("SELECT COUNT(*), COALESCE(SUM(a.cost), 0) FROM admissions a JOIN limit_leases l"
+                       " ON l.holder = a.holder WHERE a.key_id = ? AND a.live = 1 AND l.expires_at > ?",
+                       (key_id, time.time())).fetchone()
+    return int(row[0]), float(row[1])
+
+
+admit = in_transaction(admit_step)
+release = in_transaction(release_step)
+renew_lease = in_transaction(renew_step)
+drop_lease = in_transaction(drop_step)
+
+# How long admissions wait for SQLite's write lock before the store counts as unreachable, and the
+# longest pause between tries (the loop keeps serving meanwhile).
+LOCK_WAIT = 10.0
+LOCK_RETRY_MAX = 0.002
+
+
+class SqliteAdmissions:
+    """Admissions of one gateway process on SQLite, from its event loop, with group commit.
+
+    Every step asked for while the loop runs one iteration (admissions, releases, the lease) goes
+    into one write transaction on the process's own connection, made from a callback on the loop:
+    the commit, most of a step's cost, is shared by all of them, and no thread hop is taken.  The
+    connection never waits inside SQLite for the write lock (busy timeout 0, and no checkpoints:
+    the ledger's connection makes those); a transaction that finds the lock taken is tried again
+    from the loop after a short pause, up to LOCK_WAIT seconds."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._conn: Optional[sqlite3.Connection] = None
+        self._queue: list = []
+        self._handle = None
+        self._waiting_since: Optional[float] = None
+
+    async def open(self) -> "SqliteAdmissions":
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=0)
+        conn.execute("PRAGMA synchronous=NORMAL")      # WAL: durable at the next checkpoint, like the ledger
+        conn.execute("PRAGMA busy_timeout=0")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._conn = conn
+        return self
+
+    async def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._flush()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _submit(self, step, *args) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.append((step, args, future))
+        if self._handle is None:
+            self._handle = loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._handle = None
+        batch, self._queue = self._queue, []
+        if batch:
+            try:
+                self._run(batch)
+            except BaseException as exc:  # noqa: BLE001 - nobody waits forever
+                _fail(batch, exc)
+
+    def _run(self, batch: list) -> None:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _busy(exc) and self._retry(batch):
+                return
+            return _fail(batch, exc)
+        self._waiting_since = None
+        outcomes = []
+        for step, args, future in batch:
+            try:
+                outcomes.append((future, step(conn, *args), None))
+            except Exception as exc:  # noqa: BLE001 - that step's caller gets it; the others go on
+                outcomes.append((future, None, exc))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return _fail(batch, exc)
+        for future, result, exc in outcomes:
+            if not future.done():
+                if exc is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(exc)
+
+    def _retry(self, batch: list) -> bool:
+        """Put `batch` back in front and try again shortly; False once the lock was waited for too long."""
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        waited = now - self._waiting_since
+        if waited > LOCK_WAIT:
+            self._waiting_since = None
+            return False
+        self._queue[:0] = batch
+        delay = min(LOCK_RETRY_MAX, 0.0002 + waited / 10)
+        self._handle = asyncio.get_running_loop().call_later(delay, self._flush)
+        return True
+
+    async def admit(self, limits: Limits, request_id: str, holder: str, bound_cost: float,
+                    bound_tokens: int) -> Decision:
+        return await self._submit(admit_step, limits, request_id, holder, bound_cost, bound_tokens)
+
+    async def release(self, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
+                      period: Optional[str] = None, start: Optional[str] = None) -> None:
+        await self._submit(release_step, key_id, request_id, cost, tokens, settled_by_ledger, period, start)
+
+    async def renew_lease(self, holder: str, seconds: float) -> int:
+        return await self._submit(renew_step, holder, seconds)
+
+    async def drop_lease(self, holder: str) -> None:
+        await self._submit(drop_step, holder)
+
+    async def in_flight(self, key_id: int) -> tuple[int, float]:
+        return await self._submit(in_flight, key_id)
+
+
+def _fail(batch: list, exc: BaseException) -> None:
+    for _, _, future in batch:
+        if not future.done():
+            future.set_exception(sqlite3.OperationalError(f"the store takes no writes now: {exc}"))
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text

@@ -1,0 +1,237 @@
+"""Admissions on PostgreSQL: the decision of admissions.py as one function call, made from the gateway's own
+event loop through an asyncpg pool (one round trip per admission, one per release, no thread in between).
+
+``apertis_admit`` takes an advisory lock on the key for its transaction (so the hosts' admissions of one key
+take turns), reads the spend, the admissions under live leases and the minute's count in one statement (one
+snapshot, so a ledger row committed meanwhile counts once: as spend or as an admission), decides in the order
+of ``admissions.decide`` and records the admission.  ``tests/ops/test_admissions_store.py`` runs the same cases
+on both backends.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Optional
+
+from .admissions import BUSY_RETRY_AFTER, RPM_WINDOW, STALE_LEASE_SECONDS, Decision, Limits, Use
+from .url import StoreURL
+
+POOL_SIZE = 8
+CONNECT_TIMEOUT = 10.0
+# pg_advisory_xact_lock(bigint) namespace for admissions: this << 32 | key id.
+ADMISSION_LOCK = 0x61647331
+
+FUNCTIONS = f"""
+CREATE OR REPLACE FUNCTION apertis_admit(
+    p_key BIGINT, p_request TEXT, p_holder TEXT, p_cost DOUBLE PRECISION, p_tokens BIGINT,
+    p_quota_cost DOUBLE PRECISION, p_quota_tokens BIGINT, p_period TEXT, p_rpm BIGINT, p_concurrency BIGINT,
+    OUT reason TEXT, OUT retry_after INTEGER, OUT spent_cost DOUBLE PRECISION, OUT spent_tokens BIGINT,
+    OUT live BIGINT, OUT live_cost DOUBLE PRECISION, OUT live_tokens BIGINT, OUT recent BIGINT,
+    OUT holders BIGINT)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_now DOUBLE PRECISION;
+    v_start TEXT;
+    v_gone BIGINT;
+    v_oldest DOUBLE PRECISION;
+BEGIN
+    PERFORM pg_advisory_xact_lock(({ADMISSION_LOCK}::BIGINT << 32) | p_key);
+    v_now := extract(epoch FROM clock_timestamp());
+    IF p_rpm IS NOT NULL THEN
+        DELETE FROM admission_times t WHERE t.key_id = p_key AND t.at <= v_now - {RPM_WINDOW};
+        GET DIAGNOSTICS v_gone = ROW_COUNT;
+        IF v_gone > 0 THEN
+            UPDATE admission_counts c SET n = c.n - v_gone WHERE c.key_id = p_key;
+        END IF;
+    END IF;
+    IF p_period IS NOT NULL THEN
+        v_start := to_char(date_trunc(CASE p_period WHEN 'week' THEN 'week' WHEN 'month' THEN 'month'
+                                                    ELSE 'day' END,
+                                      to_timestamp(v_now) AT TIME ZONE 'UTC'), 'YYYY-MM-DD');
+    END IF;
+    SELECT COALESCE(sp.cost, 0) + ad.ended_cost, COALESCE(sp.tokens, 0) + ad.ended_tokens,
+           ad.in_flight, ad.in_flight_cost, ad.in_flight_tokens,
+           COALESCE((SELECT c.n FROM admission_counts c WHERE c.key_id = p_key), 0),
+           (SELECT COUNT(*) FROM limit_leases l WHERE l.expires_at > v_now)
+      INTO spent_cost, spent_tokens, live, live_cost, live_tokens, recent, holders
+      FROM (SELECT 1) one
+      LEFT JOIN LATERAL (
+          SELECT s.cost, s.tokens FROM key_spend s WHERE p_period IS NULL AND s.key_id = p_key
+          UNION ALL
+          SELECT s.cost, s.tokens FROM key_period_spend s
+          WHERE p_period IS NOT NULL AND s.key_id = p_key AND s.period = p_period AND s.start = v_start) sp ON true
+      CROSS JOIN LATERAL (
+          SELECT COALESCE(SUM(h.in_flight), 0)::BIGINT AS in_flight,
+                 COALESCE(SUM(h.in_flight_cost), 0)::DOUBLE PRECISION AS in_flight_cost,
+                 COALESCE(SUM(h.in_flight_tokens), 0)::BIGINT AS in_flight_tokens,
+                 COALESCE(SUM(h.ended_cost), 0)::DOUBLE PRECISION AS ended_cost,
+                 COALESCE(SUM(h.ended_tokens), 0)::BIGINT AS ended_tokens
+          FROM (SELECT a.holder, SUM(a.live) AS in_flight,
+                       SUM(a.cost) FILTER (WHERE a.live = 1) AS in_flight_cost,
+                       SUM(a.tokens) FILTER (WHERE a.live = 1) AS in_flight_tokens,
+                       SUM(a.cost) FILTER (WHERE a.live = 0) AS ended_cost,
+                       SUM(a.tokens) FILTER (WHERE a.live = 0) AS ended_tokens
+                FROM admissions a WHERE a.key_id = p_key GROUP BY a.holder) h
+          JOIN limit_leases l ON l.holder = h.holder WHERE l.expires_at > v_now) ad;
+    IF (p_quota_cost IS NOT NULL AND spent_cost >= p_quota_cost)
+            OR (p_quota_tokens IS NOT NULL AND spent_tokens >= p_quota_tokens) THEN
+        reason := 'quota';
+        RETURN;
+    END IF;
+    IF p_concurrency IS NOT NULL AND live >= p_concurrency THEN
+        reason := 'concurrency';
+        retry_after := {BUSY_RETRY_AFTER};
+        RETURN;
+    END IF;
+    IF p_rpm IS NOT NULL AND recent >= p_rpm THEN
+        SELECT MIN(t.at) INTO v_oldest FROM admission_times t WHERE t.key_id = p_key;
+        reason := 'rpm';
+        retry_after := GREATEST(1, ceil(COALESCE(v_oldest, v_now) + {RPM_WINDOW} - v_now))::INTEGER;
+        RETURN;
+    END IF;
+    IF live > 0 AND ((p_quota_cost IS NOT NULL AND spent_cost + live_cost + p_cost > p_quota_cost)
+            OR (p_quota_tokens IS NOT NULL AND spent_tokens + live_tokens + p_tokens > p_quota_tokens)) THEN
+        reason := 'quota_reserved';
+        retry_after := {BUSY_RETRY_AFTER};
+        RETURN;
+    END IF;
+    INSERT INTO admissions (request_id, key_id, holder, admitted_at, live, cost, tokens)
+        VALUES (p_request, p_key, p_holder, v_now, 1, p_cost, p_tokens);
+    IF p_rpm IS NOT NULL THEN
+        INSERT INTO admission_times (key_id, at, request_id) VALUES (p_key, v_now, p_request);
+        INSERT INTO admission_counts (key_id, n, last_at) VALUES (p_key, 1, v_now)
+            ON CONFLICT (key_id) DO UPDATE SET n = admission_counts.n + 1, last_at = EXCLUDED.last_at;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION apertis_renew_lease(p_holder TEXT, p_seconds DOUBLE PRECISION) RETURNS BIGINT
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now DOUBLE PRECISION := extract(epoch FROM clock_timestamp());
+BEGIN
+    INSERT INTO limit_leases (holder, expires_at) VALUES (p_holder, v_now + p_seconds)
+        ON CONFLICT (holder) DO UPDATE SET expires_at = EXCLUDED.expires_at;
+    DELETE FROM admissions WHERE holder IN
+        (SELECT holder FROM limit_leases WHERE expires_at < v_now - {STALE_LEASE_SECONDS});
+    DELETE FROM limit_leases WHERE expires_at < v_now - {STALE_LEASE_SECONDS};
+    DELETE FROM admission_times WHERE key_id IN
+        (SELECT key_id FROM admission_counts WHERE last_at <= v_now - {RPM_WINDOW});
+    DELETE FROM admission_counts WHERE last_at <= v_now - {RPM_WINDOW};
+    RETURN (SELECT COUNT(*) FROM limit_leases WHERE expires_at > v_now);
+END $$;
+"""
+
+_ADMIT = "SELECT * FROM apertis_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_RELEASE_ENDED = "UPDATE admissions SET live = 0, cost = $1, tokens = $2 WHERE key_id = $3 AND request_id = $4"
+_RELEASE_FREE = "DELETE FROM admissions WHERE key_id = $1 AND request_id = $2 RETURNING key_id"
+
+
+class PgAdmissions:
+    """Admissions of one gateway process on PostgreSQL, from its event loop: up to POOL_SIZE connections of
+    its own, used as they are (no reset query between uses, which would double the round trips); a lost one
+    is opened again by the next use."""
+
+    def __init__(self, url: StoreURL) -> None:
+        self.url = url
+        self._idle: asyncio.Queue = asyncio.Queue()
+        self._open: list = []
+
+    async def open(self) -> "PgAdmissions":
+        self._idle.put_nowait(await self._connect())
+        for _ in range(POOL_SIZE - 1):
+            self._idle.put_nowait(None)         # opened when first needed
+        return self
+
+    async def _connect(self):
+        import asyncpg
+        conn = await asyncpg.connect(self.url.target, timeout=CONNECT_TIMEOUT)
+        self._open.append(conn)
+        return conn
+
+    @contextlib.asynccontextmanager
+    async def _connection(self):
+        conn = await self._idle.get()
+        try:
+            if conn is None or conn.is_closed():
+                if conn is not None:
+                    self._open.remove(conn)
+                conn = None
+                conn = await self._connect()
+            yield conn
+        finally:
+            self._idle.put_nowait(conn)
+
+    async def close(self) -> None:
+        conns, self._open = self._open, []
+        for conn in conns:
+            try:
+                await asyncio.wait_for(conn.close(), 2.0)
+            except Exception:  # noqa: BLE001 - the database went away: nothing to hand back
+                conn.terminate()
+
+    async def admit(self, limits: Limits, request_id: str, holder: str, bound_cost: float,
+                    bound_tokens: int) -> Decision:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(_ADMIT, limits.key_id, request_id, holder, float(bound_cost),
+                                      int(bound_tokens), _float(limits.quota_cost), _int(limits.quota_tokens),
+                                      limits.quota_period, _int(limits.rpm), _int(limits.concurrency))
+        use = Use(spent_cost=row[2], spent_tokens=row[3], live=row[4], live_cost=row[5], live_tokens=row[6],
+                  recent=row[7], oldest=None)
+        return Decision(row[0], row[1], use, max(1, row[8]))
+
+    async def release(self, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
+                      period: Optional[str] = None, start: Optional[str] = None) -> None:
+        async with self._connection() as conn:
+            if settled_by_ledger:
+                if cost or tokens:
+                    await conn.execute(_RELEASE_ENDED, float(cost), int(tokens), key_id, request_id)
+                else:
+                    await conn.execute(_RELEASE_FREE, key_id, request_id)
+                return
+            async with conn.transaction():
+                await _release_and_settle(conn, key_id, request_id, cost, tokens, period, start)
+
+    async def renew_lease(self, holder: str, seconds: float) -> int:
+        async with self._connection() as conn:
+            return int(await conn.fetchval("SELECT apertis_renew_lease($1, $2)", holder, float(seconds)))
+
+    async def drop_lease(self, holder: str) -> None:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("DELETE FROM admissions WHERE holder = $1", holder)
+            await conn.execute("DELETE FROM limit_leases WHERE holder = $1", holder)
+
+    async def in_flight(self, key_id: int) -> tuple[int, float]:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT COUNT(*), COALESCE(SUM(a.cost), 0) FROM admissions a JOIN limit_leases l"
+                " ON l.holder = a.holder WHERE a.key_id = $1 AND a.live = 1"
+                " AND l.expires_at > extract(epoch FROM clock_timestamp())", key_id)
+        return int(row[0]), float(row[1])
+
+
+async def _release_and_settle(conn, key_id: int, request_id: str, cost: float, tokens: int,
+                              period: Optional[str], start: Optional[str]) -> None:
+    """Without a ledger settling spend: the admission goes and its cost is added to the key's spend."""
+    found = await conn.fetchval(_RELEASE_FREE, key_id, request_id)
+    if found is None or not (cost or tokens):
+        return
+    if await conn.fetchval("SELECT 1 FROM keys WHERE id = $1", key_id) is None:
+        return
+    await conn.execute("INSERT INTO key_spend (key_id, cost, tokens) VALUES ($1, $2, $3)"
+                       " ON CONFLICT (key_id) DO UPDATE SET cost = key_spend.cost + EXCLUDED.cost,"
+                       " tokens = key_spend.tokens + EXCLUDED.tokens", key_id, float(cost), int(tokens))
+    if period is not None and start is not None:
+        await conn.execute("INSERT INTO key_period_spend (key_id, period, start, cost, tokens)"
+                           " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key_id, period, start) DO UPDATE"
+                           " SET cost = key_period_spend.cost + EXCLUDED.cost,"
+                           " tokens = key_period_spend.tokens + EXCLUDED.tokens",
+                           key_id, period, start, float(cost), int(tokens))
+
+
+def _float(value) -> Optional[float]:
+    return None if value is None else float(value)
+
+
+def _int(value) -> Optional[int]:
+    return None if value is None else int(value)

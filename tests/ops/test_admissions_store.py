@@ -1,0 +1,168 @@
+"""The admissions kept in the store (store/admissions.py), on SQLite and on PostgreSQL: one transaction per decision,
+exact under concurrent deciders, settled by the ledger row, and freed when a holder's lease runs out."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+
+from apertis_proxy.plugin_api import UsageRecord
+from apertis_proxy.store import service
+from apertis_proxy.store.admissions import Limits
+from apertis_proxy.store.keys import create_key
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "store.db")
+    return request.getfixturevalue("pg_url")
+
+
+class Process:
+    """What one gateway process holds: its store and its admissions access (store.admissions())."""
+
+    def __init__(self, store: service.Store, admissions) -> None:
+        self.store, self.admissions = store, admissions
+
+    async def close(self) -> None:
+        await self.admissions.close()
+        await self.store.close()
+
+
+async def opened(url: str, n: int) -> list[Process]:
+    """`n` gateway processes on one database, each with its own connections."""
+    out = []
+    for _ in range(n):
+        store = await service.open_store(url)
+        out.append(Process(store, await store.admissions()))
+    return out
+
+
+def new_key(url: str, name: str) -> int:
+    conn = service.connect(url)
+    try:
+        key_id, _ = create_key(conn, name)
+        conn.commit()
+        return key_id
+    finally:
+        conn.close()
+
+
+async def lease(process: Process, holder: str, seconds: float = 30.0) -> None:
+    await process.admissions.renew_lease(holder, seconds)
+
+
+async def admit(process: Process, limits, request_id, holder, cost=0.0, tokens=0):
+    return await process.admissions.admit(limits, request_id, holder, cost, tokens)
+
+
+async def release(process: Process, *args) -> None:
+    await process.admissions.release(*args)
+
+
+async def test_concurrent_deciders_admit_exactly_the_limit(store_url):
+    """Four processes deciding at once for one key: never more than `concurrency` live, `rpm` in the minute."""
+    key_id = new_key(store_url, "burst")
+    stores = await opened(store_url, 4)
+    try:
+        for i, store in enumerate(stores):
+            await lease(store, f"h{i}")
+        limits = Limits(key_id, concurrency=7)
+        decisions = await asyncio.gather(*(admit(stores[n % 4], limits, f"r{n}", f"h{n % 4}") for n in range(40)))
+        assert sum(d.admitted for d in decisions) == 7
+        refused = [d for d in decisions if not d.admitted]
+        assert {d.reason for d in refused} == {"concurrency"} and {d.retry_after for d in refused} == {1}
+        live, _ = await stores[0].admissions.in_flight(key_id)
+        assert live == 7
+
+        key2 = new_key(store_url, "minute")
+        rpm = Limits(key2, rpm=11)
+        decisions = await asyncio.gather(*(admit(stores[n % 4], rpm, f"m{n}", f"h{n % 4}") for n in range(30)))
+        admitted = [n for n, d in enumerate(decisions) if d.admitted]
+        assert len(admitted) == 11
+        for n in admitted:      # releasing frees slots, not the minute
+            await release(stores[0], key2, f"m{n}", 0.0, 0, True)
+        late = await admit(stores[1], rpm, "m-late", "h1")
+        assert late.reason == "rpm" and 1 <= late.retry_after <= 60
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_a_quota_reserves_bounds_and_settles_with_the_ledger_row(store_url):
+    key_id = new_key(store_url, "budget")
+    store, = await opened(store_url, 1)
+    try:
+        await lease(store, "h")
+        limits = Limits(key_id, quota_cost=1.0)
+        first = await admit(store, limits, "q1", "h", cost=0.6)
+        assert first.admitted
+        # 0.6 + 0.6 > 1.0 while q1 is in flight: wait (429), do not refuse for good.
+        second = await admit(store, limits, "q2", "h", cost=0.6)
+        assert (second.reason, second.retry_after) == ("quota_reserved", 1)
+        # q1 ends costing 0.3: its reservation becomes that, and q2 fits now.
+        await release(store, key_id, "q1", 0.3, 100, True)
+        second = await admit(store, limits, "q2", "h", cost=0.6)
+        assert second.admitted and second.use.spent_cost == pytest.approx(0.3)
+        await release(store, key_id, "q2", 0.5, 100, True)
+        # The ledger rows settle both: the admissions go, key_spend takes the exact costs, nothing twice.
+        now = time.time()
+        rows = [dataclasses.asdict(UsageRecord(request_id=rid, started_at=now, endpoint="/v1/messages", status=200,
+                                               key_id=key_id, key_name="budget", input_tokens=50, output_tokens=50,
+                                               cost=cost)) for rid, cost in (("q1", 0.3), ("q2", 0.5))]
+        assert await store.store.write_ledger(rows) == 2
+        assert await store.admissions.in_flight(key_id) == (0, 0.0)
+        spend = await store.store.read_spend()
+        assert spend[key_id][0] == pytest.approx(0.8)
+        # 0.8 spent, nothing in flight: a bound of 0.6 no longer fits, but runs alone.
+        alone = await admit(store, limits, "q3", "h", cost=0.6)
+        assert alone.admitted
+        await release(store, key_id, "q3", 0.25, 10, True)
+        used_up = await admit(store, limits, "q4", "h", cost=0.01)
+        assert used_up.reason == "quota" and used_up.use.spent_cost == pytest.approx(1.05)
+    finally:
+        await store.close()
+
+
+async def test_a_holders_admissions_stop_counting_when_its_lease_runs_out(store_url):
+    key_id = new_key(store_url, "leased")
+    survivor, doomed = await opened(store_url, 2)
+    try:
+        await lease(survivor, "alive")
+        await lease(doomed, "doomed", seconds=0.5)
+        limits = Limits(key_id, concurrency=2, quota_cost=1.0)
+        assert (await admit(doomed, limits, "d1", "doomed", cost=0.4)).admitted
+        assert (await admit(doomed, limits, "d2", "doomed", cost=0.4)).admitted
+        refused = await admit(survivor, limits, "s1", "alive", cost=0.4)
+        assert refused.reason == "concurrency"
+        await asyncio.sleep(0.7)            # the doomed holder never renews
+        admitted = await admit(survivor, limits, "s1", "alive", cost=0.4)
+        assert admitted.admitted and admitted.use.live == 0 and admitted.holders == 1
+        # A holder that stops normally hands everything back at once.
+        await survivor.admissions.drop_lease("alive")
+        assert await survivor.admissions.in_flight(key_id) == (0, 0.0)
+    finally:
+        await survivor.close()
+        await doomed.close()
+
+
+async def test_spend_is_settled_by_release_when_no_ledger_settles_it(store_url):
+    key_id = new_key(store_url, "no-ledger")
+    store, = await opened(store_url, 1)
+    try:
+        await lease(store, "h")
+        limits = Limits(key_id, quota_tokens=1000, quota_period="day")
+        assert (await admit(store, limits, "t1", "h", tokens=600)).admitted
+        start = time.strftime("%Y-%m-%d", time.gmtime())
+        await release(store, key_id, "t1", 0.0, 700, False, "day", start)
+        await release(store, key_id, "t1", 0.0, 700, False, "day", start)   # retried: once
+        assert (await store.store.read_spend())[key_id] == (0.0, 700)
+        assert (await admit(store, limits, "t2", "h", tokens=600)).admitted          # alone
+        await release(store, key_id, "t2", 0.0, 300, False, "day", start)
+        refused = await admit(store, limits, "t3", "h", tokens=1)
+        assert refused.reason == "quota" and refused.use.spent_tokens == 1000
+    finally:
+        await store.close()
