@@ -37,6 +37,7 @@ class Limiter:
         self.reachable = True
         self._unreleased: list[tuple] = []
         self._task: Optional[asyncio.Task] = None
+        self._tidy_task: Optional[asyncio.Task] = None
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
 
@@ -46,14 +47,18 @@ class Limiter:
             await self._renew()
         except Exception as exc:  # noqa: BLE001 - the loop keeps trying
             self.log.error("could not take the limits lease (%s); retrying", exc)
-        self._task = asyncio.get_running_loop().create_task(self._renew_loop())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._renew_loop())
+        if self.admissions.tidy_interval:
+            self._tidy_task = loop.create_task(self._tidy_loop(self.admissions.tidy_interval))
 
     async def close(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for task in (self._task, self._tidy_task):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._tidy_task = None
         if self.admissions is None:
             return
         try:
@@ -130,3 +135,16 @@ class Limiter:
                 self.reachable = False
                 self.log.error("could not renew the limits lease (%s); retrying", exc)
                 due = loop.time() + min(interval, 1.0)
+
+    async def _tidy_loop(self, interval: float) -> None:
+        """The store's upkeep of the admission tables (PostgreSQL: vacuum), off the request path."""
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), interval)
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                await self.admissions.tidy()
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                self.log.warning("could not vacuum the admission tables (%s)", exc)

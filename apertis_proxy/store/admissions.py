@@ -359,6 +359,8 @@ class SqliteAdmissions:
     async def drop_lease(self, holder: str) -> None:
         await self._submit(drop_step, holder)
 
+    tidy_interval: Optional[float] = None       # SQLite frees a deleted row's space at once: no tidy()
+
     async def in_flight(self, key_id: int) -> tuple[int, float]:
         return await self._submit(in_flight, key_id)
 

@@ -17,6 +17,8 @@ from .admissions import BUSY_RETRY_AFTER, RPM_WINDOW, STALE_LEASE_SECONDS, Decis
 from .url import StoreURL
 
 POOL_SIZE = 8
+# Tables every request writes to and deletes from.
+CHURNING_TABLES = ("admissions", "admission_times", "admission_counts")
 CONNECT_TIMEOUT = 10.0
 # pg_advisory_xact_lock(bigint) namespace for admissions: this << 32 | key id.
 ADMISSION_LOCK = 0x61647331
@@ -132,6 +134,8 @@ class PgAdmissions:
     its own, used as they are (no reset query between uses, which would double the round trips); a lost one
     is opened again by the next use."""
 
+    tidy_interval: Optional[float] = 2.0        # seconds between tidy() calls
+
     def __init__(self, url: StoreURL) -> None:
         self.url = url
         self._idle: asyncio.Queue = asyncio.Queue()
@@ -195,6 +199,12 @@ class PgAdmissions:
     async def renew_lease(self, holder: str, seconds: float) -> int:
         async with self._connection() as conn:
             return int(await conn.fetchval("SELECT apertis_renew_lease($1, $2)", holder, float(seconds)))
+
+    async def tidy(self) -> None:
+        """Vacuum the admission tables: every request leaves dead rows in them, and a decision reads a key's
+        range of `admissions`, so dead rows left for autovacuum (once a minute) would slow every decision."""
+        async with self._connection() as conn:
+            await conn.execute(f"VACUUM (SKIP_LOCKED) {', '.join(CHURNING_TABLES)}")
 
     async def drop_lease(self, holder: str) -> None:
         async with self._connection() as conn, conn.transaction():
