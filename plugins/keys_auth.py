@@ -27,7 +27,9 @@ quota, rpm or concurrency limit is admitted by one transaction in the shared
 store (apertis_proxy.store.admissions), which reserves an upper bound of its
 cost (apertis_proxy.budgets.reservation) and takes a concurrency slot;
 ``release()`` gives the slot back before the answer's last bytes and turns the
-reservation into the exact cost, which the ledger row then settles.  Near the
+reservation into the exact cost, which the ledger row then settles (a key
+without a concurrency limit is released just after the answer, without making
+it wait).  Near the
 end of a quota, a request whose bound does not fit is admitted only while
 nothing else of the key is in flight (429 with retry-after otherwise), so a
 quota is overshot by at most one request.  Keys without limits never wait on
@@ -329,7 +331,7 @@ class KeysAuth:
                                          cost_limited=key.quota_cost is not None,
                                          token_limited=key.quota_tokens is not None)
             key.admitted_caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed,
-                                         data={**data, "admitted": True},
+                                         data={**data, "holds": _holds(key.limits)},
                                          cost_limited=key.quota_cost is not None,
                                          token_limited=key.quota_tokens is not None)
             key.alone_caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed,
@@ -453,7 +455,8 @@ class KeysAuth:
     async def release(self, caller: Caller, record: UsageRecord) -> None:
         """Before the answer's last bytes: the request's concurrency slot is free, its reservation
         becomes its exact cost (see the module docstring)."""
-        if not caller.data.get("admitted") or self.limiter is None:
+        holds = caller.data.get("holds")
+        if holds is None or self.limiter is None:
             return
         cost = record.cost if record.cost and record.cost > 0 else 0.0
         tokens = max(0, record.total_tokens)
@@ -462,15 +465,18 @@ class KeysAuth:
             key = self.by_id.get(caller.key_id)
             period = key.quota_period if key is not None else None
             start = period_start(period, record.started_at) if period else None
-        await self.limiter.release(caller.key_id, record.request_id, cost, tokens, self.ledger_settles,
-                                   period, start)
+        args = (caller.key_id, record.request_id, cost, tokens, self.ledger_settles, period, start)
+        if holds == "slot":
+            await self.limiter.release(*args)
+        else:
+            self.limiter.release_soon(*args)    # only a reservation: the answer need not wait for it
 
     async def finish(self, caller: Caller, record: UsageRecord) -> None:
         key = self.by_id.get(caller.key_id) if caller.key_id is not None else None
         presented = caller.data.get("key_hash")
         if key is None or (key.key_hash != presented and presented not in key.previous_hashes):
             return      # deleted while the request ran
-        if caller.data.get("admitted"):
+        if caller.data.get("holds") is not None:
             return      # settled through the store: release() made the reservation the exact cost
         if caller.data.get("alone"):
             key.in_flight = max(0, key.in_flight - 1)
@@ -612,6 +618,18 @@ class _Refusal(Exception):
         super().__init__(reason)
         self.reason = reason
         self.reject = reject
+
+
+def _holds(limits: Optional[Limits]) -> Optional[str]:
+    """What an admission under `limits` holds until its release: a concurrency slot (released before the
+    answer's last bytes), a quota reservation only (released just after), or nothing (rpm alone)."""
+    if limits is None:
+        return None
+    if limits.concurrency is not None:
+        return "slot"
+    if limits.quota_cost is not None or limits.quota_tokens is not None:
+        return "reservation"
+    return None
 
 
 def _quota_reject(key: KeyState, used: str) -> Reject:

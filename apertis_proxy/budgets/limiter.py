@@ -36,6 +36,7 @@ class Limiter:
         self.holders = 1
         self.reachable = True
         self._unreleased: list[tuple] = []
+        self._releasing: set[asyncio.Task] = set()
         self._task: Optional[asyncio.Task] = None
         self._tidy_task: Optional[asyncio.Task] = None
         self._stop = asyncio.Event()
@@ -53,6 +54,7 @@ class Limiter:
             self._tidy_task = loop.create_task(self._tidy_loop(self.admissions.tidy_interval))
 
     async def close(self) -> None:
+        await self.drain()
         self._stop.set()
         self._wake.set()
         for task in (self._task, self._tidy_task):
@@ -98,6 +100,17 @@ class Limiter:
         except Exception as exc:  # noqa: BLE001 - kept and retried by the renewal loop
             self.log.warning("could not release request %s's admission (%s); retrying", request_id, exc)
             self._later(*args)
+
+    def release_soon(self, *args) -> None:
+        """release(*args) without waiting for it (a reservation without a concurrency slot)."""
+        task = asyncio.get_running_loop().create_task(self.release(*args))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def drain(self) -> None:
+        """Wait for the releases made with release_soon() so far."""
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
 
     def _later(self, *args) -> None:
         """A release to make (again) from the renewal loop (a retry is harmless: it finds nothing)."""

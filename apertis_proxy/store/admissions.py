@@ -58,6 +58,12 @@ class Limits:
     rpm: Optional[int] = None
     concurrency: Optional[int] = None
 
+    @property
+    def holds_admission(self) -> bool:
+        """Whether an admission keeps a row while the request runs (a slot or a reservation); with only a
+        requests-per-minute limit it leaves only its time in the minute."""
+        return self.concurrency is not None or self.quota_cost is not None or self.quota_tokens is not None
+
 
 @dataclass(frozen=True, slots=True)
 class Use:
@@ -182,7 +188,8 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
         oldest = conn.execute(_OLDEST, (key_id,)).fetchone()[0]
         decision = decide(limits, dataclasses.replace(use, oldest=oldest), now, bound_cost, bound_tokens)
     elif decision.admitted:
-        conn.execute(_ADMIT, (key_id, request_id, holder, now, bound_cost, bound_tokens))
+        if limits.holds_admission:
+            conn.execute(_ADMIT, (key_id, request_id, holder, now, bound_cost, bound_tokens))
         if limits.rpm is not None:
             conn.execute(_ADMIT_TIME, (key_id, now, request_id))
             conn.execute(_COUNT, (key_id, now))

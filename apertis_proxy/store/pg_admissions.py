@@ -98,8 +98,10 @@ BEGIN
         retry_after := {BUSY_RETRY_AFTER};
         RETURN;
     END IF;
-    INSERT INTO admissions (request_id, key_id, holder, admitted_at, live, cost, tokens)
-        VALUES (p_request, p_key, p_holder, v_now, 1, p_cost, p_tokens);
+    IF p_concurrency IS NOT NULL OR p_quota_cost IS NOT NULL OR p_quota_tokens IS NOT NULL THEN
+        INSERT INTO admissions (request_id, key_id, holder, admitted_at, live, cost, tokens)
+            VALUES (p_request, p_key, p_holder, v_now, 1, p_cost, p_tokens);
+    END IF;
     IF p_rpm IS NOT NULL THEN
         INSERT INTO admission_times (key_id, at, request_id) VALUES (p_key, v_now, p_request);
         INSERT INTO admission_counts (key_id, n, last_at) VALUES (p_key, 1, v_now)

@@ -93,6 +93,7 @@ class Admitted:
         record.request_id = self.request_id
         await self.auth.release(self.caller, record)
         await self.auth.finish(self.caller, record)
+        await self.auth.limiter.drain()     # a reservation without a slot is released after the answer
 
 
 async def admit(auth: KeysAuth, plain: str, model: str | None = SONNET) -> Admitted:
@@ -350,9 +351,10 @@ async def test_requests_per_minute_limit_is_429_with_retry_after(db):
         assert (err.status, err.error_type) == (429, "rate_limit_error")
         assert 1 <= int(err.headers["retry-after"]) <= 60
         assert "3 requests per minute" in err.message
-        # Refused requests do not use up the window.
+        # Refused requests do not use up the window; a key with only a rate holds nothing while it runs.
         count = conn.execute("SELECT COUNT(*) FROM admission_times WHERE key_id = ?", (key_id,)).fetchone()[0]
         assert count == 3
+        assert conn.execute("SELECT COUNT(*) FROM admissions").fetchone()[0] == 0
 
 
 async def test_limits_hold_across_worker_processes_sharing_the_store(db):
@@ -374,6 +376,26 @@ async def test_limits_hold_across_worker_processes_sharing_the_store(db):
         for auth in (one, two):
             err = await rejected(auth, with_key(plain))
             assert err.status == 429 and "5 requests per minute" in err.message
+
+
+async def test_a_quota_reservation_is_released_after_the_answer_a_slot_before(db):
+    """release() waits for the store only when the request holds a concurrency slot; a reservation alone is
+    turned into the exact cost just after (the bound, an upper bound, is held a moment longer)."""
+    path, conn = db
+    quota_id, quota_only = create_key(conn, "budget-only", quota_cost=1.0)
+    slot_id, with_slot = create_key(conn, "one-at-a-time", concurrency=1)
+    async with running(KeysAuth(context("keys", path))) as auth:
+        request = await admit(auth, quota_only)
+        record = dataclasses.replace(usage(cost=0.25, output_tokens=10), request_id=request.request_id)
+        await auth.release(request.caller, record)
+        assert auth.limiter._releasing                       # under way, not awaited
+        await auth.limiter.drain()
+        assert conn.execute("SELECT cost FROM key_spend WHERE key_id = ?", (quota_id,)).fetchone()[0] == 0.25
+        assert conn.execute("SELECT COUNT(*) FROM admissions WHERE key_id = ?", (quota_id,)).fetchone()[0] == 0
+        request = await admit(auth, with_slot)
+        await auth.release(request.caller, dataclasses.replace(usage(), request_id=request.request_id))
+        assert not auth.limiter._releasing                   # done before release() returned
+        assert conn.execute("SELECT COUNT(*) FROM admissions WHERE key_id = ?", (slot_id,)).fetchone()[0] == 0
 
 
 async def test_concurrency_limit_counts_requests_in_flight_until_release(db):
