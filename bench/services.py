@@ -233,7 +233,7 @@ def start_proxy(cmd: list[str], name: str, cpu: Optional[int | str], workdir: Pa
     log = workdir / f"{name}.log"
     argv = [*cmd, "serve", "--host", "127.0.0.1", "--port", str(port), "--db", str(db), "--workers", str(workers),
             "--config", str(config)]
-    proc = subprocess.Popen(pinned(argv, cpu), stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(pinned(argv, cpu), stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=workdir)
     svc = Service(name, proc, port, log)
     try:
         wait_port(port, proc, 30, name, log)
