@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -330,14 +331,9 @@ class KeysAuth:
             caller = key.caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed, data=data,
                                          cost_limited=key.quota_cost is not None,
                                          token_limited=key.quota_tokens is not None)
-            key.admitted_caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed,
-                                         data={**data, "holds": _holds(key.limits)},
-                                         cost_limited=key.quota_cost is not None,
-                                         token_limited=key.quota_tokens is not None)
-            key.alone_caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed,
-                                      data={**data, "alone": True},
-                                      cost_limited=key.quota_cost is not None,
-                                      token_limited=key.quota_tokens is not None)
+            # The same caller, telling release() and finish() how its request was admitted.
+            key.admitted_caller = dataclasses.replace(caller, data={**data, "holds": _holds(key.limits)})
+            key.alone_caller = dataclasses.replace(caller, data={**data, "alone": True})
         if key.limits is None or request.body is None:
             return caller
         return await self._admit(key, request)

@@ -34,7 +34,6 @@ class Limiter:
         # Live leases (gateway processes) when last seen: the share of headroom a
         # process may use on its own while the store cannot be reached.
         self.holders = 1
-        self.reachable = True
         self._unreleased: list[tuple] = []
         self._releasing: set[asyncio.Task] = set()
         self._task: Optional[asyncio.Task] = None
@@ -83,9 +82,7 @@ class Limiter:
         except Exception as exc:
             if not (is_unreachable(exc) or isinstance(exc, sqlite3.OperationalError)):
                 raise
-            self.reachable = False
             raise StoreUnavailable(str(exc)) from exc
-        self.reachable = True
         self.holders = decision.holders
         return decision
 
@@ -119,7 +116,6 @@ class Limiter:
 
     async def _renew(self) -> None:
         self.holders = await self.admissions.renew_lease(self.holder, self.lease_seconds)
-        self.reachable = True
 
     async def _retry_releases(self) -> None:
         while self._unreleased:
@@ -145,7 +141,6 @@ class Limiter:
                     due = loop.time() + interval
                 await self._retry_releases()
             except Exception as exc:  # noqa: BLE001 - retried next interval
-                self.reachable = False
                 self.log.error("could not renew the limits lease (%s); retrying", exc)
                 due = loop.time() + min(interval, 1.0)
 

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..budgets.periods import period_start
+from .budgets import add_period_spend
+from .spend import add_key_spend
 
 RPM_WINDOW = 60.0            # seconds
 BUSY_RETRY_AFTER = 1         # seconds: a slot or some quota headroom usually frees up quickly
@@ -154,22 +156,10 @@ _RENEW = ("INSERT INTO limit_leases (holder, expires_at) VALUES (?, ?)"
           " ON CONFLICT (holder) DO UPDATE SET expires_at = excluded.expires_at")
 
 
-def in_transaction(step):
-    """`step(conn, ...)` as one transaction of its own (the CLI, tests); SqliteAdmissions runs steps
-    inside the transactions it groups."""
-    def run(conn, *args):
-        conn.execute("BEGIN IMMEDIATE")
-        with conn:
-            return step(conn, *args)
-    run.__name__ = step.__name__
-    run.__doc__ = step.__doc__
-    return run
-
-
 def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: float,
                bound_tokens: int) -> Decision:
-    """Decide on one request of `limits` and, when admitted, record it (SQLite, inside a write
-    transaction)."""
+    """Decide on one request of `limits` and, when admitted, record it (SQLite, inside the write
+    transaction SqliteAdmissions groups steps into, as every step below)."""
     key_id = limits.key_id
     now = time.time()
     if limits.rpm is not None:
@@ -207,15 +197,9 @@ def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, s
         else:
             conn.execute(RELEASE_FREE, (key_id, request_id))
         return
-    from .budgets import add_period_spend
     if not conn.execute(RELEASE_FREE, (key_id, request_id)).rowcount or not (cost or tokens):
         return
-    if conn.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone() is None:
-        return
-    conn.execute("INSERT INTO key_spend (key_id, cost, tokens) VALUES (?, ?, ?)"
-                 " ON CONFLICT (key_id) DO UPDATE SET cost = key_spend.cost + excluded.cost,"
-                 " tokens = key_spend.tokens + excluded.tokens", (key_id, cost, tokens))
-    if period is not None and start is not None:
+    if add_key_spend(conn, key_id, cost, tokens) and period is not None and start is not None:
         add_period_spend(conn, [(key_id, period, start, cost, tokens)])
 
 
@@ -248,11 +232,6 @@ def in_flight(conn, key_id: int) -> tuple[int, float]:
                        (key_id, time.time())).fetchone()
     return int(row[0]), float(row[1])
 
-
-admit = in_transaction(admit_step)
-release = in_transaction(release_step)
-renew_lease = in_transaction(renew_step)
-drop_lease = in_transaction(drop_step)
 
 # How long admissions wait for SQLite's write lock before the store counts as unreachable, and the
 # longest pause between tries (the loop keeps serving meanwhile).

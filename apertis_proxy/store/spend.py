@@ -24,12 +24,18 @@ def settle_spend(conn, deltas: Iterable[tuple[int, float, int]],
     with conn:
         add_period_spend(conn, period_deltas)
         for key_id, cost, tokens in deltas:
-            if conn.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone() is None:
-                continue
-            conn.execute("INSERT INTO key_spend (key_id, cost, tokens) VALUES (?, ?, ?)"
-                         " ON CONFLICT (key_id) DO UPDATE SET cost = key_spend.cost + excluded.cost,"
-                         " tokens = key_spend.tokens + excluded.tokens", (key_id, cost, tokens))
+            add_key_spend(conn, key_id, cost, tokens)
         return read_spend(conn), read_period_spend(conn, starts or {})
+
+
+def add_key_spend(conn, key_id: int, cost: float, tokens: int) -> bool:
+    """Add to one key's settled spend (inside the caller's transaction); False for a key deleted meanwhile."""
+    if conn.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone() is None:
+        return False
+    conn.execute("INSERT INTO key_spend (key_id, cost, tokens) VALUES (?, ?, ?)"
+                 " ON CONFLICT (key_id) DO UPDATE SET cost = key_spend.cost + excluded.cost,"
+                 " tokens = key_spend.tokens + excluded.tokens", (key_id, cost, tokens))
+    return True
 
 
 def read_spend(conn) -> dict[int, tuple[float, int]]:
