@@ -1,10 +1,14 @@
 """This process's side of the admissions kept in the store (store/admissions.py).
 
-A ``Limiter`` holds the process's lease (renewed every third of its length),
+A ``Limiter`` holds the process's lease (renewed every third of its length;
+a renewal that finds it had run out, the event loop having stalled, takes it
+again and logs a warning),
 admits and releases requests through the store's admissions access (from the
 event loop: an asyncpg pool on PostgreSQL, a connection of its own on SQLite;
 never behind a ledger batch), and retries releases the store could not take
-when they happened.
+when they happened.  Any failure of the store on an admission (unreachable,
+too slow, read-only, out of connections or space) is StoreUnavailable: the
+client gets 503 with retry-after, never a 500.
 """
 from __future__ import annotations
 
@@ -23,6 +27,18 @@ DEFAULT_LEASE_SECONDS = 30.0
 RELEASE_TIMEOUT = 2.0       # seconds a release may hold back the answer's end; then it is retried later
 
 
+def unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the store cannot serve an admission now (unreachable, too slow, read-only, out of
+    connections or space, any error of the database itself) rather than a bug in the caller."""
+    if isinstance(exc, (StoreUnavailable, OSError, TimeoutError, sqlite3.DatabaseError)) or is_unreachable(exc):
+        return True
+    try:
+        import asyncpg
+    except ImportError:
+        return False
+    return isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError))
+
+
 class Limiter:
     def __init__(self, store, lease_seconds: float = DEFAULT_LEASE_SECONDS,
                  log: Optional[logging.Logger] = None) -> None:
@@ -36,6 +52,7 @@ class Limiter:
         self.holders = 1
         self._unreleased: list[tuple] = []
         self._releasing: set[asyncio.Task] = set()
+        self._leased = False        # the lease was taken once: a lapse from now on is worth a warning
         self._task: Optional[asyncio.Task] = None
         self._tidy_task: Optional[asyncio.Task] = None
         self._stop = asyncio.Event()
@@ -71,8 +88,8 @@ class Limiter:
         await self.admissions.close()
 
     async def admit(self, limits: Limits, request_id: str, bound_cost: float, bound_tokens: int) -> Decision:
-        """The store's decision; StoreUnavailable when the store cannot be reached or takes no writes
-        (any other error is a bug, raised as it is)."""
+        """The store's decision; StoreUnavailable when the store cannot be reached, does not answer in
+        time, or refuses the transaction (see unavailable(); any other error is a bug, raised as it is)."""
         try:
             decision = await self.admissions.admit(limits, request_id, self.holder, bound_cost, bound_tokens)
         except asyncio.CancelledError:
@@ -80,9 +97,9 @@ class Limiter:
             self._later(limits.key_id, request_id, 0.0, 0, True)
             raise
         except Exception as exc:
-            if not (is_unreachable(exc) or isinstance(exc, sqlite3.OperationalError)):
+            if not unavailable(exc):
                 raise
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
         self.holders = decision.holders
         return decision
 
@@ -115,7 +132,18 @@ class Limiter:
         self._wake.set()
 
     async def _renew(self) -> None:
-        self.holders = await self.admissions.renew_lease(self.holder, self.lease_seconds)
+        renewal = await self.admissions.renew_lease(self.holder, self.lease_seconds)
+        self.holders = renewal.holders
+        if self._leased and (renewal.left is None or renewal.left < 0):
+            # Renewals did not happen in time (a stalled event loop, the store away): meanwhile this
+            # process's slots and reservations did not count.  Taken again now, they count again.
+            if renewal.left is None:
+                self.log.warning("the limits lease of %s had run out and was deleted: the admissions it "
+                                 "held were forgotten; taken again", self.holder)
+            else:
+                self.log.warning("the limits lease of %s had run out %.1fs ago: its admissions did not count "
+                                 "meanwhile; renewed", self.holder, -renewal.left)
+        self._leased = True
 
     async def _retry_releases(self) -> None:
         while self._unreleased:

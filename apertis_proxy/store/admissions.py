@@ -13,7 +13,11 @@ transaction against the shared store, so the limits hold across all of them:
 * ``limit_leases``: one row per gateway process, renewed every third of its
   length.  A row of ``admissions`` counts only while its holder's lease runs, so
   a process killed with its slots and reservations frees them when its lease
-  runs out, with no one cleaning up.
+  runs out, with no one cleaning up.  A process that renews a lease that had run
+  out (its event loop stalled) takes it again, and its admissions count again;
+  a lease run out for STALE_LEASE_SECONDS is deleted with its holder's live
+  admissions.  Ended admissions are left to their ledger rows (they hold exact
+  costs not yet in the spend), also when their process stops.
 
 Time is the store's: SQLite serves one host, whose clock the deciding process
 reads; PostgreSQL's ``clock_timestamp()`` is one clock for every host.
@@ -44,8 +48,9 @@ from .spend import add_key_spend
 
 RPM_WINDOW = 60.0            # seconds
 BUSY_RETRY_AFTER = 1         # seconds: a slot or some quota headroom usually frees up quickly
-# A lease that ran out this long ago, and its admissions, are deleted (a lapsed
-# lease's admissions stop counting at once; the rows only wait for garbage collection).
+# A lease that ran out this long ago (its holder did not renew since) is deleted with its
+# holder's live admissions (a lapsed lease's admissions stop counting at once; the rows
+# only wait for garbage collection, or for the holder to renew and count them again).
 STALE_LEASE_SECONDS = 600.0
 
 
@@ -78,6 +83,15 @@ class Use:
     live_tokens: int
     recent: int                # admissions in the last minute
     oldest: Optional[float]    # the oldest of those (store clock)
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """A lease renewed: the live leases (gateway processes), and how long the renewed lease had still
+    to run (negative: it had run out, its admissions not counting meanwhile; None: there was none)."""
+
+    holders: int
+    left: Optional[float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +168,12 @@ RELEASE_ENDED = "UPDATE admissions SET live = 0, cost = ?, tokens = ? WHERE key_
 RELEASE_FREE = "DELETE FROM admissions WHERE key_id = ? AND request_id = ?"
 _RENEW = ("INSERT INTO limit_leases (holder, expires_at) VALUES (?, ?)"
           " ON CONFLICT (holder) DO UPDATE SET expires_at = excluded.expires_at")
+_LEASE = "SELECT expires_at FROM limit_leases WHERE holder = ?"
+# A lease long run out: its holder's slots and reservations go; ended admissions (exact costs) wait for
+# their ledger rows.
+_COLLECT_LIVE = ("DELETE FROM admissions WHERE live = 1 AND holder IN"
+                 " (SELECT holder FROM limit_leases WHERE expires_at < ?)")
+_DROP_LIVE = "DELETE FROM admissions WHERE holder = ? AND live = 1"
 
 
 def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: float,
@@ -203,25 +223,28 @@ def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, s
         add_period_spend(conn, [(key_id, period, start, cost, tokens)])
 
 
-def renew_step(conn, holder: str, seconds: float) -> int:
-    """Extend `holder`'s lease to now + `seconds`; drop leases long run out with their admissions,
-    and the minute of keys idle for a minute; the number of live leases (SQLite)."""
+def renew_step(conn, holder: str, seconds: float) -> "Renewal":
+    """Extend `holder`'s lease to now + `seconds` (taking it again if it had run out, so that its
+    admissions count again); drop leases run out STALE_LEASE_SECONDS ago with their holders' live
+    admissions, and the minute of keys idle for a minute (SQLite)."""
     now = time.time()
+    prior = conn.execute(_LEASE, (holder,)).fetchone()
     conn.execute(_RENEW, (holder, now + seconds))
     stale = now - STALE_LEASE_SECONDS
-    conn.execute("DELETE FROM admissions WHERE holder IN"
-                 " (SELECT holder FROM limit_leases WHERE expires_at < ?)", (stale,))
+    conn.execute(_COLLECT_LIVE, (stale,))
     conn.execute("DELETE FROM limit_leases WHERE expires_at < ?", (stale,))
     idle = now - RPM_WINDOW
     conn.execute("DELETE FROM admission_times WHERE key_id IN"
                  " (SELECT key_id FROM admission_counts WHERE last_at <= ?)", (idle,))
     conn.execute("DELETE FROM admission_counts WHERE last_at <= ?", (idle,))
-    return int(conn.execute("SELECT COUNT(*) FROM limit_leases WHERE expires_at > ?", (now,)).fetchone()[0])
+    holders = int(conn.execute("SELECT COUNT(*) FROM limit_leases WHERE expires_at > ?", (now,)).fetchone()[0])
+    return Renewal(holders, None if prior is None else prior[0] - now)
 
 
 def drop_step(conn, holder: str) -> None:
-    """A process stopping: its lease and whatever it still holds go."""
-    conn.execute("DELETE FROM admissions WHERE holder = ?", (holder,))
+    """A process stopping: its lease and its live admissions go.  Ended ones stay: each holds an exact cost
+    the ledger row adds to the spend, deleting it (ledger_write.py)."""
+    conn.execute(_DROP_LIVE, (holder,))
     conn.execute("DELETE FROM limit_leases WHERE holder = ?", (holder,))
 
 
@@ -299,16 +322,31 @@ class SqliteAdmissions:
             return _fail(batch, exc)
         self._waiting_since = None
         outcomes = []
+        # Each step of a group runs under a savepoint of its own: a step that fails is undone alone and
+        # its caller gets the error, the others commit together.  An error that ended the whole
+        # transaction (SQLite rolls back by itself on a full disk or an I/O error) fails every step: none
+        # of them stays, and nothing runs after it outside the group.
+        alone = len(batch) == 1
         for step, args, future in batch:
             try:
-                outcomes.append((future, step(conn, *args), None))
+                if not alone:
+                    conn.execute("SAVEPOINT step")
+                result = step(conn, *args)
+                if not alone:
+                    conn.execute("RELEASE step")
+                outcomes.append((future, result, None))
             except Exception as exc:  # noqa: BLE001 - that step's caller gets it; the others go on
-                outcomes.append((future, None, exc))
+                if not alone and _undo_step(conn):
+                    outcomes.append((future, None, exc))
+                    continue
+                _abort(conn)
+                if not future.done():
+                    future.set_exception(exc)
+                return _fail(batch, exc)
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            _abort(conn)
             return _fail(batch, exc)
         for future, result, exc in outcomes:
             if not future.done():
@@ -339,7 +377,7 @@ class SqliteAdmissions:
                       period: Optional[str] = None, start: Optional[str] = None) -> None:
         await self._submit(release_step, key_id, request_id, cost, tokens, settled_by_ledger, period, start)
 
-    async def renew_lease(self, holder: str, seconds: float) -> int:
+    async def renew_lease(self, holder: str, seconds: float) -> Renewal:
         return await self._submit(renew_step, holder, seconds)
 
     async def drop_lease(self, holder: str) -> None:
@@ -355,6 +393,27 @@ def _fail(batch: list, exc: BaseException) -> None:
     for _, _, future in batch:
         if not future.done():
             future.set_exception(sqlite3.OperationalError(f"the store takes no writes now: {exc}"))
+
+
+def _abort(conn) -> None:
+    """Roll back whatever of the group's transaction is left."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass        # SQLite ended it itself meanwhile
+
+
+def _undo_step(conn) -> bool:
+    """Undo the failed step of a group (its savepoint); False when the transaction itself is gone."""
+    if not conn.in_transaction:
+        return False
+    try:
+        conn.execute("ROLLBACK TO step")
+        conn.execute("RELEASE step")
+    except sqlite3.Error:
+        return False
+    return conn.in_transaction
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:

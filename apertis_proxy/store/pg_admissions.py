@@ -10,16 +10,19 @@ on both backends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Optional
 
-from .admissions import BUSY_RETRY_AFTER, RPM_WINDOW, STALE_LEASE_SECONDS, Decision, Limits, Use
+from .admissions import BUSY_RETRY_AFTER, RPM_WINDOW, STALE_LEASE_SECONDS, Decision, Limits, Renewal, Use
+from .service import StoreUnavailable
 from .url import StoreURL
 
 POOL_SIZE = 8
 # Tables every request writes to and deletes from.
 CHURNING_TABLES = ("admissions", "admission_times", "admission_counts")
 CONNECT_TIMEOUT = 10.0
+# Seconds an admission, a release or a renewal may wait for the database (a free connection, a new
+# one, a statement's answer) before the store counts as unavailable.
+STATEMENT_TIMEOUT = 5.0
 # pg_advisory_xact_lock(bigint) namespace for admissions: this << 32 | key id.
 ADMISSION_LOCK = 0x61647331
 
@@ -108,68 +111,117 @@ BEGIN
             ON CONFLICT (key_id) DO UPDATE SET n = admission_counts.n + 1, last_at = EXCLUDED.last_at;
     END IF;
 END $$;
-
-CREATE OR REPLACE FUNCTION apertis_renew_lease(p_holder TEXT, p_seconds DOUBLE PRECISION) RETURNS BIGINT
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_now DOUBLE PRECISION := extract(epoch FROM clock_timestamp());
-BEGIN
-    INSERT INTO limit_leases (holder, expires_at) VALUES (p_holder, v_now + p_seconds)
-        ON CONFLICT (holder) DO UPDATE SET expires_at = EXCLUDED.expires_at;
-    DELETE FROM admissions WHERE holder IN
-        (SELECT holder FROM limit_leases WHERE expires_at < v_now - {STALE_LEASE_SECONDS});
-    DELETE FROM limit_leases WHERE expires_at < v_now - {STALE_LEASE_SECONDS};
-    DELETE FROM admission_times WHERE key_id IN
-        (SELECT key_id FROM admission_counts WHERE last_at <= v_now - {RPM_WINDOW});
-    DELETE FROM admission_counts WHERE last_at <= v_now - {RPM_WINDOW};
-    RETURN (SELECT COUNT(*) FROM limit_leases WHERE expires_at > v_now);
-END $$;
 """
 
 _ADMIT = "SELECT * FROM apertis_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 _RELEASE_ENDED = "UPDATE admissions SET live = 0, cost = $1, tokens = $2 WHERE key_id = $3 AND request_id = $4"
 _RELEASE_FREE = "DELETE FROM admissions WHERE key_id = $1 AND request_id = $2 RETURNING key_id"
+# The lease renewed (taken again if it had run out), as admissions.renew_step: a lease run out for
+# STALE_LEASE_SECONDS goes with its holder's live admissions.  Deleting the stale lease locks it, so a
+# holder renewing at that moment keeps its lease and its admissions (the deletion rechecks the row).
+# Returns how long the lease had still to run (NULL: none) and the live leases.
+_RENEW = f"""
+WITH clock AS (SELECT extract(epoch FROM clock_timestamp()) AS now),
+prior AS (SELECT l.expires_at FROM limit_leases l WHERE l.holder = $1),
+renewed AS (
+    INSERT INTO limit_leases (holder, expires_at) SELECT $1, clock.now + $2 FROM clock
+    ON CONFLICT (holder) DO UPDATE SET expires_at = EXCLUDED.expires_at),
+gone AS (
+    DELETE FROM limit_leases l USING clock WHERE l.expires_at < clock.now - {STALE_LEASE_SECONDS} AND l.holder <> $1
+    RETURNING l.holder),
+collected AS (DELETE FROM admissions a USING gone WHERE a.holder = gone.holder AND a.live = 1),
+idle AS (
+    DELETE FROM admission_counts c USING clock WHERE c.last_at <= clock.now - {RPM_WINDOW} RETURNING c.key_id),
+idle_times AS (DELETE FROM admission_times t USING idle WHERE t.key_id = idle.key_id)
+SELECT (SELECT prior.expires_at FROM prior) - clock.now,
+       1 + (SELECT COUNT(*) FROM limit_leases l WHERE l.expires_at > clock.now AND l.holder <> $1)
+FROM clock
+"""
 
 
 class PgAdmissions:
     """Admissions of one gateway process on PostgreSQL, from its event loop: up to POOL_SIZE connections of
     its own, used as they are (no reset query between uses, which would double the round trips); a lost one
-    is opened again by the next use."""
+    is opened again by the next use.  The lease is renewed on a connection of its own, so that admissions
+    waiting for the pool never hold it back.
+
+    Nothing waits on the database for longer than `timeout`: not for a free connection of the pool, nor for
+    a connection to open, nor for a statement's answer.  A connection whose statement did not answer in
+    time is closed (it may be stuck in the middle of a transaction) and the caller gets StoreUnavailable."""
 
     tidy_interval: Optional[float] = 2.0        # seconds between tidy() calls
 
-    def __init__(self, url: StoreURL) -> None:
+    def __init__(self, url: StoreURL, timeout: float = STATEMENT_TIMEOUT) -> None:
         self.url = url
+        self.timeout = timeout
         self._idle: asyncio.Queue = asyncio.Queue()
         self._open: list = []
+        self._lease_conn = None
 
     async def open(self) -> "PgAdmissions":
-        self._idle.put_nowait(await self._connect())
+        self._idle.put_nowait(await self._connect(CONNECT_TIMEOUT))
         for _ in range(POOL_SIZE - 1):
             self._idle.put_nowait(None)         # opened when first needed
         return self
 
-    async def _connect(self):
+    async def _connect(self, timeout: float):
         import asyncpg
-        conn = await asyncpg.connect(self.url.target, timeout=CONNECT_TIMEOUT)
+        try:
+            conn = await asyncpg.connect(self.url.target, timeout=timeout)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(f"the limits store did not take a connection within {timeout:g}s") from None
         self._open.append(conn)
         return conn
 
-    @contextlib.asynccontextmanager
-    async def _connection(self):
-        conn = await self._idle.get()
+    def _discard(self, conn) -> None:
+        if conn is not None:
+            conn.terminate()
+            if conn in self._open:
+                self._open.remove(conn)
+
+    async def _bounded(self, conn, work):
+        """`await work(conn)`, the connection closed if it does not answer within `timeout` (which ends
+        whatever waits on it at once, unlike a cancellation: asyncpg would wait for the server to confirm)."""
+        expired = []
+
+        def expire() -> None:
+            expired.append(True)
+            conn.terminate()
+        timer = asyncio.get_running_loop().call_later(self.timeout, expire)
+        try:
+            return await work(conn)
+        except Exception as exc:
+            if expired:
+                raise StoreUnavailable(f"the limits store did not answer within {self.timeout:g}s") from exc
+            raise
+        finally:
+            timer.cancel()
+
+    async def _run(self, work):
+        """`await work(conn)` on a connection of the pool (see the class docstring)."""
+        try:
+            conn = self._idle.get_nowait()
+        except asyncio.QueueEmpty:
+            try:
+                conn = await asyncio.wait_for(self._idle.get(), self.timeout)
+            except asyncio.TimeoutError:
+                raise StoreUnavailable(f"no connection to the limits store was free within {self.timeout:g}s"
+                                       ) from None
         try:
             if conn is None or conn.is_closed():
-                if conn is not None:
-                    self._open.remove(conn)
+                self._discard(conn)
                 conn = None
-                conn = await self._connect()
-            yield conn
+                conn = await self._connect(self.timeout)
+            return await self._bounded(conn, work)
         finally:
+            if conn is not None and conn.is_closed():
+                self._discard(conn)
+                conn = None
             self._idle.put_nowait(conn)
 
     async def close(self) -> None:
         conns, self._open = self._open, []
+        self._lease_conn = None
         for conn in conns:
             try:
                 await asyncio.wait_for(conn.close(), 2.0)
@@ -178,47 +230,61 @@ class PgAdmissions:
 
     async def admit(self, limits: Limits, request_id: str, holder: str, bound_cost: float,
                     bound_tokens: int) -> Decision:
-        async with self._connection() as conn:
-            row = await conn.fetchrow(_ADMIT, limits.key_id, request_id, holder, float(bound_cost),
-                                      int(bound_tokens), _float(limits.quota_cost), _int(limits.quota_tokens),
-                                      limits.quota_period, _int(limits.rpm), _int(limits.concurrency))
+        row = await self._run(lambda conn: conn.fetchrow(
+            _ADMIT, limits.key_id, request_id, holder, float(bound_cost), int(bound_tokens),
+            _float(limits.quota_cost), _int(limits.quota_tokens), limits.quota_period, _int(limits.rpm),
+            _int(limits.concurrency)))
         use = Use(spent_cost=row[2], spent_tokens=row[3], live=row[4], live_cost=row[5], live_tokens=row[6],
                   recent=row[7], oldest=None)
         return Decision(row[0], row[1], use, max(1, row[8]))
 
     async def release(self, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
                       period: Optional[str] = None, start: Optional[str] = None) -> None:
-        async with self._connection() as conn:
-            if settled_by_ledger:
-                if cost or tokens:
-                    await conn.execute(_RELEASE_ENDED, float(cost), int(tokens), key_id, request_id)
-                else:
-                    await conn.execute(_RELEASE_FREE, key_id, request_id)
-                return
+        if settled_by_ledger:
+            if cost or tokens:
+                await self._run(lambda conn: conn.execute(_RELEASE_ENDED, float(cost), int(tokens), key_id,
+                                                          request_id))
+            else:
+                await self._run(lambda conn: conn.execute(_RELEASE_FREE, key_id, request_id))
+            return
+
+        async def settle(conn) -> None:
             async with conn.transaction():
                 await _release_and_settle(conn, key_id, request_id, cost, tokens, period, start)
+        await self._run(settle)
 
-    async def renew_lease(self, holder: str, seconds: float) -> int:
-        async with self._connection() as conn:
-            return int(await conn.fetchval("SELECT apertis_renew_lease($1, $2)", holder, float(seconds)))
+    async def renew_lease(self, holder: str, seconds: float) -> Renewal:
+        conn = self._lease_conn
+        if conn is None or conn.is_closed():
+            self._discard(conn)
+            self._lease_conn = None
+            conn = self._lease_conn = await self._connect(self.timeout)
+        try:
+            row = await self._bounded(conn, lambda conn: conn.fetchrow(_RENEW, holder, float(seconds)))
+        finally:
+            if conn.is_closed():
+                self._discard(conn)
+                self._lease_conn = None
+        return Renewal(int(row[1]), row[0])
 
     async def tidy(self) -> None:
         """Vacuum the admission tables: every request leaves dead rows in them, and a decision reads a key's
         range of `admissions`, so dead rows left for autovacuum (once a minute) would slow every decision."""
-        async with self._connection() as conn:
-            await conn.execute(f"VACUUM (SKIP_LOCKED) {', '.join(CHURNING_TABLES)}")
+        await self._run(lambda conn: conn.execute(f"VACUUM (SKIP_LOCKED) {', '.join(CHURNING_TABLES)}"))
 
     async def drop_lease(self, holder: str) -> None:
-        async with self._connection() as conn, conn.transaction():
-            await conn.execute("DELETE FROM admissions WHERE holder = $1", holder)
-            await conn.execute("DELETE FROM limit_leases WHERE holder = $1", holder)
+        """The lease and the live admissions go; ended ones wait for their ledger rows (admissions.drop_step)."""
+        async def drop(conn) -> None:
+            async with conn.transaction():
+                await conn.execute("DELETE FROM admissions WHERE holder = $1 AND live = 1", holder)
+                await conn.execute("DELETE FROM limit_leases WHERE holder = $1", holder)
+        await self._run(drop)
 
     async def in_flight(self, key_id: int) -> tuple[int, float]:
-        async with self._connection() as conn:
-            row = await conn.fetchrow(
-                "SELECT COUNT(*), COALESCE(SUM(a.cost), 0) FROM admissions a JOIN limit_leases l"
-                " ON l.holder = a.holder WHERE a.key_id = $1 AND a.live = 1"
-                " AND l.expires_at > extract(epoch FROM clock_timestamp())", key_id)
+        row = await self._run(lambda conn: conn.fetchrow(
+            "SELECT COUNT(*), COALESCE(SUM(a.cost), 0) FROM admissions a JOIN limit_leases l"
+            " ON l.holder = a.holder WHERE a.key_id = $1 AND a.live = 1"
+            " AND l.expires_at > extract(epoch FROM clock_timestamp())", key_id))
         return int(row[0]), float(row[1])
 
 
