@@ -33,7 +33,9 @@ it wait).  Near the
 end of a quota, a request whose bound does not fit is admitted only while
 nothing else of the key is in flight (429 with retry-after otherwise), so a
 quota is overshot by at most one request.  Keys without limits never wait on
-the store.  Listings (requests without a body) are not limited.
+the store.  Files and batches requests count against rpm and concurrency (they
+reserve nothing: files cost nothing and a key with a quota cannot create
+batches); model listings are not limited.
 
 While the store cannot be reached, a limited key gets 503 with retry-after, or
 with ``[limits] on_store_down = "share"`` each process admits on its own
@@ -66,7 +68,7 @@ from apertis_proxy.budgets.alerts import DEFAULT_THRESHOLDS, AlertConfig, Budget
 from apertis_proxy.budgets.limiter import DEFAULT_LEASE_SECONDS, Limiter
 from apertis_proxy.budgets.periods import PERIODS, period_end, period_start
 from apertis_proxy.budgets.refusals import RefusalCounter
-from apertis_proxy.budgets.reservation import cost_bound, token_bound
+from apertis_proxy.budgets.reservation import billed_models, request_bound
 from apertis_proxy.plugin_api import Caller, PluginContext, Reject, RequestInfo, UsageRecord
 from apertis_proxy.store import budgets as budget_store
 from apertis_proxy.store.admissions import BUSY_RETRY_AFTER, Decision, Limits
@@ -79,6 +81,7 @@ from apertis_proxy.store.service import StoreUnavailable, store_for_plugin
 RPM_WINDOW = 60.0           # seconds: requests per minute is a sliding one-minute window
 CONCURRENCY_RETRY_AFTER = BUSY_RETRY_AFTER  # seconds: a slot usually frees up quickly
 CLOSE_ATTEMPTS = 5
+_OWNED_PATHS = ("/v1/files", "/v1/messages/batches")     # limited though sent without a JSON body
 STORE_DOWN_RETRY_AFTER = 5   # seconds: a client retries an unknown key, or a limited one, while the store is down
 
 
@@ -224,6 +227,7 @@ class KeysAuth:
         self.share_when_down = str(ctx.options.get("limits_on_store_down", "refuse")) == "share"
         self.limiter: Optional[Limiter] = None
         self.catalog: Optional[Catalog] = None
+        self.channel_aliases: list[dict[str, str]] = []     # each channel's aliases, for the bounds
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -334,7 +338,7 @@ class KeysAuth:
             # The same caller, telling release() and finish() how its request was admitted.
             key.admitted_caller = dataclasses.replace(caller, data={**data, "holds": _holds(key.limits)})
             key.alone_caller = dataclasses.replace(caller, data={**data, "alone": True})
-        if key.limits is None or request.body is None:
+        if key.limits is None or (request.body is None and not _counted_without_body(request.path, key.limits)):
             return caller
         return await self._admit(key, request)
 
@@ -342,11 +346,16 @@ class KeysAuth:
         """Admit a request of a limited key in the store (see the module docstring)."""
         limits = key.limits
         assert limits is not None and self.limiter is not None
-        counted = not request.path.endswith("/count_tokens")
-        bound_cost = (cost_bound(self.catalog, request.model, request.body, request.body_bytes, time.time())
-                      if counted and limits.quota_cost is not None and self.catalog is not None else 0.0)
-        bound_tokens = (token_bound(request.body, request.body_bytes)
-                        if counted and limits.quota_tokens is not None else 0)
+        bound_cost, bound_tokens = 0.0, 0
+        if (limits.quota_cost is not None or limits.quota_tokens is not None) and self.catalog is not None \
+                and request.body is not None and not request.path.endswith("/count_tokens"):
+            now = time.time()
+            bound = request_bound(self.catalog, billed_models(self.catalog, request.model, self.channel_aliases, now),
+                                  request.body, request.body_bytes, now)
+            if limits.quota_cost is not None:
+                bound_cost = bound.cost
+            if limits.quota_tokens is not None:
+                bound_tokens = bound.tokens
         try:
             decision = await self.limiter.admit(limits, request.request_id, bound_cost, bound_tokens)
         except StoreUnavailable as exc:
@@ -550,6 +559,7 @@ class KeysAuth:
         # Swap the maps in one step: the request path never sees a half reload.
         self.by_hash, self.by_id, self.grace = by_hash, by_id, grace
         self.catalog = catalog
+        self.channel_aliases = channel_aliases
         self.log.info("loaded %d keys", len(by_id))
 
     async def _sync_spend(self) -> None:
@@ -614,6 +624,12 @@ class _Refusal(Exception):
         super().__init__(reason)
         self.reason = reason
         self.reject = reject
+
+
+def _counted_without_body(path: str, limits: Limits) -> bool:
+    """Files and batches requests come without a JSON body, and cost nothing against a quota (a key with one
+    cannot create batches): they count against `rpm` and `concurrency`.  Model listings count against nothing."""
+    return (limits.rpm is not None or limits.concurrency is not None) and path.startswith(_OWNED_PATHS)
 
 
 def _holds(limits: Optional[Limits]) -> Optional[str]:

@@ -1,69 +1,201 @@
 """The most a request can cost, known before it is sent: what a quota reserves for it.
 
-Tokens: every byte of the request body counts as one input token (no tokenizer
-gives more tokens than bytes of text, and images and documents are far larger
-in base64 than in tokens), plus ``max_tokens`` of output (thinking included).
+A request is priced at every model it may be billed at: the name the client
+sent, each channel alias of that name, the successor a retired model is
+redirected to, and the models its tools and fallbacks name; the bound takes
+the highest rates among those that have a price (a model without one is not
+sent for a key with a USD quota: model_policy refuses it).
 
-Cost: those input tokens at the highest input rate of the model (input, cache
-writes of either TTL, cache reads; the highest prompt-size band they could
-reach), output at the output rate, times fast mode and the inference geo's
-multiplier when the request asks for them, plus web searches up to each web
-search tool's ``max_uses`` (DEFAULT_WEB_SEARCHES without one).  Not bounded:
-iterations billed beside the request (advisor, fallback), which are rare; a
-request using them may overshoot a quota by their cost.
+One model turn is bounded by its input and ``max_tokens`` of output (thinking
+included).  Input: every byte of the request body counts as one token (no
+tokenizer gives more tokens than bytes of text, and base64 images and
+documents are far larger than their tokens), plus what the API adds that the
+body does not show: the tool-use system prompt and the definitions of typed
+tools (TOOL_PROMPT_TOKENS, TYPED_TOOL_TOKENS), and IMAGE_TOKENS for an image
+given by URL or file id.  A document given by URL or file id, or MCP servers
+whose tools the API fetches, can be as large as the context window: the input
+is then bounded by the model's ``max_input_tokens``
+(DEFAULT_CONTEXT_TOKENS when the catalogue has none).
+
+Further turns billed to the same request, each bounded by a full context window
+of input and ``max_tokens`` of output: a server-side tool loop (web search,
+web fetch, code execution, tool search, MCP; the API pauses it with
+``pause_turn`` after SERVER_LOOP_TURNS turns), an advisor tool's calls (up to
+its ``max_uses``), each fallback model, and a compaction.  Fast mode, the
+inference geo and service tiers multiply the cost; web searches add their
+per-search fee up to each tool's ``max_uses`` (SERVER_LOOP_TURNS without one).
+
+Such bounds are large on purpose: near the end of a quota, a request whose
+bound does not fit runs only while nothing else of its key is in flight, so
+the quota is overshot by at most one request whatever the request turns into.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from ..store.catalog import Catalog
+from ..store.catalog import Catalog, ModelEntry
 
 MILLION = Decimal(1_000_000)
-DEFAULT_WEB_SEARCHES = 10
+SERVER_LOOP_TURNS = 10          # the API's default cap on a server-tool loop before pause_turn
+DEFAULT_CONTEXT_TOKENS = 1_000_000
+TOOL_PROMPT_TOKENS = 1_000      # the system prompt the API adds when tools are given
+TYPED_TOOL_TOKENS = 1_000       # a typed tool's definition (bash, computer, text editor...)
+IMAGE_TOKENS = 5_000            # an image after the API's resizing, at most
 _INPUT_RATES = ("input", "cache_write_5m", "cache_write_1h", "cache_read")
+_CLIENT_TOOL_PREFIXES = ("custom", "bash_", "text_editor_", "computer_", "memory_")
 
 
-def token_bound(body: Optional[Mapping[str, Any]], body_bytes: int) -> int:
-    max_tokens = body.get("max_tokens") if isinstance(body, Mapping) else None
-    out = max_tokens if type(max_tokens) is int and max_tokens > 0 else 0
-    return max(0, body_bytes) + out
+@dataclass(frozen=True, slots=True)
+class Bound:
+    cost: float         # USD
+    tokens: int
 
 
-def cost_bound(catalog: Catalog, model: Optional[str], body: Optional[Mapping[str, Any]], body_bytes: int,
-               at: float) -> float:
-    """USD; 0 for a model without a price (such a request is refused for a key with a USD quota)."""
-    entry = catalog.lookup(model)
-    row = entry.price_at(at) if entry is not None else None
-    if row is None or not isinstance(body, Mapping):
-        return 0.0
-    input_tokens = max(0, body_bytes)
-    max_tokens = body.get("max_tokens")
-    output_tokens = max_tokens if type(max_tokens) is int and max_tokens > 0 else 0
+@dataclass(slots=True)
+class _Shape:
+    """What of a request body decides its bound, read once."""
+
+    input: int = 0                  # tokens of the first turn, as far as the body shows them
+    opaque: bool = False            # content the body does not show (the first turn may fill the context)
+    output: int = 0                 # max_tokens
+    turns: int = 0                  # further billed turns (server loop, advisor, fallbacks, compaction)
+    searches: int = 0
+    models: tuple = ()              # models named by tools and fallbacks
+
+
+def billed_models(catalog: Catalog, model: Optional[str], channel_aliases: Iterable[Mapping[str, str]],
+                  at: float) -> list[ModelEntry]:
+    """The catalogue entries a request for `model` may be billed at: the name itself, what channel
+    aliases turn it into, and where a retired or unpriced model is redirected."""
+    entries: dict[str, ModelEntry] = {}
+    pending = [model] if model else []
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        pending.extend(aliases[name] for aliases in channel_aliases if name in aliases)
+        entry = catalog.lookup(name)
+        if entry is None:
+            continue
+        entries[entry.id] = entry
+        if entry.lifecycle_at(at) == "retired" or entry.price_at(at) is None:
+            pending.extend(n for n in (entry.redirect_to, entry.successor) if n)
+    return list(entries.values())
+
+
+def request_bound(catalog: Catalog, entries: Sequence[ModelEntry], body: Optional[Mapping[str, Any]],
+                  body_bytes: int, at: float) -> Bound:
+    """The most the request may cost and count, at the highest rates of `entries` (see the module
+    docstring).  Cost 0 when none of them has a price."""
+    shape = _shape(body, body_bytes)
+    named = [e for e in (catalog.lookup(m) for m in shape.models) if e is not None]
+    everyone = [*entries, *named]
+    context = max((e.max_input_tokens for e in everyone if e.max_input_tokens), default=DEFAULT_CONTEXT_TOKENS)
+    first_input = max(shape.input, context) if shape.opaque else shape.input
+    tokens = first_input + shape.output + shape.turns * (context + shape.output)
+    rows = [(e, row) for e in everyone if (row := e.price_at(at)) is not None]
+    if not rows or not isinstance(body, Mapping):
+        return Bound(0.0, tokens)
+    first = max(_turn_cost(row, first_input, shape.output) for _, row in rows)
+    further = max(_turn_cost(row, context, shape.output) for _, row in rows) if shape.turns else Decimal(0)
+    cost = first + shape.turns * further
+    cost *= _multiplier(catalog, [e for e, _ in rows], body)
+    if shape.searches and catalog.rates.web_search_per_request is not None:
+        cost += shape.searches * catalog.rates.web_search_per_request
+    return Bound(float(cost), tokens)
+
+
+def _turn_cost(row, input_tokens: int, output_tokens: int) -> Decimal:
+    """One turn at the highest input rate (plain, cache writes, cache reads) and of every
+    prompt-size band the input could reach."""
     in_rate = max(row.rates[f] for f in _INPUT_RATES)
     out_rate = row.rates["output"]
     for above, rates in row.bands:
         if input_tokens > above:
             in_rate = max(in_rate, *(rates[f] for f in _INPUT_RATES))
             out_rate = max(out_rate, rates["output"])
-    cost = (input_tokens * in_rate + output_tokens * out_rate) / MILLION
-    if body.get("speed") == "fast" and entry.fast_multiplier is not None:
-        cost *= entry.fast_multiplier
+    return (input_tokens * in_rate + output_tokens * out_rate) / MILLION
+
+
+def _multiplier(catalog: Catalog, entries: Sequence[ModelEntry], body: Mapping[str, Any]) -> Decimal:
+    factor = max((Decimal(1), *catalog.rates.service_tiers.values()))
+    if body.get("speed") == "fast":
+        factor *= max((Decimal(1), *(e.fast_multiplier for e in entries if e.fast_multiplier is not None)))
     geo = body.get("inference_geo")
-    if isinstance(geo, str) and geo in entry.geo_multipliers:
-        cost *= max(Decimal(1), entry.geo_multipliers[geo])
-    searches = _web_searches(body.get("tools"))
-    if searches and catalog.rates.web_search_per_request is not None:
-        cost += searches * catalog.rates.web_search_per_request
-    return float(cost)
+    if isinstance(geo, str):
+        factor *= max((Decimal(1), *(e.geo_multipliers[geo] for e in entries if geo in e.geo_multipliers)))
+    return factor
 
 
-def _web_searches(tools: Any) -> int:
-    if not isinstance(tools, list):
-        return 0
-    total = 0
-    for tool in tools:
-        if isinstance(tool, Mapping) and str(tool.get("type", "")).startswith("web_search"):
+def _shape(body: Optional[Mapping[str, Any]], body_bytes: int) -> _Shape:
+    shape = _Shape(input=max(0, body_bytes))
+    if not isinstance(body, Mapping):
+        return shape
+    max_tokens = body.get("max_tokens")
+    shape.output = max_tokens if type(max_tokens) is int and max_tokens > 0 else 0
+    models: list[str] = []
+    loop = False
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        shape.input += TOOL_PROMPT_TOKENS
+        for tool in tools:
+            if not isinstance(tool, Mapping):
+                continue
+            kind = tool.get("type")
             uses = tool.get("max_uses")
-            total += uses if type(uses) is int and uses > 0 else DEFAULT_WEB_SEARCHES
-    return total
+            uses = uses if type(uses) is int and uses > 0 else SERVER_LOOP_TURNS
+            if isinstance(tool.get("model"), str):          # an advisor: its own calls, at its model
+                models.append(tool["model"])
+                shape.turns += uses
+            if not isinstance(kind, str) or kind.startswith(_CLIENT_TOOL_PREFIXES):
+                if isinstance(kind, str) and kind != "custom":
+                    shape.input += TYPED_TOOL_TOKENS
+                continue
+            shape.input += TYPED_TOOL_TOKENS
+            loop = True                                     # a server tool: web search, fetch, code...
+            if kind.startswith("web_search"):
+                shape.searches += uses
+    if body.get("mcp_servers"):
+        shape.opaque = loop = True
+    if loop:
+        shape.turns += SERVER_LOOP_TURNS - 1
+    fallbacks = body.get("fallbacks")
+    if isinstance(fallbacks, list):
+        for fallback in fallbacks:
+            name = fallback.get("model") if isinstance(fallback, Mapping) else None
+            if isinstance(name, str):
+                models.append(name)
+            shape.turns += 1
+    if body.get("context_management") or body.get("compaction"):
+        shape.turns += 1
+    images = _sources(body.get("messages"), shape)
+    shape.input += images * IMAGE_TOKENS
+    shape.models = tuple(models)
+    return shape
+
+
+def _sources(blocks: Any, shape: _Shape) -> int:
+    """Images given by URL or file id among `blocks` (messages, content, tool results);
+    a document given so marks the shape opaque."""
+    images = 0
+    if not isinstance(blocks, list):
+        return 0
+    for block in blocks:
+        if not isinstance(block, Mapping):
+            continue
+        content = block.get("content")
+        if isinstance(content, list):
+            images += _sources(content, shape)
+        source = block.get("source")
+        if isinstance(source, Mapping) and source.get("type") in ("url", "file"):
+            if block.get("type") == "image":
+                images += 1
+            else:
+                shape.opaque = True
+        elif block.get("type") == "container_upload":
+            shape.opaque = True
+    return images

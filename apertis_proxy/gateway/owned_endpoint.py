@@ -72,7 +72,10 @@ class OwnedEndpoint:
             try:
                 await fw.plugins.meter(record)      # before the answer ends and before finish(), as in forward.py
             finally:
-                resp.release()
+                try:
+                    await fw.plugins.release(vouched_by, caller, record)    # a concurrency slot, as in forward.py
+                finally:
+                    resp.release()
             await fw.plugins.finish(vouched_by, caller, record)
 
     async def dispatch(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord,

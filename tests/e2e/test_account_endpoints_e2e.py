@@ -353,3 +353,27 @@ async def test_batch_results_are_priced_as_of_the_batch_creation(gateway_env, mo
     assert Decimal(prices["cost"]) == Decimal(haiku["cost"]) + Decimal(prices["models"]["claude-sonnet-5-5"]["cost"])
     assert float(prices["cost"]) == pytest.approx(billed["cost"], abs=1e-10)
     assert billed["input_tokens"] == sum(u["input_tokens"] for u in usages.values())
+
+
+async def test_files_and_batches_count_against_rpm_and_concurrency_listings_do_not(gateway_env, mock_upstream):
+    """Requests without a JSON body to files and batches are admitted like messages (and give their concurrency
+    slot back); model listings are not limited."""
+    key = gateway_env.add_key("alice", rpm=3, concurrency=1)
+    gateway_env.add_channel("main", mock_upstream)
+    await gateway_env.start()
+    for _ in range(3):      # a concurrency of 1: each must have given its slot back for the next to pass
+        body, headers = gzipped_upload(b"notes")
+        response = await request(gateway_env, key, "POST", "/v1/files", body=body, headers=headers)
+        assert response.status == 200, response.json()
+    for _ in range(2):
+        assert (await request(gateway_env, key, "GET", "/v1/models")).status == 200
+    seen = len(mock_upstream.requests)
+    refused = await request(gateway_env, key, "GET", "/v1/files")
+    assert refused.status == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+    assert "3 requests per minute" in refused.json()["error"]["message"]
+    assert 1 <= int(refused.header("retry-after")) <= 60
+    batch = json.dumps({"requests": [batch_request("one", "a question")]}).encode()
+    refused = await request(gateway_env, key, "POST", "/v1/messages/batches", body=batch,
+                            headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})
+    assert refused.status == 429
+    assert len(mock_upstream.requests) == seen

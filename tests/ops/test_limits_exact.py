@@ -19,9 +19,10 @@ import random
 
 import pytest
 
-from tests.support.limits_load import (MODEL, REQUEST_COST, REQUEST_TOKENS, Answer, CountingUpstream, Hosts,
-                                       OpenStream, costed_body, costed_headers, key_spend, ledger_with,
-                                       refusal_problem, reserved_bound, row_tokens, send, setup_store)
+from tests.support.limits_load import (MOCK_API_KEY, MODEL, REQUEST_COST, REQUEST_TOKENS, Answer, CountingUpstream,
+                                       Hosts, OpenStream, cli_ok, costed_body, costed_headers, create_key,
+                                       key_spend, ledger_with, refusal_problem, reserved_bound, row_tokens, send,
+                                       setup_store)
 from tests.support.processes import wait_for
 
 LEASE = 3                   # seconds: [limits] lease_seconds of every gateway here
@@ -108,6 +109,30 @@ async def test_a_quota_holds_under_a_concurrent_burst(kind, quota_kind, request,
             # The key's settled spend comes to exactly what its ledger rows cost.
             index = 0 if quota_kind == "usd" else 1
             await wait_for(lambda: _spend_is(db, index, sum(spent)), 10.0, "key_spend to equal the ledger")
+
+
+async def test_a_quota_holds_for_a_channel_alias(tmp_path):
+    """A name only a channel knows (`fast` -> the Haiku id) is bounded at the model it goes to upstream, not at
+    $0 for a name without a price: a burst stays within the quota plus one request."""
+    db = str(tmp_path / "gateway.db")
+    quota = 0.2                                         # about ten requests' worth
+    async with CountingUpstream() as mock:
+        def store() -> str:
+            cli_ok("channels", "add", "main", "--base-url", mock.base_url, "--api-key", MOCK_API_KEY,
+                   "--alias", f"fast={MODEL}", "--db", db)
+            return create_key(db, "alice", "--quota", str(quota))
+        key = await asyncio.to_thread(store)
+        async with await Hosts.workers(db, tmp_path, lease_seconds=LEASE) as hosts:
+            slow = costed_headers("first-byte-delay=0.3")
+            answers = await asyncio.gather(*(send(hosts.port(n), key, {**costed_body(n), "model": "fast"}, slow)
+                                             for n in range(60)))
+            ok = [a for a in answers if a.status == 200]
+            assert_refusals(answers)
+            assert 2 <= len(ok) < 60 and mock.max_in_flight >= 2
+            rows = await ledger_with(db, "alice", len(ok))
+            spent = sum(float(r["cost"] or 0) for r in rows)
+            assert all(r["cost"] == pytest.approx(REQUEST_COST, rel=1e-9) for r in rows if r["status"] == 200)
+            assert spent <= quota + REQUEST_COST + 1e-9, (spent, len(ok))
 
 
 async def _spend_is(db: str, index: int, expected: float) -> bool:

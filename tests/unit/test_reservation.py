@@ -1,0 +1,131 @@
+"""The bound a quota reserves for a request (budgets/reservation.py), on the shipped catalogue: the models a
+request may be billed at, and what the body shows of its size and of the turns billed to it."""
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+
+from apertis_proxy.budgets.reservation import (IMAGE_TOKENS, SERVER_LOOP_TURNS, TOOL_PROMPT_TOKENS,
+                                               TYPED_TOOL_TOKENS, billed_models, request_bound)
+from apertis_proxy.store import catalog as catalog_store
+from apertis_proxy.store import schema
+
+HAIKU = "claude-haiku-4-5-20251001"          # $1 / $5; cache writes 1h $2; context 200,000
+OPUS = "claude-opus-5-5"                     # $4 / $20; cache writes 1h $8; context 1,000,000
+NOW = time.time()
+
+
+@pytest.fixture
+def conn(tmp_path):
+    conn = schema.connect(str(tmp_path / "gateway.db"))
+    yield conn
+    conn.close()
+
+
+def bound(catalog, body, model=None, aliases=()):
+    raw = orjson.dumps(body)
+    entries = billed_models(catalog, model or body["model"], aliases, NOW)
+    return request_bound(catalog, entries, body, len(raw), NOW), len(raw)
+
+
+def plain(**extra):
+    return {"model": HAIKU, "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def test_a_plain_request_is_its_bytes_at_the_top_input_rate_and_max_tokens_of_output(conn):
+    catalog = catalog_store.load_catalog(conn)
+    b, size = bound(catalog, plain())
+    assert b.tokens == size + 1000
+    assert b.cost == pytest.approx((size * 2 + 1000 * 5) / 1e6)    # top input rate: the 1h cache write
+
+
+def test_a_channel_alias_is_bounded_at_the_model_it_sends_upstream(conn):
+    catalog = catalog_store.load_catalog(conn)
+    body = {**plain(), "model": "fast"}
+    alone, size = bound(catalog, body)
+    assert alone.cost == 0                                          # no price for a name only a channel knows
+    b, _ = bound(catalog, body, aliases=[{"fast": HAIKU}, {"other": OPUS}])
+    assert b.cost == pytest.approx((size * 2 + 1000 * 5) / 1e6)
+    # Two channels sending the name to different models: the dearer one bounds it.
+    b, _ = bound(catalog, body, aliases=[{"fast": HAIKU}, {"fast": OPUS}])
+    assert b.cost == pytest.approx((size * 8 + 1000 * 20) / 1e6)
+
+
+def test_a_retired_model_is_bounded_at_the_successor_it_is_sent_to(conn):
+    catalog_store.set_model(conn, "claude-sonnet-4-5-20250929", successor=OPUS)   # retired; sent to Opus 5.5
+    catalog = catalog_store.load_catalog(conn)
+    names = {e.id for e in billed_models(catalog, "claude-sonnet-4-5", (), NOW)}
+    assert names == {"claude-sonnet-4-5-20250929", OPUS, "claude-sonnet-5-5"}   # the documented successor too
+    b, size = bound(catalog, {**plain(), "model": "claude-sonnet-4-5"})
+    assert b.cost == pytest.approx((size * 8 + 1000 * 20) / 1e6)
+    # A live model is not bounded at its documented successor.
+    assert {e.id for e in billed_models(catalog, HAIKU, (), NOW)} == {HAIKU}
+
+
+def test_tools_add_what_the_api_adds_to_the_prompt(conn):
+    catalog = catalog_store.load_catalog(conn)
+    custom = {"name": "f", "input_schema": {"type": "object"}}
+    b, size = bound(catalog, plain(tools=[custom]))
+    assert b.tokens == size + TOOL_PROMPT_TOKENS + 1000
+    b, size = bound(catalog, plain(tools=[custom, {"type": "bash_20250124", "name": "bash"}]))
+    assert b.tokens == size + TOOL_PROMPT_TOKENS + TYPED_TOOL_TOKENS + 1000
+
+
+def test_a_server_tool_loop_is_bounded_by_full_context_turns(conn):
+    catalog = catalog_store.load_catalog(conn)
+    b, size = bound(catalog, plain(tools=[{"type": "web_fetch_20250910", "name": "web_fetch"}]))
+    first = size + TOOL_PROMPT_TOKENS + TYPED_TOOL_TOKENS
+    further = SERVER_LOOP_TURNS - 1
+    assert b.tokens == first + 1000 + further * (200_000 + 1000)
+    assert b.cost == pytest.approx((first * 2 + 1000 * 5 + further * (200_000 * 2 + 1000 * 5)) / 1e6)
+
+
+def test_web_searches_add_their_fee_up_to_max_uses(conn):
+    catalog = catalog_store.load_catalog(conn)
+    fee = float(catalog.rates.web_search_per_request)
+    tools = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]
+    with_search, _ = bound(catalog, plain(tools=tools))
+    fetch = [{"type": "web_fetch_20250910", "name": "web_search", "max_uses": 3}]   # same size, no fee
+    without, _ = bound(catalog, plain(tools=fetch))
+    assert with_search.cost == pytest.approx(without.cost + 3 * fee)
+
+
+@pytest.mark.parametrize("source", [{"type": "url", "url": "https://example.com/a.pdf"},
+                                    {"type": "file", "file_id": "file_011abc"}])
+def test_a_document_the_body_does_not_hold_may_fill_the_context(conn, source):
+    catalog = catalog_store.load_catalog(conn)
+    body = plain(messages=[{"role": "user", "content": [{"type": "document", "source": source},
+                                                         {"type": "text", "text": "summarise"}]}])
+    b, _ = bound(catalog, body)
+    assert b.tokens == 200_000 + 1000
+    # Also inside a tool result.
+    nested = plain(messages=[{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "document", "source": source}]}]}])
+    assert bound(catalog, nested)[0].tokens == 200_000 + 1000
+
+
+def test_an_image_by_url_counts_as_a_large_image(conn):
+    catalog = catalog_store.load_catalog(conn)
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
+    b, size = bound(catalog, plain(messages=[{"role": "user", "content": [image, image]}]))
+    assert b.tokens == size + 2 * IMAGE_TOKENS + 1000
+
+
+def test_fallbacks_and_advisors_are_priced_at_the_models_they_name(conn):
+    catalog = catalog_store.load_catalog(conn)
+    b, size = bound(catalog, plain(fallbacks=[{"model": OPUS}]))
+    # The fallback turn may fill Opus's context at Opus's rates; the first turn too is priced at the dearest.
+    assert b.tokens == size + 1000 + 1_000_000 + 1000
+    assert b.cost >= (1_000_000 * 8 + 1000 * 20) / 1e6
+    advisor = {"type": "advisor_20260301", "name": "advisor", "model": OPUS, "max_uses": 2}
+    b2, _ = bound(catalog, plain(tools=[advisor]))
+    assert b2.cost > 2 * (1_000_000 * 8) / 1e6
+
+
+def test_fast_mode_and_geo_multiply_the_bound(conn):
+    catalog = catalog_store.load_catalog(conn)
+    fable = "claude-fable-5-2"          # $16 per million for 1h cache writes, $40 output; fast x2, geo "us" x1.1
+    b, size = bound(catalog, {**plain(speed="fast", inference_geo="us"), "model": fable})
+    assert b.cost == pytest.approx((size * 16 + 1000 * 40) / 1e6 * 2 * 1.1)
