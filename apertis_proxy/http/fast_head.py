@@ -31,6 +31,12 @@ _VALUE = rb"(?:[\x21-\x7e](?:[\x21-\x7e \t]*[\x21-\x7e])?)?"
 # One header line, from the start of a line (the lookbehind) to its CRLF: findall() over the header block
 # yields as many as the block has lines only if every line is of this shape.
 _FIELD_RE = re.compile(rb"(?<=\n)(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n")
+# The same lines split with single-byte stops only (the regex engine skips to a byte it is told, instead of
+# testing a class per byte): the name up to the first colon, the value up to the CR.  What the classes
+# checked is then checked on all names and all values at once (bytes.translate): see _split_fields.
+_LOOSE_FIELD_RE = re.compile(rb"(?<=\n)([^:]+):[ \t]*([^\r]*)(?<![ \t])\r\n")
+_TOKEN_BYTES = b"-!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_VALUE_BYTES = bytes(range(0x21, 0x7f)) + b" \t"
 _REQUEST_LINE_RE = re.compile(rb"(GET|POST|HEAD|DELETE|PUT|PATCH|OPTIONS) (/[\x21-\x7e]*) HTTP/(1\.[01])")
 _STATUS_LINE_RE = re.compile(rb"HTTP/(1\.[01]) ([2-5][0-9][0-9])(?: [\x21-\x7e \t]*)?")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
@@ -68,16 +74,40 @@ class FastResponse:
 def _fields(data: bytes, start: int, stop: int) -> Optional[tuple[list[tuple[bytes, bytes]], list[bytes]]]:
     """The header lines in data[start:stop] (each ended by CRLF) as (lower-case name, value), and the
     lower-case names alone (to count them in C); None if a line is not of the strict shape."""
-    pairs = _FIELD_RE.findall(data, start, stop)
-    lines = data.count(b"\r\n", start, stop)
-    # A bare LF would start a line the count of CRLFs does not see.
-    if len(pairs) != lines or data.count(b"\n", start, stop) != lines:
-        return None
-    if not pairs:
+    lines = data.count(b"\n", start, stop)
+    if not lines:
         return [], []
-    # Lower-case every name in one call, and pair them up again, without a Python step per header.
+    split = _split_fields(_LOOSE_FIELD_RE.findall(data, start, stop), lines)
+    if split is not None:
+        return split
+    # Anything unusual (trailing whitespace in a value, or a line that is not of the strict shape): the
+    # strict pattern decides, as it would on every head.  A bare LF would start a line the count of CRLFs
+    # does not see.
+    pairs = _FIELD_RE.findall(data, start, stop)
+    if len(pairs) != lines or data.count(b"\r\n", start, stop) != lines:
+        return None
     names, values = zip(*pairs)
     lowered = b"\n".join(names).lower().split(b"\n")
+    return list(zip(lowered, values)), lowered
+
+
+def _split_fields(pairs: list[tuple[bytes, bytes]], lines: int) -> Optional[tuple[list[tuple[bytes, bytes]],
+                                                                                  list[bytes]]]:
+    """What _FIELD_RE would give, from _LOOSE_FIELD_RE's matches, when there is one match per LF, every name
+    is a token and every value of visible ASCII, spaces and tabs; else None.
+
+    A match starts after an LF and ends with its line's CRLF, so one per LF means each line is one match
+    (no bare LF anywhere).  A name cannot hold the CR a match across lines would put in it; a value stops at
+    the first CR (a bare CR leaves its line unmatched).  The whitespace around a value is not in the group:
+    [ \t]* takes all before it, and the lookbehind refuses a value ending with it (left to _FIELD_RE)."""
+    if len(pairs) != lines:
+        return None
+    names, values = zip(*pairs)
+    joined = b"\n".join(names)
+    if (len(joined.translate(None, _TOKEN_BYTES)) != lines - 1            # the separators alone are left
+            or b"".join(values).translate(None, _VALUE_BYTES)):
+        return None
+    lowered = joined.lower().split(b"\n")
     return list(zip(lowered, values)), lowered
 
 

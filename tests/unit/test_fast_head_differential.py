@@ -249,6 +249,34 @@ def test_mutated_response_heads_are_declined_or_read_as_h11_reads_them(data):
     assert_h11_refusals_declined(data, h11_response(data), fast_head.parse_response)
 
 
+def strict_fields(data: bytes, start: int, stop: int):
+    """What the strict pattern alone reads from the header lines in data[start:stop]; None if it declines."""
+    pairs = fast_head._FIELD_RE.findall(data, start, stop)
+    lines = data.count(b"\r\n", start, stop)
+    if len(pairs) != lines or data.count(b"\n", start, stop) != lines:
+        return None
+    lowered = [name.lower() for name, _ in pairs]
+    return [(name, value) for name, (_, value) in zip(lowered, pairs)], lowered
+
+
+@given(mutated(request_heads()) | mutated(response_heads()))
+@example(b"GET / HTTP/1.1\r\nx-a: b \r\nx-b:\t\r\nx-c:  \r\nx-d:\r\n\r\n")
+@example(b"GET / HTTP/1.1\r\nx-a: b\rc\r\nx b: c\r\nx-c: \x7f\r\n\r\n")
+def test_the_loose_split_reads_what_the_strict_pattern_reads(data):
+    # _fields splits lines with a loose pattern and checks names and values in bulk; wherever it accepts,
+    # the strict pattern (the grammar the parsers are proved on) reads the same lines the same way.
+    start = data.find(b"\r\n") + 2
+    stop = data.find(b"\r\n\r\n") + 2
+    if start < 2 or stop < start:
+        return
+    lines = data.count(b"\n", start, stop)
+    loose = fast_head._split_fields(fast_head._LOOSE_FIELD_RE.findall(data, start, stop), lines) if lines else None
+    note_event("loose split: " + ("declined" if loose is None else "accepted"))
+    if loose is not None:
+        assert loose == strict_fields(data, start, stop)
+    assert fast_head._fields(data, start, stop) == (strict_fields(data, start, stop) if lines else ([], []))
+
+
 @pytest.mark.parametrize("vector", list(VECTORS.values()), ids=list(VECTORS))
 def test_every_smuggling_vector_goes_to_h11(vector):
     assert fast_request(vector) is None
