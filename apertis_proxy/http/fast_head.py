@@ -25,6 +25,8 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+from .heads import keeps_alive
+
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 # A value: visible ASCII with inner spaces and tabs; the optional whitespace around it is not part of it.
 _VALUE = rb"(?:[\x21-\x7e](?:[\x21-\x7e \t]*[\x21-\x7e])?)?"
@@ -47,28 +49,33 @@ RESPONSE_HEAD_LIMIT = 16 * 1024
 class FastRequest:
     """A request head as h11.Request gives it to the server: bytes, names lower-cased."""
 
-    __slots__ = ("method", "target", "http_version", "headers", "end", "length")
+    __slots__ = ("method", "target", "http_version", "headers", "end", "length", "keep_alive")
 
     def __init__(self, method: bytes, target: bytes, http_version: bytes, headers: list[tuple[bytes, bytes]],
-                 end: int, length: int) -> None:
+                 end: int, length: int, keep_alive: bool) -> None:
         self.method = method
         self.target = target
         self.http_version = http_version
         self.headers = headers
         self.end = end          # where the head ends in the bytes parsed: the body starts here
         self.length = length    # the body's Content-Length (0 without one)
+        self.keep_alive = keep_alive    # heads.keeps_alive() of the version and headers
 
 
 class FastResponse:
     """A final response head as h11.Response gives it: status, version, headers (names lower-cased)."""
 
-    __slots__ = ("status_code", "http_version", "headers", "end")
+    __slots__ = ("status_code", "http_version", "headers", "end", "keep_alive", "chunked", "length")
 
-    def __init__(self, status_code: int, http_version: bytes, headers: list[tuple[bytes, bytes]], end: int) -> None:
+    def __init__(self, status_code: int, http_version: bytes, headers: list[tuple[bytes, bytes]], end: int,
+                 keep_alive: bool = True, chunked: bool = False, length: Optional[int] = None) -> None:
         self.status_code = status_code
         self.http_version = http_version
         self.headers = headers
         self.end = end
+        self.keep_alive = keep_alive    # heads.keeps_alive() of the version and headers
+        self.chunked = chunked          # framed by `Transfer-Encoding: chunked`
+        self.length = length            # else by this Content-Length; neither: read to close
 
 
 def _fields(data: bytes, start: int, stop: int) -> Optional[tuple[list[tuple[bytes, bytes]], list[bytes]]]:
@@ -136,7 +143,8 @@ def parse_request(data: bytes, limit: int) -> Optional[FastRequest]:
     length = _content_length(names, headers)
     if length < 0:
         return None
-    return FastRequest(m.group(1), m.group(2), version, headers, end + 2, length)
+    return FastRequest(m.group(1), m.group(2), version, headers, end + 2, length,
+                       _keeps_alive(version, names, headers))
 
 
 def parse_response(data: bytes, limit: int = RESPONSE_HEAD_LIMIT) -> Optional[FastResponse]:
@@ -152,14 +160,33 @@ def parse_response(data: bytes, limit: int = RESPONSE_HEAD_LIMIT) -> Optional[Fa
         return None
     headers, names = fields
     chunked = names.count(b"transfer-encoding")
+    length: Optional[int] = None
     if chunked:
         if chunked != 1 or b"content-length" in names:
             return None
         if headers[names.index(b"transfer-encoding")][1] != b"chunked":
             return None
-    elif _content_length(names, headers) < 0:
-        return None
-    return FastResponse(int(m.group(2)), m.group(1), headers, end + 2)
+    else:
+        length = _content_length(names, headers)
+        if length < 0:
+            return None
+        if not length and b"content-length" not in names:
+            length = None
+    version = m.group(1)
+    return FastResponse(int(m.group(2)), version, headers, end + 2, _keeps_alive(version, names, headers),
+                        chunked == 1, length)
+
+
+def _keeps_alive(version: bytes, names: list[bytes], headers: list[tuple[bytes, bytes]]) -> bool:
+    """heads.keeps_alive() of a parsed head, with the Connection header found by its name in C."""
+    if version != b"1.1":
+        return False
+    count = names.count(b"connection")
+    if not count:
+        return True
+    if count == 1:
+        return headers[names.index(b"connection")][1].lower().find(b"close") < 0
+    return keeps_alive(version, headers)
 
 
 def _content_length(names: list[bytes], headers: list[tuple[bytes, bytes]]) -> int:

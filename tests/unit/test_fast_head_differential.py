@@ -28,6 +28,7 @@ from apertis_proxy.http import fast_head
 from apertis_proxy.http.heads import header_list, keeps_alive
 from apertis_proxy.http.protocol import _head_size, framing_refusal
 from apertis_proxy.http.head_check import difference, fast_reading, h11_request, h11_response
+from apertis_proxy.upstream.framing import decoder_for, framed_decoder
 from tests.support.smuggling_vectors import VECTORS
 
 settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, database=None,
@@ -163,6 +164,7 @@ def assert_request_agrees(data: bytes) -> None:
         return
     reading = fast_reading(fast)
     assert difference(reading, oracle) is None, (data, difference(reading, oracle))
+    assert fast.keep_alive == keeps_alive(fast.http_version, fast.headers)
     # The server's checks on an h11 head (size, framing as sent) that the fast path skips would pass.
     assert _head_size(fast, fast.headers) <= MAX_HEAD
     assert framing_refusal(data, False) is None
@@ -207,7 +209,17 @@ def assert_response_agrees(data: bytes) -> None:
     assert 200 <= fast.status_code < 600
     names = [name for name, _ in fast.headers]
     assert names.count(b"transfer-encoding") + names.count(b"content-length") <= 1
+    # The keep-alive and the body framing the parser read by name are what a pass over the headers reads.
+    assert fast.keep_alive == keeps_alive(fast.http_version, fast.headers)
+    framed = framed_decoder(fast.status_code, fast.chunked, fast.length)
+    full = decoder_for(fast.status_code, fast.headers)
+    assert (type(framed), vars_of(framed)) == (type(full), vars_of(full))
     assert_declined_until_whole(data, fast.end, fast_head.parse_response)
+
+
+def vars_of(decoder) -> dict:
+    return {name: getattr(decoder, name) for cls in type(decoder).__mro__
+            for name in getattr(cls, "__slots__", ()) if hasattr(decoder, name)}
 
 
 def assert_declined_until_whole(data: bytes, end: int, parse) -> None:
