@@ -68,15 +68,30 @@ def parse_body(raw: bytes) -> tuple[Any, Optional[str]]:
         return None, f"request body is not valid JSON: {exc}"
 
 
-def request_info(req: Request, resp: Responder, body: Any) -> RequestInfo:
+def request_info(req: Request, resp: Responder, body: Any,
+                 headers: Optional[dict[str, str]] = None) -> RequestInfo:
+    """The request as plugins see it; `headers`: req.header_map() when the caller has it already."""
     model = stream = None
     if isinstance(body, dict):
         m = body.get("model")
         model = m if isinstance(m, str) else None
         stream = body.get("stream") is True
-    return RequestInfo(method=req.method, path=req.path, query=req.query, headers=req.header_map(),
+    if headers is None:
+        headers = req.header_map()
+    return RequestInfo(method=req.method, path=req.path, query=req.query, headers=headers,
                        body=body if isinstance(body, dict) else None, model=model, stream=bool(stream),
                        client=req.client, request_id=resp.request_id, body_bytes=len(req.body or b""))
+
+
+def _client_version(req: Request, header_map: Mapping[str, str]) -> Optional[str]:
+    """The client's last anthropic-version header.  The map holds a single header's value as it is; a comma
+    there may be two headers joined, and then the headers themselves are read."""
+    version = header_map.get("anthropic-version")
+    if version is not None and "," in version:
+        for name, value in req.headers:
+            if name == b"anthropic-version":
+                version = value.decode("latin-1")
+    return version
 
 
 class FailedAttempt:
@@ -98,10 +113,10 @@ class FailedAttempt:
 class Forwarding:
     """One request on its way through the channels: what each attempt needs."""
 
-    __slots__ = ("req", "resp", "info", "record", "count_tokens", "owner", "notices")
+    __slots__ = ("req", "resp", "info", "record", "count_tokens", "owner", "notices", "client_version")
 
     def __init__(self, req: Request, resp: Responder, info: RequestInfo, record: UsageRecord, count_tokens: bool,
-                 owner: str, notices: Sequence[tuple[bytes, bytes]]) -> None:
+                 owner: str, notices: Sequence[tuple[bytes, bytes]], client_version: Optional[str]) -> None:
         self.req = req
         self.resp = resp
         self.info = info
@@ -109,6 +124,7 @@ class Forwarding:
         self.count_tokens = count_tokens
         self.owner = owner              # whose account-bound state an answer creates
         self.notices = notices          # response headers about the model's resolution
+        self.client_version = client_version    # the client's anthropic-version header, if any
 
 
 class MessagesForwarder:
@@ -130,14 +146,19 @@ class MessagesForwarder:
         resp.hold_end()
         try:
             decode_error = None
-            try:
-                decoded = decode_body(req.body, req.headers, self.settings.max_body_bytes)
-                if decoded is not None:
-                    req.body = decoded      # forwarded decoded: content-encoding is not sent upstream
-            except GatewayError as e:
-                decode_error = e
+            # The name -> value map plugins get, built once: what the request's own headers decide
+            # (an encoded body, the client's API version) is looked up there first.
+            header_map = req.header_map()
+            if "content-encoding" in header_map:
+                try:
+                    decoded = decode_body(req.body, req.headers, self.settings.max_body_bytes)
+                    if decoded is not None:
+                        req.body = decoded      # forwarded decoded: content-encoding is not sent upstream
+                except GatewayError as e:
+                    decode_error = e
             body, parse_error = parse_body(req.body) if decode_error is None else (None, None)
-            info = request_info(req, resp, body)
+            info = request_info(req, resp, body, header_map)
+            client_version = _client_version(req, header_map)      # before a plugin could touch the map
             caller, vouched_by = await self.plugins.authenticate(info)
             record.key_id, record.key_name = caller.key_id, caller.key_name
             if decode_error is not None:
@@ -189,7 +210,7 @@ class MessagesForwarder:
                 channels = model_policy.admit_unpriced(self.catalog.catalog, channels, info.model, caller,
                                                        self.settings.allow_unpriced, record.started_at, body)
             await self._attempt_all(Forwarding(req, resp, info, record, count_tokens, owner_of(caller),
-                                               resolved.headers), channels)
+                                               resolved.headers, client_version), channels)
         except GatewayError as e:
             record.status = e.status
             record.error_type = e.error_type
@@ -246,10 +267,7 @@ class MessagesForwarder:
 
     # -- attempts ------------------------------------------------------------
     async def _attempt_all(self, fwd: "Forwarding", channels: Sequence[Channel]) -> None:
-        client_version = None
-        for name, value in fwd.req.headers:
-            if name == b"anthropic-version":
-                client_version = value.decode("latin-1")
+        client_version = fwd.client_version
         failure: Optional[FailedAttempt] = None
         last = len(channels) - 1
         for i, channel in enumerate(channels):

@@ -548,7 +548,8 @@ class HttpConnection(asyncio.Protocol):
         self._body = []
         target = _request_target(ev.target).decode("latin-1")
         request = Request(ev.method.decode("ascii"), target, self._headers, body, self._client, ev.http_version)
-        keep_alive = keeps_alive(ev.http_version, self._headers) and not self.state.draining
+        keep_alive = (ev.keep_alive if type(ev) is fast_head.FastRequest
+                      else keeps_alive(ev.http_version, self._headers)) and not self.state.draining
         responder = Responder(self, new_request_id(), keep_alive, ev.method == b"HEAD")
         self._responder = responder
         self._cycle = _HANDLING

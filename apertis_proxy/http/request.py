@@ -31,8 +31,12 @@ class Request:
 
     def header_map(self) -> dict[str, str]:
         """Lower-case names -> values; repeated headers joined with ', '."""
-        out: dict[str, str] = {}
-        for k, v in self.headers:
+        headers = self.headers
+        out = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+        if len(out) == len(headers):
+            return out
+        out = {}        # a name repeated: its values joined, in order
+        for k, v in headers:
             key = k.decode("latin-1")
             val = v.decode("latin-1")
             out[key] = out[key] + ", " + val if key in out else val

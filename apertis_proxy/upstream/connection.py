@@ -39,7 +39,7 @@ from ..deadline import Deadline
 from ..flow_control import SMALL_WRITE, FlowControl
 from ..http import fast_head, head_check
 from ..http.heads import header_list, keeps_alive
-from .framing import BodyDecoder, FramingError, decoder_for
+from .framing import BodyDecoder, FramingError, decoder_for, framed_decoder
 
 _QUEUE_HIGH_WATER = 256 * 1024
 # Interim (1xx) responses read before the final one; a real upstream sends
@@ -56,6 +56,7 @@ _SENT_REQUEST = h11.Request(method=b"POST", target=b"/", headers=[(b"host", b"up
 # The methods send_request writes: their answers are framed as the body
 # decoder expects (a HEAD answer has no body: the decoder would wait for one).
 _FORWARDED_METHODS = frozenset((b"POST", b"GET", b"DELETE"))
+_FIELD_LINE = b": ".join       # (name, value) -> b"name: value"
 
 
 class Phase(enum.Enum):
@@ -203,8 +204,9 @@ class UpstreamConnection(asyncio.Protocol):
             etype = type(event)
             if etype is h11.Response:
                 fast_head.COUNTS.response_h11 += 1
-                self._on_head(event.status_code, event.http_version, header_list(event.headers),
-                              conn.trailing_data[0])
+                headers = header_list(event.headers)
+                self._on_head(event.status_code, headers, conn.trailing_data[0],
+                              keeps_alive(event.http_version, headers), decoder_for(event.status_code, headers))
                 return
             if etype is h11.ConnectionClosed:
                 return
@@ -225,13 +227,16 @@ class UpstreamConnection(asyncio.Protocol):
         if self.fast_heads_check:
             head_check.check("response", event, head_check.h11_response(data))
         end = event.end
-        self._on_head(event.status_code, event.http_version, event.headers, data[end:] if end < len(data) else b"")
+        # The parser found the framing and the Connection header by name: no pass over the headers here.
+        self._on_head(event.status_code, event.headers, data[end:] if end < len(data) else b"", event.keep_alive,
+                      framed_decoder(event.status_code, event.chunked, event.length))
         return True
 
-    def _on_head(self, status: int, http_version: bytes, headers: list[tuple[bytes, bytes]], rest: bytes) -> None:
+    def _on_head(self, status: int, headers: list[tuple[bytes, bytes]], rest: bytes, keep_alive: bool,
+                 decoder: BodyDecoder) -> None:
         self._head = ResponseHead(status, headers)
-        self._keep_alive = keeps_alive(http_version, headers)
-        self._decoder = decoder_for(status, headers)
+        self._keep_alive = keep_alive
+        self._decoder = decoder
         self._phase = _READING_BODY
         # The body is framed by hand from here: let h11's state go for the
         # rest of a possibly long stream (recycle() makes a fresh one).
@@ -309,17 +314,15 @@ class UpstreamConnection(asyncio.Protocol):
         by h11, the gateway's own by gateway.headers."""
         if method not in _FORWARDED_METHODS:
             raise UpstreamError("only POST, GET and DELETE requests are forwarded", "send")
-        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-        for name, value in headers:
-            parts.append(name + b": " + value + b"\r\n")
         if self.closed or self.transport is None:
             raise UpstreamError("upstream connection closed before the request was sent", "send")
-        parts.append(b"\r\n")
+        # Each header line joined in C (b": ".join of the pair): no Python step per header.
+        head = (method, b" ", target, b" HTTP/1.1\r\n", b"\r\n".join(map(_FIELD_LINE, headers)),
+                b"\r\n\r\n" if headers else b"\r\n")
         if len(body) < SMALL_WRITE:
-            parts.append(body)
-            self.transport.write(b"".join(parts))
+            self.transport.write(b"".join((*head, body)))
         else:
-            self.transport.writelines((b"".join(parts), body))
+            self.transport.writelines((b"".join(head), body))
         self._phase = _AWAITING_HEAD
 
     async def read_head(self, timeout: float) -> ResponseHead:

@@ -237,6 +237,15 @@ def decoder_for(status: int, headers: list[tuple[bytes, bytes]]) -> BodyDecoder:
             return CloseDecoder()
         if name == b"content-length":
             length = int(value)     # h11 already validated it
+    return framed_decoder(status, False, length)
+
+
+def framed_decoder(status: int, chunked: bool, length: Optional[int]) -> BodyDecoder:
+    """decoder_for() of a head whose framing is known: chunked, or a Content-Length, or neither."""
+    if status < 200 or status in (204, 304):
+        return LengthDecoder(0)
+    if chunked:
+        return ChunkedDecoder()
     if length is not None:
         return LengthDecoder(length)
     return CloseDecoder()

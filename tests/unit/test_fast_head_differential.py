@@ -28,6 +28,7 @@ from apertis_proxy.http import fast_head
 from apertis_proxy.http.heads import header_list, keeps_alive
 from apertis_proxy.http.protocol import _head_size, framing_refusal
 from apertis_proxy.http.head_check import difference, fast_reading, h11_request, h11_response
+from apertis_proxy.upstream.framing import decoder_for, framed_decoder
 from tests.support.smuggling_vectors import VECTORS
 
 settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, database=None,
@@ -163,6 +164,7 @@ def assert_request_agrees(data: bytes) -> None:
         return
     reading = fast_reading(fast)
     assert difference(reading, oracle) is None, (data, difference(reading, oracle))
+    assert fast.keep_alive == keeps_alive(fast.http_version, fast.headers)
     # The server's checks on an h11 head (size, framing as sent) that the fast path skips would pass.
     assert _head_size(fast, fast.headers) <= MAX_HEAD
     assert framing_refusal(data, False) is None
@@ -207,7 +209,17 @@ def assert_response_agrees(data: bytes) -> None:
     assert 200 <= fast.status_code < 600
     names = [name for name, _ in fast.headers]
     assert names.count(b"transfer-encoding") + names.count(b"content-length") <= 1
+    # The keep-alive and the body framing the parser read by name are what a pass over the headers reads.
+    assert fast.keep_alive == keeps_alive(fast.http_version, fast.headers)
+    framed = framed_decoder(fast.status_code, fast.chunked, fast.length)
+    full = decoder_for(fast.status_code, fast.headers)
+    assert (type(framed), vars_of(framed)) == (type(full), vars_of(full))
     assert_declined_until_whole(data, fast.end, fast_head.parse_response)
+
+
+def vars_of(decoder) -> dict:
+    return {name: getattr(decoder, name) for cls in type(decoder).__mro__
+            for name in getattr(cls, "__slots__", ()) if hasattr(decoder, name)}
 
 
 def assert_declined_until_whole(data: bytes, end: int, parse) -> None:
@@ -247,6 +259,34 @@ def test_valid_response_heads_read_as_h11_reads_them(data):
 def test_mutated_response_heads_are_declined_or_read_as_h11_reads_them(data):
     assert_response_agrees(data)
     assert_h11_refusals_declined(data, h11_response(data), fast_head.parse_response)
+
+
+def strict_fields(data: bytes, start: int, stop: int):
+    """What the strict pattern alone reads from the header lines in data[start:stop]; None if it declines."""
+    pairs = fast_head._FIELD_RE.findall(data, start, stop)
+    lines = data.count(b"\r\n", start, stop)
+    if len(pairs) != lines or data.count(b"\n", start, stop) != lines:
+        return None
+    lowered = [name.lower() for name, _ in pairs]
+    return [(name, value) for name, (_, value) in zip(lowered, pairs)], lowered
+
+
+@given(mutated(request_heads()) | mutated(response_heads()))
+@example(b"GET / HTTP/1.1\r\nx-a: b \r\nx-b:\t\r\nx-c:  \r\nx-d:\r\n\r\n")
+@example(b"GET / HTTP/1.1\r\nx-a: b\rc\r\nx b: c\r\nx-c: \x7f\r\n\r\n")
+def test_the_loose_split_reads_what_the_strict_pattern_reads(data):
+    # _fields splits lines with a loose pattern and checks names and values in bulk; wherever it accepts,
+    # the strict pattern (the grammar the parsers are proved on) reads the same lines the same way.
+    start = data.find(b"\r\n") + 2
+    stop = data.find(b"\r\n\r\n") + 2
+    if start < 2 or stop < start:
+        return
+    lines = data.count(b"\n", start, stop)
+    loose = fast_head._split_fields(fast_head._LOOSE_FIELD_RE.findall(data, start, stop), lines) if lines else None
+    note_event("loose split: " + ("declined" if loose is None else "accepted"))
+    if loose is not None:
+        assert loose == strict_fields(data, start, stop)
+    assert fast_head._fields(data, start, stop) == (strict_fields(data, start, stop) if lines else ([], []))
 
 
 @pytest.mark.parametrize("vector", list(VECTORS.values()), ids=list(VECTORS))
