@@ -103,7 +103,7 @@ def _cost_text(cost: Optional[float]) -> str:
 def _millis_text(micros: int) -> str:
     """Microseconds as milliseconds with three decimals (integer arithmetic, no float formatting)."""
     millis = micros // 1000
-    return (_SMALL[millis] if millis < 4096 else str(millis)) + "." + THOUSANDTHS[micros % 1000]
+    return (_SMALL[millis] if 0 <= millis < 4096 else str(millis)) + "." + THOUSANDTHS[micros % 1000]
 
 
 class AccessLog:
