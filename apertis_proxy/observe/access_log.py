@@ -27,7 +27,7 @@ import orjson
 
 from ..errors import error_type_for
 from ..plugin_api import UsageRecord
-from .logs import Clock
+from .logs import THOUSANDTHS, Clock
 
 LOGGER = "apertis_proxy.access"
 _LOGGER = LOGGER.encode()
@@ -83,7 +83,8 @@ def _json_template(method: Optional[str], path: Optional[str], status: int, r: U
             ',"cache_creation_input_tokens":', ',"cost":', "}\n")
 
 
-# Token counts and costs as text (the same in JSON): most are small, or recur.
+# Numbers as text (the same in JSON), from tables: token counts and whole milliseconds are mostly
+# small (a fraction of a millisecond is logs.THOUSANDTHS).
 _SMALL = [str(n) for n in range(4096)]
 _costs: dict[Optional[float], str] = {}
 
@@ -99,16 +100,22 @@ def _cost_text(cost: Optional[float]) -> str:
     return text
 
 
+def _millis_text(micros: int) -> str:
+    """Microseconds as milliseconds with three decimals (integer arithmetic, no float formatting)."""
+    millis = micros // 1000
+    return (_SMALL[millis] if 0 <= millis < 4096 else str(millis)) + "." + THOUSANDTHS[micros % 1000]
+
+
 class AccessLog:
     def __init__(self, fmt: str) -> None:
         self.json = fmt == "json"
-        self._clock = Clock(utc=self.json)
         # The request path only notes the facts (one tuple: perf_counter time, seconds,
         # status, method, path, client, request id, usage record or None); lines are
         # formatted and written together, every FLUSH_INTERVAL seconds.
         self._pending: list[tuple] = []
         self._timer: Optional[asyncio.TimerHandle] = None
-        self._templates: dict[tuple, str] = {}
+        self._templates: dict[tuple, tuple[str, ...]] = {}
+        self._stamp = Clock(utc=self.json).at_millis
 
     def __call__(self, entry: tuple) -> None:
         pending = self._pending
@@ -124,14 +131,16 @@ class AccessLog:
         record = UsageRecord(request_id=request_id, started_at=0.0, endpoint="", error_type=error_type)
         self((time.perf_counter(), 0.0, status, method, path, client, request_id, record))
 
-    def lines(self, entries: list[tuple]) -> list[bytes]:
-        """The log lines of noted requests."""
-        clock, dumps, as_json, small = self._clock, orjson.dumps, self.json, _SMALL
+    def lines(self, entries: list[tuple]) -> bytes:
+        """The log lines of noted requests, as one block of bytes: the pieces of every line
+        gathered into one list, joined and encoded once."""
+        dumps, as_json, small = orjson.dumps, self.json, _SMALL
         template, templates = (_json_template if as_json else _text_template), self._templates
         no_ttfb = "null" if as_json else "-"
+        stamp, last_millis = self._stamp, -1
         to_wall = time.time() - time.perf_counter()
-        stamp, last_millis = "", -1
-        out = []
+        out: list[str] = []
+        extend = out.extend
         for when, seconds, status, method, path, client, request_id, r in entries:
             r = r or _NO_USAGE
             # What the line of this kind of request says besides the figures: its template's key.
@@ -147,23 +156,24 @@ class AccessLog:
                     templates[kind] = pieces
             millis = int((when + to_wall) * 1000)
             if millis != last_millis:
-                stamp, last_millis = clock(millis / 1000), millis
+                last_millis = millis
+                time_text = stamp(millis)
             if as_json:
                 request_id, client = dumps(request_id).decode(), dumps(client).decode()
             ttfb = r.ttfb_ms
-            micros = int(seconds * 1_000_000)
             n_in, n_out, n_read, n_write = (r.input_tokens, r.output_tokens, r.cache_read_input_tokens,
                                             r.cache_creation_input_tokens)
             p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10 = pieces
-            out.append("".join((
-                p0, stamp, p1, request_id, p2, client, p3, no_ttfb if ttfb is None else repr(ttfb),
-                p4, f"{micros // 1000}.{micros % 1000:03d}",
+            extend((
+                p0, time_text, p1, request_id, p2, client, p3,
+                no_ttfb if ttfb is None else _millis_text(round(ttfb * 1000)),
+                p4, _millis_text(int(seconds * 1_000_000)),
                 p5, small[n_in] if 0 <= n_in < 4096 else str(n_in),
                 p6, small[n_out] if 0 <= n_out < 4096 else str(n_out),
                 p7, small[n_read] if 0 <= n_read < 4096 else str(n_read),
                 p8, small[n_write] if 0 <= n_write < 4096 else str(n_write),
-                p9, _cost_text(r.cost), p10)).encode())
-        return out
+                p9, _costs.get(r.cost) or _cost_text(r.cost), p10))
+        return "".join(out).encode()
 
     def flush(self) -> None:
         if self._timer is not None:
@@ -189,17 +199,16 @@ class AccessLog:
         self.flush()
 
 
-def _chunks(lines: list[bytes]) -> list[bytes]:
-    """Whole lines joined into pieces of at most PIPE_BUF bytes (a longer line alone)."""
+def _chunks(data: bytes) -> list[bytes]:
+    """Whole lines of `data` in pieces of at most PIPE_BUF bytes (a longer line alone)."""
     chunks: list[bytes] = []
-    current: list[bytes] = []
-    size = 0
-    for line in lines:
-        if current and size + len(line) > PIPE_BUF:
-            chunks.append(b"".join(current))
-            current, size = [], 0
-        current.append(line)
-        size += len(line)
-    if current:
-        chunks.append(b"".join(current))
+    start, size = 0, len(data)
+    while size - start > PIPE_BUF:
+        cut = data.rfind(b"\n", start, start + PIPE_BUF) + 1     # after the last line that fits
+        if cut <= start:                                          # a line longer than PIPE_BUF
+            cut = data.index(b"\n", start + PIPE_BUF) + 1
+        chunks.append(data[start:cut])
+        start = cut
+    if start < size:
+        chunks.append(data[start:])
     return chunks

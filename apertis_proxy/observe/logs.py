@@ -16,6 +16,10 @@ import orjson
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# The milliseconds of a timestamp, as three digits.
+THOUSANDTHS = [f"{n:03d}" for n in range(1000)]
+
+
 class Clock:
     """Timestamps with milliseconds, the seconds part formatted once per second: RFC 3339 in UTC
     (2026-12-05T09:30:00.123Z, the JSON format's) or local time as logging's text format writes it
@@ -31,16 +35,19 @@ class Clock:
         self._stamp = ""
 
     def __call__(self, t: float) -> str:
-        millis = int(t * 1000)
+        return self.at_millis(int(t * 1000))
+
+    def at_millis(self, millis: int) -> str:
+        """The timestamp of a time in whole milliseconds since the epoch."""
         if millis == self._millis:          # busy: several lines in one millisecond
             return self._stamp
         self._millis = millis
         second = millis // 1000
         if second != self._second:
             self._second = second
-            self._prefix = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) if self._utc
-                            else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
-        self._stamp = ("%s.%03dZ" if self._utc else "%s,%03d") % (self._prefix, millis % 1000)
+            self._prefix = (time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)) if self._utc
+                            else time.strftime("%Y-%m-%d %H:%M:%S,", time.localtime(second)))
+        self._stamp = self._prefix + THOUSANDTHS[millis % 1000] + ("Z" if self._utc else "")
         return self._stamp
 
 

@@ -77,19 +77,15 @@ class Histogram:
         counts[-1] += value
 
 
-class Cycle:
-    """One request while it runs: what the hooks learn about it before it ends."""
-
-    __slots__ = ("t0", "stream", "record", "outcomes", "failed_status_channel")
-
-    def __init__(self, t0: float) -> None:
-        self.t0 = t0
-        self.stream = False
-        self.outcomes = 0
-        self.record: Optional[UsageRecord] = None
-        # The channel of the last attempt that got an error status: `failover`
-        # if another attempt follows, `status` if the request ends there.
-        self.failed_status_channel: Optional[str] = None
+# One request while it runs, what the hooks learn about it before it ends: a list (a list display
+# costs a fraction of a constructor call, and begin() is on every request's path), indexed
+#   0 T0        perf_counter time of begin()
+#   1 STREAM    True once routed() saw a stream (it counts in streams_open until end())
+#   2 OUTCOMES  attempts with an outcome so far
+#   3 RECORD    the UsageRecord finished() saw, or None
+#   4 FAILED    the channel of the last attempt that got an error status: `failover` if
+#               another attempt follows, `status` if the request ends there; or None
+Cycle = list
 
 
 class Shape:
@@ -137,7 +133,7 @@ class Recorder:
 
     # -- hooks on the request path --------------------------------------------
     def begin(self, request_id: str) -> Cycle:
-        cycle = self.cycles[request_id] = Cycle(_clock())
+        cycle = self.cycles[request_id] = [_clock(), False, 0, None, None]
         self.in_flight += 1
         return cycle
 
@@ -145,8 +141,8 @@ class Recorder:
         """A request about to go upstream: a stream is open from here to its end."""
         if info.stream and self.count and info.path == "/v1/messages":
             cycle = self.cycles.get(info.request_id)
-            if cycle is not None and not cycle.stream:
-                cycle.stream = True
+            if cycle is not None and not cycle[1]:      # STREAM
+                cycle[1] = True
                 self.streams_open += 1
 
     def attempt(self, outcome: Outcome) -> None:
@@ -155,10 +151,10 @@ class Recorder:
         channel = outcome.channel.name
         cycle = self.cycles.get(outcome.request_id)
         if cycle is not None:
-            cycle.outcomes += 1
-            if cycle.failed_status_channel is not None:
-                self._count_attempt(cycle.failed_status_channel, "failover")
-                cycle.failed_status_channel = None
+            cycle[2] += 1                                   # OUTCOMES
+            if cycle[4] is not None:                        # FAILED
+                self._count_attempt(cycle[4], "failover")
+                cycle[4] = None
         if outcome.ok:
             ok = self._ok_attempts.get(channel)
             if ok is None:
@@ -171,7 +167,7 @@ class Recorder:
             return
         label = outcome_label(outcome)
         if label == "status" and cycle is not None:
-            cycle.failed_status_channel = channel
+            cycle[4] = channel                              # FAILED
         else:
             self._count_attempt(channel, label)
         self.upstream_duration.observe((channel,), outcome.duration)
@@ -179,54 +175,50 @@ class Recorder:
     def finished(self, record: UsageRecord) -> None:
         cycle = self.cycles.get(record.request_id)
         if cycle is not None:
-            cycle.record = record
+            cycle[3] = record                               # RECORD
 
     def end(self, request_id: str, cycle: Cycle, req: Any, resp: Any) -> None:
         """The request is over: count it once, with what the hooks learned."""
         now = _clock()
-        seconds = now - cycle.t0
+        t0, stream, outcomes, record, failed = cycle
+        seconds = now - t0
         self.cycles.pop(request_id, None)
         self.in_flight -= 1
-        record = cycle.record
         path = req.path
         status = (resp.status if record is None else record.status or resp.status) or 500
         if self.count:
-            self._count(cycle, record, path, status, seconds)
+            endpoint = path if path in ENDPOINTS else endpoint_label(path)     # a bounded set, unlike paths
+            if record is None:
+                fact = (endpoint, None, None, status, stream, None)
+            else:
+                fact = (endpoint, record.requested_model, record.channel_name, status, stream,
+                        record.key_name if self.per_key else None)
+            shape = self._shapes.get(fact)
+            if shape is None:
+                shape = self._shape(fact, record)
+            shape.requests[0] += 1
+            counts = shape.duration
+            counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+            counts[-1] += seconds
+            if record is not None:
+                usage = shape.usage
+                usage[0] += record.input_tokens                     # type: ignore[index]
+                usage[1] += record.output_tokens                    # type: ignore[index]
+                usage[2] += record.cache_read_input_tokens          # type: ignore[index]
+                usage[3] += record.cache_creation_input_tokens      # type: ignore[index]
+                if record.cost:
+                    usage[4] += round(record.cost / COST_UNIT)      # type: ignore[index]
+                if record.attempts > outcomes and record.channel_name:
+                    # The client left while this channel was answering: no outcome came.
+                    self._count_attempt(record.channel_name, "abandoned")
+                if stream and record.ttfb_ms is not None:
+                    self.ttfb.observe((record.channel_name or NONE,), record.ttfb_ms / 1000)
+            if stream:
+                self.streams_open -= 1
+            if failed is not None:
+                self._count_attempt(failed, "status")
         if self.on_end is not None:
             self.on_end((now, seconds, status, req.method, path, req.client, request_id, record))
-
-    def _count(self, cycle: Cycle, record: Optional[UsageRecord], path: str, status: int, seconds: float) -> None:
-        stream = cycle.stream
-        endpoint = path if path in ENDPOINTS else endpoint_label(path)     # a bounded set, unlike paths
-        if record is None:
-            fact = (endpoint, None, None, status, stream, None)
-        else:
-            fact = (endpoint, record.requested_model, record.channel_name, status, stream,
-                    record.key_name if self.per_key else None)
-        shape = self._shapes.get(fact)
-        if shape is None:
-            shape = self._shape(fact, record)
-        shape.requests[0] += 1
-        counts = shape.duration
-        counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
-        counts[-1] += seconds
-        if record is not None:
-            usage = shape.usage
-            usage[0] += record.input_tokens                     # type: ignore[index]
-            usage[1] += record.output_tokens                    # type: ignore[index]
-            usage[2] += record.cache_read_input_tokens          # type: ignore[index]
-            usage[3] += record.cache_creation_input_tokens      # type: ignore[index]
-            if record.cost:
-                usage[4] += round(record.cost / COST_UNIT)      # type: ignore[index]
-            if record.attempts > cycle.outcomes and record.channel_name:
-                # The client left while this channel was answering: no outcome came.
-                self._count_attempt(record.channel_name, "abandoned")
-            if stream and record.ttfb_ms is not None:
-                self.ttfb.observe((record.channel_name or NONE,), record.ttfb_ms / 1000)
-        if stream:
-            self.streams_open -= 1
-        if cycle.failed_status_channel is not None:
-            self._count_attempt(cycle.failed_status_channel, "status")
 
     def refused(self, reason: str, status: int) -> None:
         """A request the HTTP layer refused before the gateway saw it (no begin/end)."""

@@ -92,14 +92,18 @@ class WorkerShare:
         self._take_snapshot = take_snapshot
         self.interval = interval
         self._task: Optional[asyncio.Task] = None
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
+        # The flag, not only the cancellation, ends the loop: Python 3.11's wait_for (the readiness check
+        # inside a snapshot) can swallow a cancellation that arrives as its inner call completes.
+        while not self._stopping:
             await asyncio.sleep(self.interval)
-            await self.write()
+            if not self._stopping:
+                await self.write()
 
     async def write(self) -> None:
         try:
@@ -111,12 +115,12 @@ class WorkerShare:
         return read_others(self.run_dir, self.pid)
 
     async def close(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({self._task})
+            if not self._task.cancelled() and self._task.exception() is not None:
+                log.error("sharing this worker's metrics failed: %r", self._task.exception())
             self._task = None
         await self.write()
         mark_dead(self.run_dir, self.pid)
