@@ -51,6 +51,7 @@ class Limiter:
         # process may use on its own while the store cannot be reached.
         self.holders = 1
         self._unreleased: list[tuple] = []
+        self._forgotten: list[tuple[int, str, float]] = []     # (key id, request id, until): see _forget
         self._releasing: set[asyncio.Task] = set()
         self._leased = False        # the lease was taken once: a lapse from now on is worth a warning
         self._task: Optional[asyncio.Task] = None
@@ -94,9 +95,11 @@ class Limiter:
             decision = await self.admissions.admit(limits, request_id, self.holder, bound_cost, bound_tokens)
         except asyncio.CancelledError:
             # The request is gone; the store may still have admitted it: forget it there.
-            self._later(limits.key_id, request_id, 0.0, 0, True)
+            self._forget(limits.key_id, request_id)
             raise
         except Exception as exc:
+            # A statement cut off by its timeout may still commit after it: forget it there too.
+            self._forget(limits.key_id, request_id)
             if not unavailable(exc):
                 raise
             raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
@@ -125,6 +128,19 @@ class Limiter:
         """Wait for the releases made with release_soon() so far."""
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
+
+    def _forget(self, key_id: int, request_id: str) -> None:
+        """An admission the caller never got: released now, and again on every renewal for a lease's
+        time, since a statement the store received may commit after the caller stopped waiting."""
+        self._later(key_id, request_id, 0.0, 0, True)
+        until = asyncio.get_running_loop().time() + self.lease_seconds
+        self._forgotten.append((key_id, request_id, until))
+
+    async def _release_forgotten(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for key_id, request_id, _ in self._forgotten:
+            await self.admissions.release(key_id, request_id, 0.0, 0, True)
+        self._forgotten = [entry for entry in self._forgotten if entry[2] > now]
 
     def _later(self, *args) -> None:
         """A release to make (again) from the renewal loop (a retry is harmless: it finds nothing)."""
@@ -167,6 +183,7 @@ class Limiter:
                 if loop.time() >= due:
                     await self._renew()
                     due = loop.time() + interval
+                    await self._release_forgotten()
                 await self._retry_releases()
             except Exception as exc:  # noqa: BLE001 - retried next interval
                 self.log.error("could not renew the limits lease (%s); retrying", exc)

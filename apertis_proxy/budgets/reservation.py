@@ -11,8 +11,9 @@ included).  Input: every byte of the request body counts as one token (no
 tokenizer gives more tokens than bytes of text, and base64 images and
 documents are far larger than their tokens), plus what the API adds that the
 body does not show: the tool-use system prompt and the definitions of typed
-tools (TOOL_PROMPT_TOKENS, TYPED_TOOL_TOKENS), and IMAGE_TOKENS for an image
-given by URL or file id.  A document given by URL or file id, or MCP servers
+tools (TOOL_PROMPT_TOKENS, TYPED_TOOL_TOKENS), and IMAGE_TOKENS for every image
+(a small or well-compressed one has more tokens than bytes).  A PDF (its pages
+are tokens of their own), a document given by URL or file id, or MCP servers
 whose tools the API fetches, can be as large as the context window: the input
 is then bounded by the model's ``max_input_tokens``
 (DEFAULT_CONTEXT_TOKENS when the catalogue has none).
@@ -22,7 +23,8 @@ of input and ``max_tokens`` of output: a server-side tool loop (web search,
 web fetch, code execution, tool search, MCP; the API pauses it with
 ``pause_turn`` after SERVER_LOOP_TURNS turns), an advisor tool's calls (up to
 its ``max_uses``), each fallback model, and a compaction.  Fast mode, the
-inference geo and service tiers multiply the cost; web searches add their
+inference geo (the dearest: upstream may apply a workspace's default) and
+service tiers multiply the cost; web searches add their
 per-search fee up to each tool's ``max_uses`` (SERVER_LOOP_TURNS without one).
 
 Such bounds are large on purpose: near the end of a quota, a request whose
@@ -43,6 +45,8 @@ DEFAULT_CONTEXT_TOKENS = 1_000_000
 TOOL_PROMPT_TOKENS = 1_000      # the system prompt the API adds when tools are given
 TYPED_TOOL_TOKENS = 1_000       # a typed tool's definition (bash, computer, text editor...)
 IMAGE_TOKENS = 5_000            # an image after the API's resizing, at most
+MAX_USES = 1_000                # a tool's max_uses counts up to this (more is not a bound, it is bad input)
+MAX_BOUND_TOKENS = 2 ** 53      # the stores keep bounds as 64-bit integers and doubles
 _INPUT_RATES = ("input", "cache_write_5m", "cache_write_1h", "cache_read")
 _CLIENT_TOOL_PREFIXES = ("custom", "bash_", "text_editor_", "computer_", "memory_")
 
@@ -94,9 +98,9 @@ def request_bound(catalog: Catalog, entries: Sequence[ModelEntry], body: Optiona
     shape = _shape(body, body_bytes)
     named = [e for e in (catalog.lookup(m) for m in shape.models) if e is not None]
     everyone = [*entries, *named]
-    context = max((e.max_input_tokens for e in everyone if e.max_input_tokens), default=DEFAULT_CONTEXT_TOKENS)
+    context = max((e.max_input_tokens or DEFAULT_CONTEXT_TOKENS for e in everyone), default=DEFAULT_CONTEXT_TOKENS)
     first_input = max(shape.input, context) if shape.opaque else shape.input
-    tokens = first_input + shape.output + shape.turns * (context + shape.output)
+    tokens = min(MAX_BOUND_TOKENS, first_input + shape.output + shape.turns * (context + shape.output))
     rows = [(e, row) for e in everyone if (row := e.price_at(at)) is not None]
     if not rows or not isinstance(body, Mapping):
         return Bound(0.0, tokens)
@@ -106,7 +110,7 @@ def request_bound(catalog: Catalog, entries: Sequence[ModelEntry], body: Optiona
     cost *= _multiplier(catalog, [e for e, _ in rows], body)
     if shape.searches and catalog.rates.web_search_per_request is not None:
         cost += shape.searches * catalog.rates.web_search_per_request
-    return Bound(float(cost), tokens)
+    return Bound(min(float(cost), float(MAX_BOUND_TOKENS)), tokens)
 
 
 def _turn_cost(row, input_tokens: int, output_tokens: int) -> Decimal:
@@ -125,9 +129,8 @@ def _multiplier(catalog: Catalog, entries: Sequence[ModelEntry], body: Mapping[s
     factor = max((Decimal(1), *catalog.rates.service_tiers.values()))
     if body.get("speed") == "fast":
         factor *= max((Decimal(1), *(e.fast_multiplier for e in entries if e.fast_multiplier is not None)))
-    geo = body.get("inference_geo")
-    if isinstance(geo, str):
-        factor *= max((Decimal(1), *(e.geo_multipliers[geo] for e in entries if geo in e.geo_multipliers)))
+    # Any geo's: the one upstream reports (a workspace's default) is billed, whether the body names one or not.
+    factor *= max((Decimal(1), *(m for e in entries for m in e.geo_multipliers.values())))
     return factor
 
 
@@ -136,7 +139,7 @@ def _shape(body: Optional[Mapping[str, Any]], body_bytes: int) -> _Shape:
     if not isinstance(body, Mapping):
         return shape
     max_tokens = body.get("max_tokens")
-    shape.output = max_tokens if type(max_tokens) is int and max_tokens > 0 else 0
+    shape.output = min(max_tokens, MAX_BOUND_TOKENS) if type(max_tokens) is int and max_tokens > 0 else 0
     models: list[str] = []
     loop = False
     tools = body.get("tools")
@@ -147,7 +150,7 @@ def _shape(body: Optional[Mapping[str, Any]], body_bytes: int) -> _Shape:
                 continue
             kind = tool.get("type")
             uses = tool.get("max_uses")
-            uses = uses if type(uses) is int and uses > 0 else SERVER_LOOP_TURNS
+            uses = min(uses, MAX_USES) if type(uses) is int and uses > 0 else SERVER_LOOP_TURNS
             if isinstance(tool.get("model"), str):          # an advisor: its own calls, at its model
                 models.append(tool["model"])
                 shape.turns += uses
@@ -179,8 +182,8 @@ def _shape(body: Optional[Mapping[str, Any]], body_bytes: int) -> _Shape:
 
 
 def _sources(blocks: Any, shape: _Shape) -> int:
-    """Images given by URL or file id among `blocks` (messages, content, tool results);
-    a document given so marks the shape opaque."""
+    """Images among `blocks` (messages, content, tool results, documents' content); a PDF or a
+    document given by URL or file id marks the shape opaque."""
     images = 0
     if not isinstance(blocks, list):
         return 0
@@ -190,12 +193,13 @@ def _sources(blocks: Any, shape: _Shape) -> int:
         content = block.get("content")
         if isinstance(content, list):
             images += _sources(content, shape)
+        kind = block.get("type")
         source = block.get("source")
-        if isinstance(source, Mapping) and source.get("type") in ("url", "file"):
-            if block.get("type") == "image":
-                images += 1
-            else:
-                shape.opaque = True
-        elif block.get("type") == "container_upload":
-            shape.opaque = True
+        if kind == "image":
+            images += 1             # a small or well-compressed image has more tokens than bytes
+        elif kind == "container_upload" or (kind == "document" and isinstance(source, Mapping)
+                                            and source.get("type") in ("url", "file", "base64")):
+            shape.opaque = True     # a PDF's pages are tokens of their own, whatever its size
+        if isinstance(source, Mapping) and isinstance(source.get("content"), list):
+            images += _sources(source["content"], shape)
     return images

@@ -10,7 +10,7 @@
   unpriced models (setting `allow_unpriced`, or channel option of that name);
   even then a key with a USD quota is refused, since its spend cannot be counted.
   The same holds for fast mode on a model without a fast-mode price and for a
-  model named by a tool (an advisor) that has no price.
+  model named by a tool (an advisor) or a fallback that has no price.
 """
 from __future__ import annotations
 
@@ -82,13 +82,12 @@ def pinned(catalog: Catalog, channels: Sequence[Channel], name: Optional[str], n
 
 def billed_extras(body) -> tuple[bool, tuple[str, ...]]:
     """What a request body asks for that is priced apart from its model's token rates:
-    fast mode (`speed: "fast"`), and the models its tools name (an advisor's model is billed
-    at its own rates)."""
+    fast mode (`speed: "fast"`), and the models its tools and fallbacks name (an advisor's or
+    a fallback's turns are billed at that model's rates)."""
     if not isinstance(body, dict):
         return False, ()
-    tools = body.get("tools")
-    named = tuple(t["model"] for t in tools if isinstance(t, dict) and isinstance(t.get("model"), str)) \
-        if isinstance(tools, list) else ()
+    named = tuple(m for entries in (body.get("tools"), body.get("fallbacks")) if isinstance(entries, list)
+                  for m in (e.get("model") for e in entries if isinstance(e, dict)) if isinstance(m, str))
     return body.get("speed") == "fast", named
 
 
@@ -103,7 +102,7 @@ def _unpriced_part(catalog: Catalog, upstream: Optional[str], model: Optional[st
     for name in tool_models:
         tool_entry = catalog.lookup(name)
         if tool_entry is None or tool_entry.price_at(now) is None:
-            return f"tools: model {name} has no price in this gateway's catalogue"
+            return f"model {name}, named by a tool or a fallback, has no price in this gateway's catalogue"
     return None
 
 

@@ -20,6 +20,7 @@ from apertis_proxy.store.admissions import STALE_LEASE_SECONDS, Limits, admit_st
 from apertis_proxy.store.service import StoreUnavailable
 from tests.ops.test_admissions_store import admit, lease, new_key, opened, release
 from tests.support.pg_server import SUPERUSER, PgServer, PgUnavailable
+from tests.support.processes import wait_for
 
 
 def rows(url: str) -> list[tuple]:
@@ -376,5 +377,34 @@ async def test_the_limiter_warns_once_when_its_lease_lapsed(tmp_path, caplog):
         assert len(lapses) == 1, caplog.records
         assert await limiter.admissions.in_flight(key.key_id) == (1, 0.0)      # r1 counts again
     finally:
+        await limiter.close()
+        await store.close()
+
+
+async def test_an_admission_cut_off_by_its_timeout_is_forgotten_if_it_committed(pg_url):
+    """The statement's timer ends the connection, but the server may still commit the admission (here once the
+    key's lock it waited for is free): the limiter releases it, so the slot does not stay taken for good."""
+    import asyncpg
+
+    from apertis_proxy.store.pg_admissions import ADMISSION_LOCK
+    key = Limits(new_key(pg_url, "k"), concurrency=1)
+    store = await service.open_store(pg_url)
+    limiter = Limiter(store, lease_seconds=1.5)         # renewed, and the forgotten released again, every 0.5 s
+    await limiter.start()
+    blocker = await asyncpg.connect(pg_url)
+    try:
+        limiter.admissions.timeout = 0.3
+        async with blocker.transaction():
+            await blocker.execute("SELECT pg_advisory_xact_lock($1)", (ADMISSION_LOCK << 32) | key.key_id)
+            with pytest.raises(StoreUnavailable):
+                await limiter.admit(key, "cut-off", 0.0, 0)
+            await asyncio.sleep(0.2)
+        # The server got the lock and committed after the limiter gave up; the limiter releases it again.
+        async def forgotten() -> bool:
+            return not any(r[0] == "cut-off" for r in rows(pg_url))
+        await wait_for(forgotten, 5.0, "the admission to be forgotten")
+        assert (await limiter.admit(key, "next", 0.0, 0)).admitted
+    finally:
+        await blocker.close()
         await limiter.close()
         await store.close()

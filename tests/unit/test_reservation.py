@@ -12,9 +12,10 @@ from apertis_proxy.budgets.reservation import (IMAGE_TOKENS, SERVER_LOOP_TURNS, 
 from apertis_proxy.store import catalog as catalog_store
 from apertis_proxy.store import schema
 
-HAIKU = "claude-haiku-4-5-20251001"          # $1 / $5; cache writes 1h $2; context 200,000
+HAIKU = "claude-haiku-4-5-20251001"          # $1 / $5; cache writes 1h $2; context 200,000; no geo price
 OPUS = "claude-opus-5-5"                     # $4 / $20; cache writes 1h $8; context 1,000,000
 NOW = time.time()
+GEO = 1.1                                    # the dearest inference geo ("us") of Opus 5.5 and Fable 5.2
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def test_a_channel_alias_is_bounded_at_the_model_it_sends_upstream(conn):
     assert b.cost == pytest.approx((size * 2 + 1000 * 5) / 1e6)
     # Two channels sending the name to different models: the dearer one bounds it.
     b, _ = bound(catalog, body, aliases=[{"fast": HAIKU}, {"fast": OPUS}])
-    assert b.cost == pytest.approx((size * 8 + 1000 * 20) / 1e6)
+    assert b.cost == pytest.approx((size * 8 + 1000 * 20) / 1e6 * GEO)
 
 
 def test_a_retired_model_is_bounded_at_the_successor_it_is_sent_to(conn):
@@ -59,7 +60,7 @@ def test_a_retired_model_is_bounded_at_the_successor_it_is_sent_to(conn):
     names = {e.id for e in billed_models(catalog, "claude-sonnet-4-5", (), NOW)}
     assert names == {"claude-sonnet-4-5-20250929", OPUS, "claude-sonnet-5-5"}   # the documented successor too
     b, size = bound(catalog, {**plain(), "model": "claude-sonnet-4-5"})
-    assert b.cost == pytest.approx((size * 8 + 1000 * 20) / 1e6)
+    assert b.cost == pytest.approx((size * 8 + 1000 * 20) / 1e6 * GEO)
     # A live model is not bounded at its documented successor.
     assert {e.id for e in billed_models(catalog, HAIKU, (), NOW)} == {HAIKU}
 
@@ -106,11 +107,27 @@ def test_a_document_the_body_does_not_hold_may_fill_the_context(conn, source):
     assert bound(catalog, nested)[0].tokens == 200_000 + 1000
 
 
-def test_an_image_by_url_counts_as_a_large_image(conn):
+def test_every_image_counts_as_a_large_image(conn):
+    """By URL, or a small base64 image (a 1-bit PNG of a megapixel is a few hundred bytes and ~1,600 tokens)."""
     catalog = catalog_store.load_catalog(conn)
-    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
-    b, size = bound(catalog, plain(messages=[{"role": "user", "content": [image, image]}]))
+    by_url = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
+    tiny = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    b, size = bound(catalog, plain(messages=[{"role": "user", "content": [by_url, tiny]}]))
     assert b.tokens == size + 2 * IMAGE_TOKENS + 1000
+
+
+def test_a_pdf_may_fill_the_context_whatever_its_size(conn):
+    catalog = catalog_store.load_catalog(conn)
+    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}
+    assert bound(catalog, plain(messages=[{"role": "user", "content": [pdf]}]))[0].tokens == 200_000 + 1000
+
+
+def test_absurd_numbers_are_bounded_not_overflowed(conn):
+    """A bound must fit the stores' 64-bit columns: no 500 for max_tokens = 2**63 - 1."""
+    catalog = catalog_store.load_catalog(conn)
+    advisor = {"type": "advisor_20260301", "name": "advisor", "model": OPUS, "max_uses": 10 ** 18}
+    b, _ = bound(catalog, plain(max_tokens=2 ** 63 - 1, tools=[advisor]))
+    assert 0 < b.tokens <= 2 ** 53 and 0 < b.cost <= 2 ** 53
 
 
 def test_fallbacks_and_advisors_are_priced_at_the_models_they_name(conn):
@@ -128,4 +145,4 @@ def test_fast_mode_and_geo_multiply_the_bound(conn):
     catalog = catalog_store.load_catalog(conn)
     fable = "claude-fable-5-2"          # $16 per million for 1h cache writes, $40 output; fast x2, geo "us" x1.1
     b, size = bound(catalog, {**plain(speed="fast", inference_geo="us"), "model": fable})
-    assert b.cost == pytest.approx((size * 16 + 1000 * 40) / 1e6 * 2 * 1.1)
+    assert b.cost == pytest.approx((size * 16 + 1000 * 40) / 1e6 * 2 * GEO)
