@@ -215,7 +215,7 @@ async def test_unpriced_model_when_allowed(gateway_env, mock_upstream):
     assert [tuple(r) for r in spent] == [("counted", 60_000, 0.0)]
 
 
-async def test_unpriced_fast_mode_and_tool_models_are_refused_before_upstream(gateway_env, mock_upstream):
+async def test_unpriced_fast_mode_tool_and_fallback_models_are_refused_before_upstream(gateway_env, mock_upstream):
     usd = gateway_env.add_key("capped", quota_cost=25.0)
     tokens = gateway_env.add_key("counted", quota_tokens=1_000_000)
     gateway_env.add_channel("strict", mock_upstream, models=["claude-mythos-5-2", "claude-sonnet-5"])
@@ -227,19 +227,23 @@ async def test_unpriced_fast_mode_and_tool_models_are_refused_before_upstream(ga
     assert "speed" in fast.json()["error"]["message"] and "claude-mythos-5-2" in fast.json()["error"]["message"]
     tool = await post(gateway_env, tokens, body("claude-sonnet-5", **advisor))
     assert tool.status == 400 and "claude-opus-9" in tool.json()["error"]["message"]
+    fallback = {"fallbacks": [{"model": "claude-opus-9"}]}
+    fell = await post(gateway_env, tokens, body("claude-sonnet-5", **fallback))
+    assert fell.status == 400 and "claude-opus-9" in fell.json()["error"]["message"]
     assert mock_upstream.requests == []
     await gateway_env.stop()
     # Allowed unpriced: a USD-quota key is still refused (402), a token-quota key is served with cost unknown.
     channel_store.update_channel(gateway_env.conn, "strict", options={"allow_unpriced": True})
     await gateway_env.start()
-    for sent in (body("claude-mythos-5-2", speed="fast"), body("claude-sonnet-5", **advisor)):
+    for sent in (body("claude-mythos-5-2", speed="fast"), body("claude-sonnet-5", **advisor),
+                 body("claude-sonnet-5", **fallback)):
         refused = await post(gateway_env, usd, sent)
         assert refused.status == 402 and refused.json()["error"]["type"] == "billing_error"
     assert mock_upstream.requests == []
     served = await post(gateway_env, tokens, body("claude-mythos-5-2", speed="fast"), scenario(**KNOWN))
     assert served.status == 200
-    rows = await gateway_env.usage_rows(5)
-    assert [r["status"] for r in rows] == [400, 400, 402, 402, 200]
+    rows = await gateway_env.usage_rows(7)
+    assert [r["status"] for r in rows] == [400, 400, 400, 402, 402, 402, 200]
     assert rows[-1]["cost"] is None and "fast" in json.loads(rows[-1]["prices"])["unpriced"]
     await gateway_env.stop()
 
