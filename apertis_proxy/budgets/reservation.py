@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from ..gateway.model_policy import billed_extras
 from ..store.catalog import Catalog, ModelEntry
 
 MILLION = Decimal(1_000_000)
@@ -140,7 +141,6 @@ def _shape(body: Optional[Mapping[str, Any]], body_bytes: int) -> _Shape:
         return shape
     max_tokens = body.get("max_tokens")
     shape.output = min(max_tokens, MAX_BOUND_TOKENS) if type(max_tokens) is int and max_tokens > 0 else 0
-    models: list[str] = []
     loop = False
     tools = body.get("tools")
     if isinstance(tools, list) and tools:
@@ -152,7 +152,6 @@ def _shape(body: Optional[Mapping[str, Any]], body_bytes: int) -> _Shape:
             uses = tool.get("max_uses")
             uses = min(uses, MAX_USES) if type(uses) is int and uses > 0 else SERVER_LOOP_TURNS
             if isinstance(tool.get("model"), str):          # an advisor: its own calls, at its model
-                models.append(tool["model"])
                 shape.turns += uses
             if not isinstance(kind, str) or kind.startswith(_CLIENT_TOOL_PREFIXES):
                 if isinstance(kind, str) and kind != "custom":
@@ -168,16 +167,12 @@ def _shape(body: Optional[Mapping[str, Any]], body_bytes: int) -> _Shape:
         shape.turns += SERVER_LOOP_TURNS - 1
     fallbacks = body.get("fallbacks")
     if isinstance(fallbacks, list):
-        for fallback in fallbacks:
-            name = fallback.get("model") if isinstance(fallback, Mapping) else None
-            if isinstance(name, str):
-                models.append(name)
-            shape.turns += 1
+        shape.turns += len(fallbacks)
     if body.get("context_management") or body.get("compaction"):
         shape.turns += 1
     images = _sources(body.get("messages"), shape)
     shape.input += images * IMAGE_TOKENS
-    shape.models = tuple(models)
+    shape.models = billed_extras(body)[1]      # the models tools and fallbacks name, as model_policy prices them
     return shape
 
 
