@@ -136,20 +136,22 @@ def decide(limits: Limits, use: Use, now: float, bound_cost: float, bound_tokens
 _SPEND_LIFETIME = "SELECT cost, tokens FROM key_spend WHERE key_id = ?1"
 _SPEND_PERIOD = "SELECT cost, tokens FROM key_period_spend WHERE key_id = ?1 AND period = ?3 AND start = ?4"
 
-# ?1 key id, ?2 now, (?3 period, ?4 its start).
+# ?1 key id, ?2 now, (?3 period, ?4 its start).  Requests in flight count while their holder's lease runs;
+# ended ones (exact costs) count whatever became of their holder, until their ledger rows settle them.
 _USE = """
 SELECT COALESCE(s.cost, 0), COALESCE(s.tokens, 0), a.live, a.live_cost, a.live_tokens, a.ended_cost,
        a.ended_tokens, COALESCE((SELECT n FROM admission_counts WHERE key_id = ?1), 0),
        (SELECT COUNT(*) FROM limit_leases WHERE expires_at > ?2)
 FROM (SELECT 1) one
 LEFT JOIN ({spend}) s ON 1 = 1
-CROSS JOIN (SELECT COALESCE(SUM(a.live), 0) AS live,
-                   COALESCE(SUM(CASE WHEN a.live = 1 THEN a.cost ELSE 0 END), 0) AS live_cost,
-                   COALESCE(SUM(CASE WHEN a.live = 1 THEN a.tokens ELSE 0 END), 0) AS live_tokens,
+CROSS JOIN (SELECT COALESCE(SUM(a.live = 1 AND l.expires_at > ?2), 0) AS live,
+                   COALESCE(SUM(CASE WHEN a.live = 1 AND l.expires_at > ?2 THEN a.cost ELSE 0 END), 0) AS live_cost,
+                   COALESCE(SUM(CASE WHEN a.live = 1 AND l.expires_at > ?2 THEN a.tokens ELSE 0 END), 0)
+                       AS live_tokens,
                    COALESCE(SUM(CASE WHEN a.live = 0 THEN a.cost ELSE 0 END), 0) AS ended_cost,
                    COALESCE(SUM(CASE WHEN a.live = 0 THEN a.tokens ELSE 0 END), 0) AS ended_tokens
-            FROM admissions a JOIN limit_leases l ON l.holder = a.holder
-            WHERE a.key_id = ?1 AND l.expires_at > ?2) a
+            FROM admissions a LEFT JOIN limit_leases l ON l.holder = a.holder
+            WHERE a.key_id = ?1) a
 """
 _USE_LIFETIME = _USE.format(spend=_SPEND_LIFETIME)
 _USE_PERIOD = _USE.format(spend=_SPEND_PERIOD)

@@ -38,47 +38,39 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_now DOUBLE PRECISION;
     v_start TEXT;
-    v_gone BIGINT;
     v_oldest DOUBLE PRECISION;
 BEGIN
     PERFORM pg_advisory_xact_lock(({ADMISSION_LOCK}::BIGINT << 32) | p_key);
     v_now := extract(epoch FROM clock_timestamp());
-    IF p_rpm IS NOT NULL THEN
-        DELETE FROM admission_times t WHERE t.key_id = p_key AND t.at <= v_now - {RPM_WINDOW};
-        GET DIAGNOSTICS v_gone = ROW_COUNT;
-        IF v_gone > 0 THEN
-            UPDATE admission_counts c SET n = c.n - v_gone WHERE c.key_id = p_key;
-        END IF;
-    END IF;
     IF p_period IS NOT NULL THEN
         v_start := to_char(date_trunc(CASE p_period WHEN 'week' THEN 'week' WHEN 'month' THEN 'month'
                                                     ELSE 'day' END,
                                       to_timestamp(v_now) AT TIME ZONE 'UTC'), 'YYYY-MM-DD');
     END IF;
+    -- One statement, one snapshot: the spend, the key's admissions (in flight: under a live lease;
+    -- ended: whatever their holder, until their ledger rows settle them), the minute's count less
+    -- the times that left it (deleted by the next admission), the live leases.
     SELECT COALESCE(sp.cost, 0) + ad.ended_cost, COALESCE(sp.tokens, 0) + ad.ended_tokens,
            ad.in_flight, ad.in_flight_cost, ad.in_flight_tokens,
-           COALESCE((SELECT c.n FROM admission_counts c WHERE c.key_id = p_key), 0),
+           CASE WHEN p_rpm IS NULL THEN 0 ELSE
+               COALESCE((SELECT c.n FROM admission_counts c WHERE c.key_id = p_key), 0)
+               - (SELECT COUNT(*) FROM admission_times t WHERE t.key_id = p_key AND t.at <= v_now - {RPM_WINDOW})
+           END,
            (SELECT COUNT(*) FROM limit_leases l WHERE l.expires_at > v_now)
       INTO spent_cost, spent_tokens, live, live_cost, live_tokens, recent, holders
-      FROM (SELECT 1) one
+      FROM (SELECT COUNT(*) FILTER (WHERE a.live = 1 AND l.expires_at > v_now) AS in_flight,
+                   COALESCE(SUM(a.cost) FILTER (WHERE a.live = 1 AND l.expires_at > v_now), 0) AS in_flight_cost,
+                   COALESCE(SUM(a.tokens) FILTER (WHERE a.live = 1 AND l.expires_at > v_now), 0)::BIGINT
+                       AS in_flight_tokens,
+                   COALESCE(SUM(a.cost) FILTER (WHERE a.live = 0), 0) AS ended_cost,
+                   COALESCE(SUM(a.tokens) FILTER (WHERE a.live = 0), 0)::BIGINT AS ended_tokens
+              FROM admissions a LEFT JOIN limit_leases l ON l.holder = a.holder
+             WHERE a.key_id = p_key) ad
       LEFT JOIN LATERAL (
           SELECT s.cost, s.tokens FROM key_spend s WHERE p_period IS NULL AND s.key_id = p_key
           UNION ALL
           SELECT s.cost, s.tokens FROM key_period_spend s
-          WHERE p_period IS NOT NULL AND s.key_id = p_key AND s.period = p_period AND s.start = v_start) sp ON true
-      CROSS JOIN LATERAL (
-          SELECT COALESCE(SUM(h.in_flight), 0)::BIGINT AS in_flight,
-                 COALESCE(SUM(h.in_flight_cost), 0)::DOUBLE PRECISION AS in_flight_cost,
-                 COALESCE(SUM(h.in_flight_tokens), 0)::BIGINT AS in_flight_tokens,
-                 COALESCE(SUM(h.ended_cost), 0)::DOUBLE PRECISION AS ended_cost,
-                 COALESCE(SUM(h.ended_tokens), 0)::BIGINT AS ended_tokens
-          FROM (SELECT a.holder, SUM(a.live) AS in_flight,
-                       SUM(a.cost) FILTER (WHERE a.live = 1) AS in_flight_cost,
-                       SUM(a.tokens) FILTER (WHERE a.live = 1) AS in_flight_tokens,
-                       SUM(a.cost) FILTER (WHERE a.live = 0) AS ended_cost,
-                       SUM(a.tokens) FILTER (WHERE a.live = 0) AS ended_tokens
-                FROM admissions a WHERE a.key_id = p_key GROUP BY a.holder) h
-          JOIN limit_leases l ON l.holder = h.holder WHERE l.expires_at > v_now) ad;
+          WHERE p_period IS NOT NULL AND s.key_id = p_key AND s.period = p_period AND s.start = v_start) sp ON true;
     IF (p_quota_cost IS NOT NULL AND spent_cost >= p_quota_cost)
             OR (p_quota_tokens IS NOT NULL AND spent_tokens >= p_quota_tokens) THEN
         reason := 'quota';
@@ -90,7 +82,8 @@ BEGIN
         RETURN;
     END IF;
     IF p_rpm IS NOT NULL AND recent >= p_rpm THEN
-        SELECT MIN(t.at) INTO v_oldest FROM admission_times t WHERE t.key_id = p_key;
+        SELECT MIN(t.at) INTO v_oldest FROM admission_times t
+         WHERE t.key_id = p_key AND t.at > v_now - {RPM_WINDOW};
         reason := 'rpm';
         retry_after := GREATEST(1, ceil(COALESCE(v_oldest, v_now) + {RPM_WINDOW} - v_now))::INTEGER;
         RETURN;
@@ -101,14 +94,20 @@ BEGIN
         retry_after := {BUSY_RETRY_AFTER};
         RETURN;
     END IF;
-    IF p_concurrency IS NOT NULL OR p_quota_cost IS NOT NULL OR p_quota_tokens IS NOT NULL THEN
+    -- Admitted: recorded by one statement (the slot or reservation; with a requests-per-minute limit the
+    -- time, the times that left the minute deleted, and the count moved by both).
+    IF p_rpm IS NULL THEN
         INSERT INTO admissions (request_id, key_id, holder, admitted_at, live, cost, tokens)
             VALUES (p_request, p_key, p_holder, v_now, 1, p_cost, p_tokens);
-    END IF;
-    IF p_rpm IS NOT NULL THEN
-        INSERT INTO admission_times (key_id, at, request_id) VALUES (p_key, v_now, p_request);
-        INSERT INTO admission_counts (key_id, n, last_at) VALUES (p_key, 1, v_now)
-            ON CONFLICT (key_id) DO UPDATE SET n = admission_counts.n + 1, last_at = EXCLUDED.last_at;
+    ELSE
+        WITH gone AS (DELETE FROM admission_times t WHERE t.key_id = p_key AND t.at <= v_now - {RPM_WINDOW}
+                      RETURNING 1),
+             timed AS (INSERT INTO admission_times (key_id, at, request_id) VALUES (p_key, v_now, p_request)),
+             held AS (INSERT INTO admissions (request_id, key_id, holder, admitted_at, live, cost, tokens)
+                      SELECT p_request, p_key, p_holder, v_now, 1, p_cost, p_tokens
+                       WHERE p_concurrency IS NOT NULL OR p_quota_cost IS NOT NULL OR p_quota_tokens IS NOT NULL)
+        INSERT INTO admission_counts AS c (key_id, n, last_at) VALUES (p_key, 1, v_now)
+            ON CONFLICT (key_id) DO UPDATE SET n = c.n + 1 - (SELECT COUNT(*) FROM gone), last_at = EXCLUDED.last_at;
     END IF;
 END $$;
 """

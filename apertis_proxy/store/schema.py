@@ -13,7 +13,7 @@ from ..plugin_api import DEFAULT_API_VERSION
 from .catalog import sync_shipped_catalog
 from .dbfile import create_private
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # Binding None, Python's sqlite3 first looks for an adapter: a tuple, a dict
 # miss, and an AttributeError raised and cleared on its protocol type, ~2.5k
@@ -454,6 +454,9 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "CREATE UNIQUE INDEX IF NOT EXISTS usage_request_id ON usage (request_id)",
     ]),
     (7, ADMISSIONS_DDL),
+    # PostgreSQL's admission function changed (pg_admissions.FUNCTIONS, installed again on a new
+    # version); nothing changes in SQLite's tables.
+    (8, []),
 ]
 
 

@@ -149,6 +149,39 @@ async def test_a_holders_admissions_stop_counting_when_its_lease_runs_out(store_
         await doomed.close()
 
 
+async def test_ended_requests_count_against_the_quota_whatever_became_of_their_holder(store_url):
+    """An ended request's exact cost waits in `admissions` for its ledger row: it counts as spent after its
+    process stopped (lease dropped) or died (lease run out), and exactly once after the ledger row lands."""
+    key_id = new_key(store_url, "orphaned")
+    survivor, stopped, killed = await opened(store_url, 3)
+    try:
+        await lease(survivor, "alive")
+        await lease(stopped, "stopped")
+        await lease(killed, "killed", seconds=0.5)
+        limits = Limits(key_id, quota_cost=1.0)
+        for process, holder, rid, cost in ((stopped, "stopped", "e1", 0.3), (killed, "killed", "e2", 0.5)):
+            assert (await admit(process, limits, rid, holder, cost=0.6)).admitted
+            await release(process, key_id, rid, cost, 100, True)
+        await stopped.admissions.drop_lease("stopped")
+        await asyncio.sleep(0.7)            # the killed holder never renews
+        seen = await admit(survivor, limits, "s1", "alive", cost=0.1)
+        assert seen.admitted and seen.use.spent_cost == pytest.approx(0.8) and seen.use.live == 0
+        await release(survivor, key_id, "s1", 0.25, 10, True)
+        refused = await admit(survivor, limits, "s2", "alive", cost=0.1)
+        assert refused.reason == "quota" and refused.use.spent_cost == pytest.approx(1.05)
+        # The ledger rows settle them: the spend holds each cost once.
+        now = time.time()
+        rows = [dataclasses.asdict(UsageRecord(request_id=rid, started_at=now, endpoint="/v1/messages", status=200,
+                                               key_id=key_id, key_name="orphaned", input_tokens=50, output_tokens=50,
+                                               cost=cost)) for rid, cost in (("e1", 0.3), ("e2", 0.5), ("s1", 0.25))]
+        assert await survivor.store.write_ledger(rows) == 3
+        again = await admit(survivor, limits, "s3", "alive", cost=0.1)
+        assert again.reason == "quota" and again.use.spent_cost == pytest.approx(1.05)
+    finally:
+        for process in (survivor, stopped, killed):
+            await process.close()
+
+
 async def test_spend_is_settled_by_release_when_no_ledger_settles_it(store_url):
     key_id = new_key(store_url, "no-ledger")
     store, = await opened(store_url, 1)
