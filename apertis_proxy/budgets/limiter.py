@@ -164,7 +164,7 @@ class Limiter:
     async def _retry_releases(self) -> None:
         while self._unreleased:
             args = self._unreleased[0]
-            await self.admissions.release(*args)
+            await self.admissions.release(*args, retry=True)
             self._unreleased.pop(0)
 
     async def _renew_loop(self) -> None:

@@ -209,17 +209,21 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
 
 
 def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
-                 period: Optional[str] = None, start: Optional[str] = None) -> None:
+                 period: Optional[str] = None, start: Optional[str] = None, retry: bool = False) -> None:
     """A request ended: its slot is free.  With the ledger settling spend, its reservation becomes its
     exact cost until the ledger row deletes it (a request that cost nothing is forgotten at once);
-    else its cost is added to the key's spend here, in the same transaction as the deletion."""
+    else its cost is added to the key's spend here, in the same transaction as the deletion.  Without
+    a ledger, a first release settles the cost also when the admission is gone (collected with a lease
+    run out STALE_LEASE_SECONDS ago: its process had stalled); a `retry` only while it is still there
+    (an earlier try may have committed)."""
     if settled_by_ledger:
         if cost or tokens:
             conn.execute(RELEASE_ENDED, (cost, tokens, key_id, request_id))
         else:
             conn.execute(RELEASE_FREE, (key_id, request_id))
         return
-    if not conn.execute(RELEASE_FREE, (key_id, request_id)).rowcount or not (cost or tokens):
+    found = conn.execute(RELEASE_FREE, (key_id, request_id)).rowcount
+    if (retry and not found) or not (cost or tokens):
         return
     if add_key_spend(conn, key_id, cost, tokens) and period is not None and start is not None:
         add_period_spend(conn, [(key_id, period, start, cost, tokens)])
@@ -376,8 +380,9 @@ class SqliteAdmissions:
         return await self._submit(admit_step, limits, request_id, holder, bound_cost, bound_tokens)
 
     async def release(self, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
-                      period: Optional[str] = None, start: Optional[str] = None) -> None:
-        await self._submit(release_step, key_id, request_id, cost, tokens, settled_by_ledger, period, start)
+                      period: Optional[str] = None, start: Optional[str] = None, retry: bool = False) -> None:
+        await self._submit(release_step, key_id, request_id, cost, tokens, settled_by_ledger, period, start,
+                           retry)
 
     async def renew_lease(self, holder: str, seconds: float) -> Renewal:
         return await self._submit(renew_step, holder, seconds)

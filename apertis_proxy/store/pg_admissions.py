@@ -238,7 +238,7 @@ class PgAdmissions:
         return Decision(row[0], row[1], use, max(1, row[8]))
 
     async def release(self, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
-                      period: Optional[str] = None, start: Optional[str] = None) -> None:
+                      period: Optional[str] = None, start: Optional[str] = None, retry: bool = False) -> None:
         if settled_by_ledger:
             if cost or tokens:
                 await self._run(lambda conn: conn.execute(_RELEASE_ENDED, float(cost), int(tokens), key_id,
@@ -249,7 +249,7 @@ class PgAdmissions:
 
         async def settle(conn) -> None:
             async with conn.transaction():
-                await _release_and_settle(conn, key_id, request_id, cost, tokens, period, start)
+                await _release_and_settle(conn, key_id, request_id, cost, tokens, period, start, retry)
         await self._run(settle)
 
     async def renew_lease(self, holder: str, seconds: float) -> Renewal:
@@ -288,10 +288,11 @@ class PgAdmissions:
 
 
 async def _release_and_settle(conn, key_id: int, request_id: str, cost: float, tokens: int,
-                              period: Optional[str], start: Optional[str]) -> None:
-    """Without a ledger settling spend: the admission goes and its cost is added to the key's spend."""
+                              period: Optional[str], start: Optional[str], retry: bool) -> None:
+    """Without a ledger settling spend: the admission goes and its cost is added to the key's spend (as
+    admissions.release_step: a retry only while the admission is still there)."""
     found = await conn.fetchval(_RELEASE_FREE, key_id, request_id)
-    if found is None or not (cost or tokens):
+    if (retry and found is None) or not (cost or tokens):
         return
     if await conn.fetchval("SELECT 1 FROM keys WHERE id = $1", key_id) is None:
         return

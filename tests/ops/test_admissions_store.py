@@ -191,11 +191,37 @@ async def test_spend_is_settled_by_release_when_no_ledger_settles_it(store_url):
         assert (await admit(store, limits, "t1", "h", tokens=600)).admitted
         start = time.strftime("%Y-%m-%d", time.gmtime())
         await release(store, key_id, "t1", 0.0, 700, False, "day", start)
-        await release(store, key_id, "t1", 0.0, 700, False, "day", start)   # retried: once
+        await store.admissions.release(key_id, "t1", 0.0, 700, False, "day", start, retry=True)   # once
         assert (await store.store.read_spend())[key_id] == (0.0, 700)
         assert (await admit(store, limits, "t2", "h", tokens=600)).admitted          # alone
         await release(store, key_id, "t2", 0.0, 300, False, "day", start)
         refused = await admit(store, limits, "t3", "h", tokens=1)
         assert refused.reason == "quota" and refused.use.spent_tokens == 1000
+    finally:
+        await store.close()
+
+
+async def test_without_a_ledger_the_first_release_settles_a_collected_admission(store_url):
+    """A process whose event loop stalled past STALE_LEASE_SECONDS finds its admission collected: its first
+    release still adds the cost to the spend; a retry (the first may have committed) adds nothing."""
+    key_id = new_key(store_url, "stalled")
+    store, = await opened(store_url, 1)
+    try:
+        await lease(store, "h")
+        assert (await admit(store, Limits(key_id, quota_cost=1.0), "c1", "h", cost=0.5)).admitted
+        conn = service.connect(store_url)
+        conn.execute("DELETE FROM admissions WHERE request_id = 'c1'")     # as renew_step collects it
+        conn.commit()
+        conn.close()
+        await release(store, key_id, "c1", 0.4, 10, False)
+        await store.admissions.release(key_id, "c1", 0.4, 10, False, retry=True)
+        spend = (await store.store.read_spend())[key_id]
+        assert spend[0] == pytest.approx(0.4) and spend[1] == 10
+        # A retry of a release whose first try committed finds nothing and adds nothing either.
+        assert (await admit(store, Limits(key_id, quota_cost=1.0), "c2", "h", cost=0.1)).admitted
+        await release(store, key_id, "c2", 0.1, 5, False)
+        await store.admissions.release(key_id, "c2", 0.1, 5, False, retry=True)
+        spend = (await store.store.read_spend())[key_id]
+        assert spend[0] == pytest.approx(0.5) and spend[1] == 15
     finally:
         await store.close()
