@@ -8,10 +8,13 @@ transaction against the shared store, so the limits hold across all of them:
   upper bound of the request's cost; once it ended (``live = 0``) the row holds
   its exact cost until the ledger row is written, which deletes it in the same
   transaction that adds the cost to ``key_spend`` (ledger_write.py, pg_ledger.py).
+* ``admission_ended``: per key, the number and the sum of the ended rows' exact
+  costs, moved by the same statements that end and delete them, so a decision
+  reads one row whatever the ledger has not settled yet.
 * ``admission_times`` and ``admission_counts``: when each admission of the last
   minute happened, and how many there are per key (a decision reads the count).
 * ``limit_leases``: one row per gateway process, renewed every third of its
-  length.  A row of ``admissions`` counts only while its holder's lease runs, so
+  length.  A live row of ``admissions`` counts only while its holder's lease runs, so
   a process killed with its slots and reservations frees them when its lease
   runs out, with no one cleaning up.  A process that renews a lease that had run
   out (its event loop stalled) takes it again, and its admissions count again;
@@ -137,21 +140,17 @@ _SPEND_LIFETIME = "SELECT cost, tokens FROM key_spend WHERE key_id = ?1"
 _SPEND_PERIOD = "SELECT cost, tokens FROM key_period_spend WHERE key_id = ?1 AND period = ?3 AND start = ?4"
 
 # ?1 key id, ?2 now, (?3 period, ?4 its start).  Requests in flight count while their holder's lease runs;
-# ended ones (exact costs) count whatever became of their holder, until their ledger rows settle them.
+# ended ones (exact costs, summed in admission_ended) count whatever became of their holder, until their
+# ledger rows settle them.
 _USE = """
-SELECT COALESCE(s.cost, 0), COALESCE(s.tokens, 0), a.live, a.live_cost, a.live_tokens, a.ended_cost,
-       a.ended_tokens, COALESCE((SELECT n FROM admission_counts WHERE key_id = ?1), 0),
+SELECT COALESCE(s.cost, 0) + COALESCE(e.cost, 0), COALESCE(s.tokens, 0) + COALESCE(e.tokens, 0),
+       a.live, a.live_cost, a.live_tokens, COALESCE((SELECT n FROM admission_counts WHERE key_id = ?1), 0),
        (SELECT COUNT(*) FROM limit_leases WHERE expires_at > ?2)
-FROM (SELECT 1) one
+FROM (SELECT COUNT(*) AS live, COALESCE(SUM(a.cost), 0) AS live_cost, COALESCE(SUM(a.tokens), 0) AS live_tokens
+      FROM admissions a INDEXED BY admissions_live JOIN limit_leases l ON l.holder = a.holder
+      WHERE a.key_id = ?1 AND a.live = 1 AND l.expires_at > ?2) a
 LEFT JOIN ({spend}) s ON 1 = 1
-CROSS JOIN (SELECT COALESCE(SUM(a.live = 1 AND l.expires_at > ?2), 0) AS live,
-                   COALESCE(SUM(CASE WHEN a.live = 1 AND l.expires_at > ?2 THEN a.cost ELSE 0 END), 0) AS live_cost,
-                   COALESCE(SUM(CASE WHEN a.live = 1 AND l.expires_at > ?2 THEN a.tokens ELSE 0 END), 0)
-                       AS live_tokens,
-                   COALESCE(SUM(CASE WHEN a.live = 0 THEN a.cost ELSE 0 END), 0) AS ended_cost,
-                   COALESCE(SUM(CASE WHEN a.live = 0 THEN a.tokens ELSE 0 END), 0) AS ended_tokens
-            FROM admissions a LEFT JOIN limit_leases l ON l.holder = a.holder
-            WHERE a.key_id = ?1) a
+LEFT JOIN admission_ended e ON e.key_id = ?1
 """
 _USE_LIFETIME = _USE.format(spend=_SPEND_LIFETIME)
 _USE_PERIOD = _USE.format(spend=_SPEND_PERIOD)
@@ -166,8 +165,11 @@ _OLDEST = "SELECT MIN(at) FROM admission_times WHERE key_id = ?"
 _ADMIT_TIME = "INSERT INTO admission_times (key_id, at, request_id) VALUES (?, ?, ?)"
 _COUNT = ("INSERT INTO admission_counts (key_id, n, last_at) VALUES (?, 1, ?)"
           " ON CONFLICT (key_id) DO UPDATE SET n = n + 1, last_at = excluded.last_at")
-RELEASE_ENDED = "UPDATE admissions SET live = 0, cost = ?, tokens = ? WHERE key_id = ? AND request_id = ?"
-RELEASE_FREE = "DELETE FROM admissions WHERE key_id = ? AND request_id = ?"
+RELEASE_ENDED = ("UPDATE admissions SET live = 0, cost = ?, tokens = ? WHERE key_id = ? AND request_id = ?"
+                 " AND live = 1")
+_ENDED = ("INSERT INTO admission_ended (key_id, n, cost, tokens) VALUES (?, 1, ?, ?) ON CONFLICT (key_id)"
+          " DO UPDATE SET n = n + 1, cost = cost + excluded.cost, tokens = tokens + excluded.tokens")
+RELEASE_FREE = "DELETE FROM admissions WHERE key_id = ? AND request_id = ? AND live = 1"
 _RENEW = ("INSERT INTO limit_leases (holder, expires_at) VALUES (?, ?)"
           " ON CONFLICT (holder) DO UPDATE SET expires_at = excluded.expires_at")
 _LEASE = "SELECT expires_at FROM limit_leases WHERE holder = ?"
@@ -193,8 +195,8 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
     else:
         row = conn.execute(_USE_PERIOD, (key_id, now, limits.quota_period,
                                          period_start(limits.quota_period, now))).fetchone()
-    use = Use(spent_cost=row[0] + row[5], spent_tokens=row[1] + row[6], live=row[2], live_cost=row[3],
-              live_tokens=row[4], recent=row[7], oldest=None)
+    use = Use(spent_cost=row[0], spent_tokens=row[1], live=row[2], live_cost=row[3], live_tokens=row[4],
+              recent=row[5], oldest=None)
     decision = decide(limits, use, now, bound_cost, bound_tokens)
     if decision.reason == "rpm":
         oldest = conn.execute(_OLDEST, (key_id,)).fetchone()[0]
@@ -205,7 +207,7 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
         if limits.rpm is not None:
             conn.execute(_ADMIT_TIME, (key_id, now, request_id))
             conn.execute(_COUNT, (key_id, now))
-    return Decision(decision.reason, decision.retry_after, decision.use, max(1, row[8]))
+    return Decision(decision.reason, decision.retry_after, decision.use, max(1, row[6]))
 
 
 def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
@@ -218,7 +220,8 @@ def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, s
     (an earlier try may have committed)."""
     if settled_by_ledger:
         if cost or tokens:
-            conn.execute(RELEASE_ENDED, (cost, tokens, key_id, request_id))
+            if conn.execute(RELEASE_ENDED, (cost, tokens, key_id, request_id)).rowcount:
+                conn.execute(_ENDED, (key_id, cost, tokens))
         else:
             conn.execute(RELEASE_FREE, (key_id, request_id))
         return

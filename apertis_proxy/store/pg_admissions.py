@@ -2,10 +2,10 @@
 event loop through an asyncpg pool (one round trip per admission, one per release, no thread in between).
 
 ``apertis_admit`` takes an advisory lock on the key for its transaction (so the hosts' admissions of one key
-take turns), reads the spend, the admissions under live leases and the minute's count in one statement (one
-snapshot, so a ledger row committed meanwhile counts once: as spend or as an admission), decides in the order
-of ``admissions.decide`` and records the admission.  ``tests/ops/test_admissions_store.py`` runs the same cases
-on both backends.
+take turns), reads the spend, the requests in flight under live leases, the ended requests' sums and the
+minute's count in one statement (one snapshot, so a ledger row committed meanwhile counts once: as spend or as
+an ended admission), decides in the order of ``admissions.decide`` and records the admission with one more.
+``tests/ops/test_admissions_store.py`` runs the same cases on both backends.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .url import StoreURL
 
 POOL_SIZE = 8
 # Tables every request writes to and deletes from.
-CHURNING_TABLES = ("admissions", "admission_times", "admission_counts")
+CHURNING_TABLES = ("admissions", "admission_ended", "admission_times", "admission_counts")
 CONNECT_TIMEOUT = 10.0
 # Seconds an admission, a release or a renewal may wait for the database (a free connection, a new
 # one, a statement's answer) before the store counts as unavailable.
@@ -48,9 +48,9 @@ BEGIN
                                       to_timestamp(v_now) AT TIME ZONE 'UTC'), 'YYYY-MM-DD');
     END IF;
     -- One statement, one snapshot: the spend, the key's admissions (in flight: under a live lease;
-    -- ended: whatever their holder, until their ledger rows settle them), the minute's count less
-    -- the times that left it (deleted by the next admission), the live leases.
-    SELECT COALESCE(sp.cost, 0) + ad.ended_cost, COALESCE(sp.tokens, 0) + ad.ended_tokens,
+    -- ended: summed per key whatever their holder, until their ledger rows settle them), the minute's
+    -- count less the times that left it (deleted by the next admission), the live leases.
+    SELECT COALESCE(sp.cost, 0) + COALESCE(e.cost, 0), COALESCE(sp.tokens, 0) + COALESCE(e.tokens, 0),
            ad.in_flight, ad.in_flight_cost, ad.in_flight_tokens,
            CASE WHEN p_rpm IS NULL THEN 0 ELSE
                COALESCE((SELECT c.n FROM admission_counts c WHERE c.key_id = p_key), 0)
@@ -58,14 +58,11 @@ BEGIN
            END,
            (SELECT COUNT(*) FROM limit_leases l WHERE l.expires_at > v_now)
       INTO spent_cost, spent_tokens, live, live_cost, live_tokens, recent, holders
-      FROM (SELECT COUNT(*) FILTER (WHERE a.live = 1 AND l.expires_at > v_now) AS in_flight,
-                   COALESCE(SUM(a.cost) FILTER (WHERE a.live = 1 AND l.expires_at > v_now), 0) AS in_flight_cost,
-                   COALESCE(SUM(a.tokens) FILTER (WHERE a.live = 1 AND l.expires_at > v_now), 0)::BIGINT
-                       AS in_flight_tokens,
-                   COALESCE(SUM(a.cost) FILTER (WHERE a.live = 0), 0) AS ended_cost,
-                   COALESCE(SUM(a.tokens) FILTER (WHERE a.live = 0), 0)::BIGINT AS ended_tokens
-              FROM admissions a LEFT JOIN limit_leases l ON l.holder = a.holder
-             WHERE a.key_id = p_key) ad
+      FROM (SELECT COUNT(*) AS in_flight, COALESCE(SUM(a.cost), 0) AS in_flight_cost,
+                   COALESCE(SUM(a.tokens), 0)::BIGINT AS in_flight_tokens
+              FROM admissions a JOIN limit_leases l ON l.holder = a.holder
+             WHERE a.key_id = p_key AND a.live = 1 AND l.expires_at > v_now) ad
+      LEFT JOIN admission_ended e ON e.key_id = p_key
       LEFT JOIN LATERAL (
           SELECT s.cost, s.tokens FROM key_spend s WHERE p_period IS NULL AND s.key_id = p_key
           UNION ALL
@@ -113,8 +110,14 @@ END $$;
 """
 
 _ADMIT = "SELECT * FROM apertis_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-_RELEASE_ENDED = "UPDATE admissions SET live = 0, cost = $1, tokens = $2 WHERE key_id = $3 AND request_id = $4"
-_RELEASE_FREE = "DELETE FROM admissions WHERE key_id = $1 AND request_id = $2 RETURNING key_id"
+# The request's reservation becomes its exact cost, added to its key's ended sums (admissions.release_step).
+_RELEASE_ENDED = """
+WITH ended AS (UPDATE admissions SET live = 0, cost = $1, tokens = $2
+               WHERE key_id = $3 AND request_id = $4 AND live = 1 RETURNING key_id)
+INSERT INTO admission_ended AS e (key_id, n, cost, tokens) SELECT key_id, 1, $1, $2 FROM ended
+ON CONFLICT (key_id) DO UPDATE SET n = e.n + 1, cost = e.cost + EXCLUDED.cost, tokens = e.tokens + EXCLUDED.tokens
+"""
+_RELEASE_FREE = "DELETE FROM admissions WHERE key_id = $1 AND request_id = $2 AND live = 1 RETURNING key_id"
 # The lease renewed (taken again if it had run out), as admissions.renew_step: a lease run out for
 # STALE_LEASE_SECONDS goes with its holder's live admissions.  Deleting the stale lease locks it, so a
 # holder renewing at that moment keeps its lease and its admissions (the deletion rechecks the row).

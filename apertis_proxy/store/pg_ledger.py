@@ -30,6 +30,14 @@ def _write_sql(columns: Sequence[str], settle: bool) -> str:
         tokens = key_spend.tokens + EXCLUDED.tokens
 ), freed AS (
     DELETE FROM admissions a USING ins WHERE a.key_id = ins.key_id AND a.request_id = ins.request_id
+    RETURNING a.key_id, a.live, a.cost, a.tokens
+), ended_settled AS (
+    UPDATE admission_ended e SET n = e.n - f.n,
+        cost = CASE WHEN e.n <= f.n THEN 0 ELSE e.cost - f.cost END,
+        tokens = CASE WHEN e.n <= f.n THEN 0 ELSE e.tokens - f.tokens END
+    FROM (SELECT key_id, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) AS tokens
+          FROM freed WHERE live = 0 GROUP BY key_id) f
+    WHERE e.key_id = f.key_id
 ), period_spend AS (
     INSERT INTO key_period_spend (key_id, period, start, cost, tokens)
     SELECT ins.key_id, k.quota_period,

@@ -259,6 +259,16 @@ CREATE TABLE IF NOT EXISTS admission_counts (
     n       BIGINT NOT NULL,
     last_at DOUBLE PRECISION NOT NULL
 );
+CREATE INDEX IF NOT EXISTS admissions_live ON admissions (key_id) WHERE live = 1;
+CREATE TABLE IF NOT EXISTS admission_ended (
+    key_id  BIGINT PRIMARY KEY,
+    n       BIGINT NOT NULL,
+    cost    DOUBLE PRECISION NOT NULL,
+    tokens  BIGINT NOT NULL
+);
+INSERT INTO admission_ended (key_id, n, cost, tokens)
+    SELECT key_id, COUNT(*), SUM(cost), SUM(tokens) FROM admissions WHERE live = 0 GROUP BY key_id
+    ON CONFLICT (key_id) DO NOTHING;
 
 CREATE OR REPLACE FUNCTION apertis_config_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

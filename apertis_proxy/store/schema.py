@@ -315,6 +315,21 @@ ADMISSIONS_DDL = [
 ]
 
 
+# Ended admissions' exact costs summed per key (a decision reads one row, not every ended request the
+# ledger has not settled yet), and the requests in flight indexed apart from them.
+ADMISSIONS_V8 = [
+    """CREATE TABLE IF NOT EXISTS admission_ended (
+        key_id  INTEGER PRIMARY KEY,
+        n       INTEGER NOT NULL,                -- ended admissions of the key not yet in the ledger
+        cost    REAL NOT NULL,                   -- their exact costs
+        tokens  INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS admissions_live ON admissions (key_id) WHERE live = 1",
+    "INSERT OR IGNORE INTO admission_ended (key_id, n, cost, tokens)"
+    " SELECT key_id, COUNT(*), SUM(cost), SUM(tokens) FROM admissions WHERE live = 0 GROUP BY key_id",
+]
+
+
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (2, [
         # Effective-dated prices: a change applies from its time on.
@@ -454,9 +469,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "CREATE UNIQUE INDEX IF NOT EXISTS usage_request_id ON usage (request_id)",
     ]),
     (7, ADMISSIONS_DDL),
-    # PostgreSQL's admission function changed (pg_admissions.FUNCTIONS, installed again on a new
-    # version); nothing changes in SQLite's tables.
-    (8, []),
+    (8, ADMISSIONS_V8),
 ]
 
 
