@@ -110,7 +110,8 @@ class Limiter:
                       period: Optional[str] = None, start: Optional[str] = None) -> None:
         args = (key_id, request_id, cost, tokens, settled_by_ledger, period, start)
         try:
-            await asyncio.wait_for(self.admissions.release(*args), RELEASE_TIMEOUT)
+            async with asyncio.timeout(RELEASE_TIMEOUT):       # no task of its own, unlike wait_for
+                await self.admissions.release(*args)
         except asyncio.CancelledError:
             self._later(*args)
             raise

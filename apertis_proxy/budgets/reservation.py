@@ -33,6 +33,7 @@ the quota is overshot by at most one request whatever the request turns into.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -40,7 +41,6 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from ..gateway.model_policy import billed_extras
 from ..store.catalog import Catalog, ModelEntry
 
-MILLION = Decimal(1_000_000)
 SERVER_LOOP_TURNS = 10          # the API's default cap on a server-tool loop before pause_turn
 DEFAULT_CONTEXT_TOKENS = 1_000_000
 TOOL_PROMPT_TOKENS = 1_000      # the system prompt the API adds when tools are given
@@ -97,47 +97,87 @@ def request_bound(catalog: Catalog, entries: Sequence[ModelEntry], body: Optiona
     """The most the request may cost and count, at the highest rates of `entries` (see the module
     docstring).  Cost 0 when none of them has a price."""
     shape = _shape(body, body_bytes)
-    named = [e for e in (catalog.lookup(m) for m in shape.models) if e is not None]
-    everyone = [*entries, *named]
+    everyone = [*entries, *(e for e in map(catalog.lookup, shape.models) if e is not None)] if shape.models \
+        else entries
     context = max((e.max_input_tokens or DEFAULT_CONTEXT_TOKENS for e in everyone), default=DEFAULT_CONTEXT_TOKENS)
     first_input = max(shape.input, context) if shape.opaque else shape.input
-    tokens = min(MAX_BOUND_TOKENS, first_input + shape.output + shape.turns * (context + shape.output))
-    rows = [(e, row) for e in everyone if (row := e.price_at(at)) is not None]
-    if not rows or not isinstance(body, Mapping):
+    output = shape.output
+    tokens = min(MAX_BOUND_TOKENS, first_input + output + shape.turns * (context + output))
+    priced = []
+    rates = []
+    for e in everyone:
+        row = e.price_at(at)
+        if row is not None:
+            priced.append(e)
+            rates.append(_per_million(row))
+    if not rates or not (type(body) is dict or isinstance(body, Mapping)):
         return Bound(0.0, tokens)
-    first = max(_turn_cost(row, first_input, shape.output) for _, row in rows)
-    further = max(_turn_cost(row, context, shape.output) for _, row in rows) if shape.turns else Decimal(0)
-    cost = first + shape.turns * further
-    cost *= _multiplier(catalog, [e for e, _ in rows], body)
+    # USD per million tokens times tokens: exact in floats for any real rate and size; divided once.
+    cost = max(_turn_cost(r, first_input, output) for r in rates)
+    if shape.turns:
+        cost += shape.turns * max(_turn_cost(r, context, output) for r in rates)
+    cost = cost / 1e6 * _multiplier(catalog, priced, body)
     if shape.searches and catalog.rates.web_search_per_request is not None:
-        cost += shape.searches * catalog.rates.web_search_per_request
-    return Bound(min(float(cost), float(MAX_BOUND_TOKENS)), tokens)
+        cost += shape.searches * float(catalog.rates.web_search_per_request)
+    return Bound(min(cost, float(MAX_BOUND_TOKENS)), tokens)
 
 
-def _turn_cost(row, input_tokens: int, output_tokens: int) -> Decimal:
-    """One turn at the highest input rate (plain, cache writes, cache reads) and of every
-    prompt-size band the input could reach."""
-    in_rate = max(row.rates[f] for f in _INPUT_RATES)
-    out_rate = row.rates["output"]
-    for above, rates in row.bands:
+# A price row's rates as request_bound uses them, per row object (catalogue rows are immutable; a reload
+# makes new ones, so the cache is emptied when it grows).
+_RATES: dict[int, tuple[Any, tuple]] = {}
+
+
+def _per_million(row) -> tuple[float, float, tuple[tuple[int, float, float], ...]]:
+    """(highest input rate: plain, cache writes, cache reads; output rate; each prompt-size band's
+    threshold and the same two), USD per million tokens."""
+    hit = _RATES.get(id(row))
+    if hit is not None and hit[0] is row:
+        return hit[1]
+    if len(_RATES) >= 4096:
+        _RATES.clear()
+    rates = row.rates
+    value = (float(max(rates[f] for f in _INPUT_RATES)), float(rates["output"]),
+             tuple((above, float(max(band[f] for f in _INPUT_RATES)), float(band["output"]))
+                   for above, band in row.bands))
+    _RATES[id(row)] = (row, value)
+    return value
+
+
+def _turn_cost(rates: tuple, input_tokens: int, output_tokens: int) -> float:
+    """One turn, USD per million: at the highest input rate and that of every prompt-size band the input
+    could reach."""
+    in_rate, out_rate, bands = rates
+    for above, band_in, band_out in bands:
         if input_tokens > above:
-            in_rate = max(in_rate, *(rates[f] for f in _INPUT_RATES))
-            out_rate = max(out_rate, rates["output"])
-    return (input_tokens * in_rate + output_tokens * out_rate) / MILLION
+            in_rate = max(in_rate, band_in)
+            out_rate = max(out_rate, band_out)
+    return input_tokens * in_rate + output_tokens * out_rate
 
 
-def _multiplier(catalog: Catalog, entries: Sequence[ModelEntry], body: Mapping[str, Any]) -> Decimal:
+# The multiplier per catalogue, models and fast mode (the objects kept to tell a reused id from theirs).
+_FACTORS: dict[tuple, tuple[Any, tuple, float]] = {}
+
+
+def _multiplier(catalog: Catalog, entries: Sequence[ModelEntry], body: Mapping[str, Any]) -> float:
+    fast = body.get("speed") == "fast"
+    key = (id(catalog), *map(id, entries), fast)
+    hit = _FACTORS.get(key)
+    if hit is not None and hit[0] is catalog and all(map(operator.is_, hit[1], entries)):
+        return hit[2]
     factor = max((Decimal(1), *catalog.rates.service_tiers.values()))
-    if body.get("speed") == "fast":
+    if fast:
         factor *= max((Decimal(1), *(e.fast_multiplier for e in entries if e.fast_multiplier is not None)))
     # Any geo's: the one upstream reports (a workspace's default) is billed, whether the body names one or not.
     factor *= max((Decimal(1), *(m for e in entries for m in e.geo_multipliers.values())))
-    return factor
+    if len(_FACTORS) >= 4096:
+        _FACTORS.clear()
+    _FACTORS[key] = (catalog, tuple(entries), float(factor))
+    return float(factor)
 
 
 def _shape(body: Optional[Mapping[str, Any]], body_bytes: int) -> _Shape:
     shape = _Shape(input=max(0, body_bytes))
-    if not isinstance(body, Mapping):
+    if type(body) is not dict and not isinstance(body, Mapping):
         return shape
     max_tokens = body.get("max_tokens")
     shape.output = min(max_tokens, MAX_BOUND_TOKENS) if type(max_tokens) is int and max_tokens > 0 else 0
@@ -146,7 +186,7 @@ def _shape(body: Optional[Mapping[str, Any]], body_bytes: int) -> _Shape:
     if isinstance(tools, list) and tools:
         shape.input += TOOL_PROMPT_TOKENS
         for tool in tools:
-            if not isinstance(tool, Mapping):
+            if type(tool) is not dict and not isinstance(tool, Mapping):
                 continue
             kind = tool.get("type")
             uses = tool.get("max_uses")
@@ -183,7 +223,7 @@ def _sources(blocks: Any, shape: _Shape) -> int:
     if not isinstance(blocks, list):
         return 0
     for block in blocks:
-        if not isinstance(block, Mapping):
+        if type(block) is not dict and not isinstance(block, Mapping):
             continue
         content = block.get("content")
         if isinstance(content, list):
@@ -192,9 +232,9 @@ def _sources(blocks: Any, shape: _Shape) -> int:
         source = block.get("source")
         if kind == "image":
             images += 1             # a small or well-compressed image has more tokens than bytes
-        elif kind == "container_upload" or (kind == "document" and isinstance(source, Mapping)
+        elif kind == "container_upload" or (kind == "document" and source is not None and isinstance(source, Mapping)
                                             and source.get("type") in ("url", "file", "base64")):
             shape.opaque = True     # a PDF's pages are tokens of their own, whatever its size
-        if isinstance(source, Mapping) and isinstance(source.get("content"), list):
+        if source is not None and isinstance(source, Mapping) and isinstance(source.get("content"), list):
             images += _sources(source["content"], shape)
     return images
