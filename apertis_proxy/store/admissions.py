@@ -330,13 +330,16 @@ class SqliteAdmissions:
                 return
             return _fail(batch, exc)
         self._waiting_since = None
-        outcomes = []
-        # Each step of a group runs under a savepoint of its own: a step that fails is undone alone and
-        # its caller gets the error, the others commit together.  An error that ended the whole
+        alone = len(batch) == 1
+        outcomes, ended = ([], None) if alone else self._run_together(conn, batch)
+        if ended is not None:
+            _abort(conn)
+            return _fail(batch, ended)
+        # A group in which a step failed runs again with a savepoint per step: a step that fails is undone
+        # alone and its caller gets the error, the others commit together.  An error that ended the whole
         # transaction (SQLite rolls back by itself on a full disk or an I/O error) fails every step: none
         # of them stays, and nothing runs after it outside the group.
-        alone = len(batch) == 1
-        for step, args, future in batch:
+        for step, args, future in (batch if not outcomes else ()):
             try:
                 if not alone:
                     conn.execute("SAVEPOINT step")
@@ -345,7 +348,7 @@ class SqliteAdmissions:
                     conn.execute("RELEASE step")
                 outcomes.append((future, result, None))
             except Exception as exc:  # noqa: BLE001 - that step's caller gets it; the others go on
-                if not alone and _undo_step(conn):
+                if not alone and _undo(conn, "step"):
                     outcomes.append((future, None, exc))
                     continue
                 _abort(conn)
@@ -363,6 +366,17 @@ class SqliteAdmissions:
                     future.set_result(result)
                 else:
                     future.set_exception(exc)
+
+    @staticmethod
+    def _run_together(conn, batch: list) -> tuple[list, Optional[Exception]]:
+        """The group's steps one after the other under one savepoint (the common case: none fails, and
+        no step pays a savepoint of its own): their outcomes; none when a step failed and the group was
+        undone (it runs again step by step), with the error when that ended the transaction itself."""
+        conn.execute("SAVEPOINT steps")
+        try:
+            return [(future, step(conn, *args), None) for step, args, future in batch], None
+        except Exception as exc:  # noqa: BLE001 - run again step by step, the failing step's caller gets it
+            return [], (None if _undo(conn, "steps") else exc)
 
     def _retry(self, batch: list) -> bool:
         """Put `batch` back in front and try again shortly; False once the lock was waited for too long."""
@@ -414,13 +428,13 @@ def _abort(conn) -> None:
             pass        # SQLite ended it itself meanwhile
 
 
-def _undo_step(conn) -> bool:
-    """Undo the failed step of a group (its savepoint); False when the transaction itself is gone."""
+def _undo(conn, savepoint: str) -> bool:
+    """Undo what ran since `savepoint`; False when the transaction itself is gone."""
     if not conn.in_transaction:
         return False
     try:
-        conn.execute("ROLLBACK TO step")
-        conn.execute("RELEASE step")
+        conn.execute(f"ROLLBACK TO {savepoint}")
+        conn.execute(f"RELEASE {savepoint}")
     except sqlite3.Error:
         return False
     return conn.in_transaction
