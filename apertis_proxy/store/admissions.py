@@ -139,12 +139,14 @@ def decide(limits: Limits, use: Use, now: float, bound_cost: float, bound_tokens
 _SPEND_LIFETIME = "SELECT cost, tokens FROM key_spend WHERE key_id = ?1"
 _SPEND_PERIOD = "SELECT cost, tokens FROM key_period_spend WHERE key_id = ?1 AND period = ?3 AND start = ?4"
 
-# ?1 key id, ?2 now, (?3 period, ?4 its start).  Requests in flight count while their holder's lease runs;
-# ended ones (exact costs, summed in admission_ended) count whatever became of their holder, until their
-# ledger rows settle them.
+# ?1 key id, ?2 now, (?3 period, ?4 its start), ?5 the start of the minute (NULL without a requests-per-minute
+# limit: no time is then counted as having left it).  Requests in flight count while their holder's lease
+# runs; ended ones (exact costs, summed in admission_ended) count whatever became of their holder, until
+# their ledger rows settle them.
 _USE = """
 SELECT COALESCE(s.cost, 0) + COALESCE(e.cost, 0), COALESCE(s.tokens, 0) + COALESCE(e.tokens, 0),
        a.live, a.live_cost, a.live_tokens, COALESCE((SELECT n FROM admission_counts WHERE key_id = ?1), 0),
+       (SELECT COUNT(*) FROM admission_times WHERE key_id = ?1 AND at <= ?5),
        (SELECT COUNT(*) FROM limit_leases WHERE expires_at > ?2)
 FROM (SELECT COUNT(*) AS live, COALESCE(SUM(a.cost), 0) AS live_cost, COALESCE(SUM(a.tokens), 0) AS live_tokens
       FROM admissions a INDEXED BY admissions_live JOIN limit_leases l ON l.holder = a.holder
@@ -158,13 +160,12 @@ _USE_PERIOD = _USE.format(spend=_SPEND_PERIOD)
 _ADMIT = ("INSERT INTO admissions (key_id, request_id, holder, admitted_at, live, cost, tokens)"
           " VALUES (?, ?, ?, ?, 1, ?, ?)")
 # The minute: one row per admission, and their number per key, so that a decision reads one
-# counter instead of counting rows; rows leave the window as the key's next admission looks.
+# counter (less the rows that left the window, which the key's next admission deletes).
 _LEFT_WINDOW = "DELETE FROM admission_times WHERE key_id = ? AND at <= ?"
-_UNCOUNT = "UPDATE admission_counts SET n = n - ? WHERE key_id = ?"
-_OLDEST = "SELECT MIN(at) FROM admission_times WHERE key_id = ?"
+_OLDEST = "SELECT MIN(at) FROM admission_times WHERE key_id = ? AND at > ?"
 _ADMIT_TIME = "INSERT INTO admission_times (key_id, at, request_id) VALUES (?, ?, ?)"
-_COUNT = ("INSERT INTO admission_counts (key_id, n, last_at) VALUES (?, 1, ?)"
-          " ON CONFLICT (key_id) DO UPDATE SET n = n + 1, last_at = excluded.last_at")
+_COUNT = ("INSERT INTO admission_counts (key_id, n, last_at) VALUES (?1, 1, ?2)"
+          " ON CONFLICT (key_id) DO UPDATE SET n = n + 1 - ?3, last_at = excluded.last_at")
 RELEASE_ENDED = ("UPDATE admissions SET live = 0, cost = ?, tokens = ? WHERE key_id = ? AND request_id = ?"
                  " AND live = 1")
 _ENDED = ("INSERT INTO admission_ended (key_id, n, cost, tokens) VALUES (?, 1, ?, ?) ON CONFLICT (key_id)"
@@ -186,28 +187,26 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
     transaction SqliteAdmissions groups steps into, as every step below)."""
     key_id = limits.key_id
     now = time.time()
-    if limits.rpm is not None:
-        gone = conn.execute(_LEFT_WINDOW, (key_id, now - RPM_WINDOW)).rowcount
-        if gone:
-            conn.execute(_UNCOUNT, (gone, key_id))
+    window = None if limits.rpm is None else now - RPM_WINDOW
     if limits.quota_period is None:
-        row = conn.execute(_USE_LIFETIME, (key_id, now)).fetchone()
+        row = conn.execute(_USE_LIFETIME, (key_id, now, None, None, window)).fetchone()
     else:
         row = conn.execute(_USE_PERIOD, (key_id, now, limits.quota_period,
-                                         period_start(limits.quota_period, now))).fetchone()
+                                         period_start(limits.quota_period, now), window)).fetchone()
     use = Use(spent_cost=row[0], spent_tokens=row[1], live=row[2], live_cost=row[3], live_tokens=row[4],
-              recent=row[5], oldest=None)
+              recent=row[5] - row[6], oldest=None)
     decision = decide(limits, use, now, bound_cost, bound_tokens)
     if decision.reason == "rpm":
-        oldest = conn.execute(_OLDEST, (key_id,)).fetchone()[0]
+        oldest = conn.execute(_OLDEST, (key_id, window)).fetchone()[0]
         decision = decide(limits, dataclasses.replace(use, oldest=oldest), now, bound_cost, bound_tokens)
     elif decision.admitted:
         if limits.holds_admission:
             conn.execute(_ADMIT, (key_id, request_id, holder, now, bound_cost, bound_tokens))
-        if limits.rpm is not None:
+        if window is not None:
+            gone = conn.execute(_LEFT_WINDOW, (key_id, window)).rowcount if row[6] else 0
             conn.execute(_ADMIT_TIME, (key_id, now, request_id))
-            conn.execute(_COUNT, (key_id, now))
-    return Decision(decision.reason, decision.retry_after, decision.use, max(1, row[6]))
+            conn.execute(_COUNT, (key_id, now, gone))
+    return Decision(decision.reason, decision.retry_after, decision.use, max(1, row[7]))
 
 
 def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,

@@ -231,3 +231,31 @@ async def test_without_a_ledger_the_first_release_settles_a_collected_admission(
         assert spend[0] == pytest.approx(0.5) and spend[1] == 15
     finally:
         await store.close()
+
+
+async def test_the_minute_slides_admissions_that_left_it_stop_counting(store_url):
+    key_id = new_key(store_url, "minute")
+    store, = await opened(store_url, 1)
+    try:
+        await lease(store, "h")
+        limits = Limits(key_id, rpm=3)
+        for n in range(3):
+            assert (await admit(store, limits, f"m{n}", "h")).admitted
+        assert (await admit(store, limits, "late", "h")).reason == "rpm"
+        conn = service.connect(store_url)
+        try:
+            # Two of the three leave the minute, as if admitted 61 s ago.
+            conn.execute("UPDATE admission_times SET at = at - 61 WHERE request_id IN ('m0', 'm1')")
+            conn.commit()
+            assert (await admit(store, limits, "m3", "h")).admitted
+            assert (await admit(store, limits, "m4", "h")).admitted
+            refused = await admit(store, limits, "m5", "h")
+            # The oldest admission still in the minute (m2, a moment ago) frees the next place in ~60 s.
+            assert refused.reason == "rpm" and 55 <= refused.retry_after <= 60
+            times = sorted(r[0] for r in conn.execute("SELECT request_id FROM admission_times").fetchall())
+            assert times == ["m2", "m3", "m4"]
+            assert conn.execute("SELECT n FROM admission_counts").fetchone()[0] == 3
+        finally:
+            conn.close()
+    finally:
+        await store.close()
