@@ -25,6 +25,12 @@ CONNECT_TIMEOUT = 10.0
 STATEMENT_TIMEOUT = 5.0
 # pg_advisory_xact_lock(bigint) namespace for admissions: this << 32 | key id.
 ADMISSION_LOCK = 0x61647331
+# The admissions' connections commit without waiting for the WAL to reach the disk (the server's
+# wal_writer_delay later, 200 ms by default): an admission and a release cost no disk flush.  A crash
+# of the server loses at most the last of them: requests then in flight stop counting (as if their
+# process had died), and the minute forgets the admissions of that moment.  Ended requests' costs are
+# never lost: the ledger commits durably, and a commit makes every earlier one durable too.
+SESSION_SETTINGS = {"synchronous_commit": "off"}
 
 FUNCTIONS = f"""
 CREATE OR REPLACE FUNCTION apertis_admit(
@@ -169,7 +175,7 @@ class PgAdmissions:
     async def _connect(self, timeout: float):
         import asyncpg
         try:
-            conn = await asyncpg.connect(self.url.target, timeout=timeout)
+            conn = await asyncpg.connect(self.url.target, timeout=timeout, server_settings=SESSION_SETTINGS)
         except asyncio.TimeoutError:
             raise StoreUnavailable(f"the limits store did not take a connection within {timeout:g}s") from None
         self._open.append(conn)

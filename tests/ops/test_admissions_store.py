@@ -259,3 +259,14 @@ async def test_the_minute_slides_admissions_that_left_it_stop_counting(store_url
             conn.close()
     finally:
         await store.close()
+
+
+async def test_postgres_admissions_commit_without_waiting_for_the_disk(pg_url):
+    """Admissions and releases are transient: their connections do not wait for a WAL flush per commit
+    (pg_admissions.SESSION_SETTINGS); the ledger's own connection keeps the server's durable default."""
+    store, = await opened(pg_url, 1)
+    try:
+        setting = await store.admissions._run(lambda conn: conn.fetchval("SHOW synchronous_commit"))
+        assert setting == "off"
+    finally:
+        await store.close()
