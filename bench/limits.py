@@ -1,18 +1,17 @@
 """What per-key limits cost on the request path: keys with limits against keys without, in one run.
 
-    python bench/limits.py [--quick] [--repeat N] [--stores postgres,sqlite] [--profile]
+    python bench/limits.py [--quick] [--repeat N] [--stores postgres,sqlite] [--durable] [--profile]
 
 A key with a quota, requests per minute or concurrency is admitted by one transaction in the shared store
-(apertis_proxy/store/admissions.py, through budgets/limiter.py); a key without limits never touches the store
-on the request path.  For each store this starts `apertis-proxy serve` (PostgreSQL: a throwaway server and one
-worker; SQLite: a file and `--workers 2`) with one channel to the bench's mock, 8 keys without limits and
-8 keys whose limits never bind (quota $1,000,000, 1,000,000 requests per minute, 1,000 in flight), then drives
-64 keep-alive connections of small JSON Messages requests, spread round-robin over the 8 keys, for a fixed
-time after a warm-up: unlimited keys, then limited keys (A B, A B, ... with --repeat), twice: saturated (each
-connection sends its next request at once: throughput) and paced at --rate requests/s (latency below
-saturation).  It prints, and writes
-to bench/.work/limits.md (git-ignored), requests/s, p50 and p99 of both, the latency the limits add and the
-throughput ratio, beside the issue's targets:
+(apertis_proxy/store/admissions.py, through budgets/limiter.py); a key without limits never touches the store on
+the request path. For each store this starts `apertis-proxy serve` (PostgreSQL: a throwaway server, without fsync
+unless --durable, and one worker; SQLite: a file and `--workers 2`) with one channel to the bench's mock, 8 keys
+without limits and 8 keys whose limits never bind (quota $1,000,000, 1,000,000 requests per minute, 1,000 in
+flight), then drives 64 keep-alive connections of small JSON Messages requests, spread round-robin over the 8 keys,
+for a fixed time after a warm-up: unlimited keys, then limited keys (A B, A B, ... with --repeat), twice: saturated
+(each connection sends its next request at once: throughput) and paced at --rate requests/s (latency below
+saturation). It prints, and writes to bench/.work/limits.md (git-ignored), requests/s, p50 and p99 of both, the
+latency the limits add and the throughput ratio, beside the issue's targets:
 
 - PostgreSQL: added p50 under 1 ms and added p99 under 3 ms (limited minus unlimited, same run, paced);
 - SQLite with `serve --workers 2`: limited throughput at least 80% of unlimited (saturated).
@@ -304,7 +303,7 @@ class Bench:
             if store == "postgres":
                 from tests.support.pg_server import PgServer, PgUnavailable
                 try:
-                    self.postgres = PgServer.start()
+                    self.postgres = PgServer.start(durable=self.args.durable)
                     db = self.postgres.create_database("limits")
                 except PgUnavailable as exc:
                     self._skip(label, f"PostgreSQL unavailable: {exc}")
@@ -576,6 +575,7 @@ def render(args: argparse.Namespace, bench: Bench, started: str, elapsed: float,
     versions = procstat.package_versions(args.python, ["apertis-proxy", "h11", "uvloop", "asyncpg"])
     mode = "quick (smoke run)" if args.quick else "full"
     mode += f"; {args.repeat} round(s) of unlimited then limited keys, figures are medians over the rounds"
+    mode += "; PostgreSQL durable (fsync, synchronous commits)" if args.durable else ""
     problems = list(bench.problems)
     for s in summaries:
         lim = s.get("limited")
@@ -645,6 +645,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--rate", type=float, default=PACED_RATE,
                    help=f"requests/s offered in the paced runs (default {PACED_RATE:g})")
     p.add_argument("--stores", default="postgres,sqlite", help="postgres,sqlite or one of them")
+    p.add_argument("--durable", action="store_true",
+                   help="PostgreSQL with fsync and synchronous commits on, as in production (default: off)")
     p.add_argument("--quiet-wait", type=float,
                    help="before each run, wait up to this many seconds for a second in which no core is more than "
                         "10%% busy (default 30, 0 with --quick)")
