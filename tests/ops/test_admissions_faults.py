@@ -408,3 +408,35 @@ async def test_an_admission_cut_off_by_its_timeout_is_forgotten_if_it_committed(
         await blocker.close()
         await limiter.close()
         await store.close()
+
+
+async def test_a_release_cut_off_by_its_bound_leaves_the_pool_usable(pg_url, monkeypatch):
+    """A release waiting on a locked row past the limiter's bound is given up and retried later; the connection
+    it ran on is closed rather than handed back busy, so every later admission of the process works."""
+    import asyncpg
+
+    from apertis_proxy.budgets import limiter as limiter_module
+    monkeypatch.setattr(limiter_module, "RELEASE_TIMEOUT", 0.3)
+    key_id = new_key(pg_url, "slow-release")
+    process, = await opened(pg_url, 1)
+    limiter = Limiter(process.store)
+    limiter.admissions = process.admissions
+    blocker = await asyncpg.connect(pg_url)
+    try:
+        await lease(process, limiter.holder)
+        limits = Limits(key_id, concurrency=20, quota_cost=10.0)
+        assert (await limiter.admit(limits, "slow", 0.5, 0)).admitted
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM admissions WHERE request_id = 'slow' FOR UPDATE")
+            await limiter.release(key_id, "slow", 0.25, 10, True)       # cut off after 0.3 s: kept for later
+        for n in range(12):                                             # more than the pool's connections
+            assert (await limiter.admit(limits, f"next{n}", 0.01, 0)).admitted
+        await limiter._retry_releases()
+        assert limiter._unreleased == []
+        in_flight = await process.admissions.in_flight(key_id)
+        assert in_flight[0] == 12
+        decision = await limiter.admit(limits, "last", 0.01, 0)
+        assert decision.admitted and decision.use.spent_cost == pytest.approx(0.25)     # counted once
+    finally:
+        await blocker.close()
+        await process.close()
