@@ -617,10 +617,13 @@ class HttpConnection(asyncio.Protocol):
     def _next_cycle(self) -> None:
         # h11 never saw our response, so the next request needs a fresh one
         # holding the bytes received after the last request.
-        leftover, eof = self._h11.trailing_data
         if self._h11_is_next:
             self._h11_is_next = False   # made in _take_body, or untouched by a fast-parsed request
+            # It holds only what came after the request (counted in _buffered), and never an EOF
+            # (only this method passes one on): with nothing counted, nothing to read back.
+            leftover, eof = self._h11.trailing_data if self._buffered else (b"", False)
         else:
+            leftover, eof = self._h11.trailing_data
             self._h11 = self._new_h11()
             if leftover:
                 self._h11.receive_data(leftover)
