@@ -64,7 +64,11 @@ def upstream_headers(client: list[tuple[bytes, bytes]], channel: Channel, host: 
         # Hop-by-hop names the client listed go from the client's own headers only:
         # never from the gateway's four lines (a client listing x-api-key or
         # content-length would strip the channel's credential or the framing).
-        out[_OWN:] = [(n, v) for n, v in out[_OWN:] if n not in listed]
+        # Names dropped anyway (`keep-alive`, what clients list) are none of the
+        # client's headers kept here: only the others need a pass over them.
+        listed -= _DROP_UPSTREAM
+        if listed:
+            out[_OWN:] = [(n, v) for n, v in out[_OWN:] if n not in listed]
     if channel.options:
         for name, option in _OPERATOR_HEADERS:
             value = channel.options.get(option)

@@ -24,7 +24,7 @@ from decimal import Decimal
 from typing import Any, Mapping, Optional
 
 from ..plugin_api import UsageRecord
-from ..store.catalog import Catalog, ModelEntry, PRICE_FIELDS
+from ..store.catalog import Catalog, ModelEntry, PRICE_FIELDS, PriceRow
 
 MILLION = Decimal(1_000_000)
 # Ledger precision: far below a cent, so sums of rows stay exact to the cent.
@@ -63,7 +63,9 @@ def billable(record: UsageRecord) -> bool:
 
 def price(record: UsageRecord, catalog: Catalog) -> None:
     """Set record.cost (USD, None when unpriced) and record.prices (what it was computed with)."""
-    if not billable(record):
+    # billable(), inline: every request passes here.
+    if not (record.input_tokens + record.output_tokens + record.cache_read_input_tokens
+            + record.cache_creation_input_tokens or record.web_search_requests or record.iterations):
         record.cost, record.prices = 0.0, None
         return
     entry = catalog.lookup(record.upstream_model) or catalog.lookup(record.requested_model)
@@ -83,23 +85,60 @@ def price(record: UsageRecord, catalog: Catalog) -> None:
 def _rates_at(entry: Optional[ModelEntry], name: Optional[str], ts: float):
     if entry is None:
         raise Unpriced(f"model {name} is not in the catalogue")
-    row = entry.price_at(ts)
+    row = _row_at(entry, ts)
     if row is None:
         raise Unpriced(f"model {entry.id} has no price")
     return row
+
+
+# id(entry) -> (entry, from, until, entry.price_at(ts) for every ts in [from, until)): the row in force
+# changes only where some row's effective_from lies, so it is looked up again only past one.  The entry
+# is held, so its id cannot name another; a catalogue swapped whole brings new entries (bounded below).
+_ROWS: dict[int, tuple[ModelEntry, float, float, Optional[PriceRow]]] = {}
+# (id(row), band) -> (row, the record's fields that come from the row and its band, in their order).
+_LISTED: dict[tuple[int, Optional[int]], tuple[PriceRow, dict[str, Any]]] = {}
+_CACHE_MAX = 1024
+_INF = float("inf")
+
+
+def _row_at(entry: ModelEntry, ts: float) -> Optional[PriceRow]:
+    hit = _ROWS.get(id(entry))
+    if hit is not None and hit[0] is entry and hit[1] <= ts < hit[2]:
+        return hit[3]
+    row = entry.price_at(ts)
+    starts = [r.effective_from for r in entry.price_rows]
+    since = max([t for t in starts if t <= ts], default=-_INF)
+    until = min([t for t in starts if t > ts], default=_INF)
+    if len(_ROWS) >= _CACHE_MAX:
+        _ROWS.clear()
+    _ROWS[id(entry)] = (entry, since, until, row)
+    return row
+
+
+def _listed(row: PriceRow, band: Optional[int]) -> dict[str, Any]:
+    """The prices `row` lists for `band` (floats), then where they come from."""
+    key = (id(row), band)
+    hit = _LISTED.get(key)
+    if hit is not None and hit[0] is row:
+        return hit[1]
+    listed = {**row.listed[band], "effective_from": row.effective_from, "origin": row.origin, "band_above": band}
+    if len(_LISTED) >= _CACHE_MAX:
+        _LISTED.clear()
+    _LISTED[key] = (row, listed)     # the row is held: its id cannot name another
+    return listed
 
 
 def _quote(record: UsageRecord, entry: Optional[ModelEntry], catalog: Catalog, detail: dict) -> Decimal:
     row = _rates_at(entry, detail["model"], record.started_at)
     assert entry is not None
     total_writes = record.cache_creation_input_tokens
-    prompt = record.input_tokens + record.cache_read_input_tokens + total_writes
-    rates, band = row.for_prompt(prompt)
+    input_tokens, output_tokens, cache_read = record.input_tokens, record.output_tokens, record.cache_read_input_tokens
+    rates, band = row.for_prompt(input_tokens + cache_read + total_writes) if row.bands else (row.rates, None)
     write_5m, write_1h = cache_split(total_writes, record.cache_creation_1h_input_tokens)
-    tokens = token_charge(rates, input_tokens=record.input_tokens, output_tokens=record.output_tokens,
-                          cache_read=record.cache_read_input_tokens, write_5m=write_5m, write_1h=write_1h)
+    # token_charge(), inline: the same expression.
+    cost = (input_tokens * rates["input"] + output_tokens * rates["output"] + cache_read * rates["cache_read"]
+            + write_5m * rates["cache_write_5m"] + write_1h * rates["cache_write_1h"]) / MILLION
     multipliers: dict[str, str] = {}      # only those that apply (not 1)
-    cost = tokens
     if record.speed == "fast":
         if entry.fast_multiplier is None:
             raise Unpriced(f"model {entry.id} has no fast-mode multiplier")
@@ -113,9 +152,10 @@ def _quote(record: UsageRecord, entry: Optional[ModelEntry], catalog: Catalog, d
     if tier != _ONE:
         cost *= tier
         multipliers["tier"] = str(tier)
-    detail.update(row.listed[band])
-    detail.update(effective_from=row.effective_from, origin=row.origin, band_above=band,
-                  cache_write_5m_tokens=write_5m, cache_write_1h_tokens=write_1h, multipliers=multipliers)
+    detail.update(_listed(row, band))
+    detail["cache_write_5m_tokens"] = write_5m
+    detail["cache_write_1h_tokens"] = write_1h
+    detail["multipliers"] = multipliers
     if record.web_search_requests:
         per_search = catalog.rates.web_search_per_request
         if per_search is None:

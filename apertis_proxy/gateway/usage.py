@@ -66,10 +66,14 @@ class UsageMeter:
         if isinstance(iterations, list):
             rec.iterations = [i for i in iterations[:_MAX_ITERATIONS] if isinstance(i, dict)]
         # The usage object as last reported, field by field (a delta lacks
-        # what only message_start carries).
+        # what only message_start carries); the first report, of a usual size
+        # and without nulls, is that object as it is.
         raw = rec.raw_usage
-        rec.raw_usage = {**(raw or {}), **{k: v for k, v in list(usage.items())[:_MAX_RAW_KEYS]
-                                          if v is not None}}
+        if raw is None and len(usage) <= _MAX_RAW_KEYS and None not in usage.values():
+            rec.raw_usage = dict(usage)
+        else:
+            rec.raw_usage = {**(raw or {}), **{k: v for k, v in list(usage.items())[:_MAX_RAW_KEYS]
+                                              if v is not None}}
 
     def message_start(self, message: Mapping[str, Any]) -> None:
         self.apply(message.get("usage"))

@@ -114,8 +114,12 @@ def _split_fields(pairs: list[tuple[bytes, bytes]], lines: int) -> Optional[tupl
     if (len(joined.translate(None, _TOKEN_BYTES)) != lines - 1            # the separators alone are left
             or b"".join(values).translate(None, _VALUE_BYTES)):
         return None
-    lowered = joined.lower().split(b"\n")
-    return list(zip(lowered, values)), lowered
+    lowered = joined.lower()
+    if lowered == joined:
+        # Every name lower-case already (as most APIs write them): the matches are the pairs.
+        return pairs, list(names)
+    names = lowered.split(b"\n")
+    return list(zip(names, values)), names
 
 
 def parse_request(data: bytes, limit: int) -> Optional[FastRequest]:

@@ -494,7 +494,8 @@ class HttpConnection(asyncio.Protocol):
         if admit is None:
             return True
         target = _request_target(event.target).decode("latin-1")
-        head = Request(event.method.decode("ascii"), target, self._headers, b"", self._client, event.http_version)
+        head = Request(event.method.decode("ascii"), target, self._headers, b"", self._client, event.http_version,
+                       type(event) is fast_head.FastRequest)
         head.request_id = request_id = new_request_id()
         refusal = admit(head)
         if refusal is None:
@@ -547,9 +548,10 @@ class HttpConnection(asyncio.Protocol):
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
         self._body = []
         target = _request_target(ev.target).decode("latin-1")
-        request = Request(ev.method.decode("ascii"), target, self._headers, body, self._client, ev.http_version)
-        keep_alive = (ev.keep_alive if type(ev) is fast_head.FastRequest
-                      else keeps_alive(ev.http_version, self._headers)) and not self.state.draining
+        fast = type(ev) is fast_head.FastRequest
+        request = Request(ev.method.decode("ascii"), target, self._headers, body, self._client, ev.http_version, fast)
+        keep_alive = ((ev.keep_alive if fast else keeps_alive(ev.http_version, self._headers))
+                      and not self.state.draining)
         responder = Responder(self, new_request_id(), keep_alive, ev.method == b"HEAD")
         self._responder = responder
         self._cycle = _HANDLING
@@ -617,10 +619,13 @@ class HttpConnection(asyncio.Protocol):
     def _next_cycle(self) -> None:
         # h11 never saw our response, so the next request needs a fresh one
         # holding the bytes received after the last request.
-        leftover, eof = self._h11.trailing_data
         if self._h11_is_next:
             self._h11_is_next = False   # made in _take_body, or untouched by a fast-parsed request
+            # It holds only what came after the request (counted in _buffered), and never an EOF
+            # (only this method passes one on): with nothing counted, nothing to read back.
+            leftover, eof = self._h11.trailing_data if self._buffered else (b"", False)
         else:
+            leftover, eof = self._h11.trailing_data
             self._h11 = self._new_h11()
             if leftover:
                 self._h11.receive_data(leftover)

@@ -9,10 +9,11 @@ class Request:
 
     # `request_id` is set only on a head handed to admit() (see protocol.py): the id a refusal
     # of it is sent with.  A complete request's id is its responder's.
-    __slots__ = ("method", "target", "path", "query", "headers", "body", "client", "http_version", "request_id")
+    __slots__ = ("method", "target", "path", "query", "headers", "body", "client", "http_version", "request_id",
+                 "ascii_headers")
 
     def __init__(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
-                 client: str, http_version: bytes) -> None:
+                 client: str, http_version: bytes, ascii_headers: bool = False) -> None:
         self.method = method
         self.target = target
         path, _, query = target.partition("?")
@@ -22,6 +23,9 @@ class Request:
         self.body = body
         self.client = client
         self.http_version = http_version
+        # Every name and value is ASCII (the fast head parser accepts no other byte): decoded as
+        # UTF-8, the codec decode() takes without an argument to parse, they give the same text.
+        self.ascii_headers = ascii_headers
 
     def header(self, name: bytes) -> Optional[bytes]:
         for k, v in self.headers:
@@ -32,7 +36,10 @@ class Request:
     def header_map(self) -> dict[str, str]:
         """Lower-case names -> values; repeated headers joined with ', '."""
         headers = self.headers
-        out = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+        if self.ascii_headers:
+            out = {k.decode(): v.decode() for k, v in headers}
+        else:
+            out = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
         if len(out) == len(headers):
             return out
         out = {}        # a name repeated: its values joined, in order

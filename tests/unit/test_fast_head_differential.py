@@ -261,6 +261,27 @@ def test_mutated_response_heads_are_declined_or_read_as_h11_reads_them(data):
     assert_h11_refusals_declined(data, h11_response(data), fast_head.parse_response)
 
 
+def lower_names(data: bytes) -> bytes:
+    """The head with every header name lower-cased (as most APIs write them): the parsers' other branch."""
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    first, *lines = head.split(b"\r\n")
+    return b"\r\n".join([first, *(name.lower() + colon + value for name, colon, value in
+                                    (line.partition(b":") for line in lines))]) + sep + rest
+
+
+@given(whole(request_heads()).map(lower_names))
+def test_request_heads_with_lower_case_names_read_as_h11_reads_them(data):
+    assert_request_agrees(data)
+    assert_h11_refusals_declined(data, h11_request(data, MAX_HEAD), fast_request)
+
+
+@given(whole(response_heads()).map(lower_names))
+@example(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nrequest-id: r\r\ncontent-length: 2\r\n\r\n{}")
+def test_response_heads_with_lower_case_names_read_as_h11_reads_them(data):
+    assert_response_agrees(data)
+    assert_h11_refusals_declined(data, h11_response(data), fast_head.parse_response)
+
+
 def strict_fields(data: bytes, start: int, stop: int):
     """What the strict pattern alone reads from the header lines in data[start:stop]; None if it declines."""
     pairs = fast_head._FIELD_RE.findall(data, start, stop)

@@ -14,6 +14,7 @@ import pytest
 
 from apertis_proxy.http import head_check
 from apertis_proxy.http.fast_head import COUNTS, parse_request
+from apertis_proxy.http.request import Request
 from apertis_proxy.upstream.connection import UpstreamConnection, UpstreamError
 from tests.support.rawhttp import RawConnection, request_bytes
 from tests.support.metrics import scrape_samples, value
@@ -191,3 +192,17 @@ async def test_upstream_fast_heads_switch(monkeypatch):
         assert await exchange(conn) == (200, UPSTREAM_BODY)
         conn.close()
     assert moved(before) == {"response_h11": 1}
+
+
+def test_header_map_of_a_fast_parsed_head_is_the_latin1_map():
+    data = (b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nX-Api-Key: k\r\nAccept: */*\r\nX-Two: 1\r\nx-two: 2\r\n"
+            b"Content-Length: 0\r\n\r\n")
+    event = parse_request(data, 65536)
+    assert event is not None
+    fast = Request("POST", "/v1/messages", event.headers, b"", "c", b"1.1", True)
+    plain = Request("POST", "/v1/messages", event.headers, b"", "c", b"1.1")
+    assert list(fast.header_map().items()) == list(plain.header_map().items())
+    assert fast.header_map()["x-two"] == "1, 2"
+    # A value with obs-text is never fast-parsed (h11 takes it): its bytes are decoded one for one.
+    assert parse_request(data.replace(b"X-Api-Key: k", b"X-Api-Key: \xe9"), 65536) is None
+    assert Request("GET", "/", [(b"x", b"\xe9")], b"", "c", b"1.1").header_map() == {"x": "\xe9"}
