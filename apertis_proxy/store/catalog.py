@@ -95,11 +95,14 @@ class ModelEntry:
 
     def price_at(self, ts: float) -> Optional[PriceRow]:
         """The row in force at `ts`: the operator's latest if any applies, else the catalogue's."""
-        best: dict[str, PriceRow] = {}
-        for row in self.price_rows:
+        operator = catalog = None
+        for row in self.price_rows:         # in order of effective_from: the last one in force wins
             if row.effective_from <= ts:
-                best[row.origin] = row
-        return best.get("operator") or best.get("catalog")
+                if row.origin == "operator":
+                    operator = row
+                elif row.origin == "catalog":
+                    catalog = row
+        return operator or catalog
 
     @property
     def prices(self) -> Optional[Mapping[str, Decimal]]:
