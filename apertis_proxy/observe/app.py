@@ -50,7 +50,7 @@ class Observability:
         self.recorder: Optional[Recorder] = None
         if settings.metrics_enabled or self.access_log is not None:
             self.recorder = Recorder(lambda name: name in catalog.catalog.by_name,
-                                     per_key=settings.metrics_per_key, on_end=self.access_log,
+                                     per_key=settings.metrics_per_key, log=self.access_log,
                                      count=settings.metrics_enabled)
         self.readiness = Readiness(store)
         self.allowed = [ipaddress.ip_network(n, strict=False) for n in settings.metrics_allow]
