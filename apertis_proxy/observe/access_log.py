@@ -134,9 +134,15 @@ class AccessLog:
         return (self.pieces(method, path, status, record), when, seconds, client, request_id, record)
 
     def arm(self) -> None:
-        """The first request noted since the last flush: flush FLUSH_INTERVAL seconds from now."""
+        """The first request noted since the last flush: flush FLUSH_INTERVAL seconds from now
+        (unless a timer is armed already: a flush at FLUSH_LINES leaves it)."""
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + FLUSH_INTERVAL, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        self.flush()
 
     def __call__(self, entry: tuple) -> None:
         pending = self.pending
@@ -192,16 +198,16 @@ class AccessLog:
         return "".join(out).encode()
 
     def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Write the lines of the requests noted so far (an armed timer stays: cancelling one
+        costs more than the empty flush it does when it is due)."""
         entries, self.pending = self.pending, []
         if not entries:
             return
+        data = self.lines(entries)
         stream = sys.stderr
         out = getattr(stream, "buffer", None)
         try:
-            for chunk in _chunks(self.lines(entries)):
+            for chunk in ((data,) if len(data) <= PIPE_BUF else _chunks(data)):
                 if out is not None:
                     out.write(chunk)
                     out.flush()         # one write(2) per chunk
@@ -212,6 +218,9 @@ class AccessLog:
             pass        # stderr gone (closed pipe): the log cannot be written, the requests still are
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.flush()
 
 

@@ -1,7 +1,9 @@
 """This process's figures: counters, histograms and gauges kept in plain dicts.
 
-The request path calls `begin()` and `end()` around every request and, through
-the plugin host, `routed()`, `attempt()` and `finished()` in between.  Each is
+The request path calls `begin()` (observe/app.py does its work inline) and
+`end()` around every request and, through the plugin host, `routed()`,
+`attempt()` and `finished()` in between; `end()` also notes the request for
+the access log.  Each is
 a few dictionary updates: prometheus_client's own metric objects cost ~30 us
 per request here (labels() lookups, a lock and, across workers, an mmap write
 per value), several times the whole budget.  `snapshot()` hands the figures to
@@ -139,6 +141,7 @@ class Recorder:
 
     # -- hooks on the request path --------------------------------------------
     def begin(self, request_id: str) -> Cycle:
+        """A request's cycle starts (ObservedApp.__call__ repeats these lines: a call less a request)."""
         cycle = self.cycles[request_id] = [_clock(), False, 0, None, None]
         self.in_flight += 1
         return cycle
