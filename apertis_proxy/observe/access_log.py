@@ -40,7 +40,8 @@ PIPE_BUF = 4096
 _NO_USAGE = UsageRecord(request_id="", started_at=0.0, endpoint="")
 # A value written bare in the text format; others are quoted, so a client's model name cannot forge a line.
 _PLAIN = re.compile(r'[^\s"=\\]+').fullmatch
-# Text lines of one kind of request (see _template) remembered, and the longest template remembered.
+# Costs and clients remembered as text; the longest pieces of a kind of request the recorder remembers (a longer
+# path or model name is formatted again for each request, not kept).
 MAX_TEMPLATES = 4096
 MAX_TEMPLATE_CHARS = 2048
 
@@ -55,38 +56,36 @@ def _text(value: Optional[str]) -> str:
 def _text_template(method: Optional[str], path: Optional[str], status: int, r: UsageRecord,
                    error_type: Optional[str]) -> tuple[str, ...]:
     """The text line of one kind of request, as the pieces around what differs from request to
-    request (time, request id, client, ttfb, duration, the four token counts, cost): joined with
-    those, without formatting the whole line each time."""
+    request: the time, request id, client, then ttfb, duration, the four token counts and cost
+    (those after the last piece, the same for every kind)."""
     return ("", " INFO " + LOGGER + ": " + _text(f"{method or '-'} {path or '-'} {status}") + " request_id=",
             " key_name=" + _text(r.key_name) + " client=",
             " method=" + _text(method) + " path=" + _text(path) + " requested_model=" + _text(r.requested_model) +
             " upstream_model=" + _text(r.upstream_model) + " channel_name=" + _text(r.channel_name) +
             f" attempts={r.attempts:d} status={status:d} error_type=" + _text(error_type) +
-            (" stream=true" if r.stream else " stream=false") + " ttfb_ms=",
-            " duration_ms=", " input_tokens=", " output_tokens=", " cache_read_input_tokens=",
-            " cache_creation_input_tokens=", " cost=", "\n")
+            (" stream=true" if r.stream else " stream=false") + " ttfb_ms=")
 
 
 def _json_template(method: Optional[str], path: Optional[str], status: int, r: UsageRecord,
                    error_type: Optional[str]) -> tuple[str, ...]:
-    """The same pieces for a JSON line: one object, the fields in the text line's order."""
+    """The same pieces for a JSON line: one object, the fields in the text line's order (the
+    second piece starts with the `Z` that ends the time).  The request id goes between quotes
+    as it is: the gateway makes them (`req_` and hex digits, http/request_ids.py), and the
+    text format writes them bare too."""
     def value(v: object) -> str:
         return orjson.dumps(v).decode()
-    return ('{"time":"', '","level":"INFO","logger":"' + LOGGER + '","message":' +
-            value(f"{method or '-'} {path or '-'} {status}") + ',"request_id":',
-            ',"key_name":' + value(r.key_name) + ',"client":',
+    return ('{"time":"', 'Z","level":"INFO","logger":"' + LOGGER + '","message":' +
+            value(f"{method or '-'} {path or '-'} {status}") + ',"request_id":"',
+            '","key_name":' + value(r.key_name) + ',"client":',
             ',"method":' + value(method) + ',"path":' + value(path) + ',"requested_model":' +
             value(r.requested_model) + ',"upstream_model":' + value(r.upstream_model) + ',"channel_name":' +
             value(r.channel_name) + f',"attempts":{r.attempts:d},"status":{status:d},"error_type":' +
-            value(error_type) + ',"stream":' + value(bool(r.stream)) + ',"ttfb_ms":',
-            ',"duration_ms":', ',"input_tokens":', ',"output_tokens":', ',"cache_read_input_tokens":',
-            ',"cache_creation_input_tokens":', ',"cost":', "}\n")
+            value(error_type) + ',"stream":' + value(bool(r.stream)) + ',"ttfb_ms":')
 
 
-# Numbers as text (the same in JSON), from tables: token counts and whole milliseconds are mostly
-# small (a fraction of a millisecond is logs.THOUSANDTHS).
-_SMALL = [str(n) for n in range(4096)]
 _costs: dict[Optional[float], str] = {}
+# Clients (an address and port: one a connection) as JSON strings.
+_clients: dict[str, str] = {}
 
 
 def _cost_text(cost: Optional[float]) -> str:
@@ -100,92 +99,115 @@ def _cost_text(cost: Optional[float]) -> str:
     return text
 
 
-def _millis_text(micros: int) -> str:
-    """Microseconds as milliseconds with three decimals (integer arithmetic, no float formatting)."""
-    millis = micros // 1000
-    return (_SMALL[millis] if 0 <= millis < 4096 else str(millis)) + "." + THOUSANDTHS[micros % 1000]
+def _client_json(client: str) -> str:
+    text = _clients.get(client)
+    if text is None:
+        if len(_clients) >= MAX_TEMPLATES:
+            _clients.clear()
+        text = _clients[client] = orjson.dumps(client).decode()
+    return text
 
 
 class AccessLog:
+    """The request path notes each request as one tuple in `pending` (see Recorder.end):
+    (its kind's line pieces, perf_counter time, seconds, client, request id, usage record or
+    None), arms the timer with the first (`arm`) and flushes at FLUSH_LINES; every
+    FLUSH_INTERVAL seconds the noted requests become lines, formatted and written together."""
+
     def __init__(self, fmt: str) -> None:
         self.json = fmt == "json"
-        # The request path only notes the facts (one tuple: perf_counter time, seconds,
-        # status, method, path, client, request id, usage record or None); lines are
-        # formatted and written together, every FLUSH_INTERVAL seconds.
-        self._pending: list[tuple] = []
+        self.pending: list[tuple] = []
         self._timer: Optional[asyncio.TimerHandle] = None
-        self._templates: dict[tuple, tuple[str, ...]] = {}
-        self._stamp = Clock(utc=self.json).at_millis
+        self._template = _json_template if self.json else _text_template
+        self._clock = Clock(utc=self.json)
+
+    def pieces(self, method: Optional[str], path: Optional[str], status: int,
+               record: Optional[UsageRecord]) -> tuple[str, ...]:
+        """The pieces of the lines of one kind of request (the recorder keeps them with the kind's series)."""
+        r = record or _NO_USAGE
+        error_type = r.error_type or (error_type_for(status) if status >= 400 else None)
+        return self._template(method, path, status, r, error_type)
+
+    def entry(self, when: float, seconds: float, status: int, method: Optional[str], path: Optional[str],
+              client: str, request_id: str, record: Optional[UsageRecord]) -> tuple:
+        """What a request leaves in `pending`, from its facts."""
+        return (self.pieces(method, path, status, record), when, seconds, client, request_id, record)
+
+    def arm(self) -> None:
+        """The first request noted since the last flush: flush FLUSH_INTERVAL seconds from now
+        (unless a timer is armed already: a flush at FLUSH_LINES leaves it)."""
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + FLUSH_INTERVAL, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        self.flush()
 
     def __call__(self, entry: tuple) -> None:
-        pending = self._pending
+        pending = self.pending
         pending.append(entry)
         if len(pending) >= FLUSH_LINES:
             self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
+        else:
+            self.arm()
 
     def refused(self, status: int, error_type: str, request_id: str, method: Optional[str], path: Optional[str],
                 client: str) -> None:
         """A request the HTTP layer refused before the gateway saw it."""
         record = UsageRecord(request_id=request_id, started_at=0.0, endpoint="", error_type=error_type)
-        self((time.perf_counter(), 0.0, status, method, path, client, request_id, record))
+        self(self.entry(time.perf_counter(), 0.0, status, method, path, client, request_id, record))
 
     def lines(self, entries: list[tuple]) -> bytes:
-        """The log lines of noted requests, as one block of bytes: the pieces of every line
-        gathered into one list, joined and encoded once."""
-        dumps, as_json, small = orjson.dumps, self.json, _SMALL
-        template, templates = (_json_template if as_json else _text_template), self._templates
-        no_ttfb = "null" if as_json else "-"
-        stamp, last_millis = self._stamp, -1
+        """The log lines of noted requests, as one block of bytes: one f-string a line (the
+        values that differ from request to request between the pieces of its kind), joined
+        and encoded once.  Numbers are integer arithmetic: milliseconds with three decimals
+        from a table of three-digit strings, no float formatting."""
+        as_json, th = self.json, THOUSANDTHS
+        costs, clients, no_usage = _costs, _clients, _NO_USAGE
+        second_prefix = self._clock.second_prefix
+        last_second, prefix = -1, ""
         to_wall = time.time() - time.perf_counter()
         out: list[str] = []
-        extend = out.extend
-        for when, seconds, status, method, path, client, request_id, r in entries:
-            r = r or _NO_USAGE
-            # What the line of this kind of request says besides the figures: its template's key.
-            kind = (method, path, status, r.key_name, r.requested_model, r.upstream_model, r.channel_name,
-                    r.attempts, r.error_type, r.stream)
-            pieces = templates.get(kind)
-            if pieces is None:
-                error_type = r.error_type or (error_type_for(status) if status >= 400 else None)
-                pieces = template(method, path, status, r, error_type)
-                if len(pieces[3]) <= MAX_TEMPLATE_CHARS:
-                    if len(templates) >= MAX_TEMPLATES:
-                        templates.clear()
-                    templates[kind] = pieces
+        append = out.append
+        for (p0, p1, p2, p3), when, seconds, client, request_id, r in entries:
+            r = r or no_usage
             millis = int((when + to_wall) * 1000)
-            if millis != last_millis:
-                last_millis = millis
-                time_text = stamp(millis)
-            if as_json:
-                request_id, client = dumps(request_id).decode(), dumps(client).decode()
+            if millis // 1000 != last_second:
+                last_second = millis // 1000
+                prefix = second_prefix(last_second)
             ttfb = r.ttfb_ms
-            n_in, n_out, n_read, n_write = (r.input_tokens, r.output_tokens, r.cache_read_input_tokens,
-                                            r.cache_creation_input_tokens)
-            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10 = pieces
-            extend((
-                p0, time_text, p1, request_id, p2, client, p3,
-                no_ttfb if ttfb is None else _millis_text(round(ttfb * 1000)),
-                p4, _millis_text(int(seconds * 1_000_000)),
-                p5, small[n_in] if 0 <= n_in < 4096 else str(n_in),
-                p6, small[n_out] if 0 <= n_out < 4096 else str(n_out),
-                p7, small[n_read] if 0 <= n_read < 4096 else str(n_read),
-                p8, small[n_write] if 0 <= n_write < 4096 else str(n_write),
-                p9, _costs.get(r.cost) or _cost_text(r.cost), p10))
+            micros = int(seconds * 1_000_000)
+            cost = r.cost
+            if as_json:
+                ttfb_text = "null" if ttfb is None else f"{(t := round(ttfb * 1000)) // 1000}.{th[t % 1000]}"
+                append(f'{p0}{prefix}{th[millis % 1000]}{p1}{request_id}{p2}'
+                       f'{clients.get(client) or _client_json(client)}{p3}{ttfb_text}'
+                       f',"duration_ms":{micros // 1000}.{th[micros % 1000]}'
+                       f',"input_tokens":{r.input_tokens},"output_tokens":{r.output_tokens}'
+                       f',"cache_read_input_tokens":{r.cache_read_input_tokens}'
+                       f',"cache_creation_input_tokens":{r.cache_creation_input_tokens}'
+                       f',"cost":{costs.get(cost) or _cost_text(cost)}}}\n')
+            else:
+                ttfb_text = "-" if ttfb is None else f"{(t := round(ttfb * 1000)) // 1000}.{th[t % 1000]}"
+                append(f"{prefix}{th[millis % 1000]}{p1}{request_id}{p2}{client}{p3}{ttfb_text}"
+                       f" duration_ms={micros // 1000}.{th[micros % 1000]} input_tokens={r.input_tokens}"
+                       f" output_tokens={r.output_tokens} cache_read_input_tokens={r.cache_read_input_tokens}"
+                       f" cache_creation_input_tokens={r.cache_creation_input_tokens}"
+                       f" cost={costs.get(cost) or _cost_text(cost)}\n")
         return "".join(out).encode()
 
     def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        entries, self._pending = self._pending, []
+        """Write the lines of the requests noted so far (an armed timer stays: cancelling one
+        costs more than the empty flush it does when it is due)."""
+        entries, self.pending = self.pending, []
         if not entries:
             return
+        data = self.lines(entries)
         stream = sys.stderr
         out = getattr(stream, "buffer", None)
         try:
-            for chunk in _chunks(self.lines(entries)):
+            for chunk in ((data,) if len(data) <= PIPE_BUF else _chunks(data)):
                 if out is not None:
                     out.write(chunk)
                     out.flush()         # one write(2) per chunk
@@ -196,6 +218,9 @@ class AccessLog:
             pass        # stderr gone (closed pipe): the log cannot be written, the requests still are
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.flush()
 
 

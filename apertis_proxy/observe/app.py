@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import time
 from typing import Any, Callable, Optional
 
 import orjson
@@ -26,6 +27,7 @@ from .readiness import Readiness, StoreUnreachable
 from .recorder import Recorder
 
 _JSON = (b"content-type", b"application/json")
+_clock = time.perf_counter     # the recorder's clock (a request's cycle starts here, see Recorder.begin)
 
 
 def client_ip(client: str) -> Optional[ipaddress._BaseAddress]:
@@ -50,7 +52,7 @@ class Observability:
         self.recorder: Optional[Recorder] = None
         if settings.metrics_enabled or self.access_log is not None:
             self.recorder = Recorder(lambda name: name in catalog.catalog.by_name,
-                                     per_key=settings.metrics_per_key, on_end=self.access_log,
+                                     per_key=settings.metrics_per_key, log=self.access_log,
                                      count=settings.metrics_enabled)
         self.readiness = Readiness(store)
         self.allowed = [ipaddress.ip_network(n, strict=False) for n in settings.metrics_allow]
@@ -182,7 +184,9 @@ class ObservedApp:
         if recorder is None:
             return await (self.app(req, resp) if own is None else self._answer(own, req, resp))
         request_id = resp.request_id
-        cycle = recorder.begin(request_id)
+        # Recorder.begin(), inline: a call less on every request.
+        cycle = recorder.cycles[request_id] = [_clock(), False, 0, None, None]
+        recorder.in_flight += 1
         try:
             # The gateway's application awaited directly: a coroutine less per request.
             await (self.app(req, resp) if own is None else self._answer(own, req, resp))

@@ -42,13 +42,16 @@ class Clock:
         if millis == self._millis:          # busy: several lines in one millisecond
             return self._stamp
         self._millis = millis
-        second = millis // 1000
+        self._stamp = self.second_prefix(millis // 1000) + THOUSANDTHS[millis % 1000] + ("Z" if self._utc else "")
+        return self._stamp
+
+    def second_prefix(self, second: int) -> str:
+        """The timestamp of a time in whole seconds since the epoch, up to its milliseconds."""
         if second != self._second:
             self._second = second
             self._prefix = (time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)) if self._utc
                             else time.strftime("%Y-%m-%d %H:%M:%S,", time.localtime(second)))
-        self._stamp = self._prefix + THOUSANDTHS[millis % 1000] + ("Z" if self._utc else "")
-        return self._stamp
+        return self._prefix
 
 
 class JsonFormatter(logging.Formatter):

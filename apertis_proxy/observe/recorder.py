@@ -1,7 +1,9 @@
 """This process's figures: counters, histograms and gauges kept in plain dicts.
 
-The request path calls `begin()` and `end()` around every request and, through
-the plugin host, `routed()`, `attempt()` and `finished()` in between.  Each is
+The request path calls `begin()` (observe/app.py does its work inline) and
+`end()` around every request and, through the plugin host, `routed()`,
+`attempt()` and `finished()` in between; `end()` also notes the request for
+the access log.  Each is
 a few dictionary updates: prometheus_client's own metric objects cost ~30 us
 per request here (labels() lookups, a lock and, across workers, an mmap write
 per value), several times the whole budget.  `snapshot()` hands the figures to
@@ -20,6 +22,7 @@ from typing import Any, Callable, Optional
 
 from ..http import fast_head
 from ..plugin_api import Outcome, RequestInfo, UsageRecord
+from .access_log import FLUSH_LINES, MAX_TEMPLATE_CHARS, AccessLog
 
 # Seconds.  Requests range from a cached count_tokens to streams of many minutes.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -89,31 +92,36 @@ Cycle = list
 
 
 class Shape:
-    """The series one kind of request moves: the same endpoint, model, channel, code and
-    stream (and key, with per-key labels).  Looked up once per request by the raw facts,
-    so the labels, and the dictionary entries they select, are worked out once per kind."""
+    """What one kind of request moves and writes: the series of the same endpoint, model,
+    channel, code and stream (and key, with per-key labels), and with the access log on the
+    pieces of its lines (the same method, path, models, attempts, error type...).  Looked up
+    once per request by the raw facts, so the labels, the dictionary entries they select and
+    the text around a line's figures are worked out once per kind."""
 
-    __slots__ = ("requests", "usage", "duration")
+    __slots__ = ("requests", "usage", "duration", "line")
 
-    def __init__(self, requests: list[int], usage: Optional[list[int]], duration: list) -> None:
-        self.requests = requests        # [count]
+    def __init__(self, requests: Optional[list[int]], usage: Optional[list[int]], duration: Optional[list],
+                 line: Optional[tuple[str, ...]]) -> None:
+        self.requests = requests        # [count]; None with metrics off
         self.usage = usage              # [input, output, cache_read, cache_write, cost units]; None: no record
         self.duration = duration        # the request duration histogram's counts
+        self.line = line                # the access log's pieces (AccessLog.pieces); None with the log off
 
 
-# Kinds of request remembered (a shape whose model label is `other` is never remembered: the name may be learned).
+# Kinds of request remembered (a shape whose model label is `other` is never remembered: the name may be learned;
+# with the access log on, paths and the other facts of its lines are part of the kind too).
 MAX_SHAPES = 4096
 
 
 class Recorder:
     def __init__(self, known_model: Callable[[str], bool], *, per_key: bool = False,
-                 on_end: Optional[Callable[[tuple], None]] = None, count: bool = True) -> None:
+                 log: Optional[AccessLog] = None, count: bool = True) -> None:
         self._known_model = known_model
         self.per_key = per_key
-        # False with metrics off: requests are only followed for the access log (on_end).
+        # False with metrics off: requests are only followed for the access log.
         self.count = count
-        # The access log: told (perf_counter time, seconds, status, method, path, client, request id, record).
-        self.on_end = on_end
+        # The access log: end() leaves each request in its `pending` list.
+        self.log = log
         self.cycles: dict[str, Cycle] = {}
         # Model names already reported as themselves (the catalogue's, and those a channel answered 2xx for).
         self.learned_models: set[str] = set()
@@ -133,6 +141,7 @@ class Recorder:
 
     # -- hooks on the request path --------------------------------------------
     def begin(self, request_id: str) -> Cycle:
+        """A request's cycle starts (ObservedApp.__call__ repeats these lines: a call less a request)."""
         cycle = self.cycles[request_id] = [_clock(), False, 0, None, None]
         self.in_flight += 1
         return cycle
@@ -178,7 +187,7 @@ class Recorder:
             cycle[3] = record                               # RECORD
 
     def end(self, request_id: str, cycle: Cycle, req: Any, resp: Any) -> None:
-        """The request is over: count it once, with what the hooks learned."""
+        """The request is over: count it once, with what the hooks learned, and note it for the log."""
         now = _clock()
         t0, stream, outcomes, record, failed = cycle
         seconds = now - t0
@@ -186,20 +195,24 @@ class Recorder:
         self.in_flight -= 1
         path = req.path
         status = (resp.status if record is None else record.status or resp.status) or 500
+        log = self.log
+        # The kind of request: what its series and (with the log on) its line's pieces depend on.
+        if record is None:
+            fact = (path, None if log is None else req.method, status, stream)
+        elif log is not None:
+            fact = (path, req.method, status, stream, record.requested_model, record.channel_name,
+                    record.key_name, record.upstream_model, record.attempts, record.error_type, record.stream)
+        else:
+            fact = (path, None, status, stream, record.requested_model, record.channel_name,
+                    record.key_name if self.per_key else None)
+        shape = self._shapes.get(fact)
+        if shape is None:
+            shape = self._shape(fact, req.method, status, stream, record)
         if self.count:
-            endpoint = path if path in ENDPOINTS else endpoint_label(path)     # a bounded set, unlike paths
-            if record is None:
-                fact = (endpoint, None, None, status, stream, None)
-            else:
-                fact = (endpoint, record.requested_model, record.channel_name, status, stream,
-                        record.key_name if self.per_key else None)
-            shape = self._shapes.get(fact)
-            if shape is None:
-                shape = self._shape(fact, record)
-            shape.requests[0] += 1
+            shape.requests[0] += 1                                  # type: ignore[index]
             counts = shape.duration
-            counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
-            counts[-1] += seconds
+            counts[bisect_left(DURATION_BUCKETS, seconds)] += 1     # type: ignore[index]
+            counts[-1] += seconds                                   # type: ignore[index]
             if record is not None:
                 usage = shape.usage
                 usage[0] += record.input_tokens                     # type: ignore[index]
@@ -217,8 +230,13 @@ class Recorder:
                 self.streams_open -= 1
             if failed is not None:
                 self._count_attempt(failed, "status")
-        if self.on_end is not None:
-            self.on_end((now, seconds, status, req.method, path, req.client, request_id, record))
+        if log is not None:
+            pending = log.pending
+            pending.append((shape.line, now, seconds, req.client, request_id, record))
+            if len(pending) == 1:
+                log.arm()
+            elif len(pending) >= FLUSH_LINES:
+                log.flush()
 
     def refused(self, reason: str, status: int) -> None:
         """A request the HTTP layer refused before the gateway saw it (no begin/end)."""
@@ -226,23 +244,32 @@ class Recorder:
         self.refusals[key] = self.refusals.get(key, 0) + 1
 
     # -- helpers ---------------------------------------------------------------
-    def _shape(self, fact: tuple, record: Optional[UsageRecord]) -> Shape:
-        """The series of a kind of request not seen yet (remembered unless its model is `other`)."""
-        endpoint, _, channel, status, stream, key = fact
-        model = NONE if record is None else self._model_label(record)
-        channel = channel or NONE
-        key_labels = ((key or NONE),) if self.per_key else ()
-        labels = (endpoint, model, channel, status, *key_labels)
-        requests = self.requests.get(labels)
-        if requests is None:
-            requests = self.requests[labels] = [0]
-        usage = None
-        if record is not None:
-            usage = self.usage.get((model, *key_labels))
-            if usage is None:
-                usage = self.usage[(model, *key_labels)] = [0, 0, 0, 0, 0]
-        shape = Shape(requests, usage, self.duration.counts((endpoint, "true" if stream else "false")))
-        if model != OTHER:
+    def _shape(self, fact: tuple, method: Optional[str], status: int, stream: bool,
+               record: Optional[UsageRecord]) -> Shape:
+        """What a kind of request not seen yet moves and writes (remembered unless its model is
+        `other`, or its line's pieces are too long to keep)."""
+        path = fact[0]
+        line = None if self.log is None else self.log.pieces(method, path, status, record)
+        remember = line is None or len(line[3]) <= MAX_TEMPLATE_CHARS
+        if not self.count:
+            shape = Shape(None, None, None, line)
+        else:
+            endpoint = endpoint_label(path)     # a bounded set, unlike paths
+            model = NONE if record is None else self._model_label(record)
+            channel = (record and record.channel_name) or NONE
+            key_labels = (((record and record.key_name) or NONE),) if self.per_key else ()
+            labels = (endpoint, model, channel, status, *key_labels)
+            requests = self.requests.get(labels)
+            if requests is None:
+                requests = self.requests[labels] = [0]
+            usage = None
+            if record is not None:
+                usage = self.usage.get((model, *key_labels))
+                if usage is None:
+                    usage = self.usage[(model, *key_labels)] = [0, 0, 0, 0, 0]
+            shape = Shape(requests, usage, self.duration.counts((endpoint, "true" if stream else "false")), line)
+            remember = remember and model != OTHER
+        if remember:
             if len(self._shapes) >= MAX_SHAPES:
                 self._shapes.clear()
             self._shapes[fact] = shape

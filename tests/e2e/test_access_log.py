@@ -117,7 +117,8 @@ def test_a_line_quotes_what_a_client_chose_and_writes_a_missing_price_as_null(fm
                          input_tokens=5000, output_tokens=7, status=200)
     entries = [(0.0, 0.0123456, 200, "POST", "/v1/messages", "[::1]:5", "req_1", record),
                (0.0, 1.5, 404, "GET", "/x%d y", "127.0.0.1:6", "req_2", None)]
-    first, second = AccessLog(fmt).lines(entries * 2).decode().splitlines()[:2]
+    log = AccessLog(fmt)
+    first, second = log.lines([log.entry(*e) for e in entries * 2]).decode().splitlines()[:2]
     if fmt == "json":
         a, b = json.loads(first), json.loads(second)
         assert (a["requested_model"], a["cost"], a["ttfb_ms"], a["duration_ms"]) == (
