@@ -9,8 +9,8 @@ transaction against the shared store, so the limits hold across all of them:
   its exact cost until the ledger row is written, which deletes it in the same
   transaction that adds the cost to ``key_spend`` (ledger_write.py, pg_ledger.py).
 * ``admission_ended``: per key, the number and the sum of the ended rows' exact
-  costs, moved by the same statements that end and delete them, so a decision
-  reads one row whatever the ledger has not settled yet.
+  costs, moved in the transactions that end and delete them, so a decision reads
+  one row whatever the ledger has not settled yet.
 * ``admission_times`` and ``admission_counts``: when each admission of the last
   minute happened, and how many there are per key (a decision reads the count).
 * ``limit_leases``: one row per gateway process, renewed every third of its

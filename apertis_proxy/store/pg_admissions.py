@@ -5,6 +5,8 @@ event loop through an asyncpg pool (one round trip per admission, one per releas
 take turns), reads the spend, the requests in flight under live leases, the ended requests' sums and the
 minute's count in one statement (one snapshot, so a ledger row committed meanwhile counts once: as spend or as
 an ended admission), decides in the order of ``admissions.decide`` and records the admission with one more.
+A release adds to its key's ended sums; the ledger takes its rows out of them in the last statement of its
+transaction (pg_ledger.py), so that a release waits on the ledger's lock of that row for a moment at most.
 ``tests/ops/test_admissions_store.py`` runs the same cases on both backends.
 """
 from __future__ import annotations
