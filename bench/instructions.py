@@ -8,6 +8,7 @@
     python bench/instructions.py --stream             # bulk SSE streams: per stream and per event
     python bench/instructions.py --path /health       # the HTTP layer alone (no upstream, no plugins)
     python bench/instructions.py --realistic          # the SDK's request head, the API's ~25-header answer
+    python bench/instructions.py --limits             # the key with limits: admitted through the store
     python bench/instructions.py --no-fast-heads      # every head parsed by h11 ([server] fast_heads = false)
     python bench/instructions.py --h11 [--realistic]  # the heads alone: h11 and the fast parser on both heads
 
@@ -251,6 +252,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "the mock's response head (client side); only --requests, --realistic and --python apply")
     ap.add_argument("--realistic", action="store_true",
                     help="the official SDK's request head and the mock's answer with an API-like 25-header head")
+    ap.add_argument("--limits", action="store_true",
+                    help="the key with a quota, rpm and concurrency that never bind (admitted through the store)")
     ap.add_argument("--no-fast-heads", action="store_true",
                     help="every head parsed by h11 ([server] fast_heads = false)")
     ap.add_argument("--python", default=sys.executable, help="Python whose environment has apertis-proxy")
@@ -269,6 +272,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     mock = start_mock(args.python, 0, workdir, tick_ms=10)
     try:
         db, key = setup_proxy_db(cmd, workdir, mock.port)
+        if args.limits:
+            res = subprocess.run([*cmd, "keys", "set", "bench", "--quota", "1000000", "--rpm", "1000000",
+                                  "--concurrency", "1000", "--db", str(db)], capture_output=True, text=True,
+                                 timeout=60)
+            if res.returncode != 0:
+                raise ServiceError(f"'apertis-proxy keys set' failed: {(res.stdout + res.stderr).strip()[-600:]}")
         heads = "the SDK's request head and an API-like answer" if args.realistic else "the benchmark's heads"
         if args.h11:
             h = count_heads(args.python, workdir, mock.port, key, args.requests, args.realistic)
@@ -284,6 +293,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         observed = ("metrics on, access log off" if args.no_access_log
                     else f"metrics and {'JSON' if args.json_log else 'text'} access log on")
         label = (f"{args.path}, {heads}, {'metering on' if meter else 'metering off'}, "
+                 f"{'a key with limits, ' if args.limits else ''}"
                  f"{observed if observe else 'metrics and access log off'}, "
                  f"{'fast heads' if fast else 'h11 for every head'}")
         if not args.stream:
