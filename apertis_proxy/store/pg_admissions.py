@@ -31,7 +31,8 @@ ADMISSION_LOCK = 0x61647331
 # wal_writer_delay later, 200 ms by default): an admission and a release cost no disk flush.  A crash
 # of the server loses at most the last of them: requests then in flight stop counting (as if their
 # process had died), and the minute forgets the admissions of that moment.  Ended requests' costs are
-# never lost: the ledger commits durably, and a commit makes every earlier one durable too.
+# not lost: the ledger commits durably (and a commit makes every earlier one durable too), and without
+# a ledger the release that adds a cost to the spend commits durably itself (_release_and_settle).
 SESSION_SETTINGS = {"synchronous_commit": "off"}
 
 FUNCTIONS = f"""
@@ -301,7 +302,9 @@ class PgAdmissions:
 async def _release_and_settle(conn, key_id: int, request_id: str, cost: float, tokens: int,
                               period: Optional[str], start: Optional[str], retry: bool) -> None:
     """Without a ledger settling spend: the admission goes and its cost is added to the key's spend (as
-    admissions.release_step: a retry only while the admission is still there)."""
+    admissions.release_step: a retry only while the admission is still there).  The spend is money: this
+    transaction waits for its WAL flush, unlike the connection's other commits (SESSION_SETTINGS)."""
+    await conn.execute("SET LOCAL synchronous_commit = on")
     found = await conn.fetchval(_RELEASE_FREE, key_id, request_id)
     if (retry and found is None) or not (cost or tokens):
         return

@@ -440,3 +440,37 @@ async def test_a_release_cut_off_by_its_bound_leaves_the_pool_usable(pg_url, mon
     finally:
         await blocker.close()
         await process.close()
+
+
+async def test_spend_settled_without_a_ledger_survives_a_postgres_crash(tmp_path):
+    """Admissions commit without waiting for the disk, but a release that adds a cost to the spend (no ledger
+    settles it) is money: it must survive a crash of the server right after it returned."""
+    import asyncpg
+    try:
+        server = await asyncio.to_thread(PgServer.start, True)
+    except PgUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        server._psql("ALTER SYSTEM SET wal_writer_delay = '10s'")     # asynchronous commits stay unflushed
+        server._psql("SELECT pg_reload_conf()")
+        url = server.create_database("crash")
+        key_id = new_key(url, "k")
+        process, = await opened(url, 1)
+        await lease(process, "h")
+        assert (await admit(process, Limits(key_id, quota_cost=10.0), "r1", "h", cost=1.0)).admitted
+        await release(process, key_id, "r1", 0.7, 70, False)
+        await asyncio.to_thread(server.stop, "immediate")
+        for closing in (process.admissions.close, process.store.close):
+            try:
+                await closing()
+            except Exception:  # noqa: BLE001 - the server is gone
+                pass
+        await asyncio.to_thread(server.start_again)
+        conn = await asyncpg.connect(url)
+        try:
+            row = await conn.fetchrow("SELECT cost, tokens FROM key_spend WHERE key_id = $1", key_id)
+        finally:
+            await conn.close()
+        assert row is not None and row["cost"] == pytest.approx(0.7) and row["tokens"] == 70
+    finally:
+        server.close()
