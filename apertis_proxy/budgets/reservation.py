@@ -36,7 +36,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from ..gateway.model_policy import billed_extras
 from ..store.catalog import Catalog, ModelEntry
@@ -122,25 +122,36 @@ def request_bound(catalog: Catalog, entries: Sequence[ModelEntry], body: Optiona
     return Bound(min(cost, float(MAX_BOUND_TOKENS)), tokens)
 
 
-# A price row's rates as request_bound uses them, per row object (catalogue rows are immutable; a reload
-# makes new ones, so the cache is emptied when it grows).
-_RATES: dict[int, tuple[Any, tuple]] = {}
+# Values worked out from catalogue objects (immutable; a reload makes new ones), keyed by their ids and kept
+# with them, so that a cached id always belongs to the object it was computed from; emptied when it grows.
+_RATES: dict[int, tuple[tuple, tuple]] = {}
+_FACTORS: dict[tuple, tuple[tuple, float]] = {}
+_CACHED_MAX = 4096
+
+
+def _cached(cache: dict, key: Any, objects: tuple, compute: Callable[..., Any]) -> Any:
+    """compute(*objects), remembered under `key` while those very objects are the ones cached."""
+    hit = cache.get(key)
+    if hit is not None and all(map(operator.is_, hit[0], objects)):
+        return hit[1]
+    if len(cache) >= _CACHED_MAX:
+        cache.clear()
+    value = compute(*objects)
+    cache[key] = (objects, value)
+    return value
 
 
 def _per_million(row) -> tuple[float, float, tuple[tuple[int, float, float], ...]]:
     """(highest input rate: plain, cache writes, cache reads; output rate; each prompt-size band's
     threshold and the same two), USD per million tokens."""
-    hit = _RATES.get(id(row))
-    if hit is not None and hit[0] is row:
-        return hit[1]
-    if len(_RATES) >= 4096:
-        _RATES.clear()
+    return _cached(_RATES, id(row), (row,), _row_rates)
+
+
+def _row_rates(row) -> tuple:
     rates = row.rates
-    value = (float(max(rates[f] for f in _INPUT_RATES)), float(rates["output"]),
-             tuple((above, float(max(band[f] for f in _INPUT_RATES)), float(band["output"]))
-                   for above, band in row.bands))
-    _RATES[id(row)] = (row, value)
-    return value
+    return (float(max(rates[f] for f in _INPUT_RATES)), float(rates["output"]),
+            tuple((above, float(max(band[f] for f in _INPUT_RATES)), float(band["output"]))
+                  for above, band in row.bands))
 
 
 def _turn_cost(rates: tuple, input_tokens: int, output_tokens: int) -> float:
@@ -154,24 +165,17 @@ def _turn_cost(rates: tuple, input_tokens: int, output_tokens: int) -> float:
     return input_tokens * in_rate + output_tokens * out_rate
 
 
-# The multiplier per catalogue, models and fast mode (the objects kept to tell a reused id from theirs).
-_FACTORS: dict[tuple, tuple[Any, tuple, float]] = {}
-
-
 def _multiplier(catalog: Catalog, entries: Sequence[ModelEntry], body: Mapping[str, Any]) -> float:
     fast = body.get("speed") == "fast"
-    key = (id(catalog), *map(id, entries), fast)
-    hit = _FACTORS.get(key)
-    if hit is not None and hit[0] is catalog and all(map(operator.is_, hit[1], entries)):
-        return hit[2]
+    return _cached(_FACTORS, (fast, id(catalog), *map(id, entries)), (fast, catalog, *entries), _factor)
+
+
+def _factor(fast: bool, catalog: Catalog, *entries: ModelEntry) -> float:
     factor = max((Decimal(1), *catalog.rates.service_tiers.values()))
     if fast:
         factor *= max((Decimal(1), *(e.fast_multiplier for e in entries if e.fast_multiplier is not None)))
     # Any geo's: the one upstream reports (a workspace's default) is billed, whether the body names one or not.
     factor *= max((Decimal(1), *(m for e in entries for m in e.geo_multipliers.values())))
-    if len(_FACTORS) >= 4096:
-        _FACTORS.clear()
-    _FACTORS[key] = (catalog, tuple(entries), float(factor))
     return float(factor)
 
 
