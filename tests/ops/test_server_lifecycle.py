@@ -29,15 +29,18 @@ from tests.support.served_gateway import DRAIN_TIMEOUT, StreamWatcher, configure
 from tests.support.workers import TCP_ESTABLISHED, TCP_LISTEN, crash_and_replace, listening_workers, sockets_of
 from tests.support.processes import MODEL, ServeProcess, connect_refused, sdk_client, wait_for
 
-# Long enough for a stream of ~20 events to be clearly "in flight" when the signal arrives.
 # -- signals -------------------------------------------------------------------------------------------------------
+
+# A stream of ~20 events paced so that it is still in flight after the port closed, also on a loaded machine.
+IN_FLIGHT_PACE = "event-delay=0.25"
+
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_signal_drains_an_in_flight_stream(tmp_path, mock_upstream, signum):
     db = str(tmp_path / "gateway.db")
     key = prepare_db(db, mock_upstream.base_url)
     async with ServeProcess(tmp_path, db) as server:
-        stream = StreamWatcher(server.base_url, key, "event-delay=0.1")
+        stream = StreamWatcher(server.base_url, key, IN_FLIGHT_PACE)
         await stream.started()
         server.send_signal(signum)
 
