@@ -1,13 +1,18 @@
-"""Admissions on PostgreSQL: the decision of admissions.py as one function call, made from the gateway's own
-event loop through an asyncpg pool (one round trip per admission, one per release, no thread in between).
+"""Admissions on PostgreSQL: the decision of admissions.py as a function call, made from the gateway's own
+event loop through an asyncpg pool (no thread in between).  The admissions asked for while the loop runs go
+together as one call, the releases as one statement (gathered.py): one round trip and one transaction for
+each batch instead of each request.
 
-``apertis_admit`` takes an advisory lock on the key for its transaction (so the hosts' admissions of one key
-take turns), reads the spend, the requests in flight under live leases, the ended requests' sums and the
-minute's count in one statement (one snapshot, so a ledger row committed meanwhile counts once: as spend or as
-an ended admission), decides in the order of ``admissions.decide`` and records the admission with one more.
-A release adds to its key's ended sums; the ledger takes its rows out of them in the last statement of its
-transaction (pg_ledger.py), so that a release waits on the ledger's lock of that row for a moment at most.
-``tests/ops/test_admissions_store.py`` runs the same cases on both backends.
+``apertis_admit_many`` takes an advisory lock on each of the batch's keys for its transaction, in ascending
+order (so the hosts' admissions of one key take turns, and two batches never wait on each other in a cycle),
+then decides the requests one after the other, each as a call of its own would: it reads the spend, the
+requests in flight under live leases, the ended requests' sums and the minute's count in one statement (one
+snapshot, which sees the batch's earlier admissions, and in which a ledger row committed meanwhile counts
+once: as spend or as an ended admission), decides in the order of ``admissions.decide`` and records the
+admission with one more.  A release adds to its key's ended sums; the ledger takes its rows out of them in the
+last statement of its transaction (pg_ledger.py), so that a release waits on the ledger's lock of that row for
+a moment at most.  ``tests/ops/test_admissions_store.py`` runs the same cases on both backends,
+``tests/ops/test_pg_admission_batches.py`` the batches.
 """
 from __future__ import annotations
 
@@ -15,10 +20,15 @@ import asyncio
 from typing import Optional
 
 from .admissions import BUSY_RETRY_AFTER, RPM_WINDOW, STALE_LEASE_SECONDS, Decision, Limits, Renewal, Use
+from .gathered import Gathered
 from .service import StoreUnavailable
 from .url import StoreURL
 
 POOL_SIZE = 8
+# Admissions (and, apart, releases) asked for while the event loop runs go to the server together, in one
+# call: up to BATCH_MOST of them, with up to BATCHES_IN_FLIGHT such calls out at once (gathered.py).
+BATCH_MOST = 256
+BATCHES_IN_FLIGHT = 2
 # Tables every request writes to and deletes from.
 CHURNING_TABLES = ("admissions", "admission_ended", "admission_times", "admission_counts")
 CONNECT_TIMEOUT = 10.0
@@ -36,94 +46,141 @@ ADMISSION_LOCK = 0x61647331
 SESSION_SETTINGS = {"synchronous_commit": "off"}
 
 FUNCTIONS = f"""
-CREATE OR REPLACE FUNCTION apertis_admit(
-    p_key BIGINT, p_request TEXT, p_holder TEXT, p_cost DOUBLE PRECISION, p_tokens BIGINT,
-    p_quota_cost DOUBLE PRECISION, p_quota_tokens BIGINT, p_period TEXT, p_rpm BIGINT, p_concurrency BIGINT,
-    OUT reason TEXT, OUT retry_after INTEGER, OUT spent_cost DOUBLE PRECISION, OUT spent_tokens BIGINT,
-    OUT live BIGINT, OUT live_cost DOUBLE PRECISION, OUT live_tokens BIGINT, OUT recent BIGINT,
-    OUT holders BIGINT)
+CREATE OR REPLACE FUNCTION apertis_admit_many(
+    p_keys BIGINT[], p_requests TEXT[], p_holders TEXT[], p_costs DOUBLE PRECISION[], p_tokens BIGINT[],
+    p_quota_costs DOUBLE PRECISION[], p_quota_tokens BIGINT[], p_periods TEXT[], p_rpms BIGINT[],
+    p_concurrencies BIGINT[], p_locks BIGINT[])
+RETURNS TABLE (reason TEXT, retry_after INTEGER, spent_cost DOUBLE PRECISION, spent_tokens BIGINT,
+    live BIGINT, live_cost DOUBLE PRECISION, live_tokens BIGINT, recent BIGINT, holders BIGINT)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_now DOUBLE PRECISION;
     v_start TEXT;
     v_oldest DOUBLE PRECISION;
+    v_key BIGINT;
+    v_request TEXT;
+    v_cost DOUBLE PRECISION;
+    v_tokens BIGINT;
+    v_quota_cost DOUBLE PRECISION;
+    v_quota_tokens BIGINT;
+    v_period TEXT;
+    v_rpm BIGINT;
+    v_concurrency BIGINT;
 BEGIN
-    PERFORM pg_advisory_xact_lock(({ADMISSION_LOCK}::BIGINT << 32) | p_key);
-    v_now := extract(epoch FROM clock_timestamp());
-    IF p_period IS NOT NULL THEN
-        v_start := to_char(date_trunc(CASE p_period WHEN 'week' THEN 'week' WHEN 'month' THEN 'month'
-                                                    ELSE 'day' END,
-                                      to_timestamp(v_now) AT TIME ZONE 'UTC'), 'YYYY-MM-DD');
-    END IF;
-    -- One statement, one snapshot: the spend, the key's admissions (in flight: under a live lease;
-    -- ended: summed per key whatever their holder, until their ledger rows settle them), the minute's
-    -- count less the times that left it (deleted by the next admission), the live leases.
-    SELECT COALESCE(sp.cost, 0) + COALESCE(e.cost, 0), COALESCE(sp.tokens, 0) + COALESCE(e.tokens, 0),
-           ad.in_flight, ad.in_flight_cost, ad.in_flight_tokens,
-           CASE WHEN p_rpm IS NULL THEN 0 ELSE
-               COALESCE((SELECT c.n FROM admission_counts c WHERE c.key_id = p_key), 0)
-               - (SELECT COUNT(*) FROM admission_times t WHERE t.key_id = p_key AND t.at <= v_now - {RPM_WINDOW})
-           END,
-           (SELECT COUNT(*) FROM limit_leases l WHERE l.expires_at > v_now)
-      INTO spent_cost, spent_tokens, live, live_cost, live_tokens, recent, holders
-      FROM (SELECT COUNT(*) AS in_flight, COALESCE(SUM(a.cost), 0) AS in_flight_cost,
-                   COALESCE(SUM(a.tokens), 0)::BIGINT AS in_flight_tokens
-              FROM admissions a JOIN limit_leases l ON l.holder = a.holder
-             WHERE a.key_id = p_key AND a.live = 1 AND l.expires_at > v_now) ad
-      LEFT JOIN admission_ended e ON e.key_id = p_key
-      LEFT JOIN LATERAL (
-          SELECT s.cost, s.tokens FROM key_spend s WHERE p_period IS NULL AND s.key_id = p_key
-          UNION ALL
-          SELECT s.cost, s.tokens FROM key_period_spend s
-          WHERE p_period IS NOT NULL AND s.key_id = p_key AND s.period = p_period AND s.start = v_start) sp ON true;
-    IF (p_quota_cost IS NOT NULL AND spent_cost >= p_quota_cost)
-            OR (p_quota_tokens IS NOT NULL AND spent_tokens >= p_quota_tokens) THEN
-        reason := 'quota';
-        RETURN;
-    END IF;
-    IF p_concurrency IS NOT NULL AND live >= p_concurrency THEN
-        reason := 'concurrency';
-        retry_after := {BUSY_RETRY_AFTER};
-        RETURN;
-    END IF;
-    IF p_rpm IS NOT NULL AND recent >= p_rpm THEN
-        SELECT MIN(t.at) INTO v_oldest FROM admission_times t
-         WHERE t.key_id = p_key AND t.at > v_now - {RPM_WINDOW};
-        reason := 'rpm';
-        retry_after := GREATEST(1, ceil(COALESCE(v_oldest, v_now) + {RPM_WINDOW} - v_now))::INTEGER;
-        RETURN;
-    END IF;
-    IF live > 0 AND ((p_quota_cost IS NOT NULL AND spent_cost + live_cost + p_cost > p_quota_cost)
-            OR (p_quota_tokens IS NOT NULL AND spent_tokens + live_tokens + p_tokens > p_quota_tokens)) THEN
-        reason := 'quota_reserved';
-        retry_after := {BUSY_RETRY_AFTER};
-        RETURN;
-    END IF;
-    -- Admitted: recorded by one statement (the slot or reservation; with a requests-per-minute limit the
-    -- time, the times that left the minute deleted, and the count moved by both).
-    IF p_rpm IS NULL THEN
-        INSERT INTO admissions (request_id, key_id, holder, admitted_at, live, cost, tokens)
-            VALUES (p_request, p_key, p_holder, v_now, 1, p_cost, p_tokens);
-    ELSE
-        WITH gone AS (DELETE FROM admission_times t WHERE t.key_id = p_key AND t.at <= v_now - {RPM_WINDOW}
-                      RETURNING 1),
-             timed AS (INSERT INTO admission_times (key_id, at, request_id) VALUES (p_key, v_now, p_request)),
-             held AS (INSERT INTO admissions (request_id, key_id, holder, admitted_at, live, cost, tokens)
-                      SELECT p_request, p_key, p_holder, v_now, 1, p_cost, p_tokens
-                       WHERE p_concurrency IS NOT NULL OR p_quota_cost IS NOT NULL OR p_quota_tokens IS NOT NULL)
-        INSERT INTO admission_counts AS c (key_id, n, last_at) VALUES (p_key, 1, v_now)
-            ON CONFLICT (key_id) DO UPDATE SET n = c.n + 1 - (SELECT COUNT(*) FROM gone), last_at = EXCLUDED.last_at;
-    END IF;
+    -- p_locks: the distinct keys in ascending order, so two batches sharing keys never wait on each other.
+    PERFORM pg_advisory_xact_lock(({ADMISSION_LOCK}::BIGINT << 32) | k) FROM unnest(p_locks) AS k;
+    FOR i IN 1 .. cardinality(p_keys) LOOP
+        v_key := p_keys[i]; v_request := p_requests[i]; v_cost := p_costs[i]; v_tokens := p_tokens[i];
+        v_quota_cost := p_quota_costs[i]; v_quota_tokens := p_quota_tokens[i]; v_period := p_periods[i];
+        v_rpm := p_rpms[i]; v_concurrency := p_concurrencies[i];
+        reason := NULL;
+        retry_after := NULL;
+        v_now := extract(epoch FROM clock_timestamp());
+        IF v_period IS NOT NULL THEN
+            v_start := to_char(date_trunc(CASE v_period WHEN 'week' THEN 'week' WHEN 'month' THEN 'month'
+                                                        ELSE 'day' END,
+                                          to_timestamp(v_now) AT TIME ZONE 'UTC'), 'YYYY-MM-DD');
+        END IF;
+        -- One statement, one snapshot (which sees the batch's earlier admissions): the spend, the key's
+        -- admissions (in flight: under a live lease; ended: summed per key whatever their holder, until their
+        -- ledger rows settle them), the minute's count less the times that left it (deleted by the next
+        -- admission), the live leases.
+        SELECT COALESCE(sp.cost, 0) + COALESCE(e.cost, 0), COALESCE(sp.tokens, 0) + COALESCE(e.tokens, 0),
+               ad.in_flight, ad.in_flight_cost, ad.in_flight_tokens,
+               CASE WHEN v_rpm IS NULL THEN 0 ELSE
+                   COALESCE((SELECT c.n FROM admission_counts c WHERE c.key_id = v_key), 0)
+                   - (SELECT COUNT(*) FROM admission_times t WHERE t.key_id = v_key AND t.at <= v_now - {RPM_WINDOW})
+               END,
+               (SELECT COUNT(*) FROM limit_leases l WHERE l.expires_at > v_now)
+          INTO spent_cost, spent_tokens, live, live_cost, live_tokens, recent, holders
+          FROM (SELECT COUNT(*) AS in_flight, COALESCE(SUM(a.cost), 0) AS in_flight_cost,
+                       COALESCE(SUM(a.tokens), 0)::BIGINT AS in_flight_tokens
+                  FROM admissions a JOIN limit_leases l ON l.holder = a.holder
+                 WHERE a.key_id = v_key AND a.live = 1 AND l.expires_at > v_now) ad
+          LEFT JOIN admission_ended e ON e.key_id = v_key
+          LEFT JOIN LATERAL (
+              SELECT s.cost, s.tokens FROM key_spend s WHERE v_period IS NULL AND s.key_id = v_key
+              UNION ALL
+              SELECT s.cost, s.tokens FROM key_period_spend s
+              WHERE v_period IS NOT NULL AND s.key_id = v_key AND s.period = v_period AND s.start = v_start
+          ) sp ON true;
+        IF (v_quota_cost IS NOT NULL AND spent_cost >= v_quota_cost)
+                OR (v_quota_tokens IS NOT NULL AND spent_tokens >= v_quota_tokens) THEN
+            reason := 'quota';
+        ELSIF v_concurrency IS NOT NULL AND live >= v_concurrency THEN
+            reason := 'concurrency';
+            retry_after := {BUSY_RETRY_AFTER};
+        ELSIF v_rpm IS NOT NULL AND recent >= v_rpm THEN
+            SELECT MIN(t.at) INTO v_oldest FROM admission_times t
+             WHERE t.key_id = v_key AND t.at > v_now - {RPM_WINDOW};
+            reason := 'rpm';
+            retry_after := GREATEST(1, ceil(COALESCE(v_oldest, v_now) + {RPM_WINDOW} - v_now))::INTEGER;
+        ELSIF live > 0 AND ((v_quota_cost IS NOT NULL AND spent_cost + live_cost + v_cost > v_quota_cost)
+                OR (v_quota_tokens IS NOT NULL AND spent_tokens + live_tokens + v_tokens > v_quota_tokens)) THEN
+            reason := 'quota_reserved';
+            retry_after := {BUSY_RETRY_AFTER};
+        -- Admitted: recorded by one statement (the slot or reservation; with a requests-per-minute limit
+        -- the time, the times that left the minute deleted, and the count moved by both).
+        ELSIF v_rpm IS NULL THEN
+            INSERT INTO admissions (request_id, key_id, holder, admitted_at, live, cost, tokens)
+                VALUES (v_request, v_key, p_holders[i], v_now, 1, v_cost, v_tokens);
+        ELSE
+            WITH gone AS (DELETE FROM admission_times t WHERE t.key_id = v_key AND t.at <= v_now - {RPM_WINDOW}
+                          RETURNING 1),
+                 timed AS (INSERT INTO admission_times (key_id, at, request_id) VALUES (v_key, v_now, v_request)),
+                 held AS (INSERT INTO admissions (request_id, key_id, holder, admitted_at, live, cost, tokens)
+                          SELECT v_request, v_key, p_holders[i], v_now, 1, v_cost, v_tokens
+                           WHERE v_concurrency IS NOT NULL OR v_quota_cost IS NOT NULL
+                                 OR v_quota_tokens IS NOT NULL)
+            INSERT INTO admission_counts AS c (key_id, n, last_at) VALUES (v_key, 1, v_now)
+                ON CONFLICT (key_id) DO UPDATE SET n = c.n + 1 - (SELECT COUNT(*) FROM gone),
+                                                   last_at = EXCLUDED.last_at;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
 END $$;
+
+-- One admission: the call of hosts that do not batch.
+CREATE OR REPLACE FUNCTION apertis_admit(
+    p_key BIGINT, p_request TEXT, p_holder TEXT, p_cost DOUBLE PRECISION, p_tokens BIGINT,
+    p_quota_cost DOUBLE PRECISION, p_quota_tokens BIGINT, p_period TEXT, p_rpm BIGINT, p_concurrency BIGINT,
+    OUT reason TEXT, OUT retry_after INTEGER, OUT spent_cost DOUBLE PRECISION, OUT spent_tokens BIGINT,
+    OUT live BIGINT, OUT live_cost DOUBLE PRECISION, OUT live_tokens BIGINT, OUT recent BIGINT,
+    OUT holders BIGINT)
+LANGUAGE sql AS $$
+SELECT * FROM apertis_admit_many(ARRAY[p_key], ARRAY[p_request], ARRAY[p_holder], ARRAY[p_cost], ARRAY[p_tokens],
+                                 ARRAY[p_quota_cost], ARRAY[p_quota_tokens], ARRAY[p_period], ARRAY[p_rpm],
+                                 ARRAY[p_concurrency], ARRAY[p_key])
+$$;
 """
 
-_ADMIT = "SELECT * FROM apertis_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-# The request's reservation becomes its exact cost, added to its key's ended sums (admissions.release_step).
+_ADMIT_MANY = """SELECT * FROM apertis_admit_many($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::DOUBLE PRECISION[],
+    $5::BIGINT[], $6::DOUBLE PRECISION[], $7::BIGINT[], $8::TEXT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[])"""
+# Releases settled by the ledger, as admissions.release_step one after the other: a request that cost nothing
+# is forgotten; else its reservation becomes its exact cost, added to its key's ended sums in the batch's
+# order (a sum seeded with the row's value: the same floating-point additions as one release at a time).
+# The keys' ended sums are locked in ascending key order.
+_RELEASE_MANY = """
+WITH f AS (SELECT * FROM unnest($1::BIGINT[], $2::TEXT[], $3::DOUBLE PRECISION[], $4::BIGINT[])
+                         WITH ORDINALITY AS f (key_id, request_id, cost, tokens, ord)),
+freed AS (DELETE FROM admissions a USING f
+          WHERE a.key_id = f.key_id AND a.request_id = f.request_id AND a.live = 1 AND f.cost = 0 AND f.tokens = 0),
+ended AS (UPDATE admissions a SET live = 0, cost = f.cost, tokens = f.tokens FROM f
+          WHERE a.key_id = f.key_id AND a.request_id = f.request_id AND a.live = 1 AND (f.cost <> 0 OR f.tokens <> 0)
+          RETURNING f.key_id, f.ord, f.cost, f.tokens)
+INSERT INTO admission_ended AS e (key_id, n, cost, tokens)
+SELECT key_id, COUNT(*), SUM(cost ORDER BY ord), SUM(tokens) FROM ended GROUP BY key_id ORDER BY key_id
+ON CONFLICT (key_id) DO UPDATE SET n = e.n + EXCLUDED.n,
+    cost = (SELECT SUM(s.cost ORDER BY s.ord) FROM (SELECT 0 AS ord, e.cost UNION ALL
+            SELECT x.ord, x.cost FROM ended x WHERE x.key_id = e.key_id) s),
+    tokens = e.tokens + EXCLUDED.tokens
+"""
+# One release alone (the batches of a light load), as _RELEASE_MANY with less for the server to plan and run.
 _RELEASE_ENDED = """
-WITH ended AS (UPDATE admissions SET live = 0, cost = $1, tokens = $2
-               WHERE key_id = $3 AND request_id = $4 AND live = 1 RETURNING key_id)
-INSERT INTO admission_ended AS e (key_id, n, cost, tokens) SELECT key_id, 1, $1, $2 FROM ended
+WITH ended AS (UPDATE admissions SET live = 0, cost = $3, tokens = $4
+               WHERE key_id = $1 AND request_id = $2 AND live = 1 RETURNING key_id)
+INSERT INTO admission_ended AS e (key_id, n, cost, tokens) SELECT key_id, 1, $3, $4 FROM ended
 ON CONFLICT (key_id) DO UPDATE SET n = e.n + 1, cost = e.cost + EXCLUDED.cost, tokens = e.tokens + EXCLUDED.tokens
 """
 _RELEASE_FREE = "DELETE FROM admissions WHERE key_id = $1 AND request_id = $2 AND live = 1 RETURNING key_id"
@@ -165,6 +222,10 @@ class PgAdmissions:
     def __init__(self, url: StoreURL, timeout: float = STATEMENT_TIMEOUT) -> None:
         self.url = url
         self.timeout = timeout
+        refused = _server_errors()
+        self._admissions = Gathered(self._admit_many, refused, BATCHES_IN_FLIGHT, BATCH_MOST)
+        self._releases = Gathered(self._release_many, refused, BATCHES_IN_FLIGHT, BATCH_MOST,
+                                  distinct=lambda item: item[:2])
         self._idle: asyncio.Queue = asyncio.Queue()
         self._open: list = []
         self._lease_conn = None
@@ -231,6 +292,8 @@ class PgAdmissions:
             self._idle.put_nowait(conn)
 
     async def close(self) -> None:
+        await self._admissions.close()
+        await self._releases.close()
         conns, self._open = self._open, []
         self._lease_conn = None
         for conn in conns:
@@ -241,28 +304,43 @@ class PgAdmissions:
 
     async def admit(self, limits: Limits, request_id: str, holder: str, bound_cost: float,
                     bound_tokens: int) -> Decision:
-        row = await self._run(lambda conn: conn.fetchrow(
-            _ADMIT, limits.key_id, request_id, holder, float(bound_cost), int(bound_tokens),
-            _float(limits.quota_cost), _int(limits.quota_tokens), limits.quota_period, _int(limits.rpm),
-            _int(limits.concurrency)))
-        use = Use(spent_cost=row[2], spent_tokens=row[3], live=row[4], live_cost=row[5], live_tokens=row[6],
-                  recent=row[7], oldest=None)
-        return Decision(row[0], row[1], use, max(1, row[8]))
+        return await self._admissions.call((limits, request_id, holder, float(bound_cost), int(bound_tokens)))
+
+    async def _admit_many(self, items: list) -> list[Decision]:
+        """Decisions on `items` (limits, request id, holder, bound cost, bound tokens) in their order, by
+        one call of apertis_admit_many."""
+        limits = [item[0] for item in items]
+        rows = await self._run(lambda conn: conn.fetch(
+            _ADMIT_MANY, [one.key_id for one in limits], [item[1] for item in items], [item[2] for item in items],
+            [item[3] for item in items], [item[4] for item in items], [_float(one.quota_cost) for one in limits],
+            [_int(one.quota_tokens) for one in limits], [one.quota_period for one in limits],
+            [_int(one.rpm) for one in limits], [_int(one.concurrency) for one in limits],
+            sorted({one.key_id for one in limits})))
+        return [Decision(row[0], row[1], Use(spent_cost=row[2], spent_tokens=row[3], live=row[4], live_cost=row[5],
+                                             live_tokens=row[6], recent=row[7], oldest=None), max(1, row[8]))
+                for row in rows]
 
     async def release(self, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
                       period: Optional[str] = None, start: Optional[str] = None, retry: bool = False) -> None:
         if settled_by_ledger:
-            if cost or tokens:
-                await self._run(lambda conn: conn.execute(_RELEASE_ENDED, float(cost), int(tokens), key_id,
-                                                          request_id))
-            else:
-                await self._run(lambda conn: conn.execute(_RELEASE_FREE, key_id, request_id))
+            await self._releases.call((key_id, request_id, float(cost), int(tokens)))
             return
 
         async def settle(conn) -> None:
             async with conn.transaction():
                 await _release_and_settle(conn, key_id, request_id, cost, tokens, period, start, retry)
         await self._run(settle)
+
+    async def _release_many(self, items: list) -> list[None]:
+        """Releases settled by the ledger of `items` (key id, request id, cost, tokens), by one statement
+        (one release alone: the simpler statement of one)."""
+        if len(items) == 1:
+            key_id, request_id, cost, tokens = items[0]
+            args = (_RELEASE_ENDED, *items[0]) if cost or tokens else (_RELEASE_FREE, key_id, request_id)
+        else:
+            args = (_RELEASE_MANY, *(list(column) for column in zip(*items)))
+        await self._run(lambda conn: conn.execute(*args))
+        return [None] * len(items)
 
     async def renew_lease(self, holder: str, seconds: float) -> Renewal:
         conn = self._lease_conn
@@ -319,6 +397,12 @@ async def _release_and_settle(conn, key_id: int, request_id: str, cost: float, t
                            " SET cost = key_period_spend.cost + EXCLUDED.cost,"
                            " tokens = key_period_spend.tokens + EXCLUDED.tokens",
                            key_id, period, start, float(cost), int(tokens))
+
+
+def _server_errors() -> tuple[type[BaseException], ...]:
+    """The errors the server reports for a statement it rolled back (nothing of a batch stays)."""
+    import asyncpg
+    return (asyncpg.PostgresError,)
 
 
 def _float(value) -> Optional[float]:

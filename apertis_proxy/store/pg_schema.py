@@ -12,7 +12,8 @@ PostgreSQL's types, plus what several hosts need.
   ledger write's transaction.
 
 Creation and upgrades run under ``pg_advisory_lock``, so two hosts starting
-together create the schema once.  ``SCHEMA_VERSION`` is shared with SQLite.
+together create the schema once.  ``SCHEMA_VERSION`` is shared with SQLite;
+``PG_REVISION`` counts the changes made to PostgreSQL alone (its functions) since.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ NOTIFY_CHANNEL = "apertis_config"
 MIGRATION_LOCK = 0x61706572          # pg_advisory_lock key: "aper"
 CONFIG_TABLES = ("keys", "key_grace", "channels", "models", "model_prices")
 PARTITIONS_AHEAD = 2                 # months created beyond the current one
+# Changes to the PostgreSQL schema alone at SCHEMA_VERSION, reinstalled by migrate() (1: apertis_admit_many).
+# The functions of an earlier revision stay callable as they were, so hosts of both revisions can share it.
+PG_REVISION = 1
 
 DDL = f"""
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -293,12 +297,12 @@ async def migrate(conn) -> None:
     version = await schema_version(conn)
     if version > SCHEMA_VERSION:
         raise NewerSchema(version)
-    if version == SCHEMA_VERSION:
+    if version == SCHEMA_VERSION and await pg_revision(conn) >= PG_REVISION:
         return
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
         version = await schema_version(conn)      # another host may have done it meanwhile
-        if version < SCHEMA_VERSION:
+        if version < SCHEMA_VERSION or await pg_revision(conn) < PG_REVISION:
             async with conn.transaction():
                 await conn.execute(DDL)
                 for stmt in _trigger_ddl():
@@ -308,6 +312,9 @@ async def migrate(conn) -> None:
                     await conn.execute(stmt)
                 await conn.execute("INSERT INTO meta (k, v) VALUES ('schema_version', $1)"
                                    " ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v", str(SCHEMA_VERSION))
+                await conn.execute("INSERT INTO meta (k, v) VALUES ('pg_revision', $1)"
+                                   " ON CONFLICT (k) DO UPDATE SET v = GREATEST(meta.v::INTEGER, $1::INTEGER)::TEXT",
+                                   str(PG_REVISION))
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
 
@@ -324,6 +331,11 @@ async def schema_version(conn) -> int:
     if not exists:
         return 0
     value = await conn.fetchval("SELECT v FROM meta WHERE k = 'schema_version'")
+    return int(value) if value else 0
+
+
+async def pg_revision(conn) -> int:
+    value = await conn.fetchval("SELECT v FROM meta WHERE k = 'pg_revision'")
     return int(value) if value else 0
 
 

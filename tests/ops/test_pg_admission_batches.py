@@ -1,0 +1,177 @@
+"""PostgreSQL admissions and releases asked for together go to the server as one call (pg_admissions.py,
+gathered.py): decided exactly as one at a time would be, and a call at fault fails alone."""
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from apertis_proxy.store.admissions import Limits
+
+from .test_admissions_store import admit, lease, new_key, opened, release
+
+
+def batch_sizes(process, kind: str) -> list[int]:
+    """The sizes of the batches `process` sends of `kind` (admissions or releases) from now on."""
+    gathered = getattr(process.admissions, f"_{kind}")
+    sent = gathered._send
+    sizes: list[int] = []
+
+    async def counting(items):
+        sizes.append(len(items))
+        return await sent(items)
+    gathered._send = counting
+    return sizes
+
+
+def decided(decision) -> tuple:
+    use = decision.use
+    return (decision.reason, decision.retry_after, use.spent_cost, use.spent_tokens, use.live, use.live_cost,
+            use.live_tokens, use.recent)
+
+
+async def test_a_batch_of_one_key_decides_as_one_request_at_a_time(pg_url):
+    """Twelve requests of one key in one batch: every refusal in the same order (quota reserved, concurrency,
+    minute) and the same figures as the same twelve sent one after the other for a twin key."""
+    costs = [0.3, 0.3, 0.5, 0.3, 0.2, 0.1, 0.4, 0.1, 0.1, 0.1, 0.2, 0.1]
+    alone_key, batch_key = new_key(pg_url, "alone"), new_key(pg_url, "batch")
+    store, = await opened(pg_url, 1)
+    try:
+        await lease(store, "h")
+        limits = {key: Limits(key, quota_cost=1.0, concurrency=4, rpm=9) for key in (alone_key, batch_key)}
+        alone = [await admit(store, limits[alone_key], f"a{n}", "h", cost) for n, cost in enumerate(costs)]
+        sizes = batch_sizes(store, "admissions")
+        together = await asyncio.gather(*(admit(store, limits[batch_key], f"b{n}", "h", cost)
+                                          for n, cost in enumerate(costs)))
+        assert sizes == [len(costs)]
+        assert [decided(d) for d in together] == [decided(d) for d in alone]
+        assert {d.reason for d in alone} == {None, "quota_reserved", "concurrency"}
+        assert await store.admissions.in_flight(batch_key) == await store.admissions.in_flight(alone_key)
+        # Nine in the minute: the minute refuses the next ones, in one batch as alone.
+        more = {key: Limits(key, rpm=9) for key in (alone_key, batch_key)}
+        alone = [await admit(store, more[alone_key], f"a-m{n}", "h") for n in range(8)]
+        together = await asyncio.gather(*(admit(store, more[batch_key], f"b-m{n}", "h") for n in range(8)))
+        assert [d.reason for d in together] == [d.reason for d in alone]
+        assert [d.reason for d in alone].count("rpm") > 0
+    finally:
+        await store.close()
+
+
+async def test_a_batch_of_releases_adds_ended_costs_in_order_and_a_repeat_once(pg_url):
+    """Releases of one key in one batch add their exact costs to the key's ended sum in the batch's order
+    (the same floating-point sum as one at a time); a release repeated in the batch ends its request once."""
+    key_id = new_key(pg_url, "ended")
+    store, = await opened(pg_url, 1)
+    try:
+        await lease(store, "h")
+        limits = Limits(key_id, quota_cost=10.0)
+        for n in range(4):
+            assert (await admit(store, limits, f"r{n}", "h", 1.0)).admitted
+        await release(store, key_id, "r0", 0.1, 10, True)
+        sizes = batch_sizes(store, "releases")
+        await asyncio.gather(release(store, key_id, "r1", 0.2, 20, True), release(store, key_id, "r2", 0.3, 30, True),
+                             release(store, key_id, "r2", 0.3, 30, True), release(store, key_id, "r3", 0.0, 0, True))
+        assert sizes == [3, 1]      # the repeat of r2 waits for the next batch, and finds r2 ended
+        conn = await asyncpg.connect(store.admissions.url.target)
+        try:
+            row = await conn.fetchrow("SELECT n, cost, tokens FROM admission_ended WHERE key_id = $1", key_id)
+            assert tuple(row) == (3, (0.1 + 0.2) + 0.3, 60)
+            assert (0.1 + 0.2) + 0.3 != 0.1 + (0.2 + 0.3)      # the order shows
+            assert await conn.fetchval("SELECT COUNT(*) FROM admissions WHERE key_id = $1", key_id) == 3
+        finally:
+            await conn.close()
+        assert await store.admissions.in_flight(key_id) == (0, 0.0)
+    finally:
+        await store.close()
+
+
+async def test_a_call_the_server_refuses_fails_alone_and_the_batch_stands(pg_url):
+    """A request admitted twice in one batch (its id is taken): the batch is refused by the server, then sent
+    one call at a time, so that only the repeat fails; the calls before and after it are decided as alone."""
+    key_id = new_key(pg_url, "dup")
+    store, = await opened(pg_url, 1)
+    try:
+        await lease(store, "h")
+        limits = Limits(key_id, concurrency=10)
+        sizes = batch_sizes(store, "admissions")
+        outcomes = await asyncio.gather(*(admit(store, limits, rid, "h") for rid in ("a", "dup", "dup", "b")),
+                                        return_exceptions=True)
+        assert sizes == [4, 1, 1, 1, 1]
+        assert [o.admitted for o in (outcomes[0], outcomes[1], outcomes[3])] == [True, True, True]
+        assert isinstance(outcomes[2], asyncpg.UniqueViolationError)
+        assert (outcomes[0].use.live, outcomes[1].use.live, outcomes[3].use.live) == (0, 1, 2)
+        assert await store.admissions.in_flight(key_id) == (3, 0.0)
+    finally:
+        await store.close()
+
+
+async def test_batches_of_two_processes_over_shared_keys_never_deadlock(pg_url):
+    """Two processes whose batches take the same keys in opposite orders: each batch locks its keys in one
+    order, so neither waits on the other in a cycle (the server counts no deadlock) and the limits hold."""
+    keys = [new_key(pg_url, f"k{n}") for n in range(6)]
+    stores = await opened(pg_url, 2)
+    try:
+        for n, store in enumerate(stores):
+            await lease(store, f"h{n}")
+        limits = {key: Limits(key, concurrency=5, quota_cost=100.0) for key in keys}
+
+        async def one(store, n: int, key: int, holder: str) -> bool:
+            decision = await admit(store, limits[key], f"{holder}-{n}-{key}", holder, 0.5)
+            if decision.admitted:
+                await release(store, key, f"{holder}-{n}-{key}", 0.25, 1, True)
+            return decision.admitted
+
+        rounds, round_keys = [], []
+        for n in range(15):
+            for store, holder, order in ((stores[0], "h0", keys), (stores[1], "h1", keys[::-1])):
+                rounds += [one(store, n, key, holder) for key in order]
+                round_keys += order
+        admitted = await asyncio.gather(*rounds)
+        conn = await asyncpg.connect(stores[0].admissions.url.target)
+        try:
+            deadlocks = await conn.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            ended = await conn.fetch("SELECT key_id, n, cost FROM admission_ended ORDER BY key_id")
+        finally:
+            await conn.close()
+        assert deadlocks == 0
+        per_key = {key: 0 for key in keys}
+        for key, ok in zip(round_keys, admitted):
+            per_key[key] += ok
+        assert {row["key_id"]: (row["n"], row["cost"]) for row in ended} == {
+            key: (count, pytest.approx(0.25 * count)) for key, count in per_key.items()}
+        for key in keys:
+            assert await stores[0].admissions.in_flight(key) == (0, 0.0)
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_a_database_of_the_same_version_gets_the_batch_function_and_keeps_the_single_one(pg_url):
+    """A database migrated before apertis_admit_many (same SCHEMA_VERSION, no pg_revision) gets it when a
+    host of this revision opens it; apertis_admit, the call of hosts of the earlier revision, still decides."""
+    key_id = new_key(pg_url, "upgrade")
+    store, = await opened(pg_url, 1)
+    target = store.admissions.url.target
+    await store.close()
+    conn = await asyncpg.connect(target)
+    try:
+        await conn.execute("DROP FUNCTION apertis_admit; DROP FUNCTION apertis_admit_many;"
+                           " DELETE FROM meta WHERE k = 'pg_revision'")
+    finally:
+        await conn.close()
+    store, = await opened(pg_url, 1)
+    try:
+        await lease(store, "h")
+        limits = Limits(key_id, concurrency=1)
+        assert (await admit(store, limits, "new", "h")).admitted
+        conn = await asyncpg.connect(target)
+        try:
+            old = await conn.fetchrow("SELECT * FROM apertis_admit($1, 'old', 'h', 0, 0, NULL, NULL, NULL, NULL, 1)",
+                                      key_id)
+            assert (old["reason"], old["live"]) == ("concurrency", 1)
+            assert await conn.fetchval("SELECT v FROM meta WHERE k = 'pg_revision'") == "1"
+        finally:
+            await conn.close()
+    finally:
+        await store.close()
