@@ -283,6 +283,7 @@ class SqliteAdmissions:
     def __init__(self, path: str) -> None:
         self.path = path
         self._conn: Optional[sqlite3.Connection] = None
+        self._cursor: Optional[sqlite3.Cursor] = None
         self._queue: list = []
         self._handle = None
         self._waiting_since: Optional[float] = None
@@ -293,6 +294,8 @@ class SqliteAdmissions:
         conn.execute("PRAGMA busy_timeout=0")
         conn.execute("PRAGMA wal_autocheckpoint=0")
         self._conn = conn
+        # The steps run on one cursor, reused: Connection.execute makes a new one per statement.
+        self._cursor = conn.cursor()
         return self
 
     async def close(self) -> None:
@@ -301,7 +304,7 @@ class SqliteAdmissions:
             self._flush()
         if self._conn is not None:
             self._conn.close()
-            self._conn = None
+            self._conn = self._cursor = None
 
     def _submit(self, step, *args) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -320,7 +323,7 @@ class SqliteAdmissions:
             except BaseException as exc:  # noqa: BLE001 - nobody waits forever
                 _fail(batch, exc)
 
-    def _run(self, batch: list) -> None:
+    def _run(self, batch: list, one_by_one: bool = False) -> None:
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -330,19 +333,27 @@ class SqliteAdmissions:
             return _fail(batch, exc)
         self._waiting_since = None
         alone = len(batch) == 1
-        outcomes, ended = ([], None) if alone else self._run_together(conn, batch)
-        if ended is not None:
-            _abort(conn)
-            return _fail(batch, ended)
-        # A group in which a step failed runs again with a savepoint per step: a step that fails is undone
-        # alone and its caller gets the error, the others commit together.  An error that ended the whole
-        # transaction (SQLite rolls back by itself on a full disk or an I/O error) fails every step: none
-        # of them stays, and nothing runs after it outside the group.
-        for step, args, future in (batch if not outcomes else ()):
+        if not (alone or one_by_one):
+            # The common case: every step of the group in one go, with no savepoint (a savepoint copies
+            # each page a step changes into its journal).  A failing step rolls the whole group back, and
+            # it runs again step by step.
+            try:
+                cursor = self._cursor
+                outcomes = [(future, step(cursor, *args), None) for step, args, future in batch]
+            except Exception:  # noqa: BLE001 - run again step by step, the failing step's caller gets it
+                _abort(conn)
+                return self._run(batch, one_by_one=True)
+            return self._commit(conn, batch, outcomes)
+        # Step by step, each under a savepoint of its own: a step that fails is undone alone and its caller
+        # gets the error, the others commit together.  An error that ended the whole transaction (SQLite
+        # rolls back by itself on a full disk or an I/O error) fails every step: none of them stays, and
+        # nothing runs after it outside the group.
+        outcomes = []
+        for step, args, future in batch:
             try:
                 if not alone:
                     conn.execute("SAVEPOINT step")
-                result = step(conn, *args)
+                result = step(self._cursor, *args)
                 if not alone:
                     conn.execute("RELEASE step")
                 outcomes.append((future, result, None))
@@ -354,6 +365,10 @@ class SqliteAdmissions:
                 if not future.done():
                     future.set_exception(exc)
                 return _fail(batch, exc)
+        self._commit(conn, batch, outcomes)
+
+    @staticmethod
+    def _commit(conn, batch: list, outcomes: list) -> None:
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -366,17 +381,6 @@ class SqliteAdmissions:
                 else:
                     future.set_exception(exc)
 
-    @staticmethod
-    def _run_together(conn, batch: list) -> tuple[list, Optional[Exception]]:
-        """The group's steps one after the other under one savepoint (the common case: none fails, and
-        no step pays a savepoint of its own): their outcomes; none when a step failed and the group was
-        undone (it runs again step by step), with the error when that ended the transaction itself."""
-        conn.execute("SAVEPOINT steps")
-        try:
-            return [(future, step(conn, *args), None) for step, args, future in batch], None
-        except Exception as exc:  # noqa: BLE001 - run again step by step, the failing step's caller gets it
-            return [], (None if _undo(conn, "steps") else exc)
-
     def _retry(self, batch: list) -> bool:
         """Put `batch` back in front and try again shortly; False once the lock was waited for too long."""
         now = time.monotonic()
@@ -386,6 +390,11 @@ class SqliteAdmissions:
         if waited > LOCK_WAIT:
             self._waiting_since = None
             return False
+        if self.release_bound is not None and waited > self.release_bound:
+            batch = _without_late_releases(batch)
+            if not batch:
+                self._waiting_since = None
+                return True
         self._queue[:0] = batch
         delay = min(LOCK_RETRY_MAX, 0.0002 + waited / 10)
         self._handle = asyncio.get_running_loop().call_later(delay, self._flush)
@@ -407,9 +416,26 @@ class SqliteAdmissions:
         await self._submit(drop_step, holder)
 
     tidy_interval: Optional[float] = None       # SQLite frees a deleted row's space at once: no tidy()
+    # Seconds a release (not a retry) may wait for the write lock: then it fails with TimeoutError, not run,
+    # and its caller retries it later.  Set by the limiter (its RELEASE_TIMEOUT), which then need not time
+    # the wait itself; None: a release waits up to LOCK_WAIT, as every step.
+    release_bound: Optional[float] = None
 
     async def in_flight(self, key_id: int) -> tuple[int, float]:
         return await self._submit(in_flight, key_id)
+
+
+def _without_late_releases(batch: list) -> list:
+    """`batch` less its releases (retries excepted), which fail with TimeoutError."""
+    kept = []
+    for entry in batch:
+        step, args, future = entry
+        if step is release_step and not args[-1]:
+            if not future.done():
+                future.set_exception(TimeoutError("the release waited too long for the store's write lock"))
+        else:
+            kept.append(entry)
+    return kept
 
 
 def _fail(batch: list, exc: BaseException) -> None:
