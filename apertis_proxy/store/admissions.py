@@ -111,26 +111,27 @@ class Decision:
         return self.reason is None
 
 
-def decide(limits: Limits, use: Use, now: float, bound_cost: float, bound_tokens: int) -> Decision:
+def decide(limits: Limits, use: Use, now: float, bound_cost: float, bound_tokens: int,
+           holders: int = 1) -> Decision:
     """The decision for one request of `limits` given `use` (pure: the store calls it inside the
-    transaction that records the admission)."""
+    transaction that records the admission); `holders` is passed on."""
     if limits.quota_cost is not None and use.spent_cost >= limits.quota_cost:
-        return Decision("quota", None, use)
+        return Decision("quota", None, use, holders)
     if limits.quota_tokens is not None and use.spent_tokens >= limits.quota_tokens:
-        return Decision("quota", None, use)
+        return Decision("quota", None, use, holders)
     if limits.concurrency is not None and use.live >= limits.concurrency:
-        return Decision("concurrency", BUSY_RETRY_AFTER, use)
+        return Decision("concurrency", BUSY_RETRY_AFTER, use, holders)
     if limits.rpm is not None and use.recent >= limits.rpm:
         oldest = use.oldest if use.oldest is not None else now
-        return Decision("rpm", max(1, math.ceil(oldest + RPM_WINDOW - now)), use)
+        return Decision("rpm", max(1, math.ceil(oldest + RPM_WINDOW - now)), use, holders)
     if use.live:
         if (limits.quota_cost is not None
                 and use.spent_cost + use.live_cost + bound_cost > limits.quota_cost):
-            return Decision("quota_reserved", BUSY_RETRY_AFTER, use)
+            return Decision("quota_reserved", BUSY_RETRY_AFTER, use, holders)
         if (limits.quota_tokens is not None
                 and use.spent_tokens + use.live_tokens + bound_tokens > limits.quota_tokens):
-            return Decision("quota_reserved", BUSY_RETRY_AFTER, use)
-    return Decision(None, None, use)
+            return Decision("quota_reserved", BUSY_RETRY_AFTER, use, holders)
+    return Decision(None, None, use, holders)
 
 
 # -- SQLite --------------------------------------------------------------------------------
@@ -195,10 +196,11 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
                                          period_start(limits.quota_period, now), window)).fetchone()
     use = Use(spent_cost=row[0], spent_tokens=row[1], live=row[2], live_cost=row[3], live_tokens=row[4],
               recent=row[5] - row[6], oldest=None)
-    decision = decide(limits, use, now, bound_cost, bound_tokens)
+    holders = max(1, row[7])
+    decision = decide(limits, use, now, bound_cost, bound_tokens, holders)
     if decision.reason == "rpm":
         oldest = conn.execute(_OLDEST, (key_id, window)).fetchone()[0]
-        decision = decide(limits, dataclasses.replace(use, oldest=oldest), now, bound_cost, bound_tokens)
+        decision = decide(limits, dataclasses.replace(use, oldest=oldest), now, bound_cost, bound_tokens, holders)
     elif decision.admitted:
         if limits.holds_admission:
             conn.execute(_ADMIT, (key_id, request_id, holder, now, bound_cost, bound_tokens))
@@ -206,7 +208,7 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
             gone = conn.execute(_LEFT_WINDOW, (key_id, window)).rowcount if row[6] else 0
             conn.execute(_ADMIT_TIME, (key_id, now, request_id))
             conn.execute(_COUNT, (key_id, now, gone))
-    return Decision(decision.reason, decision.retry_after, decision.use, max(1, row[7]))
+    return decision
 
 
 def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
@@ -400,14 +402,17 @@ class SqliteAdmissions:
         self._handle = asyncio.get_running_loop().call_later(delay, self._flush)
         return True
 
-    async def admit(self, limits: Limits, request_id: str, holder: str, bound_cost: float,
-                    bound_tokens: int) -> Decision:
-        return await self._submit(admit_step, limits, request_id, holder, bound_cost, bound_tokens)
+    # admit() and release() hand back the step's future itself (awaited as a coroutine would be): no
+    # coroutine of their own on the request path.
+    def admit(self, limits: Limits, request_id: str, holder: str, bound_cost: float,
+              bound_tokens: int) -> "asyncio.Future[Decision]":
+        return self._submit(admit_step, limits, request_id, holder, bound_cost, bound_tokens)
 
-    async def release(self, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
-                      period: Optional[str] = None, start: Optional[str] = None, retry: bool = False) -> None:
-        await self._submit(release_step, key_id, request_id, cost, tokens, settled_by_ledger, period, start,
-                           retry)
+    def release(self, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
+                period: Optional[str] = None, start: Optional[str] = None,
+                retry: bool = False) -> "asyncio.Future[None]":
+        return self._submit(release_step, key_id, request_id, cost, tokens, settled_by_ledger, period, start,
+                            retry)
 
     async def renew_lease(self, holder: str, seconds: float) -> Renewal:
         return await self._submit(renew_step, holder, seconds)
