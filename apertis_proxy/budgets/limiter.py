@@ -54,6 +54,7 @@ class Limiter:
         self._forgotten: list[tuple[int, str, float]] = []     # (key id, request id, until): see _forget
         self._releasing: set[asyncio.Task] = set()
         self._leased = False        # the lease was taken once: a lapse from now on is worth a warning
+        self._store_bounds_releases = False
         self._task: Optional[asyncio.Task] = None
         self._tidy_task: Optional[asyncio.Task] = None
         self._stop = asyncio.Event()
@@ -61,6 +62,10 @@ class Limiter:
 
     async def start(self) -> None:
         self.admissions = await self._store.admissions()
+        # A store that bounds a release's wait itself (SQLite) spares each release a timer of its own.
+        self._store_bounds_releases = hasattr(self.admissions, "release_bound")
+        if self._store_bounds_releases:
+            self.admissions.release_bound = RELEASE_TIMEOUT
         try:
             await self._renew()
         except Exception as exc:  # noqa: BLE001 - the loop keeps trying
@@ -110,8 +115,11 @@ class Limiter:
                       period: Optional[str] = None, start: Optional[str] = None) -> None:
         args = (key_id, request_id, cost, tokens, settled_by_ledger, period, start)
         try:
-            async with asyncio.timeout(RELEASE_TIMEOUT):       # no task of its own, unlike wait_for
+            if self._store_bounds_releases:
                 await self.admissions.release(*args)
+            else:
+                async with asyncio.timeout(RELEASE_TIMEOUT):       # no task of its own, unlike wait_for
+                    await self.admissions.release(*args)
         except asyncio.CancelledError:
             self._later(*args)
             raise

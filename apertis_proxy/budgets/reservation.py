@@ -71,10 +71,17 @@ class _Shape:
 
 
 def billed_models(catalog: Catalog, model: Optional[str], channel_aliases: Iterable[Mapping[str, str]],
-                  at: float) -> list[ModelEntry]:
+                  at: float) -> Sequence[ModelEntry]:
     """The catalogue entries a request for `model` may be billed at: the name itself, what channel
-    aliases turn it into, and where a retired or unpriced model is redirected."""
+    aliases turn it into, and where a retired or unpriced model is redirected.  Remembered per model
+    for these very `catalog` and `channel_aliases` objects (a change brings new ones; neither is
+    changed in place) while `at` stays between the times, around it, at which one of the entries
+    looked at retires or has a price row come into force."""
+    hit = _BILLED.get(model)
+    if hit is not None and hit[0] is catalog and hit[1] is channel_aliases and hit[2] <= at < hit[3]:
+        return hit[4]
     entries: dict[str, ModelEntry] = {}
+    since, until = float("-inf"), float("inf")
     pending = [model] if model else []
     seen: set[str] = set()
     while pending:
@@ -87,9 +94,19 @@ def billed_models(catalog: Catalog, model: Optional[str], channel_aliases: Itera
         if entry is None:
             continue
         entries[entry.id] = entry
+        for moment in (entry.retires_ts, *(row.effective_from for row in entry.price_rows)):
+            if moment is not None:
+                if moment <= at:
+                    since = max(since, moment)
+                else:
+                    until = min(until, moment)
         if entry.lifecycle_at(at) == "retired" or entry.price_at(at) is None:
             pending.extend(n for n in (entry.redirect_to, entry.successor) if n)
-    return list(entries.values())
+    found = tuple(entries.values())
+    if len(_BILLED) >= _CACHED_MAX:
+        _BILLED.clear()
+    _BILLED[model] = (catalog, channel_aliases, since, until, found)
+    return found
 
 
 def request_bound(catalog: Catalog, entries: Sequence[ModelEntry], body: Optional[Mapping[str, Any]],
@@ -99,7 +116,9 @@ def request_bound(catalog: Catalog, entries: Sequence[ModelEntry], body: Optiona
     shape = _shape(body, body_bytes)
     everyone = [*entries, *(e for e in map(catalog.lookup, shape.models) if e is not None)] if shape.models \
         else entries
-    context = max((e.max_input_tokens or DEFAULT_CONTEXT_TOKENS for e in everyone), default=DEFAULT_CONTEXT_TOKENS)
+    # The context window counts only for opaque content and further turns (not for a plain request).
+    context = max((e.max_input_tokens or DEFAULT_CONTEXT_TOKENS for e in everyone),
+                  default=DEFAULT_CONTEXT_TOKENS) if shape.opaque or shape.turns else 0
     first_input = max(shape.input, context) if shape.opaque else shape.input
     output = shape.output
     tokens = min(MAX_BOUND_TOKENS, first_input + output + shape.turns * (context + output))
@@ -113,7 +132,8 @@ def request_bound(catalog: Catalog, entries: Sequence[ModelEntry], body: Optiona
     if not rates or not (type(body) is dict or isinstance(body, Mapping)):
         return Bound(0.0, tokens)
     # USD per million tokens times tokens: exact in floats for any real rate and size; divided once.
-    cost = max(_turn_cost(r, first_input, output) for r in rates)
+    cost = _turn_cost(rates[0], first_input, output) if len(rates) == 1 else \
+        max(_turn_cost(r, first_input, output) for r in rates)
     if shape.turns:
         cost += shape.turns * max(_turn_cost(r, context, output) for r in rates)
     cost = cost / 1e6 * _multiplier(catalog, priced, body)
@@ -125,6 +145,7 @@ def request_bound(catalog: Catalog, entries: Sequence[ModelEntry], body: Optiona
 # Values worked out from catalogue objects (immutable; a reload makes new ones), keyed by their ids and kept
 # with them, so that a cached id always belongs to the object it was computed from; emptied when it grows.
 _RATES: dict[int, tuple[tuple, tuple]] = {}
+_BILLED: dict[Optional[str], tuple] = {}       # model -> (catalog, channel aliases, since, until, entries)
 _FACTORS: dict[tuple, tuple[tuple, float]] = {}
 _CACHED_MAX = 4096
 
@@ -216,7 +237,8 @@ def _shape(body: Optional[Mapping[str, Any]], body_bytes: int) -> _Shape:
         shape.turns += 1
     images = _sources(body.get("messages"), shape)
     shape.input += images * IMAGE_TOKENS
-    shape.models = billed_extras(body)[1]      # the models tools and fallbacks name, as model_policy prices them
+    if (isinstance(tools, list) and tools) or (isinstance(fallbacks, list) and fallbacks):
+        shape.models = billed_extras(body)[1]  # the models tools and fallbacks name, as model_policy prices them
     return shape
 
 

@@ -111,26 +111,27 @@ class Decision:
         return self.reason is None
 
 
-def decide(limits: Limits, use: Use, now: float, bound_cost: float, bound_tokens: int) -> Decision:
+def decide(limits: Limits, use: Use, now: float, bound_cost: float, bound_tokens: int,
+           holders: int = 1) -> Decision:
     """The decision for one request of `limits` given `use` (pure: the store calls it inside the
-    transaction that records the admission)."""
+    transaction that records the admission); `holders` is passed on."""
     if limits.quota_cost is not None and use.spent_cost >= limits.quota_cost:
-        return Decision("quota", None, use)
+        return Decision("quota", None, use, holders)
     if limits.quota_tokens is not None and use.spent_tokens >= limits.quota_tokens:
-        return Decision("quota", None, use)
+        return Decision("quota", None, use, holders)
     if limits.concurrency is not None and use.live >= limits.concurrency:
-        return Decision("concurrency", BUSY_RETRY_AFTER, use)
+        return Decision("concurrency", BUSY_RETRY_AFTER, use, holders)
     if limits.rpm is not None and use.recent >= limits.rpm:
         oldest = use.oldest if use.oldest is not None else now
-        return Decision("rpm", max(1, math.ceil(oldest + RPM_WINDOW - now)), use)
+        return Decision("rpm", max(1, math.ceil(oldest + RPM_WINDOW - now)), use, holders)
     if use.live:
         if (limits.quota_cost is not None
                 and use.spent_cost + use.live_cost + bound_cost > limits.quota_cost):
-            return Decision("quota_reserved", BUSY_RETRY_AFTER, use)
+            return Decision("quota_reserved", BUSY_RETRY_AFTER, use, holders)
         if (limits.quota_tokens is not None
                 and use.spent_tokens + use.live_tokens + bound_tokens > limits.quota_tokens):
-            return Decision("quota_reserved", BUSY_RETRY_AFTER, use)
-    return Decision(None, None, use)
+            return Decision("quota_reserved", BUSY_RETRY_AFTER, use, holders)
+    return Decision(None, None, use, holders)
 
 
 # -- SQLite --------------------------------------------------------------------------------
@@ -195,10 +196,11 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
                                          period_start(limits.quota_period, now), window)).fetchone()
     use = Use(spent_cost=row[0], spent_tokens=row[1], live=row[2], live_cost=row[3], live_tokens=row[4],
               recent=row[5] - row[6], oldest=None)
-    decision = decide(limits, use, now, bound_cost, bound_tokens)
+    holders = max(1, row[7])
+    decision = decide(limits, use, now, bound_cost, bound_tokens, holders)
     if decision.reason == "rpm":
         oldest = conn.execute(_OLDEST, (key_id, window)).fetchone()[0]
-        decision = decide(limits, dataclasses.replace(use, oldest=oldest), now, bound_cost, bound_tokens)
+        decision = decide(limits, dataclasses.replace(use, oldest=oldest), now, bound_cost, bound_tokens, holders)
     elif decision.admitted:
         if limits.holds_admission:
             conn.execute(_ADMIT, (key_id, request_id, holder, now, bound_cost, bound_tokens))
@@ -206,7 +208,7 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
             gone = conn.execute(_LEFT_WINDOW, (key_id, window)).rowcount if row[6] else 0
             conn.execute(_ADMIT_TIME, (key_id, now, request_id))
             conn.execute(_COUNT, (key_id, now, gone))
-    return Decision(decision.reason, decision.retry_after, decision.use, max(1, row[7]))
+    return decision
 
 
 def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
@@ -283,6 +285,7 @@ class SqliteAdmissions:
     def __init__(self, path: str) -> None:
         self.path = path
         self._conn: Optional[sqlite3.Connection] = None
+        self._cursor: Optional[sqlite3.Cursor] = None
         self._queue: list = []
         self._handle = None
         self._waiting_since: Optional[float] = None
@@ -293,6 +296,8 @@ class SqliteAdmissions:
         conn.execute("PRAGMA busy_timeout=0")
         conn.execute("PRAGMA wal_autocheckpoint=0")
         self._conn = conn
+        # The steps run on one cursor, reused: Connection.execute makes a new one per statement.
+        self._cursor = conn.cursor()
         return self
 
     async def close(self) -> None:
@@ -301,7 +306,7 @@ class SqliteAdmissions:
             self._flush()
         if self._conn is not None:
             self._conn.close()
-            self._conn = None
+            self._conn = self._cursor = None
 
     def _submit(self, step, *args) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -320,7 +325,7 @@ class SqliteAdmissions:
             except BaseException as exc:  # noqa: BLE001 - nobody waits forever
                 _fail(batch, exc)
 
-    def _run(self, batch: list) -> None:
+    def _run(self, batch: list, one_by_one: bool = False) -> None:
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -330,19 +335,27 @@ class SqliteAdmissions:
             return _fail(batch, exc)
         self._waiting_since = None
         alone = len(batch) == 1
-        outcomes, ended = ([], None) if alone else self._run_together(conn, batch)
-        if ended is not None:
-            _abort(conn)
-            return _fail(batch, ended)
-        # A group in which a step failed runs again with a savepoint per step: a step that fails is undone
-        # alone and its caller gets the error, the others commit together.  An error that ended the whole
-        # transaction (SQLite rolls back by itself on a full disk or an I/O error) fails every step: none
-        # of them stays, and nothing runs after it outside the group.
-        for step, args, future in (batch if not outcomes else ()):
+        if not (alone or one_by_one):
+            # The common case: every step of the group in one go, with no savepoint (a savepoint copies
+            # each page a step changes into its journal).  A failing step rolls the whole group back, and
+            # it runs again step by step.
+            try:
+                cursor = self._cursor
+                outcomes = [(future, step(cursor, *args), None) for step, args, future in batch]
+            except Exception:  # noqa: BLE001 - run again step by step, the failing step's caller gets it
+                _abort(conn)
+                return self._run(batch, one_by_one=True)
+            return self._commit(conn, batch, outcomes)
+        # Step by step, each under a savepoint of its own: a step that fails is undone alone and its caller
+        # gets the error, the others commit together.  An error that ended the whole transaction (SQLite
+        # rolls back by itself on a full disk or an I/O error) fails every step: none of them stays, and
+        # nothing runs after it outside the group.
+        outcomes = []
+        for step, args, future in batch:
             try:
                 if not alone:
                     conn.execute("SAVEPOINT step")
-                result = step(conn, *args)
+                result = step(self._cursor, *args)
                 if not alone:
                     conn.execute("RELEASE step")
                 outcomes.append((future, result, None))
@@ -354,6 +367,10 @@ class SqliteAdmissions:
                 if not future.done():
                     future.set_exception(exc)
                 return _fail(batch, exc)
+        self._commit(conn, batch, outcomes)
+
+    @staticmethod
+    def _commit(conn, batch: list, outcomes: list) -> None:
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -366,17 +383,6 @@ class SqliteAdmissions:
                 else:
                     future.set_exception(exc)
 
-    @staticmethod
-    def _run_together(conn, batch: list) -> tuple[list, Optional[Exception]]:
-        """The group's steps one after the other under one savepoint (the common case: none fails, and
-        no step pays a savepoint of its own): their outcomes; none when a step failed and the group was
-        undone (it runs again step by step), with the error when that ended the transaction itself."""
-        conn.execute("SAVEPOINT steps")
-        try:
-            return [(future, step(conn, *args), None) for step, args, future in batch], None
-        except Exception as exc:  # noqa: BLE001 - run again step by step, the failing step's caller gets it
-            return [], (None if _undo(conn, "steps") else exc)
-
     def _retry(self, batch: list) -> bool:
         """Put `batch` back in front and try again shortly; False once the lock was waited for too long."""
         now = time.monotonic()
@@ -386,19 +392,27 @@ class SqliteAdmissions:
         if waited > LOCK_WAIT:
             self._waiting_since = None
             return False
+        if self.release_bound is not None and waited > self.release_bound:
+            batch = _without_late_releases(batch)
+            if not batch:
+                self._waiting_since = None
+                return True
         self._queue[:0] = batch
         delay = min(LOCK_RETRY_MAX, 0.0002 + waited / 10)
         self._handle = asyncio.get_running_loop().call_later(delay, self._flush)
         return True
 
-    async def admit(self, limits: Limits, request_id: str, holder: str, bound_cost: float,
-                    bound_tokens: int) -> Decision:
-        return await self._submit(admit_step, limits, request_id, holder, bound_cost, bound_tokens)
+    # admit() and release() hand back the step's future itself (awaited as a coroutine would be): no
+    # coroutine of their own on the request path.
+    def admit(self, limits: Limits, request_id: str, holder: str, bound_cost: float,
+              bound_tokens: int) -> "asyncio.Future[Decision]":
+        return self._submit(admit_step, limits, request_id, holder, bound_cost, bound_tokens)
 
-    async def release(self, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
-                      period: Optional[str] = None, start: Optional[str] = None, retry: bool = False) -> None:
-        await self._submit(release_step, key_id, request_id, cost, tokens, settled_by_ledger, period, start,
-                           retry)
+    def release(self, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
+                period: Optional[str] = None, start: Optional[str] = None,
+                retry: bool = False) -> "asyncio.Future[None]":
+        return self._submit(release_step, key_id, request_id, cost, tokens, settled_by_ledger, period, start,
+                            retry)
 
     async def renew_lease(self, holder: str, seconds: float) -> Renewal:
         return await self._submit(renew_step, holder, seconds)
@@ -407,9 +421,26 @@ class SqliteAdmissions:
         await self._submit(drop_step, holder)
 
     tidy_interval: Optional[float] = None       # SQLite frees a deleted row's space at once: no tidy()
+    # Seconds a release (not a retry) may wait for the write lock: then it fails with TimeoutError, not run,
+    # and its caller retries it later.  Set by the limiter (its RELEASE_TIMEOUT), which then need not time
+    # the wait itself; None: a release waits up to LOCK_WAIT, as every step.
+    release_bound: Optional[float] = None
 
     async def in_flight(self, key_id: int) -> tuple[int, float]:
         return await self._submit(in_flight, key_id)
+
+
+def _without_late_releases(batch: list) -> list:
+    """`batch` less its releases (retries excepted), which fail with TimeoutError."""
+    kept = []
+    for entry in batch:
+        step, args, future = entry
+        if step is release_step and not args[-1]:
+            if not future.done():
+                future.set_exception(TimeoutError("the release waited too long for the store's write lock"))
+        else:
+            kept.append(entry)
+    return kept
 
 
 def _fail(batch: list, exc: BaseException) -> None:

@@ -442,6 +442,40 @@ async def test_a_release_cut_off_by_its_bound_leaves_the_pool_usable(pg_url, mon
         await process.close()
 
 
+async def test_a_sqlite_release_kept_from_the_write_lock_past_its_bound_is_made_later_once(tmp_path, monkeypatch):
+    """On SQLite the store bounds a release's wait for the write lock (the limiter times none itself): a release
+    the lock holds back past the bound fails unrun, the answer is not held back further, and the limiter makes
+    it again later, counted once."""
+    from apertis_proxy.budgets import limiter as limiter_module
+    from apertis_proxy.store import admissions as admissions_module
+    monkeypatch.setattr(limiter_module, "RELEASE_TIMEOUT", 0.3)
+    monkeypatch.setattr(admissions_module, "LOCK_WAIT", 3600.0)      # unbounded, the release would wait on
+    url = str(tmp_path / "store.db")
+    key_id = new_key(url, "slow-release")
+    store, limiter = await started_limiter(url)
+    blocker = sqlite3.connect(url, isolation_level=None)
+    try:
+        limits = Limits(key_id, concurrency=5, quota_cost=10.0)
+        assert (await limiter.admit(limits, "slow", 0.5, 0)).admitted
+        blocker.execute("BEGIN IMMEDIATE")          # another process's write transaction, not ending
+        # Given up after 0.3 s, kept for later (the 30 s only keeps a regression from hanging the suite).
+        await asyncio.wait_for(limiter.release(key_id, "slow", 0.25, 10, True), 30)
+        assert blocker.in_transaction and limiter._unreleased == [(key_id, "slow", 0.25, 10, True, None, None)]
+        blocker.execute("ROLLBACK")
+
+        async def made() -> bool:
+            return not limiter._unreleased
+        await wait_for(made, 15.0, "the release to be made again")
+        assert rows(url) == [("slow", limiter.holder, 0, 0.25)]
+        decision = await limiter.admit(limits, "next", 0.01, 0)
+        assert decision.admitted and decision.use.live == 0
+        assert decision.use.spent_cost == pytest.approx(0.25)        # counted once
+    finally:
+        blocker.close()
+        await limiter.close()
+        await store.close()
+
+
 async def test_spend_settled_without_a_ledger_survives_a_postgres_crash(tmp_path):
     """Admissions commit without waiting for the disk, but a release that adds a cost to the spend (no ledger
     settles it) is money: it must survive a crash of the server right after it returned."""

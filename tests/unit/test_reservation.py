@@ -65,6 +65,18 @@ def test_a_retired_model_is_bounded_at_the_successor_it_is_sent_to(conn):
     assert {e.id for e in billed_models(catalog, HAIKU, (), NOW)} == {HAIKU}
 
 
+def test_the_models_a_request_is_billed_at_change_when_a_price_comes_into_force(conn):
+    """They are remembered per model, but not past a moment that changes them: here a new model priced only
+    from NOW + 100 is sent to its successor until then."""
+    catalog_store.set_model(conn, "claude-next-1", prices={"input": 1, "output": 5}, effective_from=NOW + 100,
+                            successor=HAIKU)
+    catalog = catalog_store.load_catalog(conn)
+    for at, names in ((NOW, {"claude-next-1", HAIKU}), (NOW + 99, {"claude-next-1", HAIKU}),
+                      (NOW + 100, {"claude-next-1"}), (NOW + 5000, {"claude-next-1"}),
+                      (NOW, {"claude-next-1", HAIKU})):
+        assert {e.id for e in billed_models(catalog, "claude-next-1", (), at)} == names, at
+
+
 def test_tools_add_what_the_api_adds_to_the_prompt(conn):
     catalog = catalog_store.load_catalog(conn)
     custom = {"name": "f", "input_schema": {"type": "object"}}
