@@ -20,7 +20,7 @@ import socket
 import sqlite3
 from typing import Optional
 
-from ..store.admissions import Decision, Limits
+from ..store.admissions import Decision, Limits, ReleaseNotRun
 from ..store.service import StoreUnavailable, is_unreachable
 
 DEFAULT_LEASE_SECONDS = 30.0
@@ -50,7 +50,7 @@ class Limiter:
         # Live leases (gateway processes) when last seen: the share of headroom a
         # process may use on its own while the store cannot be reached.
         self.holders = 1
-        self._unreleased: list[tuple] = []
+        self._unreleased: list[tuple[tuple, bool]] = []     # (release()'s arguments, first): see _later
         self._forgotten: list[tuple[int, str, float]] = []     # (key id, request id, until): see _forget
         self._releasing: set[asyncio.Task] = set()
         self._leased = False        # the lease was taken once: a lapse from now on is worth a warning
@@ -125,7 +125,9 @@ class Limiter:
             raise
         except Exception as exc:  # noqa: BLE001 - kept and retried by the renewal loop
             self.log.warning("could not release request %s's admission (%s); retrying", request_id, exc)
-            self._later(*args)
+            # Not run at all: made again as a first release (without a ledger, one settles the cost also
+            # when the admission was collected meanwhile); else it may have committed: a retry.
+            self._later(*args, first=isinstance(exc, ReleaseNotRun))
 
     def release_soon(self, *args) -> None:
         """release(*args) without waiting for it (a reservation without a concurrency slot)."""
@@ -148,12 +150,14 @@ class Limiter:
     async def _release_forgotten(self) -> None:
         now = asyncio.get_running_loop().time()
         for key_id, request_id, _ in self._forgotten:
-            await self.admissions.release(key_id, request_id, 0.0, 0, True)
+            # As a retry: it settles nothing either way, and a retry is never dropped for waiting on a lock.
+            await self.admissions.release(key_id, request_id, 0.0, 0, True, retry=True)
         self._forgotten = [entry for entry in self._forgotten if entry[2] > now]
 
-    def _later(self, *args) -> None:
-        """A release to make (again) from the renewal loop (a retry is harmless: it finds nothing)."""
-        self._unreleased.append(args)
+    def _later(self, *args, first: bool = False) -> None:
+        """A release to make (again) from the renewal loop: as a retry (harmless: it finds nothing if an
+        earlier try committed), or as a `first` release when no earlier try ran."""
+        self._unreleased.append((args, first))
         self._wake.set()
 
     async def _renew(self) -> None:
@@ -172,8 +176,8 @@ class Limiter:
 
     async def _retry_releases(self) -> None:
         while self._unreleased:
-            args = self._unreleased[0]
-            await self.admissions.release(*args, retry=True)
+            args, first = self._unreleased[0]
+            await self.admissions.release(*args, retry=not first)
             self._unreleased.pop(0)
 
     async def _renew_loop(self) -> None:

@@ -421,7 +421,7 @@ class SqliteAdmissions:
         await self._submit(drop_step, holder)
 
     tidy_interval: Optional[float] = None       # SQLite frees a deleted row's space at once: no tidy()
-    # Seconds a release (not a retry) may wait for the write lock: then it fails with TimeoutError, not run,
+    # Seconds a release (not a retry) may wait for the write lock: then it fails with ReleaseNotRun, not run,
     # and its caller retries it later.  Set by the limiter (its RELEASE_TIMEOUT), which then need not time
     # the wait itself; None: a release waits up to LOCK_WAIT, as every step.
     release_bound: Optional[float] = None
@@ -430,14 +430,19 @@ class SqliteAdmissions:
         return await self._submit(in_flight, key_id)
 
 
+class ReleaseNotRun(TimeoutError):
+    """A release that waited too long for the write lock and was not run: made again, it is still a first
+    release (release_step's `retry` is for a release that may have committed)."""
+
+
 def _without_late_releases(batch: list) -> list:
-    """`batch` less its releases (retries excepted), which fail with TimeoutError."""
+    """`batch` less its releases (retries excepted), which fail with ReleaseNotRun."""
     kept = []
     for entry in batch:
         step, args, future = entry
         if step is release_step and not args[-1]:
             if not future.done():
-                future.set_exception(TimeoutError("the release waited too long for the store's write lock"))
+                future.set_exception(ReleaseNotRun("the release waited too long for the store's write lock"))
         else:
             kept.append(entry)
     return kept

@@ -442,25 +442,32 @@ async def test_a_release_cut_off_by_its_bound_leaves_the_pool_usable(pg_url, mon
         await process.close()
 
 
+async def admitted_under_a_short_release_bound(tmp_path, monkeypatch, request_id: str):
+    """A SQLite store whose releases give up on the write lock after 0.3 s (the lock itself waited for without
+    end), and a limited key with `request_id` admitted: (url, key id, store, limiter, limits)."""
+    from apertis_proxy.budgets import limiter as limiter_module
+    from apertis_proxy.store import admissions as admissions_module
+    monkeypatch.setattr(limiter_module, "RELEASE_TIMEOUT", 0.3)
+    monkeypatch.setattr(admissions_module, "LOCK_WAIT", 3600.0)      # unbounded, a release would wait on
+    url = str(tmp_path / "store.db")
+    key_id = new_key(url, request_id)
+    store, limiter = await started_limiter(url)
+    limits = Limits(key_id, concurrency=5, quota_cost=10.0)
+    assert (await limiter.admit(limits, request_id, 0.5, 0)).admitted
+    return url, key_id, store, limiter, limits
+
+
 async def test_a_sqlite_release_kept_from_the_write_lock_past_its_bound_is_made_later_once(tmp_path, monkeypatch):
     """On SQLite the store bounds a release's wait for the write lock (the limiter times none itself): a release
     the lock holds back past the bound fails unrun, the answer is not held back further, and the limiter makes
     it again later, counted once."""
-    from apertis_proxy.budgets import limiter as limiter_module
-    from apertis_proxy.store import admissions as admissions_module
-    monkeypatch.setattr(limiter_module, "RELEASE_TIMEOUT", 0.3)
-    monkeypatch.setattr(admissions_module, "LOCK_WAIT", 3600.0)      # unbounded, the release would wait on
-    url = str(tmp_path / "store.db")
-    key_id = new_key(url, "slow-release")
-    store, limiter = await started_limiter(url)
+    url, key_id, store, limiter, limits = await admitted_under_a_short_release_bound(tmp_path, monkeypatch, "slow")
     blocker = sqlite3.connect(url, isolation_level=None)
     try:
-        limits = Limits(key_id, concurrency=5, quota_cost=10.0)
-        assert (await limiter.admit(limits, "slow", 0.5, 0)).admitted
         blocker.execute("BEGIN IMMEDIATE")          # another process's write transaction, not ending
         # Given up after 0.3 s, kept for later (the 30 s only keeps a regression from hanging the suite).
         await asyncio.wait_for(limiter.release(key_id, "slow", 0.25, 10, True), 30)
-        assert blocker.in_transaction and limiter._unreleased == [(key_id, "slow", 0.25, 10, True, None, None)]
+        assert blocker.in_transaction and limiter._unreleased == [((key_id, "slow", 0.25, 10, True, None, None), True)]
         blocker.execute("ROLLBACK")
 
         async def made() -> bool:
@@ -472,6 +479,37 @@ async def test_a_sqlite_release_kept_from_the_write_lock_past_its_bound_is_made_
         assert decision.use.spent_cost == pytest.approx(0.25)        # counted once
     finally:
         blocker.close()
+        await limiter.close()
+        await store.close()
+
+
+async def test_a_release_not_run_for_the_write_lock_is_made_again_as_a_first_release(tmp_path, monkeypatch):
+    """Without a ledger, a first release settles the request's cost also when its admission was collected (its
+    process had stalled past its lease); a retry does not, since an earlier try may have committed.  A release
+    the store dropped unrun for waiting on the write lock past its bound is made again as a first release, so
+    that cost still reaches the key's spend."""
+    from apertis_proxy.store.admissions import renew_step
+    url, key_id, store, limiter, _ = await admitted_under_a_short_release_bound(tmp_path, monkeypatch, "collected")
+    other = sqlite3.connect(url, isolation_level=None)
+    try:
+        # Another process, holding the write lock: it finds this process's lease run out long ago and
+        # collects its admission.
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("UPDATE limit_leases SET expires_at = ? WHERE holder = ?",
+                      (time.time() - STALE_LEASE_SECONDS - 5, limiter.holder))
+        renew_step(other, "another-process", 30.0)
+        assert other.execute("SELECT COUNT(*) FROM admissions").fetchone()[0] == 0
+        await asyncio.wait_for(limiter.release(key_id, "collected", 0.25, 10, False), 30)
+        assert limiter._unreleased == [((key_id, "collected", 0.25, 10, False, None, None), True)]
+        other.execute("COMMIT")
+
+        async def made() -> bool:
+            return not limiter._unreleased
+        await wait_for(made, 15.0, "the release to be made again")
+        spent = other.execute("SELECT cost, tokens FROM key_spend WHERE key_id = ?", (key_id,)).fetchone()
+        assert spent == (pytest.approx(0.25), 10)
+    finally:
+        other.close()
         await limiter.close()
         await store.close()
 
