@@ -93,6 +93,8 @@ class Gathered:
 
     async def _one_by_one(self, batch: list) -> None:
         for item, future in batch:
+            if future.done():
+                continue        # its caller gave up while the batch was out: an admission now would be nobody's
             try:
                 outcome = (await self._send([item]))[0]
             except Exception as exc:  # noqa: BLE001 - that call's caller gets it; the next ones go on

@@ -93,3 +93,21 @@ async def test_a_call_whose_caller_gave_up_before_it_went_is_not_sent():
     with pytest.raises(asyncio.CancelledError):
         await gone
     assert server.batches == [[2]]
+
+
+async def test_a_caller_that_gave_up_while_its_batch_was_out_is_not_sent_again_one_by_one():
+    """A refused batch goes again call by call; a caller that left meanwhile (a client that disconnected) is not
+    among them: an admission made for it now would hold a slot that nobody releases."""
+    server = Server()
+    server.gate = asyncio.Event()
+    calls = gathered(server)
+    first = asyncio.ensure_future(calls.call(1))
+    gone = asyncio.ensure_future(calls.call("bad"))
+    third = asyncio.ensure_future(calls.call(3))
+    await asyncio.sleep(0.01)
+    assert server.batches == [[1, "bad", 3]]
+    gone.cancel()
+    await asyncio.sleep(0)
+    server.gate.set()
+    assert (await first, await third) == (10, 30)
+    assert server.batches == [[1, "bad", 3], [1], [3]]
