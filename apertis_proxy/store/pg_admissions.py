@@ -187,6 +187,8 @@ _RELEASE_FREE = "DELETE FROM admissions WHERE key_id = $1 AND request_id = $2 AN
 # The lease renewed (taken again if it had run out), as admissions.renew_step: a lease run out for
 # STALE_LEASE_SECONDS goes with its holder's live admissions.  Deleting the stale lease locks it, so a
 # holder renewing at that moment keeps its lease and its admissions (the deletion rechecks the row).
+# The minutes of keys idle for one go too, but not a minute an admission holds at that moment (it may hold other
+# keys' too, in a batch: waiting for it could close a cycle); the next renewal takes it if it is still idle.
 # Returns how long the lease had still to run (NULL: none) and the live leases.
 _RENEW = f"""
 WITH clock AS (SELECT extract(epoch FROM clock_timestamp()) AS now),
@@ -199,7 +201,10 @@ gone AS (
     RETURNING l.holder),
 collected AS (DELETE FROM admissions a USING gone WHERE a.holder = gone.holder AND a.live = 1),
 idle AS (
-    DELETE FROM admission_counts c USING clock WHERE c.last_at <= clock.now - {RPM_WINDOW} RETURNING c.key_id),
+    DELETE FROM admission_counts c WHERE c.key_id IN (
+        SELECT i.key_id FROM admission_counts i, clock WHERE i.last_at <= clock.now - {RPM_WINDOW}
+        FOR UPDATE OF i SKIP LOCKED)
+    RETURNING c.key_id),
 idle_times AS (DELETE FROM admission_times t USING idle WHERE t.key_id = idle.key_id)
 SELECT (SELECT prior.expires_at FROM prior) - clock.now,
        1 + (SELECT COUNT(*) FROM limit_leases l WHERE l.expires_at > clock.now AND l.holder <> $1)

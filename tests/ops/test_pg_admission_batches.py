@@ -175,3 +175,35 @@ async def test_a_database_of_the_same_version_gets_the_batch_function_and_keeps_
             await conn.close()
     finally:
         await store.close()
+
+
+async def test_a_renewal_leaves_an_idle_minute_another_transaction_holds(pg_url):
+    """A renewal deletes the minutes of keys idle for a minute, but does not wait for one another transaction
+    holds (an admission batch may hold several keys' minutes: waiting could close a cycle with it); the next
+    renewal deletes it."""
+    held_key, free_key = new_key(pg_url, "held"), new_key(pg_url, "free")
+    store, = await opened(pg_url, 1)
+    other = await asyncpg.connect(store.admissions.url.target)
+    try:
+        await lease(store, "h")
+        for key_id in (held_key, free_key):
+            assert (await admit(store, Limits(key_id, rpm=100), f"r{key_id}", "h")).admitted
+        await other.execute("UPDATE admission_counts SET last_at = last_at - 120")
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM admission_counts WHERE key_id = $1 FOR UPDATE", held_key)
+            await asyncio.wait_for(store.admissions.renew_lease("h", 30.0), 2.0)     # it does not wait
+            assert [r[0] for r in await store_rows(store, "SELECT key_id FROM admission_counts")] == [held_key]
+        await store.admissions.renew_lease("h", 30.0)
+        assert await store_rows(store, "SELECT key_id FROM admission_counts") == []
+        assert await store_rows(store, "SELECT key_id FROM admission_times") == []
+    finally:
+        await other.close()
+        await store.close()
+
+
+async def store_rows(store, query: str) -> list:
+    conn = await asyncpg.connect(store.admissions.url.target)
+    try:
+        return list(await conn.fetch(query))
+    finally:
+        await conn.close()
