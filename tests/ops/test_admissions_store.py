@@ -3,8 +3,10 @@ exact under concurrent deciders, settled by the ledger row, and freed when a hol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
+from typing import AsyncIterator
 
 import pytest
 
@@ -55,6 +57,17 @@ async def lease(process: Process, holder: str, seconds: float = 30.0) -> None:
     await process.admissions.renew_lease(holder, seconds)
 
 
+@contextlib.asynccontextmanager
+async def leased_process(url: str, holder: str = "h") -> AsyncIterator[Process]:
+    """One gateway process on `url` holding `holder`'s lease; closed on leaving."""
+    process, = await opened(url, 1)
+    try:
+        await lease(process, holder)
+        yield process
+    finally:
+        await process.close()
+
+
 async def admit(process: Process, limits, request_id, holder, cost=0.0, tokens=0):
     return await process.admissions.admit(limits, request_id, holder, cost, tokens)
 
@@ -94,9 +107,7 @@ async def test_concurrent_deciders_admit_exactly_the_limit(store_url):
 
 async def test_a_quota_reserves_bounds_and_settles_with_the_ledger_row(store_url):
     key_id = new_key(store_url, "budget")
-    store, = await opened(store_url, 1)
-    try:
-        await lease(store, "h")
+    async with leased_process(store_url) as store:
         limits = Limits(key_id, quota_cost=1.0)
         first = await admit(store, limits, "q1", "h", cost=0.6)
         assert first.admitted
@@ -123,8 +134,6 @@ async def test_a_quota_reserves_bounds_and_settles_with_the_ledger_row(store_url
         await release(store, key_id, "q3", 0.25, 10, True)
         used_up = await admit(store, limits, "q4", "h", cost=0.01)
         assert used_up.reason == "quota" and used_up.use.spent_cost == pytest.approx(1.05)
-    finally:
-        await store.close()
 
 
 async def test_a_holders_admissions_stop_counting_when_its_lease_runs_out(store_url):
@@ -190,9 +199,7 @@ async def test_ended_requests_count_against_the_quota_whatever_became_of_their_h
 
 async def test_spend_is_settled_by_release_when_no_ledger_settles_it(store_url):
     key_id = new_key(store_url, "no-ledger")
-    store, = await opened(store_url, 1)
-    try:
-        await lease(store, "h")
+    async with leased_process(store_url) as store:
         limits = Limits(key_id, quota_tokens=1000, quota_period="day")
         assert (await admit(store, limits, "t1", "h", tokens=600)).admitted
         start = time.strftime("%Y-%m-%d", time.gmtime())
@@ -203,17 +210,13 @@ async def test_spend_is_settled_by_release_when_no_ledger_settles_it(store_url):
         await release(store, key_id, "t2", 0.0, 300, False, "day", start)
         refused = await admit(store, limits, "t3", "h", tokens=1)
         assert refused.reason == "quota" and refused.use.spent_tokens == 1000
-    finally:
-        await store.close()
 
 
 async def test_without_a_ledger_the_first_release_settles_a_collected_admission(store_url):
     """A process whose event loop stalled past STALE_LEASE_SECONDS finds its admission collected: its first
     release still adds the cost to the spend; a retry (the first may have committed) adds nothing."""
     key_id = new_key(store_url, "stalled")
-    store, = await opened(store_url, 1)
-    try:
-        await lease(store, "h")
+    async with leased_process(store_url) as store:
         assert (await admit(store, Limits(key_id, quota_cost=1.0), "c1", "h", cost=0.5)).admitted
         conn = service.connect(store_url)
         conn.execute("DELETE FROM admissions WHERE request_id = 'c1'")     # as renew_step collects it
@@ -229,15 +232,11 @@ async def test_without_a_ledger_the_first_release_settles_a_collected_admission(
         await store.admissions.release(key_id, "c2", 0.1, 5, False, retry=True)
         spend = (await store.store.read_spend())[key_id]
         assert spend[0] == pytest.approx(0.5) and spend[1] == 15
-    finally:
-        await store.close()
 
 
 async def test_the_minute_slides_admissions_that_left_it_stop_counting(store_url):
     key_id = new_key(store_url, "minute")
-    store, = await opened(store_url, 1)
-    try:
-        await lease(store, "h")
+    async with leased_process(store_url) as store:
         limits = Limits(key_id, rpm=3)
         for n in range(3):
             assert (await admit(store, limits, f"m{n}", "h")).admitted
@@ -257,8 +256,6 @@ async def test_the_minute_slides_admissions_that_left_it_stop_counting(store_url
             assert conn.execute("SELECT n FROM admission_counts").fetchone()[0] == 3
         finally:
             conn.close()
-    finally:
-        await store.close()
 
 
 async def test_postgres_admissions_commit_without_waiting_for_the_disk(pg_url):

@@ -9,7 +9,7 @@ import pytest
 
 from apertis_proxy.store.admissions import Limits
 
-from .test_admissions_store import admit, lease, new_key, opened, release
+from .test_admissions_store import admit, lease, leased_process, new_key, opened, release
 
 
 def batch_sizes(process, kind: str) -> list[int]:
@@ -36,9 +36,7 @@ async def test_a_batch_of_one_key_decides_as_one_request_at_a_time(pg_url):
     minute) and the same figures as the same twelve sent one after the other for a twin key."""
     costs = [0.3, 0.3, 0.5, 0.3, 0.2, 0.1, 0.4, 0.1, 0.1, 0.1, 0.2, 0.1]
     alone_key, batch_key = new_key(pg_url, "alone"), new_key(pg_url, "batch")
-    store, = await opened(pg_url, 1)
-    try:
-        await lease(store, "h")
+    async with leased_process(pg_url) as store:
         limits = {key: Limits(key, quota_cost=1.0, concurrency=4, rpm=9) for key in (alone_key, batch_key)}
         alone = [await admit(store, limits[alone_key], f"a{n}", "h", cost) for n, cost in enumerate(costs)]
         sizes = batch_sizes(store, "admissions")
@@ -54,17 +52,13 @@ async def test_a_batch_of_one_key_decides_as_one_request_at_a_time(pg_url):
         together = await asyncio.gather(*(admit(store, more[batch_key], f"b-m{n}", "h") for n in range(8)))
         assert [d.reason for d in together] == [d.reason for d in alone]
         assert [d.reason for d in alone].count("rpm") > 0
-    finally:
-        await store.close()
 
 
 async def test_a_batch_of_releases_adds_ended_costs_in_order_and_a_repeat_once(pg_url):
     """Releases of one key in one batch add their exact costs to the key's ended sum in the batch's order
     (the same floating-point sum as one at a time); a release repeated in the batch ends its request once."""
     key_id = new_key(pg_url, "ended")
-    store, = await opened(pg_url, 1)
-    try:
-        await lease(store, "h")
+    async with leased_process(pg_url) as store:
         limits = Limits(key_id, quota_cost=10.0)
         for n in range(4):
             assert (await admit(store, limits, f"r{n}", "h", 1.0)).admitted
@@ -82,17 +76,13 @@ async def test_a_batch_of_releases_adds_ended_costs_in_order_and_a_repeat_once(p
         finally:
             await conn.close()
         assert await store.admissions.in_flight(key_id) == (0, 0.0)
-    finally:
-        await store.close()
 
 
 async def test_a_call_the_server_refuses_fails_alone_and_the_batch_stands(pg_url):
     """A request admitted twice in one batch (its id is taken): the batch is refused by the server, then sent
     one call at a time, so that only the repeat fails; the calls before and after it are decided as alone."""
     key_id = new_key(pg_url, "dup")
-    store, = await opened(pg_url, 1)
-    try:
-        await lease(store, "h")
+    async with leased_process(pg_url) as store:
         limits = Limits(key_id, concurrency=10)
         sizes = batch_sizes(store, "admissions")
         outcomes = await asyncio.gather(*(admit(store, limits, rid, "h") for rid in ("a", "dup", "dup", "b")),
@@ -102,8 +92,6 @@ async def test_a_call_the_server_refuses_fails_alone_and_the_batch_stands(pg_url
         assert isinstance(outcomes[2], asyncpg.UniqueViolationError)
         assert (outcomes[0].use.live, outcomes[1].use.live, outcomes[3].use.live) == (0, 1, 2)
         assert await store.admissions.in_flight(key_id) == (3, 0.0)
-    finally:
-        await store.close()
 
 
 async def test_batches_of_two_processes_over_shared_keys_never_deadlock(pg_url):
@@ -160,9 +148,7 @@ async def test_a_database_of_the_same_version_gets_the_batch_function_and_keeps_
                            " DELETE FROM meta WHERE k = 'pg_revision'")
     finally:
         await conn.close()
-    store, = await opened(pg_url, 1)
-    try:
-        await lease(store, "h")
+    async with leased_process(pg_url) as store:
         limits = Limits(key_id, concurrency=1)
         assert (await admit(store, limits, "new", "h")).admitted
         conn = await asyncpg.connect(target)
@@ -173,8 +159,6 @@ async def test_a_database_of_the_same_version_gets_the_batch_function_and_keeps_
             assert await conn.fetchval("SELECT v FROM meta WHERE k = 'pg_revision'") == "1"
         finally:
             await conn.close()
-    finally:
-        await store.close()
 
 
 async def test_a_renewal_leaves_an_idle_minute_another_transaction_holds(pg_url):
