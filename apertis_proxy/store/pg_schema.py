@@ -330,12 +330,16 @@ async def schema_version(conn) -> int:
     exists = await conn.fetchval("SELECT to_regclass('meta') IS NOT NULL")
     if not exists:
         return 0
-    value = await conn.fetchval("SELECT v FROM meta WHERE k = 'schema_version'")
-    return int(value) if value else 0
+    return await _meta_number(conn, "schema_version")
 
 
 async def pg_revision(conn) -> int:
-    value = await conn.fetchval("SELECT v FROM meta WHERE k = 'pg_revision'")
+    """PG_REVISION of the schema (asked once it is at SCHEMA_VERSION: `meta` exists)."""
+    return await _meta_number(conn, "pg_revision")
+
+
+async def _meta_number(conn, k: str) -> int:
+    value = await conn.fetchval("SELECT v FROM meta WHERE k = $1", k)
     return int(value) if value else 0
 
 
