@@ -52,8 +52,8 @@ _INPUT_RATES = ("input", "cache_write_5m", "cache_write_1h", "cache_read")
 _CLIENT_TOOL_PREFIXES = ("custom", "bash_", "text_editor_", "computer_", "memory_")
 
 
-@dataclass(frozen=True, slots=True)
-class Bound:
+@dataclass(slots=True)
+class Bound:            # made for every request of a key with a quota: plain (a frozen one costs 5 times more)
     cost: float         # USD
     tokens: int
 
@@ -113,6 +113,22 @@ def request_bound(catalog: Catalog, entries: Sequence[ModelEntry], body: Optiona
                   body_bytes: int, at: float) -> Bound:
     """The most the request may cost and count, at the highest rates of `entries` (see the module
     docstring).  Cost 0 when none of them has a price."""
+    if type(body) is dict and type(entries) is tuple and _NOT_PLAIN.isdisjoint(body):
+        # The common request: one turn whose content the body shows, at the rates of `entries` alone (the
+        # general case below, without what does not apply to it).
+        probe = _Shape()
+        images = _sources(body.get("messages"), probe)
+        if not probe.opaque:
+            max_tokens = body.get("max_tokens")
+            output = min(max_tokens, MAX_BOUND_TOKENS) if type(max_tokens) is int and max_tokens > 0 else 0
+            first_input = max(0, body_bytes) + images * IMAGE_TOKENS
+            tokens = min(MAX_BOUND_TOKENS, first_input + output)
+            rates, factor = _plain_rates(catalog, entries, body.get("speed") == "fast", at)
+            if not rates:
+                return Bound(0.0, tokens)
+            cost = _turn_cost(rates[0], first_input, output) if len(rates) == 1 else \
+                max(_turn_cost(r, first_input, output) for r in rates)
+            return Bound(min(cost / 1e6 * factor, float(MAX_BOUND_TOKENS)), tokens)
     shape = _shape(body, body_bytes)
     everyone = [*entries, *(e for e in map(catalog.lookup, shape.models) if e is not None)] if shape.models \
         else entries
@@ -147,6 +163,9 @@ def request_bound(catalog: Catalog, entries: Sequence[ModelEntry], body: Optiona
 _RATES: dict[int, tuple[tuple, tuple]] = {}
 _BILLED: dict[Optional[str], tuple] = {}       # model -> (catalog, channel aliases, since, until, entries)
 _FACTORS: dict[tuple, tuple[tuple, float]] = {}
+# Body fields that can make a request more than one turn, or bring models or content of their own (_shape).
+_NOT_PLAIN = frozenset(("tools", "mcp_servers", "fallbacks", "context_management", "compaction"))
+_PLAIN: dict[tuple, tuple] = {}       # (catalog, entries, fast) ids -> (catalog, entries, since, until, rates, factor)
 _CACHED_MAX = 4096
 
 
@@ -160,6 +179,32 @@ def _cached(cache: dict, key: Any, objects: tuple, compute: Callable[..., Any]) 
     value = compute(*objects)
     cache[key] = (objects, value)
     return value
+
+
+def _plain_rates(catalog: Catalog, entries: tuple, fast: bool, at: float) -> tuple[list, float]:
+    """The rates of the entries priced at `at` (per million, as _per_million) and their multiplier,
+    remembered for these very objects while `at` stays between the moments, around it, at which one of
+    their price rows comes into force."""
+    hit = _PLAIN.get((id(catalog), id(entries), fast))
+    if hit is not None and hit[0] is catalog and hit[1] is entries and hit[2] <= at < hit[3]:
+        return hit[4], hit[5]
+    since, until = float("-inf"), float("inf")
+    priced, rates = [], []
+    for e in entries:
+        for row in e.price_rows:
+            if row.effective_from <= at:
+                since = max(since, row.effective_from)
+            else:
+                until = min(until, row.effective_from)
+        row = e.price_at(at)
+        if row is not None:
+            priced.append(e)
+            rates.append(_per_million(row))
+    factor = _cached(_FACTORS, (fast, id(catalog), *map(id, priced)), (fast, catalog, *priced), _factor)
+    if len(_PLAIN) >= _CACHED_MAX:
+        _PLAIN.clear()
+    _PLAIN[id(catalog), id(entries), fast] = (catalog, entries, since, until, rates, factor)
+    return rates, factor
 
 
 def _per_million(row) -> tuple[float, float, tuple[tuple[int, float, float], ...]]:

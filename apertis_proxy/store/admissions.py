@@ -11,8 +11,10 @@ transaction against the shared store, so the limits hold across all of them:
 * ``admission_ended``: per key, the number and the sum of the ended rows' exact
   costs, moved in the transactions that end and delete them, so a decision reads
   one row whatever the ledger has not settled yet.
-* ``admission_times`` and ``admission_counts``: when each admission of the last
-  minute happened, and how many there are per key (a decision reads the count).
+* ``admission_times``: when each admission of the last minute happened, numbered
+  per key in order (``seq``), so that a decision counts the minute's admissions
+  from two rows: the first in the minute and the latest.  A lease's renewal
+  deletes the rows that left the minute.
 * ``limit_leases``: one row per gateway process, renewed every third of its
   length.  A live row of ``admissions`` counts only while its holder's lease runs, so
   a process killed with its slots and reservations frees them when its lease
@@ -38,7 +40,6 @@ the request runs alone, so a quota is overshot by at most one request's cost.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 import sqlite3
 import time
@@ -75,7 +76,9 @@ class Limits:
         return self.concurrency is not None or self.quota_cost is not None or self.quota_tokens is not None
 
 
-@dataclass(frozen=True, slots=True)
+# Use and Decision are made for every admission: plain (not frozen) dataclasses, whose construction costs
+# a fifth of a frozen one's; nothing changes them once made.
+@dataclass(slots=True)
 class Use:
     """What the store holds for one key at the moment of a decision."""
 
@@ -97,7 +100,7 @@ class Renewal:
     left: Optional[float]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """None of `reason` means admitted; else the refusal and what the client is told."""
 
@@ -141,13 +144,17 @@ _SPEND_LIFETIME = "SELECT cost, tokens FROM key_spend WHERE key_id = ?1"
 _SPEND_PERIOD = "SELECT cost, tokens FROM key_period_spend WHERE key_id = ?1 AND period = ?3 AND start = ?4"
 
 # ?1 key id, ?2 now, (?3 period, ?4 its start), ?5 the start of the minute (NULL without a requests-per-minute
-# limit: no time is then counted as having left it).  Requests in flight count while their holder's lease
-# runs; ended ones (exact costs, summed in admission_ended) count whatever became of their holder, until
-# their ledger rows settle them.
+# limit: no minute is then read).  Requests in flight count while their holder's lease runs; ended ones (exact
+# costs, summed in admission_ended) count whatever became of their holder, until their ledger rows settle them.
+# A key's admissions are numbered without gaps and rows leave the minute oldest first, so the number of the
+# first in the minute and of the key's latest count them: scalar subqueries, one seek each (a joined subquery
+# would be materialised in a temporary B-tree, dearer than the seeks).
 _USE = """
 SELECT COALESCE(s.cost, 0) + COALESCE(e.cost, 0), COALESCE(s.tokens, 0) + COALESCE(e.tokens, 0),
-       a.live, a.live_cost, a.live_tokens, COALESCE((SELECT n FROM admission_counts WHERE key_id = ?1), 0),
-       (SELECT COUNT(*) FROM admission_times WHERE key_id = ?1 AND at <= ?5),
+       a.live, a.live_cost, a.live_tokens,
+       (SELECT seq FROM admission_times WHERE key_id = ?1 AND at > ?5 ORDER BY at, seq LIMIT 1),
+       (SELECT seq FROM admission_times WHERE key_id = ?1 AND ?5 IS NOT NULL ORDER BY at DESC, seq DESC LIMIT 1),
+       (SELECT at FROM admission_times WHERE key_id = ?1 AND ?5 IS NOT NULL ORDER BY at DESC, seq DESC LIMIT 1),
        (SELECT COUNT(*) FROM limit_leases WHERE expires_at > ?2)
 FROM (SELECT COUNT(*) AS live, COALESCE(SUM(a.cost), 0) AS live_cost, COALESCE(SUM(a.tokens), 0) AS live_tokens
       FROM admissions a INDEXED BY admissions_live JOIN limit_leases l ON l.holder = a.holder
@@ -160,13 +167,16 @@ _USE_PERIOD = _USE.format(spend=_SPEND_PERIOD)
 
 _ADMIT = ("INSERT INTO admissions (key_id, request_id, holder, admitted_at, live, cost, tokens)"
           " VALUES (?, ?, ?, ?, 1, ?, ?)")
-# The minute: one row per admission, and their number per key, so that a decision reads one
-# counter (less the rows that left the window, which the key's next admission deletes).
-_LEFT_WINDOW = "DELETE FROM admission_times WHERE key_id = ? AND at <= ?"
 _OLDEST = "SELECT MIN(at) FROM admission_times WHERE key_id = ? AND at > ?"
-_ADMIT_TIME = "INSERT INTO admission_times (key_id, at, request_id) VALUES (?, ?, ?)"
-_COUNT = ("INSERT INTO admission_counts (key_id, n, last_at) VALUES (?1, 1, ?2)"
-          " ON CONFLICT (key_id) DO UPDATE SET n = n + 1 - ?3, last_at = excluded.last_at")
+_ADMIT_TIME = "INSERT INTO admission_times (key_id, at, seq, request_id) VALUES (?, ?, ?, ?)"
+# The rows that left the minute, key by key (each key's range found from the previous key, not by a scan).
+_LEFT_MINUTE = """
+DELETE FROM admission_times WHERE at <= ?1 AND key_id IN (
+    WITH RECURSIVE k(id) AS (
+        SELECT MIN(key_id) FROM admission_times
+        UNION ALL SELECT (SELECT MIN(key_id) FROM admission_times WHERE key_id > k.id) FROM k WHERE k.id IS NOT NULL)
+    SELECT id FROM k)
+"""
 RELEASE_ENDED = ("UPDATE admissions SET live = 0, cost = ?, tokens = ? WHERE key_id = ? AND request_id = ?"
                  " AND live = 1")
 _ENDED = ("INSERT INTO admission_ended (key_id, n, cost, tokens) VALUES (?, 1, ?, ?) ON CONFLICT (key_id)"
@@ -194,20 +204,24 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
     else:
         row = conn.execute(_USE_PERIOD, (key_id, now, limits.quota_period,
                                          period_start(limits.quota_period, now), window)).fetchone()
+    first, last = row[5], row[6]
     use = Use(spent_cost=row[0], spent_tokens=row[1], live=row[2], live_cost=row[3], live_tokens=row[4],
-              recent=row[5] - row[6], oldest=None)
-    holders = max(1, row[7])
+              recent=0 if first is None else last - first + 1, oldest=None)
+    holders = max(1, row[8])
     decision = decide(limits, use, now, bound_cost, bound_tokens, holders)
     if decision.reason == "rpm":
-        oldest = conn.execute(_OLDEST, (key_id, window)).fetchone()[0]
-        decision = decide(limits, dataclasses.replace(use, oldest=oldest), now, bound_cost, bound_tokens, holders)
+        use.oldest = conn.execute(_OLDEST, (key_id, window)).fetchone()[0]
+        decision = decide(limits, use, now, bound_cost, bound_tokens, holders)
     elif decision.admitted:
         if limits.holds_admission:
             conn.execute(_ADMIT, (key_id, request_id, holder, now, bound_cost, bound_tokens))
         if window is not None:
-            gone = conn.execute(_LEFT_WINDOW, (key_id, window)).rowcount if row[6] else 0
-            conn.execute(_ADMIT_TIME, (key_id, now, request_id))
-            conn.execute(_COUNT, (key_id, now, gone))
+            # Numbered after the key's latest admission, and not before it (a clock set back): the rows'
+            # order by time stays their order by number.
+            if last is None:
+                conn.execute(_ADMIT_TIME, (key_id, now, 1, request_id))
+            else:
+                conn.execute(_ADMIT_TIME, (key_id, max(now, row[7]), last + 1, request_id))
     return decision
 
 
@@ -236,17 +250,14 @@ def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, s
 def renew_step(conn, holder: str, seconds: float) -> "Renewal":
     """Extend `holder`'s lease to now + `seconds` (taking it again if it had run out, so that its
     admissions count again); drop leases run out STALE_LEASE_SECONDS ago with their holders' live
-    admissions, and the minute of keys idle for a minute (SQLite)."""
+    admissions, and the admission times that left the minute (SQLite)."""
     now = time.time()
     prior = conn.execute(_LEASE, (holder,)).fetchone()
     conn.execute(_RENEW, (holder, now + seconds))
     stale = now - STALE_LEASE_SECONDS
     conn.execute(_COLLECT_LIVE, (stale,))
     conn.execute("DELETE FROM limit_leases WHERE expires_at < ?", (stale,))
-    idle = now - RPM_WINDOW
-    conn.execute("DELETE FROM admission_times WHERE key_id IN"
-                 " (SELECT key_id FROM admission_counts WHERE last_at <= ?)", (idle,))
-    conn.execute("DELETE FROM admission_counts WHERE last_at <= ?", (idle,))
+    conn.execute(_LEFT_MINUTE, (now - RPM_WINDOW,))
     holders = int(conn.execute("SELECT COUNT(*) FROM limit_leases WHERE expires_at > ?", (now,)).fetchone()[0])
     return Renewal(holders, None if prior is None else prior[0] - now)
 
@@ -328,7 +339,8 @@ class SqliteAdmissions:
     def _run(self, batch: list, one_by_one: bool = False) -> None:
         conn = self._conn
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            # On the reused cursor, as COMMIT: Connection.execute would make a cursor for each.
+            self._cursor.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if _busy(exc) and self._retry(batch):
                 return
@@ -345,7 +357,7 @@ class SqliteAdmissions:
             except Exception:  # noqa: BLE001 - run again step by step, the failing step's caller gets it
                 _abort(conn)
                 return self._run(batch, one_by_one=True)
-            return self._commit(conn, batch, outcomes)
+            return self._commit(conn, self._cursor, batch, outcomes)
         # Step by step, each under a savepoint of its own: a step that fails is undone alone and its caller
         # gets the error, the others commit together.  An error that ended the whole transaction (SQLite
         # rolls back by itself on a full disk or an I/O error) fails every step: none of them stays, and
@@ -367,12 +379,12 @@ class SqliteAdmissions:
                 if not future.done():
                     future.set_exception(exc)
                 return _fail(batch, exc)
-        self._commit(conn, batch, outcomes)
+        self._commit(conn, self._cursor, batch, outcomes)
 
     @staticmethod
-    def _commit(conn, batch: list, outcomes: list) -> None:
+    def _commit(conn, cursor, batch: list, outcomes: list) -> None:
         try:
-            conn.execute("COMMIT")
+            cursor.execute("COMMIT")
         except sqlite3.Error as exc:
             _abort(conn)
             return _fail(batch, exc)

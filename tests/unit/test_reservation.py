@@ -158,3 +158,33 @@ def test_fast_mode_and_geo_multiply_the_bound(conn):
     fable = "claude-fable-5-2"          # $16 per million for 1h cache writes, $40 output; fast x2, geo "us" x1.1
     b, size = bound(catalog, {**plain(speed="fast", inference_geo="us"), "model": fable})
     assert b.cost == pytest.approx((size * 16 + 1000 * 40) / 1e6 * 2 * GEO)
+
+
+@pytest.mark.parametrize("extra", [{}, {"speed": "fast"}, {"max_tokens": 0},
+                                   {"messages": [{"role": "user", "content": [
+                                       {"type": "image", "source": {"type": "base64", "data": "AA=="}}]}]}])
+def test_a_one_turn_request_is_bounded_as_the_general_case_would(conn, extra):
+    """Entries as a tuple (billed_models' own) take the one-turn path, kept per entries; any other sequence
+    the general one: both give the same bound."""
+    catalog = catalog_store.load_catalog(conn)
+    body = plain(**extra)
+    size = len(orjson.dumps(body))
+    for model in (HAIKU, OPUS):
+        entries = billed_models(catalog, model, (), NOW)
+        assert type(entries) is tuple
+        kept = request_bound(catalog, entries, body, size, NOW)
+        assert kept == request_bound(catalog, list(entries), body, size, NOW)
+        assert kept == request_bound(catalog, entries, body, size, NOW)
+
+
+def test_the_rates_of_a_one_turn_request_change_when_a_price_comes_into_force(conn):
+    catalog_store.set_model(conn, HAIKU, prices={"input": 10, "output": 50}, effective_from=NOW + 100)
+    catalog = catalog_store.load_catalog(conn)
+    entries = tuple(e for e in billed_models(catalog, HAIKU, (), NOW) if e.id == HAIKU)
+    body = plain()
+    size = len(orjson.dumps(body))
+    before = request_bound(catalog, entries, body, size, NOW + 99)
+    after = request_bound(catalog, entries, body, size, NOW + 100)
+    assert before.cost == pytest.approx((size * 2 + 1000 * 5) / 1e6)
+    assert after.cost == pytest.approx((size * 10 + 1000 * 50) / 1e6)
+    assert request_bound(catalog, entries, body, size, NOW).cost == before.cost
