@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sqlite3
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.support.bench_runs import kept_run
+
 STREAMS = 64
 EVENTS = 10 + 6      # the quick d-64: 10 deltas plus the six fixed events
 
@@ -27,17 +24,10 @@ def bench_run(tmp_path_factory):
     if len(os.sched_getaffinity(0)) > 1 and shutil.which("taskset") is None:
         pytest.skip("bench/run.py pins its processes with taskset (util-linux), which is missing")
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "run.py"), "--quick", "--scenarios", "d-64",
-         "--targets", "direct,proxy,proxy-w2,proxy-nometer,proxy-noobserve", "--retries", "0", "--keep",
-         "--output", str(out / "RESULTS.md"), "--json", str(out / "rows.json")],
-        capture_output=True, text=True, timeout=240)
-    kept = re.search(r"work directory kept: (\S+)", proc.stdout)
-    try:
-        yield proc, out, Path(kept.group(1)) if kept else None
-    finally:
-        if kept:
-            shutil.rmtree(kept.group(1), ignore_errors=True)
+    with kept_run("run.py", ["--quick", "--scenarios", "d-64", "--targets",
+                             "direct,proxy,proxy-w2,proxy-nometer,proxy-noobserve", "--retries", "0",
+                             "--output", str(out / "RESULTS.md"), "--json", str(out / "rows.json")], 240) as run:
+        yield (run[0], out, run[1])
 
 
 def test_every_target_streams_through(bench_run):
