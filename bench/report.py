@@ -9,6 +9,7 @@ TARGET_LABELS = {
     "direct": "direct to mock",
     "nginx": "nginx",
     "proxy": "apertis (all plugins)",
+    "proxy-w2": "apertis (all plugins, --workers 2)",
     "proxy-nometer": "apertis (no metering)",
     "proxy-noobserve": "apertis (no metrics, no access log)",
     "proxy-h11": "apertis (h11 for every head)",
@@ -234,6 +235,17 @@ def targets(rows: list[Row], idle: dict[str, list[int]]) -> str:
          (p["kb_per_stream"] < 25) if p and p.get("kb_per_stream") is not None else None,
          f"{_num(p and p.get('kb_per_stream'))} KB", p)
     line("(d) 5,000 streams: no errors", (not p["errors"]) if p else None, _errors(p) if p else DASH, p)
+    n, d = get("d-2000", "nginx"), get("d-2000", "direct")
+    for target, workers in (("proxy", "1 worker"), ("proxy-w2", "--workers 2")):
+        p = get("d-2000", target)
+        added = _diff(p, d, "ttfb99") if p and d else None
+        line(f"(d) 2,000 streams at 1,000/s, {workers}: added p99 TTFB under 50 ms",
+             (added < 50) if added is not None else None, f"{_signed(added)} ms", p, d)
+        mine, theirs = p and p.get("cpu_us_event"), n and n.get("cpu_us_event")
+        ratio = mine / theirs if mine is not None and theirs else None
+        line(f"(d) 2,000 streams at 1,000/s, {workers}: CPU per event at most 1.5x nginx's",
+             (ratio <= 1.5) if ratio is not None else None,
+             f"{_num(mine)} µs against {_num(theirs)} µs ({_num(ratio)}x)", p, n)
     full, bare = get("a-c64", "proxy"), get("a-c64", "proxy-nometer")
     cost = 100.0 * (bare["rps"] - full["rps"]) / bare["rps"] if full and bare and bare["rps"] else None
     line("metering costs under 5% of throughput (a, c=64)", (cost < 5) if cost is not None else None,

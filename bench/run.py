@@ -1,7 +1,7 @@
 """Benchmark apertis-proxy beside direct-to-mock and nginx, in one command.
 
     python bench/run.py [--quick] [--scenarios a,d-5000]
-                        [--targets direct,nginx,proxy,proxy-nometer,proxy-noobserve,proxy-h11,proxy-pg]
+                        [--targets direct,nginx,proxy,proxy-w2,proxy-nometer,proxy-noobserve,proxy-h11,proxy-pg]
 
 Installs wrk and nginx from Debian's packages if missing (only those the chosen
 scenarios and targets use), starts the mock upstream, nginx (plain reverse
@@ -38,7 +38,7 @@ from services import (CHANNEL_KEY, WORK, Service, ServiceError, ensure_tools, pi
                       python_has, raise_nofile, setup_proxy_db, start_mock, start_nginx, start_proxy,
                       write_config)
 
-ALL_TARGETS = ("direct", "nginx", "proxy", "proxy-nometer", "proxy-noobserve", "proxy-h11", "proxy-pg")
+ALL_TARGETS = ("direct", "nginx", "proxy", "proxy-w2", "proxy-nometer", "proxy-noobserve", "proxy-h11", "proxy-pg")
 SETTLE = 0.3            # seconds after the load before CPU is read: deferred work (meter flushes) counts
 WARMUP_SETTLE = 1.0     # seconds between the warm-up and the measured run
 
@@ -137,8 +137,10 @@ class Bench:
                     continue
                 config = write_config(self.workdir, name, meter=(name != "proxy-nometer"),
                                       observe=(name != "proxy-noobserve"), fast_heads=(name != "proxy-h11"))
-                out.append(Target(name, target_key, (lambda n=name, c=config, d=target_db: start_proxy(
-                    cmd, n, self.layout.sut_cpu, self.workdir, d, c))))
+                # proxy-w2: `serve --workers 2` on the same core as every other system under test.
+                workers = 2 if name == "proxy-w2" else 1
+                out.append(Target(name, target_key, (lambda n=name, c=config, d=target_db, w=workers: start_proxy(
+                    cmd, n, self.layout.sut_cpu, self.workdir, d, c, w))))
         return out
 
     def _postgres_db(self, cmd: list[str], mock_port: int) -> tuple[Optional[str], str, str]:

@@ -89,7 +89,9 @@ def full() -> list[Scenario]:
     out.append(Scenario("b-c64", "b", "30 KB request, c=64", "wrk", 64, 10, "large", block="b"))
     out.append(Scenario("c-c64", "c", "SSE 300 deltas bulk, c=64", "wrk", 64, 10, "small", stream=True,
                         deltas=300, block="c"))
-    out += [_paced(64, 100, 0.2, "d64"), _paced(1000, 100, 1.0, "d1000"), _paced(5000, 100, 2.0, "d5000")]
+    # d-2000: 2,000 streams opened at 1,000/s (the fast-path issue's paced target).
+    out += [_paced(64, 100, 0.2, "d64"), _paced(1000, 100, 1.0, "d1000"), _paced(2000, 100, 2.0, "d2000"),
+            _paced(5000, 100, 2.0, "d5000")]
     out.append(_latency(2000, 8, 1.0, "e"))
     return out
 

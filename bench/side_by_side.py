@@ -1,0 +1,172 @@
+"""Two configurations of the gateway on the same core at the same time: what one costs against the other.
+
+    python bench/side_by_side.py [--pair observe|meter|fast-heads] [--rounds N] [--seconds S] [--output FILE] [--keep]
+
+bench/run.py measures the targets one after the other, so the machine's drift between two runs (its speed
+moves by more than 10% from minute to minute on a shared virtual machine) lands in every comparison. Here
+both systems under test run at once, pinned to the same core, each with its own SQLite file and its own
+`wrk -t1` at 64 keep-alive connections of small JSON requests (scenario a-c64): the kernel's scheduler gives
+the two busy processes equal shares of the core, and whatever slows the machine slows both alike. Per round
+this reads each one's successful requests and CPU time (utime + stime of its process tree); the cost of the
+feature is
+
+- throughput: 1 - (req/s with the feature) / (req/s without), both in the same seconds;
+- CPU per request: (CPU µs/req with) / (CPU µs/req without) - 1, which does not depend on the shares.
+
+Pairs (the first is the default configuration, the second lacks the feature):
+
+    observe      metrics and the text access log on, against both off (the issue's 3% bar)
+    meter        the SQLite meter and its durable ledger, against no meter
+    fast-heads   the fast head parsers, against h11 for every head
+
+The two start in turns (which one wrk starts first swaps every round). Prints a line per round, then a
+table and the medians, also written to bench/.work/side-by-side-PAIR.md (git-ignored) or --output.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import procstat  # noqa: E402
+import scenarios as scn  # noqa: E402
+from drivers import DriverError, preflight, run_wrk  # noqa: E402
+from services import (WORK, ServiceError, ensure_tools, proxy_command, raise_nofile,  # noqa: E402
+                      setup_proxy_db, start_mock, start_proxy, write_config)
+
+# name: (label with, label without, config with, config without) as write_config's keyword arguments
+PAIRS = {
+    "observe": ("metrics and access log on", "both off", {"meter": True}, {"meter": True, "observe": False}),
+    "meter": ("SQLite meter", "no meter", {"meter": True}, {"meter": False}),
+    "fast-heads": ("fast heads", "h11 for every head", {"meter": True}, {"meter": True, "fast_heads": False}),
+}
+SCENARIO = "a-c64"
+WARMUP = 1
+
+
+def measure(sides: list[dict], sc: scn.Scenario, load_cpu: int, seconds: int) -> list[dict]:
+    """Both wrk runs at once; each side's requests, req/s and CPU µs per request over the same seconds."""
+    before = [procstat.cpu_seconds(side["svc"].pid) for side in sides]
+    with concurrent.futures.ThreadPoolExecutor(len(sides)) as pool:
+        runs = [pool.submit(run_wrk, sc, side["svc"].port, side["key"], side["body"], load_cpu, side["dir"], seconds)
+                for side in sides]
+        results = [run.result() for run in runs]
+    time.sleep(0.3)     # deferred work (the meter's flush) counts
+    after = [procstat.cpu_seconds(side["svc"].pid) for side in sides]
+    out = []
+    for res, b, a in zip(results, before, after):
+        cpu = a - b
+        out.append({"ok": res["ok"], "errors": res["errors"], "rps": res["rps"], "cpu_s": cpu,
+                    "cpu_us_req": 1e6 * cpu / res["ok"] if res["ok"] else None, "share": cpu / res["wall"]})
+    return out
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pair", choices=sorted(PAIRS), default="observe")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--seconds", type=int, default=10, help="measured seconds per round (after a 1 s warm-up)")
+    p.add_argument("--python", default=sys.executable, help="Python whose environment has apertis-proxy")
+    p.add_argument("--output", help="markdown file (default bench/.work/side-by-side-PAIR.md)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (the two proxies' logs and files)")
+    args = p.parse_args(argv)
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        raise SystemExit("bench: needs two CPUs (one for the load, one for the systems under test)")
+    load_cpu, sut_cpu = allowed[0], allowed[1]
+    ensure_tools(wrk=True, nginx=False)
+    cmd = proxy_command(args.python)
+    if cmd is None:
+        raise SystemExit("bench: apertis-proxy is not installed next to this Python (see --python)")
+    raise_nofile()
+    os.sched_setaffinity(0, {load_cpu})
+    with_label, without_label, with_cfg, without_cfg = PAIRS[args.pair]
+    sc = next(s for s in scn.full() if s.key == SCENARIO)
+    workdir = Path(tempfile.mkdtemp(prefix="apertis-side-"))
+    bodies = scn.write_bodies(workdir)
+    mock = start_mock(args.python, load_cpu, workdir, 2.0)
+    sides: list[dict] = []
+    rows: list[list[dict]] = []
+    try:
+        for name, label, cfg in (("with", with_label, with_cfg), ("without", without_label, without_cfg)):
+            side_dir = workdir / name
+            side_dir.mkdir()
+            db, key = setup_proxy_db(cmd, side_dir, mock.port)
+            config = write_config(side_dir, name, **cfg)
+            svc = start_proxy(cmd, name, sut_cpu, side_dir, db, config)
+            sides.append({"name": name, "label": label, "svc": svc, "key": key, "dir": side_dir,
+                          "body": bodies[("small", False)]})
+            problem = preflight(args.python, sc, svc.port, key, bodies[("small", False)], load_cpu)
+            if problem:
+                raise ServiceError(f"{label}: {problem}")
+        print(f"side by side on CPU {sut_cpu} (load on CPU {load_cpu}): {with_label} against {without_label}, "
+              f"{args.rounds} rounds of {args.seconds} s, {sc.connections} connections each", flush=True)
+        for rnd in range(args.rounds):
+            order = sides if rnd % 2 == 0 else sides[::-1]
+            measure(order, sc, load_cpu, WARMUP)
+            got = dict(zip((s["name"] for s in order), measure(order, sc, load_cpu, args.seconds)))
+            rows.append([got["with"], got["without"]])
+            w, o = got["with"], got["without"]
+            print(f"  round {rnd + 1}: req/s {w['rps']:,.0f} / {o['rps']:,.0f} ({_cost(w['rps'], o['rps']):+.1f}%), "
+                  f"CPU µs/req {w['cpu_us_req']:.0f} / {o['cpu_us_req']:.0f} "
+                  f"({_more(w['cpu_us_req'], o['cpu_us_req']):+.1f}%), core share {w['share']:.0%} / "
+                  f"{o['share']:.0%}, errors {w['errors'] or 0} / {o['errors'] or 0}", flush=True)
+    except (ServiceError, DriverError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for side in sides:
+            side["svc"].stop()
+        mock.stop()
+        if args.keep:
+            print(f"bench: work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    text = report(args, with_label, without_label, rows, sut_cpu, load_cpu)
+    print(text)
+    output = Path(args.output) if args.output else WORK / f"side-by-side-{args.pair}.md"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    return 0 if all(not w["errors"] and not o["errors"] for w, o in rows) else 1
+
+
+def _cost(with_rps: float, without_rps: float) -> float:
+    """Throughput lost to the feature, in percent."""
+    return 100.0 * (1 - with_rps / without_rps) if without_rps else float("nan")
+
+
+def _more(with_cpu: float, without_cpu: float) -> float:
+    """CPU per request the feature adds, in percent."""
+    return 100.0 * (with_cpu / without_cpu - 1) if without_cpu else float("nan")
+
+
+def report(args: argparse.Namespace, with_label: str, without_label: str, rows: list[list[dict]],
+           sut_cpu: int, load_cpu: int) -> str:
+    costs = [_cost(w["rps"], o["rps"]) for w, o in rows]
+    cpu = [_more(w["cpu_us_req"], o["cpu_us_req"]) for w, o in rows]
+    lines = [f"# Side by side: {with_label} against {without_label}", "",
+             f"- Command: `python bench/side_by_side.py --pair {args.pair} --rounds {args.rounds} "
+             f"--seconds {args.seconds}`",
+             f"- Date: {procstat.now_utc()}; both on CPU {sut_cpu}, mock and two `wrk -t1 -c64` on CPU {load_cpu}",
+             "", "| round | req/s with / without | throughput cost | CPU µs/req with / without | CPU cost "
+             "| core share with / without |", "| ---: | --- | ---: | --- | ---: | --- |"]
+    for i, ((w, o), c, u) in enumerate(zip(rows, costs, cpu), 1):
+        lines.append(f"| {i} | {w['rps']:,.0f} / {o['rps']:,.0f} | {c:+.1f}% | {w['cpu_us_req']:.0f} / "
+                     f"{o['cpu_us_req']:.0f} | {u:+.1f}% | {w['share']:.0%} / {o['share']:.0%} |")
+    lines += ["", f"Median throughput cost {statistics.median(costs):+.1f}% (from {min(costs):+.1f}% to "
+                  f"{max(costs):+.1f}%); median CPU cost per request {statistics.median(cpu):+.1f}% (from "
+                  f"{min(cpu):+.1f}% to {max(cpu):+.1f}%)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
