@@ -243,8 +243,11 @@ FROM clock
 class PgAdmissions:
     """Admissions of one gateway process on PostgreSQL, from its event loop: up to POOL_SIZE connections of
     its own, used as they are (no reset query between uses, which would double the round trips); a lost one
-    is opened again by the next use.  The lease is renewed on a connection of its own, so that admissions
-    waiting for the pool never hold it back.
+    is opened again by the next use.  The connection freed last is the next one used (and a connection is
+    opened only when all open ones are busy): a light load keeps to one server process, whose caches stay
+    warm, instead of taking turns with POOL_SIZE of them (which costs the server about 40% more CPU a call).
+    The lease is renewed on a connection of its own, so that admissions waiting for the pool never hold it
+    back.
 
     Nothing waits on the database for longer than `timeout`: not for a free connection of the pool, nor for
     a connection to open, nor for a statement's answer.  A connection whose statement did not answer in
@@ -259,14 +262,14 @@ class PgAdmissions:
         self._admissions = Gathered(self._admit_many, refused, BATCHES_IN_FLIGHT, BATCH_MOST)
         self._releases = Gathered(self._release_many, refused, BATCHES_IN_FLIGHT, BATCH_MOST,
                                   distinct=lambda item: item[:2])
-        self._idle: asyncio.Queue = asyncio.Queue()
+        self._idle: asyncio.LifoQueue = asyncio.LifoQueue()
         self._open: list = []
         self._lease_conn = None
 
     async def open(self) -> "PgAdmissions":
-        self._idle.put_nowait(await self._connect(CONNECT_TIMEOUT))
         for _ in range(POOL_SIZE - 1):
-            self._idle.put_nowait(None)         # opened when first needed
+            self._idle.put_nowait(None)         # opened when first needed (taken after the open ones)
+        self._idle.put_nowait(await self._connect(CONNECT_TIMEOUT))
         return self
 
     async def _connect(self, timeout: float):
@@ -318,6 +321,15 @@ class PgAdmissions:
                 conn = None
                 conn = await self._connect(self.timeout)
             return await self._bounded(conn, work)
+        except BaseException as exc:
+            # The connection may be on its way out (the server ended it: its notice is read, its end not yet;
+            # asyncpg then refuses it with InternalClientError) or in the middle of an exchange (cancelled):
+            # the next use, which may come at once, opens a new one.
+            self._discard(conn)
+            conn = None
+            if isinstance(exc, _lost_connection_errors()):
+                raise StoreUnavailable(f"the connection to the limits store was lost ({exc})") from exc
+            raise
         finally:
             if conn is not None and conn.is_closed():
                 self._discard(conn)
@@ -442,6 +454,11 @@ def _server_errors() -> tuple[type[BaseException], ...]:
     """The errors the server reports for a statement it rolled back (nothing of a batch stays)."""
     import asyncpg
     return (asyncpg.PostgresError,)
+
+
+def _lost_connection_errors() -> tuple[type[BaseException], ...]:
+    import asyncpg
+    return (asyncpg.InternalClientError,)
 
 
 def _float(value) -> Optional[float]:

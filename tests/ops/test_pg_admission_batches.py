@@ -136,6 +136,17 @@ async def test_batches_of_two_processes_over_shared_keys_never_deadlock(pg_url):
             await store.close()
 
 
+async def test_requests_one_after_the_other_keep_to_one_connection(pg_url):
+    """The connection freed last is the next one used: a light load opens no second connection (and keeps to
+    one server process, whose caches stay warm)."""
+    key_id = new_key(pg_url, "sequential")
+    async with leased_process(pg_url) as store:
+        for n in range(12):
+            assert (await admit(store, Limits(key_id, concurrency=2, rpm=100), f"r{n}", "h")).admitted
+            await release(store, key_id, f"r{n}", 0.0, 0, True)
+        assert len(store.admissions._open) == 2       # the pool's one and the lease's
+
+
 async def migrated_then(pg_url, name: str, sql: str) -> tuple[int, str]:
     """A new key `name` (its id) in a database migrated by a store of this revision, then altered by `sql`
     (as a database of an earlier revision would be); the database's address."""
