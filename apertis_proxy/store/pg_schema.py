@@ -28,9 +28,10 @@ NOTIFY_CHANNEL = "apertis_config"
 MIGRATION_LOCK = 0x61706572          # pg_advisory_lock key: "aper"
 CONFIG_TABLES = ("keys", "key_grace", "channels", "models", "model_prices")
 PARTITIONS_AHEAD = 2                 # months created beyond the current one
-# Changes to the PostgreSQL schema alone at SCHEMA_VERSION, reinstalled by migrate() (1: apertis_admit_many).
-# The functions of an earlier revision stay callable as they were, so hosts of both revisions can share it.
-PG_REVISION = 1
+# Changes to the PostgreSQL schema alone at SCHEMA_VERSION, reinstalled by migrate() (1: apertis_admit_many;
+# 2: apertis_admit decides on its own, for batches of one).  The functions of an earlier revision stay callable
+# as they were, so hosts of both revisions can share it.
+PG_REVISION = 2
 
 DDL = f"""
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);

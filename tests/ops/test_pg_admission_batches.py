@@ -7,6 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
+from apertis_proxy.store import pg_schema
 from apertis_proxy.store.admissions import Limits
 
 from .test_admissions_store import admit, lease, leased_process, new_key, opened, release
@@ -135,19 +136,37 @@ async def test_batches_of_two_processes_over_shared_keys_never_deadlock(pg_url):
             await store.close()
 
 
-async def test_a_database_of_the_same_version_gets_the_batch_function_and_keeps_the_single_one(pg_url):
-    """A database migrated before apertis_admit_many (same SCHEMA_VERSION, no pg_revision) gets it when a
-    host of this revision opens it; apertis_admit, the call of hosts of the earlier revision, still decides."""
-    key_id = new_key(pg_url, "upgrade")
+async def test_requests_one_after_the_other_keep_to_one_connection(pg_url):
+    """The connection freed last is the next one used: a light load opens no second connection (and keeps to
+    one server process, whose caches stay warm)."""
+    key_id = new_key(pg_url, "sequential")
+    async with leased_process(pg_url) as store:
+        for n in range(12):
+            assert (await admit(store, Limits(key_id, concurrency=2, rpm=100), f"r{n}", "h")).admitted
+            await release(store, key_id, f"r{n}", 0.0, 0, True)
+        assert len(store.admissions._open) == 2       # the pool's one and the lease's
+
+
+async def migrated_then(pg_url, name: str, sql: str) -> tuple[int, str]:
+    """A new key `name` (its id) in a database migrated by a store of this revision, then altered by `sql`
+    (as a database of an earlier revision would be); the database's address."""
+    key_id = new_key(pg_url, name)
     store, = await opened(pg_url, 1)
     target = store.admissions.url.target
     await store.close()
     conn = await asyncpg.connect(target)
     try:
-        await conn.execute("DROP FUNCTION apertis_admit; DROP FUNCTION apertis_admit_many;"
-                           " DELETE FROM meta WHERE k = 'pg_revision'")
+        await conn.execute(sql)
     finally:
         await conn.close()
+    return key_id, target
+
+
+async def test_a_database_of_the_same_version_gets_the_batch_function_and_keeps_the_single_one(pg_url):
+    """A database migrated before apertis_admit_many (same SCHEMA_VERSION, no pg_revision) gets it when a
+    host of this revision opens it; apertis_admit, the call of hosts of the earlier revision, still decides."""
+    key_id, target = await migrated_then(pg_url, "upgrade", "DROP FUNCTION apertis_admit;"
+                                         " DROP FUNCTION apertis_admit_many; DELETE FROM meta WHERE k = 'pg_revision'")
     async with leased_process(pg_url) as store:
         limits = Limits(key_id, concurrency=1)
         assert (await admit(store, limits, "new", "h")).admitted
@@ -156,9 +175,33 @@ async def test_a_database_of_the_same_version_gets_the_batch_function_and_keeps_
             old = await conn.fetchrow("SELECT * FROM apertis_admit($1, 'old', 'h', 0, 0, NULL, NULL, NULL, NULL, 1)",
                                       key_id)
             assert (old["reason"], old["live"]) == ("concurrency", 1)
-            assert await conn.fetchval("SELECT v FROM meta WHERE k = 'pg_revision'") == "1"
+            assert await conn.fetchval("SELECT v FROM meta WHERE k = 'pg_revision'") == str(pg_schema.PG_REVISION)
         finally:
             await conn.close()
+
+
+async def test_a_database_of_revision_1_gets_apertis_admit_of_its_own(pg_url):
+    """At revision 1, apertis_admit called apertis_admit_many; a host of this revision replaces it with the
+    function that decides a batch of one itself."""
+    key_id, target = await migrated_then(
+        pg_url, "revision1",
+        "CREATE OR REPLACE FUNCTION apertis_admit(p_key BIGINT, p_request TEXT, p_holder TEXT,"
+        " p_cost DOUBLE PRECISION, p_tokens BIGINT, p_quota_cost DOUBLE PRECISION, p_quota_tokens BIGINT,"
+        " p_period TEXT, p_rpm BIGINT, p_concurrency BIGINT, OUT reason TEXT, OUT retry_after INTEGER,"
+        " OUT spent_cost DOUBLE PRECISION, OUT spent_tokens BIGINT, OUT live BIGINT, OUT live_cost DOUBLE PRECISION,"
+        " OUT live_tokens BIGINT, OUT recent BIGINT, OUT holders BIGINT) LANGUAGE sql AS $$"
+        " SELECT 'revision 1', NULL::INTEGER, 0::FLOAT8, 0::BIGINT, 0::BIGINT, 0::FLOAT8, 0::BIGINT, 0::BIGINT,"
+        " 1::BIGINT $$; UPDATE meta SET v = '1' WHERE k = 'pg_revision'")
+    async with leased_process(pg_url) as store:
+        assert (await admit(store, Limits(key_id, concurrency=1), "new", "h")).admitted
+        assert not (await admit(store, Limits(key_id, concurrency=1), "next", "h")).admitted
+    conn = await asyncpg.connect(target)
+    try:
+        assert await conn.fetchval("SELECT l.lanname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang"
+                                   " WHERE p.proname = 'apertis_admit'") == "plpgsql"
+        assert await conn.fetchval("SELECT v FROM meta WHERE k = 'pg_revision'") == str(pg_schema.PG_REVISION)
+    finally:
+        await conn.close()
 
 
 async def test_a_renewal_leaves_an_idle_minute_another_transaction_holds(pg_url):
