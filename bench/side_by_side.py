@@ -1,6 +1,6 @@
 """Two configurations of the gateway on the same core at the same time: what one costs against the other.
 
-    python bench/side_by_side.py [--pair observe|meter|fast-heads] [--rounds N] [--seconds S] [--output FILE] [--keep]
+    python bench/side_by_side.py [--pair observe|meter|fast-heads|limits] [--rounds N] [--seconds S] [--keep]
 
 bench/run.py measures the targets one after the other, so the machine's drift between two runs (its speed
 moves by more than 10% from minute to minute on a shared virtual machine) lands in every comparison. Here
@@ -15,9 +15,11 @@ feature is
 
 Pairs (the first is the default configuration, the second lacks the feature):
 
-    observe      metrics and the text access log on, against both off (the issue's 3% bar)
+    observe      metrics and the text access log on, against both off
     meter        the SQLite meter and its durable ledger, against no meter
     fast-heads   the fast head parsers, against h11 for every head
+    limits       a key with a quota, rpm and concurrency that never bind, against a key without, both sides
+                 on `serve --workers 2` (their four workers share the core)
 
 The two start in turns (which one wrk starts first swaps every round). Prints a line per round, then a
 table and the medians, also written to bench/.work/side-by-side-PAIR.md (git-ignored) or --output.
@@ -26,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,12 +47,24 @@ from drivers import DriverError, preflight, run_wrk  # noqa: E402
 from services import (WORK, ServiceError, ensure_tools, proxy_command, raise_nofile,  # noqa: E402
                       setup_proxy_db, start_mock, start_proxy, write_config)
 
-# name: (label with, label without, config with, config without) as write_config's keyword arguments
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    with_label: str
+    without_label: str
+    with_config: dict           # write_config's keyword arguments
+    without_config: dict
+    limited: bool = False       # the "with" side's key gets limits that never bind (bench/limits.py's)
+    workers: int = 1            # `serve --workers N` on each side
+
+
 PAIRS = {
-    "observe": ("metrics and access log on", "both off", {"meter": True}, {"meter": True, "observe": False}),
-    "meter": ("SQLite meter", "no meter", {"meter": True}, {"meter": False}),
-    "fast-heads": ("fast heads", "h11 for every head", {"meter": True}, {"meter": True, "fast_heads": False}),
+    "observe": Pair("metrics and access log on", "both off", {"meter": True}, {"meter": True, "observe": False}),
+    "meter": Pair("SQLite meter", "no meter", {"meter": True}, {"meter": False}),
+    "fast-heads": Pair("fast heads", "h11 for every head", {"meter": True}, {"meter": True, "fast_heads": False}),
+    "limits": Pair("a key with limits, --workers 2", "a key without, --workers 2", {"meter": True}, {"meter": True},
+                   limited=True, workers=2),
 }
+LIMITS = ("--quota", "1000000", "--rpm", "1000000", "--concurrency", "1000")   # never bind at this load
 SCENARIO = "a-c64"
 WARMUP = 1
 
@@ -89,7 +105,8 @@ def main(argv: list[str]) -> int:
         raise SystemExit("bench: apertis-proxy is not installed next to this Python (see --python)")
     raise_nofile()
     os.sched_setaffinity(0, {load_cpu})
-    with_label, without_label, with_cfg, without_cfg = PAIRS[args.pair]
+    pair = PAIRS[args.pair]
+    with_label, without_label = pair.with_label, pair.without_label
     sc = next(s for s in scn.full() if s.key == SCENARIO)
     workdir = Path(tempfile.mkdtemp(prefix="apertis-side-"))
     bodies = scn.write_bodies(workdir)
@@ -97,12 +114,15 @@ def main(argv: list[str]) -> int:
     sides: list[dict] = []
     rows: list[list[dict]] = []
     try:
-        for name, label, cfg in (("with", with_label, with_cfg), ("without", without_label, without_cfg)):
+        for name, label, cfg in (("with", with_label, pair.with_config), ("without", without_label,
+                                                                          pair.without_config)):
             side_dir = workdir / name
             side_dir.mkdir()
             db, key = setup_proxy_db(cmd, side_dir, mock.port)
+            if pair.limited and name == "with":
+                limit_key(cmd, db)
             config = write_config(side_dir, name, **cfg)
-            svc = start_proxy(cmd, name, sut_cpu, side_dir, db, config)
+            svc = start_proxy(cmd, name, sut_cpu, side_dir, db, config, pair.workers)
             sides.append({"name": name, "label": label, "svc": svc, "key": key, "dir": side_dir,
                           "body": bodies[("small", False)]})
             problem = preflight(args.python, sc, svc.port, key, bodies[("small", False)], load_cpu)
@@ -137,6 +157,14 @@ def main(argv: list[str]) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     return 0 if all(not w["errors"] and not o["errors"] for w, o in rows) else 1
+
+
+def limit_key(cmd: list[str], db: Path) -> None:
+    """The bench key of `db` gets limits that never bind: every request is admitted through the store."""
+    res = subprocess.run([*cmd, "keys", "set", "bench", *LIMITS, "--db", str(db)], capture_output=True, text=True,
+                         timeout=60)
+    if res.returncode != 0:
+        raise ServiceError(f"'apertis-proxy keys set' failed: {(res.stdout + res.stderr).strip()[-600:]}")
 
 
 def _cost(with_rps: float, without_rps: float) -> float:

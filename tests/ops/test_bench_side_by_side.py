@@ -1,11 +1,13 @@
 """bench/side_by_side.py runs two configurations of the gateway at once on one core, each under its own wrk:
-both serve every request, each with its own configuration (the access log only on the side that has it), and
-the table has one row per round.  No speed is asserted (that is bench/'s job)."""
+both serve every request, each with its own configuration (the access log only on the side that has it; the
+limits pair's key admitted through the store on one side only), and the table has one row per round.  No speed
+is asserted (that is bench/'s job)."""
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import sqlite3
 
 import pytest
 
@@ -14,8 +16,7 @@ from tests.support.bench_runs import kept_run
 ROUNDS = 2
 
 
-@pytest.fixture(scope="module")
-def side_by_side(tmp_path_factory):
+def _needs_the_tools() -> None:
     if shutil.which("wrk") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("wrk is required in CI (.ci/run installs it)")
@@ -24,6 +25,11 @@ def side_by_side(tmp_path_factory):
         pytest.skip("bench/side_by_side.py needs two CPUs")
     if shutil.which("taskset") is None:
         pytest.skip("the bench pins its processes with taskset (util-linux), which is missing")
+
+
+@pytest.fixture(scope="module")
+def side_by_side(tmp_path_factory):
+    _needs_the_tools()
     out = tmp_path_factory.mktemp("side") / "side.md"
     with kept_run("side_by_side.py", ["--pair", "observe", "--rounds", str(ROUNDS), "--seconds", "1",
                                       "--output", str(out)], 300) as run:
@@ -51,3 +57,25 @@ def test_each_side_runs_its_own_configuration(side_by_side):
     assert "apertis_proxy.access" not in without_log
     assert "enabled = false" in (workdir / "without" / "without.toml").read_text()
     assert "enabled = false" not in (workdir / "with" / "with.toml").read_text()
+
+
+def test_the_limits_pair_admits_one_side_through_the_store(tmp_path):
+    _needs_the_tools()
+    out = tmp_path / "limits.md"
+    with kept_run("side_by_side.py", ["--pair", "limits", "--rounds", "1", "--seconds", "1",
+                                      "--output", str(out)], 300) as (proc, workdir):
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert workdir is not None and "a key with limits, --workers 2" in out.read_text()
+        counts = {}
+        for side in ("with", "without"):
+            with sqlite3.connect(workdir / side / "apertis-bench.db") as db:
+                admitted = db.execute("SELECT COUNT(*) FROM admission_times").fetchone()[0]
+                served, metered = db.execute("SELECT COUNT(*) FILTER (WHERE status = 200), COUNT(*) FROM usage"
+                                             " WHERE key_name = 'bench'").fetchone()
+            counts[side] = (admitted, served, metered)
+    # The minute's admissions are all still there (a renewal deletes only those that left it): one per request of
+    # the limited key (the warm-up's and the preflight's too; wrk's last requests may be cut by its end, still
+    # metered); none on the other side.
+    admitted, served, metered = counts["with"]
+    assert 0 < served <= admitted <= metered, counts
+    assert counts["without"][0] == 0 and counts["without"][1] > 0, counts
