@@ -147,6 +147,30 @@ async def test_requests_one_after_the_other_keep_to_one_connection(pg_url):
         assert len(store.admissions._open) == 2       # the pool's one and the lease's
 
 
+async def test_a_connection_idle_too_long_is_replaced_when_next_taken(pg_url, monkeypatch):
+    """Freed last, used first: the connections under a burst's may sit unused for hours (a NAT on the way may
+    have forgotten them); one idle for longer than MAX_IDLE_SECONDS is closed and a new one opened when taken."""
+    monkeypatch.setattr(pg_admissions, "MAX_IDLE_SECONDS", 0.3)
+    key_id = new_key(pg_url, "idle")
+    async with leased_process(pg_url) as store:
+        pool = store.admissions
+
+        async def server_process() -> int:
+            return await pool._run(lambda conn: conn.fetchval("SELECT pg_backend_pid()"))
+        first = await server_process()
+        assert await server_process() == first          # used again at once: the same one
+        await asyncio.sleep(0.5)
+        second = await server_process()
+        assert second != first
+        assert (await admit(store, Limits(key_id, concurrency=1), "r", "h")).admitted
+        assert len(pool._open) == 2       # the replaced one closed: the pool's one and the lease's
+        # The server took the keepalive settings from the connection (over a unix socket they read 0: unused).
+        sources = await pool._run(lambda conn: conn.fetch(
+            "SELECT name, source FROM pg_settings WHERE name LIKE 'tcp_keepalives_%'"))
+        assert {row["name"]: row["source"] for row in sources} == {
+            "tcp_keepalives_idle": "client", "tcp_keepalives_interval": "client", "tcp_keepalives_count": "client"}
+
+
 async def migrated_then(pg_url, name: str, sql: str) -> tuple[int, str]:
     """A new key `name` (its id) in a database migrated by a store of this revision, then altered by `sql`
     (as a database of an earlier revision would be); the database's address."""
