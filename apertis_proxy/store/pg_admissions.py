@@ -46,7 +46,13 @@ ADMISSION_LOCK = 0x61647331
 # process had died), and the minute forgets the admissions of that moment.  Ended requests' costs are
 # not lost: the ledger commits durably (and a commit makes every earlier one durable too), and without
 # a ledger the release that adds a cost to the spend commits durably itself (_release_and_settle).
-SESSION_SETTINGS = {"synchronous_commit": "off"}
+# Over TCP the server also probes an idle connection every minute: a NAT or firewall on the way keeps its
+# mapping, and a peer gone without a word is found (unix sockets ignore these).
+SESSION_SETTINGS = {"synchronous_commit": "off", "tcp_keepalives_idle": "60", "tcp_keepalives_interval": "10",
+                    "tcp_keepalives_count": "6"}
+# A pooled connection unused for longer is closed when next taken and a new one opened: freed last, used first,
+# the connections under a burst's may sit idle for hours (as asyncpg's own pool, max_inactive_connection_lifetime).
+MAX_IDLE_SECONDS = 300.0
 
 def _decision(spend: str) -> str:
     """The statement that reads what decides an admission of v_key (see the module docstring), its spend
@@ -246,6 +252,7 @@ class PgAdmissions:
     is opened again by the next use.  The connection freed last is the next one used (and a connection is
     opened only when all open ones are busy): a light load keeps to one server process, whose caches stay
     warm, instead of taking turns with POOL_SIZE of them (which costs the server about 40% more CPU a call).
+    One that sat unused for MAX_IDLE_SECONDS is replaced when next taken.
     The lease is renewed on a connection of its own, so that admissions waiting for the pool never hold it
     back.
 
@@ -263,13 +270,16 @@ class PgAdmissions:
         self._releases = Gathered(self._release_many, refused, BATCHES_IN_FLIGHT, BATCH_MOST,
                                   distinct=lambda item: item[:2])
         self._idle: asyncio.LifoQueue = asyncio.LifoQueue()
+        self._freed_at: dict = {}               # connection -> loop time it went back to the pool
         self._open: list = []
         self._lease_conn = None
 
     async def open(self) -> "PgAdmissions":
         for _ in range(POOL_SIZE - 1):
             self._idle.put_nowait(None)         # opened when first needed (taken after the open ones)
-        self._idle.put_nowait(await self._connect(CONNECT_TIMEOUT))
+        conn = await self._connect(CONNECT_TIMEOUT)
+        self._freed_at[conn] = asyncio.get_running_loop().time()
+        self._idle.put_nowait(conn)
         return self
 
     async def _connect(self, timeout: float):
@@ -284,6 +294,7 @@ class PgAdmissions:
     def _discard(self, conn) -> None:
         if conn is not None:
             conn.terminate()
+            self._freed_at.pop(conn, None)
             if conn in self._open:
                 self._open.remove(conn)
 
@@ -315,8 +326,9 @@ class PgAdmissions:
             except asyncio.TimeoutError:
                 raise StoreUnavailable(f"no connection to the limits store was free within {self.timeout:g}s"
                                        ) from None
+        loop = asyncio.get_running_loop()
         try:
-            if conn is None or conn.is_closed():
+            if conn is None or conn.is_closed() or loop.time() - self._freed_at.get(conn, 0.0) > MAX_IDLE_SECONDS:
                 self._discard(conn)
                 conn = None
                 conn = await self._connect(self.timeout)
@@ -334,6 +346,8 @@ class PgAdmissions:
             if conn is not None and conn.is_closed():
                 self._discard(conn)
                 conn = None
+            if conn is not None:
+                self._freed_at[conn] = loop.time()
             self._idle.put_nowait(conn)
 
     async def close(self) -> None:

@@ -13,7 +13,7 @@ PostgreSQL's types, plus what several hosts need.
 
 Creation and upgrades run under ``pg_advisory_lock``, so two hosts starting
 together create the schema once.  ``SCHEMA_VERSION`` is shared with SQLite;
-``PG_REVISION`` counts the changes made to PostgreSQL alone (its functions) since.
+``PG_REVISION`` counts the changes made to PostgreSQL alone (its functions and indexes) since.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ MIGRATION_LOCK = 0x61706572          # pg_advisory_lock key: "aper"
 CONFIG_TABLES = ("keys", "key_grace", "channels", "models", "model_prices")
 PARTITIONS_AHEAD = 2                 # months created beyond the current one
 # Changes to the PostgreSQL schema alone at SCHEMA_VERSION, reinstalled by migrate() (1: apertis_admit_many;
-# 2: apertis_admit decides on its own, for batches of one).  The functions of an earlier revision stay callable
-# as they were, so hosts of both revisions can share it.
-PG_REVISION = 2
+# 2: apertis_admit decides on its own, for batches of one; 3: the index of requests in flight holds their ids).
+# The functions of an earlier revision stay callable as they were, so hosts of both revisions can share it.
+PG_REVISION = 3
 
 DDL = f"""
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -264,7 +264,11 @@ CREATE TABLE IF NOT EXISTS admission_counts (
     n       BIGINT NOT NULL,
     last_at DOUBLE PRECISION NOT NULL
 );
-CREATE INDEX IF NOT EXISTS admissions_live ON admissions (key_id) WHERE live = 1;
+-- A key's requests in flight (a decision reads them), and one of them by its id (a release): with the id in the
+-- index a release finds its row by the index alone, also where the table's statistics are stale (the planner
+-- then took the key's whole range, a row per request in flight).
+DROP INDEX IF EXISTS admissions_live;
+CREATE INDEX IF NOT EXISTS admissions_in_flight ON admissions (key_id, request_id) WHERE live = 1;
 CREATE TABLE IF NOT EXISTS admission_ended (
     key_id  BIGINT PRIMARY KEY,
     n       BIGINT NOT NULL,

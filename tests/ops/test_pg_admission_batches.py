@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from apertis_proxy.store import pg_schema
+from apertis_proxy.store import pg_admissions, pg_schema
 from apertis_proxy.store.admissions import Limits
 
 from .test_admissions_store import admit, lease, leased_process, new_key, opened, release
@@ -147,6 +147,30 @@ async def test_requests_one_after_the_other_keep_to_one_connection(pg_url):
         assert len(store.admissions._open) == 2       # the pool's one and the lease's
 
 
+async def test_a_connection_idle_too_long_is_replaced_when_next_taken(pg_url, monkeypatch):
+    """Freed last, used first: the connections under a burst's may sit unused for hours (a NAT on the way may
+    have forgotten them); one idle for longer than MAX_IDLE_SECONDS is closed and a new one opened when taken."""
+    monkeypatch.setattr(pg_admissions, "MAX_IDLE_SECONDS", 0.3)
+    key_id = new_key(pg_url, "idle")
+    async with leased_process(pg_url) as store:
+        pool = store.admissions
+
+        async def server_process() -> int:
+            return await pool._run(lambda conn: conn.fetchval("SELECT pg_backend_pid()"))
+        first = await server_process()
+        assert await server_process() == first          # used again at once: the same one
+        await asyncio.sleep(0.5)
+        second = await server_process()
+        assert second != first
+        assert (await admit(store, Limits(key_id, concurrency=1), "r", "h")).admitted
+        assert len(pool._open) == 2       # the replaced one closed: the pool's one and the lease's
+        # The server took the keepalive settings from the connection (over a unix socket they read 0: unused).
+        sources = await pool._run(lambda conn: conn.fetch(
+            "SELECT name, source FROM pg_settings WHERE name LIKE 'tcp_keepalives_%'"))
+        assert {row["name"]: row["source"] for row in sources} == {
+            "tcp_keepalives_idle": "client", "tcp_keepalives_interval": "client", "tcp_keepalives_count": "client"}
+
+
 async def migrated_then(pg_url, name: str, sql: str) -> tuple[int, str]:
     """A new key `name` (its id) in a database migrated by a store of this revision, then altered by `sql`
     (as a database of an earlier revision would be); the database's address."""
@@ -200,6 +224,38 @@ async def test_a_database_of_revision_1_gets_apertis_admit_of_its_own(pg_url):
         assert await conn.fetchval("SELECT l.lanname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang"
                                    " WHERE p.proname = 'apertis_admit'") == "plpgsql"
         assert await conn.fetchval("SELECT v FROM meta WHERE k = 'pg_revision'") == str(pg_schema.PG_REVISION)
+    finally:
+        await conn.close()
+
+
+async def test_a_database_of_revision_2_gets_the_in_flight_index_a_release_finds_its_row_by(pg_url):
+    """At revision 2 the index of requests in flight held the key alone, and a release planned without the table's
+    statistics read every request of the key in flight; a host of this revision replaces it with one that holds
+    the request's id too, so a release reads its one row whatever the statistics say."""
+    key_id, target = await migrated_then(
+        pg_url, "revision2",
+        "DROP INDEX admissions_in_flight; CREATE INDEX admissions_live ON admissions (key_id) WHERE live = 1;"
+        " UPDATE meta SET v = '2' WHERE k = 'pg_revision'")
+    async with leased_process(pg_url) as store:
+        assert (await admit(store, Limits(key_id, concurrency=1000), "new", "h")).admitted
+    conn = await asyncpg.connect(target)
+    try:
+        indexes = {r["indexname"]: r["indexdef"] for r in await conn.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'admissions'")}
+        assert "admissions_live" not in indexes
+        assert "(key_id, request_id) WHERE (live = 1)" in indexes["admissions_in_flight"]
+        assert await conn.fetchval("SELECT v FROM meta WHERE k = 'pg_revision'") == str(pg_schema.PG_REVISION)
+        # 500 requests of the key in flight, the statistics not gathered: the release's row by its id alone.
+        await conn.execute("INSERT INTO admissions SELECT $1, 'r' || g, 'h', 0, 1, 0.01, 10"
+                           " FROM generate_series(1, 500) g", key_id)
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        for sql, args in ((pg_admissions._RELEASE_ENDED, (key_id, "r7", 0.5, 5)),
+                          (pg_admissions._RELEASE_FREE, (key_id, "r8"))):
+            plan = "\n".join(r[0] for r in await (await conn.prepare(
+                "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) " + sql)).fetch(*args))
+            scan = next(line for line in plan.splitlines() if "Index Scan" in line or "Seq Scan" in line)
+            assert "Index Scan" in scan and "rows=1 " in scan, plan
+            assert "Rows Removed by Filter" not in plan, plan
     finally:
         await conn.close()
 
