@@ -168,6 +168,9 @@ _USE_PERIOD = _USE.format(spend=_SPEND_PERIOD)
 _ADMIT = ("INSERT INTO admissions (key_id, request_id, holder, admitted_at, live, cost, tokens)"
           " VALUES (?, ?, ?, ?, 1, ?, ?)")
 _OLDEST = "SELECT MIN(at) FROM admission_times WHERE key_id = ? AND at > ?"
+_BACK_TO_NOW = "UPDATE admission_times SET at = ?1 WHERE key_id = ?2 AND at > ?1"
+# Seconds a key's latest admission time may lie ahead of the clock before the clock counts as set back.
+CLOCK_SLACK = 1.0
 _ADMIT_TIME = "INSERT INTO admission_times (key_id, at, seq, request_id) VALUES (?, ?, ?, ?)"
 # The rows that left the minute, key by key (each key's range found from the previous key, not by a scan).
 _LEFT_MINUTE = """
@@ -200,10 +203,17 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
     now = time.time()
     window = None if limits.rpm is None else now - RPM_WINDOW
     if limits.quota_period is None:
-        row = conn.execute(_USE_LIFETIME, (key_id, now, None, None, window)).fetchone()
+        read, args = _USE_LIFETIME, (key_id, now, None, None, window)
     else:
-        row = conn.execute(_USE_PERIOD, (key_id, now, limits.quota_period,
-                                         period_start(limits.quota_period, now), window)).fetchone()
+        read, args = _USE_PERIOD, (key_id, now, limits.quota_period, period_start(limits.quota_period, now),
+                                   window)
+    row = conn.execute(read, args).fetchone()
+    if row[7] is not None and row[7] > now + CLOCK_SLACK:
+        # The wall clock was set back: the key's times ahead of it are brought back to now (their order by
+        # number stays their order by time), so that they leave the minute a minute from now rather than a
+        # minute after the clock catches up with them.
+        conn.execute(_BACK_TO_NOW, (now, key_id))
+        row = conn.execute(read, args).fetchone()
     first, last = row[5], row[6]
     use = Use(spent_cost=row[0], spent_tokens=row[1], live=row[2], live_cost=row[3], live_tokens=row[4],
               recent=0 if first is None else last - first + 1, oldest=None)

@@ -12,8 +12,10 @@ PostgreSQL's types, plus what several hosts need.
   ledger write's transaction.
 
 Creation and upgrades run under ``pg_advisory_lock``, so two hosts starting
-together create the schema once.  ``SCHEMA_VERSION`` is shared with SQLite;
-``PG_REVISION`` counts the changes made to PostgreSQL alone (its functions and indexes) since.
+together create the schema once.  ``SCHEMA_VERSION`` here is PostgreSQL's own: the version of SQLite's schema
+(store/schema.py) whose tables it last followed, moved only by a change both backends take; ``PG_REVISION``
+counts the changes made to PostgreSQL alone (its functions and indexes) since.  A change to one backend alone
+leaves the other's version as it is, so hosts of the previous release keep starting on the database.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ from typing import Iterable
 
 from ..plugin_api import DEFAULT_API_VERSION
 from . import pg_admissions
-from .schema import SCHEMA_VERSION
 
 NOTIFY_CHANNEL = "apertis_config"
 MIGRATION_LOCK = 0x61706572          # pg_advisory_lock key: "aper"
@@ -32,6 +33,8 @@ PARTITIONS_AHEAD = 2                 # months created beyond the current one
 # 2: apertis_admit decides on its own, for batches of one; 3: the index of requests in flight holds their ids).
 # The functions of an earlier revision stay callable as they were, so hosts of both revisions can share it.
 PG_REVISION = 3
+# SQLite's version 9 (the minute's numbered times) is SQLite's alone.
+SCHEMA_VERSION = 8
 
 DDL = f"""
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);

@@ -99,3 +99,38 @@ def test_a_version_8_store_numbers_the_minute_it_holds(tmp_path):
         assert admit_step(conn.cursor(), Limits(8, rpm=2), "u2", "h", 0.0, 0).reason == "rpm"
     finally:
         conn.close()
+
+
+class _Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_clock_set_back_holds_the_minute_for_a_minute_not_for_the_step(tmp_path, monkeypatch):
+    """An admission, then the wall clock stepped back an hour (an NTP step, a restored VM): the key's time ahead
+    of the clock comes back to it, so the admissions after the step fill the minute as they come, and two quiet
+    minutes later the key is admitted again (its times stamped an hour ahead would have held it to five an
+    hour)."""
+    from apertis_proxy.store import admissions
+    conn = schema.connect(str(tmp_path / "s.db"))
+    conn.isolation_level = None
+    clock = _Clock(time.time())
+    monkeypatch.setattr(admissions.time, "time", clock)
+    limits = Limits(7, rpm=5)
+    renew_step(conn.cursor(), "h", 30)
+    assert admit_step(conn.cursor(), limits, "a0", "h", 0.0, 0).admitted
+    clock.t -= 3600
+    for n in range(1, 5):
+        clock.t += 10
+        assert admit_step(conn.cursor(), limits, f"a{n}", "h", 0.0, 0).admitted
+    refused = admit_step(conn.cursor(), limits, "a5", "h", 0.0, 0)     # five in this minute: a0 counts in it
+    assert (refused.reason, refused.use.recent) == ("rpm", 5)
+    assert 29 <= refused.retry_after <= 31          # a0 came back to the time of a1, 30 s ago
+    times = [at for at, in conn.execute("SELECT at FROM admission_times WHERE key_id = 7 ORDER BY seq")]
+    assert times == sorted(times) and max(times) <= clock.t
+    clock.t += 120
+    renew_step(conn.cursor(), "h", 30)
+    assert admit_step(conn.cursor(), limits, "late", "h", 0.0, 0).admitted

@@ -260,6 +260,24 @@ async def test_a_database_of_revision_2_gets_the_in_flight_index_a_release_finds
         await conn.close()
 
 
+async def test_a_host_of_the_previous_release_still_starts_on_the_database(pg_url, monkeypatch):
+    """SQLite's schema moved to version 9 alone: PostgreSQL keeps version 8 and takes its own changes as revisions,
+    so a host of the previous release (version 8, revision 1) that restarts after this one upgraded the database
+    starts, and leaves the revision where it is."""
+    store, = await opened(pg_url, 1)
+    target = store.admissions.url.target
+    await store.close()
+    conn = await asyncpg.connect(target)
+    try:
+        assert await conn.fetchval("SELECT v FROM meta WHERE k = 'schema_version'") == "8"
+        revision = pg_schema.PG_REVISION
+        monkeypatch.setattr(pg_schema, "PG_REVISION", 1)
+        await pg_schema.migrate(conn)
+        assert await conn.fetchval("SELECT v FROM meta WHERE k = 'pg_revision'") == str(revision)
+    finally:
+        await conn.close()
+
+
 async def test_a_renewal_leaves_an_idle_minute_another_transaction_holds(pg_url):
     """A renewal deletes the minutes of keys idle for a minute, but does not wait for one another transaction
     holds (an admission batch may hold several keys' minutes: waiting could close a cycle with it); the next
