@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from typing import Optional
 
-from .admissions import BUSY_RETRY_AFTER, RPM_WINDOW, STALE_LEASE_SECONDS, Decision, Limits, Renewal, Use
+from .admissions import BUSY_RETRY_AFTER, CLOCK_SLACK, RPM_WINDOW, STALE_LEASE_SECONDS, Decision, Limits, Renewal, Use
 from .gathered import Gathered
 from .service import StoreUnavailable
 from .url import StoreURL
@@ -73,6 +73,15 @@ def _decision(spend: str) -> str:
           LEFT JOIN {spend} sp ON sp.key_id = v_key"""
 
 
+# The read of the key's use, from key_spend without a quota period (a statement of its own, so that the executor
+# starts only the one the request reads).
+_READ = f"""
+        IF v_period IS NULL THEN
+            {_decision("key_spend")};
+        ELSE
+            {_decision("key_period_spend")} AND sp.period = v_period AND sp.start = v_start;
+        END IF;"""
+
 # One admission decided and, if admitted, recorded: the body both functions share, on the variables v_key,
 # v_request, v_holder, v_cost, v_tokens, v_quota_cost, v_quota_tokens, v_period, v_rpm, v_concurrency (the
 # request), v_now, v_start, v_oldest (its own) and the output columns (reason and retry_after NULL on entry).
@@ -81,15 +90,19 @@ _DECIDE = f"""
         -- One statement, one snapshot (which sees the batch's earlier admissions): the spend, the key's
         -- admissions (in flight: under a live lease; ended: summed per key whatever their holder, until their
         -- ledger rows settle them), the minute's count less the times that left it (deleted by the next
-        -- admission), the live leases.  Without a quota period the spend is key_spend's: a statement of
-        -- its own, so that the executor starts only the one the request reads.
-        IF v_period IS NULL THEN
-            {_decision("key_spend")};
-        ELSE
+        -- admission), the live leases.
+        IF v_period IS NOT NULL THEN
             v_start := to_char(date_trunc(CASE v_period WHEN 'week' THEN 'week' WHEN 'month' THEN 'month'
                                                         ELSE 'day' END,
                                           to_timestamp(v_now) AT TIME ZONE 'UTC'), 'YYYY-MM-DD');
-            {_decision("key_period_spend")} AND sp.period = v_period AND sp.start = v_start;
+        END IF;{_READ}
+        IF v_rpm IS NOT NULL AND recent >= v_rpm THEN
+            -- A full minute may hold times ahead of the clock (the server's clock was set back): they would
+            -- count until it caught up with them.  Brought back to now, they leave the minute a minute from
+            -- now; then the key is read again.
+            UPDATE admission_times t SET at = v_now WHERE t.key_id = v_key AND t.at > v_now + {CLOCK_SLACK};
+            IF FOUND THEN{_READ}
+            END IF;
         END IF;
         IF (v_quota_cost IS NOT NULL AND spent_cost >= v_quota_cost)
                 OR (v_quota_tokens IS NOT NULL AND spent_tokens >= v_quota_tokens) THEN

@@ -30,9 +30,10 @@ MIGRATION_LOCK = 0x61706572          # pg_advisory_lock key: "aper"
 CONFIG_TABLES = ("keys", "key_grace", "channels", "models", "model_prices")
 PARTITIONS_AHEAD = 2                 # months created beyond the current one
 # Changes to the PostgreSQL schema alone at SCHEMA_VERSION, reinstalled by migrate() (1: apertis_admit_many;
-# 2: apertis_admit decides on its own, for batches of one; 3: the index of requests in flight holds their ids).
-# The functions of an earlier revision stay callable as they were, so hosts of both revisions can share it.
-PG_REVISION = 3
+# 2: apertis_admit decides on its own, for batches of one; 3: the index of requests in flight holds their ids;
+# 4: a full minute's times ahead of the clock come back to it).  The functions of an earlier revision stay
+# callable as they were, so hosts of both revisions can share it.
+PG_REVISION = 4
 # SQLite's version 9 (the minute's numbered times) is SQLite's alone.
 SCHEMA_VERSION = 8
 

@@ -278,6 +278,32 @@ async def test_a_host_of_the_previous_release_still_starts_on_the_database(pg_ur
         await conn.close()
 
 
+async def test_a_full_minute_ahead_of_the_servers_clock_comes_back_to_it(pg_url):
+    """The server's clock set back an hour after a key's minute filled up: its times lie an hour ahead and would
+    count until the clock caught up.  The next decision brings them back to now: the key is told to come back in
+    a minute, not in an hour, and the times leave the minute a minute from now."""
+    key_id = new_key(pg_url, "clock")
+    async with leased_process(pg_url) as store:
+        limits = Limits(key_id, rpm=3)
+        for n in range(3):
+            assert (await admit(store, limits, f"r{n}", "h")).admitted
+        conn = await asyncpg.connect(store.admissions.url.target)
+        try:
+            await conn.execute("UPDATE admission_times SET at = at + 3600 WHERE key_id = $1", key_id)
+            await conn.execute("UPDATE admission_counts SET last_at = last_at + 3600 WHERE key_id = $1", key_id)
+            refused = await admit(store, limits, "r3", "h")
+            assert (refused.reason, refused.use.recent) == ("rpm", 3)
+            assert 1 <= refused.retry_after <= 61
+            ahead = await conn.fetchval("SELECT COUNT(*) FROM admission_times WHERE key_id = $1"
+                                        " AND at > extract(epoch FROM clock_timestamp()) + 1", key_id)
+            assert ahead == 0
+        finally:
+            await conn.close()
+        # Both functions decide alike: a batch of two sees the minute as the call of one did.
+        both = await asyncio.gather(admit(store, limits, "r4", "h"), admit(store, limits, "r5", "h"))
+        assert [d.reason for d in both] == ["rpm", "rpm"] and all(d.retry_after <= 61 for d in both)
+
+
 async def test_a_renewal_leaves_an_idle_minute_another_transaction_holds(pg_url):
     """A renewal deletes the minutes of keys idle for a minute, but does not wait for one another transaction
     holds (an admission batch may hold several keys' minutes: waiting could close a cycle with it); the next
