@@ -347,9 +347,14 @@ class PgAdmissions:
                 conn = await self._connect(self.timeout)
             return await self._bounded(conn, work)
         except BaseException as exc:
-            # The connection may be on its way out (the server ended it: its notice is read, its end not yet;
+            # An error the server answered leaves the connection as it was (asyncpg reads on to the server's
+            # ready-for-query, and a transaction block is rolled back): it is used again, so that a server
+            # failing every statement (a full disk) is not also made to open a connection for each.  Anything
+            # else may leave it on its way out (the server ended it: its notice is read, its end not yet;
             # asyncpg then refuses it with InternalClientError) or in the middle of an exchange (cancelled):
             # the next use, which may come at once, opens a new one.
+            if conn is not None and isinstance(exc, _server_errors()) and not conn.is_closed():
+                raise
             self._discard(conn)
             conn = None
             if isinstance(exc, _lost_connection_errors()):

@@ -171,6 +171,29 @@ async def test_a_connection_idle_too_long_is_replaced_when_next_taken(pg_url, mo
             "tcp_keepalives_idle": "client", "tcp_keepalives_interval": "client", "tcp_keepalives_count": "client"}
 
 
+async def test_a_statement_the_server_refused_leaves_its_connection_in_the_pool(pg_url):
+    """An error the server answers (here a division by zero; a full disk would fail every statement alike) leaves
+    the connection usable: the next call runs on the same server process, no new connection is opened for it.
+    A connection cut mid-exchange is replaced."""
+    async with leased_process(pg_url) as store:
+        pool = store.admissions
+
+        async def server_process() -> int:
+            return await pool._run(lambda conn: conn.fetchval("SELECT pg_backend_pid()"))
+        first = await server_process()
+        for _ in range(3):
+            with pytest.raises(asyncpg.DivisionByZeroError):
+                await pool._run(lambda conn: conn.fetchval("SELECT 1 / 0"))
+        assert await server_process() == first
+        assert len(pool._open) == 2       # the pool's one and the lease's
+
+        async def cut(conn):
+            await asyncio.wait_for(conn.fetchval("SELECT pg_sleep(5)"), 0.05)
+        with pytest.raises(asyncio.TimeoutError):
+            await pool._run(cut)
+        assert await server_process() != first
+
+
 async def migrated_then(pg_url, name: str, sql: str) -> tuple[int, str]:
     """A new key `name` (its id) in a database migrated by a store of this revision, then altered by `sql`
     (as a database of an earlier revision would be); the database's address."""
