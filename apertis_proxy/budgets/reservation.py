@@ -94,12 +94,8 @@ def billed_models(catalog: Catalog, model: Optional[str], channel_aliases: Itera
         if entry is None:
             continue
         entries[entry.id] = entry
-        for moment in (entry.retires_ts, *(row.effective_from for row in entry.price_rows)):
-            if moment is not None:
-                if moment <= at:
-                    since = max(since, moment)
-                else:
-                    until = min(until, moment)
+        since, until = _around(at, (entry.retires_ts, *(row.effective_from for row in entry.price_rows)),
+                               since, until)
         if entry.lifecycle_at(at) == "retired" or entry.price_at(at) is None:
             pending.extend(n for n in (entry.redirect_to, entry.successor) if n)
     found = tuple(entries.values())
@@ -126,9 +122,8 @@ def request_bound(catalog: Catalog, entries: Sequence[ModelEntry], body: Optiona
             rates, factor = _plain_rates(catalog, entries, body.get("speed") == "fast", at)
             if not rates:
                 return Bound(0.0, tokens)
-            cost = _turn_cost(rates[0], first_input, output) if len(rates) == 1 else \
-                max(_turn_cost(r, first_input, output) for r in rates)
-            return Bound(min(cost / 1e6 * factor, float(MAX_BOUND_TOKENS)), tokens)
+            cost = _highest_turn_cost(rates, first_input, output) / 1e6 * factor
+            return Bound(min(cost, float(MAX_BOUND_TOKENS)), tokens)
     shape = _shape(body, body_bytes)
     everyone = [*entries, *(e for e in map(catalog.lookup, shape.models) if e is not None)] if shape.models \
         else entries
@@ -138,21 +133,14 @@ def request_bound(catalog: Catalog, entries: Sequence[ModelEntry], body: Optiona
     first_input = max(shape.input, context) if shape.opaque else shape.input
     output = shape.output
     tokens = min(MAX_BOUND_TOKENS, first_input + output + shape.turns * (context + output))
-    priced = []
-    rates = []
-    for e in everyone:
-        row = e.price_at(at)
-        if row is not None:
-            priced.append(e)
-            rates.append(_per_million(row))
+    priced, rates = _priced(everyone, at)
     if not rates or not (type(body) is dict or isinstance(body, Mapping)):
         return Bound(0.0, tokens)
     # USD per million tokens times tokens: exact in floats for any real rate and size; divided once.
-    cost = _turn_cost(rates[0], first_input, output) if len(rates) == 1 else \
-        max(_turn_cost(r, first_input, output) for r in rates)
+    cost = _highest_turn_cost(rates, first_input, output)
     if shape.turns:
-        cost += shape.turns * max(_turn_cost(r, context, output) for r in rates)
-    cost = cost / 1e6 * _multiplier(catalog, priced, body)
+        cost += shape.turns * _highest_turn_cost(rates, context, output)
+    cost = cost / 1e6 * _multiplier(catalog, priced, body.get("speed") == "fast")
     if shape.searches and catalog.rates.web_search_per_request is not None:
         cost += shape.searches * float(catalog.rates.web_search_per_request)
     return Bound(min(cost, float(MAX_BOUND_TOKENS)), tokens)
@@ -189,22 +177,37 @@ def _plain_rates(catalog: Catalog, entries: tuple, fast: bool, at: float) -> tup
     if hit is not None and hit[0] is catalog and hit[1] is entries and hit[2] <= at < hit[3]:
         return hit[4], hit[5]
     since, until = float("-inf"), float("inf")
-    priced, rates = [], []
     for e in entries:
-        for row in e.price_rows:
-            if row.effective_from <= at:
-                since = max(since, row.effective_from)
-            else:
-                until = min(until, row.effective_from)
-        row = e.price_at(at)
-        if row is not None:
-            priced.append(e)
-            rates.append(_per_million(row))
-    factor = _cached(_FACTORS, (fast, id(catalog), *map(id, priced)), (fast, catalog, *priced), _factor)
+        since, until = _around(at, (row.effective_from for row in e.price_rows), since, until)
+    priced, rates = _priced(entries, at)
+    factor = _multiplier(catalog, priced, fast)
     if len(_PLAIN) >= _CACHED_MAX:
         _PLAIN.clear()
     _PLAIN[id(catalog), id(entries), fast] = (catalog, entries, since, until, rates, factor)
     return rates, factor
+
+
+def _around(at: float, moments: Iterable[Optional[float]], since: float, until: float) -> tuple[float, float]:
+    """(since, until) narrowed to the latest of `moments` at or before `at` and the first after it: the span
+    around `at` in which what they mark (a price row coming into force, a retirement) does not change."""
+    for moment in moments:
+        if moment is not None:
+            if moment <= at:
+                since = max(since, moment)
+            else:
+                until = min(until, moment)
+    return since, until
+
+
+def _priced(entries: Iterable[ModelEntry], at: float) -> tuple[list, list]:
+    """The entries with a price at `at`, and those prices' rates (as _per_million)."""
+    priced, rates = [], []
+    for e in entries:
+        row = e.price_at(at)
+        if row is not None:
+            priced.append(e)
+            rates.append(_per_million(row))
+    return priced, rates
 
 
 def _per_million(row) -> tuple[float, float, tuple[tuple[int, float, float], ...]]:
@@ -220,6 +223,13 @@ def _row_rates(row) -> tuple:
                   for above, band in row.bands))
 
 
+def _highest_turn_cost(rates: list, input_tokens: int, output_tokens: int) -> float:
+    """One turn at the dearest of `rates`, USD per million."""
+    if len(rates) == 1:
+        return _turn_cost(rates[0], input_tokens, output_tokens)
+    return max(_turn_cost(r, input_tokens, output_tokens) for r in rates)
+
+
 def _turn_cost(rates: tuple, input_tokens: int, output_tokens: int) -> float:
     """One turn, USD per million: at the highest input rate and that of every prompt-size band the input
     could reach."""
@@ -231,8 +241,7 @@ def _turn_cost(rates: tuple, input_tokens: int, output_tokens: int) -> float:
     return input_tokens * in_rate + output_tokens * out_rate
 
 
-def _multiplier(catalog: Catalog, entries: Sequence[ModelEntry], body: Mapping[str, Any]) -> float:
-    fast = body.get("speed") == "fast"
+def _multiplier(catalog: Catalog, entries: Sequence[ModelEntry], fast: bool) -> float:
     return _cached(_FACTORS, (fast, id(catalog), *map(id, entries)), (fast, catalog, *entries), _factor)
 
 
