@@ -44,6 +44,7 @@ sys.path.insert(0, str(HERE))
 import procstat  # noqa: E402
 import scenarios as scn  # noqa: E402
 from drivers import DriverError, preflight, run_wrk  # noqa: E402
+from limits import LIMITS  # noqa: E402 - limits that never bind, as bench/limits.py gives its keys
 from services import (WORK, ServiceError, ensure_tools, proxy_command, raise_nofile,  # noqa: E402
                       setup_proxy_db, start_mock, start_proxy, write_config)
 
@@ -53,7 +54,7 @@ class Pair:
     without_label: str
     with_config: dict           # write_config's keyword arguments
     without_config: dict
-    limited: bool = False       # the "with" side's key gets limits that never bind (bench/limits.py's)
+    limited: bool = False       # the "with" side's key gets limits that never bind (LIMITS)
     workers: int = 1            # `serve --workers N` on each side
 
 
@@ -64,7 +65,6 @@ PAIRS = {
     "limits": Pair("a key with limits, --workers 2", "a key without, --workers 2", {"meter": True}, {"meter": True},
                    limited=True, workers=2),
 }
-LIMITS = ("--quota", "1000000", "--rpm", "1000000", "--concurrency", "1000")   # never bind at this load
 SCENARIO = "a-c64"
 WARMUP = 1
 
