@@ -11,6 +11,7 @@ statement, the daily rollup too).
 """
 from __future__ import annotations
 
+import json
 import logging
 import operator
 import sqlite3
@@ -234,11 +235,19 @@ def write_ledger_rows(conn, rows: Sequence[Mapping[str, Any]], shape: Optional[L
         raise LedgerUnavailable(f"{type(first_error).__name__}: {first_error}") from first_error
     for row, exc in refused:
         log.error("usage row refused by the ledger and left out (%s: %s): %s",
-                  type(exc).__name__, exc,
-                  orjson.dumps(row.as_dict() if type(row) is FieldValues else row).decode())
+                  type(exc).__name__, exc, _logged(row.as_dict() if type(row) is FieldValues else row))
         if rejected is not None:
             rejected.append(str(row.get("request_id")))
     return inserted
+
+
+def _logged(row: Mapping[str, Any]) -> str:
+    """The row as JSON for the log, also with a value orjson cannot write (an integer past 64 bits, often
+    the very value the ledger refused)."""
+    try:
+        return orjson.dumps(row).decode()
+    except TypeError:
+        return json.dumps(row, default=str)
 
 
 # What a row itself can be refused for (OperationalError is the database's state, handled apart).

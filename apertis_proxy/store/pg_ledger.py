@@ -99,11 +99,13 @@ class PgLedger:
         sql = self._sql.get(key)
         if sql is None:
             sql = self._sql[key] = _write_sql(columns, settle)
+        if not self._temp_ready:
+            # Outside the batch's transaction: a batch refused (a row no column can hold) rolls back its own
+            # work, not the table the next try copies into.
+            await conn.execute("CREATE TEMP TABLE IF NOT EXISTS usage_incoming"
+                               " (LIKE usage INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+            self._temp_ready = True
         async with conn.transaction():
-            if not self._temp_ready:
-                await conn.execute("CREATE TEMP TABLE IF NOT EXISTS usage_incoming"
-                                   " (LIKE usage INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
-                self._temp_ready = True
             await conn.copy_records_to_table("usage_incoming", records=rows, columns=list(columns))
             if not settle:
                 return await conn.fetchval(sql)
