@@ -465,11 +465,11 @@ class KeysAuth:
             return
         cost = record.cost if record.cost and record.cost > 0 else 0.0
         tokens = max(0, record.total_tokens)
-        period = start = None
-        if not self.ledger_settles:
-            key = self.by_id.get(caller.key_id)
-            period = key.quota_period if key is not None else None
-            start = period_start(period, record.started_at) if period else None
+        # The quota period the request started in, as its ledger row counts it: its exact cost counts there
+        # until the row lands, and in no later period if it never does.
+        key = self.by_id.get(caller.key_id)
+        period = key.quota_period if key is not None else None
+        start = period_start(period, record.started_at) if period else ""
         args = (caller.key_id, record.request_id, cost, tokens, self.ledger_settles, period, start)
         if holds == "slot":
             await self.limiter.release(*args)

@@ -6,11 +6,16 @@ transaction against the shared store, so the limits hold across all of them:
 * ``admissions``: one row per admitted request not yet in the ledger.  While the
   request runs (``live = 1``) the row holds a concurrency slot and reserves an
   upper bound of the request's cost; once it ended (``live = 0``) the row holds
-  its exact cost until the ledger row is written, which deletes it in the same
-  transaction that adds the cost to ``key_spend`` (ledger_write.py, pg_ledger.py).
-* ``admission_ended``: per key, the number and the sum of the ended rows' exact
-  costs, moved in the transactions that end and delete them, so a decision reads
-  one row whatever the ledger has not settled yet.
+  its exact cost, and the first day of the quota period the request started in
+  (``start``, '' for a lifetime quota), until the ledger row is written, which
+  deletes it in the same transaction that adds the cost to ``key_spend``
+  (ledger_write.py, pg_ledger.py).
+* ``admission_ended``: per key and period, the number and the sum of the ended
+  rows' exact costs, moved in the transactions that end and delete them, so a
+  decision reads one row whatever the ledger has not settled yet: the current
+  period's.  An ended request whose ledger row never lands (the ledger refused
+  it, a meter failed) so counts its exact cost once, in its own period and no
+  later one; a lifetime quota keeps counting it.
 * ``admission_times``: when each admission of the last minute happened, numbered
   per key in order (``seq``), so that a decision counts the minute's admissions
   from two rows: the first in the minute and the latest.  A lease's renewal
@@ -22,7 +27,8 @@ transaction against the shared store, so the limits hold across all of them:
   out (its event loop stalled) takes it again, and its admissions count again;
   a lease run out for STALE_LEASE_SECONDS is deleted with its holder's live
   admissions.  Ended admissions are left to their ledger rows (they hold exact
-  costs not yet in the spend), also when their process stops.
+  costs not yet in the spend), also when their process stops; those of a period
+  over (started ENDED_KEPT_DAYS ago) count nowhere, and a renewal deletes them.
 
 Time is the store's: SQLite serves one host, whose clock the deciding process
 reads; PostgreSQL's ``clock_timestamp()`` is one clock for every host.
@@ -56,6 +62,10 @@ BUSY_RETRY_AFTER = 1         # seconds: a slot or some quota headroom usually fr
 # holder's live admissions (a lapsed lease's admissions stop counting at once; the rows
 # only wait for garbage collection, or for the holder to renew and count them again).
 STALE_LEASE_SECONDS = 600.0
+# Ended admissions of a quota period that started this many days ago count in no decision (every period is
+# over: a month has at most 31 days); a renewal deletes them.  A ledger row landing later settles its own
+# period's spend alone.
+ENDED_KEPT_DAYS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +153,10 @@ def decide(limits: Limits, use: Use, now: float, bound_cost: float, bound_tokens
 _SPEND_LIFETIME = "SELECT cost, tokens FROM key_spend WHERE key_id = ?1"
 _SPEND_PERIOD = "SELECT cost, tokens FROM key_period_spend WHERE key_id = ?1 AND period = ?3 AND start = ?4"
 
-# ?1 key id, ?2 now, (?3 period, ?4 its start), ?5 the start of the minute (NULL without a requests-per-minute
-# limit: no minute is then read).  Requests in flight count while their holder's lease runs; ended ones (exact
-# costs, summed in admission_ended) count whatever became of their holder, until their ledger rows settle them.
+# ?1 key id, ?2 now, (?3 period), ?4 its start ('' for a lifetime quota), ?5 the start of the minute (NULL
+# without a requests-per-minute limit: no minute is then read).  Requests in flight count while their holder's
+# lease runs; ended ones (exact costs, summed in admission_ended per period) count in the period they started
+# in, whatever became of their holder, until their ledger rows settle them.
 # A key's admissions are numbered without gaps and rows leave the minute oldest first, so the number of the
 # first in the minute and of the key's latest count them: scalar subqueries, one seek each (a joined subquery
 # would be materialised in a temporary B-tree, dearer than the seeks).
@@ -160,7 +171,7 @@ FROM (SELECT COUNT(*) AS live, COALESCE(SUM(a.cost), 0) AS live_cost, COALESCE(S
       FROM admissions a INDEXED BY admissions_live JOIN limit_leases l ON l.holder = a.holder
       WHERE a.key_id = ?1 AND a.live = 1 AND l.expires_at > ?2) a
 LEFT JOIN ({spend}) s ON 1 = 1
-LEFT JOIN admission_ended e ON e.key_id = ?1
+LEFT JOIN admission_ended e ON e.key_id = ?1 AND e.start = ?4
 """
 _USE_LIFETIME = _USE.format(spend=_SPEND_LIFETIME)
 _USE_PERIOD = _USE.format(spend=_SPEND_PERIOD)
@@ -180,16 +191,19 @@ DELETE FROM admission_times WHERE at <= ?1 AND key_id IN (
         UNION ALL SELECT (SELECT MIN(key_id) FROM admission_times WHERE key_id > k.id) FROM k WHERE k.id IS NOT NULL)
     SELECT id FROM k)
 """
-RELEASE_ENDED = ("UPDATE admissions SET live = 0, cost = ?, tokens = ? WHERE key_id = ? AND request_id = ?"
-                 " AND live = 1")
-_ENDED = ("INSERT INTO admission_ended (key_id, n, cost, tokens) VALUES (?, 1, ?, ?) ON CONFLICT (key_id)"
+RELEASE_ENDED = ("UPDATE admissions SET live = 0, cost = ?, tokens = ?, start = ? WHERE key_id = ?"
+                 " AND request_id = ? AND live = 1")
+_ENDED = ("INSERT INTO admission_ended (key_id, start, n, cost, tokens) VALUES (?, ?, 1, ?, ?)"
+          " ON CONFLICT (key_id, start)"
           " DO UPDATE SET n = n + 1, cost = cost + excluded.cost, tokens = tokens + excluded.tokens")
 RELEASE_FREE = "DELETE FROM admissions WHERE key_id = ? AND request_id = ? AND live = 1"
 _RENEW = ("INSERT INTO limit_leases (holder, expires_at) VALUES (?, ?)"
           " ON CONFLICT (holder) DO UPDATE SET expires_at = excluded.expires_at")
 _LEASE = "SELECT expires_at FROM limit_leases WHERE holder = ?"
 # A lease long run out: its holder's slots and reservations go; ended admissions (exact costs) wait for
-# their ledger rows.
+# their ledger rows, but those of periods over go, with their sums (?1: the first day of the oldest period kept).
+_COLLECT_ENDED = "DELETE FROM admissions WHERE live = 0 AND start <> '' AND start < ?"
+_COLLECT_ENDED_SUMS = "DELETE FROM admission_ended WHERE start <> '' AND start < ?"
 _COLLECT_LIVE = ("DELETE FROM admissions WHERE live = 1 AND holder IN"
                  " (SELECT holder FROM limit_leases WHERE expires_at < ?)")
 _DROP_LIVE = "DELETE FROM admissions WHERE holder = ? AND live = 1"
@@ -203,7 +217,7 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
     now = time.time()
     window = None if limits.rpm is None else now - RPM_WINDOW
     if limits.quota_period is None:
-        read, args = _USE_LIFETIME, (key_id, now, None, None, window)
+        read, args = _USE_LIFETIME, (key_id, now, None, "", window)
     else:
         read, args = _USE_PERIOD, (key_id, now, limits.quota_period, period_start(limits.quota_period, now),
                                    window)
@@ -238,15 +252,17 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
 def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
                  period: Optional[str] = None, start: Optional[str] = None, retry: bool = False) -> None:
     """A request ended: its slot is free.  With the ledger settling spend, its reservation becomes its
-    exact cost until the ledger row deletes it (a request that cost nothing is forgotten at once);
-    else its cost is added to the key's spend here, in the same transaction as the deletion.  Without
+    exact cost, counted in the quota period `start` (its request's; '' or None: a lifetime quota) until
+    the ledger row deletes it (a request that cost nothing is forgotten at once); else its cost is added
+    to the key's spend here, in the same transaction as the deletion.  Without
     a ledger, a first release settles the cost also when the admission is gone (collected with a lease
     run out STALE_LEASE_SECONDS ago: its process had stalled); a `retry` only while it is still there
     (an earlier try may have committed)."""
     if settled_by_ledger:
         if cost or tokens:
-            if conn.execute(RELEASE_ENDED, (cost, tokens, key_id, request_id)).rowcount:
-                conn.execute(_ENDED, (key_id, cost, tokens))
+            start = start or ""
+            if conn.execute(RELEASE_ENDED, (cost, tokens, start, key_id, request_id)).rowcount:
+                conn.execute(_ENDED, (key_id, start, cost, tokens))
         else:
             conn.execute(RELEASE_FREE, (key_id, request_id))
         return
@@ -260,16 +276,24 @@ def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, s
 def renew_step(conn, holder: str, seconds: float) -> "Renewal":
     """Extend `holder`'s lease to now + `seconds` (taking it again if it had run out, so that its
     admissions count again); drop leases run out STALE_LEASE_SECONDS ago with their holders' live
-    admissions, and the admission times that left the minute (SQLite)."""
+    admissions, ended admissions of periods over, and the admission times that left the minute (SQLite)."""
     now = time.time()
     prior = conn.execute(_LEASE, (holder,)).fetchone()
     conn.execute(_RENEW, (holder, now + seconds))
     stale = now - STALE_LEASE_SECONDS
     conn.execute(_COLLECT_LIVE, (stale,))
     conn.execute("DELETE FROM limit_leases WHERE expires_at < ?", (stale,))
+    oldest_kept = oldest_period_kept(now)
+    conn.execute(_COLLECT_ENDED, (oldest_kept,))
+    conn.execute(_COLLECT_ENDED_SUMS, (oldest_kept,))
     conn.execute(_LEFT_MINUTE, (now - RPM_WINDOW,))
     holders = int(conn.execute("SELECT COUNT(*) FROM limit_leases WHERE expires_at > ?", (now,)).fetchone()[0])
     return Renewal(holders, None if prior is None else prior[0] - now)
+
+
+def oldest_period_kept(now: float) -> str:
+    """The first day (UTC) of the oldest quota period whose ended admissions are kept (ENDED_KEPT_DAYS)."""
+    return time.strftime("%Y-%m-%d", time.gmtime(now - ENDED_KEPT_DAYS * 86400))
 
 
 def drop_step(conn, holder: str) -> None:

@@ -11,6 +11,7 @@ statement, the daily rollup too).
 """
 from __future__ import annotations
 
+import json
 import logging
 import operator
 import sqlite3
@@ -64,17 +65,17 @@ ON CONFLICT (key_id, period, start) DO UPDATE SET cost = cost + excluded.cost, t
 """
 
 # Those requests' admissions (admissions.py): their cost is in key_spend now.  The ended ones leave their
-# keys' sums first (all of a key's ended admissions gone: the sums are exactly 0 again).  CROSS JOIN keeps
-# SQLite's order: the batch's rows, then each one's admission by its primary key.
+# keys' sums for their periods first (all of a period's ended admissions gone: the sums are exactly 0 again).
+# CROSS JOIN keeps SQLite's order: the batch's rows, then each one's admission by its primary key.
 _SETTLE_ENDED = """
 UPDATE admission_ended
 SET n = admission_ended.n - g.n,
     cost = CASE WHEN admission_ended.n <= g.n THEN 0 ELSE admission_ended.cost - g.cost END,
     tokens = CASE WHEN admission_ended.n <= g.n THEN 0 ELSE admission_ended.tokens - g.tokens END
-FROM (SELECT a.key_id, COUNT(*) AS n, SUM(a.cost) AS cost, SUM(a.tokens) AS tokens
+FROM (SELECT a.key_id, a.start, COUNT(*) AS n, SUM(a.cost) AS cost, SUM(a.tokens) AS tokens
       FROM usage u CROSS JOIN admissions a ON a.key_id = u.key_id AND a.request_id = u.request_id
-      WHERE u.id > ? AND a.live = 0 GROUP BY a.key_id) g
-WHERE admission_ended.key_id = g.key_id
+      WHERE u.id > ? AND a.live = 0 GROUP BY a.key_id, a.start) g
+WHERE admission_ended.key_id = g.key_id AND admission_ended.start = g.start
 """
 _FREE_ADMISSIONS = ("DELETE FROM admissions WHERE (key_id, request_id) IN"
                     " (SELECT key_id, request_id FROM usage WHERE id > ? AND key_id IS NOT NULL)")
@@ -234,11 +235,19 @@ def write_ledger_rows(conn, rows: Sequence[Mapping[str, Any]], shape: Optional[L
         raise LedgerUnavailable(f"{type(first_error).__name__}: {first_error}") from first_error
     for row, exc in refused:
         log.error("usage row refused by the ledger and left out (%s: %s): %s",
-                  type(exc).__name__, exc,
-                  orjson.dumps(row.as_dict() if type(row) is FieldValues else row).decode())
+                  type(exc).__name__, exc, _logged(row.as_dict() if type(row) is FieldValues else row))
         if rejected is not None:
             rejected.append(str(row.get("request_id")))
     return inserted
+
+
+def _logged(row: Mapping[str, Any]) -> str:
+    """The row as JSON for the log, also with a value orjson cannot write (an integer past 64 bits, often
+    the very value the ledger refused)."""
+    try:
+        return orjson.dumps(row).decode()
+    except TypeError:
+        return json.dumps(row, default=str)
 
 
 # What a row itself can be refused for (OperationalError is the database's state, handled apart).

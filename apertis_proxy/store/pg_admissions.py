@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 from typing import Optional
 
-from .admissions import BUSY_RETRY_AFTER, CLOCK_SLACK, RPM_WINDOW, STALE_LEASE_SECONDS, Decision, Limits, Renewal, Use
+from .admissions import (BUSY_RETRY_AFTER, CLOCK_SLACK, ENDED_KEPT_DAYS, RPM_WINDOW, STALE_LEASE_SECONDS, Decision,
+                         Limits, Renewal, Use)
 from .gathered import Gathered
 from .service import StoreUnavailable
 from .url import StoreURL
@@ -69,7 +70,7 @@ def _decision(spend: str) -> str:
                        COALESCE(SUM(a.tokens), 0)::BIGINT AS in_flight_tokens
                   FROM admissions a JOIN limit_leases l ON l.holder = a.holder
                  WHERE a.key_id = v_key AND a.live = 1 AND l.expires_at > v_now) ad
-          LEFT JOIN admission_ended e ON e.key_id = v_key
+          LEFT JOIN admission_ended e ON e.key_id = v_key AND e.start = v_start
           LEFT JOIN {spend} sp ON sp.key_id = v_key"""
 
 
@@ -88,9 +89,10 @@ _READ = f"""
 _DECIDE = f"""
         v_now := extract(epoch FROM clock_timestamp());
         -- One statement, one snapshot (which sees the batch's earlier admissions): the spend, the key's
-        -- admissions (in flight: under a live lease; ended: summed per key whatever their holder, until their
-        -- ledger rows settle them), the minute's count less the times that left it (deleted by the next
-        -- admission), the live leases.
+        -- admissions (in flight: under a live lease; ended: summed per key and quota period whatever their
+        -- holder, until their ledger rows settle them; the current period's count, '' for a lifetime quota),
+        -- the minute's count less the times that left it (deleted by the next admission), the live leases.
+        v_start := '';
         IF v_period IS NOT NULL THEN
             v_start := to_char(date_trunc(CASE v_period WHEN 'week' THEN 'week' WHEN 'month' THEN 'month'
                                                         ELSE 'day' END,
@@ -205,40 +207,46 @@ _ADMIT = "SELECT * FROM apertis_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 _ADMIT_MANY = """SELECT * FROM apertis_admit_many($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::DOUBLE PRECISION[],
     $5::BIGINT[], $6::DOUBLE PRECISION[], $7::BIGINT[], $8::TEXT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[])"""
 # Releases settled by the ledger, as admissions.release_step one after the other: a request that cost nothing
-# is forgotten; else its reservation becomes its exact cost, added to its key's ended sums in the batch's
-# order (a sum seeded with the row's value: the same floating-point additions as one release at a time).
-# The keys' ended sums are locked in ascending key order.
+# is forgotten; else its reservation becomes its exact cost, added to its key's ended sums for its quota period
+# (start) in the batch's order (a sum seeded with the row's value: the same floating-point additions as one
+# release at a time).  The ended sums are locked in ascending order of key and period.
 _RELEASE_MANY = """
-WITH f AS (SELECT * FROM unnest($1::BIGINT[], $2::TEXT[], $3::DOUBLE PRECISION[], $4::BIGINT[])
-                         WITH ORDINALITY AS f (key_id, request_id, cost, tokens, ord)),
+WITH f AS (SELECT * FROM unnest($1::BIGINT[], $2::TEXT[], $3::DOUBLE PRECISION[], $4::BIGINT[], $5::TEXT[])
+                         WITH ORDINALITY AS f (key_id, request_id, cost, tokens, start, ord)),
 freed AS (DELETE FROM admissions a USING f
           WHERE a.key_id = f.key_id AND a.request_id = f.request_id AND a.live = 1 AND f.cost = 0 AND f.tokens = 0),
-ended AS (UPDATE admissions a SET live = 0, cost = f.cost, tokens = f.tokens FROM f
+ended AS (UPDATE admissions a SET live = 0, cost = f.cost, tokens = f.tokens, start = f.start FROM f
           WHERE a.key_id = f.key_id AND a.request_id = f.request_id AND a.live = 1 AND (f.cost <> 0 OR f.tokens <> 0)
-          RETURNING f.key_id, f.ord, f.cost, f.tokens)
-INSERT INTO admission_ended AS e (key_id, n, cost, tokens)
-SELECT key_id, COUNT(*), SUM(cost ORDER BY ord), SUM(tokens) FROM ended GROUP BY key_id ORDER BY key_id
-ON CONFLICT (key_id) DO UPDATE SET n = e.n + EXCLUDED.n,
+          RETURNING f.key_id, f.start, f.ord, f.cost, f.tokens)
+INSERT INTO admission_ended AS e (key_id, start, n, cost, tokens)
+SELECT key_id, start, COUNT(*), SUM(cost ORDER BY ord), SUM(tokens) FROM ended GROUP BY key_id, start
+ORDER BY key_id, start
+ON CONFLICT (key_id, start) DO UPDATE SET n = e.n + EXCLUDED.n,
     cost = (SELECT SUM(s.cost ORDER BY s.ord) FROM (SELECT 0 AS ord, e.cost UNION ALL
-            SELECT x.ord, x.cost FROM ended x WHERE x.key_id = e.key_id) s),
+            SELECT x.ord, x.cost FROM ended x WHERE x.key_id = e.key_id AND x.start = e.start) s),
     tokens = e.tokens + EXCLUDED.tokens
 """
 # One release alone (the batches of a light load), as _RELEASE_MANY with less for the server to plan and run.
 _RELEASE_ENDED = """
-WITH ended AS (UPDATE admissions SET live = 0, cost = $3, tokens = $4
+WITH ended AS (UPDATE admissions SET live = 0, cost = $3, tokens = $4, start = $5
                WHERE key_id = $1 AND request_id = $2 AND live = 1 RETURNING key_id)
-INSERT INTO admission_ended AS e (key_id, n, cost, tokens) SELECT key_id, 1, $3, $4 FROM ended
-ON CONFLICT (key_id) DO UPDATE SET n = e.n + 1, cost = e.cost + EXCLUDED.cost, tokens = e.tokens + EXCLUDED.tokens
+INSERT INTO admission_ended AS e (key_id, start, n, cost, tokens) SELECT key_id, $5, 1, $3, $4 FROM ended
+ON CONFLICT (key_id, start) DO UPDATE SET n = e.n + 1, cost = e.cost + EXCLUDED.cost,
+    tokens = e.tokens + EXCLUDED.tokens
 """
 _RELEASE_FREE = "DELETE FROM admissions WHERE key_id = $1 AND request_id = $2 AND live = 1 RETURNING key_id"
 # The lease renewed (taken again if it had run out), as admissions.renew_step: a lease run out for
-# STALE_LEASE_SECONDS goes with its holder's live admissions.  Deleting the stale lease locks it, so a
+# STALE_LEASE_SECONDS goes with its holder's live admissions, and ended admissions of periods over (started before
+# `kept`, ENDED_KEPT_DAYS ago) with their sums, but not those a ledger write holds at that moment (it settles them;
+# the next renewal takes what is left).  Deleting the stale lease locks it, so a
 # holder renewing at that moment keeps its lease and its admissions (the deletion rechecks the row).
 # The minutes of keys idle for one go too, but not a minute an admission holds at that moment (it may hold other
 # keys' too, in a batch: waiting for it could close a cycle); the next renewal takes it if it is still idle.
 # Returns how long the lease had still to run (NULL: none) and the live leases.
 _RENEW = f"""
 WITH clock AS (SELECT extract(epoch FROM clock_timestamp()) AS now),
+cutoff AS (SELECT to_char(to_timestamp(clock.now - {ENDED_KEPT_DAYS * 86400}) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS kept
+           FROM clock),
 prior AS (SELECT l.expires_at FROM limit_leases l WHERE l.holder = $1),
 renewed AS (
     INSERT INTO limit_leases (holder, expires_at) SELECT $1, clock.now + $2 FROM clock
@@ -252,7 +260,16 @@ idle AS (
         SELECT i.key_id FROM admission_counts i, clock WHERE i.last_at <= clock.now - {RPM_WINDOW}
         FOR UPDATE OF i SKIP LOCKED)
     RETURNING c.key_id),
-idle_times AS (DELETE FROM admission_times t USING idle WHERE t.key_id = idle.key_id)
+idle_times AS (DELETE FROM admission_times t USING idle WHERE t.key_id = idle.key_id),
+old_ended AS (
+    DELETE FROM admissions a WHERE (a.key_id, a.request_id) IN (
+        SELECT o.key_id, o.request_id FROM admissions o, cutoff
+         WHERE o.live = 0 AND o.start <> '' AND o.start < cutoff.kept
+        FOR UPDATE OF o SKIP LOCKED)),
+old_sums AS (
+    DELETE FROM admission_ended e WHERE (e.key_id, e.start) IN (
+        SELECT o.key_id, o.start FROM admission_ended o, cutoff WHERE o.start <> '' AND o.start < cutoff.kept
+        FOR UPDATE OF o SKIP LOCKED))
 SELECT (SELECT prior.expires_at FROM prior) - clock.now,
        1 + (SELECT COUNT(*) FROM limit_leases l WHERE l.expires_at > clock.now AND l.holder <> $1)
 FROM clock
@@ -406,7 +423,7 @@ class PgAdmissions:
     async def release(self, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
                       period: Optional[str] = None, start: Optional[str] = None, retry: bool = False) -> None:
         if settled_by_ledger:
-            await self._releases.call((key_id, request_id, float(cost), int(tokens)))
+            await self._releases.call((key_id, request_id, float(cost), int(tokens), start or ""))
             return
 
         async def settle(conn) -> None:
@@ -415,10 +432,10 @@ class PgAdmissions:
         await self._run(settle)
 
     async def _release_many(self, items: list) -> list[None]:
-        """Releases settled by the ledger of `items` (key id, request id, cost, tokens), by one statement
-        (one release alone: the simpler statement of one)."""
+        """Releases settled by the ledger of `items` (key id, request id, cost, tokens, period start), by one
+        statement (one release alone: the simpler statement of one)."""
         if len(items) == 1:
-            key_id, request_id, cost, tokens = items[0]
+            key_id, request_id, cost, tokens, _ = items[0]
             args = (_RELEASE_ENDED, *items[0]) if cost or tokens else (_RELEASE_FREE, key_id, request_id)
         else:
             args = (_RELEASE_MANY, *(list(column) for column in zip(*items)))

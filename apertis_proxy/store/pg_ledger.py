@@ -21,11 +21,11 @@ def _write_sql(columns: Sequence[str], settle: bool) -> str:
     updates = ", ".join(f"{f} = usage_daily.{f} + EXCLUDED.{f}" for f in ROLLUP_FIELDS)
     sums = ", ".join(f"SUM({f})" for f in ROLLUP_SUMS)
     tokens = " + ".join(ROLLUP_SUMS)
-    # With settle: a row per key whose ended admissions the ledger rows settled (pg_admissions.py), for
-    # _SETTLE_ENDED.
-    ended = """, f.key_id, f.n, f.cost, f.tokens FROM (SELECT 1) one
-LEFT JOIN (SELECT key_id, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) AS tokens FROM freed WHERE live = 0
-           GROUP BY key_id) f ON true ORDER BY f.key_id""" if settle else ""
+    # With settle: a row per key and quota period whose ended admissions the ledger rows settled
+    # (pg_admissions.py), for _SETTLE_ENDED.
+    ended = """, f.key_id, f.start, f.n, f.cost, f.tokens FROM (SELECT 1) one
+LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) AS tokens FROM freed WHERE live = 0
+           GROUP BY key_id, start) f ON true ORDER BY f.key_id, f.start""" if settle else ""
     spend = f""", spend AS (
     INSERT INTO key_spend (key_id, cost, tokens)
     SELECT key_id, SUM(GREATEST(COALESCE(cost, 0), 0)), SUM({tokens})
@@ -35,7 +35,7 @@ LEFT JOIN (SELECT key_id, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) AS token
         tokens = key_spend.tokens + EXCLUDED.tokens
 ), freed AS (
     DELETE FROM admissions a USING ins WHERE a.key_id = ins.key_id AND a.request_id = ins.request_id
-    RETURNING a.key_id, a.live, a.cost, a.tokens
+    RETURNING a.key_id, a.start, a.live, a.cost, a.tokens
 ), period_spend AS (
     INSERT INTO key_period_spend (key_id, period, start, cost, tokens)
     SELECT ins.key_id, k.quota_period,
@@ -66,14 +66,16 @@ LEFT JOIN (SELECT key_id, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) AS token
 SELECT (SELECT COUNT(*) FROM ins){ended}"""
 
 
-# Those keys' ended admissions leave their sums (all of them gone: exactly 0 again, no float residue).  The
-# last statement of the ledger's transaction: a release of the key waits on the row's lock until the commit.
+# Those keys' ended admissions leave their periods' sums (all of them gone: exactly 0 again, no float
+# residue).  The last statement of the ledger's transaction: a release of the key waits on the row's lock until
+# the commit.
 _SETTLE_ENDED = """
 UPDATE admission_ended e SET n = e.n - f.n,
     cost = CASE WHEN e.n <= f.n THEN 0 ELSE e.cost - f.cost END,
     tokens = CASE WHEN e.n <= f.n THEN 0 ELSE e.tokens - f.tokens END
-FROM unnest($1::BIGINT[], $2::BIGINT[], $3::DOUBLE PRECISION[], $4::BIGINT[]) AS f (key_id, n, cost, tokens)
-WHERE e.key_id = f.key_id
+FROM unnest($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::DOUBLE PRECISION[], $5::BIGINT[])
+     AS f (key_id, start, n, cost, tokens)
+WHERE e.key_id = f.key_id AND e.start = f.start
 """
 
 
@@ -99,11 +101,13 @@ class PgLedger:
         sql = self._sql.get(key)
         if sql is None:
             sql = self._sql[key] = _write_sql(columns, settle)
+        if not self._temp_ready:
+            # Outside the batch's transaction: a batch refused (a row no column can hold) rolls back its own
+            # work, not the table the next try copies into.
+            await conn.execute("CREATE TEMP TABLE IF NOT EXISTS usage_incoming"
+                               " (LIKE usage INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+            self._temp_ready = True
         async with conn.transaction():
-            if not self._temp_ready:
-                await conn.execute("CREATE TEMP TABLE IF NOT EXISTS usage_incoming"
-                                   " (LIKE usage INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
-                self._temp_ready = True
             await conn.copy_records_to_table("usage_incoming", records=rows, columns=list(columns))
             if not settle:
                 return await conn.fetchval(sql)

@@ -34,8 +34,9 @@ PARTITIONS_AHEAD = 2                 # months created beyond the current one
 # 4: a full minute's times ahead of the clock come back to it).  The functions of an earlier revision stay
 # callable as they were, so hosts of both revisions can share it.
 PG_REVISION = 4
-# SQLite's version 9 (the minute's numbered times) is SQLite's alone.
-SCHEMA_VERSION = 8
+# SQLite's version 9 (the minute's numbered times) is SQLite's alone; version 10 (ended admissions per quota
+# period) is both backends'.
+SCHEMA_VERSION = 10
 
 DDL = f"""
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -255,8 +256,10 @@ CREATE TABLE IF NOT EXISTS admissions (
     live        INTEGER NOT NULL,
     cost        DOUBLE PRECISION NOT NULL,
     tokens      BIGINT NOT NULL,
+    start       TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (key_id, request_id)
 );
+ALTER TABLE admissions ADD COLUMN IF NOT EXISTS start TEXT NOT NULL DEFAULT '';
 CREATE TABLE IF NOT EXISTS admission_times (
     key_id      BIGINT NOT NULL,
     at          DOUBLE PRECISION NOT NULL,
@@ -273,15 +276,28 @@ CREATE TABLE IF NOT EXISTS admission_counts (
 -- then took the key's whole range, a row per request in flight).
 DROP INDEX IF EXISTS admissions_live;
 CREATE INDEX IF NOT EXISTS admissions_in_flight ON admissions (key_id, request_id) WHERE live = 1;
+-- Ended admissions' sums per key and quota period (start: its first day, '' for a lifetime quota); version 8
+-- kept them per key alone (its sums become lifetime ones).
 CREATE TABLE IF NOT EXISTS admission_ended (
-    key_id  BIGINT PRIMARY KEY,
+    key_id  BIGINT NOT NULL,
+    start   TEXT NOT NULL DEFAULT '',
     n       BIGINT NOT NULL,
     cost    DOUBLE PRECISION NOT NULL,
-    tokens  BIGINT NOT NULL
+    tokens  BIGINT NOT NULL,
+    PRIMARY KEY (key_id, start)
 );
-INSERT INTO admission_ended (key_id, n, cost, tokens)
-    SELECT key_id, COUNT(*), SUM(cost), SUM(tokens) FROM admissions WHERE live = 0 GROUP BY key_id
-    ON CONFLICT (key_id) DO NOTHING;
+ALTER TABLE admission_ended ADD COLUMN IF NOT EXISTS start TEXT NOT NULL DEFAULT '';
+DO $$
+BEGIN
+    IF (SELECT cardinality(conkey) FROM pg_constraint
+         WHERE conrelid = 'admission_ended'::regclass AND contype = 'p') = 1 THEN
+        ALTER TABLE admission_ended DROP CONSTRAINT admission_ended_pkey;
+        ALTER TABLE admission_ended ADD PRIMARY KEY (key_id, start);
+    END IF;
+END $$;
+INSERT INTO admission_ended (key_id, start, n, cost, tokens)
+    SELECT key_id, start, COUNT(*), SUM(cost), SUM(tokens) FROM admissions WHERE live = 0 GROUP BY key_id, start
+    ON CONFLICT (key_id, start) DO NOTHING;
 
 CREATE OR REPLACE FUNCTION apertis_config_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -13,7 +13,7 @@ from ..plugin_api import DEFAULT_API_VERSION
 from .catalog import sync_shipped_catalog
 from .dbfile import create_private
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 # Binding None, Python's sqlite3 first looks for an adapter: a tuple, a dict
 # miss, and an AttributeError raised and cleared on its protocol type, ~2.5k
@@ -355,6 +355,26 @@ ADMISSIONS_V9 = [
 ]
 
 
+# Ended admissions count in the quota period their requests started in (admissions.py): each keeps its
+# period's first day ('' for a lifetime quota), and the ended sums are kept per key and period.  Sums already
+# there count as lifetime ones.
+ADMISSIONS_V10 = [
+    "ALTER TABLE admissions ADD COLUMN start TEXT NOT NULL DEFAULT ''",
+    """CREATE TABLE admission_ended_v10 (
+        key_id  INTEGER NOT NULL,
+        start   TEXT NOT NULL,                   -- the quota period's first day (UTC); '' for a lifetime quota
+        n       INTEGER NOT NULL,                -- ended admissions of the key and period not yet in the ledger
+        cost    REAL NOT NULL,                   -- their exact costs
+        tokens  INTEGER NOT NULL,
+        PRIMARY KEY (key_id, start)
+    ) WITHOUT ROWID""",
+    "INSERT INTO admission_ended_v10 (key_id, start, n, cost, tokens)"
+    " SELECT key_id, '', n, cost, tokens FROM admission_ended",
+    "DROP TABLE admission_ended",
+    "ALTER TABLE admission_ended_v10 RENAME TO admission_ended",
+]
+
+
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (2, [
         # Effective-dated prices: a change applies from its time on.
@@ -496,6 +516,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (7, ADMISSIONS_DDL),
     (8, ADMISSIONS_V8),
     (9, ADMISSIONS_V9),
+    (10, ADMISSIONS_V10),
 ]
 
 

@@ -422,7 +422,7 @@ def test_a_version_1_store_upgrades_in_place(tmp_path):
     path = str(tmp_path / "v1.db")
     make_v1_store(path)
     conn = schema.connect(path)
-    assert schema.schema_version(conn) == schema.SCHEMA_VERSION == 9
+    assert schema.schema_version(conn) == schema.SCHEMA_VERSION == 10
     assert [tuple(r) for r in conn.execute("SELECT request_id, cost FROM usage")] == [("old", 0.25)]
     conn.execute("INSERT INTO usage (request_id, ts, endpoint, stream, status, duration_ms, cost)"
                  " VALUES ('new', 2, '/v1/messages', 0, 200, 1, NULL)")          # cost may now be unknown

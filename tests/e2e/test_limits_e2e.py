@@ -240,3 +240,31 @@ async def test_model_listings_give_their_concurrency_slot_back(gateway_env, mock
     response = await post(gateway_env, key, message())
     assert response.status == 200, response.body
     assert [r["endpoint"] for r in await gateway_env.usage_rows(1)] == ["/v1/messages"]   # listings: no usage
+
+
+async def test_an_ended_request_counts_its_exact_cost_in_its_day_until_its_late_ledger_row(gateway_env, mock_upstream):
+    """The ledger refuses the request's row for a while (a trigger): the request ended, so its exact cost counts
+    in today's quota at once (not its bound, and not in another day), and when the row lands it moves to the spend,
+    counted once."""
+    key = gateway_env.add_key("daily", quota_cost=1.0, quota_period="day")
+    gateway_env.add_channel("main", mock_upstream)
+    gateway_env.conn.execute("CREATE TRIGGER held_back BEFORE INSERT ON usage BEGIN SELECT RAISE(ABORT, 'held back');"
+                             " END")
+    gateway_env.conn.commit()
+    await gateway_env.start()
+    async with anthropic.AsyncAnthropic(base_url=gateway_env.base_url, api_key=key, max_retries=0) as client:
+        await client.messages.create(**message())
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    ended = gateway_env.query("SELECT live, cost, start FROM admissions")
+    assert [(r["live"], r["start"]) for r in ended] == [(0, today)]
+    sums = gateway_env.query("SELECT start, n, cost FROM admission_ended")
+    assert [(r["start"], r["n"], r["cost"]) for r in sums] == [(today, 1, ended[0]["cost"])]
+    assert gateway_env.query("SELECT COUNT(*) FROM usage")[0][0] == 0
+    gateway_env.conn.execute("DROP TRIGGER held_back")
+    gateway_env.conn.commit()
+    row, = await gateway_env.usage_rows(1)
+    assert row["cost"] == pytest.approx(ended[0]["cost"], rel=1e-12) and row["cost"] > 0
+    await poll(lambda: not gateway_env.query("SELECT 1 FROM admissions"))
+    spend = gateway_env.query("SELECT start, cost FROM key_period_spend")
+    assert [(r["start"], r["cost"]) for r in spend] == [(today, pytest.approx(row["cost"], rel=1e-12))]
+    assert tuple(gateway_env.query("SELECT n, cost FROM admission_ended")[0]) == (0, 0)

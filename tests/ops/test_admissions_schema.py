@@ -10,8 +10,9 @@ from apertis_proxy.store.admissions import Limits, admit_step, in_flight, releas
 
 
 def _as_version_8(path: str) -> None:
-    """A store as version 8 left it: the live admissions indexed by key alone, one in flight and one ended;
-    the minute's times unnumbered beside a count per key, key 7 with three (one of them older than the minute)."""
+    """A store as version 8 left it: the live admissions indexed by key alone, one in flight and one ended (its
+    sum kept per key alone); the minute's times unnumbered beside a count per key, key 7 with three (one of them
+    older than the minute)."""
     conn = schema.connect(path)
     conn.isolation_level = None
     conn.execute("DROP INDEX admissions_live")
@@ -27,6 +28,9 @@ def _as_version_8(path: str) -> None:
     conn.execute("INSERT INTO admissions (key_id, request_id, holder, admitted_at, live, cost, tokens)"
                  " VALUES (7, 'live', 'h', ?, 1, 0.5, 0), (7, 'ended', 'h', ?, 0, 0.25, 0)",
                  (time.time(), time.time()))
+    conn.execute("DROP TABLE admission_ended")
+    conn.execute(schema.ADMISSIONS_V8[0])     # version 8's ended sums: per key alone
+    conn.execute("ALTER TABLE admissions DROP COLUMN start")
     conn.execute("INSERT INTO admission_ended (key_id, n, cost, tokens) VALUES (7, 1, 0.25, 0)")
     conn.execute("UPDATE meta SET v = '8' WHERE k = 'schema_version'")
     conn.close()
@@ -44,7 +48,7 @@ def _migrated(tmp_path) -> sqlite3.Connection:
 def test_a_version_8_store_indexes_live_admissions_with_what_a_decision_reads(tmp_path):
     conn = _migrated(tmp_path)
     try:
-        assert schema.schema_version(conn) == schema.SCHEMA_VERSION == 9
+        assert schema.schema_version(conn) == schema.SCHEMA_VERSION == 10
         columns = [r[2] for r in conn.execute("PRAGMA index_info(admissions_live)")]
         assert columns == ["key_id", "holder", "cost", "tokens", "live"]
         assert in_flight(conn, 7) == (1, 0.5)

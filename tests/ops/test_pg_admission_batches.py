@@ -3,10 +3,13 @@ gathered.py): decided exactly as one at a time would be, and a call at fault fai
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 
 import asyncpg
 import pytest
 
+from apertis_proxy.plugin_api import UsageRecord
 from apertis_proxy.store import pg_admissions, pg_schema
 from apertis_proxy.store.admissions import Limits
 
@@ -272,7 +275,7 @@ async def test_a_database_of_revision_2_gets_the_in_flight_index_a_release_finds
         await conn.execute("INSERT INTO admissions SELECT $1, 'r' || g, 'h', 0, 1, 0.01, 10"
                            " FROM generate_series(1, 500) g", key_id)
         await conn.execute("SET plan_cache_mode = force_generic_plan")
-        for sql, args in ((pg_admissions._RELEASE_ENDED, (key_id, "r7", 0.5, 5)),
+        for sql, args in ((pg_admissions._RELEASE_ENDED, (key_id, "r7", 0.5, 5, "")),
                           (pg_admissions._RELEASE_FREE, (key_id, "r8"))):
             plan = "\n".join(r[0] for r in await (await conn.prepare(
                 "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) " + sql)).fetch(*args))
@@ -283,22 +286,61 @@ async def test_a_database_of_revision_2_gets_the_in_flight_index_a_release_finds
         await conn.close()
 
 
-async def test_a_host_of_the_previous_release_still_starts_on_the_database(pg_url, monkeypatch):
-    """SQLite's schema moved to version 9 alone: PostgreSQL keeps version 8 and takes its own changes as revisions,
-    so a host of the previous release (version 8, revision 1) that restarts after this one upgraded the database
-    starts, and leaves the revision where it is."""
+async def test_a_host_of_an_earlier_revision_starts_and_one_of_an_earlier_version_does_not(pg_url, monkeypatch):
+    """A host of an earlier revision of the same schema version (PostgreSQL's changes alone) starts on a database
+    this one upgraded, and leaves the revision where it is; one of version 8 (before ended admissions were kept
+    per quota period, a change of both backends' tables) refuses it instead of writing rows of the old shape."""
     store, = await opened(pg_url, 1)
     target = store.admissions.url.target
     await store.close()
     conn = await asyncpg.connect(target)
     try:
-        assert await conn.fetchval("SELECT v FROM meta WHERE k = 'schema_version'") == "8"
+        assert await conn.fetchval("SELECT v FROM meta WHERE k = 'schema_version'") == "10"
         revision = pg_schema.PG_REVISION
         monkeypatch.setattr(pg_schema, "PG_REVISION", 1)
         await pg_schema.migrate(conn)
         assert await conn.fetchval("SELECT v FROM meta WHERE k = 'pg_revision'") == str(revision)
+        monkeypatch.setattr(pg_schema, "SCHEMA_VERSION", 8)
+        with pytest.raises(pg_schema.NewerSchema):
+            await pg_schema.migrate(conn)
     finally:
         await conn.close()
+
+
+# Version 8's ended admissions: no period of their own, their sums per key alone.
+AS_VERSION_8 = """
+DROP TABLE admission_ended;
+ALTER TABLE admissions DROP COLUMN start;
+CREATE TABLE admission_ended (key_id BIGINT PRIMARY KEY, n BIGINT NOT NULL, cost DOUBLE PRECISION NOT NULL,
+                              tokens BIGINT NOT NULL);
+UPDATE meta SET v = '8' WHERE k = 'schema_version';
+"""
+
+
+async def test_a_version_8_database_keeps_its_ended_sums_as_lifetime_ones(pg_url):
+    """Version 8 kept ended admissions' sums per key alone: upgraded, they count for a lifetime quota, and the
+    ledger row of such an admission settles them."""
+    key_id, target = await migrated_then(pg_url, "v8", AS_VERSION_8)
+    conn = await asyncpg.connect(target)
+    try:
+        await conn.execute("INSERT INTO admissions (key_id, request_id, holder, admitted_at, live, cost, tokens)"
+                           " VALUES ($1, 'old', 'h', 0, 0, 0.25, 10)", key_id)
+        await conn.execute("INSERT INTO admission_ended (key_id, n, cost, tokens) VALUES ($1, 1, 0.25, 10)", key_id)
+    finally:
+        await conn.close()
+    async with leased_process(pg_url) as store:
+        seen = await admit(store, Limits(key_id, quota_cost=1.0), "new", "h", cost=0.1)
+        assert seen.admitted and seen.use.spent_cost == pytest.approx(0.25)
+        await release(store, key_id, "new", 0.5, 10, True, None, "")
+        record = UsageRecord(request_id="old", started_at=time.time(), endpoint="/v1/messages", status=200,
+                             key_id=key_id, key_name="v8", input_tokens=5, output_tokens=5, cost=0.25)
+        assert await store.store.write_ledger([dataclasses.asdict(record)]) == 1
+        conn = await asyncpg.connect(target)
+        try:
+            rows = await conn.fetch("SELECT start, n, cost FROM admission_ended WHERE key_id = $1", key_id)
+            assert [tuple(r) for r in rows] == [("", 1, 0.5)]
+        finally:
+            await conn.close()
 
 
 async def test_a_full_minute_ahead_of_the_servers_clock_comes_back_to_it(pg_url):
