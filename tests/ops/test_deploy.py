@@ -100,6 +100,34 @@ async def test_the_sdk_talks_tls_and_a_reload_serves_the_new_certificate(gateway
     assert [r["status"] for r in rows] == [200, 200, 200]
 
 
+async def closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
+    """True when the server closes the connection within `within` seconds without sending anything."""
+    try:
+        return await asyncio.wait_for(reader.read(1), within) == b""
+    except ConnectionResetError:
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+@needs_openssl
+async def test_tls_handshakes_count_against_the_connection_cap_and_time_out(gateway_env, pki, tmp_path):
+    """Connections that never finish their TLS handshake hold a descriptor each: they count against
+    max_connections from their first byte, and get header_timeout to finish."""
+    cert, key_file = install_cert(pki, tmp_path, "a")
+    gw = await gateway_env.start(tls_cert=cert, tls_key=key_file, max_connections=3, header_timeout=1.5)
+    stalled = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(3)]
+    await asyncio.sleep(0.2)                       # accepted: three handshakes under way
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    assert await closed_by_server(reader, 1.0)     # the fourth is closed before its handshake
+    writer.close()
+    # The stalled ones are closed once header_timeout has passed; then TLS clients are served again.
+    assert [await closed_by_server(r, 10.0) for r, _ in stalled] == [True] * 3
+    for _, w in stalled:
+        w.close()
+    assert await asyncio.to_thread(served_certificate_cn, gw.port, pki) == "server a"
+
+
 @needs_openssl
 async def test_sighup_reloads_the_certificate_of_a_running_server(tmp_path, pki):
     cert, key_file = install_cert(pki, tmp_path, "a")
