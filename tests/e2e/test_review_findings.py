@@ -1,0 +1,133 @@
+"""Defects found by a review of observability, shown through a real server: each test fails on main.
+
+Each test's docstring says what is wrong and what the right behaviour is.
+"""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.support.metrics import parse, total
+from tests.support.processes import MODEL, ServeProcess, wait_for
+from tests.support.rawhttp import RawConnection, request_bytes
+from tests.support.served_gateway import DRAIN_TIMEOUT, configured_server
+from tests.support.workers import TCP_ESTABLISHED, crash_and_replace, listening_workers, sockets_of
+
+async def test_a_request_refused_from_its_head_is_logged_with_the_forwarded_client(tmp_path, mock_upstream):
+    """Behind a trusted proxy, the access line of a request refused from its head alone (a key no auth plugin
+    admits, its body not yet sent: protocol._admitted -> ObservedApp._observed_admit) names the proxy's
+    address, while the same refusal with its body names the client from X-Forwarded-For: the head's Request
+    carries the raw peer, and only the gateway's __call__ resolves it.  The operator hunting the client that
+    sends bad keys finds the proxy.  Right: every access line of a request from a trusted proxy names the
+    forwarded client, 203.0.113.5 here (pipeline.admit hands auth plugins the same raw peer in RequestInfo)."""
+    server, _, _ = configured_server(tmp_path, mock_upstream.base_url,
+                                     '[server]\ntrusted_proxies = ["127.0.0.1/32"]\n')
+    headers = {"x-api-key": "sk-apx-not-a-key", "anthropic-version": "2023-06-01",
+               "x-forwarded-for": "203.0.113.5", "content-type": "application/json"}
+    body = b'{"model": "%s", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}' % MODEL.encode()
+    async with server:
+        async with await RawConnection.open("127.0.0.1", server.port) as conn:     # whole: the gateway refuses
+            assert (await conn.request("POST", "/v1/messages", headers, body)).status == 401
+        async with await RawConnection.open("127.0.0.1", server.port) as conn:     # head only: refused from it
+            await conn.send(request_bytes("POST", "/v1/messages", {**headers, "content-length": str(len(body))}))
+            assert (await conn.read_response()).status == 401
+        assert await server.stop(signal.SIGTERM) == 0
+    access = [line for line in server.stderr.split("\n") if " apertis_proxy.access: " in line]
+    clients = [pair.partition("=")[2] for line in access for pair in line.split() if pair.startswith("client=")]
+    assert clients == ["203.0.113.5", "203.0.113.5"], access
+
+
+async def test_a_forwarded_header_the_proxy_did_not_write_does_not_open_metrics(gateway_env, mock_upstream):
+    """Behind the README's nginx recipe (nginx on 127.0.0.1, `trusted_proxies = ["127.0.0.1/32"]`, nginx
+    appends the peer to X-Forwarded-For), a remote client adds its own `Forwarded: for=127.0.0.1`; nginx passes
+    it through untouched.  client_address.resolve() reads `Forwarded` in preference to X-Forwarded-For, so the
+    client is taken for 127.0.0.1: it may scrape /metrics (and is recorded in the ledger as 127.0.0.1).
+    Right: a header the trusted proxy may not have written cannot override the one it did; the client is
+    203.0.113.5, outside `[metrics] allow`, and gets 403 as it does without the extra header."""
+    gateway_env.add_channel("main", mock_upstream)
+    gw = await gateway_env.start(trusted_proxies=["127.0.0.1/32"])
+    as_nginx_sends_it = {"x-forwarded-for": "203.0.113.5"}
+    async with await RawConnection.open(gw.host, gw.port) as conn:
+        honest = await conn.request("GET", "/metrics", as_nginx_sends_it)
+    assert honest.status == 403
+    async with await RawConnection.open(gw.host, gw.port) as conn:
+        spoofed = await conn.request("GET", "/metrics", {**as_nginx_sends_it, "forwarded": "for=127.0.0.1"})
+    assert spoofed.status == 403, "a client-written Forwarded header opened /metrics"
+
+
+def _worker_of(conn: RawConnection, port: int, workers: list[int]) -> int:
+    """The worker holding the server end of `conn` (from /proc)."""
+    local_port = conn.writer.get_extra_info("sockname")[1]
+    owners = [w for w in workers if sockets_of(w, local_port=port, remote_port=local_port, state=TCP_ESTABLISHED)]
+    assert len(owners) == 1, owners
+    return owners[0]
+
+
+async def _scrape_on_each_worker(server: ServeProcess, workers: list[int]) -> dict[int, float]:
+    """{worker: apertis_requests_total for /v1/messages} from one scrape answered by each worker."""
+    seen: dict[int, float] = {}
+
+    async def both() -> bool:
+        async with await RawConnection.open("127.0.0.1", server.port) as conn:
+            reply = await conn.request("GET", "/metrics")
+            assert reply.status == 200
+            seen.setdefault(_worker_of(conn, server.port, workers),
+                            total(parse(reply.body.decode()), "apertis_requests_total", endpoint="/v1/messages"))
+        return len(seen) == len(workers)
+    await wait_for(both, DRAIN_TIMEOUT, "a scrape answered by each worker")
+    return seen
+
+
+async def _ask_on_a_new_connection(server: ServeProcess, key: str, workers: list[int]) -> int:
+    """One answered Messages request on a connection of its own; the worker that served it."""
+    async with await RawConnection.open("127.0.0.1", server.port) as conn:
+        reply = await conn.request("POST", "/v1/messages", {"x-api-key": key, "anthropic-version": "2023-06-01"},
+                                   json_body={"model": MODEL, "max_tokens": 8,
+                                              "messages": [{"role": "user", "content": "x"}]})
+        assert reply.status == 200, reply.body
+        return _worker_of(conn, server.port, workers)
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds the workers in Linux /proc")
+async def test_every_worker_scrapes_the_same_request_count(tmp_path, mock_upstream):
+    """With --workers, the worker that answers a scrape adds its own figures live to the others' files, which
+    are up to `[metrics] flush_interval` old (1 s by default; 30 s here to make the window wide).  Two scrapes
+    answered by different workers then disagree, and a later one can show fewer requests than an earlier one:
+    Prometheus reads a counter that goes down as a reset, and rate()/increase() jump by the whole total.
+    Right: one scrape covers the whole server, whichever worker answers it, and a counter never goes down
+    between scrapes (e.g. the answering worker shares its own figures before it reads the others', and
+    sums files only)."""
+    server, _, key = configured_server(tmp_path, mock_upstream.base_url, "[metrics]\nflush_interval = 30\n",
+                                       "--workers", "2")
+    async with server:
+        workers = await listening_workers(server, 2)
+        served: list[int] = []
+        while len(set(served)) < 2 and len(served) < 200:   # until each worker has served one
+            served.append(await _ask_on_a_new_connection(server, key, workers))
+        assert len(set(served)) == 2, "new connections never reached the second worker"
+        counts = await _scrape_on_each_worker(server, workers)
+        assert await server.stop(signal.SIGTERM) == 0
+    assert set(counts.values()) == {len(served)}, f"{len(served)} requests answered; scrapes by worker: {counts}"
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds the workers in Linux /proc")
+async def test_a_killed_worker_takes_back_no_request_a_scrape_already_counted(tmp_path, mock_upstream):
+    """A worker SIGKILLed loses what it counted since it last shared its figures (observe/shared.py says so), yet
+    a scrape it answered before dying already showed those requests: after the replacement the counter is lower
+    than an earlier scrape said, which Prometheus takes for a reset (rate() and increase() count the whole total
+    again).  The window is `[metrics] flush_interval` (1 s by default; 30 s here so that no share happens).
+    Right: a request counted by one scrape stays counted in every later one, a replaced worker included
+    (e.g. a worker shares its figures before it answers a scrape, and scrapes sum the shared files only)."""
+    server, _, key = configured_server(tmp_path, mock_upstream.base_url, "[metrics]\nflush_interval = 30\n",
+                                       "--workers", "2")
+    async with server:
+        workers = await listening_workers(server, 2)
+        victim = await _ask_on_a_new_connection(server, key, workers)
+        before = (await _scrape_on_each_worker(server, workers))[victim]
+        assert before == 1
+        survivors = await crash_and_replace(server, victim)
+        after = await _scrape_on_each_worker(server, survivors)
+        assert await server.stop(signal.SIGTERM) == 0
+    assert set(after.values()) == {before}, f"a scrape counted {before} request; after the crash: {after}"
