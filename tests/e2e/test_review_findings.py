@@ -57,6 +57,24 @@ async def test_a_forwarded_header_the_proxy_did_not_write_does_not_open_metrics(
     assert spoofed.status == 403, "a client-written Forwarded header opened /metrics"
 
 
+@pytest.mark.parametrize(("allow", "forwarded_for", "status"), [
+    (["2001:db8::/32"], "2001:db8::5", 200),            # an allowed host is refused
+    (["2001:db8::1/128"], "2001:db8::1:5", 403),        # another host is taken for the allowed one
+], ids=["allowed-v6-refused", "other-v6-admitted"])
+async def test_an_ipv6_client_behind_a_trusted_proxy_is_judged_by_its_own_address(gateway_env, mock_upstream,
+                                                                                   allow, forwarded_for, status):
+    """client_address.resolve() names a forwarded client by its bare address ("2001:db8::5", no port), and
+    observe.app.client_ip() then cuts what follows the last colon as if it were a port: 2001:db8::5 becomes
+    "2001:db8:" (no address: refused although `[metrics] allow` lists its network), 2001:db8::1:5 becomes
+    2001:db8::1 (admitted as the one host allowed; ::1 itself becomes "::").  Right: an address without a
+    port is judged as itself, so the allowed host gets 200 and any other gets 403."""
+    gateway_env.add_channel("main", mock_upstream)
+    gw = await gateway_env.start(trusted_proxies=["127.0.0.1/32"], metrics_allow=allow)
+    async with await RawConnection.open(gw.host, gw.port) as conn:
+        reply = await conn.request("GET", "/metrics", {"x-forwarded-for": forwarded_for})
+    assert reply.status == status
+
+
 def _worker_of(conn: RawConnection, port: int, workers: list[int]) -> int:
     """The worker holding the server end of `conn` (from /proc)."""
     local_port = conn.writer.get_extra_info("sockname")[1]
