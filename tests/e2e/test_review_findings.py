@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.metrics import parse, total
+from tests.support.metrics import parse, scrape_samples, total, value
 from tests.support.processes import MODEL, ServeProcess, wait_for
 from tests.support.rawhttp import RawConnection, request_bytes
 from tests.support.served_gateway import DRAIN_TIMEOUT, configured_server
@@ -73,6 +73,34 @@ async def test_an_ipv6_client_behind_a_trusted_proxy_is_judged_by_its_own_addres
     async with await RawConnection.open(gw.host, gw.port) as conn:
         reply = await conn.request("GET", "/metrics", {"x-forwarded-for": forwarded_for})
     assert reply.status == status
+
+
+async def test_a_failover_before_an_abandoned_attempt_is_counted_as_failover(gateway_env, make_mock_upstream):
+    """Channel `primary` answers 529 and the request fails over to `backup`; the client leaves (a stream) while
+    backup's head is still to come, so the handler is cancelled and backup's attempt gets no outcome.
+    Recorder.end() counts backup `abandoned`, right, but also primary's 529 as `status`, "an error answer
+    passed on", although it was not passed on: another channel was tried.  The failover is only labelled when
+    the next attempt's outcome arrives (Recorder.attempt), which an abandoned attempt never sends.  Right:
+    primary's attempt is `failover` (1) and no attempt of this request is `status` (0)."""
+    primary, backup = await make_mock_upstream(), await make_mock_upstream()
+    gateway_env.add_channel("primary", primary, priority=1)
+    gateway_env.add_channel("backup", backup, priority=0)
+    key = gateway_env.add_key("alice")
+    gw = await gateway_env.start()
+    primary.fail_next(529)
+    backup.queue("hang")
+    conn = await RawConnection.open(gw.host, gw.port)
+    await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": key, "anthropic-version": "2023-06-01"},
+                                  json_body={"model": MODEL, "max_tokens": 8, "stream": True,
+                                             "messages": [{"role": "user", "content": "hi"}]}))
+    await backup.wait_until(lambda: len(backup.requests) == 1, timeout=DRAIN_TIMEOUT)
+    conn.abort()                                    # the client leaves before any byte of an answer
+    await gateway_env.usage_rows(n=1)               # the request is over and metered
+    samples = await scrape_samples(gateway_env.base_url)
+    def attempts(channel: str, outcome: str) -> float:
+        return value(samples, "apertis_upstream_attempts_total", channel=channel, outcome=outcome)
+    assert attempts("backup", "abandoned") == 1
+    assert (attempts("primary", "failover"), attempts("primary", "status")) == (1, 0)
 
 
 def _worker_of(conn: RawConnection, port: int, workers: list[int]) -> int:
