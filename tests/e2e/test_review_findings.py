@@ -4,16 +4,20 @@ Each test's docstring says what is wrong and what the right behaviour is.
 """
 from __future__ import annotations
 
+import asyncio
 import signal
 from pathlib import Path
 
 import pytest
 
+from apertis_proxy.store import service as store_service
+from tests.support.gateway_env import GatewayEnv
 from tests.support.metrics import parse, scrape_samples, total, value
 from tests.support.processes import MODEL, ServeProcess, wait_for
 from tests.support.rawhttp import RawConnection, request_bytes
 from tests.support.served_gateway import DRAIN_TIMEOUT, configured_server
 from tests.support.workers import TCP_ESTABLISHED, crash_and_replace, listening_workers, sockets_of
+
 
 async def test_a_request_refused_from_its_head_is_logged_with_the_forwarded_client(tmp_path, mock_upstream):
     """Behind a trusted proxy, the access line of a request refused from its head alone (a key no auth plugin
@@ -101,6 +105,56 @@ async def test_a_failover_before_an_abandoned_attempt_is_counted_as_failover(gat
         return value(samples, "apertis_upstream_attempts_total", channel=channel, outcome=outcome)
     assert attempts("backup", "abandoned") == 1
     assert (attempts("primary", "failover"), attempts("primary", "status")) == (1, 0)
+
+
+class _PostgresGatewayEnv(GatewayEnv):
+    """GatewayEnv on a PostgreSQL store."""
+
+    def __init__(self, url: str) -> None:
+        self.db_path = url
+        self.conn = store_service.connect(url)
+        self.gateway = None
+
+
+async def test_a_readiness_probe_answered_after_sigterm_says_503(pg_url, mock_upstream):
+    """Readiness.problem() looks at `draining` once, before it asks the store; a probe that is waiting on the
+    store when the graceful shutdown starts (SIGTERM runs Gateway.shutdown) then answers 200 "ready", after
+    the instance began draining.  Here the probe waits on a lock another PostgreSQL session holds on
+    `channels`; the shutdown starts, the lock goes, the probe answers.  Right: every answer given after the
+    shutdown began is 503 with reason "draining" (look at `draining` again once the store answered).
+    (The lock is held for well under readiness.STORE_TIMEOUT, 2 s; were the machine too slow for that, the
+    probe would say 503 "store unreachable" and the test pass.)"""
+    import asyncpg
+    env = _PostgresGatewayEnv(pg_url)
+    try:
+        env.add_channel("main", mock_upstream)
+        gw = await env.start()
+        locker = await asyncpg.connect(pg_url)
+        try:
+            lock = locker.transaction()
+            await lock.start()
+            await locker.execute("LOCK TABLE channels IN ACCESS EXCLUSIVE MODE")
+            probe = await RawConnection.open(gw.host, gw.port)
+            await probe.send(request_bytes("GET", "/ready"))
+
+            async def probe_waits_on_the_lock() -> bool:
+                return await locker.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                             " AND query LIKE '%FROM channels%'") == 1
+            await wait_for(probe_waits_on_the_lock, DRAIN_TIMEOUT, "the probe to wait on the lock")
+            shutdown = asyncio.create_task(gw.shutdown(timeout=5.0))
+            await asyncio.sleep(0)                          # the shutdown has begun: draining is set
+            assert gw.observe.readiness.draining
+            await lock.rollback()
+            reply = await probe.read_response(method="GET")
+            probe.close()
+            await shutdown
+            env.gateway = None
+        finally:
+            await locker.close()
+    finally:
+        await env.stop()
+        env.close()
+    assert reply.status == 503, reply.body
 
 
 def _worker_of(conn: RawConnection, port: int, workers: list[int]) -> int:
