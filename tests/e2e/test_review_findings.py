@@ -43,11 +43,15 @@ async def test_a_request_refused_from_its_head_is_logged_with_the_forwarded_clie
     assert clients == ["203.0.113.5", "203.0.113.5"], access
 
 
-async def test_a_forwarded_header_the_proxy_did_not_write_does_not_open_metrics(gateway_env, mock_upstream):
+@pytest.mark.parametrize("forwarded", ["for=127.0.0.1", "for=_hidden"], ids=["loopback", "obfuscated"])
+async def test_a_forwarded_header_the_proxy_did_not_write_does_not_open_metrics(gateway_env, mock_upstream,
+                                                                                 forwarded):
     """Behind the README's nginx recipe (nginx on 127.0.0.1, `trusted_proxies = ["127.0.0.1/32"]`, nginx
     appends the peer to X-Forwarded-For), a remote client adds its own `Forwarded: for=127.0.0.1`; nginx passes
     it through untouched.  client_address.resolve() reads `Forwarded` in preference to X-Forwarded-For, so the
     client is taken for 127.0.0.1: it may scrape /metrics (and is recorded in the ledger as 127.0.0.1).
+    An RFC 7239 obfuscated `for=_hidden` does the same: an unreadable hop leaves the trusted peer itself,
+    the proxy on loopback, as the client.
     Right: a header the trusted proxy may not have written cannot override the one it did; the client is
     203.0.113.5, outside `[metrics] allow`, and gets 403 as it does without the extra header."""
     gateway_env.add_channel("main", mock_upstream)
@@ -57,7 +61,7 @@ async def test_a_forwarded_header_the_proxy_did_not_write_does_not_open_metrics(
         honest = await conn.request("GET", "/metrics", as_nginx_sends_it)
     assert honest.status == 403
     async with await RawConnection.open(gw.host, gw.port) as conn:
-        spoofed = await conn.request("GET", "/metrics", {**as_nginx_sends_it, "forwarded": "for=127.0.0.1"})
+        spoofed = await conn.request("GET", "/metrics", {**as_nginx_sends_it, "forwarded": forwarded})
     assert spoofed.status == 403, "a client-written Forwarded header opened /metrics"
 
 
