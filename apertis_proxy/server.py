@@ -126,7 +126,7 @@ class Gateway:
         self.state.refused = self.observe.refusal_hook
         self.observe.start()
         app = GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog, self.owned), self.plugins,
-                         ClientAddress(s.trusted_proxies) if s.trusted_proxies else None)
+                         ClientAddress(s.trusted_proxies, s.forwarded_header) if s.trusted_proxies else None)
         return self.observe.wrap(app)
 
     async def _stop_app(self) -> None:

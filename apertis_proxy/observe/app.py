@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import orjson
 
+from ..gateway.client_address import host_of
 from ..http.request import Request
 from ..http.responder import Responder
 from ..plugin_host import PluginHost
@@ -31,10 +32,10 @@ _clock = time.perf_counter     # the recorder's clock (a request's cycle starts 
 
 
 def client_ip(client: str) -> Optional[ipaddress._BaseAddress]:
-    """The address of an "ip:port" (or "[v6]:port") peer; None if it is not an IP address."""
-    host = client.rpartition(":")[0].strip("[]") if ":" in client else client
+    """The address of a client (a peer "ip:port" or "[v6]:port", or a forwarded bare address);
+    None if it is not an IP address."""
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host_of(client))
     except ValueError:
         return None
     mapped = getattr(ip, "ipv4_mapped", None)

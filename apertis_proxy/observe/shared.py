@@ -9,7 +9,7 @@ own figures live and the others' files.
 
 A file holds a process's totals since it started, never increments: a file
 written twice counts once, and a replaced worker starts a file of its own.
-When a worker ends, `mark_dead` renames its file to `dead-PID.json`: its
+When a worker ends, `mark_dead` renames its file to `dead-PID-NS.json`: its
 counters and histograms stay in every later total (nothing resets), its gauges
 no longer count.  A worker killed with SIGKILL loses what it counted since its
 last write, as the ledger loses the rows its meter had not written yet.
@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Awaitable, Callable, Optional
 
@@ -51,9 +52,10 @@ def write(run_dir: str, pid: int, snapshot: dict) -> None:
 
 
 def mark_dead(run_dir: str, pid: int) -> None:
-    """A worker ended: keep its counts, drop its gauges."""
+    """A worker ended: keep its counts, drop its gauges.  The dead file's name is its own
+    (`dead-PID-NS.json`): a later worker given the same PID, once dead too, adds a file."""
     try:
-        os.replace(_file(run_dir, "worker", pid), _file(run_dir, "dead", pid))
+        os.replace(_file(run_dir, "worker", pid), Path(run_dir) / f"dead-{pid}-{time.time_ns()}.json")
     except FileNotFoundError:
         pass        # it died before its first write
 
@@ -72,8 +74,9 @@ def read_others(run_dir: str, own_pid: int) -> list[tuple[dict, bool]]:
     """[(snapshot, live)] of every other worker, past ones included."""
     found = []
     for path in Path(run_dir).glob("*.json"):
-        state, _, pid_text = path.stem.partition("-")
-        if not pid_text.isdigit() or int(pid_text) == own_pid:
+        state, _, rest = path.stem.partition("-")
+        pid_text = rest.partition("-")[0]
+        if not pid_text.isdigit() or (state == "worker" and int(pid_text) == own_pid):
             continue
         try:
             snapshot = orjson.loads(path.read_bytes())

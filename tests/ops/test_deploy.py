@@ -159,19 +159,27 @@ def test_tls_settings_are_checked(tmp_path):
         check(Settings(trusted_proxies="10.0.0.0/8"), "test")
 
 
-@pytest.mark.parametrize("trusted, headers, expected", [
+XFF, FWD = "x-forwarded-for", "forwarded"
+
+
+@pytest.mark.parametrize("trusted, header, headers, expected", [
     # No proxies configured, or the peer is not one of them: a forged header is ignored.
-    ([], {"x-forwarded-for": "203.0.113.9"}, None),
-    (["10.0.0.0/8"], {"x-forwarded-for": "203.0.113.9"}, None),
+    ([], XFF, {"x-forwarded-for": "203.0.113.9"}, None),
+    (["10.0.0.0/8"], XFF, {"x-forwarded-for": "203.0.113.9"}, None),
     # Through a trusted proxy: the right-most address that is not a trusted proxy.
-    (["127.0.0.0/8"], {"x-forwarded-for": "198.51.100.1, 203.0.113.9"}, "203.0.113.9"),
-    (["127.0.0.0/8", "10.0.0.0/8"], {"x-forwarded-for": "203.0.113.9, 10.1.1.1"}, "203.0.113.9"),
-    (["127.0.0.1/32"], {"forwarded": 'for="[2001:db8::7]:4711";proto=https'}, "2001:db8::7"),
+    (["127.0.0.0/8"], XFF, {"x-forwarded-for": "198.51.100.1, 203.0.113.9"}, "203.0.113.9"),
+    (["127.0.0.0/8", "10.0.0.0/8"], XFF, {"x-forwarded-for": "203.0.113.9, 10.1.1.1"}, "203.0.113.9"),
+    (["127.0.0.1/32"], FWD, {"forwarded": 'for="[2001:db8::7]:4711";proto=https'}, "2001:db8::7"),
+    # Only the header the proxies write is read: the other one is the client's.
+    (["127.0.0.1/32"], XFF, {"x-forwarded-for": "198.51.100.1", "forwarded": "for=127.0.0.1"}, "198.51.100.1"),
+    (["127.0.0.1/32"], FWD, {"forwarded": "for=198.51.100.1", "x-forwarded-for": "127.0.0.1"}, "198.51.100.1"),
+    # A hop that is no address: the client is unknown, not the proxy before it.
+    (["127.0.0.1/32"], XFF, {"x-forwarded-for": "unknown"}, "unknown"),
 ])
-async def test_client_address_behind_proxies(gateway_env, mock_upstream, trusted, headers, expected):
+async def test_client_address_behind_proxies(gateway_env, mock_upstream, trusted, header, headers, expected):
     key = gateway_env.add_key("alice")
     gateway_env.add_channel("main", mock_upstream)
-    gw = await gateway_env.start(trusted_proxies=trusted)
+    gw = await gateway_env.start(trusted_proxies=trusted, forwarded_header=header)
     async with anthropic.AsyncAnthropic(base_url=gw.base_url, api_key=key, max_retries=0,
                                         default_headers=headers) as client:
         await client.messages.create(**MESSAGE)
