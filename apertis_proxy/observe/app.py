@@ -129,9 +129,11 @@ class Observability:
         if not self.may_scrape(req.client):
             return resp.send_error(403, "GET /metrics is served only to clients in the networks of "
                                         "[metrics] allow (loopback by default)", "permission_error")
-        snapshots = [(await self.snapshot(not_counted=1), True)]
+        own = await self.snapshot(not_counted=1)
+        snapshots = [(own, True)]
         if self.share is not None:
-            snapshots += self.share.others()
+            self.share.publish(own)         # what this scrape counts stays counted, also if this worker dies
+            snapshots += await self.share.fresh_others()
         body, content_type = exposition.render(snapshots, (req.header(b"accept") or b"").decode("latin-1"))
         resp.send(200, [(b"content-type", content_type.encode())], body)
 

@@ -1,7 +1,6 @@
-"""Defects found by a review of observability, shown through a real server: each test fails on main.
-
-Each test's docstring says what is wrong and what the right behaviour is.
-"""
+"""Observability hardening through a real server: the client behind trusted proxies, attempt labels,
+readiness during shutdown, and scrapes that agree across workers.  Each docstring says what could go wrong and
+the behaviour that prevents it."""
 from __future__ import annotations
 
 import asyncio
@@ -20,12 +19,9 @@ from tests.support.workers import TCP_ESTABLISHED, crash_and_replace, listening_
 
 
 async def test_a_request_refused_from_its_head_is_logged_with_the_forwarded_client(tmp_path, mock_upstream):
-    """Behind a trusted proxy, the access line of a request refused from its head alone (a key no auth plugin
-    admits, its body not yet sent: protocol._admitted -> ObservedApp._observed_admit) names the proxy's
-    address, while the same refusal with its body names the client from X-Forwarded-For: the head's Request
-    carries the raw peer, and only the gateway's __call__ resolves it.  The operator hunting the client that
-    sends bad keys finds the proxy.  Right: every access line of a request from a trusted proxy names the
-    forwarded client, 203.0.113.5 here (pipeline.admit hands auth plugins the same raw peer in RequestInfo)."""
+    """Behind a trusted proxy, a request refused from its head alone (a key no auth plugin admits, the body
+    not sent yet) is logged with the forwarded client, 203.0.113.5, like the same refusal with its body: the head
+    check resolves the client before auth plugins and the log see it."""
     server, _, _ = configured_server(tmp_path, mock_upstream.base_url,
                                      '[server]\ntrusted_proxies = ["127.0.0.1/32"]\n')
     headers = {"x-api-key": "sk-apx-not-a-key", "anthropic-version": "2023-06-01",
@@ -46,14 +42,10 @@ async def test_a_request_refused_from_its_head_is_logged_with_the_forwarded_clie
 @pytest.mark.parametrize("forwarded", ["for=127.0.0.1", "for=_hidden"], ids=["loopback", "obfuscated"])
 async def test_a_forwarded_header_the_proxy_did_not_write_does_not_open_metrics(gateway_env, mock_upstream,
                                                                                  forwarded):
-    """Behind the README's nginx recipe (nginx on 127.0.0.1, `trusted_proxies = ["127.0.0.1/32"]`, nginx
-    appends the peer to X-Forwarded-For), a remote client adds its own `Forwarded: for=127.0.0.1`; nginx passes
-    it through untouched.  client_address.resolve() reads `Forwarded` in preference to X-Forwarded-For, so the
-    client is taken for 127.0.0.1: it may scrape /metrics (and is recorded in the ledger as 127.0.0.1).
-    An RFC 7239 obfuscated `for=_hidden` does the same: an unreadable hop leaves the trusted peer itself,
-    the proxy on loopback, as the client.
-    Right: a header the trusted proxy may not have written cannot override the one it did; the client is
-    203.0.113.5, outside `[metrics] allow`, and gets 403 as it does without the extra header."""
+    """Behind the README's nginx recipe (nginx on 127.0.0.1 appends the peer to X-Forwarded-For), a remote
+    client that adds its own `Forwarded: for=127.0.0.1` (or an obfuscated `for=_hidden`), which nginx passes through,
+    is still 203.0.113.5, outside `[metrics] allow`: only `[server] forwarded_header` is read, and a hop that is no
+    address makes the client unknown, never the proxy itself."""
     gateway_env.add_channel("main", mock_upstream)
     gw = await gateway_env.start(trusted_proxies=["127.0.0.1/32"])
     as_nginx_sends_it = {"x-forwarded-for": "203.0.113.5"}
@@ -71,11 +63,8 @@ async def test_a_forwarded_header_the_proxy_did_not_write_does_not_open_metrics(
 ], ids=["allowed-v6-refused", "other-v6-admitted"])
 async def test_an_ipv6_client_behind_a_trusted_proxy_is_judged_by_its_own_address(gateway_env, mock_upstream,
                                                                                    allow, forwarded_for, status):
-    """client_address.resolve() names a forwarded client by its bare address ("2001:db8::5", no port), and
-    observe.app.client_ip() then cuts what follows the last colon as if it were a port: 2001:db8::5 becomes
-    "2001:db8:" (no address: refused although `[metrics] allow` lists its network), 2001:db8::1:5 becomes
-    2001:db8::1 (admitted as the one host allowed; ::1 itself becomes "::").  Right: an address without a
-    port is judged as itself, so the allowed host gets 200 and any other gets 403."""
+    """A forwarded IPv6 client has no port ("2001:db8::5"); peers are "[v6]:port".  /metrics judges the
+    forwarded address as itself: an allowed host gets 200, another host of the same prefix 403."""
     gateway_env.add_channel("main", mock_upstream)
     gw = await gateway_env.start(trusted_proxies=["127.0.0.1/32"], metrics_allow=allow)
     async with await RawConnection.open(gw.host, gw.port) as conn:
@@ -84,12 +73,9 @@ async def test_an_ipv6_client_behind_a_trusted_proxy_is_judged_by_its_own_addres
 
 
 async def test_a_failover_before_an_abandoned_attempt_is_counted_as_failover(gateway_env, make_mock_upstream):
-    """Channel `primary` answers 529 and the request fails over to `backup`; the client leaves (a stream) while
-    backup's head is still to come, so the handler is cancelled and backup's attempt gets no outcome.
-    Recorder.end() counts backup `abandoned`, right, but also primary's 529 as `status`, "an error answer
-    passed on", although it was not passed on: another channel was tried.  The failover is only labelled when
-    the next attempt's outcome arrives (Recorder.attempt), which an abandoned attempt never sends.  Right:
-    primary's attempt is `failover` (1) and no attempt of this request is `status` (0)."""
+    """Channel `primary` answers 529 and the request fails over to `backup`; the client leaves while backup's
+    head is still to come, so backup's attempt gets no outcome: it is `abandoned`, and primary's 529 is `failover`
+    (another channel was tried), not `status` (an error passed on)."""
     primary, backup = await make_mock_upstream(), await make_mock_upstream()
     gateway_env.add_channel("primary", primary, priority=1)
     gateway_env.add_channel("backup", backup, priority=0)
@@ -121,13 +107,10 @@ class _PostgresGatewayEnv(GatewayEnv):
 
 
 async def test_a_readiness_probe_answered_after_sigterm_says_503(pg_url, mock_upstream):
-    """Readiness.problem() looks at `draining` once, before it asks the store; a probe that is waiting on the
-    store when the graceful shutdown starts (SIGTERM runs Gateway.shutdown) then answers 200 "ready", after
-    the instance began draining.  Here the probe waits on a lock another PostgreSQL session holds on
-    `channels`; the shutdown starts, the lock goes, the probe answers.  Right: every answer given after the
-    shutdown began is 503 with reason "draining" (look at `draining` again once the store answered).
-    (The lock is held for well under readiness.STORE_TIMEOUT, 2 s; were the machine too slow for that, the
-    probe would say 503 "store unreachable" and the test pass.)"""
+    """A readiness probe that is waiting on the store (a lock another PostgreSQL session holds on `channels`)
+    when the graceful shutdown starts answers 503 "draining" once the store answers, not 200: `draining` is looked at
+    again after the store.  (The lock is held for well under readiness.STORE_TIMEOUT, 2 s; were the machine too slow
+    for that, the probe would say 503 "store unreachable" and the test pass.)"""
     import asyncpg
     env = _PostgresGatewayEnv(pg_url)
     try:
@@ -196,13 +179,8 @@ async def _ask_on_a_new_connection(server: ServeProcess, key: str, workers: list
 
 @pytest.mark.skipif(not Path("/proc").exists(), reason="finds the workers in Linux /proc")
 async def test_every_worker_scrapes_the_same_request_count(tmp_path, mock_upstream):
-    """With --workers, the worker that answers a scrape adds its own figures live to the others' files, which
-    are up to `[metrics] flush_interval` old (1 s by default; 30 s here to make the window wide).  Two scrapes
-    answered by different workers then disagree, and a later one can show fewer requests than an earlier one:
-    Prometheus reads a counter that goes down as a reset, and rate()/increase() jump by the whole total.
-    Right: one scrape covers the whole server, whichever worker answers it, and a counter never goes down
-    between scrapes (e.g. the answering worker shares its own figures before it reads the others', and
-    sums files only)."""
+    """With --workers and a flush interval of 30 s, every worker's scrape counts every request answered so far:
+    the worker answering a scrape asks the others to write their figures before it reads them."""
     server, _, key = configured_server(tmp_path, mock_upstream.base_url, "[metrics]\nflush_interval = 30\n",
                                        "--workers", "2")
     async with server:
@@ -218,12 +196,9 @@ async def test_every_worker_scrapes_the_same_request_count(tmp_path, mock_upstre
 
 @pytest.mark.skipif(not Path("/proc").exists(), reason="finds the workers in Linux /proc")
 async def test_a_killed_worker_takes_back_no_request_a_scrape_already_counted(tmp_path, mock_upstream):
-    """A worker SIGKILLed loses what it counted since it last shared its figures (observe/shared.py says so), yet
-    a scrape it answered before dying already showed those requests: after the replacement the counter is lower
-    than an earlier scrape said, which Prometheus takes for a reset (rate() and increase() count the whole total
-    again).  The window is `[metrics] flush_interval` (1 s by default; 30 s here so that no share happens).
-    Right: a request counted by one scrape stays counted in every later one, a replaced worker included
-    (e.g. a worker shares its figures before it answers a scrape, and scrapes sum the shared files only)."""
+    """A request that one scrape counted stays counted after the worker that answered it is SIGKILLed and
+    replaced (no share happens within the 30 s flush interval): the worker writes the figures it answers with before
+    it answers, and a counter never goes down, which Prometheus would read as a reset."""
     server, _, key = configured_server(tmp_path, mock_upstream.base_url, "[metrics]\nflush_interval = 30\n",
                                        "--workers", "2")
     async with server:

@@ -1,7 +1,6 @@
-"""Defects found by a review of the fast head parser and observability: each test fails on main.
-
-Each test's docstring says what is wrong and what the right behaviour is.
-"""
+"""Observability and HTTP hardening, unit level: log lines a client cannot dress up, metrics files that
+survive PID reuse, an h11 that frames chunked bodies safely.  Each docstring says what could go wrong and the
+behaviour that prevents it."""
 from __future__ import annotations
 
 from apertis_proxy.observe.access_log import AccessLog
@@ -20,14 +19,9 @@ def _text_line(requested_model: str) -> str:
 
 
 def test_text_access_log_escapes_control_characters_in_a_clients_model_name():
-    """The text access log writes a value bare when it has no whitespace, quote, `=` or backslash
-    (access_log._PLAIN, whose comment promises "a client's model name cannot forge a line"), so control
-    characters that are not whitespace pass through raw: ESC sequences (clear the screen, move the
-    cursor, recolour), NUL, DEL.  Latent today: the gateway refuses a model id of anything but lowercase
-    letters, digits and `._-:@/` before it is recorded (checked end to end: the line then shows
-    `requested_model=-`), and the other text fields are operator-set or h11-validated; a plugin's key name or
-    a looser model check would reach it.  Right: a value with any control character is quoted and escaped,
-    as orjson escapes it in the JSON format."""
+    """A value with control characters (ESC sequences that clear the screen or recolour it, NUL, DEL, C1) is
+    quoted and escaped in the text log, as JSON escapes it, so no raw control character reaches a terminal.  The
+    gateway refuses such model ids before they are recorded; a plugin's key name or a looser check would reach here."""
     line = _text_line("\x1b[2J\x1b[Hforged\x00\x7f")
     assert line.endswith("\n")
     found = sorted({c for c in line[:-1] if c in _CONTROLS})
@@ -39,11 +33,8 @@ def _requests_snapshot(count: int) -> dict:
 
 
 def test_a_dead_workers_counts_survive_a_later_worker_with_the_same_pid(tmp_path):
-    """shared.mark_dead() renames `worker-PID.json` to `dead-PID.json` with os.replace: when the PID of a
-    worker that died is reused by a later worker that also dies (PIDs wrap, quickly in a container's small
-    PID space), the second rename overwrites the first dead worker's file and its requests leave every later
-    total, a counter reset as Prometheus reads it.  Right: a dead worker's counts stay whatever PID comes
-    next (a unique file name per worker life, or the dead ones folded into one total)."""
+    """A dead worker's counts stay in the total when its PID comes back for a later worker that dies too (PIDs
+    wrap quickly in a container): each dead worker's file has a name of its own."""
     from apertis_proxy.observe import shared
     run_dir = str(tmp_path)
     shared.write(run_dir, 4242, _requests_snapshot(7))      # a worker serves 7 requests, then is killed
@@ -57,13 +48,8 @@ def test_a_dead_workers_counts_survive_a_later_worker_with_the_same_pid(tmp_path
 
 
 def test_no_h11_with_the_chunked_body_smuggling_flaw_is_allowed():
-    """setup.cfg allows h11>=0.14 (and .ci/h11-range tests 0.14.0 as the lowest), but h11 up to 0.15.0 takes
-    any two bytes after a chunk's data as its CRLF (GHSA-vqfr-h8mv-ghfj, CVE-2025-43859, fixed in 0.16.0).
-    Chunked request bodies are framed by h11 on the server's path, so an install that resolves to 0.14 or
-    0.15 accepts `5\\r\\nhelloXX0\\r\\n\\r\\n` (checked by hand: `serve` with h11 0.14.0 on its path forwards
-    such a Messages request and answers 200; with 0.16.0 it answers 400 "malformed chunk footer"), the shape
-    that smuggles a request past a front end that reads to the next CRLF.
-    Right: the range starts at 0.16.0, and the lowest h11 the CI tries is 0.16.0."""
+    """h11 before 0.16.0 takes any two bytes after a chunk's data as its CRLF (CVE-2025-43859); chunked request
+    bodies are framed by h11, so `5\\r\\nhelloXX0\\r\\n\\r\\n` would pass.  The package allows no such h11."""
     from importlib.metadata import requires
 
     from packaging.requirements import Requirement
@@ -71,3 +57,22 @@ def test_no_h11_with_the_chunked_body_smuggling_flaw_is_allowed():
     h11 = next(Requirement(r) for r in requires("apertis-proxy") or [] if Requirement(r).name == "h11")
     allowed = [v for v in ("0.14.0", "0.15.0") if h11.specifier.contains(v)]
     assert not allowed, f"h11 {allowed} allowed by {h11}"
+
+
+async def test_a_worker_that_cannot_listen_for_asks_still_shares_its_figures(tmp_path):
+    """A run directory whose socket path is too long for AF_UNIX (a long TMPDIR): the worker starts anyway, and
+    scrapes read the others' files as last written."""
+    from apertis_proxy.observe import shared
+    run_dir = tmp_path / ("d" * 120)
+    run_dir.mkdir()
+    shared.write(str(run_dir), 4242, _requests_snapshot(3))
+
+    async def snapshot() -> dict:
+        return _requests_snapshot(1)
+    share = shared.WorkerShare(str(run_dir), snapshot, interval=30.0)
+    share.start()
+    try:
+        others = await share.fresh_others(timeout=0.2)
+    finally:
+        await share.close()
+    assert [s["counters"]["apertis_requests"][1][0][1] for s, _ in others] == [3]
