@@ -27,6 +27,10 @@ ACCEPT_BATCH = 512
 # Out of descriptors or memory, or an error nobody expects: stop accepting for
 # a while rather than spin on a socket that stays readable (asyncio waits 1 s).
 ACCEPT_RETRY_DELAY = 1.0
+# asyncio's own bound on a TLS handshake, used when the server gives none.
+HANDSHAKE_TIMEOUT = 60.0
+# At most one warning this often about connections refused during their TLS handshake.
+_REFUSED_LOG_INTERVAL = 10.0
 # accept(2) on Linux passes on pending network errors of the new connection;
 # its manual says to treat them like EAGAIN and retry.  Netfilter adds EPERM.
 _TRANSIENT = frozenset(getattr(errno, name) for name in (
@@ -80,13 +84,26 @@ def bind_sockets(host: str, port: int, *, reuse_port: bool = False) -> list[sock
 
 
 class Listener:
-    """Listens on bound `sockets`, accepts, and runs `factory()`'s protocol on each connection."""
+    """Listens on bound `sockets`, accepts, and runs `factory()`'s protocol on each connection.
+
+    With TLS a connection reaches its protocol only once its handshake is done, so the
+    server's connection cap cannot see it before: `may_handshake(n)`, given the handshakes
+    already under way, says whether a new one may start (a connection it refuses is closed
+    at once), and a handshake gets `handshake_timeout` seconds."""
 
     def __init__(self, sockets: list[socket.socket], factory: Callable[[], asyncio.Protocol],
                  loop: asyncio.AbstractEventLoop, *, backlog: int = BACKLOG,
-                 tls: Optional[Callable[[], ssl.SSLContext]] = None) -> None:
+                 tls: Optional[Callable[[], ssl.SSLContext]] = None,
+                 may_handshake: Optional[Callable[[int], bool]] = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self.sockets = sockets
         self._tls = tls         # the current SSL context, asked for each connection (see tls.py)
+        self._may_handshake = may_handshake
+        self._handshake_timeout = handshake_timeout
+        self.handshakes = 0     # TLS handshakes under way
+        self.refused_handshakes = 0
+        self._refused_logged_at = -_REFUSED_LOG_INTERVAL
+        self._refused_since_log = 0
         self._backlog = backlog
         self._listening = False
         self._factory = factory
@@ -130,16 +147,44 @@ class Listener:
                           exc.strerror or exc, ACCEPT_RETRY_DELAY)
                 self._pause(ACCEPT_RETRY_DELAY)
                 return
+            if self._tls is not None and self._may_handshake is not None and \
+                    not self._may_handshake(self.handshakes):
+                conn.close()
+                self._refused_handshake()
+                continue
             conn.setblocking(False)
             loop.create_task(self._connect(conn))
+
+    def _refused_handshake(self) -> None:
+        self.refused_handshakes += 1
+        self._refused_since_log += 1
+        now = self._loop.time()
+        if now - self._refused_logged_at >= _REFUSED_LOG_INTERVAL:
+            log.warning("connection cap reached: closed %d new connections before their TLS handshake "
+                        "(handshakes under way: %d)", self._refused_since_log, self.handshakes)
+            self._refused_logged_at = now
+            self._refused_since_log = 0
 
     async def _connect(self, conn: socket.socket) -> None:
         if self._closed:
             conn.close()            # shutdown began since accept(): as if still queued
             return
+        if self._tls is None:
+            await self._serve(conn)
+            return
+        self.handshakes += 1
         try:
-            await self._loop.connect_accepted_socket(
-                self._factory, conn, ssl=self._tls() if self._tls is not None else None)
+            await self._serve(conn, self._tls())
+        finally:
+            self.handshakes -= 1
+
+    async def _serve(self, conn: socket.socket, context: Optional[ssl.SSLContext] = None) -> None:
+        try:
+            if context is None:
+                await self._loop.connect_accepted_socket(self._factory, conn)
+            else:
+                await self._loop.connect_accepted_socket(self._factory, conn, ssl=context,
+                                                         ssl_handshake_timeout=self._handshake_timeout)
         except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
             # A client that failed the TLS handshake (plain HTTP, an untrusted
             # certificate) or left during it: its problem, not the server's.

@@ -84,7 +84,15 @@ class Gateway:
         def factory() -> HttpConnection:
             return HttpConnection(app, s, state)
 
-        self._listener = Listener(sockets, factory, asyncio.get_running_loop(), tls=self.certificate)
+        loop = asyncio.get_running_loop()
+
+        def may_handshake(handshakes: int) -> bool:
+            """A TLS handshake counts against the connection cap from its first byte."""
+            return (len(state.connections) + handshakes < state.max_connections
+                    or state.make_room(loop.time()))
+
+        self._listener = Listener(sockets, factory, loop, tls=self.certificate, may_handshake=may_handshake,
+                                  handshake_timeout=s.header_timeout)
         try:
             self._listener.start()      # listen() can still find the port taken (another server's race)
         except BaseException:
@@ -118,7 +126,7 @@ class Gateway:
         self.state.refused = self.observe.refusal_hook
         self.observe.start()
         app = GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog, self.owned), self.plugins,
-                         ClientAddress(s.trusted_proxies) if s.trusted_proxies else None)
+                         ClientAddress(s.trusted_proxies, s.forwarded_header) if s.trusted_proxies else None)
         return self.observe.wrap(app)
 
     async def _stop_app(self) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .budgets.webhook import check_url
-from .gateway.client_address import parse_networks
+from .gateway.client_address import FORWARDED_HEADERS, parse_networks
 from .plugin_api import DEFAULT_API_VERSION
 
 
@@ -59,6 +59,8 @@ class Settings:
     tls_key: Optional[str] = None
     # Peers whose X-Forwarded-For / Forwarded headers name the client (CIDRs).
     trusted_proxies: list[str] = field(default_factory=list)
+    # The header those proxies write: "x-forwarded-for" or "forwarded" (the other is never read).
+    forwarded_header: str = "x-forwarded-for"
     # Upstream side (seconds).
     connect_timeout: float = 10.0
     read_timeout: float = 600.0         # between upstream bytes, not total: streams last long
@@ -217,6 +219,9 @@ def check(s: Settings, where: str) -> None:
     if not _is_api_version(s.default_api_version):
         raise ValueError(f"{where}: default_api_version must be a date like 2023-06-01, "
                          f"not {s.default_api_version!r}")
+    if s.forwarded_header not in FORWARDED_HEADERS:
+        raise ValueError(f"{where}: forwarded_header must be one of {', '.join(FORWARDED_HEADERS)}, "
+                         f"not {s.forwarded_header!r}")
     if s.log_format not in LOG_FORMATS:
         raise ValueError(f"{where}: [logging] format must be one of {', '.join(LOG_FORMATS)}, not {s.log_format!r}")
     for name in ("access_log", "metrics_enabled", "metrics_per_key", "fast_heads", "fast_heads_check"):

@@ -59,6 +59,8 @@ class GatewayApp:
         limit (an int); None: read the body up to the full limit."""
         if not head.path.startswith("/v1/"):
             return None
+        if self.client_address is not None:     # plugins, and the log line of a refusal, see the client
+            head.client = self.client_address.resolve(head.client, head.headers)
         info = RequestInfo(method=head.method, path=head.path, query=head.query, headers=head.header_map(),
                            body=None, model=None, stream=False, client=head.client, request_id="")
         try:

@@ -746,9 +746,11 @@ def _tell(refused: RefusalHook, *args) -> None:
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:
-    """The client's "ip:port"."""
+    """The client's "ip:port", "[ipv6]:port" for IPv6."""
     peer = transport.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+    if not isinstance(peer, tuple):
+        return str(peer or "")
+    return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
 
 
 def _head_size(event: h11.Request, headers: list[tuple[bytes, bytes]]) -> int:

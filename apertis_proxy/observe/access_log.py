@@ -38,8 +38,11 @@ PIPE_BUF = 4096
 
 # A request without a usage record (refused before auth, /health, ...) is logged with these defaults.
 _NO_USAGE = UsageRecord(request_id="", started_at=0.0, endpoint="")
-# A value written bare in the text format; others are quoted, so a client's model name cannot forge a line.
-_PLAIN = re.compile(r'[^\s"=\\]+').fullmatch
+# A value written bare in the text format; others are quoted (JSON escapes), so a client's model name cannot
+# forge a line nor reach a terminal's control sequences.
+_PLAIN = re.compile(r'[^\s"=\\\x00-\x1f\x7f-\x9f]+').fullmatch
+# What JSON leaves raw but a terminal acts on: DEL and the C1 controls (U+009B starts an escape sequence too).
+_ESCAPE_C1 = {c: f"\\u{c:04x}" for c in range(0x7f, 0xa0)}
 # Costs and clients remembered as text; the longest pieces of a kind of request the recorder remembers (a longer
 # path or model name is formatted again for each request, not kept).
 MAX_TEMPLATES = 4096
@@ -50,7 +53,7 @@ def _text(value: Optional[str]) -> str:
     """A value as the text format writes it: bare, quoted, or `-` for none."""
     if value is None:
         return "-"
-    return value if _PLAIN(value) else orjson.dumps(value).decode()
+    return value if _PLAIN(value) else orjson.dumps(value).decode().translate(_ESCAPE_C1)
 
 
 def _text_template(method: Optional[str], path: Optional[str], status: int, r: UsageRecord,
@@ -73,7 +76,7 @@ def _json_template(method: Optional[str], path: Optional[str], status: int, r: U
     as it is: the gateway makes them (`req_` and hex digits, http/request_ids.py), and the
     text format writes them bare too."""
     def value(v: object) -> str:
-        return orjson.dumps(v).decode()
+        return orjson.dumps(v).decode().translate(_ESCAPE_C1)
     return ('{"time":"', 'Z","level":"INFO","logger":"' + LOGGER + '","message":' +
             value(f"{method or '-'} {path or '-'} {status}") + ',"request_id":"',
             '","key_name":' + value(r.key_name) + ',"client":',

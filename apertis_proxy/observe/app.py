@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import orjson
 
+from ..gateway.client_address import host_of
 from ..http.request import Request
 from ..http.responder import Responder
 from ..plugin_host import PluginHost
@@ -31,10 +32,10 @@ _clock = time.perf_counter     # the recorder's clock (a request's cycle starts 
 
 
 def client_ip(client: str) -> Optional[ipaddress._BaseAddress]:
-    """The address of an "ip:port" (or "[v6]:port") peer; None if it is not an IP address."""
-    host = client.rpartition(":")[0].strip("[]") if ":" in client else client
+    """The address of a client (a peer "ip:port" or "[v6]:port", or a forwarded bare address);
+    None if it is not an IP address."""
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host_of(client))
     except ValueError:
         return None
     mapped = getattr(ip, "ipv4_mapped", None)
@@ -128,9 +129,11 @@ class Observability:
         if not self.may_scrape(req.client):
             return resp.send_error(403, "GET /metrics is served only to clients in the networks of "
                                         "[metrics] allow (loopback by default)", "permission_error")
-        snapshots = [(await self.snapshot(not_counted=1), True)]
+        own = await self.snapshot(not_counted=1)
+        snapshots = [(own, True)]
         if self.share is not None:
-            snapshots += self.share.others()
+            self.share.publish(own)         # what this scrape counts stays counted, also if this worker dies
+            snapshots += await self.share.fresh_others()
         body, content_type = exposition.render(snapshots, (req.header(b"accept") or b"").decode("latin-1"))
         resp.send(200, [(b"content-type", content_type.encode())], body)
 

@@ -40,6 +40,8 @@ class Readiness:
             channels = await self.channels()
         except StoreUnreachable as exc:
             return f"store unreachable: {exc}"
+        if self.draining:       # the shutdown began while the store was asked
+            return "draining: the server is shutting down"
         if not any(enabled for _, enabled in channels):
             return "no channel is enabled"
         return None

@@ -222,8 +222,12 @@ class Recorder:
                 if record.cost:
                     usage[4] += round(record.cost / COST_UNIT)      # type: ignore[index]
                 if record.attempts > outcomes and record.channel_name:
-                    # The client left while this channel was answering: no outcome came.
+                    # The client left while this channel was answering: no outcome came; an error
+                    # answer before it was not passed on (another channel was tried).
                     self._count_attempt(record.channel_name, "abandoned")
+                    if failed is not None:
+                        self._count_attempt(failed, "failover")
+                        failed = None
                 if stream and record.ttfb_ms is not None:
                     self.ttfb.observe((record.channel_name or NONE,), record.ttfb_ms / 1000)
             if stream:

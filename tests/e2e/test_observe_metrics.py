@@ -223,10 +223,12 @@ async def test_metrics_can_be_turned_off(gateway_env, mock_upstream):
 def test_only_loopback_may_scrape_by_default(gateway_env):
     from apertis_proxy.observe.app import Observability
     observe = Observability(gateway_env.settings(), _NoPlugins(), None, None)
-    assert observe.may_scrape("127.0.0.1:40000") and observe.may_scrape("::1:40000")
-    assert observe.may_scrape("::ffff:127.0.0.1:40000")
-    assert not observe.may_scrape("192.0.2.7:40000")
-    assert not observe.may_scrape("10.1.2.3:40000") and not observe.may_scrape("2001:db8::1:40000")
+    assert observe.may_scrape("127.0.0.1:40000") and observe.may_scrape("[::1]:40000")
+    assert observe.may_scrape("[::ffff:127.0.0.1]:40000")
+    assert observe.may_scrape("::1") and observe.may_scrape("127.0.0.1")    # forwarded clients: no port
+    assert not observe.may_scrape("192.0.2.7:40000") and not observe.may_scrape("unknown")
+    assert not observe.may_scrape("10.1.2.3:40000") and not observe.may_scrape("[2001:db8::1]:40000")
+    assert not observe.may_scrape("2001:db8::1:5")
     assert client_ip("not-an-address") is None
 
 

@@ -100,6 +100,34 @@ async def test_the_sdk_talks_tls_and_a_reload_serves_the_new_certificate(gateway
     assert [r["status"] for r in rows] == [200, 200, 200]
 
 
+async def closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
+    """True when the server closes the connection within `within` seconds without sending anything."""
+    try:
+        return await asyncio.wait_for(reader.read(1), within) == b""
+    except ConnectionResetError:
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+@needs_openssl
+async def test_tls_handshakes_count_against_the_connection_cap_and_time_out(gateway_env, pki, tmp_path):
+    """Connections that never finish their TLS handshake hold a descriptor each: they count against
+    max_connections from their first byte, and get header_timeout to finish."""
+    cert, key_file = install_cert(pki, tmp_path, "a")
+    gw = await gateway_env.start(tls_cert=cert, tls_key=key_file, max_connections=3, header_timeout=1.5)
+    stalled = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(3)]
+    await asyncio.sleep(0.2)                       # accepted: three handshakes under way
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    assert await closed_by_server(reader, 1.0)     # the fourth is closed before its handshake
+    writer.close()
+    # The stalled ones are closed once header_timeout has passed; then TLS clients are served again.
+    assert [await closed_by_server(r, 10.0) for r, _ in stalled] == [True] * 3
+    for _, w in stalled:
+        w.close()
+    assert await asyncio.to_thread(served_certificate_cn, gw.port, pki) == "server a"
+
+
 @needs_openssl
 async def test_sighup_reloads_the_certificate_of_a_running_server(tmp_path, pki):
     cert, key_file = install_cert(pki, tmp_path, "a")
@@ -131,19 +159,27 @@ def test_tls_settings_are_checked(tmp_path):
         check(Settings(trusted_proxies="10.0.0.0/8"), "test")
 
 
-@pytest.mark.parametrize("trusted, headers, expected", [
+XFF, FWD = "x-forwarded-for", "forwarded"
+
+
+@pytest.mark.parametrize("trusted, header, headers, expected", [
     # No proxies configured, or the peer is not one of them: a forged header is ignored.
-    ([], {"x-forwarded-for": "203.0.113.9"}, None),
-    (["10.0.0.0/8"], {"x-forwarded-for": "203.0.113.9"}, None),
+    ([], XFF, {"x-forwarded-for": "203.0.113.9"}, None),
+    (["10.0.0.0/8"], XFF, {"x-forwarded-for": "203.0.113.9"}, None),
     # Through a trusted proxy: the right-most address that is not a trusted proxy.
-    (["127.0.0.0/8"], {"x-forwarded-for": "198.51.100.1, 203.0.113.9"}, "203.0.113.9"),
-    (["127.0.0.0/8", "10.0.0.0/8"], {"x-forwarded-for": "203.0.113.9, 10.1.1.1"}, "203.0.113.9"),
-    (["127.0.0.1/32"], {"forwarded": 'for="[2001:db8::7]:4711";proto=https'}, "2001:db8::7"),
+    (["127.0.0.0/8"], XFF, {"x-forwarded-for": "198.51.100.1, 203.0.113.9"}, "203.0.113.9"),
+    (["127.0.0.0/8", "10.0.0.0/8"], XFF, {"x-forwarded-for": "203.0.113.9, 10.1.1.1"}, "203.0.113.9"),
+    (["127.0.0.1/32"], FWD, {"forwarded": 'for="[2001:db8::7]:4711";proto=https'}, "2001:db8::7"),
+    # Only the header the proxies write is read: the other one is the client's.
+    (["127.0.0.1/32"], XFF, {"x-forwarded-for": "198.51.100.1", "forwarded": "for=127.0.0.1"}, "198.51.100.1"),
+    (["127.0.0.1/32"], FWD, {"forwarded": "for=198.51.100.1", "x-forwarded-for": "127.0.0.1"}, "198.51.100.1"),
+    # A hop that is no address: the client is unknown, not the proxy before it.
+    (["127.0.0.1/32"], XFF, {"x-forwarded-for": "unknown"}, "unknown"),
 ])
-async def test_client_address_behind_proxies(gateway_env, mock_upstream, trusted, headers, expected):
+async def test_client_address_behind_proxies(gateway_env, mock_upstream, trusted, header, headers, expected):
     key = gateway_env.add_key("alice")
     gateway_env.add_channel("main", mock_upstream)
-    gw = await gateway_env.start(trusted_proxies=trusted)
+    gw = await gateway_env.start(trusted_proxies=trusted, forwarded_header=header)
     async with anthropic.AsyncAnthropic(base_url=gw.base_url, api_key=key, max_retries=0,
                                         default_headers=headers) as client:
         await client.messages.create(**MESSAGE)
