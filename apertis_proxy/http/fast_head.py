@@ -17,7 +17,7 @@ exact result h11 gives for it:
 - the whole head in the bytes given, within the size limit h11 applies.
 
 Everything else (None here) goes to h11 exactly as before, which answers every
-error: the fast path only ever declines.  tests/test_fast_head_differential.py
+error: the fast path only ever declines.  tests/unit/test_fast_head_differential.py
 holds the proof that whatever is accepted here, h11 accepts the same way.
 """
 from __future__ import annotations

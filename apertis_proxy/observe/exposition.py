@@ -38,7 +38,7 @@ HELP = {
     "apertis_http_heads": "HTTP heads parsed, by side (request: from clients, response: from upstreams) and parser "
                           "(fast: the strict parser of well-formed heads, h11: everything else).",
     "apertis_ledger_rows_written": "Usage rows the meter has written.",
-    "apertis_request_duration_seconds": "Time from a request's arrival to its end.",
+    "apertis_request_duration_seconds": "Time from a request's whole arrival (its body read) to its end.",
     "apertis_time_to_first_byte_seconds": "Streams: time from sending a request upstream to the first byte of "
                                           "the answer that was passed on.",
     "apertis_upstream_duration_seconds": "Duration of one upstream attempt, by channel.",

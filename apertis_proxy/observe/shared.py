@@ -87,19 +87,38 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _parse_name(path: Path) -> tuple[str, Optional[int]]:
+    """("worker" or "dead", PID) of a figures file; PID None for any other file."""
+    state, _, rest = path.stem.partition("-")
+    pid_text = rest.partition("-")[0]
+    return state, int(pid_text) if pid_text.isdigit() else None
+
+
 def read_others(run_dir: str, own_pid: int) -> list[tuple[dict, bool]]:
-    """[(snapshot, live)] of every other worker, past ones included."""
-    found = []
-    for path in Path(run_dir).glob("*.json"):
-        state, _, rest = path.stem.partition("-")
-        pid_text = rest.partition("-")[0]
-        if not pid_text.isdigit() or (state == "worker" and int(pid_text) == own_pid):
+    """[(snapshot, live)] of every other worker, past ones included.  A worker's file renamed
+    while the directory is read (the worker just ended) is read under its new name."""
+    found: list[tuple[dict, bool]] = []
+    listed = list(Path(run_dir).glob("*.json"))
+    vanished: set[int] = set()
+    for path in listed:
+        state, pid = _parse_name(path)
+        if pid is None or (state == "worker" and pid == own_pid):
             continue
         try:
             snapshot = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            vanished.add(pid)
+            continue
         except (OSError, orjson.JSONDecodeError):
-            continue        # renamed meanwhile (read again next scrape), or not ours
-        found.append((snapshot, state == "worker" and _alive(int(pid_text))))
+            continue        # not ours
+        found.append((snapshot, state == "worker" and _alive(pid)))
+    if vanished:
+        for path in set(Path(run_dir).glob("dead-*.json")) - set(listed):
+            if _parse_name(path)[1] in vanished:
+                try:
+                    found.append((orjson.loads(path.read_bytes()), False))
+                except (OSError, orjson.JSONDecodeError):
+                    continue
     return found
 
 

@@ -1,7 +1,7 @@
 """The fast head parsers against h11, their oracle, with hypothesis.
 
 Heads are generated valid (the shapes real clients and upstreams send, with the variations the grammar allows),
-then mutated and made hostile (every smuggling shape tests/test_smuggling.py knows, bare LF, obs-fold, NUL,
+then mutated and made hostile (every smuggling shape tests/e2e/test_smuggling.py knows, bare LF, obs-fold, NUL,
 duplicate, listed or signed Content-Length, Transfer-Encoding variants, oversized values, bytes inserted, deleted
 or replaced anywhere). For each: whenever the fast parser accepts a head, h11 reads the same bytes the same way
 (method or status, target, version, headers as the code sees them, where the head ends, the body's framing);
@@ -9,7 +9,8 @@ whenever h11 refuses, the fast parser has declined; a head cut anywhere before i
 h11 whole, as before), and h11 reads it the same way fed one byte at a time.
 
 Profiles: `ci` (the default: a fixed number of examples, derandomized, a few seconds) and `campaign` (many more
-examples, random each run): APERTIS_HYPOTHESIS_PROFILE=campaign python -m pytest tests/test_fast_head_differential.py
+examples, random each run):
+APERTIS_HYPOTHESIS_PROFILE=campaign python -m pytest tests/unit/test_fast_head_differential.py
 (APERTIS_HYPOTHESIS_EXAMPLES sets the count). .ci/h11-range runs this file against the lowest and the newest h11
 setup.cfg allows.
 """

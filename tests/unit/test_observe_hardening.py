@@ -76,3 +76,23 @@ async def test_a_worker_that_cannot_listen_for_asks_still_shares_its_figures(tmp
     finally:
         await share.close()
     assert [s["counters"]["apertis_requests"][1][0][1] for s, _ in others] == [3]
+
+
+def test_a_worker_file_renamed_while_a_scrape_reads_is_read_under_its_new_name(tmp_path, monkeypatch):
+    """A worker that ends between a scrape's listing of the run directory and its read of the worker's file:
+    its counts are read from the dead file (once), not left out of that scrape as if reset."""
+    from pathlib import Path
+
+    from apertis_proxy.observe import shared
+    run_dir = str(tmp_path)
+    shared.write(run_dir, 4242, _requests_snapshot(5))
+    shared.write(run_dir, 4343, _requests_snapshot(1))
+    read_bytes = Path.read_bytes
+
+    def ends_meanwhile(path: Path) -> bytes:
+        if path.name == "worker-4242.json":
+            shared.mark_dead(run_dir, 4242)
+        return read_bytes(path)
+    monkeypatch.setattr(Path, "read_bytes", ends_meanwhile)
+    others = shared.read_others(run_dir, own_pid=1)
+    assert sorted(s["counters"]["apertis_requests"][1][0][1] for s, _ in others) == [1, 5]
