@@ -47,6 +47,9 @@ _ESCAPE_C1 = {c: f"\\u{c:04x}" for c in range(0x7f, 0xa0)}
 # path or model name is formatted again for each request, not kept).
 MAX_TEMPLATES = 4096
 MAX_TEMPLATE_CHARS = 2048
+# A longer path is cut (and ends in "..."): with the other fields (model names of at most 256 characters) a line
+# then stays within PIPE_BUF, one write that other workers' lines cannot split.
+MAX_PATH_CHARS = 512
 
 
 def _text(value: Optional[str]) -> str:
@@ -129,6 +132,8 @@ class AccessLog:
         """The pieces of the lines of one kind of request (the recorder keeps them with the kind's series)."""
         r = record or _NO_USAGE
         error_type = r.error_type or (error_type_for(status) if status >= 400 else None)
+        if path is not None and len(path) > MAX_PATH_CHARS:
+            path = path[:MAX_PATH_CHARS] + "..."
         return self._template(method, path, status, r, error_type)
 
     def entry(self, when: float, seconds: float, status: int, method: Optional[str], path: Optional[str],

@@ -96,3 +96,17 @@ def test_a_worker_file_renamed_while_a_scrape_reads_is_read_under_its_new_name(t
     monkeypatch.setattr(Path, "read_bytes", ends_meanwhile)
     others = shared.read_others(run_dir, own_pid=1)
     assert sorted(s["counters"]["apertis_requests"][1][0][1] for s, _ in others) == [1, 5]
+
+
+def test_a_long_path_is_cut_so_a_line_is_one_atomic_pipe_write():
+    """Lines from several workers share one stderr pipe; a write of at most PIPE_BUF bytes is never split by
+    another's.  A request for a path of thousands of characters (quotes doubled by the escaping) still gets a
+    line within PIPE_BUF, its path cut and marked."""
+    from apertis_proxy.observe.access_log import PIPE_BUF
+    path = "/v1/" + '"' * 6000
+    record = UsageRecord(request_id="req_1", started_at=0.0, endpoint="", key_name="alice",
+                         requested_model="m" * 256, upstream_model="m" * 256, status=404, error_type="not_found_error")
+    for fmt in ("text", "json"):
+        log = AccessLog(fmt)
+        line = log.lines([log.entry(0.0, 0.01, 404, "GET", path, "127.0.0.1:5", "req_1", record)])
+        assert len(line) <= PIPE_BUF and line.count(b"...") == 2, (fmt, len(line))
