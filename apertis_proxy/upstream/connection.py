@@ -159,7 +159,7 @@ class UpstreamConnection(asyncio.Protocol):
             if self._chunk_sink is not None:
                 # A paced stream's read: one whole chunk, handed on as read (framing
                 # included); it never ends the body, so nobody is woken.
-                start = self._decoder.one_chunk(data)      # type: ignore[union-attr]
+                start = self._decoder.one_chunk(data)      # type: ignore[union-attr,attr-defined]
                 if start:
                     if not self._chunk_sink(data, start):
                         self.pause()
