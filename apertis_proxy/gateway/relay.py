@@ -125,7 +125,7 @@ class StreamRelay(Relay):
             return
         resp.start(self.status, self.headers, first)
         try:
-            await conn.pump(self.piece, self.read_timeout)
+            await conn.pump(self.piece, self.read_timeout, self.chunk if resp.chunked else None)
         except ClientGone:
             await self.client_gone()
             return
@@ -167,6 +167,19 @@ class StreamRelay(Relay):
             resp.when_writable(conn.resume)
             return False
         return True
+
+    def chunk(self, read: bytes, start: int) -> bool:
+        """A read that is exactly one whole chunk of the body (its data is
+        read[start:-2]), inside the upstream socket callback.  Events that end
+        in it and need no look go out as they came, framing and all: the
+        upstream's chunk is ours.  Anything else goes through `piece()`."""
+        if read[-4:-2] == b"\n\n" and self.splicer.passes_through(read):
+            resp = self.resp
+            if not resp.write_chunk_nowait(read):
+                resp.when_writable(self.conn.resume)
+                return False
+            return True
+        return self.piece(read[start:-2])
 
     async def client_gone(self) -> None:
         """The client left: the rest is read for its usage (bounded), not sent."""

@@ -178,6 +178,18 @@ class SseSplicer:
             return self._inspect(region, text, watched)
         return region
 
+    def passes_through(self, data: bytes) -> bool:
+        """True when `data`, whole events, would leave feed() as they are with
+        nothing to note: nothing is held and no event the splicer reads is in
+        them (the caller checks that `data` ends an event).  `data` may carry a
+        chunk's framing around the events: no marker fits in it."""
+        # partition() is the cheapest substring test (one argument, no parsing
+        # of start and end as find() has; `in` first tries the needle as an int).
+        if self._tail or data.partition(b"message_")[1] or data.partition(b"error")[1]:
+            return False
+        return self._signatures is None or not (data.partition(b"signature_delta")[1]
+                                                or data.partition(b"redacted_thinking")[1])
+
     def flush(self) -> bytes:
         """The unterminated last event when the upstream ended cleanly, ended
         (an event at the very end can lack only its blank line) and read like

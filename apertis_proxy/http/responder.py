@@ -153,6 +153,20 @@ class Responder:
         self._frame(data)
         return not conn.flow.write_paused
 
+    @property
+    def chunked(self) -> bool:
+        """The streamed body goes out in chunks (an HTTP/1.1 client): what
+        `write_chunk_nowait` takes."""
+        return self._chunked
+
+    def write_chunk_nowait(self, chunk: bytes) -> bool:
+        """`write_nowait` of a piece already framed as one chunk (a chunked body only)."""
+        conn = self._conn
+        if conn.closed:
+            return True
+        conn.transport.write(chunk)
+        return not conn.flow.write_paused
+
     def when_writable(self, callback: Callable[[], None]) -> None:
         """Call `callback` once the client has drained below the high-water mark."""
         flow = self._conn.flow

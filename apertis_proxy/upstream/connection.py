@@ -39,7 +39,7 @@ from ..deadline import Deadline
 from ..flow_control import SMALL_WRITE, FlowControl
 from ..http import fast_head, head_check
 from ..http.heads import header_list, keeps_alive
-from .framing import BodyDecoder, FramingError, decoder_for, framed_decoder
+from .framing import BodyDecoder, ChunkedDecoder, FramingError, decoder_for, framed_decoder
 
 _QUEUE_HIGH_WATER = 256 * 1024
 # Interim (1xx) responses read before the final one; a real upstream sends
@@ -98,7 +98,7 @@ class ResponseHead:
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("_loop", "transport", "_h11", "_queue", "_queued", "_waiter", "_error", "_phase",
                  "_flow", "closed", "idle_since", "_head", "_decoder", "_keep_alive",
-                 "_sink", "_last_rx", "_deadline", "_timeout", "_head_bytes", "_told", "_interim")
+                 "_sink", "_chunk_sink", "_last_rx", "_deadline", "_timeout", "_head_bytes", "_told", "_interim")
 
     # Well-formed response heads skip h11 (see http/fast_head.py); set from the
     # settings when the server starts.  The check parses each both ways.
@@ -123,6 +123,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._decoder: Optional[BodyDecoder] = None
         self._keep_alive = True
         self._sink: Optional[Callable[[bytes], bool]] = None
+        # pump()'s taker of whole chunks as read (see there); set only for a chunked body.
+        self._chunk_sink: Optional[Callable[[bytes, int], bool]] = None
         self._last_rx = 0.0
         self._deadline = Deadline(self._loop, self._on_deadline)
         self._timeout = 0.0
@@ -154,7 +156,18 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._last_rx = self._loop.time()
         try:
-            if self._decoder is not None:
+            if self._chunk_sink is not None:
+                # A paced stream's read: one whole chunk, handed on as read (framing
+                # included); it never ends the body, so nobody is woken.
+                start = self._decoder.one_chunk(data)      # type: ignore[union-attr,attr-defined]
+                if start:
+                    if not self._chunk_sink(data, start):
+                        self.pause()
+                    return
+                self._body(data, irregular=True)
+                if self._phase is not _DONE:
+                    return
+            elif self._decoder is not None:
                 self._body(data)
                 if self._sink is not None and self._phase is not _DONE:
                     return          # streaming straight to the sink: nobody to wake
@@ -245,10 +258,12 @@ class UpstreamConnection(asyncio.Protocol):
         if rest or self._decoder.done:
             self._body(rest)
 
-    def _body(self, data: bytes) -> None:
+    def _body(self, data: bytes, irregular: bool = False) -> None:
+        """Decode a read of the body and hand it on (`irregular`: a chunked
+        body's read that ChunkedDecoder.one_chunk() declined already)."""
         decoder = self._decoder
         assert decoder is not None
-        chunk = decoder.feed(data)
+        chunk = decoder.feed_irregular(data) if irregular else decoder.feed(data)     # type: ignore[attr-defined]
         if chunk and self._sink is not None:
             if not self._sink(chunk):
                 self.pause()            # the client is slow: stop reading upstream
@@ -332,11 +347,16 @@ class UpstreamConnection(asyncio.Protocol):
             await self._wait(timeout, "head")
         return self._head
 
-    async def pump(self, sink: Callable[[bytes], bool], timeout: float) -> None:
+    async def pump(self, sink: Callable[[bytes], bool], timeout: float,
+                   chunk_sink: Optional[Callable[[bytes, int], bool]] = None) -> None:
         """Hand the rest of the body to `sink` as it arrives; return at its end.
 
         `sink(piece)` returns False to ask for a pause; call `resume()` when the
-        consumer can take more.  Raises UpstreamError (also on a timeout)."""
+        consumer can take more.  For a chunked body, `chunk_sink(read, start)`
+        takes instead each read that is exactly one whole chunk, not the last,
+        as it came (its data is `read[start:-2]`): a consumer that writes chunks
+        itself can pass it on without decoding and framing it again.  Raises
+        UpstreamError (also on a timeout)."""
         # Reading may have stopped at the queue's high-water mark before a
         # consumer came (or the caller took the queue with buffered()): _take()
         # goes on, unless the sink asks for a pause.
@@ -345,13 +365,15 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.resume()
         self._sink = sink
+        if isinstance(self._decoder, ChunkedDecoder):
+            self._chunk_sink = chunk_sink
         try:
             while self._phase is not _DONE:
                 if self._error is not None:
                     raise self._error
                 await self._wait(timeout, "body")
         finally:
-            self._sink = None
+            self._sink = self._chunk_sink = None
 
     async def read_all(self, timeout: float, limit: int) -> bytes:
         """The rest of the body, whole; at most `limit` bytes.  Raises UpstreamError.

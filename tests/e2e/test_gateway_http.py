@@ -19,6 +19,7 @@ from tests.support.mock_upstream import MOCK_API_KEY
 from tests.support.gateway_requests import REQUEST_ID
 from tests.support.gateway_requests import assert_error as assert_gateway_error
 from tests.support.rawhttp import RawConnection, chunked, parse_sse, request_bytes
+from tests.support.scripted_channel import HEAD_SSE, MESSAGE_STOP, chunk, message_start, text_events
 
 MODEL = "claude-haiku-4-5-20251001"
 MAX_BODY = 32 * 1024 * 1024
@@ -572,6 +573,39 @@ async def test_slow_reader_pauses_the_upstream_and_gets_everything(gateway):
     rows = await gateway.usage_rows(1)
     assert rows[0]["output_tokens"] == mock.served[0]["usage"]["output_tokens"] > 1
     assert rows[0]["interrupted"] == 0
+
+
+async def test_slow_reader_pauses_a_stream_passed_on_chunk_by_chunk(scripted):
+    """Events that come one chunk per read go out as they came (no decoding, no framing again); a client that
+    stops reading still stops the gateway reading upstream, and then gets every event, metered."""
+    await scripted.start()
+    block_start, delta, block_stop, message_delta = text_events("x" * 16_000, output_tokens=1200)
+    count = 1200                                # about 19 MB: more than the kernel buffers on the way absorb
+    scripted.channel.queue([HEAD_SSE, chunk(message_start(7)), chunk(block_start), *[chunk(delta)] * count,
+                            chunk(block_stop), chunk(message_delta), chunk(MESSAGE_STOP), b"0\r\n\r\n"])
+    conn = await _slow_connection(scripted)
+    async with conn:
+        await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": scripted.key},
+                                      json_body=message("paced", stream=True)))
+        head = await conn.read_head(timeout=30)
+        assert head.status == 200
+        client_side = [c for c in scripted.gateway.state.connections if c.busy]
+        assert len(client_side) == 1
+        flow = client_side[0].flow
+        for _ in range(300):
+            if flow.write_paused:
+                break
+            await asyncio.sleep(0.05)
+        await _settled(client_side[0].transport.get_write_buffer_size)
+        # Held back by the gateway's write high-water mark, not by the stream's size.
+        assert flow.write_paused and client_side[0].transport.get_write_buffer_size() < 1024 * 1024
+        body = b"".join([piece async for piece in conn.iter_chunks(head, timeout=30)])
+    events = parse_sse(body)
+    assert [name for name, _ in events] == ["message_start", "content_block_start", *["content_block_delta"] * count,
+                                            "content_block_stop", "message_delta", "message_stop"]
+    assert body == message_start(7) + block_start + delta * count + block_stop + message_delta + MESSAGE_STOP
+    [row] = await scripted.usage_rows(1)
+    assert (row["input_tokens"], row["output_tokens"], row["interrupted"]) == (7, 1200, 0)
 
 
 async def test_http10_client_gets_a_close_delimited_stream(gateway):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import anthropic
 import pytest
 
-from tests.support.scripted_channel import HEAD_SSE, MESSAGE_STOP, chunk, event
+from tests.support.scripted_channel import HEAD_SSE, MESSAGE_STOP, chunk, event, message_start, text_events
 from tests.support.scripted_gateway import ask, post
 
 MODEL = "claude-haiku-4-5-20251001"
@@ -70,6 +70,26 @@ async def test_the_current_sdk_reads_such_a_stream_through_the_gateway(scripted)
     assert final.content[2].text == "Answer" and final.usage.output_tokens == 42
     [row] = await scripted.usage_rows(1)
     assert row["output_tokens"] == 42
+
+
+async def test_chunks_of_every_shape_each_in_its_own_read_reach_the_client_and_are_metered(scripted):
+    """A paced stream: every chunk comes in a read of its own.  The usual ones go out as they came, the rest
+    are decoded and framed again; the client reads the same events either way, and the usage is exact."""
+    await scripted.start()
+    block_start, delta, block_stop, message_delta = text_events("paced", output_tokens=9)
+    crlf = delta.replace(b"\n", b"\r\n")
+    events = [message_start(21), block_start, delta, delta, crlf, delta + delta, block_stop, message_delta,
+              MESSAGE_STOP]
+    script = [HEAD_SSE, chunk(events[0]), chunk(block_start),
+              b"%04X\r\n%s\r\n" % (len(delta), delta),            # a size written otherwise
+              b"%x;ext=1\r\n%s\r\n" % (len(delta), delta),        # with an extension
+              *(chunk(e) for e in events[4:]), b"0\r\n\r\n"]
+    scripted.channel.queue(script)
+    response = await post(scripted, ask())
+    assert response.status == 200 and response.is_chunked
+    assert response.body == b"".join(events)
+    [row] = await scripted.usage_rows(1)
+    assert (row["input_tokens"], row["output_tokens"], row["status"], row["error_type"]) == (21, 9, 200, None)
 
 
 def test_an_advisor_iteration_is_billed_at_its_own_model(tmp_db):

@@ -119,3 +119,37 @@ def test_bulk_reads_keep_sizes_strict(bad):
     wire = chunked(events).replace(b"\r\n2f\r\n", b"\r\n" + bad + b"\r\n", 1)
     with pytest.raises(FramingError):
         ChunkedDecoder().feed(wire)
+
+
+def test_one_chunk_takes_a_read_that_is_exactly_one_whole_chunk():
+    """The paced stream's read: recognised without decoding, the state left as it was."""
+    d = ChunkedDecoder()
+    for event in EVENTS + [b"y" * 0x1000]:
+        wire = chunked([event])[:-5]            # one chunk, without the last one
+        start = d.one_chunk(wire)
+        assert wire[start:-2] == event
+    assert d.feed(b"0\r\n\r\n") == b"" and d.done
+    assert d.one_chunk(chunked([b"abc"])[:-5]) == 0     # after the body's end: nothing is one chunk
+
+
+@pytest.mark.parametrize("wire", [
+    b"0\r\n\r\n",                               # the last chunk
+    b"3\r\nabc\r\n3\r\ndef\r\n",                # two chunks
+    b"3\r\nab", b"3\r\nabc", b"3\r\nabc\r",     # a chunk cut short
+    b"3\r\nabcd\r\n", b"4\r\nabc\r\n",          # a size that does not match
+    b"A\r\n0123456789\r\n", b"03\r\nabc\r\n",   # sizes written otherwise (feed() reads them)
+    b"3;x=1\r\nabc\r\n", b"0x3\r\nabc\r\n", b"+3\r\nabc\r\n", b"-3\r\nabc\r\n",
+    b"abc\r\n", b"\r\n\r\n",
+])
+def test_one_chunk_leaves_anything_else_to_feed(wire):
+    d = ChunkedDecoder()
+    assert d.one_chunk(wire) == 0
+
+
+def test_one_chunk_only_at_a_chunk_boundary():
+    """Mid-chunk, a read that looks like a whole chunk is the rest of the one begun."""
+    d = ChunkedDecoder()
+    assert d.feed(b"9\r\nab") == b"ab"
+    assert d.one_chunk(b"2\r\nab\r\n") == 0
+    assert d.feed(b"2\r\nab\r\n") == b"2\r\nab\r\n" and d.one_chunk(b"1\r\nz\r\n") == 0   # its CRLF still due
+    assert d.feed(b"\r\n") == b"" and d.one_chunk(b"1\r\nz\r\n") == 3

@@ -172,3 +172,53 @@ def test_usage_counts_out_of_range_or_of_the_wrong_type_are_ignored(bad):
     assert record.server_tool_use is None
     meter.apply({"output_tokens": 2 ** 53 - 1, "server_tool_use": {"web_search_requests": 2, "x": "y"}})
     assert record.output_tokens == 2 ** 53 - 1 and record.server_tool_use == {"web_search_requests": 2}
+
+
+SIGNED = [event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                        "delta": {"type": "signature_delta", "signature": "c2lnbmVk"}}),
+          event("content_block_start", {"type": "content_block_start", "index": 1,
+                                        "content_block": {"type": "redacted_thinking", "data": "cmVkYWN0ZWQ="}})]
+ERROR = event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_what_passes_through_is_what_feed_forwards_untouched(thinking):
+    """passes_through() is feed()'s shortcut for a read of whole events: whenever it says yes, feed()
+    returns those very bytes and notes nothing (no usage, no stop, no error, no signature)."""
+    events = [*parse_events(STREAM), *SIGNED, ERROR, b"event: ping\r\ndata: {}\r\n\r\n", b"data: x\n\n",
+              b"event:message_delta\ndata: {\"usage\": {\"output_tokens\": 3}}\n\n"]
+    reads = events + [a + b for a in events for b in events[:4]]
+    passed = 0
+    for read in reads:
+        record = UsageRecord(request_id="r", started_at=0.0, endpoint="/v1/messages")
+        noted: list[str] = []
+        meter = UsageMeter(record)
+        splicer = SseSplicer(meter)
+        if thinking:
+            splicer._signatures = noted.append
+        framed = b"%x\r\n" % len(read) + read + b"\r\n"     # as a chunk: the framing holds no marker
+        if not splicer.passes_through(framed):
+            continue
+        passed += 1
+        assert splicer.feed(read) is read
+        assert (record.raw_usage, splicer.saw_stop, splicer.error, noted) == (None, False, None, [])
+    assert passed >= 10
+    # Each event the splicer reads is refused, on its own and after another.
+    for read in [START, ERROR, *(e for e in events if b"message_" in e.split(b"\n", 1)[0]),
+                 DELTAS[0] + event("message_stop", {"type": "message_stop"})]:
+        assert not SseSplicer(UsageMeter(UsageRecord(request_id="r", started_at=0.0,
+                                                     endpoint="/v1/messages"))).passes_through(read)
+    hooked = SseSplicer(UsageMeter(UsageRecord(request_id="r", started_at=0.0, endpoint="/v1/messages")))
+    hooked._signatures = print
+    assert not any(hooked.passes_through(e) for e in SIGNED)
+
+
+def test_nothing_passes_through_while_an_event_is_held():
+    splicer = SseSplicer(UsageMeter(UsageRecord(request_id="r", started_at=0.0, endpoint="/v1/messages")))
+    assert splicer.feed(DELTAS[1][:10]) == b""
+    assert not splicer.passes_through(DELTAS[1][10:])
+    assert splicer.feed(DELTAS[1][10:]) == DELTAS[1]
+
+
+def parse_events(stream: bytes) -> list[bytes]:
+    return [e + b"\n\n" for e in stream.split(b"\n\n") if e]
