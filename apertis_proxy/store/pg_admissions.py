@@ -375,7 +375,7 @@ class PgAdmissions:
             self._discard(conn)
             conn = None
             if isinstance(exc, _lost_connection_errors()):
-                raise StoreUnavailable(f"the connection to the limits store was lost ({exc})") from exc
+                raise ConnectionLost(f"the connection to the limits store was lost ({exc})") from exc
             raise
         finally:
             if conn is not None and conn.is_closed():
@@ -402,7 +402,18 @@ class PgAdmissions:
 
     async def _admit_many(self, items: list) -> list[Decision]:
         """Decisions on `items` (limits, request id, holder, bound cost, bound tokens) in their order, by
-        one call of apertis_admit_many (one item alone: of apertis_admit, which costs the server less)."""
+        one call of apertis_admit_many (one item alone: of apertis_admit, which costs the server less).
+        A connection lost under the call (the server ended it an instant before) is replaced and the call
+        made once more.  Should the lost call have committed, an admission with a slot or a reservation
+        meets its own row (its key and request id are the primary key) and the call fails whole, as it
+        would have; one of a key with only a requests-per-minute limit counts twice in its minute, which
+        errs on the side of the limit."""
+        try:
+            return await self._decide(items)
+        except ConnectionLost:
+            return await self._decide(items)
+
+    async def _decide(self, items: list) -> list[Decision]:
         if len(items) == 1:
             (one, request_id, holder, cost, tokens), = items
             rows = await self._run(lambda conn: conn.fetch(
@@ -499,6 +510,10 @@ async def _release_and_settle(conn, key_id: int, request_id: str, cost: float, t
                            key_id, period, start, float(cost), int(tokens))
 
 
+class ConnectionLost(StoreUnavailable):
+    """The connection went away under a statement; the pool opens a new one for the next."""
+
+
 def _server_errors() -> tuple[type[BaseException], ...]:
     """The errors the server reports for a statement it rolled back (nothing of a batch stays)."""
     import asyncpg
@@ -506,8 +521,9 @@ def _server_errors() -> tuple[type[BaseException], ...]:
 
 
 def _lost_connection_errors() -> tuple[type[BaseException], ...]:
+    """A connection that went away under a statement (the server ended it, a broken pipe)."""
     import asyncpg
-    return (asyncpg.InternalClientError,)
+    return (asyncpg.InternalClientError, asyncpg.ConnectionDoesNotExistError, ConnectionError)
 
 
 def _float(value) -> Optional[float]:

@@ -546,3 +546,21 @@ async def test_spend_settled_without_a_ledger_survives_a_postgres_crash(tmp_path
         assert row is not None and row["cost"] == pytest.approx(0.7) and row["tokens"] == 70
     finally:
         server.close()
+
+
+async def test_an_admission_on_a_connection_the_server_just_ended_is_tried_once_more(pg_server, pg_url):
+    """The server ends the pooled connections (a restart of its processes, an idle timeout, an operator's
+    pg_terminate_backend) an instant before an admission uses one, before the event loop read of it: the
+    admission runs again on a new connection, once, instead of answering 503."""
+    database = pg_url.split("?")[0].rsplit("/", 1)[1]
+    key = Limits(new_key(pg_url, "k"), concurrency=100)
+    store, limiter = await started_limiter(pg_url)
+    try:
+        assert (await limiter.admit(key, "r0", 0.0, 0)).admitted
+        for n in range(5):
+            terminate_backends(pg_server, database)     # blocking: the loop reads nothing of it before the use
+            assert (await limiter.admit(key, f"r{n + 1}", 0.0, 0)).admitted
+        assert sorted(r[0] for r in rows(pg_url)) == [f"r{n}" for n in range(6)]
+    finally:
+        await limiter.close()
+        await store.close()
