@@ -162,7 +162,10 @@ _SPEND_PERIOD = "SELECT cost, tokens FROM key_period_spend WHERE key_id = ?1 AND
 # first in the minute and of the key's latest count them: scalar subqueries, one seek each (a joined subquery
 # would be materialised in a temporary B-tree, dearer than the seeks).
 _USE = """
-SELECT COALESCE(s.cost, 0) + COALESCE(e.cost, 0), COALESCE(s.tokens, 0) + COALESCE(e.tokens, 0),
+SELECT COALESCE(s.cost, 0)
+       + COALESCE((SELECT SUM(cost) FROM admission_ended WHERE key_id = ?1 AND start >= ?4), 0),
+       COALESCE(s.tokens, 0)
+       + COALESCE((SELECT SUM(tokens) FROM admission_ended WHERE key_id = ?1 AND start >= ?4), 0),
        a.live, a.live_cost, a.live_tokens,
        (SELECT seq FROM admission_times WHERE key_id = ?1 AND at > ?5 ORDER BY at, seq LIMIT 1),
        (SELECT seq FROM admission_times WHERE key_id = ?1 AND ?5 IS NOT NULL ORDER BY at DESC, seq DESC LIMIT 1),
@@ -172,8 +175,6 @@ FROM (SELECT COUNT(*) AS live, COALESCE(SUM(a.cost), 0) AS live_cost, COALESCE(S
       FROM admissions a INDEXED BY admissions_live JOIN limit_leases l ON l.holder = a.holder
       WHERE a.key_id = ?1 AND a.live = 1 AND l.expires_at > ?2) a
 LEFT JOIN ({spend}) s ON 1 = 1
-LEFT JOIN (SELECT SUM(cost) AS cost, SUM(tokens) AS tokens FROM admission_ended
-           WHERE key_id = ?1 AND start >= ?4) e ON 1 = 1
 """
 _USE_LIFETIME = _USE.format(spend=_SPEND_LIFETIME)
 _USE_PERIOD = _USE.format(spend=_SPEND_PERIOD)
