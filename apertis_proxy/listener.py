@@ -147,11 +147,13 @@ class Listener:
                           exc.strerror or exc, ACCEPT_RETRY_DELAY)
                 self._pause(ACCEPT_RETRY_DELAY)
                 return
-            if self._tls is not None and self._may_handshake is not None and \
-                    not self._may_handshake(self.handshakes):
-                conn.close()
-                self._refused_handshake()
-                continue
+            if self._tls is not None:
+                # A handshake counts from its accept(): the tasks of one batch start after it.
+                if self._may_handshake is not None and not self._may_handshake(self.handshakes):
+                    conn.close()
+                    self._refused_handshake()
+                    continue
+                self.handshakes += 1
             conn.setblocking(False)
             loop.create_task(self._connect(conn))
 
@@ -166,17 +168,14 @@ class Listener:
             self._refused_since_log = 0
 
     async def _connect(self, conn: socket.socket) -> None:
-        if self._closed:
-            conn.close()            # shutdown began since accept(): as if still queued
-            return
-        if self._tls is None:
-            await self._serve(conn)
-            return
-        self.handshakes += 1
         try:
-            await self._serve(conn, self._tls())
+            if self._closed:
+                conn.close()        # shutdown began since accept(): as if still queued
+                return
+            await self._serve(conn, None if self._tls is None else self._tls())
         finally:
-            self.handshakes -= 1
+            if self._tls is not None:
+                self.handshakes -= 1    # counted in _accept()
 
     async def _serve(self, conn: socket.socket, context: Optional[ssl.SSLContext] = None) -> None:
         try:

@@ -465,11 +465,14 @@ class KeysAuth:
             return
         cost = record.cost if record.cost and record.cost > 0 else 0.0
         tokens = max(0, record.total_tokens)
-        # The quota period the request started in, as its ledger row counts it: its exact cost counts there
-        # until the row lands, and in no later period if it never does.
         key = self.by_id.get(caller.key_id)
         period = key.quota_period if key is not None else None
-        start = period_start(period, record.started_at) if period else ""
+        if self.ledger_settles:
+            # The UTC day the request started: until its ledger row lands its exact cost counts in every
+            # quota period that holds that day (whatever the key's period is by then), and in no later one.
+            start = time.strftime("%Y-%m-%d", time.gmtime(record.started_at))
+        else:
+            start = period_start(period, record.started_at) if period else ""
         args = (caller.key_id, record.request_id, cost, tokens, self.ledger_settles, period, start)
         if holds == "slot":
             await self.limiter.release(*args)

@@ -94,6 +94,12 @@ class Observability:
     async def snapshot(self, not_counted: int = 0) -> dict:
         """This worker's figures, with the plugins' (meters' rows, channels' state).
         `not_counted` requests are left out of the in-flight gauge (the scrape asking)."""
+        try:
+            channels = await self.readiness.channels()
+        except StoreUnreachable:
+            channels = []
+        # Everything else is read after the store's answer, with no wait in between: of two snapshots the one
+        # taken later holds the larger counts, and it is the one written to the workers' file last.
         counters: dict = {}
         gauges: dict = {}
         written, pending = [], []
@@ -105,10 +111,6 @@ class Observability:
                 pending.append([[name], rows_pending])
         counters["apertis_ledger_rows_written"] = [["meter"], written]
         gauges["apertis_ledger_pending_rows"] = [["meter"], "sum", pending]
-        try:
-            channels = await self.readiness.channels()
-        except StoreUnreachable:
-            channels = []
         serving = self._serving()
         gauges["apertis_channel_up"] = [["channel"], "min", [
             [[name], int(enabled and (serving is None or name in serving))] for name, enabled in channels]]

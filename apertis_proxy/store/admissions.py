@@ -6,16 +6,16 @@ transaction against the shared store, so the limits hold across all of them:
 * ``admissions``: one row per admitted request not yet in the ledger.  While the
   request runs (``live = 1``) the row holds a concurrency slot and reserves an
   upper bound of the request's cost; once it ended (``live = 0``) the row holds
-  its exact cost, and the first day of the quota period the request started in
-  (``start``, '' for a lifetime quota), until the ledger row is written, which
-  deletes it in the same transaction that adds the cost to ``key_spend``
-  (ledger_write.py, pg_ledger.py).
-* ``admission_ended``: per key and period, the number and the sum of the ended
+  its exact cost, and the UTC day the request started (``start``), until the
+  ledger row is written, which deletes it in the same transaction that adds the
+  cost to ``key_spend`` (ledger_write.py, pg_ledger.py).
+* ``admission_ended``: per key and day, the number and the sum of the ended
   rows' exact costs, moved in the transactions that end and delete them, so a
-  decision reads one row whatever the ledger has not settled yet: the current
-  period's.  An ended request whose ledger row never lands (the ledger refused
-  it, a meter failed) so counts its exact cost once, in its own period and no
-  later one; a lifetime quota keeps counting it.
+  decision reads the days of its period (a lifetime quota: every day) whatever
+  the ledger has not settled yet.  An ended request whose ledger row never lands
+  (the ledger refused it, a meter failed) so counts its exact cost once, in the
+  periods that hold its day and no later one, also when the key's quota period
+  changed since; a lifetime quota keeps counting it.
 * ``admission_times``: when each admission of the last minute happened, numbered
   per key in order (``seq``), so that a decision counts the minute's admissions
   from two rows: the first in the minute and the latest.  A lease's renewal
@@ -27,8 +27,9 @@ transaction against the shared store, so the limits hold across all of them:
   out (its event loop stalled) takes it again, and its admissions count again;
   a lease run out for STALE_LEASE_SECONDS is deleted with its holder's live
   admissions.  Ended admissions are left to their ledger rows (they hold exact
-  costs not yet in the spend), also when their process stops; those of a period
-  over (started ENDED_KEPT_DAYS ago) count nowhere, and a renewal deletes them.
+  costs not yet in the spend), also when their process stops; those of a key
+  with a quota period, started ENDED_KEPT_DAYS ago, count nowhere, and a renewal
+  deletes them (a lifetime quota keeps counting them).
 
 Time is the store's: SQLite serves one host, whose clock the deciding process
 reads; PostgreSQL's ``clock_timestamp()`` is one clock for every host.
@@ -62,9 +63,9 @@ BUSY_RETRY_AFTER = 1         # seconds: a slot or some quota headroom usually fr
 # holder's live admissions (a lapsed lease's admissions stop counting at once; the rows
 # only wait for garbage collection, or for the holder to renew and count them again).
 STALE_LEASE_SECONDS = 600.0
-# Ended admissions of a quota period that started this many days ago count in no decision (every period is
-# over: a month has at most 31 days); a renewal deletes them.  A ledger row landing later settles its own
-# period's spend alone.
+# Ended admissions of requests that started this many days ago count in no periodic decision (every period
+# that holds their day is over: a month has at most 31 days); a renewal deletes those of keys with a quota
+# period.  A ledger row landing later settles its own period's spend alone.
 ENDED_KEPT_DAYS = 32
 
 
@@ -155,13 +156,16 @@ _SPEND_PERIOD = "SELECT cost, tokens FROM key_period_spend WHERE key_id = ?1 AND
 
 # ?1 key id, ?2 now, (?3 period), ?4 its start ('' for a lifetime quota), ?5 the start of the minute (NULL
 # without a requests-per-minute limit: no minute is then read).  Requests in flight count while their holder's
-# lease runs; ended ones (exact costs, summed in admission_ended per period) count in the period they started
-# in, whatever became of their holder, until their ledger rows settle them.
+# lease runs; ended ones (exact costs, summed in admission_ended per day their requests started) count in the
+# period that holds their day, whatever became of their holder, until their ledger rows settle them.
 # A key's admissions are numbered without gaps and rows leave the minute oldest first, so the number of the
 # first in the minute and of the key's latest count them: scalar subqueries, one seek each (a joined subquery
 # would be materialised in a temporary B-tree, dearer than the seeks).
 _USE = """
-SELECT COALESCE(s.cost, 0) + COALESCE(e.cost, 0), COALESCE(s.tokens, 0) + COALESCE(e.tokens, 0),
+SELECT COALESCE(s.cost, 0)
+       + COALESCE((SELECT SUM(cost) FROM admission_ended WHERE key_id = ?1 AND start >= ?4), 0),
+       COALESCE(s.tokens, 0)
+       + COALESCE((SELECT SUM(tokens) FROM admission_ended WHERE key_id = ?1 AND start >= ?4), 0),
        a.live, a.live_cost, a.live_tokens,
        (SELECT seq FROM admission_times WHERE key_id = ?1 AND at > ?5 ORDER BY at, seq LIMIT 1),
        (SELECT seq FROM admission_times WHERE key_id = ?1 AND ?5 IS NOT NULL ORDER BY at DESC, seq DESC LIMIT 1),
@@ -171,7 +175,6 @@ FROM (SELECT COUNT(*) AS live, COALESCE(SUM(a.cost), 0) AS live_cost, COALESCE(S
       FROM admissions a INDEXED BY admissions_live JOIN limit_leases l ON l.holder = a.holder
       WHERE a.key_id = ?1 AND a.live = 1 AND l.expires_at > ?2) a
 LEFT JOIN ({spend}) s ON 1 = 1
-LEFT JOIN admission_ended e ON e.key_id = ?1 AND e.start = ?4
 """
 _USE_LIFETIME = _USE.format(spend=_SPEND_LIFETIME)
 _USE_PERIOD = _USE.format(spend=_SPEND_PERIOD)
@@ -201,9 +204,11 @@ _RENEW = ("INSERT INTO limit_leases (holder, expires_at) VALUES (?, ?)"
           " ON CONFLICT (holder) DO UPDATE SET expires_at = excluded.expires_at")
 _LEASE = "SELECT expires_at FROM limit_leases WHERE holder = ?"
 # A lease long run out: its holder's slots and reservations go; ended admissions (exact costs) wait for
-# their ledger rows, but those of periods over go, with their sums (?1: the first day of the oldest period kept).
-_COLLECT_ENDED = "DELETE FROM admissions WHERE live = 0 AND start <> '' AND start < ?"
-_COLLECT_ENDED_SUMS = "DELETE FROM admission_ended WHERE start <> '' AND start < ?"
+# their ledger rows, but those of keys with a quota period whose days are over go, with their sums (?1: the
+# oldest day kept).
+_PERIODIC_KEYS = "SELECT id FROM keys WHERE quota_period IS NOT NULL"
+_COLLECT_ENDED = f"DELETE FROM admissions WHERE live = 0 AND start < ?1 AND key_id IN ({_PERIODIC_KEYS})"
+_COLLECT_ENDED_SUMS = f"DELETE FROM admission_ended WHERE start < ?1 AND key_id IN ({_PERIODIC_KEYS})"
 _COLLECT_LIVE = ("DELETE FROM admissions WHERE live = 1 AND holder IN"
                  " (SELECT holder FROM limit_leases WHERE expires_at < ?)")
 _DROP_LIVE = "DELETE FROM admissions WHERE holder = ? AND live = 1"
@@ -292,7 +297,7 @@ def renew_step(conn, holder: str, seconds: float) -> "Renewal":
 
 
 def oldest_period_kept(now: float) -> str:
-    """The first day (UTC) of the oldest quota period whose ended admissions are kept (ENDED_KEPT_DAYS)."""
+    """The oldest UTC day whose ended admissions are kept for keys with a quota period (ENDED_KEPT_DAYS)."""
     return time.strftime("%Y-%m-%d", time.gmtime(now - ENDED_KEPT_DAYS * 86400))
 
 

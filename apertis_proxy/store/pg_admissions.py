@@ -70,7 +70,8 @@ def _decision(spend: str) -> str:
                        COALESCE(SUM(a.tokens), 0)::BIGINT AS in_flight_tokens
                   FROM admissions a JOIN limit_leases l ON l.holder = a.holder
                  WHERE a.key_id = v_key AND a.live = 1 AND l.expires_at > v_now) ad
-          LEFT JOIN admission_ended e ON e.key_id = v_key AND e.start = v_start
+          LEFT JOIN (SELECT SUM(x.cost) AS cost, SUM(x.tokens)::BIGINT AS tokens FROM admission_ended x
+                      WHERE x.key_id = v_key AND x.start >= v_start) e ON TRUE
           LEFT JOIN {spend} sp ON sp.key_id = v_key"""
 
 
@@ -264,11 +265,13 @@ idle_times AS (DELETE FROM admission_times t USING idle WHERE t.key_id = idle.ke
 old_ended AS (
     DELETE FROM admissions a WHERE (a.key_id, a.request_id) IN (
         SELECT o.key_id, o.request_id FROM admissions o, cutoff
-         WHERE o.live = 0 AND o.start <> '' AND o.start < cutoff.kept
+         WHERE o.live = 0 AND o.start < cutoff.kept
+           AND o.key_id IN (SELECT k.id FROM keys k WHERE k.quota_period IS NOT NULL)
         FOR UPDATE OF o SKIP LOCKED)),
 old_sums AS (
     DELETE FROM admission_ended e WHERE (e.key_id, e.start) IN (
-        SELECT o.key_id, o.start FROM admission_ended o, cutoff WHERE o.start <> '' AND o.start < cutoff.kept
+        SELECT o.key_id, o.start FROM admission_ended o, cutoff
+         WHERE o.start < cutoff.kept AND o.key_id IN (SELECT k.id FROM keys k WHERE k.quota_period IS NOT NULL)
         FOR UPDATE OF o SKIP LOCKED))
 SELECT (SELECT prior.expires_at FROM prior) - clock.now,
        1 + (SELECT COUNT(*) FROM limit_leases l WHERE l.expires_at > clock.now AND l.holder <> $1)

@@ -276,8 +276,8 @@ CREATE TABLE IF NOT EXISTS admission_counts (
 -- then took the key's whole range, a row per request in flight).
 DROP INDEX IF EXISTS admissions_live;
 CREATE INDEX IF NOT EXISTS admissions_in_flight ON admissions (key_id, request_id) WHERE live = 1;
--- Ended admissions' sums per key and quota period (start: its first day, '' for a lifetime quota); version 8
--- kept them per key alone (its sums become lifetime ones).
+-- Ended admissions' sums per key and the UTC day their requests started (start); version 8 kept them per key
+-- alone: its ended admissions take the day they were admitted, and the sums are made again from them.
 CREATE TABLE IF NOT EXISTS admission_ended (
     key_id  BIGINT NOT NULL,
     start   TEXT NOT NULL DEFAULT '',
@@ -293,6 +293,9 @@ BEGIN
          WHERE conrelid = 'admission_ended'::regclass AND contype = 'p') = 1 THEN
         ALTER TABLE admission_ended DROP CONSTRAINT admission_ended_pkey;
         ALTER TABLE admission_ended ADD PRIMARY KEY (key_id, start);
+        UPDATE admissions SET start = to_char(to_timestamp(admitted_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')
+         WHERE live = 0;
+        DELETE FROM admission_ended;
     END IF;
 END $$;
 INSERT INTO admission_ended (key_id, start, n, cost, tokens)

@@ -355,21 +355,22 @@ ADMISSIONS_V9 = [
 ]
 
 
-# Ended admissions count in the quota period their requests started in (admissions.py): each keeps its
-# period's first day ('' for a lifetime quota), and the ended sums are kept per key and period.  Sums already
-# there count as lifetime ones.
+# Ended admissions count in the quota periods that hold the UTC day their requests started (admissions.py):
+# each keeps that day, and the ended sums are kept per key and day.  Those already ended take the day they were
+# admitted, and the sums are made again from them.
 ADMISSIONS_V10 = [
     "ALTER TABLE admissions ADD COLUMN start TEXT NOT NULL DEFAULT ''",
+    "UPDATE admissions SET start = strftime('%Y-%m-%d', admitted_at, 'unixepoch') WHERE live = 0",
     """CREATE TABLE admission_ended_v10 (
         key_id  INTEGER NOT NULL,
-        start   TEXT NOT NULL,                   -- the quota period's first day (UTC); '' for a lifetime quota
-        n       INTEGER NOT NULL,                -- ended admissions of the key and period not yet in the ledger
+        start   TEXT NOT NULL,                   -- the UTC day the requests started
+        n       INTEGER NOT NULL,                -- ended admissions of the key and day not yet in the ledger
         cost    REAL NOT NULL,                   -- their exact costs
         tokens  INTEGER NOT NULL,
         PRIMARY KEY (key_id, start)
     ) WITHOUT ROWID""",
     "INSERT INTO admission_ended_v10 (key_id, start, n, cost, tokens)"
-    " SELECT key_id, '', n, cost, tokens FROM admission_ended",
+    " SELECT key_id, start, COUNT(*), SUM(cost), SUM(tokens) FROM admissions WHERE live = 0 GROUP BY key_id, start",
     "DROP TABLE admission_ended",
     "ALTER TABLE admission_ended_v10 RENAME TO admission_ended",
 ]

@@ -17,6 +17,11 @@ from tests.ops.test_admissions_store import admit, leased_process, new_key, rele
 DAY = 86400.0
 
 
+def utc_day(t: float) -> str:
+    """The day an ended admission is kept under: the UTC day its request started (keys_auth.release)."""
+    return period_start("day", t)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request, tmp_path):
     if request.param == "sqlite":
@@ -122,21 +127,23 @@ async def test_a_row_the_ledger_refuses_leaves_its_exact_cost_counting(store_url
 
 
 async def test_ended_requests_of_periods_long_over_are_collected(store_url):
-    """Ended admissions of a period over for ENDED_KEPT_DAYS count nowhere: a renewal deletes them and their
-    sums (a row landing later settles its old period's spend alone); lifetime ones are kept."""
-    key_id = new_key(store_url, "old")
+    """Ended admissions of a key with a quota period, of a day ENDED_KEPT_DAYS ago, count nowhere: a renewal
+    deletes them and their sums (a row landing later settles its old period's spend alone); those of a key with
+    a lifetime quota are kept, and count."""
+    key_id, forever_key = new_key(store_url, "old"), new_key(store_url, "forever")
     set_period(store_url, key_id, "month")
     started = time.time() - (ENDED_KEPT_DAYS + 32) * DAY
-    old = period_start("month", started)
+    old = utc_day(started)
     async with leased_process(store_url) as process:
         limits = Limits(key_id, quota_cost=1.0, quota_period="month")
-        lifetime = Limits(key_id, quota_cost=1.0)
+        lifetime = Limits(forever_key, quota_cost=1.0)
         assert (await admit(process, limits, "ancient", "h", cost=0.5)).admitted
         await release(process, key_id, "ancient", 0.5, 100, True, "month", old)
         assert (await admit(process, lifetime, "forever", "h", cost=0.5)).admitted
-        await release(process, key_id, "forever", 0.25, 100, True, None, "")
+        await release(process, forever_key, "forever", 0.25, 100, True, None, old)
         await process.admissions.renew_lease("h", 30)
         assert admission_ids(store_url) == ["forever"]
-        assert ended_sums(store_url) == [("", 1, 0.25, 100)]
+        assert ended_sums(store_url) == [(old, 1, 0.25, 100)]
+        assert (await admit(process, lifetime, "next", "h", cost=0.1)).use.spent_cost == pytest.approx(0.25)
         assert await process.store.write_ledger([ledger_row(key_id, "ancient", started, 0.5)]) == 1
         assert (await admit(process, limits, "now", "h", cost=0.1)).use.spent_cost == pytest.approx(0.0)

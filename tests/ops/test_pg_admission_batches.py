@@ -317,9 +317,10 @@ UPDATE meta SET v = '8' WHERE k = 'schema_version';
 """
 
 
-async def test_a_version_8_database_keeps_its_ended_sums_as_lifetime_ones(pg_url):
-    """Version 8 kept ended admissions' sums per key alone: upgraded, they count for a lifetime quota, and the
-    ledger row of such an admission settles them."""
+async def test_a_version_8_database_keeps_its_ended_costs_under_their_days(pg_url):
+    """Version 8 kept ended admissions' sums per key alone: upgraded, each ended admission takes the day it was
+    admitted and the sums are made again from them, so they count for a lifetime quota, and the ledger row of
+    such an admission settles its day's sum."""
     key_id, target = await migrated_then(pg_url, "v8", AS_VERSION_8)
     conn = await asyncpg.connect(target)
     try:
@@ -337,8 +338,9 @@ async def test_a_version_8_database_keeps_its_ended_sums_as_lifetime_ones(pg_url
         assert await store.store.write_ledger([dataclasses.asdict(record)]) == 1
         conn = await asyncpg.connect(target)
         try:
-            rows = await conn.fetch("SELECT start, n, cost FROM admission_ended WHERE key_id = $1", key_id)
-            assert [tuple(r) for r in rows] == [("", 1, 0.5)]
+            rows = await conn.fetch("SELECT start, n, cost FROM admission_ended WHERE key_id = $1 ORDER BY start",
+                                    key_id)
+            assert [tuple(r) for r in rows] == [("", 1, 0.5), ("1970-01-01", 0, 0.0)]
         finally:
             await conn.close()
 
