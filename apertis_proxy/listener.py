@@ -101,7 +101,6 @@ class Listener:
         self._may_handshake = may_handshake
         self._handshake_timeout = handshake_timeout
         self.handshakes = 0     # TLS handshakes under way
-        self.refused_handshakes = 0
         self._refused_logged_at = -_REFUSED_LOG_INTERVAL
         self._refused_since_log = 0
         self._backlog = backlog
@@ -158,7 +157,6 @@ class Listener:
             loop.create_task(self._connect(conn))
 
     def _refused_handshake(self) -> None:
-        self.refused_handshakes += 1
         self._refused_since_log += 1
         now = self._loop.time()
         if now - self._refused_logged_at >= _REFUSED_LOG_INTERVAL:

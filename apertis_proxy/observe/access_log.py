@@ -52,11 +52,16 @@ MAX_TEMPLATE_CHARS = 2048
 MAX_PATH_CHARS = 512
 
 
+def _json(value: object) -> str:
+    """A value as JSON text, DEL and the C1 controls escaped too."""
+    return orjson.dumps(value).decode().translate(_ESCAPE_C1)
+
+
 def _text(value: Optional[str]) -> str:
     """A value as the text format writes it: bare, quoted, or `-` for none."""
     if value is None:
         return "-"
-    return value if _PLAIN(value) else orjson.dumps(value).decode().translate(_ESCAPE_C1)
+    return value if _PLAIN(value) else _json(value)
 
 
 def _text_template(method: Optional[str], path: Optional[str], status: int, r: UsageRecord,
@@ -78,15 +83,13 @@ def _json_template(method: Optional[str], path: Optional[str], status: int, r: U
     second piece starts with the `Z` that ends the time).  The request id goes between quotes
     as it is: the gateway makes them (`req_` and hex digits, http/request_ids.py), and the
     text format writes them bare too."""
-    def value(v: object) -> str:
-        return orjson.dumps(v).decode().translate(_ESCAPE_C1)
     return ('{"time":"', 'Z","level":"INFO","logger":"' + LOGGER + '","message":' +
-            value(f"{method or '-'} {path or '-'} {status}") + ',"request_id":"',
-            '","key_name":' + value(r.key_name) + ',"client":',
-            ',"method":' + value(method) + ',"path":' + value(path) + ',"requested_model":' +
-            value(r.requested_model) + ',"upstream_model":' + value(r.upstream_model) + ',"channel_name":' +
-            value(r.channel_name) + f',"attempts":{r.attempts:d},"status":{status:d},"error_type":' +
-            value(error_type) + ',"stream":' + value(bool(r.stream)) + ',"ttfb_ms":')
+            _json(f"{method or '-'} {path or '-'} {status}") + ',"request_id":"',
+            '","key_name":' + _json(r.key_name) + ',"client":',
+            ',"method":' + _json(method) + ',"path":' + _json(path) + ',"requested_model":' +
+            _json(r.requested_model) + ',"upstream_model":' + _json(r.upstream_model) + ',"channel_name":' +
+            _json(r.channel_name) + f',"attempts":{r.attempts:d},"status":{status:d},"error_type":' +
+            _json(error_type) + ',"stream":' + _json(bool(r.stream)) + ',"ttfb_ms":')
 
 
 _costs: dict[Optional[float], str] = {}

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 # A store that does not answer within this is not ready (SQLite waits this long on a lock).
 STORE_TIMEOUT = 2.0
+DRAINING = "draining: the server is shutting down"
 
 
 class StoreUnreachable(Exception):
@@ -35,13 +36,13 @@ class Readiness:
     async def problem(self) -> Optional[str]:
         """Why this instance is not ready, or None when it is."""
         if self.draining:
-            return "draining: the server is shutting down"
+            return DRAINING
         try:
             channels = await self.channels()
         except StoreUnreachable as exc:
             return f"store unreachable: {exc}"
         if self.draining:       # the shutdown began while the store was asked
-            return "draining: the server is shutting down"
+            return DRAINING
         if not any(enabled for _, enabled in channels):
             return "no channel is enabled"
         return None

@@ -166,13 +166,10 @@ class WorkerShare:
                 await self.write()
 
     async def write(self) -> None:
-        try:
-            write(self.run_dir, self.pid, await self._take_snapshot())
-        except OSError:
-            log.exception("could not share this worker's metrics in %s", self.run_dir)
+        self.publish(await self._take_snapshot())
 
     def publish(self, snapshot: dict) -> None:
-        """Write `snapshot` (the figures a scrape answers with) as this worker's file."""
+        """Write `snapshot` (a fresh one, or the figures a scrape answers with) as this worker's file."""
         try:
             write(self.run_dir, self.pid, snapshot)
         except OSError:
@@ -187,8 +184,9 @@ class WorkerShare:
             ask = self._round
             message = _ASK + b" %d" % ask
             waiting = set()
+            own = _ask_path(self.run_dir, self.pid)
             for path in Path(self.run_dir).glob("ask-*.sock"):
-                if path.name == f"ask-{self.pid}.sock":
+                if str(path) == own:
                     continue
                 try:
                     sock.sendto(message, str(path))
@@ -233,9 +231,6 @@ class WorkerShare:
         if sock is not None:
             with contextlib.suppress(OSError):      # the asker is gone, or gave up
                 sock.sendto(_DONE + b" " + number, asker)
-
-    def others(self) -> list[tuple[dict, bool]]:
-        return read_others(self.run_dir, self.pid)
 
     async def close(self) -> None:
         self._stopping = True

@@ -257,9 +257,9 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
 def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
                  period: Optional[str] = None, start: Optional[str] = None, retry: bool = False) -> None:
     """A request ended: its slot is free.  With the ledger settling spend, its reservation becomes its
-    exact cost, counted in the quota period `start` (its request's; '' or None: a lifetime quota) until
-    the ledger row deletes it (a request that cost nothing is forgotten at once); else its cost is added
-    to the key's spend here, in the same transaction as the deletion.  Without
+    exact cost, kept under `start`, the UTC day its request started, until the ledger row deletes it (a
+    request that cost nothing is forgotten at once); else its cost is added to the key's spend here, and
+    to `period`'s starting on `start`, in the same transaction as the deletion.  Without
     a ledger, a first release settles the cost also when the admission is gone (collected with a lease
     run out STALE_LEASE_SECONDS ago: its process had stalled); a `retry` only while it is still there
     (an earlier try may have committed)."""
@@ -281,14 +281,15 @@ def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, s
 def renew_step(conn, holder: str, seconds: float) -> "Renewal":
     """Extend `holder`'s lease to now + `seconds` (taking it again if it had run out, so that its
     admissions count again); drop leases run out STALE_LEASE_SECONDS ago with their holders' live
-    admissions, ended admissions of periods over, and the admission times that left the minute (SQLite)."""
+    admissions, ended admissions of keys with a quota period whose days are over, and the admission
+    times that left the minute (SQLite)."""
     now = time.time()
     prior = conn.execute(_LEASE, (holder,)).fetchone()
     conn.execute(_RENEW, (holder, now + seconds))
     stale = now - STALE_LEASE_SECONDS
     conn.execute(_COLLECT_LIVE, (stale,))
     conn.execute("DELETE FROM limit_leases WHERE expires_at < ?", (stale,))
-    oldest_kept = oldest_period_kept(now)
+    oldest_kept = oldest_day_kept(now)
     conn.execute(_COLLECT_ENDED, (oldest_kept,))
     conn.execute(_COLLECT_ENDED_SUMS, (oldest_kept,))
     conn.execute(_LEFT_MINUTE, (now - RPM_WINDOW,))
@@ -296,7 +297,7 @@ def renew_step(conn, holder: str, seconds: float) -> "Renewal":
     return Renewal(holders, None if prior is None else prior[0] - now)
 
 
-def oldest_period_kept(now: float) -> str:
+def oldest_day_kept(now: float) -> str:
     """The oldest UTC day whose ended admissions are kept for keys with a quota period (ENDED_KEPT_DAYS)."""
     return time.strftime("%Y-%m-%d", time.gmtime(now - ENDED_KEPT_DAYS * 86400))
 

@@ -65,7 +65,7 @@ ON CONFLICT (key_id, period, start) DO UPDATE SET cost = cost + excluded.cost, t
 """
 
 # Those requests' admissions (admissions.py): their cost is in key_spend now.  The ended ones leave their
-# keys' sums for their periods first (all of a period's ended admissions gone: the sums are exactly 0 again).
+# keys' sums for their days first (all of a day's ended admissions gone: the sums are exactly 0 again).
 # CROSS JOIN keeps SQLite's order: the batch's rows, then each one's admission by its primary key.
 _SETTLE_ENDED = """
 UPDATE admission_ended

@@ -90,9 +90,10 @@ _READ = f"""
 _DECIDE = f"""
         v_now := extract(epoch FROM clock_timestamp());
         -- One statement, one snapshot (which sees the batch's earlier admissions): the spend, the key's
-        -- admissions (in flight: under a live lease; ended: summed per key and quota period whatever their
-        -- holder, until their ledger rows settle them; the current period's count, '' for a lifetime quota),
-        -- the minute's count less the times that left it (deleted by the next admission), the live leases.
+        -- admissions (in flight: under a live lease; ended: summed per key and day whatever their holder,
+        -- until their ledger rows settle them; the days of the current period count, every day for a lifetime
+        -- quota), the minute's count less the times that left it (deleted by the next admission), the live
+        -- leases.
         v_start := '';
         IF v_period IS NOT NULL THEN
             v_start := to_char(date_trunc(CASE v_period WHEN 'week' THEN 'week' WHEN 'month' THEN 'month'
@@ -208,9 +209,9 @@ _ADMIT = "SELECT * FROM apertis_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 _ADMIT_MANY = """SELECT * FROM apertis_admit_many($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::DOUBLE PRECISION[],
     $5::BIGINT[], $6::DOUBLE PRECISION[], $7::BIGINT[], $8::TEXT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[])"""
 # Releases settled by the ledger, as admissions.release_step one after the other: a request that cost nothing
-# is forgotten; else its reservation becomes its exact cost, added to its key's ended sums for its quota period
-# (start) in the batch's order (a sum seeded with the row's value: the same floating-point additions as one
-# release at a time).  The ended sums are locked in ascending order of key and period.
+# is forgotten; else its reservation becomes its exact cost, added to its key's ended sums for the day its
+# request started (start) in the batch's order (a sum seeded with the row's value: the same floating-point
+# additions as one release at a time).  The ended sums are locked in ascending order of key and day.
 _RELEASE_MANY = """
 WITH f AS (SELECT * FROM unnest($1::BIGINT[], $2::TEXT[], $3::DOUBLE PRECISION[], $4::BIGINT[], $5::TEXT[])
                          WITH ORDINALITY AS f (key_id, request_id, cost, tokens, start, ord)),
@@ -237,9 +238,9 @@ ON CONFLICT (key_id, start) DO UPDATE SET n = e.n + 1, cost = e.cost + EXCLUDED.
 """
 _RELEASE_FREE = "DELETE FROM admissions WHERE key_id = $1 AND request_id = $2 AND live = 1 RETURNING key_id"
 # The lease renewed (taken again if it had run out), as admissions.renew_step: a lease run out for
-# STALE_LEASE_SECONDS goes with its holder's live admissions, and ended admissions of periods over (started before
-# `kept`, ENDED_KEPT_DAYS ago) with their sums, but not those a ledger write holds at that moment (it settles them;
-# the next renewal takes what is left).  Deleting the stale lease locks it, so a
+# STALE_LEASE_SECONDS goes with its holder's live admissions, and ended admissions of keys with a quota period
+# whose requests started before `kept` (ENDED_KEPT_DAYS ago) with their sums, but not those a ledger write holds at
+# that moment (it settles them; the next renewal takes what is left).  Deleting the stale lease locks it, so a
 # holder renewing at that moment keeps its lease and its admissions (the deletion rechecks the row).
 # The minutes of keys idle for one go too, but not a minute an admission holds at that moment (it may hold other
 # keys' too, in a batch: waiting for it could close a cycle); the next renewal takes it if it is still idle.
@@ -248,6 +249,7 @@ _RENEW = f"""
 WITH clock AS (SELECT extract(epoch FROM clock_timestamp()) AS now),
 cutoff AS (SELECT to_char(to_timestamp(clock.now - {ENDED_KEPT_DAYS * 86400}) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS kept
            FROM clock),
+periodic AS (SELECT k.id FROM keys k WHERE k.quota_period IS NOT NULL),
 prior AS (SELECT l.expires_at FROM limit_leases l WHERE l.holder = $1),
 renewed AS (
     INSERT INTO limit_leases (holder, expires_at) SELECT $1, clock.now + $2 FROM clock
@@ -265,13 +267,12 @@ idle_times AS (DELETE FROM admission_times t USING idle WHERE t.key_id = idle.ke
 old_ended AS (
     DELETE FROM admissions a WHERE (a.key_id, a.request_id) IN (
         SELECT o.key_id, o.request_id FROM admissions o, cutoff
-         WHERE o.live = 0 AND o.start < cutoff.kept
-           AND o.key_id IN (SELECT k.id FROM keys k WHERE k.quota_period IS NOT NULL)
+         WHERE o.live = 0 AND o.start < cutoff.kept AND o.key_id IN (SELECT id FROM periodic)
         FOR UPDATE OF o SKIP LOCKED)),
 old_sums AS (
     DELETE FROM admission_ended e WHERE (e.key_id, e.start) IN (
         SELECT o.key_id, o.start FROM admission_ended o, cutoff
-         WHERE o.start < cutoff.kept AND o.key_id IN (SELECT k.id FROM keys k WHERE k.quota_period IS NOT NULL)
+         WHERE o.start < cutoff.kept AND o.key_id IN (SELECT id FROM periodic)
         FOR UPDATE OF o SKIP LOCKED))
 SELECT (SELECT prior.expires_at FROM prior) - clock.now,
        1 + (SELECT COUNT(*) FROM limit_leases l WHERE l.expires_at > clock.now AND l.holder <> $1)
@@ -446,7 +447,7 @@ class PgAdmissions:
         await self._run(settle)
 
     async def _release_many(self, items: list) -> list[None]:
-        """Releases settled by the ledger of `items` (key id, request id, cost, tokens, period start), by one
+        """Releases settled by the ledger of `items` (key id, request id, cost, tokens, day), by one
         statement (one release alone: the simpler statement of one)."""
         if len(items) == 1:
             key_id, request_id, cost, tokens, _ = items[0]

@@ -21,7 +21,7 @@ def _write_sql(columns: Sequence[str], settle: bool) -> str:
     updates = ", ".join(f"{f} = usage_daily.{f} + EXCLUDED.{f}" for f in ROLLUP_FIELDS)
     sums = ", ".join(f"SUM({f})" for f in ROLLUP_SUMS)
     tokens = " + ".join(ROLLUP_SUMS)
-    # With settle: a row per key and quota period whose ended admissions the ledger rows settled
+    # With settle: a row per key and day whose ended admissions the ledger rows settled
     # (pg_admissions.py), for _SETTLE_ENDED.
     ended = """, f.key_id, f.start, f.n, f.cost, f.tokens FROM (SELECT 1) one
 LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) AS tokens FROM freed WHERE live = 0
@@ -66,7 +66,7 @@ LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) A
 SELECT (SELECT COUNT(*) FROM ins){ended}"""
 
 
-# Those keys' ended admissions leave their periods' sums (all of them gone: exactly 0 again, no float
+# Those keys' ended admissions leave their days' sums (all of them gone: exactly 0 again, no float
 # residue).  The last statement of the ledger's transaction: a release of the key waits on the row's lock until
 # the commit.
 _SETTLE_ENDED = """

@@ -34,8 +34,8 @@ PARTITIONS_AHEAD = 2                 # months created beyond the current one
 # 4: a full minute's times ahead of the clock come back to it).  The functions of an earlier revision stay
 # callable as they were, so hosts of both revisions can share it.
 PG_REVISION = 4
-# SQLite's version 9 (the minute's numbered times) is SQLite's alone; version 10 (ended admissions per quota
-# period) is both backends'.
+# SQLite's version 9 (the minute's numbered times) is SQLite's alone; version 10 (ended admissions per key and
+# day) is both backends'.
 SCHEMA_VERSION = 10
 
 DDL = f"""
