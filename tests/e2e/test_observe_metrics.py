@@ -8,6 +8,8 @@ back at 0. Clients outside `[metrics] allow` get 403.
 """
 from __future__ import annotations
 
+import re
+from pathlib import Path
 
 import anthropic
 import pytest
@@ -235,3 +237,48 @@ def test_only_loopback_may_scrape_by_default(gateway_env):
 class _NoPlugins:
     meters: list = []
     routers: list = []
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+# Labels Prometheus itself gives every series it scrapes.
+TARGET_LABELS = {"instance", "job"}
+
+
+def readme_expressions() -> list[str]:
+    """The README's PromQL: each query of its `promql` block and each alert rule's `expr`."""
+    text = README.read_text()
+    queries = [part for block in re.findall(r"```promql\n(.*?)```", text, re.S)
+               for part in block.split("\n\n")]
+    rules = [block for block in re.findall(r"```yaml\n(.*?)```", text, re.S) if "- alert:" in block]
+    exprs = [re.search(r"expr:(.*?)(?:\n\s*for:|\Z)", rule, re.S).group(1)
+             for block in rules for rule in block.split("- alert:")[1:]]
+    return [" ".join(line.split("#")[0] for line in expr.splitlines()).strip().removeprefix(">").strip()
+            for expr in queries + exprs]
+
+
+def labels_used(expr: str) -> set[str]:
+    grouped = {name.strip() for names in re.findall(r"\bby \(([^)]*)\)", expr) for name in names.split(",")}
+    selected = {name for selector in re.findall(r"\{([^}]*)\}", expr)
+                for name in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector)}
+    return grouped | selected
+
+
+async def test_the_readme_queries_and_alerts_name_what_the_gateway_exposes(gateway):
+    """Every metric the README's queries and alerting rules name is in a scrape after a JSON request and a
+    stream, and every label they group or select by is one those metrics carry (or Prometheus's own)."""
+    async with sdk_client(gateway.base_url, gateway.key) as client:
+        await ask(client, "one")
+        await stream_all(client, "two")
+    await gateway.usage_rows(n=2)
+    samples = await scrape_samples(gateway.base_url)
+    exprs = readme_expressions()
+    assert len(exprs) >= 7                          # three queries and four rules
+    for expr in exprs:
+        names = set(re.findall(r"\b(apertis_\w+)", expr))
+        carried = set(TARGET_LABELS)
+        for name in names:
+            series = [labels for sample, labels in samples if sample == name]
+            assert series, f"{name} (in {expr!r}) is not in the scrape"
+            carried |= {label for labels in series for label, _ in labels}
+        assert names or "up{" in expr, expr
+        assert labels_used(expr) <= carried, (expr, labels_used(expr) - carried)
