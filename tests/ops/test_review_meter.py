@@ -311,3 +311,52 @@ async def test_a_row_spooled_whole_after_a_disk_full_moment_survives_kill9(tmp_p
             assert after in ids, "a row spooled whole after the disk had room again was lost at adoption"
         finally:
             await asyncio.to_thread(again.kill)
+
+
+# -- 4. a PostgreSQL that takes no writes for a while ----------------------------------------------------------------
+
+async def read_only_for_new_sessions(url: str, read_only: bool) -> None:
+    """The database's sessions from now on read-only (or writable again), as a standby's are during a failover;
+    every other session is ended, so the gateway's next ones get the setting."""
+    import asyncpg
+    name = url.split("?", 1)[0].rsplit("/", 1)[1]
+    conn = await asyncpg.connect(url)
+    try:
+        setting = "SET default_transaction_read_only = on" if read_only else "RESET default_transaction_read_only"
+        await conn.execute("SET default_transaction_read_only = off")      # this session may change it back
+        await conn.execute(f'ALTER DATABASE "{name}" {setting}')
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                           " WHERE datname = $1 AND pid <> pg_backend_pid()", name)
+    finally:
+        await conn.close()
+
+
+async def test_rows_answered_while_postgresql_is_read_only_ship_once_it_takes_writes(pg_url, tmp_path):
+    """What is wrong: `SqliteMeter.flush()` keeps rows spooled and retries only for the errors `is_unreachable`
+    names (a lost connection, a refused login...); any other error the database answers a batch with, such as
+    `cannot execute INSERT in a read-only transaction` from a server in recovery during a failover (or a full disk
+    on the server, a statement timeout), escapes and ends the meter's shipping task for good.  The worker then
+    ships nothing more, also once the database takes writes again, until it is restarted.  docs/plugins.md
+    promises that while the database refuses writes "the rows stay spooled and shipping is retried with a
+    back-off".
+
+    What is right: any failure of the database itself keeps the batch spooled and is retried; the requests
+    answered while it took no writes reach the ledger once it does."""
+    async with MockUpstream(api_key=MOCK_API_KEY) as mock:
+        key = await asyncio.to_thread(setup_store, pg_url, mock)
+        host = await asyncio.to_thread(GatewayProcess.start, pg_url, tmp_path / "a", flush_interval=0.05)
+        try:
+            status, before, _ = await asyncio.to_thread(post, host.port, key, message())
+            assert status == 200 and before in await ledger_holds(pg_url, {before}, timeout=5.0)
+            await read_only_for_new_sessions(pg_url, True)
+            status, during, _ = await asyncio.to_thread(post, host.port, key, message())
+            assert status == 200
+            await asyncio.sleep(1.0)            # shipments refused meanwhile
+            await read_only_for_new_sessions(pg_url, False)
+            status, after, _ = await asyncio.to_thread(post, host.port, key, message())
+            assert status == 200
+            ids = await ledger_holds(pg_url, {during, after}, timeout=15.0)
+            assert {during, after} <= ids, (f"{len({during, after} - ids)} of the 2 requests answered during and "
+                                            f"after the read-only moment are not in the ledger:\n" + "\n".join(l for l in host.log.splitlines() if "access" not in l)[-3000:])
+        finally:
+            await asyncio.to_thread(host.kill)
