@@ -315,3 +315,11 @@ class MeterPlugin(Protocol):
     async def record(self, record: UsageRecord) -> None:
         """Called once per finished request, also failed and interrupted ones.
         Must not block: queue the write and return."""
+
+    def checkpoint(self, record: UsageRecord) -> None:
+        """Optional.  A stream's usage as first reported (its message_start:
+        the input the upstream bills whatever happens next), priced and flagged
+        ``interrupted``, while the stream goes on.  record() follows for the
+        same request id and replaces it; a meter keeps it only for the case
+        that the gateway dies first (see the sqlite meter's spool).
+        Synchronous, on the stream's path: must not block."""

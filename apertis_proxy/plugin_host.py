@@ -128,6 +128,12 @@ class PluginHost:
         self._feedback = [(n, p) for n, p in routers if callable(getattr(p, "feedback", None))]
         # Meters that may refuse new requests: (message, retry-after seconds) or None.
         self._refusals = [p.refusal for _, p in meters if callable(getattr(p, "refusal", None))]
+        self._checkpoints = [(n, p.checkpoint) for n, p in meters if callable(getattr(p, "checkpoint", None))]
+
+    @property
+    def checkpoints(self) -> bool:
+        """Whether any meter takes a running request's usage so far (checkpoint())."""
+        return bool(self._checkpoints)
 
     @classmethod
     def load(cls, settings: Settings, *, worker: int = 0, workers: int = 1, store: Any = None) -> "PluginHost":
@@ -266,6 +272,14 @@ class PluginHost:
             except Exception:  # noqa: BLE001
                 log.exception("router plugin %s models() failed", name)
         return list(seen.values())
+
+    def checkpoint(self, record: UsageRecord) -> None:
+        """A running request's usage so far, priced, to the meters that keep it (MeterPlugin.checkpoint)."""
+        for name, checkpoint in self._checkpoints:
+            try:
+                checkpoint(record)
+            except Exception:  # noqa: BLE001
+                log.exception("meter plugin %s failed to checkpoint %s", name, record.request_id)
 
     async def meter(self, record: UsageRecord) -> None:
         for name, plugin in self.meters:

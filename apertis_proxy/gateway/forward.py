@@ -359,9 +359,19 @@ class MessagesForwarder:
             meter = UsageMeter(record)
         timeout = self.settings.read_timeout
         if ctype.startswith(b"text/event-stream"):
+            if self.plugins.checkpoints:
+                meter.on_start = self._checkpoint
             return StreamRelay(conn, fwd.resp, head.status, down, record, timeout,
                                SseSplicer(meter, rename, channel.api_key)), meter
         return JsonRelay(conn, fwd.resp, head.status, down, record, timeout, meter, rename, fwd.count_tokens), meter
+
+    def _checkpoint(self, record: UsageRecord) -> None:
+        """A stream's usage as first reported, priced and flagged interrupted, to the meters that keep it
+        in case the gateway dies before the stream ends (MeterPlugin.checkpoint)."""
+        interim = dataclasses.replace(record, interrupted=True, attempt_log=list(record.attempt_log))
+        interim.duration_ms = round(max(0.0, time.time() - record.started_at) * 1000, 3)
+        price(interim, self.catalog.catalog)
+        self.plugins.checkpoint(interim)
 
     def _remember(self, created: StateCapture, info: RequestInfo, channel: Channel, owner: str) -> None:
         """Record the ids this answer created, with their account and owner."""
