@@ -322,4 +322,5 @@ class MeterPlugin(Protocol):
         ``interrupted``, while the stream goes on.  record() follows for the
         same request id and replaces it; a meter keeps it only for the case
         that the gateway dies first (see the sqlite meter's spool).
-        Synchronous, on the stream's path: must not block."""
+        Synchronous, on the stream's path: must not block.  The record goes on
+        changing after the call: take what you keep during it."""

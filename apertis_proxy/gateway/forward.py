@@ -367,11 +367,16 @@ class MessagesForwarder:
 
     def _checkpoint(self, record: UsageRecord) -> None:
         """A stream's usage as first reported, priced and flagged interrupted, to the meters that keep it
-        in case the gateway dies before the stream ends (MeterPlugin.checkpoint)."""
-        interim = dataclasses.replace(record, interrupted=True, attempt_log=list(record.attempt_log))
-        interim.duration_ms = round(max(0.0, time.time() - record.started_at) * 1000, 3)
-        price(interim, self.catalog.catalog)
-        self.plugins.checkpoint(interim)
+        in case the gateway dies before the stream ends (MeterPlugin.checkpoint).  The record itself, not a
+        copy (one per stream costs more than the rest): its cost is priced again when the stream ends."""
+        interrupted, duration_ms = record.interrupted, record.duration_ms
+        record.interrupted = True
+        record.duration_ms = round(max(0.0, time.time() - record.started_at) * 1000, 3)
+        price(record, self.catalog.catalog)
+        try:
+            self.plugins.checkpoint(record)
+        finally:
+            record.interrupted, record.duration_ms = interrupted, duration_ms
 
     def _remember(self, created: StateCapture, info: RequestInfo, channel: Channel, owner: str) -> None:
         """Record the ids this answer created, with their account and owner."""
