@@ -65,6 +65,16 @@ def ledger_ids(db: str) -> set[str]:
         conn.close()
 
 
+def ledger_row(db: str, request_id: str) -> tuple:
+    """(interrupted, input_tokens, cost) of the request's ledger row."""
+    conn = service.connect(db)
+    try:
+        return tuple(conn.execute("SELECT interrupted, input_tokens, cost FROM usage WHERE request_id = ?",
+                                  (request_id,)).fetchone())
+    finally:
+        conn.close()
+
+
 async def ledger_holds(db: str, wanted: set[str], timeout: float) -> set[str]:
     """The ledger's request ids once they include `wanted`, or as they are when `timeout` ran out."""
     loop = asyncio.get_running_loop()
@@ -136,11 +146,19 @@ async def killed_mid_stream(db: str, workdir: Path, key: str) -> tuple[str, Gate
     return request_id, again
 
 
-async def test_a_stream_cut_by_kill9_after_message_start_still_gets_its_ledger_row(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """Each store: a SQLite file, or a new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "gw.db")
+    return request.getfixturevalue("pg_url")
+
+
+async def test_a_stream_cut_by_kill9_after_message_start_still_gets_its_ledger_row(store_url, tmp_path):
     """A stream whose message_start reported 200,000 input tokens (billed by the upstream whatever happens next)
     is metered also when the gateway is killed with -9 before it ends: its interim row was spooled with that
     first report, and the gateway started on the same spool ships it, flagged interrupted."""
-    db = str(tmp_path / "gw.db")
+    db = store_url
     async with MockUpstream(api_key=MOCK_API_KEY) as mock:
         key = await asyncio.to_thread(setup_store, db, mock)
         request_id, again = await killed_mid_stream(db, tmp_path / "gw", key)
@@ -150,15 +168,19 @@ async def test_a_stream_cut_by_kill9_after_message_start_still_gets_its_ledger_r
             ids = await ledger_holds(db, {request_id, control}, timeout=5.0)
             assert control in ids                   # the gateway started again ships its own rows
             assert request_id in ids, "the stream cut by kill -9 has no ledger row"
+            interrupted, input_tokens, cost = await asyncio.to_thread(ledger_row, db, request_id)
+            assert (bool(interrupted), input_tokens) == (True, 200_000)
+            # Haiku 4.5: the input at $1 per million, and message_start's one output token at $5 per million.
+            assert cost == pytest.approx(0.200005)
         finally:
             await asyncio.to_thread(again.kill)
 
 
-async def test_a_quota_counts_a_stream_cut_by_kill9_once_its_lease_ran_out(tmp_path):
+async def test_a_quota_counts_a_stream_cut_by_kill9_once_its_lease_ran_out(store_url, tmp_path):
     """The cost a stream had reported when its gateway was killed keeps counting against the key's quota once
     the killed process's lease on its admission ran out: as the ledger row adopted from the spool, so a key $0.15
     past its $0.05 quota gets 402."""
-    db = str(tmp_path / "gw.db")
+    db = store_url
     async with MockUpstream(api_key=MOCK_API_KEY) as mock:
         key = await asyncio.to_thread(setup_store, db, mock, "--quota", "0.05")
         _, again = await killed_mid_stream(db, tmp_path / "gw", key)
