@@ -316,6 +316,14 @@ class MeterPlugin(Protocol):
         """Called once per finished request, also failed and interrupted ones.
         Must not block: queue the write and return."""
 
+    def sent(self, record: UsageRecord) -> None:
+        """Optional.  The request is about to go upstream (called on each
+        attempt, once it holds a connection to the channel): from here the
+        upstream may bill it.  checkpoint() or record() follows for the same
+        request id and replaces it; a meter keeps it only for the case that
+        the gateway dies first, as a request whose usage nobody knew.
+        Synchronous, on every request's path: must not block, keep it small."""
+
     def checkpoint(self, record: UsageRecord) -> None:
         """Optional.  A stream's usage as first reported (its message_start:
         the input the upstream bills whatever happens next), priced and flagged

@@ -37,7 +37,7 @@ from typing import Optional
 import orjson
 
 from apertis_proxy.plugin_api import PluginContext, UsageRecord
-from apertis_proxy.store.ledger_spool import LedgerSpool, default_spool_dir, interim_line
+from apertis_proxy.store.ledger_spool import LedgerSpool, default_spool_dir, interim_line, sent_line
 from apertis_proxy.store.ledger_write import FieldValues, RowFields, stored_values
 from apertis_proxy.store.service import is_unreachable, store_for_plugin
 
@@ -98,6 +98,16 @@ class SqliteMeter:
         self.spool.append(line, FieldValues(FIELDS, values))
         if self.spool.current is not None and len(self.spool.current.lines) >= self.batch_size:
             self._wake.set()
+
+    def sent(self, record: UsageRecord) -> None:
+        """The request goes upstream: spooled (not shipped) as sent, for a stopped worker's adopter to meter
+        with its usage unknown if this worker dies before checkpoint() or record()."""
+        self.spool.append_interim(record.request_id, sent_line({
+            "request_id": record.request_id, "started_at": record.started_at, "endpoint": record.endpoint,
+            "client": record.client, "key_id": record.key_id, "key_name": record.key_name,
+            "channel_id": record.channel_id, "channel_name": record.channel_name,
+            "requested_model": record.requested_model, "upstream_model": record.upstream_model,
+            "stream": record.stream, "attempts": record.attempts}))
 
     def checkpoint(self, record: UsageRecord) -> None:
         """A running request's usage so far, spooled (not shipped): what a stopped worker's adopter meters

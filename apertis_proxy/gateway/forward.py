@@ -310,8 +310,12 @@ class MessagesForwarder:
         target = (origin.base_path + req.path + ("?" + req.query if req.query else "")).encode("latin-1")
         t_start = _clock()
 
+        checkpoints = self.plugins.checkpoints and not fwd.count_tokens     # counting tokens is free
+
         def connected() -> None:
             record.reached_upstream = True
+            if checkpoints:         # from here the upstream may bill it: noted before the bytes go out
+                self.plugins.sent(record)
 
         with self.pools.pool(origin).lease() as lease:
             try:

@@ -16,15 +16,18 @@ adopted: read, shipped and deleted by whoever locks it first.  A segment is
 created under a temporary name and renamed only once locked, so a live
 worker's segment is never seen unlocked.
 
-A stream's usage is reported in parts: message_start's input is billed
-whether or not the stream ends.  Its *interim* row (a line
-["interim", [values...]]) is written when that first report arrives and is
-never shipped by a live worker: the request's final row replaces it.  Each new
+A request may be billed once it went upstream, and a stream's usage is
+reported in parts: message_start's input is billed whether or not the stream
+ends.  A *sent* line (["sent", {fields}]) is written as the request goes
+upstream, and a stream's *interim* row (["interim", [values...]]) when its
+first report arrives; neither is ever shipped by a live worker: the request's
+later line, and at last its final row, replaces it.  Each new
 segment starts with the interim rows of the requests still running (written
 before it is named), so a worker's newest segment holds the only copies that
 count: when a worker dies, the adopter ships an interim row from its newest
-segment unless the same segment holds that request's final row, and ignores
-interim rows in older ones.
+segment unless the same segment holds that request's final row (a sent line
+becomes a row whose usage is unknown: cost NULL, error_type gateway_stopped),
+and ignores interim rows in older ones.
 
 A full disk costs durability only: a row that cannot be written whole is kept
 in memory (loudly), the segment is cut back to its last whole line so later
@@ -39,6 +42,7 @@ are still written: nothing acknowledged is dropped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -49,10 +53,23 @@ from typing import Any, Optional, Sequence
 
 import orjson
 
+from ..plugin_api import UsageRecord
 from .ledger_write import FieldValues, RowFields
 from .url import parse
 
 INTERIM = b'["interim",'      # how an interim row's line starts (see the docstring)
+SENT = b'["sent",'            # a request that went upstream, its usage not yet reported
+RUNNING = (INTERIM, SENT)
+# What a request that went upstream and whose gateway then died is in the ledger when nothing of its usage
+# was known: a UsageRecord's defaults, its sent line's fields, nothing counted, its cost unknown (NULL:
+# counted apart, as unpriced), flagged interrupted.
+_DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+             for f in dataclasses.fields(UsageRecord)
+             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+_USAGE_UNKNOWN = {"status": 0, "error_type": "gateway_stopped", "interrupted": True, "reached_upstream": True,
+                  "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0,
+                  "cache_creation_input_tokens": 0, "duration_ms": 0.0, "cost": None,
+                  "prices": {"unpriced": "usage unknown: the gateway stopped before the upstream answered"}}
 SUFFIX = ".spool"           # rows as JSON objects
 TUPLE_SUFFIX = ".spool2"    # a header naming the fields, then rows as JSON arrays (see the docstring)
 SUFFIXES = (SUFFIX, TUPLE_SUFFIX)
@@ -114,27 +131,36 @@ class Segment:
         return None
 
     def _cut_short(self, finished: list, log: logging.Logger) -> list:
-        """The interim rows of requests this segment holds no final row of: cut short by the worker's
-        death, metered with what their upstream had reported."""
-        done = {row.get("request_id") for row in finished}
-        out = []
+        """The rows of requests this segment holds no final row of, cut short by the worker's death: each
+        from its last interim line (the usage reported until then), or as sent with its usage unknown."""
+        latest: dict[Any, Any] = {}         # request id -> its row; a later line replaces an earlier one
         for line in self.interims:
-            try:
-                _, values = orjson.loads(line)
-            except (orjson.JSONDecodeError, ValueError, TypeError):
-                values = None
-            if self.fields is None or not isinstance(values, list) or len(values) != len(self.fields.names):
+            row = self._running(line)
+            if row is None:
                 log.error("ledger spool %s: an interim line of an unknown shape left out: %r", self.path,
                           line[:200])
-                continue
-            row = FieldValues(self.fields, tuple(values))
-            if row.get("request_id") not in done:
-                done.add(row.get("request_id"))
-                out.append(row)
+            else:
+                latest[row.get("request_id")] = row
+        done = {row.get("request_id") for row in finished}
+        out = [row for request_id, row in latest.items() if request_id not in done]
         if out:
+            unknown = sum(1 for row in out if type(row) is dict)
             log.warning("ledger spool %s: %d requests cut short by a stopped worker metered with the usage "
-                        "reported until then", self.path, len(out))
+                        "reported until then (%d of them with none)", self.path, len(out), unknown)
         return out
+
+    def _running(self, line: bytes) -> Any:
+        """The row an interim or sent line stands for; None for a line of another shape."""
+        try:
+            tag, values = orjson.loads(line)
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            return None
+        if tag == "sent" and isinstance(values, dict) and isinstance(values.get("request_id"), str):
+            return {**_DEFAULTS, **values, **_USAGE_UNKNOWN}
+        if tag == "interim" and self.fields is not None and isinstance(values, list) \
+                and len(values) == len(self.fields.names):
+            return FieldValues(self.fields, tuple(values))
+        return None
 
     def release(self) -> None:
         """Delete the file (its rows are in the database), then let the lock go."""
@@ -399,6 +425,12 @@ def interim_line(values: Sequence) -> bytes:
         return json.dumps(["interim", values], default=str, separators=(",", ":")).encode() + b"\n"
 
 
+def sent_line(fields: dict) -> bytes:
+    """The spool line of a request that is going upstream: `fields` of its row known so far (its usage is
+    not); a stopped worker's adopter ships it as a row with its usage unknown."""
+    return orjson.dumps(["sent", fields], option=orjson.OPT_APPEND_NEWLINE)
+
+
 def _worker_and_seq(name: str) -> tuple[Optional[str], int]:
     """(the worker, the sequence number) a segment's file name says; (None, 0) for other names."""
     if not name.endswith(SUFFIXES) or name.startswith("."):
@@ -412,9 +444,9 @@ def parse_segment(data: bytes) -> tuple[Optional[RowFields], list[bytes], list[b
     """A segment file's content: the fields its header names (None without one), its row lines and
     its interim rows' lines."""
     lines = [line + b"\n" for line in data.split(b"\n") if line]
-    interims = [line for line in lines if line.startswith(INTERIM)]
+    interims = [line for line in lines if line.startswith(RUNNING)]
     if interims:
-        lines = [line for line in lines if not line.startswith(INTERIM)]
+        lines = [line for line in lines if not line.startswith(RUNNING)]
     fields = None
     if lines and lines[0].startswith(b'{"fields":'):
         try:

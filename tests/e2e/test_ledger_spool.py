@@ -362,6 +362,33 @@ async def test_a_dead_workers_running_request_is_metered_from_its_interim_row_on
     assert spooled(meter.spool.directory) == []
 
 
+async def test_a_dead_workers_request_that_had_gone_upstream_is_metered_with_its_usage_unknown(db):
+    """Request 1 had gone upstream and nothing of its usage was known when its worker died: it is metered with
+    its usage unknown (cost NULL, counted apart; error_type gateway_stopped).  Request 2 was noted as sent, then
+    its stream's first usage came: that interim row counts.  Request 3 was noted as sent and ended: its final
+    row counts.  Nothing counts for the key's spend but what was reported."""
+    path, conn, (alice, _) = db
+    meter = meter_for(path)
+    await meter.start()
+    for i in (1, 2, 3):
+        meter.sent(record(i, alice))
+    meter.checkpoint(interim(2, alice))
+    await meter.record(record(3, alice))
+    await die(meter)
+    async with running(meter_for(path)) as adopter:
+        assert await adopter.flush()
+    rows = ledger_by_id(conn)
+    one = rows[f"req_{1:024x}"]
+    assert (one["cost"], one["error_type"], one["interrupted"], one["reached_upstream"], one["status"]) == (
+        None, "gateway_stopped", 1, 1, 0)
+    assert (one["key_id"], one["requested_model"], one["ts"], one["input_tokens"]) == (
+        alice, HAIKU, record(1, alice).started_at, 0)
+    assert "usage unknown" in orjson.loads(one["prices"])["unpriced"]
+    assert [(rows[f"req_{i:024x}"]["interrupted"], rows[f"req_{i:024x}"]["cost"]) for i in (2, 3)] == [
+        (1, 0.1), (0, 0.25)]
+    assert spend(conn)[alice] == (pytest.approx(0.35), (102 + 1 + 5) + 118)
+
+
 async def test_interim_rows_carried_into_each_new_segment_survive_their_first_segments_shipping(db):
     path, conn, (alice, _) = db
     meter = meter_for(path)

@@ -75,6 +75,14 @@ def ledger_row(db: str, request_id: str) -> tuple:
         conn.close()
 
 
+def ledger_error_types(db: str) -> set:
+    conn = service.connect(db)
+    try:
+        return {r[0] for r in conn.execute("SELECT error_type FROM usage")}
+    finally:
+        conn.close()
+
+
 async def ledger_holds(db: str, wanted: set[str], timeout: float) -> set[str]:
     """The ledger's request ids once they include `wanted`, or as they are when `timeout` ran out."""
     loop = asyncio.get_running_loop()
@@ -172,6 +180,39 @@ async def test_a_stream_cut_by_kill9_after_message_start_still_gets_its_ledger_r
             assert (bool(interrupted), input_tokens) == (True, 200_000)
             # Haiku 4.5: the input at $1 per million, and message_start's one output token at $5 per million.
             assert cost == pytest.approx(0.200005)
+        finally:
+            await asyncio.to_thread(again.kill)
+
+
+async def test_a_request_cut_by_kill9_before_its_answer_is_in_the_ledger_with_its_usage_unknown(store_url,
+                                                                                                  tmp_path):
+    """A non-streaming request the upstream had taken (it may bill it) when the gateway was killed with -9,
+    before any usage was known: the gateway started on the same spool ships a row for it, its cost unknown
+    (NULL: counted apart, as unpriced) and error_type gateway_stopped, so the ledger still shows every request
+    that reached an upstream."""
+    db = store_url
+    async with MockUpstream(api_key=MOCK_API_KEY) as mock:
+        key = await asyncio.to_thread(setup_store, db, mock)
+        first = await asyncio.to_thread(GatewayProcess.start, db, tmp_path / "gw")
+        try:
+            slow = asyncio.ensure_future(asyncio.to_thread(post, first.port, key, message(), "first-byte-delay=5"))
+            while not mock.requests:
+                await asyncio.sleep(0.02)
+        finally:
+            await asyncio.to_thread(first.kill)
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            await slow
+        again = await asyncio.to_thread(GatewayProcess.start, db, tmp_path / "gw")
+        try:
+            for _ in range(50):                 # shipped at the start, after adoption
+                ids = await asyncio.to_thread(ledger_ids, db)
+                if ids:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(ids) == 1, "the request cut by kill -9 before its answer has no ledger row"
+            interrupted, input_tokens, cost = await asyncio.to_thread(ledger_row, db, ids.pop())
+            assert (bool(interrupted), input_tokens, cost) == (True, 0, None)
+            assert "gateway_stopped" in await asyncio.to_thread(ledger_error_types, db)
         finally:
             await asyncio.to_thread(again.kill)
 
