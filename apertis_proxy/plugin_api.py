@@ -248,7 +248,8 @@ class UsageRecord:
     prices: Optional[dict] = None    # the rates and multipliers `cost` was computed with
     reached_upstream: bool = False   # some attempt got a connection to a channel
     # One entry per channel tried, in order: {"channel", "channel_id", "outcome"
-    # (Outcome.kind), "status", "error_type", "upstream_request_id"}.
+    # (Outcome.kind, or "gateway_stopped": see stopped_attempt), "status", "error_type",
+    # "upstream_request_id"}.
     attempt_log: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -258,6 +259,13 @@ class UsageRecord:
     def total_tokens(self) -> int:
         return (self.input_tokens + self.output_tokens
                 + self.cache_read_input_tokens + self.cache_creation_input_tokens)
+
+
+def stopped_attempt(channel: Optional[str], channel_id: Optional[int], status: Optional[int],
+                    upstream_request_id: Optional[str]) -> dict:
+    """The attempt_log entry of an attempt the gateway died during (a checkpoint's or a sent line's row)."""
+    return {"channel": channel, "channel_id": channel_id, "outcome": "gateway_stopped", "status": status,
+            "error_type": None, "upstream_request_id": upstream_request_id}
 
 
 class Reject(Exception):

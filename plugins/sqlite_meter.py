@@ -107,7 +107,7 @@ class SqliteMeter:
             "client": record.client, "key_id": record.key_id, "key_name": record.key_name,
             "channel_id": record.channel_id, "channel_name": record.channel_name,
             "requested_model": record.requested_model, "upstream_model": record.upstream_model,
-            "stream": record.stream, "attempts": record.attempts}))
+            "stream": record.stream, "attempts": record.attempts, "attempt_log": record.attempt_log}))
 
     def checkpoint(self, record: UsageRecord) -> None:
         """A running request's usage so far, spooled (not shipped): what a stopped worker's adopter meters
@@ -157,25 +157,31 @@ class SqliteMeter:
         async with self._lock:
             if self.store is None:
                 return True
-            for seg in self.spool.seal():
-                rows = seg.rows(self.log)
-                rejected: list[str] = []
-                try:
-                    inserted = await self.store.write_ledger(rows, rejected)
-                except Exception as exc:
-                    # Whatever the database answered (unreachable, read-only during a failover, its disk
-                    # full, a statement timeout): the rows it did not take stay spooled and are retried.
-                    self._failures += 1
-                    why = str(exc) if is_unreachable(exc) else f"{type(exc).__name__}: {exc}"
-                    self.log.error("shipping %d usage rows failed (%s); they stay spooled (%d rows) and are "
-                                   "retried", len(rows), why, self.spool.pending)
-                    return False
-                self.spool.shipped(seg)
-                self.written += inserted
-                self.shipped += len(rows)
-                self.rejected += len(rejected)
-            self._failures = 0
-            return True
+            if self.spool.sealed and not await self._ship(self.spool.seal()):
+                return False            # what waited from before (failed shipments, adopted spools) first
+            return await self._ship(self.spool.seal())
+
+    async def _ship(self, segments: list) -> bool:
+        """Ship these segments, oldest first; False (and the rest kept) at the first the database refused."""
+        for seg in segments:
+            rows = seg.rows(self.log)
+            rejected: list[str] = []
+            try:
+                inserted = await self.store.write_ledger(rows, rejected)
+            except Exception as exc:
+                # Whatever the database answered (unreachable, read-only during a failover, its disk
+                # full, a statement timeout): the rows it did not take stay spooled and are retried.
+                self._failures += 1
+                why = str(exc) if is_unreachable(exc) else f"{type(exc).__name__}: {exc}"
+                self.log.error("shipping %d usage rows failed (%s); they stay spooled (%d rows) and are "
+                               "retried", len(rows), why, self.spool.pending)
+                return False
+            self.spool.shipped(seg)
+            self.written += inserted
+            self.shipped += len(rows)
+            self.rejected += len(rejected)
+        self._failures = 0
+        return True
 
     async def close(self) -> None:
         self._stopping = True

@@ -19,7 +19,7 @@ from ..errors import GatewayError, error_body
 from ..http.request import Request
 from ..http.responder import Responder
 from ..plugin_api import (CAUSE_CREDENTIAL, CAUSE_TRANSIENT, Caller, Channel, Outcome, RequestInfo,
-                          UsageRecord)
+                          UsageRecord, stopped_attempt)
 from ..plugin_host import PluginHost
 from ..settings import Settings
 from ..store.catalog import Catalog
@@ -376,11 +376,16 @@ class MessagesForwarder:
         interrupted, duration_ms = record.interrupted, record.duration_ms
         record.interrupted = True
         record.duration_ms = round(max(0.0, time.time() - record.started_at) * 1000, 3)
+        # The attempt serving the stream is logged when it ends; for a row that stands for a gateway that
+        # died, it ended there.
+        record.attempt_log.append(stopped_attempt(record.channel_name, record.channel_id, record.status,
+                                                  record.upstream_request_id))
         price(record, self.catalog.catalog)
         try:
             self.plugins.checkpoint(record)
         finally:
             record.interrupted, record.duration_ms = interrupted, duration_ms
+            record.attempt_log.pop()
 
     def _remember(self, created: StateCapture, info: RequestInfo, channel: Channel, owner: str) -> None:
         """Record the ids this answer created, with their account and owner."""

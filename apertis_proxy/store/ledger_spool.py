@@ -53,7 +53,7 @@ from typing import Any, Optional, Sequence
 
 import orjson
 
-from ..plugin_api import UsageRecord
+from ..plugin_api import UsageRecord, stopped_attempt
 from .ledger_write import FieldValues, RowFields
 from .url import parse
 
@@ -95,9 +95,10 @@ class Segment:
         self.path, self.fd = path, fd
         self.fields = fields        # the header's field names: what an array line's values are
         self.lines: list[Any] = lines if lines is not None else []
-        self.size = sum(len(line) for line in self.lines)
         self.written = written      # bytes of whole lines in the file: where a torn write is cut back to
         self.interims = interims or []      # an adopted newest segment's interim lines (see the docstring)
+        # What it holds to be shipped: its rows' bytes (and an adopted segment's interim lines).
+        self.size = sum(len(line) for line in self.lines) + sum(len(line) for line in self.interims)
 
     @property
     def durable(self) -> bool:
@@ -156,7 +157,11 @@ class Segment:
         except (orjson.JSONDecodeError, ValueError, TypeError):
             return None
         if tag == "sent" and isinstance(values, dict) and isinstance(values.get("request_id"), str):
-            return {**_DEFAULTS, **values, **_USAGE_UNKNOWN}
+            row = {**_DEFAULTS, **values, **_USAGE_UNKNOWN}
+            tried = row.get("attempt_log")
+            row["attempt_log"] = [*(tried if isinstance(tried, list) else ()), stopped_attempt(
+                row.get("channel_name"), row.get("channel_id"), None, None)]
+            return row
         if tag == "interim" and self.fields is not None and isinstance(values, list) \
                 and len(values) == len(self.fields.names):
             return FieldValues(self.fields, tuple(values))
@@ -191,7 +196,9 @@ class LedgerSpool:
         self._seq = 0
         self.current: Optional[Segment] = None
         self.sealed: list[Segment] = []     # waiting to be shipped, oldest first
-        self.size = 0                       # bytes in every segment this worker holds
+        # Bytes waiting to be shipped: every segment's rows, and each running request's latest interim
+        # line once (the copies carried into each new segment, and lines replaced since, are not counted).
+        self.size = 0
         self.full = False
         self._warned = False
         self.write_errors = 0
@@ -218,10 +225,7 @@ class LedgerSpool:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
-        seg = Segment(final, fd, fields=self.fields, written=len(start))
-        seg.size = len(start) - len(self._header)
-        self._grew(seg.size)
-        return seg
+        return Segment(final, fd, fields=self.fields, written=len(start))
 
     def _next_segment(self) -> Segment:
         """A fresh segment, or one in memory while the disk takes none (tried again at the next seal)."""
@@ -245,24 +249,32 @@ class LedgerSpool:
         seg = self.current
         assert seg is not None
         seg.lines.append(line if row is None else row)
-        self._write(seg, line, "a usage row is held in memory only")
+        seg.size += len(line)
+        self._grew(len(line))
+        self._write(seg, line, "a usage row is held in memory only", self.fsync == "always")
 
     def append_interim(self, request_id: str, line: bytes) -> None:
         """Make a running request's usage so far durable (`line` from interim_line()); its final row, or a
         later interim row of the same request, replaces it."""
+        replaced = self.interims.get(request_id)
         self.interims[request_id] = line
+        if replaced is not None:
+            self._shrank(len(replaced))
+        self._grew(len(line))
         seg = self.current
         assert seg is not None
-        self._write(seg, line, "a running request's usage is held in memory only")
+        # Never synced on its own (its request waits for no disk): it is there for a killed process, which
+        # the page cache survives; the next sync takes it along.
+        self._write(seg, line, "a running request's usage is held in memory only", False)
 
     def finished(self, request_id: str) -> None:
         """The request's final row was appended: its interim row no longer counts."""
         if self.interims:
-            self.interims.pop(request_id, None)
+            replaced = self.interims.pop(request_id, None)
+            if replaced is not None:
+                self._shrank(len(replaced))
 
-    def _write(self, seg: Segment, line: bytes, lost: str) -> None:
-        seg.size += len(line)
-        self._grew(len(line))
+    def _write(self, seg: Segment, line: bytes, lost: str, sync: bool) -> None:
         if not seg.durable:
             self.write_errors += 1
             return
@@ -271,7 +283,7 @@ class LedgerSpool:
             if n != len(line):              # a short write (disk full): the rest, or an OSError
                 _write_whole(seg.fd, line[n:])
             seg.written += len(line)
-            if self.fsync == "always":
+            if sync:
                 os.fsync(seg.fd)
         except OSError as exc:
             # Kept in memory and shipped from there; only its durability is lost, loudly.
@@ -317,18 +329,19 @@ class LedgerSpool:
 
     def seal(self) -> list[Segment]:
         """Every segment waiting to be shipped, oldest first, the current one
-        included when it holds rows (new rows go to a fresh segment)."""
+        included when it holds rows and nothing older waits (new rows go to a
+        fresh segment).  While shipping fails, rows gather in one segment, not
+        in one per attempt each starting with the running requests' interim
+        rows (copies that would count against `max_bytes`)."""
         seg = self.current
-        if seg is not None and (seg.lines or not seg.durable):
+        if seg is not None and not self.sealed and (seg.lines or not seg.durable):
             if self.fsync == "batch" and seg.durable:
                 try:
                     os.fsync(seg.fd)
                 except OSError as exc:
                     self.log.error("ledger spool %s: fsync failed (%s)", seg.path, exc)
             if seg.lines:
-                self.sealed.append(seg)
-            else:
-                self._shrank(seg.size)          # a memory-only segment with interim rows only: replaced
+                self.sealed.append(seg)         # (a memory-only segment without rows is just replaced)
             self.current = self._next_segment()
         return list(self.sealed)
 

@@ -259,9 +259,9 @@ _ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError
 
 # Of those, what only a value of the row itself can cause (a string PostgreSQL cannot store, a number
 # out of range): such a row is left out even when it is the only one shipped.  A constraint violated
-# by every row says more about the table than about the rows.
-_OWN_ERRORS = (sqlite3.InterfaceError, sqlite3.DataError, sqlite3.ProgrammingError, ValueError, TypeError,
-               OverflowError)
+# by every row says more about the table than about the rows, and sqlite3's ProgrammingError and
+# InterfaceError are also what a closed connection raises.
+_OWN_ERRORS = (sqlite3.DataError, ValueError, TypeError, OverflowError)
 
 
 def _row_errors() -> tuple:

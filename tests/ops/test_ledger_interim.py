@@ -1,4 +1,5 @@
-"""Review of the interim rows of running streams (commit 14cc3f6): failing tests, one per defect found.
+"""What a running stream's interim row costs and holds: one disk flush per request with fsync = "always", a spool
+bound that counts each running request once during a database outage, and the attempt that was serving it.
 
 Real `apertis-proxy serve` processes, the mock upstream on 127.0.0.1, real SQLite files and a throwaway PostgreSQL
 server (tests/support); strace counts a gateway's disk flushes.
@@ -20,7 +21,7 @@ from tests.support.gateway_process import GatewayProcess
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
 
 
-# -- 1. fsync = "always" flushes the disk twice per stream ----------------------------------------------------------
+# -- fsync = "always": one flush per stream --------------------------------------------------------------------------
 
 STREAMS = 5
 
@@ -32,11 +33,9 @@ def spool_flushes(trace: Path) -> list[str]:
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="counts fsync calls with strace")
 async def test_fsync_always_flushes_the_disk_once_per_stream(tmp_path):
-    """Wrong: with `fsync = "always"` every stream costs two disk flushes: one for its interim row, on the event
-    loop, before message_start reaches the client (its time to first token and every other connection wait for the
-    disk), and one for its final row.  Right, as the README prices it ("at the price of one disk flush per
-    request"): one flush per request, for the row its answer's end waits for; an interim row is only there for a
-    killed process, which the page cache already survives."""
+    """With `fsync = "always"` a stream costs one disk flush, for the final row its answer's end waits for (the
+    README's price: one flush per request); its sent line and interim row are never synced on their own (they are
+    there for a killed process, which the page cache survives), so message_start never waits for the disk."""
     db = str(tmp_path / "gw.db")
     trace = tmp_path / "fsync.trace"
     async with MockUpstream(api_key=MOCK_API_KEY) as mock:
@@ -46,7 +45,9 @@ async def test_fsync_always_flushes_the_disk_once_per_stream(tmp_path):
         tracer = subprocess.Popen(["strace", "-f", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace),
                                    "-p", str(host.proc.pid)], stderr=subprocess.PIPE, text=True)
         try:
-            assert "attached" in tracer.stderr.readline()
+            attached = tracer.stderr.readline()
+            if "attached" not in attached:
+                pytest.skip(f"strace cannot trace the gateway here: {attached.strip()}")
             for _ in range(STREAMS):
                 status, _, _ = await asyncio.to_thread(post, host.port, key, message(stream=True))
                 assert status == 200
@@ -58,7 +59,7 @@ async def test_fsync_always_flushes_the_disk_once_per_stream(tmp_path):
     assert len(flushes) == STREAMS, f"{len(flushes)} spool fsyncs for {STREAMS} streams:\n" + "\n".join(flushes)
 
 
-# -- 2. a database outage fills the spool with copies of the running streams' interim rows --------------------------
+# -- a database outage with streams running --------------------------------------------------------------------------
 
 RUNNING = 8
 ROW_BYTES = 1000            # a spooled row is 800 to 1,000 bytes here
@@ -67,12 +68,10 @@ MAX_BYTES = 24_000
 
 async def test_an_outage_with_streams_running_does_not_fill_the_spool_with_copies_of_their_interim_rows(
         pg_url, tmp_path):
-    """Wrong: while the database takes no rows, every shipment attempt seals the segment and starts the next one
-    with a fresh copy of every running stream's interim row, and each copy counts against `spool_max_bytes`: with
-    8 streams running, 3 requests answered during a read-only PostgreSQL take the spool to 29 KB (3 rows and 8
-    interim rows are about 9 KB; the rest are copies that never count), so the 4th request gets 503.  Right: the
-    spool's bound counts what is waiting to be shipped (the rows, and each running stream's interim row once), so
-    6 requests, about 14 KB with the interim rows, are admitted under a 24 KB bound."""
+    """While the database takes no rows, rows gather in one segment instead of one per refused shipment, and the
+    spool's bound counts what waits to be shipped: the rows, and each running request's latest line once (not the
+    copies carried into new segments, nor lines replaced since).  With 8 streams running and a 24 KB bound, 6
+    requests answered during a read-only PostgreSQL are all admitted."""
     async with MockUpstream(api_key=MOCK_API_KEY) as mock:
         key = await asyncio.to_thread(setup_store, pg_url, mock)
         host = await asyncio.to_thread(GatewayProcess.start, pg_url, tmp_path / "gw",
@@ -97,7 +96,7 @@ async def test_an_outage_with_streams_running_does_not_fill_the_spool_with_copie
     assert statuses == [200] * 6, f"answered {statuses}; {[ln for ln in host.lines if 'spool full' in ln]}"
 
 
-# -- 3. an interim row names no attempt -----------------------------------------------------------------------------
+# -- the attempt serving a stream cut by a crash ---------------------------------------------------------------------
 
 def ledger_row(db: str, request_id: str) -> dict:
     conn = sqlite3.connect(db)
@@ -109,10 +108,8 @@ def ledger_row(db: str, request_id: str) -> dict:
 
 
 async def test_an_interim_row_lists_the_attempt_that_was_serving_the_stream(tmp_path):
-    """Wrong: the row of a stream cut by kill -9 (its interim row) says attempts = 1 and channel `main` but its
-    attempt_log is empty: the checkpoint copies the record before the serving attempt is logged (report_attempt
-    runs after the relay).  Right: one attempt_log entry per channel tried (UsageRecord.attempt_log), the channel
-    that was serving the stream included, as in every other row."""
+    """The row of a stream cut by kill -9 lists the attempt that was serving it in its attempt_log (outcome
+    gateway_stopped), as every other row lists each channel tried."""
     db = str(tmp_path / "gw.db")
     async with MockUpstream(api_key=MOCK_API_KEY) as mock:
         key = await asyncio.to_thread(setup_store, db, mock)
@@ -124,4 +121,4 @@ async def test_an_interim_row_lists_the_attempt_that_was_serving_the_stream(tmp_
             await asyncio.to_thread(again.kill)
     assert row["interrupted"] and row["attempts"] == 1 and row["channel_name"] == "main"
     log = json.loads(row["attempt_log"])
-    assert [entry["channel"] for entry in log] == ["main"], f"attempt_log {log} with attempts = 1"
+    assert [(entry["channel"], entry["outcome"]) for entry in log] == [("main", "gateway_stopped")], log
