@@ -248,7 +248,8 @@ class UsageRecord:
     prices: Optional[dict] = None    # the rates and multipliers `cost` was computed with
     reached_upstream: bool = False   # some attempt got a connection to a channel
     # One entry per channel tried, in order: {"channel", "channel_id", "outcome"
-    # (Outcome.kind), "status", "error_type", "upstream_request_id"}.
+    # (Outcome.kind, or "gateway_stopped": see stopped_attempt), "status", "error_type",
+    # "upstream_request_id"}.
     attempt_log: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -258,6 +259,13 @@ class UsageRecord:
     def total_tokens(self) -> int:
         return (self.input_tokens + self.output_tokens
                 + self.cache_read_input_tokens + self.cache_creation_input_tokens)
+
+
+def stopped_attempt(channel: Optional[str], channel_id: Optional[int], status: Optional[int],
+                    upstream_request_id: Optional[str]) -> dict:
+    """The attempt_log entry of an attempt the gateway died during (a checkpoint's or a sent line's row)."""
+    return {"channel": channel, "channel_id": channel_id, "outcome": "gateway_stopped", "status": status,
+            "error_type": None, "upstream_request_id": upstream_request_id}
 
 
 class Reject(Exception):
@@ -315,3 +323,20 @@ class MeterPlugin(Protocol):
     async def record(self, record: UsageRecord) -> None:
         """Called once per finished request, also failed and interrupted ones.
         Must not block: queue the write and return."""
+
+    def sent(self, record: UsageRecord) -> None:
+        """Optional.  The request is about to go upstream (called on each
+        attempt, once it holds a connection to the channel): from here the
+        upstream may bill it.  checkpoint() or record() follows for the same
+        request id and replaces it; a meter keeps it only for the case that
+        the gateway dies first, as a request whose usage nobody knew.
+        Synchronous, on every request's path: must not block, keep it small."""
+
+    def checkpoint(self, record: UsageRecord) -> None:
+        """Optional.  A stream's usage as first reported (its message_start:
+        the input the upstream bills whatever happens next), priced and flagged
+        ``interrupted``, while the stream goes on.  record() follows for the
+        same request id and replaces it; a meter keeps it only for the case
+        that the gateway dies first (see the sqlite meter's spool).
+        Synchronous, on the stream's path: must not block.  The record goes on
+        changing after the call: take what you keep during it."""

@@ -128,6 +128,13 @@ class PluginHost:
         self._feedback = [(n, p) for n, p in routers if callable(getattr(p, "feedback", None))]
         # Meters that may refuse new requests: (message, retry-after seconds) or None.
         self._refusals = [p.refusal for _, p in meters if callable(getattr(p, "refusal", None))]
+        self._checkpoints = [(n, p.checkpoint) for n, p in meters if callable(getattr(p, "checkpoint", None))]
+        self._sent = [(n, p.sent) for n, p in meters if callable(getattr(p, "sent", None))]
+
+    @property
+    def checkpoints(self) -> bool:
+        """Whether any meter keeps running requests (sent(), checkpoint())."""
+        return bool(self._checkpoints or self._sent)
 
     @classmethod
     def load(cls, settings: Settings, *, worker: int = 0, workers: int = 1, store: Any = None) -> "PluginHost":
@@ -267,12 +274,29 @@ class PluginHost:
                 log.exception("router plugin %s models() failed", name)
         return list(seen.values())
 
+    def sent(self, record: UsageRecord) -> None:
+        """The request is about to go upstream, to the meters that note it (MeterPlugin.sent)."""
+        _call_each(self._sent, record, "sent")
+
+    def checkpoint(self, record: UsageRecord) -> None:
+        """A running request's usage so far, priced, to the meters that keep it (MeterPlugin.checkpoint)."""
+        _call_each(self._checkpoints, record, "checkpoint")
+
     async def meter(self, record: UsageRecord) -> None:
         for name, plugin in self.meters:
             try:
                 await plugin.record(record)
             except Exception:  # noqa: BLE001
                 log.exception("meter plugin %s failed to record %s", name, record.request_id)
+
+
+def _call_each(hooks: list, record: UsageRecord, hook: str) -> None:
+    """Each meter's synchronous hook with the record; a failure is logged and contained."""
+    for name, call in hooks:
+        try:
+            call(record)
+        except Exception:  # noqa: BLE001
+            log.exception("meter plugin %s failed in %s() for %s", name, hook, record.request_id)
 
 
 def _chain_error(kind: str, name: str, exc: Exception) -> GatewayError:

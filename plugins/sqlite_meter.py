@@ -1,6 +1,9 @@
 """First-party meter plugin ``sqlite``: the usage ledger in the store's ``usage`` table
 (SQLite or PostgreSQL: the name is historical).
 
+``checkpoint()`` spools a running stream's usage as first reported (its
+message_start), so a worker that dies mid-stream still has the input the
+upstream billed metered (by the adopter of its spool); ``record()`` replaces it.
 ``record()`` appends the row to this worker's ledger spool (one JSON array line,
 written before the response's last bytes go to the client: see
 apertis_proxy.store.ledger_spool), so a row the client's answer depended on
@@ -34,7 +37,7 @@ from typing import Optional
 import orjson
 
 from apertis_proxy.plugin_api import PluginContext, UsageRecord
-from apertis_proxy.store.ledger_spool import LedgerSpool, default_spool_dir
+from apertis_proxy.store.ledger_spool import LedgerSpool, default_spool_dir, interim_line, sent_line
 from apertis_proxy.store.ledger_write import FieldValues, RowFields, stored_values
 from apertis_proxy.store.service import is_unreachable, store_for_plugin
 
@@ -91,9 +94,26 @@ class SqliteMeter:
         except TypeError:
             # A value orjson cannot write (an integer past 64 bits): spooled all the same.
             line = json.dumps(values, default=str).encode() + b"\n"
+        self.spool.finished(record.request_id)
         self.spool.append(line, FieldValues(FIELDS, values))
         if self.spool.current is not None and len(self.spool.current.lines) >= self.batch_size:
             self._wake.set()
+
+    def sent(self, record: UsageRecord) -> None:
+        """The request goes upstream: spooled (not shipped) as sent, for a stopped worker's adopter to meter
+        with its usage unknown if this worker dies before checkpoint() or record()."""
+        self.spool.append_interim(record.request_id, sent_line({
+            "request_id": record.request_id, "started_at": record.started_at, "endpoint": record.endpoint,
+            "client": record.client, "key_id": record.key_id, "key_name": record.key_name,
+            "channel_id": record.channel_id, "channel_name": record.channel_name,
+            "requested_model": record.requested_model, "upstream_model": record.upstream_model,
+            "stream": record.stream, "attempts": record.attempts, "attempt_log": record.attempt_log}))
+
+    def checkpoint(self, record: UsageRecord) -> None:
+        """A running request's usage so far, spooled (not shipped): what a stopped worker's adopter meters
+        if this worker dies before record() (apertis_proxy.store.ledger_spool)."""
+        values = stored_values(_field_values(record), _LOOSE_AT)
+        self.spool.append_interim(record.request_id, interim_line(values))
 
     def refusal(self) -> Optional[tuple[str, int]]:
         """Why new requests are refused (503 overloaded_error), with a retry-after; None to admit."""
@@ -118,7 +138,12 @@ class SqliteMeter:
             self._wake.clear()
             if time.monotonic() - self._adopted_at >= self.adopt_interval:
                 self._adopt()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # noqa: BLE001 - shipping must outlive any one failure
+                self._failures += 1
+                self.log.exception("shipping usage rows failed; %d rows stay spooled and are retried",
+                                   self.spool.pending)
 
     def _adopt(self) -> None:
         self._adopted_at = time.monotonic()
@@ -132,24 +157,31 @@ class SqliteMeter:
         async with self._lock:
             if self.store is None:
                 return True
-            for seg in self.spool.seal():
-                rows = seg.rows(self.log)
-                rejected: list[str] = []
-                try:
-                    inserted = await self.store.write_ledger(rows, rejected)
-                except Exception as exc:
-                    if not is_unreachable(exc):
-                        raise
-                    self._failures += 1
-                    self.log.error("shipping %d usage rows failed (%s); they stay spooled (%d rows) and are "
-                                   "retried", len(rows), exc, self.spool.pending)
-                    return False
-                self.spool.shipped(seg)
-                self.written += inserted
-                self.shipped += len(rows)
-                self.rejected += len(rejected)
-            self._failures = 0
-            return True
+            if self.spool.sealed and not await self._ship(self.spool.seal()):
+                return False            # what waited from before (failed shipments, adopted spools) first
+            return await self._ship(self.spool.seal())
+
+    async def _ship(self, segments: list) -> bool:
+        """Ship these segments, oldest first; False (and the rest kept) at the first the database refused."""
+        for seg in segments:
+            rows = seg.rows(self.log)
+            rejected: list[str] = []
+            try:
+                inserted = await self.store.write_ledger(rows, rejected)
+            except Exception as exc:
+                # Whatever the database answered (unreachable, read-only during a failover, its disk
+                # full, a statement timeout): the rows it did not take stay spooled and are retried.
+                self._failures += 1
+                why = str(exc) if is_unreachable(exc) else f"{type(exc).__name__}: {exc}"
+                self.log.error("shipping %d usage rows failed (%s); they stay spooled (%d rows) and are "
+                               "retried", len(rows), why, self.spool.pending)
+                return False
+            self.spool.shipped(seg)
+            self.written += inserted
+            self.shipped += len(rows)
+            self.rejected += len(rejected)
+        self._failures = 0
+        return True
 
     async def close(self) -> None:
         self._stopping = True
@@ -158,8 +190,11 @@ class SqliteMeter:
             await self._task          # never cancelled: it may be mid-transaction
             self._task = None
         for attempt in range(CLOSE_ATTEMPTS):
-            if await self.flush():
-                break
+            try:
+                if await self.flush():
+                    break
+            except Exception:  # noqa: BLE001 - the rows stay spooled for the next start
+                self.log.exception("shipping usage rows at shutdown failed")
             await asyncio.sleep(0.1 * 2 ** attempt)
         else:
             self.log.error("shutting down with %d usage rows unshipped; they stay in %s for the next start",

@@ -19,7 +19,7 @@ from ..errors import GatewayError, error_body
 from ..http.request import Request
 from ..http.responder import Responder
 from ..plugin_api import (CAUSE_CREDENTIAL, CAUSE_TRANSIENT, Caller, Channel, Outcome, RequestInfo,
-                          UsageRecord)
+                          UsageRecord, stopped_attempt)
 from ..plugin_host import PluginHost
 from ..settings import Settings
 from ..store.catalog import Catalog
@@ -310,8 +310,12 @@ class MessagesForwarder:
         target = (origin.base_path + req.path + ("?" + req.query if req.query else "")).encode("latin-1")
         t_start = _clock()
 
+        checkpoints = self.plugins.checkpoints and not fwd.count_tokens     # counting tokens is free
+
         def connected() -> None:
             record.reached_upstream = True
+            if checkpoints:         # from here the upstream may bill it: noted before the bytes go out
+                self.plugins.sent(record)
 
         with self.pools.pool(origin).lease() as lease:
             try:
@@ -359,9 +363,29 @@ class MessagesForwarder:
             meter = UsageMeter(record)
         timeout = self.settings.read_timeout
         if ctype.startswith(b"text/event-stream"):
+            if self.plugins.checkpoints:
+                meter.on_start = self._checkpoint
             return StreamRelay(conn, fwd.resp, head.status, down, record, timeout,
                                SseSplicer(meter, rename, channel.api_key)), meter
         return JsonRelay(conn, fwd.resp, head.status, down, record, timeout, meter, rename, fwd.count_tokens), meter
+
+    def _checkpoint(self, record: UsageRecord) -> None:
+        """A stream's usage as first reported, priced and flagged interrupted, to the meters that keep it
+        in case the gateway dies before the stream ends (MeterPlugin.checkpoint).  The record itself, not a
+        copy (one per stream costs more than the rest): its cost is priced again when the stream ends."""
+        interrupted, duration_ms = record.interrupted, record.duration_ms
+        record.interrupted = True
+        record.duration_ms = round(max(0.0, time.time() - record.started_at) * 1000, 3)
+        # The attempt serving the stream is logged when it ends; for a row that stands for a gateway that
+        # died, it ended there.
+        record.attempt_log.append(stopped_attempt(record.channel_name, record.channel_id, record.status,
+                                                  record.upstream_request_id))
+        price(record, self.catalog.catalog)
+        try:
+            self.plugins.checkpoint(record)
+        finally:
+            record.interrupted, record.duration_ms = interrupted, duration_ms
+            record.attempt_log.pop()
 
     def _remember(self, created: StateCapture, info: RequestInfo, channel: Channel, owner: str) -> None:
         """Record the ids this answer created, with their account and owner."""

@@ -144,7 +144,8 @@ class SseSplicer:
                 # The held bytes have no terminator: look only where a new one can
                 # be (the new bytes, and a terminator begun in the last 3 held),
                 # and join only once there is one, so a long event costs linear time.
-                probe = tail[-1][-3:] + chunk
+                last = tail[-1]
+                probe = (last if len(last) >= 3 else b"".join(tail[-3:]))[-3:] + chunk
                 found = _last_boundary(probe)
                 if found < 0:
                     tail.append(chunk)

@@ -9,7 +9,7 @@ Pricing is in pricing.py.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from ..plugin_api import UsageRecord
 
@@ -29,10 +29,12 @@ def _count(value: Any) -> Optional[int]:
 class UsageMeter:
     """Writes usage into one UsageRecord as it becomes known."""
 
-    __slots__ = ("record",)
+    __slots__ = ("record", "on_start")
 
     def __init__(self, record: UsageRecord) -> None:
         self.record = record
+        # Called with the record once a stream's message_start was applied (the meters' checkpoint).
+        self.on_start: Optional[Callable[[UsageRecord], None]] = None
 
     def apply(self, usage: Any) -> None:
         if not isinstance(usage, dict):
@@ -80,6 +82,8 @@ class UsageMeter:
         mid = message.get("model")
         if isinstance(mid, str) and not self.record.upstream_model:
             self.record.upstream_model = mid
+        if self.on_start is not None:
+            self.on_start(self.record)
 
     def message_delta(self, event: Mapping[str, Any]) -> None:
         self.apply(event.get("usage"))

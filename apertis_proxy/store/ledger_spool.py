@@ -16,6 +16,24 @@ adopted: read, shipped and deleted by whoever locks it first.  A segment is
 created under a temporary name and renamed only once locked, so a live
 worker's segment is never seen unlocked.
 
+A request may be billed once it went upstream, and a stream's usage is
+reported in parts: message_start's input is billed whether or not the stream
+ends.  A *sent* line (["sent", {fields}]) is written as the request goes
+upstream, and a stream's *interim* row (["interim", [values...]]) when its
+first report arrives; neither is ever shipped by a live worker: the request's
+later line, and at last its final row, replaces it.  Each new
+segment starts with the interim rows of the requests still running (written
+before it is named), so a worker's newest segment holds the only copies that
+count: when a worker dies, the adopter ships an interim row from its newest
+segment unless the same segment holds that request's final row (a sent line
+becomes a row whose usage is unknown: cost NULL, error_type gateway_stopped),
+and ignores interim rows in older ones.
+
+A full disk costs durability only: a row that cannot be written whole is kept
+in memory (loudly), the segment is cut back to its last whole line so later
+rows stay readable, and when no new segment can be created rows go to one in
+memory until one can.
+
 Bounded: past `warn_bytes` the spool logs a warning; at `max_bytes` it says
 `full` (the gateway then refuses new requests with 503 overloaded_error until
 shipping catches up) and logs an error.  Rows of requests already admitted
@@ -23,7 +41,10 @@ are still written: nothing acknowledged is dropped.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import fcntl
+import json
 import logging
 import os
 import secrets
@@ -32,9 +53,23 @@ from typing import Any, Optional, Sequence
 
 import orjson
 
+from ..plugin_api import UsageRecord, stopped_attempt
 from .ledger_write import FieldValues, RowFields
 from .url import parse
 
+INTERIM = b'["interim",'      # how an interim row's line starts (see the docstring)
+SENT = b'["sent",'            # a request that went upstream, its usage not yet reported
+RUNNING = (INTERIM, SENT)
+# What a request that went upstream and whose gateway then died is in the ledger when nothing of its usage
+# was known: a UsageRecord's defaults, its sent line's fields, nothing counted, its cost unknown (NULL:
+# counted apart, as unpriced), flagged interrupted.
+_DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+             for f in dataclasses.fields(UsageRecord)
+             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+_USAGE_UNKNOWN = {"status": 0, "error_type": "gateway_stopped", "interrupted": True, "reached_upstream": True,
+                  "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0,
+                  "cache_creation_input_tokens": 0, "duration_ms": 0.0, "cost": None,
+                  "prices": {"unpriced": "usage unknown: the gateway stopped before the upstream answered"}}
 SUFFIX = ".spool"           # rows as JSON objects
 TUPLE_SUFFIX = ".spool2"    # a header naming the fields, then rows as JSON arrays (see the docstring)
 SUFFIXES = (SUFFIX, TUPLE_SUFFIX)
@@ -50,16 +85,24 @@ def default_spool_dir(db: str) -> str:
 
 class Segment:
     """One spool file and the rows it holds: each as this worker appended it (a row object, shipped
-    from memory and never parsed back) or as read from an adopted file (one JSON line, bytes)."""
+    from memory and never parsed back) or as read from an adopted file (one JSON line, bytes).  A
+    segment without a file (fd -1) holds rows in memory only, while the disk takes none."""
 
-    __slots__ = ("path", "fd", "lines", "size", "fields")
+    __slots__ = ("path", "fd", "lines", "size", "fields", "written", "interims")
 
     def __init__(self, path: str, fd: int, lines: Optional[list] = None,
-                 fields: Optional[RowFields] = None) -> None:
+                 fields: Optional[RowFields] = None, written: int = 0, interims: Optional[list] = None) -> None:
         self.path, self.fd = path, fd
         self.fields = fields        # the header's field names: what an array line's values are
         self.lines: list[Any] = lines if lines is not None else []
-        self.size = sum(len(line) for line in self.lines)
+        self.written = written      # bytes of whole lines in the file: where a torn write is cut back to
+        self.interims = interims or []      # an adopted newest segment's interim lines (see the docstring)
+        # What it holds to be shipped: its rows' bytes (and an adopted segment's interim lines).
+        self.size = sum(len(line) for line in self.lines) + sum(len(line) for line in self.interims)
+
+    @property
+    def durable(self) -> bool:
+        return self.fd >= 0
 
     def rows(self, log: logging.Logger) -> list:
         out = []
@@ -67,22 +110,67 @@ class Segment:
             if type(line) is not bytes:
                 out.append(line)
                 continue
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                # Only a machine crash mid-write can leave a torn line.
-                log.error("ledger spool %s: an unreadable line left out: %r", self.path, line[:200])
-                continue
-            if isinstance(row, dict):
+            row = self._parsed(line, log)
+            if row is not None:
                 out.append(row)
-            elif isinstance(row, list) and self.fields is not None and len(row) == len(self.fields.names):
-                out.append(FieldValues(self.fields, tuple(row)))
-            else:
-                log.error("ledger spool %s: a line of an unknown shape left out: %r", self.path, line[:200])
+        if self.interims:
+            out += self._cut_short(out, log)
         return out
+
+    def _parsed(self, line: bytes, log: logging.Logger) -> Any:
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            # Only a machine crash mid-write can leave a torn line.
+            log.error("ledger spool %s: an unreadable line left out: %r", self.path, line[:200])
+            return None
+        if isinstance(row, dict):
+            return row
+        if isinstance(row, list) and self.fields is not None and len(row) == len(self.fields.names):
+            return FieldValues(self.fields, tuple(row))
+        log.error("ledger spool %s: a line of an unknown shape left out: %r", self.path, line[:200])
+        return None
+
+    def _cut_short(self, finished: list, log: logging.Logger) -> list:
+        """The rows of requests this segment holds no final row of, cut short by the worker's death: each
+        from its last interim line (the usage reported until then), or as sent with its usage unknown."""
+        latest: dict[Any, Any] = {}         # request id -> its row; a later line replaces an earlier one
+        for line in self.interims:
+            row = self._running(line)
+            if row is None:
+                log.error("ledger spool %s: an interim line of an unknown shape left out: %r", self.path,
+                          line[:200])
+            else:
+                latest[row.get("request_id")] = row
+        done = {row.get("request_id") for row in finished}
+        out = [row for request_id, row in latest.items() if request_id not in done]
+        if out:
+            unknown = sum(1 for row in out if type(row) is dict)
+            log.warning("ledger spool %s: %d requests cut short by a stopped worker metered with the usage "
+                        "reported until then (%d of them with none)", self.path, len(out), unknown)
+        return out
+
+    def _running(self, line: bytes) -> Any:
+        """The row an interim or sent line stands for; None for a line of another shape."""
+        try:
+            tag, values = orjson.loads(line)
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            return None
+        if tag == "sent" and isinstance(values, dict) and isinstance(values.get("request_id"), str):
+            row = {**_DEFAULTS, **values, **_USAGE_UNKNOWN}
+            tried = row.get("attempt_log")
+            row["attempt_log"] = [*(tried if isinstance(tried, list) else ()), stopped_attempt(
+                row.get("channel_name"), row.get("channel_id"), None, None)]
+            return row
+        if tag == "interim" and self.fields is not None and isinstance(values, list) \
+                and len(values) == len(self.fields.names):
+            return FieldValues(self.fields, tuple(values))
+        return None
 
     def release(self) -> None:
         """Delete the file (its rows are in the database), then let the lock go."""
+        if not self.durable:
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -108,26 +196,50 @@ class LedgerSpool:
         self._seq = 0
         self.current: Optional[Segment] = None
         self.sealed: list[Segment] = []     # waiting to be shipped, oldest first
-        self.size = 0                       # bytes in every segment this worker holds
+        # Bytes waiting to be shipped: every segment's rows, and each running request's latest interim
+        # line once (the copies carried into each new segment, and lines replaced since, are not counted).
+        self.size = 0
         self.full = False
         self._warned = False
         self.write_errors = 0
+        self.interims: dict[str, bytes] = {}    # request id -> interim line, of requests still running
 
     def open(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
         self.current = self._new_segment()
 
     def _new_segment(self) -> Segment:
+        """A fresh segment, the running requests' interim rows in it before it is named."""
         self._seq += 1
         suffix = TUPLE_SUFFIX if self._header else SUFFIX
         final = os.path.join(self.directory, f"{self._name}-{self._seq}{suffix}")
         temp = os.path.join(self.directory, f".{self._name}-{self._seq}.tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if self._header:
-            os.write(fd, self._header)      # before the name: a segment is never seen without it
-        os.rename(temp, final)
-        return Segment(final, fd, fields=self.fields)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            start = self._header + b"".join(self.interims.values())
+            _write_whole(fd, start)         # before the name: a segment is never seen without it
+            os.rename(temp, final)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        return Segment(final, fd, fields=self.fields, written=len(start))
+
+    def _next_segment(self) -> Segment:
+        """A fresh segment, or one in memory while the disk takes none (tried again at the next seal)."""
+        try:
+            seg = self._new_segment()
+        except OSError as exc:
+            self.write_errors += 1
+            if self.current is None or self.current.durable:      # said once, not at every shipment
+                self.log.error("ledger spool: no new segment in %s (%s): usage rows are held in memory only "
+                               "until one can be written", self.directory, exc)
+            return Segment("", -1, fields=self.fields)
+        if self.current is not None and not self.current.durable:
+            self.log.warning("ledger spool: usage rows are written to %s again", seg.path)
+        return seg
 
     # -- request path ----------------------------------------------------------
 
@@ -139,17 +251,58 @@ class LedgerSpool:
         seg.lines.append(line if row is None else row)
         seg.size += len(line)
         self._grew(len(line))
+        self._write(seg, line, "a usage row is held in memory only", self.fsync == "always")
+
+    def append_interim(self, request_id: str, line: bytes) -> None:
+        """Make a running request's usage so far durable (`line` from interim_line()); its final row, or a
+        later interim row of the same request, replaces it."""
+        replaced = self.interims.get(request_id)
+        self.interims[request_id] = line
+        if replaced is not None:
+            self._shrank(len(replaced))
+        self._grew(len(line))
+        seg = self.current
+        assert seg is not None
+        # Never synced on its own (its request waits for no disk): it is there for a killed process, which
+        # the page cache survives; the next sync takes it along.
+        self._write(seg, line, "a running request's usage is held in memory only", False)
+
+    def finished(self, request_id: str) -> None:
+        """The request's final row was appended: its interim row no longer counts."""
+        if self.interims:
+            replaced = self.interims.pop(request_id, None)
+            if replaced is not None:
+                self._shrank(len(replaced))
+
+    def _write(self, seg: Segment, line: bytes, lost: str, sync: bool) -> None:
+        if not seg.durable:
+            self.write_errors += 1
+            return
         try:
-            written = os.write(seg.fd, line)
-            if written != len(line):        # a short write (disk full): the rest, or an error
-                os.write(seg.fd, line[written:])
-            if self.fsync == "always":
+            n = os.write(seg.fd, line)
+            if n != len(line):              # a short write (disk full): the rest, or an OSError
+                _write_whole(seg.fd, line[n:])
+            seg.written += len(line)
+            if sync:
                 os.fsync(seg.fd)
         except OSError as exc:
             # Kept in memory and shipped from there; only its durability is lost, loudly.
             self.write_errors += 1
-            self.log.error("ledger spool %s unwritable (%s): a usage row is held in memory only",
+            self.log.error("ledger spool %s unwritable (%s): %s", seg.path, exc, lost)
+            self._cut_back(seg)
+
+    def _cut_back(self, seg: Segment) -> None:
+        """After a torn write, end the file on its last whole line again, so the rows appended once the
+        disk has room stay readable; if it cannot be, rows go to a new segment from now on."""
+        try:
+            os.ftruncate(seg.fd, seg.written)
+            return
+        except OSError as exc:
+            self.log.error("ledger spool %s: a torn line cannot be cut back (%s); a new segment is started",
                            seg.path, exc)
+        if seg is self.current:
+            self.sealed.append(seg)
+            self.current = self._next_segment()
 
     def _grew(self, n: int) -> None:
         self.size += n
@@ -176,16 +329,20 @@ class LedgerSpool:
 
     def seal(self) -> list[Segment]:
         """Every segment waiting to be shipped, oldest first, the current one
-        included when it holds rows (new rows go to a fresh segment)."""
+        included when it holds rows and nothing older waits (new rows go to a
+        fresh segment).  While shipping fails, rows gather in one segment, not
+        in one per attempt each starting with the running requests' interim
+        rows (copies that would count against `max_bytes`)."""
         seg = self.current
-        if seg is not None and seg.lines:
-            if self.fsync == "batch":
+        if seg is not None and not self.sealed and (seg.lines or not seg.durable):
+            if self.fsync == "batch" and seg.durable:
                 try:
                     os.fsync(seg.fd)
                 except OSError as exc:
                     self.log.error("ledger spool %s: fsync failed (%s)", seg.path, exc)
-            self.sealed.append(seg)
-            self.current = self._new_segment()
+            if seg.lines:
+                self.sealed.append(seg)         # (a memory-only segment without rows is just replaced)
+            self.current = self._next_segment()
         return list(self.sealed)
 
     def shipped(self, seg: Segment) -> None:
@@ -205,6 +362,11 @@ class LedgerSpool:
         mine = {s.path for s in self.sealed}
         if self.current is not None:
             mine.add(self.current.path)
+        newest: dict[str, int] = {}         # each worker's newest segment: the one its interim rows count in
+        for name in names:
+            worker, seq = _worker_and_seq(name)
+            if worker is not None:
+                newest[worker] = max(seq, newest.get(worker, seq))
         for name in names:
             path = os.path.join(self.directory, name)
             # A worker that died between creating a segment and naming it leaves
@@ -212,7 +374,8 @@ class LedgerSpool:
             leftover_temp = name.startswith(".ledger-") and name.endswith(".tmp") and _older_than(path, 60)
             if path in mine or not (name.endswith(SUFFIXES) or leftover_temp):
                 continue
-            seg = self._lock(path)
+            worker, seq = _worker_and_seq(name)
+            seg = self._lock(path, interims=worker is not None and newest[worker] == seq)
             if seg is None:
                 continue
             if leftover_temp:
@@ -220,14 +383,15 @@ class LedgerSpool:
                 continue
             self.sealed.append(seg)
             self._grew(seg.size)
-            adopted += len(seg.lines)
-            if seg.lines:
-                self.log.warning("adopted %d usage rows from the ledger spool of a stopped worker (%s)",
-                                 len(seg.lines), name)
+            adopted += len(seg.lines) + len(seg.interims)
+            if seg.lines or seg.interims:
+                self.log.warning("adopted %d usage rows (and %d of requests then running) from the ledger "
+                                 "spool of a stopped worker (%s)", len(seg.lines), len(seg.interims), name)
         return adopted
 
     @staticmethod
-    def _lock(path: str) -> Optional[Segment]:
+    def _lock(path: str, interims: bool = False) -> Optional[Segment]:
+        """The segment at `path`, locked, if nobody holds it; with `interims`, its interim rows count."""
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
@@ -242,14 +406,19 @@ class LedgerSpool:
             return None
         with os.fdopen(os.dup(fd), "rb") as f:
             data = f.read()
-        fields, lines = parse_segment(data)
-        return Segment(path, fd, lines, fields)
+        fields, lines, interim_lines = parse_segment(data)
+        return Segment(path, fd, lines, fields, written=len(data), interims=interim_lines if interims else None)
 
     def close(self) -> None:
         """Let go of every segment: empty ones are deleted, the others stay for
-        whoever starts next (they are adopted then)."""
+        whoever starts next (they are adopted then); so does the current one
+        while requests still run (their interim rows are in it)."""
         for seg in [*self.sealed, *([self.current] if self.current else [])]:
-            if seg.lines:
+            if not seg.durable:
+                if seg.lines:
+                    self.log.error("ledger spool: %d usage rows held in memory only are lost at shutdown",
+                                   len(seg.lines))
+            elif seg.lines or (seg is self.current and self.interims):
                 os.close(seg.fd)
             else:
                 seg.release()
@@ -261,9 +430,36 @@ class LedgerSpool:
         return sum(len(s.lines) for s in self.sealed) + (len(self.current.lines) if self.current else 0)
 
 
-def parse_segment(data: bytes) -> tuple[Optional[RowFields], list[bytes]]:
-    """A segment file's content: the fields its header names (None without one) and its row lines."""
+def interim_line(values: Sequence) -> bytes:
+    """The spool line of a running request's row `values` (see the module's docstring)."""
+    try:
+        return orjson.dumps(["interim", values], option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:       # a value orjson cannot write (an integer past 64 bits)
+        return json.dumps(["interim", values], default=str, separators=(",", ":")).encode() + b"\n"
+
+
+def sent_line(fields: dict) -> bytes:
+    """The spool line of a request that is going upstream: `fields` of its row known so far (its usage is
+    not); a stopped worker's adopter ships it as a row with its usage unknown."""
+    return orjson.dumps(["sent", fields], option=orjson.OPT_APPEND_NEWLINE)
+
+
+def _worker_and_seq(name: str) -> tuple[Optional[str], int]:
+    """(the worker, the sequence number) a segment's file name says; (None, 0) for other names."""
+    if not name.endswith(SUFFIXES) or name.startswith("."):
+        return None, 0
+    worker, _, tail = name.rpartition("-")
+    seq = tail.partition(".")[0]
+    return (worker, int(seq)) if worker and seq.isdigit() else (None, 0)
+
+
+def parse_segment(data: bytes) -> tuple[Optional[RowFields], list[bytes], list[bytes]]:
+    """A segment file's content: the fields its header names (None without one), its row lines and
+    its interim rows' lines."""
     lines = [line + b"\n" for line in data.split(b"\n") if line]
+    interims = [line for line in lines if line.startswith(RUNNING)]
+    if interims:
+        lines = [line for line in lines if not line.startswith(RUNNING)]
     fields = None
     if lines and lines[0].startswith(b'{"fields":'):
         try:
@@ -273,12 +469,12 @@ def parse_segment(data: bytes) -> tuple[Optional[RowFields], list[bytes]]:
         if isinstance(names, list) and all(isinstance(n, str) for n in names):
             fields = RowFields(names, names)      # values as spooled: each converted if it needs to be
             lines = lines[1:]
-    return fields, lines
+    return fields, lines, interims
 
 
 def spooled_rows(directory: str) -> list[dict]:
-    """Every row in the segment files under `directory`, oldest segment first, as field -> value (for
-    inspection and tests; a segment deleted meanwhile is skipped)."""
+    """Every finished request's row in the segment files under `directory`, oldest segment first, as
+    field -> value (for inspection and tests; a segment deleted meanwhile is skipped)."""
     out: list[dict] = []
     try:
         names = sorted(n for n in os.listdir(directory) if n.endswith(SUFFIXES))
@@ -287,12 +483,19 @@ def spooled_rows(directory: str) -> list[dict]:
     for name in names:
         try:
             with open(os.path.join(directory, name), "rb") as f:
-                fields, lines = parse_segment(f.read())
+                fields, lines, _ = parse_segment(f.read())
         except FileNotFoundError:
             continue
         seg = Segment(name, -1, lines, fields)
         out.extend(r.as_dict() if isinstance(r, FieldValues) else r for r in seg.rows(logging.getLogger(__name__)))
     return out
+
+
+def _write_whole(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written (a short write is followed by the rest, or an OSError)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _older_than(path: str, seconds: float) -> bool:

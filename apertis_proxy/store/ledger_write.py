@@ -230,8 +230,9 @@ def write_ledger_rows(conn, rows: Sequence[Mapping[str, Any]], shape: Optional[L
                 refused.append((row, exc))
     except sqlite3.OperationalError as exc:
         raise LedgerUnavailable(str(exc)) from exc
-    if len(refused) == len(rows):
-        # Not one row taken: it is the database refusing (a trigger, a constraint), not the rows.
+    if len(refused) == len(rows) and not all(isinstance(exc, _own_errors()) for _, exc in refused):
+        # Not one row taken, and not for a value of its own: it is the database refusing (a trigger,
+        # a constraint an operator added), not the rows.
         raise LedgerUnavailable(f"{type(first_error).__name__}: {first_error}") from first_error
     for row, exc in refused:
         log.error("usage row refused by the ledger and left out (%s: %s): %s",
@@ -256,12 +257,27 @@ _ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError
                ValueError, TypeError, OverflowError)
 
 
+# Of those, what only a value of the row itself can cause (a string PostgreSQL cannot store, a number
+# out of range): such a row is left out even when it is the only one shipped.  A constraint violated
+# by every row says more about the table than about the rows, and sqlite3's ProgrammingError and
+# InterfaceError are also what a closed connection raises.
+_OWN_ERRORS = (sqlite3.DataError, ValueError, TypeError, OverflowError)
+
+
 def _row_errors() -> tuple:
     try:
         import asyncpg
     except ImportError:
         return _ROW_ERRORS
     return _ROW_ERRORS + (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
+def _own_errors() -> tuple:
+    try:
+        import asyncpg
+    except ImportError:
+        return _OWN_ERRORS
+    return _OWN_ERRORS + (asyncpg.DataError,)
 
 
 def _write(conn, shape: LedgerRows, values: list[list], settle: bool) -> int:

@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -291,3 +294,160 @@ async def test_a_full_spool_refuses_new_requests_with_503_until_the_database_tak
     rows = await gateway_env.usage_rows(len(served) + 1)
     assert set(served) <= {r["request_id"] for r in rows}
     await gateway_env.stop()
+
+
+# -- a running stream's interim row ----------------------------------------------------------------------------------
+
+def interim(i: int, key_id: int) -> UsageRecord:
+    """What a stream of record(i) reported in its message_start: input only, flagged interrupted."""
+    r = record(i, key_id, cost=0.1)
+    r.output_tokens, r.interrupted, r.stream = 1, True, True
+    return r
+
+
+async def die(meter: SqliteMeter) -> None:
+    """The meter's worker killed with -9: its tasks and connections end, its spool files stay as they are."""
+    meter._task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await meter._task
+    for seg in [*meter.spool.sealed, meter.spool.current]:
+        if seg is not None and seg.durable:
+            os.close(seg.fd)
+    await meter.store.close()
+
+
+def ledger_by_id(conn) -> dict[str, sqlite3.Row]:
+    return {r["request_id"]: r for r in ledger(conn)}
+
+
+async def test_a_live_worker_never_ships_an_interim_row_the_final_row_replaces_it(db):
+    path, conn, (alice, _) = db
+    async with running(meter_for(path)) as meter:
+        meter.checkpoint(interim(1, alice))
+        meter.checkpoint(interim(2, alice))
+        await meter.record(record(2, alice))
+        assert await meter.flush()
+        assert list(ledger_by_id(conn)) == [f"req_{2:024x}"]        # the running request 1 is not shipped
+        row = ledger_by_id(conn)[f"req_{2:024x}"]
+        assert (row["interrupted"], row["output_tokens"], row["cost"]) == (0, 10, 0.25)
+        await meter.record(record(1, alice))
+    assert ledger_by_id(conn)[f"req_{1:024x}"]["output_tokens"] == 10
+    assert spend(conn)[alice] == (pytest.approx(0.5), 116 + 117)   # input, output and cache reads
+
+
+async def test_a_dead_workers_running_request_is_metered_from_its_interim_row_once(db):
+    """Request 1 was running when its worker died (only its interim row exists), request 2 had ended (its final
+    row follows its interim row in the same segment), request 3 ended after a seal (its interim row's first copy
+    is in an older segment that was never shipped).  The adopter ships request 1 as reported so far, flagged
+    interrupted, and requests 2 and 3 from their final rows, each once."""
+    path, conn, (alice, _) = db
+    meter = meter_for(path)
+    await meter.start()
+    meter.checkpoint(interim(1, alice))
+    meter.checkpoint(interim(2, alice))
+    meter.checkpoint(interim(3, alice))
+    await meter.record(record(2, alice))
+    meter.spool.seal()                  # shipping of this segment never happens: the database was away
+    await meter.record(record(3, alice))
+    assert len(meter.spool.sealed) == 1 and len(meter.spool.interims) == 1
+    await die(meter)
+    async with running(meter_for(path)) as adopter:
+        assert await adopter.flush()
+        assert adopter.shipped == 3
+    rows = ledger_by_id(conn)
+    assert sorted(rows) == [f"req_{i:024x}" for i in (1, 2, 3)]
+    assert [(rows[f"req_{i:024x}"]["interrupted"], rows[f"req_{i:024x}"]["output_tokens"]) for i in (1, 2, 3)] == [
+        (1, 1), (0, 10), (0, 10)]
+    assert spend(conn)[alice] == (pytest.approx(0.1 + 0.25 + 0.25), (101 + 1 + 5) + 117 + 118)
+    assert spooled(meter.spool.directory) == []
+
+
+async def test_a_dead_workers_request_that_had_gone_upstream_is_metered_with_its_usage_unknown(db):
+    """Request 1 had gone upstream and nothing of its usage was known when its worker died: it is metered with
+    its usage unknown (cost NULL, counted apart; error_type gateway_stopped).  Request 2 was noted as sent, then
+    its stream's first usage came: that interim row counts.  Request 3 was noted as sent and ended: its final
+    row counts.  Nothing counts for the key's spend but what was reported."""
+    path, conn, (alice, _) = db
+    meter = meter_for(path)
+    await meter.start()
+    for i in (1, 2, 3):
+        meter.sent(record(i, alice))
+    meter.checkpoint(interim(2, alice))
+    await meter.record(record(3, alice))
+    await die(meter)
+    async with running(meter_for(path)) as adopter:
+        assert await adopter.flush()
+    rows = ledger_by_id(conn)
+    one = rows[f"req_{1:024x}"]
+    assert (one["cost"], one["error_type"], one["interrupted"], one["reached_upstream"], one["status"]) == (
+        None, "gateway_stopped", 1, 1, 0)
+    assert (one["key_id"], one["requested_model"], one["ts"], one["input_tokens"]) == (
+        alice, HAIKU, record(1, alice).started_at, 0)
+    assert "usage unknown" in orjson.loads(one["prices"])["unpriced"]
+    assert [(rows[f"req_{i:024x}"]["interrupted"], rows[f"req_{i:024x}"]["cost"]) for i in (2, 3)] == [
+        (1, 0.1), (0, 0.25)]
+    assert spend(conn)[alice] == (pytest.approx(0.35), (102 + 1 + 5) + 118)
+
+
+async def test_interim_rows_carried_into_each_new_segment_survive_their_first_segments_shipping(db):
+    path, conn, (alice, _) = db
+    meter = meter_for(path)
+    await meter.start()
+    meter.checkpoint(interim(1, alice))
+    for i in (10, 11):                  # two shipments: request 1's first segments are gone
+        await meter.record(record(i, alice))
+        assert await meter.flush()
+    await die(meter)
+    async with running(meter_for(path)) as adopter:
+        assert await adopter.flush()
+    rows = ledger_by_id(conn)
+    assert sorted(rows) == [f"req_{i:024x}" for i in (1, 10, 11)] and rows[f"req_{1:024x}"]["interrupted"] == 1
+
+
+async def test_a_worker_that_stops_while_requests_run_keeps_their_interim_rows_for_the_next_start(db):
+    path, conn, (alice, _) = db
+    async with running(meter_for(path)) as meter:
+        meter.checkpoint(interim(1, alice))
+    assert ledger(conn) == []
+    async with running(meter_for(path)) as adopter:
+        assert await adopter.flush()
+    assert list(ledger_by_id(conn)) == [f"req_{1:024x}"]
+
+
+# -- a disk that takes only part of a write --------------------------------------------------------------------------
+
+TORN_WRITE = r"""
+import logging, os, resource, signal, sys
+from apertis_proxy.store.ledger_spool import LedgerSpool
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)           # past the limit: EFBIG instead of the signal
+spool = LedgerSpool(sys.argv[1], logging.getLogger("torn"))
+spool.open()
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+for i in range(3):
+    spool.append(b'{"request_id": "req_%d", "pad": "%s"}\n' % (i, b"x" * 40))
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+spool.append(b'{"request_id": "req_after"}\n')
+print(spool.write_errors, spool.pending)
+os._exit(0)                                              # as kill -9: the files stay
+"""
+
+
+def test_a_torn_write_is_cut_back_so_the_rows_after_it_survive_a_kill(tmp_path, caplog):
+    """The file may grow only by a line and a half: row 0 is written, row 1 only in part (a short write, then
+    EFBIG), row 2 not at all.  Rows 1 and 2 are held in memory only; the torn part is cut off, so the row written
+    once the disk has room again is whole on its own line and a stopped worker's adopter ships rows 0 and it."""
+    directory = tmp_path / "spool"
+    line = len(b'{"request_id": "req_0", "pad": "' + b"x" * 40 + b'"}\n')
+    done = subprocess.run([sys.executable, "-c", TORN_WRITE, str(directory), str(line + line // 2)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "4"]                 # two rows not written; four held
+    assert "unwritable" in done.stderr
+    assert [r["request_id"] for r in spooled(str(directory))] == ["req_0", "req_after"]
+    adopter = LedgerSpool(str(directory), LOG)
+    adopter.open()
+    with caplog.at_level(logging.ERROR, logger="test.ledger"):
+        assert adopter.adopt() == 2
+        assert [r["request_id"] for s in adopter.sealed for r in s.rows(LOG)] == ["req_0", "req_after"]
+    assert "unreadable" not in caplog.text
+    adopter.close()

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 CONFIG = """
 [server]
@@ -61,17 +61,19 @@ class GatewayProcess:
 
     @classmethod
     def start(cls, db_url: str, workdir: Path, timeout: float = 30.0, *,
-              tables: Optional[dict[str, dict]] = None, **meter_options) -> "GatewayProcess":
+              tables: Optional[dict[str, dict]] = None, prefix: Sequence[str] = (),
+              **meter_options) -> "GatewayProcess":
         """`meter_options` go under [plugins.options.sqlite] (e.g. flush_interval, batch_size); `tables` are
         further TOML tables of the config file, {"limits": {"lease_seconds": 3}} for `[limits]` and its keys.
-        The ledger spool is workdir/apertis-ledger.spool: a restart in the same workdir ships what a kill left."""
+        The ledger spool is workdir/apertis-ledger.spool: a restart in the same workdir ships what a kill left.
+        `prefix` runs the command through another (e.g. unshare: a mount of its own), which must exec it."""
         meter_options = {"flush_interval": 0.05, **meter_options}
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "apertis.toml"
         config.write_text(CONFIG + "".join(f"{name} = {value!r}\n" for name, value in meter_options.items())
                           + toml_tables(tables or {}))
         env = {**os.environ, "APERTIS_DB": db_url}
-        proc = subprocess.Popen([sys.executable, "-m", "apertis_proxy.cli", "serve", "--config", str(config)],
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "apertis_proxy.cli", "serve", "--config", str(config)],
                                 cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: list[str] = []
         found: list[int] = []

@@ -931,3 +931,39 @@ def test_channel_serves_every_name_of_a_listed_model():
             assert channel.serves(name), (channel.name, name)
         assert not channel.serves(SONNET) and not channel.serves("claude-sonnet-4.5")
     assert Channel(id=3, name="any", base_url="http://x", api_key="k").serves("anything")
+
+
+def test_a_meter_failing_in_sent_or_checkpoint_is_contained_and_the_other_meters_get_theirs(caplog):
+    from apertis_proxy.plugin_host import PluginHost
+
+    class Failing:
+        async def record(self, record): ...
+
+        def sent(self, record):
+            raise RuntimeError("sent broke")
+
+        def checkpoint(self, record):
+            raise RuntimeError("checkpoint broke")
+
+    class Keeping:
+        def __init__(self):
+            self.calls = []
+
+        async def record(self, record): ...
+
+        def sent(self, record):
+            self.calls.append(("sent", record.request_id))
+
+        def checkpoint(self, record):
+            self.calls.append(("checkpoint", record.request_id))
+
+    keeping = Keeping()
+    host = PluginHost([], [], [("failing", Failing()), ("keeping", keeping), ("plain", object())])
+    assert host.checkpoints
+    rec = full_record(1)
+    with caplog.at_level(logging.ERROR):
+        host.sent(rec)
+        host.checkpoint(rec)
+    assert keeping.calls == [("sent", rec.request_id), ("checkpoint", rec.request_id)]
+    assert "failing failed in sent()" in caplog.text and "failing failed in checkpoint()" in caplog.text
+    assert not PluginHost([], [], [("plain", object())]).checkpoints

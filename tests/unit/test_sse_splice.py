@@ -157,6 +157,20 @@ def test_a_terminator_split_across_reads_of_a_long_event_is_found(terminator):
         assert splicer.flush() == b"event: ping\n\n"
 
 
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+def test_read_a_byte_at_a_time_each_event_goes_out_with_the_byte_that_ends_it(eol):
+    """Also a terminator spread over held reads of one byte each goes out at once, not with a later event
+    (nor, held for good, at the stream's end)."""
+    record = UsageRecord(request_id="r", started_at=0.0, endpoint="/v1/messages")
+    splicer = SseSplicer(UsageMeter(record))
+    wire, terminator = STREAM.replace(b"\n", eol), eol + eol
+    out = [splicer.feed(wire[i:i + 1]) for i in range(len(wire))]
+    ends = [i + 1 for i in range(len(wire)) if wire[:i + 1].endswith(terminator)]
+    assert [i + 1 for i, piece in enumerate(out) if piece] == ends
+    assert b"".join(out) == wire and splicer.flush() == b""
+    assert_usage(record)
+
+
 @pytest.mark.parametrize("bad", [2 ** 63, 2 ** 53, -5, True, 1.5, "12", None])
 def test_usage_counts_out_of_range_or_of_the_wrong_type_are_ignored(bad):
     """An upstream's count that no real request has (or SQLite could not store) is ignored like a missing one:
