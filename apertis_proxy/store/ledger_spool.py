@@ -20,21 +20,22 @@ A request may be billed once it went upstream, and a stream's usage is
 reported in parts: message_start's input is billed whether or not the stream
 ends.  A *sent* line (["sent", {fields}]) is written as the request goes
 upstream, and a stream's *interim* row (["interim", [values...]]) when its
-first report arrives; neither is ever shipped by a live worker: the request's
-later line, and at last its final row, replaces it.  Each new
-segment starts with the interim rows of the requests still running (written
-before it is named), so a worker's newest segment holds the only copies that
-count: when a worker dies, the adopter ships an interim row from its newest
-segment unless the same segment holds that request's final row (a sent line
+first report arrives; a live worker ships neither: the request's later line,
+and at last its final row, replaces it.  Each new segment starts with the
+latest such line of every request still running (written before the segment
+is named), so a worker's newest segment holds the only copies that count.
+When a worker dies, its adopter ships each request's last line in the newest
+segment unless that segment holds the request's final row (a sent line
 becomes a row whose usage is unknown: cost NULL, error_type gateway_stopped),
-and ignores interim rows in older ones.
+and ignores such lines in older segments.
 
 A full disk costs durability only: a row that cannot be written whole is kept
 in memory (loudly), the segment is cut back to its last whole line so later
 rows stay readable, and when no new segment can be created rows go to one in
 memory until one can.
 
-Bounded: past `warn_bytes` the spool logs a warning; at `max_bytes` it says
+Bounded (counting the rows waiting, and each running request's latest line
+once): past `warn_bytes` the spool logs a warning; at `max_bytes` it says
 `full` (the gateway then refuses new requests with 503 overloaded_error until
 shipping catches up) and logs an error.  Rows of requests already admitted
 are still written: nothing acknowledged is dropped.
