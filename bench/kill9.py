@@ -1,4 +1,4 @@
-"""How many completed requests a `kill -9` of the gateway takes out of the ledger.
+"""How many requests a `kill -9` of the gateway takes out of the ledger.
 
 Starts the bench mock upstream and `apertis-proxy serve` (one worker, default
 meter settings) on a fresh database, keeps N clients sending small requests
@@ -7,7 +7,11 @@ load. Every response a client received whole has its request-id.  The script
 counts how many of those were only in the ledger spool at the kill, starts the
 gateway again (it ships the dead worker's spool) and stops it, then reads the
 ledger and prints how many have no row, and how long before the kill the lost
-ones completed.
+ones completed.  It also compares the ledger with the requests the mock
+received: the requests in flight at the kill have rows with their usage
+unknown (error_type gateway_stopped), so the ledger holds a row for every
+request that reached the upstream (one more where a request was noted and
+the kill came before its bytes went out).
 
     python bench/kill9.py [--clients 32] [--seconds 5] [--runs 3] [--config FILE]
 """
@@ -36,9 +40,14 @@ def free_port() -> int:
 
 async def start_mock() -> tuple[asyncio.subprocess.Process, int]:
     proc = await asyncio.create_subprocess_exec(sys.executable, str(BENCH / "mock_upstream.py"), "--port", "0",
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     line = (await proc.stdout.readline()).decode()
     return proc, int(line.rsplit(":", 1)[1])
+
+
+def spooled_rows(directory: str) -> list:
+    from apertis_proxy.store.ledger_spool import spooled_rows as rows
+    return rows(directory)
 
 
 def prepare(db: str, mock_port: int) -> str:
@@ -105,18 +114,22 @@ async def one_run(clients: int, seconds: float, config: list[str]) -> dict:
         await gw.wait()
         stop.set()
         await asyncio.gather(*tasks)
-        spooled = sum(len(p.read_bytes().splitlines()) for p in Path(db + ".spool").glob("*.spool"))
+        spooled = len(spooled_rows(db + ".spool"))
         again = await serve(port, db, config)       # adopts the spool and ships it
         again.send_signal(signal.SIGTERM)
         await again.wait()
         conn = sqlite3.connect(db)
         metered = {r[0] for r in conn.execute("SELECT request_id FROM usage")}
+        rows, unknown = conn.execute("SELECT COUNT(*), COALESCE(SUM(error_type = 'gateway_stopped'), 0)"
+                                     " FROM usage WHERE reached_upstream = 1").fetchone()
         conn.close()
     mock.send_signal(signal.SIGTERM)
-    await mock.wait()
+    _, mock_says = await mock.communicate()
+    upstream = int(mock_says.decode().split("mock: ", 1)[1].split()[0])
     lost = [killed_at - t for rid, t in done if rid not in metered]
     return {"received": len(done), "lost": len(lost), "rate": len(done) / seconds, "spooled": spooled,
-            "oldest_lost_ms": max(lost) * 1000 if lost else 0.0}
+            "oldest_lost_ms": max(lost) * 1000 if lost else 0.0, "upstream": upstream, "rows": rows,
+            "unknown": unknown}
 
 
 async def main() -> None:
@@ -131,7 +144,9 @@ async def main() -> None:
         print(f"run {i + 1}: {r['received']} responses received whole ({r['rate']:.0f}/s), {r['spooled']} rows "
               f"only in the spool at the kill, {r['lost']} without a ledger row after a restart "
               f"({100 * r['lost'] / max(1, r['received']):.1f}%); the oldest lost one completed "
-              f"{r['oldest_lost_ms']:.0f} ms before the kill", flush=True)
+              f"{r['oldest_lost_ms']:.0f} ms before the kill; the mock received {r['upstream']} requests, the "
+              f"ledger holds {r['rows']} rows of requests that reached it ({r['unknown']} of them in flight at the "
+              f"kill, usage unknown)", flush=True)
 
 
 if __name__ == "__main__":
