@@ -65,8 +65,8 @@ def cmd_usage(args) -> int:
         print(table(headers, [cells(summary)], right=range(len(headers))))
     if summary["unpriced"]:
         print(f"cost excludes unpriced, {summary['unpriced']:,} requests (models without a price: "
-              "see prices list; error type gateway_stopped: cut by a gateway that died before their usage "
-              "was known)")
+              "see prices list; and requests cut before the upstream reported any usage, by their client "
+              "leaving or the gateway stopping: their cost is unknown)")
     if refused:
         print(f"the gateway refused {sum(r['count'] for r in refused):,} more requests"
               " (not in the ledger): see usage --refused")

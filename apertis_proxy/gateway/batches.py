@@ -81,7 +81,7 @@ class BatchesEndpoint(OwnedEndpoint):
                     raise named(i, e) from None
                 fitted.append({**item, "params": prepared.body})
             payload = orjson.dumps({**body, "requests": fitted})
-            last = await self.call(channel, "POST", PREFIX, req, payload, record, version)
+            last = await self.call(channel, "POST", PREFIX, req, payload, record, version, billed=True)
             if last is None:
                 continue
             if last.status == 200:
@@ -106,10 +106,18 @@ class BatchesEndpoint(OwnedEndpoint):
         answer = await self.call(channel, "GET", f"{PREFIX}/{batch_id}/results", req, b"", record)
         if answer is None:
             raise GatewayError(502, "upstream unavailable", "api_error")
-        if answer.status == 200 and await self.fw.owned.settle_once(BATCH, batch_id):
+        if answer.status == 200:
+            # Everything that awaits comes before the batch is marked settled: from the mark to the row in
+            # the spool (checkpoint) nothing can cut the request but a crash within the same few steps.
             created = await self._created_at(channel, req, record, batch_id)
-            bill_results(answer.body, record, self.fw.catalog.catalog, created)
-            record.status, record.error_type = 200, None      # the results were served, whatever the lookup
+            if await self.fw.owned.settle_once(BATCH, batch_id):
+                bill_results(answer.body, record, self.fw.catalog.catalog, created)
+                record.status, record.error_type = 200, None      # the results were served, whatever the lookup
+                record.interrupted = True       # as the row stands if the gateway dies before the answer ends
+                try:
+                    self.fw.plugins.checkpoint(record)
+                finally:
+                    record.interrupted = False
         self.send_answer(resp, answer)
 
     async def _created_at(self, channel: Channel, req: Request, record: UsageRecord, batch_id: str) -> float:

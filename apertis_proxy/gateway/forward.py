@@ -226,7 +226,9 @@ class MessagesForwarder:
             # request at its deadline; still metered below.
             record.interrupted = True
             if not resp.started:
-                record.status, record.error_type = 499, "client_closed_request"
+                # Nothing was answered: the client left, or shutdown's deadline cut the request.
+                record.status, record.error_type = ((499, "client_closed_request") if resp.client_gone
+                                                    else (0, "gateway_stopped"))
             raise
         finally:
             record.duration_ms = round((_clock() - t0) * 1000, 3)

@@ -155,9 +155,10 @@ class OwnedEndpoint:
     # -- upstream -------------------------------------------------------------
 
     async def call(self, channel: Channel, method: str, target: str, req: Request, body: bytes,
-                   record: UsageRecord, version: Optional[str] = None) -> Optional[Answer]:
+                   record: UsageRecord, version: Optional[str] = None, *, billed: bool = False) -> Optional[Answer]:
         """One call on the channel (None: no answer came); an error answer is redacted.  Its
-        outcome goes to the router and the metrics like a Messages attempt's."""
+        outcome goes to the router and the metrics like a Messages attempt's.  A `billed` call
+        (one the upstream may bill) is noted to the meters before it goes out (MeterPlugin.sent)."""
         fw = self.fw
         record.channel_id, record.channel_name = channel.id, channel.name
         record.attempts += 1
@@ -168,7 +169,9 @@ class OwnedEndpoint:
         t_start = time.perf_counter()
         try:
             answer = await call(fw.pools, channel, method, target, req.headers, body,
-                                read_timeout=fw.settings.read_timeout, api_version=version)
+                                read_timeout=fw.settings.read_timeout, api_version=version,
+                                connected=(lambda: fw.plugins.sent(record)) if billed and fw.plugins.checkpoints
+                                else None)
         except (UpstreamError, ValueError) as exc:
             timeout = isinstance(exc, UpstreamError) and exc.timeout
             fw.report_attempt(record, Outcome(channel, ok=False, request_id=record.request_id,

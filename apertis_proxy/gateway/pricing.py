@@ -16,7 +16,8 @@ What is billed (USD per million tokens unless said otherwise):
   compaction at the request's model) and the service tier's multiplier.
 
 A request whose usage needs a price the catalogue lacks gets cost None
-(unpriced), never 0.
+(unpriced), never 0; so does one cut after it went upstream and before the
+upstream reported any usage (its cost is unknown, not 0).
 """
 from __future__ import annotations
 
@@ -61,12 +62,25 @@ def billable(record: UsageRecord) -> bool:
     return bool(record.total_tokens or record.web_search_requests or record.iterations)
 
 
+USAGE_UNKNOWN = "usage unknown: the request was cut before the upstream reported any"
+
+
+def usage_unknown(record: UsageRecord) -> bool:
+    """Whether the request was cut (its client left, or the gateway stopped) after it went upstream and
+    before the upstream reported any usage: the upstream may bill it, and nobody here knows how much."""
+    return (record.interrupted and record.reached_upstream and record.raw_usage is None
+            and record.status in (0, 200, 499))
+
+
 def price(record: UsageRecord, catalog: Catalog) -> None:
     """Set record.cost (USD, None when unpriced) and record.prices (what it was computed with)."""
     # billable(), inline: every request passes here.
     if not (record.input_tokens + record.output_tokens + record.cache_read_input_tokens
             + record.cache_creation_input_tokens or record.web_search_requests or record.iterations):
-        record.cost, record.prices = 0.0, None
+        if usage_unknown(record):
+            record.cost, record.prices = None, {"unpriced": USAGE_UNKNOWN}
+        else:
+            record.cost, record.prices = 0.0, None
         return
     entry = catalog.lookup(record.upstream_model) or catalog.lookup(record.requested_model)
     detail: dict[str, Any] = {"model": entry.id if entry else (record.upstream_model or record.requested_model)}

@@ -167,10 +167,13 @@ def _failure_fields(kinds: dict[str, int]) -> dict[str, Any]:
 
 
 def unpriced_requests(conn) -> list[tuple[str, int]]:
-    """(model, rows) for every model with ledger rows whose cost is unknown."""
+    """(model, rows) for every model with ledger rows that hold usage and no cost (the model, or a part of
+    its request, had no price); rows without usage (cut before the upstream reported any) are not the
+    model's."""
     return [(r[0] or "(none)", r[1]) for r in conn.execute(
-        "SELECT COALESCE(upstream_model, requested_model), COUNT(*) FROM usage WHERE cost IS NULL"
-        " GROUP BY 1 ORDER BY 2 DESC, 1")]
+        "SELECT COALESCE(upstream_model, requested_model), COUNT(*) FROM usage"
+        " WHERE cost IS NULL AND input_tokens + output_tokens + cache_read_input_tokens"
+        " + cache_creation_input_tokens + web_search_requests > 0 GROUP BY 1 ORDER BY 2 DESC, 1")]
 
 
 def _filters(**given: Any) -> tuple[str, list[Any]]:
