@@ -62,7 +62,7 @@ def billable(record: UsageRecord) -> bool:
     return bool(record.total_tokens or record.web_search_requests or record.iterations)
 
 
-USAGE_UNKNOWN = "usage unknown: the request was cut before the upstream reported any"
+USAGE_UNKNOWN = "usage unknown: the request ended before the upstream reported any"
 
 
 def usage_unknown(record: UsageRecord) -> bool:
