@@ -62,14 +62,21 @@ def billable(record: UsageRecord) -> bool:
     return bool(record.total_tokens or record.web_search_requests or record.iterations)
 
 
-USAGE_UNKNOWN = "usage unknown: the request was cut before the upstream reported any"
+USAGE_UNKNOWN = "usage unknown: the request ended before the upstream reported any"
 
 
 def usage_unknown(record: UsageRecord) -> bool:
-    """Whether the request was cut (its client left, or the gateway stopped) after it went upstream and
-    before the upstream reported any usage: the upstream may bill it, and nobody here knows how much."""
-    return (record.interrupted and record.reached_upstream and record.raw_usage is None
-            and record.status in (0, 200, 499))
+    """Whether the request went upstream and ended before the upstream reported any usage or an error:
+    cut (its client left, or the gateway stopped), or given up waiting (read_timeout).  The upstream may
+    bill it, and nobody here knows how much."""
+    if not record.reached_upstream or record.raw_usage is not None:
+        return False
+    if record.interrupted and record.status in (0, 200, 499):
+        return True
+    # Our own timeout: the last attempt got no answer, or a 2xx head whose body never came.
+    last = record.attempt_log[-1] if record.attempt_log else None
+    return (record.error_type == "timeout_error" and last is not None
+            and last.get("outcome") != "ok" and (last.get("status") or 200) < 300)
 
 
 def price(record: UsageRecord, catalog: Catalog) -> None:

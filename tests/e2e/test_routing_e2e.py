@@ -5,6 +5,8 @@ Which channel served a request is read from what each mock received (every reque
 """
 from __future__ import annotations
 
+import json
+
 import asyncio
 import logging
 import subprocess
@@ -241,6 +243,23 @@ async def test_timeout_on_the_only_channel_is_504(gateway_env, make_mock_upstrea
     await gateway_env.start(read_timeout=0.3)
     response, _ = await post(gateway_env, key, message())
     assert response.status == 504 and response.json()["error"]["type"] == "timeout_error"
+    # The upstream took the request and may bill it: its cost is unknown, not $0.
+    row = (await gateway_env.usage_rows(1))[0]
+    assert (row["status"], row["error_type"], row["cost"]) == (504, "timeout_error", None)
+    assert "usage unknown" in json.loads(row["prices"])["unpriced"]
+
+
+async def test_an_upstream_answering_504_itself_costs_nothing(gateway_env, make_mock_upstream):
+    """An error answer is the upstream's word that it did not serve the request: not billed, cost 0."""
+    upstream = await make_mock_upstream()
+    key = gateway_env.add_key("alice")
+    gateway_env.add_channel("only", upstream)
+    await gateway_env.start()
+    upstream.fail_next(504, error_type="timeout_error")
+    response, _ = await post(gateway_env, key, message())
+    assert response.status == 504
+    row = (await gateway_env.usage_rows(1))[0]
+    assert (row["status"], row["error_type"], row["cost"]) == (504, "timeout_error", 0.0)
 
 
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 529])
