@@ -334,8 +334,9 @@ class MeterPlugin(Protocol):
 
     def checkpoint(self, record: UsageRecord) -> None:
         """Optional.  A stream's usage as first reported (its message_start:
-        the input the upstream bills whatever happens next), priced and flagged
-        ``interrupted``, while the stream goes on.  record() follows for the
+        the input the upstream bills whatever happens next), or a batch's
+        billed results, priced and flagged ``interrupted``, while the request
+        goes on.  record() follows for the
         same request id and replaces it; a meter keeps it only for the case
         that the gateway dies first (see the sqlite meter's spool).
         Synchronous, on the stream's path: must not block.  The record goes on
