@@ -279,8 +279,13 @@ class PluginHost:
         _call_each(self._sent, record, "sent")
 
     def checkpoint(self, record: UsageRecord) -> None:
-        """A running request's usage so far, priced, to the meters that keep it (MeterPlugin.checkpoint)."""
-        _call_each(self._checkpoints, record, "checkpoint")
+        """A running request's usage so far, priced, to the meters that keep it (MeterPlugin.checkpoint),
+        flagged interrupted for the call: the row as it stands if the gateway dies before the end."""
+        interrupted, record.interrupted = record.interrupted, True
+        try:
+            _call_each(self._checkpoints, record, "checkpoint")
+        finally:
+            record.interrupted = interrupted
 
     async def meter(self, record: UsageRecord) -> None:
         for name, plugin in self.meters:

@@ -113,11 +113,7 @@ class BatchesEndpoint(OwnedEndpoint):
             if await self.fw.owned.settle_once(BATCH, batch_id):
                 bill_results(answer.body, record, self.fw.catalog.catalog, created)
                 record.status, record.error_type = 200, None      # the results were served, whatever the lookup
-                record.interrupted = True       # as the row stands if the gateway dies before the answer ends
-                try:
-                    self.fw.plugins.checkpoint(record)
-                finally:
-                    record.interrupted = False
+                self.fw.plugins.checkpoint(record)
         self.send_answer(resp, answer)
 
     async def _created_at(self, channel: Channel, req: Request, record: UsageRecord, batch_id: str) -> float:

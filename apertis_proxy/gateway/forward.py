@@ -372,11 +372,10 @@ class MessagesForwarder:
         return JsonRelay(conn, fwd.resp, head.status, down, record, timeout, meter, rename, fwd.count_tokens), meter
 
     def _checkpoint(self, record: UsageRecord) -> None:
-        """A stream's usage as first reported, priced and flagged interrupted, to the meters that keep it
-        in case the gateway dies before the stream ends (MeterPlugin.checkpoint).  The record itself, not a
-        copy (one per stream costs more than the rest): its cost is priced again when the stream ends."""
-        interrupted, duration_ms = record.interrupted, record.duration_ms
-        record.interrupted = True
+        """A stream's usage as first reported, priced, to the meters that keep it in case the gateway dies
+        before the stream ends (MeterPlugin.checkpoint).  The record itself, not a copy (one per stream costs
+        more than the rest): its cost is priced again when the stream ends."""
+        duration_ms = record.duration_ms
         record.duration_ms = round(max(0.0, time.time() - record.started_at) * 1000, 3)
         # The attempt serving the stream is logged when it ends; for a row that stands for a gateway that
         # died, it ended there.
@@ -386,7 +385,7 @@ class MessagesForwarder:
         try:
             self.plugins.checkpoint(record)
         finally:
-            record.interrupted, record.duration_ms = interrupted, duration_ms
+            record.duration_ms = duration_ms
             record.attempt_log.pop()
 
     def _remember(self, created: StateCapture, info: RequestInfo, channel: Channel, owner: str) -> None:

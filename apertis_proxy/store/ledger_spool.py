@@ -259,9 +259,11 @@ class LedgerSpool:
         later interim row of the same request, replaces it."""
         replaced = self.interims.get(request_id)
         self.interims[request_id] = line
-        if replaced is not None:
-            self._shrank(len(replaced))
-        self._grew(len(line))
+        change = len(line) - (len(replaced) if replaced is not None else 0)
+        if change >= 0:         # one change of size: a replaced line never flips `full` back and forth
+            self._grew(change)
+        else:
+            self._shrank(-change)
         seg = self.current
         assert seg is not None
         # Never synced on its own (its request waits for no disk): it is there for a killed process, which
@@ -363,9 +365,9 @@ class LedgerSpool:
         mine = {s.path for s in self.sealed}
         if self.current is not None:
             mine.add(self.current.path)
+        parsed = {name: _worker_and_seq(name) for name in names}
         newest: dict[str, int] = {}         # each worker's newest segment: the one its interim rows count in
-        for name in names:
-            worker, seq = _worker_and_seq(name)
+        for worker, seq in parsed.values():
             if worker is not None:
                 newest[worker] = max(seq, newest.get(worker, seq))
         for name in names:
@@ -375,7 +377,7 @@ class LedgerSpool:
             leftover_temp = name.startswith(".ledger-") and name.endswith(".tmp") and _older_than(path, 60)
             if path in mine or not (name.endswith(SUFFIXES) or leftover_temp):
                 continue
-            worker, seq = _worker_and_seq(name)
+            worker, seq = parsed[name]
             seg = self._lock(path, interims=worker is not None and newest[worker] == seq)
             if seg is None:
                 continue

@@ -265,19 +265,20 @@ _OWN_ERRORS = (sqlite3.DataError, ValueError, TypeError, OverflowError)
 
 
 def _row_errors() -> tuple:
-    try:
-        import asyncpg
-    except ImportError:
-        return _ROW_ERRORS
-    return _ROW_ERRORS + (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+    return _with_asyncpg(_ROW_ERRORS, "DataError", "IntegrityConstraintViolationError")
 
 
 def _own_errors() -> tuple:
+    return _with_asyncpg(_OWN_ERRORS, "DataError")
+
+
+def _with_asyncpg(errors: tuple, *names: str) -> tuple:
+    """`errors` and asyncpg's of these names, when asyncpg is installed (the postgres extra)."""
     try:
         import asyncpg
     except ImportError:
-        return _OWN_ERRORS
-    return _OWN_ERRORS + (asyncpg.DataError,)
+        return errors
+    return errors + tuple(getattr(asyncpg, name) for name in names)
 
 
 def _write(conn, shape: LedgerRows, values: list[list], settle: bool) -> int:
