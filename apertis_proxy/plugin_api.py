@@ -260,6 +260,20 @@ class UsageRecord:
         return (self.input_tokens + self.output_tokens
                 + self.cache_read_input_tokens + self.cache_creation_input_tokens)
 
+    @property
+    def usage_unknown(self) -> bool:
+        """Whether the request went upstream and ended before the upstream reported any usage or an
+        error: cut (its client left, or the gateway stopped), or given up waiting (read_timeout).  The
+        upstream may bill it and nobody here knows how much: such a record's cost is None."""
+        if not self.reached_upstream or self.raw_usage is not None:
+            return False
+        if self.interrupted and self.status in (0, 200, 499):
+            return True
+        # Our own timeout: the last attempt got no answer, or a 2xx head whose body never came.
+        last = self.attempt_log[-1] if self.attempt_log else None
+        return (self.error_type == "timeout_error" and last is not None
+                and last.get("outcome") != "ok" and (last.get("status") or 200) < 300)
+
 
 def stopped_attempt(channel: Optional[str], channel_id: Optional[int], status: Optional[int],
                     upstream_request_id: Optional[str]) -> dict:

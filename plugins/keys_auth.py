@@ -29,7 +29,7 @@ cost (apertis_proxy.budgets.reservation) and takes a concurrency slot;
 ``release()`` gives the slot back before the answer's last bytes and turns the
 reservation into the exact cost, which the ledger row then settles (a key
 without a concurrency limit is released just after the answer, without making
-it wait).  Near the
+it wait; a request whose usage is unknown keeps its bound as its cost).  Near the
 end of a quota, a request whose bound does not fit is admitted only while
 nothing else of the key is in flight (429 with retry-after otherwise), so a
 quota is overshot by at most one request.  Keys without limits never wait on
@@ -463,8 +463,11 @@ class KeysAuth:
         holds = caller.data.get("holds")
         if holds is None or self.limiter is None:
             return
-        cost = record.cost if record.cost and record.cost > 0 else 0.0
-        tokens = max(0, record.total_tokens)
+        if record.cost is None and record.usage_unknown:
+            cost, tokens = None, None       # the upstream may bill it: the reserved bound stands as its cost
+        else:
+            cost = record.cost if record.cost and record.cost > 0 else 0.0
+            tokens = max(0, record.total_tokens)
         key = self.by_id.get(caller.key_id)
         period = key.quota_period if key is not None else None
         if self.ledger_settles:

@@ -65,26 +65,12 @@ def billable(record: UsageRecord) -> bool:
 USAGE_UNKNOWN = "usage unknown: the request ended before the upstream reported any"
 
 
-def usage_unknown(record: UsageRecord) -> bool:
-    """Whether the request went upstream and ended before the upstream reported any usage or an error:
-    cut (its client left, or the gateway stopped), or given up waiting (read_timeout).  The upstream may
-    bill it, and nobody here knows how much."""
-    if not record.reached_upstream or record.raw_usage is not None:
-        return False
-    if record.interrupted and record.status in (0, 200, 499):
-        return True
-    # Our own timeout: the last attempt got no answer, or a 2xx head whose body never came.
-    last = record.attempt_log[-1] if record.attempt_log else None
-    return (record.error_type == "timeout_error" and last is not None
-            and last.get("outcome") != "ok" and (last.get("status") or 200) < 300)
-
-
 def price(record: UsageRecord, catalog: Catalog) -> None:
     """Set record.cost (USD, None when unpriced) and record.prices (what it was computed with)."""
     # billable(), inline: every request passes here.
     if not (record.input_tokens + record.output_tokens + record.cache_read_input_tokens
             + record.cache_creation_input_tokens or record.web_search_requests or record.iterations):
-        if usage_unknown(record):
+        if record.usage_unknown:
             record.cost, record.prices = None, {"unpriced": USAGE_UNKNOWN}
         else:
             record.cost, record.prices = 0.0, None

@@ -200,6 +200,7 @@ _ENDED = ("INSERT INTO admission_ended (key_id, start, n, cost, tokens) VALUES (
           " ON CONFLICT (key_id, start)"
           " DO UPDATE SET n = n + 1, cost = cost + excluded.cost, tokens = tokens + excluded.tokens")
 RELEASE_FREE = "DELETE FROM admissions WHERE key_id = ? AND request_id = ? AND live = 1"
+_RESERVED = "SELECT cost, tokens FROM admissions WHERE key_id = ? AND request_id = ? AND live = 1"
 _RENEW = ("INSERT INTO limit_leases (holder, expires_at) VALUES (?, ?)"
           " ON CONFLICT (holder) DO UPDATE SET expires_at = excluded.expires_at")
 _LEASE = "SELECT expires_at FROM limit_leases WHERE holder = ?"
@@ -254,15 +255,20 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
     return decision
 
 
-def release_step(conn, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
-                 period: Optional[str] = None, start: Optional[str] = None, retry: bool = False) -> None:
+def release_step(conn, key_id: int, request_id: str, cost: Optional[float], tokens: Optional[int],
+                 settled_by_ledger: bool, period: Optional[str] = None, start: Optional[str] = None,
+                 retry: bool = False) -> None:
     """A request ended: its slot is free.  With the ledger settling spend, its reservation becomes its
     exact cost, kept under `start`, the UTC day its request started, until the ledger row deletes it (a
     request that cost nothing is forgotten at once); else its cost is added to the key's spend here, and
     to `period`'s starting on `start`, in the same transaction as the deletion.  Without
     a ledger, a first release settles the cost also when the admission is gone (collected with a lease
     run out STALE_LEASE_SECONDS ago: its process had stalled); a `retry` only while it is still there
-    (an earlier try may have committed)."""
+    (an earlier try may have committed).  A `cost` of None (the request's usage is unknown: the upstream
+    may bill it) keeps the reserved bound, cost and tokens, as the request's cost."""
+    if cost is None:
+        row = conn.execute(_RESERVED, (key_id, request_id)).fetchone()
+        cost, tokens = (row[0], row[1]) if row is not None else (0.0, 0)
     if settled_by_ledger:
         if cost or tokens:
             start = start or ""
@@ -460,8 +466,8 @@ class SqliteAdmissions:
               bound_tokens: int) -> "asyncio.Future[Decision]":
         return self._submit(admit_step, limits, request_id, holder, bound_cost, bound_tokens)
 
-    def release(self, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
-                period: Optional[str] = None, start: Optional[str] = None,
+    def release(self, key_id: int, request_id: str, cost: Optional[float], tokens: Optional[int],
+                settled_by_ledger: bool, period: Optional[str] = None, start: Optional[str] = None,
                 retry: bool = False) -> "asyncio.Future[None]":
         return self._submit(release_step, key_id, request_id, cost, tokens, settled_by_ledger, period, start,
                             retry)

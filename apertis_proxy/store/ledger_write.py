@@ -38,26 +38,33 @@ MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 
 # The spend of the rows inserted by this transaction (ids above the highest id
 # before it: nobody else writes inside BEGIN IMMEDIATE), added to their keys.
-# A key deleted meanwhile is skipped, not a foreign-key error.
-_SETTLE = """
+# A key deleted meanwhile is skipped, not a foreign-key error.  A row of unknown
+# cost counts as its admission's cost: the reserved bound of a request whose usage
+# is unknown (admissions.release_step; also a live one, its gateway killed), 0 for
+# an unpriced model's; with no tokens, the admission's tokens.
+_QUOTA_COST = """CASE WHEN u.cost IS NULL THEN COALESCE((SELECT a.cost FROM admissions a
+    WHERE a.key_id = u.key_id AND a.request_id = u.request_id), 0) ELSE MAX(u.cost, 0) END"""
+_TOKENS = "u.input_tokens + u.output_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens"
+_QUOTA_TOKENS = f"""CASE WHEN u.cost IS NULL AND {_TOKENS} = 0 THEN COALESCE((SELECT a.tokens FROM admissions a
+    WHERE a.key_id = u.key_id AND a.request_id = u.request_id), 0) ELSE {_TOKENS} END"""
+_SETTLE = f"""
 INSERT INTO key_spend (key_id, cost, tokens)
-SELECT key_id, SUM(MAX(COALESCE(cost, 0), 0)),
-       SUM(input_tokens + output_tokens + cache_read_input_tokens + cache_creation_input_tokens)
-FROM usage WHERE id > ? AND key_id IN (SELECT id FROM keys) GROUP BY key_id HAVING SUM(cost > 0) OR SUM(
-    input_tokens + output_tokens + cache_read_input_tokens + cache_creation_input_tokens) > 0
+SELECT key_id, SUM(cost), SUM(tokens) FROM (
+    SELECT u.key_id, {_QUOTA_COST} AS cost, {_QUOTA_TOKENS} AS tokens
+    FROM usage u WHERE u.id > ? AND u.key_id IN (SELECT id FROM keys))
+GROUP BY key_id HAVING SUM(cost > 0) OR SUM(tokens) > 0
 ON CONFLICT (key_id) DO UPDATE SET cost = cost + excluded.cost, tokens = tokens + excluded.tokens
 """
 
 # The same rows' spend in their keys' current quota periods (day, ISO week from Monday, month; UTC),
 # the period taken from each row's start time.
-_SETTLE_PERIODS = """
+_SETTLE_PERIODS = f"""
 INSERT INTO key_period_spend (key_id, period, start, cost, tokens)
 SELECT u.key_id, k.quota_period,
        CASE k.quota_period WHEN 'day' THEN date(u.ts, 'unixepoch')
                            WHEN 'week' THEN date(u.ts, 'unixepoch', '-6 days', 'weekday 1')
                            ELSE strftime('%Y-%m-01', u.ts, 'unixepoch') END AS start,
-       SUM(MAX(COALESCE(u.cost, 0), 0)),
-       SUM(u.input_tokens + u.output_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens)
+       SUM({_QUOTA_COST}), SUM({_QUOTA_TOKENS})
 FROM usage u JOIN keys k ON k.id = u.key_id
 WHERE u.id > ? AND k.quota_period IN ('day', 'week', 'month')
 GROUP BY u.key_id, k.quota_period, start

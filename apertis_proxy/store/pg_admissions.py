@@ -237,6 +237,8 @@ ON CONFLICT (key_id, start) DO UPDATE SET n = e.n + 1, cost = e.cost + EXCLUDED.
     tokens = e.tokens + EXCLUDED.tokens
 """
 _RELEASE_FREE = "DELETE FROM admissions WHERE key_id = $1 AND request_id = $2 AND live = 1 RETURNING key_id"
+# A live admission's reserved bound, locked until the release that makes it the request's cost.
+_RESERVED = "SELECT cost, tokens FROM admissions WHERE key_id = $1 AND request_id = $2 AND live = 1 FOR UPDATE"
 # The lease renewed (taken again if it had run out), as admissions.renew_step: a lease run out for
 # STALE_LEASE_SECONDS goes with its holder's live admissions, and ended admissions of keys with a quota period
 # whose requests started before `kept` (ENDED_KEPT_DAYS ago) with their sums, but not those a ledger write holds at
@@ -435,8 +437,24 @@ class PgAdmissions:
                                              live_tokens=row[6], recent=row[7], oldest=None), max(1, row[8]))
                 for row in rows]
 
-    async def release(self, key_id: int, request_id: str, cost: float, tokens: int, settled_by_ledger: bool,
-                      period: Optional[str] = None, start: Optional[str] = None, retry: bool = False) -> None:
+    async def release(self, key_id: int, request_id: str, cost: Optional[float], tokens: Optional[int],
+                      settled_by_ledger: bool, period: Optional[str] = None, start: Optional[str] = None,
+                      retry: bool = False) -> None:
+        if cost is None:
+            # The usage is unknown: the reserved bound stands as the request's cost (admissions.release_step).
+            async def at_bound(conn) -> None:
+                async with conn.transaction():
+                    row = await conn.fetchrow(_RESERVED, key_id, request_id)
+                    bound, bound_tokens = (row[0], row[1]) if row is not None else (0.0, 0)
+                    if not settled_by_ledger:
+                        await _release_and_settle(conn, key_id, request_id, bound, bound_tokens, period, start,
+                                                  retry)
+                    elif bound or bound_tokens:
+                        await conn.execute(_RELEASE_ENDED, key_id, request_id, bound, bound_tokens, start or "")
+                    else:
+                        await conn.execute(_RELEASE_FREE, key_id, request_id)
+            await self._run(at_bound)
+            return
         if settled_by_ledger:
             await self._releases.call((key_id, request_id, float(cost), int(tokens), start or ""))
             return

@@ -20,17 +20,25 @@ def _write_sql(columns: Sequence[str], settle: bool) -> str:
     cols = ", ".join(columns)
     updates = ", ".join(f"{f} = usage_daily.{f} + EXCLUDED.{f}" for f in ROLLUP_FIELDS)
     sums = ", ".join(f"SUM({f})" for f in ROLLUP_SUMS)
-    tokens = " + ".join(ROLLUP_SUMS)
     # With settle: a row per key and day whose ended admissions the ledger rows settled
     # (pg_admissions.py), for _SETTLE_ENDED.
     ended = """, f.key_id, f.start, f.n, f.cost, f.tokens FROM (SELECT 1) one
 LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) AS tokens FROM freed WHERE live = 0
            GROUP BY key_id, start) f ON true ORDER BY f.key_id, f.start""" if settle else ""
-    spend = f""", spend AS (
+    # A row of unknown cost counts as its admission's cost, with no tokens its admission's tokens (see
+    # ledger_write._SETTLE); the statement's snapshot still holds the admissions `freed` deletes.
+    quota_cost = """CASE WHEN ins.cost IS NULL THEN COALESCE((SELECT a.cost FROM admissions a
+        WHERE a.key_id = ins.key_id AND a.request_id = ins.request_id), 0) ELSE GREATEST(ins.cost, 0) END"""
+    ins_tokens = " + ".join(f"ins.{f}" for f in ROLLUP_SUMS)
+    quota_tokens = f"""CASE WHEN ins.cost IS NULL AND {ins_tokens} = 0 THEN COALESCE((SELECT a.tokens FROM admissions a
+        WHERE a.key_id = ins.key_id AND a.request_id = ins.request_id), 0) ELSE {ins_tokens} END"""
+    spend = f""", quota AS (
+    SELECT ins.key_id, ins.ts, {quota_cost} AS cost, {quota_tokens} AS tokens FROM ins
+), spend AS (
     INSERT INTO key_spend (key_id, cost, tokens)
-    SELECT key_id, SUM(GREATEST(COALESCE(cost, 0), 0)), SUM({tokens})
-    FROM ins WHERE key_id IN (SELECT id FROM keys) GROUP BY key_id
-    HAVING SUM(GREATEST(COALESCE(cost, 0), 0)) > 0 OR SUM({tokens}) > 0
+    SELECT key_id, SUM(cost), SUM(tokens)
+    FROM quota WHERE key_id IN (SELECT id FROM keys) GROUP BY key_id
+    HAVING SUM(cost) > 0 OR SUM(tokens) > 0
     ON CONFLICT (key_id) DO UPDATE SET cost = key_spend.cost + EXCLUDED.cost,
         tokens = key_spend.tokens + EXCLUDED.tokens
 ), freed AS (
@@ -38,13 +46,13 @@ LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) A
     RETURNING a.key_id, a.start, a.live, a.cost, a.tokens
 ), period_spend AS (
     INSERT INTO key_period_spend (key_id, period, start, cost, tokens)
-    SELECT ins.key_id, k.quota_period,
-        to_char(CASE k.quota_period WHEN 'day' THEN date_trunc('day', to_timestamp(ins.ts) AT TIME ZONE 'UTC')
-                                    WHEN 'week' THEN date_trunc('week', to_timestamp(ins.ts) AT TIME ZONE 'UTC')
-                                    ELSE date_trunc('month', to_timestamp(ins.ts) AT TIME ZONE 'UTC') END,
+    SELECT q.key_id, k.quota_period,
+        to_char(CASE k.quota_period WHEN 'day' THEN date_trunc('day', to_timestamp(q.ts) AT TIME ZONE 'UTC')
+                                    WHEN 'week' THEN date_trunc('week', to_timestamp(q.ts) AT TIME ZONE 'UTC')
+                                    ELSE date_trunc('month', to_timestamp(q.ts) AT TIME ZONE 'UTC') END,
                 'YYYY-MM-DD') AS start,
-        SUM(GREATEST(COALESCE(ins.cost, 0), 0)), SUM({tokens})
-    FROM ins JOIN keys k ON k.id = ins.key_id
+        SUM(q.cost), SUM(q.tokens)
+    FROM quota q JOIN keys k ON k.id = q.key_id
     WHERE k.quota_period IN ('day', 'week', 'month')
     GROUP BY 1, 2, 3
     ON CONFLICT (key_id, period, start) DO UPDATE SET cost = key_period_spend.cost + EXCLUDED.cost,

@@ -43,10 +43,10 @@ async def opened(url: str, n: int) -> list[Process]:
     return out
 
 
-def new_key(url: str, name: str) -> int:
+def new_key(url: str, name: str, **limits) -> int:
     conn = service.connect(url)
     try:
-        key_id, _ = create_key(conn, name)
+        key_id, _ = create_key(conn, name, **limits)
         conn.commit()
         return key_id
     finally:
@@ -273,3 +273,73 @@ async def test_postgres_admissions_commit_without_waiting_for_the_disk(pg_url):
         assert setting == "off"
     finally:
         await store.close()
+
+
+def unknown_usage_row(key_id: int, key_name: str, request_id: str) -> dict:
+    """The ledger row of a request cut before the upstream reported any usage: no tokens, cost unknown."""
+    return dataclasses.asdict(UsageRecord(request_id=request_id, started_at=time.time(), endpoint="/v1/messages",
+                                          status=499, key_id=key_id, key_name=key_name, interrupted=True,
+                                          reached_upstream=True, cost=None))
+
+
+def period_spend(url: str, key_id: int) -> tuple[float, int]:
+    conn = service.connect(url)
+    try:
+        row = conn.execute("SELECT cost, tokens FROM key_period_spend WHERE key_id = ?", (key_id,)).fetchone()
+        return (float(row[0]), int(row[1])) if row is not None else (0.0, 0)
+    finally:
+        conn.close()
+
+
+async def test_a_request_of_unknown_usage_counts_its_reserved_bound_until_and_after_its_ledger_row(store_url):
+    """A release with cost None (the upstream may bill the request, nobody knows how much) keeps the
+    reserved bound as the request's cost: it counts at once, and the ledger row (cost NULL, no tokens)
+    settles that bound into the key's spend and its period's, once.  A request whose gateway was killed
+    (its admission never released) settles its bound the same way; a row of known cost settles its own."""
+    key_id = new_key(store_url, "unknown", quota_cost=1.0, quota_tokens=100_000, quota_period="day")
+    start = time.strftime("%Y-%m-%d", time.gmtime())
+    async with leased_process(store_url) as store:
+        limits = Limits(key_id, quota_cost=1.0, quota_tokens=100_000, quota_period="day")
+        assert (await admit(store, limits, "u1", "h", cost=0.4, tokens=3000)).admitted
+        await release(store, key_id, "u1", None, None, True, "day", start)
+        await store.admissions.release(key_id, "u1", None, None, True, "day", start, retry=True)   # once
+        seen = await admit(store, limits, "u2", "h", cost=0.1, tokens=10)
+        assert seen.admitted and seen.use.live == 0
+        assert (seen.use.spent_cost, seen.use.spent_tokens) == (pytest.approx(0.4), 3000)
+        await release(store, key_id, "u2", 0.05, 20, True, "day", start)
+        # u3's gateway dies: its admission stays live with its bound when the adopted row lands.
+        assert (await admit(store, limits, "u3", "h", cost=0.2, tokens=500)).admitted
+        known = dataclasses.asdict(UsageRecord(request_id="u2", started_at=time.time(), endpoint="/v1/messages",
+                                               status=200, key_id=key_id, key_name="unknown", input_tokens=10,
+                                               output_tokens=10, cost=0.05))
+        rows = [unknown_usage_row(key_id, "unknown", "u1"), known, unknown_usage_row(key_id, "unknown", "u3")]
+        assert await store.store.write_ledger(rows) == 3
+        assert await store.admissions.in_flight(key_id) == (0, 0.0)
+        spend = (await store.store.read_spend())[key_id]
+        assert (spend[0], spend[1]) == (pytest.approx(0.65), 3520)
+        cost, tokens = period_spend(store_url, key_id)
+        assert (cost, tokens) == (pytest.approx(0.65), 3520)
+        after = await admit(store, limits, "u4", "h", cost=0.1, tokens=10)
+        assert after.admitted and (after.use.spent_cost, after.use.spent_tokens) == (pytest.approx(0.65), 3520)
+        conn = service.connect(store_url)
+        try:    # the ended bound left the key's ended sums when its row settled it: nothing counted twice
+            assert tuple(conn.execute("SELECT n, cost, tokens FROM admission_ended").fetchone()) == (0, 0, 0)
+        finally:
+            conn.close()
+
+
+async def test_without_a_ledger_a_request_of_unknown_usage_adds_its_bound_to_the_spend(store_url):
+    key_id = new_key(store_url, "unknown-no-ledger", quota_cost=1.0, quota_period="day")
+    start = time.strftime("%Y-%m-%d", time.gmtime())
+    async with leased_process(store_url) as store:
+        limits = Limits(key_id, quota_cost=1.0, quota_period="day")
+        assert (await admit(store, limits, "n1", "h", cost=0.7, tokens=0)).admitted
+        await release(store, key_id, "n1", None, None, False, "day", start)
+        await store.admissions.release(key_id, "n1", None, None, False, "day", start, retry=True)   # once
+        assert (await store.store.read_spend())[key_id][0] == pytest.approx(0.7)
+        assert period_spend(store_url, key_id)[0] == pytest.approx(0.7)
+        # 0.7 spent: a bound of 0.4 does not fit, but runs alone; the next one is refused once it ends.
+        assert (await admit(store, limits, "n2", "h", cost=0.4)).admitted
+        await release(store, key_id, "n2", None, None, False, "day", start)
+        refused = await admit(store, limits, "n3", "h", cost=0.01)
+        assert refused.reason == "quota" and refused.use.spent_cost == pytest.approx(1.1)

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import pytest
+
 from apertis_proxy import cli
 from apertis_proxy.store import service
 from tests.ops.test_ledger_faults import ledger_ids, message, post, setup_store
@@ -232,3 +234,67 @@ async def test_a_stream_its_client_left_before_the_upstream_answered_is_not_bill
             assert row["cost"] is None, f"metered as {row}"
         finally:
             await asyncio.to_thread(host.kill)
+
+
+# -- what such a request counts against a quota -----------------------------------------------------------------------
+
+# Haiku 4.5's output is $5 per million tokens: 32,000 of them reserve at least $0.16, more than the $0.10 quota
+# (admitted alone: nothing else of the key is in flight).
+COSTLY_BOUND = {"max_tokens": 32_000}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "gw.db")
+    return request.getfixturevalue("pg_url")
+
+
+async def status_once_released(port: int, key: str) -> int:
+    """The status of a small request of `key`, asked again while it is 429 (the request before still in
+    flight: the gateway is yet to see its client leave), as the SDKs retry it."""
+    for _ in range(50):
+        status, _, _ = await asyncio.to_thread(post, port, key, message())
+        if status != 429:
+            return status
+        await asyncio.sleep(0.1)
+    return status
+
+
+async def test_a_quota_counts_a_request_its_client_left_before_any_usage_at_its_reserved_bound(store_url, tmp_path):
+    """A stream the upstream had taken (it may bill it) whose client left before any usage was reported has
+    its cost unknown; the key's quota counts its reserved bound ($0.16 of a $0.10 quota), not $0, also once
+    its ledger row landed: the key's next request gets 402."""
+    async with MockUpstream(api_key=MOCK_API_KEY) as mock:
+        key = await asyncio.to_thread(setup_store, store_url, mock, "--quota", "0.10")
+        host = await asyncio.to_thread(GatewayProcess.start, store_url, tmp_path / "gw")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", host.port, timeout=10)
+            conn.request("POST", "/v1/messages", body=json.dumps(message(stream=True, **COSTLY_BOUND)).encode(),
+                         headers={"content-type": "application/json", "anthropic-version": "2023-06-01",
+                                  "x-api-key": key, "x-mock-scenario": "first-byte-delay=5"})
+            await asyncio.wait_for(upstream_has_a_request(mock), 10.0)
+            conn.close()                        # the client leaves before the stream's head came
+            status = await status_once_released(host.port, key)
+            assert status == 402, f"a key past its quota by an unknown-cost request was answered {status}"
+            assert await rows_appear(store_url), "the cut request has no ledger row"
+            await asyncio.sleep(1.0)            # shipped and settled: the bound is the key's spend now
+            status, _, body = await asyncio.to_thread(post, host.port, key, message())
+            assert status == 402, f"once the ledger row landed the key was answered {status}: {body[:200]!r}"
+            assert b"billing_error" in body
+        finally:
+            await asyncio.to_thread(host.kill)
+
+
+async def test_a_quota_counts_a_request_cut_by_kill9_before_any_usage_at_its_reserved_bound(store_url, tmp_path):
+    """The same request cut by kill -9 (its admission never released): the adopted gateway_stopped row settles
+    the admission's reserved bound into the key's spend, so the key's next request gets 402 once the killed
+    process's lease ran out, instead of the request counting $0."""
+    async with MockUpstream(api_key=MOCK_API_KEY) as mock:
+        key = await asyncio.to_thread(setup_store, store_url, mock, "--quota", "0.10")
+        again = await killed_before_answer(store_url, tmp_path / "gw", mock, key, message(**COSTLY_BOUND))
+        try:
+            status, _, body = await asyncio.to_thread(post, again.port, key, message())
+            assert status == 402, f"a key past its quota by an unknown-cost request was answered {status}"
+        finally:
+            await asyncio.to_thread(again.kill)
