@@ -403,7 +403,11 @@ class KeysAuth:
         key.alone_tokens += bound_tokens
         if key.rpm is not None:
             key.recent.append(mono)
-        return key.alone_caller
+        if not (bound_cost or bound_tokens):
+            return key.alone_caller
+        # The bound, for finish() to count should the request's usage be unknown.
+        caller = key.alone_caller
+        return dataclasses.replace(caller, data={**caller.data, "bound": (bound_cost, bound_tokens)})
 
     def _rotated_key(self, key_hash: str) -> Optional[KeyState]:
         """The key an old secret belongs to, while its grace period lasts."""
@@ -491,8 +495,12 @@ class KeysAuth:
             return      # settled through the store: release() made the reservation the exact cost
         if caller.data.get("alone"):
             key.in_flight = max(0, key.in_flight - 1)
-        cost = record.cost if record.cost and record.cost > 0 else 0.0
-        tokens = max(0, record.total_tokens)
+        if record.cost is None and record.usage_unknown:
+            # The upstream may bill it: its bound counts (until its ledger row lands, with the sqlite meter).
+            cost, tokens = caller.data.get("bound", (0.0, 0))
+        else:
+            cost = record.cost if record.cost and record.cost > 0 else 0.0
+            tokens = max(0, record.total_tokens)
         if cost or tokens:
             key.pending_cost += cost
             key.pending_tokens += tokens
