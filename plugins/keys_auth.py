@@ -514,11 +514,16 @@ class KeysAuth:
         if cost or tokens:
             key.pending_cost += cost
             key.pending_tokens += tokens
-            if self.ledger_settles and unmetered:
-                start = period_start(key.quota_period, record.started_at) if key.quota_period else None
-                self._unmetered.append((key.id, cost, tokens, key.quota_period, start))
-            elif self.ledger_settles:
-                self._unshipped[record.request_id] = (key.id, cost, tokens)
+            if self.ledger_settles:
+                if unmetered:
+                    # Its ledger row (cost NULL) finds no admission to settle a bound from: this plugin
+                    # settles the bound, with its tokens where the row holds none; the row, its own tokens.
+                    own_tokens = tokens if record.usage_unknown else 0
+                    start = period_start(key.quota_period, record.started_at) if key.quota_period else None
+                    self._unmetered.append((key.id, cost, own_tokens, key.quota_period, start))
+                    cost, tokens = 0.0, tokens - own_tokens
+                if cost or tokens:
+                    self._unshipped[record.request_id] = (key.id, cost, tokens)
             if key.quota_cost is not None or key.quota_tokens is not None:
                 # A quota may just have been reached: settle soon rather than on
                 # the next interval, so other workers see it too.
