@@ -90,6 +90,24 @@ async def end(auth: KeysAuth, caller, rec: UsageRecord) -> None:
     await auth.limiter.drain()
 
 
+async def admitted_alone(auth: KeysAuth, url: str, plain: str, n: int) -> list[tuple[RequestInfo, object]]:
+    """`n` requests admitted while another connection holds SQLite's write lock (the store is away): alone, each
+    with the bound it was admitted with; (request, caller) each."""
+    first = request(plain)
+    caller = await auth.authenticate(first)
+    await end(auth, caller, record_of(first, caller))           # the store seen once: a share to admit from
+    blocker = sqlite3.connect(url, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        reqs = [request(plain) for _ in range(n)]
+        admitted = [(req, await auth.authenticate(req)) for req in reqs]
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert all(c.data.get("alone") and c.data.get("bound") for _, c in admitted)
+    return admitted
+
+
 # -- share mode, the sqlite meter: an unpriced request admitted alone --------------------------------------------------
 
 async def test_share_mode_counts_the_tokens_of_an_unpriced_request_admitted_alone_once(tmp_path, monkeypatch):
@@ -101,18 +119,7 @@ async def test_share_mode_counts_the_tokens_of_an_unpriced_request_admitted_alon
     service.connect(url).close()
     key_id, plain = new_key(url, "alone", quota_cost=10.0, quota_tokens=1_000_000)
     async with running(keys_plugin(url, limits_on_store_down="share")) as auth:
-        first = request(plain)
-        caller = await auth.authenticate(first)
-        await end(auth, caller, record_of(first, caller))           # the store seen once: a share to admit from
-        blocker = sqlite3.connect(url, isolation_level=None)
-        blocker.execute("BEGIN EXCLUSIVE")
-        try:
-            req = request(plain)
-            caller = await auth.authenticate(req)
-            assert caller.data.get("alone") and caller.data.get("bound"), caller.data
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
+        ((req, caller),) = await admitted_alone(auth, url, plain, 1)
         rec = unpriced(req, caller, 30, 20)
         await end(auth, caller, rec)
         # The ledger row lands (the meter ships it), and the plugin settles what it set aside.
@@ -131,18 +138,7 @@ async def test_share_mode_counts_a_cut_request_admitted_alone_at_its_bound_once(
     service.connect(url).close()
     key_id, plain = new_key(url, "cut-alone", quota_cost=10.0, quota_tokens=1_000_000)
     async with running(keys_plugin(url, limits_on_store_down="share")) as auth:
-        first = request(plain)
-        caller = await auth.authenticate(first)
-        await end(auth, caller, record_of(first, caller))
-        blocker = sqlite3.connect(url, isolation_level=None)
-        blocker.execute("BEGIN EXCLUSIVE")
-        try:
-            reqs = [request(plain) for _ in range(2)]
-            callers = [await auth.authenticate(req) for req in reqs]
-            assert all(c.data.get("alone") and c.data.get("bound") for c in callers)
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
+        reqs, callers = zip(*await admitted_alone(auth, url, plain, 2))
         records = [cut(req, c) for req, c in zip(reqs, callers)]
         await end(auth, callers[0], records[0])
         assert await auth.store.write_ledger([dataclasses.asdict(records[0])]) == 1     # the row first
