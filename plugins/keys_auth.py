@@ -223,6 +223,10 @@ class KeysAuth:
         # by request id: request id -> (key id, cost, tokens).
         self.ledger_settles = "sqlite" in ctx.meters
         self._unshipped: dict[str, tuple[int, float, int]] = {}
+        # Bounds this plugin settles itself with the sqlite meter (see finish()):
+        # (key id, cost, tokens, quota period, its start).
+        self._unmetered: list[tuple[int, float, int, Optional[str], Optional[str]]] = []
+        self._unmetered_settled: list[tuple[int, float, int]] = []     # in the spend, not yet re-read
         self.lease_seconds = float(ctx.options.get("limits_lease_seconds", DEFAULT_LEASE_SECONDS))
         self.share_when_down = str(ctx.options.get("limits_on_store_down", "refuse")) == "share"
         self.limiter: Optional[Limiter] = None
@@ -403,7 +407,11 @@ class KeysAuth:
         key.alone_tokens += bound_tokens
         if key.rpm is not None:
             key.recent.append(mono)
-        return key.alone_caller
+        if not (bound_cost or bound_tokens):
+            return key.alone_caller
+        # The bound, for finish() to count should the request's usage be unknown.
+        caller = key.alone_caller
+        return dataclasses.replace(caller, data={**caller.data, "bound": (bound_cost, bound_tokens)})
 
     def _rotated_key(self, key_hash: str) -> Optional[KeyState]:
         """The key an old secret belongs to, while its grace period lasts."""
@@ -463,10 +471,12 @@ class KeysAuth:
         holds = caller.data.get("holds")
         if holds is None or self.limiter is None:
             return
-        if record.cost is None and record.usage_unknown:
-            cost, tokens = None, None       # the upstream may bill it: the reserved bound stands as its cost
+        if record.cost is None:
+            # No price for its usage, or its usage is unknown: the upstream may bill it, and the reserved
+            # bound stands as its cost (and as its tokens when they are unknown too).
+            cost, tokens = None, None if record.usage_unknown else max(0, record.total_tokens)
         else:
-            cost = record.cost if record.cost and record.cost > 0 else 0.0
+            cost = record.cost if record.cost > 0 else 0.0
             tokens = max(0, record.total_tokens)
         key = self.by_id.get(caller.key_id)
         period = key.quota_period if key is not None else None
@@ -491,13 +501,29 @@ class KeysAuth:
             return      # settled through the store: release() made the reservation the exact cost
         if caller.data.get("alone"):
             key.in_flight = max(0, key.in_flight - 1)
-        cost = record.cost if record.cost and record.cost > 0 else 0.0
-        tokens = max(0, record.total_tokens)
+        unmetered = record.cost is None and "bound" in caller.data
+        if unmetered:
+            # Admitted alone, no price for its usage or its usage unknown: the upstream may bill it, and no
+            # admission in the store holds its bound for the ledger row to settle: this plugin settles it.
+            bound_cost, bound_tokens = caller.data["bound"]
+            cost = bound_cost
+            tokens = bound_tokens if record.usage_unknown else max(0, record.total_tokens)
+        else:
+            cost = record.cost if record.cost and record.cost > 0 else 0.0
+            tokens = max(0, record.total_tokens)
         if cost or tokens:
             key.pending_cost += cost
             key.pending_tokens += tokens
             if self.ledger_settles:
-                self._unshipped[record.request_id] = (key.id, cost, tokens)
+                if unmetered:
+                    # Its ledger row (cost NULL) finds no admission to settle a bound from: this plugin
+                    # settles the bound, with its tokens where the row holds none; the row, its own tokens.
+                    own_tokens = tokens if record.usage_unknown else 0
+                    start = period_start(key.quota_period, record.started_at) if key.quota_period else None
+                    self._unmetered.append((key.id, cost, own_tokens, key.quota_period, start))
+                    cost, tokens = 0.0, tokens - own_tokens
+                if cost or tokens:
+                    self._unshipped[record.request_id] = (key.id, cost, tokens)
             if key.quota_cost is not None or key.quota_tokens is not None:
                 # A quota may just have been reached: settle soon rather than on
                 # the next interval, so other workers see it too.
@@ -574,9 +600,26 @@ class KeysAuth:
         starts = {period: period_start(period, self.clock()) for period in PERIODS}
         async with self._spend_lock:
             if self.ledger_settles:
+                await self._settle_unmetered(starts)
                 await self._read_settled_spend(starts)
             else:
                 await self._settle(starts)
+
+    async def _settle_unmetered(self, starts: dict[str, str]) -> None:
+        """Add the bounds finish() set aside to the keys' spend (their ledger rows settle nothing); they
+        leave the pending spend when the spend is next re-read."""
+        batch, self._unmetered = self._unmetered, []
+        if not batch:
+            return
+        try:
+            await self.store.settle_spend([(key_id, cost, tokens) for key_id, cost, tokens, _, _ in batch],
+                                          [(key_id, period, start, cost, tokens)
+                                           for key_id, cost, tokens, period, start in batch if period],
+                                          starts)
+        except BaseException:
+            self._unmetered[:0] = batch
+            raise
+        self._unmetered_settled.extend(entry[:3] for entry in batch)
 
     async def _settle(self, starts: dict[str, str]) -> None:
         batch = []
@@ -601,12 +644,13 @@ class KeysAuth:
         self._apply_spend(spend, in_period, starts)
 
     async def _read_settled_spend(self, starts: dict[str, str]) -> None:
-        """Re-read key_spend (and the current periods' spend); requests whose ledger rows it now includes
-        stop being pending.  All is read in one transaction, so no request counts twice or not at all."""
+        """Re-read key_spend (and the current periods' spend); requests whose ledger rows it now includes,
+        and the bounds settled by _settle_unmetered, stop being pending.  All is read in one transaction, so
+        no request counts twice or not at all."""
         periodic = starts if any(k.quota_period for k in self.by_id.values()) else {}
         shipped, spend, in_period = await self.store.shipped_and_spend(list(self._unshipped), periodic)
-        for rid in shipped:
-            key_id, cost, tokens = self._unshipped.pop(rid)
+        settled, self._unmetered_settled = self._unmetered_settled, []
+        for key_id, cost, tokens in [*map(self._unshipped.pop, shipped), *settled]:
             key = self.by_id.get(key_id)
             if key is not None:
                 key.pending_cost = max(0.0, key.pending_cost - cost)

@@ -18,8 +18,8 @@ written twice counts once, and a replaced worker starts a file of its own.
 When a worker ends, `mark_dead` renames its file to `dead-PID-NS.json`: its
 counters and histograms stay in every later total (nothing resets), its gauges
 no longer count.  A worker killed with SIGKILL loses what it counted since its
-last write (a scrape's or the interval's), as the ledger loses the rows its
-meter had not written yet.
+last write (a scrape's or the interval's); the ledger does not (its spool), so
+after a kill the metrics' totals may stand below the ledger's.
 """
 from __future__ import annotations
 

@@ -264,11 +264,12 @@ def release_step(conn, key_id: int, request_id: str, cost: Optional[float], toke
     to `period`'s starting on `start`, in the same transaction as the deletion.  Without
     a ledger, a first release settles the cost also when the admission is gone (collected with a lease
     run out STALE_LEASE_SECONDS ago: its process had stalled); a `retry` only while it is still there
-    (an earlier try may have committed).  A `cost` of None (the request's usage is unknown: the upstream
-    may bill it) keeps the reserved bound, cost and tokens, as the request's cost."""
-    if cost is None:
-        row = conn.execute(_RESERVED, (key_id, request_id)).fetchone()
-        cost, tokens = (row[0], row[1]) if row is not None else (0.0, 0)
+    (an earlier try may have committed).  A `cost` of None (no price for the request's usage, or its usage
+    unknown: the upstream may bill it) keeps the reserved bound as the request's cost, and `tokens` of None
+    the reserved tokens."""
+    if cost is None or tokens is None:
+        row = conn.execute(_RESERVED, (key_id, request_id)).fetchone() or (0.0, 0)
+        cost, tokens = row[0] if cost is None else cost, row[1] if tokens is None else tokens
     if settled_by_ledger:
         if cost or tokens:
             start = start or ""

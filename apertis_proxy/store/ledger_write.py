@@ -39,9 +39,9 @@ MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 # The spend of the rows inserted by this transaction (ids above the highest id
 # before it: nobody else writes inside BEGIN IMMEDIATE), added to their keys.
 # A key deleted meanwhile is skipped, not a foreign-key error.  A row of unknown
-# cost counts as its admission's cost: the reserved bound of a request whose usage
-# is unknown (admissions.release_step; also a live one, its gateway killed), 0 for
-# an unpriced model's; with no tokens, the admission's tokens.
+# cost (no price for its usage, or its usage unknown) counts as its admission's
+# cost, the reserved bound (admissions.release_step; also a live admission, its
+# gateway killed), and with no tokens as its admission's tokens.
 _QUOTA_COST = """CASE WHEN u.cost IS NULL THEN COALESCE((SELECT a.cost FROM admissions a
     WHERE a.key_id = u.key_id AND a.request_id = u.request_id), 0) ELSE MAX(u.cost, 0) END"""
 _TOKENS = "u.input_tokens + u.output_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens"

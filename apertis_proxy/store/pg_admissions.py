@@ -440,17 +440,19 @@ class PgAdmissions:
     async def release(self, key_id: int, request_id: str, cost: Optional[float], tokens: Optional[int],
                       settled_by_ledger: bool, period: Optional[str] = None, start: Optional[str] = None,
                       retry: bool = False) -> None:
-        if cost is None:
-            # The usage is unknown: the reserved bound stands as the request's cost (admissions.release_step).
+        if cost is None or tokens is None:
+            # The reserved bound stands as the request's cost, or tokens (admissions.release_step).
             async def at_bound(conn) -> None:
                 async with conn.transaction():
-                    row = await conn.fetchrow(_RESERVED, key_id, request_id)
-                    bound, bound_tokens = (row[0], row[1]) if row is not None else (0.0, 0)
+                    row = await conn.fetchrow(_RESERVED, key_id, request_id) or (0.0, 0)
+                    ended_cost = row[0] if cost is None else float(cost)
+                    ended_tokens = row[1] if tokens is None else int(tokens)
                     if not settled_by_ledger:
-                        await _release_and_settle(conn, key_id, request_id, bound, bound_tokens, period, start,
-                                                  retry)
-                    elif bound or bound_tokens:
-                        await conn.execute(_RELEASE_ENDED, key_id, request_id, bound, bound_tokens, start or "")
+                        await _release_and_settle(conn, key_id, request_id, ended_cost, ended_tokens, period,
+                                                  start, retry)
+                    elif ended_cost or ended_tokens:
+                        await conn.execute(_RELEASE_ENDED, key_id, request_id, ended_cost, ended_tokens,
+                                           start or "")
                     else:
                         await conn.execute(_RELEASE_FREE, key_id, request_id)
             await self._run(at_bound)

@@ -142,12 +142,13 @@ def failed_attempts(conn, *, key: Optional[str] = None, model: Optional[str] = N
                     until: Optional[float] = None, by: Optional[str] = None) -> dict[Any, dict[str, int]]:
     """Failed attempts (every channel tried, failed-over ones included) by outcome kind:
     {group: {kind: count}}, the group None without `by`.  `channel` selects the
-    attempts made on that channel."""
+    attempts made on that channel.  An attempt the gateway died during (gateway_stopped)
+    is no failure of its channel."""
     name = dialect(conn)
     field = _ATTEMPT_FIELD[name].format
     where, params = _filters(key=key, model=model, channel=None, since=since, until=until)
     clauses = [where[len("WHERE "):]] if where else []
-    clauses.append(f"{field(field='outcome')} != 'ok'")
+    clauses.append(f"{field(field='outcome')} NOT IN ('ok', 'gateway_stopped')")
     if channel is not None:
         clauses.append(f"{field(field='channel')} = ?")
         params.append(channel)

@@ -343,3 +343,38 @@ async def test_without_a_ledger_a_request_of_unknown_usage_adds_its_bound_to_the
         await release(store, key_id, "n2", None, None, False, "day", start)
         refused = await admit(store, limits, "n3", "h", cost=0.01)
         assert refused.reason == "quota" and refused.use.spent_cost == pytest.approx(1.1)
+
+
+def unpriced_row(key_id: int, key_name: str, request_id: str, input_tokens: int, output_tokens: int) -> dict:
+    """The ledger row of a request answered with its usage that has no price here (cost NULL: e.g. web searches
+    while the catalogue's web_search_per_request is unset): its tokens are known, its cost is not."""
+    return dataclasses.asdict(UsageRecord(
+        request_id=request_id, started_at=time.time(), endpoint="/v1/messages", status=200, key_id=key_id,
+        key_name=key_name, reached_upstream=True, input_tokens=input_tokens, output_tokens=output_tokens,
+        raw_usage={"input_tokens": input_tokens, "output_tokens": output_tokens}, cost=None))
+
+
+async def test_an_unpriced_request_counts_its_bound_and_its_tokens_whichever_lands_first(store_url):
+    """A request whose usage has no price (the keys plugin releases it with cost None and its exact tokens) counts
+    its reserved cost bound and its exact tokens, whether its release lands before its ledger row or after it (a
+    release retried by the limiter once the row had landed)."""
+    key_id = new_key(store_url, "unpriced", quota_cost=1.0, quota_tokens=100_000, quota_period="day")
+    start = time.strftime("%Y-%m-%d", time.gmtime())
+    async with leased_process(store_url) as store:
+        limits = Limits(key_id, quota_cost=1.0, quota_tokens=100_000, quota_period="day")
+        assert (await admit(store, limits, "p1", "h", cost=0.4, tokens=3000)).admitted
+        await release(store, key_id, "p1", None, 50, True, "day", start)           # the release first
+        seen = await admit(store, limits, "p0", "h", cost=0.0, tokens=0)
+        assert (seen.use.spent_cost, seen.use.spent_tokens) == (pytest.approx(0.4), 50)
+        await release(store, key_id, "p0", 0.0, 0, True, "day", start)
+        assert await store.store.write_ledger([unpriced_row(key_id, "unpriced", "p1", 30, 20)]) == 1
+        spend = (await store.store.read_spend())[key_id]
+        assert (spend[0], spend[1]) == (pytest.approx(0.4), 50)
+        assert (await admit(store, limits, "p2", "h", cost=0.4, tokens=3000)).admitted
+        assert await store.store.write_ledger([unpriced_row(key_id, "unpriced", "p2", 30, 20)]) == 1
+        await store.admissions.release(key_id, "p2", None, 50, True, "day", start, retry=True)   # the row first
+        spend = (await store.store.read_spend())[key_id]
+        assert (spend[0], spend[1]) == (pytest.approx(0.8), 100)
+        cost, tokens = period_spend(store_url, key_id)
+        assert (cost, tokens) == (pytest.approx(0.8), 100)
+        assert await store.admissions.in_flight(key_id) == (0, 0.0)

@@ -76,6 +76,17 @@ async def killed_before_answer(db: str, workdir: Path, mock: MockUpstream, key: 
 
 # -- a row without usage downstream ----------------------------------------------------------------------------------
 
+async def test_usage_does_not_count_the_attempt_a_gateway_died_during_as_a_channel_failure(tmp_path):
+    """The gateway_stopped row of a request cut by kill -9 lists its attempt with the outcome gateway_stopped: the
+    gateway died, the channel did not fail, so `usage --by channel` counts the request and no failed attempt."""
+    db = str(tmp_path / "gw.db")
+    async with MockUpstream(api_key=MOCK_API_KEY) as mock:
+        key = await asyncio.to_thread(setup_store, db, mock)
+        again = await killed_before_answer(db, tmp_path / "gw", mock, key, message())
+        await asyncio.to_thread(again.kill)
+    (main,) = cli_json("usage", "--by", "channel", "--json", "--db", db)["by"]
+    assert (main["channel"], main["requests"], main["failed_attempts"], main["failures"]) == ("main", 1, 0, {})
+
 async def test_prices_list_does_not_call_a_priced_model_unpriced_for_a_gateway_stopped_row(tmp_path):
     """`prices list` counts a model's requests that hold usage and no cost (the model had no price); a
     gateway_stopped row of Haiku 4.5 (no usage: cut before the answer) is not one of them."""

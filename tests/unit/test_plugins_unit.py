@@ -967,3 +967,35 @@ def test_a_meter_failing_in_sent_or_checkpoint_is_contained_and_the_other_meters
     assert keeping.calls == [("sent", rec.request_id), ("checkpoint", rec.request_id)]
     assert "failing failed in sent()" in caplog.text and "failing failed in checkpoint()" in caplog.text
     assert not PluginHost([], [], [("plain", object())]).checkpoints
+
+
+async def test_a_request_admitted_alone_whose_usage_is_unknown_counts_its_bound(db, monkeypatch):
+    """While the store is away (another connection holds SQLite's write lock) a key admits alone, within its
+    share; a request of it cut before any usage was reported (cost unknown) counts its reserved bound in the
+    key's spend once the store is back, not $0."""
+    from apertis_proxy.store import admissions
+    monkeypatch.setattr(admissions, "LOCK_WAIT", 0.3)       # the store counts as away after 0.3 s, not 10
+    path, conn = db
+    key_id, plain = create_key(conn, "outage", quota_cost=10.0)
+    async with running(KeysAuth(context("keys", path, limits_on_store_down="share", poll_interval=0.05))) as auth:
+        await (await admit(auth, plain)).end()          # the store seen once
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            cut = await admit(auth, plain)              # admitted alone: the store did not answer
+            assert cut.caller.data.get("alone")
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        record = usage()
+        record.cost, record.interrupted, record.status, record.reached_upstream = None, True, 499, True
+        assert record.usage_unknown
+        await cut.end(record)
+
+        async def settled() -> bool:
+            row = conn.execute("SELECT cost FROM key_spend WHERE key_id = ?", (key_id,)).fetchone()
+            return row is not None and row["cost"] > 0
+        await eventually(settled)
+        # At least the bound's output: max_tokens 16 at Sonnet 4.5's $15 per million output tokens.
+        spent = conn.execute("SELECT cost FROM key_spend WHERE key_id = ?", (key_id,)).fetchone()["cost"]
+        assert spent >= 16 * 15e-6
