@@ -29,7 +29,7 @@ cost (apertis_proxy.budgets.reservation) and takes a concurrency slot;
 ``release()`` gives the slot back before the answer's last bytes and turns the
 reservation into the exact cost, which the ledger row then settles (a key
 without a concurrency limit is released just after the answer, without making
-it wait; a request whose usage is unknown keeps its bound as its cost).  Near the
+it wait; a request of unknown cost keeps its bound as its cost).  Near the
 end of a quota, a request whose bound does not fit is admitted only while
 nothing else of the key is in flight (429 with retry-after otherwise), so a
 quota is overshot by at most one request.  Keys without limits never wait on

@@ -114,7 +114,7 @@ class Limiter:
     async def release(self, key_id: int, request_id: str, cost: Optional[float], tokens: Optional[int],
                       settled_by_ledger: bool, period: Optional[str] = None, start: Optional[str] = None) -> None:
         """The request ended: its slot is free and its reservation becomes `cost` and `tokens` (None: the
-        usage is unknown, the reservation stands as its cost)."""
+        cost, or the tokens, are unknown and the reservation stands for them)."""
         args = (key_id, request_id, cost, tokens, settled_by_ledger, period, start)
         try:
             if self._store_bounds_releases:

@@ -447,14 +447,11 @@ class PgAdmissions:
                     row = await conn.fetchrow(_RESERVED, key_id, request_id) or (0.0, 0)
                     ended_cost = row[0] if cost is None else float(cost)
                     ended_tokens = row[1] if tokens is None else int(tokens)
-                    if not settled_by_ledger:
+                    if settled_by_ledger:
+                        await conn.execute(*_release_one(key_id, request_id, ended_cost, ended_tokens, start or ""))
+                    else:
                         await _release_and_settle(conn, key_id, request_id, ended_cost, ended_tokens, period,
                                                   start, retry)
-                    elif ended_cost or ended_tokens:
-                        await conn.execute(_RELEASE_ENDED, key_id, request_id, ended_cost, ended_tokens,
-                                           start or "")
-                    else:
-                        await conn.execute(_RELEASE_FREE, key_id, request_id)
             await self._run(at_bound)
             return
         if settled_by_ledger:
@@ -470,8 +467,7 @@ class PgAdmissions:
         """Releases settled by the ledger of `items` (key id, request id, cost, tokens, day), by one
         statement (one release alone: the simpler statement of one)."""
         if len(items) == 1:
-            key_id, request_id, cost, tokens, _ = items[0]
-            args = (_RELEASE_ENDED, *items[0]) if cost or tokens else (_RELEASE_FREE, key_id, request_id)
+            args = _release_one(*items[0])
         else:
             args = (_RELEASE_MANY, *(list(column) for column in zip(*items)))
         await self._run(lambda conn: conn.execute(*args))
@@ -510,6 +506,14 @@ class PgAdmissions:
             " ON l.holder = a.holder WHERE a.key_id = $1 AND a.live = 1"
             " AND l.expires_at > extract(epoch FROM clock_timestamp())", key_id))
         return int(row[0]), float(row[1])
+
+
+def _release_one(key_id: int, request_id: str, cost: float, tokens: int, start: str) -> tuple:
+    """The statement and arguments of one release settled by the ledger: its reservation becomes its cost
+    under `start`, or a request that cost nothing is forgotten."""
+    if cost or tokens:
+        return _RELEASE_ENDED, key_id, request_id, cost, tokens, start
+    return _RELEASE_FREE, key_id, request_id
 
 
 async def _release_and_settle(conn, key_id: int, request_id: str, cost: float, tokens: int,

@@ -282,13 +282,18 @@ def unknown_usage_row(key_id: int, key_name: str, request_id: str) -> dict:
                                           reached_upstream=True, cost=None))
 
 
-def period_spend(url: str, key_id: int) -> tuple[float, int]:
+def stored_spend(url: str, key_id: int, table: str = "key_spend") -> tuple[float, int]:
+    """(cost, tokens) of the key in `table` (key_spend, or key_period_spend for a key with one period)."""
     conn = service.connect(url)
     try:
-        row = conn.execute("SELECT cost, tokens FROM key_period_spend WHERE key_id = ?", (key_id,)).fetchone()
+        row = conn.execute(f"SELECT cost, tokens FROM {table} WHERE key_id = ?", (key_id,)).fetchone()
         return (float(row[0]), int(row[1])) if row is not None else (0.0, 0)
     finally:
         conn.close()
+
+
+def period_spend(url: str, key_id: int) -> tuple[float, int]:
+    return stored_spend(url, key_id, "key_period_spend")
 
 
 async def test_a_request_of_unknown_usage_counts_its_reserved_bound_until_and_after_its_ledger_row(store_url):

@@ -4,7 +4,6 @@ SQLite file, with the sqlite meter's settlement (meters=("sqlite",)): the ledger
 Store.write_ledger, as the meter ships it."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import sqlite3
@@ -17,6 +16,8 @@ from apertis_proxy.plugin_api import PluginContext, RequestInfo, UsageRecord
 from apertis_proxy.store import admissions as sqlite_admissions
 from apertis_proxy.store import service
 from apertis_proxy.store.keys import create_key
+from tests.ops.test_admissions_store import stored_spend
+from tests.unit.test_plugins_unit import running
 
 SONNET = "claude-sonnet-4-5-20250929"
 _ids = (f"req_review2_{n}" for n in range(10**9))
@@ -32,29 +33,11 @@ def new_key(url: str, name: str, **limits) -> tuple[int, str]:
         conn.close()
 
 
-def spend(url: str, key_id: int) -> tuple[float, int]:
-    conn = service.connect(url)
-    try:
-        row = conn.execute("SELECT cost, tokens FROM key_spend WHERE key_id = ?", (key_id,)).fetchone()
-        return (float(row[0]), int(row[1])) if row is not None else (0.0, 0)
-    finally:
-        conn.close()
-
-
 def keys_plugin(url: str, **options) -> KeysAuth:
     """The keys plugin of a gateway whose meter is the ledger ("sqlite": the ledger settles spend)."""
     ctx = PluginContext(name="keys", options={"poll_interval": 60.0, **options}, db_path=url,
                         log=logging.getLogger("test.review2.keys"), workers=1, meters=("sqlite",))
     return KeysAuth(ctx)
-
-
-@contextlib.asynccontextmanager
-async def running(plugin: KeysAuth):
-    await plugin.start()
-    try:
-        yield plugin
-    finally:
-        await plugin.close()
 
 
 def request(plain: str, max_tokens: int = 16) -> RequestInfo:
@@ -125,7 +108,7 @@ async def test_share_mode_counts_the_tokens_of_an_unpriced_request_admitted_alon
         # The ledger row lands (the meter ships it), and the plugin settles what it set aside.
         assert await auth.store.write_ledger([dataclasses.asdict(rec)]) == 1
         await auth.refresh()
-        cost, tokens = spend(url, key_id)
+        cost, tokens = stored_spend(url, key_id)
     assert cost == pytest.approx(caller.data["bound"][0])
     assert tokens == 50, f"a 50-token unpriced request admitted alone counted {tokens} tokens against the quota"
 
@@ -147,7 +130,7 @@ async def test_share_mode_counts_a_cut_request_admitted_alone_at_its_bound_once(
         await auth.refresh()                                                            # the plugin first
         assert await auth.store.write_ledger([dataclasses.asdict(records[1])]) == 1
         await auth.refresh()
-        cost, tokens = spend(url, key_id)
+        cost, tokens = stored_spend(url, key_id)
         bounds = [c.data["bound"] for c in callers]
         assert cost == pytest.approx(sum(b[0] for b in bounds))
         assert tokens == sum(b[1] for b in bounds)
