@@ -23,7 +23,7 @@ import asyncio
 from typing import Optional
 
 from .admissions import (BUSY_RETRY_AFTER, CLOCK_SLACK, ENDED_KEPT_DAYS, RPM_WINDOW, STALE_LEASE_SECONDS, Decision,
-                         Limits, Renewal, Use)
+                         Limits, ReleaseNotRun, Renewal, Use)
 from .gathered import Gathered
 from .service import StoreUnavailable
 from .url import StoreURL
@@ -369,16 +369,21 @@ class PgAdmissions:
             try:
                 conn = await asyncio.wait_for(self._idle.get(), self.timeout)
             except asyncio.TimeoutError:
-                raise StoreUnavailable(f"no connection to the limits store was free within {self.timeout:g}s"
-                                       ) from None
+                raise NotSent(f"no connection to the limits store was free within {self.timeout:g}s") from None
         loop = asyncio.get_running_loop()
+        sent = False
         try:
             if conn is None or conn.is_closed() or loop.time() - self._freed_at.get(conn, 0.0) > MAX_IDLE_SECONDS:
                 self._discard(conn)
                 conn = None
                 conn = await self._connect(self.timeout)
+            sent = True
             return await self._bounded(conn, work)
         except BaseException as exc:
+            if not sent and isinstance(exc, Exception):
+                self._discard(conn)
+                conn = None
+                raise NotSent(f"the limits store took no connection ({exc})") from exc
             # An error the server answered leaves the connection as it was (asyncpg reads on to the server's
             # ready-for-query, and a transaction block is rolled back): it is used again, so that a server
             # failing every statement (a full disk) is not also made to open a connection for each.  Anything
@@ -449,6 +454,15 @@ class PgAdmissions:
     async def release(self, key_id: int, request_id: str, cost: Optional[float], tokens: Optional[int],
                       settled_by_ledger: bool, period: Optional[str] = None, start: Optional[str] = None,
                       retry: bool = False) -> None:
+        """As admissions.release_step; a release that never reached the store fails with ReleaseNotRun (made
+        again, it is still a first release)."""
+        try:
+            await self._release(key_id, request_id, cost, tokens, settled_by_ledger, period, start, retry)
+        except NotSent as exc:
+            raise ReleaseNotRun(str(exc)) from exc
+
+    async def _release(self, key_id: int, request_id: str, cost: Optional[float], tokens: Optional[int],
+                       settled_by_ledger: bool, period: Optional[str], start: Optional[str], retry: bool) -> None:
         if cost is None or tokens is None:
             # The reserved bound stands as the request's cost, or tokens (admissions.release_step).
             async def at_bound(conn) -> None:
@@ -549,6 +563,10 @@ async def _release_and_settle(conn, key_id: int, request_id: str, cost: float, t
 
 class ConnectionLost(StoreUnavailable):
     """The connection went away under a statement; the pool opens a new one for the next."""
+
+
+class NotSent(StoreUnavailable):
+    """No connection to send the statement on (none free in time, or none could be opened): nothing of it ran."""
 
 
 def _server_errors() -> tuple[type[BaseException], ...]:
