@@ -57,9 +57,10 @@ class GatewayEnv:
         return base.replace(**overrides)
 
     async def start(self, **overrides: Any) -> Gateway:
-        self.gateway = Gateway(self.settings(**overrides))
-        await self.gateway.start()
-        return self.gateway
+        gateway = Gateway(self.settings(**overrides))
+        await gateway.start()       # one that fails has let go of what it started: nothing for stop() to do
+        self.gateway = gateway
+        return gateway
 
     @property
     def base_url(self) -> str:
