@@ -15,6 +15,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -144,13 +145,16 @@ def open_stream(port: int, key: str) -> tuple[http.client.HTTPConnection, str]:
 async def killed_mid_stream(db: str, workdir: Path, key: str) -> tuple[str, GatewayProcess]:
     """A gateway (leases of 1 s) killed with -9 while a stream that reported $0.20 of input is open, and a gateway
     started again on the same database and spool, once the killed one's lease ran out; (request id, new gateway)."""
-    limits = {"limits": {"lease_seconds": 1.0}}
+    lease = 1.0
+    limits = {"limits": {"lease_seconds": lease}}
     first = await asyncio.to_thread(GatewayProcess.start, db, workdir, tables=limits)
     conn, request_id = await asyncio.to_thread(open_stream, first.port, key)
     await asyncio.to_thread(first.kill)
+    killed = time.monotonic()
     conn.close()
     again = await asyncio.to_thread(GatewayProcess.start, db, workdir, tables=limits)
-    await asyncio.sleep(2.0)            # the killed gateway's lease ran out; its spool was adopted at start
+    # Its spool was adopted at start; its lease, renewed at the latest when it was killed, runs out a lease later.
+    await asyncio.sleep(max(0.0, killed + 2 * lease - time.monotonic()))
     return request_id, again
 
 

@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import io
 import json
+import time
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -68,9 +69,11 @@ async def killed_before_answer(db: str, workdir: Path, mock: MockUpstream, key: 
     first = await asyncio.to_thread(GatewayProcess.start, db, workdir, tables=LEASE)
     await killed_while_held(first, upstream_has_a_request(mock),
                             lambda: post(first.port, key, body, "first-byte-delay=5"))
+    killed = time.monotonic()
     again = await asyncio.to_thread(GatewayProcess.start, db, workdir, tables=LEASE)
     assert len(await rows_appear(db)) == 1, "the gateway_stopped row was not shipped"
-    await asyncio.sleep(1.5)            # the killed gateway's lease ran out
+    # The killed gateway's lease, renewed at the latest when it was killed, ran out.
+    await asyncio.sleep(max(0.0, killed + 2 * LEASE["limits"]["lease_seconds"] - time.monotonic()))
     return again
 
 
