@@ -21,12 +21,20 @@ import os
 import pytest
 
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
+from tests.support.pg_server import memory_folder
 from tests.support.sdk_harness import GENERATION_MODES, GENERATIONS, SdkRunner
 from tests.support.sdk_js import JsSdkProcess, unavailable_reason
 from tests.support.sdk_legacy import LegacySdkProcess
 from tests.support.gateway_env import GatewayEnv, migrated_store
 from tests.support.scripted_channel import ScriptedChannel
 from tests.support.scripted_gateway import CHANNEL_KEY
+
+# tmp_path and the other temporary folders pytest makes, in /dev/shm (a tmpfs) where the machine has one: the
+# root disk here discards the blocks of each file removed, which made the tests' files slow to write and remove.
+# The same numbered folders and retention as in the system's temporary folder; PYTEST_DEBUG_TEMPROOT set by
+# the caller wins.
+if _memory := memory_folder():
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", _memory)
 
 # The SDKs read ANTHROPIC_* variables (base URL, custom headers, credentials); a developer's own must not leak
 # into what the tests send.
@@ -140,7 +148,7 @@ def pg_server():
     """A throwaway PostgreSQL server for the session (pg_server.py), its files in memory where the machine has
     /dev/shm: a database per test is made and removed several times faster there.  Without initdb the tests
     that need it skip, except in CI (CI=true, set by .ci/run), where they fail."""
-    from tests.support.pg_server import PgServer, PgUnavailable, memory_folder
+    from tests.support.pg_server import PgServer, PgUnavailable
     try:
         server = PgServer.start(parent=memory_folder())
     except PgUnavailable as exc:

@@ -37,8 +37,8 @@ def find_bindir() -> Optional[str]:
 
 
 def memory_folder() -> Optional[str]:
-    """/dev/shm where it is a writable folder (a tmpfs on Linux), else None.  A server holding many databases
-    (some 7 MB each) is quicker to remove from memory than from a disk that discards freed blocks at once."""
+    """/dev/shm where it is a writable folder (a tmpfs on Linux), else None: files quicker to write and to
+    remove than on a disk that discards freed blocks at once (as here), e.g. a server holding many databases."""
     return SHM if os.path.isdir(SHM) and os.access(SHM, os.W_OK) else None
 
 
