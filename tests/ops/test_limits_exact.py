@@ -26,7 +26,7 @@ from tests.support.limits_load import (MOCK_API_KEY, MODEL, REQUEST_COST, REQUES
 from tests.support.processes import wait_for
 
 LEASE = 3                   # seconds: [limits] lease_seconds of every gateway here
-PACED = "event-delay=0.05"  # a stream of 15 events, about 0.7 s in flight
+PACED = "event-delay=0.03"  # a stream of 15 events, about 0.45 s in flight
 
 
 def quick(n: int, *, stream: bool = False) -> dict:
