@@ -23,6 +23,7 @@ from apertis_proxy.store import service
 from tests.ops.test_ledger_faults import ledger_ids, message, post, setup_store
 from tests.support.gateway_process import GatewayProcess
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
+from tests.support.processes import wait_for
 
 BATCHES = "/v1/messages/batches"
 LEASE = {"limits": {"lease_seconds": 1.0}}      # a killed gateway's admissions run out quickly
@@ -186,9 +187,9 @@ async def test_batch_results_fetched_while_the_gateway_is_killed_are_still_bille
         try:
             status, _, raw = await asyncio.to_thread(again.request, "GET", f"{BATCHES}/{batch_id}/results", key)
             assert status == 200 and b"succeeded" in raw
-            await asyncio.sleep(1.0)            # shipped
-            _, billed = await asyncio.to_thread(batch_usage, db)
-            assert billed > 0, "the batch's succeeded results were never billed"
+            async def billed() -> bool:
+                return (await asyncio.to_thread(batch_usage, db))[1] > 0
+            await wait_for(billed, 10.0, "the batch's succeeded results to be billed (shipped)")
         finally:
             await asyncio.to_thread(again.kill)
 
