@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops.test_ledger_faults import killed_mid_stream, ledger_holds, message, open_stream, post, \
-    read_only_for_new_sessions, setup_store
+from tests.ops.test_ledger_faults import FAILED_SHIPMENT, killed_mid_stream, ledger_holds, log_count, \
+    logged_again, message, open_stream, post, read_only_for_new_sessions, setup_store
 from tests.support.gateway_process import GatewayProcess
-from tests.support.processes import wait_for
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
 
 
@@ -88,11 +87,8 @@ async def test_an_outage_with_streams_running_does_not_fill_the_spool_with_copie
                 status, _, _ = await asyncio.to_thread(post, host.port, key, message())
                 statuses.append(status)
                 # A shipment attempt (refused) after the answer, its row spooled, sealed the segment.
-                refused = refused_shipments(host)
-
-                async def attempted(before: int = refused) -> bool:
-                    return refused_shipments(host) > before
-                await wait_for(attempted, 10.0, "a refused shipment of the request's row")
+                await logged_again(host, FAILED_SHIPMENT, log_count(host, FAILED_SHIPMENT),
+                                   "a refused shipment of the request's row")
         finally:
             for conn in streams:
                 conn.close()
@@ -100,11 +96,6 @@ async def test_an_outage_with_streams_running_does_not_fill_the_spool_with_copie
             await read_only_for_new_sessions(pg_url, False)
     assert (6 + RUNNING) * ROW_BYTES < MAX_BYTES
     assert statuses == [200] * 6, f"answered {statuses}; {[ln for ln in host.lines if 'spool full' in ln]}"
-
-
-def refused_shipments(host: GatewayProcess) -> int:
-    """How many shipments the gateway has logged as failed."""
-    return sum("usage rows failed" in line for line in list(host.lines))
 
 
 # -- the attempt serving a stream cut by a crash ---------------------------------------------------------------------
