@@ -32,7 +32,7 @@ from tests.support.processes import MODEL, ServeProcess, connect_refused, sdk_cl
 # -- signals -------------------------------------------------------------------------------------------------------
 
 # A stream of ~20 events paced so that it is still in flight after the port closed, also on a loaded machine.
-IN_FLIGHT_PACE = "event-delay=0.25"
+IN_FLIGHT_PACE = "event-delay=0.15"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
