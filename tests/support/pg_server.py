@@ -36,10 +36,22 @@ def find_bindir() -> Optional[str]:
     return os.path.dirname(found) if found else None
 
 
+# The suite's servers and temporary folders hold some GB at most; a smaller /dev/shm (a container's 64 MB) is
+# not used.
+SHM_FREE_BYTES = 4 << 30
+
+
 def memory_folder() -> Optional[str]:
-    """/dev/shm where it is a writable folder (a tmpfs on Linux), else None: files quicker to write and to
-    remove than on a disk that discards freed blocks at once (as here), e.g. a server holding many databases."""
-    return SHM if os.path.isdir(SHM) and os.access(SHM, os.W_OK) else None
+    """/dev/shm where it is a writable folder (a tmpfs on Linux) with SHM_FREE_BYTES free, else None: files
+    quicker to write and to remove than on a disk that discards freed blocks at once (as here), e.g. a server
+    holding many databases."""
+    try:
+        if not os.access(SHM, os.W_OK):
+            return None
+        stat = os.statvfs(SHM)
+    except OSError:
+        return None
+    return SHM if stat.f_bavail * stat.f_frsize >= SHM_FREE_BYTES else None
 
 
 def _run_as() -> list[str]:
