@@ -103,6 +103,7 @@ class Caller:
 # The anthropic-version sent upstream when neither the channel nor the
 # gateway's settings name another.
 DEFAULT_API_VERSION = "2023-06-01"
+MESSAGES_ENDPOINT = "/v1/messages"     # UsageRecord.endpoint of a Messages request
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,16 +264,22 @@ class UsageRecord:
     @property
     def usage_unknown(self) -> bool:
         """Whether the request went upstream and ended before the upstream reported any usage or an
-        error: cut (its client left, or the gateway stopped), or given up waiting (read_timeout).  The
-        upstream may bill it and nobody here knows how much: such a record's cost is None."""
+        error: cut (its client left, or the gateway stopped), given up waiting (read_timeout), or a
+        Messages answer of 2xx whose usage was never read (its body cut, unreadable, or without one).
+        The upstream may bill it and nobody here knows how much: such a record's cost is None."""
         if not self.reached_upstream or self.raw_usage is not None:
             return False
         if self.interrupted and self.status in (0, 200, 499):
             return True
-        # Our own timeout: the last attempt got no answer, or a 2xx head whose body never came.
         last = self.attempt_log[-1] if self.attempt_log else None
-        return (self.error_type == "timeout_error" and last is not None
-                and last.get("outcome") != "ok" and (last.get("status") or 200) < 300)
+        if last is None:
+            return False
+        status = last.get("status")
+        if status is not None and 200 <= status < 300:
+            # The upstream answered the request as accepted; count_tokens (free) reports no usage.
+            return self.endpoint == MESSAGES_ENDPOINT
+        # Our own timeout: the last attempt got no answer.
+        return self.error_type == "timeout_error" and last.get("outcome") != "ok" and status is None
 
 
 def stopped_attempt(channel: Optional[str], channel_id: Optional[int], status: Optional[int],

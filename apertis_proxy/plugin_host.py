@@ -224,6 +224,10 @@ class PluginHost:
             return
         try:
             await release(caller, record)
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            log.exception("auth plugin release() failed")
         except Exception:  # noqa: BLE001
             log.exception("auth plugin release() failed")
 
@@ -236,6 +240,10 @@ class PluginHost:
             return
         try:
             await finish(caller, record)
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            log.exception("auth plugin finish() failed")
         except Exception:  # noqa: BLE001
             log.exception("auth plugin finish() failed")
 
@@ -288,11 +296,29 @@ class PluginHost:
             record.interrupted = interrupted
 
     async def meter(self, record: UsageRecord) -> None:
+        """Every meter gets the record, also when one fails or the request's task is cancelled meanwhile
+        (the cancellation is raised once they all had it)."""
+        cancelled: Optional[asyncio.CancelledError] = None
         for name, plugin in self.meters:
             try:
                 await plugin.record(record)
+            except asyncio.CancelledError as exc:
+                if not _cancelling():
+                    # Raised by the plugin itself (something it awaited was cancelled), not a cancellation
+                    # of this request: a failure like any other.
+                    log.exception("meter plugin %s failed to record %s", name, record.request_id)
+                    continue
+                cancelled = exc
             except Exception:  # noqa: BLE001
                 log.exception("meter plugin %s failed to record %s", name, record.request_id)
+        if cancelled is not None:
+            raise cancelled
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (a CancelledError it meets is then its own)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _call_each(hooks: list, record: UsageRecord, hook: str) -> None:

@@ -130,15 +130,18 @@ class Gateway:
         return self.observe.wrap(app)
 
     async def _stop_app(self) -> None:
-        """Let go of what _start_app started: their threads would keep the process alive."""
-        if self.retention is not None:
-            await self.retention.close()
-        if self.plugins is not None:
-            await self.plugins.close()
-        if self.owned is not None:
-            await self.owned.settle()       # ownership records still being written
-        if self.store is not None:
-            await self.store.close()
+        """Let go of what _start_app started (their threads would keep the process alive), once: a shutdown()
+        after a failed start finds nothing left to close."""
+        retention, plugins, owned, store = self.retention, self.plugins, self.owned, self.store
+        self.retention = self.plugins = self.owned = self.store = None
+        if retention is not None:
+            await retention.close()
+        if plugins is not None:
+            await plugins.close()
+        if owned is not None:
+            await owned.settle()            # ownership records still being written
+        if store is not None:
+            await store.close()
 
     @property
     def base_url(self) -> str:

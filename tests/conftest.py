@@ -6,7 +6,8 @@ SDK        `sdk`: an SdkRunner, parametrized over the SDK generations and their 
            1.x in a child process, sync and async each; the JavaScript SDK, async, in a Node child process), so a
            test using it runs five times; `make_sdk(generation, mode)` for one particular runner. The JS runs skip
            where Node.js is missing. See sdk_harness.py, sdk_scenarios.py and sdk_js.py.
-Store      `tmp_db`: a SQLite path inside tmp_path (not created).
+Store      `tmp_db`: a SQLite path inside tmp_path (not created); gateway_env makes it a copy of
+           `store_template`, a store migrated once per session.
 Gateway    `gateway_env` (an unstarted GatewayEnv), `gateway` (started: key `alice` in `.key`, channel `main` to
            `mock_upstream` in `.mock`, `.base_url`). See gateway_env.py.
            `scripted`: unstarted (`await scripted.start(...)`), key `alice` in `.key`, channel `main` to a
@@ -20,12 +21,20 @@ import os
 import pytest
 
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
+from tests.support.pg_server import memory_folder
 from tests.support.sdk_harness import GENERATION_MODES, GENERATIONS, SdkRunner
 from tests.support.sdk_js import JsSdkProcess, unavailable_reason
 from tests.support.sdk_legacy import LegacySdkProcess
-from tests.support.gateway_env import GatewayEnv
+from tests.support.gateway_env import GatewayEnv, migrated_store
 from tests.support.scripted_channel import ScriptedChannel
 from tests.support.scripted_gateway import CHANNEL_KEY
+
+# tmp_path and the other temporary folders pytest makes, in /dev/shm (a tmpfs) where the machine has one: the
+# root disk here discards the blocks of each file removed, which made the tests' files slow to write and remove.
+# The same numbered folders and retention as in the system's temporary folder; PYTEST_DEBUG_TEMPROOT set by
+# the caller wins.
+if _memory := memory_folder():
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", _memory)
 
 # The SDKs read ANTHROPIC_* variables (base URL, custom headers, credentials); a developer's own must not leak
 # into what the tests send.
@@ -92,10 +101,19 @@ def sdk(request, make_sdk) -> SdkRunner:
 def tmp_db(tmp_path) -> str:
     return str(tmp_path / "apertis.db")
 
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> str:
+    """A migrated SQLite store that gateway_env copies instead of migrating a new file for every test."""
+    path = str(tmp_path_factory.mktemp("template") / "apertis.db")
+    migrated_store(path)
+    return path
+
+
 @pytest.fixture
-async def gateway_env(tmp_db):
+async def gateway_env(tmp_db, store_template):
     """An unstarted GatewayEnv: add keys and channels, then `await env.start()`."""
-    env = GatewayEnv(tmp_db)
+    env = GatewayEnv(tmp_db, store_template)
     yield env
     await env.stop()
     env.close()
@@ -127,11 +145,12 @@ async def scripted(gateway_env):
 
 @pytest.fixture(scope="session")
 def pg_server():
-    """A throwaway PostgreSQL server for the session (pg_server.py).  Without initdb the tests that need it
-    skip, except in CI (CI=true, set by .ci/run), where they fail."""
+    """A throwaway PostgreSQL server for the session (pg_server.py), its files in memory where the machine has
+    /dev/shm: a database per test is made and removed several times faster there.  Without initdb the tests
+    that need it skip, except in CI (CI=true, set by .ci/run), where they fail."""
     from tests.support.pg_server import PgServer, PgUnavailable
     try:
-        server = PgServer.start()
+        server = PgServer.start(parent=memory_folder())
     except PgUnavailable as exc:
         if os.environ.get("CI") == "true":
             pytest.fail(f"PostgreSQL is required in CI: {exc}")

@@ -31,7 +31,7 @@ from .body_encoding import decode_body
 from .headers import downstream_headers, parse_retry_after, upstream_headers
 from .ownership import (CONTAINER, CREDIT, THINKING, THREAD, StateCapture, may_think, not_found,
                         owner_of, references, resolve)
-from .relay import JsonRelay, Relay, StreamRelay
+from .relay import EncodedRelay, JsonRelay, Relay, StreamRelay
 from .sse import SseSplicer
 from .pricing import price
 from .upstream_errors import fails_over, read_error, request_secrets
@@ -348,7 +348,7 @@ class MessagesForwarder:
                conn: UpstreamConnection, head: ResponseHead) -> tuple[Relay, UsageMeter]:
         """What moves a 2xx answer to the client, and the meter that takes its usage."""
         record = fwd.record
-        down = downstream_headers(head.headers)
+        down, encoding = downstream_headers(head.headers)
         down.extend(fwd.notices)
         if prepared.dropped:
             down.append((b"apertis-dropped-params", contract.dropped_header_value(prepared.dropped).encode()))
@@ -364,7 +364,14 @@ class MessagesForwarder:
         else:
             meter = UsageMeter(record)
         timeout = self.settings.read_timeout
-        if ctype.startswith(b"text/event-stream"):
+        if encoding is not None:
+            return EncodedRelay(conn, fwd.resp, head.status, down, record, timeout, meter, rename, fwd.count_tokens,
+                                encoding, decode=ctype[:16].lower() == b"application/json"), meter
+        # Media types are case-insensitive; an answer to a stream request that names none is read as the
+        # stream the SDKs take it for.
+        if not ctype.startswith(b"application/json") and (
+                ctype.startswith(b"text/event-stream") or ctype[:17].lower() == b"text/event-stream"
+                or (not ctype and record.stream)):
             if self.plugins.checkpoints:
                 meter.on_start = self._checkpoint
             return StreamRelay(conn, fwd.resp, head.status, down, record, timeout,

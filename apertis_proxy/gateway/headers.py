@@ -8,9 +8,10 @@ from ..plugin_api import Channel
 
 # Never forwarded upstream: hop-by-hop, framing (we set our own), the client's
 # credentials (upstream gets the channel's key, as exactly one credential) and
-# the version (upstream gets the channel's).  accept-encoding is dropped so the
-# upstream answers uncompressed: usage has to be read from the body.  A
-# compressed request body is decoded here, so content-encoding goes too.
+# the version (upstream gets the channel's).  The client's accept-encoding is
+# replaced by `identity` (no field at all would accept any coding): usage has to
+# be read from the body.  A compressed request body is decoded here, so
+# content-encoding goes too.
 # The headers that choose who pays (the upstream workspace, the billed user
 # profile) are the operator's: a channel may set them, a client may not.
 _OPERATOR_HEADERS = ((b"anthropic-workspace-id", "workspace_id"), (b"anthropic-user-profile-id", "user_profile_id"))
@@ -23,7 +24,7 @@ _DROP_UPSTREAM = frozenset((
 
 # Forwarded back to the client from an upstream response.  Rate-limit and
 # organisation headers describe the shared upstream account, not the caller.
-_PASS_DOWN = frozenset((b"content-type", b"cache-control", b"retry-after", b"retry-after-ms",
+_PASS_DOWN = frozenset((b"content-type", b"content-encoding", b"cache-control", b"retry-after", b"retry-after-ms",
                         b"x-should-retry"))
 
 
@@ -52,7 +53,8 @@ def upstream_headers(client: list[tuple[bytes, bytes]], channel: Channel, host: 
                      version: str, length: int) -> list[tuple[bytes, bytes]]:
     listed: Optional[set[bytes]] = None
     auth, version_line = _credential_headers(channel, version)
-    out: list[tuple[bytes, bytes]] = [(b"host", host), auth, version_line, (b"content-length", b"%d" % length)]
+    out: list[tuple[bytes, bytes]] = [(b"host", host), auth, version_line, _IDENTITY,
+                                      (b"content-length", b"%d" % length)]
     for name, value in client:
         if name in _DROP_UPSTREAM:
             if name == b"connection":     # every Connection header's names, merged
@@ -62,7 +64,7 @@ def upstream_headers(client: list[tuple[bytes, bytes]], channel: Channel, host: 
         out.append((name, value))
     if listed:
         # Hop-by-hop names the client listed go from the client's own headers only:
-        # never from the gateway's four lines (a client listing x-api-key or
+        # never from the gateway's own lines (a client listing x-api-key or
         # content-length would strip the channel's credential or the framing).
         # Names dropped anyway (`keep-alive`, what clients list) are none of the
         # client's headers kept here: only the others need a pass over them.
@@ -77,17 +79,22 @@ def upstream_headers(client: list[tuple[bytes, bytes]], channel: Channel, host: 
     return out
 
 
-_OWN = 4    # upstream_headers' own lines come first: host, credential, version, content-length
+_OWN = 5    # upstream_headers' own lines come first: host, credential, version, accept-encoding, content-length
+_IDENTITY = (b"accept-encoding", b"identity")
 
 
-def downstream_headers(upstream: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def downstream_headers(upstream: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], Optional[bytes]]:
+    """The answer's headers that go to the client, and the content coding it names (None: none, or identity)."""
     out = []
+    coding = None
     for name, value in upstream:
         if name in _PASS_DOWN:
             out.append((name, value))
+            if name == b"content-encoding" and value.strip().lower() != b"identity":
+                coding = value
         elif name == b"request-id":
             out.append((b"upstream-request-id", value))
-    return out
+    return out, coding
 
 
 def parse_retry_after(value: Optional[bytes]) -> Optional[float]:

@@ -62,6 +62,9 @@ def billable(record: UsageRecord) -> bool:
     return bool(record.total_tokens or record.web_search_requests or record.iterations)
 
 
+# The server tools' counts in usage.server_tool_use that have a price: searches by the request, fetches free.
+_PRICED_TOOLS = frozenset(("web_search_requests", "web_fetch_requests"))
+
 USAGE_UNKNOWN = "usage unknown: the request ended before the upstream reported any"
 
 
@@ -163,6 +166,10 @@ def _quote(record: UsageRecord, entry: Optional[ModelEntry], catalog: Catalog, d
     detail["cache_write_5m_tokens"] = write_5m
     detail["cache_write_1h_tokens"] = write_1h
     detail["multipliers"] = multipliers
+    if record.server_tool_use is not None:
+        for tool, count in record.server_tool_use.items():
+            if count and tool not in _PRICED_TOOLS:
+                raise Unpriced(f"server tool use {tool} has no price")
     if record.web_search_requests:
         per_search = catalog.rates.web_search_per_request
         if per_search is None:

@@ -1,6 +1,7 @@
 """Moving an upstream's answer to the client, once its head said 2xx.
 
-`JsonRelay` reads a whole body, takes its usage and sends it.  `StreamRelay`
+`JsonRelay` reads a whole body, takes its usage and sends it; `EncodedRelay` does
+the same for a body in a content coding the gateway did not ask for.  `StreamRelay`
 splices an SSE body event by event as it arrives, inside the upstream socket's
 callback: complete events go out as they come, the read that completes the
 upstream's body goes out in the write that ends ours, and any failure after the
@@ -13,6 +14,7 @@ neither knows about channels, plugins or the connection pool.
 from __future__ import annotations
 
 import asyncio
+import zlib
 from typing import Optional
 
 import orjson
@@ -75,9 +77,10 @@ class JsonRelay(Relay):
         self.record.status, self.record.error_type = status, etype
         self.resp.send_error(status, f"upstream failed while sending the response: {exc}", etype)
 
-    def finish(self, data: bytes) -> None:
+    def finish(self, data: bytes, readable: bool = True) -> None:
+        """Take the usage of `data` (unless not `readable`: then it stays unknown) and send it."""
         try:
-            obj = orjson.loads(data)
+            obj = orjson.loads(data) if readable else None
         except orjson.JSONDecodeError:
             obj = None
         if isinstance(obj, dict):
@@ -94,6 +97,49 @@ class JsonRelay(Relay):
             record.interrupted = True
             record.status, record.error_type = 499, "client_closed_request"
         self.resp.send(self.status, self.headers, data)
+
+
+class EncodedRelay(JsonRelay):
+    """A 2xx body in a content coding the gateway did not ask for (it asks for identity): a JSON body in gzip or
+    deflate is decoded and goes on as any; anything else (another coding, a stream, a body that does not
+    decode) goes to the client whole, as it came, with its coding named, and its usage stays unknown."""
+
+    __slots__ = ("encoding", "decode")
+
+    def __init__(self, conn: UpstreamConnection, resp: Responder, status: int, headers: list,
+                 record: UsageRecord, read_timeout: float, meter: UsageMeter,
+                 rename: Optional[tuple[str, str]], count_tokens: bool, encoding: bytes, decode: bool) -> None:
+        super().__init__(conn, resp, status, headers, record, read_timeout, meter, rename, count_tokens)
+        self.encoding = encoding
+        self.decode = decode
+
+    def finish(self, data: bytes, readable: bool = True) -> None:
+        plain = _decoded(data, self.encoding) if self.decode else None
+        if plain is not None:
+            self.headers = [h for h in self.headers if h[0] != b"content-encoding"]
+            super().finish(plain)
+            return
+        super().finish(data, readable=False)
+
+
+def _decoded(data: bytes, encoding: bytes) -> Optional[bytes]:
+    """`data` decoded from gzip or deflate (zlib-wrapped or raw), if whole and within the response limit."""
+    coding = encoding.strip().lower()
+    if coding in (b"gzip", b"x-gzip"):
+        tries = (31,)
+    elif coding == b"deflate":
+        tries = (15, -15)
+    else:
+        return None
+    for wbits in tries:
+        try:
+            decoder = zlib.decompressobj(wbits)
+            plain = decoder.decompress(data, _RESPONSE_LIMIT)
+        except zlib.error:
+            continue
+        if decoder.eof and not decoder.unconsumed_tail:
+            return plain
+    return None
 
 
 class StreamRelay(Relay):

@@ -490,8 +490,9 @@ class SqliteAdmissions:
 
 
 class ReleaseNotRun(TimeoutError):
-    """A release that waited too long for the write lock and was not run: made again, it is still a first
-    release (release_step's `retry` is for a release that may have committed)."""
+    """A release the store never ran (on SQLite it waited too long for the write lock; on PostgreSQL no
+    connection took it): made again, it is still a first release (release_step's `retry` is for a release
+    that may have committed)."""
 
 
 def _without_late_releases(batch: list) -> list:

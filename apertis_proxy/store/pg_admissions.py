@@ -23,7 +23,7 @@ import asyncio
 from typing import Optional
 
 from .admissions import (BUSY_RETRY_AFTER, CLOCK_SLACK, ENDED_KEPT_DAYS, RPM_WINDOW, STALE_LEASE_SECONDS, Decision,
-                         Limits, Renewal, Use)
+                         Limits, ReleaseNotRun, Renewal, Use)
 from .gathered import Gathered
 from .service import StoreUnavailable
 from .url import StoreURL
@@ -211,14 +211,23 @@ _ADMIT_MANY = """SELECT * FROM apertis_admit_many($1::BIGINT[], $2::TEXT[], $3::
 # Releases settled by the ledger, as admissions.release_step one after the other: a request that cost nothing
 # is forgotten; else its reservation becomes its exact cost, added to its key's ended sums for the day its
 # request started (start) in the batch's order (a sum seeded with the row's value: the same floating-point
-# additions as one release at a time).  The ended sums are locked in ascending order of key and day.
+# additions as one release at a time).
+# Locks in the ledger's order (pg_ledger.py), so that a ledger write of the same requests cannot close a cycle
+# with it: first the batch's admissions, in ascending order of key and request, then the ended sums, in
+# ascending order of key and day.  Each `(SELECT COUNT(*) FROM ...) >= 0` is a one-time filter: the statement
+# it gates starts only once the one it counts has run to its end.
 _RELEASE_MANY = """
 WITH f AS (SELECT * FROM unnest($1::BIGINT[], $2::TEXT[], $3::DOUBLE PRECISION[], $4::BIGINT[], $5::TEXT[])
                          WITH ORDINALITY AS f (key_id, request_id, cost, tokens, start, ord)),
+locked AS (SELECT a.key_id FROM admissions a JOIN f ON a.key_id = f.key_id AND a.request_id = f.request_id
+           WHERE a.live = 1 ORDER BY a.key_id, a.request_id FOR UPDATE OF a),
 freed AS (DELETE FROM admissions a USING f
-          WHERE a.key_id = f.key_id AND a.request_id = f.request_id AND a.live = 1 AND f.cost = 0 AND f.tokens = 0),
+          WHERE (SELECT COUNT(*) FROM locked) >= 0
+            AND a.key_id = f.key_id AND a.request_id = f.request_id AND a.live = 1 AND f.cost = 0 AND f.tokens = 0
+          RETURNING a.key_id),
 ended AS (UPDATE admissions a SET live = 0, cost = f.cost, tokens = f.tokens, start = f.start FROM f
-          WHERE a.key_id = f.key_id AND a.request_id = f.request_id AND a.live = 1 AND (f.cost <> 0 OR f.tokens <> 0)
+          WHERE (SELECT COUNT(*) FROM freed) >= 0
+            AND a.key_id = f.key_id AND a.request_id = f.request_id AND a.live = 1 AND (f.cost <> 0 OR f.tokens <> 0)
           RETURNING f.key_id, f.start, f.ord, f.cost, f.tokens)
 INSERT INTO admission_ended AS e (key_id, start, n, cost, tokens)
 SELECT key_id, start, COUNT(*), SUM(cost ORDER BY ord), SUM(tokens) FROM ended GROUP BY key_id, start
@@ -360,16 +369,21 @@ class PgAdmissions:
             try:
                 conn = await asyncio.wait_for(self._idle.get(), self.timeout)
             except asyncio.TimeoutError:
-                raise StoreUnavailable(f"no connection to the limits store was free within {self.timeout:g}s"
-                                       ) from None
+                raise NotSent(f"no connection to the limits store was free within {self.timeout:g}s") from None
         loop = asyncio.get_running_loop()
+        sent = False
         try:
             if conn is None or conn.is_closed() or loop.time() - self._freed_at.get(conn, 0.0) > MAX_IDLE_SECONDS:
                 self._discard(conn)
                 conn = None
                 conn = await self._connect(self.timeout)
+            sent = True
             return await self._bounded(conn, work)
         except BaseException as exc:
+            if not sent and isinstance(exc, Exception):
+                self._discard(conn)
+                conn = None
+                raise NotSent(f"the limits store took no connection ({exc})") from exc
             # An error the server answered leaves the connection as it was (asyncpg reads on to the server's
             # ready-for-query, and a transaction block is rolled back): it is used again, so that a server
             # failing every statement (a full disk) is not also made to open a connection for each.  Anything
@@ -440,6 +454,15 @@ class PgAdmissions:
     async def release(self, key_id: int, request_id: str, cost: Optional[float], tokens: Optional[int],
                       settled_by_ledger: bool, period: Optional[str] = None, start: Optional[str] = None,
                       retry: bool = False) -> None:
+        """As admissions.release_step; a release that never reached the store fails with ReleaseNotRun (made
+        again, it is still a first release)."""
+        try:
+            await self._release(key_id, request_id, cost, tokens, settled_by_ledger, period, start, retry)
+        except NotSent as exc:
+            raise ReleaseNotRun(str(exc)) from exc
+
+    async def _release(self, key_id: int, request_id: str, cost: Optional[float], tokens: Optional[int],
+                       settled_by_ledger: bool, period: Optional[str], start: Optional[str], retry: bool) -> None:
         if cost is None or tokens is None:
             # The reserved bound stands as the request's cost, or tokens (admissions.release_step).
             async def at_bound(conn) -> None:
@@ -540,6 +563,10 @@ async def _release_and_settle(conn, key_id: int, request_id: str, cost: float, t
 
 class ConnectionLost(StoreUnavailable):
     """The connection went away under a statement; the pool opens a new one for the next."""
+
+
+class NotSent(StoreUnavailable):
+    """No connection to send the statement on (none free in time, or none could be opened): nothing of it ran."""
 
 
 def _server_errors() -> tuple[type[BaseException], ...]:

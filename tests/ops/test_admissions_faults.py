@@ -19,7 +19,7 @@ from apertis_proxy.store import service
 from apertis_proxy.store.admissions import STALE_LEASE_SECONDS, Limits, admit_step, release_step
 from apertis_proxy.store.service import StoreUnavailable
 from tests.ops.test_admissions_store import admit, lease, new_key, opened, release
-from tests.support.pg_server import SUPERUSER, PgServer, PgUnavailable
+from tests.support.pg_server import SUPERUSER, PgServer, PgUnavailable, memory_folder
 from tests.support.processes import wait_for
 
 
@@ -245,7 +245,7 @@ def signal_all(pids: list[int], sig: int) -> None:
 
 async def test_a_database_that_stops_answering_fails_admissions_within_the_timeout(pg_server):
     try:
-        server = await asyncio.to_thread(PgServer.start)
+        server = await asyncio.to_thread(PgServer.start, parent=memory_folder())
     except PgUnavailable as exc:
         pytest.skip(str(exc))
     store = limiter = None
@@ -519,7 +519,7 @@ async def test_spend_settled_without_a_ledger_survives_a_postgres_crash(tmp_path
     settles it) is money: it must survive a crash of the server right after it returned."""
     import asyncpg
     try:
-        server = await asyncio.to_thread(PgServer.start, True)
+        server = await asyncio.to_thread(PgServer.start, True, memory_folder())
     except PgUnavailable as exc:
         pytest.skip(str(exc))
     try:

@@ -384,7 +384,8 @@ def upstream():
 
     def start(expected_key=UPSTREAM_KEY, reject=False) -> MockUpstream:
         server = MockUpstream(expected_key, reject)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        # shutdown() waits for the loop's next poll: every 0.5 s by default.
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
         return server
     yield start

@@ -19,7 +19,7 @@ from tests.support.gateway_process import GatewayProcess
 from tests.support.gateway_requests import abandoned, complete
 from tests.support.ledger_rows import COUNTS
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
-from tests.support.pg_server import PgServer, PgUnavailable
+from tests.support.pg_server import PgServer, PgUnavailable, memory_folder
 
 REQUESTS = 500
 
@@ -148,7 +148,7 @@ async def test_two_hosts_kill9_one_the_ledger_holds_every_answer_once(pg_url, tm
 async def test_two_hosts_through_a_database_outage_lose_no_row(pg_server, tmp_path):
     # pg_server: PostgreSQL is there (or the test skips, or fails in CI); this test stops a server of its own.
     try:
-        server = await asyncio.to_thread(PgServer.start, True)     # a crash keeps what it committed
+        server = await asyncio.to_thread(PgServer.start, True, memory_folder())     # a crash keeps what it committed
     except PgUnavailable as exc:
         pytest.skip(str(exc))
     try:

@@ -10,7 +10,7 @@ import pytest
 from apertis_proxy import cli
 from tests.support.gateway_process import GatewayProcess
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
-from tests.support.pg_server import PgServer, PgUnavailable
+from tests.support.pg_server import PgServer, PgUnavailable, memory_folder
 
 PROPAGATION = 1.0     # seconds: the bound for a change to reach every host
 PASSWORD = "pw-never-logged"
@@ -100,7 +100,7 @@ async def test_a_channel_disabled_by_one_host_gets_no_traffic_from_the_other(pg_
 async def test_an_unreachable_store_answers_503_never_401(pg_server, tmp_path, capsys):
     # pg_server: PostgreSQL is there (or the test skips, or fails in CI); this test stops a server of its own.
     try:
-        server = await asyncio.to_thread(PgServer.start)
+        server = await asyncio.to_thread(PgServer.start, parent=memory_folder())
     except PgUnavailable as exc:
         pytest.skip(str(exc))
     try:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +25,7 @@ from apertis_proxy import cli
 from apertis_proxy.store import service
 from tests.support.gateway_process import GatewayProcess
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
+from tests.support.processes import wait_for
 
 HAIKU = "claude-haiku-4-5-20251001"
 
@@ -94,6 +96,23 @@ async def ledger_holds(db: str, wanted: set[str], timeout: float) -> set[str]:
         await asyncio.sleep(0.1)
 
 
+# What a gateway logs for a row the ledger refused, and for a shipment the database refused.
+REFUSED_ROW = "usage row refused by the ledger and left out"
+FAILED_SHIPMENT = "usage rows failed"
+
+
+def log_count(host: GatewayProcess, text: str) -> int:
+    """How many lines of the gateway's log hold `text`."""
+    return sum(text in line for line in list(host.lines))
+
+
+async def logged_again(host: GatewayProcess, text: str, before: int, what: str) -> None:
+    """Until more than `before` lines of the gateway's log hold `text`."""
+    async def more() -> bool:
+        return log_count(host, text) > before
+    await wait_for(more, 10.0, what)
+
+
 # -- 1. one row the ledger refuses stops a worker's shipping for good ------------------------------------------------
 
 async def test_a_row_the_ledger_refuses_alone_in_its_segment_does_not_stop_the_rows_after_it(pg_url, tmp_path):
@@ -108,7 +127,8 @@ async def test_a_row_the_ledger_refuses_alone_in_its_segment_does_not_stop_the_r
             status, poisoned, _ = await asyncio.to_thread(
                 post, host.port, key, message(), 'usage={"service_tier": "standard\\u0000"}')
             assert status == 200
-            await asyncio.sleep(0.5)            # shipped (and refused) alone, in a segment of its own
+            # Shipped (and refused) alone, in a segment of its own.
+            await logged_again(host, REFUSED_ROW, 0, "the poisoned row to be refused")
             answered = []
             for _ in range(3):
                 status, request_id, _ = await asyncio.to_thread(post, host.port, key, message())
@@ -144,13 +164,16 @@ def open_stream(port: int, key: str) -> tuple[http.client.HTTPConnection, str]:
 async def killed_mid_stream(db: str, workdir: Path, key: str) -> tuple[str, GatewayProcess]:
     """A gateway (leases of 1 s) killed with -9 while a stream that reported $0.20 of input is open, and a gateway
     started again on the same database and spool, once the killed one's lease ran out; (request id, new gateway)."""
-    limits = {"limits": {"lease_seconds": 1.0}}
+    lease = 1.0
+    limits = {"limits": {"lease_seconds": lease}}
     first = await asyncio.to_thread(GatewayProcess.start, db, workdir, tables=limits)
     conn, request_id = await asyncio.to_thread(open_stream, first.port, key)
     await asyncio.to_thread(first.kill)
+    killed = time.monotonic()
     conn.close()
     again = await asyncio.to_thread(GatewayProcess.start, db, workdir, tables=limits)
-    await asyncio.sleep(2.0)            # the killed gateway's lease ran out; its spool was adopted at start
+    # Its spool was adopted at start; its lease, renewed at the latest when it was killed, runs out a lease later.
+    await asyncio.sleep(max(0.0, killed + 2 * lease - time.monotonic()))
     return request_id, again
 
 
@@ -378,9 +401,10 @@ async def test_rows_answered_while_postgresql_is_read_only_ship_once_it_takes_wr
             status, before, _ = await asyncio.to_thread(post, host.port, key, message())
             assert status == 200 and before in await ledger_holds(pg_url, {before}, timeout=5.0)
             await read_only_for_new_sessions(pg_url, True)
+            refused = log_count(host, FAILED_SHIPMENT)
             status, during, _ = await asyncio.to_thread(post, host.port, key, message())
             assert status == 200
-            await asyncio.sleep(1.0)            # shipments refused meanwhile
+            await logged_again(host, FAILED_SHIPMENT, refused, "a shipment refused while read-only")
             await read_only_for_new_sessions(pg_url, False)
             status, after, _ = await asyncio.to_thread(post, host.port, key, message())
             assert status == 200

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops.test_ledger_faults import killed_mid_stream, ledger_holds, message, open_stream, post, \
-    read_only_for_new_sessions, setup_store
+from tests.ops.test_ledger_faults import FAILED_SHIPMENT, killed_mid_stream, ledger_holds, log_count, \
+    logged_again, message, open_stream, post, read_only_for_new_sessions, setup_store
 from tests.support.gateway_process import GatewayProcess
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
 
@@ -86,7 +86,9 @@ async def test_an_outage_with_streams_running_does_not_fill_the_spool_with_copie
             for _ in range(6):
                 status, _, _ = await asyncio.to_thread(post, host.port, key, message())
                 statuses.append(status)
-                await asyncio.sleep(1.3)        # a shipment attempt (refused) sealed the segment
+                # A shipment attempt (refused) after the answer, its row spooled, sealed the segment.
+                await logged_again(host, FAILED_SHIPMENT, log_count(host, FAILED_SHIPMENT),
+                                   "a refused shipment of the request's row")
         finally:
             for conn in streams:
                 conn.close()

@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import io
 import json
+import time
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -22,6 +23,7 @@ from apertis_proxy.store import service
 from tests.ops.test_ledger_faults import ledger_ids, message, post, setup_store
 from tests.support.gateway_process import GatewayProcess
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
+from tests.support.processes import wait_for
 
 BATCHES = "/v1/messages/batches"
 LEASE = {"limits": {"lease_seconds": 1.0}}      # a killed gateway's admissions run out quickly
@@ -68,9 +70,11 @@ async def killed_before_answer(db: str, workdir: Path, mock: MockUpstream, key: 
     first = await asyncio.to_thread(GatewayProcess.start, db, workdir, tables=LEASE)
     await killed_while_held(first, upstream_has_a_request(mock),
                             lambda: post(first.port, key, body, "first-byte-delay=5"))
+    killed = time.monotonic()
     again = await asyncio.to_thread(GatewayProcess.start, db, workdir, tables=LEASE)
     assert len(await rows_appear(db)) == 1, "the gateway_stopped row was not shipped"
-    await asyncio.sleep(1.5)            # the killed gateway's lease ran out
+    # The killed gateway's lease, renewed at the latest when it was killed, ran out.
+    await asyncio.sleep(max(0.0, killed + 2 * LEASE["limits"]["lease_seconds"] - time.monotonic()))
     return again
 
 
@@ -183,9 +187,9 @@ async def test_batch_results_fetched_while_the_gateway_is_killed_are_still_bille
         try:
             status, _, raw = await asyncio.to_thread(again.request, "GET", f"{BATCHES}/{batch_id}/results", key)
             assert status == 200 and b"succeeded" in raw
-            await asyncio.sleep(1.0)            # shipped
-            _, billed = await asyncio.to_thread(batch_usage, db)
-            assert billed > 0, "the batch's succeeded results were never billed"
+            async def billed() -> bool:
+                return (await asyncio.to_thread(batch_usage, db))[1] > 0
+            await wait_for(billed, 10.0, "the batch's succeeded results to be billed (shipped)")
         finally:
             await asyncio.to_thread(again.kill)
 

@@ -25,8 +25,9 @@ from tests.support.limits_load import (MOCK_API_KEY, MODEL, REQUEST_COST, REQUES
                                        setup_store)
 from tests.support.processes import wait_for
 
-LEASE = 3                   # seconds: [limits] lease_seconds of every gateway here
-PACED = "event-delay=0.05"  # a stream of 15 events, about 0.7 s in flight
+LEASE = 3                   # seconds: [limits] lease_seconds of every gateway here under load
+KILL_LEASE = 1.5            # and of the kill test's hosts (lightly loaded): the time a dead host holds its slots
+PACED = "event-delay=0.03"  # a stream of 15 events, about 0.45 s in flight
 
 
 def quick(n: int, *, stream: bool = False) -> dict:
@@ -215,7 +216,7 @@ async def test_a_host_killed_holding_slots_frees_them_when_its_lease_runs_out(pg
     limit = 5
     async with CountingUpstream() as mock:
         key = await asyncio.to_thread(setup_store, pg_url, mock, "alice", "--concurrency", str(limit))
-        async with await Hosts.postgres(pg_url, tmp_path, lease_seconds=LEASE) as hosts:
+        async with await Hosts.postgres(pg_url, tmp_path, lease_seconds=KILL_LEASE) as hosts:
             a, b = hosts.processes
             # Host a holds the 5 slots with streams that would last about 30 s.
             held = await asyncio.gather(*(OpenStream.open(a.port, key, quick(n, stream=True),
@@ -242,7 +243,7 @@ async def test_a_host_killed_holding_slots_frees_them_when_its_lease_runs_out(pg
                 statuses.append(answer.status)
                 assert answer.status in (200, 429), answer
                 return answer.status == 200
-            await wait_for(admitted, 3 * LEASE + 10, "host b to admit a request once host a's lease ran out",
+            await wait_for(admitted, 3 * KILL_LEASE + 10, "host b to admit a request once host a's lease ran out",
                            interval=0.25)
 
             mock.reset_max()

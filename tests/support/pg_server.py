@@ -5,6 +5,7 @@ initdb refuses to run as root: as root the server runs as an unprivileged system
 user (`postgres` when it exists, else `nobody`) through setpriv.
 
     server = PgServer.start()          # raises PgUnavailable when there is no initdb
+    PgServer.start(parent=memory_folder())   # its files in /dev/shm where there is one
     url = server.create_database("t1") # postgresql://USER@/t1?host=SOCKETDIR
     server.stop(); server.start_again() # the database down and up again (same data)
     PgServer.start(durable=True)        # commits survive a crash (stop("immediate"))
@@ -21,6 +22,7 @@ import tempfile
 from typing import Optional
 
 SUPERUSER = "apertis"
+SHM = "/dev/shm"
 
 
 class PgUnavailable(RuntimeError):
@@ -32,6 +34,24 @@ def find_bindir() -> Optional[str]:
         return os.path.dirname(initdb)
     found = shutil.which("initdb")
     return os.path.dirname(found) if found else None
+
+
+# The suite's servers and temporary folders hold some GB at most; a smaller /dev/shm (a container's 64 MB) is
+# not used.
+SHM_FREE_BYTES = 4 << 30
+
+
+def memory_folder() -> Optional[str]:
+    """/dev/shm where it is a writable folder (a tmpfs on Linux) with SHM_FREE_BYTES free, else None: files
+    quicker to write and to remove than on a disk that discards freed blocks at once (as here), e.g. a server
+    holding many databases."""
+    try:
+        if not os.access(SHM, os.W_OK):
+            return None
+        stat = os.statvfs(SHM)
+    except OSError:
+        return None
+    return SHM if stat.f_bavail * stat.f_frsize >= SHM_FREE_BYTES else None
 
 
 def _run_as() -> list[str]:
@@ -56,13 +76,14 @@ class PgServer:
         self.prefix = _run_as()
 
     @classmethod
-    def start(cls, durable: bool = False) -> "PgServer":
+    def start(cls, durable: bool = False, parent: Optional[str] = None) -> "PgServer":
         """`durable`: fsync and synchronous commits on, so a commit survives the server's crash (tests that
-        stop it with "immediate"); off by default, for speed."""
+        stop it with "immediate"); off by default, for speed.  `parent`: the folder to make the server's
+        temporary directory in (default: the system's temporary folder)."""
         bindir = find_bindir()
         if bindir is None:
             raise PgUnavailable("PostgreSQL's initdb is not installed (Debian: apt-get install postgresql)")
-        root = tempfile.mkdtemp(prefix="apertis-pg-")
+        root = tempfile.mkdtemp(prefix="apertis-pg-", dir=parent)
         os.chmod(root, 0o755)
         server = cls(bindir, root, durable)
         os.makedirs(server.socket_dir)

@@ -1,5 +1,6 @@
-"""The headers a request carries upstream: the channel's credential replaces the client's, and the cache of
-credential lines stays bounded when channel keys rotate."""
+"""The headers a request carries upstream: the channel's credential replaces the client's, the answer is asked
+for uncompressed (its usage is read from it), and the cache of credential lines stays bounded when channel keys
+rotate."""
 from __future__ import annotations
 
 from apertis_proxy.gateway import headers
@@ -10,7 +11,7 @@ def channel(key: str, auth_header: str = "x-api-key") -> Channel:
     return Channel(id=1, name="main", base_url="https://api.anthropic.com", api_key=key, auth_header=auth_header)
 
 
-CLIENT = [(b"x-api-key", b"sk-apx-client"), (b"authorization", b"Bearer sk-apx-client"),
+CLIENT = [(b"x-api-key", b"sk-apx-client"), (b"authorization", b"Bearer sk-apx-client"), (b"accept-encoding", b"gzip"),
           (b"anthropic-version", b"2026-10-21"), (b"content-type", b"application/json"),
           (b"connection", b"keep-alive, x-drop-me"), (b"x-drop-me", b"1"), (b"anthropic-beta", b"b1")]
 
@@ -18,7 +19,7 @@ CLIENT = [(b"x-api-key", b"sk-apx-client"), (b"authorization", b"Bearer sk-apx-c
 def test_the_channel_credential_replaces_the_clients():
     out = headers.upstream_headers(CLIENT, channel("sk-ant-upstream"), b"api.anthropic.com", "2023-06-01", 42)
     assert out == [(b"host", b"api.anthropic.com"), (b"x-api-key", b"sk-ant-upstream"),
-                   (b"anthropic-version", b"2023-06-01"), (b"content-length", b"42"),
+                   (b"anthropic-version", b"2023-06-01"), (b"accept-encoding", b"identity"), (b"content-length", b"42"),
                    (b"content-type", b"application/json"), (b"anthropic-beta", b"b1")]
     bearer = headers.upstream_headers(CLIENT, channel("sk-ant-upstream", "authorization"), b"h", "2023-06-01", 0)
     assert [h for h in bearer if h[0] in (b"x-api-key", b"authorization")] == [
