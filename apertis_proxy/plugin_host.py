@@ -224,11 +224,9 @@ class PluginHost:
             return
         try:
             await release(caller, record)
-        except asyncio.CancelledError:
-            if _cancelling():
+        except BaseException as exc:
+            if not _plugin_failed(exc):
                 raise
-            log.exception("auth plugin release() failed")
-        except Exception:  # noqa: BLE001
             log.exception("auth plugin release() failed")
 
     async def finish(self, plugin: Any, caller: Caller, record: UsageRecord) -> None:
@@ -240,11 +238,9 @@ class PluginHost:
             return
         try:
             await finish(caller, record)
-        except asyncio.CancelledError:
-            if _cancelling():
+        except BaseException as exc:
+            if not _plugin_failed(exc):
                 raise
-            log.exception("auth plugin finish() failed")
-        except Exception:  # noqa: BLE001
             log.exception("auth plugin finish() failed")
 
     async def route(self, request: RequestInfo, caller: Caller) -> Optional[Sequence[Channel]]:
@@ -302,23 +298,27 @@ class PluginHost:
         for name, plugin in self.meters:
             try:
                 await plugin.record(record)
-            except asyncio.CancelledError as exc:
-                if not _cancelling():
-                    # Raised by the plugin itself (something it awaited was cancelled), not a cancellation
-                    # of this request: a failure like any other.
+            except BaseException as exc:
+                if _plugin_failed(exc):
                     log.exception("meter plugin %s failed to record %s", name, record.request_id)
-                    continue
-                cancelled = exc
-            except Exception:  # noqa: BLE001
-                log.exception("meter plugin %s failed to record %s", name, record.request_id)
+                elif isinstance(exc, asyncio.CancelledError):
+                    cancelled = exc
+                else:
+                    raise
         if cancelled is not None:
             raise cancelled
 
 
-def _cancelling() -> bool:
-    """Whether the running task is being cancelled (a CancelledError it meets is then its own)."""
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0
+def _plugin_failed(exc: BaseException) -> bool:
+    """Whether `exc`, out of a plugin's method, is the plugin's own failure: any Exception, and a
+    CancelledError while the running task is not being cancelled (something the plugin awaited was
+    cancelled), not a cancellation of the request."""
+    if isinstance(exc, Exception):
+        return True
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() == 0
+    return False
 
 
 def _call_each(hooks: list, record: UsageRecord, hook: str) -> None:

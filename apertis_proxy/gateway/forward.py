@@ -367,11 +367,10 @@ class MessagesForwarder:
         if encoding is not None:
             return EncodedRelay(conn, fwd.resp, head.status, down, record, timeout, meter, rename, fwd.count_tokens,
                                 encoding, decode=ctype[:16].lower() == b"application/json"), meter
-        # Media types are case-insensitive; an answer to a stream request that names none is read as the
-        # stream the SDKs take it for.
+        # Media types are case-insensitive (a JSON answer, the usual one, is told without lower-casing); an
+        # answer to a stream request that names none is read as the stream the SDKs take it for.
         if not ctype.startswith(b"application/json") and (
-                ctype.startswith(b"text/event-stream") or ctype[:17].lower() == b"text/event-stream"
-                or (not ctype and record.stream)):
+                ctype[:17].lower() == b"text/event-stream" or (not ctype and record.stream)):
             if self.plugins.checkpoints:
                 meter.on_start = self._checkpoint
             return StreamRelay(conn, fwd.resp, head.status, down, record, timeout,

@@ -84,13 +84,14 @@ _IDENTITY = (b"accept-encoding", b"identity")
 
 
 def downstream_headers(upstream: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], Optional[bytes]]:
-    """The answer's headers that go to the client, and the content coding it names (None: none, or identity)."""
+    """The answer's headers that go to the client, and the content coding it names, lower-cased (None: none, or
+    identity)."""
     out = []
     coding = None
     for name, value in upstream:
         if name in _PASS_DOWN:
             out.append((name, value))
-            if name == b"content-encoding" and value.strip().lower() != b"identity":
+            if name == b"content-encoding" and (value := value.strip().lower()) != b"identity":
                 coding = value
         elif name == b"request-id":
             out.append((b"upstream-request-id", value))

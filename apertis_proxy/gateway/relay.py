@@ -110,7 +110,7 @@ class EncodedRelay(JsonRelay):
                  record: UsageRecord, read_timeout: float, meter: UsageMeter,
                  rename: Optional[tuple[str, str]], count_tokens: bool, encoding: bytes, decode: bool) -> None:
         super().__init__(conn, resp, status, headers, record, read_timeout, meter, rename, count_tokens)
-        self.encoding = encoding
+        self.encoding = encoding        # lower-case (downstream_headers)
         self.decode = decode
 
     def finish(self, data: bytes, readable: bool = True) -> None:
@@ -122,9 +122,9 @@ class EncodedRelay(JsonRelay):
         super().finish(data, readable=False)
 
 
-def _decoded(data: bytes, encoding: bytes) -> Optional[bytes]:
-    """`data` decoded from gzip or deflate (zlib-wrapped or raw), if whole and within the response limit."""
-    coding = encoding.strip().lower()
+def _decoded(data: bytes, coding: bytes) -> Optional[bytes]:
+    """`data` decoded from gzip or deflate (zlib-wrapped or raw; `coding` lower-case), if whole and within the
+    response limit."""
     if coding in (b"gzip", b"x-gzip"):
         tries = (31,)
     elif coding == b"deflate":

@@ -8,6 +8,7 @@ import asyncio
 
 
 from apertis_proxy.gateway import relay
+from tests.support.local_server import LocalServer
 from tests.support.rawhttp import RawConnection, request_bytes
 from tests.support.scripted_channel import HEAD_SSE, MESSAGE_STOP, chunk, event, message_start, text_events
 from tests.support.scripted_gateway import CHANNEL_KEY, ask
@@ -15,28 +16,13 @@ from tests.support.scripted_gateway import CHANNEL_KEY, ask
 FINAL_OUTPUT = 4321
 
 
-class HeldUpstream:
+class HeldUpstream(LocalServer):
     """Answers one stream: its opening at once, the rest (`tail`) only once `go` is set."""
 
     def __init__(self, opening: list[bytes], tail: list[bytes]) -> None:
         self.opening, self.tail = opening, tail
         self.go = asyncio.Event()
         self.done = asyncio.Event()
-        self.server: asyncio.AbstractServer | None = None
-
-    async def __aenter__(self) -> "HeldUpstream":
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    @property
-    def base_url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

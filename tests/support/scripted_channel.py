@@ -18,6 +18,8 @@ import asyncio
 import json
 from typing import Any, Union
 
+from tests.support.local_server import LocalServer
+
 CLOSE = "close"
 HANG = "hang"
 Step = Union[bytes, float, str]
@@ -70,11 +72,10 @@ def full_stream(text: str = "scripted", input_tokens: int = 12, output_tokens: i
     return [HEAD_SSE, *(chunk(e) for e in events), b"0\r\n\r\n"]
 
 
-class ScriptedChannel:
+class ScriptedChannel(LocalServer):
     def __init__(self) -> None:
         self.scripts: list[list[Step]] = []
         self.requests: list[bytes] = []          # each request's head and body, as received
-        self.server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.finished = 0                        # scripts run to their end (or to CLOSE / HANG)
         self.connections = 0                     # connections the gateway opened
@@ -94,21 +95,9 @@ class ScriptedChannel:
         self.finished += 1
         self._progress.set()
 
-    async def __aenter__(self) -> "ScriptedChannel":
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self.server is not None
-        self.server.close()
+    def _closing(self) -> None:
         for writer in list(self._writers):
             writer.close()
-        await self.server.wait_closed()
-
-    @property
-    def base_url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)

@@ -13,34 +13,20 @@ from __future__ import annotations
 import asyncio
 
 from apertis_proxy.upstream.connection import UpstreamConnection
+from tests.support.local_server import LocalServer
 
 BODY = b'{"type":"message","usage":{"input_tokens":3,"output_tokens":5}}'
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(BODY), BODY)
 REQUEST_HEADERS = [(b"host", b"upstream"), (b"content-length", b"2")]
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(LocalServer):
     """Answers each request on a connection with the next script: a list of
     byte strings, each written separately (so each arrives in its own read)."""
 
     def __init__(self, scripts: list[list[bytes]]) -> None:
         self.scripts = scripts
         self.requests: list[bytes] = []
-        self.server: asyncio.AbstractServer | None = None
-
-    async def __aenter__(self) -> "ScriptedUpstream":
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return self.server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
