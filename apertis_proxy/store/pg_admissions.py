@@ -213,14 +213,17 @@ _ADMIT_MANY = """SELECT * FROM apertis_admit_many($1::BIGINT[], $2::TEXT[], $3::
 # request started (start) in the batch's order (a sum seeded with the row's value: the same floating-point
 # additions as one release at a time).
 # Locks in the ledger's order (pg_ledger.py), so that a ledger write of the same requests cannot close a cycle
-# with it: first the batch's admissions (those of requests that cost nothing, which it deletes, then those it
-# ends), then the ended sums, in ascending order of key and day.  `(SELECT COUNT(*) FROM freed) >= 0` is a
-# one-time filter: the update it gates starts only once the deletion has run to its end.
+# with it: first the batch's admissions, in ascending order of key and request, then the ended sums, in
+# ascending order of key and day.  Each `(SELECT COUNT(*) FROM ...) >= 0` is a one-time filter: the statement
+# it gates starts only once the one it counts has run to its end.
 _RELEASE_MANY = """
 WITH f AS (SELECT * FROM unnest($1::BIGINT[], $2::TEXT[], $3::DOUBLE PRECISION[], $4::BIGINT[], $5::TEXT[])
                          WITH ORDINALITY AS f (key_id, request_id, cost, tokens, start, ord)),
+locked AS (SELECT a.key_id FROM admissions a JOIN f ON a.key_id = f.key_id AND a.request_id = f.request_id
+           WHERE a.live = 1 ORDER BY a.key_id, a.request_id FOR UPDATE OF a),
 freed AS (DELETE FROM admissions a USING f
-          WHERE a.key_id = f.key_id AND a.request_id = f.request_id AND a.live = 1 AND f.cost = 0 AND f.tokens = 0
+          WHERE (SELECT COUNT(*) FROM locked) >= 0
+            AND a.key_id = f.key_id AND a.request_id = f.request_id AND a.live = 1 AND f.cost = 0 AND f.tokens = 0
           RETURNING a.key_id),
 ended AS (UPDATE admissions a SET live = 0, cost = f.cost, tokens = f.tokens, start = f.start FROM f
           WHERE (SELECT COUNT(*) FROM freed) >= 0

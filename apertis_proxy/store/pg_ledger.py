@@ -32,8 +32,9 @@ LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) A
     ins_tokens = " + ".join(f"ins.{f}" for f in ROLLUP_SUMS)
     quota_tokens = f"""CASE WHEN ins.cost IS NULL AND {ins_tokens} = 0 THEN COALESCE((SELECT a.tokens FROM admissions a
         WHERE a.key_id = ins.key_id AND a.request_id = ins.request_id), 0) ELSE {ins_tokens} END"""
-    # The admissions the rows settle are locked (`freed`) before the ended sums (_SETTLE_ENDED, last): the order
-    # of the releases (pg_admissions._RELEASE_MANY), so that the two cannot close a cycle over them.
+    # The admissions the rows settle are locked in ascending order of key and request before `freed` deletes
+    # them (a one-time filter gates it), and the ended sums last (_SETTLE_ENDED): the order of the releases
+    # (pg_admissions._RELEASE_MANY), so that the two cannot close a cycle.
     spend = f""", quota AS (
     SELECT ins.key_id, ins.ts, {quota_cost} AS cost, {quota_tokens} AS tokens FROM ins
 ), spend AS (
@@ -43,8 +44,12 @@ LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) A
     HAVING SUM(cost) > 0 OR SUM(tokens) > 0
     ON CONFLICT (key_id) DO UPDATE SET cost = key_spend.cost + EXCLUDED.cost,
         tokens = key_spend.tokens + EXCLUDED.tokens
+), locked AS (
+    SELECT a.key_id FROM admissions a JOIN ins ON a.key_id = ins.key_id AND a.request_id = ins.request_id
+    ORDER BY a.key_id, a.request_id FOR UPDATE OF a
 ), freed AS (
-    DELETE FROM admissions a USING ins WHERE a.key_id = ins.key_id AND a.request_id = ins.request_id
+    DELETE FROM admissions a USING ins WHERE (SELECT COUNT(*) FROM locked) >= 0
+        AND a.key_id = ins.key_id AND a.request_id = ins.request_id
     RETURNING a.key_id, a.start, a.live, a.cost, a.tokens
 ), period_spend AS (
     INSERT INTO key_period_spend (key_id, period, start, cost, tokens)
