@@ -41,6 +41,23 @@ CONNECT_TIMEOUT = 10.0
 STATEMENT_TIMEOUT = 5.0
 # pg_advisory_xact_lock(bigint) namespace for admissions: this << 32 | key id.
 ADMISSION_LOCK = 0x61647331
+# The same for settling: a release batch and a ledger write take their keys' locks of this namespace in ascending
+# order before their first row lock, so that two of them sharing keys (and so admissions, ended sums, spend rows)
+# take turns on them instead of locking those rows in opposite orders.  A lock in memory, unlike an ordered
+# FOR UPDATE of every row, which writes each row once more.
+SETTLE_LOCK = 0x61647332
+
+
+def settle_locks(param: int) -> str:
+    """A query that takes the settling locks of the keys in its BIGINT[] parameter `$param` (ascending,
+    distinct) in that order; its one value is a count, to be read so that every lock is taken."""
+    return (f"SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock(({SETTLE_LOCK}::BIGINT << 32) | k)"
+            f" FROM unnest(${param}::BIGINT[]) AS k) l")
+
+
+# The settling locks of the keys in $1, as one statement.
+TAKE_SETTLE_LOCKS = settle_locks(1)
+
 # The admissions' connections commit without waiting for the WAL to reach the disk (the server's
 # wal_writer_delay later, 200 ms by default): an admission and a release cost no disk flush.  A crash
 # of the server loses at most the last of them: requests then in flight stop counting (as if their
@@ -212,18 +229,16 @@ _ADMIT_MANY = """SELECT * FROM apertis_admit_many($1::BIGINT[], $2::TEXT[], $3::
 # is forgotten; else its reservation becomes its exact cost, added to its key's ended sums for the day its
 # request started (start) in the batch's order (a sum seeded with the row's value: the same floating-point
 # additions as one release at a time).
-# Locks in the ledger's order (pg_ledger.py), so that a ledger write of the same requests cannot close a cycle
-# with it: first the batch's admissions, in ascending order of key and request, then the ended sums, in
-# ascending order of key and day.  Each `(SELECT COUNT(*) FROM ...) >= 0` is a one-time filter: the statement
-# it gates starts only once the one it counts has run to its end.
-_RELEASE_MANY = """
+# The batch's keys' settling locks (SETTLE_LOCK, $6) come first: `f`, which every other part reads, waits for
+# them.  Then the admissions of requests that cost nothing go before the others end (`(SELECT COUNT(*) FROM
+# freed) >= 0` is a one-time filter: the update it gates starts only once the deletion has run to its end), and
+# the ended sums are upserted last, in ascending order of key and day.
+_RELEASE_MANY = f"""
 WITH f AS (SELECT * FROM unnest($1::BIGINT[], $2::TEXT[], $3::DOUBLE PRECISION[], $4::BIGINT[], $5::TEXT[])
-                         WITH ORDINALITY AS f (key_id, request_id, cost, tokens, start, ord)),
-locked AS (SELECT a.key_id FROM admissions a JOIN f ON a.key_id = f.key_id AND a.request_id = f.request_id
-           WHERE a.live = 1 ORDER BY a.key_id, a.request_id FOR UPDATE OF a),
+                         WITH ORDINALITY AS f (key_id, request_id, cost, tokens, start, ord)
+           WHERE ({settle_locks(6)}) >= 0),
 freed AS (DELETE FROM admissions a USING f
-          WHERE (SELECT COUNT(*) FROM locked) >= 0
-            AND a.key_id = f.key_id AND a.request_id = f.request_id AND a.live = 1 AND f.cost = 0 AND f.tokens = 0
+          WHERE a.key_id = f.key_id AND a.request_id = f.request_id AND a.live = 1 AND f.cost = 0 AND f.tokens = 0
           RETURNING a.key_id),
 ended AS (UPDATE admissions a SET live = 0, cost = f.cost, tokens = f.tokens, start = f.start FROM f
           WHERE (SELECT COUNT(*) FROM freed) >= 0
@@ -252,7 +267,9 @@ _RESERVED = "SELECT cost, tokens FROM admissions WHERE key_id = $1 AND request_i
 # STALE_LEASE_SECONDS goes with its holder's live admissions, and ended admissions of keys with a quota period
 # whose requests started before `kept` (ENDED_KEPT_DAYS ago) with their sums, but not those a ledger write holds at
 # that moment (it settles them; the next renewal takes what is left).  Deleting the stale lease locks it, so a
-# holder renewing at that moment keeps its lease and its admissions (the deletion rechecks the row).
+# holder renewing at that moment keeps its lease and its admissions (the deletion rechecks the row).  The stale
+# holders' live admissions go under their keys' settling locks (a ledger write may be settling some of them), taken
+# after the leases (as drop_lease does) and before any admission is locked.
 # The minutes of keys idle for one go too, but not a minute an admission holds at that moment (it may hold other
 # keys' too, in a batch: waiting for it could close a cycle); the next renewal takes it if it is still idle.
 # Returns how long the lease had still to run (NULL: none) and the live leases.
@@ -268,7 +285,12 @@ renewed AS (
 gone AS (
     DELETE FROM limit_leases l USING clock WHERE l.expires_at < clock.now - {STALE_LEASE_SECONDS} AND l.holder <> $1
     RETURNING l.holder),
-collected AS (DELETE FROM admissions a USING gone WHERE a.holder = gone.holder AND a.live = 1),
+gone_keys AS (SELECT COUNT(*) AS n FROM (
+    SELECT pg_advisory_xact_lock(({SETTLE_LOCK}::BIGINT << 32) | k.key_id) FROM (
+        SELECT DISTINCT a.key_id FROM admissions a JOIN gone ON a.holder = gone.holder WHERE a.live = 1
+        ORDER BY a.key_id) k) l),
+collected AS (DELETE FROM admissions a USING gone
+              WHERE (SELECT n FROM gone_keys) >= 0 AND a.holder = gone.holder AND a.live = 1),
 idle AS (
     DELETE FROM admission_counts c WHERE c.key_id IN (
         SELECT i.key_id FROM admission_counts i, clock WHERE i.last_at <= clock.now - {RPM_WINDOW}
@@ -278,7 +300,8 @@ idle_times AS (DELETE FROM admission_times t USING idle WHERE t.key_id = idle.ke
 old_ended AS (
     DELETE FROM admissions a WHERE (a.key_id, a.request_id) IN (
         SELECT o.key_id, o.request_id FROM admissions o, cutoff
-         WHERE o.live = 0 AND o.start < cutoff.kept AND o.key_id IN (SELECT id FROM periodic)
+         WHERE (SELECT n FROM gone_keys) >= 0
+           AND o.live = 0 AND o.start < cutoff.kept AND o.key_id IN (SELECT id FROM periodic)
         FOR UPDATE OF o SKIP LOCKED)),
 old_sums AS (
     DELETE FROM admission_ended e WHERE (e.key_id, e.start) IN (
@@ -492,7 +515,7 @@ class PgAdmissions:
         if len(items) == 1:
             args = _release_one(*items[0])
         else:
-            args = (_RELEASE_MANY, *(list(column) for column in zip(*items)))
+            args = (_RELEASE_MANY, *(list(column) for column in zip(*items)), sorted({item[0] for item in items}))
         await self._run(lambda conn: conn.execute(*args))
         return [None] * len(items)
 
@@ -516,11 +539,16 @@ class PgAdmissions:
         await self._run(lambda conn: conn.execute(f"VACUUM (SKIP_LOCKED) {', '.join(CHURNING_TABLES)}"))
 
     async def drop_lease(self, holder: str) -> None:
-        """The lease and the live admissions go; ended ones wait for their ledger rows (admissions.drop_step)."""
+        """The lease and the live admissions go; ended ones wait for their ledger rows (admissions.drop_step).
+        The lease first, then the admissions under their keys' settling locks (a ledger write may be settling
+        some of them at that moment): the order of a renewal that collects a stale holder's."""
         async def drop(conn) -> None:
             async with conn.transaction():
-                await conn.execute("DELETE FROM admissions WHERE holder = $1 AND live = 1", holder)
                 await conn.execute("DELETE FROM limit_leases WHERE holder = $1", holder)
+                keys = await conn.fetchval("SELECT COALESCE(array_agg(DISTINCT key_id ORDER BY key_id), '{}')"
+                                           " FROM admissions WHERE holder = $1 AND live = 1", holder)
+                await conn.execute(TAKE_SETTLE_LOCKS, keys)
+                await conn.execute("DELETE FROM admissions WHERE holder = $1 AND live = 1", holder)
         await self._run(drop)
 
     async def in_flight(self, key_id: int) -> tuple[int, float]:

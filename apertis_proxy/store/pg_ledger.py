@@ -11,6 +11,7 @@ import datetime
 from typing import Sequence
 
 from . import pg_schema
+from .pg_admissions import TAKE_SETTLE_LOCKS
 
 ROLLUP_SUMS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 ROLLUP_FIELDS = ("requests", *ROLLUP_SUMS, "cost", "errors", "interrupted", "unpriced")
@@ -32,24 +33,20 @@ LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) A
     ins_tokens = " + ".join(f"ins.{f}" for f in ROLLUP_SUMS)
     quota_tokens = f"""CASE WHEN ins.cost IS NULL AND {ins_tokens} = 0 THEN COALESCE((SELECT a.tokens FROM admissions a
         WHERE a.key_id = ins.key_id AND a.request_id = ins.request_id), 0) ELSE {ins_tokens} END"""
-    # The admissions the rows settle are locked in ascending order of key and request before `freed` deletes
-    # them (a one-time filter gates it), and the ended sums last (_SETTLE_ENDED): the order of the releases
-    # (pg_admissions._RELEASE_MANY), so that the two cannot close a cycle.
+    # The keys' settling locks are taken first (PgLedger.write), so nothing here locks a row a release batch
+    # or another host's ledger write of the same keys could hold; the upserts go in the order of their keys all
+    # the same, for the rows of no key (a request refused before it had one).
     spend = f""", quota AS (
     SELECT ins.key_id, ins.ts, {quota_cost} AS cost, {quota_tokens} AS tokens FROM ins
 ), spend AS (
     INSERT INTO key_spend (key_id, cost, tokens)
     SELECT key_id, SUM(cost), SUM(tokens)
     FROM quota WHERE key_id IN (SELECT id FROM keys) GROUP BY key_id
-    HAVING SUM(cost) > 0 OR SUM(tokens) > 0
+    HAVING SUM(cost) > 0 OR SUM(tokens) > 0 ORDER BY key_id
     ON CONFLICT (key_id) DO UPDATE SET cost = key_spend.cost + EXCLUDED.cost,
         tokens = key_spend.tokens + EXCLUDED.tokens
-), locked AS (
-    SELECT a.key_id FROM admissions a JOIN ins ON a.key_id = ins.key_id AND a.request_id = ins.request_id
-    ORDER BY a.key_id, a.request_id FOR UPDATE OF a
 ), freed AS (
-    DELETE FROM admissions a USING ins WHERE (SELECT COUNT(*) FROM locked) >= 0
-        AND a.key_id = ins.key_id AND a.request_id = ins.request_id
+    DELETE FROM admissions a USING ins WHERE a.key_id = ins.key_id AND a.request_id = ins.request_id
     RETURNING a.key_id, a.start, a.live, a.cost, a.tokens
 ), period_spend AS (
     INSERT INTO key_period_spend (key_id, period, start, cost, tokens)
@@ -61,7 +58,7 @@ LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) A
         SUM(q.cost), SUM(q.tokens)
     FROM quota q JOIN keys k ON k.id = q.key_id
     WHERE k.quota_period IN ('day', 'week', 'month')
-    GROUP BY 1, 2, 3
+    GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
     ON CONFLICT (key_id, period, start) DO UPDATE SET cost = key_period_spend.cost + EXCLUDED.cost,
         tokens = key_period_spend.tokens + EXCLUDED.tokens
 )""" if settle else ""
@@ -75,7 +72,7 @@ LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) A
         COALESCE(channel_name, ''), COUNT(*), {sums}, COALESCE(SUM(cost), 0),
         SUM((status >= 400 OR error_type IS NOT NULL)::int), SUM((interrupted != 0)::int),
         SUM((cost IS NULL)::int)
-    FROM ins GROUP BY 1, 2, 3, 4
+    FROM ins GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
     ON CONFLICT (day, key_name, requested_model, channel_name) DO UPDATE SET {updates}
 )
 SELECT (SELECT COUNT(*) FROM ins){ended}"""
@@ -126,6 +123,9 @@ class PgLedger:
             await conn.copy_records_to_table("usage_incoming", records=rows, columns=list(columns))
             if not settle:
                 return await conn.fetchval(sql)
+            # After the copy (which locks nothing shared): a release of these keys waits for as short a time.
+            key_at = columns.index("key_id")
+            await conn.execute(TAKE_SETTLE_LOCKS, sorted({row[key_at] for row in rows} - {None}))
             out = await conn.fetch(sql)
             ended = [r for r in out if r[1] is not None]
             if ended:

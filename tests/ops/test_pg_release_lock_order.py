@@ -3,13 +3,16 @@
 
 The ledger's transaction locks the admissions rows of its requests (live ones too: a ledger row may land
 before its release), then, in its last statement (_SETTLE_ENDED), the keys' ended sums (admission_ended, key
-and day).  A batched release must lock in the same order: all its admissions rows (those of requests that
-cost nothing, which it deletes, as well as those it ends) before the ended sums.  Were the rows of requests
-that cost nothing taken after the sums, a request that cost nothing whose ledger row lands while a release
-batch holding it is out would close a cycle:
+and day).  A batched release locks admissions rows (deleting those of requests that cost nothing, ending the
+others) and then the ended sums.  Two such transactions sharing requests or keys must never lock those rows in
+opposite orders, or they close a cycle; for instance, were the rows of requests that cost nothing taken after
+the sums:
 
     ledger   : DELETE admissions (Y, Z)       ... UPDATE admission_ended (K, day)   -> waits for release
     release  :   UPDATE admissions (X); upsert admission_ended (K, day); DELETE admissions (Y) -> waits for ledger
+
+or were two admissions rows taken in the order of each statement's plan.  Both therefore take their keys'
+settling locks (pg_admissions.SETTLE_LOCK) in ascending order before any row.
 
 The tests run the product's statements as they are (PgLedger.write on a connection that holds back its last
 statement until the release is seen waiting; PgAdmissions.release through its Gathered batches), on a
