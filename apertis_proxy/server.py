@@ -49,6 +49,7 @@ class Gateway:
                            connect_timeout=settings.connect_timeout)
         self.plugins: Optional[PluginHost] = None
         self.observe: Optional[Observability] = None
+        self._observe_running = False
         self._listener: Optional[Listener] = None
         self.store: Optional[Store] = None
         self.owned: Optional[OwnedState] = None
@@ -125,21 +126,27 @@ class Gateway:
             self.plugins.observer = self.observe.recorder
         self.state.refused = self.observe.refusal_hook
         self.observe.start()
+        self._observe_running = True
         app = GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog, self.owned), self.plugins,
                          ClientAddress(s.trusted_proxies, s.forwarded_header) if s.trusted_proxies else None)
         return self.observe.wrap(app)
 
     async def _stop_app(self) -> None:
-        """Let go of what _start_app started (their threads would keep the process alive), once: a shutdown()
-        after a failed start finds nothing left to close."""
+        """Let go of what _start_app started (their threads would keep the process alive), in order: the
+        meters flush (plugins) before the metrics close, so that their last rows are counted, and ownership
+        records still being written settle before the store closes.  Once: a shutdown() after a failed start
+        finds nothing left to close.  `observe` stays readable after it closed."""
         retention, plugins, owned, store = self.retention, self.plugins, self.owned, self.store
+        observe, self._observe_running = (self.observe if self._observe_running else None), False
         self.retention = self.plugins = self.owned = self.store = None
         if retention is not None:
             await retention.close()
         if plugins is not None:
             await plugins.close()
+        if observe is not None:
+            await observe.close()
         if owned is not None:
-            await owned.settle()            # ownership records still being written
+            await owned.settle()
         if store is not None:
             await store.close()
 
@@ -186,16 +193,7 @@ class Gateway:
             await asyncio.wait(pending, timeout=1.0)
         for conn in list(self.state.connections):
             conn.close()
-        if self.retention is not None:
-            await self.retention.close()
-        if self.plugins is not None:
-            await self.plugins.close()   # meters flush here
-        if self.observe is not None:
-            await self.observe.close()   # after the meters: their last rows are counted
-        if self.owned is not None:
-            await self.owned.settle()    # ownership records still being written
-        if self.store is not None:
-            await self.store.close()
+        await self._stop_app()
         self.pools.close()
 
 

@@ -352,12 +352,7 @@ async def test_a_port_taken_between_bind_and_listen_fails_start_and_lets_go_of_i
     spend against the closed store, with a traceback each time)."""
     gateway_env.add_key("alice")
     gateway_env.add_channel("main", mock_upstream)
-    winner, loser = socket.socket(), socket.socket()
-    for s in (winner, loser):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    winner.bind(("127.0.0.1", 0))
-    loser.bind(("127.0.0.1", winner.getsockname()[1]))
-    winner.listen()
+    winner, loser = _port_race()
     threads = threading.active_count()
     gw = Gateway(gateway_env.settings())
     try:
@@ -372,5 +367,38 @@ async def test_a_port_taken_between_bind_and_listen_fails_start_and_lets_go_of_i
         winner.close()
 
 
+def _port_race() -> tuple[socket.socket, socket.socket]:
+    """Two sockets bound to one port (SO_REUSEADDR), the first listening: the second's listen() fails."""
+    winner, loser = socket.socket(), socket.socket()
+    for s in (winner, loser):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    winner.bind(("127.0.0.1", 0))
+    loser.bind(("127.0.0.1", winner.getsockname()[1]))
+    winner.listen()
+    return winner, loser
+
+
 async def _fewer_threads(limit: int) -> bool:
     return threading.active_count() <= limit
+
+
+async def test_a_worker_whose_listen_fails_hands_back_its_metrics_share(gateway_env, mock_upstream, tmp_path,
+                                                                        monkeypatch):
+    """A worker of `serve --workers 2` that loses the race for its port after the metrics share started
+    closes the share too: no ask socket is left in the run directory for the other workers' scrapes to wait
+    on, and the worker is marked ended (its counts kept for the next scrape)."""
+    from apertis_proxy.observe import shared
+    monkeypatch.setenv(shared.RUN_DIR_ENV, str(tmp_path))
+    gateway_env.add_key("alice")
+    gateway_env.add_channel("main", mock_upstream)
+    winner, loser = _port_race()
+    gw = Gateway(gateway_env.settings(), worker=1, workers=2)
+    try:
+        with pytest.raises(OSError):
+            await gw.start(sock=loser)
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert not [n for n in names if n.startswith("ask-")], names
+        assert [n for n in names if n.startswith("dead-")], names
+        await gw.shutdown(timeout=0.1)              # nothing left to close: no error
+    finally:
+        winner.close()
