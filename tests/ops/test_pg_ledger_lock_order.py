@@ -38,23 +38,17 @@ from apertis_proxy.store import pg_ledger
 from apertis_proxy.store.admissions import STALE_LEASE_SECONDS, Limits
 
 from .test_admissions_store import admit, lease, leased_process, new_key, opened
-from .test_pg_release_lock_order import (deadlock_lines, ledger_columns, log_size, server_log, tuned,
-                                         usage_row)
+from .test_pg_release_lock_order import (deadlock_lines, ledger_columns, lock_waiters, log_size, server_log,
+                                         tuned, usage_row)
 
 
-async def lock_waiters(target: str, within: float, at_least: int, pids=()) -> list:
-    """The server processes of this database waiting on a heavyweight lock (`pids` among them), polled for
-    `within` seconds until there are `at_least` of them."""
+async def settled_state(target: str) -> tuple[dict, list, int]:
+    """The keys' settled spend {key: (cost, tokens)}, the ended sums not back at zero, the admissions left."""
     conn = await asyncpg.connect(target)
     try:
-        deadline = time.monotonic() + within
-        while True:
-            rows = await conn.fetch("SELECT pid, left(query, 80) AS query FROM pg_stat_activity"
-                                    " WHERE wait_event_type = 'Lock' AND datname = current_database()")
-            found = {r["pid"] for r in rows}
-            if (len(rows) >= at_least and set(pids) <= found) or time.monotonic() > deadline:
-                return rows
-            await asyncio.sleep(0.005)
+        spend = {r[0]: (r[1], r[2]) for r in await conn.fetch("SELECT key_id, cost, tokens FROM key_spend")}
+        ended = await conn.fetch("SELECT key_id, n, cost, tokens FROM admission_ended WHERE n <> 0 OR cost <> 0")
+        return spend, [tuple(r) for r in ended], await conn.fetchval("SELECT COUNT(*) FROM admissions")
     finally:
         await conn.close()
 
@@ -171,20 +165,14 @@ async def test_settle_ended_and_a_release_batch_of_other_requests_lock_the_ended
         assert await store.store.write_ledger([usage_row(first, f"R{first}", started_at, 0.5, 50),
                                                usage_row(last, f"R{last}", started_at, 0.5, 50)]) == 2
         found, _ = deadlocks(pg_server, since)
-        conn = await asyncpg.connect(target)
-        try:
-            spend = {r[0]: (r[1], r[2]) for r in await conn.fetch("SELECT key_id, cost, tokens FROM key_spend")}
-            ended = await conn.fetch("SELECT key_id, n, cost, tokens FROM admission_ended WHERE n <> 0 OR cost <> 0")
-            left = await conn.fetchval("SELECT COUNT(*) FROM admissions")
-        finally:
-            await conn.close()
+        spend, ended, left = await settled_state(target)
         report = (f"_SETTLE_ENDED plan: {plan}; waiting before the batch: {[r['query'][:40] for r in waiting1]}; "
                   f"before the blocker let go: {[r['query'][:40] for r in waiting2]}; release outcomes {outcomes!r};"
                   f" ledger {ledger_outcome!r}; deadlocks {found}; server log: {deadlock_report(pg_server, since)}")
         expected = {key: (pytest.approx(0.75 if key in (first, last) else 0.25), 75 if key in (first, last) else 25)
                     for key in keys}
         assert spend == expected, report
-        assert [tuple(r) for r in ended] == [] and left == 0, report
+        assert ended == [] and left == 0, report
         assert found == 0, report
         assert not isinstance(ledger_outcome, BaseException) and all(o is None for o in outcomes), report
 
@@ -260,12 +248,7 @@ async def test_a_holders_admissions_deleted_and_a_ledger_write_or_release_lock_t
             else:
                 await store.admissions.drop_lease("h")
         found, _ = deadlocks(pg_server, since)
-        conn = await asyncpg.connect(target)
-        try:
-            spend = {r[0]: (r[1], r[2]) for r in await conn.fetch("SELECT key_id, cost, tokens FROM key_spend")}
-            left = await conn.fetchval("SELECT COUNT(*) FROM admissions")
-        finally:
-            await conn.close()
+        spend, _, left = await settled_state(target)
         report = (f"waiting: {[r['query'][:40] for r in waiting1]} then {[r['query'][:40] for r in waiting2]}; "
                   f"{deleter} {delete_outcome!r}; {other} {ledger_outcome!r}; deadlocks {found}; "
                   f"server log: {deadlock_report(pg_server, since)}")
@@ -357,18 +340,40 @@ async def settled_exactly(target: str, all_rows: list[dict]) -> list[str]:
     return wrong
 
 
-@pytest.mark.parametrize("n_keys", [6, 60])
-async def test_two_hosts_ledger_writes_of_ended_requests_of_shared_keys_never_deadlock(pg_server, pg_url, n_keys):
+async def ship_rounds(pg_server, target: str, stores: list, seconds: float, rows_of, rng: random.Random,
+                      shipped: list[dict], sizes=(1, 150)) -> None:
+    """Round after round for `seconds`, both hosts ship at once the rows `await rows_of(round)` gives each
+    (batches of `sizes`, a refused one again); then: no deadlock in the server's log, no batch refused, and
+    every sum exactly that of the rows shipped (with `shipped` before)."""
+    since = log_size(pg_server)
+    refused: list[str] = []
+    t0 = time.monotonic()
+    rounds = 0
+    while time.monotonic() - t0 < seconds:
+        rows = await rows_of(rounds)
+        await asyncio.gather(*(ship(store, host_rows, random.Random(rng.random()), refused, sizes)
+                               for store, host_rows in zip(stores, rows)))
+        shipped += rows[0] + rows[1]
+        rounds += 1
+    found, _ = deadlocks(pg_server, since)
+    wrong = await settled_exactly(target, shipped)
+    report = (f"{rounds} rounds; refused batches {len(refused)} {refused[:3]}; deadlocks {found}; "
+              f"wrong {wrong[:5]}; server log: {deadlock_report(pg_server, since)}")
+    assert not wrong, report
+    assert found == 0 and not refused, report
+
+
+async def test_two_hosts_ledger_writes_of_ended_requests_of_shared_keys_never_deadlock(pg_server, pg_url):
     """Two gateway hosts (each its own store and connections) ship their spools at once: ledger rows of their
     own requests on the same keys and days (ended: released with their costs beforehand, so that every write
     also settles the ended sums), in batches of random sizes and random order, round after round (for about
-    5 s).  The writes upsert the same key_spend, usage_daily and admission_ended rows: they must lock them in
+    2.5 s).  The writes upsert the same key_spend, usage_daily and admission_ended rows: they must lock them in
     one order.  Afterwards no deadlock in the server's log, and every sum exactly the rows' (a refused batch
     shipped again).  (Two ledger writes of a key take its key_spend and usage_daily rows before its ended sums,
     so _SETTLE_ENDED of one waits for the other's commit; with 60 keys and 3 days the batches' usage_daily groups
     outgrow the HashAggregate's first table and its order differs from batch to batch.)"""
     target = await tuned(pg_server, pg_url)
-    keys = [new_key(pg_url, f"key{n:03d}") for n in range(n_keys)]
+    keys = [new_key(pg_url, f"key{n:03d}") for n in range(60)]
     rng = random.Random()
     now = time.time()
     days = [(now - d * 86400, time.strftime("%Y-%m-%d", time.gmtime(now - d * 86400))) for d in range(3)]
@@ -377,22 +382,10 @@ async def test_two_hosts_ledger_writes_of_ended_requests_of_shared_keys_never_de
     try:
         for n, store in enumerate(stores):
             await lease(store, f"h{n}")
-        since = log_size(pg_server)
-        refused: list[str] = []
-        t0 = time.monotonic()
-        rounds = 0
-        while time.monotonic() - t0 < 5.0:
-            rows = await ended_requests(stores, keys, days, 300, rng, rounds)
-            await asyncio.gather(*(ship(store, host_rows, random.Random(rng.random()), refused)
-                                   for store, host_rows in zip(stores, rows)))
-            shipped += rows[0] + rows[1]
-            rounds += 1
-        found, _ = deadlocks(pg_server, since)
-        wrong = await settled_exactly(target, shipped)
-        report = (f"{rounds} rounds; refused batches {len(refused)} {refused[:3]}; deadlocks {found}; "
-                  f"wrong {wrong[:5]}; server log: {deadlock_report(pg_server, since)}")
-        assert not wrong, report
-        assert found == 0 and not refused, report
+
+        async def rows_of(round_: int) -> list[list[dict]]:
+            return await ended_requests(stores, keys, days, 300, rng, round_)
+        await ship_rounds(pg_server, target, stores, 2.5, rows_of, rng, shipped)
     finally:
         for store in stores:
             await store.close()
@@ -414,7 +407,7 @@ def unlimited_rows(keys: list[int], host: int, round_: int, n: int, days: list[f
 async def test_two_hosts_ledger_writes_of_unlimited_keys_never_deadlock(pg_server, pg_url, rollup_rows):
     """As above for keys without limits (no admissions: the write upserts key_spend and usage_daily only), rows
     of several days, models and channels: the batches' groups are many, and their number varies with the batch.
-    Two hosts ship 2000 rows each at once, in random batches of 1 to 400, round after round (for about 4 s);
+    Two hosts ship 2000 rows each at once, in random batches of 1 to 400, round after round (for about 2 s);
     the days' rollup rows are new in each round ("new": the first rows of a day, as every midnight) or all there
     beforehand ("existing").  No deadlock, sums exact."""
     target = await tuned(pg_server, pg_url)
@@ -430,24 +423,11 @@ async def test_two_hosts_ledger_writes_of_unlimited_keys_never_deadlock(pg_serve
                     for k in keys for d, t in enumerate(days) for m in ("m-a", "m-b", "m-c") for c in ("ch1", "ch2")]
             assert await stores[0].store.write_ledger(warm) == len(warm)
             shipped += warm
-        since = log_size(pg_server)
-        refused: list[str] = []
-        t0 = time.monotonic()
-        rounds = 0
-        while time.monotonic() - t0 < 4.0:
-            if rollup_rows == "new":
-                days = [now - (4 * rounds + d) * 86400 for d in range(4)]
-            rows = [unlimited_rows(keys, host, rounds, 2000, days, rng) for host in range(2)]
-            await asyncio.gather(*(ship(store, host_rows, random.Random(rng.random()), refused, (1, 400))
-                                   for store, host_rows in zip(stores, rows)))
-            shipped += rows[0] + rows[1]
-            rounds += 1
-        found, _ = deadlocks(pg_server, since)
-        wrong = await settled_exactly(target, shipped)
-        report = (f"{rounds} rounds; refused batches {len(refused)} {refused[:3]}; deadlocks {found}; "
-                  f"wrong {wrong[:5]}; server log: {deadlock_report(pg_server, since)}")
-        assert not wrong, report
-        assert found == 0 and not refused, report
+
+        async def rows_of(round_: int) -> list[list[dict]]:
+            in_days = [now - (4 * round_ + d) * 86400 for d in range(4)] if rollup_rows == "new" else days
+            return [unlimited_rows(keys, host, round_, 2000, in_days, rng) for host in range(2)]
+        await ship_rounds(pg_server, target, stores, 2.0, rows_of, rng, shipped, (1, 400))
     finally:
         for store in stores:
             await store.close()
@@ -461,7 +441,7 @@ async def test_ledger_writes_and_release_batches_of_other_requests_of_shared_key
     """One host admits and releases waves of requests on random keys (its releases go out in batches:
     _RELEASE_MANY), while the other host's spool ships the ledger rows of the requests released before, in
     batches of random sizes: never a request of a release batch out, always the same keys' ended sums (one day).
-    For about 4 s; afterwards no deadlock in the server's log and every sum exact.  With 3 keys the ledger's
+    For about 2.5 s; afterwards no deadlock in the server's log and every sum exact.  With 3 keys the ledger's
     _SETTLE_ENDED runs as a nested loop over its (ascending) unnest rows; with 30 it hashes them and scans
     admission_ended, locking the sums in the table's physical order."""
     target = await tuned(pg_server, pg_url)
@@ -506,7 +486,7 @@ async def test_ledger_writes_and_release_batches_of_other_requests_of_shared_key
         ship = asyncio.create_task(shipper(stop))
         t0 = time.monotonic()
         wave = 0
-        while time.monotonic() - t0 < 4.0:
+        while time.monotonic() - t0 < 2.5:
             requests = [(rng.choice(keys), f"w{wave}-{i}") for i in range(80)]
             decisions = await asyncio.gather(*(admit(stores[0], Limits(key, quota_cost=1e9), rid, "h0", 1.0, 100)
                                                for key, rid in requests))

@@ -95,17 +95,19 @@ class HeldBack:
         return await self._conn.execute(sql, *args, **kw)
 
 
-async def waiting_on_a_lock(target: str, within: float) -> list:
-    """The server processes waiting on a heavyweight lock, polled for `within` seconds until there is one."""
+async def lock_waiters(target: str, within: float, at_least: int, pids=()) -> list:
+    """The server processes of this database waiting on a heavyweight lock (`pids` among them), polled for
+    `within` seconds until there are `at_least` of them."""
     conn = await asyncpg.connect(target)
     try:
         deadline = time.monotonic() + within
         while True:
-            rows = await conn.fetch("SELECT pid, left(query, 60) AS query FROM pg_stat_activity"
+            rows = await conn.fetch("SELECT pid, left(query, 80) AS query FROM pg_stat_activity"
                                     " WHERE wait_event_type = 'Lock' AND datname = current_database()")
-            if rows or time.monotonic() > deadline:
+            found = {r["pid"] for r in rows}
+            if (len(rows) >= at_least and set(pids) <= found) or time.monotonic() > deadline:
                 return rows
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.005)
     finally:
         await conn.close()
 
@@ -163,7 +165,7 @@ async def test_a_release_batch_and_a_ledger_write_of_a_request_that_cost_nothing
             released = asyncio.gather(store.admissions.release(key_id, "X", 0.3, 30, True, None, day),
                                       store.admissions.release(key_id, "Y", 0.0, 0, True, None, day),
                                       return_exceptions=True)
-            waiting = await waiting_on_a_lock(target, 2.0)
+            waiting = await lock_waiters(target, 2.0, 1)
             ledger_conn.go.set()
             t1 = time.monotonic()
             outcomes = await released
