@@ -48,13 +48,15 @@ def endpoint_label(path: str) -> str:
 
 
 def outcome_label(outcome: Outcome) -> str:
-    """ok, timeout, refused (no connection), or status (an error answer; it
-    becomes failover once the next channel is tried).  The fifth, abandoned,
+    """ok, timeout (no answer in time, or a 2xx body that stalled), refused (no connection), or status (an
+    error answer; it becomes failover once the next channel is tried).  The fifth, abandoned,
     is an attempt that was still running when the client left (see end())."""
     if outcome.ok:
         return "ok"
     if outcome.status is None:
         return "timeout" if outcome.error_type == "timeout" else "refused"
+    if outcome.status < 300 and outcome.error_type == "timeout_error":
+        return "timeout"        # a 2xx whose body stalled past read_timeout
     return "status"
 
 

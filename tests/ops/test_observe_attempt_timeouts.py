@@ -1,10 +1,8 @@
-"""Adversarial review of what operators see ("Operators can see it"), through a real `serve` process against the
-mock upstream with the official SDK as client: failing tests only, each naming the promise it holds the gateway
-to (README "Operating it", "Metrics").
+"""apertis_upstream_attempts_total's `timeout` outcome, through a real `serve` process against the mock upstream
+with the official SDK as client: a read that ran out of time is a timeout wherever it happened.
 """
 from __future__ import annotations
 
-import asyncio
 import signal
 
 import anthropic
@@ -25,11 +23,8 @@ async def test_a_stream_that_goes_quiet_mid_body_is_counted_as_a_timeout(tmp_pat
     """README, apertis_upstream_attempts_total: outcomes ok, failover, timeout, refused, status ("an error answer
     passed on"), abandoned.  With [upstream] read_timeout = 0.5 and an upstream that answers 200, sends its first
     events, then stays quiet 2 s between events, the gateway gives up on a read timeout (the ledger row says
-    error_type timeout_error): the attempt must be counted `timeout`, once.  It is counted `status`, so a dashboard
-    or alert on timeouts per channel misses every stream that stalls once started.
-
-    (The same timeout before the head, on a JSON answer or a stream, is counted `timeout`: only the mid-stream
-    one is misfiled.)"""
+    error_type timeout_error): the attempt is counted `timeout`, once, as the same timeout before the head is, so
+    that a dashboard or alert on timeouts per channel sees the streams that stall once started."""
     server, db, key = configured_server(tmp_path, mock_upstream.base_url, "[upstream]\nread_timeout = 0.5\n")
     async with server:
         async with sdk_client(server.base_url, key) as client:
