@@ -1,5 +1,6 @@
-"""Review of the settling locks on PostgreSQL (pg_admissions.SETTLE_LOCK): statements that lock the same rows
-in opposite orders without taking the keys' settling locks first.
+"""The settling locks on PostgreSQL (pg_admissions.SETTLE_LOCK) beyond the ledger and release batches: a host
+without a ledger that settles spend itself, renewals of stale holders, transactions killed while they hold or
+await the locks, and how long releases wait behind a large ledger write.
 
 Each test runs the product's statements as they are, on a database with deadlock_timeout at 50 ms, lines the
 transactions up with a third connection that holds one lock a moment (a stand-in for any transaction holding
@@ -18,7 +19,7 @@ from apertis_proxy.store.admissions import STALE_LEASE_SECONDS, Limits
 from apertis_proxy.store.pg_admissions import SETTLE_LOCK
 
 from .test_admissions_store import admit, lease, leased_process, new_key, opened
-from .test_pg_ledger_lock_order import deadlock_report, deadlocks, row_locker
+from .test_pg_ledger_lock_order import deadlock_report, deadlocks, row_locker, settled_state
 from .test_pg_release_lock_order import ledger_columns, lock_waiters, log_size, tuned, usage_row
 
 
@@ -222,8 +223,8 @@ async def test_releases_behind_a_large_ledger_write_of_their_keys_are_not_refuse
         report = (f"{n_rows} rows: ledger write {ledger_took:.3f}s, settling locks held from {locked_at:.3f}s "
                   f"(inserted {inserted}); releases: median "
                   f"{waits[len(waits) // 2]:.3f}s, max {waits[-1]:.3f}s; releases of a key with no ledger row: median "
-                  f"{quiet_waits[len(quiet_waits) // 2]:.3f}s, max {quiet_waits[-1]:.3f}s; errors {[repr(e)[:80] for e in errors][:3]}")
-        print(report)
+                  f"{quiet_waits[len(quiet_waits) // 2]:.3f}s, max {quiet_waits[-1]:.3f}s; "
+                  f"errors {[repr(e)[:80] for e in errors][:3]}")
         assert not errors, report
 
 
@@ -280,14 +281,8 @@ async def test_a_transaction_killed_while_holding_or_awaiting_settling_locks_los
                 await store.admissions.release(key, rid, cost, tokens, True, None, day, retry=True)
         assert await store.store.write_ledger([usage_row(key, "Z", started_at, 0.3, 30),
                                                usage_row(key, "W", started_at, 0.0, 0)]) == 2
-        conn = await asyncpg.connect(target)
-        try:
-            spend = tuple(await conn.fetchrow("SELECT cost, tokens FROM key_spend WHERE key_id = $1", key))
-            ended = [tuple(r) for r in await conn.fetch(
-                "SELECT n, cost, tokens FROM admission_ended WHERE key_id = $1 AND (n <> 0 OR cost <> 0)", key)]
-            left = await conn.fetchval("SELECT COUNT(*) FROM admissions")
-        finally:
-            await conn.close()
+        spends, ended, left = await settled_state(target)
+        spend = spends.get(key)
         report = (f"killed {killed}; ledger {ledger_outcome!r}; releases {outcomes!r}; spend {spend}; "
                   f"ended {ended}; admissions left {left}")
         assert spend == (pytest.approx(0.675), 67) and ended == [] and left == 0, report
@@ -333,10 +328,10 @@ async def test_hosts_with_and_without_a_ledger_on_keys_with_a_period_quota_never
                 expected[key][1] += 25
                 n += 1
 
-        async def host_b() -> None:
+        async def host_b(shipper: int) -> None:
             n = 0
             while time.monotonic() < deadline:
-                batch = [usage_row(keys[(n + i) % 2], f"b{n + i}", started_at, 0.5, 50) for i in range(5)]
+                batch = [usage_row(keys[(n + i) % 2], f"b{shipper}-{n + i}", started_at, 0.5, 50) for i in range(5)]
                 n += 5
                 for _ in range(50):
                     try:
@@ -349,7 +344,7 @@ async def test_hosts_with_and_without_a_ledger_on_keys_with_a_period_quota_never
                     expected[row["key_id"]][0] += 0.5
                     expected[row["key_id"]][1] += 50
 
-        await asyncio.wait_for(asyncio.gather(*(host_a(w) for w in range(6)), host_b(), host_b()), 60)
+        await asyncio.wait_for(asyncio.gather(*(host_a(w) for w in range(6)), host_b(0), host_b(1)), 60)
         found, _ = deadlocks(pg_server, since)
         conn = await asyncpg.connect(target)
         try:
