@@ -266,8 +266,9 @@ _RESERVED = "SELECT cost, tokens FROM admissions WHERE key_id = $1 AND request_i
 # The lease renewed (taken again if it had run out), as admissions.renew_step: a lease run out for
 # STALE_LEASE_SECONDS goes with its holder's live admissions, and ended admissions of keys with a quota period
 # whose requests started before `kept` (ENDED_KEPT_DAYS ago) with their sums, but not those a ledger write holds at
-# that moment (it settles them; the next renewal takes what is left).  Deleting the stale lease locks it, so a
-# holder renewing at that moment keeps its lease and its admissions (the deletion rechecks the row).  The stale
+# that moment (it settles them; the next renewal takes what is left).  The lease is renewed first, and a stale
+# lease another transaction holds is skipped: a holder renewing at that moment keeps its lease and its admissions,
+# and two stale holders renewing at once (every host back after an outage) never wait on each other.  The stale
 # holders' live admissions go under their keys' settling locks (a ledger write may be settling some of them), taken
 # after the leases (as drop_lease does) and before any admission is locked.
 # The minutes of keys idle for one go too, but not a minute an admission holds at that moment (it may hold other
@@ -281,9 +282,12 @@ periodic AS (SELECT k.id FROM keys k WHERE k.quota_period IS NOT NULL),
 prior AS (SELECT l.expires_at FROM limit_leases l WHERE l.holder = $1),
 renewed AS (
     INSERT INTO limit_leases (holder, expires_at) SELECT $1, clock.now + $2 FROM clock
-    ON CONFLICT (holder) DO UPDATE SET expires_at = EXCLUDED.expires_at),
+    ON CONFLICT (holder) DO UPDATE SET expires_at = EXCLUDED.expires_at RETURNING holder),
 gone AS (
-    DELETE FROM limit_leases l USING clock WHERE l.expires_at < clock.now - {STALE_LEASE_SECONDS} AND l.holder <> $1
+    DELETE FROM limit_leases l WHERE (SELECT COUNT(*) FROM renewed) >= 0 AND l.holder IN (
+        SELECT s.holder FROM limit_leases s, clock
+         WHERE s.expires_at < clock.now - {STALE_LEASE_SECONDS} AND s.holder <> $1
+        FOR UPDATE OF s SKIP LOCKED)
     RETURNING l.holder),
 gone_keys AS (SELECT COUNT(*) AS n FROM (
     SELECT pg_advisory_xact_lock(({SETTLE_LOCK}::BIGINT << 32) | k.key_id) FROM (
@@ -490,6 +494,8 @@ class PgAdmissions:
             # The reserved bound stands as the request's cost, or tokens (admissions.release_step).
             async def at_bound(conn) -> None:
                 async with conn.transaction():
+                    if not settled_by_ledger:
+                        await conn.execute(_settling_spend(key_id))
                     row = await conn.fetchrow(_RESERVED, key_id, request_id) or (0.0, 0)
                     ended_cost = row[0] if cost is None else float(cost)
                     ended_tokens = row[1] if tokens is None else int(tokens)
@@ -506,6 +512,7 @@ class PgAdmissions:
 
         async def settle(conn) -> None:
             async with conn.transaction():
+                await conn.execute(_settling_spend(key_id))
                 await _release_and_settle(conn, key_id, request_id, cost, tokens, period, start, retry)
         await self._run(settle)
 
@@ -570,9 +577,8 @@ def _release_one(key_id: int, request_id: str, cost: float, tokens: int, start: 
 async def _release_and_settle(conn, key_id: int, request_id: str, cost: float, tokens: int,
                               period: Optional[str], start: Optional[str], retry: bool) -> None:
     """Without a ledger settling spend: the admission goes and its cost is added to the key's spend (as
-    admissions.release_step: a retry only while the admission is still there).  The spend is money: this
-    transaction waits for its WAL flush, unlike the connection's other commits (SESSION_SETTINGS)."""
-    await conn.execute("SET LOCAL synchronous_commit = on")
+    admissions.release_step: a retry only while the admission is still there).  In a transaction that began
+    with _settling_spend(key_id)."""
     found = await conn.fetchval(_RELEASE_FREE, key_id, request_id)
     if (retry and found is None) or not (cost or tokens):
         return
@@ -587,6 +593,15 @@ async def _release_and_settle(conn, key_id: int, request_id: str, cost: float, t
                            " SET cost = key_period_spend.cost + EXCLUDED.cost,"
                            " tokens = key_period_spend.tokens + EXCLUDED.tokens",
                            key_id, period, start, float(cost), int(tokens))
+
+
+def _settling_spend(key_id: int) -> str:
+    """The first statement of a release that adds its cost to the spend itself (no ledger): the key's settling
+    lock, before the admission and the spend rows a ledger write of another host may be upserting; and, the
+    spend being money, a commit that waits for its WAL flush, unlike the connection's others (SESSION_SETTINGS).
+    One round trip (a simple query: the key id is an integer)."""
+    return (f"SET LOCAL synchronous_commit = on;"
+            f" SELECT pg_advisory_xact_lock(({SETTLE_LOCK}::BIGINT << 32) | {int(key_id)})")
 
 
 class ConnectionLost(StoreUnavailable):
