@@ -57,6 +57,7 @@ class Observability:
                                      count=settings.metrics_enabled)
         self.readiness = Readiness(store)
         self.allowed = [ipaddress.ip_network(n, strict=False) for n in settings.metrics_allow]
+        self._channels: list[tuple[str, bool]] = []     # (name, enabled) as the store last gave them
         self.share = (shared.WorkerShare(run_dir, self.snapshot, settings.metrics_flush_interval)
                       if run_dir and settings.metrics_enabled else None)
 
@@ -95,9 +96,9 @@ class Observability:
         """This worker's figures, with the plugins' (meters' rows, channels' state).
         `not_counted` requests are left out of the in-flight gauge (the scrape asking)."""
         try:
-            channels = await self.readiness.channels()
+            channels = self._channels = await self.readiness.channels()
         except StoreUnreachable:
-            channels = []
+            channels = self._channels   # the last the store gave: what the routers still go by
         # Everything else is read after the store's answer, with no wait in between: of two snapshots the one
         # taken later holds the larger counts, and it is the one written to the workers' file last.
         counters: dict = {}

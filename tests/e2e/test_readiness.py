@@ -8,6 +8,7 @@ import os
 import signal
 
 from apertis_proxy.store import channels
+from tests.support.metrics import scrape_samples, value
 from tests.support.rawhttp import RawConnection
 from tests.support.processes import connect_refused, wait_for
 from tests.support.served_gateway import DRAIN_TIMEOUT, StreamWatcher, configured_server
@@ -43,6 +44,29 @@ async def test_ready_follows_the_store_and_the_channels(gateway):
     async with await RawConnection.open(host, port) as conn:
         response = await conn.request("POST", "/ready")
     assert response.status == 405 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_while_the_store_is_gone_the_channels_stay_in_the_metrics_as_the_gateway_routes_by_them(gateway):
+    """The gateway goes on routing by the channels it last read while the store does not answer (/ready says why
+    it is not ready): apertis_channel_up keeps reporting them, so a dashboard or an alert on it neither loses the
+    series nor reads the channels as gone; a channel disabled before the outage stays 0."""
+    host, port = gateway.gateway.host, gateway.gateway.port
+    base = gateway.gateway.base_url
+    channels.add_channel(gateway.conn, "spare", "http://127.0.0.1:9", "sk-spare")
+    channels.set_channel_enabled(gateway.conn, "spare", False)
+    before = await scrape_samples(base)
+    assert (value(before, "apertis_channel_up", channel="main"), value(before, "apertis_channel_up", channel="spare")) \
+        == (1, 0) and ("apertis_channel_up", frozenset({("channel", "spare")})) in before
+    moved = gateway.db_path + ".elsewhere"
+    os.rename(gateway.db_path, moved)
+    try:
+        assert (await probe(host, port))[0] == 503
+        during = await scrape_samples(base)
+    finally:
+        os.rename(moved, gateway.db_path)
+    assert value(during, "apertis_channel_up", channel="main") == 1
+    assert ("apertis_channel_up", frozenset({("channel", "spare")})) in during
+    assert value(during, "apertis_channel_up", channel="spare") == 0
 
 
 async def test_ready_turns_503_at_sigterm_while_a_stream_is_finishing(tmp_path, mock_upstream):
