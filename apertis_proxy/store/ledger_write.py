@@ -203,7 +203,8 @@ class LedgerUnavailable(Exception):
 def write_ledger_rows(conn, rows: Sequence[Mapping[str, Any]], shape: Optional[LedgerRows] = None,
                       rejected: Optional[list[str]] = None, *, settle: bool = True, pg_ledger: Any = None) -> int:
     """Insert the rows the ledger lacks and (with `settle`) add their spend to their keys', in one
-    transaction.
+    transaction (on PostgreSQL, one per pg_ledger.CHUNK_ROWS rows: should one fail, the rows before it stay
+    written, which a replay skips).
 
     Returns how many rows were inserted.  Raises LedgerUnavailable with nothing
     written when the database refuses (a lost PostgreSQL connection raises the

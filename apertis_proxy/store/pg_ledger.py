@@ -91,6 +91,12 @@ WHERE e.key_id = f.key_id AND e.start = f.start
 """
 
 
+# Rows per transaction.  A write holds its keys' settling locks until it commits, and their releases wait for
+# it (~25 µs a row): rows that gathered in one spool segment through a long outage go in transactions of this
+# many, between which releases get their turn.
+CHUNK_ROWS = 1000
+
+
 class PgLedger:
     """Per connection: the partitions known to exist, the statement per column list."""
 
@@ -101,7 +107,8 @@ class PgLedger:
 
     async def write(self, conn, columns: Sequence[str], rows: Sequence[Sequence], settle: bool = True) -> int:
         """Insert the rows not yet in the ledger; the number inserted.  With `settle`, their cost and
-        tokens are added to their keys' settled spend (db copy copies the spend itself)."""
+        tokens are added to their keys' settled spend (db copy copies the spend itself).  In transactions
+        of at most CHUNK_ROWS rows: should one fail, the rows before it stay written (a replay skips them)."""
         if not rows:
             return 0
         ts_at = columns.index("ts")
@@ -119,6 +126,13 @@ class PgLedger:
             await conn.execute("CREATE TEMP TABLE IF NOT EXISTS usage_incoming"
                                " (LIKE usage INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
             self._temp_ready = True
+        inserted = 0
+        for start in range(0, len(rows), CHUNK_ROWS):
+            inserted += await self._write_chunk(conn, sql, columns, rows[start:start + CHUNK_ROWS], settle)
+        return inserted
+
+    async def _write_chunk(self, conn, sql: str, columns: Sequence[str], rows: Sequence[Sequence],
+                           settle: bool) -> int:
         async with conn.transaction():
             await conn.copy_records_to_table("usage_incoming", records=rows, columns=list(columns))
             if not settle:
