@@ -41,18 +41,23 @@ CONNECT_TIMEOUT = 10.0
 STATEMENT_TIMEOUT = 5.0
 # pg_advisory_xact_lock(bigint) namespace for admissions: this << 32 | key id.
 ADMISSION_LOCK = 0x61647331
-# The same for settling: a release batch and a ledger write take their keys' locks of this namespace in ascending
-# order before their first row lock, so that two of them sharing keys (and so admissions, ended sums, spend rows)
+# The same for settling: every transaction that settles or deletes admissions (a release batch, a ledger write,
+# a release without a ledger, a lease dropped or collected) takes its keys' locks of this namespace in ascending
+# order before its first row lock, so that two of them sharing keys (and so admissions, ended sums, spend rows)
 # take turns on them instead of locking those rows in opposite orders.  A lock in memory, unlike an ordered
 # FOR UPDATE of every row, which writes each row once more.
 SETTLE_LOCK = 0x61647332
 
 
+def settle_lock(key: str) -> str:
+    """The SQL call that takes the settling lock of the key id `key` (an SQL expression)."""
+    return f"pg_advisory_xact_lock(({SETTLE_LOCK}::BIGINT << 32) | {key})"
+
+
 def settle_locks(param: int) -> str:
     """A query that takes the settling locks of the keys in its BIGINT[] parameter `$param` (ascending,
     distinct) in that order; its one value is a count, to be read so that every lock is taken."""
-    return (f"SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock(({SETTLE_LOCK}::BIGINT << 32) | k)"
-            f" FROM unnest(${param}::BIGINT[]) AS k) l")
+    return f"SELECT COUNT(*) FROM (SELECT {settle_lock('k')} FROM unnest(${param}::BIGINT[]) AS k) l"
 
 
 # The settling locks of the keys in $1, as one statement.
@@ -290,7 +295,7 @@ gone AS (
         FOR UPDATE OF s SKIP LOCKED)
     RETURNING l.holder),
 gone_keys AS (SELECT COUNT(*) AS n FROM (
-    SELECT pg_advisory_xact_lock(({SETTLE_LOCK}::BIGINT << 32) | k.key_id) FROM (
+    SELECT {settle_lock('k.key_id')} FROM (
         SELECT DISTINCT a.key_id FROM admissions a JOIN gone ON a.holder = gone.holder WHERE a.live = 1
         ORDER BY a.key_id) k) l),
 collected AS (DELETE FROM admissions a USING gone
@@ -600,8 +605,7 @@ def _settling_spend(key_id: int) -> str:
     lock, before the admission and the spend rows a ledger write of another host may be upserting; and, the
     spend being money, a commit that waits for its WAL flush, unlike the connection's others (SESSION_SETTINGS).
     One round trip (a simple query: the key id is an integer)."""
-    return (f"SET LOCAL synchronous_commit = on;"
-            f" SELECT pg_advisory_xact_lock(({SETTLE_LOCK}::BIGINT << 32) | {int(key_id)})")
+    return f"SET LOCAL synchronous_commit = on; SELECT {settle_lock(str(int(key_id)))}"
 
 
 class ConnectionLost(StoreUnavailable):
