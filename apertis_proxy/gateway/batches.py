@@ -24,7 +24,7 @@ from . import contract
 from .batch_admission import admit, named, refuse_quota
 from .owned_endpoint import OwnedEndpoint, header
 from .ownership import BATCH
-from .pricing import price
+from .pricing import cache_split, price
 from .upstream_call import Answer
 from .upstream_errors import fails_over, read_error
 from .usage import UsageMeter
@@ -143,6 +143,8 @@ class BatchesEndpoint(OwnedEndpoint):
 
 _COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
            "web_search_requests", "web_fetch_requests")
+# The cache writes by TTL, as each result was billed (cache_split): summed like the counts.
+_SPLIT = ("cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens")
 
 
 def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any, created_at: float) -> None:
@@ -152,7 +154,7 @@ def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any, created_at: fl
     Each result is priced as its own request (service tier "batch"); the sum is exact, and
     unknown (None) if any result's model has no price.  `record.prices` describes the whole:
     the total cost (an exact decimal string), the tier, the pricing time and, per model, the
-    summed counts and cost."""
+    summed counts (cache writes also by TTL) and cost."""
     total = Decimal(0)
     unpriced = False
     per_model: dict[str, dict[str, Any]] = {}
@@ -172,7 +174,8 @@ def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any, created_at: fl
         UsageMeter(one).body(message)
         one.service_tier = "batch"
         price(one, catalog)
-        model = per_model.setdefault(str(one.upstream_model), {**{name: 0 for name in _COUNTS}, "cost": Decimal(0)})
+        model = per_model.setdefault(str(one.upstream_model),
+                                     {**{name: 0 for name in (*_COUNTS, *_SPLIT)}, "cost": Decimal(0)})
         if one.cost is None:
             unpriced = True
             model["cost"] = None
@@ -184,6 +187,10 @@ def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any, created_at: fl
         for name in _COUNTS:
             model[name] += getattr(one, name)
             setattr(record, name, getattr(record, name) + getattr(one, name))
+        for name, tokens in zip(_SPLIT, cache_split(one.cache_creation_input_tokens,
+                                                    one.cache_creation_1h_input_tokens)):
+            model[name] += tokens
+            setattr(record, name, (getattr(record, name) or 0) + tokens)
     if not per_model:
         record.cost, record.prices = 0.0, None
         return

@@ -13,7 +13,9 @@ What is billed (USD per million tokens unless said otherwise):
 - web searches at the per-request price; web fetches are recorded, not charged;
 - beta `usage.iterations[]`: advisor, compaction and fallback iterations are
   billed outside the top-level counts, each at its own model's rates (a
-  compaction at the request's model) and the service tier's multiplier.
+  compaction at the request's model), that model's multiplier for the
+  request's `inference_geo` (inference ran there too) and the service tier's
+  multiplier.
 
 A request whose usage needs a price the catalogue lacks gets cost None
 (unpriced), never 0; so does one cut after it went upstream and before the
@@ -198,8 +200,12 @@ def _iterations(record: UsageRecord, entry: ModelEntry, catalog: Catalog, tier: 
         rates, _ = row.for_prompt(input_tokens + cache_read + writes)
         charge = token_charge(rates, input_tokens=input_tokens, output_tokens=_int(it.get("output_tokens")),
                               cache_read=cache_read, write_5m=write_5m, write_1h=write_1h) * tier
+        geo = own.geo_multipliers.get(record.inference_geo) if own and record.inference_geo else None
+        if geo is not None:
+            charge *= geo
         billed.append({"type": it["type"], "model": own.id if own else name,
-                       **{f: float(rates[f]) for f in PRICE_FIELDS}, "cost": str(charge)})
+                       **{f: float(rates[f]) for f in PRICE_FIELDS}, **({"geo": str(geo)} if geo else {}),
+                       "cost": str(charge)})
         total += charge
     if billed:
         detail["iterations"] = billed

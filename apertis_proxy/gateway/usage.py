@@ -15,7 +15,6 @@ from ..plugin_api import UsageRecord
 
 _COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 _LABELS = ("service_tier", "speed", "inference_geo")
-_MAX_ITERATIONS = 256
 _MAX_RAW_KEYS = 64
 # Counts beyond this are not real (and past 2**63 SQLite cannot even store them:
 # one such row would stop the ledger); they are ignored like a missing count.
@@ -66,7 +65,7 @@ class UsageMeter:
                 setattr(rec, name, value)
         iterations = usage.get("iterations")
         if isinstance(iterations, list):
-            rec.iterations = [i for i in iterations[:_MAX_ITERATIONS] if isinstance(i, dict)]
+            rec.iterations = [i for i in iterations if isinstance(i, dict)]     # each one is billed
         # The usage object as last reported, field by field (a delta lacks
         # what only message_start carries); the first report, of a usual size
         # and without nulls, is that object as it is.
