@@ -1,6 +1,7 @@
 """Two configurations of the gateway on the same core at the same time: what one costs against the other.
 
     python bench/side_by_side.py [--pair observe|meter|fast-heads|limits] [--rounds N] [--seconds S] [--keep]
+    python bench/side_by_side.py --pair interpreter --other-python /usr/venv/bin/python
 
 bench/run.py measures the targets one after the other, so the machine's drift between two runs (its speed
 moves by more than 10% from minute to minute on a shared virtual machine) lands in every comparison. Here
@@ -20,6 +21,8 @@ Pairs (the first is the default configuration, the second lacks the feature):
     fast-heads   the fast head parsers, against h11 for every head
     limits       a key with a quota, rpm and concurrency that never bind, against a key without, both sides
                  on `serve --workers 2` (their four workers share the core)
+    interpreter  the same gateway on the Python of --other-python against the one of --python (e.g. a build
+                 optimised with PGO and LTO, as the container image's python:3.12-slim is, against one without)
 
 The two start in turns (which one wrk starts first swaps every round). Prints a line per round, then a
 table and the medians, also written to bench/.work/side-by-side-PAIR.md (git-ignored) or --output.
@@ -56,6 +59,7 @@ class Pair:
     without_config: dict
     limited: bool = False       # the "with" side's key gets limits that never bind (LIMITS)
     workers: int = 1            # `serve --workers N` on each side
+    other_python: bool = False  # the "with" side runs on --other-python
 
 
 PAIRS = {
@@ -64,6 +68,7 @@ PAIRS = {
     "fast-heads": Pair("fast heads", "h11 for every head", {"meter": True}, {"meter": True, "fast_heads": False}),
     "limits": Pair("a key with limits, --workers 2", "a key without, --workers 2", {"meter": True}, {"meter": True},
                    limited=True, workers=2),
+    "interpreter": Pair("--other-python", "--python", {"meter": True}, {"meter": True}, other_python=True),
 }
 SCENARIO = "a-c64"
 WARMUP = 1
@@ -92,6 +97,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--seconds", type=int, default=10, help="measured seconds per round (after a 1 s warm-up)")
     p.add_argument("--python", default=sys.executable, help="Python whose environment has apertis-proxy")
+    p.add_argument("--other-python", help="--pair interpreter: the Python measured against --python's")
     p.add_argument("--output", help="markdown file (default bench/.work/side-by-side-PAIR.md)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (the two proxies' logs and files)")
     args = p.parse_args(argv)
@@ -103,10 +109,16 @@ def main(argv: list[str]) -> int:
     cmd = proxy_command(args.python)
     if cmd is None:
         raise SystemExit("bench: apertis-proxy is not installed next to this Python (see --python)")
-    raise_nofile()
-    os.sched_setaffinity(0, {load_cpu})
     pair = PAIRS[args.pair]
     with_label, without_label = pair.with_label, pair.without_label
+    with_cmd = cmd
+    if pair.other_python:
+        with_cmd = proxy_command(args.other_python) if args.other_python else None
+        if with_cmd is None:
+            raise SystemExit("bench: --pair interpreter needs --other-python, with apertis-proxy installed beside it")
+        with_label, without_label = python_label(args.other_python), python_label(args.python)
+    raise_nofile()
+    os.sched_setaffinity(0, {load_cpu})
     sc = next(s for s in scn.full() if s.key == SCENARIO)
     workdir = Path(tempfile.mkdtemp(prefix="apertis-side-"))
     bodies = scn.write_bodies(workdir)
@@ -114,15 +126,15 @@ def main(argv: list[str]) -> int:
     sides: list[dict] = []
     rows: list[list[dict]] = []
     try:
-        for name, label, cfg in (("with", with_label, pair.with_config), ("without", without_label,
-                                                                          pair.without_config)):
+        for name, label, cfg, side_cmd in (("with", with_label, pair.with_config, with_cmd),
+                                           ("without", without_label, pair.without_config, cmd)):
             side_dir = workdir / name
             side_dir.mkdir()
-            db, key = setup_proxy_db(cmd, side_dir, mock.port)
+            db, key = setup_proxy_db(side_cmd, side_dir, mock.port)
             if pair.limited and name == "with":
-                limit_key(cmd, db)
+                limit_key(side_cmd, db)
             config = write_config(side_dir, name, **cfg)
-            svc = start_proxy(cmd, name, sut_cpu, side_dir, db, config, pair.workers)
+            svc = start_proxy(side_cmd, name, sut_cpu, side_dir, db, config, pair.workers)
             sides.append({"name": name, "label": label, "svc": svc, "key": key, "dir": side_dir,
                           "body": bodies[("small", False)]})
             problem = preflight(args.python, sc, svc.port, key, bodies[("small", False)], load_cpu)
@@ -159,6 +171,13 @@ def main(argv: list[str]) -> int:
     return 0 if all(not w["errors"] and not o["errors"] for w, o in rows) else 1
 
 
+def python_label(python: str) -> str:
+    """A Python by its version and path: "Python 3.11.2 at /venv/bin/python"."""
+    res = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True,
+                         timeout=30)
+    return f"Python {res.stdout.strip()} at {python}" if res.returncode == 0 else python
+
+
 def limit_key(cmd: list[str], db: Path) -> None:
     """The bench key of `db` gets limits that never bind: every request is admitted through the store."""
     res = subprocess.run([*cmd, "keys", "set", "bench", *LIMITS, "--db", str(db)], capture_output=True, text=True,
@@ -183,7 +202,7 @@ def report(args: argparse.Namespace, with_label: str, without_label: str, rows: 
     cpu = [_more(w["cpu_us_req"], o["cpu_us_req"]) for w, o in rows]
     lines = [f"# Side by side: {with_label} against {without_label}", "",
              f"- Command: `python bench/side_by_side.py --pair {args.pair} --rounds {args.rounds} "
-             f"--seconds {args.seconds}`",
+             f"--seconds {args.seconds}" + (f" --other-python {args.other_python}`" if args.other_python else "`"),
              f"- Date: {procstat.now_utc()}; both on CPU {sut_cpu}, mock and two `wrk -t1 -c64` on CPU {load_cpu}",
              "", "| round | req/s with / without | throughput cost | CPU µs/req with / without | CPU cost "
              "| core share with / without |", "| ---: | --- | ---: | --- | ---: | --- |"]

@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -79,3 +81,16 @@ def test_the_limits_pair_admits_one_side_through_the_store(tmp_path):
     admitted, served, metered = counts["with"]
     assert 0 < served <= admitted <= metered, counts
     assert counts["without"][0] == 0 and counts["without"][1] > 0, counts
+
+
+def test_the_interpreter_pair_needs_the_other_python_and_names_both():
+    _needs_the_tools()
+    bench = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
+    proc = subprocess.run([sys.executable, os.path.join(bench, "side_by_side.py"), "--pair", "interpreter"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "--other-python" in proc.stderr
+    probe = f"import sys; sys.path.insert(0, {bench!r}); from side_by_side import python_label; " \
+            "print(python_label(sys.executable))"
+    label = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout.strip()
+    version = ".".join(map(str, sys.version_info[:3]))
+    assert label == f"Python {version} at {sys.executable}"
