@@ -1,0 +1,352 @@
+"""Review s10b: README.md and docs/plugins.md followed literally by a new operator and a plugin author.
+
+Each test quotes the sentence it checks.  Real processes (`python -m apertis_proxy ...`), real sockets on
+127.0.0.1, the mock upstream; a third-party plugin installed as a module beside its .dist-info on PYTHONPATH, the
+way an installed distribution is found through its entry points.
+"""
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import re
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
+from tests.support.processes import CliRunner, ServeProcess, clean_env, wait_for
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def run_cli(cwd: Path, *args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "apertis_proxy", *args], cwd=cwd, env=env or clean_env(),
+                          capture_output=True, text=True, timeout=30)
+
+
+def serve_until_listening(cwd: Path, *args: str, env=None, timeout: float = 10.0) -> tuple[str, str]:
+    """`serve ARGS` until it logs that it listens, then SIGTERM; (stdout, stderr) of the whole run."""
+    proc = subprocess.Popen([sys.executable, "-m", "apertis_proxy", "serve", *args], cwd=cwd,
+                            env=env or clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: list[str] = []
+    err: list[str] = []
+    listening = threading.Event()
+
+    def pump(stream, sink, watch):
+        for line in stream:
+            sink.append(line)
+            if watch and "listening on" in line:
+                listening.set()
+
+    threads = [threading.Thread(target=pump, args=(proc.stdout, out, True), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err, True), daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        assert listening.wait(timeout), f"serve did not start:\n{''.join(out)}{''.join(err)}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        for t in threads:
+            t.join(5)
+    return "".join(out), "".join(err)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# README "Logs": with [logging] format = "json" every line the process writes is one JSON object
+
+
+def test_json_log_format_every_line_the_process_writes_is_json(tmp_path):
+    """README.md, "Logs": 'With `[logging] format = "json"` every line the process writes is one JSON object with
+    `time` (UTC), `level`, `logger` and `message`'.  `serve` started as the README's "Run it" says (no channel, no
+    key yet) prints its hints to stdout as plain text (cli/serve.py: print(no_channel_help(...)))."""
+    (tmp_path / "apertis.toml").write_text('[logging]\nformat = "json"\n')
+    out, err = serve_until_listening(tmp_path, "--port", "0", "--config", "apertis.toml")
+    not_json = []
+    for stream, text in (("stdout", out), ("stderr", err)):
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                not_json.append(f"{stream}: {line}")
+                continue
+            if not (isinstance(obj, dict) and {"time", "level", "logger", "message"} <= obj.keys()):
+                not_json.append(f"{stream}: {line}")
+    assert not not_json, ("format = \"json\": lines the process wrote that are not one JSON object with time, "
+                          "level, logger and message:\n" + "\n".join(not_json))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# docs/plugins.md: a third-party plugin, written and installed as the document says
+
+PROBE_MODULE = '''
+import json
+import os
+
+from apertis_proxy.plugin_api import Caller
+
+
+def _note(event, **fields):
+    with open(os.environ["PROBE_OUT"], "a") as fh:
+        fh.write(json.dumps({"event": event, **fields}, default=repr) + "\\n")
+
+
+class Probe:
+    """auth, router and meter at once: notes every documented hook and its arguments."""
+
+    def __init__(self, ctx):
+        _note("factory", name=ctx.name, options=dict(ctx.options), db_path=ctx.db_path,
+              worker=ctx.worker, workers=ctx.workers, logger=ctx.log.name, store=ctx.store is not None)
+
+    async def start(self):
+        _note("start")
+
+    async def close(self):
+        _note("close")
+
+    # auth
+    def check_head(self, request):
+        if "x-probe-user" in request.headers:
+            _note("check_head", body=request.body, model=request.model, request_id=request.request_id)
+            return True
+        return None
+
+    async def authenticate(self, request):
+        user = request.headers.get("x-probe-user")
+        if not user:
+            return None
+        _note("authenticate", method=request.method, path=request.path, query=request.query,
+              model=request.model, stream=request.stream, client=request.client, request_id=request.request_id,
+              body_model=(request.body or {}).get("model"), joined=request.headers.get("x-twice"),
+              body_bytes=request.body_bytes)
+        return Caller(key_id=None, key_name="probe-" + user)
+
+    async def release(self, caller, record):
+        _note("release", key_name=caller.key_name, request_id=record.request_id, status=record.status)
+
+    async def finish(self, caller, record):
+        _note("finish", key_name=caller.key_name, request_id=record.request_id, cost=record.cost)
+
+    # router
+    async def route(self, request, caller):
+        _note("route", key_name=caller.key_name, model=request.model, request_id=request.request_id)
+        return None
+
+    def feedback(self, outcome):
+        _note("feedback", ok=outcome.ok, channel=outcome.channel.name, request_id=outcome.request_id)
+
+    # meter
+    async def record(self, record):
+        _note("record", request_id=record.request_id, key_name=record.key_name, status=record.status,
+              channel=record.channel_name, input_tokens=record.input_tokens)
+'''
+
+
+@pytest.fixture(scope="module")
+def probe_site(tmp_path_factory) -> Path:
+    site = tmp_path_factory.mktemp("probe-plugin")
+    (site / "review_probe.py").write_text(PROBE_MODULE)
+    info = site / "review_probe-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: review-probe\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[apertis_proxy.auth]\nprobe = review_probe:Probe\n"
+        "[apertis_proxy.router]\nprobe = review_probe:Probe\n"
+        "[apertis_proxy.meter]\nprobe = review_probe:Probe\n")
+    return site
+
+
+PROBE_CONFIG = """
+[plugins]
+auth = ["probe", "keys"]
+router = ["probe", "channels"]
+meter = ["sqlite", "probe"]
+"""
+
+
+def _events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def _serve_with_probe(tmp_path: Path, probe_site: Path, upstream: MockUpstream):
+    db = str(tmp_path / "apertis.db")
+    out = tmp_path / "probe.jsonl"
+    env = clean_env(PYTHONPATH=os.pathsep.join([str(probe_site), os.environ.get("PYTHONPATH", "")]),
+                    PROBE_OUT=str(out))
+    cli = CliRunner(tmp_path, db, env=env)
+    await cli.add_channel("main", upstream.base_url)
+    (tmp_path / "apertis.toml").write_text(PROBE_CONFIG)
+    server = ServeProcess(tmp_path, db, "--config", str(tmp_path / "apertis.toml"), env=env)
+    return server, out
+
+
+async def test_plugin_options_are_the_plugins_table_empty_without_one(tmp_path, probe_site):
+    """docs/plugins.md, "Factory and life cycle": ctx `options` is 'its `[plugins.options.NAME]` table (empty
+    mapping if none)'.  A third-party plugin named in [plugins] with no options table gets the gateway's own
+    settings instead (plugin_host._load: poll_interval, limits_lease_seconds, limits_on_store_down, and for a
+    meter spool_dir, spool_max_bytes, spool_warn_bytes, fsync)."""
+    async with MockUpstream(api_key=MOCK_API_KEY) as upstream:
+        server, out = await _serve_with_probe(tmp_path, probe_site, upstream)
+        async with server:
+            pass
+    factories = [e for e in _events(out) if e["event"] == "factory"]
+    assert len(factories) == 3, factories
+    wrong = {f"{e['name']} (factory #{i})": e["options"] for i, e in enumerate(factories) if e["options"]}
+    assert not wrong, f"no [plugins.options.probe] table, yet ctx.options is not empty: {wrong}"
+
+
+def _post_head_then_body(port: int, body: bytes) -> tuple[int, str, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("POST", "/v1/messages?beta=true")
+        for name, value in (("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                            ("X-Probe-User", "zoe"), ("X-Twice", "a"), ("X-Twice", "b")):
+            conn.putheader(name, value)
+        conn.endheaders()           # the head alone: the body follows in another write
+        time.sleep(0.05)
+        conn.send(body)
+        response = conn.getresponse()
+        return response.status, response.getheader("request-id"), response.read()
+    finally:
+        conn.close()
+
+
+async def test_plugin_hooks_get_the_documented_arguments(tmp_path, probe_site):
+    """docs/plugins.md: authenticate(request) sees method, path (no query), query, lower-cased headers with repeats
+    joined by ", ", the parsed body, model, stream, client "ip:port" and request_id; the first Caller wins; route
+    (request, caller); feedback(outcome) after every attempt; release() then finish() exactly once for the
+    request the plugin authenticated; every meter's record() once; check_head() before the body for a body that
+    is not whole with its head."""
+    async with MockUpstream(api_key=MOCK_API_KEY) as upstream:
+        server, out = await _serve_with_probe(tmp_path, probe_site, upstream)
+        async with server:
+            body = json.dumps({"model": "claude-haiku-4-5-20251001", "max_tokens": 8,
+                               "messages": [{"role": "user", "content": "hi"}]}).encode()
+            # in a thread: the mock upstream runs in this event loop
+            status, request_id, payload = await asyncio.to_thread(_post_head_then_body, server.port, body)
+            assert status == 200, payload
+
+            async def finished() -> bool:
+                return any(e["event"] == "finish" for e in _events(out)) and any(
+                    e["event"] == "record" and e["request_id"] == request_id for e in _events(out))
+            try:
+                await wait_for(finished, 5.0, "finish() and record() of the probe's request")
+            except AssertionError:
+                raise AssertionError(f"{request_id}: {_events(out)}\n{server.stderr[-3000:]}") from None
+            assert await server.stop() == 0, server.stderr       # SIGTERM: every plugin's close()
+        events = _events(out)
+    mine = [e for e in events if e.get("request_id") == request_id or e["event"] == "check_head"]
+    kinds = [e["event"] for e in mine]
+    auth = next(e for e in mine if e["event"] == "authenticate")
+    assert auth["method"] == "POST" and auth["path"] == "/v1/messages" and auth["query"] == "beta=true", auth
+    assert auth["model"] == "claude-haiku-4-5-20251001" and auth["body_model"] == auth["model"], auth
+    assert auth["stream"] is False and auth["joined"] == "a, b", auth
+    assert auth["client"].startswith("127.0.0.1:") and auth["client"].rsplit(":", 1)[1].isdigit(), auth
+    assert auth["request_id"] == request_id and request_id.startswith("req_"), auth
+    assert auth["body_bytes"] == len(body), auth
+    check = [e for e in mine if e["event"] == "check_head"]
+    assert check and check[0]["body"] is None and check[0]["model"] is None and check[0]["request_id"] == "", check
+    route = next(e for e in mine if e["event"] == "route")
+    assert route["key_name"] == "probe-zoe", route
+    assert kinds.count("release") == 1 and kinds.count("finish") == 1, kinds
+    assert kinds.index("release") < kinds.index("finish"), kinds
+    assert kinds.count("record") == 1, kinds
+    record = next(e for e in mine if e["event"] == "record")
+    assert record["key_name"] == "probe-zoe" and record["channel"] == "main" and record["status"] == 200, record
+    assert any(e["event"] == "feedback" and e["ok"] and e["channel"] == "main" for e in mine), kinds
+    assert [e["event"] for e in events].count("start") == 3 and [e["event"] for e in events].count("close") == 3
+
+
+# --------------------------------------------------------------------------------------------------------------
+# README "The CLI" and "Several hosts on PostgreSQL": db copy, usage --json
+
+
+def test_db_copy_second_run_reports_no_new_rows(tmp_path):
+    """README.md, "The CLI": '`db copy --from DB --to DB` ... a second run copies nothing twice'; the command's
+    own line says its counts are 'rows new to the target'.  A second run at once (nothing changed) reports every
+    catalogue row again as new: store/copy.py deletes the target's catalogue and counts every source row."""
+    assert run_cli(tmp_path, "keys", "create", "alice", "--db", "src.db").returncode == 0
+    first = run_cli(tmp_path, "db", "copy", "--from", "src.db", "--to", "dst.db")
+    assert first.returncode == 0, first.stderr
+    second = run_cli(tmp_path, "db", "copy", "--from", "src.db", "--to", "dst.db")
+    assert second.returncode == 0, second.stderr
+    counts = dict(re.findall(r"(\w+) (\d+(?:,\d{3})*)", second.stdout.split(":", 1)[1].split("(")[0]))
+    new = {table: n for table, n in counts.items() if n != "0"}
+    assert not new, f"second run of db copy with nothing changed says these rows are new to the target: {new}\n" \
+                    f"{second.stdout}"
+
+
+def test_db_copy_does_not_create_a_missing_target(tmp_path):
+    """README.md, "The CLI": 'Only `serve`, `keys create`, `channels add` and `prices set` create a database that is
+    not there; every other command refuses with one line naming the file it looked for.'  `db copy --to` a file
+    that is not there creates it (cli/db.py: open_path(args.target) with create=True)."""
+    assert run_cli(tmp_path, "keys", "create", "alice", "--db", "src.db").returncode == 0
+    proc = run_cli(tmp_path, "db", "copy", "--from", "src.db", "--to", "missing.db")
+    assert not (tmp_path / "missing.db").exists() and proc.returncode != 0, (
+        f"db copy created {tmp_path / 'missing.db'} (exit {proc.returncode}): {proc.stdout}{proc.stderr}")
+
+
+def test_usage_json_has_by(tmp_path):
+    """README.md, "The CLI": '`usage ... [--json]` ... `--json` prints one object with `requests`, ...,
+    `failed_attempts` and `failures` (failed attempts by kind) and `by`.'  Without --by the object has no `by`."""
+    assert run_cli(tmp_path, "keys", "create", "alice", "--db", "g.db").returncode == 0
+    proc = run_cli(tmp_path, "usage", "--json", "--db", "g.db")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    documented = {"requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
+                  "cache_creation_input_tokens", "cost", "errors", "interrupted", "unpriced_requests", "refused",
+                  "failed_attempts", "failures", "by"}
+    assert documented <= data.keys(), f"usage --json lacks {sorted(documented - data.keys())}: {data}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# README "Configuration": settings live in their tables; the file is checked before serve starts
+
+
+def test_setting_in_the_wrong_table_is_refused(tmp_path):
+    """README.md, "Configuration": each setting is documented under its table (`[upstream] read_timeout`, `[server]
+    max_body_bytes`), and '`serve` checks the file before it starts: an unknown setting ... stops it with one line
+    naming the setting'.  settings.load flattens every table into one namespace, so `[upstream] max_body_bytes`
+    (no such [upstream] setting) is silently taken as the client body limit, and `[server] read_timeout` as the
+    upstream timeout, instead of being refused."""
+    (tmp_path / "apertis.toml").write_text("[upstream]\nmax_body_bytes = 1024\n")
+    proc = subprocess.Popen([sys.executable, "-m", "apertis_proxy", "serve", "--port", "0", "--config",
+                             "apertis.toml"], cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    listening = threading.Event()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                listening.set()
+        listening.set()            # exited
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    listening.wait(10)
+    started = proc.poll() is None
+    if started:
+        proc.terminate()
+    proc.wait(10)
+    reader.join(5)
+    output = "".join(lines)
+    assert not started and "max_body_bytes" in output, (
+        "serve accepted `[upstream] max_body_bytes`, a setting [upstream] does not have, and started "
+        f"(applying it as [server] max_body_bytes):\n{output[-1500:]}")
