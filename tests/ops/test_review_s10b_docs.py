@@ -291,6 +291,28 @@ def test_db_copy_second_run_reports_no_new_rows(tmp_path):
                     f"{second.stdout}"
 
 
+def test_db_copy_overwrites_only_the_catalogue_rows_that_changed(tmp_path):
+    """The catalogue is the source's: a price changed in the source is written over the target's and counted;
+    unchanged rows are not rewritten (the target's config revision does not move for them)."""
+    import sqlite3
+    assert run_cli(tmp_path, "prices", "set", "house-model", "--input", "1", "--output", "2",
+                   "--db", "src.db").returncode == 0
+    assert run_cli(tmp_path, "db", "copy", "--from", "src.db", "--to", "dst.db").returncode == 0
+
+    def rev() -> int:
+        with sqlite3.connect(tmp_path / "dst.db") as conn:
+            return conn.execute("SELECT rev FROM config_rev").fetchone()[0]
+    before = rev()
+    assert run_cli(tmp_path, "prices", "set", "house-model", "--input", "3", "--output", "4",
+                   "--db", "src.db").returncode == 0
+    proc = run_cli(tmp_path, "db", "copy", "--from", "src.db", "--to", "dst.db")
+    assert proc.returncode == 0, proc.stderr
+    assert "model_prices 1" in proc.stdout and "models 0" in proc.stdout, proc.stdout
+    assert 0 < rev() - before <= 2, "more than the changed price row was rewritten"
+    shown = run_cli(tmp_path, "prices", "show", "house-model", "--db", "dst.db")
+    assert "3" in shown.stdout and "4" in shown.stdout, shown.stdout
+
+
 def test_db_copy_does_not_create_a_missing_target(tmp_path):
     """README.md, "The CLI": 'Only `serve`, `keys create`, `channels add` and `prices set` create a database that is
     not there; every other command refuses with one line naming the file it looked for.'  `db copy --to` a file
