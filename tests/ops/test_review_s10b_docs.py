@@ -313,27 +313,38 @@ def test_db_copy_overwrites_only_the_catalogue_rows_that_changed(tmp_path):
     assert "3" in shown.stdout and "4" in shown.stdout, shown.stdout
 
 
-def test_db_copy_does_not_create_a_missing_target(tmp_path):
-    """README.md, "The CLI": 'Only `serve`, `keys create`, `channels add` and `prices set` create a database that is
-    not there; every other command refuses with one line naming the file it looked for.'  `db copy --to` a file
-    that is not there creates it (cli/db.py: open_path(args.target) with create=True)."""
+def test_db_copy_creates_its_missing_target_and_no_other_command_does(tmp_path):
+    """README.md, "The CLI": 'Only `serve`, `keys create`, `channels add`, `prices set` and `db copy` (its `--to`
+    target) create a database that is not there; every other command refuses with one line naming the file it
+    looked for.'  A move to a new file creates it; `db copy --from` a missing file is refused and creates nothing."""
     assert run_cli(tmp_path, "keys", "create", "alice", "--db", "src.db").returncode == 0
     proc = run_cli(tmp_path, "db", "copy", "--from", "src.db", "--to", "missing.db")
-    assert not (tmp_path / "missing.db").exists() and proc.returncode != 0, (
-        f"db copy created {tmp_path / 'missing.db'} (exit {proc.returncode}): {proc.stdout}{proc.stderr}")
+    assert proc.returncode == 0 and (tmp_path / "missing.db").exists(), proc.stdout + proc.stderr
+    assert "keys 1" in proc.stdout, proc.stdout
+    assert (tmp_path / "missing.db").stat().st_mode & 0o777 == 0o600
+    refused = run_cli(tmp_path, "db", "copy", "--from", "nothere.db", "--to", "other.db")
+    assert refused.returncode != 0 and "nothere.db" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not (tmp_path / "nothere.db").exists() and not (tmp_path / "other.db").exists()
+    listed = run_cli(tmp_path, "keys", "list", "--db", "absent.db")
+    assert listed.returncode != 0 and "absent.db" in listed.stderr and not (tmp_path / "absent.db").exists()
 
 
-def test_usage_json_has_by(tmp_path):
-    """README.md, "The CLI": '`usage ... [--json]` ... `--json` prints one object with `requests`, ...,
-    `failed_attempts` and `failures` (failed attempts by kind) and `by`.'  Without --by the object has no `by`."""
+def test_usage_json_has_by_with_by_only(tmp_path):
+    """README.md, "The CLI": '`--json` prints one object with `requests`, ..., `failed_attempts` and `failures`
+    (failed attempts by kind), and with `--by` also `by`.'"""
     assert run_cli(tmp_path, "keys", "create", "alice", "--db", "g.db").returncode == 0
+    documented = {"requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
+                  "cache_creation_input_tokens", "cost", "errors", "interrupted", "unpriced_requests", "refused",
+                  "failed_attempts", "failures"}
     proc = run_cli(tmp_path, "usage", "--json", "--db", "g.db")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    documented = {"requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
-                  "cache_creation_input_tokens", "cost", "errors", "interrupted", "unpriced_requests", "refused",
-                  "failed_attempts", "failures", "by"}
-    assert documented <= data.keys(), f"usage --json lacks {sorted(documented - data.keys())}: {data}"
+    assert documented <= data.keys() and "by" not in data, f"usage --json: {sorted(data)}"
+    proc = run_cli(tmp_path, "usage", "--json", "--by", "key", "--db", "g.db")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert documented | {"by"} <= data.keys(), f"usage --json --by key lacks: {sorted(documented - data.keys())}"
 
 
 # --------------------------------------------------------------------------------------------------------------
