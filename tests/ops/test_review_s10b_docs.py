@@ -109,7 +109,8 @@ class Probe:
 
     def __init__(self, ctx):
         _note("factory", name=ctx.name, options=dict(ctx.options), db_path=ctx.db_path,
-              worker=ctx.worker, workers=ctx.workers, logger=ctx.log.name, store=ctx.store is not None)
+              worker=ctx.worker, workers=ctx.workers, logger=ctx.log.name, store=ctx.store is not None,
+              meters=list(ctx.meters))
 
     async def start(self):
         _note("start")
@@ -183,31 +184,42 @@ def _events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-async def _serve_with_probe(tmp_path: Path, probe_site: Path, upstream: MockUpstream):
+async def _serve_with_probe(tmp_path: Path, probe_site: Path, upstream: MockUpstream, config: str = PROBE_CONFIG):
     db = str(tmp_path / "apertis.db")
     out = tmp_path / "probe.jsonl"
     env = clean_env(PYTHONPATH=os.pathsep.join([str(probe_site), os.environ.get("PYTHONPATH", "")]),
                     PROBE_OUT=str(out))
     cli = CliRunner(tmp_path, db, env=env)
     await cli.add_channel("main", upstream.base_url)
-    (tmp_path / "apertis.toml").write_text(PROBE_CONFIG)
+    (tmp_path / "apertis.toml").write_text(config)
     server = ServeProcess(tmp_path, db, "--config", str(tmp_path / "apertis.toml"), env=env)
     return server, out
 
 
-async def test_plugin_options_are_the_plugins_table_empty_without_one(tmp_path, probe_site):
-    """docs/plugins.md, "Factory and life cycle": ctx `options` is 'its `[plugins.options.NAME]` table (empty
-    mapping if none)'.  A third-party plugin named in [plugins] with no options table gets the gateway's own
-    settings instead (plugin_host._load: poll_interval, limits_lease_seconds, limits_on_store_down, and for a
-    meter spool_dir, spool_max_bytes, spool_warn_bytes, fsync)."""
+async def test_plugin_options_are_its_table_over_the_gateway_settings(tmp_path, probe_site):
+    """docs/plugins.md, "Factory and life cycle": ctx `options` is 'its `[plugins.options.NAME]` table merged over
+    the gateway settings plugins act on, the table's own keys winning': poll_interval, the [limits] values, the
+    [budgets] ones only with a webhook_url, and for a meter the [ledger] spool settings; `meters` names the
+    meter plugins."""
+    config = PROBE_CONFIG + "\n[server]\nconfig_poll_interval = 0.5\n[limits]\nlease_seconds = 12.0\n" \
+        "[ledger]\nspool_max_bytes = 65536\n[plugins.options.probe]\nlimits_on_store_down = \"share\"\nown = 7\n"
     async with MockUpstream(api_key=MOCK_API_KEY) as upstream:
-        server, out = await _serve_with_probe(tmp_path, probe_site, upstream)
+        server, out = await _serve_with_probe(tmp_path, probe_site, upstream, config)
         async with server:
             pass
-    factories = [e for e in _events(out) if e["event"] == "factory"]
-    assert len(factories) == 3, factories
-    wrong = {f"{e['name']} (factory #{i})": e["options"] for i, e in enumerate(factories) if e["options"]}
-    assert not wrong, f"no [plugins.options.probe] table, yet ctx.options is not empty: {wrong}"
+    events = [e for e in _events(out) if e["event"] == "factory"]
+    assert len(events) == 3 and all(e["meters"] == ["sqlite", "probe"] for e in events), events
+    factories = [e["options"] for e in events]
+    shared = {"poll_interval": 0.5, "limits_lease_seconds": 12.0, "limits_on_store_down": "share", "own": 7}
+    spool = {"spool_dir", "spool_max_bytes", "spool_warn_bytes", "fsync"}
+    meters = [o for o in factories if spool <= o.keys()]
+    others = [o for o in factories if o not in meters]
+    assert len(meters) == 1 and len(others) == 2, factories
+    assert all(o == shared for o in others), others
+    (meter,) = meters
+    assert {k: meter[k] for k in shared} == shared and meter.keys() == shared.keys() | spool, meter
+    assert meter["spool_max_bytes"] == 65536 and meter["fsync"] == "batch" and meter["spool_dir"], meter
+    assert not any(k.startswith("budget_") for o in factories for k in o), "no webhook_url, no budget options"
 
 
 def _post_head_then_body(port: int, body: bytes) -> tuple[int, str, bytes]:
