@@ -70,7 +70,7 @@ def serve_until_listening(cwd: Path, *args: str, env=None, timeout: float = 10.0
 def test_json_log_format_every_line_the_process_writes_is_json(tmp_path):
     """README.md, "Logs": 'With `[logging] format = "json"` every line the process writes is one JSON object with
     `time` (UTC), `level`, `logger` and `message`'.  `serve` started as the README's "Run it" says (no channel, no
-    key yet) prints its hints to stdout as plain text (cli/serve.py: print(no_channel_help(...)))."""
+    key yet) prints its start-up hint too: as such a line."""
     (tmp_path / "apertis.toml").write_text('[logging]\nformat = "json"\n')
     out, err = serve_until_listening(tmp_path, "--port", "0", "--config", "apertis.toml")
     not_json = []
@@ -290,8 +290,8 @@ async def test_plugin_hooks_get_the_documented_arguments(tmp_path, probe_site):
 
 def test_db_copy_second_run_reports_no_new_rows(tmp_path):
     """README.md, "The CLI": '`db copy --from DB --to DB` ... a second run copies nothing twice'; the command's
-    own line says its counts are 'rows new to the target'.  A second run at once (nothing changed) reports every
-    catalogue row again as new: store/copy.py deletes the target's catalogue and counts every source row."""
+    own line says its counts are 'rows new to the target'.  A second run at once (nothing changed) reports 0 for
+    every table, the catalogue's included."""
     assert run_cli(tmp_path, "keys", "create", "alice", "--db", "src.db").returncode == 0
     first = run_cli(tmp_path, "db", "copy", "--from", "src.db", "--to", "dst.db")
     assert first.returncode == 0, first.stderr
@@ -365,10 +365,9 @@ def test_usage_json_has_by_with_by_only(tmp_path):
 
 def test_setting_in_the_wrong_table_is_refused(tmp_path):
     """README.md, "Configuration": each setting is documented under its table (`[upstream] read_timeout`, `[server]
-    max_body_bytes`), and '`serve` checks the file before it starts: an unknown setting ... stops it with one line
-    naming the setting'.  settings.load flattens every table into one namespace, so `[upstream] max_body_bytes`
-    (no such [upstream] setting) is silently taken as the client body limit, and `[server] read_timeout` as the
-    upstream timeout, instead of being refused."""
+    max_body_bytes`), and '`serve` checks the file before it starts: an unknown setting, a setting outside its
+    table ... stops it with one line naming the setting (and the table it belongs in)'.  `[upstream]
+    max_body_bytes` is refused, not taken as the client body limit."""
     (tmp_path / "apertis.toml").write_text("[upstream]\nmax_body_bytes = 1024\n")
     proc = subprocess.Popen([sys.executable, "-m", "apertis_proxy", "serve", "--port", "0", "--config",
                              "apertis.toml"], cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
@@ -392,6 +391,6 @@ def test_setting_in_the_wrong_table_is_refused(tmp_path):
     proc.wait(10)
     reader.join(5)
     output = "".join(lines)
-    assert not started and "max_body_bytes" in output, (
+    assert not started and "max_body_bytes belongs under [server], not [upstream]" in output, (
         "serve accepted `[upstream] max_body_bytes`, a setting [upstream] does not have, and started "
         f"(applying it as [server] max_body_bytes):\n{output[-1500:]}")
