@@ -1,4 +1,4 @@
-"""Review s10b: README.md and docs/plugins.md followed literally by a new operator and a plugin author.
+"""README.md and docs/plugins.md followed literally by a new operator and a plugin author.
 
 Each test quotes the sentence it checks.  Real processes (`python -m apertis_proxy ...`), real sockets on
 127.0.0.1, the mock upstream; a third-party plugin installed as a module beside its .dist-info on PYTHONPATH, the
@@ -159,14 +159,14 @@ class Probe:
 @pytest.fixture(scope="module")
 def probe_site(tmp_path_factory) -> Path:
     site = tmp_path_factory.mktemp("probe-plugin")
-    (site / "review_probe.py").write_text(PROBE_MODULE)
-    info = site / "review_probe-0.1.dist-info"
+    (site / "docs_probe.py").write_text(PROBE_MODULE)
+    info = site / "docs_probe-0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: review-probe\nVersion: 0.1\n")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: docs-probe\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
-        "[apertis_proxy.auth]\nprobe = review_probe:Probe\n"
-        "[apertis_proxy.router]\nprobe = review_probe:Probe\n"
-        "[apertis_proxy.meter]\nprobe = review_probe:Probe\n")
+        "[apertis_proxy.auth]\nprobe = docs_probe:Probe\n"
+        "[apertis_proxy.router]\nprobe = docs_probe:Probe\n"
+        "[apertis_proxy.meter]\nprobe = docs_probe:Probe\n")
     return site
 
 
