@@ -109,7 +109,22 @@ class Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-_SECTIONS = ("server", "upstream", "contract", "billing", "logging", "ledger", "metrics", "budgets", "limits")
+# Each setting's table and its key there, as README's Configuration block shows them; a key
+# anywhere else is refused, so a misplaced one is never silently applied.
+_TABLES: dict[str, tuple[str, ...]] = {
+    "server": ("host", "port", "workers", "config_poll_interval", "max_body_bytes", "max_unvouched_body_bytes",
+               "max_header_bytes", "header_timeout", "body_timeout", "keepalive_timeout", "shutdown_timeout",
+               "drain_delay", "write_high_water", "max_connections", "tls_cert", "tls_key", "trusted_proxies",
+               "forwarded_header", "fast_heads", "fast_heads_check"),
+    "upstream": ("connect_timeout", "read_timeout", "pool_max_idle", "pool_idle_timeout"),
+    "contract": ("thinking_budget_max", "default_api_version"),
+    "billing": ("allow_unpriced",),
+    "logging": ("log_level", "format", "access_log"),
+    "metrics": ("enabled", "allow", "per_key", "flush_interval"),
+    "ledger": ("keep_days", "spool_dir", "spool_max_bytes", "spool_warn_bytes", "fsync"),
+    "budgets": ("webhook_url", "thresholds", "webhook_attempts", "webhook_backoff"),
+    "limits": ("lease_seconds", "on_store_down"),
+}
 # Keys whose field name differs from the key in its section.
 _RENAMED = {
     "ledger": {"fsync": "ledger_fsync"},
@@ -120,6 +135,25 @@ _RENAMED = {
     "budgets": {"webhook_url": "budget_webhook_url", "thresholds": "budget_thresholds",
                 "webhook_attempts": "budget_webhook_attempts", "webhook_backoff": "budget_webhook_backoff"},
 }
+# Where a key (or a field name written as a key) belongs: name -> (table, key there).
+_HOME = {name: (table, key) for table, keys in _TABLES.items() for key in keys
+         for name in {key, _RENAMED.get(table, {}).get(key, key)}}
+
+
+def _placed(path: str, table: Optional[str], key: str) -> str:
+    """The setting `key` as found in `table` (None: the top level), or ValueError saying where it goes."""
+    where = f"[{table}]" if table else "the top level"
+    if key == "db":
+        raise ValueError(f"{path}: db is not a file setting; give the database with --db or env APERTIS_DB")
+    if table is not None and key in _TABLES[table]:
+        return _RENAMED.get(table, {}).get(key, key)
+    if key in _HOME:
+        home, name = _HOME[key]
+        if home == table:
+            raise ValueError(f"{path}: under [{table}] this setting is written {name}, not {key}")
+        written = f" as {name}" if name != key else ""
+        raise ValueError(f"{path}: {key} belongs under [{home}]{written}, not {where}")
+    raise ValueError(f"unknown setting(s) in {path}: {key}" + (f" under [{table}]" if table else ""))
 
 
 def load(path: Optional[str] = None, **overrides: Any) -> Settings:
@@ -131,11 +165,12 @@ def load(path: Optional[str] = None, **overrides: Any) -> Settings:
             data = tomllib.load(fh)
         flat: dict[str, Any] = {}
         for key, value in data.items():
-            if key in _SECTIONS and isinstance(value, dict):
-                renamed = _RENAMED.get(key, {})
-                flat.update({renamed.get(k, k): v for k, v in value.items()})
+            if key in _TABLES:
+                if not isinstance(value, dict):
+                    raise ValueError(f"{path}: [{key}] must be a table")
+                flat.update({_placed(path, key, k): v for k, v in value.items()})
             elif key != "plugins":
-                flat[key] = value
+                flat[_placed(path, None, key)] = value
         plugins = data.get("plugins", {})
         if not isinstance(plugins, dict):
             raise ValueError(f"{path}: [plugins] must be a table")
@@ -148,10 +183,6 @@ def load(path: Optional[str] = None, **overrides: Any) -> Settings:
                 flat[f"{group}_plugins"] = plugins[group]
         if "options" in plugins:
             flat["plugin_options"] = plugins["options"]
-        known = {f.name for f in dataclasses.fields(Settings)}
-        unknown = set(flat) - known
-        if unknown:
-            raise ValueError(f"unknown setting(s) in {path}: {', '.join(sorted(unknown))}")
         s = s.replace(**flat)
     if os.environ.get("APERTIS_DB"):
         s.db = os.environ["APERTIS_DB"]

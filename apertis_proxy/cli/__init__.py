@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     # --db may come at any level; SUPPRESS keeps an inner default from hiding an outer value.
     db_parent = argparse.ArgumentParser(add_help=False)
     db_parent.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS,
-                           help=f"SQLite database (default: env APERTIS_DB or {DEFAULT_DB})")
+                           help="a SQLite database path or a postgresql:// URL"
+                                f" (default: env APERTIS_DB or {DEFAULT_DB})")
 
     parser = argparse.ArgumentParser(
         prog="apertis-proxy", parents=[db_parent], allow_abbrev=False,

@@ -40,7 +40,8 @@ def cmd_db_copy(args) -> int:
         counts = copy_store(source, target)
     print(f"copied {source_url.redacted()} to {target_url.redacted()}: "
           + ", ".join(f"{table} {count:,}" for table, count in counts.items())
-          + " (rows new to the target; a second run copies nothing twice)")
+          + " (rows new to the target, for models and model_prices new or changed; a second run copies"
+            " nothing twice)")
     return 0
 
 

@@ -1,11 +1,13 @@
 """`apertis-proxy serve`: check the store, then run the gateway."""
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
 
 from .. import settings as settings_module
+from ..observe import logs
 from ..store import channels as channel_store
 from ..store import dbfile, key_encryption
 from ..store import keys as key_store
@@ -30,24 +32,32 @@ def cmd_serve(args) -> int:
     if getattr(args, "db", None):
         overrides["db"] = args.db
     settings = settings_module.load(args.config, **overrides)
+
+    def say(message: str, level: int = logging.INFO) -> None:
+        """A start-up hint (stdout) or warning (stderr); with [logging] format = "json", one line shaped like
+        the log's so every line the process writes parses."""
+        if settings.log_format == "json":
+            message = logs.json_line(level, "apertis_proxy.serve", message)
+        print(message, file=sys.stderr if level >= logging.WARNING else sys.stdout, flush=True)
+
     with open_path(settings.db) as conn:   # creates or migrates the schema before workers start
         if not parse_db_url(settings.db).is_postgres and dbfile.readable_by_others(settings.db):
-            print(f"warning: {settings.db} holds upstream keys and other users may read it;"
-                  f" restrict it with: chmod 600 {shlex.quote(settings.db)}", file=sys.stderr)
+            say(f"warning: {settings.db} holds upstream keys and other users may read it;"
+                f" restrict it with: chmod 600 {shlex.quote(settings.db)}", logging.WARNING)
         created = channel_store.bootstrap_default_channel(conn, os.environ)
         if created:
-            print(created, flush=True)
-        _check_key_storage(conn)
+            say(created)
+        _check_key_storage(conn, say)
         if channel_store.channel_count(conn) == 0:
-            print(no_channel_help(settings.db), flush=True)
+            say(no_channel_help(settings.db))
         elif not key_store.list_keys(conn):
             create = command_line(settings.db, "keys", "create", "NAME")
-            print(f"no user key exists yet; create one with:\n  {create}", flush=True)
+            say(f"no user key exists yet; create one with:\n  {create}")
     from ..server import run   # imported late: the CLI's other commands do not need the server
     return int(run(settings) or 0)
 
 
-def _check_key_storage(conn) -> None:
+def _check_key_storage(conn, say) -> None:
     """Refuse to serve channels whose keys cannot be opened; point out plain-text ones."""
     storage = channel_store.key_storage(conn)
     box = key_encryption.from_environment()
@@ -59,8 +69,8 @@ def _check_key_storage(conn) -> None:
             + (" opens them" if box is not None else ""))
     plain = [c["name"] for c in storage if c["storage"] == "plain text"]
     if box is not None and plain:
-        print(f"warning: the upstream keys of channel(s) {', '.join(plain)} are stored in plain text;"
-              " encrypt them with: apertis-proxy db reencrypt", file=sys.stderr)
+        say(f"warning: the upstream keys of channel(s) {', '.join(plain)} are stored in plain text;"
+            " encrypt them with: apertis-proxy db reencrypt", logging.WARNING)
 
 
 def add_commands(commands: Commands) -> None:

@@ -67,6 +67,11 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+def json_line(level: int, logger: str, message: str) -> str:
+    """`message` as one line of the JSON format, for what is printed before logging is configured."""
+    return JsonFormatter().format(logging.LogRecord(logger, level, "", 0, message, None, None))
+
+
 def configure(level: str, fmt: str) -> None:
     """Log to stderr at `level`, in `fmt` ("text" or "json")."""
     handler = logging.StreamHandler(sys.stderr)

@@ -4,9 +4,10 @@ typically), safe to run again.
 Keys (their hashes: plain keys are never stored), rotated-out secrets, deleted
 keys, channels (upstream keys as stored, encrypted or not), settled spend and
 owned upstream state are inserted unless a row with the same key (or name) is
-already there; the catalogue (models, prices, billing rates) is the source's,
-replacing the target's; the ledger goes through the idempotent ledger write.  So
-a second run copies nothing twice.
+already there; the catalogue (models, prices, billing rates) is the source's:
+rows new or different in the source are written over the target's, rows the
+source lacks are deleted, equal rows are left alone; the ledger goes through the
+idempotent ledger write.  So a second run copies nothing twice.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from .ledger_write import COLUMN_OF_FIELD, ledger_shape, write_ledger_rows
 # Copied row by row, a row already in the target (same primary key or unique name) left alone.
 KEPT_TABLES = ("keys", "deleted_keys", "key_grace", "key_spend", "key_period_spend", "budget_alerts", "refusals",
                "channels", "owned_state")
-# The catalogue: the source's rows replace the target's.
-CATALOG_TABLES = ("models", "model_prices")
+# The catalogue, by primary key: the source's rows replace the target's.
+CATALOG_TABLES = {"models": ("id",), "model_prices": ("model_id", "origin", "effective_from")}
 CATALOG_META = ("billing_rates", "catalog_version")
 LEDGER_BATCH = 5000
 
@@ -45,14 +46,8 @@ def copy_store(source, target, progress: Optional[Callable[[str], None]] = None)
             for row in source.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall():
                 inserted += target.execute(sql, tuple(row)).rowcount
             counts[table] = inserted
-        for table in CATALOG_TABLES:
-            columns = [c for c in _columns(source, table) if c in set(_columns(target, table))]
-            rows = source.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall()
-            target.execute(f"DELETE FROM {table}")
-            sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-            for row in rows:
-                target.execute(sql, tuple(row))
-            counts[table] = len(rows)
+        for table, key in CATALOG_TABLES.items():
+            counts[table] = _sync_catalog_table(source, target, table, key)
         for name in CATALOG_META:
             row = source.execute("SELECT v FROM meta WHERE k = ?", (name,)).fetchone()
             if row is not None:
@@ -60,6 +55,29 @@ def copy_store(source, target, progress: Optional[Callable[[str], None]] = None)
         _advance_channel_ids(target)
     counts["usage"] = _copy_ledger(source, target, progress)
     return counts
+
+
+def _sync_catalog_table(source, target, table: str, key: tuple[str, ...]) -> int:
+    """Make the target's `table` the source's, touching only rows that differ (an unchanged row is not
+    rewritten: no config revision bump, no churn); rows written."""
+    columns = [c for c in _columns(source, table) if c in set(_columns(target, table))]
+    at = [columns.index(c) for c in key]
+    select = f"SELECT {', '.join(columns)} FROM {table}"
+    wanted = {tuple(row[i] for i in at): tuple(row) for row in source.execute(select).fetchall()}
+    present = {tuple(row[i] for i in at): tuple(row) for row in target.execute(select).fetchall()}
+    where = " AND ".join(f"{c} = ?" for c in key)
+    for k in present.keys() - wanted.keys():
+        target.execute(f"DELETE FROM {table} WHERE {where}", k)
+    insert = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    written = 0
+    for k, row in wanted.items():
+        if present.get(k) == row:
+            continue
+        if k in present:
+            target.execute(f"DELETE FROM {table} WHERE {where}", k)
+        target.execute(insert, row)
+        written += 1
+    return written
 
 
 def _advance_channel_ids(target) -> None:

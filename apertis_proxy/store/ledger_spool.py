@@ -206,7 +206,9 @@ class LedgerSpool:
         self.interims: dict[str, bytes] = {}    # request id -> interim line, of requests still running
 
     def open(self) -> None:
-        os.makedirs(self.directory, exist_ok=True)
+        # Rows name keys and client addresses: owner only, like the database file (segments are 0600).
+        # A directory that exists keeps the mode its operator gave it.
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self.current = self._new_segment()
 
     def _new_segment(self) -> Segment:

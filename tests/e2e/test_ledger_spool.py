@@ -217,6 +217,30 @@ def test_a_live_workers_spool_is_never_adopted_a_dead_ones_is(tmp_path):
     other.close()
 
 
+def test_the_spool_is_readable_by_its_owner_only(tmp_path):
+    """Spooled rows name keys and client addresses: a new spool directory is 0700, its segments 0600 (even under
+    a permissive umask); a directory that exists keeps its mode."""
+    old = os.umask(0o002)
+    try:
+        spool = LedgerSpool(str(tmp_path / "new" / "spool"), LOG)
+        spool.open()
+        spool.append(b'{"request_id": "req_1"}\n')
+        for seg in spool.seal():
+            assert os.stat(seg.path).st_mode & 0o777 == 0o600
+        assert os.stat(spool.current.path).st_mode & 0o777 == 0o600
+        assert os.stat(tmp_path / "new" / "spool").st_mode & 0o777 == 0o700
+        spool.close()
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o750)
+        other = LedgerSpool(str(shared), LOG)
+        other.open()
+        assert os.stat(shared).st_mode & 0o777 == 0o750
+        other.close()
+    finally:
+        os.umask(old)
+
+
 def test_the_spool_warns_as_it_grows_and_says_when_it_is_full(tmp_path, caplog):
     spool = LedgerSpool(str(tmp_path / "spool"), LOG, max_bytes=1000, warn_bytes=400)
     spool.open()

@@ -687,6 +687,25 @@ def test_serve_bootstraps_from_env_and_passes_settings(db, capsys, monkeypatch, 
     assert query(db, "SELECT name FROM channels") == [{"name": "anthropic"}]
 
 
+def test_serve_hints_and_warnings_follow_the_json_log_format(db, tmp_path, capsys, monkeypatch, fake_server):
+    """[logging] format = "json": start-up hints on stdout and warnings on stderr are log-shaped JSON lines, a
+    multi-line hint one object; in text format the same messages print as they are."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    config = tmp_path / "apertis.toml"
+    config.write_text('[logging]\nformat = "json"\n')
+    assert main(["serve", "--db", db]) == 0                     # text: a plain hint
+    text_out, _ = capsys.readouterr()
+    assert "apertis-proxy channels add" in text_out and not text_out.startswith("{")
+    os.chmod(db, 0o644)                                         # readable by others: a warning on stderr
+    assert main(["serve", "--db", db, "--config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    hints = [json.loads(line) for line in out.splitlines()]
+    warnings = [json.loads(line) for line in err.splitlines()]
+    assert len(hints) == 1 and hints[0]["message"] == text_out.rstrip("\n") and "\n" in hints[0]["message"]
+    assert hints[0]["level"] == "INFO" and hints[0]["time"].endswith("Z") and hints[0]["logger"]
+    assert len(warnings) == 1 and warnings[0]["level"] == "WARNING" and "chmod 600" in warnings[0]["message"]
+
+
 def test_serve_without_channels_explains_how_to_add_one(db, capsys, monkeypatch, fake_server):
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.setenv("APERTIS_DB", db)

@@ -195,6 +195,10 @@ def test_db_copy_copies_everything_once(tmp_path, pg_url, capsys):
     assert code == 0 and "keys 1" in out and "usage 2" in out and PASSWORD not in out + err
     code, out, _ = run_cli(capsys, "db", "copy", "--from", src, "--to", target)
     assert code == 0 and "keys 0" in out and "usage 0" in out and "key_spend 0" in out
+    assert "models 0" in out and "model_prices 0" in out, out      # an unchanged catalogue is left alone
+    assert run_cli(capsys, "prices", "set", "house-model", "--input", "3", "--output", "4", "--db", src)[0] == 0
+    code, out, _ = run_cli(capsys, "db", "copy", "--from", src, "--to", target)
+    assert code == 0 and "model_prices 1" in out and "models 0" in out, out   # the source's change wins
     code, out, _ = run_cli(capsys, "keys", "list", "--json", "--db", target)
     (alice,) = json.loads(out)
     assert (alice["spent_cost"], alice["spent_tokens"]) == (0.5, 14)

@@ -105,3 +105,71 @@ def test_serve_with_a_bad_config_exits_with_that_line(tmp_path, capsys):
     out = capsys.readouterr()
     assert code == 1 and "connect_timeout must be a number of seconds > 0" in out.err
     assert "Traceback" not in out.err + out.out
+
+
+# Each setting lives in the table README's Configuration block shows it in.
+
+@pytest.mark.parametrize("text,says", [
+    ("[upstream]\nmax_body_bytes = 1024", "max_body_bytes belongs under [server], not [upstream]"),
+    ("[server]\nread_timeout = 5", "read_timeout belongs under [upstream], not [server]"),
+    ("[server]\nformat = \"json\"", "format belongs under [logging], not [server]"),
+    ("[server]\nlog_format = \"json\"", "log_format belongs under [logging] as format, not [server]"),
+    ("[logging]\nlog_format = \"json\"", "under [logging] this setting is written format, not log_format"),
+    ("max_body_bytes = 1024", "max_body_bytes belongs under [server], not the top level"),
+    ("config_poll_interval = 0.5\n[server]\nport = 1",
+     "config_poll_interval belongs under [server], not the top level"),
+    ("log_level = \"DEBUG\"", "log_level belongs under [logging], not the top level"),
+    ('db = "other.db"', "db is not a file setting; give the database with --db or env APERTIS_DB"),
+    ('[server]\ndb = "other.db"', "db is not a file setting"),
+    ("[metrics]\nmax_attempts = 3", "unknown setting(s)"),
+    ("server = 5", "[server] must be a table"),
+])
+def test_a_setting_outside_its_table_is_refused_naming_its_table(tmp_path, text, says):
+    with pytest.raises(ValueError) as err:
+        load(tmp_path, text)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_renamed_keys_load_from_their_tables(tmp_path):
+    s = load(tmp_path, """
+[ledger]
+fsync = "always"
+[logging]
+format = "json"
+[metrics]
+enabled = false
+allow = ["10.0.0.0/8"]
+per_key = true
+flush_interval = 2.0
+[limits]
+lease_seconds = 7.5
+on_store_down = "share"
+[budgets]
+webhook_url = "https://hooks.example.com/a"
+thresholds = [50]
+webhook_attempts = 2
+webhook_backoff = 0.5
+""")
+    assert (s.ledger_fsync, s.log_format) == ("always", "json")
+    assert (s.metrics_enabled, s.metrics_allow, s.metrics_per_key, s.metrics_flush_interval) == (
+        False, ["10.0.0.0/8"], True, 2.0)
+    assert (s.limits_lease_seconds, s.limits_on_store_down) == (7.5, "share")
+    assert (s.budget_webhook_url, s.budget_thresholds, s.budget_webhook_attempts, s.budget_webhook_backoff) == (
+        "https://hooks.example.com/a", [50], 2, 0.5)
+
+
+def test_server_host_port_workers_poll_load_and_flags_win(tmp_path):
+    text = '[server]\nhost = "0.0.0.0"\nport = 9001\nworkers = 3\nconfig_poll_interval = 0.25\n'
+    s = load(tmp_path, text)
+    assert (s.host, s.port, s.workers, s.config_poll_interval) == ("0.0.0.0", 9001, 3, 0.25)
+    flags = settings.load(str(tmp_path / "apertis.toml"), host="127.0.0.2", port=9002, workers=1)
+    assert (flags.host, flags.port, flags.workers, flags.config_poll_interval) == ("127.0.0.2", 9002, 1, 0.25)
+
+
+def test_serve_refuses_a_misplaced_setting_with_one_line(tmp_path, capsys):
+    path = tmp_path / "apertis.toml"
+    path.write_text("[upstream]\nmax_body_bytes = 1024\n")
+    code = cli.main(["serve", "--db", str(tmp_path / "g.db"), "--config", str(path)])
+    out = capsys.readouterr()
+    assert code == 1 and "max_body_bytes belongs under [server], not [upstream]" in out.err
+    assert len(out.err.strip().splitlines()) == 1 and not (tmp_path / "g.db").exists()
