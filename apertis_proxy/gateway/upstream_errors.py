@@ -6,15 +6,18 @@ thread recovery replays on `thread_not_found`.  The cause decides failover and
 what the router learns:
 
   request      the request was at fault (a 4xx about it, any `invalid_request_error`,
-               a `thread_*` or `file_*` code, a 403 about a model or beta): returned
-               to the client at once, never failed over, no cooldown;
+               a 4xx with a `thread_*`, `file_*`, `compaction_*`... code, a 403 about a
+               model or beta): returned to the client at once, never failed over, no
+               cooldown;
   credential   the channel's key itself was refused (401, or a 403 saying so): the
                channel is disabled, the next one is tried;
   exhausted    the channel's account is out of money or ramp (spend-limit 429s, 402, the
                400 `invalid_request_error` saying its credit balance is too low): a long
                cooldown, the next one is tried;
   transient    429, 408, 409, 5xx, 529, `overloaded_error`, `timeout_error`: a short
-               cooldown, the next one is tried.
+               cooldown, the next one is tried.  A 5xx is the server's failure whatever
+               its code (529 `compaction_unavailable` is an overload: SDK 2.17 makes it
+               an OverloadedError to retry).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from .usage import redact_bytes
 EXHAUSTED_CODES = frozenset(("contract_spend_limit_reached", "enforced_spend_limit_reached",
                              "ramp_limit_exceeded", "linked_organization_billing_unavailable",
                              "linked_organization_spend_limit_reached"))
-# Codes about what the request referred to, whatever the status.
+# Codes about what the request referred to, in a 4xx answer.
 REQUEST_CODE_PREFIXES = ("thread_", "file_", "compaction_", "tool_", "image_", "user_profile_")
 # A 403 disables a channel only when its message says the credential itself is refused.
 _KEY_REFUSED = re.compile(r"\b(organization|workspace|api key|key)\b[^.]{0,40}\b(is|has been|was)\s+"
@@ -115,7 +118,7 @@ def classify(status: int, error_type: Optional[str], error_code: Optional[str], 
             return CAUSE_CREDENTIAL
         return CAUSE_REQUEST
     if error_type == "invalid_request_error" or (
-            error_code is not None and error_code.startswith(REQUEST_CODE_PREFIXES)):
+            status < 500 and error_code is not None and error_code.startswith(REQUEST_CODE_PREFIXES)):
         return CAUSE_REQUEST
     if status == 402:
         return CAUSE_EXHAUSTED
