@@ -16,13 +16,15 @@ tools (TOOL_PROMPT_TOKENS, TYPED_TOOL_TOKENS), and IMAGE_TOKENS for every image
 are tokens of their own), a document given by URL or file id, or MCP servers
 whose tools the API fetches, can be as large as the context window: the input
 is then bounded by the model's ``max_input_tokens``
-(DEFAULT_CONTEXT_TOKENS when the catalogue has none).
+(DEFAULT_CONTEXT_TOKENS when the catalogue has none); so is a request that
+continues a server-held thread (its earlier turns are input the body omits).
 
 Further turns billed to the same request, each bounded by a full context window
 of input and ``max_tokens`` of output: a server-side tool loop (web search,
 web fetch, code execution, tool search, MCP; the API pauses it with
 ``pause_turn`` after SERVER_LOOP_TURNS turns), an advisor tool's calls (up to
-its ``max_uses``), each fallback model, and a compaction.  Fast mode, the
+its ``max_uses``), each fallback model (``fallbacks: "default"``: one turn at
+the dearest priced model, since the API picks it), and a compaction.  Fast mode, the
 inference geo (the dearest: upstream may apply a workspace's default) and
 service tiers multiply the cost; web searches add their
 per-search fee up to each tool's ``max_uses`` (SERVER_LOOP_TURNS without one).
@@ -68,6 +70,7 @@ class _Shape:
     turns: int = 0                  # further billed turns (server loop, advisor, fallbacks, compaction)
     searches: int = 0
     models: tuple = ()              # models named by tools and fallbacks
+    any_model: bool = False         # a turn at a model the API picks (fallbacks "default"): any priced one
 
 
 def billed_models(catalog: Catalog, model: Optional[str], channel_aliases: Iterable[Mapping[str, str]],
@@ -127,6 +130,8 @@ def request_bound(catalog: Catalog, entries: Sequence[ModelEntry], body: Optiona
     shape = _shape(body, body_bytes)
     everyone = [*entries, *(e for e in map(catalog.lookup, shape.models) if e is not None)] if shape.models \
         else entries
+    if shape.any_model:
+        everyone = [*everyone, *catalog.entries]
     # The context window counts only for opaque content and further turns (not for a plain request).
     context = max((e.max_input_tokens or DEFAULT_CONTEXT_TOKENS for e in everyone),
                   default=DEFAULT_CONTEXT_TOKENS) if shape.opaque or shape.turns else 0
@@ -152,7 +157,7 @@ _RATES: dict[int, tuple[tuple, tuple]] = {}
 _BILLED: dict[Optional[str], tuple] = {}       # model -> (catalog, channel aliases, since, until, entries)
 _FACTORS: dict[tuple, tuple[tuple, float]] = {}
 # Body fields that can make a request more than one turn, or bring models or content of their own (_shape).
-_NOT_PLAIN = frozenset(("tools", "mcp_servers", "fallbacks", "context_management", "compaction"))
+_NOT_PLAIN = frozenset(("tools", "mcp_servers", "fallbacks", "context_management", "compaction", "thread"))
 _PLAIN: dict[tuple, tuple] = {}       # (catalog, entries, fast) ids -> (catalog, entries, since, until, rates, factor)
 _CACHED_MAX = 4096
 
@@ -287,6 +292,12 @@ def _shape(body: Optional[Mapping[str, Any]], body_bytes: int) -> _Shape:
     fallbacks = body.get("fallbacks")
     if isinstance(fallbacks, list):
         shape.turns += len(fallbacks)
+    elif fallbacks == "default":
+        shape.turns += 1
+        shape.any_model = True
+    thread = body.get("thread")
+    if thread is not None and not (isinstance(thread, Mapping) and thread.get("type") == "create"):
+        shape.opaque = True         # continuing a server-held conversation: its history is input too
     if body.get("context_management") or body.get("compaction"):
         shape.turns += 1
     images = _sources(body.get("messages"), shape)
