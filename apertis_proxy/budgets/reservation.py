@@ -24,7 +24,9 @@ of input and ``max_tokens`` of output: a server-side tool loop (web search,
 web fetch, code execution, tool search, MCP; the API pauses it with
 ``pause_turn`` after SERVER_LOOP_TURNS turns), an advisor tool's calls (up to
 its ``max_uses``), each fallback model (``fallbacks: "default"``: one turn at
-the dearest priced model, since the API picks it), and a compaction.  Fast mode, the
+the dearest priced model, since the API picks it), and a compaction (a
+``compact_*`` context-management edit or ``compaction``; ``clear_*`` edits only
+drop context).  Fast mode, the
 inference geo (the dearest: upstream may apply a workspace's default) and
 service tiers multiply the cost; web searches add their
 per-search fee up to each tool's ``max_uses`` (SERVER_LOOP_TURNS without one).
@@ -298,13 +300,25 @@ def _shape(body: Optional[Mapping[str, Any]], body_bytes: int) -> _Shape:
     thread = body.get("thread")
     if thread is not None and not (isinstance(thread, Mapping) and thread.get("type") == "create"):
         shape.opaque = True         # continuing a server-held conversation: its history is input too
-    if body.get("context_management") or body.get("compaction"):
+    if body.get("compaction") or _compacts(body.get("context_management")):
         shape.turns += 1
     images = _sources(body.get("messages"), shape)
     shape.input += images * IMAGE_TOKENS
     if (isinstance(tools, list) and tools) or (isinstance(fallbacks, list) and fallbacks):
         shape.models = billed_extras(body)[1]  # the models tools and fallbacks name, as model_policy prices them
     return shape
+
+
+def _compacts(config: Any) -> bool:
+    """Whether `context_management` may add a compaction turn: a `compact_*` edit, or edits this code cannot
+    read.  Clearing old tool uses or thinking (`clear_*` edits) only drops context: no turn."""
+    if not config:
+        return False
+    edits = config.get("edits") if isinstance(config, Mapping) else None
+    if not isinstance(edits, list):
+        return True
+    return any(not (isinstance(e, Mapping) and isinstance(e.get("type"), str) and e["type"].startswith("clear_"))
+               for e in edits)
 
 
 def _sources(blocks: Any, shape: _Shape) -> int:

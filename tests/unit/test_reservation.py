@@ -188,3 +188,16 @@ def test_the_rates_of_a_one_turn_request_change_when_a_price_comes_into_force(co
     assert before.cost == pytest.approx((size * 2 + 1000 * 5) / 1e6)
     assert after.cost == pytest.approx((size * 10 + 1000 * 50) / 1e6)
     assert request_bound(catalog, entries, body, size, NOW).cost == before.cost
+
+
+@pytest.mark.parametrize("config, turns", [
+    ({"edits": [{"type": "clear_tool_uses_20250919"}, {"type": "clear_thinking_20251015"}]}, 0),
+    ({"edits": [{"type": "clear_thinking_20251015"}, {"type": "compact_20260112"}]}, 1),
+    ({"edits": [{"type": "some_future_edit"}]}, 1),         # an edit not known to only drop context
+    ({"edits": "not a list"}, 1),
+], ids=["clearing", "compacting", "unknown-edit", "unreadable"])
+def test_context_management_adds_a_turn_only_when_it_may_compact(conn, config, turns):
+    catalog = catalog_store.load_catalog(conn)
+    b, size = bound(catalog, plain(context_management=config))
+    context = 200_000                               # Haiku 4.5's window
+    assert b.tokens == size + 1000 + turns * (context + 1000)
