@@ -40,6 +40,7 @@ __all__ = [
     "Outcome", "UsageRecord", "Reject",
     "AuthPlugin", "RouterPlugin", "MeterPlugin",
     "CAUSE_REQUEST", "CAUSE_CREDENTIAL", "CAUSE_EXHAUSTED", "CAUSE_TRANSIENT",
+    "SEPARATE_ITERATIONS", "TOKEN_COUNTS",
 ]
 
 AUTH_GROUP = "apertis_proxy.auth"
@@ -209,6 +210,12 @@ class Outcome:
         return "error"
 
 
+# Beta usage.iterations[] types billed outside the top-level counts ("message" ones are inside them).
+SEPARATE_ITERATIONS = frozenset({"advisor_message", "compaction", "fallback_message"})
+# The token counts of a usage object, and of each iteration.
+TOKEN_COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
 @dataclass(slots=True)
 class UsageRecord:
     """One complete record per request, handed to every meter after it ended."""
@@ -260,6 +267,20 @@ class UsageRecord:
     def total_tokens(self) -> int:
         return (self.input_tokens + self.output_tokens
                 + self.cache_read_input_tokens + self.cache_creation_input_tokens)
+
+    @property
+    def billed_tokens(self) -> int:
+        """The tokens a token quota counts: the top-level total plus the input, output, cache read and
+        cache write tokens of each iteration billed apart from it (SEPARATE_ITERATIONS).  A count that is
+        not a non-negative integer counts 0, as in pricing."""
+        total = self.total_tokens
+        for it in self.iterations or ():
+            if type(it) is dict and it.get("type") in SEPARATE_ITERATIONS:
+                for name in TOKEN_COUNTS:
+                    value = it.get(name)
+                    if type(value) is int and value > 0:
+                        total += value
+        return total
 
     @property
     def usage_unknown(self) -> bool:

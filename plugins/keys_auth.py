@@ -474,10 +474,10 @@ class KeysAuth:
         if record.cost is None:
             # No price for its usage, or its usage is unknown: the upstream may bill it, and the reserved
             # bound stands as its cost (and as its tokens when they are unknown too).
-            cost, tokens = None, None if record.usage_unknown else max(0, record.total_tokens)
+            cost, tokens = None, None if record.usage_unknown else max(0, record.billed_tokens)
         else:
             cost = record.cost if record.cost > 0 else 0.0
-            tokens = max(0, record.total_tokens)
+            tokens = max(0, record.billed_tokens)
         key = self.by_id.get(caller.key_id)
         period = key.quota_period if key is not None else None
         if self.ledger_settles:
@@ -507,10 +507,10 @@ class KeysAuth:
             # admission in the store holds its bound for the ledger row to settle: this plugin settles it.
             bound_cost, bound_tokens = caller.data["bound"]
             cost = bound_cost
-            tokens = bound_tokens if record.usage_unknown else max(0, record.total_tokens)
+            tokens = bound_tokens if record.usage_unknown else max(0, record.billed_tokens)
         else:
             cost = record.cost if record.cost and record.cost > 0 else 0.0
-            tokens = max(0, record.total_tokens)
+            tokens = max(0, record.billed_tokens)
         if cost or tokens:
             key.pending_cost += cost
             key.pending_tokens += tokens

@@ -19,7 +19,7 @@ import orjson
 from ..errors import GatewayError
 from ..http.request import Request
 from ..http.responder import Responder
-from ..plugin_api import Caller, Channel, UsageRecord
+from ..plugin_api import SEPARATE_ITERATIONS, Caller, Channel, UsageRecord
 from . import contract
 from .batch_admission import admit, named, refuse_quota
 from .owned_endpoint import OwnedEndpoint, header
@@ -154,7 +154,8 @@ def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any, created_at: fl
     Each result is priced as its own request (service tier "batch"); the sum is exact, and
     unknown (None) if any result's model has no price.  `record.prices` describes the whole:
     the total cost (an exact decimal string), the tier, the pricing time and, per model, the
-    summed counts (cache writes also by TTL) and cost."""
+    summed counts (cache writes also by TTL) and cost.  `record.iterations` keeps the results'
+    iterations billed apart from their counts (advisor, compaction, fallback)."""
     total = Decimal(0)
     unpriced = False
     per_model: dict[str, dict[str, Any]] = {}
@@ -191,6 +192,10 @@ def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any, created_at: fl
                                                     one.cache_creation_1h_input_tokens)):
             model[name] += tokens
             setattr(record, name, (getattr(record, name) or 0) + tokens)
+        separate = [it for it in one.iterations or () if it.get("type") in SEPARATE_ITERATIONS]
+        if separate:
+            # Billed apart from the counts above: kept so that a token quota counts them (billed_tokens).
+            record.iterations = [*(record.iterations or ()), *separate]
     if not per_model:
         record.cost, record.prices = 0.0, None
         return

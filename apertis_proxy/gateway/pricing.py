@@ -26,14 +26,12 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any, Mapping, Optional
 
-from ..plugin_api import UsageRecord
+from ..plugin_api import SEPARATE_ITERATIONS, UsageRecord
 from ..store.catalog import Catalog, ModelEntry, PRICE_FIELDS, PriceRow
 
 MILLION = Decimal(1_000_000)
 # Ledger precision: far below a cent, so sums of rows stay exact to the cent.
 _QUANTUM = Decimal("1e-10")
-# Iteration types billed outside the top-level usage ("message" ones are inside it).
-SEPARATE_ITERATIONS = frozenset({"advisor_message", "compaction", "fallback_message"})
 _ONE = Decimal(1)
 
 

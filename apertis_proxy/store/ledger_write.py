@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import orjson
 
+from ..plugin_api import SEPARATE_ITERATIONS, TOKEN_COUNTS
 from .url import dialect
 from .budgets import read_period_spend
 from .spend import read_spend
@@ -36,6 +37,12 @@ _first = operator.itemgetter(0)
 ROWS_PER_STATEMENT = 64
 MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 
+
+def sql_strings(values: Iterable[str]) -> str:
+    """SQL string literals of these constant names (no quotes in them), sorted, for an IN list."""
+    return ", ".join(f"'{v}'" for v in sorted(values))
+
+
 # The spend of the rows inserted by this transaction (ids above the highest id
 # before it: nobody else writes inside BEGIN IMMEDIATE), added to their keys.
 # A key deleted meanwhile is skipped, not a foreign-key error.  A row of unknown
@@ -44,7 +51,16 @@ MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 # gateway killed), and with no tokens as its admission's tokens.
 _QUOTA_COST = """CASE WHEN u.cost IS NULL THEN COALESCE((SELECT a.cost FROM admissions a
     WHERE a.key_id = u.key_id AND a.request_id = u.request_id), 0) ELSE MAX(u.cost, 0) END"""
-_TOKENS = "u.input_tokens + u.output_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens"
+# A row's tokens are those a token quota counts (UsageRecord.billed_tokens): the top-level counts plus those of
+# the iterations billed apart from them.  Only a row with iterations has its JSON read; an iteration that is not an
+# object, or a count that is not a positive integer, adds nothing.
+_ITERATION_TOKENS = f"""CASE WHEN u.iterations IS NULL THEN 0 ELSE (SELECT COALESCE(SUM(c.value), 0)
+    FROM json_each(CASE WHEN json_valid(u.iterations) THEN u.iterations END) i,
+         json_each(CASE WHEN i.type = 'object' THEN i.value END) c
+    WHERE json_extract(CASE WHEN i.type = 'object' THEN i.value END, '$.type') IN ({sql_strings(SEPARATE_ITERATIONS)})
+      AND c.key IN ({sql_strings(TOKEN_COUNTS)}) AND c.type = 'integer' AND c.value > 0) END"""
+_TOKENS = f"""(u.input_tokens + u.output_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
+    + {_ITERATION_TOKENS})"""
 _QUOTA_TOKENS = f"""CASE WHEN u.cost IS NULL AND {_TOKENS} = 0 THEN COALESCE((SELECT a.tokens FROM admissions a
     WHERE a.key_id = u.key_id AND a.request_id = u.request_id), 0) ELSE {_TOKENS} END"""
 _SETTLE = f"""

@@ -10,11 +10,22 @@ from __future__ import annotations
 import datetime
 from typing import Sequence
 
+from ..plugin_api import SEPARATE_ITERATIONS, TOKEN_COUNTS
 from . import pg_schema
+from .ledger_write import sql_strings
 from .pg_admissions import TAKE_SETTLE_LOCKS
 
 ROLLUP_SUMS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 ROLLUP_FIELDS = ("requests", *ROLLUP_SUMS, "cost", "errors", "interrupted", "unpriced")
+# The tokens of the iterations billed apart from the top-level counts (ledger_write._ITERATION_TOKENS): only a
+# row with iterations has its JSON read, as json (not jsonb, which refuses a \u0000 anywhere in the text); an
+# iteration that is not an object, or a count that is not a positive integer, adds nothing.
+_ITERATION_TOKENS = f"""CASE WHEN ins.iterations IS NULL THEN 0 ELSE (SELECT COALESCE(SUM(c.value::text::BIGINT), 0)
+    FROM json_array_elements(CASE WHEN json_typeof(ins.iterations::json) = 'array' THEN ins.iterations::json END)
+         AS i (value),
+         json_each(CASE WHEN json_typeof(i.value) = 'object' THEN i.value END) c
+    WHERE i.value ->> 'type' IN ({sql_strings(SEPARATE_ITERATIONS)}) AND c.key IN ({sql_strings(TOKEN_COUNTS)})
+      AND json_typeof(c.value) = 'number' AND c.value::text ~ '^[0-9]{{1,18}}$') END"""
 
 
 def _write_sql(columns: Sequence[str], settle: bool) -> str:
@@ -26,11 +37,12 @@ def _write_sql(columns: Sequence[str], settle: bool) -> str:
     ended = """, f.key_id, f.start, f.n, f.cost, f.tokens FROM (SELECT 1) one
 LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) AS tokens FROM freed WHERE live = 0
            GROUP BY key_id, start) f ON true ORDER BY f.key_id, f.start""" if settle else ""
-    # A row of unknown cost counts as its admission's cost, with no tokens its admission's tokens (see
-    # ledger_write._SETTLE); the statement's snapshot still holds the admissions `freed` deletes.
+    # A row's tokens include its iterations'; a row of unknown cost counts as its admission's cost, with no
+    # tokens its admission's tokens (see ledger_write._SETTLE); the statement's snapshot still holds the
+    # admissions `freed` deletes.
     quota_cost = """CASE WHEN ins.cost IS NULL THEN COALESCE((SELECT a.cost FROM admissions a
         WHERE a.key_id = ins.key_id AND a.request_id = ins.request_id), 0) ELSE GREATEST(ins.cost, 0) END"""
-    ins_tokens = " + ".join(f"ins.{f}" for f in ROLLUP_SUMS)
+    ins_tokens = f"({' + '.join(f'ins.{f}' for f in ROLLUP_SUMS)} + {_ITERATION_TOKENS})"
     quota_tokens = f"""CASE WHEN ins.cost IS NULL AND {ins_tokens} = 0 THEN COALESCE((SELECT a.tokens FROM admissions a
         WHERE a.key_id = ins.key_id AND a.request_id = ins.request_id), 0) ELSE {ins_tokens} END"""
     # The keys' settling locks are taken first (PgLedger.write), so nothing here locks a row a release batch
@@ -66,7 +78,7 @@ LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) A
     INSERT INTO usage ({cols}) SELECT {cols} FROM usage_incoming
     ON CONFLICT (request_id, ts) DO NOTHING
     RETURNING request_id, ts, key_id, key_name, requested_model, channel_name, status, error_type, interrupted, cost,
-        {', '.join(ROLLUP_SUMS)}){spend}, rollup AS (
+        {', '.join(ROLLUP_SUMS)}{', iterations' if settle else ''}){spend}, rollup AS (
     INSERT INTO usage_daily (day, key_name, requested_model, channel_name, {', '.join(ROLLUP_FIELDS)})
     SELECT (to_timestamp(ts) AT TIME ZONE 'UTC')::date, COALESCE(key_name, ''), COALESCE(requested_model, ''),
         COALESCE(channel_name, ''), COUNT(*), {sums}, COALESCE(SUM(cost), 0),

@@ -2,8 +2,10 @@
 path gives (raw usage as reported, the row in force at the request's start, the record's fields in order)."""
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
+from apertis_proxy.gateway.batches import bill_results
 from apertis_proxy.gateway.pricing import price
 from apertis_proxy.gateway.usage import UsageMeter
 from apertis_proxy.plugin_api import UsageRecord
@@ -93,3 +95,39 @@ def test_a_new_catalogue_is_priced_by_its_own_rows_and_the_record_keeps_its_orde
     assert (rec.prices["cache_write_5m_tokens"], rec.prices["cache_write_1h_tokens"]) == (5, 3)
     # 4 x (10 input + 2 x 20 output + 3 x 5 writes (5 m) + 4 x 3 writes (1 h)) per million, at half price
     assert Decimal(rec.prices["cost"]) == Decimal(4 * (10 + 40 + 15 + 12)) / 1_000_000 / 2
+
+
+def test_billed_tokens_adds_the_tokens_of_the_iterations_billed_apart():
+    """The top-level counts, plus input, output, cache read and cache write tokens of each advisor, compaction
+    and fallback iteration; a `message` iteration is inside the top level, a count that is no non-negative
+    integer counts 0."""
+    rec = _record(input_tokens=10, output_tokens=20, cache_read_input_tokens=30, cache_creation_input_tokens=40)
+    assert rec.billed_tokens == rec.total_tokens == 100
+    UsageMeter(rec).apply({"iterations": [
+        {"type": "message", "input_tokens": 10, "output_tokens": 20},
+        {"type": "advisor_message", "model": "claude-opus-4-8", "input_tokens": 1000, "output_tokens": 200,
+         "cache_read_input_tokens": 30, "cache_creation_input_tokens": 4},
+        {"type": "compaction", "input_tokens": 500, "output_tokens": 50},
+        {"type": "fallback_message", "output_tokens": 7, "input_tokens": -3, "cache_read_input_tokens": 1.0,
+         "cache_creation_input_tokens": True},
+        {"type": "future_kind", "input_tokens": 9999}]})
+    assert rec.total_tokens == 100
+    assert rec.billed_tokens == 100 + 1234 + 550 + 7
+    assert _record(output_tokens=5, iterations=[]).billed_tokens == 5
+
+
+def test_batch_results_keep_their_separately_billed_iterations_for_token_quotas():
+    """A batch's results are one record: the iterations billed apart from their counts stay on it (and
+    count in billed_tokens); `message` iterations, already inside the counts, do not."""
+    catalog = _catalog(PriceRow(effective_from=0.0, origin="catalog", rates=_rates("1")))
+    advisor = {"type": "advisor_message", "model": "m", "input_tokens": 1000, "output_tokens": 100}
+    lines = [{"custom_id": "a", "result": {"type": "succeeded", "message": {"model": "m", "usage": {
+                 "input_tokens": 10, "output_tokens": 5,
+                 "iterations": [{"type": "message", "input_tokens": 10, "output_tokens": 5}, advisor]}}}},
+             {"custom_id": "b", "result": {"type": "succeeded", "message": {"model": "m", "usage": {
+                 "input_tokens": 20, "output_tokens": 5}}}}]
+    rec = _record()
+    bill_results(b"\n".join(json.dumps(line).encode() for line in lines), rec, catalog, 1000.0)
+    assert rec.iterations == [advisor]
+    assert (rec.total_tokens, rec.billed_tokens) == (40, 40 + 1100)
+    assert rec.cost is not None
