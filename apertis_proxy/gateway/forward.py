@@ -28,7 +28,7 @@ from ..upstream.connection import ResponseHead, UpstreamConnection, UpstreamErro
 from ..upstream.pool import Pools
 from . import contract, model_policy
 from .body_encoding import decode_body
-from .headers import downstream_headers, parse_retry_after, upstream_headers
+from .headers import downstream_headers, parse_retry_after, upstream_headers, upstream_request_id
 from .ownership import (CONTAINER, CREDIT, THINKING, THREAD, StateCapture, may_think, not_found,
                         owner_of, references, resolve)
 from .relay import EncodedRelay, JsonRelay, Relay, StreamRelay
@@ -328,8 +328,7 @@ class MessagesForwarder:
             # request bytes (an orjson output keeps an 8 KB block, measured).
             payload = headers = None    # noqa: F841
             record.ttfb_ms = round((_clock() - t_start) * 1000, 3)
-            rid = head.get(b"request-id")
-            record.upstream_request_id = rid.decode("latin-1") if rid else None
+            record.upstream_request_id = upstream_request_id(head.get(b"request-id"), channel.api_key)
             if head.status >= 400:
                 return await self._upstream_error(lease.conn, record, channel, info, head, t_start)
             relay, meter = self._relay(fwd, channel, prepared, lease.conn, head)
@@ -349,6 +348,8 @@ class MessagesForwarder:
         """What moves a 2xx answer to the client, and the meter that takes its usage."""
         record = fwd.record
         down, encoding = downstream_headers(head.headers)
+        if record.upstream_request_id:
+            down.append((b"upstream-request-id", record.upstream_request_id.encode("latin-1")))
         down.extend(fwd.notices)
         if prepared.dropped:
             down.append((b"apertis-dropped-params", contract.dropped_header_value(prepared.dropped).encode()))
@@ -445,7 +446,6 @@ class MessagesForwarder:
             return FailedAttempt(502, "api_error", "the upstream channel rejected the gateway's credentials",
                            cause=error.cause)
         passed = [(n, v) for n, v in head.headers if n in (b"retry-after", b"retry-after-ms", b"x-should-retry")]
-        rid = head.get(b"request-id")
-        if rid:
-            passed.append((b"upstream-request-id", rid))
+        if record.upstream_request_id:
+            passed.append((b"upstream-request-id", record.upstream_request_id.encode("latin-1")))
         return FailedAttempt(error.status, error.error_type, error.message, passed, error.body, error.cause)

@@ -5,13 +5,16 @@ from typing import Optional
 
 from ..http.heads import checked
 from ..plugin_api import Channel
+from .usage import redact_bytes
 
 # Never forwarded upstream: hop-by-hop, framing (we set our own), the client's
 # credentials (upstream gets the channel's key, as exactly one credential) and
 # the version (upstream gets the channel's).  The client's accept-encoding is
 # replaced by `identity` (no field at all would accept any coding): usage has to
 # be read from the body.  A compressed request body is decoded here, so
-# content-encoding goes too.
+# content-encoding goes too.  Cookies (a session of whatever stands in front of
+# the gateway) and where a request came from (clients' addresses are the
+# organisation's business, not the provider's) stay here as well.
 # The headers that choose who pays (the upstream workspace, the billed user
 # profile) are the operator's: a channel may set them, a client may not.
 _OPERATOR_HEADERS = ((b"anthropic-workspace-id", "workspace_id"), (b"anthropic-user-profile-id", "user_profile_id"))
@@ -19,7 +22,8 @@ _DROP_UPSTREAM = frozenset((
     b"host", b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
     b"trailer", b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"content-length",
     b"x-api-key", b"authorization", b"anthropic-version", b"accept-encoding", b"expect",
-    b"content-encoding", *(name for name, _ in _OPERATOR_HEADERS),
+    b"content-encoding", b"cookie", b"forwarded", b"x-forwarded-for", b"x-forwarded-host",
+    b"x-forwarded-proto", b"x-real-ip", *(name for name, _ in _OPERATOR_HEADERS),
 ))
 
 # Forwarded back to the client from an upstream response.  Rate-limit and
@@ -84,8 +88,8 @@ _IDENTITY = (b"accept-encoding", b"identity")
 
 
 def downstream_headers(upstream: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], Optional[bytes]]:
-    """The answer's headers that go to the client, and the content coding it names, lower-cased (None: none, or
-    identity)."""
+    """The answer's headers that go to the client (its request id apart: upstream_request_id), and the content
+    coding it names, lower-cased (None: none, or identity)."""
     out = []
     coding = None
     for name, value in upstream:
@@ -93,9 +97,13 @@ def downstream_headers(upstream: list[tuple[bytes, bytes]]) -> tuple[list[tuple[
             out.append((name, value))
             if name == b"content-encoding" and (value := value.strip().lower()) != b"identity":
                 coding = value
-        elif name == b"request-id":
-            out.append((b"upstream-request-id", value))
     return out, coding
+
+
+def upstream_request_id(value: Optional[bytes], channel_key: Optional[str]) -> Optional[str]:
+    """The upstream's `request-id` as the gateway passes it on (`upstream-request-id`) and records it,
+    with the channel's key redacted should an upstream put it there."""
+    return redact_bytes(value, channel_key).decode("latin-1") if value else None
 
 
 def parse_retry_after(value: Optional[bytes]) -> Optional[float]:

@@ -23,7 +23,7 @@ from ..plugin_api import CAUSE_TRANSIENT, Caller, Channel, Outcome, UsageRecord
 from ..upstream.connection import UpstreamError
 from . import contract
 from .body_encoding import decode_body
-from .headers import parse_retry_after
+from .headers import parse_retry_after, upstream_request_id
 from .forward import request_info
 from .ownership import owner_of
 from .paging import page
@@ -179,8 +179,7 @@ class OwnedEndpoint:
                                         duration=time.perf_counter() - t_start, cause=CAUSE_TRANSIENT))
             return None
         record.reached_upstream = True
-        rid = answer.get(b"request-id")
-        record.upstream_request_id = rid.decode("latin-1") if rid else None
+        record.upstream_request_id = upstream_request_id(answer.get(b"request-id"), channel.api_key)
         duration = time.perf_counter() - t_start
         if answer.status >= 400:
             error = read_error(answer.status, answer.body, [channel.api_key])
