@@ -178,6 +178,15 @@ class PluginHost:
             except Exception:  # noqa: BLE001
                 log.exception("plugin %s failed to close", name)
 
+    def refusal(self) -> Optional[tuple[str, int]]:
+        """Why new requests are refused now (a meter that cannot take rows), with a retry-after; None when
+        they are admitted."""
+        for refusal in self._refusals:
+            refused = refusal()
+            if refused is not None:
+                return refused
+        return None
+
     # -- chains --------------------------------------------------------------
     # The two decision chains loop inline: a shared helper taking a lambda cost
     # two more frames and a closure per request each (callgrind).

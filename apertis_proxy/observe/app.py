@@ -55,7 +55,7 @@ class Observability:
             self.recorder = Recorder(lambda name: name in catalog.catalog.by_name,
                                      per_key=settings.metrics_per_key, log=self.access_log,
                                      count=settings.metrics_enabled)
-        self.readiness = Readiness(store)
+        self.readiness = Readiness(store, plugins.refusal)
         self.allowed = [ipaddress.ip_network(n, strict=False) for n in settings.metrics_allow]
         self._channels: list[tuple[str, bool]] = []     # (name, enabled) as the store last gave them
         self.share = (shared.WorkerShare(run_dir, self.snapshot, settings.metrics_flush_interval)

@@ -1,14 +1,15 @@
 """GET /ready: whether this instance should be sent traffic.
 
-Ready when the store answers, at least one channel is enabled and the server
-is not draining.  `/health` stays the liveness probe: it says only that the
+Ready when the store answers, at least one channel is enabled, new requests
+are not refused (a meter that cannot take rows: the ledger spool full) and
+the server is not draining.  `/health` stays the liveness probe: it says only that the
 process serves HTTP.  The store is read in a thread (a locked database must
 not stall the event loop) by the store's own thread, with a time limit.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 # A store that does not answer within this is not ready (SQLite waits this long on a lock).
 STORE_TIMEOUT = 2.0
@@ -20,8 +21,9 @@ class StoreUnreachable(Exception):
 
 
 class Readiness:
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, refusal: Callable[[], Optional[tuple[str, int]]] = lambda: None) -> None:
         self.store = store
+        self.refusal = refusal      # PluginHost.refusal: why new requests get 503 now
         # Set at the start of a graceful shutdown: a load balancer takes the
         # instance out of rotation while its connections still finish.
         self.draining = False
@@ -37,6 +39,9 @@ class Readiness:
         """Why this instance is not ready, or None when it is."""
         if self.draining:
             return DRAINING
+        refused = self.refusal()
+        if refused is not None:
+            return f"refusing new requests: {refused[0]}"
         try:
             channels = await self.channels()
         except StoreUnreachable as exc:
