@@ -363,7 +363,7 @@ class Prepared:
     body: dict            # the body to send upstream (a new dict when changed; the input is never mutated)
     dropped: list[str]    # client parameters removed or translated, for the apertis-dropped-params header
     api_version: str      # anthropic-version to send upstream
-    changed: bool         # False: body is the client's own, its raw bytes may be forwarded
+    changed: bool         # False: body is the client's own dict, nothing in it was rewritten
 
 
 def upstream_api_version(channel: Channel, client_version: Optional[str],

@@ -300,7 +300,10 @@ class MessagesForwarder:
         record.upstream_request_id = None       # this attempt's, once it has an answer
         upstream_model = prepared.body.get("model") if isinstance(prepared.body, dict) else None
         record.upstream_model = upstream_model if isinstance(upstream_model, str) else None
-        payload = orjson.dumps(prepared.body) if prepared.changed else req.body
+        # What was checked is what goes: the parsed body, serialized again (~0.2 us for a small one), never the
+        # client's bytes, in which a repeated key may name another model or another key's thread to a parser
+        # that keeps the first where orjson keeps the last.
+        payload = orjson.dumps(prepared.body)
         try:
             origin = self.pools.origin(channel.base_url)
             headers = upstream_headers(req.headers, channel, origin.host_header, prepared.api_version,
