@@ -85,7 +85,11 @@ def _channel_options(args) -> dict[str, Any]:
     return options
 
 
-def _warn_versioned_path(base_url: Optional[str]) -> None:
+def _check_base_url(base_url: Optional[str]) -> None:
+    """Refuse a user name or password in the URL (ValueError, one line, the password not shown); warn about
+    a path ending in /v1."""
+    if base_url is not None and channel_store.has_userinfo(base_url):
+        channel_store.normalize_base_url(base_url)      # ValueError: credentials go in --api-key
     if base_url and urlsplit(base_url).path.rstrip("/").endswith("/v1"):
         print("warning: the base URL ends in /v1; requests go to BASE_URL/v1/messages, "
               "so it is usually given without it", file=sys.stderr)
@@ -98,7 +102,7 @@ def add_flags(p) -> None:
 
 def cmd_channels_add(args) -> int:
     api_key = _read_api_key(args.api_key)
-    _warn_versioned_path(args.base_url)
+    _check_base_url(args.base_url)
     with open_store(args) as conn:
         warn_unknown_models(conn, args.models, channel=True)
         channel_store.add_channel(
@@ -107,7 +111,7 @@ def cmd_channels_add(args) -> int:
             weight=args.weight if args.weight is not None else 1,
             aliases=dict(args.alias or ()), api_version=args.api_version or DEFAULT_API_VERSION,
             options=_channel_options(args))
-    print(f"added channel {args.name!r} -> {args.base_url}"
+    print(f"added channel {args.name!r} -> {channel_store.redact_base_url(args.base_url)}"
           f" (models: {', '.join(sorted(set(args.models))) if args.models else 'any'})")
     return 0
 
@@ -122,7 +126,7 @@ def set_flags(p) -> None:
 
 def cmd_channels_set(args) -> int:
     api_key = _read_api_key(args.api_key)
-    _warn_versioned_path(args.base_url)
+    _check_base_url(args.base_url)
     kwargs: dict[str, Any] = dict(
         base_url=args.base_url, api_key=api_key, priority=args.priority, weight=args.weight,
         set_aliases=dict(args.alias or ()), remove_aliases=args.remove_alias or (),

@@ -48,6 +48,7 @@ def cmd_serve(args) -> int:
         if created:
             say(created)
         _check_key_storage(conn, say)
+        _check_channel_urls(conn, say)
         if channel_store.channel_count(conn) == 0:
             say(no_channel_help(settings.db))
         elif not key_store.list_keys(conn):
@@ -71,6 +72,18 @@ def _check_key_storage(conn, say) -> None:
     if box is not None and plain:
         say(f"warning: the upstream keys of channel(s) {', '.join(plain)} are stored in plain text;"
             " encrypt them with: apertis-proxy db reencrypt", logging.WARNING)
+
+
+def _check_channel_urls(conn, say) -> None:
+    """One warning for channels stored (by an older version) with a user name or password in the base URL:
+    the gateway connects to the host alone and never sends them."""
+    stored = [(row["name"], row["base_url"]) for row in conn.execute("SELECT name, base_url FROM channels ORDER BY id")
+              if channel_store.has_userinfo(row["base_url"])]
+    if stored:
+        listed = ", ".join(f"{name} ({channel_store.redact_base_url(url)})" for name, url in stored)
+        say(f"warning: the base URL of channel(s) {listed} carries a user name or password, which is not sent "
+            "upstream; remove it with: apertis-proxy channels set NAME --base-url URL (the credential goes in "
+            "--api-key)", logging.WARNING)
 
 
 def add_commands(commands: Commands) -> None:

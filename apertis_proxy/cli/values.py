@@ -81,6 +81,8 @@ def alias(text: str) -> tuple[str, str]:
 
 
 def base_url(text: str) -> str:
+    if channel_store.has_userinfo(text):
+        return text     # refused by `channels add` / `set` in one line, without argparse's usage text
     try:
         return channel_store.normalize_base_url(text)
     except ValueError as exc:

@@ -29,8 +29,8 @@ from ..upstream.pool import Pools
 from . import contract, model_policy
 from .body_encoding import decode_body
 from .headers import downstream_headers, parse_retry_after, upstream_headers, upstream_request_id
-from .ownership import (CONTAINER, CREDIT, THINKING, THREAD, StateCapture, may_think, not_found,
-                        owner_of, references, resolve)
+from .ownership import (CONTAINER, CREDIT, MESSAGE, THINKING, THREAD, StateCapture, may_think, not_found,
+                        owner_of, references, resolve, wants_diagnosis)
 from .relay import EncodedRelay, JsonRelay, Relay, StreamRelay
 from .sse import SseSplicer
 from .pricing import price
@@ -343,7 +343,11 @@ class MessagesForwarder:
                                       error_type=record.error_type if failed else None,
                                       duration=_clock() - t_start, cause=CAUSE_TRANSIENT if failed else None))
         if isinstance(meter, StateCapture):
-            self._remember(meter, info, channel, fwd.owner)
+            named = self._remember(meter, info, channel, fwd.owner)
+            if named is not None:
+                # The next turn may name this answer and reach another worker, which reads the database:
+                # the answer's end (held for the meters) waits for the write.
+                await asyncio.shield(named)
         return None
 
     def _relay(self, fwd: "Forwarding", channel: Channel, prepared: "contract.Prepared",
@@ -398,19 +402,26 @@ class MessagesForwarder:
             record.duration_ms = duration_ms
             record.attempt_log.pop()
 
-    def _remember(self, created: StateCapture, info: RequestInfo, channel: Channel, owner: str) -> None:
-        """Record the ids this answer created, with their account and owner."""
+    def _remember(self, created: StateCapture, info: RequestInfo, channel: Channel,
+                  owner: str) -> Optional[asyncio.Task]:
+        """Record the ids this answer created, with their account and owner.  Returns the write of the message
+        id of an answer to a request asking for cache diagnosis (the next request may name it), if any."""
         owned = self.owned
         assert owned is not None
         thread = info.body.get("thread") if info.body is not None else None
-        if created.message_id and isinstance(thread, dict):
-            owned.remember(THREAD, created.message_id, owner, channel.account, channel.id)
+        named = None
+        if created.message_id:
+            if isinstance(thread, dict):
+                owned.remember(THREAD, created.message_id, owner, channel.account, channel.id)
+            if wants_diagnosis(info.body, info.headers):
+                named = owned.remember(MESSAGE, created.message_id, owner, channel.account, channel.id)
         if created.container_id:
             owned.remember(CONTAINER, created.container_id, owner, channel.account, channel.id)
         if created.credit_token:
             owned.remember(CREDIT, created.credit_token, owner, channel.account, channel.id)
         for fingerprint in created.signatures:
             owned.remember(THINKING, fingerprint, owner, channel.account, channel.id)
+        return named
 
     def report_attempt(self, record: UsageRecord, outcome: Outcome) -> None:
         """One attempt's outcome: to the routers (health) and into the request's ledger row."""

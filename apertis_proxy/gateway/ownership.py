@@ -10,6 +10,13 @@ message id of a threaded turn, a container, a fallback credit token, the
 signatures of its thinking blocks) so the forwarder can record them.  Thinking
 blocks are recorded by a fingerprint of their signature and pin a conversation
 to its account without an owner check (the signature is the conversation's own).
+
+`diagnostics.previous_message_id` (prompt-cache diagnosis: the upstream compares
+this request's prompt with the named one's) is checked like a thread, but only an
+id recorded as the caller's passes: the answers to requests asking for diagnosis
+(`wants_diagnosis`) are recorded as MESSAGE, and the caller's threaded turns count
+too.  Any other id, also one never seen, is answered 404: the gateway cannot tell
+whose prompt it names, and the upstream would compare against it.
 """
 from __future__ import annotations
 
@@ -24,8 +31,11 @@ from .usage import UsageMeter
 
 THREAD, CONTAINER, FILE, BATCH, SKILL, CREDIT = "thread", "container", "file", "batch", "skill", "credit"
 THINKING = "thinking"
+MESSAGE = "message"     # an answer to a request that asked for prompt-cache diagnosis
+DIAGNOSIS_BETA = "cache-diagnosis-"     # anthropic-beta: cache-diagnosis-2026-04-07 (SDK 2.17)
 _FIELD = {THREAD: "thread.previous_message_id", CONTAINER: "container", FILE: "file_id",
-          CREDIT: "fallback_credit_token", BATCH: "batch", SKILL: "skill_id", THINKING: "thinking.signature"}
+          CREDIT: "fallback_credit_token", BATCH: "batch", SKILL: "skill_id", THINKING: "thinking.signature",
+          MESSAGE: "diagnostics.previous_message_id"}
 _MAX_DEPTH = 6          # file ids sit in blocks, in tool results, in sources
 
 
@@ -45,6 +55,15 @@ def may_think(body: Any, entry: Optional[ModelEntry]) -> bool:
 
 def owner_of(caller: Caller) -> str:
     return f"{caller.key_id}/{caller.key_name}"
+
+
+def wants_diagnosis(body: Any, headers: Mapping[str, str]) -> bool:
+    """Whether a request asks for prompt-cache diagnosis (a `diagnostics` field, also `null`, or the beta):
+    its answer's id may be named by the next request, so it is recorded (the others cost no store write)."""
+    if isinstance(body, dict) and "diagnostics" in body:
+        return True
+    beta = headers.get("anthropic-beta")
+    return beta is not None and DIAGNOSIS_BETA in beta
 
 
 def references(body: Any, raw: Optional[bytes] = None) -> list[tuple[str, str]]:
@@ -68,6 +87,11 @@ def references(body: Any, raw: Optional[bytes] = None) -> list[tuple[str, str]]:
         token = token.get("token")
     if isinstance(token, str) and token:
         refs.append((CREDIT, token))
+    diagnostics = body.get("diagnostics")
+    if isinstance(diagnostics, dict):
+        named = diagnostics.get("previous_message_id")
+        if isinstance(named, str) and named:
+            refs.append((MESSAGE, named))
     messages = body.get("messages")
     if isinstance(messages, list):
         if raw is None or may_name_file(raw):
@@ -120,14 +144,22 @@ def not_found(kind: str, ident: str) -> GatewayError:
 
 async def resolve(store: OwnedState, refs: list[tuple[str, str]], caller: Caller) -> Optional[str]:
     """The account the referred state lives on (None: no recorded state); GatewayError 404
-    for an id another key owns, 400 when the ids live on different accounts."""
-    found = await store.find(refs)
+    for an id another key owns (for a MESSAGE, one the caller is not recorded as owning),
+    400 when the ids live on different accounts."""
+    named = [ident for kind, ident in refs if kind == MESSAGE]
+    # A message the caller asked diagnosis for counts, and so does a threaded turn of theirs.
+    found = await store.find([*refs, *((THREAD, ident) for ident in named)] if named else refs)
     owner = owner_of(caller)
     accounts = set()
     for (kind, ident), owned in found.items():
         if owned.owner != owner and kind != THINKING:
+            if named and kind == THREAD and ident in named and (kind, ident) not in refs:
+                kind = MESSAGE      # looked up for the diagnostics field only
             raise not_found(kind, ident)
         accounts.add(owned.account)
+    for ident in named:
+        if (MESSAGE, ident) not in found and (THREAD, ident) not in found:
+            raise not_found(MESSAGE, ident)     # never recorded: whose prompt it names is unknown
     if len(accounts) > 1:
         raise GatewayError(400, "the request refers to threads, containers or files of different upstream "
                                 "accounts, which no single channel can serve together")

@@ -47,17 +47,52 @@ def row_to_channel(row, default_aliases: Optional[Mapping[str, str]] = None) -> 
 
 
 def normalize_base_url(url: str) -> str:
-    """Check that `url` is an absolute http(s) URL with a host; drop a trailing slash."""
+    """Check that `url` is an absolute http(s) URL with a host and no user name or password; drop a trailing
+    slash.  Error messages show the URL redacted."""
+    url = url.strip()
+    shown = redact_base_url(url)
+    if has_userinfo(url):
+        raise ValueError(f"invalid base URL {shown!r}: a user name or password in the URL is not sent upstream; "
+                         "give the base URL as https://host[:port][/path] and the credential with --api-key")
     try:
-        parts = urlsplit(url.strip())
+        parts = urlsplit(url)
         parts.port  # raises ValueError on a malformed port  # noqa: B018
     except ValueError as exc:
-        raise ValueError(f"invalid base URL {url!r}: {exc}") from None
+        raise ValueError(f"invalid base URL {shown!r}: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"invalid base URL {url!r}: expected http(s)://host[:port][/path]")
+        raise ValueError(f"invalid base URL {shown!r}: expected http(s)://host[:port][/path]")
     if parts.query or parts.fragment:
-        raise ValueError(f"invalid base URL {url!r}: no query string or fragment allowed")
-    return url.strip().rstrip("/")
+        raise ValueError(f"invalid base URL {shown!r}: no query string or fragment allowed")
+    return url.rstrip("/")
+
+
+def _authority(url: str) -> tuple[str, str, str]:
+    """(scheme and "//", authority, rest) of a URL, split by hand: it works on URLs urlsplit refuses."""
+    scheme, sep, tail = url.partition("//")
+    if not sep:
+        return "", "", url
+    end = min((i for i in (tail.find(c) for c in "/?#") if i >= 0), default=len(tail))
+    return scheme + sep, tail[:end], tail[end:]
+
+
+def has_userinfo(url: str) -> bool:
+    """Whether a URL may carry a user name or password: any `@` after the scheme (one in a password holding an
+    unencoded `/` sits past where urlsplit ends the authority; a base URL has no other use for it)."""
+    return "@" in url.partition("//")[2]
+
+
+def redact_base_url(url: str) -> str:
+    """A channel's base URL fit to print: `https://user:***@host` when it carries a password, `https://***@host`
+    for a user name alone (often a token), and everything before an `@` past the authority masked.
+    (store.url.redact is for database URLs.)"""
+    head, authority, rest = _authority(url)
+    userinfo, at, host = authority.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        return f"{head}{user + ':***' if colon else '***'}@{host}{rest}"
+    if "@" in rest:
+        return f"{head}***@{rest.rpartition('@')[2]}"
+    return url
 
 
 def _check_options(api_version: Optional[str], options: Mapping[str, Any]) -> None:
@@ -125,7 +160,7 @@ _KEY_STORAGE = (f"CASE WHEN api_key = '' THEN 'missing'"
 
 
 def list_channels(conn) -> list[dict[str, Any]]:
-    """Every channel for display: the upstream key is replaced by `key_set`."""
+    """Every channel for display: the upstream key is replaced by `key_set`, a password in the base URL by ***."""
     rows = conn.execute(
         "SELECT id, name, type, base_url, api_key != '' AS key_set,"
         f" {_KEY_STORAGE} AS key_storage, models, aliases, priority,"
@@ -139,6 +174,7 @@ def list_channels(conn) -> list[dict[str, Any]]:
         d["models"] = json.loads(d["models"]) if d["models"] else None
         d["aliases"] = json.loads(d["aliases"] or "{}")
         d["options"] = json.loads(d["options"] or "{}")
+        d["base_url"] = redact_base_url(d["base_url"])      # a URL stored with userinfo by an older version
         out.append(d)
     return out
 

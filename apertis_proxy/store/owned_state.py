@@ -75,17 +75,20 @@ class OwnedState:
                 found[(kind, ident)] = hit
         return found
 
-    def remember(self, kind: str, ident: str, owner: str, account: str, channel_id: Optional[int]) -> None:
-        """Record an id as it is created; the first owner stays."""
+    def remember(self, kind: str, ident: str, owner: str, account: str,
+                 channel_id: Optional[int]) -> Optional[asyncio.Task]:
+        """Record an id as it is created; the first owner stays.  Returns the write (None: known already), for a
+        caller that must have it durable before the answer ends."""
         ref = (kind, ident)
         if ref in self._recent:
-            return
+            return None
         self._recent[ref] = Owned(owner, account)
         while len(self._recent) > _RECENT_MAX:
             self._recent.popitem(last=False)
         task = asyncio.get_running_loop().create_task(self._write(kind, ident, owner, account, channel_id))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
+        return task
 
     def forget(self, kind: str, ident: str) -> None:
         self._recent.pop((kind, ident), None)
