@@ -31,6 +31,7 @@ from .store.catalog import Catalog
 from .store.owned_state import OwnedState
 from .store.retention import LedgerRetention
 from .store.service import NewerSchemaError, Store, StoreUnavailable, open_store
+from .store.url import parse as parse_db_url
 from .supervisor import supervise
 from .tls import ServerCertificate
 from .upstream.connection import UpstreamConnection
@@ -215,7 +216,7 @@ async def _serve(settings: Settings, worker: int, workers: int) -> int:
     gc.set_threshold(20_000, 20, 20)
     if worker == 0:
         log.info("apertis-proxy listening on %s (workers: %d, db: %s)", gw.base_url, workers,
-                 gw.store.redacted_url if gw.store else settings.db)
+                 gw.store.redacted_url if gw.store else parse_db_url(settings.db).redacted())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
