@@ -21,7 +21,7 @@ from .gateway.client_address import ClientAddress
 from .gateway.forward import CatalogRef, MessagesForwarder
 from .gateway.pipeline import GatewayApp
 from .http.protocol import HttpConnection, ServerState
-from .listener import Listener, bind_sockets
+from .listener import Listener, bind_sockets, ensure_port_free
 from .observe import logs as log_setup
 from .observe import shared as metrics_share
 from .observe.app import Observability, ObservedApp, run_dir_for
@@ -242,6 +242,11 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if settings.workers <= 1:
         return _run_worker(settings, 0, 1)
+    # The workers share the port with SO_REUSEPORT, which would as well share it with another
+    # multi-worker server already there (the kernel splitting clients between two gateways): a
+    # port in use fails here, once, as with one worker.  A worker replaced later binds beside
+    # its siblings.
+    ensure_port_free(settings.host, settings.port)
     run_dir = os.environ[metrics_share.RUN_DIR_ENV] = metrics_share.create_run_dir()
     try:
         return supervise(settings.workers, lambda index: _worker_life(settings, index),
