@@ -83,6 +83,17 @@ def bind_sockets(host: str, port: int, *, reuse_port: bool = False) -> list[sock
     return sockets
 
 
+def ensure_port_free(host: str, port: int) -> None:
+    """Fail as `bind_sockets` does ("cannot listen on HOST port PORT: Address already in use") if
+    anything listens on `port` already, including another server's SO_REUSEPORT workers: a probe
+    socket without SO_REUSEPORT cannot join them.  The probe is closed before returning, so the
+    workers bind next (each with SO_REUSEPORT).  Port 0 (any free port) has nothing to probe."""
+    if port == 0:
+        return
+    for sock in bind_sockets(host, port):
+        sock.close()
+
+
 class Listener:
     """Listens on bound `sockets`, accepts, and runs `factory()`'s protocol on each connection.
 

@@ -21,7 +21,7 @@ from .gateway.client_address import ClientAddress
 from .gateway.forward import CatalogRef, MessagesForwarder
 from .gateway.pipeline import GatewayApp
 from .http.protocol import HttpConnection, ServerState
-from .listener import Listener, bind_sockets
+from .listener import Listener, bind_sockets, ensure_port_free
 from .observe import logs as log_setup
 from .observe import shared as metrics_share
 from .observe.app import Observability, ObservedApp, run_dir_for
@@ -31,6 +31,7 @@ from .store.catalog import Catalog
 from .store.owned_state import OwnedState
 from .store.retention import LedgerRetention
 from .store.service import NewerSchemaError, Store, StoreUnavailable, open_store
+from .store.url import parse as parse_db_url
 from .supervisor import supervise
 from .tls import ServerCertificate
 from .upstream.connection import UpstreamConnection
@@ -215,7 +216,7 @@ async def _serve(settings: Settings, worker: int, workers: int) -> int:
     gc.set_threshold(20_000, 20, 20)
     if worker == 0:
         log.info("apertis-proxy listening on %s (workers: %d, db: %s)", gw.base_url, workers,
-                 gw.store.redacted_url if gw.store else settings.db)
+                 gw.store.redacted_url if gw.store else parse_db_url(settings.db).redacted())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -241,6 +242,11 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if settings.workers <= 1:
         return _run_worker(settings, 0, 1)
+    # The workers share the port with SO_REUSEPORT, which would as well share it with another
+    # multi-worker server already there (the kernel splitting clients between two gateways): a
+    # port in use fails here, once, as with one worker.  A worker replaced later binds beside
+    # its siblings.
+    ensure_port_free(settings.host, settings.port)
     run_dir = os.environ[metrics_share.RUN_DIR_ENV] = metrics_share.create_run_dir()
     try:
         return supervise(settings.workers, lambda index: _worker_life(settings, index),

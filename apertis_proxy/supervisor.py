@@ -1,7 +1,8 @@
 """Forked workers and the parent that looks after them (`serve --workers N`).
 
-The parent forks N workers sharing the listening port (SO_REUSEPORT),
-forwards signals to them and reaps them: a worker that ends while starting
+The parent forks N workers sharing the listening port (SO_REUSEPORT; the
+caller first makes sure no other server holds the port, see
+listener.ensure_port_free), forwards signals to them and reaps them: a worker that ends while starting
 stops the whole server (exit 1), since it would fail again; one that dies
 later is logged and replaced.  Workers end with the parent, even when it is
 killed (PR_SET_PDEATHSIG on Linux).

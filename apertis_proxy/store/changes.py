@@ -117,7 +117,7 @@ class ChangeWatcher:
         url: StoreURL = self.store.url
         await self._close_listener()
         try:
-            conn = await asyncpg.connect(url.target, timeout=5.0)
+            conn = await asyncpg.connect(url.dsn, timeout=5.0)
             await conn.add_listener(NOTIFY_CHANNEL, self._notified)
             conn.add_termination_listener(self._lost)
         except Exception as exc:

@@ -362,7 +362,7 @@ class PgAdmissions:
     async def _connect(self, timeout: float):
         import asyncpg
         try:
-            conn = await asyncpg.connect(self.url.target, timeout=timeout, server_settings=SESSION_SETTINGS)
+            conn = await asyncpg.connect(self.url.dsn, timeout=timeout, server_settings=SESSION_SETTINGS)
         except asyncio.TimeoutError:
             raise StoreUnavailable(f"the limits store did not take a connection within {timeout:g}s") from None
         self._open.append(conn)

@@ -135,7 +135,7 @@ class PgConnection:
         self._thread.start()
         self._statements: dict[str, str] = {}
         try:
-            self._conn: asyncpg.Connection = self._run(asyncpg.connect(url.target, timeout=timeout))
+            self._conn: asyncpg.Connection = self._run(asyncpg.connect(url.dsn, timeout=timeout))
         except BaseException:
             self._stop_loop()
             raise

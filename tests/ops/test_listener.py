@@ -19,7 +19,7 @@ import time
 import pytest
 import uvloop
 
-from apertis_proxy.listener import Listener, bind_sockets
+from apertis_proxy.listener import Listener, bind_sockets, ensure_port_free
 
 # Under 128: kernels before 5.4 cap a listening socket's queue at 128 (net.core.somaxconn), and the burst waits in it.
 BURST = 100
@@ -203,6 +203,26 @@ def test_bind_sockets_with_reuse_port_lets_two_listeners_share_a_port():
     finally:
         first[0].close()
 
+
+def test_a_port_shared_with_reuse_port_is_found_taken_by_the_probe():
+    """ensure_port_free fails on a port other SO_REUSEPORT listeners hold (a second multi-worker server would
+    otherwise join them), succeeds on a free one and leaves nothing bound: the workers bind after it."""
+    first = bind_sockets("127.0.0.1", 0, reuse_port=True)
+    first[0].listen()
+    port = first[0].getsockname()[1]
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1 port {port}: Address already in use"):
+            ensure_port_free("127.0.0.1", port)
+    finally:
+        first[0].close()
+    ensure_port_free("127.0.0.1", port)
+    workers = [bind_sockets("127.0.0.1", port, reuse_port=True)[0] for _ in range(2)]
+    try:
+        for sock in workers:
+            sock.listen()
+    finally:
+        for sock in workers:
+            sock.close()
 
 def test_running_out_of_descriptors_pauses_accepting_and_recovers(tmp_path):
     """With RLIMIT_NOFILE nearly used up, accept() fails with EMFILE: the listener logs it, pauses, and accepts

@@ -173,21 +173,42 @@ async def test_workers_end_when_their_parent_is_killed(tmp_path, mock_upstream):
 
 
 async def test_workers_that_fail_to_start_stop_the_server_and_say_why(tmp_path, mock_upstream):
-    """Every worker failing to start (the port is taken) stops the server with exit 1 and says why: a child's
-    os._exit() leaves no interpreter to print the error, so the worker logs it itself."""
+    """Every worker failing to start (a TLS certificate file that holds no certificate: the parent checks only
+    that it is there) stops the server with exit 1 and says why: a child's os._exit() leaves no interpreter to
+    print the error, so the worker logs it itself."""
+    db = str(tmp_path / "gateway.db")
+    prepare_db(db, mock_upstream.base_url)
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    config = tmp_path / "apertis.toml"
+    config.write_text(f'[server]\ntls_cert = "{tmp_path / "cert.pem"}"\ntls_key = "{tmp_path / "key.pem"}"\n')
+    server = ServeProcess(tmp_path, db, "--workers", "2", "--config", str(config))
+    with open(server._err_path, "wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "apertis_proxy", *server.argv, cwd=tmp_path, env=server.env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=err)
+        assert await asyncio.wait_for(proc.wait(), DRAIN_TIMEOUT) == 1
+    assert "cannot load tls_cert" in server.stderr
+    assert "stopped while starting (exit code 1); stopping the server" in server.stderr
+
+
+async def test_workers_on_a_taken_port_fail_once_before_any_starts(tmp_path, mock_upstream):
+    """`serve --workers 2` on a port in use exits 1 with the error one worker gives, from the parent, before
+    any worker is forked (the workers' SO_REUSEPORT would not notice a server that set it too)."""
     db = str(tmp_path / "gateway.db")
     prepare_db(db, mock_upstream.base_url)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
-        server = ServeProcess(tmp_path, db, "--workers", "2", port=taken.getsockname()[1])
+        port = taken.getsockname()[1]
+        server = ServeProcess(tmp_path, db, "--workers", "2", port=port)
         with open(server._err_path, "wb") as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "apertis_proxy", *server.argv, cwd=tmp_path, env=server.env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=err)
             assert await asyncio.wait_for(proc.wait(), DRAIN_TIMEOUT) == 1
-    assert "Address already in use" in server.stderr
-    assert "stopped while starting (exit code 1); stopping the server" in server.stderr
+    assert f"cannot listen on 127.0.0.1 port {port}: Address already in use" in server.stderr
+    assert "worker" not in server.stderr, server.stderr
 
 
 # -- Gateway.shutdown() in process -----------------------------------------------------------------------------------
