@@ -238,6 +238,9 @@ class _NoPlugins:
     meters: list = []
     routers: list = []
 
+    def refusal(self) -> None:
+        return None
+
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 # Labels Prometheus itself gives every series it scrapes.
