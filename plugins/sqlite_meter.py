@@ -31,6 +31,7 @@ import asyncio
 import dataclasses
 import json
 import operator
+import os
 import time
 from typing import Optional
 
@@ -38,7 +39,7 @@ import orjson
 
 from apertis_proxy.plugin_api import PluginContext, UsageRecord
 from apertis_proxy.store.ledger_spool import LedgerSpool, default_spool_dir, interim_line, sent_line
-from apertis_proxy.store.ledger_write import FieldValues, RowFields, stored_values
+from apertis_proxy.store.ledger_write import FieldValues, RowFields, ledger_shape, stored_values
 from apertis_proxy.store.service import is_unreachable, store_for_plugin
 
 CLOSE_ATTEMPTS = 5
@@ -68,6 +69,7 @@ class SqliteMeter:
                                  fsync=str(opts.get("fsync", "batch")), fields=FIELDS.names)
         self.store = None
         self._owns_store = False
+        self._shape = None          # the ledger's columns (ledger_write.LedgerRows), once started
         self._task: Optional[asyncio.Task] = None
         self._wake = asyncio.Event()
         self._stopping = False
@@ -79,8 +81,19 @@ class SqliteMeter:
         self.rejected = 0           # rows the ledger refused (each logged with its content)
 
     async def start(self) -> None:
-        self.spool.open()
         self.store, self._owns_store = await store_for_plugin(self.ctx)
+        try:
+            # The spool directory is this database's alone (ledger_spool.py): one of another database's
+            # stops the gateway here, before a segment of it is adopted or one of this worker's added.
+            self._shape = await self.store.call(ledger_shape)        # what a row read back must hold
+            url = self.store.url
+            name = url.redacted() if url.is_postgres else os.path.abspath(url.target)
+            self.spool.open(await self.store.database_id(), name)
+        except BaseException:
+            if self._owns_store:
+                await self.store.close()
+            self.store = None
+            raise
         self._adopt()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -164,7 +177,7 @@ class SqliteMeter:
     async def _ship(self, segments: list) -> bool:
         """Ship these segments, oldest first; False (and the rest kept) at the first the database refused."""
         for seg in segments:
-            rows = seg.rows(self.log)
+            rows = seg.rows(self.log, self._shape)
             rejected: list[str] = []
             try:
                 inserted = await self.store.write_ledger(rows, rejected)

@@ -34,6 +34,21 @@ in memory (loudly), the segment is cut back to its last whole line so later
 rows stay readable, and when no new segment can be created rows go to one in
 memory until one can.
 
+A spool directory belongs to one database.  Its rows name that database's keys, so shipped into another
+they would be billed to whatever keys have those ids there: two gateways of different databases given one
+spool_dir (two configurations copied from one file; two PostgreSQL-backed gateways started in one working
+directory, where both default to ./apertis-ledger.spool) must not adopt each other's segments.  The
+directory is marked once, by the first worker that uses it, with a file (OWNER_FILE: the database's
+identity, store/schema.py's DATABASE_ID, and its name, redacted, for the operator) made whole under a
+temporary name and linked into place, so of two workers marking it together one wins and the other reads
+the winner's mark.  A worker of another database refuses the directory at start (SpoolOfAnotherDatabase):
+it neither adopts its segments nor adds its own.  One mark for the whole directory rather than one in each
+segment: segments are created and deleted all the time, the directory stays, so the mistake shows at the
+first start, before any row was spooled beside the other database's, and a segment moved in by hand is
+shipped as the operator meant.  A directory without a mark (made by an earlier version) is marked by the
+first worker of this version that uses it, its segments adopted as before; moving a directory to another
+host of the same database keeps its mark valid.
+
 Bounded (counting the rows waiting, and each running request's latest line
 once): past `warn_bytes` the spool logs a warning; at `max_bytes` it says
 `full` (the gateway then refuses new requests with 503 overloaded_error until
@@ -55,7 +70,7 @@ from typing import Any, Optional, Sequence
 import orjson
 
 from ..plugin_api import UsageRecord, stopped_attempt
-from .ledger_write import FieldValues, RowFields
+from .ledger_write import FieldValues, LedgerRows, RowFields, logged_row
 from .url import parse
 
 INTERIM = b'["interim",'      # how an interim row's line starts (see the docstring)
@@ -75,6 +90,13 @@ SUFFIX = ".spool"           # rows as JSON objects
 TUPLE_SUFFIX = ".spool2"    # a header naming the fields, then rows as JSON arrays (see the docstring)
 SUFFIXES = (SUFFIX, TUPLE_SUFFIX)
 FSYNC_MODES = ("always", "batch", "never")
+
+
+OWNER_FILE = "database.owner"     # the directory's mark: which database its rows belong to (see the docstring)
+
+
+class SpoolOfAnotherDatabase(ValueError):
+    """The spool directory is marked as another database's: a gateway must not adopt its segments."""
 
 
 def default_spool_dir(db: str) -> str:
@@ -105,18 +127,32 @@ class Segment:
     def durable(self) -> bool:
         return self.fd >= 0
 
-    def rows(self, log: logging.Logger) -> list:
+    def rows(self, log: logging.Logger, shape: Optional[LedgerRows] = None) -> list:
+        """The rows to ship: those appended by this worker as they are; those read from the file parsed,
+        and with `shape` (the ledger's: ledger_write.ledger_shape) only those the ledger can take, each
+        other one logged whole and left out (a row lacking a value the ledger requires would fail every
+        shipment of its segment, holding back every segment after it)."""
         out = []
         for line in self.lines:
             if type(line) is not bytes:
                 out.append(line)
                 continue
             row = self._parsed(line, log)
-            if row is not None:
+            if row is not None and (shape is None or self._fits(row, line, shape, log)):
                 out.append(row)
         if self.interims:
-            out += self._cut_short(out, log)
+            cut = self._cut_short(out, log)
+            out += cut if shape is None else [row for row in cut if self._fits(row, None, shape, log)]
         return out
+
+    def _fits(self, row: Any, line: Optional[bytes], shape: LedgerRows, log: logging.Logger) -> bool:
+        fault = shape.fault(row)
+        if fault is None:
+            return True
+        whole = line if line is not None else logged_row(row.as_dict() if type(row) is FieldValues else row)
+        log.error("ledger spool %s: a row the ledger cannot take (%s) left out: %s", self.path, fault,
+                  whole.decode(errors="replace").rstrip("\n") if isinstance(whole, bytes) else whole)
+        return False
 
     def _parsed(self, line: bytes, log: logging.Logger) -> Any:
         try:
@@ -205,11 +241,52 @@ class LedgerSpool:
         self.write_errors = 0
         self.interims: dict[str, bytes] = {}    # request id -> interim line, of requests still running
 
-    def open(self) -> None:
+    def open(self, database_id: Optional[str] = None, database: str = "") -> None:
+        """Start this worker's first segment; with `database_id` (the identity of the database the rows go
+        to, `database` its redacted name), after making sure the directory is that database's: marked so
+        if it has no mark yet, SpoolOfAnotherDatabase if it is another's (see the module's docstring)."""
         # Rows name keys and client addresses: owner only, like the database file (segments are 0600).
         # A directory that exists keeps the mode its operator gave it.
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        if database_id is not None:
+            self._claim(database_id, database)
         self.current = self._new_segment()
+
+    def _claim(self, database_id: str, database: str) -> None:
+        path = os.path.join(self.directory, OWNER_FILE)
+        mark = orjson.dumps({"database_id": database_id, "database": database}, option=orjson.OPT_APPEND_NEWLINE)
+        temp = os.path.join(self.directory, f".{OWNER_FILE}-{secrets.token_hex(4)}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                _write_whole(fd, mark)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(temp, path)         # never replaces a mark: of two workers marking it, one wins
+                self.log.info("ledger spool %s marked as the spool of database %s", self.directory, database)
+                return
+            except FileExistsError:
+                pass
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+        with open(path, "rb") as f:
+            found = f.read()
+        try:
+            owner = orjson.loads(found)
+            owner_id, owner_name = owner["database_id"], owner.get("database") or "(unnamed)"
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise SpoolOfAnotherDatabase(
+                f"ledger spool_dir {self.directory} has a mark ({OWNER_FILE}) that cannot be read: {found[:200]!r};"
+                f" if the directory is this database's ({database}), remove the file; otherwise give each"
+                f" database its own [ledger] spool_dir") from None
+        if owner_id != database_id:
+            raise SpoolOfAnotherDatabase(
+                f"ledger spool_dir {self.directory} belongs to database {owner_name}, not to this gateway's"
+                f" database {database}: its rows are not shipped here; give each database its own"
+                f" [ledger] spool_dir")
 
     def _new_segment(self) -> Segment:
         """A fresh segment, the running requests' interim rows in it before it is named."""

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import operator
+import secrets
 import sqlite3
+import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import orjson
 
-from ..plugin_api import SEPARATE_ITERATIONS, TOKEN_COUNTS
+from ..plugin_api import SEPARATE_ITERATIONS, TOKEN_COUNTS, UsageRecord
 from .url import dialect
 from .budgets import read_period_spend
 from .spend import read_spend
@@ -104,13 +106,31 @@ _FREE_ADMISSIONS = ("DELETE FROM admissions WHERE (key_id, request_id) IN"
                     " (SELECT key_id, request_id FROM usage WHERE id > ? AND key_id IS NOT NULL)")
 
 
-class LedgerRows:
-    """The INSERT statements for the ledger's columns, and rows turned into their values."""
+# What a value of a column's declared type may be in a row (either backend's type names): a number column
+# takes a number (a bool is an int: stored 0/1), a text column a string, or a dict or list it stores as JSON.
+_KINDS = (("INT", (int,)), ("REAL", (int, float)), ("DOUBLE", (int, float)), ("FLOAT", (int, float)),
+          ("NUMERIC", (int, float)), ("TEXT", (str, dict, list)), ("CHAR", (str, dict, list)))
 
-    def __init__(self, columns: Iterable[str]) -> None:
+
+def _kind(declared: str) -> Optional[tuple[type, ...]]:
+    declared = declared.upper()
+    return next((kind for name, kind in _KINDS if name in declared), None)
+
+
+class LedgerRows:
+    """The INSERT statements for the ledger's columns, rows turned into their values, and what a row needs
+    for the ledger to take it (`fault`)."""
+
+    def __init__(self, columns: Iterable[str], not_null: Iterable[str] = (),
+                 types: Optional[Mapping[str, str]] = None) -> None:
         field_of_column = {column: field for field, column in COLUMN_OF_FIELD.items()}
         self.columns = [c for c in columns if c != "id"]
         self.fields = [field_of_column.get(c, c) for c in self.columns]
+        # What a row needs, read off the ledger's own table (ledger_shape): a value in each NOT NULL column,
+        # and in every column a value its declared type takes.  The one description of a valid row.
+        not_null = set(not_null)
+        self.needs = [(field, column in not_null, _kind((types or {}).get(column, "")))
+                      for field, column in zip(self.fields, self.columns)]
         width = len(self.columns)
         values = f"({', '.join('?' * width)})"
         # An already shipped request id is skipped; any other constraint still fails loudly
@@ -140,6 +160,23 @@ class LedgerRows:
         except KeyError:        # a row without some field (spooled by an older version): NULL there
             picked = [row.get(name) for name in self.fields]
         return [v if type(v) in _PLAIN else _column_value(v) for v in picked]
+
+    def fault(self, row: Any) -> Optional[str]:
+        """Why the ledger cannot take `row` (a row read back from a spool file: written by a crash, an
+        earlier version or by hand), or None: a NOT NULL column without a value, or a value of the wrong
+        type for its column."""
+        if type(row) is FieldValues:
+            row = row.as_dict()
+        elif not isinstance(row, Mapping):
+            return f"a {type(row).__name__}, not a row"
+        for field, required, kind in self.needs:
+            value = row.get(field)
+            if value is None:
+                if required:
+                    return f"no {field}"
+            elif kind is not None and not isinstance(value, kind):
+                return f"{field} is a {type(value).__name__}"
+        return None
 
     def _picker(self, fields: "RowFields") -> tuple[Callable, tuple[int, ...]]:
         """Picks the columns' values out of a value tuple in the order of `fields`, and the positions
@@ -205,10 +242,14 @@ def _column_value(value: Any) -> Any:
 
 
 def ledger_shape(conn) -> LedgerRows:
+    """The ledger's columns, which of them are NOT NULL and their declared types, as the database has them."""
     if dialect(conn) == "sqlite":
-        return LedgerRows(row[1] for row in conn.execute("PRAGMA table_info(usage)"))
-    from .pg_ledger import ledger_columns
-    return LedgerRows(conn.run(ledger_columns(conn.raw)))
+        info = [(row[1], bool(row[3]), row[2]) for row in conn.execute("PRAGMA table_info(usage)")]
+    else:
+        from .pg_ledger import ledger_column_info
+        info = conn.run(ledger_column_info(conn.raw))
+    return LedgerRows([name for name, _, _ in info], [name for name, not_null, _ in info if not_null],
+                      {name: declared for name, _, declared in info})
 
 
 class LedgerUnavailable(Exception):
@@ -254,19 +295,47 @@ def write_ledger_rows(conn, rows: Sequence[Mapping[str, Any]], shape: Optional[L
                 refused.append((row, exc))
     except sqlite3.OperationalError as exc:
         raise LedgerUnavailable(str(exc)) from exc
-    if len(refused) == len(rows) and not all(isinstance(exc, _own_errors()) for _, exc in refused):
+    if len(refused) == len(rows) and not all(isinstance(exc, _own_errors()) for _, exc in refused) \
+            and (len(rows) > 1 or not _takes_rows(conn, shape)):
         # Not one row taken, and not for a value of its own: it is the database refusing (a trigger,
-        # a constraint an operator added), not the rows.
+        # a constraint an operator added), not the rows.  One row alone says nothing of the others: it is
+        # the database only if a row known to be good is refused as well (_takes_rows); otherwise that
+        # row is bad, and left out like any other.
         raise LedgerUnavailable(f"{type(first_error).__name__}: {first_error}") from first_error
     for row, exc in refused:
         log.error("usage row refused by the ledger and left out (%s: %s): %s",
-                  type(exc).__name__, exc, _logged(row.as_dict() if type(row) is FieldValues else row))
+                  type(exc).__name__, exc, logged_row(row.as_dict() if type(row) is FieldValues else row))
         if rejected is not None:
             rejected.append(str(row.get("request_id")))
     return inserted
 
 
-def _logged(row: Mapping[str, Any]) -> str:
+def _takes_rows(conn, shape: LedgerRows) -> bool:
+    """Whether the ledger takes a good row now: one as the gateway makes them (UsageRecord's defaults, a request
+    id of its own), inserted and rolled back; False if it is refused as a row (a trigger, a constraint every
+    row violates).  A database that cannot be reached raises, as for any write."""
+    row = UsageRecord(request_id=f"req_probe{secrets.token_hex(10)}", started_at=time.time(),
+                      endpoint="/v1/messages").as_dict()
+    values = shape.values(row, every=True)
+    try:
+        if dialect(conn) == "sqlite":
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise LedgerUnavailable(str(exc)) from exc
+            try:
+                conn.execute(shape.insert_one, values)
+            finally:
+                conn.execute("ROLLBACK")
+        else:
+            from .pg_ledger import probe
+            conn.run(probe(conn.raw, shape.columns, values))
+    except _row_errors():
+        return False
+    return True
+
+
+def logged_row(row: Mapping[str, Any]) -> str:
     """The row as JSON for the log, also with a value orjson cannot write (an integer past 64 bits, often
     the very value the ledger refused)."""
     try:

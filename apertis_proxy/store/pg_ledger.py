@@ -166,6 +166,25 @@ async def ledger_columns(conn) -> list[str]:
     return [r[0] for r in rows]
 
 
+async def ledger_column_info(conn) -> list[tuple[str, bool, str]]:
+    """(name, NOT NULL, declared type) of each of the ledger's columns, in order."""
+    rows = await conn.fetch("SELECT column_name, is_nullable, data_type FROM information_schema.columns"
+                            " WHERE table_name = 'usage' AND table_schema = current_schema()"
+                            " ORDER BY ordinal_position")
+    return [(r[0], r[1] == "NO", r[2]) for r in rows]
+
+
+async def probe(conn, columns: Sequence[str], values: Sequence) -> None:
+    """Insert one row and roll it back (ledger_write._takes_rows): raises what the ledger would raise."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        await conn.execute(f"INSERT INTO usage ({', '.join(columns)})"
+                           f" VALUES ({', '.join(f'${i + 1}' for i in range(len(columns)))})", *values)
+    finally:
+        await transaction.rollback()
+
+
 async def prune(conn, cutoff: float) -> int:
     """Drop the monthly partitions that lie wholly before `cutoff` (rows go by whole months, so
     a report never sees a half-pruned month) with their rollup days, and the default partition's

@@ -23,7 +23,7 @@ import datetime
 from typing import Iterable
 
 from ..plugin_api import DEFAULT_API_VERSION
-from . import pg_admissions
+from . import pg_admissions, schema
 
 NOTIFY_CHANNEL = "apertis_config"
 MIGRATION_LOCK = 0x61706572          # pg_advisory_lock key: "aper"
@@ -325,7 +325,7 @@ async def migrate(conn) -> None:
     version = await schema_version(conn)
     if version > SCHEMA_VERSION:
         raise NewerSchema(version)
-    if version == SCHEMA_VERSION and await pg_revision(conn) >= PG_REVISION:
+    if version == SCHEMA_VERSION and await pg_revision(conn) >= PG_REVISION and await _has_database_id(conn):
         return
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
@@ -333,6 +333,7 @@ async def migrate(conn) -> None:
         if version < SCHEMA_VERSION or await pg_revision(conn) < PG_REVISION:
             async with conn.transaction():
                 await conn.execute(DDL)
+                await _add_database_id(conn)
                 for stmt in _trigger_ddl():
                     await conn.execute(stmt)
                 await conn.execute(pg_admissions.FUNCTIONS)
@@ -343,8 +344,22 @@ async def migrate(conn) -> None:
                 await conn.execute("INSERT INTO meta (k, v) VALUES ('pg_revision', $1)"
                                    " ON CONFLICT (k) DO UPDATE SET v = GREATEST(meta.v::INTEGER, $1::INTEGER)::TEXT",
                                    str(PG_REVISION))
+        # A database made by an earlier version gets its identity at its first start by this one: a key of `meta`
+        # (no schema version of its own, so hosts of the previous release keep starting on it), made once
+        # under the lock whichever of several hosts starting together comes first.
+        await _add_database_id(conn)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+async def _has_database_id(conn) -> bool:
+    return bool(await conn.fetchval("SELECT v FROM meta WHERE k = $1", schema.DATABASE_ID))
+
+
+async def _add_database_id(conn) -> None:
+    """The database's identity (store/schema.py's DATABASE_ID), unless it has one."""
+    await conn.execute("INSERT INTO meta (k, v) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING",
+                       schema.DATABASE_ID, schema.new_database_id())
 
 
 class NewerSchema(RuntimeError):

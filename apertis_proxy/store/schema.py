@@ -7,6 +7,7 @@ live in their own tables so metering never bumps the revision.
 """
 from __future__ import annotations
 
+import secrets
 import sqlite3
 
 from ..plugin_api import DEFAULT_API_VERSION
@@ -217,7 +218,40 @@ def migrate(conn: sqlite3.Connection) -> None:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+    try:
+        ensure_database_id(conn)
+    except sqlite3.OperationalError:
+        pass        # a file this process may only read: a reader needs no identity (a gateway makes it anyway)
     sync_shipped_catalog(conn)
+
+
+# The database's identity: a random id made with the schema (or at the first open of a database made by an
+# earlier version) and never changed, so that what belongs to one database (a ledger spool directory:
+# ledger_spool.py) can tell it from another.  A copy of the file (a backup restored) is the same database;
+# `db copy` makes a new one (the target keeps its own).
+DATABASE_ID = "database_id"
+
+
+def new_database_id() -> str:
+    return secrets.token_hex(16)
+
+
+def database_id(conn) -> "str | None":
+    """The database's identity (see DATABASE_ID); None before it has one (either backend's connection)."""
+    row = conn.execute("SELECT v FROM meta WHERE k = 'database_id'").fetchone()
+    return row[0] if row else None
+
+
+def ensure_database_id(conn) -> str:
+    """The database's identity, made now if it has none: a database of an earlier version gets it at its first
+    open by this one (a key of `meta`, no schema version of its own, so earlier versions keep opening it).
+    INSERT OR IGNORE keeps the first of two processes making it together (either backend's connection;
+    PostgreSQL makes it in pg_schema.migrate, under the migration lock)."""
+    found = database_id(conn)
+    if found is None:
+        conn.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('database_id', ?)", (new_database_id(),))
+        found = database_id(conn)
+    return found
 
 
 def _set_version(conn: sqlite3.Connection, version: int) -> None:

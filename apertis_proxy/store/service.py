@@ -198,6 +198,10 @@ class Store:
             raise StoreUnavailable(f"cannot reach the database at {self.url.redacted()}: "
                                    f"{self.url.scrub(str(exc)) or type(exc).__name__}") from None
 
+    async def database_id(self) -> str:
+        """The database's identity (schema.DATABASE_ID): what a ledger spool directory is marked with."""
+        return await self.call(schema.ensure_database_id)
+
     # -- the configuration ---------------------------------------------------------
 
     def watcher(self, interval: float = 1.0):
