@@ -9,6 +9,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import anthropic
@@ -220,3 +221,34 @@ def test_the_image_builds(tmp_path):
         assert user.stdout.strip() not in ("", "0")           # not root
     finally:
         subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=120)
+
+
+def healthcheck_command(port: int) -> str:
+    """The Dockerfile's HEALTHCHECK command (shell form, its continuation lines joined), aimed at `port`."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    start = text.index("HEALTHCHECK")
+    block = text[start:text.index("\nENTRYPOINT", start)].replace("\\\n", " ")
+    command = block.split(" CMD ", 1)[1].strip()
+    assert ":8080/health" in command
+    return command.replace(":8080/", f":{port}/")
+
+
+def run_healthcheck(port: int, python: str) -> int:
+    env = {**os.environ, "PATH": f"{Path(python).parent}:{os.environ['PATH']}"}
+    return subprocess.run(["/bin/sh", "-c", healthcheck_command(port)], env=env, capture_output=True,
+                          timeout=15).returncode
+
+
+@needs_openssl
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_the_image_healthcheck_passes_over_plain_http_and_over_tls(gateway_env, mock_upstream, pki, tmp_path,
+                                                                         tls):
+    gateway_env.add_channel("main", mock_upstream)
+    extra = dict(zip(("tls_cert", "tls_key"), install_cert(pki, tmp_path, "a"))) if tls else {}
+    gw = await gateway_env.start(**extra)
+    assert await asyncio.to_thread(run_healthcheck, gw.port, sys.executable) == 0
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    assert await asyncio.to_thread(run_healthcheck, port, sys.executable) != 0     # nothing listening: unhealthy
