@@ -5,7 +5,7 @@ from typing import Optional
 
 from ..http.heads import checked
 from ..plugin_api import Channel
-from .usage import redact_bytes
+from .usage import REDACT_MIN, redact
 
 # Never forwarded upstream: hop-by-hop, framing (we set our own), the client's
 # credentials (upstream gets the channel's key, as exactly one credential) and
@@ -102,8 +102,14 @@ def downstream_headers(upstream: list[tuple[bytes, bytes]]) -> tuple[list[tuple[
 
 def upstream_request_id(value: Optional[bytes], channel_key: Optional[str]) -> Optional[str]:
     """The upstream's `request-id` as the gateway passes it on (`upstream-request-id`) and records it,
-    with the channel's key redacted should an upstream put it there."""
-    return redact_bytes(value, channel_key).decode("latin-1") if value else None
+    with the channel's key redacted should an upstream put it there (one substring test on every answer:
+    redact() itself only for an id holding the key's first characters)."""
+    if not value:
+        return None
+    text = value.decode("latin-1")
+    if channel_key and channel_key[:REDACT_MIN] in text:
+        return redact(text, channel_key)
+    return text
 
 
 def parse_retry_after(value: Optional[bytes]) -> Optional[float]:

@@ -95,15 +95,15 @@ class UsageMeter:
 
 def redactable(secret: Optional[str]) -> bool:
     """Long enough to look for: a very short "key" would redact ordinary words."""
-    return bool(secret) and len(secret) >= _REDACT_MIN
+    return bool(secret) and len(secret) >= REDACT_MIN
 
 
-_REDACT_MIN = 8
+REDACT_MIN = 8
 
 
 def redact(text: str, secret: Optional[str]) -> str:
     """`text` without `secret` in it (an upstream quoting the key it was sent), nor any
-    prefix of it of _REDACT_MIN characters or more (a quote cut short, ours or theirs)."""
+    prefix of it of REDACT_MIN characters or more (a quote cut short, ours or theirs)."""
     if not redactable(secret):
         return text
     return _redacted(text, secret, "[redacted]")
@@ -116,14 +116,14 @@ def redact_bytes(data: bytes, secret: Optional[str]) -> bytes:
 
 
 def _redacted(text, secret, mark):
-    head = secret[:_REDACT_MIN]
+    head = secret[:REDACT_MIN]
     at = text.find(head)
     if at < 0:
         return text
     out = []
     start = 0
     while at >= 0:
-        end = at + _REDACT_MIN
+        end = at + REDACT_MIN
         limit = min(len(text), at + len(secret))
         while end < limit and text[end] == secret[end - at]:
             end += 1
