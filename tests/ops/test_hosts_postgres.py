@@ -100,7 +100,7 @@ async def test_a_channel_disabled_by_one_host_gets_no_traffic_from_the_other(pg_
 async def test_an_unreachable_store_answers_503_never_401(pg_server, tmp_path, capsys):
     # pg_server: PostgreSQL is there (or the test skips, or fails in CI); this test stops a server of its own.
     try:
-        server = await asyncio.to_thread(PgServer.start, parent=memory_folder())
+        server = await asyncio.to_thread(PgServer.start, True, memory_folder())     # a crash keeps what it committed
     except PgUnavailable as exc:
         pytest.skip(str(exc))
     try:

@@ -30,7 +30,7 @@ def body(n: int, stream: bool = False) -> dict:
 async def test_limited_keys_refuse_or_share_while_the_store_is_away(pg_server, tmp_path):
     # pg_server: PostgreSQL is there (or the test skips, or fails in CI); this test stops a server of its own.
     try:
-        server = await asyncio.to_thread(PgServer.start, parent=memory_folder())
+        server = await asyncio.to_thread(PgServer.start, True, memory_folder())     # a crash keeps what it committed
     except PgUnavailable as exc:
         pytest.skip(str(exc))
     hosts: list[GatewayProcess] = []
@@ -110,7 +110,7 @@ async def test_share_mode_counts_a_request_of_unknown_usage_admitted_alone_at_it
     into the key's spend once the store is back: the key ($0.10 quota, the cut request reserving $0.16) gets 402,
     as when the same request is cut while the store is up (test_ledger_usage_unknown.py)."""
     try:
-        server = await asyncio.to_thread(PgServer.start, parent=memory_folder())
+        server = await asyncio.to_thread(PgServer.start, True, memory_folder())     # a crash keeps what it committed
     except PgUnavailable as exc:
         pytest.skip(str(exc))
     host = None
