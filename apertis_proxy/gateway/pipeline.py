@@ -130,9 +130,12 @@ class GatewayApp:
                 return resp.send_error(e.status, e.message, e.error_type)
             return resp.send(200, [_JSON], orjson.dumps(page))
         wanted = req.path[len("/v1/models/"):]
-        for m in models:
-            if m.id == wanted:
-                return resp.send(200, [_JSON], orjson.dumps(_model_json(m)))
+        # An alias the catalogue knows answers with the model it names, as the Models API resolves one.
+        entry = self.forwarder.catalog.catalog.by_name.get(wanted)
+        for name in (wanted, entry.id) if entry is not None else (wanted,):
+            for m in models:
+                if m.id == name:
+                    return resp.send(200, [_JSON], orjson.dumps(_model_json(m)))
         resp.send_error(404, f"model: {wanted} not found", "not_found_error")
 
 

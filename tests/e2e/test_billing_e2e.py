@@ -395,6 +395,18 @@ async def test_models_list_read_by_the_official_sdk_with_lifecycle_and_limit_100
         await client.close()
 
 
+async def test_a_model_is_retrieved_by_its_id_or_an_alias_as_the_models_api_resolves_one(gateway):
+    client = anthropic.AsyncAnthropic(base_url=gateway.base_url, api_key=gateway.key, max_retries=0)
+    try:
+        for name in ("claude-haiku-4-5-20251001", "claude-haiku-4.5", "claude-haiku-4-5"):
+            model = await client.models.retrieve(name)
+            assert model.id == "claude-haiku-4-5-20251001", name
+        with pytest.raises(anthropic.NotFoundError):
+            await client.models.retrieve("claude-haiku-4-5-20991231")    # a dated id the catalogue lacks
+    finally:
+        await client.close()
+
+
 # -- store upgrade and catalogue import ----------------------------------------
 
 def make_v1_store(path: str) -> None:
