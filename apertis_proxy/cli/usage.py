@@ -5,6 +5,7 @@ import argparse
 import csv
 import json
 import sys
+from typing import Any
 
 from ..store import budgets as budget_store
 from ..store import usage as usage_store
@@ -55,7 +56,8 @@ def cmd_usage(args) -> int:
         kinds = ", ".join(f"{kind} {n:,}" for kind, n in s["failures"].items())
         return (f"{s['requests']:,}", f"{s['input_tokens']:,}", f"{s['output_tokens']:,}",
                 f"{s['cache_read_input_tokens']:,}", f"{s['cache_creation_input_tokens']:,}",
-                money(s["cost"]), f"{s['errors']:,}", f"{s['interrupted']:,}",
+                "unpriced" if s["requests"] and s["unpriced"] == s["requests"] else money(s["cost"]),
+                f"{s['errors']:,}", f"{s['interrupted']:,}",
                 f"{s['failed_attempts']:,}" + (f" ({kinds})" if kinds else ""))
     if args.by:
         rows = [(r[args.by] if r[args.by] is not None else "(none)", *cells(r)) for r in summary["by"]]
@@ -112,8 +114,16 @@ def _usage_csv(args) -> int:
         out = csv.writer(sys.stdout, lineterminator="\r\n")
         out.writerow(columns)
         for row in rows:
-            out.writerow(tuple(row))
+            out.writerow(tuple(map(_inert, row)))
     return 0
+
+
+# A cell a spreadsheet would run as a formula (a model name is whatever a client sent): written after a quote.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(value: Any) -> Any:
+    return "'" + value if type(value) is str and value.startswith(_FORMULA_START) else value
 
 
 def add_commands(commands: Commands) -> None:

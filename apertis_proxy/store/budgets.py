@@ -109,8 +109,8 @@ def refusal_counts(conn, *, key: Optional[str] = None, since: Optional[float] = 
     statuses = ", ".join(map(str, REFUSED_STATUSES))
     ledger_where = (ledger_where + " AND " if ledger_where else "WHERE ") + \
         f"status IN ({statuses}) AND attempts = 0"
-    ledger_day = ("to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')" if dialect(conn) == "postgresql"
-                  else "strftime('%Y-%m-%d', ts, 'unixepoch')")
+    ledger_day = ("to_char(to_timestamp(floor(ts)) AT TIME ZONE 'UTC', 'YYYY-MM-DD')" if dialect(conn) == "postgresql"
+                  else "strftime('%Y-%m-%d', CAST(ts AS INTEGER), 'unixepoch')")     # as usage.GROUPINGS
     return [dict(r) for r in conn.execute(
         f"SELECT key_name, reason, status, source, SUM(count) AS count, MIN(day) AS first_day,"
         f" MAX(day) AS last_day FROM ("

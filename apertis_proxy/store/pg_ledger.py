@@ -80,7 +80,7 @@ LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) A
     RETURNING request_id, ts, key_id, key_name, requested_model, channel_name, status, error_type, interrupted, cost,
         {', '.join(ROLLUP_SUMS)}{', iterations' if settle else ''}){spend}, rollup AS (
     INSERT INTO usage_daily (day, key_name, requested_model, channel_name, {', '.join(ROLLUP_FIELDS)})
-    SELECT (to_timestamp(ts) AT TIME ZONE 'UTC')::date, COALESCE(key_name, ''), COALESCE(requested_model, ''),
+    SELECT (to_timestamp(floor(ts)) AT TIME ZONE 'UTC')::date, COALESCE(key_name, ''), COALESCE(requested_model, ''),
         COALESCE(channel_name, ''), COUNT(*), {sums}, COALESCE(SUM(cost), 0),
         SUM((status >= 400 OR error_type IS NOT NULL)::int), SUM((interrupted != 0)::int),
         SUM((cost IS NULL)::int)

