@@ -106,7 +106,7 @@ class _PostgresGatewayEnv(GatewayEnv):
         self.gateway = None
 
 
-async def test_a_readiness_probe_answered_after_sigterm_says_503(pg_url, mock_upstream, monkeypatch):
+async def test_a_readiness_probe_answered_after_sigterm_says_503(pg_url, mock_upstream, monkeypatch, tmp_path):
     """A readiness probe that is waiting on the store (a lock another PostgreSQL session holds on `channels`)
     when the graceful shutdown starts answers 503 "draining" once the store answers, not 200: `draining` is looked at
     again after the store."""
@@ -117,7 +117,7 @@ async def test_a_readiness_probe_answered_after_sigterm_says_503(pg_url, mock_up
     env = _PostgresGatewayEnv(pg_url)
     try:
         env.add_channel("main", mock_upstream)
-        gw = await env.start()
+        gw = await env.start(spool_dir=str(tmp_path / "spool"))     # not the working directory's
         locker = await asyncpg.connect(pg_url)
         try:
             lock = locker.transaction()

@@ -110,3 +110,20 @@ def test_an_advisor_iteration_is_billed_at_its_own_model(tmp_db):
     # Haiku 4.5 for the top level (1 / 5), Opus 4.5 for the advisor (5 / 25), per million tokens.
     assert record.cost == pytest.approx((100 * 1 + 10 * 5 + 1000 * 5 + 200 * 25) / 1_000_000, abs=1e-12)
     assert (record.input_tokens, record.output_tokens) == (100, 10)
+
+
+@pytest.mark.parametrize("opening", [
+    [event("ping", {"type": "ping"})],
+    [event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded",
+                                                 "details": {"error_code": "compaction_unavailable"}},
+                     "request_id": "req_upstream_inband"})],
+], ids=["ping-before-message-start", "only-an-error-event"])
+async def test_events_before_message_start_reach_the_client_byte_for_byte(scripted, opening):
+    await scripted.start()
+    events = opening if opening[0].startswith(b"event: error") else [
+        *opening, message_start(), *text_events("after a ping"), MESSAGE_STOP]
+    scripted.channel.queue([HEAD_SSE, *(chunk(e) for e in events), b"0\r\n\r\n"])
+    response = await post(scripted, ask())
+    assert response.status == 200
+    assert response.body == b"".join(events)
+    assert response.header("upstream-request-id") == "req_scripted"

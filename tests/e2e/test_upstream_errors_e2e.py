@@ -136,3 +136,27 @@ async def test_a_key_quoted_late_in_a_long_message_is_redacted_whole(gateway_env
         assert response.json()["error"]["message"] == "x" * 465 + "[redacted] was sent"
     else:
         assert response.status == 502 and "upstream 401" in reason
+
+
+async def test_a_529_compaction_unavailable_is_transient_and_fails_over(gateway_env, make_mock_upstream):
+    """SDK 2.17 `_error_classes.py` maps (529, "compaction_unavailable") to CompactionUnavailableError, an
+    OverloadedError documented as "could not be completed for a transient server reason. Retry the request.":
+    the next channel serves it (a 4xx with a `compaction_` code is the request's and would not fail over)."""
+    key, first, second = await two_channels(gateway_env, make_mock_upstream)
+    first.fail_next(529, error_type="overloaded_error", error_code="compaction_unavailable")
+    response, _ = await post(gateway_env, key, message())
+    assert [r.status for r in first.requests] == [529]
+    assert response.status == 200 and len(second.served) == 1, (
+        f"a transient 529 compaction_unavailable from the first channel was not failed over: the client got "
+        f"{response.status} {response.body[:160]!r} and the second channel received {len(second.requests)} requests")
+
+
+async def test_a_529_compaction_unavailable_rests_the_channel_like_any_overload(gateway_env, make_mock_upstream):
+    """The channel that answered it rests like one answering a plain 529 overloaded_error."""
+    key, first, second = await two_channels(gateway_env, make_mock_upstream)
+    router = gateway_env.gateway.plugins.routers[0][1]
+    first.fail_next(529, error_type="overloaded_error", error_code="compaction_unavailable")
+    await post(gateway_env, key, message())
+    [first_id] = gateway_env.query("SELECT id FROM channels WHERE name = 'first'")[0]
+    assert router.cool_until.get(first_id, 0) > time.monotonic(), (
+        "a channel answering 529 compaction_unavailable (transient overload) was given no cooldown")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
+from tests.support.plugin_dist import plugin_site
 from tests.support.processes import CliRunner, ServeProcess, clean_env, wait_for
 
 # --------------------------------------------------------------------------------------------------------------
@@ -158,16 +159,9 @@ class Probe:
 
 @pytest.fixture(scope="module")
 def probe_site(tmp_path_factory) -> Path:
-    site = tmp_path_factory.mktemp("probe-plugin")
-    (site / "docs_probe.py").write_text(PROBE_MODULE)
-    info = site / "docs_probe-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: docs-probe\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        "[apertis_proxy.auth]\nprobe = docs_probe:Probe\n"
-        "[apertis_proxy.router]\nprobe = docs_probe:Probe\n"
-        "[apertis_proxy.meter]\nprobe = docs_probe:Probe\n")
-    return site
+    return plugin_site(tmp_path_factory.mktemp("probe-plugin"), "docs_probe", PROBE_MODULE,
+                       {group: {"probe": "docs_probe:Probe"}
+                        for group in ("apertis_proxy.auth", "apertis_proxy.router", "apertis_proxy.meter")})
 
 
 PROBE_CONFIG = """

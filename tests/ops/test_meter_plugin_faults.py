@@ -23,6 +23,7 @@ from apertis_proxy import cli
 from apertis_proxy.store import service
 from tests.support.gateway_process import GatewayProcess
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
+from tests.support.plugin_dist import plugin_site
 
 REQUESTS = 6
 AT_ONCE = 3.0       # seconds a request may take (a slot left behind would hold the next for the 30 s lease)
@@ -58,13 +59,8 @@ class RaisingMeter:
 
 @pytest.fixture(scope="module")
 def meter_site(tmp_path_factory) -> Path:
-    site = tmp_path_factory.mktemp("raising-meter")
-    (site / "raising_meter.py").write_text(METER_MODULE)
-    info = site / "raising_meter-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: raising-meter\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[apertis_proxy.meter]\nraising = raising_meter:RaisingMeter\n")
-    return site
+    return plugin_site(tmp_path_factory.mktemp("raising-meter"), "raising_meter", METER_MODULE,
+                       {"apertis_proxy.meter": {"raising": "raising_meter:RaisingMeter"}})
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import sys
 import pytest
 
 from apertis_proxy.plugin_api import UsageRecord
-from apertis_proxy.store import channels, keys, schema, service
+from apertis_proxy.store import schema, service
 from apertis_proxy.store.ledger_write import LedgerUnavailable, write_ledger_rows
 from tests.support.gateway_process import GatewayProcess
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
@@ -151,16 +151,6 @@ async def test_a_postgresql_database_refusing_every_row_keeps_a_batch_of_one(pg_
 
 # -- whose rows a spool directory holds ----------------------------------------------------------------------------
 
-def _prepare(url: str, upstream_url: str) -> str:
-    """A store (either backend) with one channel to the mock and one key; the key."""
-    conn = service.connect(url)
-    try:
-        channels.add_channel(conn, "main", upstream_url, MOCK_API_KEY)
-        return keys.create_key(conn, "alice")[1]
-    finally:
-        conn.close()
-
-
 def test_each_database_has_an_identity_of_its_own_kept_across_opens(tmp_path):
     """Made with the schema; made at the first open of a database that has none (an earlier version's)."""
     a, b = str(tmp_path / "a.db"), str(tmp_path / "b.db")
@@ -242,7 +232,7 @@ async def test_postgresql_gateways_of_two_databases_in_one_working_directory(pg_
     named (without their passwords), and ships none of the first one's rows."""
     urls = [pg_server.create_database(f"spool_owner_{n}_{os.getpid()}") for n in range(2)]
     async with MockUpstream(api_key=MOCK_API_KEY) as mock:
-        keys = [await asyncio.to_thread(_prepare, url, mock.base_url) for url in urls]
+        keys = [await asyncio.to_thread(prepare_db, url, mock.base_url) for url in urls]
         workdir = tmp_path / "gw"
         first = await asyncio.to_thread(GatewayProcess.start, urls[0], workdir, flush_interval=600.0,
                                         batch_size=100_000)
@@ -266,7 +256,7 @@ async def test_a_spool_dir_moved_to_another_host_of_the_same_database_ships_ther
     """README: moving a spool directory between hosts is safe.  A host killed with rows spooled; its directory
     moved to another host's working directory (the same PostgreSQL database): that host ships them."""
     async with MockUpstream(api_key=MOCK_API_KEY) as mock:
-        key = await asyncio.to_thread(_prepare, pg_url, mock.base_url)
+        key = await asyncio.to_thread(prepare_db, pg_url, mock.base_url)
         dead, other = tmp_path / "dead", tmp_path / "other"
         host = await asyncio.to_thread(GatewayProcess.start, pg_url, dead, flush_interval=600.0, batch_size=100_000)
         try:

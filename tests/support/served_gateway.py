@@ -9,7 +9,7 @@ from typing import Optional
 
 import anthropic
 
-from apertis_proxy.store import channels, keys, schema
+from apertis_proxy.store import channels, keys, service
 
 from .mock_upstream import MOCK_API_KEY
 from .processes import MODEL, ServeProcess, sdk_client
@@ -20,8 +20,8 @@ DRAIN_TIMEOUT = 10.0
 
 
 def prepare_db(db: str, upstream_url: str) -> str:
-    """A store with one channel to the mock and one key; returns the key."""
-    conn = schema.connect(db)
+    """A store (a SQLite path or a PostgreSQL URL) with one channel to the mock and one key; returns the key."""
+    conn = service.connect(db)
     try:
         channels.add_channel(conn, "main", upstream_url, MOCK_API_KEY)
         return keys.create_key(conn, "alice")[1]
