@@ -180,7 +180,7 @@ class PluginHost:
 
     def refusal(self) -> Optional[tuple[str, int]]:
         """Why new requests are refused now (a meter that cannot take rows), with a retry-after; None when
-        they are admitted."""
+        they are admitted.  For /ready: authenticate() runs the same loop inline (a call less a request)."""
         for refusal in self._refusals:
             refused = refusal()
             if refused is not None:

@@ -39,7 +39,7 @@ import orjson
 
 from apertis_proxy.plugin_api import PluginContext, UsageRecord
 from apertis_proxy.store.ledger_spool import LedgerSpool, default_spool_dir, interim_line, sent_line
-from apertis_proxy.store.ledger_write import FieldValues, RowFields, ledger_shape, stored_values
+from apertis_proxy.store.ledger_write import FieldValues, RowFields, stored_values
 from apertis_proxy.store.service import is_unreachable, store_for_plugin
 
 CLOSE_ATTEMPTS = 5
@@ -85,7 +85,7 @@ class SqliteMeter:
         try:
             # The spool directory is this database's alone (ledger_spool.py): one of another database's
             # stops the gateway here, before a segment of it is adopted or one of this worker's added.
-            self._shape = await self.store.call(ledger_shape)        # what a row read back must hold
+            self._shape = await self.store.ledger_shape()       # what a row read back must hold
             url = self.store.url
             name = url.redacted() if url.is_postgres else os.path.abspath(url.target)
             self.spool.open(await self.store.database_id(), name)

@@ -159,13 +159,6 @@ class PgLedger:
             return out[0][0]
 
 
-async def ledger_columns(conn) -> list[str]:
-    rows = await conn.fetch("SELECT column_name FROM information_schema.columns"
-                            " WHERE table_name = 'usage' AND table_schema = current_schema()"
-                            " ORDER BY ordinal_position")
-    return [r[0] for r in rows]
-
-
 async def ledger_column_info(conn) -> list[tuple[str, bool, str]]:
     """(name, NOT NULL, declared type) of each of the ledger's columns, in order."""
     rows = await conn.fetch("SELECT column_name, is_nullable, data_type FROM information_schema.columns"

@@ -238,7 +238,7 @@ def new_database_id() -> str:
 
 def database_id(conn) -> "str | None":
     """The database's identity (see DATABASE_ID); None before it has one (either backend's connection)."""
-    row = conn.execute("SELECT v FROM meta WHERE k = 'database_id'").fetchone()
+    row = conn.execute("SELECT v FROM meta WHERE k = ?", (DATABASE_ID,)).fetchone()
     return row[0] if row else None
 
 
@@ -249,7 +249,7 @@ def ensure_database_id(conn) -> str:
     PostgreSQL makes it in pg_schema.migrate, under the migration lock)."""
     found = database_id(conn)
     if found is None:
-        conn.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('database_id', ?)", (new_database_id(),))
+        conn.execute("INSERT OR IGNORE INTO meta (k, v) VALUES (?, ?)", (DATABASE_ID, new_database_id()))
         found = database_id(conn)
     return found
 

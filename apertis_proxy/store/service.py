@@ -253,13 +253,20 @@ class Store:
         same transaction; the number inserted (ledger_write.py).  Refused rows' ids go to `rejected`."""
         return await self.call(self._write_ledger, rows, rejected)
 
+    async def ledger_shape(self):
+        """The ledger's columns and what a row needs (ledger_write.LedgerRows), read once per store."""
+        return (await self.call(self._ledger_parts))[0]
+
     def _write_ledger(self, conn, rows, rejected) -> int:
+        shape, pg_ledger = self._ledger_parts(conn)
+        return write_ledger_rows(conn, rows, shape, rejected, pg_ledger=pg_ledger)
+
+    def _ledger_parts(self, conn):
         if self._ledger is None:
             from .ledger_write import ledger_shape
             from .pg_ledger import PgLedger
             self._ledger = (ledger_shape(conn), PgLedger() if self.url.is_postgres else None)
-        shape, pg_ledger = self._ledger
-        return write_ledger_rows(conn, rows, shape, rejected, pg_ledger=pg_ledger)
+        return self._ledger
 
     async def shipped_and_spend(self, request_ids: Sequence[str], starts: Optional[Mapping[str, str]] = None):
         """Which of these request ids the ledger holds, every key's settled spend and its spend in the

@@ -115,7 +115,7 @@ async def lock_waiters(target: str, within: float, at_least: int, pids=()) -> li
 async def ledger_columns(target: str) -> LedgerRows:
     conn = await asyncpg.connect(target)
     try:
-        return LedgerRows(await pg_ledger.ledger_columns(conn))
+        return LedgerRows([name for name, _, _ in await pg_ledger.ledger_column_info(conn)])
     finally:
         await conn.close()
 
