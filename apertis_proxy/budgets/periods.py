@@ -5,6 +5,7 @@ period is keyed in the store; a lifetime quota has the period None.
 """
 from __future__ import annotations
 
+import math
 from datetime import date, datetime, timedelta, timezone
 from typing import Optional
 
@@ -12,8 +13,9 @@ PERIODS = ("day", "week", "month")
 
 
 def period_start(period: str, now: float) -> str:
-    """The first day (ISO date) of the `period` that contains unix time `now`."""
-    today = datetime.fromtimestamp(now, timezone.utc).date()
+    """The first day (ISO date) of the `period` that contains unix time `now`: its whole second's, as the
+    ledger settles a row (datetime would round a fraction to the microsecond, into the next day at midnight)."""
+    today = datetime.fromtimestamp(math.floor(now), timezone.utc).date()
     if period == "day":
         return today.isoformat()
     if period == "week":

@@ -49,13 +49,16 @@ def cmd_usage(args) -> int:
             out["by"] = [{args.by: r[args.by], **_usage_json(r)} for r in summary["by"]]
         print(json.dumps(out))
         return 0
-    headers = ("REQUESTS", "INPUT", "OUTPUT", "CACHE READ", "CACHE WRITE", "COST", "ERRORS",
-               "INTERRUPTED", "FAILED ATTEMPTS")
+    # Tokens of iterations billed apart (advisor, compaction, fallback): a column when there are any.
+    iterations = summary["iteration_tokens"] > 0
+    headers = ("REQUESTS", "INPUT", "OUTPUT", "CACHE READ", "CACHE WRITE", *(("ITERATIONS",) if iterations else ()),
+               "COST", "ERRORS", "INTERRUPTED", "FAILED ATTEMPTS")
 
     def cells(s: dict) -> tuple:
         kinds = ", ".join(f"{kind} {n:,}" for kind, n in s["failures"].items())
         return (f"{s['requests']:,}", f"{s['input_tokens']:,}", f"{s['output_tokens']:,}",
                 f"{s['cache_read_input_tokens']:,}", f"{s['cache_creation_input_tokens']:,}",
+                *((f"{s['iteration_tokens']:,}",) if iterations else ()),
                 "unpriced" if s["requests"] and s["unpriced"] == s["requests"] else money(s["cost"]),
                 f"{s['errors']:,}", f"{s['interrupted']:,}",
                 f"{s['failed_attempts']:,}" + (f" ({kinds})" if kinds else ""))
@@ -65,6 +68,9 @@ def cmd_usage(args) -> int:
         print(table((args.by.upper(), *headers), rows, right=range(1, len(headers) + 1)))
     else:
         print(table(headers, [cells(summary)], right=range(len(headers))))
+    if iterations:
+        print("ITERATIONS: tokens of advisor, compaction and fallback iterations, billed apart from the other"
+              " columns (in COST; token quotas count them)")
     if summary["unpriced"]:
         print(f"cost excludes unpriced, {summary['unpriced']:,} requests (models without a price: "
               "see prices list; and requests cut before the upstream reported any usage, by their client "

@@ -55,12 +55,16 @@ _QUOTA_COST = """CASE WHEN u.cost IS NULL THEN COALESCE((SELECT a.cost FROM admi
     WHERE a.key_id = u.key_id AND a.request_id = u.request_id), 0) ELSE MAX(u.cost, 0) END"""
 # A row's tokens are those a token quota counts (UsageRecord.billed_tokens): the top-level counts plus those of
 # the iterations billed apart from them.  Only a row with iterations has its JSON read; an iteration that is not an
-# object, or a count that is not a positive integer, adds nothing.
-_ITERATION_TOKENS = f"""CASE WHEN u.iterations IS NULL THEN 0 ELSE (SELECT COALESCE(SUM(c.value), 0)
-    FROM json_each(CASE WHEN json_valid(u.iterations) THEN u.iterations END) i,
+# object, or a count that is not a positive integer, adds nothing.  `row` names the ledger row (a table or alias).
+def iteration_tokens_sql(row: str) -> str:
+    return f"""CASE WHEN {row}.iterations IS NULL THEN 0 ELSE (SELECT COALESCE(SUM(c.value), 0)
+    FROM json_each(CASE WHEN json_valid({row}.iterations) THEN {row}.iterations END) i,
          json_each(CASE WHEN i.type = 'object' THEN i.value END) c
     WHERE json_extract(CASE WHEN i.type = 'object' THEN i.value END, '$.type') IN ({sql_strings(SEPARATE_ITERATIONS)})
       AND c.key IN ({sql_strings(TOKEN_COUNTS)}) AND c.type = 'integer' AND c.value > 0) END"""
+
+
+_ITERATION_TOKENS = iteration_tokens_sql("u")
 _TOKENS = f"""(u.input_tokens + u.output_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
     + {_ITERATION_TOKENS})"""
 _QUOTA_TOKENS = f"""CASE WHEN u.cost IS NULL AND {_TOKENS} = 0 THEN COALESCE((SELECT a.tokens FROM admissions a
@@ -75,13 +79,14 @@ ON CONFLICT (key_id) DO UPDATE SET cost = cost + excluded.cost, tokens = tokens 
 """
 
 # The same rows' spend in their keys' current quota periods (day, ISO week from Monday, month; UTC),
-# the period taken from each row's start time.
+# the period taken from each row's start time, its whole second (SQLite's dates round a fraction to the
+# millisecond, which would put a request started just before midnight in the next period).
 _SETTLE_PERIODS = f"""
 INSERT INTO key_period_spend (key_id, period, start, cost, tokens)
 SELECT u.key_id, k.quota_period,
-       CASE k.quota_period WHEN 'day' THEN date(u.ts, 'unixepoch')
-                           WHEN 'week' THEN date(u.ts, 'unixepoch', '-6 days', 'weekday 1')
-                           ELSE strftime('%Y-%m-01', u.ts, 'unixepoch') END AS start,
+       CASE k.quota_period WHEN 'day' THEN date(CAST(u.ts AS INTEGER), 'unixepoch')
+                           WHEN 'week' THEN date(CAST(u.ts AS INTEGER), 'unixepoch', '-6 days', 'weekday 1')
+                           ELSE strftime('%Y-%m-01', CAST(u.ts AS INTEGER), 'unixepoch') END AS start,
        SUM({_QUOTA_COST}), SUM({_QUOTA_TOKENS})
 FROM usage u JOIN keys k ON k.id = u.key_id
 WHERE u.id > ? AND k.quota_period IN ('day', 'week', 'month')

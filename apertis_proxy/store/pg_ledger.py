@@ -16,16 +16,23 @@ from .ledger_write import sql_strings
 from .pg_admissions import TAKE_SETTLE_LOCKS
 
 ROLLUP_SUMS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
-ROLLUP_FIELDS = ("requests", *ROLLUP_SUMS, "cost", "errors", "interrupted", "unpriced")
-# The tokens of the iterations billed apart from the top-level counts (ledger_write._ITERATION_TOKENS): only a
-# row with iterations has its JSON read, as json (not jsonb, which refuses a \u0000 anywhere in the text); an
-# iteration that is not an object, or a count that is not a positive integer, adds nothing.
-_ITERATION_TOKENS = f"""CASE WHEN ins.iterations IS NULL THEN 0 ELSE (SELECT COALESCE(SUM(c.value::text::BIGINT), 0)
-    FROM json_array_elements(CASE WHEN json_typeof(ins.iterations::json) = 'array' THEN ins.iterations::json END)
+ROLLUP_FIELDS = ("requests", *ROLLUP_SUMS, "iteration_tokens", "cost", "errors", "interrupted", "unpriced")
+
+
+def iteration_tokens_sql(row: str) -> str:
+    """The tokens of the iterations billed apart from the top-level counts of the ledger row `row` (a table or
+    alias; ledger_write.iteration_tokens_sql): only a row with iterations has its JSON read, as json (not jsonb,
+    which refuses a \\u0000 anywhere in the text); an iteration that is not an object, or a count that is not a
+    positive integer, adds nothing."""
+    return f"""CASE WHEN {row}.iterations IS NULL THEN 0 ELSE (SELECT COALESCE(SUM(c.value::text::BIGINT), 0)
+    FROM json_array_elements(CASE WHEN json_typeof({row}.iterations::json) = 'array' THEN {row}.iterations::json END)
          AS i (value),
          json_each(CASE WHEN json_typeof(i.value) = 'object' THEN i.value END) c
     WHERE i.value ->> 'type' IN ({sql_strings(SEPARATE_ITERATIONS)}) AND c.key IN ({sql_strings(TOKEN_COUNTS)})
       AND json_typeof(c.value) = 'number' AND c.value::text ~ '^[0-9]{{1,18}}$') END"""
+
+
+_ITERATION_TOKENS = iteration_tokens_sql("ins")
 
 
 def _write_sql(columns: Sequence[str], settle: bool) -> str:
@@ -63,9 +70,7 @@ LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) A
 ), period_spend AS (
     INSERT INTO key_period_spend (key_id, period, start, cost, tokens)
     SELECT q.key_id, k.quota_period,
-        to_char(CASE k.quota_period WHEN 'day' THEN date_trunc('day', to_timestamp(q.ts) AT TIME ZONE 'UTC')
-                                    WHEN 'week' THEN date_trunc('week', to_timestamp(q.ts) AT TIME ZONE 'UTC')
-                                    ELSE date_trunc('month', to_timestamp(q.ts) AT TIME ZONE 'UTC') END,
+        to_char(date_trunc(k.quota_period, to_timestamp(floor(q.ts)) AT TIME ZONE 'UTC'),
                 'YYYY-MM-DD') AS start,
         SUM(q.cost), SUM(q.tokens)
     FROM quota q JOIN keys k ON k.id = q.key_id
@@ -78,10 +83,10 @@ LEFT JOIN (SELECT key_id, start, COUNT(*) AS n, SUM(cost) AS cost, SUM(tokens) A
     INSERT INTO usage ({cols}) SELECT {cols} FROM usage_incoming
     ON CONFLICT (request_id, ts) DO NOTHING
     RETURNING request_id, ts, key_id, key_name, requested_model, channel_name, status, error_type, interrupted, cost,
-        {', '.join(ROLLUP_SUMS)}{', iterations' if settle else ''}){spend}, rollup AS (
+        {', '.join(ROLLUP_SUMS)}, iterations){spend}, rollup AS (
     INSERT INTO usage_daily (day, key_name, requested_model, channel_name, {', '.join(ROLLUP_FIELDS)})
     SELECT (to_timestamp(floor(ts)) AT TIME ZONE 'UTC')::date, COALESCE(key_name, ''), COALESCE(requested_model, ''),
-        COALESCE(channel_name, ''), COUNT(*), {sums}, COALESCE(SUM(cost), 0),
+        COALESCE(channel_name, ''), COUNT(*), {sums}, SUM({_ITERATION_TOKENS}), COALESCE(SUM(cost), 0),
         SUM((status >= 400 OR error_type IS NOT NULL)::int), SUM((interrupted != 0)::int),
         SUM((cost IS NULL)::int)
     FROM ins GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4

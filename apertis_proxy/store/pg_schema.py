@@ -23,7 +23,7 @@ import datetime
 from typing import Iterable
 
 from ..plugin_api import DEFAULT_API_VERSION
-from . import pg_admissions, schema
+from . import pg_admissions, pg_ledger, schema
 
 NOTIFY_CHANNEL = "apertis_config"
 MIGRATION_LOCK = 0x61706572          # pg_advisory_lock key: "aper"
@@ -31,9 +31,10 @@ CONFIG_TABLES = ("keys", "key_grace", "channels", "models", "model_prices")
 PARTITIONS_AHEAD = 2                 # months created beyond the current one
 # Changes to the PostgreSQL schema alone at SCHEMA_VERSION, reinstalled by migrate() (1: apertis_admit_many;
 # 2: apertis_admit decides on its own, for batches of one; 3: the index of requests in flight holds their ids;
-# 4: a full minute's times ahead of the clock come back to it).  The functions of an earlier revision stay
-# callable as they were, so hosts of both revisions can share it.
-PG_REVISION = 4
+# 4: a full minute's times ahead of the clock come back to it; 5: the rollup's iteration_tokens, filled from the
+# ledger rows there are).  The functions of an earlier revision stay callable as they were, so hosts of both
+# revisions can share it.
+PG_REVISION = 5
 # SQLite's version 9 (the minute's numbered times) is SQLite's alone; version 10 (ended admissions per key and
 # day) is both backends'.
 SCHEMA_VERSION = 10
@@ -220,6 +221,9 @@ CREATE TABLE IF NOT EXISTS usage_daily (
     unpriced                    BIGINT NOT NULL,
     PRIMARY KEY (day, key_name, requested_model, channel_name)
 );
+-- Tokens of the iterations billed apart from the top-level counts (advisor, compaction, fallback); a host of
+-- revision 4 adds 0.
+ALTER TABLE usage_daily ADD COLUMN IF NOT EXISTS iteration_tokens BIGINT NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS channel_health (
     channel_id      BIGINT NOT NULL,
     worker          TEXT NOT NULL,
@@ -330,9 +334,12 @@ async def migrate(conn) -> None:
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
         version = await schema_version(conn)      # another host may have done it meanwhile
-        if version < SCHEMA_VERSION or await pg_revision(conn) < PG_REVISION:
+        revision = await pg_revision(conn) if version else 0
+        if version < SCHEMA_VERSION or revision < PG_REVISION:
             async with conn.transaction():
                 await conn.execute(DDL)
+                if version and revision < 5:
+                    await conn.execute(_fill_iteration_tokens())
                 await _add_database_id(conn)
                 for stmt in _trigger_ddl():
                     await conn.execute(stmt)
@@ -350,6 +357,20 @@ async def migrate(conn) -> None:
         await _add_database_id(conn)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+def _fill_iteration_tokens() -> str:
+    """The rollup's iteration_tokens of the days whose ledger rows are still kept (revision 5): a rollup row of a
+    day whose rows retention dropped keeps 0."""
+    return f"""
+UPDATE usage_daily d SET iteration_tokens = s.tokens
+FROM (SELECT (to_timestamp(floor(ts)) AT TIME ZONE 'UTC')::date AS day, COALESCE(key_name, '') AS key_name,
+             COALESCE(requested_model, '') AS requested_model, COALESCE(channel_name, '') AS channel_name,
+             SUM({pg_ledger.iteration_tokens_sql("usage")}) AS tokens
+      FROM usage WHERE iterations IS NOT NULL GROUP BY 1, 2, 3, 4) s
+WHERE d.day = s.day AND d.key_name = s.key_name AND d.requested_model = s.requested_model
+  AND d.channel_name = s.channel_name
+"""
 
 
 async def _has_database_id(conn) -> bool:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from . import ledger_write, pg_ledger
 from .url import dialect
 
-# The totals every summary reports, in this order.
+# The totals every summary reports, in this order.  iteration_tokens: the tokens of the iterations billed apart
+# from the top-level counts (advisor, compaction, fallback; UsageRecord.billed_tokens), which cost includes.
 TOTAL_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
-                "cache_creation_input_tokens", "cost")
+                "cache_creation_input_tokens", "iteration_tokens", "cost")
 # Extra counts a summary also reports.
 COUNT_FIELDS = ("errors", "interrupted", "unpriced")
 # Failed attempts on upstream channels (from each row's attempt log): a count and {kind: count}.
@@ -43,6 +45,7 @@ _AGGREGATES = """
     COALESCE(SUM(output_tokens), 0) AS output_tokens,
     COALESCE(SUM(cache_read_input_tokens), 0) AS cache_read_input_tokens,
     COALESCE(SUM(cache_creation_input_tokens), 0) AS cache_creation_input_tokens,
+    COALESCE(SUM(ITERATION_TOKENS), 0) AS iteration_tokens,
     COALESCE(SUM(cost), 0.0) AS cost,            -- unpriced rows (cost NULL) are counted apart
     COALESCE(SUM(status >= 400 OR error_type IS NOT NULL), 0) AS errors,
     COALESCE(SUM(interrupted != 0), 0) AS interrupted,
@@ -95,15 +98,17 @@ def _counts(row) -> dict[str, Any]:
 
 
 # PostgreSQL sums booleans as integers only when told to.
-_PG_AGGREGATES = (_AGGREGATES.replace("SUM(status >= 400 OR error_type IS NOT NULL)",
+_PG_AGGREGATES = (_AGGREGATES.replace("ITERATION_TOKENS", pg_ledger.iteration_tokens_sql("usage"))
+                  .replace("SUM(status >= 400 OR error_type IS NOT NULL)",
                                       "SUM((status >= 400 OR error_type IS NOT NULL)::int)")
                   .replace("SUM(interrupted != 0)", "SUM((interrupted != 0)::int)")
                   .replace("SUM(cost IS NULL)", "SUM((cost IS NULL)::int)")
                   .replace("-- unpriced rows (cost NULL) are counted apart", ""))
+_AGGREGATES = _AGGREGATES.replace("ITERATION_TOKENS", ledger_write.iteration_tokens_sql("usage"))
 _ROLLUP_AGGREGATES = ", ".join(
     f"COALESCE(SUM({f}), 0) AS {f}" for f in
     ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
-     "cost", "errors", "interrupted", "unpriced"))
+     "iteration_tokens", "cost", "errors", "interrupted", "unpriced"))
 # The rollup stores '' for "none": NULLIF gives reports the ledger's NULL back.
 _ROLLUP_GROUPINGS = {"key": "NULLIF(key_name, '')", "model": "NULLIF(requested_model, '')",
                      "channel": "NULLIF(channel_name, '')",

@@ -570,6 +570,7 @@ def expected_totals(rows):
     return {"requests": len(rows), "input_tokens": sum(r[7] for r in rows),
             "output_tokens": sum(r[8] for r in rows), "cache_read_input_tokens": sum(r[9] for r in rows),
             "cache_creation_input_tokens": sum(r[10] for r in rows),
+            "iteration_tokens": 0,      # these rows have no iterations
             "cost": sum(r[11] or 0 for r in rows), "unpriced_requests": sum(r[11] is None for r in rows),
             "errors": sum(r[4] >= 400 or r[5] is not None for r in rows), "interrupted": sum(bool(r[6]) for r in rows),
             "failed_attempts": 0, "failures": {}}     # these rows predate the attempt log
@@ -599,7 +600,8 @@ def test_usage_json_by_key_and_filters(cli, ledger):
     code, out, _ = cli("usage", "--json", "--by", "key")
     data = json.loads(out)
     assert set(data) == {"requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
-                         "cache_creation_input_tokens", "cost", "errors", "interrupted", "unpriced_requests",
+                         "cache_creation_input_tokens", "iteration_tokens", "cost", "errors", "interrupted",
+                         "unpriced_requests",
                          "refused", "failed_attempts", "failures", "by"}
     by_key = {row.pop("key"): row for row in data["by"]}
     for name in ("alice", "bob"):

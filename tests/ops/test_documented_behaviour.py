@@ -341,8 +341,8 @@ def test_usage_json_has_by_with_by_only(tmp_path):
     (failed attempts by kind), and with `--by` also `by`.'"""
     assert run_cli(tmp_path, "keys", "create", "alice", "--db", "g.db").returncode == 0
     documented = {"requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
-                  "cache_creation_input_tokens", "cost", "errors", "interrupted", "unpriced_requests", "refused",
-                  "failed_attempts", "failures"}
+                  "cache_creation_input_tokens", "iteration_tokens", "cost", "errors", "interrupted",
+                  "unpriced_requests", "refused", "failed_attempts", "failures"}
     proc = run_cli(tmp_path, "usage", "--json", "--db", "g.db")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)

@@ -14,6 +14,8 @@ import pytest
 from apertis_proxy import cli
 from apertis_proxy.plugin_api import UsageRecord
 from apertis_proxy.store import service
+from tests.ops.test_admissions_ended import set_period
+from tests.ops.test_admissions_store import new_key
 
 DAY = int(datetime(2026, 11, 30, tzinfo=timezone.utc).timestamp())    # midnight UTC, 2026-11-30
 
@@ -134,3 +136,65 @@ async def test_weeks_and_months_are_utc_from_monday_on_every_path(db, capsys):
         months = json.loads(_usage(capsys, db, "--json", "--by", "month", *extra))["by"]
         assert [(g["week"], g["requests"]) for g in weeks] == [("2026-11-23", 1), ("2026-11-30", 2)], extra
         assert [(g["month"], g["requests"]) for g in months] == [("2026-11-01", 2), ("2026-12-01", 1)], extra
+
+
+# --- iterations billed apart: their tokens reported, the same on every path ---------------------------------------
+
+_ITERATIONS = [
+    {"type": "message", "input_tokens": 900, "output_tokens": 90},              # the top-level counts' own
+    {"type": "advisor_message", "model": "claude-opus-4-8", "input_tokens": 1000, "output_tokens": 200,
+     "cache_read_input_tokens": 300},
+    {"type": "compaction", "input_tokens": 500, "output_tokens": 50, "cache_creation_input_tokens": 7},
+]
+
+
+async def test_tokens_of_iterations_billed_apart_are_reported_on_every_path(db, capsys):
+    # What a token quota counts of these rows (UsageRecord.billed_tokens): 15 + 15 + 2,057.  The report's token
+    # columns are the top-level counts; the separately billed iterations (1,500 + 557) have a column of their own.
+    await _write(db, [_row("plain", DAY + 10), _row("advised", DAY + 20, iterations=_ITERATIONS),
+                      _row("other", DAY + 30, requested_model="claude-y", iterations=[{"type": "message"}])])
+    for extra in ((), ("--since", "2026-11-30T00:00:01Z")):      # rollup (PG) and raw rows
+        whole = json.loads(_usage(capsys, db, "--json", *extra))
+        by = json.loads(_usage(capsys, db, "--json", "--by", "model", *extra))["by"]
+        assert whole["iteration_tokens"] == 2057, extra
+        assert whole["input_tokens"] + whole["output_tokens"] == 45, extra
+        assert {g["model"]: g["iteration_tokens"] for g in by} == {"claude-x": 2057, "claude-y": 0}, extra
+    text = _usage(capsys, db, "--by", "model")
+    header, *rows = text.splitlines()
+    assert "ITERATIONS" in header
+    assert "2,057" in next(r for r in rows if r.startswith("claude-x"))
+    assert "ITERATIONS" not in _usage(capsys, db, "--model", "claude-y").splitlines()[0]
+
+
+def _as_pg_revision_4(url: str) -> None:
+    """A PostgreSQL store as revision 4 left it: a rollup without iteration_tokens."""
+    conn = service.connect(url)
+    try:
+        conn.execute("ALTER TABLE usage_daily DROP COLUMN iteration_tokens")
+        conn.execute("UPDATE meta SET v = '4' WHERE k = 'pg_revision'")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+async def test_a_migrated_postgresql_rollup_reports_the_iterations_of_rows_it_already_held(pg_url, capsys):
+    await _write(pg_url, [_row("advised", DAY + 20, iterations=_ITERATIONS), _row("plain", DAY + 30)])
+    _as_pg_revision_4(pg_url)
+    await _write(pg_url, [_row("later", DAY + 40, iterations=_ITERATIONS[1:2])])    # the upgrade, then a row
+    assert json.loads(_usage(capsys, pg_url, "--json"))["iteration_tokens"] == 2057 + 1500
+
+
+# --- quota periods: a row's period is its whole second's, as in the reports ---------------------------------------
+
+async def test_a_request_started_just_before_midnight_counts_in_that_days_quota_period(db):
+    key_id = new_key(db, "alice", quota_cost=10.0)
+    set_period(db, key_id, "day")
+    eps = 0.0004 if not db.startswith("postgres") else 0.0000004
+    await _write(db, [_row("late", DAY - eps, key_id=key_id, cost=0.25)])
+    conn = service.connect(db)
+    try:
+        periods = sorted(tuple(r) for r in conn.execute("SELECT period, start, cost FROM key_period_spend"))
+    finally:
+        conn.close()
+    assert periods == [("day", "2026-11-29", 0.25)], \
+        f"a request started at {DAY - eps!r} (2026-11-29T23:59:59.9999...Z) settled in the wrong day: {periods!r}"
