@@ -61,6 +61,9 @@ class Settings:
     trusted_proxies: list[str] = field(default_factory=list)
     # The header those proxies write: "x-forwarded-for" or "forwarded" (the other is never read).
     forwarded_header: str = "x-forwarded-for"
+    # The gateway's address as clients reach it ("https://llm.example.com"), for URLs it hands out (a batch's
+    # results_url); unset: the request's Host, https when the listener has TLS.
+    public_url: Optional[str] = None
     # Upstream side (seconds).
     connect_timeout: float = 10.0
     read_timeout: float = 600.0         # between upstream bytes, not total: streams last long
@@ -115,7 +118,7 @@ _TABLES: dict[str, tuple[str, ...]] = {
     "server": ("host", "port", "workers", "config_poll_interval", "max_body_bytes", "max_unvouched_body_bytes",
                "max_header_bytes", "header_timeout", "body_timeout", "keepalive_timeout", "shutdown_timeout",
                "drain_delay", "write_high_water", "max_connections", "tls_cert", "tls_key", "trusted_proxies",
-               "forwarded_header", "fast_heads", "fast_heads_check"),
+               "forwarded_header", "public_url", "fast_heads", "fast_heads_check"),
     "upstream": ("connect_timeout", "read_timeout", "pool_max_idle", "pool_idle_timeout"),
     "contract": ("thinking_budget_max", "default_api_version"),
     "billing": ("allow_unpriced",),
@@ -231,6 +234,7 @@ def check(s: Settings, where: str) -> None:
     if not isinstance(s.spool_dir, str):
         raise ValueError(f"{where}: spool_dir must be a directory path, not {s.spool_dir!r}")
     _check_tls(s, where)
+    _check_public_url(s, where)
     if not isinstance(s.trusted_proxies, list):
         raise ValueError(f"{where}: trusted_proxies must be a list of CIDRs, like [\"10.0.0.0/8\"], "
                          f"not {s.trusted_proxies!r}")
@@ -269,6 +273,17 @@ def check(s: Settings, where: str) -> None:
     options = s.plugin_options
     if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
         raise ValueError(f"{where}: [plugins.options.NAME] must be tables of options, one per plugin")
+
+
+def _check_public_url(s: Settings, where: str) -> None:
+    url = s.public_url
+    if url is None:
+        return
+    scheme, sep, rest = url.partition("://") if isinstance(url, str) else ("", "", "")
+    if scheme not in ("http", "https") or not sep or not rest or any(c in rest for c in "?#@ ") or \
+            not rest.split("/", 1)[0]:
+        raise ValueError(f"{where}: public_url must be an http(s) address like \"https://llm.example.com\", "
+                         f"not {url!r}")
 
 
 def _check_tls(s: Settings, where: str) -> None:

@@ -22,7 +22,7 @@ from ..http.responder import Responder
 from ..plugin_api import SEPARATE_ITERATIONS, Caller, Channel, UsageRecord
 from . import contract
 from .batch_admission import admit, named, refuse_quota
-from .owned_endpoint import OwnedEndpoint, header
+from .owned_endpoint import OwnedEndpoint, header, passed_down, with_query
 from .ownership import BATCH
 from .pricing import cache_split, price
 from .upstream_call import Answer
@@ -81,40 +81,42 @@ class BatchesEndpoint(OwnedEndpoint):
                     raise named(i, e) from None
                 fitted.append({**item, "params": prepared.body})
             payload = orjson.dumps({**body, "requests": fitted})
-            last = await self.call(channel, "POST", PREFIX, req, payload, record, version, billed=True)
+            last = await self.call(channel, "POST", with_query(PREFIX, req), req, payload, record, version, billed=True)
             if last is None:
                 continue
             if last.status == 200:
                 batch = orjson.loads(last.body)
                 self.remember(batch["id"], caller, channel)
-                return self._send_batch(req, resp, last, batch, admitted.headers)
+                return self._send_batch(req, resp, last, batch, record, admitted.headers)
             if not fails_over(read_error(last.status, last.body, [channel.api_key]).cause):
                 break
-        self.send_answer(resp, last)
+        self.send_answer(resp, last, record)
 
     async def _one(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord, batch_id: str) -> None:
         answer = await self.forward_item(req, resp, caller, record, batch_id)
         if answer is not None and answer.status == 200 and req.method != "DELETE":
-            return self._send_batch(req, resp, answer, orjson.loads(answer.body))
-        self.send_answer(resp, answer)
+            return self._send_batch(req, resp, answer, orjson.loads(answer.body), record)
+        self.send_answer(resp, answer, record)
 
     # -- results --------------------------------------------------------------
 
     async def _results(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord,
                        batch_id: str) -> None:
         channel = await self.owned_channel(req, resp, caller, batch_id)
-        answer = await self.call(channel, "GET", f"{PREFIX}/{batch_id}/results", req, b"", record)
+        answer = await self.call(channel, "GET", with_query(f"{PREFIX}/{batch_id}/results", req), req, b"", record)
         if answer is None:
             raise GatewayError(502, "upstream unavailable", "api_error")
         if answer.status == 200:
             # Everything that awaits comes before the batch is marked settled: from the mark to the row in
             # the spool (checkpoint) nothing can cut the request but a crash within the same few steps.
+            results_id = record.upstream_request_id
             created = await self._created_at(channel, req, record, batch_id)
+            record.upstream_request_id = results_id         # the row and the answer name the results' call
             if await self.fw.owned.settle_once(BATCH, batch_id):
                 bill_results(answer.body, record, self.fw.catalog.catalog, created)
                 record.status, record.error_type = 200, None      # the results were served, whatever the lookup
                 self.fw.plugins.checkpoint(record)
-        self.send_answer(resp, answer)
+        self.send_answer(resp, answer, record)
 
     async def _created_at(self, channel: Channel, req: Request, record: UsageRecord, batch_id: str) -> float:
         """When the batch was created (the prices of that moment apply), as its account says;
@@ -130,15 +132,20 @@ class BatchesEndpoint(OwnedEndpoint):
     # -- helpers --------------------------------------------------------------
 
     def shown(self, req: Request, batch: dict) -> dict:
-        """The batch with its results_url on the gateway."""
+        """The batch with its results_url on the gateway: `[server] public_url`, else the request's Host, by
+        https when the listener has TLS (the SDKs fetch the results from that very URL)."""
         if batch.get("results_url"):
-            host = (header(req, b"host") or "127.0.0.1").strip()
-            batch["results_url"] = f"http://{host}{PREFIX}/{batch['id']}/results"
+            settings = self.fw.settings
+            base = settings.public_url
+            if base is None:
+                scheme = "https" if settings.tls_cert else "http"
+                base = f"{scheme}://{(header(req, b'host') or '127.0.0.1').strip()}"
+            batch["results_url"] = f"{base.rstrip('/')}{PREFIX}/{batch['id']}/results"
         return batch
 
-    def _send_batch(self, req: Request, resp: Responder, answer: Answer, batch: dict,
+    def _send_batch(self, req: Request, resp: Responder, answer: Answer, batch: dict, record: UsageRecord,
                     notices: Sequence[tuple[bytes, bytes]] = ()) -> None:
-        resp.send(answer.status, [_JSON, *notices], orjson.dumps(self.shown(req, batch)))
+        resp.send(answer.status, [*passed_down(answer, record, ()), *notices], orjson.dumps(self.shown(req, batch)))
 
 
 _COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",

@@ -16,7 +16,7 @@ from ..http.request import Request
 from ..http.responder import Responder
 from ..plugin_api import Caller, UsageRecord
 from .forward import request_info
-from .owned_endpoint import OwnedEndpoint
+from .owned_endpoint import OwnedEndpoint, with_query
 from .ownership import FILE
 from .upstream_call import Answer
 from .upstream_errors import fails_over, read_error
@@ -33,13 +33,13 @@ class FilesEndpoint(OwnedEndpoint):
                    rest: list[str]) -> None:
         method = req.method
         if (len(rest) == 1 and method in ("GET", "DELETE")) or (rest[1:] == ["content"] and method == "GET"):
-            return self.send_answer(resp, await self.forward_item(req, resp, caller, record, rest[0]))
+            return self.send_answer(resp, await self.forward_item(req, resp, caller, record, rest[0]), record)
         raise GatewayError(404, f"Not found: {method} {req.path}", "not_found_error")
 
     async def create(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord) -> None:
         last: Optional[Answer] = None
         for channel in await self.fw.plugins.route(request_info(req, resp, None), caller) or []:
-            last = await self.call(channel, "POST", PREFIX, req, req.body, record)
+            last = await self.call(channel, "POST", with_query(PREFIX, req), req, req.body, record)
             if last is None:
                 continue
             if last.status == 200:
@@ -47,4 +47,4 @@ class FilesEndpoint(OwnedEndpoint):
                 break
             if not fails_over(read_error(last.status, last.body, [channel.api_key]).cause):
                 break
-        self.send_answer(resp, last)
+        self.send_answer(resp, last, record)

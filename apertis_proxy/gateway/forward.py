@@ -28,7 +28,7 @@ from ..upstream.connection import ResponseHead, UpstreamConnection, UpstreamErro
 from ..upstream.pool import Pools
 from . import contract, model_policy
 from .body_encoding import decode_body
-from .headers import downstream_headers, parse_retry_after, upstream_headers, upstream_request_id
+from .headers import RETRY_ADVICE, downstream_headers, parse_retry_after, upstream_headers, upstream_request_id
 from .ownership import (CONTAINER, CREDIT, MESSAGE, THINKING, THREAD, StateCapture, may_think, not_found,
                         owner_of, references, resolve, wants_diagnosis)
 from .relay import EncodedRelay, JsonRelay, Relay, StreamRelay
@@ -459,7 +459,7 @@ class MessagesForwarder:
             # not hand them an authentication error they cannot fix.
             return FailedAttempt(502, "api_error", "the upstream channel rejected the gateway's credentials",
                            cause=error.cause)
-        passed = [(n, v) for n, v in head.headers if n in (b"retry-after", b"retry-after-ms", b"x-should-retry")]
+        passed = [(n, v) for n, v in head.headers if n in RETRY_ADVICE]
         if record.upstream_request_id:
             passed.append((b"upstream-request-id", record.upstream_request_id.encode("latin-1")))
         return FailedAttempt(error.status, error.error_type, error.message, passed, error.body, error.cause)

@@ -23,7 +23,7 @@ from ..plugin_api import CAUSE_TRANSIENT, Caller, Channel, Outcome, UsageRecord
 from ..upstream.connection import UpstreamError
 from . import contract
 from .body_encoding import decode_body
-from .headers import parse_retry_after, upstream_request_id
+from .headers import RETRY_ADVICE, parse_retry_after, upstream_request_id
 from .forward import request_info
 from .ownership import owner_of
 from .paging import page
@@ -121,7 +121,7 @@ class OwnedEndpoint:
                            ident: str) -> Optional[Answer]:
         """The request as it came, on the account holding `ident`; a deletion is forgotten."""
         channel = await self.owned_channel(req, resp, caller, ident)
-        answer = await self.call(channel, req.method, req.path, req, b"", record)
+        answer = await self.call(channel, req.method, with_query(req.path, req), req, b"", record)
         if answer is not None and answer.status == 200 and req.method == "DELETE":
             self.fw.owned.forget(self.kind, ident)
         return answer
@@ -196,11 +196,30 @@ class OwnedEndpoint:
         return answer
 
     @staticmethod
-    def send_answer(resp: Responder, answer: Optional[Answer]) -> None:
+    def send_answer(resp: Responder, answer: Optional[Answer], record: UsageRecord) -> None:
         if answer is None:
             raise GatewayError(502, "upstream unavailable", "api_error")
-        passed = [(n, v) for n, v in answer.headers if n in (b"content-type", b"content-disposition")]
-        resp.send(answer.status, passed or [_JSON], answer.body)
+        resp.send(answer.status, passed_down(answer, record, _PASSED), answer.body)
+
+
+# What an answer passes down: its type (a file's content also its name) and the upstream's retry advice.
+_PASSED = (b"content-type", b"content-disposition", *RETRY_ADVICE)
+
+
+def passed_down(answer: Answer, record: UsageRecord, names: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
+    """The answer's headers of `names` (JSON's content type when it has none) and the upstream's request id."""
+    passed = [(n, v) for n, v in answer.headers if n in names]
+    if not any(n == b"content-type" for n, _ in passed):
+        passed.append(_JSON)
+    if record.upstream_request_id:
+        passed.append((b"upstream-request-id", record.upstream_request_id.encode("latin-1")))
+    return passed
+
+
+def with_query(path: str, req: Request) -> str:
+    """`path` with the client's query string (`?beta=true` of the SDKs' beta calls): a call that mirrors the
+    client's goes upstream as the client made it."""
+    return f"{path}?{req.query}" if req.query else path
 
 
 class NoChannel(GatewayError):
