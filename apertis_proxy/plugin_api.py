@@ -185,6 +185,7 @@ class Outcome:
     duration: float = 0.0          # seconds spent on this attempt
     error_code: Optional[str] = None   # upstream `error.details.error_code`, e.g. "ramp_limit_exceeded"
     cause: Optional[str] = None    # one of the CAUSE_* values when ok is False
+    unanswered: bool = False       # the request went out and no answer came (read_timeout): it may be billed
 
     @property
     def kind(self) -> str:
@@ -299,8 +300,8 @@ class UsageRecord:
         if status is not None and 200 <= status < 300:
             # The upstream answered the request as accepted; count_tokens (free) reports no usage.
             return self.endpoint == MESSAGES_ENDPOINT
-        # Our own timeout: the last attempt got no answer.
-        return self.error_type == "timeout_error" and last.get("outcome") != "ok" and status is None
+        # Our own timeout: an attempt that sent the request got no answer, also one failed over from.
+        return any(a.get("unanswered") for a in self.attempt_log)
 
 
 def stopped_attempt(channel: Optional[str], channel_id: Optional[int], status: Optional[int],

@@ -380,15 +380,16 @@ class MessagesForwarder:
         if not ctype.startswith(b"application/json") and (
                 ctype[:17].lower() == b"text/event-stream" or (not ctype and record.stream)):
             if self.plugins.checkpoints:
-                meter.on_start = self._checkpoint
+                meter.on_usage = self._checkpoint
             return StreamRelay(conn, fwd.resp, head.status, down, record, timeout,
                                SseSplicer(meter, rename, channel.api_key)), meter
         return JsonRelay(conn, fwd.resp, head.status, down, record, timeout, meter, rename, fwd.count_tokens), meter
 
     def _checkpoint(self, record: UsageRecord) -> None:
-        """A stream's usage as first reported, priced, to the meters that keep it in case the gateway dies
-        before the stream ends (MeterPlugin.checkpoint).  The record itself, not a copy (one per stream costs
-        more than the rest): its cost is priced again when the stream ends."""
+        """A stream's usage as reported so far (at message_start and each message_delta), priced, to the meters
+        that keep it in case the gateway dies before the stream ends (MeterPlugin.checkpoint).  The record
+        itself, not a copy (one per stream costs more than the rest): its cost is priced again when the stream
+        ends."""
         duration_ms = record.duration_ms
         record.duration_ms = round(max(0.0, time.time() - record.started_at) * 1000, 3)
         # The attempt serving the stream is logged when it ends; for a row that stands for a gateway that
@@ -425,17 +426,20 @@ class MessagesForwarder:
 
     def report_attempt(self, record: UsageRecord, outcome: Outcome) -> None:
         """One attempt's outcome: to the routers (health) and into the request's ledger row."""
-        record.attempt_log.append({
-            "channel": outcome.channel.name, "channel_id": outcome.channel.id, "outcome": outcome.kind,
-            "status": outcome.status, "error_type": outcome.error_type,
-            "upstream_request_id": record.upstream_request_id})
+        entry = {"channel": outcome.channel.name, "channel_id": outcome.channel.id, "outcome": outcome.kind,
+                 "status": outcome.status, "error_type": outcome.error_type,
+                 "upstream_request_id": record.upstream_request_id}
+        if outcome.unanswered:
+            entry["unanswered"] = True
+        record.attempt_log.append(entry)
         self.plugins.feedback(outcome)
 
     def _failed(self, record: UsageRecord, channel: Channel, info: RequestInfo, exc: UpstreamError,
                 t_start: float) -> FailedAttempt:
         etype = "timeout" if exc.timeout else "connect_error"
         self.report_attempt(record, Outcome(channel, ok=False, request_id=info.request_id, error_type=etype,
-                                      message=str(exc), duration=_clock() - t_start, cause=CAUSE_TRANSIENT))
+                                      message=str(exc), duration=_clock() - t_start, cause=CAUSE_TRANSIENT,
+                                      unanswered=exc.timeout and exc.phase != "connect"))
         if exc.timeout:
             return FailedAttempt(504, "timeout_error", f"upstream timed out: {exc}")
         return FailedAttempt(502, "api_error", f"upstream unavailable: {exc}")

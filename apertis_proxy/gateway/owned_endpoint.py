@@ -176,7 +176,8 @@ class OwnedEndpoint:
             timeout = isinstance(exc, UpstreamError) and exc.timeout
             fw.report_attempt(record, Outcome(channel, ok=False, request_id=record.request_id,
                                         error_type="timeout" if timeout else "connect_error", message=str(exc),
-                                        duration=time.perf_counter() - t_start, cause=CAUSE_TRANSIENT))
+                                        duration=time.perf_counter() - t_start, cause=CAUSE_TRANSIENT,
+                                        unanswered=timeout and exc.phase != "connect"))
             return None
         record.reached_upstream = True
         record.upstream_request_id = upstream_request_id(answer.get(b"request-id"), channel.api_key)

@@ -28,12 +28,13 @@ def _count(value: Any) -> Optional[int]:
 class UsageMeter:
     """Writes usage into one UsageRecord as it becomes known."""
 
-    __slots__ = ("record", "on_start")
+    __slots__ = ("record", "on_usage")
 
     def __init__(self, record: UsageRecord) -> None:
         self.record = record
-        # Called with the record once a stream's message_start was applied (the meters' checkpoint).
-        self.on_start: Optional[Callable[[UsageRecord], None]] = None
+        # Called with the record each time a stream's message_start or message_delta was applied (the meters'
+        # checkpoint: a gateway killed after it still meters the usage read so far).
+        self.on_usage: Optional[Callable[[UsageRecord], None]] = None
 
     def apply(self, usage: Any) -> None:
         if not isinstance(usage, dict):
@@ -81,11 +82,13 @@ class UsageMeter:
         mid = message.get("model")
         if isinstance(mid, str) and not self.record.upstream_model:
             self.record.upstream_model = mid
-        if self.on_start is not None:
-            self.on_start(self.record)
+        if self.on_usage is not None:
+            self.on_usage(self.record)
 
     def message_delta(self, event: Mapping[str, Any]) -> None:
         self.apply(event.get("usage"))
+        if self.on_usage is not None:
+            self.on_usage(self.record)
 
     def body(self, body: Mapping[str, Any]) -> None:
         self.apply(body.get("usage"))
