@@ -186,6 +186,7 @@ class Outcome:
     error_code: Optional[str] = None   # upstream `error.details.error_code`, e.g. "ramp_limit_exceeded"
     cause: Optional[str] = None    # one of the CAUSE_* values when ok is False
     unanswered: bool = False       # the request went out and no answer came (read_timeout): it may be billed
+    refused: bool = False          # a 2xx whose body was the upstream's own error (a stream's `event: error`)
 
     @property
     def kind(self) -> str:
@@ -298,8 +299,9 @@ class UsageRecord:
             return False
         status = last.get("status")
         if status is not None and 200 <= status < 300:
-            # The upstream answered the request as accepted; count_tokens (free) reports no usage.
-            return self.endpoint == MESSAGES_ENDPOINT
+            # The upstream answered the request as accepted; count_tokens (free) reports no usage.  An in-band
+            # error before any usage is the upstream's word that it did not serve it, as an error status is.
+            return self.endpoint == MESSAGES_ENDPOINT and not last.get("refused")
         # Our own timeout: an attempt that sent the request got no answer, also one failed over from.
         return any(a.get("unanswered") for a in self.attempt_log)
 

@@ -341,7 +341,8 @@ class MessagesForwarder:
         failed = record.error_type is not None and record.error_type != "client_closed_request"
         self.report_attempt(record, Outcome(channel, ok=not failed, request_id=info.request_id, status=head.status,
                                       error_type=record.error_type if failed else None,
-                                      duration=_clock() - t_start, cause=CAUSE_TRANSIENT if failed else None))
+                                      duration=_clock() - t_start, cause=CAUSE_TRANSIENT if failed else None,
+                                      refused=relay.upstream_refused))
         if isinstance(meter, StateCapture):
             named = self._remember(meter, info, channel, fwd.owner)
             if named is not None:
@@ -431,6 +432,8 @@ class MessagesForwarder:
                  "upstream_request_id": record.upstream_request_id}
         if outcome.unanswered:
             entry["unanswered"] = True
+        elif outcome.refused:
+            entry["refused"] = True
         record.attempt_log.append(entry)
         self.plugins.feedback(outcome)
 

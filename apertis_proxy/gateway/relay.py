@@ -49,6 +49,11 @@ class Relay:
     async def run(self) -> None:
         raise NotImplementedError
 
+    @property
+    def upstream_refused(self) -> bool:
+        """Whether the upstream's own error answered the request in-band (a stream's `event: error`)."""
+        return False
+
 
 class JsonRelay(Relay):
     """A whole (JSON) body: read it, take its usage, rename the model back, send it."""
@@ -227,10 +232,21 @@ class StreamRelay(Relay):
             return True
         return self.piece(read[start:-2])
 
+    @property
+    def upstream_refused(self) -> bool:
+        return self.splicer.error is not None
+
     async def client_gone(self) -> None:
-        """The client left: the rest is read for its usage (bounded), not sent."""
-        self.record.interrupted = True
-        await drain_stream(self.conn, self.splicer, self.read_timeout)
+        """The client left: the rest is read for its usage (bounded), not sent.  How the upstream ended it
+        counts as if the client had stayed: an in-band error, or a cut before message_stop, is the channel's
+        failure all the same (its health, the row's error); the gateway's own drain limits are not."""
+        record, splicer = self.record, self.splicer
+        record.interrupted = True
+        failure = await drain_stream(self.conn, splicer, self.read_timeout)
+        if splicer.error is not None:
+            record.error_type = splicer.error_type
+        elif failure is not None and not splicer.saw_stop:
+            record.error_type = "timeout_error" if failure.timeout else "api_error"
         self.resp.end()
 
     def shutdown_cut(self) -> None:
@@ -282,16 +298,20 @@ class StreamRelay(Relay):
         self.resp.end(last)
 
 
-async def drain_stream(conn: UpstreamConnection, splicer: SseSplicer, read_timeout: float) -> None:
+async def drain_stream(conn: UpstreamConnection, splicer: SseSplicer,
+                       read_timeout: float) -> Optional[UpstreamError]:
     """Read the rest of a stream nobody will take, for its usage: the upstream
     bills what it generated, not what the client read.  Nothing is kept but the
     splicer's event tail.  Ends at the body's end (the connection can be reused),
     or after DRAIN_SECONDS or DRAIN_BYTES, or on an upstream failure (the
-    connection is closed); the usage seen by then is what counts."""
+    connection is closed); the usage seen by then is what counts.  Returns the
+    upstream's failure, if that is what ended it (None: the body's end, or the
+    drain's own limits)."""
     drained = 0
+    limited = False
 
     def sink(piece: bytes) -> bool:
-        nonlocal drained
+        nonlocal drained, limited
         drained += len(piece)
         try:
             splicer.feed(piece)
@@ -299,6 +319,7 @@ async def drain_stream(conn: UpstreamConnection, splicer: SseSplicer, read_timeo
             conn.abort(UpstreamError(str(exc), "body"))
             return False
         if drained > DRAIN_BYTES:
+            limited = True
             conn.abort(UpstreamError(f"more than {DRAIN_BYTES} bytes after the client left", "body"))
             return False
         if splicer.saw_stop:
@@ -308,8 +329,12 @@ async def drain_stream(conn: UpstreamConnection, splicer: SseSplicer, read_timeo
     try:
         async with asyncio.timeout(DRAIN_SECONDS):
             await conn.pump(sink, read_timeout)
-    except (UpstreamError, TimeoutError):
+    except UpstreamError as exc:
         conn.close()
+        return None if limited else exc
+    except TimeoutError:
+        conn.close()
+    return None
 
 
 def _stream_end(splicer: SseSplicer, record: UsageRecord) -> bytes:
