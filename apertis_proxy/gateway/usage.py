@@ -16,6 +16,7 @@ from ..plugin_api import UsageRecord
 _COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 _LABELS = ("service_tier", "speed", "inference_geo")
 _MAX_RAW_KEYS = 64
+_MAX_MODEL = 256          # a model name longer than this is not one (the record keeps the one sent)
 # Counts beyond this are not real (and past 2**63 SQLite cannot even store them:
 # one such row would stop the ledger); they are ignored like a missing count.
 _MAX_COUNT = 2 ** 53
@@ -79,9 +80,7 @@ class UsageMeter:
 
     def message_start(self, message: Mapping[str, Any]) -> None:
         self.apply(message.get("usage"))
-        mid = message.get("model")
-        if isinstance(mid, str) and not self.record.upstream_model:
-            self.record.upstream_model = mid
+        self.answered_by(message.get("model"))
         if self.on_usage is not None:
             self.on_usage(self.record)
 
@@ -92,6 +91,14 @@ class UsageMeter:
 
     def body(self, body: Mapping[str, Any]) -> None:
         self.apply(body.get("usage"))
+        self.answered_by(body.get("model"))
+
+    def answered_by(self, model: Any) -> None:
+        """The model the answer names is the one that answered, and is billed (pricing looks it up first, then
+        the requested one): another than the one sent when the upstream served the request with another model
+        (a Claude Fable request a classifier declined, answered by Claude Opus 4.8)."""
+        if type(model) is str and model != self.record.upstream_model and 0 < len(model) <= _MAX_MODEL:
+            self.record.upstream_model = model
 
 
 
