@@ -322,20 +322,30 @@ class MessagesForwarder:
             if checkpoints:         # from here the upstream may bill it: noted before the bytes go out
                 self.plugins.sent(record)
 
+        head = None
         with self.pools.pool(origin).lease() as lease:
             try:
-                head = await lease.send(b"POST", target, headers, payload, self.settings.read_timeout, connected)
-            except UpstreamError as exc:
-                return self._failed(record, channel, info, exc, t_start)
-            # Sent and answered: a stream may run for minutes, so do not hold the
-            # request bytes (an orjson output keeps an 8 KB block, measured).
-            payload = headers = None    # noqa: F841
-            record.ttfb_ms = round((_clock() - t_start) * 1000, 3)
-            record.upstream_request_id = upstream_request_id(head.get(b"request-id"), channel.api_key)
-            if head.status >= 400:
-                return await self._upstream_error(lease.conn, record, channel, info, head, t_start)
-            relay, meter = self._relay(fwd, channel, prepared, lease.conn, head)
-            await relay.run()
+                try:
+                    head = await lease.send(b"POST", target, headers, payload, self.settings.read_timeout,
+                                            connected)
+                except UpstreamError as exc:
+                    return self._failed(record, channel, info, exc, t_start)
+                # Sent and answered: a stream may run for minutes, so do not hold the
+                # request bytes (an orjson output keeps an 8 KB block, measured).
+                payload = headers = None    # noqa: F841
+                record.ttfb_ms = round((_clock() - t_start) * 1000, 3)
+                record.upstream_request_id = upstream_request_id(head.get(b"request-id"), channel.api_key)
+                if head.status >= 400:
+                    return await self._upstream_error(lease.conn, record, channel, info, head, t_start)
+                relay, meter = self._relay(fwd, channel, prepared, lease.conn, head)
+                await relay.run()
+            except asyncio.CancelledError:
+                if not fwd.resp.client_gone and record.reached_upstream:
+                    # Shutdown's deadline cut the attempt: listed as a crash lists it, no failure of its channel.
+                    record.attempt_log.append(stopped_attempt(channel.name, channel.id,
+                                                              head.status if head is not None else None,
+                                                              record.upstream_request_id))
+                raise
         # A body that failed after a 2xx head (an in-band error, a cut or stalled
         # stream) is the channel's failure too; a client that left is not.
         failed = record.error_type is not None and record.error_type != "client_closed_request"

@@ -264,7 +264,7 @@ class StreamRelay(Relay):
         except EventTooLarge:
             pass
         self.conn.close()
-        record.error_type = "overloaded_error"
+        record.error_type = "gateway_stopped"       # the row's; the client is told it is overloaded (retryable)
         resp.write_nowait(sse_error_event("overloaded_error", "the gateway is shutting down"))
 
     async def upstream_failed(self, exc: UpstreamError) -> None:

@@ -196,7 +196,7 @@ class Recorder:
         self.cycles.pop(request_id, None)
         self.in_flight -= 1
         path = req.path
-        status = (resp.status if record is None else record.status or resp.status) or 500
+        status = (resp.status if record is None else record.status or resp.status) or _no_status(record)
         log = self.log
         # The kind of request: what its series and (with the log on) its line's pieces depend on.
         if record is None:
@@ -347,3 +347,9 @@ class Recorder:
 
 def _series(values: dict[tuple, Any]) -> list:
     return [[list(labels), value] for labels, value in values.items()]
+
+
+def _no_status(record: Optional[UsageRecord]) -> int:
+    """The code of a request that ended with no status: 0 when shutdown's deadline cut it before anything was
+    answered (its ledger row says 0 too), else 500 (the server's own failure)."""
+    return 0 if record is not None and record.error_type == "gateway_stopped" else 500

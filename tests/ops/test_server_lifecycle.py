@@ -87,7 +87,7 @@ async def test_stream_outliving_the_shutdown_deadline_is_cut_and_metered(tmp_pat
     assert len(rows) == 1
     row, served = rows[0], mock_upstream.served[-1]
     assert not served["completed"]
-    assert (row["status"], row["interrupted"], row["error_type"]) == (200, 1, "overloaded_error")
+    assert (row["status"], row["interrupted"], row["error_type"]) == (200, 1, "gateway_stopped")
     assert row["input_tokens"] == served["usage"]["input_tokens"] > 0
 
 
@@ -299,7 +299,7 @@ async def test_shutdown_deadline_cuts_a_quiet_stream_and_meters_it(gateway):
 
     rows = [dict(r) for r in gateway.query("SELECT * FROM usage")]
     assert len(rows) == 1, "the cut stream was not metered before shutdown() returned"
-    assert (rows[0]["status"], rows[0]["interrupted"], rows[0]["error_type"]) == (200, 1, "overloaded_error")
+    assert (rows[0]["status"], rows[0]["interrupted"], rows[0]["error_type"]) == (200, 1, "gateway_stopped")
     assert rows[0]["input_tokens"] == mock.served[-1]["usage"]["input_tokens"] > 0
 
 
