@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import orjson
 
@@ -26,7 +26,7 @@ from .body_encoding import decode_body
 from .headers import RETRY_ADVICE, parse_retry_after, upstream_request_id
 from .forward import request_info
 from .ownership import owner_of
-from .paging import page
+from .paging import Walk, query_params, walk
 from .upstream_call import Answer, call
 from .upstream_errors import read_error
 
@@ -129,28 +129,62 @@ class OwnedEndpoint:
     def remember(self, ident: str, caller: Caller, channel: Channel) -> None:
         self.fw.owned.remember(self.kind, ident, owner_of(caller), channel.account, channel.id)
 
+    # -- lists ----------------------------------------------------------------
+
     async def list_owned(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord) -> None:
         """The caller's own resources, paged like the API's lists, each as its account shows it."""
-        owned = await self.fw.owned.owned_by(self.kind, owner_of(caller))
-        chosen, has_more = page(owned, [i for i, _ in owned], req.query, self.noun)
-        data = []
+        how = walk(await self.owned_ids(caller), query_params(req.query), self.noun)
+        data, following = await self.take(req, resp, caller, record, how)
+        self.send_list(resp, record, list_page(data, following))
+
+    async def owned_ids(self, caller: Caller) -> list[str]:
+        """The ids of the caller's own resources, newest first."""
+        return [ident for ident, _ in await self.fw.owned.owned_by(self.kind, owner_of(caller))]
+
+    async def take(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord, how: Walk,
+                   keep: Optional[Callable[[dict], bool]] = None) -> tuple[list[dict], Optional[str]]:
+        """The page along the walk: up to `how.limit` resources (those `keep` keeps, in list order) and the
+        id of the next one the walk would take (None: the walk ends).  One that cannot be fetched is left
+        out.  With `keep`, the next one must be fetched to know it is kept."""
+        data: list[dict] = []
         unserved: set[str] = set()
-        for ident, _ in chosen:
-            try:
-                channel = await self.owned_channel(req, resp, caller, ident)
-            except NoChannel as e:
-                unserved.add(e.account)
+        following = None
+        for ident in how.ids:
+            if len(data) == how.limit and keep is None:
+                following = ident
+                break
+            shown = await self.fetch_shown(req, resp, caller, record, ident, unserved)
+            if shown is None or (keep is not None and not keep(shown)):
                 continue
-            answer = await self.call(channel, "GET", f"{self.prefix}/{ident}", req, b"", record)
-            if answer is not None and answer.status == 200:
-                data.append(self.shown(req, orjson.loads(answer.body)))
+            if len(data) == how.limit:
+                following = ident
+                break
+            data.append(shown)
         if unserved:
             log.warning("%s list left out the items of account(s) %s: no enabled channel serves them",
                         self.prefix, ", ".join(sorted(unserved)))
+        if how.backwards:
+            data.reverse()
+        return data, following
+
+    async def fetch_shown(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord, ident: str,
+                          unserved: set[str]) -> Optional[dict]:
+        """The resource as its account shows it; None when it cannot be fetched (the account of one no
+        enabled channel serves is added to `unserved`)."""
+        try:
+            channel = await self.owned_channel(req, resp, caller, ident)
+        except NoChannel as e:
+            unserved.add(e.account)
+            return None
+        answer = await self.call(channel, "GET", f"{self.prefix}/{ident}", req, b"", record)
+        if answer is None or answer.status != 200:
+            return None
+        return self.shown(req, orjson.loads(answer.body))
+
+    @staticmethod
+    def send_list(resp: Responder, record: UsageRecord, listed: dict) -> None:
         record.status = 200
-        resp.send(200, [_JSON], orjson.dumps({"data": data, "has_more": has_more,
-                                              "first_id": data[0]["id"] if data else None,
-                                              "last_id": data[-1]["id"] if data else None}))
+        resp.send(200, [_JSON], orjson.dumps(listed))
 
     # -- upstream -------------------------------------------------------------
 
@@ -230,6 +264,12 @@ class NoChannel(GatewayError):
     def __init__(self, message: str, account: str) -> None:
         super().__init__(404, message, "not_found_error")
         self.account = account
+
+
+def list_page(data: list[dict], following: Optional[str]) -> dict:
+    """A list answer: data, has_more (a `following` id exists), first_id, last_id."""
+    return {"data": data, "has_more": following is not None,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
 def header(req: Request, name: bytes) -> Optional[str]:
