@@ -277,7 +277,7 @@ class UsageRecord:
         not a non-negative integer counts 0, as in pricing."""
         total = self.total_tokens
         for it in self.iterations or ():
-            if type(it) is dict and it.get("type") in SEPARATE_ITERATIONS:
+            if type(it) is dict and type(it.get("type")) is str and it["type"] in SEPARATE_ITERATIONS:
                 for name in TOKEN_COUNTS:
                     value = it.get(name)
                     if type(value) is int and value > 0:

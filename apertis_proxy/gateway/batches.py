@@ -199,7 +199,8 @@ def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any, created_at: fl
                                                     one.cache_creation_1h_input_tokens)):
             model[name] += tokens
             setattr(record, name, (getattr(record, name) or 0) + tokens)
-        separate = [it for it in one.iterations or () if it.get("type") in SEPARATE_ITERATIONS]
+        separate = [it for it in one.iterations or ()
+                    if type(it.get("type")) is str and it["type"] in SEPARATE_ITERATIONS]
         if separate:
             # Billed apart from the counts above: kept so that a token quota counts them (billed_tokens).
             record.iterations = [*(record.iterations or ()), *separate]

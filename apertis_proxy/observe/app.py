@@ -55,7 +55,7 @@ class Observability:
             self.recorder = Recorder(lambda name: name in catalog.catalog.by_name,
                                      per_key=settings.metrics_per_key, log=self.access_log,
                                      count=settings.metrics_enabled)
-        self.readiness = Readiness(store, plugins.refusal)
+        self.readiness = Readiness(store, plugins.refusal, self._held)
         self.allowed = [ipaddress.ip_network(n, strict=False) for n in settings.metrics_allow]
         self._channels: list[tuple[str, bool]] = []     # (name, enabled) as the store last gave them
         self.share = (shared.WorkerShare(run_dir, self.snapshot, settings.metrics_flush_interval)
@@ -117,6 +117,14 @@ class Observability:
             [[name], int(enabled and (serving is None or name in serving))] for name, enabled in channels]]
         assert self.recorder is not None
         return self.recorder.snapshot(counters, gauges, not_counted)
+
+    def _held(self) -> Optional[set[str]]:
+        """Names of the channels the first router that tells holds (enabled and loaded); None if none tells."""
+        for _, router in self.plugins.routers:
+            channels = getattr(router, "channels", None)
+            if isinstance(channels, list):
+                return {c.name for c in channels}
+        return None
 
     def _serving(self) -> Optional[set[str]]:
         """Names of the channels the first router that tells would send traffic to now

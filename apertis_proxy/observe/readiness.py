@@ -1,6 +1,7 @@
 """GET /ready: whether this instance should be sent traffic.
 
-Ready when the store answers, at least one channel is enabled, new requests
+Ready when the store answers, at least one channel is enabled (and loaded by this
+instance's router, when it tells which it holds), new requests
 are not refused (a meter that cannot take rows: the ledger spool full) and
 the server is not draining.  `/health` stays the liveness probe: it says only that the
 process serves HTTP.  The store is read in a thread (a locked database must
@@ -21,9 +22,13 @@ class StoreUnreachable(Exception):
 
 
 class Readiness:
-    def __init__(self, store: Any, refusal: Callable[[], Optional[tuple[str, int]]] = lambda: None) -> None:
+    def __init__(self, store: Any, refusal: Callable[[], Optional[tuple[str, int]]] = lambda: None,
+                 loaded: Callable[[], Optional[set[str]]] = lambda: None) -> None:
         self.store = store
         self.refusal = refusal      # PluginHost.refusal: why new requests get 503 now
+        # The channels this instance's router holds (None: no router tells): an enabled channel it could not
+        # load (its key sealed with a secret key this host lacks) serves nothing here.
+        self.loaded = loaded
         # Set at the start of a graceful shutdown: a load balancer takes the
         # instance out of rotation while its connections still finish.
         self.draining = False
@@ -48,6 +53,11 @@ class Readiness:
             return f"store unreachable: {exc}"
         if self.draining:       # the shutdown began while the store was asked
             return DRAINING
-        if not any(enabled for _, enabled in channels):
+        enabled = [name for name, on in channels if on]
+        if not enabled:
             return "no channel is enabled"
+        loaded = self.loaded()
+        if loaded is not None and not loaded.intersection(enabled):
+            return ("no enabled channel can be used by this instance (its router left them out: see the log, "
+                    "e.g. an upstream key sealed with a secret key this host does not have)")
         return None
