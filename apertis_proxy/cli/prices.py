@@ -116,13 +116,13 @@ def import_flags(p) -> None:
 
 
 def cmd_prices_import(args) -> int:
+    doc = catalog_store.read_catalog_file(args.file)     # checked whole before the store is touched
     with open_store(args) as conn:
-        doc = catalog_store.read_catalog_file(args.file)
         conn.execute("BEGIN IMMEDIATE")
         with conn:
             added, updated = catalog_store.import_catalog(conn, doc)
     print(f"imported catalogue {doc['version']} from {args.file}: {added} models added, {updated} updated "
-          "(prices and fields set with `prices set` are kept)")
+          "(prices and fields set with `prices set` are kept, and so are billing rates the file leaves out)")
     return 0
 
 

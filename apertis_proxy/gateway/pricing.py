@@ -9,30 +9,37 @@ What is billed (USD per million tokens unless said otherwise):
   writes) the whole request takes the band's rates;
 - multipliers on all token charges: `speed: "fast"` (the model's fast
   multiplier), `inference_geo` (the model's multiplier for that geo, if any),
-  `service_tier` (batch 0.5; priority is recorded, billed at list price);
+  `service_tier` (the catalogue's multiplier: batch 0.5; priority is recorded,
+  billed at list price; standard, or none reported, at list price);
 - web searches at the per-request price; web fetches are recorded, not charged;
 - beta `usage.iterations[]`: advisor, compaction and fallback iterations are
   billed outside the top-level counts, each at its own model's rates (a
   compaction at the request's model), that model's multiplier for the
   request's `inference_geo` (inference ran there too) and the service tier's
-  multiplier.
+  multiplier; `message` iterations are inside the top-level counts.
 
 A request whose usage needs a price the catalogue lacks gets cost None
-(unpriced), never 0; so does one cut after it went upstream and before the
-upstream reported any usage (its cost is unknown, not 0).
+(unpriced), never 0 nor the list price: a model, fast multiplier, server
+tool, service tier or iteration kind (one carrying tokens) without a price;
+so does one cut after it went upstream and before the upstream reported any
+usage (its cost is unknown, not 0), and one whose usage this module cannot
+make sense of (logged), as the meters must get every record.
 """
 from __future__ import annotations
 
+import logging
 from decimal import Decimal
 from typing import Any, Mapping, Optional
 
-from ..plugin_api import SEPARATE_ITERATIONS, UsageRecord
+from ..plugin_api import SEPARATE_ITERATIONS, TOKEN_COUNTS, UsageRecord
 from ..store.catalog import Catalog, ModelEntry, PRICE_FIELDS, PriceRow
 
 MILLION = Decimal(1_000_000)
 # Ledger precision: far below a cent, so sums of rows stay exact to the cent.
 _QUANTUM = Decimal("1e-10")
 _ONE = Decimal(1)
+
+log = logging.getLogger(__name__)
 
 
 class Unpriced(Exception):
@@ -69,26 +76,32 @@ USAGE_UNKNOWN = "usage unknown: the request ended before the upstream reported a
 
 
 def price(record: UsageRecord, catalog: Catalog) -> None:
-    """Set record.cost (USD, None when unpriced) and record.prices (what it was computed with)."""
-    # billable(), inline: every request passes here.
-    if not (record.input_tokens + record.output_tokens + record.cache_read_input_tokens
-            + record.cache_creation_input_tokens or record.web_search_requests or record.iterations):
-        if record.usage_unknown:
-            record.cost, record.prices = None, {"unpriced": USAGE_UNKNOWN}
-        else:
-            record.cost, record.prices = 0.0, None
-        return
-    entry = catalog.lookup(record.upstream_model) or catalog.lookup(record.requested_model)
-    detail: dict[str, Any] = {"model": entry.id if entry else (record.upstream_model or record.requested_model)}
+    """Set record.cost (USD, None when unpriced) and record.prices (what it was computed with).
+
+    Never raises: usage of a shape no code expects, or arithmetic that fails on it, leaves the record
+    unpriced with the reason (the try costs nothing on the normal path)."""
+    detail: dict[str, Any] = {}
     try:
+        # billable(), inline: every request passes here.
+        if not (record.input_tokens + record.output_tokens + record.cache_read_input_tokens
+                + record.cache_creation_input_tokens or record.web_search_requests or record.iterations):
+            if record.usage_unknown:
+                record.cost, record.prices = None, {"unpriced": USAGE_UNKNOWN}
+            else:
+                record.cost, record.prices = 0.0, None
+            return
+        entry = catalog.lookup(record.upstream_model) or catalog.lookup(record.requested_model)
+        detail["model"] = entry.id if entry else (record.upstream_model or record.requested_model)
         cost = _quote(record, entry, catalog, detail)
+        record.cost = float(cost.quantize(_QUANTUM))
+        detail["cost"] = str(cost)
     except Unpriced as exc:
         record.cost = None
         detail["unpriced"] = str(exc)
-        record.prices = detail
-        return
-    detail["cost"] = str(cost)
-    record.cost = float(cost.quantize(_QUANTUM))
+    except Exception as exc:        # the record must still reach the meters
+        record.cost = None
+        detail["unpriced"] = f"usage could not be priced: {exc!r}"
+        log.warning("request %s left unpriced, pricing its usage raised %r", record.request_id, exc)
     record.prices = detail
 
 
@@ -158,7 +171,12 @@ def _quote(record: UsageRecord, entry: Optional[ModelEntry], catalog: Catalog, d
         geo = entry.geo_multipliers[record.inference_geo]
         cost *= geo
         multipliers["geo"] = str(geo)
-    tier = catalog.rates.service_tiers.get(record.service_tier or "standard", _ONE)
+    tier_name = record.service_tier or "standard"
+    tier = catalog.rates.service_tiers.get(tier_name)
+    if tier is None:
+        if tier_name != "standard":     # standard is the list price, listed or not
+            raise Unpriced(f"service tier {tier_name} has no multiplier")
+        tier = _ONE
     if tier != _ONE:
         cost *= tier
         multipliers["tier"] = str(tier)
@@ -187,6 +205,8 @@ def _iterations(record: UsageRecord, entry: ModelEntry, catalog: Catalog, tier: 
     billed = []
     for it in record.iterations or ():
         if it.get("type") not in SEPARATE_ITERATIONS:
+            if it.get("type") != "message" and any(_int(it.get(n)) for n in TOKEN_COUNTS):
+                raise Unpriced(f"usage iteration of type {it.get('type')} has no price")
             continue
         name = it.get("model") if isinstance(it.get("model"), str) else None
         own = catalog.lookup(name) if name else entry

@@ -10,6 +10,8 @@ so importing a newer catalogue never undoes them.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ..plugin_api import ModelInfo
+
+log = logging.getLogger(__name__)
 
 PRICE_FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
 LIFECYCLES = ("active", "deprecated", "retired")
@@ -35,6 +39,10 @@ MODELS_SQL = ("SELECT id, aliases, redirect_to, operator_fields, " + ", ".join(M
 PRICES_SQL = ("SELECT model_id, effective_from, origin, input, output, cache_write_5m,"
               " cache_write_1h, cache_read, bands, source FROM model_prices ORDER BY effective_from")
 RATES_SQL = "SELECT v FROM meta WHERE k = 'billing_rates'"
+# Top-level fields of a catalogue file that are not per-model prices; a file that leaves one out keeps the stored one.
+BILLING_RATE_FIELDS = ("web_search_per_request", "service_tiers")
+# What reading a malformed stored value raises (a missing rate, bad JSON, a band of the wrong shape).
+_UNREADABLE = (ArithmeticError, AttributeError, KeyError, TypeError, ValueError)
 
 
 def money(value: Any) -> Decimal:
@@ -168,8 +176,16 @@ def _unix(stamp: Optional[str]) -> float:
     return when.timestamp()
 
 
+def _amount(value: Any) -> Decimal:
+    """A stored rate or multiplier as a decimal; ValueError unless it is finite and >= 0."""
+    amount = money(value)
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{value!r} is not a finite number >= 0")
+    return amount
+
+
 def _rates(source: Mapping[str, Any]) -> dict[str, Decimal]:
-    return {f: money(source[f]) for f in PRICE_FIELDS}
+    return {f: _amount(source[f]) for f in PRICE_FIELDS}
 
 
 def _bands(raw: Any) -> tuple:
@@ -177,41 +193,72 @@ def _bands(raw: Any) -> tuple:
     return tuple(sorted((int(b["above_prompt_tokens"]), _rates(b)) for b in bands))
 
 
+def _price_row(r) -> PriceRow:
+    """A row of PRICES_SQL."""
+    return PriceRow(effective_from=float(r[1]), origin=r[2],
+                    rates=_rates({f: r[3 + i] for i, f in enumerate(PRICE_FIELDS)}),
+                    bands=_bands(r[8]), source=r[9] or "")
+
+
+def _model_entry(r, price_rows) -> ModelEntry:
+    """A row of MODELS_SQL with its model's price rows."""
+    meta = {name: r[4 + i] for i, name in enumerate(META_FIELDS)}
+    for name in _JSON_FIELDS:
+        meta[name] = json.loads(meta[name]) if meta[name] else None
+    return ModelEntry(
+        id=r[0], aliases=tuple(json.loads(r[1] or "[]")), redirect_to=r[2],
+        operator_fields=tuple(json.loads(r[3] or "[]")),
+        price_rows=tuple(sorted(price_rows, key=lambda p: p.effective_from)),
+        display_name=meta["display_name"], created_at=meta["created_at"], line=meta["line"],
+        lifecycle=meta["lifecycle"] or "active", deprecated_at=meta["deprecated_at"],
+        retires_at=meta["retires_at"], successor=meta["successor"],
+        retires_ts=_unix(meta["retires_at"]) if meta["retires_at"] else None,
+        max_input_tokens=meta["max_input_tokens"], max_tokens=meta["max_tokens"],
+        capabilities=meta["capabilities"], rules=meta["rules"] or {},
+        fast_multiplier=_amount(meta["fast_multiplier"]) if meta["fast_multiplier"] else None,
+        geo_multipliers={k: _amount(v) for k, v in (meta["geo_multipliers"] or {}).items()})
+
+
+def _billing_rates(rates_row) -> BillingRates:
+    """The stored billing rates; unreadable ones are left out (web searches and tiers then go unpriced)."""
+    try:
+        raw = json.loads(rates_row[0]) if rates_row and rates_row[0] else {}
+        search = raw.get("web_search_per_request")
+        return BillingRates(web_search_per_request=_amount(search) if search is not None else None,
+                            service_tiers={k: _amount(v) for k, v in (raw.get("service_tiers") or {}).items()})
+    except _UNREADABLE as exc:
+        log.warning("catalogue: stored billing rates left out, web searches and service tiers unpriced: %r", exc)
+        return BillingRates()
+
+
 def catalog_from_rows(model_rows, price_rows=(), rates_row=None) -> Catalog:
-    """Build the catalogue from rows of MODELS_SQL, PRICES_SQL and RATES_SQL."""
+    """Build the catalogue from rows of MODELS_SQL, PRICES_SQL and RATES_SQL.
+
+    A model whose stored data cannot be read (a rate missing, negative or not finite, a malformed band or JSON
+    field) is left out with a warning: it is then unpriced like any model the catalogue lacks, and the other
+    models, and the configuration read with them (keys, channels), still load."""
     rows_of: dict[str, list[PriceRow]] = {}
+    unreadable: dict[str, str] = {}
     for r in price_rows:
-        rows_of.setdefault(r[0], []).append(PriceRow(
-            effective_from=float(r[1]), origin=r[2],
-            rates={f: money(r[3 + i]) for i, f in enumerate(PRICE_FIELDS)},
-            bands=_bands(r[8]), source=r[9] or ""))
+        try:
+            rows_of.setdefault(r[0], []).append(_price_row(r))
+        except _UNREADABLE as exc:
+            unreadable.setdefault(r[0], f"its price row from {r[1]}: {exc!r}")
     entries = []
     for r in model_rows:
-        meta = {name: r[4 + i] for i, name in enumerate(META_FIELDS)}
-        for name in _JSON_FIELDS:
-            meta[name] = json.loads(meta[name]) if meta[name] else None
-        entries.append(ModelEntry(
-            id=r[0], aliases=tuple(json.loads(r[1] or "[]")), redirect_to=r[2],
-            operator_fields=tuple(json.loads(r[3] or "[]")),
-            price_rows=tuple(sorted(rows_of.get(r[0], ()), key=lambda p: p.effective_from)),
-            display_name=meta["display_name"], created_at=meta["created_at"], line=meta["line"],
-            lifecycle=meta["lifecycle"] or "active", deprecated_at=meta["deprecated_at"],
-            retires_at=meta["retires_at"], successor=meta["successor"],
-            retires_ts=_unix(meta["retires_at"]) if meta["retires_at"] else None,
-            max_input_tokens=meta["max_input_tokens"], max_tokens=meta["max_tokens"],
-            capabilities=meta["capabilities"], rules=meta["rules"] or {},
-            fast_multiplier=money(meta["fast_multiplier"]) if meta["fast_multiplier"] else None,
-            geo_multipliers={k: money(v) for k, v in (meta["geo_multipliers"] or {}).items()}))
+        problem = unreadable.get(r[0])
+        if problem is None:
+            try:
+                entries.append(_model_entry(r, rows_of.get(r[0], ())))
+                continue
+            except _UNREADABLE as exc:
+                problem = repr(exc)
+        log.warning("catalogue: model %s left out (unpriced), its stored data cannot be read: %s", r[0], problem)
     by_name: dict[str, ModelEntry] = {e.id: e for e in entries}
     for e in entries:
         for a in e.aliases:
             by_name.setdefault(a, e)
-    raw = json.loads(rates_row[0]) if rates_row and rates_row[0] else {}
-    rates = BillingRates(
-        web_search_per_request=(money(raw["web_search_per_request"])
-                                if raw.get("web_search_per_request") is not None else None),
-        service_tiers={k: money(v) for k, v in (raw.get("service_tiers") or {}).items()})
-    return Catalog(entries=tuple(entries), by_name=by_name, rates=rates)
+    return Catalog(entries=tuple(entries), by_name=by_name, rates=_billing_rates(rates_row))
 
 
 def load_catalog(conn) -> Catalog:
@@ -228,26 +275,105 @@ def find_model(conn, name: str) -> Optional[ModelEntry]:
 # -- catalogue files -------------------------------------------------------------
 
 def read_catalog_file(path: Path | str = SHIPPED_CATALOG) -> dict:
-    """A catalogue file, checked: ValueError names the first problem."""
+    """A catalogue file, checked whole: ValueError names the first problem, its model and field.
+
+    Every number a bill is computed from (rates, band rates, multipliers, the web-search price) must be finite
+    and >= 0, so what is imported prices no request below $0 and reads back from the store."""
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        doc, constants = _parse_json(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:     # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"cannot read catalogue {path}: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("version"), str) \
             or not isinstance(doc.get("models"), list):
         raise ValueError(f"{path}: expected an object with 'version' (string) and 'models' (list)")
+    if doc.get("web_search_per_request") is not None:
+        _check_amount(str(path), "web_search_per_request", doc["web_search_per_request"])
+    _check_amounts(str(path), "service_tiers", doc.get("service_tiers"))
     for m in doc["models"]:
-        where = f"{path}: model {m.get('id')!r}" if isinstance(m, dict) else f"{path}: a model"
-        if not isinstance(m, dict) or not isinstance(m.get("id"), str) or not m["id"]:
-            raise ValueError(f"{where}: every model needs an 'id'")
-        if m.get("lifecycle", "active") not in LIFECYCLES:
-            raise ValueError(f"{where}: lifecycle must be one of {', '.join(LIFECYCLES)}")
-        for p in m.get("prices") or []:
-            missing = [f for f in PRICE_FIELDS if not isinstance(p.get(f), (int, float))]
-            if missing or any(p[f] < 0 for f in PRICE_FIELDS if f not in missing):
-                raise ValueError(f"{where}: each price needs non-negative {', '.join(PRICE_FIELDS)}")
-            _unix(p.get("from"))
+        _check_model(path, m)
+    if constants:       # in a field the checks above leave alone
+        raise ValueError(f"{path}: {constants[0]} is not a JSON number")
     return doc
+
+
+def _parse_json(text: str) -> tuple[Any, list[str]]:
+    """The document as Python's json reads it, and the NaN and Infinity constants it met (JSON has none):
+    the checks of the fields they are in name them."""
+    constants: list[str] = []
+
+    def constant(name: str) -> float:
+        constants.append(name)
+        return float(name)
+
+    return json.loads(text, parse_constant=constant), constants
+
+
+def _is_amount(value: Any) -> bool:
+    """A JSON number (a boolean is not one) that is finite and >= 0."""
+    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+
+
+def _check_amount(where: str, name: str, value: Any) -> None:
+    if not _is_amount(value):
+        got = "missing" if value is None else f"got {json.dumps(value)}"
+        raise ValueError(f"{where}: {name} must be a finite number >= 0 ({got})")
+
+
+def _check_amounts(where: str, name: str, table: Any) -> None:
+    """An optional object of amounts (multipliers by geo or by service tier)."""
+    if table is None:
+        return
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: {name} must be an object of numbers")
+    for key, value in table.items():
+        _check_amount(where, f"{name}.{key}", value)
+
+
+def _check_model(path: Path | str, m: Any) -> None:
+    where = f"{path}: model {m.get('id')!r}" if isinstance(m, dict) else f"{path}: a model"
+    if not isinstance(m, dict) or not isinstance(m.get("id"), str) or not m["id"]:
+        raise ValueError(f"{where}: every model needs an 'id'")
+    if m.get("lifecycle", "active") not in LIFECYCLES:
+        raise ValueError(f"{where}: lifecycle must be one of {', '.join(LIFECYCLES)}")
+    if m.get("fast_multiplier") is not None:
+        _check_amount(where, "fast_multiplier", m["fast_multiplier"])
+    _check_amounts(where, "geo_multipliers", m.get("geo_multipliers"))
+    prices = m.get("prices") or []
+    if not isinstance(prices, list):
+        raise ValueError(f"{where}: prices must be a list")
+    for i, row in enumerate(prices):
+        _check_price_row(where, f"prices[{i}]", row)
+
+
+def _check_price_row(where: str, name: str, row: Any) -> None:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: {name} must be an object")
+    _check_rates(where, name, row)
+    try:
+        _unix(row.get("from"))
+    except (AttributeError, ValueError):
+        raise ValueError(f"{where}: {name}.from must be null or a date (YYYY-MM-DD or RFC 3339)") from None
+    bands = row.get("bands") or []
+    if not isinstance(bands, list):
+        raise ValueError(f"{where}: {name}.bands must be a list")
+    thresholds = set()
+    for j, band in enumerate(bands):
+        band_name = f"{name}.bands[{j}]"
+        if not isinstance(band, dict):
+            raise ValueError(f"{where}: {band_name} must be an object")
+        above = band.get("above_prompt_tokens")
+        if type(above) is not int or above <= 0:
+            raise ValueError(f"{where}: {band_name}.above_prompt_tokens must be a positive integer "
+                             f"(got {json.dumps(above)})")
+        if above in thresholds:
+            raise ValueError(f"{where}: {band_name}.above_prompt_tokens repeats another band's ({above})")
+        thresholds.add(above)
+        _check_rates(where, band_name, band)
+
+
+def _check_rates(where: str, name: str, rates: Mapping[str, Any]) -> None:
+    for f in PRICE_FIELDS:
+        _check_amount(where, f"{name}.{f}", rates.get(f))
 
 
 def import_catalog(conn, doc: Mapping[str, Any]) -> tuple[int, int]:
@@ -289,11 +415,22 @@ def import_catalog(conn, doc: Mapping[str, Any]) -> tuple[int, int]:
                 " VALUES (?, ?, 'catalog', ?, ?, ?, ?, ?, ?, ?)",
                 (m["id"], _unix(p.get("from")), *(p[f] for f in PRICE_FIELDS),
                  json.dumps(p["bands"]) if p.get("bands") else None, p.get("source")))
-    rates = {"web_search_per_request": doc.get("web_search_per_request"),
-             "service_tiers": doc.get("service_tiers") or {}}
-    conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('billing_rates', ?)", (json.dumps(rates),))
+    conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('billing_rates', ?)",
+                 (json.dumps(_billing_rates_after(conn, doc)),))
     conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('catalog_version', ?)", (doc["version"],))
     return added, updated
+
+
+def _billing_rates_after(conn, doc: Mapping[str, Any]) -> dict:
+    """The stored billing rates with those `doc` lists in their place: a file of new models keeps the rest."""
+    row = conn.execute(RATES_SQL).fetchone()
+    try:
+        stored = json.loads(row[0]) if row and row[0] else {}
+    except ValueError:      # unreadable: what the file lists replaces it
+        stored = {}
+    rates = stored if isinstance(stored, dict) else {}
+    rates.update((name, doc[name]) for name in BILLING_RATE_FIELDS if name in doc)
+    return rates
 
 
 def catalog_version(conn) -> Optional[str]:

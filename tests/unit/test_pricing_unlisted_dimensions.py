@@ -70,25 +70,3 @@ def test_a_service_tier_without_a_multiplier_is_not_billed_at_list_price(catalog
         f"service tier 'flex' (no multiplier in the catalogue) was billed ${record.cost} with multipliers "
         f"{record.prices.get('multipliers')!r}")
 
-
-def test_an_operator_added_model_served_in_the_us_geo_is_not_billed_at_1x(tmp_path, capsys):
-    """A model an operator adds with `prices set NEW --input 6 --output 30` gets no geo multipliers (the CLI
-    cannot set one), so a request the upstream reports as run with `inference_geo: "us"` (1.1x on every Claude
-    model since 4.6, docs/billing.md) is billed at 1x: (1000*6 + 100*30)/1e6 = $0.009 instead of $0.0099, with
-    nothing on the row saying the geo had no price.  As for fast mode on a model without a fast multiplier, the
-    row should be unpriced (or the multiplier known)."""
-    from apertis_proxy import cli
-
-    db = str(tmp_path / "store.db")
-    assert cli.main(["prices", "set", "claude-opus-6", "--input", "6", "--output", "30", "--db", db]) == 0
-    capsys.readouterr()
-    conn = schema.connect(db)
-    try:
-        catalog = catalog_store.load_catalog(conn)
-    finally:
-        conn.close()
-    record = priced(catalog, {**SMALL, "inference_geo": "us"}, model="claude-opus-6")
-    assert record.inference_geo == "us"
-    assert record.cost is None or "geo" in record.prices["multipliers"], (
-        f"claude-opus-6 (operator-added) run in the us geo billed ${record.cost} with multipliers "
-        f"{record.prices['multipliers']}")
