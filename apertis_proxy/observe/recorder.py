@@ -30,8 +30,10 @@ TTFB_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 # Cost is counted in whole units of 1e-10 USD, the ledger's precision, so sums are exact.
 COST_UNIT = 1e-10
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_write")
-ENDPOINTS = frozenset(("/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/health", "/healthz",
-                       "/ready", "/metrics"))
+ENDPOINTS = frozenset(("/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/v1/messages/batches",
+                       "/v1/files", "/health", "/healthz", "/ready", "/metrics"))
+# Paths under a collection are counted under it (one label per endpoint, not per item).
+_COLLECTIONS = ("/v1/models", "/v1/messages/batches", "/v1/files")
 # Model names learned from a channel's 2xx (names the catalogue does not know):
 # bounded by what upstreams accept, and capped besides.
 MAX_LEARNED_MODELS = 1000
@@ -44,7 +46,10 @@ _clock = time.perf_counter
 def endpoint_label(path: str) -> str:
     if path in ENDPOINTS:
         return path
-    return "/v1/models" if path.startswith("/v1/models/") else OTHER
+    for collection in _COLLECTIONS:
+        if path.startswith(collection) and path[len(collection):len(collection) + 1] == "/":
+            return collection
+    return OTHER
 
 
 def outcome_label(outcome: Outcome) -> str:
@@ -205,8 +210,8 @@ class Recorder:
             fact = (path, req.method, status, stream, record.requested_model, record.channel_name,
                     record.key_name, record.upstream_model, record.attempts, record.error_type, record.stream)
         else:
-            fact = (path, None, status, stream, record.requested_model, record.channel_name,
-                    record.key_name if self.per_key else None)
+            fact = (path, None, status, stream, record.requested_model or record.upstream_model,
+                    record.channel_name, record.key_name if self.per_key else None)
         shape = self._shapes.get(fact)
         if shape is None:
             shape = self._shape(fact, req.method, status, stream, record)
@@ -292,7 +297,8 @@ class Recorder:
         self._attempt_count(channel, outcome)[0] += 1
 
     def _model_label(self, record: UsageRecord) -> str:
-        name = record.requested_model
+        """The model asked for; a batch, which names no model of its own, by the model its results name."""
+        name = record.requested_model or record.upstream_model
         if name in self.learned_models:
             return name         # type: ignore[return-value]
         if not name:
