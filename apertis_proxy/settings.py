@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from .budgets.webhook import check_url
 from .gateway.client_address import FORWARDED_HEADERS, parse_networks
+from .gateway.cors import ANY_ORIGIN, is_origin
 from .plugin_api import DEFAULT_API_VERSION
 
 
@@ -64,6 +65,8 @@ class Settings:
     # The gateway's address as clients reach it ("https://llm.example.com"), for URLs it hands out (a batch's
     # results_url); unset: the request's Host, https when the listener has TLS.
     public_url: Optional[str] = None
+    # Origins whose browser pages may call the API (CORS, gateway/cors.py): "*" any, [] none.
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
     # Upstream side (seconds).
     connect_timeout: float = 10.0
     read_timeout: float = 600.0         # between upstream bytes, not total: streams last long
@@ -118,7 +121,7 @@ _TABLES: dict[str, tuple[str, ...]] = {
     "server": ("host", "port", "workers", "config_poll_interval", "max_body_bytes", "max_unvouched_body_bytes",
                "max_header_bytes", "header_timeout", "body_timeout", "keepalive_timeout", "shutdown_timeout",
                "drain_delay", "write_high_water", "max_connections", "tls_cert", "tls_key", "trusted_proxies",
-               "forwarded_header", "public_url", "fast_heads", "fast_heads_check"),
+               "forwarded_header", "public_url", "cors_origins", "fast_heads", "fast_heads_check"),
     "upstream": ("connect_timeout", "read_timeout", "pool_max_idle", "pool_idle_timeout"),
     "contract": ("thinking_budget_max", "default_api_version"),
     "billing": ("allow_unpriced",),
@@ -235,6 +238,7 @@ def check(s: Settings, where: str) -> None:
         raise ValueError(f"{where}: spool_dir must be a directory path, not {s.spool_dir!r}")
     _check_tls(s, where)
     _check_public_url(s, where)
+    _check_cors_origins(s.cors_origins, where)
     if not isinstance(s.trusted_proxies, list):
         raise ValueError(f"{where}: trusted_proxies must be a list of CIDRs, like [\"10.0.0.0/8\"], "
                          f"not {s.trusted_proxies!r}")
@@ -284,6 +288,13 @@ def _check_public_url(s: Settings, where: str) -> None:
             not rest.split("/", 1)[0]:
         raise ValueError(f"{where}: public_url must be an http(s) address like \"https://llm.example.com\", "
                          f"not {url!r}")
+
+
+def _check_cors_origins(origins: Any, where: str) -> None:
+    if not isinstance(origins, list) or not all(
+            isinstance(o, str) and (o == ANY_ORIGIN or is_origin(o.lower())) for o in origins):
+        raise ValueError(f"{where}: cors_origins must be a list of origins like [\"https://app.example.com\"] "
+                         f"(scheme, host and port, no path), [\"*\"] for any or [] for none, not {origins!r}")
 
 
 def _check_tls(s: Settings, where: str) -> None:

@@ -28,6 +28,7 @@ from ..upstream.connection import ResponseHead, UpstreamConnection, UpstreamErro
 from ..upstream.pool import Pools
 from . import contract, model_policy
 from .body_encoding import decode_body
+from .cors import Cors
 from .headers import RETRY_ADVICE, downstream_headers, parse_retry_after, upstream_headers, upstream_request_id
 from .ownership import (CONTAINER, CREDIT, MESSAGE, THINKING, THREAD, StateCapture, may_think, not_found,
                         owner_of, references, resolve, wants_diagnosis)
@@ -135,6 +136,7 @@ class MessagesForwarder:
         self.pools = pools
         self.catalog = catalog
         self.owned = owned        # account-bound state and its owners; None: not tracked
+        self.cors = Cors.configured(settings.cors_origins)     # None: CORS off
 
     async def handle(self, req: Request, resp: Responder, *, count_tokens: bool = False) -> None:
         t0 = _clock()
@@ -149,6 +151,9 @@ class MessagesForwarder:
             # The name -> value map plugins get, built once: what the request's own headers decide
             # (an encoded body, the client's API version) is looked up there first.
             header_map = req.header_map()
+            origin = header_map.get("origin")
+            if origin is not None and self.cors is not None:    # a browser page's request
+                self.cors.mark(resp, origin)
             if "content-encoding" in header_map:
                 try:
                     decoded = decode_body(req.body, req.headers, self.settings.max_body_bytes)

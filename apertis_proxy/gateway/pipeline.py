@@ -1,4 +1,5 @@
-"""Path routing: which endpoint handles a request.  Everything else is 404/405."""
+"""Path routing: which endpoint handles a request; browsers' CORS preflights are answered here.  Everything else
+is 404/405."""
 from __future__ import annotations
 
 import time
@@ -15,10 +16,12 @@ from ..plugin_host import PluginHost
 from .batches import BatchesEndpoint
 from .files import FilesEndpoint
 from .client_address import ClientAddress
+from .cors import Cors
 from .forward import MessagesForwarder, request_info
 from .paging import page
 
 _JSON = (b"content-type", b"application/json")
+_MESSAGES = ("/v1/messages", "/v1/messages/count_tokens")
 
 # API paths that act for a whole upstream account, never forwarded with a
 # channel's key: first path segment after /v1/ -> why.
@@ -51,6 +54,7 @@ class GatewayApp:
         # Account-bound resources need the ownership records.
         self.owned_endpoints = ([BatchesEndpoint(forwarder), FilesEndpoint(forwarder)]
                                 if forwarder.owned is not None else [])
+        self.cors: Optional[Cors] = forwarder.cors
 
     def admit(self, head: Request) -> Union[GatewayError, int, None]:
         """The HTTP layer asks before reading a body: a /v1/ request whose
@@ -76,15 +80,18 @@ class GatewayApp:
         if self.client_address is not None:
             req.client = self.client_address.resolve(req.client, req.headers)
         path = req.path
-        if path == "/v1/messages":
-            if req.method != "POST":
-                return _method_not_allowed(resp, "POST")
-            return await self.forwarder.handle(req, resp)
-        if path == "/v1/messages/count_tokens":
-            if req.method != "POST":
-                return _method_not_allowed(resp, "POST")
-            return await self.forwarder.handle(req, resp, count_tokens=True)
-        if path == "/v1/models" or path.startswith("/v1/models/"):
+        if req.method == "POST":
+            # The forwarder looks a browser page's Origin up in the header map it builds anyway.
+            if path == "/v1/messages":
+                return await self.forwarder.handle(req, resp)
+            if path == "/v1/messages/count_tokens":
+                return await self.forwarder.handle(req, resp, count_tokens=True)
+        cors = self.cors
+        if cors is not None and path.startswith("/v1/") and self._serve_cors(cors, req, resp):
+            return
+        if path in _MESSAGES:
+            return _method_not_allowed(resp, "POST")
+        if _is_models(path):
             if req.method not in ("GET", "HEAD"):
                 return _method_not_allowed(resp, "GET, HEAD")
             return await self._models(req, resp)
@@ -98,6 +105,33 @@ class GatewayApp:
             return resp.send_error(404, f"{path} is not available through this gateway: {refused}",
                                    "not_found_error")
         resp.send_error(404, f"Not found: {req.method} {path}", "not_found_error")
+
+    def _serve_cors(self, cors: Cors, req: Request, resp: Responder) -> bool:
+        """The CORS part of a request from a browser page of an allowed origin: a preflight is answered here
+        (True); any other request's answer, whatever it turns out to be, is marked readable by the page."""
+        origin = req.header(b"origin")
+        if origin is None:
+            return False
+        page = origin.decode("latin-1")
+        if not cors.allows(page):
+            return False
+        if req.method == "OPTIONS" and req.header(b"access-control-request-method") is not None:
+            methods = self._methods(req.path)
+            if methods is not None:
+                cors.answer_preflight(resp, page, methods, req.header(b"access-control-request-headers"))
+                return True
+        cors.mark(resp, page)
+        return False
+
+    def _methods(self, path: str) -> Optional[bytes]:
+        """The methods `path` serves, as a preflight's answer names them; None: nothing here serves it."""
+        if path in _MESSAGES:
+            return b"POST"
+        if _is_models(path):
+            return b"GET"
+        if any(endpoint.serves(path) for endpoint in self.owned_endpoints):
+            return b"GET, POST, DELETE"
+        return None
 
     async def _models(self, req: Request, resp: Responder) -> None:
         try:
@@ -137,6 +171,10 @@ class GatewayApp:
                 if m.id == name:
                     return resp.send(200, [_JSON], orjson.dumps(_model_json(m)))
         resp.send_error(404, f"model: {wanted} not found", "not_found_error")
+
+
+def _is_models(path: str) -> bool:
+    return path == "/v1/models" or path.startswith("/v1/models/")
 
 
 def _model_json(m: ModelInfo) -> dict:

@@ -27,7 +27,7 @@ class Responder:
     streams to HEAD: only POST endpoints stream)."""
 
     __slots__ = ("_conn", "request_id", "started", "finished", "status", "keep_alive", "_chunked",
-                 "abandon_on_disconnect", "_task", "head_only", "_left", "_held")
+                 "abandon_on_disconnect", "_task", "head_only", "_left", "_held", "extra_headers")
 
     def __init__(self, conn: "HttpConnection", request_id: str, keep_alive: bool,
                  head_only: bool = False) -> None:
@@ -49,6 +49,9 @@ class Responder:
         # While a list: the response's end is kept back here until release()
         # (the usage row is made durable first; see hold_end()).
         self._held: Optional[list] = None
+        # Headers every answer to this request carries, whichever part of the handler sends it (the CORS
+        # headers of a browser page's request); set before answering.
+        self.extra_headers: Optional[list[tuple[bytes, bytes]]] = None
 
     @property
     def client_gone(self) -> bool:
@@ -66,7 +69,11 @@ class Responder:
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], length: Optional[int]) -> bytes:
         if self._conn.state.draining:
             self.keep_alive = False
+        if self.extra_headers is not None:
+            headers += self.extra_headers
         headers.append((b"request-id", self.request_id.encode()))
+        if length == 0 and status == 204:   # sent whole; RFC 9110: a 204 has no Content-Length
+            return build_head(status, headers, content_length=None, keep_alive=self.keep_alive, chunked=False)
         return build_head(status, headers, content_length=length, keep_alive=self.keep_alive,
                           chunked=length is None and self._conn.http11)
 

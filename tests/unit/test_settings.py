@@ -61,6 +61,13 @@ flush_interval = 0.5
         "text", True, ["127.0.0.0/8", "::1/128"])
 
 
+def test_cors_origins_load_from_server_and_allow_any_origin_by_default(tmp_path):
+    s = load(tmp_path, '[server]\ncors_origins = ["https://app.example.com", "http://localhost:5173"]\n')
+    assert s.cors_origins == ["https://app.example.com", "http://localhost:5173"]
+    assert load(tmp_path, "[server]\ncors_origins = []\n").cors_origins == []
+    assert settings.Settings().cors_origins == ["*"]
+
+
 @pytest.mark.parametrize("text,says", [
     ("[server]\nport = 110659", "port must be 0..65535"),
     ('[server]\nport = "http"', "port must be a whole number"),
@@ -85,6 +92,8 @@ flush_interval = 0.5
     ('[metrics]\nallow = ["10.0.0.0/33"]', "[metrics] allow: '10.0.0.0/33' is not a network"),
     ("[metrics]\nflush_interval = 0", "metrics_flush_interval must be a number of seconds > 0"),
     ("[server]\ndrain_delay = -1", "drain_delay must be a number of seconds >= 0"),
+    ('[server]\ncors_origins = "*"', "cors_origins must be a list of origins"),
+    ('[server]\ncors_origins = ["https://app.example.com/"]', "cors_origins must be a list of origins"),
 ])
 def test_a_wrong_value_is_refused_with_one_line_naming_it(tmp_path, text, says):
     with pytest.raises(ValueError) as err:
@@ -123,6 +132,7 @@ def test_serve_with_a_bad_config_exits_with_that_line(tmp_path, capsys):
     ('[server]\ndb = "other.db"', "db is not a file setting"),
     ("[metrics]\nmax_attempts = 3", "unknown setting(s)"),
     ("server = 5", "[server] must be a table"),
+    ("[upstream]\ncors_origins = []", "cors_origins belongs under [server], not [upstream]"),
 ])
 def test_a_setting_outside_its_table_is_refused_naming_its_table(tmp_path, text, says):
     with pytest.raises(ValueError) as err:
