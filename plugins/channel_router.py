@@ -87,6 +87,8 @@ COOLDOWN_DEFAULTS = {
 }
 SESSION_HEADER = "x-claude-code-session-id"
 UNKNOWN_CREATED_AT = "1970-01-01T00:00:00Z"
+# The longest rest a client is told to sleep through (retry-after): past it, x-should-retry: false.
+LONGEST_RETRY_WAIT = 60
 
 
 def caller_may_use_on(caller: Caller, channel: Channel, model: str) -> bool:
@@ -274,13 +276,18 @@ class ChannelRouter:
 
     def _all_cooling(self, model: Optional[str], cooling: Sequence[Channel], now: float) -> Reject:
         """Every channel serving the model rests: 503 with the earliest return as retry-after
-        (the official SDKs retry a 503 and honour retry-after)."""
+        (the official SDKs retry a 503 and honour retry-after).  A rest longer than a client should sleep
+        through (an account at its spend limit rests an hour) also says x-should-retry: false, so the SDKs
+        raise at once instead of sleeping the whole wait inside one call."""
         wait = max(1, math.ceil(min(self.cool_until[c.id] for c in cooling) - now))
         causes = sorted({self.health[c.id].cool_cause for c in cooling
                          if c.id in self.health and self.health[c.id].cool_cause} or {"failures"})
+        headers = {"retry-after": str(wait)}
+        if wait > LONGEST_RETRY_WAIT:
+            headers["x-should-retry"] = "false"
         return Reject(503, "overloaded_error",
                       f"model {model or 'requested'}: every channel serving it is cooling down after upstream "
-                      f"failures ({', '.join(causes)}); retry in {wait}s", {"retry-after": str(wait)})
+                      f"failures ({', '.join(causes)}); retry in {wait}s", headers)
 
     def feedback(self, outcome: Outcome) -> None:
         ch = outcome.channel
