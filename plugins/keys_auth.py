@@ -35,7 +35,8 @@ nothing else of the key is in flight (429 with retry-after otherwise), so a
 quota is overshot by at most one request.  Keys without limits never wait on
 the store.  Files and batches requests count against rpm and concurrency (they
 reserve nothing: files cost nothing and a key with a quota cannot create
-batches); model listings are not limited.
+batches); model listings and token counting (free, and limited by the API
+apart from messages) are not limited.
 
 While the store cannot be reached, a limited key gets 503 with retry-after, or
 with ``[limits] on_store_down = "share"`` each process admits on its own
@@ -71,7 +72,7 @@ from apertis_proxy.budgets.refusals import RefusalCounter
 from apertis_proxy.budgets.reservation import billed_models, request_bound
 from apertis_proxy.plugin_api import Caller, PluginContext, Reject, RequestInfo, UsageRecord
 from apertis_proxy.store import budgets as budget_store
-from apertis_proxy.store.admissions import BUSY_RETRY_AFTER, Decision, Limits
+from apertis_proxy.store.admissions import BUSY_RETRY_AFTER, Decision, Limits, cost_reached
 from apertis_proxy.store.budgets import UNKNOWN_KEY
 from apertis_proxy.store.catalog import Catalog
 from apertis_proxy.store.config import ConfigSnapshot
@@ -82,6 +83,7 @@ RPM_WINDOW = 60.0           # seconds: requests per minute is a sliding one-minu
 CONCURRENCY_RETRY_AFTER = BUSY_RETRY_AFTER  # seconds: a slot usually frees up quickly
 CLOSE_ATTEMPTS = 5
 _OWNED_PATHS = ("/v1/files", "/v1/messages/batches")     # limited though sent without a JSON body
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"          # free: no limit of the key's applies
 STORE_DOWN_RETRY_AFTER = 5   # seconds: a client retries an unknown key, or a limited one, while the store is down
 
 
@@ -342,7 +344,7 @@ class KeysAuth:
             # The same caller, telling release() and finish() how its request was admitted.
             key.admitted_caller = dataclasses.replace(caller, data={**data, "holds": _holds(key.limits)})
             key.alone_caller = dataclasses.replace(caller, data={**data, "alone": True})
-        if key.limits is None or (request.body is None and not _counted_without_body(request.path, key.limits)):
+        if key.limits is None or not _limited(request, key.limits):
             return caller
         return await self._admit(key, request)
 
@@ -352,7 +354,7 @@ class KeysAuth:
         assert limits is not None and self.limiter is not None
         bound_cost, bound_tokens = 0.0, 0
         if (limits.quota_cost is not None or limits.quota_tokens is not None) and self.catalog is not None \
-                and request.body is not None and not request.path.endswith("/count_tokens"):
+                and request.body is not None:
             now = time.time()
             bound = request_bound(self.catalog, billed_models(self.catalog, request.model, self.channel_aliases, now),
                                   request.body, request.body_bytes, now)
@@ -379,7 +381,7 @@ class KeysAuth:
         use = decision.use
         if decision.reason == "quota":
             assert use is not None
-            if key.quota_cost is not None and use.spent_cost >= key.quota_cost:
+            if key.quota_cost is not None and cost_reached(use.spent_cost, key.quota_cost):
                 return _quota_reject(key, f"${use.spent_cost:.4f} of ${key.quota_cost:.4f}")
             return _quota_reject(key, f"{use.spent_tokens} of {key.quota_tokens} tokens")
         if decision.reason == "concurrency":
@@ -436,7 +438,8 @@ class KeysAuth:
         use = key.last_use.use if key.last_use is not None else None
         if key.quota_cost is not None:
             spent = use.spent_cost + use.live_cost if use is not None else key.quota_cost_spent
-            self._check_headroom(key, (key.quota_cost - spent) / shares, key.alone_cost, bound_cost)
+            left = 0.0 if cost_reached(spent, key.quota_cost) else key.quota_cost - spent
+            self._check_headroom(key, left / shares, key.alone_cost, bound_cost)
         if key.quota_tokens is not None:
             spent = use.spent_tokens + use.live_tokens if use is not None else key.quota_tokens_spent
             self._check_headroom(key, (key.quota_tokens - spent) / shares, key.alone_tokens, bound_tokens)
@@ -461,7 +464,9 @@ class KeysAuth:
         while recent and recent[0] <= now - RPM_WINDOW:
             recent.popleft()
         if len(recent) >= limit:
-            wait = max(1, math.ceil(recent[0] + RPM_WINDOW - now))
+            # A slot frees when the admission that brings the minute under the limit leaves it (not the oldest
+            # when the minute holds more than the limit: a share that shrank).
+            wait = max(1, math.ceil(recent[len(recent) - limit] + RPM_WINDOW - now))
             raise _Refusal("rpm", _busy(
                 f"API key '{key.name}' exceeded its limit of {key.rpm} requests per minute", wait))
 
@@ -676,10 +681,14 @@ class _Refusal(Exception):
         self.reject = reject
 
 
-def _counted_without_body(path: str, limits: Limits) -> bool:
-    """Files and batches requests come without a JSON body, and cost nothing against a quota (a key with one
-    cannot create batches): they count against `rpm` and `concurrency`.  Model listings count against nothing."""
-    return (limits.rpm is not None or limits.concurrency is not None) and path.startswith(_OWNED_PATHS)
+def _limited(request: RequestInfo, limits: Limits) -> bool:
+    """Whether `request` of a key with `limits` is admitted in the store.  Messages are.  Files and batches
+    requests come without a JSON body, and cost nothing against a quota (a key with one cannot create batches):
+    they count against `rpm` and `concurrency`.  Model listings and token counting (free; the API limits it
+    apart from messages) count against nothing."""
+    if request.body is None:
+        return (limits.rpm is not None or limits.concurrency is not None) and request.path.startswith(_OWNED_PATHS)
+    return request.path != COUNT_TOKENS_PATH
 
 
 def _holds(limits: Optional[Limits]) -> Optional[str]:

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any, Optional, Sequence
 
 from ..store import budgets as budget_store
+from ..store.admissions import COST_TOLERANCE
 from . import webhook
 from .periods import period_end
 
@@ -67,6 +68,15 @@ def payload(use: QuotaUse, threshold: int, now: float) -> dict[str, Any]:
     }
 
 
+def reached(use: QuotaUse, threshold: int) -> bool:
+    """Whether `use` reached `threshold` percent of its quota (a quota of 0 spent from: 100 percent); USD at the
+    ledger's precision, as the quota's own decision (a sum of floating-point costs may fall short of the quota)."""
+    if use.quota <= 0:
+        return threshold <= 100
+    tolerance = COST_TOLERANCE if use.unit == "usd" else 0.0
+    return use.spend >= use.quota * threshold / 100 - tolerance
+
+
 class BudgetAlerts:
     def __init__(self, config: AlertConfig, log: logging.Logger) -> None:
         self.config = config
@@ -82,9 +92,8 @@ class BudgetAlerts:
         for use in uses:
             if use.quota <= 0 and use.spend <= 0:
                 continue
-            percent = 100.0 * use.spend / use.quota if use.quota > 0 else 100.0
             for threshold in self.config.thresholds:
-                if percent < threshold:
+                if not reached(use, threshold):
                     continue
                 ident = (use.key_id, use.period or LIFETIME, use.start or "", threshold)
                 if ident in self._seen:

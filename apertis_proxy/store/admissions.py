@@ -40,7 +40,9 @@ deletions and the admissions are read by one statement, one snapshot.
 
 Refusals, in the order a client sees them: 402 the quota is used up (settled
 spend plus ended requests' exact costs), 429 concurrency, 429 requests per
-minute, 429 the request's bound does not fit beside the bounds in flight.  A
+minute, 429 the request's bound does not fit beside the bounds in flight.  Costs
+are compared at the ledger's precision (COST_TOLERANCE), so a quota spent to the
+cent is reached although a sum of floating-point costs may fall short of it.  A
 bound that does not fit while nothing else of the key is in flight is admitted:
 the request runs alone, so a quota is overshot by at most one request's cost.
 """
@@ -67,6 +69,9 @@ STALE_LEASE_SECONDS = 600.0
 # that holds their day is over: a month has at most 31 days); a renewal deletes those of keys with a quota
 # period.  A ledger row landing later settles its own period's spend alone.
 ENDED_KEPT_DAYS = 32
+# Half the ledger's quantum (costs are rounded to 1e-10 USD): sums of costs are floating-point (ten $0.10 rows
+# sum to 0.9999999999999999), so two amounts of USD closer than this are the same amount.
+COST_TOLERANCE = 0.5e-10
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +104,9 @@ class Use:
     live_cost: float           # their reserved bounds
     live_tokens: int
     recent: int                # admissions in the last minute
-    oldest: Optional[float]    # the oldest of those (store clock)
+    # When the admission of the minute whose leaving brings `recent` under the limit was made (store clock): the
+    # oldest of the minute, or a later one when the minute holds more than the limit (it was lowered).
+    freeing_at: Optional[float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,23 +136,28 @@ def decide(limits: Limits, use: Use, now: float, bound_cost: float, bound_tokens
            holders: int = 1) -> Decision:
     """The decision for one request of `limits` given `use` (pure: the store calls it inside the
     transaction that records the admission); `holders` is passed on."""
-    if limits.quota_cost is not None and use.spent_cost >= limits.quota_cost:
+    if limits.quota_cost is not None and cost_reached(use.spent_cost, limits.quota_cost):
         return Decision("quota", None, use, holders)
     if limits.quota_tokens is not None and use.spent_tokens >= limits.quota_tokens:
         return Decision("quota", None, use, holders)
     if limits.concurrency is not None and use.live >= limits.concurrency:
         return Decision("concurrency", BUSY_RETRY_AFTER, use, holders)
     if limits.rpm is not None and use.recent >= limits.rpm:
-        oldest = use.oldest if use.oldest is not None else now
-        return Decision("rpm", max(1, math.ceil(oldest + RPM_WINDOW - now)), use, holders)
+        freeing_at = use.freeing_at if use.freeing_at is not None else now
+        return Decision("rpm", max(1, math.ceil(freeing_at + RPM_WINDOW - now)), use, holders)
     if use.live:
         if (limits.quota_cost is not None
-                and use.spent_cost + use.live_cost + bound_cost > limits.quota_cost):
+                and use.spent_cost + use.live_cost + bound_cost > limits.quota_cost + COST_TOLERANCE):
             return Decision("quota_reserved", BUSY_RETRY_AFTER, use, holders)
         if (limits.quota_tokens is not None
                 and use.spent_tokens + use.live_tokens + bound_tokens > limits.quota_tokens):
             return Decision("quota_reserved", BUSY_RETRY_AFTER, use, holders)
     return Decision(None, None, use, holders)
+
+
+def cost_reached(spent: float, quota: float) -> bool:
+    """Whether `spent` USD reached `quota` at the ledger's precision (COST_TOLERANCE)."""
+    return spent >= quota - COST_TOLERANCE
 
 
 # -- SQLite --------------------------------------------------------------------------------
@@ -181,7 +193,9 @@ _USE_PERIOD = _USE.format(spend=_SPEND_PERIOD)
 
 _ADMIT = ("INSERT INTO admissions (key_id, request_id, holder, admitted_at, live, cost, tokens)"
           " VALUES (?, ?, ?, ?, 1, ?, ?)")
-_OLDEST = "SELECT MIN(at) FROM admission_times WHERE key_id = ? AND at > ?"
+# The time of the key's admission at ?3 places after the first in the minute (after ?2): the one whose leaving
+# frees a slot (0 but for a minute holding more admissions than a lowered limit).
+_FREEING_AT = "SELECT at FROM admission_times WHERE key_id = ?1 AND at > ?2 ORDER BY at, seq LIMIT 1 OFFSET ?3"
 _BACK_TO_NOW = "UPDATE admission_times SET at = ?1 WHERE key_id = ?2 AND at > ?1"
 # Seconds a key's latest admission time may lie ahead of the clock before the clock counts as set back.
 CLOCK_SLACK = 1.0
@@ -236,11 +250,12 @@ def admit_step(conn, limits: Limits, request_id: str, holder: str, bound_cost: f
         row = conn.execute(read, args).fetchone()
     first, last = row[5], row[6]
     use = Use(spent_cost=row[0], spent_tokens=row[1], live=row[2], live_cost=row[3], live_tokens=row[4],
-              recent=0 if first is None else last - first + 1, oldest=None)
+              recent=0 if first is None else last - first + 1, freeing_at=None)
     holders = max(1, row[8])
     decision = decide(limits, use, now, bound_cost, bound_tokens, holders)
     if decision.reason == "rpm":
-        use.oldest = conn.execute(_OLDEST, (key_id, window)).fetchone()[0]
+        freeing = conn.execute(_FREEING_AT, (key_id, window, use.recent - limits.rpm)).fetchone()
+        use.freeing_at = None if freeing is None else freeing[0]
         decision = decide(limits, use, now, bound_cost, bound_tokens, holders)
     elif decision.admitted:
         if limits.holds_admission:

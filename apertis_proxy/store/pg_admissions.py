@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 from typing import Optional
 
-from .admissions import (BUSY_RETRY_AFTER, CLOCK_SLACK, ENDED_KEPT_DAYS, RPM_WINDOW, STALE_LEASE_SECONDS, Decision,
-                         Limits, ReleaseNotRun, Renewal, Use)
+from .admissions import (BUSY_RETRY_AFTER, CLOCK_SLACK, COST_TOLERANCE, ENDED_KEPT_DAYS, RPM_WINDOW,
+                         STALE_LEASE_SECONDS, Decision, Limits, ReleaseNotRun, Renewal, Use)
 from .gathered import Gathered
 from .service import StoreUnavailable
 from .url import StoreURL
@@ -108,7 +108,7 @@ _READ = f"""
 
 # One admission decided and, if admitted, recorded: the body both functions share, on the variables v_key,
 # v_request, v_holder, v_cost, v_tokens, v_quota_cost, v_quota_tokens, v_period, v_rpm, v_concurrency (the
-# request), v_now, v_start, v_oldest (its own) and the output columns (reason and retry_after NULL on entry).
+# request), v_now, v_start, v_freeing_at (its own) and the output columns (reason and retry_after NULL on entry).
 _DECIDE = f"""
         v_now := extract(epoch FROM clock_timestamp());
         -- One statement, one snapshot (which sees the batch's earlier admissions): the spend, the key's
@@ -130,18 +130,22 @@ _DECIDE = f"""
             IF FOUND THEN{_READ}
             END IF;
         END IF;
-        IF (v_quota_cost IS NOT NULL AND spent_cost >= v_quota_cost)
+        -- USD compared at the ledger's precision (admissions.COST_TOLERANCE).
+        IF (v_quota_cost IS NOT NULL AND spent_cost >= v_quota_cost - {COST_TOLERANCE})
                 OR (v_quota_tokens IS NOT NULL AND spent_tokens >= v_quota_tokens) THEN
             reason := 'quota';
         ELSIF v_concurrency IS NOT NULL AND live >= v_concurrency THEN
             reason := 'concurrency';
             retry_after := {BUSY_RETRY_AFTER};
         ELSIF v_rpm IS NOT NULL AND recent >= v_rpm THEN
-            SELECT MIN(t.at) INTO v_oldest FROM admission_times t
-             WHERE t.key_id = v_key AND t.at > v_now - {RPM_WINDOW};
+            -- A slot frees when the admission that brings the minute under the limit leaves it: the oldest, or a
+            -- later one when the minute holds more than a lowered limit.
+            SELECT t.at INTO v_freeing_at FROM admission_times t
+             WHERE t.key_id = v_key AND t.at > v_now - {RPM_WINDOW} ORDER BY t.at LIMIT 1 OFFSET recent - v_rpm;
             reason := 'rpm';
-            retry_after := GREATEST(1, ceil(COALESCE(v_oldest, v_now) + {RPM_WINDOW} - v_now))::INTEGER;
-        ELSIF live > 0 AND ((v_quota_cost IS NOT NULL AND spent_cost + live_cost + v_cost > v_quota_cost)
+            retry_after := GREATEST(1, ceil(COALESCE(v_freeing_at, v_now) + {RPM_WINDOW} - v_now))::INTEGER;
+        ELSIF live > 0 AND ((v_quota_cost IS NOT NULL
+                             AND spent_cost + live_cost + v_cost > v_quota_cost + {COST_TOLERANCE})
                 OR (v_quota_tokens IS NOT NULL AND spent_tokens + live_tokens + v_tokens > v_quota_tokens)) THEN
             reason := 'quota_reserved';
             retry_after := {BUSY_RETRY_AFTER};
@@ -166,7 +170,7 @@ _DECIDE = f"""
 _DECIDE_LOCALS = """
     v_now DOUBLE PRECISION;
     v_start TEXT;
-    v_oldest DOUBLE PRECISION;"""
+    v_freeing_at DOUBLE PRECISION;"""
 
 FUNCTIONS = f"""
 CREATE OR REPLACE FUNCTION apertis_admit_many(
@@ -480,7 +484,7 @@ class PgAdmissions:
                 [_int(one.rpm) for one in limits], [_int(one.concurrency) for one in limits],
                 sorted({one.key_id for one in limits})))
         return [Decision(row[0], row[1], Use(spent_cost=row[2], spent_tokens=row[3], live=row[4], live_cost=row[5],
-                                             live_tokens=row[6], recent=row[7], oldest=None), max(1, row[8]))
+                                             live_tokens=row[6], recent=row[7], freeing_at=None), max(1, row[8]))
                 for row in rows]
 
     async def release(self, key_id: int, request_id: str, cost: Optional[float], tokens: Optional[int],

@@ -32,9 +32,10 @@ PARTITIONS_AHEAD = 2                 # months created beyond the current one
 # Changes to the PostgreSQL schema alone at SCHEMA_VERSION, reinstalled by migrate() (1: apertis_admit_many;
 # 2: apertis_admit decides on its own, for batches of one; 3: the index of requests in flight holds their ids;
 # 4: a full minute's times ahead of the clock come back to it; 5: the rollup's iteration_tokens, filled from the
-# ledger rows there are).  The functions of an earlier revision stay callable as they were, so hosts of both
-# revisions can share it.
-PG_REVISION = 5
+# ledger rows there are; 6: USD quotas compared at the ledger's precision, and an rpm refusal's retry-after counted
+# from the admission that frees a slot).  The functions of an earlier revision stay callable as they were, so
+# hosts of both revisions can share it.
+PG_REVISION = 6
 # SQLite's version 9 (the minute's numbered times) is SQLite's alone; version 10 (ended admissions per key and
 # day) is both backends'.
 SCHEMA_VERSION = 10

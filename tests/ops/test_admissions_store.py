@@ -264,6 +264,39 @@ async def test_the_minute_slides_admissions_that_left_it_stop_counting(store_url
             conn.close()
 
 
+@pytest.mark.parametrize("settled_by_ledger", [False, True])
+async def test_a_quota_spent_to_the_cent_is_reached(store_url, settled_by_ledger):
+    """Ten requests of $0.10 against a $1.00 quota: their sum in floating point is 0.9999999999999999 (in the spend,
+    or in the ended sums the ledger has not settled yet), the ledger's precision says $1.00, and the quota is
+    reached (admissions.COST_TOLERANCE)."""
+    key_id = new_key(store_url, "to-the-cent")
+    async with leased_process(store_url) as store:
+        limits = Limits(key_id, quota_cost=1.0)
+        for n in range(10):
+            assert (await admit(store, limits, f"c{n}", "h", cost=0.1)).admitted
+            await release(store, key_id, f"c{n}", 0.1, 0, settled_by_ledger)
+        refused = await admit(store, limits, "c10", "h", cost=0.1)
+        assert refused.reason == "quota" and refused.use.spent_cost == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("lowered_to", [1, 2])
+async def test_a_lowered_rpm_retries_after_the_admission_that_frees_a_slot(store_url, lowered_to):
+    """Three admissions in the minute, the first 30 s old, and the limit lowered from 3: a slot frees when the
+    admission that brings the minute under the new limit leaves it (one of a moment ago), not the oldest."""
+    key_id = new_key(store_url, "lowered")
+    async with leased_process(store_url) as store:
+        for n in range(3):
+            assert (await admit(store, Limits(key_id, rpm=3), f"m{n}", "h")).admitted
+        conn = service.connect(store_url)
+        try:
+            conn.execute("UPDATE admission_times SET at = at - 30 WHERE request_id = 'm0'")
+            conn.commit()
+        finally:
+            conn.close()
+        refused = await admit(store, Limits(key_id, rpm=lowered_to), "late", "h")
+        assert refused.reason == "rpm" and 55 <= refused.retry_after <= 60, refused.retry_after
+
+
 async def test_postgres_admissions_commit_without_waiting_for_the_disk(pg_url):
     """Admissions and releases are transient: their connections do not wait for a WAL flush per commit
     (pg_admissions.SESSION_SETTINGS); the ledger's own connection keeps the server's durable default."""
