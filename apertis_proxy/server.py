@@ -89,9 +89,14 @@ class Gateway:
         loop = asyncio.get_running_loop()
 
         def may_handshake(handshakes: int) -> bool:
-            """A TLS handshake counts against the connection cap from its first byte."""
-            return (len(state.connections) + handshakes < state.max_connections
-                    or state.make_room(loop.time()))
+            """A TLS handshake counts against the connection cap from its first byte.  One past the cap is
+            closed before its handshake (no 503 can be sent): counted as a refusal with code 0."""
+            if len(state.connections) + handshakes < state.max_connections or state.make_room(loop.time()):
+                return True
+            recorder = self.observe.recorder if self.observe is not None else None
+            if recorder is not None:
+                recorder.refused("connection_cap", 0)
+            return False
 
         self._listener = Listener(sockets, factory, loop, tls=self.certificate, may_handshake=may_handshake,
                                   handshake_timeout=s.header_timeout)
