@@ -20,7 +20,7 @@ from ..errors import GatewayError
 from ..http.request import Request
 from ..http.responder import Responder
 from ..plugin_api import SEPARATE_ITERATIONS, Caller, Channel, UsageRecord
-from . import contract
+from . import contract, exact_json
 from .batch_admission import admit, named, refuse_quota
 from .owned_endpoint import OwnedEndpoint, header, passed_down, with_query
 from .ownership import BATCH
@@ -80,7 +80,7 @@ class BatchesEndpoint(OwnedEndpoint):
                 except GatewayError as e:
                     raise named(i, e) from None
                 fitted.append({**item, "params": prepared.body})
-            payload = orjson.dumps({**body, "requests": fitted})
+            payload = exact_json.dumps({**body, "requests": fitted}, req.body)
             last = await self.call(channel, "POST", with_query(PREFIX, req), req, payload, record, version, billed=True)
             if last is None:
                 continue

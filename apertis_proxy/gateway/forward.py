@@ -26,7 +26,7 @@ from ..store.catalog import Catalog
 from ..store.owned_state import OwnedState
 from ..upstream.connection import ResponseHead, UpstreamConnection, UpstreamError
 from ..upstream.pool import Pools
-from . import contract, model_policy
+from . import contract, exact_json, model_policy
 from .body_encoding import decode_body
 from .cors import Cors
 from .headers import RETRY_ADVICE, downstream_headers, parse_retry_after, upstream_headers, upstream_request_id
@@ -308,7 +308,7 @@ class MessagesForwarder:
         # What was checked is what goes: the parsed body, serialized again (~0.2 us for a small one), never the
         # client's bytes, in which a repeated key may name another model or another key's thread to a parser
         # that keeps the first where orjson keeps the last.
-        payload = orjson.dumps(prepared.body)
+        payload = exact_json.dumps(prepared.body, req.body)
         try:
             origin = self.pools.origin(channel.base_url)
             headers = upstream_headers(req.headers, channel, origin.host_header, prepared.api_version,

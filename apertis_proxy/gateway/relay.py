@@ -23,6 +23,7 @@ from ..errors import sse_error_event
 from ..http.responder import ClientGone, Responder
 from ..plugin_api import UsageRecord
 from ..upstream.connection import UpstreamConnection, UpstreamError
+from . import exact_json
 from .sse import EventTooLarge, SseSplicer
 from .usage import UsageMeter
 
@@ -94,7 +95,7 @@ class JsonRelay(Relay):
             rename = self.rename
             if rename and obj.get("model") == rename[0]:
                 obj["model"] = rename[1]
-                data = orjson.dumps(obj)
+                data = exact_json.dumps(obj, data)
         record = self.record
         record.status = self.status
         if self.resp.client_gone:

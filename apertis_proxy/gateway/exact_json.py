@@ -1,0 +1,61 @@
+"""Serializing a parsed body again without losing integers orjson cannot hold.
+
+The gateway sends what it checked: a body parsed with orjson and serialized
+again.  orjson reads an integer beyond 64 bits as a float (123456789012345678901234567890
+becomes 1.2345678901234568e+29), and such a float prints with an exponent.  So a
+serialized body without `e+` lost nothing; one with it (also a float the client
+wrote that way, or text that holds `e+`) is made again with the standard library
+from the parsed body, each such float given back the integer the original bytes
+held at the same place.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+# Past these, orjson has read an integer as a float.
+_INT_MIN, _INT_MAX = -(2 ** 63), 2 ** 64 - 1
+
+
+def dumps(obj: Any, original: bytes) -> bytes:
+    """`obj` (parsed from `original` by orjson, and maybe changed since) as JSON bytes."""
+    out = orjson.dumps(obj)
+    if b"e+" not in out:
+        return out
+    try:
+        exact = json.loads(original)
+    except (ValueError, RecursionError):
+        return out
+    restored, changed = _restore(obj, exact)
+    if not changed:
+        return out
+    return json.dumps(restored, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _restore(ours: Any, theirs: Any) -> tuple[Any, bool]:
+    """`ours` with each float that orjson made of a big integer replaced by that integer, as `theirs` (the same
+    document parsed by the standard library) holds it at the same place; parts the gateway changed (another
+    key set, another length) are kept as they are."""
+    kind = type(ours)
+    if kind is float:
+        if type(theirs) is int and not _INT_MIN <= theirs <= _INT_MAX:
+            try:
+                if float(theirs) == ours:
+                    return theirs, True
+            except OverflowError:
+                pass
+        return ours, False
+    if kind is dict and type(theirs) is dict:
+        changed = False
+        out = {}
+        for key, value in ours.items():
+            out[key], restored = _restore(value, theirs.get(key))
+            changed = changed or restored
+        return (out, True) if changed else (ours, False)
+    if kind is list and type(theirs) is list and len(ours) == len(theirs):
+        pairs = [_restore(a, b) for a, b in zip(ours, theirs)]
+        if any(restored for _, restored in pairs):
+            return [value for value, _ in pairs], True
+    return ours, False
