@@ -12,8 +12,8 @@ exact result h11 gives for it:
   or 1.0, one Host (at most one for 1.0), at most one Content-Length of digits, no
   Transfer-Encoding, Expect or Upgrade;
 - a response: HTTP/1.1 or 1.0, a final status (200-599), framed by at most one
-  Content-Length of digits, or `Transfer-Encoding: chunked` written exactly so,
-  or neither (read to close), never both;
+  Content-Length of digits, or `Transfer-Encoding: chunked` written exactly so
+  (HTTP/1.1 only), or neither (read to close), never both;
 - the whole head in the bytes given, within the size limit h11 applies.
 
 Everything else (None here) goes to h11 exactly as before, which answers every
@@ -140,8 +140,8 @@ def parse_request(data: bytes, limit: int) -> Optional[FastRequest]:
     hosts = names.count(b"host")
     if hosts > 1 or (not hosts and version == b"1.1"):      # h11 refuses both
         return None
-    # The server measures a head as its names, values and 4 bytes each, plus the request line: at most the
-    # head's length and one byte per header.  Near the limit, h11's path decides.
+    # The find above kept the head (its bytes to the blank line, as the server measures it) within the limit;
+    # this leaves heads near it, by a byte per header, to h11's path, which decides.
     if end + len(headers) > limit:
         return None
     length = _content_length(names, headers)
@@ -163,10 +163,12 @@ def parse_response(data: bytes, limit: int = RESPONSE_HEAD_LIMIT) -> Optional[Fa
     if fields is None:
         return None
     headers, names = fields
+    version = m.group(1)
     chunked = names.count(b"transfer-encoding")
     length: Optional[int] = None
     if chunked:
-        if chunked != 1 or b"content-length" in names:
+        # (An HTTP/1.0 answer with Transfer-Encoding is invalid: h11's path refuses it.)
+        if chunked != 1 or b"content-length" in names or version != b"1.1":
             return None
         if headers[names.index(b"transfer-encoding")][1] != b"chunked":
             return None
@@ -176,7 +178,6 @@ def parse_response(data: bytes, limit: int = RESPONSE_HEAD_LIMIT) -> Optional[Fa
             return None
         if not length and b"content-length" not in names:
             length = None
-    version = m.group(1)
     return FastResponse(int(m.group(2)), version, headers, end + 2, _keeps_alive(version, names, headers),
                         chunked == 1, length)
 

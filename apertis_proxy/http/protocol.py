@@ -202,8 +202,9 @@ class HttpConnection(asyncio.Protocol):
         self._buffered = 0          # bytes received while a handler runs
         self._deadline = Deadline(self._loop, self._on_timeout)
         self._peer_half_closed = False  # the client half-closed while we owe it a response
-        # The reads a request head came in, as sent: h11 unfolds obs-fold and
-        # lower-cases Transfer-Encoding, which framing_refusal() must see.
+        # The reads a request head came in, as sent: its size, and what
+        # framing_refusal() must see (h11 unfolds obs-fold and lower-cases
+        # Transfer-Encoding).
         self._head_reads: list[bytes] = []
         # Body bytes still to come in FAST_BODY.
         self._body_left = 0
@@ -365,10 +366,12 @@ class HttpConnection(asyncio.Protocol):
             etype = type(event)
             if etype is h11.Request:
                 fast_head.COUNTS.request_h11 += 1
-                self._on_request(event)
+                # What follows the head in h11's buffer: a copy, so taken once for the head's size and the body.
+                rest = conn.trailing_data[0]
+                self._on_request(event, rest)
                 if self._cycle is _DISCARDING:  # refused on its head: the rest is never parsed
                     return
-                if self._take_body(conn):
+                if self._take_body(rest):
                     return
                 if not self._admitted(event):   # the body is still to come: not for a refused caller
                     return
@@ -389,7 +392,8 @@ class HttpConnection(asyncio.Protocol):
                 self.close()
                 return
 
-    def _on_request(self, event: h11.Request) -> None:
+    def _on_request(self, event: h11.Request, rest: bytes) -> None:
+        """Take a request head h11 parsed (`rest`: what h11 holds after it), or refuse it."""
         self._cycle = _BODY
         self._request = event
         self._headers = headers = header_list(event.headers)
@@ -397,16 +401,18 @@ class HttpConnection(asyncio.Protocol):
         self._body_size = 0
         self._body_limit = self._settings.max_body_bytes
         self.http11 = event.http_version == b"1.1"
-        # h11 only bounds a head still incomplete in its buffer; one that
-        # arrived whole in a single read must be measured here.
-        if _head_size(event, headers) > self._settings.max_header_bytes:
+        reads, self._head_reads = self._head_reads, []
+        received = reads[0] if len(reads) == 1 else b"".join(reads)
+        # h11 only bounds a head still incomplete in its buffer; one that came
+        # whole is measured here, by its bytes up to the blank line as sent
+        # (whitespace included), so however it arrives it gets the same answer.
+        if len(received) - len(rest) > self._settings.max_header_bytes:
             self._reject_early(431, "request headers too large", "request_too_large", "headers_too_large")
             return
         if event.http_version not in (b"1.1", b"1.0"):
             self._reject_early(505, f"HTTP/{event.http_version.decode('ascii', 'replace')} is not supported; "
                                     f"use HTTP/1.1", "invalid_request_error", "http_version")
             return
-        reads, self._head_reads = self._head_reads, []
         # h11 has validated the framing headers; without either, a request has no body.
         length: Optional[int] = 0
         has_length = chunked = False
@@ -416,12 +422,9 @@ class HttpConnection(asyncio.Protocol):
                 has_length = True
             elif name == b"transfer-encoding":
                 chunked = True
-        refusal = framing_refusal(reads[0] if len(reads) == 1 else b"".join(reads), chunked)
-        if refusal is None and chunked and has_length:
-            # Both, even Content-Length: 0: the classic request-smuggling shape (a
-            # front end framing by Content-Length would see another request than
-            # we do).  RFC 9112 allows refusing it; the connection is closed.
-            refusal = "a request must not have both Content-Length and Transfer-Encoding"
+        refusal = framing_refusal(received, chunked)
+        if refusal is None and chunked:
+            refusal = _chunked_refusal(has_length, event.http_version)
         if refusal is not None:
             self._reject_early(400, refusal, "invalid_request_error", "framing")
             return
@@ -512,8 +515,9 @@ class HttpConnection(asyncio.Protocol):
         self._reject_early(refusal.status, refusal.message, refusal.error_type, request_id=request_id)
         return False
 
-    def _take_body(self, conn: h11.Connection) -> bool:
-        """Take a Content-Length body straight from h11's buffer when it is all there.
+    def _take_body(self, data: bytes) -> bool:
+        """Take a Content-Length body straight from h11's buffer (`data`: what
+        it holds after the head) when it is all there.
 
         h11 parsed and validated the head; its Data and EndOfMessage events would
         only hand back the same bytes, at a measured ~10% of a small request's
@@ -522,7 +526,6 @@ class HttpConnection(asyncio.Protocol):
         length = self._length
         if length is None:
             return False
-        data = conn.trailing_data[0]
         if len(data) < length:
             return False        # still arriving: let h11 frame it
         self._body = [data if len(data) == length else data[:length]]
@@ -737,6 +740,19 @@ def framing_refusal(received: bytes, chunked: bool) -> Optional[str]:
     return None
 
 
+def _chunked_refusal(has_length: bool, http_version: bytes) -> Optional[str]:
+    """Why a chunked request is refused whatever its bytes say, or None: a
+    front end could frame its body otherwise.  The connection is closed."""
+    if has_length:
+        # Both, even Content-Length: 0: the classic request-smuggling shape (a front end framing by
+        # Content-Length would see another request than we do).  RFC 9112 allows refusing it.
+        return "a request must not have both Content-Length and Transfer-Encoding"
+    if http_version != b"1.1":
+        # RFC 9112 section 6.1: an HTTP/1.0 front end does not know chunked, so it framed the body otherwise.
+        return "an HTTP/1.0 request must not have Transfer-Encoding"
+    return None
+
+
 def _tell(refused: RefusalHook, *args) -> None:
     """Call the refusal hook; a failure in it is logged, never lets the refusal fail."""
     try:
@@ -751,12 +767,3 @@ def _peer(transport: asyncio.BaseTransport) -> str:
     if not isinstance(peer, tuple):
         return str(peer or "")
     return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
-
-
-def _head_size(event: h11.Request, headers: list[tuple[bytes, bytes]]) -> int:
-    """Bytes of the request head as sent, give or take optional whitespace."""
-    size = len(event.method) + len(event.target) + 12
-    for name, value in headers:
-        size += len(name) + len(value) + 4
-    return size
-

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import operator
 from typing import Callable, Optional
 
 import h11
@@ -57,6 +58,11 @@ _SENT_REQUEST = h11.Request(method=b"POST", target=b"/", headers=[(b"host", b"up
 # decoder expects (a HEAD answer has no body: the decoder would wait for one).
 _FORWARDED_METHODS = frozenset((b"POST", b"GET", b"DELETE"))
 _FIELD_LINE = b": ".join       # (name, value) -> b"name: value"
+_NAME = operator.itemgetter(0)
+_VALUE = operator.itemgetter(1)
+# What RFC 9110 section 5.5 allows in a field value: VCHAR, obs-text, SP and HTAB.  Deleted from the values, it
+# leaves the bytes h11 lets through (its grammar excludes only NUL and whitespace) but HTTP does not.
+_FIELD_VALUE_BYTES = bytes(range(0x20, 0x7f)) + bytes(range(0x80, 0x100)) + b"\t"
 
 
 class Phase(enum.Enum):
@@ -218,8 +224,12 @@ class UpstreamConnection(asyncio.Protocol):
             if etype is h11.Response:
                 fast_head.COUNTS.response_h11 += 1
                 headers = header_list(event.headers)
+                refusal = response_refusal(event.status_code, event.http_version, headers)
+                if refusal is not None:
+                    raise FramingError(refusal)
                 self._on_head(event.status_code, headers, conn.trailing_data[0],
-                              keeps_alive(event.http_version, headers), decoder_for(event.status_code, headers))
+                              keeps_alive(event.http_version, headers) and not _framed_twice(headers),
+                              decoder_for(event.status_code, headers))
                 return
             if etype is h11.ConnectionClosed:
                 return
@@ -464,3 +474,23 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 _TIMED_OUT = object()
+
+
+def response_refusal(status: int, http_version: bytes, headers: list[tuple[bytes, bytes]]) -> Optional[str]:
+    """Why a final response head h11 accepted is an invalid answer all the same, or None.  The fast parser
+    declines each of these, so only h11's path asks (a few C-level passes over the values)."""
+    if status > 599:
+        return f"status {status} is outside 100-599"
+    if b"".join(map(_VALUE, headers)).translate(None, _FIELD_VALUE_BYTES):
+        return "a header value holds a control byte"
+    if http_version != b"1.1" and b"transfer-encoding" in map(_NAME, headers):
+        # RFC 9112 section 6.1: an HTTP/1.0 message's framing is faulty with Transfer-Encoding.
+        return "an HTTP/1.0 answer with Transfer-Encoding"
+    return None
+
+
+def _framed_twice(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Both Content-Length and Transfer-Encoding: read as chunked (RFC 9112 section 6.3), but perhaps a
+    response-splitting attempt, so its connection is never reused."""
+    names = list(map(_NAME, headers))
+    return b"transfer-encoding" in names and b"content-length" in names

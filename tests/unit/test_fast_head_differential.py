@@ -27,8 +27,9 @@ from hypothesis import strategies as st
 
 from apertis_proxy.http import fast_head
 from apertis_proxy.http.heads import header_list, keeps_alive
-from apertis_proxy.http.protocol import _head_size, framing_refusal
+from apertis_proxy.http.protocol import framing_refusal
 from apertis_proxy.http.head_check import difference, fast_reading, h11_request, h11_response
+from apertis_proxy.upstream.connection import response_refusal
 from apertis_proxy.upstream.framing import decoder_for, framed_decoder
 from tests.support.smuggling_vectors import VECTORS
 
@@ -166,8 +167,9 @@ def assert_request_agrees(data: bytes) -> None:
     reading = fast_reading(fast)
     assert difference(reading, oracle) is None, (data, difference(reading, oracle))
     assert fast.keep_alive == keeps_alive(fast.http_version, fast.headers)
-    # The server's checks on an h11 head (size, framing as sent) that the fast path skips would pass.
-    assert _head_size(fast, fast.headers) <= MAX_HEAD
+    # The server's checks on an h11 head (size: its bytes to the blank line; framing as sent) that the fast
+    # path skips would pass.
+    assert fast.end <= MAX_HEAD
     assert framing_refusal(data, False) is None
     assert_request_framing(data, fast)
     assert_declined_until_whole(data, fast.end, fast_request)
@@ -208,6 +210,8 @@ def assert_response_agrees(data: bytes) -> None:
     reading = fast_reading(fast)
     assert difference(reading, oracle) is None, (data, difference(reading, oracle))
     assert 200 <= fast.status_code < 600
+    # The upstream client's checks on an h11 head (status range, value bytes, framing by version) would pass.
+    assert response_refusal(fast.status_code, fast.http_version, fast.headers) is None
     names = [name for name, _ in fast.headers]
     assert names.count(b"transfer-encoding") + names.count(b"content-length") <= 1
     # The keep-alive and the body framing the parser read by name are what a pass over the headers reads.

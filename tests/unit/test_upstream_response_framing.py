@@ -2,8 +2,9 @@
 (the fast parser declines all of these but the last table: h11 reads them). A head with both Content-Length and
 Transfer-Encoding may be a response-splitting attempt (RFC 9112 section 6.3: "ought to be handled as an error"): its
 body is read by the chunked framing, and the connection is never reused, as after any answer whose end is in doubt.
-Transfer codings other than plain chunked, chunked twice and an unasked-for 101 are upstream errors; a 204 or 304
-carrying a body, and HTTP/1.0 answers, end the connection's reuse."""
+Transfer codings other than plain chunked, chunked twice, Transfer-Encoding in an HTTP/1.0 answer (RFC 9112 section
+6.1) and an unasked-for 101 are upstream errors; a 204 or 304 carrying a body, and HTTP/1.0 answers, end the
+connection's reuse."""
 from __future__ import annotations
 
 import pytest
@@ -42,7 +43,9 @@ async def test_answer_with_both_framings_is_read_chunked_and_never_reused(monkey
     head(b"HTTP/1.1 101 Switching Protocols", b"upgrade: websocket", b"connection: upgrade"),
     head(b"HTTP/1.1 200 OK", b"content-length: +%d" % len(BODY)) + BODY,
     head(b"HTTP/1.1 200 OK", b"content-length: %d, 5" % len(BODY)) + BODY,
-], ids=["gzip-chunked", "chunked-twice", "chunked-listed-twice", "101", "length-signed", "lengths-differing"])
+    head(b"HTTP/1.0 200 OK", b"transfer-encoding: chunked") + CHUNKED,
+], ids=["gzip-chunked", "chunked-twice", "chunked-listed-twice", "101", "length-signed", "lengths-differing",
+        "http-1.0-chunked"])
 async def test_irregular_framing_is_an_upstream_error(monkeypatch, fast, answer):
     monkeypatch.setattr(UpstreamConnection, "fast_heads", fast)
     async with ScriptedUpstream([[answer]]) as upstream:
