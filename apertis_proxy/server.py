@@ -133,8 +133,11 @@ class Gateway:
         self.state.refused = self.observe.refusal_hook
         self.observe.start()
         self._observe_running = True
+        client_address = ClientAddress(s.trusted_proxies, s.forwarded_header) if s.trusted_proxies else None
+        if client_address is not None:
+            self.state.client_of = client_address.resolve
         app = GatewayApp(MessagesForwarder(s, self.plugins, self.pools, catalog, self.owned), self.plugins,
-                         ClientAddress(s.trusted_proxies, s.forwarded_header) if s.trusted_proxies else None)
+                         client_address)
         return self.observe.wrap(app)
 
     async def _stop_app(self) -> None:

@@ -19,7 +19,7 @@ import asyncio
 import enum
 import logging
 import re
-from typing import Awaitable, Callable, Optional, Protocol, Union
+from typing import Awaitable, Callable, Optional, Protocol, Sequence, Union
 
 import h11
 
@@ -88,13 +88,16 @@ class ServerState:
     """Shared by all connections of one listening server: bookkeeping for shutdown
     and for the connection cap."""
 
-    __slots__ = ("connections", "draining", "tasks", "max_connections", "render_error", "refused", "_shed",
-                 "_refused", "_logged_at", "_all_busy_until")
+    __slots__ = ("connections", "draining", "tasks", "max_connections", "render_error", "refused", "client_of",
+                 "_shed", "_refused", "_logged_at", "_all_busy_until")
 
     def __init__(self, render_error: ErrorRenderer, max_connections: int = 10_000,
                  refused: Optional[RefusalHook] = None) -> None:
         self.render_error = render_error
         self.refused = refused
+        # The client a request's head names when its peer is a trusted proxy (peer, headers -> client), for
+        # the refusals the HTTP layer logs itself; None: the peer is the client.
+        self.client_of: Optional[Callable[[str, list], str]] = None
         self.connections: set["HttpConnection"] = set()
         self.draining = False
         # Handler tasks until they return: a handler still meters its request
@@ -512,7 +515,8 @@ class HttpConnection(asyncio.Protocol):
                                     "credential no auth plugin checked from its head", "request_too_large",
                                "body_too_large", request_id=request_id)
             return False
-        self._reject_early(refusal.status, refusal.message, refusal.error_type, request_id=request_id)
+        self._reject_early(refusal.status, refusal.message, refusal.error_type, request_id=request_id,
+                           headers=[(k.encode(), str(v).encode()) for k, v in refusal.headers.items()])
         return False
 
     def _take_body(self, data: bytes) -> bool:
@@ -656,10 +660,11 @@ class HttpConnection(asyncio.Protocol):
 
     # -- errors and timers ---------------------------------------------------
     def _reject_early(self, status: int, message: str, error_type: str, reason: Optional[str] = None, *,
-                      request_id: Optional[str] = None) -> None:
+                      request_id: Optional[str] = None, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """Answer before the request was read completely, then close.  With a
         `reason`, the HTTP layer refused it on its own: state.refused is told
-        (a refusal by the handler's admit() is the handler's to count)."""
+        (a refusal by the handler's admit() is the handler's to count).  `headers`
+        go with the error (a plugin's refusal: its retry-after)."""
         self._h11 = self._new_h11()  # the rest of the request is never parsed
         self._h11_is_next = False
         self._cycle = _DISCARDING
@@ -669,16 +674,20 @@ class HttpConnection(asyncio.Protocol):
             responder = self._responder = Responder(self, request_id or new_request_id(), keep_alive=False)
         responder.keep_alive = False
         if not responder.started:
-            responder.send_error(status, message, error_type)
+            responder.send_error(status, message, error_type, list(headers))
         else:
             self.close()
-        if ours and reason is not None and self.state.refused is not None:
+        state = self.state
+        if ours and reason is not None and state.refused is not None:
             event = self._request
             method = path = None
+            client = self._client
             if event is not None:
                 method = event.method.decode("ascii")
                 path = _request_target(event.target).decode("latin-1").partition("?")[0]
-            _tell(self.state.refused, status, error_type, reason, responder.request_id, method, path, self._client)
+                if state.client_of is not None:     # the head was read: its forwarded client, behind a proxy
+                    client = state.client_of(client, self._headers)
+            _tell(state.refused, status, error_type, reason, responder.request_id, method, path, client)
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint or 400
