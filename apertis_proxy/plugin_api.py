@@ -330,6 +330,12 @@ class AuthPlugin(Protocol):
     async def authenticate(self, request: RequestInfo) -> Optional[Caller]:
         """Return the caller, None to let the next auth plugin decide, or raise Reject."""
 
+    async def admit(self, request: RequestInfo, caller: Caller) -> Caller:
+        """Optional.  Called once the gateway has checked the request and found channels for it, just
+        before it goes upstream (a request the gateway refuses itself never gets here): take what the
+        request holds (a concurrency slot, a reservation, a place in the minute) or raise Reject
+        (402/429/503).  Returns the caller that release() and finish() then get."""
+
     async def release(self, caller: Caller, record: UsageRecord) -> None:
         """Optional.  Called exactly once for every request this plugin
         authenticated, once its answer is complete and metered (``record`` is

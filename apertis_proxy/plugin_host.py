@@ -210,6 +210,24 @@ class PluginHost:
                 return caller, plugin
         raise GatewayError(401, "invalid x-api-key", "authentication_error")
 
+    async def admit(self, plugin: Any, request: RequestInfo, caller: Caller) -> Caller:
+        """The vouching plugin's admit(), once the request is checked and routed (see AuthPlugin): the
+        caller its release() and finish() get.  Reject becomes the client's error."""
+        admit = getattr(plugin, "admit", None)
+        if admit is None:
+            return caller
+        try:
+            admitted = await admit(request, caller)
+        except Exception as exc:  # noqa: BLE001 - contained, see _chain_error
+            raise _chain_error("auth", self._name_of(plugin), exc) from None
+        if not isinstance(admitted, Caller):
+            raise _chain_error("auth", self._name_of(plugin), TypeError(
+                f"admit() returned {type(admitted).__name__}, not a Caller"))
+        return admitted
+
+    def _name_of(self, plugin: Any) -> str:
+        return next((name for name, p in self.auth if p is plugin), type(plugin).__name__)
+
     def check_head(self, request: RequestInfo) -> bool:
         """Raise GatewayError when the request head alone shows that no auth
         plugin will admit it (see AuthPlugin.check_head).  True: a plugin vouched

@@ -23,8 +23,9 @@ account cannot pay for this", SDKs and Claude Code do not retry it (they would
 retry 429 and every 5xx), and it tells the user something no retry can fix.
 
 Limits hold across worker processes and hosts: a request of a key with a
-quota, rpm or concurrency limit is admitted by one transaction in the shared
-store (apertis_proxy.store.admissions), which reserves an upper bound of its
+quota, rpm or concurrency limit is admitted (``admit()``, once the gateway has
+checked and routed it: a request it refuses itself takes nothing) by one
+transaction in the shared store (apertis_proxy.store.admissions), which reserves an upper bound of its
 cost (apertis_proxy.budgets.reservation) and takes a concurrency slot;
 ``release()`` gives the slot back before the answer's last bytes and turns the
 reservation into the exact cost, which the ledger row then settles (a key
@@ -344,9 +345,20 @@ class KeysAuth:
             # The same caller, telling release() and finish() how its request was admitted.
             key.admitted_caller = dataclasses.replace(caller, data={**data, "holds": _holds(key.limits)})
             key.alone_caller = dataclasses.replace(caller, data={**data, "alone": True})
-        if key.limits is None or not _limited(request, key.limits):
+        return caller
+
+    async def admit(self, request: RequestInfo, caller: Caller) -> Caller:
+        """The request is checked and routed: a key with limits is admitted in the store now, so a request
+        the gateway refuses itself (a malformed body, a model nobody serves, every channel resting) takes
+        no place in the key's minute, slots or quota."""
+        key = self.by_id.get(caller.key_id) if caller.key_id is not None else None
+        if key is None or key.limits is None or not _limited(request, key.limits):
             return caller
-        return await self._admit(key, request)
+        admitted = await self._admit(key, request)
+        if caller.models is not key.allowed:
+            # The gateway widened the caller meanwhile (a retired model's successor): kept.
+            admitted = dataclasses.replace(admitted, models=caller.models)
+        return admitted
 
     async def _admit(self, key: KeyState, request: RequestInfo) -> Caller:
         """Admit a request of a limited key in the store (see the module docstring)."""

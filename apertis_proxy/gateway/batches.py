@@ -50,6 +50,15 @@ class BatchesEndpoint(OwnedEndpoint):
 
     # -- create ---------------------------------------------------------------
 
+    def refusal(self, req: Request, caller: Caller) -> Optional[GatewayError]:
+        """A key with a quota cannot create batches (batch_admission.refuse_quota)."""
+        if req.method == "POST" and req.path.rstrip("/") == PREFIX:
+            try:
+                refuse_quota(caller)
+            except GatewayError as e:
+                return e
+        return None
+
     async def create(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord) -> None:
         fw = self.fw
         try:
@@ -65,7 +74,6 @@ class BatchesEndpoint(OwnedEndpoint):
             params = item.get("params")
             if not isinstance(params, dict) or not isinstance(params.get("model"), str):
                 raise GatewayError(400, f"requests[{i}].params: must be a Messages body with a model")
-        refuse_quota(caller)
         admitted = await admit(fw, req, resp, caller, requests, record.started_at)
         client_version = header(req, b"anthropic-version")
         last: Optional[Answer] = None

@@ -214,6 +214,11 @@ class MessagesForwarder:
             if not count_tokens:
                 channels = model_policy.admit_unpriced(self.catalog.catalog, channels, info.model, caller,
                                                        self.settings.allow_unpriced, record.started_at, body)
+            try:
+                caller = await self.plugins.admit(vouched_by, info, caller)     # limits: only what goes upstream
+            except GatewayError:
+                caller = None       # refused by the key's limits: as at the key check, not metered
+                raise
             await self._attempt_all(Forwarding(req, resp, info, record, count_tokens, owner_of(caller),
                                                resolved.headers, client_version), channels)
         except GatewayError as e:

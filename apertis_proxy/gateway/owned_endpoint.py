@@ -50,13 +50,22 @@ class OwnedEndpoint:
         record = UsageRecord(request_id=resp.request_id, started_at=time.time(), endpoint=self.prefix,
                              client=req.client)
         t0 = time.perf_counter()
+        info = request_info(req, resp, None)
         try:
-            caller, vouched_by = await fw.plugins.authenticate(request_info(req, resp, None))
+            caller, vouched_by = await fw.plugins.authenticate(info)
         except GatewayError as e:
             return send_error(resp, e)
         record.key_id, record.key_name = caller.key_id, caller.key_name
+        refused = self.refusal(req, caller)
+        if refused is None:
+            try:
+                caller = await fw.plugins.admit(vouched_by, info, caller)
+            except GatewayError as e:
+                return send_error(resp, e)      # refused by the key's limits: as at the key check, not metered
         resp.hold_end()     # the answer's last bytes wait for the meters (see Responder.hold_end)
         try:
+            if refused is not None:
+                raise refused
             decoded = decode_body(req.body, req.headers, fw.settings.max_body_bytes)
             if decoded is not None:
                 req.body = decoded      # forwarded decoded: content-encoding is not sent upstream
@@ -77,6 +86,11 @@ class OwnedEndpoint:
                 finally:
                     resp.release()
             await fw.plugins.finish(vouched_by, caller, record)
+
+    def refusal(self, req: Request, caller: Caller) -> Optional[GatewayError]:
+        """What the endpoint refuses this caller before the key's limits admit the request (it then takes no
+        place in them), answered and metered like any later refusal; None: nothing."""
+        return None
 
     async def dispatch(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord,
                        rest: list[str]) -> None:

@@ -77,13 +77,13 @@ async def admitted_alone(auth: KeysAuth, url: str, plain: str, n: int) -> list[t
     """`n` requests admitted while another connection holds SQLite's write lock (the store is away): alone, each
     with the bound it was admitted with; (request, caller) each."""
     first = request(plain)
-    caller = await auth.authenticate(first)
+    caller = await auth.admit(first, await auth.authenticate(first))
     await end(auth, caller, record_of(first, caller))           # the store seen once: a share to admit from
     blocker = sqlite3.connect(url, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
         reqs = [request(plain) for _ in range(n)]
-        admitted = [(req, await auth.authenticate(req)) for req in reqs]
+        admitted = [(req, await auth.admit(req, await auth.authenticate(req))) for req in reqs]
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()

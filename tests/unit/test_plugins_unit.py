@@ -97,13 +97,14 @@ class Admitted:
 
 
 async def admit(auth: KeysAuth, plain: str, model: str | None = SONNET) -> Admitted:
+    """The key checked, then the request admitted, as the gateway asks once it is routed."""
     req = with_key(plain, model)
-    return Admitted(auth, await auth.authenticate(req), req.request_id)
+    return Admitted(auth, await auth.admit(req, await auth.authenticate(req)), req.request_id)
 
 
 async def rejected(auth: KeysAuth, req: RequestInfo) -> Reject:
     with pytest.raises(Reject) as info:
-        await auth.authenticate(req)
+        await auth.admit(req, await auth.authenticate(req))
     return info.value
 
 
