@@ -45,7 +45,10 @@ def bind_sockets(host: str, port: int, *, reuse_port: bool = False) -> list[sock
 
     An address family the kernel does not support (IPv6 disabled) is skipped,
     as asyncio does; it is an error only if nothing could be bound."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:      # a name that does not resolve: said like a port in use
+        raise OSError(exc.errno, f"cannot listen on {host} port {port}: {exc.strerror}") from None
     sockets: list[socket.socket] = []
     seen = set()
     try:

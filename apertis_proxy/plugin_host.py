@@ -1,8 +1,9 @@
 """Loads plugins through entry points and runs their chains with containment.
 
 Plugin failures never take the server down: an exception other than Reject
-from auth or router becomes a 500 `api_error` for that request, a failing
-meter is logged and the other meters still get the record.
+from auth or router (a CancelledError too, unless the request's task is the
+one cancelled: see _plugin_failed) becomes a 500 `api_error` for that request,
+a failing meter is logged and the other meters still get the record.
 """
 from __future__ import annotations
 
@@ -201,7 +202,9 @@ class PluginHost:
         for name, plugin in self.auth:
             try:
                 caller = await plugin.authenticate(request)
-            except Exception as exc:  # noqa: BLE001 - contained, see _chain_error
+            except BaseException as exc:
+                if not _plugin_failed(exc):
+                    raise
                 raise _chain_error("auth", name, exc) from None
             if caller is not None:
                 if not isinstance(caller, Caller):
@@ -275,7 +278,9 @@ class PluginHost:
         for name, plugin in self.routers:
             try:
                 channels = await plugin.route(request, caller)
-            except Exception as exc:  # noqa: BLE001 - contained, see _chain_error
+            except BaseException as exc:
+                if not _plugin_failed(exc):
+                    raise
                 raise _chain_error("router", name, exc) from None
             if channels is not None:
                 if not isinstance(channels, (list, tuple)) or not all(isinstance(c, Channel) for c in channels):
@@ -357,9 +362,9 @@ def _call_each(hooks: list, record: UsageRecord, hook: str) -> None:
             log.exception("meter plugin %s failed in %s() for %s", name, hook, record.request_id)
 
 
-def _chain_error(kind: str, name: str, exc: Exception) -> GatewayError:
-    """What a decision plugin's exception becomes: its Reject, as the client's
-    error; anything else is logged and contained as a 500."""
+def _chain_error(kind: str, name: str, exc: BaseException) -> GatewayError:
+    """What a decision plugin's failure (see _plugin_failed) becomes: its Reject,
+    as the client's error; anything else is logged and contained as a 500."""
     if isinstance(exc, Reject):
         if isinstance(exc.status, int) and 400 <= exc.status <= 599:
             return GatewayError(exc.status, exc.message, exc.error_type, exc.headers)

@@ -255,12 +255,26 @@ def run(settings: Settings) -> int:
     # port in use fails here, once, as with one worker.  A worker replaced later binds beside
     # its siblings.
     ensure_port_free(settings.host, settings.port)
+    reserved = _pick_shared_port(settings)
+    if reserved:
+        settings = settings.replace(port=reserved[0].getsockname()[1])
     run_dir = os.environ[metrics_share.RUN_DIR_ENV] = metrics_share.create_run_dir()
     try:
         return supervise(settings.workers, lambda index: _worker_life(settings, index),
                          lambda pid: metrics_share.mark_dead(run_dir, pid))
     finally:
         metrics_share.remove_run_dir(run_dir)
+        for sock in reserved:
+            sock.close()
+
+
+def _pick_shared_port(settings: Settings) -> list[socket.socket]:
+    """For port 0 (any free port): the port every worker joins, picked once here, where each worker
+    would pick a port of its own.  The sockets returned hold it (bound with SO_REUSEPORT, never
+    listening, so they take no connections) while the workers run; none for a given port."""
+    if settings.port != 0:
+        return []
+    return bind_sockets(settings.host, 0, reuse_port=True)
 
 
 def _worker_life(settings: Settings, index: int) -> int:

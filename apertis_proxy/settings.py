@@ -277,6 +277,13 @@ def check(s: Settings, where: str) -> None:
     options = s.plugin_options
     if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
         raise ValueError(f"{where}: [plugins.options.NAME] must be tables of options, one per plugin")
+    # A table no chain reads (a misspelt name) would leave its options silently unapplied.
+    running = [*s.auth_plugins, *s.router_plugins, *s.meter_plugins]
+    unread = sorted(set(options) - set(running))
+    if unread:
+        tables = ", ".join(f"[plugins.options.{name}]" for name in unread)
+        raise ValueError(f"{where}: no plugin that runs reads {tables} "
+                         f"(running: {', '.join(dict.fromkeys(running)) or 'none'})")
 
 
 def _check_public_url(s: Settings, where: str) -> None:

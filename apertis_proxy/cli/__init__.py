@@ -46,20 +46,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:      # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except OverflowError as exc:   # a number past what the store holds (values.py)
+        err(str(exc))
+        return 2
     try:
         return args.handler(args)
     except argparse.ArgumentTypeError as exc:
-        err(str(exc))
-        return 2
-    except OverflowError:          # an integer option past what SQLite stores
-        err("a number given is too large")
-        return 2
+        return _failed(args, str(exc), 2)
+    except OverflowError:          # an integer past what SQLite stores
+        return _failed(args, "a number given is too large", 2)
     except (ValueError, LookupError, OSError, sqlite3.Error, PluginLoadError, store_service.StoreUnavailable,
             store_service.NewerSchemaError) as exc:
-        err(redacted(args, str(exc)))
-        return 1
+        return _failed(args, redacted(args, str(exc)), 1)
+    except _driver_errors() as exc:
+        return _failed(args, redacted(args, f"the database refused it: {exc}"), 1)
     except KeyboardInterrupt:
         return 130
+
+
+def _failed(args, message: str, code: int) -> int:
+    """Say why the command failed, in one line: in the log's format once `serve` read it
+    (cmd_serve sets args.log_format)."""
+    err(message, getattr(args, "log_format", "text"))
+    return code
+
+
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    """The PostgreSQL driver's errors, when it was loaded (it is optional: SQLite needs none)."""
+    asyncpg = sys.modules.get("asyncpg")
+    return (asyncpg.PostgresError, asyncpg.InterfaceError) if asyncpg is not None else ()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """How the command line prints: tables, money, times, quotas, errors."""
 from __future__ import annotations
 
+import logging
 import sys
 from datetime import datetime, timezone
 from typing import Any, Optional, Sequence
 
 from ..budgets.report import percent_used
+from ..observe import logs
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
@@ -63,8 +65,13 @@ def period_text(key: dict, budget: dict) -> str:
     return f"{spent} ({used:.0f}%) since {budget['period_start']}" if used is not None else spent
 
 
-def err(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+def err(message: str, log_format: str = "text") -> None:
+    """`error: message` on stderr; with log_format "json", one line shaped like the log's, so that every line
+    `serve` writes parses."""
+    if log_format == "json":
+        print(logs.json_line(logging.ERROR, "apertis_proxy.cli", message), file=sys.stderr)
+    else:
+        print(f"error: {message}", file=sys.stderr)
 
 
 def add_json_flag(p) -> None:

@@ -32,6 +32,7 @@ def cmd_serve(args) -> int:
     if getattr(args, "db", None):
         overrides["db"] = args.db
     settings = settings_module.load(args.config, **overrides)
+    args.log_format = settings.log_format      # how cli.main says why serve stopped
 
     def say(message: str, level: int = logging.INFO) -> None:
         """A start-up hint (stdout) or warning (stderr); with [logging] format = "json", one line shaped like

@@ -1,5 +1,6 @@
 """Argument value parsers.  Each raises ArgumentTypeError, which argparse turns
-into a usage error (exit 2)."""
+into a usage error (exit 2); a whole number past what the store holds raises
+OverflowError, which argparse lets through to cli.main: one line (exit 2)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,9 @@ from ..store import channels as channel_store
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,63}$")
 KEEP: Any = object()   # "option not given" where None already means "clear the limit"
+# The whole numbers every backend stores: PostgreSQL's INTEGER columns (rpm, concurrency,
+# priority, weight) are 32-bit, SQLite's 64.
+STORED_INT_MIN, STORED_INT_MAX = -2**31, 2**31 - 1
 
 
 def name(text: str) -> str:
@@ -24,16 +28,23 @@ def name(text: str) -> str:
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
     return value
 
 
 def whole_number(text: str) -> int:
+    """A whole number the store holds (see STORED_INT_MAX)."""
+    value = _integer(text)
+    if value > STORED_INT_MAX:
+        raise OverflowError(f"a number given is too large: {text} (at most {STORED_INT_MAX})")
+    if value < STORED_INT_MIN:
+        raise OverflowError(f"a number given is too small: {text} (at least {STORED_INT_MIN})")
+    return value
+
+
+def _integer(text: str) -> int:
     try:
         return int(text)
     except ValueError:
@@ -41,7 +52,7 @@ def whole_number(text: str) -> int:
 
 
 def port(text: str) -> int:
-    value = whole_number(text)
+    value = _integer(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port out of range: {text!r}")
     return value

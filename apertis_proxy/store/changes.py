@@ -4,7 +4,8 @@ stored configuration changed.
 
 How a change is noticed:
 * SQLite: every config write bumps ``config_rev`` (triggers); the watcher reads
-  that one integer every `interval` seconds.
+  that one integer every `interval` seconds: the smallest interval any of its
+  users asked for (the server's and each plugin's ``poll_interval``).
 * PostgreSQL: config writes also ``NOTIFY apertis_config``; the watcher LISTENs on
   a connection of its own and re-reads at once.  After that connection is lost
   and made again it re-reads everything (notifications sent meanwhile are gone),
@@ -25,6 +26,7 @@ from .url import StoreURL
 log = logging.getLogger("apertis_proxy.store.changes")
 
 SLOW_POLL = 5.0          # seconds between safety-net reads on PostgreSQL
+MIN_INTERVAL = 0.01      # the shortest poll interval taken
 
 Subscriber = Callable[[ConfigSnapshot], None]
 
@@ -32,7 +34,7 @@ Subscriber = Callable[[ConfigSnapshot], None]
 class ChangeWatcher:
     def __init__(self, store, interval: float = 1.0) -> None:
         self.store = store
-        self.interval = max(0.01, float(interval))
+        self.interval = max(MIN_INTERVAL, float(interval))
         self.snapshot = ConfigSnapshot()
         self.reachable = True
         self._subscribers: list[Subscriber] = []
@@ -43,6 +45,14 @@ class ChangeWatcher:
         self._listener = None          # the LISTEN connection (PostgreSQL)
         self._stopping = False
         self.started = False
+
+    def poll_within(self, interval: float) -> None:
+        """Poll at least every `interval` seconds: the watcher is shared, so the most eager
+        user sets the pace.  A shorter interval applies at once (the wait in progress ends)."""
+        interval = max(MIN_INTERVAL, float(interval))
+        if interval < self.interval:
+            self.interval = interval
+            self._wake.set()
 
     def subscribe(self, callback: Subscriber) -> None:
         """Call `callback(snapshot)` now (when a snapshot is loaded) and on every new snapshot."""

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from ..plugin_api import DEFAULT_API_VERSION, Channel
 from . import key_encryption
 from .keys import KEY_PREFIX as GATEWAY_KEY_PREFIX
+from .url import dialect
 
 CHANNEL_COLUMNS = ("id, name, type, base_url, api_key, models, aliases, priority, weight, enabled,"
                    " disabled_reason, disabled_at, api_version, options, created_at")
@@ -25,6 +26,9 @@ DEFAULT_BASE_URL = "https://api.anthropic.com"
 # otherwise turn a user's own key into the channel key.
 BOOTSTRAP_KEY_ENV = "APERTIS_UPSTREAM_API_KEY"
 LEGACY_BOOTSTRAP_KEY_ENV = "ANTHROPIC_API_KEY"
+# pg_advisory_xact_lock key ("boot") serialising first starts on PostgreSQL, where a
+# transaction's count does not keep another host's insert out as SQLite's write lock does.
+BOOTSTRAP_LOCK = 0x626F6F74
 
 
 def row_to_channel(row, default_aliases: Optional[Mapping[str, str]] = None) -> Channel:
@@ -257,6 +261,8 @@ def bootstrap_default_channel(conn, env: Mapping[str, str]) -> Optional[str]:
         return None
     conn.execute("BEGIN IMMEDIATE")
     with conn:   # the check and the insert are one step, even with several starters
+        if dialect(conn) == "postgresql":
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (BOOTSTRAP_LOCK,))
         if channel_count(conn):
             return None
         if api_key.startswith(GATEWAY_KEY_PREFIX):

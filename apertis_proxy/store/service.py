@@ -204,11 +204,14 @@ class Store:
 
     # -- the configuration ---------------------------------------------------------
 
-    def watcher(self, interval: float = 1.0):
-        """This store's one change watcher (changes.py), created on first use."""
+    def watcher(self, interval: Optional[float] = None):
+        """This store's one change watcher (changes.py), created on first use (polling every second
+        unless told).  It polls at the smallest `interval` any caller asks for."""
         if self._watcher is None:
             from .changes import ChangeWatcher
-            self._watcher = ChangeWatcher(self, interval)
+            self._watcher = ChangeWatcher(self, 1.0 if interval is None else interval)
+        elif interval is not None:
+            self._watcher.poll_within(interval)
         return self._watcher
 
     async def read_config(self) -> "config_ops.ConfigSnapshot":

@@ -253,11 +253,15 @@ def test_channels_add_rejects_bad_input(cli, db):
 
 def test_numbers_too_large_and_empty_changes_are_one_line_errors(cli, db):
     """An integer past SQLite's 64 bits was a traceback (OverflowError); `channels set NAME` with no option said
-    "updated" where `keys set` says there is nothing to change."""
+    "updated" where `keys set` says there is nothing to change.  Options stored in 32-bit PostgreSQL columns are
+    bounded by the CLI (naming the bound); a token quota past 64 bits is refused by the store."""
     for args in (("keys", "create", "x", "--rpm", "9" * 25),
                  ("channels", "add", "c", "--base-url", "https://h", "--api-key", "k", "--priority", "9" * 25)):
         code, out, err = cli(*args)
-        assert code == 2 and err.strip() == "error: a number given is too large" and "Traceback" not in out + err
+        assert code == 2 and "Traceback" not in out + err
+        assert err.strip() == f"error: a number given is too large: {'9' * 25} (at most 2147483647)"
+    code, out, err = cli("keys", "create", "x", "--quota", f"{'9' * 25}tokens")
+    assert code == 2 and err.strip() == "error: a number given is too large" and "Traceback" not in out + err
     assert cli("channels", "add", "c", "--base-url", "https://h", "--api-key", "k")[0] == 0
     code, out, err = cli("channels", "set", "c")
     assert code == 2 and "nothing to change" in err and "updated" not in out

@@ -32,8 +32,6 @@ poll_interval = 0.2
 
 [plugins.options.channels]
 poll_interval = 0.2
-
-[plugins.options.sqlite]
 """
 
 
@@ -67,11 +65,12 @@ class GatewayProcess:
         further TOML tables of the config file, {"limits": {"lease_seconds": 3}} for `[limits]` and its keys.
         The ledger spool is workdir/apertis-ledger.spool: a restart in the same workdir ships what a kill left.
         `prefix` runs the command through another (e.g. unshare: a mount of its own), which must exec it."""
-        meter_options = {"flush_interval": 0.05, **meter_options}
+        tables = dict(tables or {})
+        if "sqlite" in tables.get("plugins", {}).get("meter", ["sqlite"]):   # options for a meter not run are refused
+            tables["plugins.options.sqlite"] = {"flush_interval": 0.05, **meter_options}
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "apertis.toml"
-        config.write_text(CONFIG + "".join(f"{name} = {value!r}\n" for name, value in meter_options.items())
-                          + toml_tables(tables or {}))
+        config.write_text(CONFIG + toml_tables(tables))
         env = {**os.environ, "APERTIS_DB": db_url}
         proc = subprocess.Popen([*prefix, sys.executable, "-m", "apertis_proxy.cli", "serve", "--config", str(config)],
                                 cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
