@@ -94,6 +94,7 @@ class Caller:
     data: Mapping[str, Any] = field(default_factory=dict)  # plugin-private extras
     cost_limited: bool = False     # spend is limited in USD: requests that cannot be priced are refused
     token_limited: bool = False    # spend is limited in tokens
+    admits: bool = False           # the plugin's admit() runs for this caller's requests (a key with limits)
 
     def may_use(self, model: str, aliases: Sequence[str] = ()) -> bool:
         if self.models is None:
@@ -331,10 +332,10 @@ class AuthPlugin(Protocol):
         """Return the caller, None to let the next auth plugin decide, or raise Reject."""
 
     async def admit(self, request: RequestInfo, caller: Caller) -> Caller:
-        """Optional.  Called once the gateway has checked the request and found channels for it, just
-        before it goes upstream (a request the gateway refuses itself never gets here): take what the
-        request holds (a concurrency slot, a reservation, a place in the minute) or raise Reject
-        (402/429/503).  Returns the caller that release() and finish() then get."""
+        """Optional, for a caller with ``admits`` set.  Called once the gateway has checked the request and
+        found channels for it, just before it goes upstream (a request the gateway refuses itself never gets
+        here): take what the request holds (a concurrency slot, a reservation, a place in the minute) or raise
+        Reject (402/429/503).  Returns the caller that release() and finish() then get."""
 
     async def release(self, caller: Caller, record: UsageRecord) -> None:
         """Optional.  Called exactly once for every request this plugin

@@ -341,7 +341,8 @@ class KeysAuth:
             data = {"key_hash": key.key_hash}
             caller = key.caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed, data=data,
                                          cost_limited=key.quota_cost is not None,
-                                         token_limited=key.quota_tokens is not None)
+                                         token_limited=key.quota_tokens is not None,
+                                         admits=key.limits is not None)
             # The same caller, telling release() and finish() how its request was admitted.
             key.admitted_caller = dataclasses.replace(caller, data={**data, "holds": _holds(key.limits)})
             key.alone_caller = dataclasses.replace(caller, data={**data, "alone": True})

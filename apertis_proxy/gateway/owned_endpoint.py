@@ -57,7 +57,7 @@ class OwnedEndpoint:
             return send_error(resp, e)
         record.key_id, record.key_name = caller.key_id, caller.key_name
         refused = self.refusal(req, caller)
-        if refused is None:
+        if refused is None and caller.admits:
             try:
                 caller = await fw.plugins.admit(vouched_by, info, caller)
             except GatewayError as e:

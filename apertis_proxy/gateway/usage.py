@@ -80,7 +80,9 @@ class UsageMeter:
 
     def message_start(self, message: Mapping[str, Any]) -> None:
         self.apply(message.get("usage"))
-        self.answered_by(message.get("model"))
+        model = message.get("model")
+        if model != self.record.upstream_model:
+            self.answered_by(model)
         if self.on_usage is not None:
             self.on_usage(self.record)
 
@@ -91,7 +93,9 @@ class UsageMeter:
 
     def body(self, body: Mapping[str, Any]) -> None:
         self.apply(body.get("usage"))
-        self.answered_by(body.get("model"))
+        model = body.get("model")
+        if model != self.record.upstream_model:
+            self.answered_by(model)
 
     def answered_by(self, model: Any) -> None:
         """The model the answer names is the one that answered, and is billed (pricing looks it up first, then
