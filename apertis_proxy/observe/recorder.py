@@ -21,7 +21,7 @@ from bisect import bisect_left
 from typing import Any, Callable, Optional
 
 from ..http import fast_head
-from ..plugin_api import Outcome, RequestInfo, UsageRecord
+from ..plugin_api import SEPARATE_ITERATIONS, TOKEN_COUNTS, Outcome, RequestInfo, UsageRecord
 from .access_log import FLUSH_LINES, MAX_TEMPLATE_CHARS, AccessLog
 
 # Seconds.  Requests range from a cached count_tokens to streams of many minutes.
@@ -228,6 +228,8 @@ class Recorder:
                 usage[3] += record.cache_creation_input_tokens      # type: ignore[index]
                 if record.cost:
                     usage[4] += round(record.cost / COST_UNIT)      # type: ignore[index]
+                if record.iterations:
+                    _add_iteration_tokens(usage, record.iterations)  # type: ignore[arg-type]
                 if record.attempts > outcomes and record.channel_name:
                     # The client left while this channel was answering: no outcome came; an error
                     # answer before it was not passed on (another channel was tried).
@@ -359,3 +361,14 @@ def _no_status(record: Optional[UsageRecord]) -> int:
     """The code of a request that ended with no status: 0 when shutdown's deadline cut it before anything was
     answered (its ledger row says 0 too), else 500 (the server's own failure)."""
     return 0 if record is not None and record.error_type == "gateway_stopped" else 500
+
+
+def _add_iteration_tokens(usage: list, iterations: list) -> None:
+    """The tokens of the iterations billed apart from the top-level counts (advisor, compaction, fallback:
+    UsageRecord.billed_tokens), by type, under the request's model as its cost is."""
+    for it in iterations:
+        if type(it) is dict and type(it.get("type")) is str and it["type"] in SEPARATE_ITERATIONS:
+            for i, name in enumerate(TOKEN_COUNTS):
+                value = it.get(name)
+                if type(value) is int and value > 0:
+                    usage[i] += value
