@@ -340,7 +340,9 @@ class MessagesForwarder:
                     head = await lease.send(b"POST", target, headers, payload, self.settings.read_timeout,
                                             connected)
                 except UpstreamError as exc:
+                    self._note_resent(record, channel, lease)
                     return self._failed(record, channel, info, exc, t_start)
+                self._note_resent(record, channel, lease)
                 # Sent and answered: a stream may run for minutes, so do not hold the
                 # request bytes (an orjson output keeps an 8 KB block, measured).
                 payload = headers = None    # noqa: F841
@@ -457,6 +459,15 @@ class MessagesForwarder:
             entry["refused"] = True
         record.attempt_log.append(entry)
         self.plugins.feedback(outcome)
+
+    @staticmethod
+    def _note_resent(record: UsageRecord, channel: Channel, lease: Any) -> None:
+        """A first send on a reused connection that failed before any answer, the request then sent again on a
+        fresh one (upstream/pool.py): listed, as the upstream may have read it; no failure of its channel."""
+        if lease.resent is not None:       # one channel tried (`attempts`), two sends listed
+            record.attempt_log.append({"channel": channel.name, "channel_id": channel.id, "outcome": "resent",
+                                       "status": None, "error_type": None, "upstream_request_id": None,
+                                       "unanswered": True})
 
     def _failed(self, record: UsageRecord, channel: Channel, info: RequestInfo, exc: UpstreamError,
                 t_start: float) -> FailedAttempt:

@@ -35,12 +35,15 @@ class Lease:
     holds a lease never returns a connection by hand.  (A plain context
     manager: giving a connection back never waits.)"""
 
-    __slots__ = ("_pool", "conn", "reused")
+    __slots__ = ("_pool", "conn", "reused", "resent")
 
     def __init__(self, pool: "Pool") -> None:
         self._pool = pool
         self.conn: Optional[UpstreamConnection] = None
         self.reused = False         # `conn` came from the idle set
+        # The failure of a first send on a reused connection, after which the request went again on a fresh
+        # one: the upstream may have read it (and may bill it) before the connection closed.
+        self.resent: Optional[UpstreamError] = None
 
     async def send(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
                    read_timeout: float, connected: Optional[Callable[[], None]] = None) -> ResponseHead:
@@ -63,6 +66,7 @@ class Lease:
             except UpstreamError as exc:
                 if not self.reused or exc.timeout or fresh:
                     raise
+                self.resent = exc
         raise AssertionError("unreachable")
 
     def drop(self) -> None:
