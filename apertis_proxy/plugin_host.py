@@ -221,7 +221,9 @@ class PluginHost:
             return caller
         try:
             admitted = await admit(request, caller)
-        except Exception as exc:  # noqa: BLE001 - contained, see _chain_error
+        except BaseException as exc:
+            if not _plugin_failed(exc):
+                raise
             raise _chain_error("auth", self._name_of(plugin), exc) from None
         if not isinstance(admitted, Caller):
             raise _chain_error("auth", self._name_of(plugin), TypeError(

@@ -24,7 +24,8 @@ retry 429 and every 5xx), and it tells the user something no retry can fix.
 
 Limits hold across worker processes and hosts: a request of a key with a
 quota, rpm or concurrency limit is admitted (``admit()``, once the gateway has
-checked and routed it: a request it refuses itself takes nothing) by one
+checked and routed it: a request it refuses itself takes nothing; files and
+batches requests right after the key check) by one
 transaction in the shared store (apertis_proxy.store.admissions), which reserves an upper bound of its
 cost (apertis_proxy.budgets.reservation) and takes a concurrency slot;
 ``release()`` gives the slot back before the answer's last bytes and turns the
@@ -353,7 +354,9 @@ class KeysAuth:
         the gateway refuses itself (a malformed body, a model nobody serves, every channel resting) takes
         no place in the key's minute, slots or quota."""
         key = self.by_id.get(caller.key_id) if caller.key_id is not None else None
-        if key is None or key.limits is None or not _limited(request, key.limits):
+        if key is None:     # deleted since its check: nothing of it may go upstream unlimited
+            raise self._refused(caller.key_name, "invalid_key", Reject(401, "authentication_error", "invalid API key"))
+        if key.limits is None or not _limited(request, key.limits):
             return caller
         admitted = await self._admit(key, request)
         if caller.models is not key.allowed:

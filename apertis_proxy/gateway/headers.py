@@ -36,9 +36,9 @@ _PASS_DOWN = frozenset((b"content-type", b"content-encoding", b"cache-control", 
 # an encode and a check of each per request.  Bounded: keys that were rotated
 # or removed must not pile up (nor stay in memory) for the process's life.
 _CREDENTIALS: dict[tuple[str, str, str], tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
+_CREDENTIALS_MAX = 256
 # An upstream error answer's advice to the client on retrying, passed down as it came.
 RETRY_ADVICE = (b"retry-after", b"retry-after-ms", b"x-should-retry")
-_CREDENTIALS_MAX = 256
 
 
 def _credential_headers(channel: Channel, version: str) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:

@@ -98,10 +98,10 @@ class UsageMeter:
             self.answered_by(model)
 
     def answered_by(self, model: Any) -> None:
-        """The model the answer names is the one that answered, and is billed (pricing looks it up first, then
-        the requested one): another than the one sent when the upstream served the request with another model
-        (a Claude Fable request a classifier declined, answered by Claude Opus 4.8)."""
-        if type(model) is str and model != self.record.upstream_model and 0 < len(model) <= _MAX_MODEL:
+        """The model the answer names, when it is not the one recorded, is the one that answered, and is billed
+        (pricing looks it up first, then the requested one): the upstream served the request with another model
+        than the one sent (a Claude Fable request a classifier declined, answered by Claude Opus 4.8)."""
+        if type(model) is str and 0 < len(model) <= _MAX_MODEL:
             self.record.upstream_model = model
 
 

@@ -118,22 +118,28 @@ class Observability:
         assert self.recorder is not None
         return self.recorder.snapshot(counters, gauges, not_counted)
 
-    def _held(self) -> Optional[set[str]]:
-        """Names of the channels the first router that tells holds (enabled and loaded); None if none tells."""
+    def _router_channels(self) -> tuple[Optional[list], Optional[Callable[[Any], bool]]]:
+        """The channels the first router that tells holds (enabled and loaded: its `channels`), and its
+        `is_cooling` if it has one; (None, None) if no router tells."""
         for _, router in self.plugins.routers:
             channels = getattr(router, "channels", None)
             if isinstance(channels, list):
-                return {c.name for c in channels}
-        return None
+                is_cooling = getattr(router, "is_cooling", None)
+                return channels, is_cooling if callable(is_cooling) else None
+        return None, None
+
+    def _held(self) -> Optional[set[str]]:
+        """Names of the channels the router holds (for /ready); None if no router tells."""
+        channels, _ = self._router_channels()
+        return None if channels is None else {c.name for c in channels}
 
     def _serving(self) -> Optional[set[str]]:
-        """Names of the channels the first router that tells would send traffic to now
-        (enabled and not cooling down); None if no router tells."""
-        for _, router in self.plugins.routers:
-            channels, is_cooling = getattr(router, "channels", None), getattr(router, "is_cooling", None)
-            if isinstance(channels, list) and callable(is_cooling):
-                return {c.name for c in channels if not is_cooling(c)}
-        return None
+        """Names of the channels the router would send traffic to now (enabled and not cooling down); None if
+        no router tells."""
+        channels, is_cooling = self._router_channels()
+        if channels is None or is_cooling is None:
+            return None
+        return {c.name for c in channels if not is_cooling(c)}
 
     # -- endpoints -------------------------------------------------------------
     async def metrics(self, req: Request, resp: Responder) -> None:

@@ -53,10 +53,11 @@ def sql_strings(values: Iterable[str]) -> str:
 # gateway killed), and with no tokens as its admission's tokens.
 _QUOTA_COST = """CASE WHEN u.cost IS NULL THEN COALESCE((SELECT a.cost FROM admissions a
     WHERE a.key_id = u.key_id AND a.request_id = u.request_id), 0) ELSE MAX(u.cost, 0) END"""
-# A row's tokens are those a token quota counts (UsageRecord.billed_tokens): the top-level counts plus those of
-# the iterations billed apart from them.  Only a row with iterations has its JSON read; an iteration that is not an
-# object, or a count that is not a positive integer, adds nothing.  `row` names the ledger row (a table or alias).
 def iteration_tokens_sql(row: str) -> str:
+    """The tokens of the iterations billed apart from the top-level counts of the ledger row `row` (a table or
+    alias): with the top-level counts, what a token quota counts (UsageRecord.billed_tokens).  Only a row with
+    iterations has its JSON read; an iteration that is not an object, or a count that is not a positive integer,
+    adds nothing."""
     return f"""CASE WHEN {row}.iterations IS NULL THEN 0 ELSE (SELECT COALESCE(SUM(c.value), 0)
     FROM json_each(CASE WHEN json_valid({row}.iterations) THEN {row}.iterations END) i,
          json_each(CASE WHEN i.type = 'object' THEN i.value END) c

@@ -105,10 +105,7 @@ _PG_AGGREGATES = (_AGGREGATES.replace("ITERATION_TOKENS", pg_ledger.iteration_to
                   .replace("SUM(cost IS NULL)", "SUM((cost IS NULL)::int)")
                   .replace("-- unpriced rows (cost NULL) are counted apart", ""))
 _AGGREGATES = _AGGREGATES.replace("ITERATION_TOKENS", ledger_write.iteration_tokens_sql("usage"))
-_ROLLUP_AGGREGATES = ", ".join(
-    f"COALESCE(SUM({f}), 0) AS {f}" for f in
-    ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
-     "iteration_tokens", "cost", "errors", "interrupted", "unpriced"))
+_ROLLUP_AGGREGATES = ", ".join(f"COALESCE(SUM({f}), 0) AS {f}" for f in pg_ledger.ROLLUP_FIELDS)
 # The rollup stores '' for "none": NULLIF gives reports the ledger's NULL back.
 _ROLLUP_GROUPINGS = {"key": "NULLIF(key_name, '')", "model": "NULLIF(requested_model, '')",
                      "channel": "NULLIF(channel_name, '')",
@@ -157,7 +154,7 @@ def failed_attempts(conn, *, key: Optional[str] = None, model: Optional[str] = N
     field = _ATTEMPT_FIELD[name].format
     where, params = _filters(key=key, model=model, channel=None, since=since, until=until)
     clauses = [where[len("WHERE "):]] if where else []
-    clauses.append(f"{field(field='outcome')} NOT IN ('ok', 'gateway_stopped')")
+    clauses.append(f"{field(field='outcome')} NOT IN ('ok', 'gateway_stopped', 'resent')")
     if channel is not None:
         clauses.append(f"{field(field='channel')} = ?")
         params.append(channel)

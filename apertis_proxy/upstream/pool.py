@@ -66,7 +66,8 @@ class Lease:
             except UpstreamError as exc:
                 if not self.reused or exc.timeout or fresh:
                     raise
-                self.resent = exc
+                if exc.phase != "send":         # closed before the request was sent: nothing went out
+                    self.resent = exc
         raise AssertionError("unreachable")
 
     def drop(self) -> None:
