@@ -23,6 +23,9 @@ async def test_a_request_read_by_the_upstream_on_a_reused_connection_is_not_rese
     received = [r for r in scripted.channel.requests if r.startswith(b"POST /v1/messages")]
     attempts = [json.loads(r["attempt_log"]) for r in rows]
     accounted = sum(len(a) for a in attempts)
+    assert [[e["outcome"] for e in a] for a in attempts] == [["ok"], ["resent", "ok"]]
+    assert [r["attempts"] for r in rows] == [1, 1]          # one channel tried each time
+    assert all(r["cost"] is not None for r in rows)         # the second send's usage is known
     assert accounted == len(received), (
         f"the upstream received {len(received)} Messages POSTs; the ledger accounts for {accounted} "
         f"(rows' attempts {[r['attempts'] for r in rows]}, second answer {second.status}, "

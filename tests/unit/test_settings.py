@@ -61,6 +61,12 @@ flush_interval = 0.5
         "text", True, ["127.0.0.0/8", "::1/128"])
 
 
+def test_public_url_loads_from_server(tmp_path):
+    assert load(tmp_path, '[server]\npublic_url = "https://llm.example.com/gw"\n').public_url == \
+        "https://llm.example.com/gw"
+    assert settings.Settings().public_url is None
+
+
 def test_cors_origins_load_from_server_and_allow_any_origin_by_default(tmp_path):
     s = load(tmp_path, '[server]\ncors_origins = ["https://app.example.com", "http://localhost:5173"]\n')
     assert s.cors_origins == ["https://app.example.com", "http://localhost:5173"]
@@ -94,6 +100,9 @@ def test_cors_origins_load_from_server_and_allow_any_origin_by_default(tmp_path)
     ("[server]\ndrain_delay = -1", "drain_delay must be a number of seconds >= 0"),
     ('[server]\ncors_origins = "*"', "cors_origins must be a list of origins"),
     ('[server]\ncors_origins = ["https://app.example.com/"]', "cors_origins must be a list of origins"),
+    ('[server]\npublic_url = "llm.example.com"', "public_url must be an http(s) address"),
+    ('[server]\npublic_url = "https://llm.example.com/?x=1"', "public_url must be an http(s) address"),
+    ('[server]\npublic_url = "https://user@llm.example.com"', "public_url must be an http(s) address"),
 ])
 def test_a_wrong_value_is_refused_with_one_line_naming_it(tmp_path, text, says):
     with pytest.raises(ValueError) as err:
