@@ -410,7 +410,8 @@ class MessagesForwarder:
         return JsonRelay(conn, fwd.resp, head.status, down, record, timeout, meter, rename, fwd.count_tokens), meter
 
     def _checkpoint(self, record: UsageRecord) -> None:
-        """A stream's usage as reported so far (at message_start and each message_delta), priced, to the meters
+        """A stream's usage as reported so far (at message_start, and a message_delta the stream did not end
+        after in the same read), priced, to the meters
         that keep it in case the gateway dies before the stream ends (MeterPlugin.checkpoint).  The record
         itself, not a copy (one per stream costs more than the rest): its cost is priced again when the stream
         ends."""

@@ -216,6 +216,7 @@ class SseSplicer:
 
     def _inspect(self, region: bytes, text: bytes, watched: list[tuple[int, int, bytes]]) -> bytes:
         renamed: list[tuple[int, int, bytes]] = []
+        delta = False
         for start, stop, name in watched:
             if name == b"message_start":
                 ev = text[start:stop]
@@ -231,6 +232,7 @@ class SseSplicer:
                 obj = event_json(text[start:stop])
                 if obj is not None:
                     self.meter.message_delta(obj)
+                    delta = True
             elif name == b"message_stop":
                 self.saw_stop = True
             elif name == b"error":
@@ -241,6 +243,8 @@ class SseSplicer:
                 if clean is not ev:
                     renamed.append((start, stop, clean))
                     self.error = orjson.loads(redact_bytes(orjson.dumps(self.error), self._secret))
+        if delta and not self.saw_stop:
+            self.meter.reported()       # checkpointed unless the stream ended here: its final row comes next
         if not renamed:
             return region
         parts, last = [], 0

@@ -33,8 +33,9 @@ class UsageMeter:
 
     def __init__(self, record: UsageRecord) -> None:
         self.record = record
-        # Called with the record each time a stream's message_start or message_delta was applied (the meters'
-        # checkpoint: a gateway killed after it still meters the usage read so far).
+        # Called with the record once a stream's message_start was applied, and after a message_delta whose
+        # stream did not end in the same read (the meters' checkpoint: a gateway killed after it still meters
+        # the usage read so far; a stream that ended gets its final row at once).
         self.on_usage: Optional[Callable[[UsageRecord], None]] = None
 
     def apply(self, usage: Any) -> None:
@@ -88,6 +89,9 @@ class UsageMeter:
 
     def message_delta(self, event: Mapping[str, Any]) -> None:
         self.apply(event.get("usage"))
+
+    def reported(self) -> None:
+        """A stream's usage changed and its end is not in sight yet (see SseSplicer): the meters' checkpoint."""
         if self.on_usage is not None:
             self.on_usage(self.record)
 
