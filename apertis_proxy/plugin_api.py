@@ -32,7 +32,7 @@ import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 __all__ = [
     "AUTH_GROUP", "ROUTER_GROUP", "METER_GROUP",
@@ -277,12 +277,11 @@ class UsageRecord:
         cache write tokens of each iteration billed apart from it (SEPARATE_ITERATIONS).  A count that is
         not a non-negative integer counts 0, as in pricing."""
         total = self.total_tokens
-        for it in self.iterations or ():
-            if type(it) is dict and type(it.get("type")) is str and it["type"] in SEPARATE_ITERATIONS:
-                for name in TOKEN_COUNTS:
-                    value = it.get(name)
-                    if type(value) is int and value > 0:
-                        total += value
+        for it in billed_apart(self.iterations):
+            for name in TOKEN_COUNTS:
+                value = it.get(name)
+                if type(value) is int and value > 0:
+                    total += value
         return total
 
     @property
@@ -305,6 +304,14 @@ class UsageRecord:
             return self.endpoint == MESSAGES_ENDPOINT and not last.get("refused")
         # Our own timeout: an attempt that sent the request got no answer, also one failed over from.
         return any(a.get("unanswered") for a in self.attempt_log)
+
+
+def billed_apart(iterations: Optional[list]) -> Iterator[dict]:
+    """The entries of a `usage.iterations` list billed apart from the top-level counts (SEPARATE_ITERATIONS);
+    entries of another shape are not."""
+    for it in iterations or ():
+        if type(it) is dict and type(it.get("type")) is str and it["type"] in SEPARATE_ITERATIONS:
+            yield it
 
 
 def stopped_attempt(channel: Optional[str], channel_id: Optional[int], status: Optional[int],

@@ -19,7 +19,7 @@ import orjson
 from ..errors import GatewayError
 from ..http.request import Request
 from ..http.responder import Responder
-from ..plugin_api import SEPARATE_ITERATIONS, Caller, Channel, UsageRecord
+from ..plugin_api import Caller, Channel, UsageRecord, billed_apart
 from . import contract, exact_json
 from .batch_admission import admit, named, refuse_quota
 from .owned_endpoint import OwnedEndpoint, header, passed_down, with_query
@@ -207,8 +207,7 @@ def bill_results(jsonl: bytes, record: UsageRecord, catalog: Any, created_at: fl
                                                     one.cache_creation_1h_input_tokens)):
             model[name] += tokens
             setattr(record, name, (getattr(record, name) or 0) + tokens)
-        separate = [it for it in one.iterations or ()
-                    if type(it.get("type")) is str and it["type"] in SEPARATE_ITERATIONS]
+        separate = list(billed_apart(one.iterations))
         if separate:
             # Billed apart from the counts above: kept so that a token quota counts them (billed_tokens).
             record.iterations = [*(record.iterations or ()), *separate]

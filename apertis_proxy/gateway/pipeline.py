@@ -56,7 +56,7 @@ class GatewayApp:
                                 if forwarder.owned is not None else [])
         self.cors: Optional[Cors] = forwarder.cors
 
-    def admit(self, head: Request) -> Union[GatewayError, int, None]:
+    def check_head(self, head: Request) -> Union[GatewayError, int, None]:
         """The HTTP layer asks before reading a body: a /v1/ request whose
         credential no auth plugin will admit is refused from its head alone
         (the error); one no plugin vouched for gets the smaller unvouched body

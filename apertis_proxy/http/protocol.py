@@ -51,7 +51,7 @@ class Refusal(Protocol):
 # `path` are None when the head could not be read.
 RefusalHook = Callable[[int, str, str, str, Optional[str], Optional[str], str], None]
 
-# A handler may also have `admit(head) -> Refusal | int | None`: called with a
+# A handler may also have `check_head(head) -> Refusal | int | None`: called with a
 # request's head (its body b"") when the body still has to be read, so that a
 # request its credential will not admit is refused before its body is read; an
 # int is a smaller body limit for this request.
@@ -181,7 +181,8 @@ class HttpConnection(asyncio.Protocol):
 
     def __init__(self, handler: Handler, settings: Settings, state: ServerState) -> None:
         self._handler = handler
-        self._admit: Optional[Callable[[Request], Union[Refusal, int, None]]] = getattr(handler, "admit", None)
+        self._check_head: Optional[Callable[[Request], Union[Refusal, int, None]]] = getattr(
+            handler, "check_head", None)
         self._settings = settings
         self.state = state
         self._loop = asyncio.get_running_loop()
@@ -496,14 +497,14 @@ class HttpConnection(asyncio.Protocol):
         refuse it (and close) if not.  Only for a body not already whole in the
         buffer: one that came with its head cost nothing to read, and the
         handler authenticates before anything else anyway."""
-        admit = self._admit
-        if admit is None:
+        check_head = self._check_head
+        if check_head is None:
             return True
         target = _request_target(event.target).decode("latin-1")
         head = Request(event.method.decode("ascii"), target, self._headers, b"", self._client, event.http_version,
                        type(event) is fast_head.FastRequest)
         head.request_id = request_id = new_request_id()
-        refusal = admit(head)
+        refusal = check_head(head)
         if refusal is None:
             return True
         if isinstance(refusal, int):
@@ -663,7 +664,7 @@ class HttpConnection(asyncio.Protocol):
                       request_id: Optional[str] = None, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """Answer before the request was read completely, then close.  With a
         `reason`, the HTTP layer refused it on its own: state.refused is told
-        (a refusal by the handler's admit() is the handler's to count).  `headers`
+        (a refusal by the handler's check_head() is the handler's to count).  `headers`
         go with the error (a plugin's refusal: its retry-after)."""
         self._h11 = self._new_h11()  # the rest of the request is never parsed
         self._h11_is_next = False

@@ -7,7 +7,7 @@ from typing import Optional
 class Request:
     """One complete HTTP request (head and body), as parsed by h11."""
 
-    # `request_id` is set only on a head handed to admit() (see protocol.py): the id a refusal
+    # `request_id` is set only on a head handed to check_head() (see protocol.py): the id a refusal
     # of it is sent with.  A complete request's id is its responder's.
     __slots__ = ("method", "target", "path", "query", "headers", "body", "client", "http_version", "request_id",
                  "ascii_headers")

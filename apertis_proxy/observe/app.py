@@ -185,12 +185,12 @@ class ObservedApp:
         self._client_address = getattr(app, "client_address", None)
         # The HTTP layer's head check (see http/protocol.py), passed through; a
         # request refused from its head is counted and logged too.
-        self._admit = getattr(app, "admit", None)
-        if self._admit is not None:
-            self.admit = self._admit if self.recorder is None else self._observed_admit
+        self._check_head = getattr(app, "check_head", None)
+        if self._check_head is not None:
+            self.check_head = self._check_head if self.recorder is None else self._observed_check_head
 
-    def _observed_admit(self, head: Request):
-        refusal = self._admit(head)
+    def _observed_check_head(self, head: Request):
+        refusal = self._check_head(head)
         if refusal is not None and not isinstance(refusal, int):     # an int is a body limit, not a refusal
             answered = _RefusedFromHead(refusal.status, getattr(head, "request_id", "-"))
             self.recorder.end(answered.request_id, self.recorder.begin(answered.request_id), head, answered)

@@ -21,7 +21,7 @@ from bisect import bisect_left
 from typing import Any, Callable, Optional
 
 from ..http import fast_head
-from ..plugin_api import SEPARATE_ITERATIONS, TOKEN_COUNTS, Outcome, RequestInfo, UsageRecord
+from ..plugin_api import TOKEN_COUNTS, Outcome, RequestInfo, UsageRecord, billed_apart
 from .access_log import FLUSH_LINES, MAX_TEMPLATE_CHARS, AccessLog
 
 # Seconds.  Requests range from a cached count_tokens to streams of many minutes.
@@ -366,9 +366,8 @@ def _no_status(record: Optional[UsageRecord]) -> int:
 def _add_iteration_tokens(usage: list, iterations: list) -> None:
     """The tokens of the iterations billed apart from the top-level counts (advisor, compaction, fallback:
     UsageRecord.billed_tokens), by type, under the request's model as its cost is."""
-    for it in iterations:
-        if type(it) is dict and type(it.get("type")) is str and it["type"] in SEPARATE_ITERATIONS:
-            for i, name in enumerate(TOKEN_COUNTS):
-                value = it.get(name)
-                if type(value) is int and value > 0:
-                    usage[i] += value
+    for it in billed_apart(iterations):
+        for i, name in enumerate(TOKEN_COUNTS):
+            value = it.get(name)
+            if type(value) is int and value > 0:
+                usage[i] += value
