@@ -346,15 +346,15 @@ class AuthPlugin(Protocol):
 
     async def release(self, caller: Caller, record: UsageRecord) -> None:
         """Optional.  Called exactly once for every request this plugin
-        authenticated, once its answer is complete and metered (``record`` is
-        priced) but before the answer's last bytes go out: give back what the
-        request held (a concurrency slot), so the client's next request finds it
-        free.  The answer waits for it: keep it short."""
+        authenticated (for a caller with ``admits``: admitted), once its answer is
+        complete and metered (``record`` is priced) but before the answer's last
+        bytes go out: give back what the request held (a concurrency slot), so the
+        client's next request finds it free.  The answer waits for it: keep it short."""
 
     async def finish(self, caller: Caller, record: UsageRecord) -> None:
         """Optional.  Called exactly once for every request this plugin
-        authenticated, after it ended and the client has the answer (settle
-        spend, alerts)."""
+        authenticated (but one its admit() refused), after it ended and the client
+        has the answer (settle spend, alerts)."""
 
     def check_head(self, request: RequestInfo) -> Optional[bool]:
         """Optional.  The credential alone, from the request head (``body`` and

@@ -335,27 +335,18 @@ class KeysAuth:
             raise self._refused(key.name, "model_not_allowed", Reject(
                 403, "permission_error",
                 f"API key '{key.name}' may not use model '{model}'; it may use: {', '.join(key.models or ())}"))
-        caller = key.caller
-        if caller is None:
-            # The hash tells finish() this key from a later one given the same id
-            # (SQLite reuses the highest id after a delete).
-            data = {"key_hash": key.key_hash}
-            caller = key.caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed, data=data,
-                                         cost_limited=key.quota_cost is not None,
-                                         token_limited=key.quota_tokens is not None,
-                                         admits=key.limits is not None)
-            # The same caller, telling release() and finish() how its request was admitted.
-            key.admitted_caller = dataclasses.replace(caller, data={**data, "holds": _holds(key.limits)})
-            key.alone_caller = dataclasses.replace(caller, data={**data, "alone": True})
-        return caller
+        return _callers(key)
 
     async def admit(self, request: RequestInfo, caller: Caller) -> Caller:
         """The request is checked and routed: a key with limits is admitted in the store now, so a request
         the gateway refuses itself (a malformed body, a model nobody serves, every channel resting) takes
         no place in the key's minute, slots or quota."""
-        key = self.by_id.get(caller.key_id) if caller.key_id is not None else None
-        if key is None:     # deleted since its check: nothing of it may go upstream unlimited
+        # The key as it is now: one disabled, expired, rotated out or deleted since its check goes no further,
+        # and one whose limits changed meanwhile is admitted (and released) under its new ones.
+        key = self._usable_key(request)
+        if key is None or key.id != caller.key_id:
             raise self._refused(caller.key_name, "invalid_key", Reject(401, "authentication_error", "invalid API key"))
+        _callers(key)
         if key.limits is None or not _limited(request, key.limits):
             return caller
         admitted = await self._admit(key, request)
@@ -365,8 +356,10 @@ class KeysAuth:
         return admitted
 
     async def _admit(self, key: KeyState, request: RequestInfo) -> Caller:
-        """Admit a request of a limited key in the store (see the module docstring)."""
-        limits = key.limits
+        """Admit a request of a limited key in the store (see the module docstring).  The caller it returns
+        tells release() what the admission holds under the limits it was made with (a reload may come while
+        the store decides)."""
+        limits, admitted_caller = key.limits, key.admitted_caller
         assert limits is not None and self.limiter is not None
         bound_cost, bound_tokens = 0.0, 0
         if (limits.quota_cost is not None or limits.quota_tokens is not None) and self.catalog is not None \
@@ -391,7 +384,7 @@ class KeysAuth:
         key.alone_cost, key.alone_tokens = 0.0, 0
         if not decision.admitted:
             raise self._refused(key.name, decision.reason, self._reject(key, decision))
-        return key.admitted_caller
+        return admitted_caller
 
     def _reject(self, key: KeyState, decision: Decision) -> Reject:
         use = decision.use
@@ -695,6 +688,23 @@ class _Refusal(Exception):
         super().__init__(reason)
         self.reason = reason
         self.reject = reject
+
+
+def _callers(key: KeyState) -> Caller:
+    """The key's caller, and beside it those telling release() and finish() how its request was admitted (in
+    the store, holding what `_holds` says; or alone), built once per version of the key (a reload clears them)."""
+    caller = key.caller
+    if caller is None:
+        # The hash tells finish() this key from a later one given the same id
+        # (SQLite reuses the highest id after a delete).
+        data = {"key_hash": key.key_hash}
+        caller = key.caller = Caller(key_id=key.id, key_name=key.name, models=key.allowed, data=data,
+                                     cost_limited=key.quota_cost is not None,
+                                     token_limited=key.quota_tokens is not None,
+                                     admits=key.limits is not None)
+        key.admitted_caller = dataclasses.replace(caller, data={**data, "holds": _holds(key.limits)})
+        key.alone_caller = dataclasses.replace(caller, data={**data, "alone": True})
+    return caller
 
 
 def _limited(request: RequestInfo, limits: Limits) -> bool:

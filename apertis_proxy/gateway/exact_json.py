@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
 
-_EXPONENT = re.compile(rb"e\+(?:19|[2-9][0-9]|[0-9]{3})[,\]}]")
+_EXPONENT = re.compile(rb"e\+(?:1[89]|[2-9][0-9]|[0-9]{3})[,\]}]")
 _MANTISSA = frozenset(b"0123456789.-")
 _BEFORE_VALUE = frozenset(b":,[")
 # Past these, orjson has read an integer as a float.
@@ -32,17 +32,18 @@ def dumps(obj: Any, original: bytes) -> bytes:
     except (ValueError, RecursionError):
         return out
     restored, changed = _restore(obj, exact)
-    if not changed:
+    restored, moved = _restore_moved(restored, exact)
+    if not (changed or moved):
         return out
     return json.dumps(restored, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _big_exponent(out: bytes) -> bool:
-    """Whether `out` holds a JSON number with an exponent of 19 or more (`e+` and 19 to 99 or three digits, a
+    """Whether `out` holds a JSON number with an exponent of 18 or more (`e+` and 18 to 99 or three digits, a
     value of its own: after `:`, `,` or `[`, before `,`, `]` or `}`): what orjson writes for a float it made
-    of an integer beyond 64 bits (|x| >= 1.8e19).  The regular expression starts with a literal, which the
-    engine finds as fast as `bytes.find`; the few places in code or base64 text that match it are told apart
-    by what surrounds them."""
+    of an integer beyond 64 bits (from -9.2e18 down, from 1.8e19 up).  The regular expression starts with a
+    literal, which the engine finds as fast as `bytes.find`; the few places in code or base64 text that match
+    it are told apart by what surrounds them."""
     for found in _EXPONENT.finditer(out):
         at = found.start() - 1
         while at >= 0 and out[at] in _MANTISSA:
@@ -77,3 +78,43 @@ def _restore(ours: Any, theirs: Any) -> tuple[Any, bool]:
         if any(restored for _, restored in pairs):
             return [value for value, _ in pairs], True
     return ours, False
+
+
+def _restore_moved(ours: Any, theirs: Any) -> tuple[Any, bool]:
+    """Floats left in `ours` that stand for exactly one big integer of `theirs` (a part the gateway moved, such
+    as an OpenAI-style response_format it translated): given that integer."""
+    exact: dict[float, Any] = {}
+    for value in _big_ints(theirs):
+        as_float = float(value)
+        exact[as_float] = value if exact.get(as_float, value) == value else None     # None: two integers, unsure
+    if not exact:
+        return ours, False
+    return _replace(ours, exact)
+
+
+def _big_ints(doc: Any) -> Iterator[int]:
+    kind = type(doc)
+    if kind is int and not _INT_MIN <= doc <= _INT_MAX:
+        yield doc
+    elif kind is dict:
+        for value in doc.values():
+            yield from _big_ints(value)
+    elif kind is list:
+        for value in doc:
+            yield from _big_ints(value)
+
+
+def _replace(doc: Any, exact: dict) -> tuple[Any, bool]:
+    kind = type(doc)
+    if kind is float:
+        value = exact.get(doc)
+        return (value, True) if value is not None else (doc, False)
+    if kind is dict:
+        pairs = {key: _replace(value, exact) for key, value in doc.items()}
+        if any(changed for _, changed in pairs.values()):
+            return {key: value for key, (value, _) in pairs.items()}, True
+    elif kind is list:
+        pairs = [_replace(value, exact) for value in doc]
+        if any(changed for _, changed in pairs):
+            return [value for value, _ in pairs], True
+    return doc, False

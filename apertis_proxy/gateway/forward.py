@@ -144,6 +144,7 @@ class MessagesForwarder:
                              client=req.client)
         caller: Optional[Caller] = None
         vouched_by = None
+        unadmitted = False      # a caller whose plugin admits (Caller.admits) and has not admitted this request
         # The answer's last bytes wait for the meters (the ledger's row is durable first).
         resp.hold_end()
         try:
@@ -165,6 +166,7 @@ class MessagesForwarder:
             info = request_info(req, resp, body, header_map)
             client_version = _client_version(req, header_map)      # before a plugin could touch the map
             caller, vouched_by = await self.plugins.authenticate(info)
+            unadmitted = caller.admits
             record.key_id, record.key_name = caller.key_id, caller.key_name
             if decode_error is not None:
                 raise decode_error
@@ -217,6 +219,7 @@ class MessagesForwarder:
             if caller.admits:       # limits: only what goes upstream takes them
                 try:
                     caller = await self.plugins.admit(vouched_by, info, caller)
+                    unadmitted = False
                 except GatewayError:
                     caller = None       # refused by the key's limits: as at the key check, not metered
                     raise
@@ -254,7 +257,7 @@ class MessagesForwarder:
                         price(record, self.catalog.catalog)
                     await self.plugins.meter(record)
             finally:
-                if caller is not None:
+                if caller is not None and not unadmitted:       # release() gives back what admit() took
                     await self.plugins.release(vouched_by, caller, record)
                 resp.release()
             if caller is not None:
@@ -264,7 +267,7 @@ class MessagesForwarder:
     def _redirect(req: Request, info: RequestInfo, caller: Caller, model: str) -> tuple[RequestInfo, Caller]:
         """The request as sent to `model` instead; a key allowed the retired model may use it."""
         body = {**info.body, "model": model}
-        req.body = orjson.dumps(body)
+        req.body = exact_json.dumps(body, req.body)
         if caller.models is not None:
             caller = dataclasses.replace(caller, models=caller.models | {model})
         return dataclasses.replace(info, model=model, body=body), caller

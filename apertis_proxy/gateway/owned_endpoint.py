@@ -82,7 +82,8 @@ class OwnedEndpoint:
                 await fw.plugins.meter(record)      # before the answer ends and before finish(), as in forward.py
             finally:
                 try:
-                    await fw.plugins.release(vouched_by, caller, record)    # a concurrency slot, as in forward.py
+                    if refused is None or not caller.admits:     # release() gives back what admit() took
+                        await fw.plugins.release(vouched_by, caller, record)
                 finally:
                     resp.release()
             await fw.plugins.finish(vouched_by, caller, record)
@@ -183,17 +184,21 @@ class OwnedEndpoint:
 
     async def fetch_shown(self, req: Request, resp: Responder, caller: Caller, record: UsageRecord, ident: str,
                           unserved: set[str]) -> Optional[dict]:
-        """The resource as its account shows it; None when it cannot be fetched (the account of one no
-        enabled channel serves is added to `unserved`)."""
+        """The resource as its account shows it; None when it is gone there (404) or no enabled channel serves
+        its account (added to `unserved`).  Any other failure fails the list, with the upstream's answer and its
+        retry advice: a list that left the item out would tell the client it is gone."""
         try:
             channel = await self.owned_channel(req, resp, caller, ident)
         except NoChannel as e:
             unserved.add(e.account)
             return None
         answer = await self.call(channel, "GET", f"{self.prefix}/{ident}", req, b"", record)
-        if answer is None or answer.status != 200:
+        if answer is not None and answer.status == 200:
+            return self.shown(req, orjson.loads(answer.body))
+        if answer is not None and answer.status == 404:
             return None
-        return self.shown(req, orjson.loads(answer.body))
+        self.send_answer(resp, answer, record)      # 502 when no answer came
+        raise GatewayError(answer.status, "upstream failed while listing", record.error_type or "api_error")
 
     @staticmethod
     def send_list(resp: Responder, record: UsageRecord, listed: dict) -> None:
