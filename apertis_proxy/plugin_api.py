@@ -292,16 +292,20 @@ class UsageRecord:
         The upstream may bill it and nobody here knows how much: such a record's cost is None."""
         if not self.reached_upstream or self.raw_usage is not None:
             return False
+        last = self.attempt_log[-1] if self.attempt_log else None
+        if last is not None and last.get("refused"):
+            # The upstream's own in-band error, before any usage: its word that it did not serve the request
+            # (also read by the drain of a stream whose client left); an earlier send that got no answer may
+            # still have been billed.
+            return any(a.get("unanswered") for a in self.attempt_log[:-1])
         if self.interrupted and self.status in (0, 200, 499):
             return True
-        last = self.attempt_log[-1] if self.attempt_log else None
         if last is None:
             return False
         status = last.get("status")
         if status is not None and 200 <= status < 300:
-            # The upstream answered the request as accepted; count_tokens (free) reports no usage.  An in-band
-            # error before any usage is the upstream's word that it did not serve it, as an error status is.
-            return self.endpoint == MESSAGES_ENDPOINT and not last.get("refused")
+            # The upstream answered the request as accepted; count_tokens (free) reports no usage.
+            return self.endpoint == MESSAGES_ENDPOINT
         # Our own timeout: an attempt that sent the request got no answer, also one failed over from.
         return any(a.get("unanswered") for a in self.attempt_log)
 

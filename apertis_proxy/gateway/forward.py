@@ -237,8 +237,9 @@ class MessagesForwarder:
                     resp.send_error(e.status, e.message, e.error_type, headers)
         except asyncio.CancelledError:
             # The client left (see abandon_on_disconnect) or shutdown cut the
-            # request at its deadline; still metered below.
-            record.interrupted = True
+            # request at its deadline (an answer already whole excepted); still metered below.
+            if not resp.ended:
+                record.interrupted = True
             if not resp.started:
                 # Nothing was answered: the client left, or shutdown's deadline cut the request.
                 record.status, record.error_type = ((499, "client_closed_request") if resp.client_gone
@@ -356,7 +357,13 @@ class MessagesForwarder:
                 relay, meter = self._relay(fwd, channel, prepared, lease.conn, head)
                 await relay.run()
             except asyncio.CancelledError:
-                if not fwd.resp.client_gone and record.reached_upstream:
+                if head is None:
+                    self._note_resent(record, channel, lease)
+                if fwd.resp.ended and head is not None:
+                    # The answer was whole before shutdown's deadline came (the upstream lingered): served.
+                    self.report_attempt(record, Outcome(channel, ok=True, request_id=info.request_id,
+                                                        status=head.status, duration=_clock() - t_start))
+                elif not fwd.resp.client_gone and record.reached_upstream:
                     # Shutdown's deadline cut the attempt: listed as a crash lists it, no failure of its channel.
                     record.attempt_log.append(stopped_attempt(channel.name, channel.id,
                                                               head.status if head is not None else None,

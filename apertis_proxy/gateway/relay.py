@@ -170,6 +170,8 @@ class StreamRelay(Relay):
         # What came with the response head (often the opening events) goes out
         # with ours, in one write; a whole stream that came with it, ends in it.
         first = _feed(self.splicer, conn, b"".join(conn.buffered())) or b""
+        if self.splicer.saw_stop:
+            self._stopped()
         if conn.body_complete:
             if resp.client_gone:
                 self.record.interrupted = True
@@ -209,6 +211,7 @@ class StreamRelay(Relay):
         if self.splicer.saw_stop:
             # The message is complete: the body's end should follow at once.
             conn.expect_end(_END_AFTER_STOP)
+            self._stopped()
         if not out:
             return True
         if conn.body_complete:
@@ -219,6 +222,14 @@ class StreamRelay(Relay):
             resp.when_writable(conn.resume)
             return False
         return True
+
+    def _stopped(self) -> None:
+        """message_stop was read: its delta's usage is checkpointed unless the body ended in the same read (its
+        final row follows at once); an upstream lingering after it may be cut or killed before the end."""
+        splicer = self.splicer
+        if splicer.unreported and not self.conn.body_complete:
+            splicer.unreported = False
+            splicer.meter.reported()
 
     def chunk(self, read: bytes, start: int) -> bool:
         """A read that is exactly one whole chunk of the body (its data is
@@ -253,8 +264,13 @@ class StreamRelay(Relay):
     def shutdown_cut(self) -> None:
         """Shutdown's deadline cut the stream while the client still reads it:
         say so in-band; the connection then closes without the final chunk, so
-        the stream never looks complete."""
+        the stream never looks complete.  A message already whole (its
+        message_stop read, the upstream lingering) ends as if its body had."""
         resp, record, splicer = self.resp, self.record, self.splicer
+        if splicer.saw_stop:
+            self.conn.close()
+            resp.end(b"".join(self.held))
+            return
         record.interrupted = True
         if self.held:
             resp.write_nowait(b"".join(self.held))

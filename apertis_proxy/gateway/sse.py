@@ -117,7 +117,8 @@ class SseSplicer:
     """Stateful splice of one stream.  `rename_model` rewrites message_start's
     model (the client sees the name it asked for, not the upstream alias target)."""
 
-    __slots__ = ("_tail", "_held", "meter", "rename_model", "_secret", "error", "saw_stop", "_signatures")
+    __slots__ = ("_tail", "_held", "meter", "rename_model", "_secret", "error", "saw_stop", "_signatures",
+                 "unreported")
 
     def __init__(self, meter: UsageMeter, rename_model: Optional[tuple[str, str]] = None,
                  secret: Optional[str] = None) -> None:
@@ -129,6 +130,9 @@ class SseSplicer:
         self._secret = secret if redactable(secret) else None
         self.error: Optional[dict] = None    # the in-band error upstream sent, if any
         self.saw_stop = False
+        # A message_delta read with its stream's message_stop and not yet checkpointed: the relay asks for
+        # the checkpoint if the body does not end in the same read (see StreamRelay.piece).
+        self.unreported = False
         # A meter that records thinking signatures (ownership.StateCapture, for a
         # request that asked for thinking) gets them; other streams never pay for the scan.
         self._signatures = getattr(meter, "signature_hook", None)
@@ -243,8 +247,11 @@ class SseSplicer:
                 if clean is not ev:
                     renamed.append((start, stop, clean))
                     self.error = orjson.loads(redact_bytes(orjson.dumps(self.error), self._secret))
-        if delta and not self.saw_stop:
-            self.meter.reported()       # checkpointed unless the stream ended here: its final row comes next
+        if delta:
+            if self.saw_stop:
+                self.unreported = True      # its final row comes next, if the body ends now
+            else:
+                self.meter.reported()
         if not renamed:
             return region
         parts, last = [], 0

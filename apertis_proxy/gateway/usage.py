@@ -26,6 +26,14 @@ def _count(value: Any) -> Optional[int]:
     return value if type(value) is int and 0 <= value < _MAX_COUNT else None
 
 
+def _counted(iteration: dict) -> dict:
+    """An iteration whose token counts are real, as it came; else a copy with each count that is not (past
+    _MAX_COUNT: one such count would stop the ledger's sums) at 0, like a missing one."""
+    if all(_count(iteration.get(name, 0)) is not None for name in _COUNTS):
+        return iteration
+    return {**iteration, **{name: 0 for name in _COUNTS if _count(iteration.get(name, 0)) is None}}
+
+
 class UsageMeter:
     """Writes usage into one UsageRecord as it becomes known."""
 
@@ -68,7 +76,7 @@ class UsageMeter:
                 setattr(rec, name, value)
         iterations = usage.get("iterations")
         if isinstance(iterations, list):
-            rec.iterations = [i for i in iterations if isinstance(i, dict)]     # each one is billed
+            rec.iterations = [_counted(i) for i in iterations if isinstance(i, dict)]     # each one is billed
         # The usage object as last reported, field by field (a delta lacks
         # what only message_start carries); the first report, of a usual size
         # and without nulls, is that object as it is.

@@ -84,6 +84,11 @@ class Responder:
         not yet durable."""
         self._held = []
 
+    @property
+    def ended(self) -> bool:
+        """The response's end was written, or is kept back by `hold_end()`."""
+        return self.finished or bool(self._held)
+
     def release(self) -> None:
         """Send what `hold_end()` kept back, if anything; stop holding."""
         held, self._held = self._held, None

@@ -230,9 +230,10 @@ class Recorder:
                     usage[4] += round(record.cost / COST_UNIT)      # type: ignore[index]
                 if record.iterations:
                     _add_iteration_tokens(usage, record.iterations)  # type: ignore[arg-type]
-                if record.attempts > outcomes and record.channel_name:
+                if record.attempts > outcomes and record.channel_name and record.error_type != "gateway_stopped":
                     # The client left while this channel was answering: no outcome came; an error
-                    # answer before it was not passed on (another channel was tried).
+                    # answer before it was not passed on (another channel was tried).  (One shutdown
+                    # cut is no attempt's outcome.)
                     self._count_attempt(record.channel_name, "abandoned")
                     if failed is not None:
                         self._count_attempt(failed, "failover")
