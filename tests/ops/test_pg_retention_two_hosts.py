@@ -68,3 +68,30 @@ async def test_a_second_hosts_prune_of_a_partition_the_first_dropped_ends_quietl
     finally:
         await other.close()
         await host_b.close()
+
+
+_ITERATIONS = [{"type": "message", "input_tokens": 10, "output_tokens": 5},
+               {"type": "advisor_message", "input_tokens": 1000, "output_tokens": 200}]
+
+
+async def test_after_retention_the_rollup_and_the_raw_rows_report_the_same(pg_url):
+    now = time.time()
+    store = await service.open_store(pg_url)
+    try:
+        rows = _rows(4, now - 120 * 86400, "old") + _rows(3, now - 3600, "new")
+        for row in rows:
+            row["iterations"] = _ITERATIONS
+        assert await store.write_ledger(rows) == 7
+        assert await store.prune_ledger(now - 30 * 86400) == 4
+        assert await store.prune_ledger(now - 30 * 86400) == 0        # a second host's later round
+    finally:
+        await store.close()
+    conn = await asyncio.to_thread(service.connect, pg_url)
+    try:
+        rollup = usage.summarize(conn, by="day")
+        raw = usage.summarize(conn, by="day", since=1.5)
+    finally:
+        conn.close()
+    assert rollup["requests"] == raw["requests"] == 3
+    assert rollup["iteration_tokens"] == raw["iteration_tokens"] == 3 * 1200
+    assert rollup["by"] == raw["by"]
