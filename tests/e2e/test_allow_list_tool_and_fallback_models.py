@@ -1,6 +1,7 @@
 """A key's model allow-list covers every model a request is billed at: an advisor tool's `model` and each of
 `fallbacks`' models run turns billed at that model's rates (docs/billing.md), so a key allowed only a cheap model
-must not reach a dear one through them, on /v1/messages nor in a batch's params."""
+must not reach a dear one through them, on /v1/messages nor in a batch's params (nor through `fallbacks:
+"default"`, where the API picks the model)."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +14,8 @@ DEAR = "claude-opus-5-5"      # priced, served by the channel: only the key's al
 EXTRAS = {
     "advisor": {"tools": [{"type": "advisor_20260301", "name": "advisor", "model": DEAR}]},
     "fallbacks": {"fallbacks": [{"model": DEAR}]},
+    # The API picks the fallback model (the quota reserves a turn at the dearest priced one): not a listed model.
+    "default_fallbacks": {"fallbacks": "default"},
 }
 
 
