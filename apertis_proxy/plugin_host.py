@@ -291,8 +291,11 @@ class PluginHost:
                 return channels
         return None
 
-    def feedback(self, outcome: Outcome) -> None:
+    def feedback(self, outcome: Outcome, health: bool = True) -> None:
+        """An attempt's outcome, to the metrics and (with `health`) to the routers' channel health."""
         self.observer.attempt(outcome)
+        if not health:
+            return
         for name, plugin in self._feedback:
             try:
                 plugin.feedback(outcome)

@@ -58,6 +58,7 @@ async def admit(fw: Any, req: Request, resp: Responder, caller: Caller, requests
             refs = references(params) if fw.owned is not None else []
             account = await resolve(fw.owned, refs, caller) if refs else None
             model = params["model"]
+            model_policy.refuse_named_models(fw.catalog.catalog, params, caller)
             if model not in served:
                 served[model] = await _serve(fw, req, resp, caller, model, now)
             if model_policy.billed_extras(params) != (False, ()):

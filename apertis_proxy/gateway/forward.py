@@ -18,8 +18,8 @@ import orjson
 from ..errors import GatewayError, error_body
 from ..http.request import Request
 from ..http.responder import Responder
-from ..plugin_api import (CAUSE_CREDENTIAL, CAUSE_TRANSIENT, Caller, Channel, Outcome, RequestInfo,
-                          UsageRecord, stopped_attempt)
+from ..plugin_api import (CAUSE_CREDENTIAL, CAUSE_TRANSIENT, MESSAGES_ENDPOINT, Caller, Channel, Outcome,
+                          RequestInfo, UsageRecord, stopped_attempt)
 from ..plugin_host import PluginHost
 from ..settings import Settings
 from ..store.catalog import Catalog
@@ -179,6 +179,8 @@ class MessagesForwarder:
                 contract.validate(body, thinking_budget_max=self.settings.thinking_budget_max)
             record.requested_model = info.model
             record.stream = info.stream and not count_tokens
+            if caller.models is not None:       # an allow-list holds the models tools and fallbacks name too
+                model_policy.refuse_named_models(self.catalog.catalog, body, caller)
             # Retired models go to their successor or are refused here (model_policy.py).
             resolved = model_policy.resolve(self.catalog.catalog, info.model, record.started_at)
             # A client that leaves while a stream is still starting (Claude
@@ -469,7 +471,11 @@ class MessagesForwarder:
         elif outcome.refused:
             entry["refused"] = True
         record.attempt_log.append(entry)
-        self.plugins.feedback(outcome)
+        # A channel's health follows its Messages answers: the API limits counting tokens, files and batches
+        # apart, so their rate limits and overloads (and their successes) say nothing of it; their refused
+        # credentials, exhausted accounts and broken connections do.
+        self.plugins.feedback(outcome, record.endpoint == MESSAGES_ENDPOINT
+                              or (not outcome.ok and outcome.status not in (429, 529)))
 
     @staticmethod
     def _note_resent(record: UsageRecord, channel: Channel, lease: Any) -> None:

@@ -23,7 +23,8 @@ _DROP_UPSTREAM = frozenset((
     b"trailer", b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"content-length",
     b"x-api-key", b"authorization", b"anthropic-version", b"accept-encoding", b"expect",
     b"content-encoding", b"cookie", b"forwarded", b"x-forwarded-for", b"x-forwarded-host",
-    b"x-forwarded-proto", b"x-real-ip", *(name for name, _ in _OPERATOR_HEADERS),
+    b"x-forwarded-proto", b"x-real-ip", b"x-forwarded-port", b"x-forwarded-server", b"x-original-forwarded-for",
+    b"true-client-ip", b"cf-connecting-ip", b"x-client-ip", b"via", *(name for name, _ in _OPERATOR_HEADERS),
 ))
 
 # Forwarded back to the client from an upstream response.  Rate-limit and

@@ -91,6 +91,24 @@ def billed_extras(body) -> tuple[bool, tuple[str, ...]]:
     return body.get("speed") == "fast", named
 
 
+def refuse_named_models(catalog: Catalog, body, caller: Caller) -> None:
+    """403 for a model a tool or a fallback names that the caller's allow-list leaves out (an advisor's or a
+    fallback's turns are billed at that model's rates); and for `fallbacks: "default"`, with which the API
+    chooses the model, from a caller with an allow-list."""
+    if caller.models is None or not isinstance(body, dict):
+        return
+    if body.get("fallbacks") == "default":
+        raise GatewayError(403, f'fallbacks: "default" lets the API choose the fallback model; API key '
+                                f"'{caller.key_name}' may use only: {', '.join(sorted(caller.models))}",
+                           "permission_error")
+    for name in billed_extras(body)[1]:
+        entry = catalog.lookup(name)
+        if not caller.may_use(name, (entry.id, *entry.aliases) if entry is not None else ()):
+            raise GatewayError(403, f"API key '{caller.key_name}' may not use model '{name}' (named by a tool "
+                                    f"or a fallback); it may use: {', '.join(sorted(caller.models))}",
+                               "permission_error")
+
+
 def _unpriced_part(catalog: Catalog, upstream: Optional[str], model: Optional[str], fast: bool,
                    tool_models: Sequence[str], now: float) -> Optional[str]:
     """What of this request has no price (None when all of it is priced)."""

@@ -36,7 +36,7 @@ DIAGNOSIS_BETA = "cache-diagnosis-"     # anthropic-beta: cache-diagnosis-2026-0
 _FIELD = {THREAD: "thread.previous_message_id", CONTAINER: "container", FILE: "file_id",
           CREDIT: "fallback_credit_token", BATCH: "batch", SKILL: "skill_id", THINKING: "thinking.signature",
           MESSAGE: "diagnostics.previous_message_id"}
-_MAX_DEPTH = 6          # file ids sit in blocks, in tool results, in sources
+_MAX_DEPTH = 64         # file ids sit in blocks, in tool results, in sources (of content sources, ...)
 
 
 def signature_fingerprint(signature: str) -> str:
@@ -123,7 +123,8 @@ def _thinking(messages: list, refs: list) -> None:
 
 def _file_ids(value: Any, refs: list, depth: int) -> None:
     if depth > _MAX_DEPTH:
-        return
+        # Deeper than any block the API takes: refused, never passed with an id not checked.
+        raise GatewayError(400, f"messages: content nested deeper than {_MAX_DEPTH} levels")
     if isinstance(value, list):
         for item in value:
             _file_ids(item, refs, depth + 1)
