@@ -198,11 +198,18 @@ class SseSplicer:
     def flush(self) -> bytes:
         """The unterminated last event when the upstream ended cleanly, ended
         (an event at the very end can lack only its blank line) and read like
-        any other, so nothing the gateway adds is glued onto it."""
+        any other, so nothing the gateway adds is glued onto it.  One whose data
+        is not whole JSON was cut: dropped, as a failed body's tail is."""
         tail = b"".join(self._tail)
         self._tail, self._held = [], 0
         if not tail.strip(b"\r\n"):
             return b""
+        data = event_data(tail.replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
+        if data:
+            try:
+                orjson.loads(data)
+            except orjson.JSONDecodeError:
+                return b""
         for eol in (b"\r\n", b"\n", b"\r"):        # its last line ended: one empty line more
             if tail.endswith(eol):
                 return self.feed(tail + eol)
@@ -211,7 +218,8 @@ class SseSplicer:
     @property
     def error_type(self) -> str:
         """The type of the in-band error upstream sent (check `error` first)."""
-        return str((self.error or {}).get("type") or "api_error")
+        error = self.error
+        return str(error.get("type") or "api_error") if isinstance(error, dict) else "api_error"
 
     def drop_tail(self) -> int:
         n = self._held
@@ -227,7 +235,9 @@ class SseSplicer:
                 obj = event_json(ev)
                 if obj is None:
                     continue
-                message = obj.get("message") or {}
+                message = obj.get("message")
+                if not isinstance(message, dict):
+                    message = {}            # not the message: no usage, no model to rename
                 self.meter.message_start(message)
                 if self.rename_model and message.get("model") == self.rename_model[0]:
                     message["model"] = self.rename_model[1]
@@ -242,7 +252,10 @@ class SseSplicer:
             elif name == b"error":
                 ev = text[start:stop]
                 obj = event_json(ev) or {}
-                self.error = obj.get("error") or {"type": "api_error"}
+                error = obj.get("error")
+                # The API's shape is an object; a relay's bare string is kept as its message.
+                self.error = error if isinstance(error, dict) else {
+                    "type": "api_error", **({"message": str(error)[:200]} if error else {})}
                 clean = redact_bytes(ev, self._secret)
                 if clean is not ev:
                     renamed.append((start, stop, clean))
