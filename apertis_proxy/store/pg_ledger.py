@@ -186,29 +186,31 @@ async def probe(conn, columns: Sequence[str], values: Sequence) -> None:
 
 
 async def prune(conn, cutoff: float) -> int:
-    """Drop the monthly partitions that lie wholly before `cutoff` (rows go by whole months, so
-    a report never sees a half-pruned month) with their rollup days, and the default partition's
-    rows of those months; create the coming months' partitions.  Returns the ledger rows removed.  Hosts prune
-    in turn (every host runs retention, often at the same moments): one that finds another pruning leaves the
-    round to it and removes nothing."""
+    """Drop the monthly partitions that lie wholly before `cutoff` (rows go by whole months), then
+    the default partition's rows of those months and their rollup days; create the coming months'
+    partitions.  Returns the ledger rows removed.  Each partition goes in a transaction of its own: a drop
+    locks the whole ledger until it commits, and a first prune over a year of months must not hold every
+    host's ledger writes for all of them.  Hosts prune in turn (every host runs retention, often at the
+    same moments): one that finds another pruning leaves the round to it and removes nothing."""
     from asyncpg import UndefinedTableError     # the optional driver: imported where PostgreSQL is used
     removed = 0
     await pg_schema.ensure_partitions(conn, pg_schema.month_starts(pg_schema._today(),
                                                                    pg_schema.PARTITIONS_AHEAD))
     boundary = pg_schema.month_of(cutoff)
-    async with conn.transaction():
-        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RETENTION_LOCK):
-            return 0
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
+        return 0
+    try:
         for name in await pg_schema.old_partitions(conn, cutoff):
-            # Each in a savepoint: a partition a host of an earlier version (which takes no lock) dropped
-            # meanwhile is skipped.
             try:
                 async with conn.transaction():
                     removed += await conn.fetchval(f"SELECT COUNT(*) FROM {name}")
                     await conn.execute(f"DROP TABLE {name}")
             except UndefinedTableError:
-                continue
-        status = await conn.execute("DELETE FROM usage_default WHERE ts < $1", pg_schema.epoch(boundary))
-        removed += int(status.rsplit(" ", 1)[-1])
-        await conn.execute("DELETE FROM usage_daily WHERE day < $1", boundary)
+                continue        # dropped meanwhile by a host of an earlier version, which takes no lock
+        async with conn.transaction():
+            status = await conn.execute("DELETE FROM usage_default WHERE ts < $1", pg_schema.epoch(boundary))
+            removed += int(status.rsplit(" ", 1)[-1])
+            await conn.execute("DELETE FROM usage_daily WHERE day < $1", boundary)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
     return removed
