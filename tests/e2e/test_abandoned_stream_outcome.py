@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.rawhttp import RawConnection, request_bytes
+from tests.support.rawhttp import RawConnection
 from tests.support.scripted_channel import CLOSE, HEAD_SSE, chunk, event, message_start, text_events
-from tests.support.scripted_gateway import ask
+from tests.support.scripted_gateway import ask, stream_until
 
 OVERLOADED = event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
 ENDINGS = {
@@ -19,18 +19,8 @@ ENDINGS = {
 
 
 async def _leave_after_message_start(env) -> None:
-    conn = await RawConnection.open(env.gateway.host, env.gateway.port)
-    try:
-        await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": env.key}, json_body=ask()))
-        head = await conn.read_head()
-        assert head.status == 200
-        seen = b""
-        async for piece in conn.iter_chunks(head):
-            seen += piece
-            if b"message_start" in seen:
-                break
-    finally:
-        conn.abort()
+    conn, _ = await stream_until(env, b"message_start")
+    conn.abort()
 
 
 @pytest.mark.parametrize("ending", list(ENDINGS))

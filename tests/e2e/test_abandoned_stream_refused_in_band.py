@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 
-from tests.support.rawhttp import RawConnection, request_bytes
 from tests.support.scripted_channel import HEAD_SSE, chunk, event
-from tests.support.scripted_gateway import ask, post
+from tests.support.scripted_gateway import ask, post, stream_until
 
 OVERLOADED = event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
 PING = event("ping", {"type": "ping"})
@@ -21,18 +20,8 @@ SCRIPT = [HEAD_SSE, chunk(PING), 0.4, chunk(OVERLOADED), b"0\r\n\r\n"]
 async def test_an_in_band_refusal_after_the_client_left_costs_nothing(scripted):
     await scripted.start()
     scripted.channel.queue(SCRIPT)
-    conn = await RawConnection.open(scripted.gateway.host, scripted.gateway.port)
-    try:
-        await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": scripted.key}, json_body=ask()))
-        head = await conn.read_head()
-        assert head.status == 200
-        seen = b""
-        async for piece in conn.iter_chunks(head):
-            seen += piece
-            if b"event: ping" in seen:
-                break
-    finally:
-        conn.abort()
+    conn, _ = await stream_until(scripted, b"event: ping")
+    conn.abort()
     await scripted.channel.wait_finished(1)
     [row] = await scripted.usage_rows(1)
     log = json.loads(row["attempt_log"])

@@ -11,24 +11,15 @@ import json
 
 from apertis_proxy.observe import exposition
 from tests.support.metrics import parse, total
-from tests.support.rawhttp import RawConnection, request_bytes
 from tests.support.scripted_channel import HANG, HEAD_SSE, chunk, message_start
-from tests.support.scripted_gateway import ask
+from tests.support.scripted_gateway import stream_until
 
 
 async def test_a_stream_cut_by_shutdown_is_not_an_attempt_its_client_abandoned(scripted):
     gateway = await scripted.start()
     scripted.channel.queue([HEAD_SSE, chunk(message_start(12)), HANG])
-    conn = await RawConnection.open(gateway.host, gateway.port)
+    conn, _ = await stream_until(scripted, b"message_start")
     try:
-        await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": scripted.key}, json_body=ask()))
-        head = await conn.read_head()
-        assert head.status == 200
-        seen = b""
-        async for piece in conn.iter_chunks(head):
-            seen += piece
-            if b"message_start" in seen:
-                break
         await gateway.shutdown(timeout=0.3)             # the client still reads; the deadline cuts the stream
         scripted.gateway = None
     finally:

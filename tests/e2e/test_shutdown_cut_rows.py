@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.rawhttp import RawConnection, request_bytes
 from tests.support.scripted_channel import HANG, HEAD_SSE, chunk, event, message_start
-from tests.support.scripted_gateway import ask
+from tests.support.scripted_gateway import ask, stream_until
 
 PING = event("ping", {"type": "ping"})
 CASES = {
@@ -25,18 +25,13 @@ CASES = {
 
 
 async def _cut_by_shutdown(env, stream: bool, marker) -> list[dict]:
-    conn = await RawConnection.open(env.gateway.host, env.gateway.port)
+    if marker is not None:
+        conn, _ = await stream_until(env, marker, ask(stream))
+    else:
+        conn = await RawConnection.open(env.gateway.host, env.gateway.port)
     try:
-        await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": env.key}, json_body=ask(stream)))
-        if marker is not None:
-            head = await conn.read_head()
-            assert head.status == 200
-            seen = b""
-            async for piece in conn.iter_chunks(head):
-                seen += piece
-                if marker in seen:
-                    break
-        else:
+        if marker is None:
+            await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": env.key}, json_body=ask(stream)))
             await env.channel.wait_finished(1)          # the upstream has the request
         await env.gateway.shutdown(timeout=0.3)         # the deadline cuts it; the meter ships at close
         env.gateway = None

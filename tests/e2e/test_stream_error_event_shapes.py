@@ -13,15 +13,20 @@ from tests.support.scripted_gateway import ask, post
 STRING_ERROR = event("error", {"type": "error", "error": "overloaded"})
 
 
+async def _answer_and_row(env) -> tuple:
+    """(the answer, or None when its chunked body was cut; the cut; the request's ledger row)."""
+    try:
+        response, cut = await post(env, ask()), None
+    except asyncio.IncompleteReadError as exc:
+        response, cut = None, exc
+    [row] = await env.usage_rows(1)
+    return response, cut, row
+
+
 async def test_an_in_band_error_given_as_a_string_ends_the_stream_and_its_row(scripted):
     await scripted.start()
     scripted.channel.queue([HEAD_SSE, chunk(message_start(12)), chunk(STRING_ERROR), b"0\r\n\r\n"])
-    try:
-        response = await post(scripted, ask())
-        cut = None
-    except asyncio.IncompleteReadError as exc:
-        response, cut = None, exc
-    [row] = await scripted.usage_rows(1)
+    response, cut, row = await _answer_and_row(scripted)
     assert cut is None, f"the client's chunked body was cut before its end ({cut!r}); row {dict(row)}"
     assert response.status == 200
     names = [name for name, _ in response.sse_events()]
@@ -41,12 +46,7 @@ async def test_a_message_start_whose_message_is_not_an_object_does_not_cut_the_s
     usage (the row keeps what the later events report), and the client gets the stream to its end."""
     await scripted.start()
     scripted.channel.queue([HEAD_SSE, chunk(NOT_A_MESSAGE), chunk(DELTA), chunk(STOP), b"0\r\n\r\n"])
-    try:
-        response = await post(scripted, ask())
-        cut = None
-    except asyncio.IncompleteReadError as exc:
-        response, cut = None, exc
-    [row] = await scripted.usage_rows(1)
+    response, cut, row = await _answer_and_row(scripted)
     assert cut is None, f"the client's chunked body was cut before its end ({cut!r}); row {dict(row)}"
     names = [name for name, _ in response.sse_events()]
     assert names == ["message_start", "message_delta", "message_stop"], \

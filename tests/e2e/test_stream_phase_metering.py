@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.rawhttp import RawConnection, request_bytes
 from tests.support.scripted_channel import CLOSE, HEAD_SSE, MESSAGE_STOP, chunk, event, message_start
-from tests.support.scripted_gateway import ask, post
+from tests.support.scripted_gateway import ask, post, stream_until
 
 MODEL = "claude-haiku-4-5-20251001"
 # Haiku 4.5, USD per million tokens: input 1, output 5, cache read 0.10, cache write 5 m 1.25.
@@ -94,19 +93,9 @@ async def test_an_in_band_overloaded_error_after_some_output_is_metered_once(scr
 
 
 async def _leave_after(env, marker: bytes) -> None:
-    conn = await RawConnection.open(env.gateway.host, env.gateway.port)
-    try:
-        await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": env.key}, json_body=ask()))
-        head = await conn.read_head()
-        assert head.status == 200
-        seen = b""
-        async for piece in conn.iter_chunks(head):
-            seen += piece
-            if marker in seen:
-                break
-        assert b"message_stop" not in seen
-    finally:
-        conn.abort()
+    conn, seen = await stream_until(env, marker)
+    conn.abort()
+    assert b"message_stop" not in seen
 
 
 @pytest.mark.parametrize("marker", [b"thinking_delta", b"input_json_delta", b"message_delta"],

@@ -11,12 +11,11 @@ import asyncio
 
 import pytest
 
-from tests.ops.test_ledger_faults import ledger_holds, setup_store
-from tests.ops.test_stream_kill_after_usage_delta import KNOWN_COST, REVISED, _known, _rows
+from tests.ops.test_ledger_faults import setup_store
+from tests.ops.test_stream_kill_after_usage_delta import (KNOWN_COST, REVISED, adopted_rows, known_usage,
+                                                          read_until_event)
 from tests.support.gateway_process import GatewayProcess
-from tests.support.rawhttp import RawConnection, request_bytes
 from tests.support.scripted_channel import HEAD_SSE, MESSAGE_STOP, ScriptedChannel, chunk, event, message_start
-from tests.support.scripted_gateway import ask
 
 
 def _script() -> list:
@@ -40,28 +39,14 @@ async def test_kill9_after_delta_and_message_stop_in_one_read_keeps_the_delta_us
         upstream.queue(_script())
         first = await asyncio.to_thread(GatewayProcess.start, db, tmp_path / "gw")
         try:
-            conn = await RawConnection.open("127.0.0.1", first.port)
-            await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": key}, json_body=ask()))
-            head = await conn.read_head()
-            assert head.status == 200
-            request_id = head.header("request-id")
-            seen = b""
-            async for piece in conn.iter_chunks(head):
-                seen += piece
-                if b"event: message_stop" in seen and seen.endswith(b"\n\n"):
-                    break
+            conn, request_id, _ = await read_until_event(first.port, key, b"message_stop")
         finally:
             await asyncio.to_thread(first.kill)
         conn.abort()
-        again = await asyncio.to_thread(GatewayProcess.start, db, tmp_path / "gw")
-        try:
-            assert request_id in await ledger_holds(db, {request_id}, timeout=10.0)
-            rows = await asyncio.to_thread(_rows, db, request_id)
-        finally:
-            await asyncio.to_thread(again.kill)
+        rows = await adopted_rows(db, tmp_path / "gw", request_id)
     assert len(rows) == 1
     [row] = rows
-    assert _known(row) == (4000, 1000, 250, 2), (
+    assert known_usage(row) == (4000, 1000, 250, 2), (
         f"the client read the whole message (delta: input 4000, cache read 1000, output 250, 2 searches); the "
         f"row metered input={row['input_tokens']} cache_read={row['cache_read_input_tokens']} "
         f"output={row['output_tokens']} searches={row['web_search_requests']} cost={row['cost']}")

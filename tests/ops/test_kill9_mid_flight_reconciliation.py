@@ -9,27 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import sqlite3
 
 from tests.ops.test_ledger_faults import message, open_stream, post, setup_store
 from tests.support.gateway_process import GatewayProcess
 from tests.support.mock_upstream import MOCK_API_KEY, MockUpstream
-
-
-def _rows(db: str) -> list[dict]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM usage ORDER BY id")]
-    finally:
-        conn.close()
+from tests.support.served_gateway import usage_rows
 
 
 async def _rows_once(db: str, n: int, timeout: float = 10.0) -> list[dict]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        rows = await asyncio.to_thread(_rows, db)
+        rows = await asyncio.to_thread(usage_rows, db)
         if len(rows) >= n or loop.time() > deadline:
             return rows
         await asyncio.sleep(0.1)
@@ -65,7 +56,7 @@ async def test_kill9_with_requests_in_every_state_meters_each_once(tmp_path):
             try:
                 rows = await _rows_once(db, 5)
                 await asyncio.sleep(0.5 if attempt else 0.0)
-                rows = await asyncio.to_thread(_rows, db)
+                rows = await asyncio.to_thread(usage_rows, db)
             finally:
                 await asyncio.to_thread(again.kill)
             ids = [r["request_id"] for r in rows]

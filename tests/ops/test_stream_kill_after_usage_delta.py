@@ -39,8 +39,9 @@ def _script(pause: float) -> list:
             b"0\r\n\r\n"]
 
 
-async def _read_until_delta(port: int, key: str) -> tuple[RawConnection, str]:
-    """A stream through the gateway, read until its message_delta arrived; (the open connection, request id)."""
+async def read_until_event(port: int, key: str, name: bytes) -> tuple[RawConnection, str, bytes]:
+    """A stream through the gateway, read until the event `name` arrived whole; (the open connection, the request
+    id, what was read)."""
     conn = await RawConnection.open("127.0.0.1", port)
     await conn.send(request_bytes("POST", "/v1/messages", {"x-api-key": key}, json_body=ask()))
     head = await conn.read_head()
@@ -48,13 +49,28 @@ async def _read_until_delta(port: int, key: str) -> tuple[RawConnection, str]:
     seen = b""
     async for piece in conn.iter_chunks(head):
         seen += piece
-        if b"event: message_delta" in seen and seen.endswith(b"\n\n"):
+        if b"event: " + name in seen and seen.endswith(b"\n\n"):
             break
+    return conn, head.header("request-id"), seen
+
+
+async def _read_until_delta(port: int, key: str) -> tuple[RawConnection, str]:
+    conn, request_id, seen = await read_until_event(port, key, b"message_delta")
     assert b"message_stop" not in seen
-    return conn, head.header("request-id")
+    return conn, request_id
 
 
-def _rows(db: str, request_id: str) -> list[dict]:
+async def adopted_rows(db: str, workdir, request_id: str) -> list[dict]:
+    """The ledger rows of `request_id` once a gateway started again on the dead one's spool has shipped it."""
+    again = await asyncio.to_thread(GatewayProcess.start, db, workdir)
+    try:
+        assert request_id in await ledger_holds(db, {request_id}, timeout=10.0)
+        return await asyncio.to_thread(rows_of, db, request_id)
+    finally:
+        await asyncio.to_thread(again.kill)
+
+
+def rows_of(db: str, request_id: str) -> list[dict]:
     conn = sqlite3.connect(db)
     conn.row_factory = sqlite3.Row
     try:
@@ -63,7 +79,7 @@ def _rows(db: str, request_id: str) -> list[dict]:
         conn.close()
 
 
-def _known(row: dict) -> tuple:
+def known_usage(row: dict) -> tuple:
     return (row["input_tokens"], row["cache_read_input_tokens"], row["output_tokens"], row["web_search_requests"])
 
 
@@ -78,16 +94,11 @@ async def test_kill9_after_a_usage_revising_message_delta_keeps_the_usage_read_s
         finally:
             await asyncio.to_thread(first.kill)
         conn.abort()
-        again = await asyncio.to_thread(GatewayProcess.start, db, tmp_path / "gw")
-        try:
-            assert request_id in await ledger_holds(db, {request_id}, timeout=10.0)
-            rows = await asyncio.to_thread(_rows, db, request_id)
-        finally:
-            await asyncio.to_thread(again.kill)
+        rows = await adopted_rows(db, tmp_path / "gw", request_id)
     assert len(rows) == 1
     [row] = rows
     assert row["interrupted"] == 1
-    assert _known(row) == (4000, 1000, 250, 2), (
+    assert known_usage(row) == (4000, 1000, 250, 2), (
         f"metered input={row['input_tokens']} cache_read={row['cache_read_input_tokens']} "
         f"output={row['output_tokens']} searches={row['web_search_requests']} cost={row['cost']}")
     assert row["cost"] == pytest.approx(KNOWN_COST, abs=1e-12)
@@ -107,13 +118,13 @@ async def test_sigterm_cutting_a_stream_after_its_message_delta_meters_it_once(t
         finally:
             await asyncio.to_thread(first.kill)
         conn.abort()
-        rows = await asyncio.to_thread(_rows, db, request_id)
+        rows = await asyncio.to_thread(rows_of, db, request_id)
         again = await asyncio.to_thread(GatewayProcess.start, db, tmp_path / "gw")
         try:
             await asyncio.sleep(1.0)        # adoption at start, a few shipments
-            after = await asyncio.to_thread(_rows, db, request_id)
+            after = await asyncio.to_thread(rows_of, db, request_id)
         finally:
             await asyncio.to_thread(again.kill)
     assert len(rows) == 1 and len(after) == 1
-    assert _known(after[0]) == (4000, 1000, 250, 2)
+    assert known_usage(after[0]) == (4000, 1000, 250, 2)
     assert after[0]["cost"] == pytest.approx(KNOWN_COST, abs=1e-12)
