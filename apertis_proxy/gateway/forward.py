@@ -343,12 +343,13 @@ class MessagesForwarder:
         with self.pools.pool(origin).lease() as lease:
             try:
                 try:
-                    head = await lease.send(b"POST", target, headers, payload, self.settings.read_timeout,
-                                            connected)
+                    try:
+                        head = await lease.send(b"POST", target, headers, payload, self.settings.read_timeout,
+                                                connected)
+                    finally:        # however the send ended (also cut by shutdown), before its own outcome
+                        self._note_resent(record, channel, lease)
                 except UpstreamError as exc:
-                    self._note_resent(record, channel, lease)
                     return self._failed(record, channel, info, exc, t_start)
-                self._note_resent(record, channel, lease)
                 # Sent and answered: a stream may run for minutes, so do not hold the
                 # request bytes (an orjson output keeps an 8 KB block, measured).
                 payload = headers = None    # noqa: F841
@@ -359,8 +360,6 @@ class MessagesForwarder:
                 relay, meter = self._relay(fwd, channel, prepared, lease.conn, head)
                 await relay.run()
             except asyncio.CancelledError:
-                if head is None:
-                    self._note_resent(record, channel, lease)
                 if fwd.resp.ended and head is not None:
                     # The answer was whole before shutdown's deadline came (the upstream lingered): served.
                     self.report_attempt(record, Outcome(channel, ok=True, request_id=info.request_id,
@@ -423,10 +422,9 @@ class MessagesForwarder:
 
     def _checkpoint(self, record: UsageRecord) -> None:
         """A stream's usage as reported so far (at message_start, and a message_delta the stream did not end
-        after in the same read), priced, to the meters
-        that keep it in case the gateway dies before the stream ends (MeterPlugin.checkpoint).  The record
-        itself, not a copy (one per stream costs more than the rest): its cost is priced again when the stream
-        ends."""
+        after in the same read), priced, to the meters that keep it in case the gateway dies before the stream
+        ends (MeterPlugin.checkpoint).  The record itself, not a copy (one per stream costs more than the rest):
+        its cost is priced again when the stream ends."""
         duration_ms = record.duration_ms
         record.duration_ms = round(max(0.0, time.time() - record.started_at) * 1000, 3)
         # The attempt serving the stream is logged when it ends; for a row that stands for a gateway that
