@@ -40,12 +40,12 @@ def last(params: Params, name: str) -> Optional[str]:
 
 def page(items: Sequence[T], ids: Sequence[str], query: str, noun: str) -> tuple[list[T], bool]:
     """The page of `items` (whose ids are `ids`, in list order) the query asks for, and has_more."""
-    params = query_params(query)
-    limit = read_limit(params)
-    start, end = bounds(ids, params, noun)
-    window = list(items[start:end])
-    chosen = window[-limit:] if is_backwards(params) else window[:limit]
-    return chosen, len(window) > limit
+    how = walk(ids, query_params(query), noun)
+    item_of = dict(zip(ids, items))
+    chosen = [item_of[i] for i in how.ids[:how.limit]]
+    if how.backwards:
+        chosen.reverse()
+    return chosen, len(how.ids) > how.limit
 
 
 def walk(ids: Sequence[str], params: Params, noun: str) -> Walk:
